@@ -1,0 +1,332 @@
+"""Array namespaces, devices, dtypes, moving arrays, and the random-number shim.
+
+This is the only compute-adjacent module that imports NumPy: for the host random
+generator and for conversion to host memory. Everything else takes ``xp`` from its
+arrays (:func:`get_namespace`) once per public call and passes it down.
+"""
+
+from __future__ import annotations
+
+import importlib
+import types
+from typing import Any
+
+import array_api_compat
+import numpy
+
+__all__ = [
+    "BACKENDS",
+    "Generator",
+    "backend_name",
+    "check_same_backend",
+    "device_of",
+    "get_namespace",
+    "resolve_backend",
+    "resolve_dtype",
+    "to_backend",
+    "to_numpy",
+]
+
+#: Backend names accepted by ``backend=`` arguments, mapped to the module that
+#: provides a standard-conforming namespace for them.
+BACKENDS = {
+    "numpy": "array_api_compat.numpy",
+    "cupy": "array_api_compat.cupy",
+    "torch": "array_api_compat.torch",
+    "array_api_strict": "array_api_strict",
+}
+
+_DTYPES = ("float16", "float32", "float64")
+
+
+def resolve_backend(backend: Any) -> types.ModuleType:
+    """Return the array namespace for a backend name or module.
+
+    Parameters
+    ----------
+    backend : str or module
+        One of ``"numpy"``, ``"cupy"``, ``"torch"``, ``"array_api_strict"``, or a
+        namespace module (``numpy``, ``cupy``, ``torch``, ``array_api_strict`` or a
+        module of ``array_api_compat``).
+
+    Returns
+    -------
+    module
+        A namespace that follows the Array API standard.
+    """
+    if isinstance(backend, str):
+        try:
+            modname = BACKENDS[backend]
+        except KeyError:
+            msg = f"unknown backend {backend!r}; known backends: {', '.join(BACKENDS)}"
+            raise ValueError(msg) from None
+        try:
+            return importlib.import_module(modname)
+        except ImportError as exc:
+            hint = {
+                "cupy": "install it with `pip install arraymlp[cuda12]` (or [cuda13])",
+                "torch": "install PyTorch first",
+                "array_api_strict": "install it with `pip install array-api-strict`",
+            }.get(backend, "")
+            msg = f"backend {backend!r} is not available: {exc}. {hint}".strip()
+            raise ImportError(msg) from exc
+    if isinstance(backend, types.ModuleType):
+        name = backend.__name__
+        if name.startswith("array_api_compat."):
+            return backend
+        root = name.split(".")[0]
+        if root in ("numpy", "cupy", "torch"):
+            return resolve_backend(root)
+        return backend
+    msg = f"backend must be a name or a namespace module, got {type(backend).__name__}"
+    raise TypeError(msg)
+
+
+def backend_name(xp: types.ModuleType) -> str:
+    """Short name of a namespace: ``"numpy"``, ``"torch"``, ``"array_api_strict"``, ..."""
+    name = xp.__name__
+    if name.startswith("array_api_compat."):
+        return name.split(".")[1]
+    return name.split(".")[0]
+
+
+def get_namespace(*arrays: Any, xp: types.ModuleType | None = None) -> types.ModuleType:
+    """Namespace of ``arrays``, or ``xp`` when given.
+
+    Raises a :class:`TypeError` naming both namespaces when the arrays come from
+    different libraries.
+    """
+    if xp is not None:
+        return xp
+    arrays = tuple(a for a in arrays if a is not None)
+    if not arrays:
+        msg = "cannot infer an array namespace from no arrays; pass backend= or xp="
+        raise TypeError(msg)
+    first = _namespace_of(arrays[0])
+    for a in arrays[1:]:
+        other = _namespace_of(a)
+        if other is not first:
+            check_same_backend(first, other)
+    return first
+
+
+def _namespace_of(x: Any) -> types.ModuleType:
+    try:
+        return array_api_compat.array_namespace(x)
+    except TypeError:
+        msg = (
+            f"expected an array (numpy, cupy, torch, array_api_strict, ...), "
+            f"got {type(x).__module__}.{type(x).__qualname__}"
+        )
+        raise TypeError(msg) from None
+
+
+def check_same_backend(
+    expected: types.ModuleType, got: types.ModuleType, what: str = "input"
+) -> None:
+    """Raise a :class:`TypeError` when two namespaces differ, saying how to convert."""
+    if expected is got:
+        return
+    a, b = backend_name(expected), backend_name(got)
+    msg = (
+        f"{what} is a {b} array but the model's parameters are {a} arrays; "
+        f"convert the input with arraymlp.to_backend(x, {a!r}) or move the model "
+        f"with model.to({b!r})"
+    )
+    raise TypeError(msg)
+
+
+def check_same_device(expected: Any, got: Any, what: str = "input") -> None:
+    """Raise a :class:`ValueError` when two devices differ, saying how to move."""
+    if expected == got:
+        return
+    msg = (
+        f"{what} is on device {got!r} but the model's parameters are on {expected!r}; "
+        f"move the input with arraymlp.to_backend(x, ..., device={expected!r}) or the "
+        f"model with model.to(..., device={got!r})"
+    )
+    raise ValueError(msg)
+
+
+def device_of(x: Any) -> Any:
+    """Device of an array (``"cpu"`` for NumPy)."""
+    return array_api_compat.device(x)
+
+
+def resolve_dtype(xp: types.ModuleType, dtype: Any) -> Any:
+    """Map ``"float32"`` / ``"float64"`` / ``"float16"`` (or a dtype) to ``xp``'s dtype."""
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            msg = f"unsupported dtype {dtype!r}; use one of {', '.join(_DTYPES)}"
+            raise ValueError(msg)
+        return getattr(xp, dtype)
+    for name in _DTYPES:
+        if dtype == getattr(xp, name):
+            return dtype
+    msg = f"unsupported dtype {dtype!r}; use one of {', '.join(_DTYPES)}"
+    raise ValueError(msg)
+
+
+def dtype_name(dtype: Any) -> str:
+    """``"float32"`` for any backend's float32 dtype object."""
+    s = str(dtype)
+    for name in _DTYPES:
+        if name in s:
+            return name
+    return s
+
+
+def default_device(xp: types.ModuleType) -> Any:
+    """The namespace's default device."""
+    return xp.__array_namespace_info__().default_device()
+
+
+def to_numpy(x: Any) -> numpy.ndarray:
+    """Copy (or view) an array of any backend into a NumPy array on the host."""
+    if isinstance(x, numpy.ndarray):
+        return x
+    if array_api_compat.is_cupy_array(x):
+        return x.get()
+    if array_api_compat.is_torch_array(x):
+        return x.detach().cpu().numpy()
+    try:
+        return numpy.from_dlpack(x)
+    except (TypeError, BufferError, RuntimeError, AttributeError):
+        return numpy.asarray(x)
+
+
+def to_backend(x: Any, backend: Any, *, device: Any = None) -> Any:
+    """Move an array to another backend (and device), zero-copy where DLPack allows.
+
+    Parameters
+    ----------
+    x : array
+        Any array that ``array_api_compat`` knows, of any shape.
+    backend : str or module
+        Target backend, as in :func:`resolve_backend`.
+    device : optional
+        Target device; default: the target's default device (for a GPU target) or
+        ``x``'s device when it stays on the same backend.
+
+    Returns
+    -------
+    array
+        The same values and shape, as an array of the target namespace.
+    """
+    xp = resolve_backend(backend)
+    src = _namespace_of(x)
+    if src is xp:
+        if device is None or device_of(x) == device:
+            return x
+        return xp.asarray(x, device=device, copy=True) if backend_name(xp) != "torch" else x.to(device)
+    try:
+        y = xp.from_dlpack(x)
+    except (TypeError, BufferError, RuntimeError, ValueError, AttributeError, NotImplementedError):
+        y = xp.asarray(to_numpy(x))
+    if device is not None and device_of(y) != device:
+        y = xp.asarray(y, device=device, copy=True) if backend_name(xp) != "torch" else y.to(device)
+    return y
+
+
+class Generator:
+    """One seeded random generator per model.
+
+    Two streams come from one seed: a host stream (``numpy.random.Generator``) for
+    initialisation and shuffling, so that the same seed gives the same initial weights
+    and batch order on every backend; and a native stream for per-step draws such as
+    dropout masks (NumPy's own generator, ``cupy.random`` on CuPy, a ``torch.Generator``
+    on the tensor's device), drawn where the data lives.
+
+    Parameters
+    ----------
+    seed : int or None
+        ``None`` draws fresh entropy.
+    xp : module
+        The namespace arrays are made in.
+    device : optional
+        Device of those arrays.
+    """
+
+    def __init__(self, seed: int | None, xp: types.ModuleType, device: Any = None):
+        self.seed_sequence = numpy.random.SeedSequence(seed)
+        host_seq, native_seq = self.seed_sequence.spawn(2)
+        self.host = numpy.random.Generator(numpy.random.PCG64(host_seq))
+        self.xp = xp
+        self.device = device
+        self._native_seed = int(native_seq.generate_state(1, dtype=numpy.uint64)[0] >> 1)
+        self._native = None
+        self._kind = backend_name(xp)
+
+    def _native_gen(self) -> Any:
+        if self._native is None:
+            if self._kind == "numpy":
+                self._native = numpy.random.Generator(numpy.random.PCG64(self._native_seed))
+            elif self._kind == "cupy":
+                import cupy
+
+                with cupy.cuda.Device(getattr(self.device, "id", self.device)):
+                    self._native = cupy.random.default_rng(self._native_seed)
+            elif self._kind == "torch":
+                import torch
+
+                self._native = torch.Generator(device=self.device or "cpu")
+                self._native.manual_seed(self._native_seed)
+            else:
+                self._native = numpy.random.Generator(numpy.random.PCG64(self._native_seed))
+        return self._native
+
+    # -- host stream: initialisation and shuffling -------------------------------
+    def _put(self, a: numpy.ndarray, dtype: Any) -> Any:
+        return self.xp.asarray(a, dtype=dtype, device=self.device)
+
+    def normal(self, shape: tuple[int, ...], std: float, dtype: Any) -> Any:
+        """Host-drawn normal values with standard deviation ``std``, shape ``shape``."""
+        return self._put(self.host.normal(0.0, std, size=shape), dtype)
+
+    def uniform(self, shape: tuple[int, ...], limit: float, dtype: Any) -> Any:
+        """Host-drawn uniform values in ``[-limit, limit)``, shape ``shape``."""
+        return self._put(self.host.uniform(-limit, limit, size=shape), dtype)
+
+    def permutation(self, n: int) -> Any:
+        """A host-drawn permutation of ``range(n)`` as an integer array on the device."""
+        return self.xp.asarray(self.host.permutation(n), dtype=self.xp.int64, device=self.device)
+
+    # -- native stream: per-step draws --------------------------------------------
+    def random(self, shape: tuple[int, ...], dtype: Any) -> Any:
+        """Uniform ``[0, 1)`` values of ``shape`` drawn on the arrays' device."""
+        gen = self._native_gen()
+        if self._kind == "numpy":
+            return gen.random(size=shape, dtype=numpy.float64 if dtype == numpy.float64 else numpy.float32)
+        if self._kind == "cupy":
+            return gen.random(size=shape, dtype=dtype)
+        if self._kind == "torch":
+            import torch
+
+            return torch.rand(shape, generator=gen, dtype=dtype, device=self.device)
+        return self._put(gen.random(size=shape), dtype)
+
+    # -- state, for checkpoints ---------------------------------------------------
+    def get_state(self) -> dict:
+        """A JSON-able snapshot of both streams."""
+        state = {"host": self.host.bit_generator.state, "native": None}
+        if self._native is not None:
+            if isinstance(self._native, numpy.random.Generator):
+                state["native"] = self._native.bit_generator.state
+            elif self._kind == "torch":
+                state["native"] = to_numpy(self._native.get_state()).tolist()
+        return state
+
+    def set_state(self, state: dict) -> None:
+        """Restore a snapshot made by :meth:`get_state`."""
+        self.host.bit_generator.state = state["host"]
+        native = state.get("native")
+        if native is None:
+            self._native = None
+            return
+        gen = self._native_gen()
+        if isinstance(gen, numpy.random.Generator):
+            gen.bit_generator.state = native
+        elif self._kind == "torch":
+            import torch
+
+            gen.set_state(torch.tensor(native, dtype=torch.uint8))

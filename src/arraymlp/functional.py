@@ -1,0 +1,383 @@
+"""Pure kernels: each forward beside its backward, over plain arrays.
+
+Every function takes the array namespace as the keyword ``xp`` (resolved once per
+public call by the caller; :func:`arraymlp._backend.get_namespace` when omitted), uses
+only functions of the Array API standard, and never mutates its inputs. In-place
+updates are made only on temporaries a kernel created itself, and only where the
+namespace allows them.
+
+The activation table :data:`ACTIVATIONS` holds one row per activation: its forward,
+its backward, and whether the backward reads the activation's input or its output
+(whichever is cheaper), so that forward and derivative cannot drift apart.
+
+This module is public: people running their own training loops on their own arrays
+may call these functions directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+from array_api_compat import is_writeable_array
+
+from ._backend import get_namespace
+
+__all__ = [
+    "ACTIVATIONS",
+    "Activation",
+    "activation_backward",
+    "activation_forward",
+    "dense_backward",
+    "dense_forward",
+    "dropout_backward",
+    "dropout_forward",
+    "elu",
+    "gelu",
+    "get_activation",
+    "identity",
+    "layer_norm_backward",
+    "layer_norm_forward",
+    "leaky_relu",
+    "log_softmax",
+    "logsumexp",
+    "relu",
+    "sigmoid",
+    "silu",
+    "softmax",
+    "softplus",
+    "tanh",
+]
+
+LEAKY_SLOPE = 0.01
+ELU_ALPHA = 1.0
+_GELU_C = math.sqrt(2.0 / math.pi)
+_GELU_K = 0.044715
+
+
+def _ns(x, xp):
+    return xp if xp is not None else get_namespace(x)
+
+
+# ----------------------------------------------------------------------------- dense
+def dense_forward(x, W, b=None, *, xp=None):
+    """Affine map ``y = x @ W + b``.
+
+    Parameters
+    ----------
+    x : array, shape (n, n_in)
+    W : array, shape (n_in, n_out)
+    b : array, shape (n_out,), optional
+
+    Returns
+    -------
+    y : array, shape (n, n_out)
+    """
+    xp = _ns(x, xp)
+    y = x @ W
+    if b is not None:
+        if is_writeable_array(y):
+            y += b
+        else:
+            y = y + b
+    return y
+
+
+def dense_backward(x, W, dy, *, has_bias=True, need_dx=True, xp=None):
+    """Gradients of ``y = x @ W + b``.
+
+    ``dW = x.T @ dy`` (n_in, n_out); ``db = sum(dy, axis=0)`` (n_out,), the bias
+    gradient summed over the batch; ``dx = dy @ W.T`` (n, n_in), skipped (``None``)
+    when ``need_dx`` is false, as for the first layer of a network.
+
+    Returns
+    -------
+    dx : array of shape (n, n_in) or None
+    dW : array, shape (n_in, n_out)
+    db : array of shape (n_out,) or None
+    """
+    xp = _ns(dy, xp)
+    dW = x.T @ dy
+    db = xp.sum(dy, axis=0) if has_bias else None
+    dx = dy @ W.T if need_dx else None
+    return dx, dW, db
+
+
+# ------------------------------------------------------------------------ activations
+def identity(x, *, xp=None):
+    """``y = x``."""
+    return x
+
+
+def relu(x, *, xp=None):
+    """``y = max(x, 0)``."""
+    xp = _ns(x, xp)
+    return xp.maximum(x, 0.0)
+
+
+def leaky_relu(x, *, xp=None):
+    """``y = x`` where ``x > 0``, else ``0.01 x``."""
+    xp = _ns(x, xp)
+    return xp.where(x > 0, x, x * LEAKY_SLOPE)
+
+
+def elu(x, *, xp=None):
+    """``y = x`` where ``x > 0``, else ``alpha (exp(x) - 1)`` with ``alpha = 1``."""
+    xp = _ns(x, xp)
+    return xp.where(x > 0, x, ELU_ALPHA * xp.expm1(xp.minimum(x, 0.0)))
+
+
+def gelu(x, *, xp=None):
+    """Gaussian error linear unit, tanh form:
+    ``y = x/2 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`` (the standard has no erf)."""
+    xp = _ns(x, xp)
+    t = xp.tanh(_GELU_C * (x + _GELU_K * x * x * x))
+    return 0.5 * x * (1.0 + t)
+
+
+def sigmoid(x, *, xp=None):
+    """Logistic function ``1 / (1 + exp(-x))``, stable for large ``|x|``
+    (no overflow: only ``exp(-|x|)`` is ever computed)."""
+    xp = _ns(x, xp)
+    e = xp.exp(-xp.abs(x))
+    r = 1.0 / (1.0 + e)
+    return xp.where(x >= 0, r, e * r)
+
+
+def silu(x, *, xp=None):
+    """``y = x * sigmoid(x)``."""
+    xp = _ns(x, xp)
+    return x * sigmoid(x, xp=xp)
+
+
+def tanh(x, *, xp=None):
+    """``y = tanh(x)``."""
+    xp = _ns(x, xp)
+    return xp.tanh(x)
+
+
+def softplus(x, *, xp=None):
+    """``y = log(1 + exp(x))`` computed as ``max(x, 0) + log1p(exp(-|x|))``."""
+    xp = _ns(x, xp)
+    return xp.maximum(x, 0.0) + xp.log1p(xp.exp(-xp.abs(x)))
+
+
+def logsumexp(x, *, axis=-1, keepdims=True, xp=None):
+    """``log(sum(exp(x), axis))`` shifted by the maximum, so it never overflows."""
+    xp = _ns(x, xp)
+    m = xp.max(x, axis=axis, keepdims=True)
+    out = m + xp.log(xp.sum(xp.exp(x - m), axis=axis, keepdims=True))
+    return out if keepdims else xp.squeeze(out, axis=axis)
+
+
+def softmax(x, *, xp=None):
+    """Softmax over the last axis, ``y_ij = exp(x_ij) / sum_k exp(x_ik)``, shifted by
+    the row maximum for stability."""
+    xp = _ns(x, xp)
+    e = xp.exp(x - xp.max(x, axis=-1, keepdims=True))
+    s = xp.sum(e, axis=-1, keepdims=True)
+    if is_writeable_array(e):
+        e /= s
+        return e
+    return e / s
+
+
+def log_softmax(x, *, xp=None):
+    """``y = x - logsumexp(x)`` over the last axis, stable for any logits."""
+    xp = _ns(x, xp)
+    return x - logsumexp(x, axis=-1, keepdims=True, xp=xp)
+
+
+# Backward rules, each ``(dy, saved) -> dx`` where ``saved`` is the input or the output
+# as the table row says.
+def _relu_bw(dy, y, xp):
+    return xp.where(y > 0, dy, xp.zeros_like(dy))
+
+
+def _leaky_bw(dy, y, xp):
+    return xp.where(y > 0, dy, dy * LEAKY_SLOPE)
+
+
+def _elu_bw(dy, x, xp):
+    return xp.where(x > 0, dy, dy * (ELU_ALPHA * xp.exp(xp.minimum(x, 0.0))))
+
+
+def _gelu_bw(dy, x, xp):
+    x2 = x * x
+    t = xp.tanh(_GELU_C * (x + _GELU_K * x2 * x))
+    d = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * (_GELU_C * (1.0 + 3.0 * _GELU_K * x2))
+    return dy * d
+
+
+def _sigmoid_bw(dy, y, xp):
+    return dy * (y * (1.0 - y))
+
+
+def _silu_bw(dy, x, xp):
+    s = sigmoid(x, xp=xp)
+    return dy * (s * (1.0 + x * (1.0 - s)))
+
+
+def _tanh_bw(dy, y, xp):
+    return dy * (1.0 - y * y)
+
+
+def _softplus_bw(dy, x, xp):
+    return dy * sigmoid(x, xp=xp)
+
+
+def _softmax_bw(dy, y, xp):
+    # Jacobian-vector product of softmax: dx = y * (dy - sum(dy * y))
+    return y * (dy - xp.sum(dy * y, axis=-1, keepdims=True))
+
+
+def _log_softmax_bw(dy, y, xp):
+    # y = log softmax(x); dx = dy - softmax(x) * sum(dy)
+    return dy - xp.exp(y) * xp.sum(dy, axis=-1, keepdims=True)
+
+
+def _identity_bw(dy, y, xp):
+    return dy
+
+
+@dataclasses.dataclass(frozen=True)
+class Activation:
+    """One row of the activation table.
+
+    Attributes
+    ----------
+    name : str
+    forward : callable ``(x, *, xp) -> y``, same shape as ``x``
+    backward : callable ``(dy, saved, xp) -> dx``
+    saves : ``"input"`` or ``"output"``: which array ``backward`` reads
+    elementwise : bool, false for softmax and log_softmax (rows couple)
+    """
+
+    name: str
+    forward: Callable[..., Any]
+    backward: Callable[..., Any]
+    saves: str
+    elementwise: bool = True
+
+
+ACTIVATIONS: dict[str, Activation] = {
+    a.name: a
+    for a in (
+        Activation("identity", identity, _identity_bw, "output"),
+        Activation("relu", relu, _relu_bw, "output"),
+        Activation("leaky_relu", leaky_relu, _leaky_bw, "output"),
+        Activation("elu", elu, _elu_bw, "input"),
+        Activation("gelu", gelu, _gelu_bw, "input"),
+        Activation("silu", silu, _silu_bw, "input"),
+        Activation("tanh", tanh, _tanh_bw, "output"),
+        Activation("sigmoid", sigmoid, _sigmoid_bw, "output"),
+        Activation("softplus", softplus, _softplus_bw, "input"),
+        Activation("softmax", softmax, _softmax_bw, "output", elementwise=False),
+        Activation("log_softmax", log_softmax, _log_softmax_bw, "output", elementwise=False),
+    )
+}
+
+
+def get_activation(name: str | Activation) -> Activation:
+    """Look up a row of :data:`ACTIVATIONS`; unknown names list the known ones."""
+    if isinstance(name, Activation):
+        return name
+    if name is None:
+        return ACTIVATIONS["identity"]
+    try:
+        return ACTIVATIONS[name]
+    except (KeyError, TypeError):
+        msg = f"unknown activation {name!r}; known activations: {', '.join(ACTIVATIONS)}"
+        raise ValueError(msg) from None
+
+
+def activation_forward(name, x, *, xp=None):
+    """Apply activation ``name`` to ``x``; returns ``(y, saved)`` where ``saved`` is
+    what :func:`activation_backward` needs (``x`` or ``y``, as the table says)."""
+    xp = _ns(x, xp)
+    act = get_activation(name)
+    y = act.forward(x, xp=xp)
+    return y, (y if act.saves == "output" else x)
+
+
+def activation_backward(name, saved, dy, *, xp=None):
+    """Gradient through activation ``name``: ``dx = dy * f'(x)`` for elementwise
+    activations, the Jacobian-vector product for softmax and log_softmax."""
+    xp = _ns(dy, xp)
+    return get_activation(name).backward(dy, saved, xp)
+
+
+# ---------------------------------------------------------------------------- dropout
+def dropout_forward(x, p, *, rng, training=True, xp=None):
+    """Inverted dropout: zero each entry with probability ``p`` and scale the rest by
+    ``1 / (1 - p)`` so that inference needs no rescaling.
+
+    Parameters
+    ----------
+    x : array, shape (n, d)
+    p : float in [0, 1)
+    rng : arraymlp._backend.Generator
+        The model's generator; masks are drawn on ``x``'s device.
+
+    Returns
+    -------
+    y : array, shape (n, d)
+    mask : array of shape (n, d) (the scale, 0 or ``1/(1-p)``) or None when inactive
+    """
+    xp = _ns(x, xp)
+    if not training or p == 0.0:
+        return x, None
+    u = rng.random(tuple(x.shape), x.dtype)
+    mask = xp.where(u >= p, xp.asarray(1.0 / (1.0 - p), dtype=x.dtype, device=x.device),
+                    xp.asarray(0.0, dtype=x.dtype, device=x.device))
+    return x * mask, mask
+
+
+def dropout_backward(mask, dy, *, xp=None):
+    """``dx = dy * mask`` (identity when the forward pass did not drop)."""
+    return dy if mask is None else dy * mask
+
+
+# ---------------------------------------------------------------------- layer norm
+def layer_norm_forward(x, gamma, beta, *, eps=1e-5, xp=None):
+    """Normalise each row over its features, then scale and shift:
+    ``y = (x - mean) / sqrt(var + eps) * gamma + beta``.
+
+    Parameters
+    ----------
+    x : array, shape (n, d)
+    gamma, beta : arrays, shape (d,)
+
+    Returns
+    -------
+    y : array, shape (n, d)
+    cache : tuple ``(xhat, rstd)`` with shapes (n, d) and (n, 1)
+    """
+    xp = _ns(x, xp)
+    mu = xp.mean(x, axis=-1, keepdims=True)
+    xc = x - mu
+    var = xp.mean(xc * xc, axis=-1, keepdims=True)
+    rstd = 1.0 / xp.sqrt(var + eps)
+    xhat = xc * rstd
+    return xhat * gamma + beta, (xhat, rstd)
+
+
+def layer_norm_backward(cache, gamma, dy, *, xp=None):
+    """Gradients of :func:`layer_norm_forward`.
+
+    ``dgamma = sum(dy * xhat, 0)``, ``dbeta = sum(dy, 0)`` and, with ``g = dy * gamma``,
+    ``dx = rstd * (g - mean(g) - xhat * mean(g * xhat))`` (means over features).
+
+    Returns
+    -------
+    dx : array, shape (n, d)
+    dgamma, dbeta : arrays, shape (d,)
+    """
+    xp = _ns(dy, xp)
+    xhat, rstd = cache
+    dgamma = xp.sum(dy * xhat, axis=0)
+    dbeta = xp.sum(dy, axis=0)
+    g = dy * gamma
+    dx = rstd * (g - xp.mean(g, axis=-1, keepdims=True) - xhat * xp.mean(g * xhat, axis=-1, keepdims=True))
+    return dx, dgamma, dbeta
