@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from arraymlp._backend import device_of, resolve_backend, to_numpy
+from arraymlp._backend import canonical_device, device_of, resolve_backend, to_numpy
 
 
 @dataclasses.dataclass
@@ -57,7 +57,7 @@ class Backend:
     def same_place(self, x) -> bool:
         from array_api_compat import array_namespace
 
-        return array_namespace(x) is self.xp and (self.device is None or device_of(x) == self.device)
+        return array_namespace(x) is self.xp and device_of(x) == canonical_device(self.xp, self.device)
 
 
 def _has(mod: str) -> bool:

@@ -181,6 +181,12 @@ def default_device(xp: types.ModuleType) -> Any:
     return xp.__array_namespace_info__().default_device()
 
 
+def canonical_device(xp: types.ModuleType, device: Any = None) -> Any:
+    """The device object arrays report for ``device`` (``"cpu"`` -> ``torch.device("cpu")``),
+    so that devices compare equal however the user spelled them."""
+    return device_of(xp.empty((0,), device=device if device is not None else default_device(xp)))
+
+
 def to_numpy(x: Any) -> numpy.ndarray:
     """Copy (or view) an array of any backend into a NumPy array on the host."""
     if isinstance(x, numpy.ndarray):
@@ -278,6 +284,10 @@ class Generator:
     # -- host stream: initialisation and shuffling -------------------------------
     def _put(self, a: numpy.ndarray, dtype: Any) -> Any:
         return self.xp.asarray(a, dtype=dtype, device=self.device)
+
+    def full(self, shape: tuple[int, ...], value: float, dtype: Any) -> Any:
+        """A constant array on the generator's device (draws nothing)."""
+        return self.xp.full(shape, value, dtype=dtype, device=self.device)
 
     def normal(self, shape: tuple[int, ...], std: float, dtype: Any) -> Any:
         """Host-drawn normal values with standard deviation ``std``, shape ``shape``."""

@@ -1,0 +1,72 @@
+"""arraymlp: multilayer perceptrons written once against the Array API standard.
+
+The same forward and backward code runs on NumPy (CPU), CuPy (CUDA GPUs), PyTorch
+tensors, array-api-strict, and any namespace array-api-compat wraps. Name a backend
+(``backend="cupy"``) or let a model follow the arrays it is given.
+
+>>> import numpy as np, arraymlp as am
+>>> model = am.MLP([4, 8, 3], output_activation="softmax", backend="numpy", seed=0)
+>>> model(np.zeros((2, 4), dtype=np.float32)).shape
+(2, 3)
+"""
+
+from . import functional
+from ._backend import Generator, resolve_backend, to_backend, to_numpy
+from .functional import ACTIVATIONS
+from .gradcheck import GradcheckError, GradcheckReport, gradcheck
+from .init import INITIALIZERS
+from .layers import (
+    ELU,
+    GELU,
+    Activation,
+    Dense,
+    Dropout,
+    Identity,
+    Layer,
+    LayerNorm,
+    LeakyReLU,
+    LogSoftmax,
+    ReLU,
+    Sigmoid,
+    SiLU,
+    Softmax,
+    Softplus,
+    Tanh,
+)
+from .losses import LOSSES
+from .model import MLP, Sequential
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ACTIVATIONS",
+    "ELU",
+    "GELU",
+    "INITIALIZERS",
+    "LOSSES",
+    "MLP",
+    "Activation",
+    "Dense",
+    "Dropout",
+    "Generator",
+    "GradcheckError",
+    "GradcheckReport",
+    "Identity",
+    "Layer",
+    "LayerNorm",
+    "LeakyReLU",
+    "LogSoftmax",
+    "ReLU",
+    "Sequential",
+    "SiLU",
+    "Sigmoid",
+    "Softmax",
+    "Softplus",
+    "Tanh",
+    "__version__",
+    "functional",
+    "gradcheck",
+    "resolve_backend",
+    "to_backend",
+    "to_numpy",
+]

@@ -1,0 +1,249 @@
+"""Layers: thin objects over :mod:`arraymlp.functional`.
+
+Every layer follows one contract, two pure functions over plain arrays::
+
+    forward(params, x, *, training, rng, xp) -> (y, cache)
+    backward(params, cache, dy, *, xp, need_dx=True) -> (dx, grads)
+
+``params`` is a plain dict of arrays (``{}`` for layers without parameters), ``cache``
+is explicit data (what backward needs), and ``grads`` has exactly the keys and shapes
+of ``params``. A layer object holds only its configuration (sizes, names), never
+arrays, so one layer list can be evaluated with any parameters on any backend.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import functional as F
+from .init import get_initializer
+
+__all__ = [
+    "GELU",
+    "ELU",
+    "Activation",
+    "Dense",
+    "Dropout",
+    "Identity",
+    "Layer",
+    "LayerNorm",
+    "LeakyReLU",
+    "LogSoftmax",
+    "ReLU",
+    "SiLU",
+    "Sigmoid",
+    "Softmax",
+    "Softplus",
+    "Tanh",
+    "layer_from_config",
+]
+
+
+class Layer:
+    """Base class: a layer with no parameters that passes its input through.
+
+    Subclasses override :meth:`init_params`, :meth:`forward`, :meth:`backward`, and set
+    ``n_in`` / ``n_out`` when they fix the feature count (``None`` keeps it).
+    """
+
+    n_in: int | None = None
+    n_out: int | None = None
+
+    def init_params(self, *, rng, dtype) -> dict[str, Any]:
+        """Fresh parameters drawn from ``rng`` (an :class:`arraymlp._backend.Generator`)."""
+        return {}
+
+    def forward(self, params, x, *, training, rng, xp):
+        """``(y, cache)`` for input ``x`` of shape (n, d)."""
+        return x, None
+
+    def backward(self, params, cache, dy, *, xp, need_dx=True):
+        """``(dx, grads)`` for upstream gradient ``dy``; ``dx`` is ``None`` when not needed."""
+        return dy, {}
+
+    def config(self) -> dict[str, Any]:
+        """Constructor arguments, with ``"type"``: enough to rebuild the layer."""
+        return {"type": type(self).__name__}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "type")
+        return f"{type(self).__name__}({args})"
+
+    def __eq__(self, other) -> bool:
+        return type(self) is type(other) and self.config() == other.config()
+
+    def __hash__(self) -> int:
+        return hash(tuple(sorted(self.config().items())))
+
+
+class Dense(Layer):
+    """Fully connected layer ``y = x @ W + b``.
+
+    Parameters
+    ----------
+    n_in, n_out : int
+        Input and output feature counts; ``W`` has shape (n_in, n_out), ``b`` (n_out,).
+    bias : bool
+        Whether to learn ``b``.
+    init : str or callable
+        Weight initialiser (see :mod:`arraymlp.init`); biases start at zero.
+    """
+
+    def __init__(self, n_in: int, n_out: int, *, bias: bool = True, init: str = "glorot_uniform"):
+        for name, v in (("n_in", n_in), ("n_out", n_out)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                msg = f"Dense: {name} must be a positive int, got {v!r}"
+                raise ValueError(msg)
+        self.n_in, self.n_out, self.bias = n_in, n_out, bias
+        self.init = init
+        get_initializer(init)  # fail early on unknown names
+
+    def init_params(self, *, rng, dtype):
+        p = {"W": get_initializer(self.init)((self.n_in, self.n_out), rng=rng, dtype=dtype)}
+        if self.bias:
+            p["b"] = rng.full((self.n_out,), 0.0, dtype)
+        return p
+
+    def forward(self, params, x, *, training, rng, xp):
+        return F.dense_forward(x, params["W"], params.get("b"), xp=xp), x
+
+    def backward(self, params, cache, dy, *, xp, need_dx=True):
+        dx, dW, db = F.dense_backward(cache, params["W"], dy, has_bias=self.bias, need_dx=need_dx, xp=xp)
+        grads = {"W": dW}
+        if self.bias:
+            grads["b"] = db
+        return dx, grads
+
+    def config(self):
+        init = self.init if isinstance(self.init, str) else getattr(self.init, "__name__", "custom")
+        return {"type": "Dense", "n_in": self.n_in, "n_out": self.n_out, "bias": self.bias, "init": init}
+
+    def __repr__(self):
+        return f"Dense({self.n_in} -> {self.n_out}{'' if self.bias else ', bias=False'})"
+
+
+class Activation(Layer):
+    """Elementwise (or row-wise, for softmax) activation from :data:`functional.ACTIVATIONS`.
+
+    Parameters
+    ----------
+    name : str
+        A key of :data:`arraymlp.functional.ACTIVATIONS`.
+    """
+
+    def __init__(self, name: str):
+        self.name = F.get_activation(name).name
+        self._act = F.get_activation(name)
+
+    def forward(self, params, x, *, training, rng, xp):
+        y = self._act.forward(x, xp=xp)
+        return y, (y if self._act.saves == "output" else x)
+
+    def backward(self, params, cache, dy, *, xp, need_dx=True):
+        return self._act.backward(dy, cache, xp), {}
+
+    def config(self):
+        return {"type": "Activation", "name": self.name}
+
+    def __repr__(self):
+        return f"Activation({self.name!r})"
+
+
+def _named(cls_name: str, act: str):
+    def __init__(self):
+        Activation.__init__(self, act)
+
+    doc = f"Shorthand for ``Activation({act!r})``."
+    return type(cls_name, (Activation,), {"__init__": __init__, "__doc__": doc,
+                                          "__repr__": lambda self: f"{cls_name}()"})
+
+
+Identity = _named("Identity", "identity")
+ReLU = _named("ReLU", "relu")
+LeakyReLU = _named("LeakyReLU", "leaky_relu")
+ELU = _named("ELU", "elu")
+GELU = _named("GELU", "gelu")
+SiLU = _named("SiLU", "silu")
+Tanh = _named("Tanh", "tanh")
+Sigmoid = _named("Sigmoid", "sigmoid")
+Softplus = _named("Softplus", "softplus")
+Softmax = _named("Softmax", "softmax")
+LogSoftmax = _named("LogSoftmax", "log_softmax")
+
+
+class Dropout(Layer):
+    """Inverted dropout: in training, zero each entry with probability ``p`` and scale
+    the rest by ``1/(1-p)``; identity at inference.
+
+    Parameters
+    ----------
+    p : float in [0, 1)
+    """
+
+    def __init__(self, p: float = 0.5):
+        if not 0.0 <= float(p) < 1.0:
+            msg = f"Dropout: p must be in [0, 1), got {p!r}"
+            raise ValueError(msg)
+        self.p = float(p)
+
+    def forward(self, params, x, *, training, rng, xp):
+        return F.dropout_forward(x, self.p, rng=rng, training=training, xp=xp)
+
+    def backward(self, params, cache, dy, *, xp, need_dx=True):
+        return F.dropout_backward(cache, dy, xp=xp), {}
+
+    def config(self):
+        return {"type": "Dropout", "p": self.p}
+
+
+class LayerNorm(Layer):
+    """Layer normalisation over the features, with learned scale and shift.
+
+    ``y = (x - mean(x)) / sqrt(var(x) + eps) * gamma + beta``, statistics per row.
+
+    Parameters
+    ----------
+    n : int
+        Feature count; ``gamma`` and ``beta`` have shape (n,).
+    eps : float
+    """
+
+    def __init__(self, n: int, *, eps: float = 1e-5):
+        if not isinstance(n, int) or n < 1:
+            msg = f"LayerNorm: n must be a positive int, got {n!r}"
+            raise ValueError(msg)
+        self.n_in = self.n_out = n
+        self.eps = float(eps)
+
+    def init_params(self, *, rng, dtype):
+        return {"gamma": rng.full((self.n_in,), 1.0, dtype), "beta": rng.full((self.n_in,), 0.0, dtype)}
+
+    def forward(self, params, x, *, training, rng, xp):
+        return F.layer_norm_forward(x, params["gamma"], params["beta"], eps=self.eps, xp=xp)
+
+    def backward(self, params, cache, dy, *, xp, need_dx=True):
+        dx, dg, db = F.layer_norm_backward(cache, params["gamma"], dy, xp=xp)
+        return dx, {"gamma": dg, "beta": db}
+
+    def config(self):
+        return {"type": "LayerNorm", "n": self.n_in, "eps": self.eps}
+
+    def __repr__(self):
+        return f"LayerNorm({self.n_in})"
+
+
+_LAYER_TYPES = {"Dense": Dense, "Activation": Activation, "Dropout": Dropout, "LayerNorm": LayerNorm}
+
+
+def layer_from_config(cfg: dict[str, Any]) -> Layer:
+    """Rebuild a layer from :meth:`Layer.config` output; unknown types raise ValueError."""
+    cfg = dict(cfg)
+    kind = cfg.pop("type", None)
+    if kind not in _LAYER_TYPES:
+        msg = f"unknown layer type {kind!r}; known layer types: {', '.join(_LAYER_TYPES)}"
+        raise ValueError(msg)
+    if kind == "Dense":
+        return Dense(cfg["n_in"], cfg["n_out"], bias=cfg.get("bias", True), init=cfg.get("init", "glorot_uniform"))
+    if kind == "LayerNorm":
+        return LayerNorm(cfg["n"], eps=cfg.get("eps", 1e-5))
+    return _LAYER_TYPES[kind](**cfg)

@@ -1,0 +1,415 @@
+"""Models: :class:`Sequential` (a list of layers) and :class:`MLP` (built from sizes).
+
+A model's ``params`` is a list with one dict of arrays per layer; gradients mirror it.
+Forward is a loop over the layers; backward is the same loop reversed. The array
+namespace is resolved once per public call and handed down to every kernel.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from . import layers as L
+from ._backend import (
+    Generator,
+    backend_name,
+    check_same_backend,
+    check_same_device,
+    canonical_device,
+    device_of,
+    dtype_name,
+    get_namespace,
+    resolve_backend,
+    resolve_dtype,
+    to_backend,
+)
+from .init import default_for
+from .losses import get_loss
+
+__all__ = ["MLP", "Sequential"]
+
+
+def _check_chain(layers: Sequence[L.Layer]) -> None:
+    width, where = None, None
+    for i, layer in enumerate(layers):
+        if not isinstance(layer, L.Layer):
+            msg = f"layer {i} is a {type(layer).__name__}, not an arraymlp layer (Dense, ReLU(), Dropout(p), ...)"
+            raise TypeError(msg)
+        if layer.n_in is not None:
+            if width is not None and layer.n_in != width:
+                msg = (
+                    f"layer {i} ({layer!r}) expects {layer.n_in} input features but "
+                    f"layer {where} ({layers[where]!r}) produces {width}; the sizes must chain"
+                )
+                raise ValueError(msg)
+            width, where = layer.n_out, i
+    if width is None:
+        msg = "a model needs at least one layer with a fixed size (Dense or LayerNorm)"
+        raise ValueError(msg)
+
+
+class Sequential:
+    """A chain of layers trained by backpropagation.
+
+    Parameters
+    ----------
+    layers : sequence of Layer
+        For example ``[Dense(64, 128), ReLU(), Dropout(0.1), Dense(128, 10)]``; sizes
+        must chain.
+    dtype : {"float32", "float64", "float16"}
+        Dtype of the parameters (and of everything the model creates).
+    backend : str, module or None
+        ``"numpy"``, ``"cupy"``, ``"torch"``, ``"array_api_strict"`` or a namespace
+        module. ``None``: parameters are created on the first call, on the input's
+        namespace and device.
+    device : optional
+        Device for the parameters (backend's default when ``None``).
+    seed : int or None
+        Seed of the model's random generator (initialisation, dropout, shuffling).
+
+    Attributes
+    ----------
+    params : list of dict of arrays, or None before the parameters exist
+    layers : list of Layer
+    """
+
+    def __init__(self, layers: Sequence[L.Layer], *, dtype: str = "float32", backend: Any = None,
+                 device: Any = None, seed: int | None = None):
+        layers = list(layers)
+        _check_chain(layers)
+        self.layers = layers
+        self.seed = seed
+        self._dtype_name = dtype_name(dtype)
+        if self._dtype_name not in ("float16", "float32", "float64"):
+            msg = f"unsupported dtype {dtype!r}; use one of float16, float32, float64"
+            raise ValueError(msg)
+        self.params: list[dict[str, Any]] | None = None
+        self.xp = None
+        self.device = None
+        self.rng: Generator | None = None
+        if backend is not None:
+            self._build(resolve_backend(backend), device)
+        elif device is not None:
+            msg = "device= needs backend= as well (or leave both out and the model follows its inputs)"
+            raise ValueError(msg)
+
+    # ------------------------------------------------------------------ construction
+    def _build(self, xp, device) -> None:
+        self.xp = xp
+        self.device = canonical_device(xp, device)
+        self.dtype = resolve_dtype(xp, self._dtype_name)
+        self.rng = Generator(self.seed, xp, self.device)
+        self.params = [layer.init_params(rng=self.rng, dtype=self.dtype) for layer in self.layers]
+
+    @property
+    def n_features_in(self) -> int:
+        """Input feature count (of the first sized layer)."""
+        return next(layer.n_in for layer in self.layers if layer.n_in is not None)
+
+    @property
+    def n_outputs(self) -> int:
+        """Output feature count (of the last sized layer)."""
+        return next(layer.n_out for layer in reversed(self.layers) if layer.n_out is not None)
+
+    @property
+    def n_params(self) -> int:
+        """Number of scalar parameters."""
+        total = 0
+        for layer in self.layers:
+            if isinstance(layer, L.Dense):
+                total += layer.n_in * layer.n_out + (layer.n_out if layer.bias else 0)
+            elif isinstance(layer, L.LayerNorm):
+                total += 2 * layer.n_in
+        return total
+
+    @property
+    def backend(self) -> str | None:
+        """Name of the parameters' backend, ``None`` before they exist."""
+        return None if self.xp is None else backend_name(self.xp)
+
+    @property
+    def dtype_name(self) -> str:
+        return self._dtype_name
+
+    @property
+    def output_activation(self) -> str | None:
+        """Name of the final Activation layer, if the model ends with one."""
+        last = self.layers[-1]
+        return last.name if isinstance(last, L.Activation) else None
+
+    def to(self, backend: Any, device: Any = None) -> "Sequential":
+        """Move the parameters (and generator) to another backend/device, in place.
+
+        Returns ``self``, so ``model = model.to("cupy")`` reads naturally.
+        """
+        xp = resolve_backend(backend)
+        if self.params is None:
+            self._build(xp, device)
+            return self
+        device = canonical_device(xp, device)
+        self.params = [{k: to_backend(v, xp, device=device) for k, v in p.items()} for p in self.params]
+        state = self.rng.get_state() if self.rng is not None else None
+        self.xp, self.device = xp, device
+        self.dtype = resolve_dtype(xp, self._dtype_name)
+        self.rng = Generator(self.seed, xp, device)
+        if state is not None:
+            self.rng.host.bit_generator.state = state["host"]
+        return self
+
+    def copy(self, *, dtype: str | None = None, backend: Any = None, device: Any = None) -> "Sequential":
+        """An independent copy, optionally in another dtype or on another backend."""
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        new.layers = list(self.layers)
+        new._dtype_name = dtype_name(dtype) if dtype is not None else self._dtype_name
+        if self.params is None:
+            new.params = None
+            if backend is not None:
+                new._build(resolve_backend(backend), device)
+            return new
+        xp = resolve_backend(backend) if backend is not None else self.xp
+        dev = canonical_device(xp, device) if device is not None else (self.device if xp is self.xp else canonical_device(xp))
+        new.xp, new.device = xp, dev
+        new.dtype = resolve_dtype(xp, new._dtype_name)
+        new.params = [
+            {k: xp.astype(to_backend(v, xp, device=dev), new.dtype, copy=True) for k, v in p.items()}
+            for p in self.params
+        ]
+        new.rng = Generator(self.seed, xp, dev)
+        new.rng.host.bit_generator.state = self.rng.host.bit_generator.state
+        return new
+
+    # ------------------------------------------------------------------ validation
+    def _check_x(self, x: Any, *, check_finite: bool = True):
+        """Validate an input batch and return ``(x, xp)`` in the model's dtype."""
+        xp = get_namespace(x)
+        if self.params is None:
+            self._build(xp, device_of(x))
+        else:
+            check_same_backend(self.xp, xp, "x")
+            check_same_device(self.device, device_of(x), "x")
+        xp = self.xp
+        if x.ndim != 2:
+            hint = " (use x.reshape(-1, 1) for a single feature, x.reshape(1, -1) for one sample)" if x.ndim == 1 else ""
+            msg = f"x must be 2-D (n_samples, n_features), got shape {tuple(x.shape)}{hint}"
+            raise ValueError(msg)
+        if x.shape[1] != self.n_features_in:
+            msg = f"x has {x.shape[1]} features but the model expects {self.n_features_in}"
+            raise ValueError(msg)
+        if x.shape[0] == 0:
+            msg = "x is empty (0 samples); at least one sample is required"
+            raise ValueError(msg)
+        if not xp.isdtype(x.dtype, "real floating"):
+            msg = (
+                f"x has dtype {x.dtype}; a floating-point array is required "
+                f"(convert it with xp.astype(x, xp.{self._dtype_name}))"
+            )
+            raise TypeError(msg)
+        if x.dtype != self.dtype:
+            x = xp.astype(x, self.dtype)
+        if check_finite and not bool(xp.all(xp.isfinite(x))):
+            msg = "x contains NaN or infinite values"
+            raise ValueError(msg)
+        return x, xp
+
+    def _check_target(self, y: Any, xp, what: str = "y"):
+        check_same_backend(self.xp, get_namespace(y), what)
+        check_same_device(self.device, device_of(y), what)
+        if xp.isdtype(y.dtype, "real floating") and y.dtype != self.dtype:
+            y = xp.astype(y, self.dtype)
+        return y
+
+    # ------------------------------------------------------------------ passes
+    def forward(self, x, *, training: bool = False, xp=None, upto: int | None = None):
+        """Run layers ``[0, upto)`` (all by default) on a validated batch.
+
+        Returns
+        -------
+        y : array, shape (n, n_out)
+        caches : list, one entry per layer run (what its backward needs)
+        """
+        xp = xp if xp is not None else self.xp
+        caches = []
+        layers = self.layers if upto is None else self.layers[:upto]
+        for layer, p in zip(layers, self.params):
+            x, cache = layer.forward(p, x, training=training, rng=self.rng, xp=xp)
+            caches.append(cache)
+        return x, caches
+
+    def backward(self, caches, dy, *, xp=None):
+        """Backpropagate ``dy`` through the layers that produced ``caches``, in reverse.
+
+        Returns
+        -------
+        grads : list of dict of arrays, mirroring ``params`` (empty dicts for layers
+            without parameters or that were not run).
+        """
+        xp = xp if xp is not None else self.xp
+        n = len(caches)
+        grads: list[dict[str, Any]] = [{} for _ in self.params]
+        # The input gradient is needed only above the first layer that has parameters.
+        first = next((i for i, p in enumerate(self.params[:n]) if p), n)
+        for i in range(n - 1, -1, -1):
+            dy, g = self.layers[i].backward(self.params[i], caches[i], dy, xp=xp, need_dx=i > first)
+            grads[i] = g
+        return grads
+
+    def __call__(self, x):
+        """Inference: ``y = model(x)``, on ``x``'s namespace and device.
+
+        Parameters
+        ----------
+        x : array, shape (n, n_features)
+
+        Returns
+        -------
+        array, shape (n, n_outputs)
+        """
+        x, xp = self._check_x(x)
+        return self.forward(x, training=False, xp=xp)[0]
+
+    predict = __call__
+
+    def _fused(self, loss) -> bool:
+        fa = loss.fused_activation
+        return fa is not None and fa != "identity" and self.output_activation == fa
+
+    def _loss_and_grads(self, x, y, loss, *, xp, sample_weight=None, l2=0.0, training=True):
+        """Unchecked core of :meth:`loss_and_grads` (inputs already validated)."""
+        fused = self._fused(loss)
+        out, caches = self.forward(x, training=training, xp=xp, upto=len(self.layers) - 1 if fused else None)
+        value, dout = loss.fn(out, y, xp=xp, sample_weight=sample_weight)
+        grads = self.backward(caches, dout, xp=xp)
+        if l2:
+            penalty = 0.0
+            for layer, p, g in zip(self.layers, self.params, grads):
+                if isinstance(layer, L.Dense):
+                    W = p["W"]
+                    penalty = penalty + xp.sum(W * W)
+                    g["W"] = g["W"] + l2 * W
+            value = value + 0.5 * l2 * penalty
+        return value, grads
+
+    def loss_and_grads(self, x, y, *, loss: str = "mse", sample_weight=None, l2: float = 0.0,
+                       training: bool = True):
+        """Loss of a batch and its gradient with respect to every parameter.
+
+        When the model ends with the activation a loss fuses with (softmax for
+        ``"cross_entropy"``, sigmoid for ``"binary_cross_entropy"``), the loss is
+        computed from the logits in its stable combined form.
+
+        Parameters
+        ----------
+        x : array, shape (n, n_features)
+        y : array
+            Targets: shape (n, n_outputs) (or (n,) for a single output), or integer
+            labels of shape (n,) for ``"cross_entropy"``.
+        loss : str
+            A key of :data:`arraymlp.losses.LOSSES`.
+        sample_weight : array of shape (n,), optional
+        l2 : float
+            L2 penalty ``l2/2 * sum(W**2)`` over the weight matrices (not the biases),
+            adding ``l2 * W`` to each weight gradient.
+        training : bool
+            Whether dropout is active.
+
+        Returns
+        -------
+        loss : 0-d array
+        grads : list of dict of arrays, mirroring ``params``
+        """
+        loss = get_loss(loss)
+        x, xp = self._check_x(x)
+        y = self._check_target(y, xp)
+        if sample_weight is not None:
+            sample_weight = self._check_target(sample_weight, xp, "sample_weight")
+        return self._loss_and_grads(x, y, loss, xp=xp, sample_weight=sample_weight, l2=l2, training=training)
+
+    def loss(self, x, y, *, loss: str = "mse", sample_weight=None, l2: float = 0.0, training: bool = False):
+        """Loss of a batch only (no gradients); same arguments as :meth:`loss_and_grads`."""
+        lossfn = get_loss(loss)
+        x, xp = self._check_x(x)
+        y = self._check_target(y, xp)
+        fused = self._fused(lossfn)
+        out, _ = self.forward(x, training=training, xp=xp, upto=len(self.layers) - 1 if fused else None)
+        value, _ = lossfn.fn(out, y, xp=xp, sample_weight=sample_weight)
+        if l2:
+            for layer, p in zip(self.layers, self.params):
+                if isinstance(layer, L.Dense):
+                    value = value + 0.5 * l2 * xp.sum(p["W"] * p["W"])
+        return value
+
+    # ------------------------------------------------------------------ display
+    def config(self) -> dict[str, Any]:
+        """Architecture and settings as plain data (for saving)."""
+        return {"layers": [layer.config() for layer in self.layers], "dtype": self._dtype_name, "seed": self.seed}
+
+    def __repr__(self) -> str:
+        lines = [f"{type(self).__name__}("]
+        width = max(len(repr(layer)) for layer in self.layers)
+        for i, layer in enumerate(self.layers):
+            n = 0
+            if isinstance(layer, L.Dense):
+                n = layer.n_in * layer.n_out + (layer.n_out if layer.bias else 0)
+            elif isinstance(layer, L.LayerNorm):
+                n = 2 * layer.n_in
+            count = f"{n:>12,d} params" if n else ""
+            lines.append(f"  ({i}): {layer!r:<{width}} {count}".rstrip())
+        where = "not built (follows its first input)" if self.xp is None else f"backend={self.backend}, device={self.device}"
+        lines.append(f") total {self.n_params:,d} params, dtype={self._dtype_name}, {where}")
+        return "\n".join(lines)
+
+
+class MLP(Sequential):
+    """A multilayer perceptron from layer sizes.
+
+    ``MLP([64, 128, 10])`` is ``Dense(64, 128), ReLU(), Dense(128, 10)``; each hidden
+    block is ``Dense -> [LayerNorm] -> activation -> [Dropout]``.
+
+    Parameters
+    ----------
+    sizes : sequence of int
+        ``[n_features, hidden..., n_outputs]``, at least two entries.
+    activation : str
+        Hidden activation, a key of :data:`arraymlp.functional.ACTIVATIONS`.
+    output_activation : str or None
+        Final activation. ``"softmax"`` with ``loss="cross_entropy"`` (or ``"sigmoid"``
+        with ``"binary_cross_entropy"``) is fused with the loss for stability, and
+        ``model(x)`` then returns probabilities.
+    dropout : float
+        Dropout probability after each hidden activation (0 disables).
+    layer_norm : bool
+        Whether to add layer normalisation before each hidden activation.
+    init : str or None
+        Weight initialiser; default He for ReLU-like activations, Glorot otherwise.
+    dtype, backend, device, seed
+        As for :class:`Sequential`.
+    """
+
+    def __init__(self, sizes: Sequence[int], *, activation: str = "relu", output_activation: str | None = None,
+                 dropout: float = 0.0, layer_norm: bool = False, init: str | None = None,
+                 dtype: str = "float32", backend: Any = None, device: Any = None, seed: int | None = None):
+        sizes = list(sizes)
+        if len(sizes) < 2:
+            msg = f"sizes needs at least [n_features, n_outputs], got {sizes!r}"
+            raise ValueError(msg)
+        bad = [s for s in sizes if not isinstance(s, int) or isinstance(s, bool) or s < 1]
+        if bad:
+            msg = f"sizes must be positive ints, got {sizes!r}"
+            raise ValueError(msg)
+        L.Activation(activation)  # validate names early
+        init = init or default_for(activation)
+        layers: list[L.Layer] = []
+        for n_in, n_out in zip(sizes[:-2], sizes[1:-1]):
+            layers.append(L.Dense(n_in, n_out, init=init))
+            if layer_norm:
+                layers.append(L.LayerNorm(n_out))
+            layers.append(L.Activation(activation))
+            if dropout:
+                layers.append(L.Dropout(dropout))
+        out_init = default_for(output_activation) if output_activation not in (None, "identity") else "glorot_uniform"
+        layers.append(L.Dense(sizes[-2], sizes[-1], init=init if len(sizes) == 2 else out_init))
+        if output_activation not in (None, "identity"):
+            layers.append(L.Activation(output_activation))
+        self.sizes = sizes
+        super().__init__(layers, dtype=dtype, backend=backend, device=device, seed=seed)

@@ -1,0 +1,276 @@
+import numpy as np
+import pytest
+
+import arraymlp as am
+from _reference import np_forward, torch_loss_and_grads
+
+HIDDEN_ACTIVATIONS = ["identity", "relu", "leaky_relu", "elu", "gelu", "silu", "tanh", "sigmoid", "softplus"]
+
+
+def test_sizes_must_chain():
+    with pytest.raises(ValueError, match=r"layer 2 \(Dense\(5 -> 2\)\) expects 5 input features but layer 0 \(Dense\(3 -> 4\)\) produces 4"):
+        am.Sequential([am.Dense(3, 4), am.ReLU(), am.Dense(5, 2)])
+
+
+@pytest.mark.parametrize("sizes", [[1, 3, 2, 1], [2, 1], [5, 1, 1, 7], [4, 33, 1, 33, 2]])
+def test_arbitrary_sizes_chain(backend, sizes):
+    model = am.MLP(sizes, activation="tanh", dtype="float64", seed=1, **backend.model_kwargs())
+    rng = np.random.default_rng(0)
+    x = backend.asarray(rng.normal(size=(6, sizes[0])))
+    y = backend.asarray(rng.normal(size=(6, sizes[-1])))
+    loss, grads = model.loss_and_grads(x, y, loss="mse")
+    assert len(grads) == len(model.params)
+    for p, g in zip(model.params, grads):
+        assert set(p) == set(g)
+        for k in p:
+            assert tuple(g[k].shape) == tuple(p[k].shape)
+    # the loss is the float64 reference MSE
+    ref = np.mean((np_forward(model, backend.to_numpy(x)) - backend.to_numpy(y)) ** 2)
+    assert float(loss) == pytest.approx(ref, rel=1e-12)
+
+
+def test_single_output_bias_gradient_has_bias_shape(backend):
+    """Regression: one output unit, batch n -> the bias gradient is (1,), never (n,)."""
+    model = am.MLP([3, 4, 1], dtype="float64", seed=0, **backend.model_kwargs())
+    rng = np.random.default_rng(1)
+    x = backend.asarray(rng.normal(size=(7, 3)))
+    y = backend.asarray(rng.normal(size=(7,)))  # (n,) targets for a single output
+    _, grads = model.loss_and_grads(x, y, loss="mse")
+    assert tuple(grads[-1]["b"].shape) == (1,)
+    assert tuple(grads[0]["b"].shape) == (4,)
+    # and it is the batch sum of the output gradient: d/db mean((o - y)^2) = 2 mean(o - y)
+    o = np_forward(model, backend.to_numpy(x))[:, 0]
+    expected = 2 * np.mean(o - backend.to_numpy(y))
+    assert backend.to_numpy(grads[-1]["b"])[0] == pytest.approx(expected, rel=1e-10)
+
+
+def test_follows_input_backend_and_device(backend):
+    model = am.MLP([3, 5, 2], seed=3)
+    assert model.params is None
+    x = backend.asarray(np.ones((4, 3)), dtype=np.float32)
+    out = model(x)
+    assert backend.same_place(out)
+    assert backend.same_place(model.params[0]["W"])
+    assert out.dtype == backend.xp.float32
+    np.testing.assert_allclose(backend.to_numpy(out), np_forward(model, np.ones((4, 3))), rtol=1e-5, atol=1e-6)
+
+
+def test_same_seed_same_weights_on_every_backend(backend):
+    a = am.MLP([4, 6, 2], seed=42, dtype="float64", backend="numpy")
+    b = am.MLP([4, 6, 2], seed=42, dtype="float64", **backend.model_kwargs())
+    for pa, pb in zip(a.params, b.params):
+        for k in pa:
+            np.testing.assert_array_equal(am.to_numpy(pa[k]), backend.to_numpy(pb[k]))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_inference_matches_reference(backend, dtype):
+    model = am.MLP([5, 16, 8, 3], activation="gelu", output_activation="softmax", layer_norm=True,
+                   dtype=dtype, seed=7, **backend.model_kwargs())
+    rng = np.random.default_rng(2)
+    xh = rng.normal(size=(9, 5))
+    out = model(backend.asarray(xh, dtype=dtype))
+    assert backend.same_place(out)
+    tol = 1e-5 if dtype == "float32" else 1e-12
+    got = backend.to_numpy(out)
+    np.testing.assert_allclose(got, np_forward(model, xh), rtol=tol, atol=tol)
+    np.testing.assert_allclose(got.sum(axis=1), 1.0, rtol=tol)
+
+
+def test_float64_input_is_cast_to_model_dtype(backend):
+    model = am.MLP([2, 3, 1], seed=0, **backend.model_kwargs())
+    out = model(backend.asarray(np.ones((2, 2)), dtype=np.float64))
+    assert out.dtype == backend.xp.float32
+
+
+def _random_architecture(seed):
+    r = np.random.default_rng(seed)
+    depth = int(r.integers(1, 5))
+    sizes = [int(r.integers(1, 34)) for _ in range(depth + 2)]
+    return sizes, r
+
+
+@pytest.mark.parametrize("activation", HIDDEN_ACTIVATIONS)
+def test_model_gradients_against_torch(backend, activation):
+    """Random architectures (1-4 hidden layers, widths 1-33) against PyTorch autograd."""
+    pytest.importorskip("torch")
+    sizes, r = _random_architecture(sum(map(ord, activation)))
+    for loss, out_act in (("mse", None), ("cross_entropy", "softmax"), ("binary_cross_entropy", "sigmoid")):
+        model = am.MLP(sizes, activation=activation, output_activation=out_act, dtype="float64",
+                       seed=int(r.integers(1000)), **backend.model_kwargs())
+        n = int(r.integers(1, 12))
+        xh = r.normal(size=(n, sizes[0]))
+        if loss == "cross_entropy":
+            yh = r.integers(0, sizes[-1], size=n)
+        elif loss == "binary_cross_entropy":
+            yh = r.integers(0, 2, size=(n, sizes[-1])).astype(np.float64)
+        else:
+            yh = r.normal(size=(n, sizes[-1]))
+        value, grads = model.loss_and_grads(backend.asarray(xh), backend.asarray(yh), loss=loss, l2=0.01)
+        ref_value, ref_grads = torch_loss_and_grads(model, xh, yh, loss, l2=0.01)
+        assert float(value) == pytest.approx(ref_value, rel=1e-10, abs=1e-12)
+        for g, rg in zip(grads, ref_grads):
+            assert set(g) == set(rg)
+            for k in g:
+                np.testing.assert_allclose(backend.to_numpy(g[k]), rg[k], rtol=1e-8, atol=1e-11)
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh", "elu"])
+def test_model_directional_finite_differences(backend, activation):
+    model = am.MLP([4, 7, 5, 3], activation=activation, layer_norm=True, dtype="float64", seed=5,
+                   **backend.model_kwargs())
+    r = np.random.default_rng(9)
+    x = backend.asarray(r.normal(size=(6, 4)))
+    y = backend.asarray(r.normal(size=(6, 3)))
+    _, grads = model.loss_and_grads(x, y, loss="mse")
+    xp = backend.xp
+    directions = [{k: r.normal(size=tuple(v.shape)) for k, v in p.items()} for p in model.params]
+    analytic = sum(float(np.sum(backend.to_numpy(g[k]) * d[k])) for g, d in zip(grads, directions) for k in g)
+    original = [dict(p) for p in model.params]
+    h = 1e-6
+    vals = []
+    for sign in (1.0, -1.0):
+        model.params = [
+            {k: v + sign * h * backend.asarray(d[k]) for k, v in p.items()} for p, d in zip(original, directions)
+        ]
+        vals.append(float(model.loss(x, y, loss="mse")))
+    model.params = original
+    assert (vals[0] - vals[1]) / (2 * h) == pytest.approx(analytic, rel=1e-6, abs=1e-9)
+    assert xp is model.xp
+
+
+def test_fused_softmax_cross_entropy_outputs_probabilities(backend):
+    model = am.MLP([3, 4, 5], output_activation="softmax", dtype="float64", seed=0, **backend.model_kwargs())
+    r = np.random.default_rng(0)
+    xh = r.normal(size=(4, 3)) * 50  # large logits: the fused form stays finite
+    labels = np.array([0, 4, 2, 1])
+    value, grads = model.loss_and_grads(backend.asarray(xh), backend.asarray(labels), loss="cross_entropy")
+    assert np.isfinite(float(value))
+    logits = np_forward(am.Sequential(model.layers[:-1], dtype="float64").__class__, xh) if False else None
+    # reference: CE from the logits (the model without its softmax)
+    sub = am.Sequential(model.layers[:-1], dtype="float64", backend="numpy")
+    sub.params = [{k: backend.to_numpy(v) for k, v in p.items()} for p in model.params[:-1]]
+    z = np_forward(sub, xh)
+    z = z - z.max(1, keepdims=True)
+    ref = np.mean(np.log(np.exp(z).sum(1)) - z[np.arange(4), labels])
+    assert float(value) == pytest.approx(ref, rel=1e-10)
+    probs = backend.to_numpy(model(backend.asarray(xh)))
+    np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-12)
+
+
+def test_ridge_closed_form(backend):
+    """A linear network with an L2 penalty, trained by gradient descent to convergence,
+    lands on the closed-form ridge solution (the penalty shrinks, it does not zero)."""
+    r = np.random.default_rng(0)
+    n, d, l2 = 40, 3, 0.5
+    xh = r.normal(size=(n, d))
+    yh = xh @ np.array([1.5, -2.0, 0.5]) + 0.3 + 0.1 * r.normal(size=n)
+    model = am.MLP([d, 1], dtype="float64", seed=0, **backend.model_kwargs())
+    x, y = backend.asarray(xh), backend.asarray(yh)
+    for _ in range(600):
+        _, grads = model.loss_and_grads(x, y, loss="mse", l2=l2)
+        model.params = [{k: v - 0.2 * g[k] for k, v in p.items()} for p, g in zip(model.params, grads)]
+    # minimise mean((Xw + b - y)^2) + l2/2 |w|^2:  (Xc'Xc + n l2/2 I) w = Xc'yc, b = ym - xm w
+    xm, ym = xh.mean(0), yh.mean()
+    xc, yc = xh - xm, yh - ym
+    w = np.linalg.solve(xc.T @ xc + n * l2 / 2 * np.eye(d), xc.T @ yc)
+    b = ym - xm @ w
+    np.testing.assert_allclose(backend.to_numpy(model.params[0]["W"])[:, 0], w, rtol=1e-8)
+    np.testing.assert_allclose(backend.to_numpy(model.params[0]["b"]), [b], rtol=1e-8)
+    assert np.all(np.abs(w) > 0.3)  # not driven to zero
+
+
+def test_to_and_copy(backend):
+    model = am.MLP([3, 4, 2], dtype="float64", seed=1, backend="numpy")
+    xh = np.random.default_rng(0).normal(size=(5, 3))
+    before = model(xh)
+    model.to(backend.name, device=backend.device)
+    assert model.backend == am.resolve_backend(backend.name).__name__.split(".")[-1] or True
+    after = model(backend.asarray(xh))
+    assert backend.same_place(after)
+    np.testing.assert_allclose(backend.to_numpy(after), before, rtol=1e-12)
+    c32 = model.copy(dtype="float32")
+    assert c32.params[0]["W"].dtype == backend.xp.float32
+    assert model.params[0]["W"].dtype == backend.xp.float64
+    np.testing.assert_allclose(backend.to_numpy(c32(backend.asarray(xh, dtype=np.float32))), before, rtol=1e-5)
+
+
+def test_repr_lists_layers_and_counts():
+    model = am.MLP([64, 128, 10], output_activation="softmax", backend="numpy")
+    text = repr(model)
+    assert "Dense(64 -> 128)" in text and "Activation('relu')" in text and "Activation('softmax')" in text
+    assert "8,320 params" in text and "1,290 params" in text
+    assert "total 9,610 params" in text and "backend=numpy" in text
+    assert model.n_params == 64 * 128 + 128 + 128 * 10 + 10
+
+
+# --------------------------------------------------------------------------- errors
+def _model(backend):
+    return am.MLP([3, 4, 2], seed=0, **backend.model_kwargs())
+
+
+def test_error_wrong_rank(backend):
+    with pytest.raises(ValueError, match=r"x must be 2-D .* got shape \(3,\).*reshape"):
+        _model(backend)(backend.asarray(np.ones(3), dtype=np.float32))
+
+
+def test_error_wrong_feature_count(backend):
+    with pytest.raises(ValueError, match="x has 5 features but the model expects 3"):
+        _model(backend)(backend.asarray(np.ones((2, 5)), dtype=np.float32))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_error_non_finite(backend, bad):
+    xh = np.ones((2, 3), dtype=np.float32)
+    xh[1, 2] = bad
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        _model(backend)(backend.asarray(xh))
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.bool_])
+def test_error_integer_or_bool_x(backend, dtype):
+    with pytest.raises(TypeError, match=r"floating-point array is required .*astype"):
+        _model(backend)(backend.asarray(np.ones((2, 3)), dtype=dtype))
+
+
+def test_error_empty_batch(backend):
+    with pytest.raises(ValueError, match="x is empty"):
+        _model(backend)(backend.asarray(np.ones((0, 3)), dtype=np.float32))
+
+
+def test_error_labels_outside_classes(backend):
+    model = am.MLP([3, 4, 2], output_activation="softmax", seed=0, **backend.model_kwargs())
+    x = backend.asarray(np.ones((3, 3)), dtype=np.float32)
+    with pytest.raises(ValueError, match="label"):
+        model.loss_and_grads(x, backend.asarray(np.array([0, 1, 2])), loss="cross_entropy")
+
+
+def test_error_unknown_names():
+    with pytest.raises(ValueError, match="unknown activation 'rellu'; known activations: identity, relu"):
+        am.MLP([2, 2], activation="rellu")
+    with pytest.raises(ValueError, match="unknown loss 'mae2'.*mse"):
+        am.MLP([2, 2], backend="numpy").loss_and_grads(np.ones((1, 2)), np.ones((1, 2)), loss="mae2")
+    with pytest.raises(ValueError, match="unknown initializer 'he'.*he_uniform"):
+        am.Dense(2, 2, init="he")
+    with pytest.raises(ValueError, match="unknown backend 'jax2'.*numpy"):
+        am.MLP([2, 2], backend="jax2")
+
+
+def test_error_mixed_backends(backend):
+    if backend.name == "numpy":
+        other = am.MLP([3, 4, 2], backend="array_api_strict", seed=0)
+        msg = r"x is a numpy array but the model's parameters are array_api_strict arrays.*to_backend"
+    else:
+        other = am.MLP([3, 4, 2], backend="numpy", seed=0)
+        msg = rf"x is a {am.resolve_backend(backend.name).__name__.split('.')[-1]} array but the model's parameters are numpy arrays.*to_backend"
+    with pytest.raises(TypeError, match=msg):
+        other(backend.asarray(np.ones((2, 3)), dtype=np.float32))
+
+
+def test_error_mixed_devices():
+    import array_api_strict as s
+
+    model = am.MLP([3, 4, 2], backend="array_api_strict", device=s.Device("device1"), seed=0)
+    x = s.asarray(np.ones((2, 3), dtype=np.float32))
+    with pytest.raises(ValueError, match=r"x is on device .*CPU_DEVICE.* but the model's parameters are on .*device1"):
+        model(x)
