@@ -119,7 +119,7 @@ class Dense(Layer):
         return {"type": "Dense", "n_in": self.n_in, "n_out": self.n_out, "bias": self.bias, "init": init}
 
     def __repr__(self):
-        return f"Dense({self.n_in} -> {self.n_out}{'' if self.bias else ', bias=False'})"
+        return f"{type(self).__name__}({self.n_in} -> {self.n_out}{'' if self.bias else ', bias=False'})"
 
 
 class Activation(Layer):

@@ -1,0 +1,79 @@
+import numpy as np
+import pytest
+
+import arraymlp as am
+from arraymlp._backend import Generator, backend_name, canonical_device, get_namespace, resolve_backend
+
+
+@pytest.mark.parametrize("name", ["numpy", "array_api_strict"])
+def test_resolve_by_name_and_module(name):
+    import importlib
+
+    xp = resolve_backend(name)
+    assert backend_name(xp) == name
+    mod = importlib.import_module(name)
+    assert resolve_backend(mod) is xp
+
+
+def test_resolve_unknown_backend_lists_known():
+    with pytest.raises(ValueError, match="unknown backend 'tensorflow'; known backends: numpy, cupy, torch, array_api_strict"):
+        resolve_backend("tensorflow")
+    with pytest.raises(TypeError, match="backend must be a name or a namespace module"):
+        resolve_backend(3)
+
+
+def test_to_backend_roundtrip(backend):
+    a = np.arange(12, dtype=np.float32).reshape(3, 4)
+    moved = am.to_backend(a, backend.name, device=backend.device)
+    assert backend.same_place(moved)
+    back = am.to_backend(moved, "numpy")
+    assert isinstance(back, np.ndarray)
+    np.testing.assert_array_equal(back, a)
+    # from the row to array_api_strict and back keeps the values
+    s = am.to_backend(backend.asarray(a), "array_api_strict")
+    np.testing.assert_array_equal(am.to_numpy(s), a)
+
+
+def test_mixed_namespaces_name_both():
+    import array_api_strict as s
+
+    with pytest.raises(TypeError, match="array_api_strict array but the model's parameters are numpy arrays"):
+        get_namespace(np.ones(2), s.ones(2))
+    with pytest.raises(TypeError, match="expected an array .* got builtins.list"):
+        get_namespace([1, 2])
+
+
+def test_generator_host_stream_is_backend_independent(backend):
+    xp = backend.xp
+    dev = canonical_device(xp, backend.device)
+    a = Generator(7, resolve_backend("numpy"), "cpu").uniform((3, 2), 1.0, np.float64)
+    b = Generator(7, xp, dev).uniform((3, 2), 1.0, xp.float64)
+    assert backend.same_place(b)
+    np.testing.assert_array_equal(backend.to_numpy(b), a)
+    p = Generator(7, xp, dev).permutation(10)
+    assert sorted(backend.to_numpy(p).tolist()) == list(range(10))
+
+
+def test_generator_native_stream_and_state(backend):
+    xp = backend.xp
+    dev = canonical_device(xp, backend.device)
+    g = Generator(3, xp, dev)
+    first = backend.to_numpy(g.random((4, 5), xp.float32))
+    assert first.dtype == np.float32 and np.all((first >= 0) & (first < 1))
+    state = g.get_state()
+    second = backend.to_numpy(g.random((4, 5), xp.float32))
+    g.set_state(state)
+    np.testing.assert_array_equal(backend.to_numpy(g.random((4, 5), xp.float32)), second)
+    np.testing.assert_array_equal(backend.to_numpy(Generator(3, xp, dev).random((4, 5), xp.float32)), first)
+    assert not np.array_equal(first, second)
+
+
+def test_dtype_names():
+    from arraymlp._backend import resolve_dtype
+
+    xp = resolve_backend("numpy")
+    assert resolve_dtype(xp, "float64") == np.float64
+    with pytest.raises(ValueError, match="unsupported dtype 'int8'"):
+        resolve_dtype(xp, "int8")
+    with pytest.raises(ValueError, match="unsupported dtype 'float8'"):
+        am.MLP([2, 2], dtype="float8")
