@@ -268,7 +268,36 @@ class Sequential:
         x, xp = self._check_x(x)
         return self.forward(x, training=False, xp=xp)[0]
 
-    predict = __call__
+    # ------------------------------------------------------------------ training
+    def fit(self, x, y, **kwargs):
+        """Train on ``(x, y)``; see :func:`arraymlp.training.fit` for the arguments.
+
+        Returns
+        -------
+        History
+        """
+        from .training import fit
+
+        return fit(self, x, y, **kwargs)
+
+    def partial_fit(self, x, y, **kwargs):
+        """One epoch over ``(x, y)`` keeping optimiser state; see :func:`arraymlp.training.partial_fit`."""
+        from .training import partial_fit
+
+        return partial_fit(self, x, y, **kwargs)
+
+    def predict(self, x):
+        """Labels (n,) for classifiers, outputs (n, n_outputs) for regressors;
+        see :func:`arraymlp.training.predict`."""
+        from .training import predict
+
+        return predict(self, x)
+
+    def predict_proba(self, x):
+        """Class probabilities (n, n_classes); see :func:`arraymlp.training.predict_proba`."""
+        from .training import predict_proba
+
+        return predict_proba(self, x)
 
     def _fused(self, loss) -> bool:
         fa = loss.fused_activation

@@ -1,0 +1,454 @@
+"""The fit loop: mini-batches, validation, early stopping, callbacks, history, progress.
+
+``fit(model, x, y, ...)`` (also ``model.fit``) trains on the arrays' own namespace and
+device: batches are index-gathered from the data where it lives, one batch at a time,
+so an epoch never copies the whole data set. Each step is ``loss_and_grads`` followed by
+the optimiser's update; a non-finite loss stops training with :class:`DivergenceError`
+before that step's update, leaving the last finite parameters in place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from typing import Any, Sequence
+
+from ._backend import Generator
+from .losses import get_loss
+from .optim import Optimizer, get_optimizer
+
+__all__ = [
+    "Callback",
+    "DivergenceError",
+    "EarlyStopping",
+    "History",
+    "fit",
+    "partial_fit",
+    "predict",
+    "predict_proba",
+]
+
+CLASSIFICATION_LOSSES = {"cross_entropy": "multiclass", "binary_cross_entropy": "multilabel"}
+
+
+class DivergenceError(FloatingPointError):
+    """The training loss became NaN or infinite; ``epoch`` and ``step`` say where.
+
+    The model keeps the parameters of the last finite step.
+    """
+
+    def __init__(self, msg: str, *, epoch: int, step: int):
+        super().__init__(msg)
+        self.epoch, self.step = epoch, step
+
+
+@dataclasses.dataclass
+class History:
+    """Per-epoch record of a :func:`fit` run (lists indexed by epoch).
+
+    Attributes
+    ----------
+    loss : list of float
+        Mean training loss over the epoch's batches (weighted by batch size).
+    val_loss, val_metric : list of float
+        Loss and metric on the validation data (empty without validation data).
+    metric_name : str
+        ``"accuracy"`` for classification losses, ``"r2"`` otherwise.
+    lr : list of float
+        Learning rate used in the epoch.
+    time : list of float
+        Wall-clock seconds of the epoch.
+    stopped_early : bool
+    best_epoch : int or None
+        Epoch whose weights were restored by early stopping.
+    """
+
+    loss: list[float] = dataclasses.field(default_factory=list)
+    val_loss: list[float] = dataclasses.field(default_factory=list)
+    val_metric: list[float] = dataclasses.field(default_factory=list)
+    metric_name: str = ""
+    lr: list[float] = dataclasses.field(default_factory=list)
+    time: list[float] = dataclasses.field(default_factory=list)
+    stopped_early: bool = False
+    best_epoch: int | None = None
+
+    @property
+    def epochs(self) -> int:
+        return len(self.loss)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class Callback:
+    """Base class for training callbacks; override the hooks you need.
+
+    A hook that returns ``True`` stops training after the current batch or epoch.
+    ``logs`` carries ``epoch``, ``step``, ``loss`` and, at epoch end, ``val_loss``,
+    ``val_metric`` and ``lr``.
+    """
+
+    def on_train_begin(self, model, history: History) -> Any:
+        return None
+
+    def on_epoch_begin(self, model, epoch: int) -> Any:
+        return None
+
+    def on_batch_end(self, model, logs: dict[str, Any]) -> Any:
+        return None
+
+    def on_epoch_end(self, model, logs: dict[str, Any]) -> Any:
+        return None
+
+    def on_train_end(self, model, history: History) -> Any:
+        return None
+
+
+class EarlyStopping(Callback):
+    """Stop when the monitored value has not improved for ``patience`` epochs.
+
+    Parameters
+    ----------
+    monitor : {"val_loss", "loss", "val_metric"}
+    patience : int
+        Epochs without an improvement of more than ``min_delta`` before stopping.
+    min_delta : float
+    restore_best_weights : bool
+        Put back the parameters of the best epoch when training ends.
+    """
+
+    def __init__(self, monitor: str = "val_loss", *, patience: int = 10, min_delta: float = 0.0,
+                 restore_best_weights: bool = True):
+        if monitor not in ("val_loss", "loss", "val_metric"):
+            msg = f"monitor must be 'val_loss', 'loss' or 'val_metric', got {monitor!r}"
+            raise ValueError(msg)
+        if patience < 0:
+            msg = f"patience must be >= 0, got {patience!r}"
+            raise ValueError(msg)
+        self.monitor, self.patience, self.min_delta = monitor, int(patience), float(min_delta)
+        self.restore_best_weights = restore_best_weights
+
+    def on_train_begin(self, model, history):
+        self.best, self.best_epoch, self.wait, self.best_params = math.inf, None, 0, None
+        self.history = history
+
+    def on_epoch_end(self, model, logs):
+        value = logs.get(self.monitor)
+        if value is None:
+            msg = f"EarlyStopping monitors {self.monitor!r} but training has no such value (no validation data?)"
+            raise ValueError(msg)
+        score = -value if self.monitor == "val_metric" else value
+        if score < self.best - self.min_delta:
+            self.best, self.best_epoch, self.wait = score, logs["epoch"], 0
+            if self.restore_best_weights:
+                xp = model.xp
+                self.best_params = [{k: xp.asarray(v, copy=True) for k, v in p.items()} for p in model.params]
+            return False
+        self.wait += 1
+        return self.wait > self.patience
+
+    def on_train_end(self, model, history):
+        if self.restore_best_weights and self.best_params is not None:
+            model.params = self.best_params
+            history.best_epoch = self.best_epoch
+
+
+class _Progress:
+    """A tqdm bar over epochs when stderr is a terminal (and tqdm is installed), or
+    plain per-epoch lines when ``verbose``; silent otherwise."""
+
+    def __init__(self, epochs: int, enabled: bool, verbose: bool):
+        self.bar = None
+        self.verbose = verbose
+        if enabled and sys.stderr.isatty():
+            try:
+                from tqdm.auto import tqdm
+            except ImportError:
+                tqdm = None
+            if tqdm is not None:
+                self.bar = tqdm(total=epochs, unit="epoch", leave=True)
+
+    def update(self, logs: dict[str, Any], metric_name: str) -> None:
+        parts = {"loss": f"{logs['loss']:.4g}"}
+        if logs.get("val_loss") is not None:
+            parts["val_loss"] = f"{logs['val_loss']:.4g}"
+            parts[f"val_{metric_name}"] = f"{logs['val_metric']:.4f}"
+        if self.bar is not None:
+            self.bar.set_postfix(parts)
+            self.bar.update(1)
+        elif self.verbose:
+            text = "  ".join(f"{k} {v}" for k, v in parts.items())
+            print(f"epoch {logs['epoch'] + 1:>4}  {text}  ({logs['time']:.2f}s)", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _n(x) -> int:
+    return int(x.shape[0])
+
+
+def _take(a, idx, xp):
+    return None if a is None else xp.take(a, idx, axis=0)
+
+
+def _metric(model, out, y, task: str, xp) -> float:
+    """Accuracy for classification, R^2 for regression, from the model's raw outputs."""
+    if task == "multiclass":
+        pred = xp.argmax(out, axis=1)
+        labels = y if y.ndim == 1 else xp.argmax(y, axis=1)
+        return float(xp.mean(xp.astype(pred == xp.astype(labels, pred.dtype), out.dtype)))
+    if task == "multilabel":
+        threshold = 0.5 if model.output_activation == "sigmoid" else 0.0
+        pred = xp.astype(out > threshold, out.dtype)
+        return float(xp.mean(xp.astype(pred == xp.reshape(y, pred.shape), out.dtype)))
+    yy = xp.reshape(y, out.shape)
+    ss_res = xp.sum((yy - out) ** 2)
+    ss_tot = xp.sum((yy - xp.mean(yy, axis=0)) ** 2)
+    return float(1.0 - ss_res / ss_tot) if float(ss_tot) > 0 else 0.0
+
+
+def _evaluate(model, x, y, lossfn, task, xp, batch_size=4096):
+    """Validation loss and metric, in batches (inference mode)."""
+    n = _n(x)
+    outs, total = [], 0.0
+    fused = model._fused(lossfn)
+    upto = len(model.layers) - 1 if fused else None
+    for i in range(0, n, batch_size):
+        xb, yb = x[i:i + batch_size, ...], y[i:i + batch_size, ...]
+        out, _ = model.forward(xb, training=False, xp=xp, upto=upto)
+        value, _ = lossfn.fn(out, yb, xp=xp)
+        total += float(value) * _n(xb)
+        outs.append(out)
+    out = outs[0] if len(outs) == 1 else xp.concat(outs, axis=0)
+    return total / n, _metric(model, out, y, task, xp)
+
+
+def _resolve_optimizer(model, optimizer, lr, reuse: bool) -> Optimizer:
+    existing = getattr(model, "optimizer_", None)
+    if reuse and existing is not None and (optimizer is None or optimizer is existing):
+        return existing
+    kwargs = {} if lr is None else {"lr": lr}
+    return get_optimizer(optimizer if optimizer is not None else "adam", **kwargs)
+
+
+def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", lr: float | None = None,
+        schedule: Any = None, epochs: int = 10, batch_size: int = 32, shuffle: bool = True,
+        validation_data: tuple | None = None, validation_split: float = 0.0,
+        early_stopping: EarlyStopping | int | None = None, callbacks: Sequence[Callback] = (),
+        progress: bool = True, verbose: bool = False, seed: int | None = None, l2: float = 0.0,
+        sample_weight: Any = None, _reuse_optimizer: bool = False) -> History:
+    """Train ``model`` on ``(x, y)`` with mini-batch gradient descent.
+
+    Parameters
+    ----------
+    model : Sequential
+    x : array, shape (n, n_features)
+    y : array, shape (n, n_outputs), (n,), or integer labels (n,) for cross-entropy
+    loss : str
+        A key of :data:`arraymlp.losses.LOSSES`.
+    optimizer : str or Optimizer
+        ``"sgd"``, ``"adam"``, ``"adamw"``, ``"rmsprop"``, ``"adagrad"`` or an instance.
+    lr : float, optional
+        Base learning rate (overrides the optimiser's default).
+    schedule : Schedule or callable, optional
+        ``schedule(epoch) -> lr``; a ``ReduceOnPlateau`` is stepped with the monitored loss.
+    epochs : int
+    batch_size : int
+    shuffle : bool
+        Draw a new permutation every epoch (from the model's generator).
+    validation_data : (x_val, y_val), optional
+    validation_split : float
+        Fraction of the last rows of ``(x, y)`` held out for validation.
+    early_stopping : EarlyStopping or int, optional
+        An int is the patience of ``EarlyStopping("val_loss")`` (``"loss"`` without validation).
+    callbacks : sequence of Callback
+    progress : bool
+        Show a tqdm bar when stderr is a terminal.
+    verbose : bool
+        Print one line per epoch when there is no bar.
+    seed : int, optional
+        Reseed the model's generator (shuffling and dropout) for this run: the same seed
+        and data give bit-identical parameters on NumPy.
+    l2 : float
+        L2 penalty ``l2/2 * sum(W**2)`` on the weight matrices.
+    sample_weight : array of shape (n,), optional
+
+    Returns
+    -------
+    History
+    """
+    lossfn = get_loss(loss)
+    if not isinstance(epochs, int) or epochs < 1:
+        msg = f"epochs must be a positive int, got {epochs!r}"
+        raise ValueError(msg)
+    if not isinstance(batch_size, int) or batch_size < 1:
+        msg = f"batch_size must be a positive int, got {batch_size!r}"
+        raise ValueError(msg)
+    if not 0.0 <= validation_split < 1.0:
+        msg = f"validation_split must be in [0, 1), got {validation_split!r}"
+        raise ValueError(msg)
+
+    x, xp = model._check_x(x)
+    y = model._check_target(y, xp)
+    if _n(y) != _n(x):
+        msg = f"x has {_n(x)} samples but y has {_n(y)}"
+        raise ValueError(msg)
+    if sample_weight is not None:
+        sample_weight = model._check_target(sample_weight, xp, "sample_weight")
+    lossfn.fn(model.forward(x[:1, ...], xp=xp, upto=len(model.layers) - 1 if model._fused(lossfn) else None)[0],
+              y[:1, ...], xp=xp)  # validate target kind/shape once, up front
+    if lossfn.name == "cross_entropy" and xp.isdtype(y.dtype, "integral"):
+        lossfn.fn(xp.zeros((_n(y), model.n_outputs), dtype=model.dtype, device=model.device), y, xp=xp)
+
+    if validation_data is None and validation_split > 0.0:
+        n_val = max(1, int(round(_n(x) * validation_split)))
+        x, x_val = x[:-n_val, ...], x[-n_val:, ...]
+        y, y_val = y[:-n_val, ...], y[-n_val:, ...]
+        if sample_weight is not None:
+            sample_weight = sample_weight[:-n_val]
+        validation_data = (x_val, y_val)
+    if validation_data is not None:
+        x_val, y_val = validation_data
+        x_val, _ = model._check_x(x_val)
+        y_val = model._check_target(y_val, xp, "validation y")
+
+    task = CLASSIFICATION_LOSSES.get(lossfn.name, "regression")
+    model.task_ = task
+    model.loss_ = lossfn.name
+    opt = _resolve_optimizer(model, optimizer, lr, _reuse_optimizer)
+    model.optimizer_ = opt
+    if seed is not None:
+        model.rng = Generator(seed, xp, model.device)
+
+    callbacks = list(callbacks)
+    if isinstance(early_stopping, int) and not isinstance(early_stopping, bool):
+        early_stopping = EarlyStopping("val_loss" if validation_data is not None else "loss", patience=early_stopping)
+    if early_stopping is not None:
+        callbacks.append(early_stopping)
+
+    history = History(metric_name="accuracy" if task != "regression" else "r2")
+    for cb in callbacks:
+        cb.on_train_begin(model, history)
+    bar = _Progress(epochs, progress, verbose)
+    n = _n(x)
+    base_lr = opt.lr
+    step = getattr(model, "steps_", 0)
+    stop = False
+    try:
+        for epoch in range(epochs):
+            t0 = time.perf_counter()
+            epoch_lr = base_lr if schedule is None else float(schedule(epoch))
+            for cb in callbacks:
+                stop = bool(cb.on_epoch_begin(model, epoch)) or stop
+            order = model.rng.permutation(n) if shuffle else None
+            total, seen = 0.0, 0
+            for start in range(0, n, batch_size):
+                if order is None:
+                    sl = slice(start, start + batch_size)
+                    xb, yb = x[sl, ...], y[sl, ...]
+                    wb = None if sample_weight is None else sample_weight[sl]
+                else:
+                    idx = order[start:start + batch_size]
+                    xb, yb, wb = _take(x, idx, xp), _take(y, idx, xp), _take(sample_weight, idx, xp)
+                value, grads = model._loss_and_grads(xb, yb, lossfn, xp=xp, sample_weight=wb, l2=l2)
+                value = float(value)
+                if not math.isfinite(value):
+                    msg = (
+                        f"the training loss became {value} at epoch {epoch + 1}, step {step + 1} "
+                        f"(batch {start // batch_size + 1}); the parameters are those of the last finite step. "
+                        "Lower the learning rate, scale the inputs, or clip gradients (clip_norm=...)."
+                    )
+                    raise DivergenceError(msg, epoch=epoch, step=step)
+                model.params = opt.step(model.params, grads, lr=epoch_lr)
+                step += 1
+                nb = _n(xb)
+                total += value * nb
+                seen += nb
+                logs = {"epoch": epoch, "step": step, "loss": value}
+                for cb in callbacks:
+                    stop = bool(cb.on_batch_end(model, logs)) or stop
+                if stop:
+                    break
+            logs = {"epoch": epoch, "step": step, "loss": total / max(seen, 1), "lr": epoch_lr,
+                    "val_loss": None, "val_metric": None}
+            if validation_data is not None:
+                logs["val_loss"], logs["val_metric"] = _evaluate(model, x_val, y_val, lossfn, task, xp)
+            logs["time"] = time.perf_counter() - t0
+            history.loss.append(logs["loss"])
+            history.lr.append(epoch_lr)
+            history.time.append(logs["time"])
+            if logs["val_loss"] is not None:
+                history.val_loss.append(logs["val_loss"])
+                history.val_metric.append(logs["val_metric"])
+            if schedule is not None and hasattr(schedule, "step") and callable(schedule.step):
+                base_lr = schedule.step(logs["val_loss"] if logs["val_loss"] is not None else logs["loss"])
+            bar.update(logs, history.metric_name)
+            for cb in callbacks:
+                stop = bool(cb.on_epoch_end(model, logs)) or stop
+            if stop:
+                history.stopped_early = True
+                break
+    finally:
+        model.steps_ = step
+        bar.close()
+        for cb in callbacks:
+            cb.on_train_end(model, history)
+    return history
+
+
+def partial_fit(model, x, y, *, loss: str | None = None, optimizer: str | Optimizer | None = None,
+                lr: float | None = None, batch_size: int = 32, shuffle: bool = True, l2: float = 0.0,
+                sample_weight: Any = None) -> History:
+    """One pass over ``(x, y)``, keeping the optimiser state of earlier calls.
+
+    Parameters are as for :func:`fit`; ``loss`` defaults to the one of the last fit.
+    """
+    if loss is None:
+        loss = getattr(model, "loss_", None)
+        if loss is None:
+            msg = "partial_fit needs loss= on its first call"
+            raise ValueError(msg)
+    return fit(model, x, y, loss=loss, optimizer=optimizer, lr=lr, epochs=1, batch_size=batch_size,
+               shuffle=shuffle, progress=False, l2=l2, sample_weight=sample_weight, _reuse_optimizer=True)
+
+
+def predict_proba(model, x):
+    """Class probabilities, shape (n, n_classes) (or (n, n_outputs) for multilabel).
+
+    Uses the model's own softmax/sigmoid output when it has one, and applies it to the
+    logits of a model trained with a classification loss otherwise.
+    """
+    from .functional import sigmoid, softmax
+
+    out = model(x)
+    xp = model.xp
+    task = getattr(model, "task_", None)
+    act = model.output_activation
+    if act in ("softmax", "sigmoid"):
+        return out
+    if task == "multiclass":
+        return softmax(out, xp=xp)
+    if task == "multilabel":
+        return sigmoid(out, xp=xp)
+    msg = "predict_proba needs a classifier: a softmax/sigmoid output, or a model fitted with a classification loss"
+    raise ValueError(msg)
+
+
+def predict(model, x):
+    """Predictions: class indices (n,) for a multiclass model, 0/1 (n, k) for a
+    multilabel one, the raw outputs (n, n_outputs) for a regressor."""
+    task = getattr(model, "task_", None)
+    act = model.output_activation
+    if task is None:
+        task = {"softmax": "multiclass", "sigmoid": "multilabel"}.get(act, "regression")
+    if task == "regression":
+        return model(x)
+    xp = model.xp
+    p = predict_proba(model, x)
+    if task == "multiclass":
+        return xp.argmax(p, axis=1)
+    return xp.astype(p > 0.5, xp.int64)
