@@ -20,7 +20,8 @@ import dataclasses
 import math
 from typing import Any, Callable
 
-from array_api_compat import is_writeable_array
+from array_api_compat import device as _device
+from array_api_compat import is_writeable_array, to_device
 
 from ._backend import get_namespace
 
@@ -184,9 +185,14 @@ def softmax(x, *, xp=None):
 
 
 def log_softmax(x, *, xp=None):
-    """``y = x - logsumexp(x)`` over the last axis, stable for any logits."""
+    """``y = x - logsumexp(x)`` over the last axis, stable for any logits.
+
+    Computed as ``z - log(sum(exp(z)))`` with ``z = x - max(x)``, so that the result
+    keeps full precision however large the logits (``x - logsumexp(x)`` would round
+    ``logsumexp`` to the spacing of ``max(x)`` first)."""
     xp = _ns(x, xp)
-    return x - logsumexp(x, axis=-1, keepdims=True, xp=xp)
+    z = x - xp.max(x, axis=-1, keepdims=True)
+    return z - xp.log(xp.sum(xp.exp(z), axis=-1, keepdims=True))
 
 
 # Backward rules, each ``(dy, saved) -> dx`` where ``saved`` is the input or the output
@@ -329,6 +335,8 @@ def dropout_forward(x, p, *, rng, training=True, xp=None):
     if not training or p == 0.0:
         return x, None
     u = rng.random(tuple(x.shape), x.dtype)
+    if _device(u) != _device(x):  # a generator made for another (e.g. the default) device
+        u = to_device(u, _device(x))
     mask = xp.where(u >= p, xp.asarray(1.0 / (1.0 - p), dtype=x.dtype, device=x.device),
                     xp.asarray(0.0, dtype=x.dtype, device=x.device))
     return x * mask, mask
