@@ -1,0 +1,522 @@
+"""Loss functions: one table, each row ``fn(outputs, targets) -> (loss, d_outputs)``.
+
+Every loss returns its value (a 0-d array of the outputs' dtype, on their device) and
+its gradient with respect to ``outputs`` (same shape as ``outputs``), so the model's
+backward pass starts from ``d_outputs`` and never differentiates the loss itself. The
+mean over the batch is taken here, once, exactly as PyTorch's ``reduction="mean"``
+defines it; layers only ever sum over the batch.
+
+Fusion
+------
+Three losses are the natural partners of an output activation: softmax with
+cross-entropy, sigmoid with binary cross-entropy, identity with squared error (and
+absolute and Huber error). Computing ``softmax`` first and then ``-log`` of it loses
+everything to rounding once a logit is large (``log(0) = -inf``), and chaining the
+softmax Jacobian onto ``-t / p`` divides by probabilities that have underflowed. The
+combined forms do not: ``log_softmax(z) = z - logsumexp(z)`` and
+``d/dz CE = softmax(z) - t`` are finite for any finite logits. So each row names the
+activation it fuses with (:attr:`Loss.fused_activation`); when a model's last layer
+applies that activation, the model hands the loss the *logits* (the last layer's
+input), skips that activation's own forward and backward, and takes ``d_outputs`` as
+the gradient with respect to the logits. The fused losses therefore always take
+logits: ``cross_entropy`` applies the softmax, ``binary_cross_entropy`` the sigmoid,
+and ``poisson_nll`` reads its input as a log-rate (its activation would be ``exp``,
+which has no row in :data:`arraymlp.functional.ACTIVATIONS`, hence ``None``).
+
+Sample weights
+--------------
+Every loss takes ``sample_weight`` of shape ``(n,)``. With ``l_i`` the loss of sample
+``i`` (the mean over that sample's output elements, or its cross-entropy term), the
+weighted loss is ``sum_i w_i l_i / sum_i w_i``: all-ones weights give the unweighted
+value and integer weights equal repeating rows.
+
+Like :mod:`arraymlp.functional`, everything here uses only functions of the Array API
+standard through ``xp`` (taken from ``outputs`` when not given), creates arrays with
+the outputs' dtype and device, and never mutates its inputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+from array_api_compat import is_writeable_array
+
+from ._backend import device_of, get_namespace
+from .functional import log_softmax
+
+__all__ = [
+    "LOSSES",
+    "Loss",
+    "binary_cross_entropy",
+    "cross_entropy",
+    "get_loss",
+    "huber",
+    "mae",
+    "mse",
+    "poisson_nll",
+]
+
+HUBER_DELTA = 1.0
+
+
+# ------------------------------------------------------------------------- checks
+def _shape(x) -> tuple:
+    return tuple(int(s) for s in x.shape)
+
+
+def _dtype(dtype) -> str:
+    """``"int64"`` for numpy's, torch's or array_api_strict's int64."""
+    return str(dtype).rsplit(".", 1)[-1]
+
+
+def _namespace(outputs, targets, sample_weight, xp):
+    if xp is not None:
+        return xp
+    return get_namespace(outputs, targets, sample_weight)
+
+
+def _check_device(name, what, outputs, x):
+    d_out, d_x = device_of(outputs), device_of(x)
+    if d_out != d_x:
+        msg = (
+            f"{name}: {what} is on device {d_x!r} but outputs are on {d_out!r}; "
+            f"move {what} with arraymlp.to_backend({what}, ..., device={d_out!r})"
+        )
+        raise ValueError(msg)
+
+
+def _check_outputs(name, outputs, xp, *, two_d=False):
+    """Outputs must be a non-empty real floating array with a batch axis."""
+    if not xp.isdtype(outputs.dtype, "real floating"):
+        msg = f"{name}: outputs must have a real floating dtype, got {_dtype(outputs.dtype)}"
+        raise ValueError(msg)
+    shape = _shape(outputs)
+    if two_d and len(shape) != 2:
+        msg = f"{name}: outputs must be logits of shape (n, k), got shape {shape}"
+        raise ValueError(msg)
+    if len(shape) == 0:
+        msg = f"{name}: outputs must have a batch axis, got a 0-d array"
+        raise ValueError(msg)
+    if shape[0] == 0:
+        msg = f"{name}: empty batch: outputs have shape {shape}"
+        raise ValueError(msg)
+    if math.prod(shape) == 0:
+        msg = f"{name}: outputs have no elements per sample: shape {shape}"
+        raise ValueError(msg)
+    return shape
+
+
+def _check_finite(name, t, xp):
+    if not bool(xp.all(xp.isfinite(t))):
+        msg = f"{name}: targets contain NaN or infinity"
+        raise ValueError(msg)
+
+
+def _same_shape_targets(name, outputs, targets, xp):
+    """Float targets with the outputs' shape (``(n,)`` is accepted for ``(n, 1)``),
+    cast to the outputs' dtype."""
+    _check_device(name, "targets", outputs, targets)
+    o_shape, t_shape = _shape(outputs), _shape(targets)
+    if xp.isdtype(targets.dtype, "integral"):
+        msg = (
+            f"{name}: needs float targets with the outputs' shape, got integer targets "
+            f"of dtype {_dtype(targets.dtype)} (integer class labels belong to cross_entropy); "
+            f"convert them with xp.astype(targets, outputs.dtype)"
+        )
+        raise ValueError(msg)
+    if not xp.isdtype(targets.dtype, "real floating"):
+        msg = f"{name}: targets must have a real floating dtype, got {_dtype(targets.dtype)}"
+        raise ValueError(msg)
+    if t_shape != o_shape:
+        if len(o_shape) == 2 and o_shape[1] == 1 and t_shape == (o_shape[0],):
+            targets = xp.reshape(targets, o_shape)
+        else:
+            msg = f"{name}: targets shape {t_shape} does not match outputs shape {o_shape}"
+            raise ValueError(msg)
+    t = xp.astype(targets, outputs.dtype, copy=False)
+    _check_finite(name, t, xp)
+    return t
+
+
+def _class_targets(name, outputs, targets, xp):
+    """Targets of :func:`cross_entropy` as a float ``(n, k)`` array, plus the boolean
+    one-hot mask ``(n, k)`` when they came as integer labels (else ``None``)."""
+    _check_device(name, "targets", outputs, targets)
+    n, k = _shape(outputs)
+    t_shape = _shape(targets)
+    dev = device_of(outputs)
+    if xp.isdtype(targets.dtype, "integral"):
+        if t_shape != (n,):
+            msg = (
+                f"{name}: integer targets must be class labels of shape (n,) = ({n},) for "
+                f"outputs of shape {(n, k)}, got shape {t_shape}; pass one-hot or "
+                f"probability targets as floats of shape (n, k)"
+            )
+            raise ValueError(msg)
+        # int64 first: some namespaces cannot reduce every integer dtype (torch uint32)
+        labels = targets if targets.dtype == xp.int64 else xp.astype(targets, xp.int64)
+        lo, hi = int(xp.min(labels)), int(xp.max(labels))
+        if lo < 0 or hi >= k:
+            msg = (
+                f"{name}: labels must lie in [0, {k}) for outputs with k={k} classes; "
+                f"found labels in [{lo}, {hi}]"
+            )
+            raise ValueError(msg)
+        onehot = xp.expand_dims(labels, axis=1) == xp.arange(k, dtype=xp.int64, device=dev)
+        return xp.astype(onehot, outputs.dtype), onehot
+    if not xp.isdtype(targets.dtype, "real floating"):
+        msg = (
+            f"{name}: targets must be integer labels of shape (n,) or float "
+            f"probabilities of shape (n, k), got dtype {_dtype(targets.dtype)}"
+        )
+        raise ValueError(msg)
+    if t_shape != (n, k):
+        hint = ""
+        if t_shape == (n,):
+            hint = (
+                "; float targets of shape (n,) look like labels: "
+                "convert them to an integer dtype"
+            )
+        msg = (
+            f"{name}: probability targets shape {t_shape} does not match "
+            f"outputs shape {(n, k)}{hint}"
+        )
+        raise ValueError(msg)
+    t = xp.astype(targets, outputs.dtype, copy=False)
+    _check_finite(name, t, xp)
+    return t, None
+
+
+def _sample_weight(name, sample_weight, outputs, xp):
+    """``(w, sum(w))`` with ``w`` of shape (n,) in the outputs' dtype, or ``(None, None)``."""
+    if sample_weight is None:
+        return None, None
+    _check_device(name, "sample_weight", outputs, sample_weight)
+    n = _shape(outputs)[0]
+    if not (
+        xp.isdtype(sample_weight.dtype, "real floating")
+        or xp.isdtype(sample_weight.dtype, "integral")
+    ):
+        msg = (
+            f"{name}: sample_weight must be a real number array, "
+            f"got dtype {_dtype(sample_weight.dtype)}"
+        )
+        raise ValueError(msg)
+    if _shape(sample_weight) != (n,):
+        msg = (
+            f"{name}: sample_weight must have shape (n,) = ({n},) to match outputs of "
+            f"shape {_shape(outputs)}, got shape {_shape(sample_weight)}"
+        )
+        raise ValueError(msg)
+    w = xp.astype(sample_weight, outputs.dtype, copy=False)
+    total = xp.sum(w)
+    tot = float(total)
+    # a NaN or an infinity anywhere makes the sum non-finite
+    if not math.isfinite(tot):
+        msg = f"{name}: sample_weight must be finite, found a sum of {tot}"
+        raise ValueError(msg)
+    lo = float(xp.min(w))
+    if lo < 0.0:
+        msg = f"{name}: sample_weight must be non-negative, found minimum {lo}"
+        raise ValueError(msg)
+    if tot == 0.0:
+        msg = f"{name}: sample_weight is all zero; at least one sample needs a positive weight"
+        raise ValueError(msg)
+    return w, total
+
+
+def _scale(g, c):
+    """``g * c``, in place when ``g`` is a writeable temporary of ours."""
+    if is_writeable_array(g):
+        g *= c
+        return g
+    return g * c
+
+
+# ---------------------------------------------------------------------- reduction
+def _mean_elementwise(name, kernel, outputs, targets, xp, sample_weight):
+    """Mean over the batch of a loss that is a sum of per-element terms.
+
+    ``kernel(o, t, xp) -> (e, g)`` gives the per-element loss ``e`` and its derivative
+    ``g = de/do``, both shaped like ``o``. Unweighted: ``L = sum(e) / (n m)`` with ``m``
+    elements per sample, ``dL/do = g / (n m)``. Weighted: ``l_i = sum_j e_ij / m``,
+    ``L = sum_i w_i l_i / sum_i w_i``, ``dL/do_ij = g_ij w_i / (m sum w)``.
+    """
+    xp = _namespace(outputs, targets, sample_weight, xp)
+    shape = _check_outputs(name, outputs, xp)
+    t = _same_shape_targets(name, outputs, targets, xp)
+    w, total = _sample_weight(name, sample_weight, outputs, xp)
+    n = shape[0]
+    m = math.prod(shape[1:])
+    e, g = kernel(outputs, t, xp)
+    if w is None:
+        loss = xp.sum(e) / float(n * m)
+        g = _scale(g, 1.0 / (n * m))
+    else:
+        per_sample = e if len(shape) == 1 else xp.sum(e, axis=tuple(range(1, len(shape))))
+        denom = total * float(m)
+        loss = xp.sum(w * per_sample) / denom
+        g = _scale(g, xp.reshape(w / denom, (n,) + (1,) * (len(shape) - 1)))
+    return xp.asarray(loss), g
+
+
+# ------------------------------------------------------------------------ kernels
+def _mse_kernel(o, t, xp):
+    d = o - t
+    return d * d, 2.0 * d
+
+
+def _mae_kernel(o, t, xp):
+    d = o - t
+    return xp.abs(d), xp.sign(d)
+
+
+def _huber_kernel(o, t, xp, delta=HUBER_DELTA):
+    d = o - t
+    a = xp.abs(d)
+    e = xp.where(a < delta, 0.5 * (d * d), delta * (a - 0.5 * delta))
+    return e, xp.clip(d, -delta, delta)
+
+
+def _bce_kernel(x, t, xp):
+    # z = exp(-|x|) never overflows; it serves both the softplus term and the sigmoid.
+    z = xp.exp(-xp.abs(x))
+    e = xp.maximum(x, 0.0) - x * t + xp.log1p(z)
+    r = 1.0 / (1.0 + z)
+    sig = xp.where(x >= 0, r, z * r)
+    return e, sig - t
+
+
+def _poisson_kernel(x, t, xp):
+    ex = xp.exp(x)
+    return ex - t * x, ex - t
+
+
+# ------------------------------------------------------------------------- losses
+def mse(outputs, targets, *, xp=None, sample_weight=None):
+    """Mean squared error, ``L = mean((o - t)^2)``, ``dL/do = 2 (o - t) / N``.
+
+    Parameters
+    ----------
+    outputs : array, shape (n, ...)
+        Predictions (fused with the identity activation).
+    targets : array, float, shape of ``outputs`` (``(n,)`` is accepted for ``(n, 1)``)
+    xp : namespace, optional
+        Taken from ``outputs`` when omitted.
+    sample_weight : array, shape (n,), optional
+        Non-negative weights; ``L = sum_i w_i l_i / sum_i w_i`` with ``l_i`` the mean
+        over sample ``i``'s elements.
+
+    Returns
+    -------
+    loss : array, shape ()
+        In the outputs' dtype and on their device; torch ``MSELoss()``.
+    d_outputs : array, shape of ``outputs``
+        ``dL/d outputs``.
+    """
+    return _mean_elementwise("mse", _mse_kernel, outputs, targets, xp, sample_weight)
+
+
+def mae(outputs, targets, *, xp=None, sample_weight=None):
+    """Mean absolute error, ``L = mean(|o - t|)``, ``dL/do = sign(o - t) / N`` (0 at 0).
+
+    Parameters
+    ----------
+    outputs : array, shape (n, ...)
+        Predictions (fused with the identity activation).
+    targets : array, float, shape of ``outputs`` (``(n,)`` is accepted for ``(n, 1)``)
+    xp : namespace, optional
+    sample_weight : array, shape (n,), optional
+
+    Returns
+    -------
+    loss : array, shape ()
+        Torch ``L1Loss()``.
+    d_outputs : array, shape of ``outputs``
+    """
+    return _mean_elementwise("mae", _mae_kernel, outputs, targets, xp, sample_weight)
+
+
+def huber(outputs, targets, *, xp=None, sample_weight=None, delta=HUBER_DELTA):
+    """Huber loss, ``L = mean(d^2/2 if |d| < delta else delta (|d| - delta/2))`` with
+    ``d = o - t``; ``dL/do = clip(d, -delta, delta) / N``.
+
+    Parameters
+    ----------
+    outputs : array, shape (n, ...)
+        Predictions (fused with the identity activation).
+    targets : array, float, shape of ``outputs`` (``(n,)`` is accepted for ``(n, 1)``)
+    xp : namespace, optional
+    sample_weight : array, shape (n,), optional
+    delta : float, default 1.0
+        Where the quadratic turns linear.
+
+    Returns
+    -------
+    loss : array, shape ()
+        Torch ``HuberLoss(delta=delta)``.
+    d_outputs : array, shape of ``outputs``
+    """
+    if not (isinstance(delta, (int, float)) and delta > 0 and math.isfinite(delta)):
+        msg = f"huber: delta must be a positive finite number, got {delta!r}"
+        raise ValueError(msg)
+    delta = float(delta)
+
+    def kernel(o, t, xp):
+        return _huber_kernel(o, t, xp, delta)
+
+    return _mean_elementwise("huber", kernel, outputs, targets, xp, sample_weight)
+
+
+def binary_cross_entropy(outputs, targets, *, xp=None, sample_weight=None):
+    """Binary cross-entropy from logits,
+    ``L = mean(max(x, 0) - x t + log1p(exp(-|x|)))``, ``dL/dx = (sigmoid(x) - t) / N``.
+
+    Stable for any finite logits: only ``exp(-|x|)`` is ever computed.
+
+    Parameters
+    ----------
+    outputs : array, shape (n, ...)
+        Logits ``x`` (the sigmoid is fused in).
+    targets : array, float, shape of ``outputs`` (``(n,)`` is accepted for ``(n, 1)``)
+        Probabilities of the positive class, usually 0 or 1.
+    xp : namespace, optional
+    sample_weight : array, shape (n,), optional
+
+    Returns
+    -------
+    loss : array, shape ()
+        Torch ``BCEWithLogitsLoss()``.
+    d_outputs : array, shape of ``outputs``
+        Gradient with respect to the logits.
+    """
+    return _mean_elementwise(
+        "binary_cross_entropy", _bce_kernel, outputs, targets, xp, sample_weight
+    )
+
+
+def poisson_nll(outputs, targets, *, xp=None, sample_weight=None):
+    """Poisson negative log-likelihood with log-rate input (Stirling term omitted),
+    ``L = mean(exp(x) - t x)``, ``dL/dx = (exp(x) - t) / N``.
+
+    ``exp(x)`` overflows (to infinity, with the namespace's usual warning) for
+    log-rates beyond the dtype's range (about 709 in float64, 88 in float32).
+
+    Parameters
+    ----------
+    outputs : array, shape (n, ...)
+        Log-rates ``x``.
+    targets : array, float, shape of ``outputs`` (``(n,)`` is accepted for ``(n, 1)``)
+        Observed counts.
+    xp : namespace, optional
+    sample_weight : array, shape (n,), optional
+
+    Returns
+    -------
+    loss : array, shape ()
+        Torch ``PoissonNLLLoss(log_input=True, full=False)``.
+    d_outputs : array, shape of ``outputs``
+    """
+    return _mean_elementwise("poisson_nll", _poisson_kernel, outputs, targets, xp, sample_weight)
+
+
+def cross_entropy(outputs, targets, *, xp=None, sample_weight=None):
+    """Softmax cross-entropy from logits,
+    ``L = -sum_ij t_ij log_softmax(z)_ij / n``, ``dL/dz = (softmax(z) sum_j t_ij - t) / n``
+    (``(softmax(z) - onehot) / n`` for labels).
+
+    Parameters
+    ----------
+    outputs : array, shape (n, k)
+        Logits ``z`` (the softmax is fused in).
+    targets : array
+        Integer class labels of shape (n,) in ``[0, k)``, or float one-hot /
+        probability targets of shape (n, k).
+    xp : namespace, optional
+    sample_weight : array, shape (n,), optional
+        ``L = sum_i w_i l_i / sum_i w_i`` with ``l_i = -sum_j t_ij log_softmax(z)_ij``.
+
+    Returns
+    -------
+    loss : array, shape ()
+        Torch ``CrossEntropyLoss()``.
+    d_outputs : array, shape (n, k)
+        Gradient with respect to the logits.
+    """
+    name = "cross_entropy"
+    xp = _namespace(outputs, targets, sample_weight, xp)
+    n, _ = _check_outputs(name, outputs, xp, two_d=True)
+    t, onehot = _class_targets(name, outputs, targets, xp)
+    w, total = _sample_weight(name, sample_weight, outputs, xp)
+    logp = log_softmax(outputs, xp=xp)
+    p = xp.exp(logp)
+    if onehot is not None:
+        # pick log p of the true class without multiplying the others by 0
+        # (0 * -inf would be NaN for masked logits)
+        tlogp = xp.where(onehot, logp, xp.zeros_like(logp))
+        g = p - t
+    else:
+        tlogp = t * logp
+        g = p * xp.sum(t, axis=-1, keepdims=True) - t
+    if w is None:
+        loss = -xp.sum(tlogp) / float(n)
+        g = _scale(g, 1.0 / n)
+    else:
+        per_sample = -xp.sum(tlogp, axis=-1)
+        loss = xp.sum(w * per_sample) / total
+        g = _scale(g, xp.reshape(w / total, (n, 1)))
+    return xp.asarray(loss), g
+
+
+# -------------------------------------------------------------------------- table
+@dataclasses.dataclass(frozen=True)
+class Loss:
+    """One row of the loss table.
+
+    Attributes
+    ----------
+    name : str
+    fn : callable ``(outputs, targets, *, xp=None, sample_weight=None) -> (loss, d_outputs)``
+    fused_activation : str or None
+        The output activation the loss takes the logits of (``"softmax"``,
+        ``"sigmoid"``, ``"identity"``), ``None`` when it has no row in the
+        activation table (``poisson_nll``'s ``exp``).
+    targets : ``"labels_or_probs"`` or ``"same_shape"``
+        What ``targets`` must look like.
+    """
+
+    name: str
+    fn: Callable[..., Any]
+    fused_activation: str | None
+    targets: str
+
+    def __call__(self, outputs, targets, *, xp=None, sample_weight=None):
+        """``self.fn(outputs, targets, xp=xp, sample_weight=sample_weight)``."""
+        return self.fn(outputs, targets, xp=xp, sample_weight=sample_weight)
+
+
+LOSSES: dict[str, Loss] = {
+    row.name: row
+    for row in (
+        Loss("mse", mse, "identity", "same_shape"),
+        Loss("mae", mae, "identity", "same_shape"),
+        Loss("huber", huber, "identity", "same_shape"),
+        Loss("cross_entropy", cross_entropy, "softmax", "labels_or_probs"),
+        Loss("binary_cross_entropy", binary_cross_entropy, "sigmoid", "same_shape"),
+        Loss("poisson_nll", poisson_nll, None, "same_shape"),
+    )
+}
+
+
+def get_loss(name: str | Loss) -> Loss:
+    """Look up a row of :data:`LOSSES` (a :class:`Loss` is returned as is); unknown
+    names raise a :class:`ValueError` listing the known ones."""
+    if isinstance(name, Loss):
+        return name
+    try:
+        return LOSSES[name]
+    except (KeyError, TypeError):
+        msg = f"unknown loss {name!r}; known losses: {', '.join(LOSSES)}"
+        raise ValueError(msg) from None
