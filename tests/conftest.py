@@ -45,7 +45,7 @@ class Backend:
         if self.name == "torch":
             import torch
 
-            return torch.asarray(np.ascontiguousarray(a), device=self.device or "cpu")
+            return torch.asarray(np.array(a, order="C", copy=True), device=self.device or "cpu")
         return xp.asarray(a, device=self.device) if self.device is not None else xp.asarray(a)
 
     def to_numpy(self, x):
