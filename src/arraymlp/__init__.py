@@ -33,8 +33,10 @@ from .layers import (
     Softplus,
     Tanh,
 )
-from .losses import LOSSES
+from .losses import LOSSES, Loss, get_loss
 from .model import MLP, Sequential
+from .optim import SGD, Adagrad, Adam, AdamW, Optimizer, RMSprop, get_optimizer
+from .training import Callback, DivergenceError, EarlyStopping, History
 
 __version__ = "0.1.0"
 
@@ -44,6 +46,19 @@ __all__ = [
     "GELU",
     "INITIALIZERS",
     "LOSSES",
+    "SGD",
+    "Adagrad",
+    "Adam",
+    "AdamW",
+    "Callback",
+    "DivergenceError",
+    "EarlyStopping",
+    "History",
+    "Loss",
+    "Optimizer",
+    "RMSprop",
+    "get_loss",
+    "get_optimizer",
     "MLP",
     "Activation",
     "Dense",
