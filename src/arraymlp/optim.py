@@ -1,0 +1,837 @@
+"""Optimisers over lists of parameter dicts: SGD, Adam, AdamW, RMSprop, Adagrad.
+
+A model's parameters are ``params: list[dict[str, array]]`` (one dict per layer,
+``{}`` for layers without parameters) and its gradients ``grads`` mirror them key
+for key and shape for shape. ``opt.step(params, grads, lr=None)`` updates the
+parameters and returns the same list.
+
+Conventions, shared by every optimiser here:
+
+- The update rules are those of :mod:`torch.optim` (same defaults, same order of
+  operations), so a trajectory here matches PyTorch's to rounding.
+- Weight decay applies to the weight matrices (keys named ``"W"``) only, unless
+  ``decay_bias=True``, in which case it applies to every parameter (biases,
+  LayerNorm's ``gamma`` and ``beta``). SGD, Adam, RMSprop and Adagrad use the
+  coupled L2 form ``g <- g + wd * p``; AdamW decays the weights directly,
+  ``p <- p - lr * wd * p``, before the Adam update.
+- Clipping happens before weight decay, on copies of the gradients:
+  ``clip_value`` clamps every element to ``[-clip_value, clip_value]``
+  (``torch.nn.utils.clip_grad_value_``), then ``clip_norm`` rescales all gradients
+  together by ``min(1, clip_norm / (||g||_2 + 1e-6))`` where ``||g||_2`` is the norm
+  of all gradients concatenated (``torch.nn.utils.clip_grad_norm_``). In that order
+  both bounds hold afterwards.
+- The array namespace comes from the parameters and gradients, once per step.
+  Optimiser state (moments, buffers) is created lazily on the first step with
+  ``xp.zeros_like`` of each parameter: same namespace, device and dtype.
+- Parameters and state are updated in place where
+  :func:`array_api_compat.is_writeable_array` allows, and functionally otherwise
+  (the new array is written back into the parameter dict). Gradients are never
+  mutated and never aliased by the state.
+- ``state_dict()`` returns plain Python containers (dicts, lists, tuples, numbers,
+  strings) holding copies of the state arrays; ``load_state_dict`` accepts the same,
+  with arrays of any backend: they are moved to the parameters' namespace, device
+  and dtype on the next step.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+import array_api_compat
+from array_api_compat import is_writeable_array
+
+from ._backend import device_of, get_namespace, to_backend
+
+__all__ = [
+    "OPTIMIZERS",
+    "SGD",
+    "Adagrad",
+    "Adam",
+    "AdamW",
+    "Optimizer",
+    "RMSprop",
+    "get_optimizer",
+]
+
+#: Added to the global gradient norm before dividing, as torch's clip_grad_norm_ does.
+CLIP_NORM_EPS = 1e-6
+
+
+# ----------------------------------------------------------------------------- checks
+def _number(
+    name: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
+    """Validate a real hyper-parameter and return it as a float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        msg = f"{name} must be a real number, got {value!r} ({type(value).__name__})"
+        raise TypeError(msg)
+    v = float(value)
+    bad = math.isnan(v)
+    if low is not None:
+        bad = bad or (v <= low if low_open else v < low)
+    if high is not None:
+        bad = bad or (v >= high if high_open else v > high)
+    if bad:
+        lo = "" if low is None else ("(" if low_open else "[") + f"{low:g}"
+        hi = "" if high is None else f"{high:g}" + (")" if high_open else "]")
+        if low is not None and high is not None:
+            want = f"in {lo}, {hi}"
+        elif low is not None:
+            want = (">" if low_open else ">=") + f" {low:g}"
+        else:
+            want = ("<" if high_open else "<=") + f" {high:g}"
+        msg = f"{name} must be {want}, got {value!r}"
+        raise ValueError(msg)
+    return v
+
+
+def _optional_positive(name: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    return _number(name, value, low=0.0, low_open=True)
+
+
+def _check_structure(params: Any, grads: Any) -> None:
+    """Raise a ValueError unless ``grads`` mirrors ``params`` key for key and shape for shape."""
+    if not isinstance(params, (list, tuple)):
+        msg = (
+            f"params must be a list of dicts of arrays (one dict per layer), got {type(params).__name__}"
+        )
+        raise TypeError(msg)
+    if not isinstance(grads, (list, tuple)):
+        msg = f"grads must be a list of dicts of arrays mirroring params, got {type(grads).__name__}"
+        raise TypeError(msg)
+    if len(grads) != len(params):
+        msg = f"grads has {len(grads)} layers but params has {len(params)}; grads must mirror params"
+        raise ValueError(msg)
+    for i, (p, g) in enumerate(zip(params, grads)):
+        if set(p) != set(g):
+            msg = (
+                f"layer {i}: grads has keys {sorted(g)} but params has keys {sorted(p)}; "
+                "grads must mirror params"
+            )
+            raise ValueError(msg)
+        for key, pa in p.items():
+            if tuple(g[key].shape) != tuple(pa.shape):
+                msg = (
+                    f"layer {i}, {key!r}: gradient has shape {tuple(g[key].shape)} "
+                    f"but the parameter has shape {tuple(pa.shape)}"
+                )
+                raise ValueError(msg)
+
+
+# ---------------------------------------------------- in place where allowed, else functional
+def _mul(x, c):
+    """``x * c``, in place when ``x`` is writeable."""
+    if is_writeable_array(x):
+        x *= c
+        return x
+    return x * c
+
+
+def _add(x, y):
+    """``x + y``, in place when ``x`` is writeable."""
+    if is_writeable_array(x):
+        x += y
+        return x
+    return x + y
+
+
+def _sub(x, y):
+    """``x - y``, in place when ``x`` is writeable."""
+    if is_writeable_array(x):
+        x -= y
+        return x
+    return x - y
+
+
+def _assign(x, y):
+    """Overwrite ``x`` with ``y``, in place when ``x`` is writeable."""
+    if is_writeable_array(x):
+        x[...] = y
+        return x
+    return y
+
+
+def _copy(a):
+    """A copy of an array in its own namespace and on its own device."""
+    xp = array_api_compat.array_namespace(a)
+    return xp.asarray(a, copy=True)
+
+
+def _place(a, like, xp):
+    """``a`` moved to ``like``'s namespace, device and dtype (a no-op when already there)."""
+    if not array_api_compat.is_array_api_obj(a):
+        a = xp.asarray(a, dtype=like.dtype, device=device_of(like))
+    elif array_api_compat.array_namespace(a) is not xp or device_of(a) != device_of(like):
+        a = to_backend(a, xp, device=device_of(like))
+    if a.dtype != like.dtype:
+        a = xp.astype(a, like.dtype)
+    if tuple(a.shape) != tuple(like.shape):
+        msg = (
+            f"loaded optimizer state has shape {tuple(a.shape)} "
+            f"but the parameter has shape {tuple(like.shape)}"
+        )
+        raise ValueError(msg)
+    return a
+
+
+def _clip_gradients(grads, xp, clip_value, clip_norm):
+    """Clipped copies of ``grads`` (the input arrays are left untouched).
+
+    ``clip_value`` first (elementwise clamp), then ``clip_norm`` (global 2-norm over
+    all gradients, scaled by ``min(1, clip_norm / (norm + 1e-6))``).
+    """
+    if clip_value is None and clip_norm is None:
+        return grads
+    out = [dict(layer) for layer in grads]
+    if clip_value is not None:
+        for layer in out:
+            for key, g in layer.items():
+                layer[key] = xp.clip(g, min=-clip_value, max=clip_value)
+    if clip_norm is not None:
+        sq = None
+        for layer in out:
+            for g in layer.values():
+                s = xp.sum(g * g)
+                sq = s if sq is None else sq + s
+        if sq is not None:
+            coef = xp.clip(clip_norm / (xp.sqrt(sq) + CLIP_NORM_EPS), max=1.0)
+            for layer in out:
+                for key, g in layer.items():
+                    layer[key] = g * coef
+    return out
+
+
+# ----------------------------------------------------------------------------- base
+class Optimizer:
+    """Base class: validation, clipping, weight-decay selection, lazy state, checkpoints.
+
+    Subclasses set :attr:`name`, :attr:`_hyper` (their own hyper-parameter names, in
+    ``repr`` order) and implement :meth:`_init_state` and :meth:`_update`.
+
+    Attributes
+    ----------
+    lr : float
+        Base learning rate, used when :meth:`step` gets no ``lr=``.
+    step_count : int
+        Number of steps taken.
+    state : list of dict or None
+        Per-parameter state mirroring ``params`` (``None`` before the first step).
+    """
+
+    name = ""
+    _hyper: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        lr: float,
+        *,
+        weight_decay: float = 0.0,
+        decay_bias: bool = False,
+        clip_norm: float | None = None,
+        clip_value: float | None = None,
+    ) -> None:
+        self.lr = lr
+        self.weight_decay = _number("weight_decay", weight_decay, low=0.0)
+        self.decay_bias = bool(decay_bias)
+        self.clip_norm = _optional_positive("clip_norm", clip_norm)
+        self.clip_value = _optional_positive("clip_value", clip_value)
+        self.step_count = 0
+        self.state: list[dict[str, dict[str, Any]]] | None = None
+        self._needs_placement = False
+
+    # -- the base learning rate -----------------------------------------------------
+    @property
+    def lr(self) -> float:
+        return self._lr
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        self._lr = _number("lr", value, low=0.0)
+
+    # -- hooks for subclasses -------------------------------------------------------
+    def _init_state(self, p, xp) -> dict[str, Any]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _update(self, p, g, st, *, lr, wd, xp):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # -- public ---------------------------------------------------------------------
+    def step(
+        self, params: list[dict[str, Any]], grads: list[dict[str, Any]], *, lr: float | None = None
+    ):
+        """Update ``params`` with ``grads`` once and return ``params``.
+
+        Parameters
+        ----------
+        params : list of dict of arrays
+            One dict per layer (``{"W": (n_in, n_out), "b": (n_out,)}``, ``{}``).
+            Updated in place where the arrays are writeable; otherwise the new
+            arrays are written back into the dicts.
+        grads : list of dict of arrays
+            Same layers, keys and shapes as ``params``. Never modified.
+        lr : float, optional
+            Learning rate for this step only (a schedule's value); default
+            :attr:`lr`.
+
+        Returns
+        -------
+        list of dict of arrays
+            ``params``, updated.
+        """
+        lr = self.lr if lr is None else _number("lr", lr, low=0.0)
+        _check_structure(params, grads)
+        arrays = [a for layer in params for a in layer.values()]
+        if not arrays:
+            return params
+        xp = get_namespace(*arrays, *(a for layer in grads for a in layer.values()))
+        grads = _clip_gradients(grads, xp, self.clip_value, self.clip_norm)
+        if self.state is None:
+            self.state = [{key: self._init_state(p, xp) for key, p in layer.items()} for layer in params]
+        else:
+            self._check_state(params, xp)
+        self.step_count += 1
+        for layer, glayer, slayer in zip(params, grads, self.state):
+            for key, p in layer.items():
+                wd = self.weight_decay if (key == "W" or self.decay_bias) else 0.0
+                layer[key] = self._update(p, glayer[key], slayer[key], lr=lr, wd=wd, xp=xp)
+        return params
+
+    def reset(self) -> None:
+        """Forget all state (moments, buffers, step count); keep the hyper-parameters."""
+        self.state = None
+        self.step_count = 0
+        self._needs_placement = False
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """All constructor arguments, as a dict that rebuilds this optimiser."""
+        d = {"lr": self.lr}
+        d.update({k: getattr(self, k) for k in self._hyper})
+        d.update(
+            decay_bias=self.decay_bias,
+            clip_norm=self.clip_norm,
+            clip_value=self.clip_value,
+        )
+        return d
+
+    def state_dict(self) -> dict[str, Any]:
+        """A checkpoint of this optimiser in plain Python containers.
+
+        Returns
+        -------
+        dict
+            ``{"optimizer": name, "hyperparameters": {...}, "step": int,
+            "state": None or [ {key: {slot: array}} per layer ]}``; the arrays are
+            copies, so later steps do not change the checkpoint.
+        """
+        state = None
+        if self.state is not None:
+            state = [
+                {key: {slot: _copy(a) for slot, a in st.items()} for key, st in layer.items()}
+                for layer in self.state
+            ]
+        return {
+            "optimizer": self.name,
+            "hyperparameters": self.hyperparameters(),
+            "step": self.step_count,
+            "state": state,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore hyper-parameters, step count and state from :meth:`state_dict`.
+
+        The arrays may come from any backend (a checkpoint read back as NumPy, say):
+        they are copied now and moved to the parameters' namespace, device and dtype
+        on the next :meth:`step`.
+        """
+        name = state_dict.get("optimizer")
+        if name != self.name:
+            msg = (
+                f"state_dict is for optimizer {name!r}, not {self.name!r}; "
+                f"use get_optimizer({name!r}) to rebuild it"
+            )
+            raise ValueError(msg)
+        fresh = type(self)(**dict(state_dict["hyperparameters"]))
+        self.__dict__.update(fresh.__dict__)
+        step = state_dict.get("step", 0)
+        if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
+            msg = f"state_dict['step'] must be a non-negative integer, got {step!r}"
+            raise ValueError(msg)
+        self.step_count = int(step)
+        state = state_dict.get("state")
+        if state is None:
+            self.state = None
+            return
+        self.state = [
+            {
+                key: {
+                    slot: (_copy(a) if array_api_compat.is_array_api_obj(a) else a)
+                    for slot, a in st.items()
+                }
+                for key, st in layer.items()
+            }
+            for layer in state
+        ]
+        self._needs_placement = True
+
+    def _check_state(self, params, xp) -> None:
+        state = self.state
+        ok = len(state) == len(params) and all(set(s) == set(p) for s, p in zip(state, params))
+        if not ok:
+            msg = (
+                "the optimizer's state was built for parameters of a different structure "
+                "(layers or keys differ); call opt.reset() or create a new optimizer"
+            )
+            raise ValueError(msg)
+        if self._needs_placement:
+            for slayer, layer in zip(state, params):
+                for key, p in layer.items():
+                    st = slayer[key]
+                    for slot in st:
+                        st[slot] = _place(st[slot], p, xp)
+            self._needs_placement = False
+            return
+        for slayer, layer in zip(state, params):
+            for key, p in layer.items():
+                for a in slayer[key].values():
+                    if tuple(a.shape) != tuple(p.shape):
+                        msg = (
+                            f"the optimizer's state for {key!r} has shape {tuple(a.shape)} but the "
+                            f"parameter has shape {tuple(p.shape)}; "
+                            "call opt.reset() or create a new optimizer"
+                        )
+                        raise ValueError(msg)
+
+    def __repr__(self) -> str:
+        parts = [f"lr={self.lr!r}"] + [f"{k}={getattr(self, k)!r}" for k in self._hyper]
+        if self.decay_bias:
+            parts.append("decay_bias=True")
+        if self.clip_norm is not None:
+            parts.append(f"clip_norm={self.clip_norm!r}")
+        if self.clip_value is not None:
+            parts.append(f"clip_value={self.clip_value!r}")
+        return f"{type(self).__name__}({', '.join(parts)})"
+
+
+# ----------------------------------------------------------------------------- SGD
+class SGD(Optimizer):
+    """Stochastic gradient descent with optional (Nesterov) momentum.
+
+    Update: ``p -= lr * (g + momentum*buf if nesterov else buf)``, ``buf = momentum*buf + (1-dampening)*g``.
+
+    Here ``g = grad + wd*p`` (coupled L2) and ``buf = g`` on the first step; without
+    momentum the rule is ``p -= lr * g``.
+
+    Parameters
+    ----------
+    lr : float, default 0.01
+        Learning rate, ``>= 0``.
+    momentum : float, default 0.0
+        Momentum factor, ``>= 0``.
+    nesterov : bool, default False
+        Nesterov momentum; needs ``momentum > 0`` and ``dampening == 0``.
+    weight_decay : float, default 0.0
+        Coupled L2 coefficient ``wd`` (``g += wd * p``).
+    dampening : float, default 0.0
+        Dampening of the momentum, in ``[0, 1]``.
+    decay_bias : bool, default False
+        Apply weight decay to every parameter, not only the ``"W"`` matrices.
+    clip_norm, clip_value : float, optional
+        Global-norm and elementwise gradient clipping (see the module notes).
+    """
+
+    name = "sgd"
+    _hyper = ("momentum", "nesterov", "weight_decay", "dampening")
+
+    def __init__(
+        self,
+        lr: float = 0.01,
+        momentum: float = 0.0,
+        nesterov: bool = False,
+        weight_decay: float = 0.0,
+        dampening: float = 0.0,
+        *,
+        decay_bias: bool = False,
+        clip_norm: float | None = None,
+        clip_value: float | None = None,
+    ) -> None:
+        super().__init__(
+            lr,
+            weight_decay=weight_decay,
+            decay_bias=decay_bias,
+            clip_norm=clip_norm,
+            clip_value=clip_value,
+        )
+        self.momentum = _number("momentum", momentum, low=0.0)
+        self.dampening = _number("dampening", dampening, low=0.0, high=1.0)
+        self.nesterov = bool(nesterov)
+        if self.nesterov and (self.momentum <= 0 or self.dampening != 0):
+            msg = (
+                "nesterov=True requires momentum > 0 and dampening == 0, "
+                f"got momentum={momentum!r}, dampening={dampening!r}"
+            )
+            raise ValueError(msg)
+
+    def _init_state(self, p, xp):
+        return {"momentum_buffer": xp.zeros_like(p)} if self.momentum != 0 else {}
+
+    def _update(self, p, g, st, *, lr, wd, xp):
+        if wd != 0:
+            g = g + wd * p
+        if self.momentum != 0:
+            buf = st["momentum_buffer"]
+            if self.step_count == 1:
+                buf = _add(buf, g)  # a copy of g: the buffer starts at zero
+            else:
+                buf = _add(_mul(buf, self.momentum), (1.0 - self.dampening) * g)
+            st["momentum_buffer"] = buf
+            g = g + self.momentum * buf if self.nesterov else buf
+        return _sub(p, lr * g)
+
+
+# ----------------------------------------------------------------------------- Adam
+class Adam(Optimizer):
+    """Adam, with optional AMSGrad and coupled L2 weight decay.
+
+    Update: ``p -= lr/(1-b1**t) * m / (sqrt(v)/sqrt(1-b2**t) + eps)``, ``m, v`` = EMAs of ``g, g*g``.
+
+    Here ``m = b1*m + (1-b1)*g``, ``v = b2*v + (1-b2)*g*g``, ``g = grad + wd*p``
+    (coupled L2), ``t`` counts steps from 1, and AMSGrad uses the running maximum
+    of ``v`` in the denominator.
+
+    Parameters
+    ----------
+    lr : float, default 1e-3
+        Learning rate, ``>= 0``.
+    betas : (float, float), default (0.9, 0.999)
+        Decay rates ``(b1, b2)`` of the first and second moments, each in ``[0, 1)``.
+    eps : float, default 1e-8
+        Added to the denominator, ``>= 0``.
+    weight_decay : float, default 0.0
+        Coupled L2 coefficient ``wd`` (``g += wd * p``); see :class:`AdamW` for the
+        decoupled form.
+    amsgrad : bool, default False
+        Use the running maximum of ``v`` (AMSGrad).
+    decay_bias : bool, default False
+        Apply weight decay to every parameter, not only the ``"W"`` matrices.
+    clip_norm, clip_value : float, optional
+        Global-norm and elementwise gradient clipping (see the module notes).
+    """
+
+    name = "adam"
+    _hyper = ("betas", "eps", "weight_decay", "amsgrad")
+    _decoupled = False
+
+    def __init__(
+        self,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        amsgrad: bool = False,
+        *,
+        decay_bias: bool = False,
+        clip_norm: float | None = None,
+        clip_value: float | None = None,
+    ) -> None:
+        super().__init__(
+            lr,
+            weight_decay=weight_decay,
+            decay_bias=decay_bias,
+            clip_norm=clip_norm,
+            clip_value=clip_value,
+        )
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            msg = f"betas must be a pair (beta1, beta2), got {betas!r}"
+            raise ValueError(msg)
+        self.betas = (
+            _number("betas[0]", betas[0], low=0.0, high=1.0, high_open=True),
+            _number("betas[1]", betas[1], low=0.0, high=1.0, high_open=True),
+        )
+        self.eps = _number("eps", eps, low=0.0)
+        self.amsgrad = bool(amsgrad)
+
+    def _init_state(self, p, xp):
+        st = {"exp_avg": xp.zeros_like(p), "exp_avg_sq": xp.zeros_like(p)}
+        if self.amsgrad:
+            st["max_exp_avg_sq"] = xp.zeros_like(p)
+        return st
+
+    def _update(self, p, g, st, *, lr, wd, xp):
+        b1, b2 = self.betas
+        t = self.step_count
+        if wd != 0:
+            if self._decoupled:
+                p = _mul(p, 1.0 - lr * wd)
+            else:
+                g = g + wd * p
+        m = _add(_mul(st["exp_avg"], b1), (1.0 - b1) * g)
+        v = _add(_mul(st["exp_avg_sq"], b2), (1.0 - b2) * (g * g))
+        st["exp_avg"], st["exp_avg_sq"] = m, v
+        if self.amsgrad:
+            v = _assign(st["max_exp_avg_sq"], xp.maximum(st["max_exp_avg_sq"], v))
+            st["max_exp_avg_sq"] = v
+        step_size = lr / (1.0 - b1**t)
+        denom = xp.sqrt(v) / math.sqrt(1.0 - b2**t) + self.eps
+        return _sub(p, step_size * (m / denom))
+
+
+class AdamW(Adam):
+    """Adam with decoupled weight decay (Loshchilov & Hutter).
+
+    Update: ``p -= lr*wd*p`` then ``p -= lr/(1-b1**t) * m / (sqrt(v)/sqrt(1-b2**t) + eps)``, as in :class:`Adam`.
+
+    The moments ``m`` and ``v`` are those of :class:`Adam` on the raw gradient; the
+    decay is scaled by the step's learning rate.
+
+    Parameters
+    ----------
+    lr : float, default 1e-3
+        Learning rate, ``>= 0``.
+    betas : (float, float), default (0.9, 0.999)
+        Decay rates of the first and second moments, each in ``[0, 1)``.
+    eps : float, default 1e-8
+        Added to the denominator, ``>= 0``.
+    weight_decay : float, default 1e-2
+        Decoupled decay coefficient ``wd``, scaled by the step's learning rate.
+    amsgrad : bool, default False
+        Use the running maximum of ``v`` (AMSGrad).
+    decay_bias : bool, default False
+        Decay every parameter, not only the ``"W"`` matrices.
+    clip_norm, clip_value : float, optional
+        Global-norm and elementwise gradient clipping (see the module notes).
+    """
+
+    name = "adamw"
+    _decoupled = True
+
+    def __init__(
+        self,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        decay_bias: bool = False,
+        clip_norm: float | None = None,
+        clip_value: float | None = None,
+    ) -> None:
+        super().__init__(
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            amsgrad,
+            decay_bias=decay_bias,
+            clip_norm=clip_norm,
+            clip_value=clip_value,
+        )
+
+
+# ----------------------------------------------------------------------------- RMSprop
+class RMSprop(Optimizer):
+    """RMSprop, optionally centred and with momentum.
+
+    Update: ``p -= lr * g / (sqrt(v - gbar**2 if centered else v) + eps)``, ``v = alpha*v + (1-alpha)*g*g``.
+
+    Here ``g = grad + wd*p`` (coupled L2) and ``gbar = alpha*gbar + (1-alpha)*g``;
+    with momentum, ``buf = momentum*buf + g / (sqrt(...) + eps)`` and ``p -= lr * buf``.
+
+    Parameters
+    ----------
+    lr : float, default 1e-2
+        Learning rate, ``>= 0``.
+    alpha : float, default 0.99
+        Smoothing constant of the squared-gradient average, in ``[0, 1]``.
+    eps : float, default 1e-8
+        Added to the denominator, ``>= 0``.
+    momentum : float, default 0.0
+        Momentum factor, ``>= 0``.
+    centered : bool, default False
+        Normalise by the estimated variance instead of the raw second moment.
+    weight_decay : float, default 0.0
+        Coupled L2 coefficient ``wd`` (``g += wd * p``).
+    decay_bias : bool, default False
+        Apply weight decay to every parameter, not only the ``"W"`` matrices.
+    clip_norm, clip_value : float, optional
+        Global-norm and elementwise gradient clipping (see the module notes).
+    """
+
+    name = "rmsprop"
+    _hyper = ("alpha", "eps", "momentum", "centered", "weight_decay")
+
+    def __init__(
+        self,
+        lr: float = 1e-2,
+        alpha: float = 0.99,
+        eps: float = 1e-8,
+        momentum: float = 0.0,
+        centered: bool = False,
+        weight_decay: float = 0.0,
+        *,
+        decay_bias: bool = False,
+        clip_norm: float | None = None,
+        clip_value: float | None = None,
+    ) -> None:
+        super().__init__(
+            lr,
+            weight_decay=weight_decay,
+            decay_bias=decay_bias,
+            clip_norm=clip_norm,
+            clip_value=clip_value,
+        )
+        self.alpha = _number("alpha", alpha, low=0.0, high=1.0)
+        self.eps = _number("eps", eps, low=0.0)
+        self.momentum = _number("momentum", momentum, low=0.0)
+        self.centered = bool(centered)
+
+    def _init_state(self, p, xp):
+        st = {"square_avg": xp.zeros_like(p)}
+        if self.centered:
+            st["grad_avg"] = xp.zeros_like(p)
+        if self.momentum > 0:
+            st["momentum_buffer"] = xp.zeros_like(p)
+        return st
+
+    def _update(self, p, g, st, *, lr, wd, xp):
+        a = self.alpha
+        if wd != 0:
+            g = g + wd * p
+        v = _add(_mul(st["square_avg"], a), (1.0 - a) * (g * g))
+        st["square_avg"] = v
+        if self.centered:
+            gbar = _add(_mul(st["grad_avg"], a), (1.0 - a) * g)
+            st["grad_avg"] = gbar
+            avg = xp.sqrt(v - gbar * gbar) + self.eps
+        else:
+            avg = xp.sqrt(v) + self.eps
+        if self.momentum > 0:
+            buf = _add(_mul(st["momentum_buffer"], self.momentum), g / avg)
+            st["momentum_buffer"] = buf
+            return _sub(p, lr * buf)
+        return _sub(p, lr * (g / avg))
+
+
+# ----------------------------------------------------------------------------- Adagrad
+class Adagrad(Optimizer):
+    """Adagrad, with optional learning-rate decay.
+
+    Update: ``p -= lr/(1 + (t-1)*lr_decay) * g / (sqrt(s) + eps)``, ``s += g*g``.
+
+    Here ``g = grad + wd*p`` (coupled L2), ``t`` counts steps from 1, and ``s``
+    starts at ``initial_accumulator_value``.
+
+    Parameters
+    ----------
+    lr : float, default 1e-2
+        Learning rate, ``>= 0``.
+    lr_decay : float, default 0.0
+        Learning-rate decay per step, ``>= 0``.
+    eps : float, default 1e-10
+        Added to the denominator, ``>= 0``.
+    weight_decay : float, default 0.0
+        Coupled L2 coefficient ``wd`` (``g += wd * p``).
+    initial_accumulator_value : float, default 0.0
+        Starting value of the sum of squared gradients ``s``, ``>= 0``.
+    decay_bias : bool, default False
+        Apply weight decay to every parameter, not only the ``"W"`` matrices.
+    clip_norm, clip_value : float, optional
+        Global-norm and elementwise gradient clipping (see the module notes).
+    """
+
+    name = "adagrad"
+    _hyper = ("lr_decay", "eps", "weight_decay", "initial_accumulator_value")
+
+    def __init__(
+        self,
+        lr: float = 1e-2,
+        lr_decay: float = 0.0,
+        eps: float = 1e-10,
+        weight_decay: float = 0.0,
+        initial_accumulator_value: float = 0.0,
+        *,
+        decay_bias: bool = False,
+        clip_norm: float | None = None,
+        clip_value: float | None = None,
+    ) -> None:
+        super().__init__(
+            lr,
+            weight_decay=weight_decay,
+            decay_bias=decay_bias,
+            clip_norm=clip_norm,
+            clip_value=clip_value,
+        )
+        self.lr_decay = _number("lr_decay", lr_decay, low=0.0)
+        self.eps = _number("eps", eps, low=0.0)
+        self.initial_accumulator_value = _number(
+            "initial_accumulator_value", initial_accumulator_value, low=0.0
+        )
+
+    def _init_state(self, p, xp):
+        return {"sum": xp.full_like(p, self.initial_accumulator_value)}
+
+    def _update(self, p, g, st, *, lr, wd, xp):
+        if wd != 0:
+            g = g + wd * p
+        clr = lr / (1.0 + (self.step_count - 1) * self.lr_decay)
+        s = _add(st["sum"], g * g)
+        st["sum"] = s
+        return _sub(p, clr * (g / (xp.sqrt(s) + self.eps)))
+
+
+# ----------------------------------------------------------------------------- registry
+#: Optimiser names accepted by :func:`get_optimizer`.
+OPTIMIZERS: dict[str, type[Optimizer]] = {
+    "sgd": SGD,
+    "adam": Adam,
+    "adamw": AdamW,
+    "rmsprop": RMSprop,
+    "adagrad": Adagrad,
+}
+
+
+def get_optimizer(name_or_instance: str | Optimizer, **kwargs: Any) -> Optimizer:
+    """An optimiser from its name and hyper-parameters, or an instance passed through.
+
+    Parameters
+    ----------
+    name_or_instance : str or Optimizer
+        One of ``"sgd"``, ``"adam"``, ``"adamw"``, ``"rmsprop"``, ``"adagrad"``
+        (case-insensitive), or an :class:`Optimizer`, returned as is.
+    **kwargs
+        Hyper-parameters for the named optimiser's constructor.
+
+    Returns
+    -------
+    Optimizer
+    """
+    if isinstance(name_or_instance, Optimizer):
+        if kwargs:
+            msg = (
+                f"hyper-parameters {sorted(kwargs)} cannot be combined with an optimizer "
+                "instance; pass a name instead"
+            )
+            raise TypeError(msg)
+        return name_or_instance
+    if not isinstance(name_or_instance, str):
+        msg = (
+            f"optimizer must be a name ({', '.join(OPTIMIZERS)}) or an Optimizer, "
+            f"got {type(name_or_instance).__name__}"
+        )
+        raise TypeError(msg)
+    try:
+        cls = OPTIMIZERS[name_or_instance.lower()]
+    except KeyError:
+        msg = f"unknown optimizer {name_or_instance!r}; known optimizers: {', '.join(OPTIMIZERS)}"
+        raise ValueError(msg) from None
+    return cls(**kwargs)
