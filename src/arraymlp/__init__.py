@@ -36,6 +36,16 @@ from .layers import (
 from .losses import LOSSES, Loss, get_loss
 from .model import MLP, Sequential
 from .optim import SGD, Adagrad, Adam, AdamW, Optimizer, RMSprop, get_optimizer
+from .schedules import (
+    Constant,
+    CosineAnnealing,
+    CosineWarmRestarts,
+    ExponentialDecay,
+    LinearWarmup,
+    ReduceOnPlateau,
+    StepDecay,
+    get_schedule,
+)
 from .training import Callback, DivergenceError, EarlyStopping, History
 
 __version__ = "0.1.0"
@@ -51,6 +61,14 @@ __all__ = [
     "Adam",
     "AdamW",
     "Callback",
+    "Constant",
+    "CosineAnnealing",
+    "CosineWarmRestarts",
+    "ExponentialDecay",
+    "LinearWarmup",
+    "ReduceOnPlateau",
+    "StepDecay",
+    "get_schedule",
     "DivergenceError",
     "EarlyStopping",
     "History",
