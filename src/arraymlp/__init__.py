@@ -15,6 +15,7 @@ from ._backend import Generator, resolve_backend, to_backend, to_numpy
 from .functional import ACTIVATIONS
 from .gradcheck import GradcheckError, GradcheckReport, gradcheck
 from .init import INITIALIZERS
+from .io import Checkpoint, ModelFileError, export_onnx, load, save
 from .layers import (
     ELU,
     GELU,
@@ -61,6 +62,7 @@ __all__ = [
     "Adam",
     "AdamW",
     "Callback",
+    "Checkpoint",
     "Constant",
     "CosineAnnealing",
     "CosineWarmRestarts",
@@ -78,6 +80,7 @@ __all__ = [
     "get_loss",
     "get_optimizer",
     "MLP",
+    "ModelFileError",
     "Activation",
     "Dense",
     "Dropout",
@@ -97,6 +100,9 @@ __all__ = [
     "Softplus",
     "Tanh",
     "__version__",
+    "export_onnx",
+    "load",
+    "save",
     "functional",
     "gradcheck",
     "resolve_backend",

@@ -240,7 +240,8 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
         validation_data: tuple | None = None, validation_split: float = 0.0,
         early_stopping: EarlyStopping | int | None = None, callbacks: Sequence[Callback] = (),
         progress: bool = True, verbose: bool = False, seed: int | None = None, l2: float = 0.0,
-        sample_weight: Any = None, _reuse_optimizer: bool = False) -> History:
+        sample_weight: Any = None, resume_from: Any = None,
+        _reuse_optimizer: bool = False) -> History:
     """Train ``model`` on ``(x, y)`` with mini-batch gradient descent.
 
     Parameters
@@ -276,6 +277,12 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
     l2 : float
         L2 penalty ``l2/2 * sum(W**2)`` on the weight matrices.
     sample_weight : array of shape (n,), optional
+    resume_from : str or path-like, optional
+        A checkpoint file written by :class:`arraymlp.Checkpoint` (or a directory of
+        them: the latest is used). Training continues after the checkpoint's last
+        epoch up to ``epochs`` in total, with its parameters, optimiser state, step
+        counter, schedule state, random-generator state and history, so an
+        interrupted run ends bit-identical (on NumPy) to an uninterrupted one.
 
     Returns
     -------
@@ -321,6 +328,7 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
     model.loss_ = lossfn.name
     opt = _resolve_optimizer(model, optimizer, lr, _reuse_optimizer)
     model.optimizer_ = opt
+    model.schedule_ = schedule
     if seed is not None:
         model.rng = Generator(seed, xp, model.device)
 
@@ -331,15 +339,20 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
         callbacks.append(early_stopping)
 
     history = History(metric_name="accuracy" if task != "regression" else "r2")
+    start_epoch = 0
+    if resume_from is not None:
+        from .io import restore_checkpoint
+
+        start_epoch = restore_checkpoint(resume_from, model, optimizer=opt, schedule=schedule, history=history)
     for cb in callbacks:
         cb.on_train_begin(model, history)
-    bar = _Progress(epochs, progress, verbose)
+    bar = _Progress(max(epochs - start_epoch, 0), progress, verbose)
     n = _n(x)
     base_lr = opt.lr
     step = getattr(model, "steps_", 0)
     stop = False
     try:
-        for epoch in range(epochs):
+        for epoch in range(start_epoch, epochs):
             t0 = time.perf_counter()
             epoch_lr = base_lr if schedule is None else float(schedule(epoch))
             for cb in callbacks:
