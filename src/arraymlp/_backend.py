@@ -188,7 +188,8 @@ def canonical_device(xp: types.ModuleType, device: Any = None) -> Any:
 
 
 def to_numpy(x: Any) -> numpy.ndarray:
-    """Copy (or view) an array of any backend into a NumPy array on the host."""
+    """Copy (or view) an array of any backend into a NumPy array on the host, of the
+    same shape and dtype."""
     if isinstance(x, numpy.ndarray):
         return x
     if array_api_compat.is_cupy_array(x):

@@ -107,31 +107,33 @@ def dense_backward(x, W, dy, *, has_bias=True, need_dx=True, xp=None):
 
 # ------------------------------------------------------------------------ activations
 def identity(x, *, xp=None):
-    """``y = x``."""
+    """``y = x``; ``y`` has the shape of ``x``."""
     return x
 
 
 def relu(x, *, xp=None):
-    """``y = max(x, 0)``."""
+    """``y = max(x, 0)``, elementwise: ``y`` has the shape of ``x``."""
     xp = _ns(x, xp)
     return xp.maximum(x, 0.0)
 
 
 def leaky_relu(x, *, xp=None):
-    """``y = x`` where ``x > 0``, else ``0.01 x``."""
+    """``y = x`` where ``x > 0``, else ``0.01 x``; ``y`` has the shape of ``x``."""
     xp = _ns(x, xp)
     return xp.where(x > 0, x, x * LEAKY_SLOPE)
 
 
 def elu(x, *, xp=None):
-    """``y = x`` where ``x > 0``, else ``alpha (exp(x) - 1)`` with ``alpha = 1``."""
+    """``y = x`` where ``x > 0``, else ``alpha (exp(x) - 1)`` with ``alpha = 1``;
+    ``y`` has the shape of ``x``."""
     xp = _ns(x, xp)
     return xp.where(x > 0, x, ELU_ALPHA * xp.expm1(xp.minimum(x, 0.0)))
 
 
 def gelu(x, *, xp=None):
     """Gaussian error linear unit, tanh form:
-    ``y = x/2 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`` (the standard has no erf)."""
+    ``y = x/2 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`` (the standard has no erf);
+    ``y`` has the shape of ``x``."""
     xp = _ns(x, xp)
     t = xp.tanh(_GELU_C * (x + _GELU_K * x * x * x))
     return 0.5 * x * (1.0 + t)
@@ -139,7 +141,7 @@ def gelu(x, *, xp=None):
 
 def sigmoid(x, *, xp=None):
     """Logistic function ``1 / (1 + exp(-x))``, stable for large ``|x|``
-    (no overflow: only ``exp(-|x|)`` is ever computed)."""
+    (no overflow: only ``exp(-|x|)`` is ever computed); ``y`` has the shape of ``x``."""
     xp = _ns(x, xp)
     e = xp.exp(-xp.abs(x))
     r = 1.0 / (1.0 + e)
@@ -147,25 +149,29 @@ def sigmoid(x, *, xp=None):
 
 
 def silu(x, *, xp=None):
-    """``y = x * sigmoid(x)``."""
+    """``y = x * sigmoid(x)``, elementwise: ``y`` has the shape of ``x``."""
     xp = _ns(x, xp)
     return x * sigmoid(x, xp=xp)
 
 
 def tanh(x, *, xp=None):
-    """``y = tanh(x)``."""
+    """``y = tanh(x)``, elementwise: ``y`` has the shape of ``x``."""
     xp = _ns(x, xp)
     return xp.tanh(x)
 
 
 def softplus(x, *, xp=None):
-    """``y = log(1 + exp(x))`` computed as ``max(x, 0) + log1p(exp(-|x|))``."""
+    """``y = log(1 + exp(x))`` computed as ``max(x, 0) + log1p(exp(-|x|))``; ``y`` has
+    the shape of ``x``."""
     xp = _ns(x, xp)
     return xp.maximum(x, 0.0) + xp.log1p(xp.exp(-xp.abs(x)))
 
 
 def logsumexp(x, *, axis=-1, keepdims=True, xp=None):
-    """``log(sum(exp(x), axis))`` shifted by the maximum, so it never overflows."""
+    """``log(sum(exp(x), axis))`` shifted by the maximum, so it never overflows.
+
+    For ``x`` of shape (n, k) and the default ``axis=-1``, the result has shape (n, 1)
+    (``keepdims=True``) or (n,)."""
     xp = _ns(x, xp)
     m = xp.max(x, axis=axis, keepdims=True)
     out = m + xp.log(xp.sum(xp.exp(x - m), axis=axis, keepdims=True))
@@ -174,7 +180,7 @@ def logsumexp(x, *, axis=-1, keepdims=True, xp=None):
 
 def softmax(x, *, xp=None):
     """Softmax over the last axis, ``y_ij = exp(x_ij) / sum_k exp(x_ik)``, shifted by
-    the row maximum for stability."""
+    the row maximum for stability; ``y`` has the shape of ``x``, (n, k)."""
     xp = _ns(x, xp)
     e = xp.exp(x - xp.max(x, axis=-1, keepdims=True))
     s = xp.sum(e, axis=-1, keepdims=True)
@@ -189,7 +195,7 @@ def log_softmax(x, *, xp=None):
 
     Computed as ``z - log(sum(exp(z)))`` with ``z = x - max(x)``, so that the result
     keeps full precision however large the logits (``x - logsumexp(x)`` would round
-    ``logsumexp`` to the spacing of ``max(x)`` first)."""
+    ``logsumexp`` to the spacing of ``max(x)`` first). ``y`` has the shape of ``x``, (n, k)."""
     xp = _ns(x, xp)
     z = x - xp.max(x, axis=-1, keepdims=True)
     return z - xp.log(xp.sum(xp.exp(z), axis=-1, keepdims=True))
@@ -267,6 +273,9 @@ class Activation:
     elementwise: bool = True
 
 
+#: The activation table: name to :class:`Activation` row.
+#:
+#: :meta hide-value:
 ACTIVATIONS: dict[str, Activation] = {
     a.name: a
     for a in (
@@ -300,7 +309,8 @@ def get_activation(name: str | Activation) -> Activation:
 
 def activation_forward(name, x, *, xp=None):
     """Apply activation ``name`` to ``x``; returns ``(y, saved)`` where ``saved`` is
-    what :func:`activation_backward` needs (``x`` or ``y``, as the table says)."""
+    what :func:`activation_backward` needs (``x`` or ``y``, as the table says); both
+    have the shape of ``x``."""
     xp = _ns(x, xp)
     act = get_activation(name)
     y = act.forward(x, xp=xp)
@@ -309,7 +319,8 @@ def activation_forward(name, x, *, xp=None):
 
 def activation_backward(name, saved, dy, *, xp=None):
     """Gradient through activation ``name``: ``dx = dy * f'(x)`` for elementwise
-    activations, the Jacobian-vector product for softmax and log_softmax."""
+    activations, the Jacobian-vector product for softmax and log_softmax. ``saved``
+    (the activation's input or output), ``dy`` and ``dx`` all have the same shape."""
     xp = _ns(dy, xp)
     return get_activation(name).backward(dy, saved, xp)
 
@@ -343,7 +354,8 @@ def dropout_forward(x, p, *, rng, training=True, xp=None):
 
 
 def dropout_backward(mask, dy, *, xp=None):
-    """``dx = dy * mask`` (identity when the forward pass did not drop)."""
+    """``dx = dy * mask`` (identity when the forward pass did not drop); ``mask``, ``dy``
+    and ``dx`` have the same shape, (n, d)."""
     return dy if mask is None else dy * mask
 
 

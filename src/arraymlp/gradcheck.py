@@ -185,7 +185,9 @@ def gradcheck(obj: Any, x: Any = None, y: Any = None, *, loss: str | Loss = "mse
         fixed random ``r``. A loss: ``d_outputs`` against differences in ``x`` (the
         outputs) with ``y`` as targets.
     x : array, shape (n, n_features)
-    y : array, targets (ignored for a layer)
+    y : array
+        Targets, shaped as the loss takes them: (n, n_outputs), or labels of shape (n,)
+        for ``"cross_entropy"`` (ignored for a layer).
     loss : str or Loss
         Loss for a model check.
     sample_weight : array of shape (n,), optional

@@ -72,6 +72,9 @@ def zeros(shape, *, rng, dtype):
     return rng.full(shape, 0.0, dtype)
 
 
+#: The initialiser table: name to ``fn(shape, *, rng, dtype) -> array``.
+#:
+#: :meta hide-value:
 INITIALIZERS: dict[str, Callable] = {
     f.__name__: f
     for f in (glorot_uniform, glorot_normal, he_uniform, he_normal, lecun_uniform, lecun_normal, zeros)

@@ -58,7 +58,11 @@ class Layer:
         return x, None
 
     def backward(self, params, cache, dy, *, xp, need_dx=True):
-        """``(dx, grads)`` for upstream gradient ``dy``; ``dx`` is ``None`` when not needed."""
+        """``(dx, grads)`` for the upstream gradient ``dy`` of shape (n, n_out).
+
+        ``dx`` has the shape of the layer's input, (n, n_in), and is ``None`` when not
+        needed; ``grads`` has the keys and shapes of ``params``; ``cache`` is what
+        :meth:`forward` returned with ``y``."""
         return dy, {}
 
     def config(self) -> dict[str, Any]:

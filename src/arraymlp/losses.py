@@ -493,10 +493,15 @@ class Loss:
     targets: str
 
     def __call__(self, outputs, targets, *, xp=None, sample_weight=None):
-        """``self.fn(outputs, targets, xp=xp, sample_weight=sample_weight)``."""
+        """``self.fn(outputs, targets, xp=xp, sample_weight=sample_weight)``: the loss
+        (a 0-d array) and its gradient with respect to ``outputs`` (n, k), same shape;
+        ``targets`` as the row's function takes them, ``sample_weight`` of shape (n,)."""
         return self.fn(outputs, targets, xp=xp, sample_weight=sample_weight)
 
 
+#: The loss table: name to :class:`Loss` row.
+#:
+#: :meta hide-value:
 LOSSES: dict[str, Loss] = {
     row.name: row
     for row in (
