@@ -10,7 +10,7 @@ tensors, array-api-strict, and any namespace array-api-compat wraps. Name a back
 (2, 3)
 """
 
-from . import functional
+from . import distributed, functional
 from ._backend import Generator, resolve_backend, to_backend, to_numpy
 from .functional import ACTIVATIONS
 from .gradcheck import GradcheckError, GradcheckReport, gradcheck
@@ -103,6 +103,7 @@ __all__ = [
     "export_onnx",
     "load",
     "save",
+    "distributed",
     "functional",
     "gradcheck",
     "resolve_backend",

@@ -240,7 +240,7 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
         validation_data: tuple | None = None, validation_split: float = 0.0,
         early_stopping: EarlyStopping | int | None = None, callbacks: Sequence[Callback] = (),
         progress: bool = True, verbose: bool = False, seed: int | None = None, l2: float = 0.0,
-        sample_weight: Any = None, resume_from: Any = None,
+        sample_weight: Any = None, comm: Any = None, resume_from: Any = None,
         _reuse_optimizer: bool = False) -> History:
     """Train ``model`` on ``(x, y)`` with mini-batch gradient descent.
 
@@ -283,6 +283,10 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
         epoch up to ``epochs`` in total, with its parameters, optimiser state, step
         counter, schedule state, random-generator state and history, so an
         interrupted run ends bit-identical (on NumPy) to an uninterrupted one.
+    comm : mpi4py communicator or arraymlp.distributed.DataParallel, optional
+        Train data-parallel over MPI: every rank calls ``fit`` with the same arguments
+        and data, and computes its shard of each global batch of ``batch_size`` rows;
+        see :mod:`arraymlp.distributed`.
 
     Returns
     -------
@@ -344,6 +348,13 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
         from .io import restore_checkpoint
 
         start_epoch = restore_checkpoint(resume_from, model, optimizer=opt, schedule=schedule, history=history)
+    dp = None
+    if comm is not None:
+        from .distributed import DataParallel
+
+        dp = comm if isinstance(comm, DataParallel) else DataParallel(comm)
+        dp.begin(model, x, callbacks)
+        progress, verbose = progress and dp.is_root, verbose and dp.is_root
     for cb in callbacks:
         cb.on_train_begin(model, history)
     bar = _Progress(max(epochs - start_epoch, 0), progress, verbose)
@@ -357,17 +368,24 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
             epoch_lr = base_lr if schedule is None else float(schedule(epoch))
             for cb in callbacks:
                 stop = bool(cb.on_epoch_begin(model, epoch)) or stop
+            if dp is not None:
+                stop = dp.agree(stop)
             order = model.rng.permutation(n) if shuffle else None
             total, seen = 0.0, 0
             for start in range(0, n, batch_size):
+                end = min(start + batch_size, n)
+                lo, hi = (start, end) if dp is None else dp.shard(start, end)
                 if order is None:
-                    sl = slice(start, start + batch_size)
+                    sl = slice(lo, hi)
                     xb, yb = x[sl, ...], y[sl, ...]
                     wb = None if sample_weight is None else sample_weight[sl]
                 else:
-                    idx = order[start:start + batch_size]
+                    idx = order[lo:hi]
                     xb, yb, wb = _take(x, idx, xp), _take(y, idx, xp), _take(sample_weight, idx, xp)
-                value, grads = model._loss_and_grads(xb, yb, lossfn, xp=xp, sample_weight=wb, l2=l2)
+                if dp is None:
+                    value, grads = model._loss_and_grads(xb, yb, lossfn, xp=xp, sample_weight=wb, l2=l2)
+                else:
+                    value, grads = dp.loss_and_grads(model, xb, yb, lossfn, xp=xp, sample_weight=wb, l2=l2)
                 value = float(value)
                 if not math.isfinite(value):
                     msg = (
@@ -378,18 +396,23 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
                     raise DivergenceError(msg, epoch=epoch, step=step)
                 model.params = opt.step(model.params, grads, lr=epoch_lr)
                 step += 1
-                nb = _n(xb)
+                nb = end - start
                 total += value * nb
                 seen += nb
                 logs = {"epoch": epoch, "step": step, "loss": value}
                 for cb in callbacks:
                     stop = bool(cb.on_batch_end(model, logs)) or stop
+                if dp is not None:
+                    stop = dp.agree_batch(stop)
                 if stop:
                     break
             logs = {"epoch": epoch, "step": step, "loss": total / max(seen, 1), "lr": epoch_lr,
                     "val_loss": None, "val_metric": None}
             if validation_data is not None:
-                logs["val_loss"], logs["val_metric"] = _evaluate(model, x_val, y_val, lossfn, task, xp)
+                if dp is None:
+                    logs["val_loss"], logs["val_metric"] = _evaluate(model, x_val, y_val, lossfn, task, xp)
+                else:
+                    logs["val_loss"], logs["val_metric"] = dp.on_root(_evaluate, model, x_val, y_val, lossfn, task, xp)
             logs["time"] = time.perf_counter() - t0
             history.loss.append(logs["loss"])
             history.lr.append(epoch_lr)
@@ -402,6 +425,8 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
             bar.update(logs, history.metric_name)
             for cb in callbacks:
                 stop = bool(cb.on_epoch_end(model, logs)) or stop
+            if dp is not None:
+                stop = dp.agree(stop)
             if stop:
                 history.stopped_early = True
                 break
@@ -418,7 +443,8 @@ def partial_fit(model, x, y, *, loss: str | None = None, optimizer: str | Optimi
                 sample_weight: Any = None) -> History:
     """One pass over ``(x, y)``, keeping the optimiser state of earlier calls.
 
-    Parameters are as for :func:`fit`; ``loss`` defaults to the one of the last fit.
+    Parameters are as for :func:`fit` (``x`` of shape (n, n_features), ``y`` of shape
+    (n, n_outputs), (n,), or labels (n,)); ``loss`` defaults to the one of the last fit.
     """
     if loss is None:
         loss = getattr(model, "loss_", None)

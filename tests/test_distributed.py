@@ -1,0 +1,206 @@
+"""Data-parallel training over MPI.
+
+The multi-rank tests launch the scripts in ``tests/mpi_scripts`` under ``mpiexec`` (the
+one next to this interpreter, as ``pip install mpich`` puts it, else the one on PATH)
+with a timeout, and skip with a reason when mpi4py or mpiexec is missing.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from arraymlp.distributed import RootOnly, has_batch_hook, shard_bounds
+from arraymlp.training import Callback, EarlyStopping
+
+SCRIPTS = Path(__file__).parent / "mpi_scripts"
+TIMEOUT = 240
+
+
+def _mpiexec() -> str | None:
+    local = Path(sys.executable).parent / "mpiexec"
+    if local.exists():
+        return str(local)
+    return shutil.which("mpiexec")
+
+
+def _has(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+needs_mpi = pytest.mark.skipif(
+    not _has("mpi4py") or _mpiexec() is None,
+    reason="needs mpi4py and an mpiexec (pip install 'arraymlp[mpi]')",
+)
+
+
+def _gpu() -> bool:
+    if not _has("cupy"):
+        return False
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+def mpirun(n: int, script: str, *args: str, timeout: float = TIMEOUT) -> tuple[subprocess.CompletedProcess, float]:
+    """Run ``script`` on ``n`` ranks; returns the finished process and its wall time."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    cmd = [_mpiexec(), "-n", str(n), sys.executable, str(SCRIPTS / script), *args]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
+                          cwd=Path(__file__).parent.parent)
+    return proc, time.perf_counter() - t0
+
+
+def _explain(proc) -> str:
+    return f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}"
+
+
+# ----------------------------------------------------------------------------- sharding
+@pytest.mark.parametrize(("start", "stop", "size"), [(0, 512, 2), (0, 63, 2), (100, 101, 2), (0, 1, 3),
+                                                     (7, 17, 4), (0, 0, 2)])
+def test_shards_partition_the_batch(start, stop, size):
+    bounds = [shard_bounds(start, stop, r, size) for r in range(size)]
+    assert bounds[0][0] == start and bounds[-1][1] == stop
+    for (lo, hi), (lo2, _) in zip(bounds, bounds[1:]):
+        assert hi == lo2
+    lengths = [hi - lo for lo, hi in bounds]
+    assert max(lengths) - min(lengths) <= 1
+    assert lengths == sorted(lengths, reverse=True)
+
+
+def test_shard_values():
+    assert [shard_bounds(0, 63, r, 2) for r in range(2)] == [(0, 32), (32, 63)]
+    assert [shard_bounds(512, 1024, r, 2) for r in range(2)] == [(512, 768), (768, 1024)]
+    assert [shard_bounds(5, 6, r, 3) for r in range(3)] == [(5, 6), (6, 6), (6, 6)]
+
+
+# ----------------------------------------------------------------------------- callbacks
+class _Comm:
+    def __init__(self, rank):
+        self.rank = rank
+
+    def Get_rank(self):
+        return self.rank
+
+
+class _Recorder(Callback):
+    def __init__(self):
+        self.calls = []
+
+    def on_epoch_end(self, model, logs):
+        self.calls.append(logs["epoch"])
+        return logs["epoch"] >= 1
+
+
+class _BatchRecorder(_Recorder):
+    def on_batch_end(self, model, logs):
+        self.calls.append(("batch", logs["step"]))
+
+
+def test_root_only_runs_on_the_root():
+    on_root, elsewhere = _Recorder(), _Recorder()
+    root, other = RootOnly(on_root, _Comm(0)), RootOnly(elsewhere, _Comm(1))
+    assert [root.on_epoch_end(None, {"epoch": e}) for e in range(2)] == [False, True]
+    assert [other.on_epoch_end(None, {"epoch": e}) for e in range(2)] == [None, None]
+    assert on_root.calls == [0, 1] and elsewhere.calls == []
+
+
+def test_batch_hooks_are_detected():
+    assert not has_batch_hook(_Recorder())
+    assert not has_batch_hook(EarlyStopping("loss"))
+    assert has_batch_hook(_BatchRecorder())
+    assert has_batch_hook(RootOnly(_BatchRecorder(), _Comm(0)))
+    assert not has_batch_hook(RootOnly(_Recorder(), _Comm(1)))
+
+
+# ----------------------------------------------------------------------------- under mpiexec
+def _backends() -> list[str]:
+    names = ["numpy", "array_api_strict"]
+    if _has("torch"):
+        names.append("torch")
+    if _gpu():
+        names.append("cupy")
+    return names
+
+
+@needs_mpi
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_data_parallel_equals_single_process(ranks):
+    backends = _backends()
+    proc, _ = mpirun(ranks, "equivalence.py", *backends)
+    assert proc.returncode == 0, _explain(proc)
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 4 * len(backends), _explain(proc)
+    for row in rows:
+        assert row["ranks"] == ranks, "mpiexec and mpi4py use different MPI libraries"
+        assert row["ok"] and row["ranks_agree"], row
+        tol = 1e-12 if "float32" not in row["case"] else 1e-5
+        assert row["max_abs_diff"] <= tol, row
+        assert len(row["loss"]) == 3
+
+
+@needs_mpi
+def test_a_failing_rank_aborts_the_job():
+    proc, elapsed = mpirun(2, "rank_raises.py", timeout=120)
+    assert proc.returncode != 0, _explain(proc)
+    assert "rank 1 fails on purpose" in proc.stderr, _explain(proc)
+    assert "rank 0 finished training" not in proc.stdout
+    # rank 0 sat in an Allreduce that would never complete: only the abort ends it.
+    assert elapsed < 30.0, f"the job took {elapsed:.1f}s to end"
+
+
+@needs_mpi
+def test_stops_are_collective(tmp_path):
+    proc, _ = mpirun(2, "collective_stop.py", str(tmp_path))
+    assert proc.returncode == 0, _explain(proc)
+    results = {}
+    for rank in (0, 1):
+        for line in (tmp_path / f"rank{rank}.jsonl").read_text().splitlines():
+            row = json.loads(line)
+            results[row.pop("scenario"), row.pop("rank")] = row
+
+    div = [results["divergence", r] for r in (0, 1)]
+    # the overflowing rows sit in rank 1's shard of the third batch only
+    assert all(d["raised"] and d["epoch"] == 0 and d["step"] == 2 and d["steps_"] == 2 for d in div), div
+    assert all(d["agree"] for d in div)
+
+    cb = [results["callback", r] for r in (0, 1)]
+    assert cb[0] == cb[1] == {"epochs": 3, "stopped_early": True, "agree": True}
+
+    bcb = [results["batch_callback", r] for r in (0, 1)]
+    # 4 batches per epoch: step 6 is the second batch of the second epoch
+    assert bcb[0] == bcb[1] == {"epochs": 2, "steps": 6, "agree": True}
+
+    es = [results["early_stopping", r] for r in (0, 1)]
+    assert es[0] == es[1]
+    assert es[0]["agree"] and es[0]["epochs"] == len(es[0]["val_loss"]) < 50
+    assert es[0]["best_epoch"] == es[0]["val_loss"].index(min(es[0]["val_loss"]))
+
+    err0, err1 = results["rank_error", 0], results["rank_error", 1]
+    assert err1["raised"] == "ValueError" and "rank 1 cannot compute" in err1["message"]
+    assert err0["raised"] == "RuntimeError" and "1 other rank(s) failed" in err0["message"]
+    assert err0["steps_"] == err1["steps_"] == 2
+
+    ck0, ck1 = results["checkpoint", 0], results["checkpoint", 1]
+    assert ck0["saved"] == ["epoch-00001.safetensors", "epoch-00002.safetensors"] and ck1["saved"] == []
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ck0["saved"]
+    assert ck0["epochs"] == ck1["epochs"] == 3 and ck0["steps"] == ck1["steps"] == 12
+    assert ck0["agree"] and ck1["agree"]
+
+    assert ("done", 0) in results and ("done", 1) in results
+    # verbose progress from the root only: one line per epoch, not one per rank
+    assert len(re.findall(r"^epoch +1 ", proc.stdout, flags=re.M)) == 1, proc.stdout
+    assert len(re.findall(r"^epoch +2 ", proc.stdout, flags=re.M)) == 1, proc.stdout
