@@ -239,10 +239,18 @@ class Sequential:
     def backward(self, caches, dy, *, xp=None):
         """Backpropagate ``dy`` through the layers that produced ``caches``, in reverse.
 
+        Parameters
+        ----------
+        caches : list
+            From :meth:`forward`, one entry per layer run.
+        dy : array, shape (n, n_out)
+            Gradient of the loss with respect to the output of the last layer run.
+
         Returns
         -------
-        grads : list of dict of arrays, mirroring ``params`` (empty dicts for layers
-            without parameters or that were not run).
+        grads : list of dict of arrays
+            Mirroring ``params``, key for key and shape for shape (empty dicts for
+            layers without parameters or that were not run).
         """
         xp = xp if xp is not None else self.xp
         n = len(caches)
@@ -270,7 +278,9 @@ class Sequential:
 
     # ------------------------------------------------------------------ training
     def fit(self, x, y, **kwargs):
-        """Train on ``(x, y)``; see :func:`arraymlp.training.fit` for the arguments.
+        """Train on ``(x, y)``: ``x`` of shape (n, n_features), ``y`` of shape
+        (n, n_outputs), (n,), or labels (n,); see :func:`arraymlp.training.fit` for the
+        arguments.
 
         Returns
         -------
@@ -281,7 +291,8 @@ class Sequential:
         return fit(self, x, y, **kwargs)
 
     def partial_fit(self, x, y, **kwargs):
-        """One epoch over ``(x, y)`` keeping optimiser state; see :func:`arraymlp.training.partial_fit`."""
+        """One epoch over ``(x, y)`` (shapes as for :meth:`fit`) keeping optimiser state;
+        see :func:`arraymlp.training.partial_fit`."""
         from .training import partial_fit
 
         return partial_fit(self, x, y, **kwargs)
@@ -355,7 +366,9 @@ class Sequential:
         return self._loss_and_grads(x, y, loss, xp=xp, sample_weight=sample_weight, l2=l2, training=training)
 
     def loss(self, x, y, *, loss: str = "mse", sample_weight=None, l2: float = 0.0, training: bool = False):
-        """Loss of a batch only (no gradients); same arguments as :meth:`loss_and_grads`."""
+        """Loss of a batch only (no gradients), a 0-d array; same arguments as
+        :meth:`loss_and_grads`: ``x`` of shape (n, n_features), ``y`` of shape
+        (n, n_outputs) or labels (n,), ``sample_weight`` of shape (n,)."""
         lossfn = get_loss(loss)
         x, xp = self._check_x(x)
         y = self._check_target(y, xp)
