@@ -599,7 +599,7 @@ def _read(path: Any) -> _File:
         expected.update(opt_expected)
     missing = sorted(set(expected) - set(index))
     if missing:
-        raise ModelFileError(shown, f"tensors required by the architecture are missing: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        raise ModelFileError(shown, f"required tensors are missing: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
     unexpected = sorted(set(index) - set(expected))
     if unexpected:
         raise ModelFileError(shown, f"the file holds tensors the architecture does not use: {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")

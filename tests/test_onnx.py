@@ -1,0 +1,122 @@
+"""ONNX export: every activation and layer, checked against onnxruntime."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+
+import arraymlp as am
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+ACTIVATIONS = ["identity", "relu", "leaky_relu", "elu", "gelu", "silu", "tanh", "sigmoid", "softplus",
+               "softmax", "log_softmax"]
+
+
+def _run(path, x):
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (out,) = session.run(["output"], {"input": x})
+    return out
+
+
+def _inputs(n_in, dtype=np.float32, n=64, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(scale=3.0, size=(n, n_in))
+    x[0] = 25.0  # far into the tails: saturation, overflow-prone exponentials
+    x[1] = -25.0
+    x[2] = 0.0
+    return x.astype(dtype)
+
+
+def _check(model, tmp_path, x, *, rtol=1e-5, atol=1e-5, **kwargs):
+    path = tmp_path / "model.onnx"
+    proto = am.export_onnx(model, path, **kwargs)
+    onnx.checker.check_model(onnx.load(str(path)))
+    got = _run(path, x)
+    want = np.asarray(model(x))
+    assert got.dtype == want.dtype and got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=atol)
+    return proto
+
+
+def _ops(proto):
+    return [node.op_type for node in proto.graph.node]
+
+
+@pytest.mark.parametrize("name", ACTIVATIONS)
+def test_every_activation(name, tmp_path):
+    # the activation acts on the input directly (Identity weights), then a Dense layer follows
+    model = am.Sequential([am.Dense(6, 6), am.Activation(name), am.Dense(6, 4)], seed=0, backend="numpy")
+    model.params[0]["W"] = np.eye(6, dtype=np.float32)
+    model.params[0]["b"] = np.linspace(-1, 1, 6, dtype=np.float32)
+    _check(model, tmp_path, _inputs(6))
+    last = am.Sequential([am.Dense(6, 5), am.Activation(name)], seed=1, backend="numpy")
+    _check(last, tmp_path, _inputs(6))  # as the output layer
+
+
+@pytest.mark.parametrize("opset", [17, 20])
+def test_gelu_forms(opset, tmp_path):
+    model = am.Sequential([am.Dense(5, 5), am.GELU()], seed=0, backend="numpy")
+    proto = _check(model, tmp_path, _inputs(5), opset=opset)
+    assert ("Gelu" in _ops(proto)) == (opset >= 20)
+    if opset >= 20:
+        gelu = next(n for n in proto.graph.node if n.op_type == "Gelu")
+        assert onnx.helper.get_attribute_value(gelu.attribute[0]) == b"tanh"
+
+
+def test_dense_without_bias_layernorm_and_dropout(tmp_path):
+    model = am.Sequential([am.Dense(7, 9, bias=False), am.LayerNorm(9, eps=1e-3), am.Dropout(0.5),
+                           am.Dense(9, 3), am.Dropout(0.2)], seed=2, backend="numpy")
+    model.params[1]["gamma"] = np.linspace(0.5, 2.0, 9, dtype=np.float32)
+    model.params[1]["beta"] = np.linspace(-0.3, 0.3, 9, dtype=np.float32)
+    proto = _check(model, tmp_path, _inputs(7))
+    assert _ops(proto) == ["MatMul", "LayerNormalization", "Gemm"]  # dropout is the identity at inference
+    assert [o.name for o in proto.graph.output] == ["output"]
+
+
+def test_trained_mlp_every_backend(backend, tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(80, 6))
+    y = rng.integers(0, 4, size=80)
+    model = am.MLP([6, 16, 16, 4], activation="silu", layer_norm=True, dropout=0.1, output_activation="softmax",
+                   seed=0, **backend.model_kwargs())
+    model.fit(backend.asarray(x, np.float32), backend.asarray(y, np.int64), loss="cross_entropy", epochs=2,
+              progress=False)
+    path = tmp_path / "mlp.onnx"
+    proto = am.export_onnx(model, path)
+    xf = x.astype(np.float32)
+    want = backend.to_numpy(model(backend.asarray(xf)))
+    np.testing.assert_allclose(_run(path, xf), want, rtol=1e-5, atol=1e-6)
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_param == "batch" and dims[1].dim_value == 6
+    props = {p.key: p.value for p in proto.metadata_props}
+    assert props["arraymlp_version"] == am.__version__
+    assert proto.opset_import[0].version == 17
+
+
+def test_float64_export(tmp_path):
+    model = am.MLP([5, 8, 3], activation="tanh", layer_norm=True, output_activation="log_softmax",
+                   dtype="float64", seed=0, backend="numpy")
+    proto = _check(model, tmp_path, _inputs(5, np.float64), rtol=1e-12, atol=1e-12)
+    assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.DOUBLE
+
+
+def test_export_errors(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="no parameters yet"):
+        am.export_onnx(am.MLP([2, 3]), tmp_path / "m.onnx")
+    model = am.MLP([2, 3], backend="numpy")
+    with pytest.raises(ValueError, match="opset must be an int >= 17"):
+        am.export_onnx(model, tmp_path / "m.onnx", opset=13)
+
+    class Scale(am.Layer):
+        pass
+
+    with pytest.raises(TypeError, match="cannot export layer 1"):
+        am.export_onnx(am.Sequential([am.Dense(2, 3), Scale()], backend="numpy"), tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    with pytest.raises(ImportError, match=r"pip install arraymlp\[onnx\]"):
+        am.export_onnx(model, tmp_path / "m.onnx")
