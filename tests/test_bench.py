@@ -1,0 +1,303 @@
+"""The benchmark machinery on tiny sizes: values, never times."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+import arraymlp as am
+from arraymlp import bench
+from arraymlp.losses import get_loss
+from arraymlp.optim import SGD
+
+TINY = bench.Workload("T1", "tiny training step", "train", (5, 4, 3), (6,), quick_batches=(2, 6))
+TINY_INFER = bench.Workload("T2", "tiny inference", "infer", (5, 4, 3), (6,))
+CPU_TARGETS = [t for t in bench.available_targets() if not bench.TARGETS[t].gpu]
+
+
+# ----------------------------------------------------------------------------- GEMM floor
+def test_floor_products_of_a_training_step():
+    prods = bench.gemm_floor_products((5, 4, 3, 2), 7, "train")
+    shapes = [(a, b) for _, a, b in prods]
+    # L = 3 layers: 3 forward, 3 weight-gradient and 2 input-gradient products
+    assert len(prods) == 3 + 3 + 2
+    assert shapes[:3] == [((7, 5), (5, 4)), ((7, 4), (4, 3)), ((7, 3), (3, 2))]
+    weight_grads = [(a, b) for label, a, b in prods if label.startswith("x") and ".T @ dy" in label]
+    input_grads = [(a, b) for label, a, b in prods if label.startswith("dy") and label.endswith(".T")]
+    assert sorted(weight_grads) == sorted([((5, 7), (7, 4)), ((4, 7), (7, 3)), ((3, 7), (7, 2))])
+    assert sorted(input_grads) == sorted([((7, 2), (2, 3)), ((7, 3), (3, 4))])
+    # every product chains: inner dimensions agree
+    assert all(a[1] == b[0] for a, b in shapes)
+
+
+def test_floor_products_of_inference():
+    prods = bench.gemm_floor_products((5, 4, 3, 2), 7, "infer")
+    assert [(a, b) for _, a, b in prods] == [((7, 5), (5, 4)), ((7, 4), (4, 3)), ((7, 3), (3, 2))]
+
+
+@pytest.mark.parametrize("name, count", [("W1", 3 + 3 + 2), ("W2", 2 + 2 + 1), ("W3", 3),
+                                         ("W4", 3 + 3 + 2), ("W5", 5 + 5 + 4)])
+def test_floor_product_counts_of_the_workloads(name, count):
+    wl = bench.WORKLOADS[name]
+    assert len(bench.gemm_floor_products(wl.sizes, 8, wl.kind)) == count
+
+
+@pytest.mark.parametrize("target", CPU_TARGETS)
+@pytest.mark.parametrize("kind", ["train", "infer"])
+def test_floor_runs_exactly_its_products(target, kind):
+    seen = []
+
+    def matmul(a, b):
+        seen.append((tuple(a.shape), tuple(b.shape)))
+        return a @ b
+
+    fn = bench.make_gemm_floor(target, (5, 4, 3, 2), 7, kind, matmul=matmul)
+    assert seen == []  # building it multiplies nothing
+    fn()
+    assert seen == [(a, b) for _, a, b in bench.gemm_floor_products((5, 4, 3, 2), 7, kind)]
+    fn()
+    assert len(seen) == 2 * (8 if kind == "train" else 3)
+
+
+def test_floor_rejects_unknown_kind():
+    with pytest.raises(ValueError, match="kind must be 'train' or 'infer'"):
+        bench.gemm_floor_products((3, 2), 4, "step")
+
+
+# ----------------------------------------------------------------------------- statistics
+def test_summarize_values():
+    s = bench.summarize([5.0, 1.0, 4.0, 2.0, 3.0])
+    assert s == {"median": 3.0, "q1": 2.0, "q3": 4.0, "iqr": 2.0, "min": 1.0, "max": 5.0, "n": 5}
+    one = bench.summarize([0.25])
+    assert (one["median"], one["q1"], one["q3"], one["iqr"]) == (0.25, 0.25, 0.25, 0.0)
+    with pytest.raises(ValueError):
+        bench.summarize([])
+
+
+def test_ratios_from_given_medians():
+    medians = {"arraymlp[numpy]": 2.0, "floor[numpy]": 1.0, "torch[cpu]": 4.0, "sklearn": 8.0}
+    roles = {"arraymlp[numpy]": ("ours", "numpy"), "floor[numpy]": ("floor", "numpy"),
+             "torch[cpu]": ("peer", "cpu"), "sklearn": ("peer", "cpu")}
+    r = bench.compute_ratios(medians, roles)
+    assert r["arraymlp[numpy]"] == {"floor": 2.0, "torch[cpu]": 0.5, "sklearn": 0.25}
+    assert r["floor[numpy]"] == {"floor": 1.0, "torch[cpu]": 0.25, "sklearn": 0.125}
+    assert r["sklearn"] == {"floor": 8.0, "torch[cpu]": 2.0, "sklearn": 1.0}
+
+
+def test_each_target_is_compared_with_its_own_floor():
+    medians = {"arraymlp[numpy]": 3.0, "floor[numpy]": 2.0, "arraymlp[torch]": 3.0, "floor[torch]": 1.5}
+    roles = {"arraymlp[numpy]": ("ours", "numpy"), "floor[numpy]": ("floor", "numpy"),
+             "arraymlp[torch]": ("ours", "torch"), "floor[torch]": ("floor", "torch")}
+    r = bench.compute_ratios(medians, roles)
+    assert r["arraymlp[numpy]"]["floor"] == 1.5
+    assert r["arraymlp[torch]"]["floor"] == 2.0
+
+
+def _case(times):
+    rows = []
+    roles = {"arraymlp[numpy]": ("ours", "numpy"), "floor[numpy]": ("floor", "numpy"),
+             "torch[cpu]": ("peer", "cpu")}
+    for name, ts in times.items():
+        s = bench.summarize(ts)
+        rows.append({"name": name, "role": roles[name][0], "target": roles[name][1], "times": ts, **s,
+                     "samples_per_s": 256 / s["median"]})
+    ratios = bench.compute_ratios({r["name"]: r["median"] for r in rows}, roles)
+    return {"workload": "W1", "title": "training step", "kind": "train", "arch": "784-512-512-10", "batch": 256,
+            "dtype": "float32", "device": "cpu", "candidates": rows, "ratios": ratios}
+
+
+def test_table_shows_medians_spreads_and_ratios():
+    case = _case({"arraymlp[numpy]": [0.011, 0.010, 0.013], "floor[numpy]": [0.010, 0.009, 0.008],
+                  "torch[cpu]": [0.020, 0.025, 0.015]})
+    table = bench.format_table([case])
+    lines = table.splitlines()
+    assert lines[0].startswith("W1") and "batch 256" in lines[0] and "float32" in lines[0]
+    header = lines[1].split()
+    assert header[:2] == ["candidate", "median"]
+    assert header[-4:] == ["x", "floor", "x", "torch[cpu]"]
+    ours = next(line for line in lines if line.strip().startswith("arraymlp[numpy]")).split()
+    # median 11 ms; floor median 9 ms -> 11/9; torch median 20 ms -> 0.55
+    assert ours[1:3] == ["11.000", "ms"]
+    assert ours[-2:] == [f"{11 / 9:.3f}", "0.550"]
+    # spread: the quartiles of the three samples
+    assert "10.500 ms - 12.000 ms" in next(line for line in lines if "arraymlp[numpy]" in line)
+    # samples/s = batch / median
+    assert "23.3k" in next(line for line in lines if "arraymlp[numpy]" in line)
+    floor = next(line for line in lines if line.strip().startswith("floor[numpy]")).split()
+    assert floor[-2:] == ["1.000", "0.450"]
+
+
+def test_crossover_batch():
+    cpu = {16: 100.0, 256: 1000.0, 4096: 5000.0, 65536: 6000.0}
+    assert bench.crossover_batch(cpu, {16: 10.0, 256: 1200.0, 4096: 9000.0, 65536: 90000.0}) == 256
+    # ahead at 16, behind at 256: it overtakes for good only from 4096
+    assert bench.crossover_batch(cpu, {16: 200.0, 256: 900.0, 4096: 9000.0, 65536: 90000.0}) == 4096
+    assert bench.crossover_batch(cpu, {16: 1.0, 256: 1.0, 4096: 1.0, 65536: 1.0}) is None
+    assert bench.crossover_batch(cpu, {}) is None
+
+
+def test_interleaved_rounds_alternate_candidates():
+    calls = []
+    fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    times = bench.interleaved(fns, repeat=3, warmup=1, min_time=0.0, settle=0)
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3}
+    # warm-up and calibration (2 calls each), then a b a b a b
+    assert calls == ["a", "a", "b", "b", "a", "b", "a", "b", "a", "b"]
+    assert all(t >= 0 for v in times.values() for t in v)
+
+
+# ----------------------------------------------------------------------------- candidates
+@pytest.mark.parametrize("target", CPU_TARGETS)
+def test_arraymlp_step_is_one_sgd_step(target):
+    fn = bench.make_arraymlp(target, TINY, 6, "float64", seed=3)
+    # an identical model, stepped by hand
+    model = am.MLP([5, 4, 3], output_activation="softmax", dtype="float64", seed=3,
+                   backend=bench.TARGETS[target].backend, device=bench.TARGETS[target].device)
+    x, y = bench._host_data(TINY.sizes, 6, TINY.loss, 3)
+    xp = model.xp
+    xa, ya = xp.asarray(x, device=model.device), xp.asarray(y, device=model.device)
+    loss0, grads = model.loss_and_grads(xa, ya, loss="cross_entropy")
+    expected = [{k: am.to_numpy(p[k]) - TINY.lr * am.to_numpy(g[k]) for k in p} for p, g in zip(model.params, grads)]
+    value = fn()
+    assert value == pytest.approx(float(loss0), rel=1e-12)
+    # a second step starts from the updated parameters: its loss is lower
+    SGD(lr=TINY.lr).step(model.params, grads)
+    for p, e in zip(model.params, expected):
+        for k in p:
+            np.testing.assert_allclose(am.to_numpy(p[k]), e[k], rtol=1e-12, atol=1e-15)
+    assert fn() == pytest.approx(float(model.loss(xa, ya, loss="cross_entropy")), rel=1e-12)
+
+
+def test_train_step_matches_fit_loop():
+    x, y = bench._host_data(TINY.sizes, 6, TINY.loss, 0)
+    a = am.MLP([5, 4, 3], output_activation="softmax", dtype="float64", seed=1, backend="numpy")
+    b = am.MLP([5, 4, 3], output_activation="softmax", dtype="float64", seed=1, backend="numpy")
+    value = bench.train_step(a, SGD(lr=0.1), get_loss("cross_entropy"), x, y, xp=a.xp)
+    h = b.fit(x, y, loss="cross_entropy", optimizer=SGD(lr=0.1), epochs=1, batch_size=6, shuffle=False,
+              progress=False)
+    assert value == pytest.approx(h.loss[0], rel=1e-12)
+    for pa, pb in zip(a.params, b.params):
+        for k in pa:
+            np.testing.assert_allclose(pa[k], pb[k], rtol=1e-13, atol=1e-15)
+
+
+def test_arraymlp_inference_returns_probabilities():
+    fn = bench.make_arraymlp("numpy", TINY_INFER, 6, "float32")
+    out = fn()
+    assert out.shape == (6, 3)
+    np.testing.assert_allclose(out.sum(axis=1), 1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("kernel", bench.KERNELS)
+def test_kernels_compute_the_hot_path(kernel):
+    fn = bench.make_kernel(kernel, "numpy", 6, 8, "float64", seed=2)
+    out = fn()
+    model = am.MLP([8, 8, 10], dtype="float64", seed=2, backend="numpy")
+    x = np.random.default_rng(2).standard_normal((6, 8))
+    W, b = model.params[0]["W"], model.params[0]["b"]
+    if kernel == "dense_forward":
+        np.testing.assert_allclose(out, np.maximum(x @ W + b, 0), rtol=1e-13)
+    elif kernel == "dense_backward":
+        rng = np.random.default_rng(2)
+        rng.standard_normal((6, 8))
+        dy = rng.standard_normal((6, 8))
+        dx, grads = out
+        np.testing.assert_allclose(dx, dy @ W.T, rtol=1e-13)
+        np.testing.assert_allclose(grads["W"], x.T @ dy, rtol=1e-13)
+        np.testing.assert_allclose(grads["b"], dy.sum(axis=0), rtol=1e-13)
+    elif kernel == "train_step":
+        assert math.isfinite(out) and out == pytest.approx(math.log(10), rel=0.5)
+    else:
+        assert out.shape == (6, 10)
+        np.testing.assert_allclose(out.sum(axis=1), 1.0, rtol=1e-12)
+    with pytest.raises(ValueError, match="unknown kernel"):
+        bench.make_kernel("conv", "numpy", 2, 2)
+
+
+def test_torch_peer_step_and_inference():
+    pytest.importorskip("torch")
+    value = bench.make_torch("cpu", TINY, 6, "float64")()
+    assert math.isfinite(value) and value == pytest.approx(math.log(3), rel=0.5)
+    out = bench.make_torch("cpu", TINY_INFER, 6, "float32")()
+    assert tuple(out.shape) == (6, 3)
+    np.testing.assert_allclose(out.sum(dim=1).numpy(), 1.0, rtol=1e-6)
+
+
+def test_sklearn_peer_is_one_step_per_call():
+    pytest.importorskip("sklearn")
+    fn = bench.make_sklearn(TINY, 6, "float64")
+    est = fn()
+    assert est.t_ == 2 * 6  # the warm-up call and this one: one batch of 6 samples each
+    assert [c.shape for c in est.coefs_] == [(5, 4), (4, 3)]
+    proba = bench.make_sklearn(TINY_INFER, 6, "float32")()
+    assert proba.shape == (6, 3)
+
+
+# ----------------------------------------------------------------------------- environment, JSON, CLI
+ENV_KEYS = {"device_name", "cpu_model", "cpu_count", "threads", "blas", "gpus", "versions", "python",
+            "platform", "timestamp"}
+
+
+def test_environment_records_machine_and_versions():
+    env = bench.environment()
+    assert ENV_KEYS <= set(env)
+    assert env["versions"]["numpy"] == np.__version__
+    assert env["versions"]["arraymlp"] == am.__version__
+    assert {"cupy", "torch", "sklearn"} <= set(env["versions"])
+    assert env["cpu_count"] >= 1 and env["cpu_model"]
+    json.dumps(env)  # JSON-able as it is
+
+
+def test_main_writes_json_table_and_plot(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(bench.WORKLOADS, "T1", TINY)
+    jpath, ppath = tmp_path / "r.json", tmp_path / "r.png"
+    rc = bench.main(["--workload", "t1", "--backend", "numpy", "--repeat", "3", "--min-time", "0", "--quick",
+                     "--no-memory", "--json", str(jpath), "--plot", str(ppath), "-q"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "arraymlp[numpy]" in out and "floor[numpy]" in out
+    data = json.loads(jpath.read_text())
+    assert ENV_KEYS <= set(data["environment"])
+    assert data["settings"]["repeat"] == 3 and data["settings"]["quick"] is True
+    assert [c["batch"] for c in data["cases"]] == [2, 6]  # the quick batch sizes
+    for case in data["cases"]:
+        names = [r["name"] for r in case["candidates"]]
+        assert names[:2] == ["arraymlp[numpy]", "floor[numpy]"]
+        for r in case["candidates"]:
+            assert len(r["times"]) == 3
+            assert r["median"] == sorted(r["times"])[1]
+            assert r["samples_per_s"] == pytest.approx(case["batch"] / r["median"])
+        floor = next(r for r in case["candidates"] if r["role"] == "floor")
+        ours = case["candidates"][0]
+        assert case["ratios"]["arraymlp[numpy]"]["floor"] == pytest.approx(ours["median"] / floor["median"])
+    assert ppath.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_main_rejects_unknown_names(capsys):
+    assert bench.main(["--workload", "W9", "-q"]) == 2
+    assert "unknown workload 'W9'" in capsys.readouterr().err
+    assert bench.main(["--backend", "tpu", "-q"]) == 2
+    assert "unknown backend 'tpu'" in capsys.readouterr().err
+
+
+def test_gpu_workload_is_skipped_with_a_note_on_cpu(capsys):
+    result = bench.run([bench.WORKLOADS["W4"]], [bench.TARGETS["numpy"]], repeat=1, quick=True, min_time=0.0,
+                       memory=False)
+    assert result["cases"] == []
+    assert any("W4 runs on a GPU only" in n for n in result["notes"])
+
+
+def test_memory_budget_parts():
+    wl = bench.Workload("M", "memory", "train", (6, 5, 3), (4,))
+    m = bench.measure_memory(40, workload=wl, batch=8, dtype="float32")
+    assert m["data_bytes"] == 40 * 6 * 4 + 40 * 8
+    assert m["param_bytes"] == (6 * 5 + 5 + 5 * 3 + 3) * 4
+    assert m["optimizer_state_bytes"] == 0  # plain SGD keeps no state
+    # the batch, the hidden layer's dense output and activation, the logits; the labels
+    assert m["activation_bytes"] == 8 * (6 + 2 * 5 + 3) * 4 + 8 * 8
+    assert m["budget_bytes"] == m["data_bytes"] + m["param_bytes"] + m["activation_bytes"]
+    assert m["ratio"] == pytest.approx(m["peak_bytes"] / m["budget_bytes"])
+    assert m["peak_bytes"] >= m["data_bytes"]
