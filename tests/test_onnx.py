@@ -104,6 +104,14 @@ def test_float64_export(tmp_path):
     assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.DOUBLE
 
 
+def test_float16_export(tmp_path):
+    model = am.MLP([4, 8, 3], activation="gelu", layer_norm=True, output_activation="softmax", dtype="float16",
+                   seed=0, backend="numpy")
+    x = np.random.default_rng(1).normal(size=(16, 4)).astype(np.float16)
+    proto = _check(model, tmp_path, x, rtol=0, atol=2e-3)
+    assert proto.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+
+
 def test_export_errors(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="no parameters yet"):
         am.export_onnx(am.MLP([2, 3]), tmp_path / "m.onnx")

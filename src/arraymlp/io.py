@@ -113,6 +113,9 @@ class ModelFileError(ValueError):
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
 
+    def __reduce__(self):
+        return type(self), (self.path, self.problem)
+
 
 # ============================================================================ writing
 def _write_chunks(f, data) -> None:
