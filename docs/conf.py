@@ -57,7 +57,7 @@ doctest_default_flags = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE | doctes
 doctest_global_setup = """
 import importlib.util
 have_torch = importlib.util.find_spec("torch") is not None
-have_sklearn = importlib.util.find_spec("sklearn") is not None
+have_cupy = importlib.util.find_spec("cupy") is not None
 """
 
 # -- HTML ------------------------------------------------------------------------------
