@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from array_api_compat import is_dask_array
+
 from . import layers as L
 from ._backend import (
     Generator,
@@ -272,7 +274,12 @@ class Sequential:
         Returns
         -------
         array, shape (n, n_outputs)
+            A lazy Dask array, computed block by block, when ``x`` is a Dask array.
         """
+        if is_dask_array(x):
+            from ._dask import map_model
+
+            return map_model(self, x, "__call__")
         x, xp = self._check_x(x)
         return self.forward(x, training=False, xp=xp)[0]
 
@@ -299,13 +306,22 @@ class Sequential:
 
     def predict(self, x):
         """Labels (n,) for classifiers, outputs (n, n_outputs) for regressors;
-        see :func:`arraymlp.training.predict`."""
+        see :func:`arraymlp.training.predict` (lazy, block by block, for a Dask array)."""
+        if is_dask_array(x):
+            from ._dask import map_model
+
+            return map_model(self, x, "predict")
         from .training import predict
 
         return predict(self, x)
 
     def predict_proba(self, x):
-        """Class probabilities (n, n_classes); see :func:`arraymlp.training.predict_proba`."""
+        """Class probabilities (n, n_classes); see :func:`arraymlp.training.predict_proba`
+        (lazy, block by block, for a Dask array)."""
+        if is_dask_array(x):
+            from ._dask import map_model
+
+            return map_model(self, x, "predict_proba")
         from .training import predict_proba
 
         return predict_proba(self, x)

@@ -1,0 +1,195 @@
+"""Out-of-core inference on Dask arrays.
+
+``model(x)``, ``model.predict(x)`` and ``model.predict_proba(x)`` with a
+``dask.array.Array`` ``x`` return a lazy Dask array computed block by block with
+:func:`dask.array.map_blocks`: each block of rows goes through the ordinary in-memory
+path on the worker that holds it, so memory stays bounded by a few blocks whatever the
+number of rows.
+
+The weights travel once, not once per block:
+
+- with a ``distributed`` client in effect (``Client(...)`` created, or
+  ``with client.as_current()``), they are scattered to every worker up front
+  (``client.scatter(..., broadcast=True)``) and the graph refers to that one future;
+- otherwise they are one ``delayed`` node of the graph that every block depends on.
+
+The blocks' array type must match the model's backend: NumPy blocks for a NumPy model,
+CuPy blocks (``x.map_blocks(cupy.asarray)``, or data read by dask-cuda) for a CuPy model.
+A worker rebuilds the model on its own default device, so a CuPy model runs on whichever
+GPU a dask-cuda worker owns.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import array_api_compat
+import numpy
+
+from ._backend import backend_name, canonical_device, resolve_backend, to_numpy
+
+__all__ = ["map_model"]
+
+_METHODS = ("__call__", "predict", "predict_proba")
+
+
+class _InferenceModel:
+    """A model stripped to what inference needs, pickled without its namespace module,
+    device or generator (rebuilt on the worker, on its default device)."""
+
+    #: How many times this process has unpickled a model (to check that a worker
+    #: receives the weights once, not once per block).
+    loads = 0
+
+    def __init__(self, model):
+        self.model = model
+
+    def __getstate__(self):
+        m = self.model
+        drop = {"xp", "device", "rng", "dtype"}
+        state = {
+            k: v for k, v in m.__dict__.items()
+            if k not in drop and (not k.endswith("_") or k in ("task_", "loss_"))
+        }
+        return {"cls": type(m), "backend": backend_name(m.xp), "state": state}
+
+    def __setstate__(self, payload):
+        from ._backend import Generator, resolve_dtype
+
+        m = object.__new__(payload["cls"])
+        m.__dict__.update(payload["state"])
+        m.xp = resolve_backend(payload["backend"])
+        m.device = canonical_device(m.xp)
+        m.dtype = resolve_dtype(m.xp, m._dtype_name)
+        m.rng = Generator(m.seed, m.xp, m.device)
+        if m.params and backend_name(m.xp) == "cupy":
+            # unpickled CuPy arrays land on the current device: make that the model's
+            m.device = array_api_compat.device(next(a for p in m.params for a in p.values()))
+        self.model = m
+        type(self).loads += 1
+
+
+def _apply(block, payload: _InferenceModel, method: str, out_shape: tuple, out_dtype: str):
+    """Run ``method`` of the model on one block of rows."""
+    model = payload.model
+    if block.shape[0] == 0:
+        xp = array_api_compat.array_namespace(block)
+        return xp.empty((0,) + out_shape, dtype=getattr(xp, out_dtype))
+    if method == "__call__":
+        return model(block)
+    return getattr(model, method)(block)
+
+
+def _output(model, method: str) -> tuple[tuple, str]:
+    """Per-row output shape and dtype name of ``method``, checked up front."""
+    k = model.n_outputs
+    act = model.output_activation
+    task = getattr(model, "task_", None)
+    if method == "__call__":
+        return (k,), model.dtype_name
+    if method == "predict_proba":
+        if act in ("softmax", "sigmoid") or task in ("multiclass", "multilabel"):
+            return (k,), model.dtype_name
+        msg = "predict_proba needs a classifier: a softmax/sigmoid output, or a model fitted with a classification loss"
+        raise ValueError(msg)
+    if task is None:
+        task = {"softmax": "multiclass", "sigmoid": "multilabel"}.get(act, "regression")
+    if task == "regression":
+        return (k,), model.dtype_name
+    if task == "multiclass":
+        return (), "int64"
+    return (k,), "int64"
+
+
+def _current_client():
+    """The ``distributed`` client in effect, if any (without importing distributed)."""
+    if "distributed" not in sys.modules:
+        return None
+    from distributed import default_client
+
+    try:
+        client = default_client()
+    except ValueError:
+        return None
+    return None if client.asynchronous else client
+
+
+def _weights_node(model):
+    """One graph dependency holding the model: a scattered future, or a delayed."""
+    from dask import delayed
+    from dask.base import tokenize
+
+    token = tokenize(
+        type(model).__qualname__,
+        model.config(),
+        getattr(model, "task_", None),
+        backend_name(model.xp),
+        [[(k, to_numpy(v)) for k, v in p.items()] for p in model.params],
+    )
+    key = f"arraymlp-model-{token}"
+    payload = _InferenceModel(model)
+    client = _current_client()
+    if client is not None:
+        from distributed import Future
+
+        state = client.futures.get(key)
+        if state is not None and state.status == "finished":
+            return Future(key, client), token  # already on the workers: do not resend
+        return client.scatter({key: payload}, broadcast=True)[key], token
+    return delayed(payload, name=key, pure=True, traverse=False), token
+
+
+def map_model(model, x, method: str = "__call__"):
+    """Lazy ``model.<method>(x)`` over the row blocks of a Dask array.
+
+    Parameters
+    ----------
+    model : Sequential
+    x : dask.array.Array, shape (n, n_features)
+        Floating point; chunked along rows (column chunks are merged).
+    method : {"__call__", "predict", "predict_proba"}
+
+    Returns
+    -------
+    dask.array.Array
+        Shape ``(n, n_outputs)``, or ``(n,)`` of int64 labels for ``predict`` on a
+        multiclass model; chunked like ``x``'s rows; the blocks are of ``x``'s array type.
+    """
+    import dask.array as da
+    from dask.base import tokenize
+
+    if method not in _METHODS:
+        msg = f"method must be one of {', '.join(_METHODS)}, got {method!r}"
+        raise ValueError(msg)
+    meta_xp = array_api_compat.array_namespace(x._meta)
+    if model.params is None:
+        model._build(meta_xp, None)
+    if meta_xp is not model.xp:
+        a, b = model.backend, backend_name(meta_xp)
+        hint = (
+            "convert the blocks with x.map_blocks(cupy.asarray)" if a == "cupy"
+            else f"run inference with a copy of the model on {b}: model.copy(backend={b!r})"
+        )
+        msg = f"x is a Dask array of {b} blocks but the model's parameters are {a} arrays; {hint}"
+        raise TypeError(msg)
+    if x.ndim != 2:
+        msg = f"x must be 2-D (n_samples, n_features), got shape {tuple(x.shape)}"
+        raise ValueError(msg)
+    if x.shape[1] != model.n_features_in:
+        msg = f"x has {x.shape[1]} features but the model expects {model.n_features_in}"
+        raise ValueError(msg)
+    if not numpy.issubdtype(x.dtype, numpy.floating):
+        msg = f"x has dtype {x.dtype}; a floating-point array is required (convert it with x.astype('{model.dtype_name}'))"
+        raise TypeError(msg)
+    out_shape, dtype = _output(model, method)
+    if len(x.chunks[1]) != 1:
+        x = x.rechunk({1: -1})
+    weights, token = _weights_node(model)
+    name = f"arraymlp-{method.strip('_')}-{tokenize(token, x.name)}"
+    meta = meta_xp.empty((0,) * (1 + len(out_shape)), dtype=getattr(meta_xp, dtype))
+    kwargs = {"drop_axis": 1} if not out_shape else {"chunks": (x.chunks[0], out_shape)}
+    return da.map_blocks(
+        _apply, x, weights, method=method, out_shape=out_shape, out_dtype=dtype, dtype=numpy.dtype(dtype),
+        meta=meta, name=name, **kwargs,
+    )

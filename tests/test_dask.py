@@ -1,0 +1,206 @@
+"""Out-of-core inference on Dask arrays: lazy, block by block, weights sent once."""
+
+from __future__ import annotations
+
+import importlib.util
+import pickle
+import tracemalloc
+
+import numpy as np
+import pytest
+
+import arraymlp as am
+
+da = pytest.importorskip("dask.array", reason="needs dask (pip install 'arraymlp[dask]')")
+import dask  # noqa: E402
+
+from arraymlp._dask import _InferenceModel  # noqa: E402
+
+N_ROWS = 2_000_000
+CHUNK = 50_000
+N_FEATURES = 8
+
+
+def _classifier(**kwargs):
+    return am.MLP([N_FEATURES, 16, 3], output_activation="softmax", backend="numpy", seed=0, **kwargs)
+
+
+def _rows(n, chunk, seed=0, dtype=np.float32):
+    return da.random.default_rng(seed).random((n, N_FEATURES), chunks=(chunk, N_FEATURES), dtype=dtype)
+
+
+def _gpu() -> bool:
+    if importlib.util.find_spec("cupy") is None:
+        return False
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+# ----------------------------------------------------------------------------- without a cluster
+def test_lazy_results_equal_in_memory_predictions():
+    model = _classifier()
+    x = _rows(10_000, 1_000)
+    with dask.config.set(scheduler="threads"):
+        xs = x.compute()
+        pred, proba, out = model.predict(x), model.predict_proba(x), model(x)
+        assert isinstance(pred, da.Array) and isinstance(proba, da.Array) and isinstance(out, da.Array)
+        assert pred.shape == (10_000,) and pred.dtype == np.int64 and pred.chunks == ((1_000,) * 10,)
+        assert proba.shape == out.shape == (10_000, 3) and proba.dtype == np.float32
+        np.testing.assert_array_equal(pred.compute(), model.predict(xs))
+        np.testing.assert_allclose(proba.compute(), model.predict_proba(xs), rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(out.compute(), model(xs), rtol=1e-6, atol=1e-7)
+
+
+def test_weights_are_one_graph_node():
+    model = am.MLP([N_FEATURES, 256, 256, 3], output_activation="softmax", backend="numpy", seed=0)
+    weight_bytes = sum(a.nbytes for p in model.params for a in p.values())
+    x = _rows(100_000, 1_000)  # 100 blocks
+    pred = model.predict(x)
+    graph = dict(pred.__dask_graph__())
+    holders = [k for k in graph if isinstance(k, str) and k.startswith("arraymlp-model-")]
+    assert len(holders) == 1
+    # every block task refers to that key instead of carrying the weights
+    blocks = [v for k, v in graph.items() if isinstance(k, tuple) and k[0] == pred.name]
+    assert len(blocks) == 100
+    assert all(holders[0] in v.dependencies for v in blocks)
+    assert max(len(pickle.dumps(v)) for v in blocks) < 2_000 < weight_bytes
+    assert len(pickle.dumps(graph[holders[0]])) > weight_bytes
+
+
+def test_regressor_multilabel_and_column_chunks():
+    x = da.random.default_rng(1).random((3_000, N_FEATURES), chunks=(700, 3), dtype=np.float64)
+    xs = x.compute()
+    reg = am.MLP([N_FEATURES, 8, 2], backend="numpy", seed=1)
+    multi = am.MLP([N_FEATURES, 8, 4], output_activation="sigmoid", backend="numpy", seed=2)
+    with dask.config.set(scheduler="sync"):
+        r = reg.predict(x)
+        assert r.shape == (3_000, 2) and r.dtype == np.float32 and r.chunks[0] == x.chunks[0]
+        np.testing.assert_allclose(r.compute(), reg.predict(xs), rtol=1e-6, atol=1e-6)
+        m = multi.predict(x)
+        assert m.shape == (3_000, 4) and m.dtype == np.int64
+        np.testing.assert_array_equal(m.compute(), multi.predict(xs))
+
+
+def test_bad_inputs_are_reported_up_front():
+    model = _classifier()
+    with pytest.raises(ValueError, match="x has 4 features but the model expects 8"):
+        model.predict(da.zeros((10, 4), chunks=5, dtype=np.float32))
+    with pytest.raises(ValueError, match="2-D"):
+        model.predict(da.zeros((10,), chunks=5, dtype=np.float32))
+    with pytest.raises(TypeError, match="floating-point"):
+        model.predict(da.zeros((10, N_FEATURES), chunks=5, dtype=np.int32))
+    regressor = am.MLP([N_FEATURES, 4, 1], backend="numpy", seed=0)
+    with pytest.raises(ValueError, match="predict_proba needs a classifier"):
+        regressor.predict_proba(da.zeros((10, N_FEATURES), chunks=5, dtype=np.float32))
+
+
+def test_backend_mismatch_names_both():
+    pytest.importorskip("torch")
+    model = am.MLP([N_FEATURES, 4, 3], output_activation="softmax", backend="torch", seed=0)
+    with pytest.raises(TypeError, match=r"numpy blocks but the model's parameters are torch.*model.copy\(backend='numpy'\)"):
+        model.predict(da.zeros((10, N_FEATURES), chunks=5, dtype=np.float32))
+
+
+def test_empty_blocks():
+    model = _classifier()
+    x = _rows(1_000, 250)
+    x = x[x[:, 0] > 2.0]  # no row passes: blocks of unknown, in fact zero, length
+    with dask.config.set(scheduler="sync"):
+        out = model.predict_proba(x).compute()
+    assert out.shape == (0, 3)
+
+
+# ----------------------------------------------------------------------------- on a LocalCluster
+def _start_tracing():
+    tracemalloc.start()
+    tracemalloc.reset_peak()
+
+
+def _traced_peak():
+    return tracemalloc.get_traced_memory()[1]
+
+
+def _loads():
+    return _InferenceModel.loads
+
+
+@pytest.fixture(scope="module")
+def client():
+    distributed = pytest.importorskip("distributed", reason="needs dask.distributed (pip install 'arraymlp[dask]')")
+    with (
+        distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
+                                 memory_limit="1GiB") as cluster,
+        distributed.Client(cluster) as c,
+    ):
+        yield c
+
+
+def test_two_million_rows_on_a_local_cluster(client):
+    model = _classifier()
+    x = _rows(N_ROWS, CHUNK)
+    client.run(_start_tracing)
+    pred = model.predict(x)
+    proba = model.predict_proba(x)
+
+    # the weights went to each worker once, up front; the graph only refers to them
+    assert not any(str(k).startswith("arraymlp-model-") for k in dict(pred.__dask_graph__()))
+    held = {k: v for k, v in client.who_has().items() if k.startswith("arraymlp-model-")}
+    assert len(held) == 1 and len(next(iter(held.values()))) == 2
+
+    counts, worst = dask.compute(da.bincount(pred, minlength=3), da.max(da.abs(proba.sum(axis=1) - 1.0)))
+    assert counts.sum() == N_ROWS and (counts > 0).sum() >= 2
+    assert worst < 1e-5
+
+    peaks = client.run(_traced_peak)
+    peak = max(peaks.values())
+    print(f"peak traced memory per worker: {', '.join(f'{v / 2**20:.1f} MiB' for v in peaks.values())}")
+    full = N_ROWS * N_FEATURES * 4
+    # a worker holds a few blocks (3.2 MB of rows, 3.2 MB of hidden units each), never the data set
+    assert peak < full / 2, f"worker peak {peak / 2**20:.1f} MiB for {full / 2**20:.1f} MiB of rows"
+
+    # 40 blocks per method, but every worker unpickled the model once
+    assert set(client.run(_loads).values()) == {1}
+
+    # equal to in-memory predictions on slices: across a block boundary and at the end
+    for lo, hi in [(CHUNK - 1_000, CHUNK + 1_000), (N_ROWS - 3_000, N_ROWS)]:
+        xs = x[lo:hi].compute()
+        np.testing.assert_array_equal(pred[lo:hi].compute(), model.predict(xs))
+        np.testing.assert_allclose(proba[lo:hi].compute(), model.predict_proba(xs), rtol=1e-6, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------- CuPy blocks
+@pytest.mark.skipif(not _gpu(), reason="needs CuPy and a CUDA GPU")
+def test_cupy_blocks():
+    import cupy
+
+    model = _classifier()
+    gpu_model = model.copy(backend="cupy")
+    x = _rows(20_000, 5_000)
+    xg = x.map_blocks(cupy.asarray, meta=cupy.empty((0, 0), dtype=cupy.float32))
+    with dask.config.set(scheduler="threads"):
+        pred = gpu_model.predict(xg)
+        assert isinstance(pred._meta, cupy.ndarray)
+        got = pred.compute()
+        assert isinstance(got, cupy.ndarray)
+        np.testing.assert_array_equal(cupy.asnumpy(got), model.predict(x.compute()))
+
+
+@pytest.mark.skipif(not _gpu() or importlib.util.find_spec("dask_cuda") is None,
+                    reason="needs CuPy, a CUDA GPU and dask-cuda")
+def test_cupy_blocks_on_a_local_cuda_cluster():
+    import cupy
+    import distributed
+    from dask_cuda import LocalCUDACluster
+
+    model = _classifier()
+    gpu_model = model.copy(backend="cupy")
+    x = _rows(200_000, 20_000)
+    xg = x.map_blocks(cupy.asarray, meta=cupy.empty((0, 0), dtype=cupy.float32))
+    with LocalCUDACluster(dashboard_address=None) as cluster, distributed.Client(cluster):
+        proba = gpu_model.predict_proba(xg)
+        got = cupy.asnumpy(proba[:30_000].compute())
+    np.testing.assert_allclose(got, model.predict_proba(x[:30_000].compute()), rtol=1e-5, atol=1e-6)
