@@ -976,9 +976,11 @@ class Checkpoint(Callback):
         self._history: History | None = None
 
     def on_train_begin(self, model, history):
+        """Remember the run's history, saved with each checkpoint."""
         self._history = history
 
     def on_epoch_end(self, model, logs):
+        """Save a checkpoint when the number of completed epochs is a multiple of ``every``."""
         done = logs["epoch"] + 1
         if done % self.every:
             return None
