@@ -218,7 +218,8 @@ def _evaluate(model, x, y, lossfn, task, xp, batch_size=4096):
     fused = model._fused(lossfn)
     upto = len(model.layers) - 1 if fused else None
     for i in range(0, n, batch_size):
-        xb, yb = x[i:i + batch_size, ...], y[i:i + batch_size, ...]
+        end = min(i + batch_size, n)  # the standard leaves slice ends past the axis unspecified
+        xb, yb = x[i:end, ...], y[i:end, ...]
         out, _ = model.forward(xb, training=False, xp=xp, upto=upto)
         value, _ = lossfn.fn(out, yb, xp=xp)
         total += float(value) * _n(xb)
