@@ -172,6 +172,15 @@ def test_two_million_rows_on_a_local_cluster(client):
         np.testing.assert_allclose(proba[lo:hi].compute(), model.predict_proba(xs), rtol=1e-6, atol=1e-7)
 
 
+def test_another_scheduler_while_a_client_exists(client):
+    model = _classifier()
+    x = _rows(20_000, 5_000)
+    with dask.config.set(scheduler="threads"):
+        pred = model.predict(x)  # built for the threaded scheduler: a delayed node, no future
+        assert sum(str(k).startswith("arraymlp-model-") for k in dict(pred.__dask_graph__())) == 1
+        np.testing.assert_array_equal(pred.compute(), model.predict(x.compute()))
+
+
 # ----------------------------------------------------------------------------- CuPy blocks
 @pytest.mark.skipif(not _gpu(), reason="needs CuPy and a CUDA GPU")
 def test_cupy_blocks():

@@ -103,7 +103,6 @@ __all__ = [
     "export_onnx",
     "load",
     "save",
-    "distributed",
     "functional",
     "gradcheck",
     "resolve_backend",

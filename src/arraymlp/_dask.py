@@ -8,10 +8,13 @@ number of rows.
 
 The weights travel once, not once per block:
 
-- with a ``distributed`` client in effect (``Client(...)`` created, or
-  ``with client.as_current()``), they are scattered to every worker up front
-  (``client.scatter(..., broadcast=True)``) and the graph refers to that one future;
-- otherwise they are one ``delayed`` node of the graph that every block depends on.
+- when a ``distributed`` client is the scheduler in effect (a ``Client(...)`` was
+  created and no other scheduler is configured), they are scattered to every worker
+  up front (``client.scatter(..., broadcast=True)``) and the graph refers to that one
+  future, so the result must be computed by that client;
+- otherwise they are one ``delayed`` node of the graph that every block depends on,
+  computed by whichever scheduler runs the graph (a worker that needs it fetches it
+  once from the worker that holds it).
 
 The blocks' array type must match the model's backend: NumPy blocks for a NumPy model,
 CuPy blocks (``x.map_blocks(cupy.asarray)``, or data read by dask-cuda) for a CuPy model.
@@ -103,16 +106,19 @@ def _output(model, method: str) -> tuple[tuple, str]:
 
 
 def _current_client():
-    """The ``distributed`` client in effect, if any (without importing distributed)."""
+    """The ``distributed`` client that ``compute()`` would use now, if any."""
     if "distributed" not in sys.modules:
         return None
+    from dask.base import get_scheduler
     from distributed import default_client
 
     try:
         client = default_client()
     except ValueError:
         return None
-    return None if client.asynchronous else client
+    if client.asynchronous or get_scheduler() != client.get:
+        return None
+    return client
 
 
 def _weights_node(model):
