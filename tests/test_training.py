@@ -1,0 +1,715 @@
+"""Tests of the fit loop (:mod:`arraymlp.training`): mini-batches, shuffling, validation,
+early stopping, callbacks, schedules, the divergence guard, partial_fit, predict, progress
+output, the small problems users bring, and acceptance figures on scikit-learn's bundled
+data sets.
+
+Every test runs on every backend row except the NumPy-only bit-identity test and the data
+set acceptance tests, which run on NumPy and torch to stay fast.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+
+import numpy as np
+import pytest
+
+import arraymlp as am
+from arraymlp.optim import SGD, Adam
+from arraymlp.schedules import CosineAnnealing, ReduceOnPlateau, StepDecay
+from arraymlp.training import Callback, DivergenceError, EarlyStopping, History
+from conftest import BACKEND_ROWS
+
+ACCEPTANCE_ROWS = [row for row in BACKEND_ROWS if row.id in ("numpy", "torch")]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One BLAS / OpenMP thread while a test runs: these problems are far too small to
+    gain from threads, and on a busy machine spinning worker threads slow them down by
+    orders of magnitude (torch on two loaded cores: seconds per epoch instead of tens of
+    milliseconds)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        yield
+        return
+    with threadpool_limits(limits=1):
+        yield
+
+
+# ----------------------------------------------------------------------------- helpers
+def host_params(model):
+    """The model's parameters as float64 NumPy copies."""
+    return [{k: np.array(am.to_numpy(v), dtype=np.float64) for k, v in p.items()} for p in model.params]
+
+
+def assert_params_equal(got, expected, rtol=0.0, atol=0.0):
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected):
+        assert set(g) == set(e)
+        for k in g:
+            if rtol == 0.0 and atol == 0.0:
+                np.testing.assert_array_equal(g[k], e[k])
+            else:
+                np.testing.assert_allclose(g[k], e[k], rtol=rtol, atol=atol)
+
+
+def params_differ(a, b) -> bool:
+    return any(not np.array_equal(pa[k], pb[k]) for pa, pb in zip(a, b) for k in pa)
+
+
+def regression_data(n=20, n_features=3, n_outputs=2, seed=0):
+    r = np.random.default_rng(seed)
+    x = r.normal(size=(n, n_features))
+    w = r.normal(size=(n_features, n_outputs))
+    y = np.tanh(x @ w) + 0.1 * r.normal(size=(n, n_outputs))
+    return x, y
+
+
+def blobs(n_per_class=20, seed=0):
+    """Three well separated Gaussian blobs in 2-D; integer labels."""
+    r = np.random.default_rng(seed)
+    centres = np.array([[3.0, 0.0], [-1.5, 2.6], [-1.5, -2.6]])
+    x = np.concatenate([c + 0.4 * r.normal(size=(n_per_class, 2)) for c in centres])
+    y = np.repeat(np.arange(3), n_per_class)
+    order = r.permutation(len(y))
+    return x[order], y[order]
+
+
+class Snapshots(Callback):
+    """Records the parameters (host copies) after every batch and every epoch."""
+
+    def __init__(self):
+        self.after_batch, self.after_epoch, self.epochs_begun = [], [], 0
+
+    def on_epoch_begin(self, model, epoch):
+        self.epochs_begun += 1
+
+    def on_batch_end(self, model, logs):
+        self.after_batch.append(host_params(model))
+
+    def on_epoch_end(self, model, logs):
+        self.after_epoch.append(host_params(model))
+
+
+def _scaled_split(loader, *, stratify: bool, scale_y: bool = False, random_state: int = 0):
+    """A 25% held-out split of one of scikit-learn's bundled data sets, standardised
+    with statistics of the training part (targets too when ``scale_y``)."""
+    pytest.importorskip("sklearn")
+    from sklearn.model_selection import train_test_split
+    from sklearn.preprocessing import StandardScaler
+
+    x, y = loader(return_X_y=True)
+    x_tr, x_te, y_tr, y_te = train_test_split(
+        x, y, test_size=0.25, random_state=random_state, stratify=y if stratify else None
+    )
+    sx = StandardScaler().fit(x_tr)
+    x_tr, x_te = sx.transform(x_tr).astype(np.float32), sx.transform(x_te).astype(np.float32)
+    if scale_y:
+        return x_tr, x_te, y_tr, y_te, StandardScaler().fit(y_tr[:, None])
+    return x_tr, x_te, y_tr, y_te
+
+
+# ------------------------------------------------------------------------ mini-batches
+def test_one_epoch_equals_hand_written_sgd_loop(backend):
+    """shuffle=False + plain SGD: one epoch is the loop over consecutive slices."""
+    x_np, y_np = regression_data(n=10)
+    model = am.MLP([3, 5, 2], activation="tanh", dtype="float64", seed=1, **backend.model_kwargs())
+    ref = model.copy()
+    x, y = backend.asarray(x_np), backend.asarray(y_np)
+    lr, batch = 0.1, 4
+
+    history = model.fit(x, y, loss="mse", optimizer=SGD(lr=lr), epochs=1, batch_size=batch,
+                        shuffle=False, progress=False)
+
+    values, sizes = [], []
+    for start in range(0, 10, batch):  # slices of 4, 4, 2
+        stop = min(start + batch, 10)  # the standard leaves out-of-bounds slice ends unspecified
+        xb, yb = x[start:stop, ...], y[start:stop, ...]
+        value, grads = ref.loss_and_grads(xb, yb, loss="mse")
+        ref.params = [{k: p[k] - lr * g[k] for k in p} for p, g in zip(ref.params, grads)]
+        values.append(float(value))
+        sizes.append(int(xb.shape[0]))
+    assert sizes == [4, 4, 2]
+    assert_params_equal(host_params(model), host_params(ref), rtol=1e-12, atol=1e-14)
+    # the epoch's loss is the batch losses' mean weighted by batch size
+    assert history.loss[0] == pytest.approx(np.dot(values, sizes) / 10, rel=1e-12)
+    assert model.steps_ == 3
+    assert backend.same_place(model.params[0]["W"])
+
+
+# --------------------------------------------------------------------------- shuffling
+def _batch_orders(backend, epochs=3, n=16, seed=7):
+    """Which sample each batch of size 1 held, epoch by epoch, read back from the
+    per-batch losses of a model that does not move (learning rate 0)."""
+    r = np.random.default_rng(3)
+    x_np = r.normal(size=(n, 2))
+    y_np = np.arange(n, dtype=np.float64)[:, None]  # distinct targets -> distinct losses
+    model = am.MLP([2, 4, 1], dtype="float64", seed=0, **backend.model_kwargs())
+    x, y = backend.asarray(x_np), backend.asarray(y_np)
+    per_sample = np.array([float(model.loss(x[i:i + 1, ...], y[i:i + 1, ...])) for i in range(n)])
+    assert len(np.unique(per_sample)) == n
+
+    class Losses(Callback):
+        def __init__(self):
+            self.by_epoch = []
+
+        def on_epoch_begin(self, model, epoch):
+            self.by_epoch.append([])
+
+        def on_batch_end(self, model, logs):
+            self.by_epoch[-1].append(logs["loss"])
+
+    rec = Losses()
+    model.fit(x, y, loss="mse", optimizer=SGD(lr=0.0), epochs=epochs, batch_size=1, seed=seed,
+              callbacks=[rec], progress=False)
+    orders = []
+    for losses in rec.by_epoch:
+        idx = [int(np.argmin(np.abs(per_sample - v))) for v in losses]
+        np.testing.assert_allclose(per_sample[idx], losses, rtol=1e-12)
+        orders.append(idx)
+    return orders
+
+
+def test_shuffle_draws_a_fresh_permutation_every_epoch(backend):
+    orders = _batch_orders(backend)
+    n = 16
+    for order in orders:
+        assert sorted(order) == list(range(n))  # every sample exactly once per epoch
+        assert order != list(range(n))
+    assert len({tuple(o) for o in orders}) == len(orders)  # a new order each epoch
+    # the batch order comes from the host stream: the same seed gives it on every backend
+    if backend.id != "numpy":
+        from conftest import Backend
+
+        assert orders == _batch_orders(Backend("numpy", "numpy"))
+
+
+def _fit_shuffled(backend, *, seed):
+    x_np, y_np = regression_data(n=30)
+    model = am.MLP([3, 8, 2], dtype="float64", seed=0, **backend.model_kwargs())
+    model.fit(backend.asarray(x_np), backend.asarray(y_np), loss="mse", epochs=3, batch_size=7,
+              seed=seed, progress=False)
+    return host_params(model)
+
+
+def test_same_seed_bit_identical_on_numpy():
+    """NumPy only: bit identity of two runs is a promise of the host backend."""
+    from conftest import Backend
+
+    numpy_row = Backend("numpy", "numpy")
+    a = _fit_shuffled(numpy_row, seed=11)
+    b = _fit_shuffled(numpy_row, seed=11)
+    c = _fit_shuffled(numpy_row, seed=12)
+    assert_params_equal(a, b)
+    assert params_differ(a, c)
+
+
+def test_seed_reproducible_and_matches_numpy(backend):
+    a = _fit_shuffled(backend, seed=11)
+    b = _fit_shuffled(backend, seed=11)
+    c = _fit_shuffled(backend, seed=12)
+    assert_params_equal(a, b, rtol=1e-12, atol=1e-14)
+    assert params_differ(a, c)
+    if backend.id != "numpy":
+        from conftest import Backend
+
+        assert_params_equal(a, _fit_shuffled(Backend("numpy", "numpy"), seed=11), rtol=1e-9, atol=1e-12)
+
+
+# -------------------------------------------------------------------------- validation
+def test_validation_split_holds_out_last_rows(backend):
+    x_np, labels = blobs(n_per_class=7, seed=1)  # 21 rows; round(21 * 0.25) = 5 held out
+    model = am.MLP([2, 6, 3], dtype="float64", seed=2, **backend.model_kwargs())
+    twin = model.copy()
+    x, y = backend.asarray(x_np), backend.asarray(labels)
+    x_val, y_val = x[16:, ...], y[16:]
+
+    class Evaluate(Callback):
+        def __init__(self):
+            self.val_loss, self.val_acc = [], []
+
+        def on_epoch_end(self, model, logs):
+            self.val_loss.append(float(model.loss(x_val, y_val, loss="cross_entropy")))
+            pred = backend.to_numpy(model.predict(x_val))
+            self.val_acc.append(float(np.mean(pred == labels[16:])))
+
+    ev = Evaluate()
+    epochs = 4
+    kw = dict(loss="cross_entropy", optimizer=SGD(lr=0.2), epochs=epochs, batch_size=5, shuffle=False,
+              progress=False)
+    h = model.fit(x, y, validation_split=0.25, callbacks=[ev], **kw)
+    kw["optimizer"] = SGD(lr=0.2)
+    h_twin = twin.fit(x[:16, ...], y[:16], validation_data=(x_val, y_val), **kw)
+
+    # trained on the first 16 rows, validated on the last 5
+    assert_params_equal(host_params(model), host_params(twin), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(h.loss, h_twin.loss, rtol=1e-12)
+    np.testing.assert_allclose(h.val_loss, h_twin.val_loss, rtol=1e-12)
+    # the history: one entry per epoch of each series, with the right values
+    assert isinstance(h, History)
+    assert h.epochs == epochs
+    for series in (h.loss, h.val_loss, h.val_metric, h.lr, h.time):
+        assert len(series) == epochs
+    assert h.metric_name == "accuracy"
+    assert h.lr == [0.2] * epochs
+    assert all(t > 0 for t in h.time)
+    np.testing.assert_allclose(h.val_loss, ev.val_loss, rtol=1e-12)
+    np.testing.assert_allclose(h.val_metric, ev.val_acc, rtol=1e-12)
+    assert h.val_loss[-1] < h.val_loss[0]
+    assert not h.stopped_early
+
+
+def test_validation_metric_is_r2_for_regression(backend):
+    x_np, y_np = regression_data(n=24)
+    model = am.MLP([3, 8, 2], dtype="float64", seed=3, **backend.model_kwargs())
+    x, y = backend.asarray(x_np), backend.asarray(y_np)
+
+    class R2(Callback):
+        def __init__(self):
+            self.r2, self.mse = [], []
+
+        def on_epoch_end(self, model, logs):
+            out = backend.to_numpy(model(x[18:, ...]))
+            t = y_np[18:]
+            self.r2.append(1 - np.sum((t - out) ** 2) / np.sum((t - t.mean(axis=0)) ** 2))
+            self.mse.append(np.mean((t - out) ** 2))
+
+    cb = R2()
+    h = model.fit(x, y, loss="mse", epochs=3, batch_size=6, validation_split=0.25, callbacks=[cb],
+                  seed=0, progress=False)
+    assert h.metric_name == "r2"
+    np.testing.assert_allclose(h.val_metric, cb.r2, rtol=1e-10)
+    np.testing.assert_allclose(h.val_loss, cb.mse, rtol=1e-10)
+
+
+# ---------------------------------------------------------------------- early stopping
+def _line_problem(backend):
+    """A bias-free 1 -> 1 linear model starting at w = 0, trained full-batch towards
+    y = 2x while validated on y = x: w climbs 0 -> 2, so the validation loss falls until w
+    passes 1 and rises after."""
+    x_np = np.linspace(0.5, 1.5, 8)[:, None]
+    model = am.Sequential([am.Dense(1, 1, bias=False)], dtype="float64", seed=0, **backend.model_kwargs())
+    model.params[0]["W"] = model.params[0]["W"] * 0.0
+    x = backend.asarray(x_np)
+    return model, x, backend.asarray(2 * x_np), (x, backend.asarray(x_np))
+
+
+def _expected_stop(val_loss, patience, min_delta):
+    """(best epoch, last epoch run) by the rule: an improvement beats the best by more
+    than min_delta; stop once more than `patience` epochs in a row did not improve."""
+    best, best_epoch, wait = math.inf, None, 0
+    for epoch, v in enumerate(val_loss):
+        if v < best - min_delta:
+            best, best_epoch, wait = v, epoch, 0
+        else:
+            wait += 1
+            if wait > patience:
+                return best_epoch, epoch
+    return best_epoch, len(val_loss) - 1
+
+
+@pytest.mark.parametrize("min_delta", [0.0, 0.02])
+def test_early_stopping_restores_best_weights(backend, min_delta):
+    kw = dict(loss="mse", epochs=40, batch_size=8, shuffle=False, progress=False)
+    # the whole trajectory, without early stopping: the validation loss falls, then rises
+    model, x, y, val = _line_problem(backend)
+    full = np.asarray(model.fit(x, y, optimizer=SGD(lr=0.05), validation_data=val, **kw).val_loss)
+    turn = int(np.argmin(full))
+    assert 3 <= turn < 20
+    assert np.all(np.diff(full[:turn + 1]) < 0) and np.all(np.diff(full[turn:]) > 0)
+
+    patience = 2
+    best_epoch, last_epoch = _expected_stop(full, patience, min_delta)
+    if min_delta == 0.0:
+        assert best_epoch == turn
+    else:  # the last small improvements before the turn do not count
+        assert best_epoch < turn
+
+    model, x, y, val = _line_problem(backend)
+    snaps = Snapshots()
+    h = model.fit(x, y, optimizer=SGD(lr=0.05), validation_data=val, callbacks=[snaps],
+                  early_stopping=EarlyStopping(patience=patience, min_delta=min_delta), **kw)
+    assert h.stopped_early
+    assert h.epochs == last_epoch + 1
+    np.testing.assert_allclose(h.val_loss, full[:last_epoch + 1], rtol=1e-12)
+    assert h.best_epoch == best_epoch
+    assert_params_equal(host_params(model), snaps.after_epoch[best_epoch])
+    assert float(model.loss(*val)) == pytest.approx(full[best_epoch], rel=1e-12)
+
+
+def test_early_stopping_int_monitors_training_loss_without_validation(backend):
+    """early_stopping=3 without validation data watches the training loss; a model that
+    cannot move (learning rate 0) improves once, then stops after 3 + 1 flat epochs."""
+    model, x, y, _ = _line_problem(backend)
+    h = model.fit(x, y, loss="mse", optimizer=SGD(lr=0.0), epochs=20, batch_size=8, shuffle=False,
+                  early_stopping=3, progress=False)
+    assert h.stopped_early
+    assert h.epochs == 5
+    assert h.best_epoch == 0
+    assert h.val_loss == []
+
+
+# ---------------------------------------------------------------------------- callbacks
+class Recorder(Callback):
+    def __init__(self, stop_at_step=None, stop_at_epoch=None):
+        self.events, self.stop_at_step, self.stop_at_epoch = [], stop_at_step, stop_at_epoch
+
+    def on_train_begin(self, model, history):
+        self.events.append(("train_begin",))
+
+    def on_epoch_begin(self, model, epoch):
+        self.events.append(("epoch_begin", epoch))
+
+    def on_batch_end(self, model, logs):
+        self.events.append(("batch_end", logs["epoch"], logs["step"]))
+        return logs["step"] == self.stop_at_step
+
+    def on_epoch_end(self, model, logs):
+        self.events.append(("epoch_end", logs["epoch"]))
+        return logs["epoch"] == self.stop_at_epoch
+
+    def on_train_end(self, model, history):
+        self.events.append(("train_end",))
+
+
+def test_callbacks_receive_events_in_order(backend):
+    x_np, y_np = regression_data(n=10)
+    model = am.MLP([3, 4, 2], seed=0, **backend.model_kwargs())
+    rec = Recorder()
+    model.fit(backend.asarray(x_np), backend.asarray(y_np), epochs=2, batch_size=4, callbacks=[rec],
+              progress=False)
+    assert rec.events == [
+        ("train_begin",),
+        ("epoch_begin", 0), ("batch_end", 0, 1), ("batch_end", 0, 2), ("batch_end", 0, 3), ("epoch_end", 0),
+        ("epoch_begin", 1), ("batch_end", 1, 4), ("batch_end", 1, 5), ("batch_end", 1, 6), ("epoch_end", 1),
+        ("train_end",),
+    ]
+
+
+def test_callback_returning_true_stops_training(backend):
+    x_np, y_np = regression_data(n=10)
+    x, y = backend.asarray(x_np), backend.asarray(y_np)
+
+    # at a batch: the current epoch ends there
+    model = am.MLP([3, 4, 2], dtype="float64", seed=0, **backend.model_kwargs())
+    ref = model.copy()
+    rec = Recorder(stop_at_step=2)
+    h = model.fit(x, y, optimizer=SGD(lr=0.1), epochs=5, batch_size=4, shuffle=False, callbacks=[rec],
+                  progress=False)
+    assert rec.events == [("train_begin",), ("epoch_begin", 0), ("batch_end", 0, 1), ("batch_end", 0, 2),
+                          ("epoch_end", 0), ("train_end",)]
+    assert h.stopped_early and h.epochs == 1 and model.steps_ == 2
+    ref.fit(x[:8, ...], y[:8, ...], optimizer=SGD(lr=0.1), epochs=1, batch_size=4, shuffle=False,
+            progress=False)  # the same two steps
+    assert_params_equal(host_params(model), host_params(ref), rtol=1e-12, atol=1e-14)
+
+    # at an epoch end
+    model = am.MLP([3, 4, 2], seed=0, **backend.model_kwargs())
+    rec = Recorder(stop_at_epoch=1)
+    h = model.fit(x, y, epochs=5, batch_size=4, callbacks=[rec], progress=False)
+    assert h.stopped_early and h.epochs == 2 and model.steps_ == 6
+    assert rec.events[-2:] == [("epoch_end", 1), ("train_end",)]
+
+
+# ---------------------------------------------------------------------------- schedules
+def test_lr_follows_schedule_per_epoch(backend):
+    """Full-batch SGD with a step decay: History.lr is the schedule and each epoch's
+    update uses it."""
+    x_np, y_np = regression_data(n=12)
+    model = am.MLP([3, 5, 2], activation="tanh", dtype="float64", seed=4, **backend.model_kwargs())
+    ref = model.copy()
+    x, y = backend.asarray(x_np), backend.asarray(y_np)
+    h = model.fit(x, y, optimizer="sgd", schedule=StepDecay(0.2, step_size=2, gamma=0.5), epochs=5,
+                  batch_size=12, shuffle=False, progress=False)
+    expected = [0.2 * 0.5 ** (e // 2) for e in range(5)]
+    np.testing.assert_allclose(h.lr, expected, rtol=1e-15)
+    for lr in expected:
+        _, grads = ref.loss_and_grads(x, y, loss="mse")
+        ref.params = [{k: p[k] - lr * g[k] for k in p} for p, g in zip(ref.params, grads)]
+    assert_params_equal(host_params(model), host_params(ref), rtol=1e-12, atol=1e-14)
+
+
+def test_cosine_schedule_in_history(backend):
+    x_np, y_np = regression_data(n=12)
+    model = am.MLP([3, 5, 2], seed=4, **backend.model_kwargs())
+    h = model.fit(backend.asarray(x_np), backend.asarray(y_np), optimizer="adam",
+                  schedule=CosineAnnealing(0.01, T_max=4), epochs=6, batch_size=4, progress=False)
+    expected = [0.01 * (1 + math.cos(math.pi * min(e, 4) / 4)) / 2 for e in range(6)]
+    np.testing.assert_allclose(h.lr, expected, rtol=1e-12, atol=1e-18)
+
+
+def test_reduce_on_plateau_reduces_after_patience(backend):
+    """A learning rate too small to move the loss by the relative threshold: every epoch
+    after the first is a plateau epoch, and the rate halves after `patience` + 1 of them."""
+    x_np, y_np = regression_data(n=12)
+    model = am.MLP([3, 5, 2], dtype="float64", seed=4, **backend.model_kwargs())
+    lr0, patience = 1e-6, 2
+    sched = ReduceOnPlateau(lr0, factor=0.5, patience=patience)
+    h = model.fit(backend.asarray(x_np), backend.asarray(y_np), optimizer="sgd", schedule=sched, epochs=9,
+                  batch_size=12, shuffle=False, progress=False)
+    # epoch 0 sets the best; epochs 1..3 are bad; after the 3rd (> patience) the rate halves
+    expected = [lr0] * 4 + [lr0 / 2] * 3 + [lr0 / 4] * 2
+    np.testing.assert_allclose(h.lr, expected, rtol=1e-15)
+    assert h.loss[-1] <= h.loss[0] and h.loss[0] - h.loss[-1] < 1e-4 * h.loss[0]
+
+
+def test_reduce_on_plateau_keeps_rate_while_improving(backend):
+    x_np, y_np = regression_data(n=12)
+    model = am.MLP([3, 5, 2], dtype="float64", seed=4, **backend.model_kwargs())
+    sched = ReduceOnPlateau(0.05, factor=0.5, patience=0)
+    h = model.fit(backend.asarray(x_np), backend.asarray(y_np), optimizer="sgd", schedule=sched, epochs=5,
+                  batch_size=12, shuffle=False, progress=False)
+    assert np.all(np.diff(h.loss) < 0)
+    assert h.lr == [0.05] * 5
+
+
+# --------------------------------------------------------------------- divergence guard
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_divergence_raises_and_keeps_last_finite_parameters(backend):
+    x_np, y_np = regression_data(n=40)
+    model = am.MLP([3, 8, 2], seed=1, **backend.model_kwargs())
+    before = host_params(model)
+    snaps = Snapshots()
+    x, y = backend.asarray(x_np), backend.asarray(y_np)
+    with pytest.raises(DivergenceError) as info:
+        model.fit(x, y, optimizer=SGD(lr=1e6), epochs=20, batch_size=8, shuffle=False, callbacks=[snaps],
+                  progress=False)
+    err = info.value
+    steps_done = len(snaps.after_batch)
+    epoch = snaps.epochs_begun  # 1-based number of the epoch that failed
+    assert err.step == steps_done and err.epoch == epoch - 1
+    assert re.search(rf"\bepoch {epoch}, step {steps_done + 1}\b", str(err)), str(err)
+    # the parameters are finite and those of the last finite step
+    last = snaps.after_batch[-1] if snaps.after_batch else before
+    got = host_params(model)
+    assert all(np.all(np.isfinite(a)) for p in got for a in p.values())
+    assert_params_equal(got, last)
+    # ... and the batch it stopped at does have a non-finite loss with them
+    batch = steps_done % 5
+    value = float(model.loss(x[8 * batch:8 * batch + 8, ...], y[8 * batch:8 * batch + 8, ...]))
+    assert not math.isfinite(value)
+
+
+# --------------------------------------------------------------------------- partial_fit
+def test_partial_fit_keeps_optimizer_state(backend):
+    x_np, y_np = regression_data(n=20)
+    x, y = backend.asarray(x_np), backend.asarray(y_np)
+    a = am.MLP([3, 6, 2], dtype="float64", seed=5, **backend.model_kwargs())
+    b, c = a.copy(), a.copy()
+    a.partial_fit(x, y, loss="mse", optimizer="adam", batch_size=8, shuffle=False)
+    a.partial_fit(x, y, batch_size=8, shuffle=False)
+    b.fit(x, y, loss="mse", optimizer="adam", epochs=2, batch_size=8, shuffle=False, progress=False)
+    assert_params_equal(host_params(a), host_params(b), rtol=1e-12, atol=1e-14)
+    assert a.optimizer_.step_count == 6
+    # two separate fits restart Adam's moments: a different result
+    c.fit(x, y, loss="mse", optimizer="adam", epochs=1, batch_size=8, shuffle=False, progress=False)
+    c.fit(x, y, loss="mse", optimizer="adam", epochs=1, batch_size=8, shuffle=False, progress=False)
+    assert params_differ(host_params(a), host_params(c))
+
+
+def test_partial_fit_needs_a_loss_first(backend):
+    x_np, y_np = regression_data(n=6)
+    model = am.MLP([3, 4, 2], seed=0, **backend.model_kwargs())
+    with pytest.raises(ValueError, match="partial_fit needs loss="):
+        model.partial_fit(backend.asarray(x_np), backend.asarray(y_np))
+
+
+# ------------------------------------------------------------------ predict, predict_proba
+def _softmax(z):
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("output_activation", ["softmax", None])
+def test_predict_multiclass(backend, output_activation):
+    x_np, labels = blobs(seed=2)
+    model = am.MLP([2, 16, 3], output_activation=output_activation, dtype="float64", seed=0,
+                   **backend.model_kwargs())
+    x = backend.asarray(x_np)
+    model.fit(x, backend.asarray(labels), loss="cross_entropy", lr=0.02, epochs=30, batch_size=8, seed=0,
+              progress=False)
+    out = backend.to_numpy(model(x))
+    proba = model.predict_proba(x)
+    pred = model.predict(x)
+    assert backend.same_place(proba) and backend.same_place(pred)
+    p = backend.to_numpy(proba)
+    expected = out if output_activation == "softmax" else _softmax(out)
+    np.testing.assert_allclose(p, expected, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(p.sum(axis=1), 1.0, rtol=1e-12)
+    assert tuple(pred.shape) == (60,)
+    np.testing.assert_array_equal(backend.to_numpy(pred), np.argmax(out, axis=1))
+    assert np.mean(backend.to_numpy(pred) == labels) == 1.0  # separable blobs
+
+
+def test_predict_multilabel(backend):
+    r = np.random.default_rng(4)
+    x_np = np.sign(r.normal(size=(64, 2))) * (0.5 + np.abs(r.normal(size=(64, 2))))
+    y_np = (x_np > 0).astype(np.float64)  # label j: feature j is positive
+    model = am.MLP([2, 8, 2], dtype="float64", seed=1, **backend.model_kwargs())
+    x = backend.asarray(x_np)
+    model.fit(x, backend.asarray(y_np), loss="binary_cross_entropy", lr=0.02, epochs=40, batch_size=8, seed=0,
+              progress=False)
+    logits = backend.to_numpy(model(x))
+    p = backend.to_numpy(model.predict_proba(x))
+    np.testing.assert_allclose(p, 1 / (1 + np.exp(-logits)), rtol=1e-12)
+    pred = backend.to_numpy(model.predict(x))
+    assert pred.shape == (64, 2)
+    np.testing.assert_array_equal(pred, (logits > 0).astype(pred.dtype))
+    assert np.mean(pred == y_np) == 1.0
+
+
+def test_predict_regression_returns_outputs(backend):
+    x_np, y_np = regression_data(n=12)
+    model = am.MLP([3, 5, 2], dtype="float64", seed=0, **backend.model_kwargs())
+    x = backend.asarray(x_np)
+    model.fit(x, backend.asarray(y_np), loss="mse", epochs=2, batch_size=4, progress=False)
+    pred = model.predict(x)
+    assert backend.same_place(pred)
+    np.testing.assert_array_equal(backend.to_numpy(pred), backend.to_numpy(model(x)))
+    with pytest.raises(ValueError, match="predict_proba needs a classifier"):
+        model.predict_proba(x)
+
+
+# ------------------------------------------------------------------------------ progress
+def test_progress_silent_without_terminal(backend, capsys):
+    x_np, y_np = regression_data(n=12)
+    model = am.MLP([3, 4, 2], seed=0, **backend.model_kwargs())
+    h = model.fit(backend.asarray(x_np), backend.asarray(y_np), epochs=3, progress=True)
+    captured = capsys.readouterr()
+    assert (captured.out, captured.err) == ("", "")
+    assert h.epochs == 3
+
+
+def test_verbose_prints_one_line_per_epoch(backend, capsys):
+    x_np, labels = blobs(n_per_class=6, seed=0)
+    model = am.MLP([2, 4, 3], seed=0, **backend.model_kwargs())
+    h = model.fit(backend.asarray(x_np), backend.asarray(labels), loss="cross_entropy", epochs=4, batch_size=5,
+                  validation_split=0.2, verbose=True)
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    lines = captured.out.splitlines()
+    assert len(lines) == 4
+    for i, line in enumerate(lines):
+        m = re.match(r"epoch\s+(\d+)\s+loss (\S+)\s+val_loss (\S+)\s+val_accuracy (\S+)", line)
+        assert m, line
+        assert int(m.group(1)) == i + 1
+        assert float(m.group(2)) == pytest.approx(h.loss[i], rel=1e-3)
+        assert float(m.group(3)) == pytest.approx(h.val_loss[i], rel=1e-3)
+        assert float(m.group(4)) == pytest.approx(h.val_metric[i], abs=1e-4)
+
+
+# ------------------------------------------------------------------ problems users bring
+def test_one_one_one_linear_network_fits_y_equals_2x(backend):
+    """A 1-1-1 linear network on x = 1..5, y = 2x (raw, unscaled, as users write it);
+    this initialisation has weights of opposite signs, so w1*w2 must pass through 0."""
+    x_np = np.arange(1.0, 6.0)[:, None]
+    model = am.Sequential([am.Dense(1, 1), am.Dense(1, 1)], seed=19, **backend.model_kwargs())
+    w1, w2 = (float(backend.to_numpy(p["W"])[0, 0]) for p in model.params)
+    assert w1 * w2 < 0
+    x = backend.asarray(x_np, dtype=np.float32)
+    model.fit(x, backend.asarray(2 * x_np, dtype=np.float32), loss="mse", optimizer=Adam(lr=0.1), epochs=500,
+              batch_size=5, progress=False)
+    err = np.abs(backend.to_numpy(model.predict(x)) - 2 * x_np)
+    assert err.max() < 1e-3
+    # it learned the line, not the five points
+    x6 = backend.asarray([[6.0]], dtype=np.float32)
+    assert float(backend.to_numpy(model.predict(x6))[0, 0]) == pytest.approx(12.0, abs=2e-3)
+
+
+def test_mlp_identity_1_1_1_fits_y_equals_2x(backend):
+    x_np = np.arange(1.0, 6.0)[:, None]
+    model = am.MLP([1, 1, 1], activation="identity", seed=0, **backend.model_kwargs())
+    x = backend.asarray(x_np, dtype=np.float32)
+    model.fit(x, backend.asarray(2 * x_np, dtype=np.float32), loss="mse", optimizer=Adam(lr=0.1), epochs=500,
+              batch_size=5, progress=False)
+    assert np.abs(backend.to_numpy(model.predict(x)) - 2 * x_np).max() < 1e-3
+
+
+def test_xor_with_2_3_1_sigmoid_network(backend):
+    x_np = np.array([[0, 0], [0, 1], [1, 0], [1, 1]], dtype=np.float32)
+    y_np = np.array([[0], [1], [1], [0]], dtype=np.float32)
+    model = am.MLP([2, 3, 1], activation="sigmoid", output_activation="sigmoid", seed=0,
+                   **backend.model_kwargs())
+    assert all("b" in p for p in model.params if p)  # biases enabled
+    x = backend.asarray(x_np)
+    model.fit(x, backend.asarray(y_np), loss="binary_cross_entropy", optimizer=Adam(lr=0.1), epochs=500,
+              batch_size=4, progress=False)
+    np.testing.assert_array_equal(backend.to_numpy(model.predict(x)), y_np)
+    p = backend.to_numpy(model.predict_proba(x))[:, 0]
+    assert p[[1, 2]].min() > 0.8 and p[[0, 3]].max() < 0.2
+
+
+@pytest.mark.parametrize("backend", ACCEPTANCE_ROWS)
+def test_digits_64_10_10_softmax_above_0_9(backend):
+    from sklearn.datasets import load_digits
+
+    x_tr, x_te, y_tr, y_te = _scaled_split(load_digits, stratify=True)
+    model = am.MLP([64, 10, 10], output_activation="softmax", seed=0, **backend.model_kwargs())
+    model.fit(backend.asarray(x_tr), backend.asarray(y_tr), loss="cross_entropy", lr=5e-3, epochs=30,
+              batch_size=32, seed=0, progress=False)
+    acc = np.mean(backend.to_numpy(model.predict(backend.asarray(x_te))) == y_te)
+    assert acc > 0.9
+
+
+# ---------------------------------------------------------------------------- acceptance
+@pytest.mark.parametrize("backend", ACCEPTANCE_ROWS)
+def test_acceptance_digits_at_least_0_97(backend):
+    from sklearn.datasets import load_digits
+
+    x_tr, x_te, y_tr, y_te = _scaled_split(load_digits, stratify=True)
+    model = am.MLP([64, 256, 10], output_activation="softmax", seed=0, **backend.model_kwargs())
+    epochs = 30
+    model.fit(backend.asarray(x_tr), backend.asarray(y_tr), loss="cross_entropy",
+              schedule=CosineAnnealing(3e-3, T_max=epochs), l2=1e-3, epochs=epochs, batch_size=32, seed=0,
+              progress=False)
+    acc = np.mean(backend.to_numpy(model.predict(backend.asarray(x_te))) == y_te)
+    assert acc >= 0.97
+
+
+@pytest.mark.parametrize("backend", ACCEPTANCE_ROWS)
+def test_acceptance_iris_at_least_0_95(backend):
+    from sklearn.datasets import load_iris
+
+    x_tr, x_te, y_tr, y_te = _scaled_split(load_iris, stratify=True)
+    model = am.MLP([4, 16, 3], output_activation="softmax", seed=0, **backend.model_kwargs())
+    model.fit(backend.asarray(x_tr), backend.asarray(y_tr), loss="cross_entropy", lr=0.01, epochs=100,
+              batch_size=16, seed=0, progress=False)
+    acc = np.mean(backend.to_numpy(model.predict(backend.asarray(x_te))) == y_te)
+    assert acc >= 0.95
+
+
+@pytest.mark.parametrize("backend", ACCEPTANCE_ROWS)
+def test_acceptance_diabetes_r2_at_least_sklearn(backend):
+    """Same split, same hidden size, Adam at scikit-learn's default rate, same epochs and
+    batch size, same initialisation scheme (Glorot uniform, scikit-learn's); inputs and
+    targets standardised on the training part. R^2 is averaged over five seeds on each
+    side, since a single run on 331 samples varies by several hundredths."""
+    from sklearn.datasets import load_diabetes
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.metrics import r2_score
+    from sklearn.neural_network import MLPRegressor
+
+    x_tr, x_te, y_tr, y_te, sy = _scaled_split(load_diabetes, stratify=False, scale_y=True)
+    t_tr = sy.transform(y_tr[:, None]).astype(np.float32)
+    hidden, epochs, batch = 64, 50, 32
+    ours, theirs = [], []
+    for seed in range(5):
+        model = am.MLP([10, hidden, 1], init="glorot_uniform", seed=seed, **backend.model_kwargs())
+        model.fit(backend.asarray(x_tr), backend.asarray(t_tr), loss="mse", optimizer="adam", lr=1e-3,
+                  epochs=epochs, batch_size=batch, seed=seed, progress=False)
+        out = backend.to_numpy(model.predict(backend.asarray(x_te))).astype(np.float64)
+        ours.append(r2_score(y_te, sy.inverse_transform(out)[:, 0]))
+        sk = MLPRegressor(hidden_layer_sizes=(hidden,), solver="adam", learning_rate_init=1e-3,
+                          batch_size=batch, max_iter=epochs, random_state=seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)  # max_iter is the budget, on purpose
+            sk.fit(x_tr, t_tr[:, 0])
+        theirs.append(r2_score(y_te, sy.inverse_transform(sk.predict(x_te)[:, None])[:, 0]))
+    assert np.mean(ours) >= np.mean(theirs)
+    assert np.mean(ours) > 0.25
