@@ -1,0 +1,1284 @@
+"""scikit-learn estimators over arraymlp models: :class:`MLPClassifier`, :class:`MLPRegressor`.
+
+They follow the parameters, fitted attributes and stopping rules of
+:class:`sklearn.neural_network.MLPClassifier` / ``MLPRegressor``, and train on the
+backend and device of the arrays they are given (or of ``backend=`` / ``device=``):
+NumPy in gives NumPy out; torch, CuPy or array-api-strict in gives the same kind of
+array out, on the same device. ``sklearn.config_context(array_api_dispatch=...)`` does
+not change where the work runs (the inputs decide); it only makes ``predict`` on an
+input of another namespace raise, as scikit-learn's array-API estimators do, instead of
+converting.
+
+The objective is scikit-learn's, term for term. For a mini-batch ``B`` with sample
+weights ``w`` (all ones by default)::
+
+    J_B = sum_{i in B} w_i l_i / sum_{i in B} w_i  +  alpha / (2 sum_{i in B} w_i) * sum ||W||^2
+
+with ``l_i`` the per-sample loss summed over the outputs: half the squared error for
+regression, the cross-entropy of the softmax for multiclass, the binary cross-entropy
+of the sigmoid (summed over the labels) for binary and multilabel problems. The L2 term
+therefore maps to the model's ``l2`` as ``l2 = alpha / sum_{i in B} w_i`` per batch.
+
+Class labels of any kind are encoded on the host: when ``y`` is not a NumPy array it is
+copied to the host once per ``fit`` (labels are small next to ``X``), encoded against
+:attr:`classes_`, and the codes are moved to the model's device. ``sample_weight`` is
+likewise copied to the host once (the per-batch weight sums feed the L2 scaling without
+a device round trip) and once to the device.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from typing import Any
+
+import array_api_compat
+import numpy as np
+from sklearn import get_config
+from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
+from sklearn.exceptions import ConvergenceWarning, DataConversionWarning
+from sklearn.metrics import accuracy_score, r2_score
+from sklearn.model_selection import train_test_split
+from sklearn.utils import check_random_state
+from sklearn.utils.multiclass import check_classification_targets, type_of_target, unique_labels
+from sklearn.utils.validation import check_array, check_consistent_length, check_is_fitted, validate_data
+
+from . import functional as F
+from ._backend import (
+    backend_name,
+    canonical_device,
+    device_of,
+    resolve_backend,
+    to_backend,
+    to_numpy,
+)
+from .functional import ACTIVATIONS
+from .layers import Dense
+from .losses import Loss, binary_cross_entropy, cross_entropy, mse
+from .model import MLP
+from .optim import SGD, Adagrad, Adam, AdamW, RMSprop, get_optimizer
+from .training import DivergenceError
+
+__all__ = ["MLPClassifier", "MLPRegressor"]
+
+_SOLVERS = ("sgd", "adam", "adamw", "rmsprop", "adagrad")
+_LEARNING_RATES = ("constant", "invscaling", "adaptive")
+_ACTIVATION_ALIASES = {"logistic": "sigmoid"}
+_DTYPES = ("float16", "float32", "float64")
+_PREDICT_CHUNK = 65536  # rows per forward pass at inference, to bound the activations' memory
+_MIN_ADAPTIVE_LR = 1e-6  # as scikit-learn's adaptive schedule: stop once the rate falls this low
+
+
+# ------------------------------------------------------------------------------ losses
+# scikit-learn's per-sample losses are sums over the outputs; arraymlp's table rows are
+# means over them. These rows rescale value and gradient by the output count (and by
+# 1/2 for the squared error) so that the optimised objective is scikit-learn's.
+def _half_squared_error(outputs, targets, *, xp=None, sample_weight=None):
+    """``l_i = 1/2 sum_j (o_ij - t_ij)^2``, weighted mean over the batch; gradient ``(o - t) w_i / sum w``."""
+    value, grad = mse(outputs, targets, xp=xp, sample_weight=sample_weight)
+    c = 0.5 * int(outputs.shape[1])
+    return value * c, grad * c
+
+
+def _summed_binary_log_loss(outputs, targets, *, xp=None, sample_weight=None):
+    """Binary cross-entropy from logits summed over the labels, weighted mean over the batch."""
+    value, grad = binary_cross_entropy(outputs, targets, xp=xp, sample_weight=sample_weight)
+    c = float(int(outputs.shape[1]))
+    return value * c, grad * c
+
+
+_LOSSES = {
+    "identity": Loss("half_squared_error", _half_squared_error, "identity", "same_shape"),
+    "softmax": Loss("cross_entropy", cross_entropy, "softmax", "labels_or_probs"),
+    "sigmoid": Loss("binary_log_loss", _summed_binary_log_loss, "sigmoid", "same_shape"),
+}
+# scikit-learn's names for the output activations (``out_activation_``)
+_OUT_ACTIVATION_NAMES = {"identity": "identity", "softmax": "softmax", "sigmoid": "logistic"}
+
+
+# ------------------------------------------------------------------------------ arrays
+def _is_device_array(x: Any) -> bool:
+    """True for an Array API array that is not a NumPy array (torch, CuPy, array-api-strict, ...)."""
+    return (
+        x is not None
+        and not isinstance(x, np.ndarray)
+        and not isinstance(x, np.generic)
+        and array_api_compat.is_array_api_obj(x)
+        and not _is_sparse(x)
+    )
+
+
+def _is_sparse(x: Any) -> bool:
+    try:
+        import scipy.sparse as sp
+    except ImportError:  # pragma: no cover - scikit-learn depends on SciPy
+        return False
+    return sp.issparse(x)
+
+
+def _host(x: Any) -> Any:
+    """``x`` as a host (NumPy) array when it is a device array; anything else unchanged."""
+    return to_numpy(x) if _is_device_array(x) else x
+
+
+def _move(x, xp, device):
+    """``x`` on namespace ``xp`` and ``device`` (a no-op when it is there already)."""
+    if array_api_compat.array_namespace(x) is xp and device_of(x) == device:
+        return x
+    return to_backend(x, xp, device=device)
+
+
+def _float_dtype(xp, name: str):
+    return getattr(xp, name)
+
+
+def _check_device_X(X, xp, estimator_name: str) -> None:
+    """Shape and dtype checks for a device array, with scikit-learn's wording."""
+    shape = tuple(int(s) for s in X.shape)
+    if X.ndim != 2:
+        msg = (
+            f"Expected 2D array, got {X.ndim}D array instead: shape={shape}. Reshape your data "
+            "either using array.reshape(-1, 1) if your data has a single feature or "
+            "array.reshape(1, -1) if it contains a single sample."
+        )
+        raise ValueError(msg)
+    if shape[0] == 0:
+        msg = f"Found array with 0 sample(s) (shape={shape}) while a minimum of 1 is required by {estimator_name}."
+        raise ValueError(msg)
+    if shape[1] == 0:
+        msg = f"Found array with 0 feature(s) (shape={shape}) while a minimum of 1 is required by {estimator_name}."
+        raise ValueError(msg)
+    if xp.isdtype(X.dtype, "complex floating"):
+        msg = "Complex data not supported"
+        raise ValueError(msg)
+    if not (xp.isdtype(X.dtype, "real floating") or xp.isdtype(X.dtype, "integral") or X.dtype == xp.bool):
+        msg = f"X has dtype {X.dtype}; a real numeric array is required"
+        raise TypeError(msg)
+
+
+def _check_finite(a, xp, what: str) -> None:
+    if bool(xp.all(xp.isfinite(a))):
+        return
+    if bool(xp.any(xp.isnan(a))):
+        msg = f"Input {what} contains NaN."
+    else:
+        msg = f"Input {what} contains infinity or a value too large for dtype({str(a.dtype).rsplit('.', 1)[-1]!r})."
+    raise ValueError(msg)
+
+
+class _Input:
+    """A validated ``X``: the array, its namespace and device, whether it came from the host
+    (NumPy, lists, pandas, ...), and the floating dtype results are returned in."""
+
+    __slots__ = ("x", "xp", "device", "host", "out_dtype")
+
+    def __init__(self, x, xp, device, host, out_dtype):
+        self.x, self.xp, self.device, self.host, self.out_dtype = x, xp, device, host, out_dtype
+
+
+# ------------------------------------------------------------------------------ pickling
+def _build_model(config: dict, *, seed: int, backend: str, device: Any) -> MLP:
+    """An MLP initialised as scikit-learn initialises its perceptrons: every weight and bias
+    drawn from ``U(-a, a)``, ``a = sqrt(f / (fan_in + fan_out))`` with ``f = 2`` for a
+    sigmoid hidden activation and ``f = 6`` otherwise, from the model's host stream.
+
+    ``config`` holds ``sizes``, ``activation``, ``output_activation``, ``dropout`` and
+    ``dtype``."""
+    # "zeros" skips drawing weights that are replaced below
+    model = MLP(config["sizes"], activation=config["activation"], output_activation=config["output_activation"],
+                dropout=config["dropout"], init="zeros", dtype=config["dtype"], backend=backend, device=device,
+                seed=seed)
+    factor = 2.0 if config["activation"] == "sigmoid" else 6.0
+    for layer, p in zip(model.layers, model.params):
+        if isinstance(layer, Dense):
+            bound = math.sqrt(factor / (layer.n_in + layer.n_out))
+            p["W"] = model.rng.uniform((layer.n_in, layer.n_out), bound, model.dtype)
+            p["b"] = model.rng.uniform((layer.n_out,), bound, model.dtype)
+    return model
+
+
+def _model_state(model: MLP, config: dict) -> dict:
+    """A picklable snapshot of a model: its configuration, host copies of the parameters,
+    and the generator's state. (arraymlp's own model files never use pickle; this serves
+    scikit-learn's contract that estimators pickle.)"""
+    return {
+        "config": dict(config),
+        "seed": model.seed,
+        "backend": model.backend,
+        "device": None if model.backend == "numpy" else model.device,
+        "params": [{k: np.array(to_numpy(v), copy=True) for k, v in p.items()} for p in model.params],
+        "rng": model.rng.get_state(),
+    }
+
+
+def _model_from_state(state: dict) -> MLP:
+    model = _build_model(state["config"], seed=state["seed"], backend=state["backend"], device=state["device"])
+    xp, dev = model.xp, model.device
+    model.params = [
+        {k: xp.asarray(np.array(v, copy=True), dtype=model.dtype, device=dev) for k, v in p.items()}
+        for p in state["params"]
+    ]
+    model.rng.set_state(state["rng"])
+    return model
+
+
+def _optimizer_state(opt) -> dict:
+    sd = opt.state_dict()
+    if sd["state"] is not None:
+        sd["state"] = [
+            {key: {slot: to_numpy(a) if array_api_compat.is_array_api_obj(a) else a for slot, a in st.items()}
+             for key, st in layer.items()}
+            for layer in sd["state"]
+        ]
+    return sd
+
+
+def _optimizer_from_state(sd: dict):
+    opt = get_optimizer(sd["optimizer"], **sd["hyperparameters"])
+    opt.load_state_dict(sd)
+    return opt
+
+
+# ------------------------------------------------------------------------------ docs
+_PARAMETERS_DOC = """
+    Parameters
+    ----------
+    hidden_layer_sizes : int or sequence of int, default=(100,)
+        Width of each hidden layer; ``()`` gives a model without hidden layers.
+    activation : str, default="relu"
+        Hidden activation: scikit-learn's ``"identity"``, ``"logistic"`` (the sigmoid),
+        ``"tanh"``, ``"relu"``, or any key of :data:`arraymlp.ACTIVATIONS`.
+    solver : {"adam", "sgd", "adamw", "rmsprop", "adagrad"}, default="adam"
+        Mini-batch optimiser. scikit-learn's ``"lbfgs"`` is not available (a clear
+        error says so).
+    alpha : float, default=1e-4
+        L2 penalty with scikit-learn's scaling, ``alpha / (2 sum w_B) * sum ||W||^2`` per
+        batch (``sum w_B`` the batch's weight sum, its size without weights), on every
+        weight matrix and no bias. With ``solver="adamw"`` it is the decoupled weight
+        decay instead (``W <- W - lr * alpha * W`` each step, no term in the loss).
+    batch_size : int or "auto", default="auto"
+        Samples per mini-batch; ``"auto"`` is ``min(200, n_samples)``. Values above the
+        sample count are clipped.
+    learning_rate : {"constant", "invscaling", "adaptive"}, default="constant"
+        Step-size schedule, used by ``solver="sgd"`` only, as in scikit-learn:
+        ``"invscaling"`` sets ``learning_rate_init / (t_ + 1) ** power_t`` after each
+        epoch; ``"adaptive"`` divides the rate by 5 whenever the stopping criterion is met
+        and stops once it falls below 1e-6.
+    learning_rate_init : float, default=1e-3
+        Initial step size.
+    power_t : float, default=0.5
+        Exponent of the ``"invscaling"`` schedule.
+    max_iter : int, default=200
+        Maximum number of epochs (passes over the data).
+    shuffle : bool, default=True
+        Draw a new sample order every epoch.
+    random_state : int, RandomState instance or None, default=None
+        Seeds weight initialisation, shuffling, dropout and the ``early_stopping`` split.
+        An int gives identical results on every fit.
+    tol : float, default=1e-4
+        Training stops when the training loss (or, with ``early_stopping``, the
+        validation score) has not improved by at least ``tol`` for ``n_iter_no_change``
+        consecutive epochs.
+    verbose : bool, default=False
+        Print the loss of each epoch.
+    warm_start : bool, default=False
+        Continue from the current parameters on the next :meth:`fit`.
+    momentum : float, default=0.9
+        Momentum of ``solver="sgd"``, in [0, 1].
+    nesterovs_momentum : bool, default=True
+        Nesterov momentum for ``solver="sgd"`` (when ``momentum > 0``).
+    early_stopping : bool, default=False
+        Hold out ``validation_fraction`` of the training data (stratified for
+        single-output classifiers), stop when its score stops improving, and keep the
+        parameters of the best epoch.
+    validation_fraction : float, default=0.1
+        Fraction held out by ``early_stopping``, in (0, 1).
+    beta_1, beta_2 : float, default=0.9, 0.999
+        Moment decay rates of ``solver="adam"`` / ``"adamw"``, in [0, 1).
+    epsilon : float, default=1e-8
+        Denominator term of ``"adam"``, ``"adamw"``, ``"rmsprop"`` and ``"adagrad"``.
+    n_iter_no_change : int, default=10
+        Epochs without improvement by ``tol`` before stopping.
+    backend : str, module or None, default=None
+        ``"numpy"``, ``"cupy"``, ``"torch"``, ``"array_api_strict"`` or a namespace
+        module to train on. ``None`` follows the namespace of ``X`` (NumPy for lists,
+        pandas and other array-likes).
+    device : optional, default=None
+        Device to train on (``"cuda:1"``, a CuPy or array-api-strict device, ...).
+        ``None``: the device of ``X`` when the backend is ``X``'s, else the backend's
+        default.
+    dtype : {"float32", "float64", "float16"}, default="float32"
+        Dtype of the parameters and of all computation. Results are returned in the
+        input's floating dtype (float64 for integer and non-float NumPy inputs, as in
+        scikit-learn).
+    dropout : float, default=0.0
+        Dropout probability after each hidden activation, in [0, 1); training only.
+"""
+
+_ATTRIBUTES_DOC = """
+    loss_ : float
+        Training loss of the last epoch (the objective above, L2 term included).
+    loss_curve_ : list of float
+        Training loss of each epoch (sample-count weighted mean of the batch losses).
+    best_loss_ : float or None
+        Lowest training loss so far; ``None`` with ``early_stopping``.
+    validation_scores_ : list of float or None
+        Score on the held-out data after each epoch with ``early_stopping``, else ``None``.
+    best_validation_score_ : float or None
+        Best of ``validation_scores_``; ``None`` without ``early_stopping``.
+    n_iter_ : int
+        Epochs run since the estimator was (re)initialised or since the last
+        ``warm_start`` fit began.
+    t_ : int
+        Training samples seen, over all epochs.
+    coefs_ : list of arrays
+        Weight matrices, ``coefs_[i]`` of shape (n_units_i, n_units_i+1), on the model's
+        backend and device.
+    intercepts_ : list of arrays
+        Bias vectors, ``intercepts_[i]`` of shape (n_units_i+1,).
+    n_features_in_ : int
+        Number of features seen in :meth:`fit`.
+    feature_names_in_ : ndarray of shape (n_features_in_,)
+        Column names, when ``X`` had string column names.
+    n_layers_ : int
+        Number of layers, input and output included.
+    n_outputs_ : int
+        Number of output units.
+    out_activation_ : str
+        Output activation in scikit-learn's names: ``"softmax"``, ``"logistic"`` or
+        ``"identity"``.
+    model_ : arraymlp.MLP
+        The trained model: call it on arrays of its backend, save it with
+        :mod:`arraymlp.io`, or check its gradients with :func:`arraymlp.gradcheck`.
+"""
+
+
+# ------------------------------------------------------------------------------ base
+class _BaseMLP(BaseEstimator):
+    """Shared parameters, validation, training loop and pickling of the two estimators."""
+
+    _estimator_type_name = "MLP"
+
+    def __init__(
+        self,
+        hidden_layer_sizes=(100,),
+        activation="relu",
+        *,
+        solver="adam",
+        alpha=1e-4,
+        batch_size="auto",
+        learning_rate="constant",
+        learning_rate_init=1e-3,
+        power_t=0.5,
+        max_iter=200,
+        shuffle=True,
+        random_state=None,
+        tol=1e-4,
+        verbose=False,
+        warm_start=False,
+        momentum=0.9,
+        nesterovs_momentum=True,
+        early_stopping=False,
+        validation_fraction=0.1,
+        beta_1=0.9,
+        beta_2=0.999,
+        epsilon=1e-8,
+        n_iter_no_change=10,
+        backend=None,
+        device=None,
+        dtype="float32",
+        dropout=0.0,
+    ):
+        self.hidden_layer_sizes = hidden_layer_sizes
+        self.activation = activation
+        self.solver = solver
+        self.alpha = alpha
+        self.batch_size = batch_size
+        self.learning_rate = learning_rate
+        self.learning_rate_init = learning_rate_init
+        self.power_t = power_t
+        self.max_iter = max_iter
+        self.shuffle = shuffle
+        self.random_state = random_state
+        self.tol = tol
+        self.verbose = verbose
+        self.warm_start = warm_start
+        self.momentum = momentum
+        self.nesterovs_momentum = nesterovs_momentum
+        self.early_stopping = early_stopping
+        self.validation_fraction = validation_fraction
+        self.beta_1 = beta_1
+        self.beta_2 = beta_2
+        self.epsilon = epsilon
+        self.n_iter_no_change = n_iter_no_change
+        self.backend = backend
+        self.device = device
+        self.dtype = dtype
+        self.dropout = dropout
+
+    # ------------------------------------------------------------------ hyper-parameters
+    def _hidden_sizes(self) -> list[int]:
+        h = self.hidden_layer_sizes
+        sizes = [h] if isinstance(h, numbers.Integral) else list(h) if hasattr(h, "__iter__") else None
+        if sizes is None or any(isinstance(s, bool) or not isinstance(s, numbers.Integral) or s <= 0 for s in sizes):
+            msg = f"hidden_layer_sizes must be a positive int or a sequence of positive ints, got {h!r}"
+            raise ValueError(msg)
+        return [int(s) for s in sizes]
+
+    def _activation_name(self) -> str:
+        name = _ACTIVATION_ALIASES.get(self.activation, self.activation)
+        if not isinstance(name, str) or name not in ACTIVATIONS or name in ("softmax", "log_softmax"):
+            known = ["identity", "logistic", "tanh", "relu"] + [
+                a for a in ACTIVATIONS if a not in ("identity", "sigmoid", "tanh", "relu", "softmax", "log_softmax")
+            ]
+            msg = f"activation must be one of {', '.join(repr(k) for k in known)}, got {self.activation!r}"
+            raise ValueError(msg)
+        return name
+
+    def _check_hyperparameters(self) -> None:
+        """Raise a ValueError naming the first invalid constructor argument."""
+        if self.solver == "lbfgs":
+            msg = (
+                "solver='lbfgs' is not supported: arraymlp trains with mini-batch optimisers only. "
+                f"Use solver='adam' (the default) or 'sgd' ({', '.join(_SOLVERS)} are available), "
+                f"or scikit-learn's own sklearn.neural_network.{type(self).__name__} for L-BFGS."
+            )
+            raise ValueError(msg)
+        if self.solver not in _SOLVERS:
+            msg = f"solver must be one of {', '.join(repr(s) for s in _SOLVERS)}, got {self.solver!r}"
+            raise ValueError(msg)
+        self._hidden_sizes()
+        self._activation_name()
+
+        def real(name, low=None, high=None, low_open=False, high_open=False):
+            v = getattr(self, name)
+            ok = isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+            if ok and low is not None:
+                ok = v > low if low_open else v >= low
+            if ok and high is not None:
+                ok = v < high if high_open else v <= high
+            if not ok:
+                lo = "" if low is None else ("(" if low_open else "[") + f"{low:g}"
+                hi = "inf)" if high is None else f"{high:g}" + (")" if high_open else "]")
+                msg = f"{name} must be a real number in {lo or '(-inf'}, {hi}, got {v!r}"
+                raise ValueError(msg)
+
+        def integer(name, low):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < low:
+                msg = f"{name} must be an int >= {low}, got {v!r}"
+                raise ValueError(msg)
+
+        real("alpha", 0.0)
+        if not (self.batch_size == "auto" or (isinstance(self.batch_size, numbers.Integral)
+                                              and not isinstance(self.batch_size, bool) and self.batch_size >= 1)):
+            msg = f"batch_size must be 'auto' or an int >= 1, got {self.batch_size!r}"
+            raise ValueError(msg)
+        if self.learning_rate not in _LEARNING_RATES:
+            msg = f"learning_rate must be one of {', '.join(repr(s) for s in _LEARNING_RATES)}, got {self.learning_rate!r}"
+            raise ValueError(msg)
+        real("learning_rate_init", 0.0, low_open=True)
+        real("power_t", 0.0)
+        integer("max_iter", 1)
+        real("tol", 0.0)
+        real("momentum", 0.0, 1.0)
+        real("validation_fraction", 0.0, 1.0, low_open=True, high_open=True)
+        real("beta_1", 0.0, 1.0, high_open=True)
+        real("beta_2", 0.0, 1.0, high_open=True)
+        real("epsilon", 0.0, low_open=True)
+        integer("n_iter_no_change", 1)
+        real("dropout", 0.0, 1.0, high_open=True)
+        if self.dtype not in _DTYPES:
+            msg = f"dtype must be one of {', '.join(repr(d) for d in _DTYPES)}, got {self.dtype!r}"
+            raise ValueError(msg)
+        if self.backend is not None:
+            resolve_backend(self.backend)
+
+    def _make_optimizer(self):
+        lr = float(self.learning_rate_init)
+        if self.solver == "sgd":
+            return SGD(lr, momentum=float(self.momentum),
+                       nesterov=bool(self.nesterovs_momentum) and self.momentum > 0)
+        if self.solver == "adam":
+            return Adam(lr, betas=(float(self.beta_1), float(self.beta_2)), eps=float(self.epsilon))
+        if self.solver == "adamw":
+            return AdamW(lr, betas=(float(self.beta_1), float(self.beta_2)), eps=float(self.epsilon),
+                         weight_decay=float(self.alpha))
+        if self.solver == "rmsprop":
+            return RMSprop(lr, eps=float(self.epsilon))
+        return Adagrad(lr, eps=float(self.epsilon))
+
+    # ------------------------------------------------------------------ inputs
+    def _check_X(self, X, *, reset: bool) -> _Input:
+        """Validate ``X`` (feature count and names included) without moving it."""
+        if _is_device_array(X):
+            xp = array_api_compat.array_namespace(X)
+            _check_device_X(X, xp, type(self).__name__)
+            validate_data(self, X, reset=reset, skip_check_array=True)
+            out = X.dtype if xp.isdtype(X.dtype, "real floating") else None
+            return _Input(X, xp, device_of(X), False, out)
+        X = validate_data(self, X, reset=reset, dtype=(np.float64, np.float32), accept_sparse=False)
+        return _Input(X, array_api_compat.array_namespace(X), "cpu", True, X.dtype)
+
+    def _to_model(self, inp: _Input, xp, device, dtype):
+        """The validated input on the model's namespace, device and dtype, checked finite."""
+        x = _move(inp.x, xp, device)
+        x = xp.astype(x, dtype, copy=False) if x.dtype != dtype else x
+        _check_finite(x, xp, "X")
+        return x
+
+    def _check_sample_weight(self, sample_weight, n: int):
+        """Sample weights as a float64 host array of shape (n,), or None."""
+        if sample_weight is None:
+            return None
+        if isinstance(sample_weight, numbers.Number):
+            return np.full(n, float(sample_weight))
+        sw = check_array(_host(sample_weight), ensure_2d=False, dtype=np.float64, input_name="sample_weight")
+        if sw.ndim != 1:
+            msg = f"Sample weights must be 1D array or scalar, got shape {sw.shape}"
+            raise ValueError(msg)
+        if sw.shape != (n,):
+            msg = f"sample_weight.shape == {sw.shape}, expected {(n,)}!"
+            raise ValueError(msg)
+        if np.any(sw < 0):
+            msg = "sample_weight must be non-negative"
+            raise ValueError(msg)
+        if not np.any(sw > 0):
+            msg = "sample_weight is all zero; at least one sample needs a positive weight"
+            raise ValueError(msg)
+        return sw
+
+    def _placement(self, inp: _Input, first: bool):
+        """Namespace and device to train on."""
+        if not first:
+            return self.model_.xp, self.model_.device
+        xp = resolve_backend(self.backend) if self.backend is not None else inp.xp
+        if self.device is not None:
+            return xp, canonical_device(xp, self.device)
+        if xp is inp.xp:
+            return xp, inp.device
+        return xp, canonical_device(xp)
+
+    # ------------------------------------------------------------------ training
+    def _fit(self, X, y, sample_weight=None, *, incremental: bool, classes=None):
+        self._check_hyperparameters()
+        if incremental and self.early_stopping:
+            msg = "partial_fit does not support early_stopping=True"
+            raise ValueError(msg)
+        first = not hasattr(self, "model_") or (not self.warm_start and not incremental)
+        if y is None:
+            msg = f"{type(self).__name__} requires y to be passed, but the target y is None."
+            raise ValueError(msg)
+        inp = self._check_X(X, reset=first)
+        n = int(inp.x.shape[0])
+        xp, device = self._placement(inp, first)
+        dtype = _float_dtype(xp, self.dtype)
+        sw_host = self._check_sample_weight(sample_weight, n)
+        y_dev, strata = self._prepare_targets(y, n, xp, device, dtype, first=first, incremental=incremental,
+                                              classes=classes, sw_host=sw_host)
+        x_dev = self._to_model(inp, xp, device, dtype)
+
+        rs = check_random_state(self.random_state)
+        if first:
+            self._initialize(int(inp.x.shape[1]), xp, device, int(rs.randint(np.iinfo(np.int32).max)))
+        elif int(self.model_.n_outputs) != self._n_output_units:
+            msg = (f"y has {self._n_output_units} outputs but the fitted model has {self.model_.n_outputs}; "
+                   "refit without warm_start to change the targets")
+            raise ValueError(msg)
+        if not incremental or not hasattr(self, "_optimizer"):
+            self._optimizer = self._make_optimizer()
+            self._lr = float(self.learning_rate_init)
+            self._no_improvement_count = 0
+        split_seed = int(rs.randint(np.iinfo(np.int32).max))
+        self._train(x_dev, y_dev, sw_host, strata, xp, device, dtype, incremental=incremental, split_seed=split_seed)
+        return self
+
+    def _initialize(self, n_features: int, xp, device, seed: int) -> None:
+        out_act = self._output_activation
+        sizes = [n_features, *self._hidden_sizes(), self._n_output_units]
+        self._model_config = {
+            "sizes": sizes,
+            "activation": self._activation_name(),
+            "output_activation": None if out_act == "identity" else out_act,
+            "dropout": float(self.dropout),
+            "dtype": self.dtype,
+        }
+        self.model_ = _build_model(self._model_config, seed=seed, backend=backend_name(xp), device=device)
+        self.n_outputs_ = self._n_output_units
+        self.n_layers_ = len(sizes)
+        self.out_activation_ = _OUT_ACTIVATION_NAMES[out_act]
+        self.n_iter_ = 0
+        self.t_ = 0
+        self.loss_curve_ = []
+        self._no_improvement_count = 0
+        if self.early_stopping:
+            self.validation_scores_ = []
+            self.best_validation_score_ = -np.inf
+            self.best_loss_ = None
+        else:
+            self.validation_scores_ = None
+            self.best_validation_score_ = None
+            self.best_loss_ = np.inf
+
+    def _train(self, x, y, sw_host, strata, xp, device, dtype, *, incremental: bool, split_seed: int) -> None:
+        model = self.model_
+        lossfn = _LOSSES[self._output_activation]
+        n_all = int(x.shape[0])
+        x_val = y_val = w_val = None
+        early = bool(self.early_stopping)
+        self._best_params = None
+        if early:
+            idx = np.arange(n_all)
+            try:
+                train_idx, val_idx = train_test_split(idx, test_size=self.validation_fraction,
+                                                      random_state=split_seed, stratify=strata)
+            except ValueError as exc:
+                msg = f"early_stopping could not split off a validation set: {exc}"
+                raise ValueError(msg) from exc
+            if val_idx.shape[0] < 2:
+                msg = ("The validation set is too small. Increase 'validation_fraction' "
+                       "or the size of your dataset.")
+                raise ValueError(msg)
+            tr = xp.asarray(train_idx, dtype=xp.int64, device=device)
+            va = xp.asarray(val_idx, dtype=xp.int64, device=device)
+            x_val, y_val = xp.take(x, va, axis=0), xp.take(y, va, axis=0)
+            x, y = xp.take(x, tr, axis=0), xp.take(y, tr, axis=0)
+            if sw_host is not None:
+                w_val = xp.asarray(sw_host[val_idx], dtype=dtype, device=device)
+                sw_host = sw_host[train_idx]
+        n = int(x.shape[0])
+        w_dev = None if sw_host is None else xp.asarray(sw_host, dtype=dtype, device=device)
+        batch = min(200, n) if self.batch_size == "auto" else max(1, min(int(self.batch_size), n))
+        alpha = float(self.alpha)
+        coupled_l2 = alpha > 0 and self.solver != "adamw"
+        opt = self._optimizer
+        host_rng = model.rng.host
+        epochs = 1 if incremental else int(self.max_iter)
+        if not incremental:
+            self.n_iter_ = 0
+        for _ in range(epochs):
+            order = host_rng.permutation(n) if self.shuffle else None
+            order_dev = None if order is None else xp.asarray(order, dtype=xp.int64, device=device)
+            total = 0.0
+            for start in range(0, n, batch):
+                stop = min(start + batch, n)
+                nb = stop - start
+                if order is None:
+                    xb, yb = x[start:stop, ...], y[start:stop, ...]
+                    wb = None if w_dev is None else w_dev[start:stop]
+                    wsum = None if sw_host is None else float(sw_host[start:stop].sum())
+                else:
+                    ib = order_dev[start:stop]
+                    xb, yb = xp.take(x, ib, axis=0), xp.take(y, ib, axis=0)
+                    wb = None if w_dev is None else xp.take(w_dev, ib, axis=0)
+                    wsum = None if sw_host is None else float(sw_host[order[start:stop]].sum())
+                if wsum is not None and wsum <= 0.0:
+                    continue  # a batch of zero-weight samples carries no gradient
+                l2 = alpha / (nb if wsum is None else wsum) if coupled_l2 else 0.0
+                value, grads = model._loss_and_grads(xb, yb, lossfn, xp=xp, sample_weight=wb, l2=l2)
+                value = float(value)
+                if not math.isfinite(value):
+                    msg = (
+                        f"the training loss became {value} at epoch {self.n_iter_ + 1}, step "
+                        f"{start // batch + 1}; the parameters are those of the last finite step. "
+                        "Standardise the inputs (sklearn.preprocessing.StandardScaler) or lower learning_rate_init."
+                    )
+                    raise DivergenceError(msg, epoch=self.n_iter_, step=start // batch)
+                model.params = opt.step(model.params, grads, lr=self._lr)
+                total += value * nb
+            self.n_iter_ += 1
+            self.t_ += n
+            self.loss_ = total / n
+            self.loss_curve_.append(self.loss_)
+            if self.verbose:
+                print(f"Iteration {self.n_iter_}, loss = {self.loss_:.8f}", flush=True)
+            self._update_no_improvement(early, x_val, y_val, w_val, xp)
+            if self.solver == "sgd" and self.learning_rate == "invscaling":
+                self._lr = float(self.learning_rate_init) / (self.t_ + 1) ** float(self.power_t)
+            if self._no_improvement_count > self.n_iter_no_change:
+                if self._should_stop(early):
+                    break
+                self._no_improvement_count = 0
+            if incremental:
+                break
+            if self.n_iter_ == self.max_iter:
+                warnings.warn(
+                    f"Stochastic Optimizer: Maximum iterations ({self.max_iter}) reached and the "
+                    "optimization hasn't converged yet.",
+                    ConvergenceWarning,
+                    stacklevel=3,
+                )
+        if early and self._best_params is not None:
+            model.params = self._best_params
+        self._best_params = None
+
+    def _should_stop(self, early: bool) -> bool:
+        what = "Validation score" if early else "Training loss"
+        message = (f"{what} did not improve more than tol={self.tol:f} for "
+                   f"{self.n_iter_no_change} consecutive epochs.")
+        if self.solver == "sgd" and self.learning_rate == "adaptive":
+            if self._lr > _MIN_ADAPTIVE_LR:
+                self._lr /= 5.0
+                if self.verbose:
+                    print(f"{message} Setting learning rate to {self._lr:f}", flush=True)
+                return False
+            message += " Learning rate too small. Stopping."
+        if self.verbose:
+            print(message, flush=True)
+        return True
+
+    def _update_no_improvement(self, early, x_val, y_val, w_val, xp) -> None:
+        if early:
+            score = self._device_score(self._forward_all(x_val, xp), y_val, w_val, xp)
+            self.validation_scores_.append(score)
+            if self.verbose:
+                print(f"Validation score: {score:f}", flush=True)
+            if not score >= self.best_validation_score_ + self.tol:  # NaN counts as no improvement
+                self._no_improvement_count += 1
+            else:
+                self._no_improvement_count = 0
+            if score > self.best_validation_score_:
+                self.best_validation_score_ = score
+                self._best_params = [{k: xp.asarray(v, copy=True) for k, v in p.items()} for p in self.model_.params]
+            return
+        if self.loss_curve_[-1] > self.best_loss_ - self.tol:
+            self._no_improvement_count += 1
+        else:
+            self._no_improvement_count = 0
+        if self.loss_curve_[-1] < self.best_loss_:
+            self.best_loss_ = self.loss_curve_[-1]
+
+    # ------------------------------------------------------------------ inference
+    def _forward_all(self, x, xp, *, logits: bool = False):
+        """Outputs (probabilities for classifiers, or logits) of a validated batch, in chunks."""
+        model = self.model_
+        upto = len(model.layers) - 1 if logits and model.output_activation is not None else None
+        n = int(x.shape[0])
+        if n <= _PREDICT_CHUNK:
+            return model.forward(x, training=False, xp=xp, upto=upto)[0]
+        outs = []
+        for i in range(0, n, _PREDICT_CHUNK):
+            outs.append(model.forward(x[i:min(i + _PREDICT_CHUNK, n), ...], training=False, xp=xp, upto=upto)[0])
+        return outs[0] if len(outs) == 1 else xp.concat(outs, axis=0)
+
+    def _infer(self, X, method: str, *, logits: bool = False):
+        """Validate ``X``, run the model, and return ``(outputs, input)``; outputs stay on the
+        model's backend."""
+        check_is_fitted(self, "model_")
+        inp = self._check_X(X, reset=False)
+        model = self.model_
+        if (inp.xp is not model.xp or inp.device != model.device) and self.backend is None \
+                and self.device is None and get_config()["array_api_dispatch"]:
+            fit_name = backend_name(model.xp)
+            got = backend_name(inp.xp)
+            detail = (f"Array namespaces used during fit ({fit_name}) and {method} ({got}) differ."
+                      if inp.xp is not model.xp else
+                      f"Devices used during fit ({model.device}) and {method} ({inp.device}) differ.")
+            msg = (
+                f"Inputs passed to {type(self).__name__}.{method}() must use the same namespace and the "
+                f"same device as those passed to fit(). {detail} Move X with "
+                f"arraymlp.to_backend(X, {fit_name!r}, device=...) or refit on X's namespace."
+            )
+            raise ValueError(msg)
+        x = self._to_model(inp, model.xp, model.device, model.dtype)
+        return self._forward_all(x, model.xp, logits=logits), inp
+
+    def _deliver(self, a, inp: _Input, *, floating: bool):
+        """Move a result from the model's backend to the caller's namespace and device, in the
+        input's floating dtype when ``floating``."""
+        if inp.host:
+            out = np.asarray(to_numpy(a))
+            if floating:
+                out = out.astype(inp.out_dtype, copy=False)
+            return out
+        out = _move(a, inp.xp, inp.device)
+        if floating:
+            target = inp.out_dtype if inp.out_dtype is not None else _float_dtype(inp.xp, self.dtype)
+            if out.dtype != target:
+                out = inp.xp.astype(out, target)
+        return out
+
+    # ------------------------------------------------------------------ fitted views
+    @property
+    def coefs_(self) -> list:
+        """Weight matrices, ``coefs_[i]`` of shape (n_units_i, n_units_i+1)."""
+        if "model_" not in self.__dict__:
+            msg = f"{type(self).__name__} has no attribute 'coefs_' before fit"
+            raise AttributeError(msg)
+        return [p["W"] for p in self.model_.params if "W" in p]
+
+    @property
+    def intercepts_(self) -> list:
+        """Bias vectors, ``intercepts_[i]`` of shape (n_units_i+1,)."""
+        if "model_" not in self.__dict__:
+            msg = f"{type(self).__name__} has no attribute 'intercepts_' before fit"
+            raise AttributeError(msg)
+        return [p["b"] for p in self.model_.params if "W" in p]
+
+    # ------------------------------------------------------------------ pickling
+    def __getstate__(self):
+        state = super().__getstate__()
+        state = dict(state)
+        if state.get("model_") is not None:
+            state["model_"] = _model_state(state["model_"], state["_model_config"])
+        if state.get("_optimizer") is not None:
+            state["_optimizer"] = _optimizer_state(state["_optimizer"])
+        state.pop("_best_params", None)
+        return state
+
+    def __setstate__(self, state):
+        state = dict(state)
+        if isinstance(state.get("model_"), dict):
+            state["model_"] = _model_from_state(state["model_"])
+        if isinstance(state.get("_optimizer"), dict):
+            state["_optimizer"] = _optimizer_from_state(state["_optimizer"])
+        super().__setstate__(state)
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.target_tags.multi_output = True
+        tags.array_api_support = True
+        return tags
+
+
+# ------------------------------------------------------------------------------ classifier
+class MLPClassifier(ClassifierMixin, _BaseMLP):
+    __doc__ = (
+        """Multilayer-perceptron classifier with scikit-learn's interface, on any array backend.
+
+    Minimises the cross-entropy of a softmax output (multiclass), of one sigmoid unit
+    (binary, as scikit-learn does), or of one sigmoid per label (multilabel ``y``: a 2-D
+    0/1 indicator matrix), plus scikit-learn's scaled L2 term. Labels may be of any
+    kind (ints, strings, ...); they are encoded on the host against :attr:`classes_`.
+"""
+        + _PARAMETERS_DOC
+        + """
+    Attributes
+    ----------
+    classes_ : ndarray of shape (n_classes,)
+        Class labels (a NumPy array on the host), in the order of ``predict_proba``'s
+        columns; ``arange(n_labels)`` for multilabel ``y``.
+"""
+        + _ATTRIBUTES_DOC
+        + """
+    See Also
+    --------
+    MLPRegressor
+    sklearn.neural_network.MLPClassifier
+
+    Examples
+    --------
+    >>> from sklearn.datasets import load_iris
+    >>> from arraymlp.sklearn import MLPClassifier
+    >>> X, y = load_iris(return_X_y=True)
+    >>> clf = MLPClassifier(hidden_layer_sizes=(32,), learning_rate_init=0.01, max_iter=300,
+    ...                     random_state=0).fit(X, y)
+    >>> clf.predict(X[:3])
+    array([0, 0, 0])
+"""
+    )
+
+    _output_activation = "softmax"
+    _n_output_units = 0
+
+    def fit(self, X, y, sample_weight=None):
+        """Train on ``(X, y)`` from fresh parameters (or from the current ones with ``warm_start``).
+
+        Parameters
+        ----------
+        X : array-like or array of shape (n_samples, n_features)
+            NumPy / array-like (trains with NumPy unless ``backend=`` says otherwise) or a
+            torch, CuPy or array-api-strict array (trains there, on its device).
+        y : array-like of shape (n_samples,) or (n_samples, n_labels)
+            Class labels of any kind, or a 0/1 indicator matrix for multilabel problems.
+        sample_weight : array-like of shape (n_samples,), optional
+            Non-negative weights.
+
+        Returns
+        -------
+        self : MLPClassifier
+        """
+        return self._fit(X, y, sample_weight, incremental=False)
+
+    def partial_fit(self, X, y, classes=None, sample_weight=None):
+        """One epoch over ``(X, y)``, keeping the parameters and optimiser state.
+
+        Parameters
+        ----------
+        X : array-like or array of shape (n_samples, n_features)
+        y : array-like of shape (n_samples,) or (n_samples, n_labels)
+        classes : array-like of shape (n_classes,), optional
+            All labels that will ever appear; required on the first call (except for a
+            multilabel ``y``), ignored afterwards.
+        sample_weight : array-like of shape (n_samples,), optional
+
+        Returns
+        -------
+        self : MLPClassifier
+        """
+        if not hasattr(self, "model_") and classes is None and not _is_indicator(_host(y)):
+            msg = "classes must be passed on the first call to partial_fit."
+            raise ValueError(msg)
+        return self._fit(X, y, sample_weight, incremental=True, classes=classes)
+
+    # ------------------------------------------------------------------ targets
+    def _prepare_targets(self, y, n, xp, device, dtype, *, first, incremental, classes, sw_host):
+        y = check_array(_host(y), ensure_2d=False, dtype=None, input_name="y", ensure_all_finite=True)
+        check_consistent_length(np.empty((n, 0)), y)
+        if y.ndim == 2 and y.shape[1] == 1:
+            warnings.warn(
+                "A column-vector y was passed when a 1d array was expected. Please change the shape "
+                "of y to (n_samples,), for example using ravel().",
+                DataConversionWarning,
+                stacklevel=4,
+            )
+            y = y[:, 0]
+        if y.ndim > 2:
+            msg = f"y must be 1-D labels or a 2-D indicator matrix, got shape {y.shape}"
+            raise ValueError(msg)
+        check_classification_targets(y)
+        kind = type_of_target(y, input_name="y")
+        if kind == "multiclass-multioutput":
+            msg = ("multiclass-multioutput targets are not supported; y must be 1-D labels or a 2-D "
+                   "0/1 indicator matrix (multilabel)")
+            raise ValueError(msg)
+        multilabel = kind == "multilabel-indicator"
+
+        if first:
+            if multilabel:
+                found = np.arange(y.shape[1])
+            elif incremental:
+                found = unique_labels(np.asarray(classes))
+                missing = np.setdiff1d(unique_labels(y), found)
+                if missing.size:
+                    msg = f"`y` has classes not in `classes`: {missing}; `classes` is {found}."
+                    raise ValueError(msg)
+            else:
+                found = unique_labels(y)
+            if not multilabel and found.shape[0] < 2:
+                msg = (f"{type(self).__name__} needs samples of at least 2 classes in the data, but the data "
+                       f"contains only one class: {found[0]!r}")
+                raise ValueError(msg)
+            self.classes_ = found
+            self._multilabel = multilabel
+            self._y_dtype = y.dtype if multilabel else None
+        else:
+            if multilabel != self._multilabel or (multilabel and y.shape[1] != self.classes_.shape[0]):
+                msg = "y does not have the form (labels or indicator matrix, and size) of the y of the first fit"
+                raise ValueError(msg)
+            if not multilabel:
+                labels = unique_labels(y)
+                if self.warm_start and not incremental:
+                    if set(labels.tolist()) != set(self.classes_.tolist()):
+                        msg = ("warm_start can only be used where `y` has the same classes as in the "
+                               f"previous call to fit. Previously got {self.classes_}, `y` has {labels}")
+                        raise ValueError(msg)
+                else:
+                    missing = np.setdiff1d(labels, self.classes_)
+                    if missing.size:
+                        msg = f"`y` has classes not in `self.classes_`. `self.classes_` has {self.classes_}. 'y' has {labels}."
+                        raise ValueError(msg)
+
+        if multilabel:
+            self._output_activation = "sigmoid"
+            self._n_output_units = int(y.shape[1])
+            codes = None
+            target = y.astype(np.dtype(self.dtype))
+        else:
+            codes = np.searchsorted(self.classes_, y)
+            if not incremental and sw_host is not None and np.unique(codes[sw_host > 0]).shape[0] < 2:
+                msg = (f"{type(self).__name__} needs samples of at least 2 classes with a positive "
+                       "sample_weight, but only one class has any")
+                raise ValueError(msg)
+            if self.classes_.shape[0] == 2:
+                self._output_activation = "sigmoid"
+                self._n_output_units = 1
+                target = (codes == 1).astype(np.dtype(self.dtype))[:, None]
+            else:
+                self._output_activation = "softmax"
+                self._n_output_units = int(self.classes_.shape[0])
+                target = codes.astype(np.int64)
+        t_dtype = xp.int64 if target.dtype == np.int64 else dtype
+        return xp.asarray(target, dtype=t_dtype, device=device), codes
+
+    def _device_score(self, out, y, w, xp) -> float:
+        """Accuracy (subset accuracy for multilabel) of probabilities ``out`` against
+        encoded targets ``y``, on the device."""
+        if self._output_activation == "softmax":
+            correct = xp.argmax(out, axis=1) == y
+        elif self._n_output_units == 1 and not self._multilabel:
+            correct = (out[:, 0] > 0.5) == (y[:, 0] > 0.5)
+        else:
+            correct = xp.all((out > 0.5) == (y > 0.5), axis=1)
+        correct = xp.astype(correct, out.dtype)
+        if w is None:
+            return float(xp.mean(correct))
+        return float(xp.sum(w * correct) / xp.sum(w))
+
+    # ------------------------------------------------------------------ prediction
+    def _proba_on_model(self, X, method):
+        if self._n_output_units == 1 and not self._multilabel:
+            # both columns from the logit, so that neither loses precision to 1 - p
+            z, inp = self._infer(X, method, logits=True)
+            xp = self.model_.xp
+            return xp.concat([F.sigmoid(-z, xp=xp), F.sigmoid(z, xp=xp)], axis=1), inp
+        return self._infer(X, method)
+
+    def predict_proba(self, X):
+        """Class probabilities.
+
+        Parameters
+        ----------
+        X : array-like or array of shape (n_samples, n_features)
+
+        Returns
+        -------
+        proba : array of shape (n_samples, n_classes)
+            Columns in the order of :attr:`classes_` (one probability per label for a
+            multilabel model); same namespace and device as ``X`` (NumPy for
+            array-likes), in ``X``'s floating dtype.
+        """
+        p, inp = self._proba_on_model(X, "predict_proba")
+        return self._deliver(p, inp, floating=True)
+
+    def predict_log_proba(self, X):
+        """Logarithm of :meth:`predict_proba`, computed from the logits (finite however
+        confident the model is).
+
+        Parameters
+        ----------
+        X : array-like or array of shape (n_samples, n_features)
+
+        Returns
+        -------
+        log_proba : array of shape (n_samples, n_classes)
+        """
+        z, inp = self._infer(X, "predict_log_proba", logits=True)
+        xp = self.model_.xp
+        if self._output_activation == "softmax":
+            out = F.log_softmax(z, xp=xp)
+        elif self._n_output_units == 1 and not self._multilabel:
+            out = xp.concat([-F.softplus(z, xp=xp), -F.softplus(-z, xp=xp)], axis=1)
+        else:
+            out = -F.softplus(-z, xp=xp)
+        return self._deliver(out, inp, floating=True)
+
+    def predict(self, X):
+        """Predicted labels.
+
+        Parameters
+        ----------
+        X : array-like or array of shape (n_samples, n_features)
+
+        Returns
+        -------
+        y : array of shape (n_samples,) or (n_samples, n_labels)
+            Labels from :attr:`classes_` (a 0/1 indicator matrix in the dtype of the
+            training ``y`` for multilabel models). Same namespace and device as ``X``
+            for numeric labels; string or object labels come back as a NumPy array.
+        """
+        p, inp = self._infer(X, "predict")
+        xp = self.model_.xp
+        if self._multilabel:
+            pred = xp.astype(p > 0.5, xp.int64)
+            if inp.host:
+                return np.asarray(to_numpy(pred)).astype(self._y_dtype, copy=False)
+            out = _move(pred, inp.xp, inp.device)
+            target = getattr(inp.xp, np.dtype(self._y_dtype).name, None)
+            return inp.xp.astype(out, target) if target is not None and out.dtype != target else out
+        if self._output_activation == "softmax":
+            codes = xp.argmax(p, axis=1)
+        else:
+            codes = xp.astype(p[:, 0] > 0.5, xp.int64)
+        if inp.host or self.classes_.dtype.kind not in "biuf":
+            return self.classes_[np.asarray(to_numpy(codes))]
+        codes = _move(codes, inp.xp, inp.device)
+        labels = inp.xp.asarray(self.classes_, device=inp.device)
+        return inp.xp.take(labels, codes, axis=0)
+
+    def score(self, X, y, sample_weight=None):
+        """Mean accuracy (subset accuracy for multilabel) of :meth:`predict` on ``(X, y)``.
+
+        Parameters
+        ----------
+        X : array-like or array of shape (n_samples, n_features)
+        y : array-like or array of shape (n_samples,) or (n_samples, n_labels)
+        sample_weight : array-like or array of shape (n_samples,), optional
+
+        Returns
+        -------
+        score : float
+        """
+        from sklearn import config_context
+
+        pred = _host(self.predict(X))
+        with config_context(array_api_dispatch=False):
+            return float(accuracy_score(_host(y), pred, sample_weight=_host(sample_weight)))
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.classifier_tags.multi_label = True
+        return tags
+
+
+def _is_indicator(y) -> bool:
+    try:
+        return type_of_target(y) == "multilabel-indicator"
+    except ValueError:
+        return False
+
+
+# ------------------------------------------------------------------------------ regressor
+class MLPRegressor(RegressorMixin, _BaseMLP):
+    __doc__ = (
+        """Multilayer-perceptron regressor with scikit-learn's interface, on any array backend.
+
+    Minimises half the squared error (summed over the outputs, averaged over the
+    samples) plus scikit-learn's scaled L2 term, with an identity output. ``y`` may
+    have several columns (multi-output regression).
+"""
+        + _PARAMETERS_DOC
+        + """
+    Attributes
+    ----------
+"""
+        + _ATTRIBUTES_DOC
+        + """
+    See Also
+    --------
+    MLPClassifier
+    sklearn.neural_network.MLPRegressor
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from arraymlp.sklearn import MLPRegressor
+    >>> X = np.linspace(-1, 1, 200).reshape(-1, 1)
+    >>> reg = MLPRegressor(hidden_layer_sizes=(32,), learning_rate_init=0.01, max_iter=500,
+    ...                    random_state=0).fit(X, X[:, 0] ** 2)
+    >>> bool(reg.score(X, X[:, 0] ** 2) > 0.9)
+    True
+"""
+    )
+
+    _output_activation = "identity"
+    _n_output_units = 0
+
+    def fit(self, X, y, sample_weight=None):
+        """Train on ``(X, y)`` from fresh parameters (or from the current ones with ``warm_start``).
+
+        Parameters
+        ----------
+        X : array-like or array of shape (n_samples, n_features)
+            NumPy / array-like (trains with NumPy unless ``backend=`` says otherwise) or a
+            torch, CuPy or array-api-strict array (trains there, on its device).
+        y : array-like or array of shape (n_samples,) or (n_samples, n_outputs)
+            Targets; a device array is moved to the model's device, never to the host.
+        sample_weight : array-like of shape (n_samples,), optional
+            Non-negative weights.
+
+        Returns
+        -------
+        self : MLPRegressor
+        """
+        return self._fit(X, y, sample_weight, incremental=False)
+
+    def partial_fit(self, X, y, sample_weight=None):
+        """One epoch over ``(X, y)``, keeping the parameters and optimiser state.
+
+        Parameters
+        ----------
+        X : array-like or array of shape (n_samples, n_features)
+        y : array-like or array of shape (n_samples,) or (n_samples, n_outputs)
+        sample_weight : array-like of shape (n_samples,), optional
+
+        Returns
+        -------
+        self : MLPRegressor
+        """
+        return self._fit(X, y, sample_weight, incremental=True)
+
+    def _prepare_targets(self, y, n, xp, device, dtype, *, first, incremental, classes, sw_host):
+        if _is_device_array(y):
+            yxp = array_api_compat.array_namespace(y)
+            if y.ndim not in (1, 2):
+                msg = f"y must be 1-D or 2-D, got shape {tuple(y.shape)}"
+                raise ValueError(msg)
+            if not (yxp.isdtype(y.dtype, "real floating") or yxp.isdtype(y.dtype, "integral")
+                    or y.dtype == yxp.bool):
+                msg = f"y must be real numeric, got dtype {y.dtype}"
+                raise ValueError(msg)
+        else:
+            y = check_array(y, ensure_2d=False, dtype="numeric", input_name="y", ensure_all_finite=True)
+            if y.ndim not in (1, 2):
+                msg = f"y must be 1-D or 2-D, got shape {y.shape}"
+                raise ValueError(msg)
+        if int(y.shape[0]) != n:
+            msg = f"Found input variables with inconsistent numbers of samples: [{n}, {int(y.shape[0])}]"
+            raise ValueError(msg)
+        if y.ndim == 2 and int(y.shape[1]) == 1:
+            warnings.warn(
+                "A column-vector y was passed when a 1d array was expected. Please change the shape "
+                "of y to (n_samples,), for example using ravel().",
+                DataConversionWarning,
+                stacklevel=4,
+            )
+        y = _move(y, xp, device)
+        y = xp.astype(y, dtype) if y.dtype != dtype else y
+        _check_finite(y, xp, "y")
+        y = xp.reshape(y, (n, -1))
+        self._n_output_units = int(y.shape[1])
+        return y, None
+
+    def _device_score(self, out, y, w, xp) -> float:
+        """R^2 (uniform average over the outputs) of ``out`` against ``y``, on the device,
+        with scikit-learn's conventions for constant targets."""
+        if not bool(xp.all(xp.isfinite(out))):
+            return float("nan")
+        if w is None:
+            w = xp.ones((int(y.shape[0]),), dtype=y.dtype, device=device_of(y))
+        w2 = xp.reshape(w, (-1, 1))
+        mean = xp.sum(w2 * y, axis=0) / xp.sum(w)
+        ss_res = to_numpy(xp.sum(w2 * (y - out) ** 2, axis=0)).astype(np.float64)
+        ss_tot = to_numpy(xp.sum(w2 * (y - mean) ** 2, axis=0)).astype(np.float64)
+        scores = np.where(ss_tot > 0, 1.0 - ss_res / np.where(ss_tot > 0, ss_tot, 1.0),
+                          np.where(ss_res == 0, 1.0, 0.0))
+        return float(np.mean(scores))
+
+    def predict(self, X):
+        """Predicted targets.
+
+        Parameters
+        ----------
+        X : array-like or array of shape (n_samples, n_features)
+
+        Returns
+        -------
+        y : array of shape (n_samples,) or (n_samples, n_outputs)
+            Same namespace and device as ``X`` (NumPy for array-likes), in ``X``'s
+            floating dtype.
+        """
+        out, inp = self._infer(X, "predict")
+        if self._n_output_units == 1:
+            out = self.model_.xp.reshape(out, (-1,))
+        return self._deliver(out, inp, floating=True)
+
+    def score(self, X, y, sample_weight=None):
+        """Coefficient of determination R^2 of :meth:`predict` on ``(X, y)``.
+
+        Parameters
+        ----------
+        X : array-like or array of shape (n_samples, n_features)
+        y : array-like or array of shape (n_samples,) or (n_samples, n_outputs)
+        sample_weight : array-like or array of shape (n_samples,), optional
+
+        Returns
+        -------
+        score : float
+        """
+        from sklearn import config_context
+
+        pred = _host(self.predict(X))
+        with config_context(array_api_dispatch=False):
+            return float(r2_score(_host(y), pred, sample_weight=_host(sample_weight)))
