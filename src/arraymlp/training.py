@@ -9,13 +9,14 @@ before that step's update, leaving the last finite parameters in place.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import sys
 import time
 from typing import Any, Sequence
 
-from ._backend import Generator
+from ._backend import Generator, quiet_overflow
 from .losses import get_loss
 from .optim import Optimizer, get_optimizer
 
@@ -363,6 +364,8 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
     base_lr = opt.lr
     step = getattr(model, "steps_", 0)
     stop = False
+    quiet = contextlib.ExitStack()
+    quiet.enter_context(quiet_overflow(xp))
     try:
         for epoch in range(start_epoch, epochs):
             t0 = time.perf_counter()
@@ -432,6 +435,7 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
                 history.stopped_early = True
                 break
     finally:
+        quiet.close()
         model.steps_ = step
         bar.close()
         for cb in callbacks:
