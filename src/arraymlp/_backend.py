@@ -187,6 +187,17 @@ def canonical_device(xp: types.ModuleType, device: Any = None) -> Any:
     return device_of(xp.empty((0,), device=device if device is not None else default_device(xp)))
 
 
+def quiet_overflow(xp: types.ModuleType):
+    """A context in which NumPy does not warn on overflow or invalid values.
+
+    The fit loop checks every loss for finiteness and raises a ``DivergenceError`` that
+    names the epoch and step; NumPy's own ``RuntimeWarning`` (an exception where warnings
+    are errors) would otherwise pre-empt that clearer message. NumPy-based namespaces
+    (NumPy, array-api-strict) are the ones that warn; the state is harmless for others.
+    """
+    return numpy.errstate(over="ignore", invalid="ignore", divide="ignore")
+
+
 def to_numpy(x: Any) -> numpy.ndarray:
     """Copy (or view) an array of any backend into a NumPy array on the host, of the
     same shape and dtype."""
