@@ -423,7 +423,6 @@ def test_dropout():
     assert any(type(layer).__name__ == "Dropout" for layer in est.model_.layers)
 
 
-@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NumPy reports the overflow before we stop
 def test_divergence_is_an_error_naming_the_epoch():
     X, y = _iris()
     est = MLPRegressor(hidden_layer_sizes=(8,), solver="sgd", learning_rate_init=10.0, max_iter=50, random_state=0)

@@ -49,6 +49,7 @@ from ._backend import (
     backend_name,
     canonical_device,
     device_of,
+    quiet_overflow,
     resolve_backend,
     to_backend,
     to_numpy,
@@ -339,7 +340,7 @@ _ATTRIBUTES_DOC = """
         Bias vectors, ``intercepts_[i]`` of shape (n_units_i+1,).
     n_features_in_ : int
         Number of features seen in :meth:`fit`.
-    feature_names_in_ : ndarray of shape (n_features_in_,)
+    feature_names_in_ : ndarray of shape (n_features,)
         Column names, when ``X`` had string column names.
     n_layers_ : int
         Number of layers, input and output included.
@@ -657,58 +658,60 @@ class _BaseMLP(BaseEstimator):
         epochs = 1 if incremental else int(self.max_iter)
         if not incremental:
             self.n_iter_ = 0
-        for _ in range(epochs):
-            order = host_rng.permutation(n) if self.shuffle else None
-            order_dev = None if order is None else xp.asarray(order, dtype=xp.int64, device=device)
-            total = 0.0
-            for start in range(0, n, batch):
-                stop = min(start + batch, n)
-                nb = stop - start
-                if order is None:
-                    xb, yb = x[start:stop, ...], y[start:stop, ...]
-                    wb = None if w_dev is None else w_dev[start:stop]
-                    wsum = None if sw_host is None else float(sw_host[start:stop].sum())
-                else:
-                    ib = order_dev[start:stop]
-                    xb, yb = xp.take(x, ib, axis=0), xp.take(y, ib, axis=0)
-                    wb = None if w_dev is None else xp.take(w_dev, ib, axis=0)
-                    wsum = None if sw_host is None else float(sw_host[order[start:stop]].sum())
-                if wsum is not None and wsum <= 0.0:
-                    continue  # a batch of zero-weight samples carries no gradient
-                l2 = alpha / (nb if wsum is None else wsum) if coupled_l2 else 0.0
-                value, grads = model._loss_and_grads(xb, yb, lossfn, xp=xp, sample_weight=wb, l2=l2)
-                value = float(value)
-                if not math.isfinite(value):
-                    msg = (
-                        f"the training loss became {value} at epoch {self.n_iter_ + 1}, step "
-                        f"{start // batch + 1}; the parameters are those of the last finite step. "
-                        "Standardise the inputs (sklearn.preprocessing.StandardScaler) or lower learning_rate_init."
-                    )
-                    raise DivergenceError(msg, epoch=self.n_iter_, step=start // batch)
-                model.params = opt.step(model.params, grads, lr=self._lr)
-                total += value * nb
-            self.n_iter_ += 1
-            self.t_ += n
-            self.loss_ = total / n
-            self.loss_curve_.append(self.loss_)
-            if self.verbose:
-                print(f"Iteration {self.n_iter_}, loss = {self.loss_:.8f}", flush=True)
-            self._update_no_improvement(early, x_val, y_val, w_val, xp)
-            if self.solver == "sgd" and self.learning_rate == "invscaling":
-                self._lr = float(self.learning_rate_init) / (self.t_ + 1) ** float(self.power_t)
-            if self._no_improvement_count > self.n_iter_no_change:
-                if self._should_stop(early):
+        # NumPy would warn on an overflow before the loss check below can name the step
+        with quiet_overflow(xp):
+            for _ in range(epochs):
+                order = host_rng.permutation(n) if self.shuffle else None
+                order_dev = None if order is None else xp.asarray(order, dtype=xp.int64, device=device)
+                total = 0.0
+                for start in range(0, n, batch):
+                    stop = min(start + batch, n)
+                    nb = stop - start
+                    if order is None:
+                        xb, yb = x[start:stop, ...], y[start:stop, ...]
+                        wb = None if w_dev is None else w_dev[start:stop]
+                        wsum = None if sw_host is None else float(sw_host[start:stop].sum())
+                    else:
+                        ib = order_dev[start:stop]
+                        xb, yb = xp.take(x, ib, axis=0), xp.take(y, ib, axis=0)
+                        wb = None if w_dev is None else xp.take(w_dev, ib, axis=0)
+                        wsum = None if sw_host is None else float(sw_host[order[start:stop]].sum())
+                    if wsum is not None and wsum <= 0.0:
+                        continue  # a batch of zero-weight samples carries no gradient
+                    l2 = alpha / (nb if wsum is None else wsum) if coupled_l2 else 0.0
+                    value, grads = model._loss_and_grads(xb, yb, lossfn, xp=xp, sample_weight=wb, l2=l2)
+                    value = float(value)
+                    if not math.isfinite(value):
+                        msg = (
+                            f"the training loss became {value} at epoch {self.n_iter_ + 1}, step "
+                            f"{start // batch + 1}; the parameters are those of the last finite step. "
+                            "Standardise the inputs (sklearn.preprocessing.StandardScaler) or lower learning_rate_init."
+                        )
+                        raise DivergenceError(msg, epoch=self.n_iter_, step=start // batch)
+                    model.params = opt.step(model.params, grads, lr=self._lr)
+                    total += value * nb
+                self.n_iter_ += 1
+                self.t_ += n
+                self.loss_ = total / n
+                self.loss_curve_.append(self.loss_)
+                if self.verbose:
+                    print(f"Iteration {self.n_iter_}, loss = {self.loss_:.8f}", flush=True)
+                self._update_no_improvement(early, x_val, y_val, w_val, xp)
+                if self.solver == "sgd" and self.learning_rate == "invscaling":
+                    self._lr = float(self.learning_rate_init) / (self.t_ + 1) ** float(self.power_t)
+                if self._no_improvement_count > self.n_iter_no_change:
+                    if self._should_stop(early):
+                        break
+                    self._no_improvement_count = 0
+                if incremental:
                     break
-                self._no_improvement_count = 0
-            if incremental:
-                break
-            if self.n_iter_ == self.max_iter:
-                warnings.warn(
-                    f"Stochastic Optimizer: Maximum iterations ({self.max_iter}) reached and the "
-                    "optimization hasn't converged yet.",
-                    ConvergenceWarning,
-                    stacklevel=3,
-                )
+                if self.n_iter_ == self.max_iter:
+                    warnings.warn(
+                        f"Stochastic Optimizer: Maximum iterations ({self.max_iter}) reached and the "
+                        "optimization hasn't converged yet.",
+                        ConvergenceWarning,
+                        stacklevel=3,
+                    )
         if early and self._best_params is not None:
             model.params = self._best_params
         self._best_params = None
