@@ -70,6 +70,10 @@ def dense_forward(x, W, b=None, *, xp=None):
     x : array, shape (n, n_in)
     W : array, shape (n_in, n_out)
     b : array, shape (n_out,), optional
+        Omitted for a layer without bias.
+    xp : namespace, optional
+        The array namespace; taken from the arrays when omitted (resolve it once per
+        call of your own and pass it down).
 
     Returns
     -------
@@ -88,15 +92,30 @@ def dense_forward(x, W, b=None, *, xp=None):
 def dense_backward(x, W, dy, *, has_bias=True, need_dx=True, xp=None):
     """Gradients of ``y = x @ W + b``.
 
-    ``dW = x.T @ dy`` (n_in, n_out); ``db = sum(dy, axis=0)`` (n_out,), the bias
-    gradient summed over the batch; ``dx = dy @ W.T`` (n, n_in), skipped (``None``)
-    when ``need_dx`` is false, as for the first layer of a network.
+    ``dW = x.T @ dy``; ``db = sum(dy, axis=0)``, the bias gradient summed over the
+    batch (the mean over the batch belongs to the loss); ``dx = dy @ W.T``.
+
+    Parameters
+    ----------
+    x : array, shape (n, n_in)
+        The layer's input, as given to :func:`dense_forward`.
+    W : array, shape (n_in, n_out)
+    dy : array, shape (n, n_out)
+        Gradient of the loss with respect to the layer's output ``y``.
+    has_bias : bool, default True
+        Whether to compute ``db``.
+    need_dx : bool, default True
+        Whether to compute ``dx``; false for the first layer of a network, whose input
+        gradient nobody needs.
+    xp : namespace, optional
+        The array namespace; taken from the arrays when omitted (resolve it once per
+        call of your own and pass it down).
 
     Returns
     -------
-    dx : array of shape (n, n_in) or None
+    dx : array of shape (n, n_in), or None when ``need_dx`` is false
     dW : array, shape (n_in, n_out)
-    db : array of shape (n_out,) or None
+    db : array of shape (n_out,), or None when ``has_bias`` is false
     """
     xp = _ns(dy, xp)
     dW = x.T @ dy
@@ -107,41 +126,124 @@ def dense_backward(x, W, dy, *, has_bias=True, need_dx=True, xp=None):
 
 # ------------------------------------------------------------------------ activations
 def identity(x, *, xp=None):
-    """``y = x``; ``y`` has the shape of ``x``."""
+    """Identity, ``y = x``.
+
+    Parameters
+    ----------
+    x : array, any shape
+    xp : namespace, optional
+        The array namespace; taken from the arrays when omitted (resolve it once per
+        call of your own and pass it down).
+
+    Returns
+    -------
+    y : array, shape of ``x``
+        ``x`` itself (no copy).
+    """
     return x
 
 
 def relu(x, *, xp=None):
-    """``y = max(x, 0)``, elementwise: ``y`` has the shape of ``x``."""
+    """Rectified linear unit, ``y = max(x, 0)``.
+
+    Parameters
+    ----------
+    x : array, any shape
+        Real floating input.
+    xp : namespace, optional
+        The array namespace; taken from the arrays when omitted (resolve it once per
+        call of your own and pass it down).
+
+    Returns
+    -------
+    y : array, shape of ``x``
+        Same dtype and device as ``x``; ``x`` itself is not modified.
+    """
     xp = _ns(x, xp)
     return xp.maximum(x, 0.0)
 
 
 def leaky_relu(x, *, xp=None):
-    """``y = x`` where ``x > 0``, else ``0.01 x``; ``y`` has the shape of ``x``."""
+    """Leaky ReLU, ``y = x`` where ``x > 0``, else ``0.01 x``.
+
+    Parameters
+    ----------
+    x : array, any shape
+        Real floating input.
+    xp : namespace, optional
+        The array namespace; taken from the arrays when omitted (resolve it once per
+        call of your own and pass it down).
+
+    Returns
+    -------
+    y : array, shape of ``x``
+        Same dtype and device as ``x``; ``x`` itself is not modified.
+    """
     xp = _ns(x, xp)
     return xp.where(x > 0, x, x * LEAKY_SLOPE)
 
 
 def elu(x, *, xp=None):
-    """``y = x`` where ``x > 0``, else ``alpha (exp(x) - 1)`` with ``alpha = 1``;
-    ``y`` has the shape of ``x``."""
+    """Exponential linear unit, ``y = x`` where ``x > 0``, else ``alpha (exp(x) - 1)``
+    with ``alpha = 1``.
+
+    Parameters
+    ----------
+    x : array, any shape
+        Real floating input.
+    xp : namespace, optional
+        The array namespace; taken from the arrays when omitted (resolve it once per
+        call of your own and pass it down).
+
+    Returns
+    -------
+    y : array, shape of ``x``
+        Same dtype and device as ``x``; ``x`` itself is not modified.
+    """
     xp = _ns(x, xp)
     return xp.where(x > 0, x, ELU_ALPHA * xp.expm1(xp.minimum(x, 0.0)))
 
 
 def gelu(x, *, xp=None):
     """Gaussian error linear unit, tanh form:
-    ``y = x/2 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`` (the standard has no erf);
-    ``y`` has the shape of ``x``."""
+    ``y = x/2 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`` (the standard has no ``erf``).
+
+    Parameters
+    ----------
+    x : array, any shape
+        Real floating input.
+    xp : namespace, optional
+        The array namespace; taken from the arrays when omitted (resolve it once per
+        call of your own and pass it down).
+
+    Returns
+    -------
+    y : array, shape of ``x``
+        Same dtype and device as ``x``; ``x`` itself is not modified.
+    """
     xp = _ns(x, xp)
     t = xp.tanh(_GELU_C * (x + _GELU_K * x * x * x))
     return 0.5 * x * (1.0 + t)
 
 
 def sigmoid(x, *, xp=None):
-    """Logistic function ``1 / (1 + exp(-x))``, stable for large ``|x|``
-    (no overflow: only ``exp(-|x|)`` is ever computed); ``y`` has the shape of ``x``."""
+    """Logistic function ``y = 1 / (1 + exp(-x))``.
+
+    Stable for any ``x``: only ``exp(-|x|)`` is computed, so nothing overflows.
+
+    Parameters
+    ----------
+    x : array, any shape
+        Real floating input.
+    xp : namespace, optional
+        The array namespace; taken from the arrays when omitted (resolve it once per
+        call of your own and pass it down).
+
+    Returns
+    -------
+    y : array, shape of ``x``
+        Same dtype and device as ``x``; ``x`` itself is not modified.
+    """
     xp = _ns(x, xp)
     e = xp.exp(-xp.abs(x))
     r = 1.0 / (1.0 + e)
@@ -149,29 +251,86 @@ def sigmoid(x, *, xp=None):
 
 
 def silu(x, *, xp=None):
-    """``y = x * sigmoid(x)``, elementwise: ``y`` has the shape of ``x``."""
+    """Sigmoid linear unit (swish), ``y = x * sigmoid(x)``.
+
+    Parameters
+    ----------
+    x : array, any shape
+        Real floating input.
+    xp : namespace, optional
+        The array namespace; taken from the arrays when omitted (resolve it once per
+        call of your own and pass it down).
+
+    Returns
+    -------
+    y : array, shape of ``x``
+        Same dtype and device as ``x``; ``x`` itself is not modified.
+    """
     xp = _ns(x, xp)
     return x * sigmoid(x, xp=xp)
 
 
 def tanh(x, *, xp=None):
-    """``y = tanh(x)``, elementwise: ``y`` has the shape of ``x``."""
+    """Hyperbolic tangent, ``y = tanh(x)``.
+
+    Parameters
+    ----------
+    x : array, any shape
+        Real floating input.
+    xp : namespace, optional
+        The array namespace; taken from the arrays when omitted (resolve it once per
+        call of your own and pass it down).
+
+    Returns
+    -------
+    y : array, shape of ``x``
+        Same dtype and device as ``x``; ``x`` itself is not modified.
+    """
     xp = _ns(x, xp)
     return xp.tanh(x)
 
 
 def softplus(x, *, xp=None):
-    """``y = log(1 + exp(x))`` computed as ``max(x, 0) + log1p(exp(-|x|))``; ``y`` has
-    the shape of ``x``."""
+    """Softplus, ``y = log(1 + exp(x))``.
+
+    Computed as ``max(x, 0) + log1p(exp(-|x|))``, which never overflows.
+
+    Parameters
+    ----------
+    x : array, any shape
+        Real floating input.
+    xp : namespace, optional
+        The array namespace; taken from the arrays when omitted (resolve it once per
+        call of your own and pass it down).
+
+    Returns
+    -------
+    y : array, shape of ``x``
+        Same dtype and device as ``x``; ``x`` itself is not modified.
+    """
     xp = _ns(x, xp)
     return xp.maximum(x, 0.0) + xp.log1p(xp.exp(-xp.abs(x)))
 
 
 def logsumexp(x, *, axis=-1, keepdims=True, xp=None):
-    """``log(sum(exp(x), axis))`` shifted by the maximum, so it never overflows.
+    """``log(sum(exp(x), axis))``, shifted by the maximum so that it never overflows.
 
-    For ``x`` of shape (n, k) and the default ``axis=-1``, the result has shape (n, 1)
-    (``keepdims=True``) or (n,)."""
+    Parameters
+    ----------
+    x : array, any shape
+    axis : int, default -1
+        Axis to reduce.
+    keepdims : bool, default True
+        Keep the reduced axis with length 1.
+    xp : namespace, optional
+        The array namespace; taken from the arrays when omitted (resolve it once per
+        call of your own and pass it down).
+
+    Returns
+    -------
+    array
+        Shape of ``x`` with ``axis`` of length 1 (``keepdims``) or removed.
+    """
     xp = _ns(x, xp)
     m = xp.max(x, axis=axis, keepdims=True)
     out = m + xp.log(xp.sum(xp.exp(x - m), axis=axis, keepdims=True))
@@ -179,8 +338,23 @@ def logsumexp(x, *, axis=-1, keepdims=True, xp=None):
 
 
 def softmax(x, *, xp=None):
-    """Softmax over the last axis, ``y_ij = exp(x_ij) / sum_k exp(x_ik)``, shifted by
-    the row maximum for stability; ``y`` has the shape of ``x``, (n, k)."""
+    """Softmax over the last axis, ``y_ij = exp(x_ij) / sum_k exp(x_ik)``.
+
+    Shifted by the row maximum, so it is finite for any finite logits.
+
+    Parameters
+    ----------
+    x : array, shape (..., k)
+        Logits.
+    xp : namespace, optional
+        The array namespace; taken from the arrays when omitted (resolve it once per
+        call of your own and pass it down).
+
+    Returns
+    -------
+    y : array, shape of ``x``
+        Non-negative, each row summing to 1.
+    """
     xp = _ns(x, xp)
     e = xp.exp(x - xp.max(x, axis=-1, keepdims=True))
     s = xp.sum(e, axis=-1, keepdims=True)
@@ -191,11 +365,25 @@ def softmax(x, *, xp=None):
 
 
 def log_softmax(x, *, xp=None):
-    """``y = x - logsumexp(x)`` over the last axis, stable for any logits.
+    """Log-softmax over the last axis, ``y = x - logsumexp(x)``.
 
     Computed as ``z - log(sum(exp(z)))`` with ``z = x - max(x)``, so that the result
     keeps full precision however large the logits (``x - logsumexp(x)`` would round
-    ``logsumexp`` to the spacing of ``max(x)`` first). ``y`` has the shape of ``x``, (n, k)."""
+    ``logsumexp`` to the spacing of ``max(x)`` first).
+
+    Parameters
+    ----------
+    x : array, shape (..., k)
+        Logits.
+    xp : namespace, optional
+        The array namespace; taken from the arrays when omitted (resolve it once per
+        call of your own and pass it down).
+
+    Returns
+    -------
+    y : array, shape of ``x``
+        Log-probabilities, ``<= 0``.
+    """
     xp = _ns(x, xp)
     z = x - xp.max(x, axis=-1, keepdims=True)
     return z - xp.log(xp.sum(xp.exp(z), axis=-1, keepdims=True))
@@ -295,7 +483,23 @@ ACTIVATIONS: dict[str, Activation] = {
 
 
 def get_activation(name: str | Activation) -> Activation:
-    """Look up a row of :data:`ACTIVATIONS`; unknown names list the known ones."""
+    """Look up a row of :data:`ACTIVATIONS`.
+
+    Parameters
+    ----------
+    name : str, Activation or None
+        A key of :data:`ACTIVATIONS`; an :class:`Activation` is returned as is, and
+        ``None`` means ``"identity"``.
+
+    Returns
+    -------
+    Activation
+
+    Raises
+    ------
+    ValueError
+        For an unknown name; the message lists the known ones.
+    """
     if isinstance(name, Activation):
         return name
     if name is None:
@@ -354,8 +558,22 @@ def dropout_forward(x, p, *, rng, training=True, xp=None):
 
 
 def dropout_backward(mask, dy, *, xp=None):
-    """``dx = dy * mask`` (identity when the forward pass did not drop); ``mask``, ``dy``
-    and ``dx`` have the same shape, (n, d)."""
+    """Gradient through :func:`dropout_forward`, ``dx = dy * mask``.
+
+    Parameters
+    ----------
+    mask : array of shape (n, d), or None
+        The mask :func:`dropout_forward` returned; ``None`` (nothing was dropped) passes
+        ``dy`` through.
+    dy : array, shape (n, d)
+    xp : namespace, optional
+        The array namespace; taken from the arrays when omitted (resolve it once per
+        call of your own and pass it down).
+
+    Returns
+    -------
+    dx : array, shape (n, d)
+    """
     return dy if mask is None else dy * mask
 
 
@@ -387,7 +605,18 @@ def layer_norm_backward(cache, gamma, dy, *, xp=None):
     """Gradients of :func:`layer_norm_forward`.
 
     ``dgamma = sum(dy * xhat, 0)``, ``dbeta = sum(dy, 0)`` and, with ``g = dy * gamma``,
-    ``dx = rstd * (g - mean(g) - xhat * mean(g * xhat))`` (means over features).
+    ``dx = rstd * (g - mean(g) - xhat * mean(g * xhat))`` (means over the features).
+
+    Parameters
+    ----------
+    cache : tuple of arrays
+        ``(xhat, rstd)`` of shapes (n, d) and (n, 1), as :func:`layer_norm_forward`
+        returned it.
+    gamma : array, shape (d,)
+    dy : array, shape (n, d)
+    xp : namespace, optional
+        The array namespace; taken from the arrays when omitted (resolve it once per
+        call of your own and pass it down).
 
     Returns
     -------
