@@ -532,19 +532,27 @@ def activation_backward(name, saved, dy, *, xp=None):
 # ---------------------------------------------------------------------------- dropout
 def dropout_forward(x, p, *, rng, training=True, xp=None):
     """Inverted dropout: zero each entry with probability ``p`` and scale the rest by
-    ``1 / (1 - p)`` so that inference needs no rescaling.
+    ``1 / (1 - p)``, so that inference needs no rescaling.
 
     Parameters
     ----------
     x : array, shape (n, d)
     p : float in [0, 1)
-    rng : arraymlp._backend.Generator
-        The model's generator; masks are drawn on ``x``'s device.
+        Probability of dropping an entry.
+    rng : arraymlp.Generator
+        The model's generator (or one of your own); masks are drawn on ``x``'s device.
+    training : bool, default True
+        With ``False`` (or ``p == 0``) nothing is dropped and ``x`` is returned as is.
+    xp : namespace, optional
+        The array namespace; taken from the arrays when omitted (resolve it once per
+        call of your own and pass it down).
 
     Returns
     -------
     y : array, shape (n, d)
-    mask : array of shape (n, d) (the scale, 0 or ``1/(1-p)``) or None when inactive
+    mask : array of shape (n, d), or None
+        The scale applied to each entry (0 or ``1/(1-p)``), for
+        :func:`dropout_backward`; ``None`` when nothing was dropped.
     """
     xp = _ns(x, xp)
     if not training or p == 0.0:
@@ -586,11 +594,18 @@ def layer_norm_forward(x, gamma, beta, *, eps=1e-5, xp=None):
     ----------
     x : array, shape (n, d)
     gamma, beta : arrays, shape (d,)
+        Scale and shift.
+    eps : float, default 1e-5
+        Added to the variance.
+    xp : namespace, optional
+        The array namespace; taken from the arrays when omitted (resolve it once per
+        call of your own and pass it down).
 
     Returns
     -------
     y : array, shape (n, d)
     cache : tuple ``(xhat, rstd)`` with shapes (n, d) and (n, 1)
+        What :func:`layer_norm_backward` needs.
     """
     xp = _ns(x, xp)
     mu = xp.mean(x, axis=-1, keepdims=True)
