@@ -71,6 +71,18 @@ def test_weights_are_one_graph_node():
     assert len(pickle.dumps(graph[holders[0]])) > weight_bytes
 
 
+def test_weights_are_taken_when_the_lazy_array_is_built():
+    model = _classifier()
+    x = _rows(2_000, 500)
+    xs = x.compute()
+    before = model.predict_proba(xs)
+    lazy = model.predict_proba(x)
+    model.fit(xs, model.predict(xs), loss="cross_entropy", epochs=1, progress=False)  # changes the weights
+    assert not np.allclose(model.predict_proba(xs), before)
+    with dask.config.set(scheduler="threads"):
+        np.testing.assert_allclose(lazy.compute(), before, rtol=1e-6, atol=1e-7)
+
+
 def test_regressor_multilabel_and_column_chunks():
     x = da.random.default_rng(1).random((3_000, N_FEATURES), chunks=(700, 3), dtype=np.float64)
     xs = x.compute()

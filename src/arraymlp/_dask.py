@@ -46,15 +46,20 @@ class _InferenceModel:
     loads = 0
 
     def __init__(self, model):
-        self.model = model
+        # A snapshot: training the model further must not change a lazy result.
+        m = object.__new__(type(model))
+        m.__dict__.update(
+            (k, v) for k, v in model.__dict__.items() if not k.endswith("_") or k in ("task_", "loss_")
+        )
+        xp = model.xp
+        m.params = [{k: xp.asarray(v, copy=True) for k, v in p.items()} for p in model.params]
+        m.layers = list(model.layers)
+        self.model = m
 
     def __getstate__(self):
         m = self.model
         drop = {"xp", "device", "rng", "dtype"}
-        state = {
-            k: v for k, v in m.__dict__.items()
-            if k not in drop and (not k.endswith("_") or k in ("task_", "loss_"))
-        }
+        state = {k: v for k, v in m.__dict__.items() if k not in drop}
         return {"cls": type(m), "backend": backend_name(m.xp), "state": state}
 
     def __setstate__(self, payload):

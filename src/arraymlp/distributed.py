@@ -243,6 +243,7 @@ class DataParallel:
 
     @property
     def cuda_aware(self) -> bool:
+        """Whether device buffers go to MPI directly (else through host memory)."""
         if self._cuda_aware is None:
             self._cuda_aware = cuda_aware_mpi()
         return self._cuda_aware
@@ -306,6 +307,16 @@ class DataParallel:
         :class:`arraymlp.Checkpoint` callbacks (in the list ``callbacks``) root-only.
 
         Called by :func:`arraymlp.training.fit` before the first step.
+
+        Parameters
+        ----------
+        model : Sequential
+            Its parameters exist (``fit`` has validated the data).
+        x : array, shape (n, n_features)
+            This rank's training data; its shape must be the same on every rank.
+        callbacks : list of Callback
+            ``fit``'s callbacks; :class:`arraymlp.Checkpoint` entries are replaced, in
+            place, by :class:`RootOnly` wrappers.
         """
         shape = tuple(int(s) for s in x.shape)
         shapes = self.comm.allgather(shape)
@@ -331,7 +342,13 @@ class DataParallel:
         self._sync_batches = any(has_batch_hook(cb) for cb in callbacks)
 
     def broadcast_parameters(self, model) -> None:
-        """Overwrite every rank's parameters with the root's (one ``Bcast``)."""
+        """Overwrite every rank's parameters with the root's (one ``Bcast``).
+
+        Parameters
+        ----------
+        model : Sequential
+            The same architecture and dtype on every rank.
+        """
         xp, keys = model.xp, [(i, k) for i, p in enumerate(model.params) for k in p]
         if not keys or self.size == 1:
             return
@@ -363,6 +380,21 @@ class DataParallel:
         Buffer layout: ``[W_r g_r (flattened, in parameter order), W_r L_r, W_r, err_r]``
         summed over the ranks by one ``Allreduce``, then divided by ``sum_r W_r``.
 
+        Parameters
+        ----------
+        model : Sequential
+        x : array, shape (n_r, n_features)
+            This rank's shard of the global batch (``n_r`` may be 0).
+        y : array, shape (n_r, n_outputs), (n_r,), or integer labels (n_r,)
+            The shard's targets.
+        lossfn : arraymlp.Loss
+        xp : module
+            The parameters' namespace.
+        sample_weight : array of shape (n_r,), optional
+            The shard's weights; the shard then weighs ``sum(sample_weight)``.
+        l2 : float
+            L2 penalty on the weight matrices, as in :func:`arraymlp.training.fit`.
+
         Returns
         -------
         loss : float
@@ -375,7 +407,7 @@ class DataParallel:
         sizes = [int(numpy.prod(s, dtype=numpy.int64)) for s in shapes]
         dtype = _wire_dtype(xp, model.dtype)
         n = int(x.shape[0])
-        failure = None
+        failure, active = None, False
         try:
             if sample_weight is None:
                 weight = float(n)
@@ -429,7 +461,12 @@ class DataParallel:
     # ------------------------------------------------------------------ checks
     def parameters_agree(self, model) -> bool:
         """Whether every rank holds bit-identical parameters (a collective, for tests
-        and debugging)."""
+        and debugging).
+
+        Parameters
+        ----------
+        model : Sequential
+        """
         digest = hashlib.sha256()
         for p in model.params:
             for k in sorted(p):
