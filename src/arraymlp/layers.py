@@ -9,10 +9,24 @@ Every layer follows one contract, two pure functions over plain arrays::
 is explicit data (what backward needs), and ``grads`` has exactly the keys and shapes
 of ``params``. A layer object holds only its configuration (sizes, names), never
 arrays, so one layer list can be evaluated with any parameters on any backend.
+
+Handing arrays over
+-------------------
+A layer may also accept ``inplace=False`` in ``forward`` (or ``backward``): with
+``inplace=True`` the caller hands ``x`` (``dy``) over, holding no other reference and
+never reading it again, so the layer may compute its result into it instead of
+allocating. The model hands over only arrays it made itself: the output of a layer that
+declares ``fresh_output`` (its forward always returns a new array its cache does not
+hold; Dense, LayerNorm) and the input gradient of one that declares ``fresh_dx`` (its
+backward always returns a new ``dx``), never a user's array. A declaration holds only
+for the class that makes it: a subclass that overrides ``forward`` (``backward``) is not
+trusted unless it declares again. :func:`handover` reads all this once per class.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from typing import Any
 
 from . import functional as F
@@ -35,6 +49,7 @@ __all__ = [
     "Softmax",
     "Softplus",
     "Tanh",
+    "handover",
     "layer_from_config",
 ]
 
@@ -48,6 +63,10 @@ class Layer:
 
     n_in: int | None = None
     n_out: int | None = None
+    #: ``forward`` always returns a new array that its cache does not hold.
+    fresh_output: bool = False
+    #: ``backward`` always returns a new ``dx`` (or ``None``).
+    fresh_dx: bool = False
 
     def init_params(self, *, rng, dtype) -> dict[str, Any]:
         """Fresh parameters drawn from ``rng`` (an :class:`arraymlp._backend.Generator`)."""
@@ -102,6 +121,9 @@ class Dense(Layer):
         self.init = init
         get_initializer(init)  # fail early on unknown names
 
+    fresh_output = True  # x @ W + b
+    fresh_dx = True  # dy @ W.T
+
     def init_params(self, *, rng, dtype):
         p = {"W": get_initializer(self.init)((self.n_in, self.n_out), rng=rng, dtype=dtype)}
         if self.bias:
@@ -139,12 +161,19 @@ class Activation(Layer):
         self.name = F.get_activation(name).name
         self._act = F.get_activation(name)
 
-    def forward(self, params, x, *, training, rng, xp):
-        y = self._act.forward(x, xp=xp)
-        return y, (y if self._act.saves == "output" else x)
+    def forward(self, params, x, *, training, rng, xp, inplace=False):
+        act = self._act
+        if inplace and act.forward_inplace is not None:
+            y = act.forward_inplace(x, xp)
+        else:
+            y = act.forward(x, xp=xp)
+        return y, (y if act.saves == "output" else x)
 
-    def backward(self, params, cache, dy, *, xp, need_dx=True):
-        return self._act.backward(dy, cache, xp), {}
+    def backward(self, params, cache, dy, *, xp, need_dx=True, inplace=False):
+        act = self._act
+        if inplace and act.backward_inplace is not None:
+            return act.backward_inplace(dy, cache, xp), {}
+        return act.backward(dy, cache, xp), {}
 
     def config(self):
         return {"type": "Activation", "name": self.name}
@@ -219,6 +248,9 @@ class LayerNorm(Layer):
         self.n_in = self.n_out = n
         self.eps = float(eps)
 
+    fresh_output = True  # xhat * gamma + beta
+    fresh_dx = True
+
     def init_params(self, *, rng, dtype):
         return {"gamma": rng.full((self.n_in,), 1.0, dtype), "beta": rng.full((self.n_in,), 0.0, dtype)}
 
@@ -234,6 +266,62 @@ class LayerNorm(Layer):
 
     def __repr__(self):
         return f"LayerNorm({self.n_in})"
+
+
+@dataclasses.dataclass(frozen=True)
+class Handover:
+    """What a layer class allows its caller to hand over (see the module notes).
+
+    Attributes
+    ----------
+    forward_inplace, backward_inplace : bool
+        ``forward`` (``backward``) accepts ``inplace=``.
+    fresh_output, fresh_dx : bool
+        The declaration holds for the ``forward`` (``backward``) the class runs.
+    """
+
+    forward_inplace: bool
+    backward_inplace: bool
+    fresh_output: bool
+    fresh_dx: bool
+
+
+_HANDOVER: dict[type, Handover] = {}
+
+
+def _accepts(fn, name: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def _declared(cls: type, flag: str, method: str) -> bool:
+    """``cls.<flag>``, trusted only when the class that sets it also defines the
+    ``method`` that ``cls`` runs."""
+    if not getattr(cls, flag, False):
+        return False
+    setter = next(k for k in cls.__mro__ if flag in vars(k))
+    owner = next((k for k in cls.__mro__ if method in vars(k)), None)
+    return setter is owner
+
+
+def handover(layer: Layer) -> Handover:
+    """The :class:`Handover` of ``layer``'s class, worked out once per class."""
+    cls = type(layer)
+    try:
+        return _HANDOVER[cls]
+    except KeyError:
+        pass
+    h = Handover(
+        forward_inplace=_accepts(cls.forward, "inplace"),
+        backward_inplace=_accepts(cls.backward, "inplace"),
+        fresh_output=_declared(cls, "fresh_output", "forward"),
+        fresh_dx=_declared(cls, "fresh_dx", "backward"),
+    )
+    _HANDOVER[cls] = h
+    return h
 
 
 _LAYER_TYPES = {"Dense": Dense, "Activation": Activation, "Dropout": Dropout, "LayerNorm": LayerNorm}

@@ -26,7 +26,7 @@ from ._backend import (
     to_backend,
 )
 from .init import default_for
-from .losses import get_loss
+from .losses import LOSSES, get_loss
 
 __all__ = ["MLP", "Sequential"]
 
@@ -217,8 +217,13 @@ class Sequential:
     def _check_target(self, y: Any, xp, what: str = "y"):
         check_same_backend(self.xp, get_namespace(y), what)
         check_same_device(self.device, device_of(y), what)
-        if xp.isdtype(y.dtype, "real floating") and y.dtype != self.dtype:
-            y = xp.astype(y, self.dtype)
+        if xp.isdtype(y.dtype, "real floating"):
+            if y.dtype != self.dtype:
+                y = xp.astype(y, self.dtype)
+            # once, here: the training step's loss does not read the values again
+            if not bool(xp.all(xp.isfinite(y))):
+                msg = f"{what} contains NaN or infinite values"
+                raise ValueError(msg)
         return y
 
     # ------------------------------------------------------------------ passes
@@ -233,12 +238,19 @@ class Sequential:
         xp = xp if xp is not None else self.xp
         caches = []
         layers = self.layers if upto is None else self.layers[:upto]
+        rng = self.rng
+        owned = False  # the input is the caller's: never overwritten
         for layer, p in zip(layers, self.params):
-            x, cache = layer.forward(p, x, training=training, rng=self.rng, xp=xp)
+            h = L.handover(layer)
+            if owned and h.forward_inplace:
+                x, cache = layer.forward(p, x, training=training, rng=rng, xp=xp, inplace=True)
+            else:
+                x, cache = layer.forward(p, x, training=training, rng=rng, xp=xp)
+            owned = h.fresh_output
             caches.append(cache)
         return x, caches
 
-    def backward(self, caches, dy, *, xp=None):
+    def backward(self, caches, dy, *, xp=None, inplace: bool = False):
         """Backpropagate ``dy`` through the layers that produced ``caches``, in reverse.
 
         Parameters
@@ -247,6 +259,9 @@ class Sequential:
             From :meth:`forward`, one entry per layer run.
         dy : array, shape (n, n_out)
             Gradient of the loss with respect to the output of the last layer run.
+        inplace : bool
+            Hand ``dy`` over: nothing else holds it or reads it again, so layers may
+            overwrite it (the loss gradient inside :meth:`loss_and_grads`).
 
         Returns
         -------
@@ -259,8 +274,16 @@ class Sequential:
         grads: list[dict[str, Any]] = [{} for _ in self.params]
         # The input gradient is needed only above the first layer that has parameters.
         first = next((i for i, p in enumerate(self.params[:n]) if p), n)
+        owned = inplace
         for i in range(n - 1, -1, -1):
-            dy, g = self.layers[i].backward(self.params[i], caches[i], dy, xp=xp, need_dx=i > first)
+            layer = self.layers[i]
+            h = L.handover(layer)
+            if owned and h.backward_inplace:
+                dx, g = layer.backward(self.params[i], caches[i], dy, xp=xp, need_dx=i > first, inplace=True)
+            else:
+                dx, g = layer.backward(self.params[i], caches[i], dy, xp=xp, need_dx=i > first)
+            owned = h.fresh_dx or (owned and dx is dy)
+            dy = dx
             grads[i] = g
         return grads
 
@@ -330,12 +353,22 @@ class Sequential:
         fa = loss.fused_activation
         return fa is not None and fa != "identity" and self.output_activation == fa
 
-    def _loss_and_grads(self, x, y, loss, *, xp, sample_weight=None, l2=0.0, training=True):
-        """Unchecked core of :meth:`loss_and_grads` (inputs already validated)."""
+    def _loss_and_grads(self, x, y, loss, *, xp, sample_weight=None, l2=0.0, training=True, check=False):
+        """Unchecked core of :meth:`loss_and_grads` (inputs already validated).
+
+        ``check=False`` also spares the table's losses their reading of the targets'
+        values (label range, finiteness), which the caller validated up front (as
+        ``fit`` does for its whole ``y``); custom losses always check.
+        """
         fused = self._fused(loss)
         out, caches = self.forward(x, training=training, xp=xp, upto=len(self.layers) - 1 if fused else None)
-        value, dout = loss.fn(out, y, xp=xp, sample_weight=sample_weight)
-        grads = self.backward(caches, dout, xp=xp)
+        builtin = LOSSES.get(loss.name) is loss
+        if builtin and not check:
+            value, dout = loss.fn(out, y, xp=xp, sample_weight=sample_weight, check=False)
+        else:
+            value, dout = loss.fn(out, y, xp=xp, sample_weight=sample_weight)
+        # the table's losses return a new gradient array: hand it over to the layers
+        grads = self.backward(caches, dout, xp=xp, inplace=builtin)
         if l2:
             penalty = 0.0
             for layer, p, g in zip(self.layers, self.params, grads):
@@ -379,7 +412,8 @@ class Sequential:
         y = self._check_target(y, xp)
         if sample_weight is not None:
             sample_weight = self._check_target(sample_weight, xp, "sample_weight")
-        return self._loss_and_grads(x, y, loss, xp=xp, sample_weight=sample_weight, l2=l2, training=training)
+        return self._loss_and_grads(x, y, loss, xp=xp, sample_weight=sample_weight, l2=l2, training=training,
+                                    check=True)
 
     def loss(self, x, y, *, loss: str = "mse", sample_weight=None, l2: float = 0.0, training: bool = False):
         """Loss of a batch only (no gradients), a 0-d array; same arguments as
