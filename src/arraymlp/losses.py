@@ -30,6 +30,14 @@ Every loss takes ``sample_weight`` of shape ``(n,)``. With ``l_i`` the loss of s
 weighted loss is ``sum_i w_i l_i / sum_i w_i``: all-ones weights give the unweighted
 value and integer weights equal repeating rows.
 
+Checks
+------
+Every loss validates its inputs (shapes, dtypes, devices, label range, finite targets
+and weights). ``check=False`` skips the checks that read the targets' values (label
+range, finite targets) and so cost a pass over them and, on a GPU, a wait for the
+device: the model's training step passes it for targets its caller validated once,
+up front (``fit`` validates the whole ``y`` before the first step).
+
 Like :mod:`arraymlp.functional`, everything here uses only functions of the Array API
 standard through ``xp`` (taken from ``outputs`` when not given), creates arrays with
 the outputs' dtype and device, and never mutates its inputs.
@@ -44,7 +52,7 @@ from typing import Any, Callable
 from array_api_compat import is_writeable_array
 
 from ._backend import device_of, get_namespace
-from .functional import log_softmax
+from .functional import _fast_kind, log_softmax
 
 __all__ = [
     "LOSSES",
@@ -114,9 +122,9 @@ def _check_finite(name, t, xp):
         raise ValueError(msg)
 
 
-def _same_shape_targets(name, outputs, targets, xp):
+def _same_shape_targets(name, outputs, targets, xp, check=True):
     """Float targets with the outputs' shape (``(n,)`` is accepted for ``(n, 1)``),
-    cast to the outputs' dtype."""
+    cast to the outputs' dtype (finite unless ``check`` is false)."""
     _check_device(name, "targets", outputs, targets)
     o_shape, t_shape = _shape(outputs), _shape(targets)
     if xp.isdtype(targets.dtype, "integral"):
@@ -136,13 +144,17 @@ def _same_shape_targets(name, outputs, targets, xp):
             msg = f"{name}: targets shape {t_shape} does not match outputs shape {o_shape}"
             raise ValueError(msg)
     t = xp.astype(targets, outputs.dtype, copy=False)
-    _check_finite(name, t, xp)
+    if check:
+        _check_finite(name, t, xp)
     return t
 
 
-def _class_targets(name, outputs, targets, xp):
-    """Targets of :func:`cross_entropy` as a float ``(n, k)`` array, plus the boolean
-    one-hot mask ``(n, k)`` when they came as integer labels (else ``None``)."""
+def _class_targets(name, outputs, targets, xp, check=True):
+    """Targets of :func:`cross_entropy`: ``(t, labels)``, the float ``(n, k)`` targets
+    and ``None``, or ``None`` and the int64 labels ``(n,)`` when they came as integer
+    labels. ``check=False`` skips reading the labels' range and the targets' values."""
+    if not check and xp.isdtype(targets.dtype, "integral"):
+        return None, (targets if targets.dtype == xp.int64 else xp.astype(targets, xp.int64))
     _check_device(name, "targets", outputs, targets)
     n, k = _shape(outputs)
     t_shape = _shape(targets)
@@ -164,8 +176,7 @@ def _class_targets(name, outputs, targets, xp):
                 f"found labels in [{lo}, {hi}]"
             )
             raise ValueError(msg)
-        onehot = xp.expand_dims(labels, axis=1) == xp.arange(k, dtype=xp.int64, device=dev)
-        return xp.astype(onehot, outputs.dtype), onehot
+        return None, labels
     if not xp.isdtype(targets.dtype, "real floating"):
         msg = (
             f"{name}: targets must be integer labels of shape (n,) or float "
@@ -185,7 +196,8 @@ def _class_targets(name, outputs, targets, xp):
         )
         raise ValueError(msg)
     t = xp.astype(targets, outputs.dtype, copy=False)
-    _check_finite(name, t, xp)
+    if check:
+        _check_finite(name, t, xp)
     return t, None
 
 
@@ -236,7 +248,7 @@ def _scale(g, c):
 
 
 # ---------------------------------------------------------------------- reduction
-def _mean_elementwise(name, kernel, outputs, targets, xp, sample_weight):
+def _mean_elementwise(name, kernel, outputs, targets, xp, sample_weight, check=True):
     """Mean over the batch of a loss that is a sum of per-element terms.
 
     ``kernel(o, t, xp) -> (e, g)`` gives the per-element loss ``e`` and its derivative
@@ -246,7 +258,7 @@ def _mean_elementwise(name, kernel, outputs, targets, xp, sample_weight):
     """
     xp = _namespace(outputs, targets, sample_weight, xp)
     shape = _check_outputs(name, outputs, xp)
-    t = _same_shape_targets(name, outputs, targets, xp)
+    t = _same_shape_targets(name, outputs, targets, xp, check)
     w, total = _sample_weight(name, sample_weight, outputs, xp)
     n = shape[0]
     m = math.prod(shape[1:])
@@ -295,7 +307,7 @@ def _poisson_kernel(x, t, xp):
 
 
 # ------------------------------------------------------------------------- losses
-def mse(outputs, targets, *, xp=None, sample_weight=None):
+def mse(outputs, targets, *, xp=None, sample_weight=None, check=True):
     """Mean squared error, ``L = mean((o - t)^2)``, ``dL/do = 2 (o - t) / N``.
 
     Parameters
@@ -308,6 +320,8 @@ def mse(outputs, targets, *, xp=None, sample_weight=None):
     sample_weight : array, shape (n,), optional
         Non-negative weights; ``L = sum_i w_i l_i / sum_i w_i`` with ``l_i`` the mean
         over sample ``i``'s elements.
+    check : bool, default True
+        Validate the targets' values (see the module notes).
 
     Returns
     -------
@@ -316,10 +330,10 @@ def mse(outputs, targets, *, xp=None, sample_weight=None):
     d_outputs : array, shape of ``outputs``
         ``dL/d outputs``.
     """
-    return _mean_elementwise("mse", _mse_kernel, outputs, targets, xp, sample_weight)
+    return _mean_elementwise("mse", _mse_kernel, outputs, targets, xp, sample_weight, check)
 
 
-def mae(outputs, targets, *, xp=None, sample_weight=None):
+def mae(outputs, targets, *, xp=None, sample_weight=None, check=True):
     """Mean absolute error, ``L = mean(|o - t|)``, ``dL/do = sign(o - t) / N`` (0 at 0).
 
     Parameters
@@ -329,6 +343,8 @@ def mae(outputs, targets, *, xp=None, sample_weight=None):
     targets : array, float, shape of ``outputs`` (``(n,)`` is accepted for ``(n, 1)``)
     xp : namespace, optional
     sample_weight : array, shape (n,), optional
+    check : bool, default True
+        Validate the targets' values (see the module notes).
 
     Returns
     -------
@@ -336,10 +352,10 @@ def mae(outputs, targets, *, xp=None, sample_weight=None):
         Torch ``L1Loss()``.
     d_outputs : array, shape of ``outputs``
     """
-    return _mean_elementwise("mae", _mae_kernel, outputs, targets, xp, sample_weight)
+    return _mean_elementwise("mae", _mae_kernel, outputs, targets, xp, sample_weight, check)
 
 
-def huber(outputs, targets, *, xp=None, sample_weight=None, delta=HUBER_DELTA):
+def huber(outputs, targets, *, xp=None, sample_weight=None, delta=HUBER_DELTA, check=True):
     """Huber loss, ``L = mean(d^2/2 if |d| < delta else delta (|d| - delta/2))`` with
     ``d = o - t``; ``dL/do = clip(d, -delta, delta) / N``.
 
@@ -352,6 +368,8 @@ def huber(outputs, targets, *, xp=None, sample_weight=None, delta=HUBER_DELTA):
     sample_weight : array, shape (n,), optional
     delta : float, default 1.0
         Where the quadratic turns linear.
+    check : bool, default True
+        Validate the targets' values (see the module notes).
 
     Returns
     -------
@@ -367,10 +385,10 @@ def huber(outputs, targets, *, xp=None, sample_weight=None, delta=HUBER_DELTA):
     def kernel(o, t, xp):
         return _huber_kernel(o, t, xp, delta)
 
-    return _mean_elementwise("huber", kernel, outputs, targets, xp, sample_weight)
+    return _mean_elementwise("huber", kernel, outputs, targets, xp, sample_weight, check)
 
 
-def binary_cross_entropy(outputs, targets, *, xp=None, sample_weight=None):
+def binary_cross_entropy(outputs, targets, *, xp=None, sample_weight=None, check=True):
     """Binary cross-entropy from logits,
     ``L = mean(max(x, 0) - x t + log1p(exp(-|x|)))``, ``dL/dx = (sigmoid(x) - t) / N``.
 
@@ -384,6 +402,8 @@ def binary_cross_entropy(outputs, targets, *, xp=None, sample_weight=None):
         Probabilities of the positive class, usually 0 or 1.
     xp : namespace, optional
     sample_weight : array, shape (n,), optional
+    check : bool, default True
+        Validate the targets' values (see the module notes).
 
     Returns
     -------
@@ -393,11 +413,11 @@ def binary_cross_entropy(outputs, targets, *, xp=None, sample_weight=None):
         Gradient with respect to the logits.
     """
     return _mean_elementwise(
-        "binary_cross_entropy", _bce_kernel, outputs, targets, xp, sample_weight
+        "binary_cross_entropy", _bce_kernel, outputs, targets, xp, sample_weight, check
     )
 
 
-def poisson_nll(outputs, targets, *, xp=None, sample_weight=None):
+def poisson_nll(outputs, targets, *, xp=None, sample_weight=None, check=True):
     """Poisson negative log-likelihood with log-rate input (Stirling term omitted),
     ``L = mean(exp(x) - t x)``, ``dL/dx = (exp(x) - t) / N``.
 
@@ -412,6 +432,8 @@ def poisson_nll(outputs, targets, *, xp=None, sample_weight=None):
         Observed counts.
     xp : namespace, optional
     sample_weight : array, shape (n,), optional
+    check : bool, default True
+        Validate the targets' values (see the module notes).
 
     Returns
     -------
@@ -419,10 +441,10 @@ def poisson_nll(outputs, targets, *, xp=None, sample_weight=None):
         Torch ``PoissonNLLLoss(log_input=True, full=False)``.
     d_outputs : array, shape of ``outputs``
     """
-    return _mean_elementwise("poisson_nll", _poisson_kernel, outputs, targets, xp, sample_weight)
+    return _mean_elementwise("poisson_nll", _poisson_kernel, outputs, targets, xp, sample_weight, check)
 
 
-def cross_entropy(outputs, targets, *, xp=None, sample_weight=None):
+def cross_entropy(outputs, targets, *, xp=None, sample_weight=None, check=True):
     """Softmax cross-entropy from logits,
     ``L = -sum_ij t_ij log_softmax(z)_ij / n``, ``dL/dz = (softmax(z) sum_j t_ij - t) / n``
     (``(softmax(z) - onehot) / n`` for labels).
@@ -437,6 +459,8 @@ def cross_entropy(outputs, targets, *, xp=None, sample_weight=None):
     xp : namespace, optional
     sample_weight : array, shape (n,), optional
         ``L = sum_i w_i l_i / sum_i w_i`` with ``l_i = -sum_j t_ij log_softmax(z)_ij``.
+    check : bool, default True
+        Validate the targets' values (see the module notes).
 
     Returns
     -------
@@ -447,19 +471,18 @@ def cross_entropy(outputs, targets, *, xp=None, sample_weight=None):
     """
     name = "cross_entropy"
     xp = _namespace(outputs, targets, sample_weight, xp)
-    n, _ = _check_outputs(name, outputs, xp, two_d=True)
-    t, onehot = _class_targets(name, outputs, targets, xp)
+    if check:
+        n, k = _check_outputs(name, outputs, xp, two_d=True)
+    else:
+        n, k = (int(d) for d in outputs.shape)
+    t, labels = _class_targets(name, outputs, targets, xp, check)
     w, total = _sample_weight(name, sample_weight, outputs, xp)
+    if labels is not None:
+        return _cross_entropy_labels(outputs, labels, w, total, n, k, xp)
     logp = log_softmax(outputs, xp=xp)
     p = xp.exp(logp)
-    if onehot is not None:
-        # pick log p of the true class without multiplying the others by 0
-        # (0 * -inf would be NaN for masked logits)
-        tlogp = xp.where(onehot, logp, xp.zeros_like(logp))
-        g = p - t
-    else:
-        tlogp = t * logp
-        g = p * xp.sum(t, axis=-1, keepdims=True) - t
+    tlogp = t * logp
+    g = p * xp.sum(t, axis=-1, keepdims=True) - t
     if w is None:
         loss = -xp.sum(tlogp) / float(n)
         g = _scale(g, 1.0 / n)
@@ -470,6 +493,45 @@ def cross_entropy(outputs, targets, *, xp=None, sample_weight=None):
     return xp.asarray(loss), g
 
 
+def _cross_entropy_labels(outputs, labels, w, total, n, k, xp):
+    """The label case of :func:`cross_entropy`, fused: with ``z = x - max(x)`` and
+    ``s = sum(exp(z))`` per row, ``l_i = log(s_i) - z_i,y_i`` and
+    ``dL/dx = (exp(z) / s - onehot) / n``, the gradient computed into ``exp(z)``.
+
+    Only the true class's ``z`` is read (never ``0 * z``, which is NaN for a masked
+    logit of ``-inf``) and ``log p`` is never formed. NumPy, CuPy and torch pick and
+    update the true class by integer indexing behind a check of the namespace; the
+    standard path takes ``take_along_axis`` and subtracts a one-hot matrix.
+    """
+    z = outputs - xp.max(outputs, axis=-1, keepdims=True)
+    fast = _fast_kind(xp) is not None
+    if fast:
+        rows = xp.arange(n, device=device_of(outputs))
+        zy = z[rows, labels]
+    elif hasattr(xp, "take_along_axis"):
+        zy = xp.reshape(xp.take_along_axis(z, xp.reshape(labels, (n, 1)), axis=1), (n,))
+    else:  # namespaces before the 2024.12 standard
+        onehot = xp.reshape(labels, (n, 1)) == xp.arange(k, dtype=xp.int64, device=device_of(outputs))
+        zy = xp.sum(xp.where(onehot, z, xp.zeros_like(z)), axis=1)
+    g = xp.exp(z)
+    s = xp.sum(g, axis=-1, keepdims=True)
+    per_sample = xp.reshape(xp.log(s), (n,)) - zy
+    if not is_writeable_array(g):
+        onehot = xp.reshape(labels, (n, 1)) == xp.arange(k, dtype=xp.int64, device=device_of(outputs))
+        g = g / s - xp.astype(onehot, g.dtype)
+    else:
+        g /= s
+        if fast:
+            g[rows, labels] -= 1.0
+        else:
+            onehot = xp.reshape(labels, (n, 1)) == xp.arange(k, dtype=xp.int64, device=device_of(outputs))
+            g -= xp.astype(onehot, g.dtype)
+    if w is None:
+        return xp.asarray(xp.sum(per_sample) / float(n)), _scale(g, 1.0 / n)
+    loss = xp.sum(w * per_sample) / total
+    return xp.asarray(loss), _scale(g, xp.reshape(w / total, (n, 1)))
+
+
 # -------------------------------------------------------------------------- table
 @dataclasses.dataclass(frozen=True)
 class Loss:
@@ -478,7 +540,7 @@ class Loss:
     Attributes
     ----------
     name : str
-    fn : callable ``(outputs, targets, *, xp=None, sample_weight=None) -> (loss, d_outputs)``
+    fn : callable ``(outputs, targets, *, xp=None, sample_weight=None, check=True) -> (loss, d_outputs)``
     fused_activation : str or None
         The output activation the loss takes the logits of (``"softmax"``,
         ``"sigmoid"``, ``"identity"``), ``None`` when it has no row in the
@@ -492,11 +554,11 @@ class Loss:
     fused_activation: str | None
     targets: str
 
-    def __call__(self, outputs, targets, *, xp=None, sample_weight=None):
-        """``self.fn(outputs, targets, xp=xp, sample_weight=sample_weight)``: the loss
-        (a 0-d array) and its gradient with respect to ``outputs`` (n, k), same shape;
-        ``targets`` as the row's function takes them, ``sample_weight`` of shape (n,)."""
-        return self.fn(outputs, targets, xp=xp, sample_weight=sample_weight)
+    def __call__(self, outputs, targets, *, xp=None, sample_weight=None, check=True):
+        """``self.fn(outputs, targets, xp=xp, sample_weight=sample_weight, check=check)``:
+        the loss (a 0-d array) and its gradient with respect to ``outputs`` (n, k), same
+        shape; ``targets`` as the row's function takes them, ``sample_weight`` of shape (n,)."""
+        return self.fn(outputs, targets, xp=xp, sample_weight=sample_weight, check=check)
 
 
 #: The loss table: name to :class:`Loss` row.
