@@ -43,6 +43,7 @@ import array_api_compat
 from array_api_compat import is_writeable_array
 
 from ._backend import device_of, get_namespace, to_backend
+from .functional import _fast_kind
 
 __all__ = [
     "OPTIMIZERS",
@@ -57,6 +58,10 @@ __all__ = [
 
 #: Added to the global gradient norm before dividing, as torch's clip_grad_norm_ does.
 CLIP_NORM_EPS = 1e-6
+
+#: Size from which :meth:`Optimizer._axpy` uses its work buffer instead of a temporary
+#: (smaller temporaries come from the allocator's heap, cheaply).
+_WORK_MIN = 32768
 
 
 # ----------------------------------------------------------------------------- checks
@@ -248,6 +253,7 @@ class Optimizer:
         self.step_count = 0
         self.state: list[dict[str, dict[str, Any]]] | None = None
         self._needs_placement = False
+        self._scratch = None  # work space of _axpy's NumPy/CuPy path (not state)
 
     # -- the base learning rate -----------------------------------------------------
     @property
@@ -257,6 +263,35 @@ class Optimizer:
     @lr.setter
     def lr(self, value: float) -> None:
         self._lr = _number("lr", value, low=0.0)
+
+    # -- in-place arithmetic ----------------------------------------------------------
+    def _axpy(self, p, a: float, g, xp):
+        """``p + a * g``, computed into ``p`` where it is writeable.
+
+        The same values, bit for bit, as the standard ``p += a * g`` (the path of
+        namespaces without a fast one, and of small arrays), without its temporary:
+        on NumPy, CuPy and torch the product goes into a work buffer the optimiser
+        keeps (``out=``), then adds in place. (torch's fused ``add_(g, alpha=a)``
+        would round once instead of twice.)
+        """
+        if not is_writeable_array(p):
+            return p + a * g
+        n = math.prod(p.shape)
+        if n >= _WORK_MIN and _fast_kind(xp) is not None:
+            s = xp.reshape(self._work(n, p, xp), p.shape)
+            xp.multiply(g, a, out=s)
+            return xp.add(p, s, out=p)
+        p += a * g  # small arrays: a temporary costs less than the bookkeeping
+        return p
+
+    def _work(self, n, p, xp):
+        """A flat scratch array of ``n`` elements in ``p``'s dtype and place (a view of
+        one buffer, grown on demand)."""
+        s = self._scratch
+        # type, dtype and device attributes: NumPy, CuPy and torch arrays all have them
+        if s is None or s.shape[0] < n or type(s) is not type(p) or s.dtype != p.dtype or s.device != p.device:
+            s = self._scratch = xp.empty((n,), dtype=p.dtype, device=device_of(p))
+        return s[:n]
 
     # -- hooks for subclasses -------------------------------------------------------
     def _init_state(self, p, xp) -> dict[str, Any]:  # pragma: no cover - abstract
@@ -293,7 +328,12 @@ class Optimizer:
         arrays = [a for layer in params for a in layer.values()]
         if not arrays:
             return params
-        xp = get_namespace(*arrays, *(a for layer in grads for a in layer.values()))
+        garrays = [a for layer in grads for a in layer.values()]
+        kind = type(arrays[0])
+        if all(type(a) is kind for a in arrays) and all(type(a) is kind for a in garrays):
+            xp = get_namespace(arrays[0])  # one array type, one namespace
+        else:
+            xp = get_namespace(*arrays, *garrays)  # mixed: raises, naming both
         grads = _clip_gradients(grads, xp, self.clip_value, self.clip_norm)
         if self.state is None:
             self.state = [{key: self._init_state(p, xp) for key, p in layer.items()} for layer in params]
@@ -492,10 +532,11 @@ class SGD(Optimizer):
             if self.step_count == 1:
                 buf = _add(buf, g)  # a copy of g: the buffer starts at zero
             else:
-                buf = _add(_mul(buf, self.momentum), (1.0 - self.dampening) * g)
+                buf = self._axpy(_mul(buf, self.momentum), 1.0 - self.dampening, g, xp)
             st["momentum_buffer"] = buf
             g = g + self.momentum * buf if self.nesterov else buf
-        return _sub(p, lr * g)
+        # p - lr * g with the same rounding (-(lr * g) is exact), without a temporary
+        return self._axpy(p, -lr, g, xp)
 
 
 # ----------------------------------------------------------------------------- Adam

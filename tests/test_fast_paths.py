@@ -1,0 +1,233 @@
+"""The hot path's in-place kernels and backend fast paths, held to the standard path on
+every backend row: same values (bit for bit where the operations are the same), inputs
+the caller did not hand over left untouched."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from array_api_compat import is_writeable_array
+
+import arraymlp as am
+from arraymlp import functional as F
+from arraymlp import layers as L
+from arraymlp import losses as LS
+from arraymlp.optim import SGD
+
+INPLACE_ROWS = [name for name, act in F.ACTIVATIONS.items()
+                if act.forward_inplace is not None or act.backward_inplace is not None]
+
+
+def _data(backend, shape, seed=0, dtype=np.float32):
+    r = np.random.default_rng(seed)
+    return r.standard_normal(shape).astype(dtype)
+
+
+def _fresh(backend, a):
+    """A writeable array of the row's namespace, as the library would make one."""
+    xp = backend.xp
+    return xp.asarray(backend.asarray(a), copy=True)
+
+
+@pytest.mark.parametrize("name", INPLACE_ROWS)
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_inplace_activations_match_the_standard_path(backend, name, fast, dtype):
+    act = F.ACTIVATIONS[name]
+    xp = backend.xp
+    x_np = _data(backend, (7, 33), dtype=dtype)
+    x_np[0, :3] = [0.0, -0.0, 1e-30]  # relu's kink, signed zero, a tiny positive
+    dy_np = _data(backend, (7, 33), seed=1, dtype=dtype)
+    x = backend.asarray(x_np)
+    y_ref = act.forward(x, xp=xp)
+    saved = y_ref if act.saves == "output" else x
+    dx_ref = act.backward(backend.asarray(dy_np), saved, xp)
+    if act.forward_inplace is not None:
+        buf = _fresh(backend, x_np)
+        y = act.forward_inplace(buf, xp, fast=fast)
+        np.testing.assert_array_equal(backend.to_numpy(y), backend.to_numpy(y_ref))
+        if fast and backend.name in ("numpy", "torch", "cupy") and is_writeable_array(buf):
+            assert y is buf  # the fast paths compute into the buffer they were handed
+    if act.backward_inplace is not None and act.backward_inplace is not F._identity_bw:
+        buf = _fresh(backend, dy_np)
+        dx = act.backward_inplace(buf, saved, xp, fast=fast)
+        np.testing.assert_array_equal(backend.to_numpy(dx), backend.to_numpy(dx_ref))
+    # the arrays that were not handed over are unchanged
+    np.testing.assert_array_equal(backend.to_numpy(x), x_np)
+
+
+def test_inplace_forward_only_for_rows_that_save_their_output():
+    with pytest.raises(ValueError, match="overwrites the input its backward reads"):
+        F.Activation("bad", F.gelu, F.ACTIVATIONS["gelu"].backward, "input", True, lambda x, xp: x)
+
+
+@pytest.mark.parametrize("name", ["relu", "tanh", "gelu"])
+def test_activation_functions_take_inplace(backend, name):
+    xp = backend.xp
+    x_np = _data(backend, (5, 6))
+    y_ref, saved_ref = F.activation_forward(name, backend.asarray(x_np), xp=xp)
+    y, saved = F.activation_forward(name, _fresh(backend, x_np), xp=xp, inplace=True)
+    np.testing.assert_array_equal(backend.to_numpy(y), backend.to_numpy(y_ref))
+    dy_np = _data(backend, (5, 6), seed=2)
+    dx_ref = F.activation_backward(name, saved_ref, backend.asarray(dy_np), xp=xp)
+    dx = F.activation_backward(name, saved, _fresh(backend, dy_np), xp=xp, inplace=True)
+    np.testing.assert_array_equal(backend.to_numpy(dx), backend.to_numpy(dx_ref))
+
+
+# ----------------------------------------------------------------------------- handing over
+class ReluNoInplace(am.Activation):
+    """A subclass whose backward does not take ``inplace=``: it must never get it."""
+
+    def __init__(self):
+        super().__init__("relu")
+
+    def backward(self, params, cache, dy, *, xp, need_dx=True):
+        return super().backward(params, cache, dy, xp=xp, need_dx=need_dx)
+
+
+class DenseView(am.Dense):
+    """Overrides forward (returning a view): the inherited fresh_output is not trusted."""
+
+    def forward(self, params, x, *, training, rng, xp):
+        y, cache = super().forward(params, x, training=training, rng=rng, xp=xp)
+        return y, cache
+
+
+def test_handover_is_read_from_the_class_that_runs():
+    assert L.handover(am.Dense(2, 3)) == L.Handover(False, False, True, True)
+    assert L.handover(am.ReLU()) == L.Handover(True, True, False, False)
+    assert L.handover(ReluNoInplace()).backward_inplace is False
+    assert L.handover(DenseView(2, 3)).fresh_output is False
+    assert L.handover(DenseView(2, 3)).fresh_dx is True
+    assert L.handover(am.Dropout(0.5)) == L.Handover(False, False, False, False)
+
+
+def test_model_with_in_place_layers_matches_one_without(backend):
+    xp = backend.xp
+    kwargs = dict(dtype="float64", seed=4, **backend.model_kwargs())
+    a = am.MLP([6, 9, 7, 4], activation="relu", output_activation="softmax", **kwargs)
+    b = am.Sequential([am.Dense(6, 9, init="he_uniform"), ReluNoInplace(), am.Dense(9, 7, init="he_uniform"),
+                       ReluNoInplace(), am.Dense(7, 4, init="glorot_uniform"), am.Softmax()], **kwargs)
+    b.params = [{k: xp.asarray(v, copy=True) for k, v in p.items()} for p in a.params]
+    x_np = _data(backend, (11, 6), dtype=np.float64)
+    y = backend.asarray(np.arange(11) % 4)
+    x = backend.asarray(x_np)
+    la, ga = a.loss_and_grads(x, y, loss="cross_entropy")
+    lb, gb = b.loss_and_grads(x, y, loss="cross_entropy")
+    assert float(la) == float(lb)
+    for pa, pb in zip(ga, gb):
+        for k in pa:
+            np.testing.assert_allclose(backend.to_numpy(pa[k]), backend.to_numpy(pb[k]), rtol=1e-14, atol=1e-16)
+    np.testing.assert_array_equal(backend.to_numpy(x), x_np)  # the input was not handed over
+    # the caches hold what the backward pass needs: the ReLU outputs, not overwritten later
+    out, caches = a.forward(x, training=True)
+    relu_out = backend.to_numpy(caches[1])
+    assert (relu_out >= 0).all()
+    np.testing.assert_allclose(relu_out, np.maximum(x_np @ backend.to_numpy(a.params[0]["W"])
+                                                    + backend.to_numpy(a.params[0]["b"]), 0), rtol=1e-12)
+
+
+def test_backward_does_not_overwrite_a_gradient_it_was_not_handed(backend):
+    model = am.MLP([4, 5, 3], dtype="float64", seed=0, **backend.model_kwargs())
+    x = backend.asarray(_data(backend, (6, 4), dtype=np.float64))
+    out, caches = model.forward(x, training=True)
+    dy_np = _data(backend, (6, 3), seed=3, dtype=np.float64)
+    dy = backend.asarray(dy_np)
+    model.backward(caches, dy)
+    np.testing.assert_array_equal(backend.to_numpy(dy), dy_np)
+
+
+# ----------------------------------------------------------------------------- optimiser
+@pytest.mark.parametrize("n", [5, 40_000, 2 * 65_536 + 3])
+def test_sgd_update_is_exactly_p_minus_lr_g_at_every_size(backend, n):
+    xp = backend.xp
+    p_np = _data(backend, (n,), dtype=np.float32)
+    g_np = _data(backend, (n,), seed=1, dtype=np.float32)
+    W_np = _data(backend, (n // 5 + 1, 5), seed=2, dtype=np.float32)
+    gW_np = _data(backend, W_np.shape, seed=3, dtype=np.float32)
+    params = [{"W": _fresh(backend, W_np), "b": _fresh(backend, p_np)}]
+    grads = [{"W": backend.asarray(gW_np), "b": backend.asarray(g_np)}]
+    opt = SGD(lr=0.037)
+    for step in range(2):
+        params = opt.step(params, grads)
+        p_np = p_np - np.float32(0.037) * g_np
+        W_np = W_np - np.float32(0.037) * gW_np
+        np.testing.assert_array_equal(backend.to_numpy(params[0]["b"]), p_np)
+        np.testing.assert_array_equal(backend.to_numpy(params[0]["W"]), W_np)
+    np.testing.assert_array_equal(backend.to_numpy(grads[0]["b"]), g_np)  # gradients untouched
+    assert xp.isdtype(params[0]["W"].dtype, "real floating")
+
+
+def test_sgd_momentum_buffer_matches_the_standard_update(backend):
+    n = 40_000
+    p_np = _data(backend, (n,), dtype=np.float64)
+    gs = [_data(backend, (n,), seed=s, dtype=np.float64) for s in range(1, 4)]
+    params = [{"b": _fresh(backend, p_np)}]
+    opt = SGD(lr=0.1, momentum=0.9, dampening=0.25)
+    buf = None
+    for g_np in gs:
+        params = opt.step(params, [{"b": backend.asarray(g_np)}])
+        buf = g_np.copy() if buf is None else buf * 0.9 + 0.75 * g_np
+        p_np = p_np - 0.1 * buf
+        np.testing.assert_array_equal(backend.to_numpy(params[0]["b"]), p_np)
+
+
+# ----------------------------------------------------------------------------- losses
+@pytest.mark.parametrize("weighted", [False, True])
+def test_cross_entropy_fast_path_matches_the_standard_path(backend, monkeypatch, weighted):
+    xp = backend.xp
+    o_np = _data(backend, (9, 5), dtype=np.float64) * 3
+    o_np[2, 1] = -1e300  # a logit far below the others, not the label
+    y = backend.asarray(np.array([0, 1, 2, 3, 4, 0, 1, 2, 3]))
+    w = backend.asarray(np.linspace(0.5, 2.0, 9)) if weighted else None
+    o = backend.asarray(o_np)
+    fast = LS.cross_entropy(o, y, xp=xp, sample_weight=w)
+    monkeypatch.setattr(LS, "_fast_kind", lambda xp: None)
+    std = LS.cross_entropy(o, y, xp=xp, sample_weight=w)
+    # the float-target path, the original formulation, as a third opinion
+    onehot = backend.asarray(np.eye(5)[[0, 1, 2, 3, 4, 0, 1, 2, 3]])
+    ref = LS.cross_entropy(o, onehot, xp=xp, sample_weight=w)
+    for a in (fast, std):
+        assert float(a[0]) == pytest.approx(float(ref[0]), rel=1e-14)
+        np.testing.assert_allclose(backend.to_numpy(a[1]), backend.to_numpy(ref[1]), rtol=1e-13, atol=1e-16)
+    np.testing.assert_array_equal(backend.to_numpy(o), o_np)
+
+
+def test_cross_entropy_labels_ignore_a_masked_logit(backend):
+    o_np = _data(backend, (3, 4), dtype=np.float64)
+    o_np[1, 2] = -np.inf
+    loss, g = LS.cross_entropy(backend.asarray(o_np), backend.asarray(np.array([0, 1, 3])), xp=backend.xp)
+    assert np.isfinite(float(loss))
+    g_np = backend.to_numpy(g)
+    assert np.isfinite(g_np).all() and g_np[1, 2] == 0.0
+
+
+@pytest.mark.parametrize("loss", sorted(LS.LOSSES))
+def test_unchecked_losses_give_the_checked_values(backend, loss):
+    xp = backend.xp
+    o = backend.asarray(_data(backend, (6, 3), dtype=np.float64))
+    if loss == "cross_entropy":
+        t = backend.asarray(np.array([0, 2, 1, 1, 0, 2]))
+    else:
+        t = backend.asarray(np.abs(_data(backend, (6, 3), seed=5, dtype=np.float64)))
+    a = LS.LOSSES[loss](o, t, xp=xp)
+    b = LS.LOSSES[loss](o, t, xp=xp, check=False)
+    assert float(a[0]) == float(b[0])
+    np.testing.assert_array_equal(backend.to_numpy(a[1]), backend.to_numpy(b[1]))
+
+
+def test_training_step_validates_targets_once_up_front(backend):
+    model = am.MLP([3, 4, 2], dtype="float64", seed=0, **backend.model_kwargs())
+    x = backend.asarray(_data(backend, (8, 3), dtype=np.float64))
+    y_np = _data(backend, (8, 2), seed=1, dtype=np.float64)
+    y_np[5, 1] = np.nan
+    with pytest.raises(ValueError, match="y contains NaN or infinite values"):
+        model.fit(x, backend.asarray(y_np), epochs=1, progress=False)
+    with pytest.raises(ValueError, match="NaN"):
+        model.loss_and_grads(x, backend.asarray(y_np))
+    labels = backend.asarray(np.array([0, 1, 2, 0, 1, 0, 1, 0]))
+    clf = am.MLP([3, 4, 2], output_activation="softmax", dtype="float64", seed=0, **backend.model_kwargs())
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 2\)"):
+        clf.fit(x, labels, loss="cross_entropy", epochs=1, progress=False)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 2\)"):
+        clf.loss_and_grads(x, labels, loss="cross_entropy")
