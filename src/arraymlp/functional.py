@@ -619,13 +619,30 @@ def get_activation(name: str | Activation) -> Activation:
 
 
 def activation_forward(name, x, *, xp=None, inplace=False):
-    """Apply activation ``name`` to ``x``; returns ``(y, saved)`` where ``saved`` is
-    what :func:`activation_backward` needs (``x`` or ``y``, as the table says); both
-    have the shape of ``x``.
+    """Apply activation ``name`` to ``x``, keeping what the backward pass needs.
 
-    ``inplace=True`` hands ``x`` over (a temporary nothing else holds or reads again):
-    activations that save their output then compute ``y`` into ``x`` where the
-    namespace allows it, saving an allocation."""
+    Parameters
+    ----------
+    name : str or Activation
+        A key of :data:`ACTIVATIONS` (or a row of it).
+    x : array, shape (n, d)
+        Any shape for the elementwise activations; softmax and log_softmax act on the
+        last axis.
+    xp : namespace, optional
+        The array namespace; taken from the arrays when omitted (resolve it once per
+        call of your own and pass it down).
+    inplace : bool, default False
+        Hand ``x`` over (a temporary nothing else holds or reads again): activations
+        that save their output then compute ``y`` into ``x`` where the namespace allows
+        it, saving an allocation. With ``False``, ``x`` is never modified.
+
+    Returns
+    -------
+    y : array, shape of ``x``
+    saved : array, shape of ``x``
+        What :func:`activation_backward` needs: ``x`` or ``y``, whichever the table row
+        says its derivative is cheaper from.
+    """
     xp = _ns(x, xp)
     act = get_activation(name)
     if inplace and act.forward_inplace is not None:
@@ -636,11 +653,30 @@ def activation_forward(name, x, *, xp=None, inplace=False):
 
 
 def activation_backward(name, saved, dy, *, xp=None, inplace=False):
-    """Gradient through activation ``name``: ``dx = dy * f'(x)`` for elementwise
-    activations, the Jacobian-vector product for softmax and log_softmax. ``saved``
-    (the activation's input or output), ``dy`` and ``dx`` all have the same shape.
+    """Gradient through activation ``name``: ``dx = dy * f'(x)`` for the elementwise
+    activations, the Jacobian-vector product for softmax and log_softmax.
 
-    ``inplace=True`` hands ``dy`` over; ``dx`` is then computed into it where possible."""
+    Parameters
+    ----------
+    name : str or Activation
+        A key of :data:`ACTIVATIONS` (or a row of it).
+    saved : array, shape (n, d)
+        The ``saved`` array :func:`activation_forward` returned (the activation's input
+        or output).
+    dy : array, shape of ``saved``
+        Gradient of the loss with respect to the activation's output.
+    xp : namespace, optional
+        The array namespace; taken from the arrays when omitted (resolve it once per
+        call of your own and pass it down).
+    inplace : bool, default False
+        Hand ``dy`` over; ``dx`` is then computed into it where possible. With
+        ``False``, ``dy`` is never modified.
+
+    Returns
+    -------
+    dx : array, shape of ``dy``
+        Gradient with respect to the activation's input.
+    """
     xp = _ns(dy, xp)
     act = get_activation(name)
     if inplace and act.backward_inplace is not None:
