@@ -60,7 +60,7 @@ def mpirun(n: int, script: str, *args: str, timeout: float = TIMEOUT) -> tuple[s
     cmd = [_mpiexec(), "-n", str(n), sys.executable, str(SCRIPTS / script), *args]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
-                          cwd=Path(__file__).parent.parent)
+                          stdin=subprocess.DEVNULL, cwd=Path(__file__).parent.parent)
     return proc, time.perf_counter() - t0
 
 
