@@ -503,8 +503,10 @@ def _cross_entropy_labels(outputs, labels, w, total, n, k, xp):
     update the true class by integer indexing behind a check of the namespace; the
     standard path takes ``take_along_axis`` and subtracts a one-hot matrix.
     """
-    z = outputs - xp.max(outputs, axis=-1, keepdims=True)
-    fast = _fast_kind(xp) is not None
+    kind = _fast_kind(xp)
+    fast = kind is not None
+    ufuncs = kind in ("numpy", "cupy")  # reductions by method: no Python-level wrapper
+    z = outputs - (outputs.max(axis=-1, keepdims=True) if ufuncs else xp.max(outputs, axis=-1, keepdims=True))
     if fast:
         rows = xp.arange(n, device=device_of(outputs))
         zy = z[rows, labels]
@@ -514,7 +516,7 @@ def _cross_entropy_labels(outputs, labels, w, total, n, k, xp):
         onehot = xp.reshape(labels, (n, 1)) == xp.arange(k, dtype=xp.int64, device=device_of(outputs))
         zy = xp.sum(xp.where(onehot, z, xp.zeros_like(z)), axis=1)
     g = xp.exp(z)
-    s = xp.sum(g, axis=-1, keepdims=True)
+    s = g.sum(axis=-1, keepdims=True) if ufuncs else xp.sum(g, axis=-1, keepdims=True)
     per_sample = xp.reshape(xp.log(s), (n,)) - zy
     if not is_writeable_array(g):
         onehot = xp.reshape(labels, (n, 1)) == xp.arange(k, dtype=xp.int64, device=device_of(outputs))
@@ -527,7 +529,8 @@ def _cross_entropy_labels(outputs, labels, w, total, n, k, xp):
             onehot = xp.reshape(labels, (n, 1)) == xp.arange(k, dtype=xp.int64, device=device_of(outputs))
             g -= xp.astype(onehot, g.dtype)
     if w is None:
-        return xp.asarray(xp.sum(per_sample) / float(n)), _scale(g, 1.0 / n)
+        total_loss = per_sample.sum() if ufuncs else xp.sum(per_sample)
+        return xp.asarray(total_loss / float(n)), _scale(g, 1.0 / n)
     loss = xp.sum(w * per_sample) / total
     return xp.asarray(loss), _scale(g, xp.reshape(w / total, (n, 1)))
 

@@ -118,14 +118,14 @@ def _check_structure(params: Any, grads: Any) -> None:
         msg = f"grads has {len(grads)} layers but params has {len(params)}; grads must mirror params"
         raise ValueError(msg)
     for i, (p, g) in enumerate(zip(params, grads)):
-        if set(p) != set(g):
+        if p.keys() != g.keys():
             msg = (
                 f"layer {i}: grads has keys {sorted(g)} but params has keys {sorted(p)}; "
                 "grads must mirror params"
             )
             raise ValueError(msg)
         for key, pa in p.items():
-            if tuple(g[key].shape) != tuple(pa.shape):
+            if g[key].shape != pa.shape and tuple(g[key].shape) != tuple(pa.shape):
                 msg = (
                     f"layer {i}, {key!r}: gradient has shape {tuple(g[key].shape)} "
                     f"but the parameter has shape {tuple(pa.shape)}"
@@ -329,8 +329,7 @@ class Optimizer:
         if not arrays:
             return params
         garrays = [a for layer in grads for a in layer.values()]
-        kind = type(arrays[0])
-        if all(type(a) is kind for a in arrays) and all(type(a) is kind for a in garrays):
+        if len({type(a) for a in arrays} | {type(a) for a in garrays}) == 1:
             xp = get_namespace(arrays[0])  # one array type, one namespace
         else:
             xp = get_namespace(*arrays, *garrays)  # mixed: raises, naming both
@@ -425,7 +424,7 @@ class Optimizer:
 
     def _check_state(self, params, xp) -> None:
         state = self.state
-        ok = len(state) == len(params) and all(set(s) == set(p) for s, p in zip(state, params))
+        ok = len(state) == len(params) and all(s.keys() == p.keys() for s, p in zip(state, params))
         if not ok:
             msg = (
                 "the optimizer's state was built for parameters of a different structure "
@@ -440,6 +439,8 @@ class Optimizer:
                         st[slot] = _place(st[slot], p, xp)
             self._needs_placement = False
             return
+        if not any(st for slayer in state for st in slayer.values()):
+            return  # no state arrays (plain SGD): no shapes to compare
         for slayer, layer in zip(state, params):
             for key, p in layer.items():
                 for a in slayer[key].values():
