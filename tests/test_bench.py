@@ -276,6 +276,22 @@ def test_main_writes_json_table_and_plot(tmp_path, monkeypatch, capsys):
     assert ppath.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_threads_option_limits_every_pool(tmp_path, monkeypatch):
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    monkeypatch.setitem(bench.WORKLOADS, "T1", TINY)
+    before = [lib["num_threads"] for lib in threadpoolctl.threadpool_info()]
+    jpath = tmp_path / "r.json"
+    rc = bench.main(["--workload", "T1", "--backend", "numpy", "--repeat", "1", "--min-time", "0", "--quick",
+                     "--no-memory", "--no-peers", "--threads", "1", "--json", str(jpath), "-q"])
+    assert rc == 0
+    data = json.loads(jpath.read_text())
+    assert data["settings"]["threads"] == 1
+    assert data["environment"]["threads"]["blas"] and set(data["environment"]["threads"]["blas"]) == {1}
+    # restored afterwards
+    assert [lib["num_threads"] for lib in threadpoolctl.threadpool_info()][:len(before)] == before
+    assert bench.main(["--threads", "0", "-q"]) == 2
+
+
 def test_main_rejects_unknown_names(capsys):
     assert bench.main(["--workload", "W9", "-q"]) == 2
     assert "unknown workload 'W9'" in capsys.readouterr().err

@@ -57,6 +57,7 @@ __all__ = [
     "format_table",
     "gemm_floor_products",
     "interleaved",
+    "limit_threads",
     "main",
     "make_arraymlp",
     "make_gemm_floor",
@@ -1168,6 +1169,40 @@ def measure_memory(rows: int = 60_000, *, workload: Workload | None = None, batc
 
 
 # ----------------------------------------------------------------------------- driver
+@contextlib.contextmanager
+def limit_threads(n: int | None, notes: list[str] | None = None):
+    """Run with at most ``n`` threads in every thread pool of the process: BLAS and
+    OpenMP libraries (through threadpoolctl) and PyTorch's intra-op pool. ``None``
+    leaves every library at its default.
+
+    On a machine shared with other work, ``n = 1`` gives the steadiest ratios: a
+    multi-threaded product whose threads are descheduled waits for the slowest.
+    PyTorch and scikit-learn are imported first, so that their pools exist when the
+    limits are set.
+    """
+    if not n:
+        yield
+        return
+    notes = notes if notes is not None else []
+    with contextlib.ExitStack() as stack:
+        torch = None
+        if _has("torch"):
+            import torch
+        if _has("sklearn"):
+            import sklearn.neural_network  # noqa: F401  (loads its OpenMP runtime)
+        try:
+            from threadpoolctl import threadpool_limits
+        except ImportError:
+            notes.append("threadpoolctl is not installed: BLAS threads left at their default")
+        else:
+            stack.enter_context(threadpool_limits(limits=n))
+        if torch is not None:
+            old = torch.get_num_threads()
+            torch.set_num_threads(n)
+            stack.callback(torch.set_num_threads, old)
+        yield
+
+
 def _resolve_targets(spec: Sequence[str] | None) -> tuple[list[Target], list[str]]:
     avail = available_targets()
     notes: list[str] = []
@@ -1293,6 +1328,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer rounds and batch sizes: under a minute on 2 cores")
     ap.add_argument("--no-peers", action="store_true", help="time arraymlp and its GEMM floor only")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    ap.add_argument("--threads", type=int, default=None, metavar="N",
+                    help="at most N threads in BLAS, OpenMP and PyTorch pools (default: each library's own)")
     ap.add_argument("--json", metavar="PATH", help="write results and environment as JSON")
     ap.add_argument("--plot", metavar="PATH", help="write a PNG of throughput against batch size")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
@@ -1319,14 +1356,20 @@ def main(argv: list[str] | None = None) -> int:
         if not args.quiet:
             print(msg, file=sys.stderr, flush=True)
 
+    if args.threads is not None and args.threads < 1:
+        print("error: --threads must be >= 1", file=sys.stderr)
+        return 2
     t0 = time.perf_counter()
-    result = run(workloads, targets, repeat=repeat, quick=args.quick, min_time=min_time,
-                 peers=not args.no_peers, memory=not args.no_memory, log=log)
+    with limit_threads(args.threads, tnotes):
+        result = run(workloads, targets, repeat=repeat, quick=args.quick, min_time=min_time,
+                     peers=not args.no_peers, memory=not args.no_memory, log=log)
     result["notes"] = tnotes + result["notes"]
     result["settings"]["wall_seconds"] = time.perf_counter() - t0
+    result["settings"]["threads"] = args.threads
     env = result["environment"]
+    threads = "default threads" if args.threads is None else f"{args.threads} thread(s) per pool"
     print(f"arraymlp {env['versions']['arraymlp']} bench on {env['device_name']}; "
-          f"repeat {repeat}, medians of interleaved rounds")
+          f"repeat {repeat}, medians of interleaved rounds, {threads}")
     print()
     print(format_table(result["cases"]))
     for wl, by_dtype in result["crossover"].items():
