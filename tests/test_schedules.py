@@ -332,10 +332,10 @@ def test_get_schedule_unknown_name_lists_known_ones():
         (
             lambda: LinearWarmup(0.1, 5, start_factor=1.5),
             ValueError,
-            "start_factor must be >= 0 and <= 1",
+            r"start_factor must be in \[0, 1\]",
         ),
         (lambda: LinearWarmup("cosine", 5), TypeError, "schedule must be a Schedule"),
-        (lambda: ReduceOnPlateau(0.1, factor=1.0), ValueError, "factor must be >= 0 and < 1"),
+        (lambda: ReduceOnPlateau(0.1, factor=1.0), ValueError, r"factor must be in \[0, 1\)"),
         (lambda: ReduceOnPlateau(0.1, patience=-1), ValueError, "patience must be an integer >= 0"),
         (lambda: ReduceOnPlateau(0.1, mode="lowest"), ValueError, "mode must be 'min' or 'max'"),
         (lambda: ReduceOnPlateau(0.1, threshold_mode="pct"), ValueError, "threshold_mode must be"),

@@ -19,6 +19,8 @@ import numbers
 from collections.abc import Callable
 from typing import Any
 
+from .optim import _number
+
 __all__ = [
     "SCHEDULES",
     "Constant",
@@ -34,33 +36,7 @@ __all__ = [
 
 
 # ----------------------------------------------------------------------------- checks
-def _real(
-    name: str,
-    value: Any,
-    *,
-    low: float | None = None,
-    low_open: bool = False,
-    high: float | None = None,
-    high_open: bool = False,
-) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        msg = f"{name} must be a real number, got {value!r} ({type(value).__name__})"
-        raise TypeError(msg)
-    v = float(value)
-    bad = math.isnan(v)
-    if low is not None:
-        bad = bad or (v <= low if low_open else v < low)
-    if high is not None:
-        bad = bad or (v >= high if high_open else v > high)
-    if bad:
-        parts = []
-        if low is not None:
-            parts.append((">" if low_open else ">=") + f" {low:g}")
-        if high is not None:
-            parts.append(("<" if high_open else "<=") + f" {high:g}")
-        msg = f"{name} must be {' and '.join(parts)}, got {value!r}"
-        raise ValueError(msg)
-    return v
+_real = _number  # one validator for every hyper-parameter, shared with the optimisers
 
 
 def _int(name: str, value: Any, *, low: int) -> int:
