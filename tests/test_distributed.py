@@ -7,7 +7,6 @@ with a timeout, and skip with a reason when mpi4py or mpiexec is missing.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -18,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import _gpu, _has
 
 from arraymlp.distributed import RootOnly, has_batch_hook, shard_bounds
 from arraymlp.training import Callback, EarlyStopping
@@ -33,25 +33,10 @@ def _mpiexec() -> str | None:
     return shutil.which("mpiexec")
 
 
-def _has(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
-
-
 needs_mpi = pytest.mark.skipif(
     not _has("mpi4py") or _mpiexec() is None,
     reason="needs mpi4py and an mpiexec (pip install 'arraymlp[mpi]')",
 )
-
-
-def _gpu() -> bool:
-    if not _has("cupy"):
-        return False
-    try:
-        import cupy
-
-        return cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:
-        return False
 
 
 def mpirun(n: int, script: str, *args: str, timeout: float = TIMEOUT) -> tuple[subprocess.CompletedProcess, float]:
