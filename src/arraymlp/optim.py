@@ -59,6 +59,9 @@ __all__ = [
 #: Added to the global gradient norm before dividing, as torch's clip_grad_norm_ does.
 CLIP_NORM_EPS = 1e-6
 
+#: Namespace of each array type met so far (the namespace is a function of the type).
+_NAMESPACE_OF_TYPE: dict[type, Any] = {}
+
 #: Size from which :meth:`Optimizer._axpy` uses its work buffer instead of a temporary
 #: (smaller temporaries come from the allocator's heap, cheaply).
 _WORK_MIN = 32768
@@ -329,8 +332,12 @@ class Optimizer:
         if not arrays:
             return params
         garrays = [a for layer in grads for a in layer.values()]
-        if len({type(a) for a in arrays} | {type(a) for a in garrays}) == 1:
-            xp = get_namespace(arrays[0])  # one array type, one namespace
+        types = {type(a) for a in arrays} | {type(a) for a in garrays}
+        if len(types) == 1:  # one array type, one namespace
+            kind = types.pop()
+            xp = _NAMESPACE_OF_TYPE.get(kind)
+            if xp is None:
+                xp = _NAMESPACE_OF_TYPE[kind] = get_namespace(arrays[0])
         else:
             xp = get_namespace(*arrays, *garrays)  # mixed: raises, naming both
         grads = _clip_gradients(grads, xp, self.clip_value, self.clip_norm)
