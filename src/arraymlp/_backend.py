@@ -130,7 +130,7 @@ def check_same_backend(
     a, b = backend_name(expected), backend_name(got)
     msg = (
         f"{what} is a {b} array but the model's parameters are {a} arrays; "
-        f"convert the input with arraymlp.to_backend(x, {a!r}) or move the model "
+        f"convert the input with arraymlp.to_backend({what.split()[-1]}, {a!r}) or move the model "
         f"with model.to({b!r})"
     )
     raise TypeError(msg)
@@ -142,7 +142,7 @@ def check_same_device(expected: Any, got: Any, what: str = "input") -> None:
         return
     msg = (
         f"{what} is on device {got!r} but the model's parameters are on {expected!r}; "
-        f"move the input with arraymlp.to_backend(x, ..., device={expected!r}) or the "
+        f"move the input with arraymlp.to_backend({what.split()[-1]}, ..., device={expected!r}) or the "
         f"model with model.to(..., device={got!r})"
     )
     raise ValueError(msg)

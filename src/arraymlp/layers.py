@@ -188,7 +188,7 @@ def _named(cls_name: str, act: str):
 
     doc = f"Shorthand for ``Activation({act!r})``."
     return type(cls_name, (Activation,), {"__init__": __init__, "__doc__": doc,
-                                          "__repr__": lambda self: f"{cls_name}()"})
+                                          "__repr__": lambda self: f"{type(self).__name__}()"})
 
 
 Identity = _named("Identity", "identity")
