@@ -306,6 +306,21 @@ def test_gpu_workload_is_skipped_with_a_note_on_cpu(capsys):
     assert any("W4 runs on a GPU only" in n for n in result["notes"])
 
 
+def test_a_candidate_that_cannot_run_is_skipped_with_a_note(monkeypatch):
+    def broken(*args, **kwargs):
+        def fn():
+            raise RuntimeError("no such kernel")
+        return fn
+
+    monkeypatch.setattr(bench, "make_torch", broken)
+    monkeypatch.setattr(bench, "_has", lambda module: module == "torch")
+    notes = []
+    case = bench.run_case(TINY, 4, "float64", [bench.TARGETS["numpy"]], gpu=False, repeat=2, min_time=0.0,
+                          errors=notes)
+    assert [r["name"] for r in case["candidates"]] == ["arraymlp[numpy]", "floor[numpy]"]
+    assert len(notes) == 1 and "torch[cpu] skipped: RuntimeError: no such kernel" in notes[0]
+
+
 def test_memory_budget_parts():
     wl = bench.Workload("M", "memory", "train", (6, 5, 3), (4,))
     m = bench.measure_memory(40, workload=wl, batch=8, dtype="float32")

@@ -254,10 +254,15 @@ def tf32(target: Target, enabled: bool):
             restore.append(lambda: setattr(torch.backends.cuda.matmul, "allow_tf32", old))
         if target.name == "cupy":
             import cupy
-            from cupy._core import _routines_linalg as linalg
 
-            old_ct = linalg.get_compute_type(cupy.float32)
-            linalg.set_compute_type(cupy.float32, linalg.COMPUTE_TYPE_TF32)
+            try:
+                from cupy._core import _routines_linalg as linalg
+
+                old_ct = linalg.get_compute_type(cupy.float32)
+                linalg.set_compute_type(cupy.float32, linalg.COMPUTE_TYPE_TF32)
+            except (ImportError, AttributeError) as exc:  # a CuPy without the switch
+                msg = f"this CuPy cannot switch float32 products to TF32: {exc}"
+                raise RuntimeError(msg) from exc
             restore.append(lambda: linalg.set_compute_type(cupy.float32, old_ct))
         yield
     finally:
@@ -777,7 +782,9 @@ def _build_candidates(workload: Workload, batch: int, dtype: str, targets: list[
 
     def add(name, role, tgt, builder):
         try:
-            cands.append(Candidate(name, role, tgt, builder()))
+            fn = builder()
+            fn()  # a first call here: a candidate that cannot run is skipped, not fatal
+            cands.append(Candidate(name, role, tgt, fn))
         except Exception as exc:  # a peer missing a dtype, a device out of memory ...
             errors.append(f"{workload.name} batch {batch} {dtype}: {name} skipped: {type(exc).__name__}: {exc}")
 
