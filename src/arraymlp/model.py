@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from array_api_compat import is_dask_array
+from array_api_compat import is_dask_array, is_writeable_array
 
 from . import layers as L
 from ._backend import (
@@ -382,14 +382,25 @@ class Sequential:
         # the table's losses return a new gradient array: hand it over to the layers
         grads = self.backward(caches, dout, xp=xp, inplace=builtin)
         if l2:
-            penalty = 0.0
             for layer, p, g in zip(self.layers, self.params, grads):
                 if isinstance(layer, L.Dense):
-                    W = p["W"]
-                    penalty = penalty + xp.sum(W * W)
-                    g["W"] = g["W"] + l2 * W
-            value = value + 0.5 * l2 * penalty
+                    # dW = x.T @ dy is a fresh array of the model's: add in place where allowed
+                    if is_writeable_array(g["W"]):
+                        g["W"] += l2 * p["W"]
+                    else:
+                        g["W"] = g["W"] + l2 * p["W"]
+            value = value + self._l2_penalty(l2, xp)
         return value, grads
+
+    def _l2_penalty(self, l2, xp):
+        """``l2/2 * sum(W**2)`` over the weight matrices, by row-wise dot products (no
+        squared copy of each matrix)."""
+        total = 0.0
+        for layer, p in zip(self.layers, self.params):
+            if isinstance(layer, L.Dense):
+                W = p["W"]
+                total = total + xp.sum(xp.vecdot(W, W))
+        return 0.5 * l2 * total
 
     def loss_and_grads(self, x, y, *, loss: str = "mse", sample_weight=None, l2: float = 0.0,
                        training: bool = True):
@@ -438,9 +449,7 @@ class Sequential:
         out, _ = self.forward(x, training=training, xp=xp, upto=len(self.layers) - 1 if fused else None)
         value, _ = lossfn.fn(out, y, xp=xp, sample_weight=sample_weight)
         if l2:
-            for layer, p in zip(self.layers, self.params):
-                if isinstance(layer, L.Dense):
-                    value = value + 0.5 * l2 * xp.sum(p["W"] * p["W"])
+            value = value + self._l2_penalty(l2, xp)
         return value
 
     # ------------------------------------------------------------------ display
