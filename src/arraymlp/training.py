@@ -312,10 +312,10 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
         raise ValueError(msg)
     if sample_weight is not None:
         sample_weight = model._check_target(sample_weight, xp, "sample_weight")
-    lossfn.fn(model.forward(x[:1, ...], xp=xp, upto=len(model.layers) - 1 if model._fused(lossfn) else None)[0],
-              y[:1, ...], xp=xp)  # validate target kind/shape once, up front
-    if lossfn.name == "cross_entropy" and xp.isdtype(y.dtype, "integral"):
-        lossfn.fn(xp.zeros((_n(y), model.n_outputs), dtype=model.dtype, device=model.device), y, xp=xp)
+    # Validate the targets (kind, shape, label range) and weights once, up front, against
+    # placeholder outputs of the model's output shape; the steps then skip those checks.
+    lossfn.fn(xp.zeros((_n(y), model.n_outputs), dtype=model.dtype, device=model.device), y, xp=xp,
+              sample_weight=sample_weight)
 
     if validation_data is None and validation_split > 0.0:
         n_val = max(1, int(round(_n(x) * validation_split)))
