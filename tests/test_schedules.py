@@ -131,6 +131,28 @@ def test_linear_warmup_wraps_reduce_on_plateau_state():
     assert other(5) == s(5)
 
 
+def test_linear_warmup_passes_metrics_to_plateau_after_warmup():
+    inner = ReduceOnPlateau(1.0, factor=0.5, patience=0)
+    s = LinearWarmup(inner, warmup_steps=3)
+    # rising losses while warming up are not passed on
+    assert [s.step(m) for m in (1.0, 2.0)] == [None, None]
+    assert inner.last_epoch == 0 and inner.lr == 1.0
+    assert s.step(3.0) == 1.0  # the last warm-up epoch's metric: the plateau's first
+    assert s.step(4.0) == 0.5 and s(3) == 0.5  # no improvement, patience 0
+    assert s.state_dict() == {"schedule": inner.state_dict(), "metrics_seen": 4}
+    other = LinearWarmup(ReduceOnPlateau(1.0, factor=0.5, patience=0), warmup_steps=3)
+    other.load_state_dict(s.state_dict())
+    assert other.metrics_seen == 4 and other.step(5.0) == s.step(5.0) == 0.25
+
+
+def test_linear_warmup_step_without_a_stateful_schedule():
+    s = LinearWarmup(CosineAnnealing(1.0, T_max=10), warmup_steps=0)
+    assert s.step(1.0) is None and s(0) == 1.0
+    assert s.state_dict() == {"schedule": {}}  # no count: nothing to pass metrics to
+    s.load_state_dict({"schedule": {}})  # a checkpoint without the count
+    assert s.metrics_seen == 0
+
+
 # ----------------------------------------------------------------------------- against torch
 def test_step_decay_matches_torch():
     torch = pytest.importorskip("torch")

@@ -18,7 +18,7 @@ import pytest
 
 import arraymlp as am
 from arraymlp.optim import SGD, Adam
-from arraymlp.schedules import CosineAnnealing, ReduceOnPlateau, StepDecay
+from arraymlp.schedules import CosineAnnealing, LinearWarmup, ReduceOnPlateau, StepDecay
 from arraymlp.training import Callback, DivergenceError, EarlyStopping, History
 from conftest import BACKEND_ROWS
 
@@ -465,6 +465,23 @@ def test_reduce_on_plateau_keeps_rate_while_improving(backend):
                   batch_size=12, shuffle=False, progress=False)
     assert np.all(np.diff(h.loss) < 0)
     assert h.lr == [0.05] * 5
+
+
+def test_warmup_around_reduce_on_plateau_steps_it_after_warmup(backend):
+    """LinearWarmup(ReduceOnPlateau): fit's metrics reach the wrapped schedule from the
+    last warm-up epoch on. The rate (1e-6) is too small to move the loss by the relative
+    threshold, so each epoch after the first one the plateau sees is a bad one."""
+    x_np, y_np = regression_data(n=12)
+    model = am.MLP([3, 5, 2], dtype="float64", seed=4, **backend.model_kwargs())
+    lr0 = 1e-6
+    sched = LinearWarmup(ReduceOnPlateau(lr0, factor=0.5, patience=1), warmup_steps=3, start_factor=0.5)
+    h = model.fit(backend.asarray(x_np), backend.asarray(y_np), optimizer="sgd", schedule=sched, epochs=9,
+                  batch_size=12, shuffle=False, progress=False)
+    # epochs 0-2 ramp; epoch 2's loss is the plateau's first metric; epochs 3 and 4 are bad
+    ramp = [lr0 * (0.5 + 0.5 * t / 3) for t in range(3)]
+    expected = ramp + [lr0] * 2 + [lr0 / 2] * 2 + [lr0 / 4] * 2
+    np.testing.assert_allclose(h.lr, expected, rtol=1e-15)
+    assert sched.metrics_seen == 9 and sched.schedule.last_epoch == 7
 
 
 # --------------------------------------------------------------------- divergence guard

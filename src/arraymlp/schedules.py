@@ -253,6 +253,11 @@ class LinearWarmup(Schedule):
     ``t / W`` warm-up. The ramp equals ``torch.optim.lr_scheduler.LinearLR`` with
     ``end_factor=1, total_iters=W``.
 
+    A wrapped schedule that learns from a metric (:class:`ReduceOnPlateau`) gets the
+    metrics of :meth:`step` once warm-up is over: the metric of the last warm-up epoch
+    is its first, so a loss that rises while the rate ramps up cannot count as a
+    plateau.
+
     Parameters
     ----------
     schedule : Schedule, callable or float
@@ -261,6 +266,17 @@ class LinearWarmup(Schedule):
         ``W >= 0``; 0 means no warm-up.
     start_factor : float, default 0.0
         Fraction of ``s(0)`` at ``t = 0``, in ``[0, 1]``.
+
+    Examples
+    --------
+    >>> from arraymlp import LinearWarmup, ReduceOnPlateau
+    >>> s = LinearWarmup(ReduceOnPlateau(0.1, patience=0), warmup_steps=2)
+    >>> [round(s(t), 3) for t in range(3)]
+    [0.0, 0.05, 0.1]
+    >>> for loss in (5.0, 1.0, 2.0):  # epochs 0 and 1 warm up; epoch 2 does not improve
+    ...     _ = s.step(loss)
+    >>> round(s(3), 3)
+    0.01
     """
 
     _args = ("schedule", "warmup_steps", "start_factor")
@@ -282,6 +298,7 @@ class LinearWarmup(Schedule):
         self.schedule = schedule
         self.warmup_steps = _int("warmup_steps", warmup_steps, low=0)
         self.start_factor = _real("start_factor", start_factor, low=0.0, high=1.0)
+        self.metrics_seen = 0
 
     def __call__(self, t: float) -> float:
         t = _step(t)
@@ -291,15 +308,42 @@ class LinearWarmup(Schedule):
         f = self.start_factor
         return self.schedule(0) * (f + (1.0 - f) * t / W)
 
+    def _inner_step(self):
+        step = getattr(self.schedule, "step", None)
+        return step if callable(step) else None
+
+    def step(self, metric: Any) -> float | None:
+        """Record one epoch's ``metric``; passed on to the wrapped schedule's own
+        ``step`` from the last warm-up epoch on, and ignored when it has none.
+
+        Returns
+        -------
+        float or None
+            What the wrapped ``step`` returned (a :class:`ReduceOnPlateau`'s rate),
+            or None while warming up or when there is nothing to step.
+        """
+        inner = self._inner_step()
+        self.metrics_seen += 1
+        if inner is None or self.metrics_seen < self.warmup_steps:
+            return None
+        return inner(metric)
+
     def state_dict(self) -> dict[str, Any]:
-        """The wrapped schedule's state (for a wrapped :class:`ReduceOnPlateau`)."""
+        """The wrapped schedule's state (for a wrapped :class:`ReduceOnPlateau`) and
+        the count of metrics :meth:`step` has seen."""
+        state: dict[str, Any] = {}
         inner = getattr(self.schedule, "state_dict", None)
-        return {"schedule": inner()} if inner is not None else {}
+        if inner is not None:
+            state["schedule"] = inner()
+        if self._inner_step() is not None:
+            state["metrics_seen"] = self.metrics_seen
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`."""
         if "schedule" in state:
             self.schedule.load_state_dict(state["schedule"])
+        self.metrics_seen = int(state.get("metrics_seen", 0))
 
 
 class ReduceOnPlateau(Schedule):

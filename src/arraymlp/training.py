@@ -424,8 +424,9 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
             if logs["val_loss"] is not None:
                 history.val_loss.append(logs["val_loss"])
                 history.val_metric.append(logs["val_metric"])
-            if schedule is not None and hasattr(schedule, "step") and callable(schedule.step):
-                base_lr = schedule.step(logs["val_loss"] if logs["val_loss"] is not None else logs["loss"])
+            if schedule is not None and callable(getattr(schedule, "step", None)):
+                # the next epoch's rate comes from schedule(epoch); step only records the metric
+                schedule.step(logs["val_loss"] if logs["val_loss"] is not None else logs["loss"])
             bar.update(logs, history.metric_name)
             for cb in callbacks:
                 stop = bool(cb.on_epoch_end(model, logs)) or stop
