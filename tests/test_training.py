@@ -511,6 +511,42 @@ def test_divergence_raises_and_keeps_last_finite_parameters(backend):
     assert not math.isfinite(value)
 
 
+class _PoisonAfter(Callback):
+    """Makes one weight NaN after update ``k``: a finite loss whose update overflowed."""
+
+    def __init__(self, k, backend):
+        self.k, self.backend = k, backend
+
+    def on_batch_end(self, model, logs):
+        if logs["step"] == self.k:
+            W = np.array(am.to_numpy(model.params[0]["W"]))  # the model's own dtype
+            W[0, 0] = np.nan
+            model.params[0]["W"] = self.backend.asarray(W)
+
+
+def test_divergence_says_when_the_last_update_left_non_finite_parameters(backend):
+    x_np, y_np = regression_data(n=40)
+    model = am.MLP([3, 8, 2], seed=1, **backend.model_kwargs())
+    x, y = backend.asarray(x_np), backend.asarray(y_np)
+    with pytest.raises(DivergenceError) as info:
+        model.fit(x, y, optimizer=SGD(lr=1e-3), epochs=2, batch_size=8, shuffle=False,
+                  callbacks=[_PoisonAfter(3, backend)], progress=False)
+    err = info.value
+    assert (err.step, err.epoch, err.params_finite) == (3, 0, False)
+    assert "update of step 3" in str(err) and "non-finite" in str(err)
+    assert np.isnan(host_params(model)[0]["W"][0, 0])
+
+
+def test_divergence_reports_finite_parameters(backend):
+    x_np, y_np = regression_data(n=40)
+    model = am.MLP([3, 8, 2], seed=1, **backend.model_kwargs())
+    x, y = backend.asarray(x_np), backend.asarray(y_np)
+    with pytest.raises(DivergenceError) as info:
+        model.fit(x, y, optimizer=SGD(lr=1e6), epochs=20, batch_size=8, shuffle=False, progress=False)
+    assert info.value.params_finite is True
+    assert "those of the last finite step" in str(info.value)
+
+
 # --------------------------------------------------------------------------- partial_fit
 def test_partial_fit_keeps_optimizer_state(backend):
     x_np, y_np = regression_data(n=20)

@@ -37,12 +37,30 @@ CLASSIFICATION_LOSSES = {"cross_entropy": "multiclass", "binary_cross_entropy": 
 class DivergenceError(FloatingPointError):
     """The training loss became NaN or infinite; ``epoch`` and ``step`` say where.
 
-    The model keeps the parameters of the last finite step.
+    The step whose loss is not finite makes no update, so the model keeps the
+    parameters it had: those left by the last step with a finite loss. They are
+    finite unless that step's own update overflowed (a finite loss whose gradient
+    was not); ``params_finite`` says which, and the message tells the two apart.
+
+    Attributes
+    ----------
+    epoch, step : int
+        0-based epoch and count of the updates made before the failing step.
+    params_finite : bool
+        Whether every parameter of the model is finite.
     """
 
-    def __init__(self, msg: str, *, epoch: int, step: int):
+    def __init__(self, msg: str, *, epoch: int, step: int, params_finite: bool = True):
         super().__init__(msg)
-        self.epoch, self.step = epoch, step
+        self.epoch, self.step, self.params_finite = epoch, step, params_finite
+
+
+def _all_finite(params, xp) -> bool:
+    """Whether every array of ``params`` (a list of dicts) is finite: one host read."""
+    arrays = [a for p in params for a in p.values() if xp.isdtype(a.dtype, ("real floating", "complex floating"))]
+    if not arrays:
+        return True
+    return bool(xp.all(xp.stack([xp.all(xp.isfinite(a)) for a in arrays])))
 
 
 @dataclasses.dataclass
@@ -392,12 +410,18 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
                     value, grads = dp.loss_and_grads(model, xb, yb, lossfn, xp=xp, sample_weight=wb, l2=l2)
                 value = float(value)
                 if not math.isfinite(value):
+                    finite = _all_finite(model.params, xp)
+                    where = f"at epoch {epoch + 1}, step {step + 1} (batch {start // batch_size + 1})"
+                    if finite:
+                        kept = "the parameters are those of the last finite step"
+                    else:
+                        kept = (f"the update of step {step} (the last with a finite loss) already made some "
+                                "parameters non-finite: its gradient overflowed; restore them from a checkpoint")
                     msg = (
-                        f"the training loss became {value} at epoch {epoch + 1}, step {step + 1} "
-                        f"(batch {start // batch_size + 1}); the parameters are those of the last finite step. "
+                        f"the training loss became {value} {where}; {kept}. "
                         "Lower the learning rate, scale the inputs, or clip gradients (clip_norm=...)."
                     )
-                    raise DivergenceError(msg, epoch=epoch, step=step)
+                    raise DivergenceError(msg, epoch=epoch, step=step, params_finite=finite)
                 model.params = opt.step(model.params, grads, lr=epoch_lr)
                 step += 1
                 nb = end - start
