@@ -518,6 +518,57 @@ def test_resume_is_bit_identical(backend, tmp_path):
     assert all(backend.same_place(a) for p in resumed.params for a in p.values())
 
 
+def test_resume_keeps_early_stopping_state(backend, tmp_path):
+    """min_delta is so large that only the first epoch counts as an improvement: an
+    uninterrupted run stops after epoch 5 (patience 4) and puts back epoch 0's
+    parameters. A run interrupted after 3 epochs must resume with the same wait count
+    and best parameters, not start afresh (which would stop 3 epochs later and put
+    back epoch 3's)."""
+    x, y = _data(n=37)
+    xb, yb = backend.asarray(x), backend.asarray(y, np.int64)
+
+    def stopper():
+        return am.EarlyStopping("loss", patience=4, min_delta=1e9)
+
+    one_epoch = _classifier(backend)
+    one_epoch.fit(xb, yb, epochs=1, **_fit_kwargs())
+    straight = _classifier(backend)
+    h_straight = straight.fit(xb, yb, epochs=20, early_stopping=stopper(), **_fit_kwargs())
+    assert h_straight.stopped_early and h_straight.epochs == 6 and h_straight.best_epoch == 0
+    _assert_params_identical(_params_np(straight, backend), _params_np(one_epoch, backend))
+
+    es = stopper()
+    ck = am.Checkpoint(tmp_path / "ck")
+    # the checkpoint is listed first, yet it saves the stopper's state of the same epoch
+    _classifier(backend).fit(xb, yb, epochs=3, callbacks=[ck], early_stopping=es, **_fit_kwargs())
+    assert (es.best_epoch, es.wait) == (0, 2)
+
+    es2 = stopper()
+    resumed = _classifier(backend, seed=9)
+    h_resumed = resumed.fit(xb, yb, epochs=20, early_stopping=es2, resume_from=tmp_path / "ck", **_fit_kwargs())
+    assert h_resumed.stopped_early and h_resumed.epochs == 6 and h_resumed.best_epoch == 0
+    assert (es2.best, es2.wait) == (es.best, 5)
+    _assert_params_identical(_params_np(resumed, backend), _params_np(straight, backend))
+    assert all(backend.same_place(a) for p in resumed.params for a in p.values())
+
+
+def test_checkpoint_without_stopper_resumes_into_one(tmp_path):
+    """A checkpoint saved with no early stopping leaves a resumed run's stopper fresh;
+    one saved with it resumes a run without one."""
+    x, y = _data(n=24)
+    am.MLP([5, 4, 3], seed=0).fit(x, y, loss="cross_entropy", epochs=2, progress=False,
+                                  callbacks=[am.Checkpoint(tmp_path / "a")])
+    es = am.EarlyStopping("loss", patience=3)
+    h = am.MLP([5, 4, 3], seed=0).fit(x, y, loss="cross_entropy", epochs=4, progress=False, early_stopping=es,
+                                      resume_from=tmp_path / "a")
+    assert h.epochs == 4 and es.best_epoch in (2, 3)  # counted from the resumed epochs only
+    am.MLP([5, 4, 3], seed=0).fit(x, y, loss="cross_entropy", epochs=2, progress=False,
+                                  early_stopping=am.EarlyStopping("loss"), callbacks=[am.Checkpoint(tmp_path / "b")])
+    h = am.MLP([5, 4, 3], seed=0).fit(x, y, loss="cross_entropy", epochs=3, progress=False,
+                                      resume_from=tmp_path / "b")
+    assert h.epochs == 3
+
+
 @pytest.mark.parametrize("optimizer", [
     am.SGD(lr=0.05, momentum=0.9, nesterov=True),
     am.AdamW(lr=0.01, weight_decay=0.1, amsgrad=True),
@@ -637,3 +688,13 @@ def test_bad_checkpoint_entries(tmp_path):
     bad(lambda ck: ck["rng"]["state"].update(host={"bit_generator": "MT19937"}), "random-generator state is invalid")
     bad(lambda ck: ck.update(rng=[1]), "random-generator entry is malformed")
     bad(lambda ck: ck.update(history={"loss": ["a"]}), "history is malformed")
+    bad(lambda ck: ck.update(callbacks={"EarlyStopping": {}}), "callbacks entry is not a list")
+    bad(lambda ck: ck.update(callbacks=[{"class": "EarlyStopping"}]), "state of callback 0 is malformed")
+    bad(lambda ck: ck.update(callbacks=[{"class": "EarlyStopping", "state": {}, "arrays": {"best_params": [["W"]]}}]),
+        "do not have one entry per layer")
+    # a well-formed entry whose state does not fit the callback
+    wrong = {"class": "EarlyStopping", "state": {"best": "low", "best_epoch": 0, "wait": 0}, "arrays": {}}
+    ck = dict(good, callbacks=[wrong])
+    amio._write_file(path, dict(metadata, checkpoint=json.dumps(ck)), dict(arrays, **opt_arrays))
+    with pytest.raises(am.ModelFileError, match="saved state of EarlyStopping does not fit it: best must be"):
+        amio.restore_checkpoint(path, _classifier(), optimizer=am.Adam(), callbacks=[am.EarlyStopping("loss")])

@@ -34,7 +34,7 @@ import re
 import secrets
 import stat
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy
 
@@ -565,6 +565,23 @@ def _parse_checkpoint(path: str, metadata: dict[str, str], layers: list[L.Layer]
         if not isinstance(rng, dict) or set(rng) != {"entropy", "backend", "state"} or not ok_entropy \
                 or not isinstance(rng["backend"], str) or not isinstance(rng["state"], dict):
             raise ModelFileError(path, "the checkpoint's random-generator entry is malformed")
+    entries = ck.get("callbacks", [])
+    if not isinstance(entries, list):
+        raise ModelFileError(path, "the checkpoint's callbacks entry is not a list")
+    for j, entry in enumerate(entries):
+        if not isinstance(entry, dict) or set(entry) != {"class", "state", "arrays"} \
+                or not isinstance(entry["class"], str) or not isinstance(entry["state"], dict) \
+                or not isinstance(entry["arrays"], dict):
+            raise ModelFileError(path, f"the checkpoint's state of callback {j} is malformed")
+        for name, skeleton in entry["arrays"].items():
+            if not isinstance(skeleton, list) or len(skeleton) != len(layers):
+                raise ModelFileError(path, f"the arrays {name!r} of callback {j} do not have one entry per layer")
+            for i, (keys, layer) in enumerate(zip(skeleton, layers)):
+                shapes = _param_shapes(layer)
+                if not isinstance(keys, list) or set(keys) != set(shapes) or len(keys) != len(shapes):
+                    raise ModelFileError(path, f"the arrays {name!r} of callback {j}, layer {i} do not match its parameters")
+                for key in keys:
+                    expected[f"callbacks.{j}.{name}.{i}.{key}"] = shapes[key]
     sched = ck.get("schedule")
     if sched is not None and not isinstance(sched, dict):
         raise ModelFileError(path, "the checkpoint's schedule state is not an object")
@@ -714,15 +731,17 @@ def _schedule_state(schedule: Any) -> dict[str, Any] | None:
 
 def save_checkpoint(path: str | os.PathLike, model: Sequential, *, optimizer: Optimizer | None = None,
                     schedule: Any = None, epoch: int = 0, steps: int | None = None,
-                    history: History | None = None) -> None:
+                    history: History | None = None, callbacks: Sequence[Any] = ()) -> None:
     """Save everything needed to continue training ``model`` bit-identically.
 
     The file is a model file (it loads with :func:`load`) whose metadata also holds a
     ``"checkpoint"`` JSON entry: the number of completed epochs, the step counter, the
     optimiser's name, hyper-parameters and step count, the schedule's state (for a
     :class:`~arraymlp.schedules.ReduceOnPlateau`), the model's random-generator state
-    and the history so far. The optimiser's moment arrays are tensors named
-    ``optimizer.{i}.{key}.{slot}`` (``optimizer.0.W.exp_avg``).
+    and the history so far, and the state of every callback with one (an
+    :class:`~arraymlp.EarlyStopping`'s counters and best parameters). The optimiser's
+    moment arrays are tensors named ``optimizer.{i}.{key}.{slot}``
+    (``optimizer.0.W.exp_avg``), a callback's arrays ``callbacks.{j}.{name}.{i}.{key}``.
 
     Parameters
     ----------
@@ -738,6 +757,8 @@ def save_checkpoint(path: str | os.PathLike, model: Sequential, *, optimizer: Op
         Optimisation steps so far; default ``model.steps_`` (0 if unset).
     history : History, optional
         Per-epoch record so far, restored into the resumed run's history.
+    callbacks : sequence of Callback
+        The run's callbacks; those whose ``state_dict()`` is not None are saved.
     """
     if optimizer is None:
         optimizer = getattr(model, "optimizer_", None)
@@ -766,7 +787,24 @@ def save_checkpoint(path: str | os.PathLike, model: Sequential, *, optimizer: Op
     if history is not None:
         hist = {k: [float(v) for v in getattr(history, k)] for k in ("loss", "val_loss", "val_metric", "lr", "time")}
         hist["metric_name"] = history.metric_name
+    cb_entries = []
+    for cb in callbacks:
+        state = cb.state_dict()
+        if state is None:
+            continue
+        j = len(cb_entries)
+        plain, arrays = {}, {}
+        for name, value in state.items():
+            if isinstance(value, list) and len(value) == len(model.layers) and all(isinstance(d, dict) for d in value):
+                arrays[name] = [sorted(d) for d in value]
+                for i, d in enumerate(value):
+                    for key, a in d.items():
+                        tensors[f"callbacks.{j}.{name}.{i}.{key}"] = _host(a, dtype)
+            else:
+                plain[name] = value
+        cb_entries.append({"class": type(cb).__name__, "state": plain, "arrays": arrays})
     ck = {
+        "callbacks": cb_entries,
         "epoch": int(epoch),
         "steps": int(steps),
         "optimizer": opt_entry,
@@ -834,7 +872,7 @@ def _numpy_like_rng(kind: str) -> bool:
 
 
 def restore_checkpoint(path: str | os.PathLike, model: Sequential, *, optimizer: Optimizer | None = None,
-                       schedule: Any = None, history: History | None = None) -> int:
+                       schedule: Any = None, history: History | None = None, callbacks: Sequence[Any] = ()) -> int:
     """Put a checkpoint's training state into a built model and its optimiser.
 
     This is what ``fit(..., resume_from=path)`` calls; a hand-written training loop
@@ -853,6 +891,9 @@ def restore_checkpoint(path: str | os.PathLike, model: Sequential, *, optimizer:
         Must be of the saved kind (``Adam`` for an Adam checkpoint).
     schedule : Schedule, optional
     history : History, optional
+    callbacks : sequence of Callback
+        Callbacks with a state (``state_dict()`` not None) get the saved state of
+        the same class, in order; saved states without such a callback are ignored.
 
     Returns
     -------
@@ -927,18 +968,42 @@ def restore_checkpoint(path: str | os.PathLike, model: Sequential, *, optimizer:
         for k in ("loss", "val_loss", "val_metric", "lr", "time"):
             setattr(history, k, list(hist.get(k, [])))
         history.metric_name = hist.get("metric_name", history.metric_name) or history.metric_name
+    _restore_callbacks(f, model, callbacks)
     for key, value in f.model_cfg["fitted"].items():
         setattr(model, key, value)
     return info["epoch"]
+
+
+def _restore_callbacks(f: _File, model: Sequential, callbacks: Sequence[Any]) -> None:
+    """Give each stateful callback the next saved state of its class."""
+    saved = list(enumerate(f.checkpoint.get("callbacks", [])))
+    xp = model.xp
+    for cb in callbacks:
+        if cb.state_dict() is None:
+            continue
+        match = next((k for k, (_, e) in enumerate(saved) if e["class"] == type(cb).__name__), None)
+        if match is None:
+            continue
+        j, entry = saved.pop(match)
+        state = dict(entry["state"])
+        for name, skeleton in entry["arrays"].items():
+            state[name] = [{key: _to_xp(f.tensors[f"callbacks.{j}.{name}.{i}.{key}"], xp, model.dtype, model.device)
+                            for key in keys} for i, keys in enumerate(skeleton)]
+        try:
+            cb.load_state_dict(state)
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
+            raise ModelFileError(f.path, f"the saved state of {type(cb).__name__} does not fit it: {exc}") from None
 
 
 class Checkpoint(Callback):
     """Training callback that saves a checkpoint every ``every`` epochs.
 
     Each checkpoint holds the model, the optimiser's state, the schedule's state, the
-    random-generator state, the step counter, the epoch and the history (see
-    :func:`save_checkpoint`); ``fit(..., resume_from=...)`` continues from it so that
-    an interrupted run ends bit-identical (on NumPy) to an uninterrupted one.
+    random-generator state, the step counter, the epoch, the history and the state of
+    the run's other callbacks, such as early stopping (see :func:`save_checkpoint`);
+    ``fit(..., resume_from=...)`` continues from it so that an interrupted run ends
+    bit-identical (on NumPy) to an uninterrupted one. ``fit`` runs checkpoints after
+    the other callbacks of each epoch, so what they save is the epoch's final state.
 
     Parameters
     ----------
@@ -959,6 +1024,8 @@ class Checkpoint(Callback):
         Files written by this callback, in order.
     """
 
+    saves_callbacks = True  # fit runs it last and gives it run_callbacks
+
     def __init__(self, path: str | os.PathLike, every: int = 1, keep: int | None = None):
         if not _is_int(every) or every < 1:
             msg = f"every must be a positive int, got {every!r}"
@@ -972,6 +1039,7 @@ class Checkpoint(Callback):
             msg = f"keep={keep} needs a directory; {os.fspath(self.path)} names a single file, rewritten at each save"
             raise ValueError(msg)
         self.every, self.keep = every, keep
+        self.run_callbacks: Sequence[Callback] = ()  # set by fit: the run's callbacks, whose state is saved
         self.saved: list[Path] = []
         self._history: History | None = None
 
@@ -989,7 +1057,8 @@ class Checkpoint(Callback):
         else:
             self.path.mkdir(parents=True, exist_ok=True)
             target = self.path / f"epoch-{done:05d}.safetensors"
-        save_checkpoint(target, model, epoch=done, steps=logs["step"], history=self._history)
+        save_checkpoint(target, model, epoch=done, steps=logs["step"], history=self._history,
+                        callbacks=self.run_callbacks)
         self.saved.append(target)
         if not self.single_file and self.keep is not None:
             self._prune(done)

@@ -124,6 +124,22 @@ class Callback:
     def on_train_end(self, model, history: History) -> Any:
         return None
 
+    def state_dict(self) -> dict[str, Any] | None:
+        """State for checkpoints, or None (the default) for a callback without any.
+
+        A callback that returns a dict here is saved by :class:`arraymlp.Checkpoint`
+        and restored by ``fit(..., resume_from=...)`` through :meth:`load_state_dict`.
+        Values are JSON numbers, strings, booleans or None, except that a value may
+        be a list with one dict of arrays per layer, shaped like ``model.params``.
+        """
+        return None
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (arrays already on the model's
+        backend and device)."""
+        msg = f"{type(self).__name__} has no state to load"
+        raise TypeError(msg)
+
 
 class EarlyStopping(Callback):
     """Stop when the monitored value has not improved for ``patience`` epochs.
@@ -136,6 +152,12 @@ class EarlyStopping(Callback):
     min_delta : float
     restore_best_weights : bool
         Put back the parameters of the best epoch when training ends.
+
+    Notes
+    -----
+    Its state (best value and epoch, epochs waited and the best parameters) is part
+    of a :class:`arraymlp.Checkpoint`, so a resumed run stops where the uninterrupted
+    one would have and restores the same parameters.
     """
 
     def __init__(self, monitor: str = "val_loss", *, patience: int = 10, min_delta: float = 0.0,
@@ -150,8 +172,35 @@ class EarlyStopping(Callback):
         self.restore_best_weights = restore_best_weights
 
     def on_train_begin(self, model, history):
-        self.best, self.best_epoch, self.wait, self.best_params = math.inf, None, 0, None
+        if not getattr(self, "_resumed", False):
+            self.best, self.best_epoch, self.wait, self.best_params = math.inf, None, 0, None
+        self._resumed = False
         self.history = history
+
+    def state_dict(self) -> dict[str, Any]:
+        """Best value so far (None before the first epoch), its epoch, epochs waited
+        since, and the best parameters when ``restore_best_weights``."""
+        best = getattr(self, "best", math.inf)
+        return {"best": None if math.isinf(best) else float(best), "best_epoch": getattr(self, "best_epoch", None),
+                "wait": int(getattr(self, "wait", 0)), "best_params": getattr(self, "best_params", None)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; the next ``fit`` continues from it instead of
+        starting afresh."""
+        best, epoch, wait = state["best"], state["best_epoch"], state["wait"]
+        if best is not None and (not isinstance(best, (int, float)) or isinstance(best, bool)):
+            msg = f"best must be a number or None, got {best!r}"
+            raise ValueError(msg)
+        if epoch is not None and (not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0):
+            msg = f"best_epoch must be a non-negative int or None, got {epoch!r}"
+            raise ValueError(msg)
+        if not isinstance(wait, int) or isinstance(wait, bool) or wait < 0:
+            msg = f"wait must be a non-negative int, got {wait!r}"
+            raise ValueError(msg)
+        self.best = math.inf if best is None else float(best)
+        self.best_epoch, self.wait = epoch, wait
+        self.best_params = state.get("best_params")
+        self._resumed = True
 
     def on_epoch_end(self, model, logs):
         value = logs.get(self.monitor)
@@ -361,13 +410,20 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
         early_stopping = EarlyStopping("val_loss" if validation_data is not None else "loss", patience=early_stopping)
     if early_stopping is not None:
         callbacks.append(early_stopping)
+    # checkpoints run after the other callbacks of an epoch, so they save its final state
+    callbacks = [cb for cb in callbacks if not getattr(cb, "saves_callbacks", False)] + \
+        [cb for cb in callbacks if getattr(cb, "saves_callbacks", False)]
+    for cb in callbacks:
+        if getattr(cb, "saves_callbacks", False):
+            cb.run_callbacks = callbacks
 
     history = History(metric_name="accuracy" if task != "regression" else "r2")
     start_epoch = 0
     if resume_from is not None:
         from .io import restore_checkpoint
 
-        start_epoch = restore_checkpoint(resume_from, model, optimizer=opt, schedule=schedule, history=history)
+        start_epoch = restore_checkpoint(resume_from, model, optimizer=opt, schedule=schedule, history=history,
+                                         callbacks=callbacks)
     dp = None
     if comm is not None:
         from .distributed import DataParallel
