@@ -320,7 +320,11 @@ class Generator:
         if self._kind == "numpy":
             return gen.random(size=shape, dtype=numpy.float64 if dtype == numpy.float64 else numpy.float32)
         if self._kind == "cupy":
-            return gen.random(size=shape, dtype=dtype)
+            import cupy
+
+            # CuPy draws float32 or float64 only, on the current device: make it ours
+            with cupy.cuda.Device(getattr(self.device, "id", self.device)):
+                return gen.random(size=shape, dtype=cupy.float64 if dtype == cupy.float64 else cupy.float32)
         if self._kind == "torch":
             import torch
 
