@@ -77,6 +77,46 @@ def test_inference_matches_reference(backend, dtype):
     np.testing.assert_allclose(got.sum(axis=1), 1.0, rtol=tol)
 
 
+def test_inference_keeps_no_caches(backend):
+    """model(x) runs forward without keeping caches: the same outputs, bit for bit,
+    as a forward that keeps them, and nothing held for a backward pass."""
+    model = am.MLP([5, 16, 8, 3], activation="relu", dropout=0.3, layer_norm=True, seed=7,
+                   **backend.model_kwargs())
+    x = backend.asarray(np.random.default_rng(2).normal(size=(9, 5)), dtype="float32")
+    y_kept, caches = model.forward(x, training=False, keep=True)
+    y_free, none = model.forward(x, training=False, keep=False)
+    assert len(none) == len(caches) == len(model.layers) and all(c is None for c in none)
+    assert all(c is not None for c, layer in zip(caches, model.layers) if isinstance(layer, am.Dense))
+    np.testing.assert_array_equal(backend.to_numpy(y_free), backend.to_numpy(y_kept))
+    np.testing.assert_array_equal(backend.to_numpy(model(x)), backend.to_numpy(y_kept))
+
+
+def test_inference_peak_memory_is_two_activations():
+    """NumPy allocations are traced: a 4-layer net's inference holds at most two
+    adjacent activations at a time (and the output), not every activation."""
+    import tracemalloc
+
+    n, width = 2000, 500
+    model = am.MLP([10, width, width, width, width, 2], seed=0, backend="numpy")
+    x = np.random.default_rng(0).normal(size=(n, 10)).astype(np.float32)
+    model(x)
+    act = n * width * 4
+    tracemalloc.start()
+    try:
+        model(x)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2.5 * act, (peak, act)
+    tracemalloc.start()
+    try:
+        model.forward(x, keep=True)
+        _, peak_kept = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak_kept > 3.9 * act  # the caches hold all four hidden activations
+
+
 def test_float64_input_is_cast_to_model_dtype(backend):
     model = am.MLP([2, 3, 1], seed=0, **backend.model_kwargs())
     out = model(backend.asarray(np.ones((2, 2)), dtype=np.float64))

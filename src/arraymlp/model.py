@@ -239,13 +239,26 @@ class Sequential:
         return y
 
     # ------------------------------------------------------------------ passes
-    def forward(self, x, *, training: bool = False, xp=None, upto: int | None = None):
+    def forward(self, x, *, training: bool = False, xp=None, upto: int | None = None, keep: bool = True):
         """Run layers ``[0, upto)`` (all by default) on a validated batch.
+
+        Parameters
+        ----------
+        x : array, shape (n, n_features)
+        training : bool
+            Training mode (dropout active).
+        upto : int, optional
+            Number of layers to run.
+        keep : bool, default True
+            Keep each layer's cache for :meth:`backward`. Inference passes False, so
+            each intermediate activation is freed as soon as the next layer has read
+            it: peak memory is two adjacent activations, not all of them.
 
         Returns
         -------
         y : array, shape (n, n_out)
-        caches : list, one entry per layer run (what its backward needs)
+        caches : list, one entry per layer run (what its backward needs; None
+            entries when ``keep`` is false)
         """
         xp = xp if xp is not None else self.xp
         caches = []
@@ -259,7 +272,8 @@ class Sequential:
             else:
                 x, cache = layer.forward(p, x, training=training, rng=rng, xp=xp)
             owned = h.fresh_output
-            caches.append(cache)
+            caches.append(cache if keep else None)
+            del cache
         return x, caches
 
     def backward(self, caches, dy, *, xp=None, inplace: bool = False):
@@ -316,7 +330,7 @@ class Sequential:
 
             return map_model(self, x, "__call__")
         x, xp = self._check_x(x)
-        return self.forward(x, training=False, xp=xp)[0]
+        return self.forward(x, training=False, xp=xp, keep=False)[0]
 
     # ------------------------------------------------------------------ training
     def fit(self, x, y, **kwargs):
@@ -446,7 +460,7 @@ class Sequential:
         x, xp = self._check_x(x)
         y = self._check_target(y, xp)
         fused = self._fused(lossfn)
-        out, _ = self.forward(x, training=training, xp=xp, upto=len(self.layers) - 1 if fused else None)
+        out, _ = self.forward(x, training=training, xp=xp, upto=len(self.layers) - 1 if fused else None, keep=False)
         value, _ = lossfn.fn(out, y, xp=xp, sample_weight=sample_weight)
         if l2:
             value = value + self._l2_penalty(l2, xp)

@@ -759,10 +759,10 @@ class _BaseMLP(BaseEstimator):
         upto = len(model.layers) - 1 if logits and model.output_activation is not None else None
         n = int(x.shape[0])
         if n <= _PREDICT_CHUNK:
-            return model.forward(x, training=False, xp=xp, upto=upto)[0]
+            return model.forward(x, training=False, xp=xp, upto=upto, keep=False)[0]
         outs = []
         for i in range(0, n, _PREDICT_CHUNK):
-            outs.append(model.forward(x[i:min(i + _PREDICT_CHUNK, n), ...], training=False, xp=xp, upto=upto)[0])
+            outs.append(model.forward(x[i:min(i + _PREDICT_CHUNK, n), ...], training=False, xp=xp, upto=upto, keep=False)[0])
         return outs[0] if len(outs) == 1 else xp.concat(outs, axis=0)
 
     def _infer(self, X, method: str, *, logits: bool = False):

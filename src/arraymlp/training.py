@@ -288,7 +288,7 @@ def _evaluate(model, x, y, lossfn, task, xp, batch_size=4096):
     for i in range(0, n, batch_size):
         end = min(i + batch_size, n)  # the standard leaves slice ends past the axis unspecified
         xb, yb = x[i:end, ...], y[i:end, ...]
-        out, _ = model.forward(xb, training=False, xp=xp, upto=upto)
+        out, _ = model.forward(xb, training=False, xp=xp, upto=upto, keep=False)
         value, _ = lossfn.fn(out, yb, xp=xp)
         total += float(value) * _n(xb)
         outs.append(out)
