@@ -537,3 +537,57 @@ def test_mixed_namespaces_or_devices(backend, rng):
         other = np.asarray(t) if backend.name == "array_api_strict" else array_api_strict.asarray(t)
         with pytest.raises(TypeError, match="array"):
             LOSSES["mse"](ob, other)
+
+
+# ----------------------------------------------------------------------- float16
+def _needs_float16(backend):
+    if getattr(backend.xp, "float16", None) is None:
+        pytest.skip(f"{backend.name} has no float16")
+
+
+@pytest.mark.parametrize("name", ["mse", "mae", "huber"])
+def test_float16_batch_sums_do_not_overflow(backend, name):
+    """256 rows with an error of 16: the squared errors add up to 65536, past float16's
+    largest value (65504), yet the mean is 256. Sums over the batch accumulate in
+    float32; the loss comes back in float16."""
+    _needs_float16(backend)
+    n = 256
+    o = backend.asarray(np.full((n, 1), 16.0), dtype="float16")
+    t = backend.asarray(np.zeros((n, 1)), dtype="float16")
+    want = {"mse": 256.0, "mae": 16.0, "huber": 15.5}[name]
+    loss, g = get_loss(name)(o, t)
+    assert str(loss.dtype).endswith("float16") and float(loss) == want
+    # weights of 300 each sum to 76800, also past float16's range
+    w = backend.asarray(np.full(n, 300.0), dtype="float16")
+    loss_w, g_w = get_loss(name)(o, t, sample_weight=w)
+    assert float(loss_w) == want
+    np.testing.assert_allclose(backend.to_numpy(g_w).astype(np.float64), backend.to_numpy(g).astype(np.float64),
+                               rtol=1e-3)
+    assert str(g_w.dtype).endswith("float16")
+
+
+@pytest.mark.parametrize("form", ["labels", "probs"])
+def test_float16_cross_entropy_sums_do_not_overflow(backend, form):
+    """Each row's cross-entropy is log(1 + e^9), about 9.0001 (the true class's logit
+    is 0, the other's 9): over 8000 rows a float16 sum would pass 65504 and be inf."""
+    _needs_float16(backend)
+    n, k = 8000, 2
+    z = np.zeros((n, k))
+    z[:, 1] = 9.0
+    labels = np.zeros(n, dtype=np.int64)
+    per_row = np.log1p(np.exp(9.0))  # -log softmax(z)_0
+    t = labels if form == "labels" else np.eye(k)[labels]
+    loss, _ = get_loss("cross_entropy")(backend.asarray(z, dtype="float16"),
+                                        backend.asarray(t, dtype=None if form == "labels" else "float16"))
+    assert np.isfinite(float(loss))
+    np.testing.assert_allclose(float(loss), per_row, rtol=2e-3)
+
+
+def test_huber_delta_accepts_numpy_scalars_not_bools(backend):
+    o = backend.asarray(np.array([[0.0], [3.0]]))
+    t = backend.asarray(np.zeros((2, 1)))
+    a, _ = huber(o, t, delta=np.float32(0.5))
+    b, _ = huber(o, t, delta=0.5)
+    assert float(a) == float(b) == pytest.approx(0.5 * (3.0 - 0.25) / 2)  # delta (|e| - delta / 2), mean of 2
+    with pytest.raises(ValueError, match="delta must be a positive finite number"):
+        huber(o, t, delta=True)

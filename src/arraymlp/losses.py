@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Any, Callable
 
 from array_api_compat import is_writeable_array
@@ -223,7 +224,7 @@ def _sample_weight(name, sample_weight, outputs, xp):
         )
         raise ValueError(msg)
     w = xp.astype(sample_weight, outputs.dtype, copy=False)
-    total = xp.sum(w)
+    total = xp.sum(w, dtype=_acc(w.dtype, xp))
     tot = float(total)
     # a NaN or an infinity anywhere makes the sum non-finite
     if not math.isfinite(tot):
@@ -237,6 +238,26 @@ def _sample_weight(name, sample_weight, outputs, xp):
         msg = f"{name}: sample_weight is all zero; at least one sample needs a positive weight"
         raise ValueError(msg)
     return w, total
+
+
+def _acc(dtype, xp):
+    """The dtype a sum over the batch accumulates in: float32 for float16 data, whose
+    range ends at 65504 (a batch of 256 squared errors of 16 would overflow), and
+    ``None`` (the data's own dtype) otherwise."""
+    f16 = getattr(xp, "float16", None)  # not every namespace has it (the standard does not)
+    return xp.float32 if f16 is not None and dtype == f16 else None
+
+
+def _result(loss, outputs, xp):
+    """The loss as a 0-d array in the outputs' dtype."""
+    loss = xp.asarray(loss)
+    return loss if loss.dtype == outputs.dtype else xp.astype(loss, outputs.dtype)
+
+
+def _weights_over(w, denom, g, shape, xp):
+    """``w / denom`` reshaped to broadcast over ``g``'s trailing axes, in ``g``'s dtype."""
+    c = xp.reshape(w / denom, shape)
+    return c if c.dtype == g.dtype else xp.astype(c, g.dtype)
 
 
 def _scale(g, c):
@@ -263,15 +284,16 @@ def _mean_elementwise(name, kernel, outputs, targets, xp, sample_weight, check=T
     n = shape[0]
     m = math.prod(shape[1:])
     e, g = kernel(outputs, t, xp)
+    acc = _acc(e.dtype, xp)
     if w is None:
-        loss = xp.sum(e) / float(n * m)
+        loss = xp.sum(e, dtype=acc) / float(n * m)
         g = _scale(g, 1.0 / (n * m))
     else:
-        per_sample = e if len(shape) == 1 else xp.sum(e, axis=tuple(range(1, len(shape))))
+        per_sample = e if len(shape) == 1 else xp.sum(e, axis=tuple(range(1, len(shape))), dtype=acc)
         denom = total * float(m)
-        loss = xp.sum(w * per_sample) / denom
-        g = _scale(g, xp.reshape(w / denom, (n,) + (1,) * (len(shape) - 1)))
-    return xp.asarray(loss), g
+        loss = xp.sum(w * per_sample, dtype=acc) / denom
+        g = _scale(g, _weights_over(w, denom, g, (n,) + (1,) * (len(shape) - 1), xp))
+    return _result(loss, outputs, xp), g
 
 
 # ------------------------------------------------------------------------ kernels
@@ -377,7 +399,7 @@ def huber(outputs, targets, *, xp=None, sample_weight=None, delta=HUBER_DELTA, c
         Torch ``HuberLoss(delta=delta)``.
     d_outputs : array, shape of ``outputs``
     """
-    if not (isinstance(delta, (int, float)) and delta > 0 and math.isfinite(delta)):
+    if not (isinstance(delta, numbers.Real) and not isinstance(delta, bool) and delta > 0 and math.isfinite(delta)):
         msg = f"huber: delta must be a positive finite number, got {delta!r}"
         raise ValueError(msg)
     delta = float(delta)
@@ -483,14 +505,15 @@ def cross_entropy(outputs, targets, *, xp=None, sample_weight=None, check=True):
     p = xp.exp(logp)
     tlogp = t * logp
     g = p * xp.sum(t, axis=-1, keepdims=True) - t
+    acc = _acc(tlogp.dtype, xp)
     if w is None:
-        loss = -xp.sum(tlogp) / float(n)
+        loss = -xp.sum(tlogp, dtype=acc) / float(n)
         g = _scale(g, 1.0 / n)
     else:
-        per_sample = -xp.sum(tlogp, axis=-1)
-        loss = xp.sum(w * per_sample) / total
-        g = _scale(g, xp.reshape(w / total, (n, 1)))
-    return xp.asarray(loss), g
+        per_sample = -xp.sum(tlogp, axis=-1, dtype=acc)
+        loss = xp.sum(w * per_sample, dtype=acc) / total
+        g = _scale(g, _weights_over(w, total, g, (n, 1), xp))
+    return _result(loss, outputs, xp), g
 
 
 def _cross_entropy_labels(outputs, labels, w, total, n, k, xp):
@@ -528,11 +551,12 @@ def _cross_entropy_labels(outputs, labels, w, total, n, k, xp):
         else:
             onehot = xp.reshape(labels, (n, 1)) == xp.arange(k, dtype=xp.int64, device=device_of(outputs))
             g -= xp.astype(onehot, g.dtype)
+    acc = _acc(per_sample.dtype, xp)
     if w is None:
-        total_loss = per_sample.sum() if ufuncs else xp.sum(per_sample)
-        return xp.asarray(total_loss / float(n)), _scale(g, 1.0 / n)
-    loss = xp.sum(w * per_sample) / total
-    return xp.asarray(loss), _scale(g, xp.reshape(w / total, (n, 1)))
+        total_loss = per_sample.sum(dtype=acc) if ufuncs else xp.sum(per_sample, dtype=acc)
+        return _result(total_loss / float(n), outputs, xp), _scale(g, 1.0 / n)
+    loss = xp.sum(w * per_sample, dtype=acc) / total
+    return _result(loss, outputs, xp), _scale(g, _weights_over(w, total, g, (n, 1), xp))
 
 
 # -------------------------------------------------------------------------- table
