@@ -271,6 +271,20 @@ def test_clip_norm_and_value_bound_the_update(backend):
             np.testing.assert_array_equal(backend.to_numpy(v), ref[key] - np.clip(gl[key], -0.25, 0.25))
 
 
+def test_clip_norm_of_float16_gradients(backend):
+    """1000 gradients of 10 in float16: their squares sum to 1e5, past float16's range
+    (65504). The norm, 316.2, is taken in float32, so clipping scales the gradients to
+    a unit norm instead of zeroing them."""
+    if getattr(backend.xp, "float16", None) is None:
+        pytest.skip(f"{backend.name} has no float16")
+    p = [{"W": backend.asarray(np.zeros(1000), dtype="float16")}]
+    g = [{"W": backend.asarray(np.full(1000, 10.0), dtype="float16")}]
+    out = SGD(lr=1.0, clip_norm=1.0).step(p, g)
+    got = backend.to_numpy(out[0]["W"])
+    assert got.dtype == np.float16
+    np.testing.assert_allclose(got.astype(np.float64), -10.0 / (math.sqrt(1e5) + 1e-6), rtol=1e-3)
+
+
 # ----------------------------------------------------------------------------- in place / functional
 @pytest.mark.parametrize(
     "case", ["sgd-momentum", "adam-amsgrad", "rmsprop-centered-momentum-wd", "adagrad"]

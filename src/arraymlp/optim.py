@@ -206,16 +206,19 @@ def _clip_gradients(grads, xp, clip_value, clip_norm):
             for key, g in layer.items():
                 layer[key] = xp.clip(g, min=-clip_value, max=clip_value)
     if clip_norm is not None:
+        f16 = getattr(xp, "float16", None)  # squares of float16 gradients over ~256 overflow: sum in float32
         sq = None
         for layer in out:
             for g in layer.values():
+                if f16 is not None and g.dtype == f16:
+                    g = xp.astype(g, xp.float32)
                 s = xp.sum(g * g)
                 sq = s if sq is None else sq + s
         if sq is not None:
             coef = xp.clip(clip_norm / (xp.sqrt(sq) + CLIP_NORM_EPS), max=1.0)
             for layer in out:
                 for key, g in layer.items():
-                    layer[key] = g * coef
+                    layer[key] = g * (coef if coef.dtype == g.dtype else xp.astype(coef, g.dtype))
     return out
 
 
