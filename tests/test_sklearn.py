@@ -285,6 +285,50 @@ def test_validation_set_too_small():
         MLPRegressor(early_stopping=True, validation_fraction=0.01).fit(X[:20], y[:20].astype(float))
 
 
+def test_early_stopping_split_is_stratified_for_binary_targets_only(monkeypatch):
+    """As scikit-learn: 5 classes of 8 samples leave a validation set of 4 rows, too
+    few to hold every class, which a stratified split refuses; the multiclass split is
+    plain, so both libraries fit. Binary targets are split stratified."""
+    import arraymlp.sklearn as amsk
+
+    seen = []
+
+    def recording_split(*args, stratify=None, **kwargs):
+        seen.append(None if stratify is None else np.asarray(stratify).copy())
+        return train_test_split(*args, stratify=stratify, **kwargs)
+
+    monkeypatch.setattr(amsk, "train_test_split", recording_split)
+    rng = np.random.RandomState(0)
+    X, y = rng.randn(40, 3), np.arange(40) % 5
+    ours = _quiet_fit(MLPClassifier(early_stopping=True, max_iter=5, random_state=0), X, y)
+    theirs = _quiet_fit(sknn.MLPClassifier(early_stopping=True, max_iter=5, random_state=0), X, y)
+    assert len(ours.validation_scores_) == ours.n_iter_ == theirs.n_iter_ == 5
+    assert all(abs(4 * v - round(4 * v)) < 1e-12 for v in ours.validation_scores_)  # 4 validation rows
+    yb = np.where(np.arange(40) % 4 == 0, "yes", "no")
+    _quiet_fit(MLPClassifier(early_stopping=True, max_iter=2, random_state=0), X, yb)
+    assert seen[0] is None
+    np.testing.assert_array_equal(seen[1], (yb == "yes").astype(seen[1].dtype))  # the binary codes
+
+
+def test_n_iter_no_change_inf_turns_the_stopping_rule_off():
+    """With tol=1e9 only the first epoch improves (on an infinite best loss): patience 2
+    stops after epoch 4, as scikit-learn does, and np.inf never stops."""
+    X, y = _iris()
+    kw = dict(hidden_layer_sizes=(4,), tol=1e9, max_iter=6, random_state=0)
+    stopped = _quiet_fit(MLPClassifier(n_iter_no_change=2, **kw), X, y)
+    stopped_sk = _quiet_fit(sknn.MLPClassifier(n_iter_no_change=2, **kw), X, y)
+    running = _quiet_fit(MLPClassifier(n_iter_no_change=np.inf, **kw), X, y)
+    running_sk = _quiet_fit(sknn.MLPClassifier(n_iter_no_change=np.inf, **kw), X, y)
+    assert stopped.n_iter_ == stopped_sk.n_iter_ == 4 and running.n_iter_ == running_sk.n_iter_ == 6
+
+
+def test_validation_fraction_zero_without_early_stopping():
+    X, y = _iris()
+    a = _quiet_fit(MLPClassifier(validation_fraction=0.0, max_iter=3, random_state=0), X, y)
+    b = _quiet_fit(MLPClassifier(max_iter=3, random_state=0), X, y)
+    np.testing.assert_array_equal(a.coefs_[0], b.coefs_[0])
+
+
 def test_sgd_schedules():
     X, y = _iris()
     inv = MLPClassifier(solver="sgd", learning_rate="invscaling", power_t=0.5, learning_rate_init=0.1,
@@ -312,6 +356,10 @@ def test_partial_fit():
     assert est.predict_proba(X).shape == (150, 3)
     with pytest.raises(ValueError, match="classes not in"):
         est.partial_fit(X, np.where(y == 2, 7, y))
+    with pytest.raises(ValueError, match="is not the same as on the first call"):
+        est.partial_fit(X, y, classes=[0, 1, 2, 3])
+    est.partial_fit(X[:10], y[:10], classes=[2, 1, 0])  # the same classes, in any order
+    assert est.n_iter_ == 4
     with pytest.raises(ValueError, match="features"):
         est.partial_fit(X[:, :3], y)
 
@@ -445,6 +493,9 @@ def test_divergence_is_an_error_naming_the_epoch():
         ({"max_iter": 0}, "max_iter"),
         ({"momentum": 1.5}, "momentum"),
         ({"validation_fraction": 1.0}, "validation_fraction"),
+        ({"validation_fraction": 0.0, "early_stopping": True}, "validation_fraction"),
+        ({"shuffle": "no"}, "shuffle must be a bool"),
+        ({"early_stopping": 1}, "early_stopping must be a bool"),
         ({"beta_2": 1.0}, "beta_2"),
         ({"n_iter_no_change": 0}, "n_iter_no_change"),
         ({"dtype": "int8"}, "dtype must be one of"),

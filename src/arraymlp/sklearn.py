@@ -294,13 +294,15 @@ _PARAMETERS_DOC = """
         single-output classifiers), stop when its score stops improving, and keep the
         parameters of the best epoch.
     validation_fraction : float, default=0.1
-        Fraction held out by ``early_stopping``, in (0, 1).
+        Fraction held out by ``early_stopping``, in (0, 1); ignored without it. The
+        split is stratified for binary classifiers, as in scikit-learn.
     beta_1, beta_2 : float, default=0.9, 0.999
         Moment decay rates of ``solver="adam"`` / ``"adamw"``, in [0, 1).
     epsilon : float, default=1e-8
         Denominator term of ``"adam"``, ``"adamw"``, ``"rmsprop"`` and ``"adagrad"``.
-    n_iter_no_change : int, default=10
-        Epochs without improvement by ``tol`` before stopping.
+    n_iter_no_change : int or np.inf, default=10
+        Epochs without improvement by ``tol`` before stopping; ``np.inf`` never stops
+        before ``max_iter``.
     backend : str, module or None, default=None
         ``"numpy"``, ``"cupy"``, ``"torch"``, ``"array_api_strict"`` or a namespace
         module to train on. ``None`` follows the namespace of ``X`` (NumPy for lists,
@@ -484,11 +486,21 @@ class _BaseMLP(BaseEstimator):
         integer("max_iter", 1)
         real("tol", 0.0)
         real("momentum", 0.0, 1.0)
-        real("validation_fraction", 0.0, 1.0, low_open=True, high_open=True)
+        if self.early_stopping:  # as scikit-learn: ignored (and 0 allowed) without early stopping
+            real("validation_fraction", 0.0, 1.0, low_open=True, high_open=True)
+        else:
+            real("validation_fraction", 0.0, 1.0, high_open=True)
         real("beta_1", 0.0, 1.0, high_open=True)
         real("beta_2", 0.0, 1.0, high_open=True)
         real("epsilon", 0.0, low_open=True)
-        integer("n_iter_no_change", 1)
+        if not (isinstance(self.n_iter_no_change, numbers.Real) and math.isinf(self.n_iter_no_change)
+                and self.n_iter_no_change > 0):  # np.inf turns the stopping rule off, as in scikit-learn
+            integer("n_iter_no_change", 1)
+        for name in ("shuffle", "verbose", "warm_start", "early_stopping", "nesterovs_momentum"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)) and not (
+                    name == "verbose" and isinstance(self.verbose, numbers.Integral)):
+                msg = f"{name} must be a bool, got {getattr(self, name)!r}"
+                raise ValueError(msg)
         real("dropout", 0.0, 1.0, high_open=True)
         if self.dtype not in _DTYPES:
             msg = f"dtype must be one of {', '.join(repr(d) for d in _DTYPES)}, got {self.dtype!r}"
@@ -913,7 +925,8 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
         y : array-like of shape (n_samples,) or (n_samples, n_labels)
         classes : array-like of shape (n_classes,), optional
             All labels that will ever appear; required on the first call (except for a
-            multilabel ``y``), ignored afterwards.
+            multilabel ``y``). Later calls may omit it; if they pass it, it must hold
+            the same labels.
         sample_weight : array-like of shape (n_samples,), optional
 
         Returns
@@ -978,6 +991,11 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
                                f"previous call to fit. Previously got {self.classes_}, `y` has {labels}")
                         raise ValueError(msg)
                 else:
+                    if incremental and classes is not None and not np.array_equal(
+                            unique_labels(np.asarray(classes)), self.classes_):
+                        msg = (f"`classes={unique_labels(np.asarray(classes))!r}` is not the same as on the "
+                               f"first call to partial_fit, `{self.classes_!r}`.")
+                        raise ValueError(msg)
                     missing = np.setdiff1d(labels, self.classes_)
                     if missing.size:
                         msg = f"`y` has classes not in `self.classes_`. `self.classes_` has {self.classes_}. 'y' has {labels}."
@@ -1003,7 +1021,9 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
                 self._n_output_units = int(self.classes_.shape[0])
                 target = codes.astype(np.int64)
         t_dtype = xp.int64 if target.dtype == np.int64 else dtype
-        return xp.asarray(target, dtype=t_dtype, device=device), codes
+        # as scikit-learn: the early-stopping split is stratified for binary targets only
+        strata = codes if codes is not None and self.classes_.shape[0] == 2 else None
+        return xp.asarray(target, dtype=t_dtype, device=device), strata
 
     def _device_score(self, out, y, w, xp) -> float:
         """Accuracy (subset accuracy for multilabel) of probabilities ``out`` against
