@@ -698,3 +698,31 @@ def test_bad_checkpoint_entries(tmp_path):
     amio._write_file(path, dict(metadata, checkpoint=json.dumps(ck)), dict(arrays, **opt_arrays))
     with pytest.raises(am.ModelFileError, match="saved state of EarlyStopping does not fit it: best must be"):
         amio.restore_checkpoint(path, _classifier(), optimizer=am.Adam(), callbacks=[am.EarlyStopping("loss")])
+
+
+def test_model_trained_with_a_custom_loss_saves_loads_and_resumes(backend, tmp_path):
+    """A custom Loss is not in the table, so files do not name it: the model file and
+    the checkpoints load, and partial_fit in the same session still knows the loss."""
+    from arraymlp.losses import Loss, mse
+
+    x, _ = _data(n=24, d=4)
+    xb = backend.asarray(x)
+    yb = backend.asarray(x[:, :1] * 2.0)
+    mine = Loss("mse", mse, "identity", "same_shape")  # a built-in name, but not the built-in object
+
+    def run(epochs, **kw):
+        m = am.MLP([4, 8, 1], seed=0, **backend.model_kwargs())
+        m.fit(xb, yb, loss=mine, epochs=epochs, batch_size=8, shuffle=False, progress=False, **kw)
+        return m
+
+    m = run(2, callbacks=[am.Checkpoint(tmp_path / "ck")])
+    assert m.loss_ is mine
+    am.save(m, tmp_path / "m.safetensors")
+    back = am.load(tmp_path / "m.safetensors", backend=backend.name, device=backend.device)
+    assert not hasattr(back, "loss_")
+    _assert_params_identical(_params_np(back, backend), _params_np(m, backend))
+    resumed = run(3, resume_from=tmp_path / "ck")
+    _assert_params_identical(_params_np(resumed, backend), _params_np(run(3), backend))
+    before = float(m.loss(xb, yb))
+    m.partial_fit(xb, yb, batch_size=8, shuffle=False)  # no loss=: the custom one is kept
+    assert m.loss_ is mine and float(m.loss(xb, yb)) < before

@@ -17,7 +17,7 @@ import time
 from typing import Any, Sequence
 
 from ._backend import Generator, quiet_overflow
-from .losses import get_loss
+from .losses import LOSSES, get_loss
 from .optim import Optimizer, get_optimizer
 
 __all__ = [
@@ -398,7 +398,8 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
 
     task = CLASSIFICATION_LOSSES.get(lossfn.name, "regression")
     model.task_ = task
-    model.loss_ = lossfn.name
+    # the table's name when the loss is the table's (files store it); a custom Loss itself
+    model.loss_ = lossfn.name if LOSSES.get(lossfn.name) is lossfn else lossfn
     opt = _resolve_optimizer(model, optimizer, lr, _reuse_optimizer)
     model.optimizer_ = opt
     model.schedule_ = schedule
