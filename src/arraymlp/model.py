@@ -7,6 +7,7 @@ namespace is resolved once per public call and handed down to every kernel.
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Sequence
 
 from array_api_compat import is_dask_array, is_writeable_array
@@ -60,6 +61,13 @@ def _all_finite(a, xp, rows: int = 8192) -> bool:
     if n <= rows:
         return bool(xp.all(xp.isfinite(a)))
     return all(bool(xp.all(xp.isfinite(a[i:i + rows, ...]))) for i in range(0, n, rows))
+
+
+def _replace_optimizer_state(source, target) -> None:
+    """Give ``target`` a copy of ``source``'s state, placed on the parameters' backend,
+    device and dtype at its next step (``to`` and ``copy`` move the parameters)."""
+    if source is not None and target is not None:
+        target.load_state_dict(source.state_dict())
 
 
 class Sequential:
@@ -154,7 +162,9 @@ class Sequential:
     def to(self, backend: Any, device: Any = None) -> "Sequential":
         """Move the parameters (and generator) to another backend/device, in place.
 
-        Returns ``self``, so ``model = model.to("cupy")`` reads naturally.
+        The last ``fit``'s optimiser state (``optimizer_``) follows at its next step, so
+        ``partial_fit`` continues on the new backend. Returns ``self``, so
+        ``model = model.to("cupy")`` reads naturally.
         """
         xp = resolve_backend(backend)
         if self.params is None:
@@ -168,10 +178,15 @@ class Sequential:
         self.rng = Generator(self.seed, xp, device)
         if state is not None:
             self.rng.host.bit_generator.state = state["host"]
+        _replace_optimizer_state(getattr(self, "optimizer_", None), getattr(self, "optimizer_", None))
         return self
 
     def copy(self, *, dtype: str | None = None, backend: Any = None, device: Any = None) -> "Sequential":
-        """An independent copy, optionally in another dtype or on another backend."""
+        """An independent copy, optionally in another dtype or on another backend.
+
+        The copy has its own optimiser (``optimizer_``, with a copy of the state) and
+        schedule: training one does not move the other.
+        """
         new = object.__new__(type(self))
         new.__dict__.update(self.__dict__)
         new.layers = list(self.layers)
@@ -191,6 +206,12 @@ class Sequential:
         ]
         new.rng = Generator(self.seed, xp, dev)
         new.rng.host.bit_generator.state = self.rng.host.bit_generator.state
+        opt = getattr(self, "optimizer_", None)
+        if opt is not None:  # the copy trains on with its own optimiser and schedule
+            new.optimizer_ = type(opt)(**opt.hyperparameters())
+            _replace_optimizer_state(opt, new.optimizer_)
+        if getattr(self, "schedule_", None) is not None:
+            new.schedule_ = copy.deepcopy(self.schedule_)
         return new
 
     # ------------------------------------------------------------------ validation
