@@ -643,8 +643,17 @@ def test_resume_errors(tmp_path):
     model = _classifier()
     model.fit(x, y, epochs=1, callbacks=[am.Checkpoint(tmp_path / "ck")], **_fit_kwargs())
     other = am.MLP([5, 9, 3], output_activation="softmax", seed=0, backend="numpy")
-    with pytest.raises(ValueError, match="holds a float32 model with layers"):
+    with pytest.raises(ValueError, match=r"layer 0 is \{'type': 'Dense', 'n_in': 5, 'n_out': 8.* in the checkpoint "
+                                         r"but \{'type': 'Dense', 'n_in': 5, 'n_out': 9.* in the model"):
         other.fit(x, y, epochs=2, resume_from=tmp_path / "ck", **_fit_kwargs())
+    with pytest.raises(ValueError, match="holds a float32 model, but the model being restored is float64"):
+        am.MLP([5, 8, 3], layer_norm=True, dropout=0.2, output_activation="softmax", dtype="float64",
+               backend="numpy").fit(x, y, epochs=2, resume_from=tmp_path / "ck", **_fit_kwargs())
+    # the same layers built by hand, with another initialiser and shorthand classes, resume
+    by_hand = am.Sequential([am.Dense(5, 8, init="glorot_normal"), am.LayerNorm(8), am.ReLU(), am.Dropout(0.2),
+                             am.Dense(8, 3, init="glorot_normal"), am.Softmax()], backend="numpy")
+    by_hand.fit(x, y, epochs=1, resume_from=tmp_path / "ck", **_fit_kwargs())
+    _assert_params_identical(_params_np(by_hand), _params_np(model))
     with pytest.raises(ValueError, match="saved with optimizer 'adam' but training uses 'sgd'"):
         _classifier().fit(x, y, epochs=2, optimizer="sgd", resume_from=tmp_path / "ck", **_fit_kwargs())
     with pytest.raises(FileNotFoundError, match="no checkpoint"):

@@ -919,11 +919,19 @@ def restore_checkpoint(path: str | os.PathLike, model: Sequential, *, optimizer:
     mine = [_layer_config(i, layer) for i, layer in enumerate(model.layers)]
     for cfgs in (saved, mine):
         for c in cfgs:
-            c.pop("class", None)
-    if saved != mine or f.model_cfg["dtype"] != model.dtype_name:
+            c.pop("class", None)  # ReLU() and Activation("relu") are the same layer
+            c.pop("init", None)  # the saved weights replace the initial ones
+    if f.model_cfg["dtype"] != model.dtype_name:
+        msg = (f"checkpoint {f.path} holds a {f.model_cfg['dtype']} model, but the model being restored is "
+               f"{model.dtype_name}; build it with dtype={f.model_cfg['dtype']!r}")
+        raise ValueError(msg)
+    if saved != mine:
+        diff = next(((i, a, b) for i, (a, b) in enumerate(zip(saved, mine)) if a != b), None)
+        where = (f"layer {diff[0]} is {diff[1]} in the checkpoint but {diff[2]} in the model" if diff is not None
+                 else f"the checkpoint has {len(saved)} layers, the model {len(mine)}")
         msg = (
-            f"checkpoint {f.path} holds a {f.model_cfg['dtype']} model with layers {f.layers!r}, but the model "
-            f"being restored is {model.dtype_name} with layers {model.layers!r}"
+            f"checkpoint {f.path} holds layers {f.layers!r}, but the model being restored has layers "
+            f"{model.layers!r}: {where}"
         )
         raise ValueError(msg)
     info = _checkpoint_dict(f, None)
