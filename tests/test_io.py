@@ -233,6 +233,24 @@ def test_overwrite_keeps_file_mode(tmp_path):
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o640
 
 
+def test_missing_folder_and_long_names(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"cannot write .*nope.x\.safetensors: the folder .*nope does not exist"):
+        am.save(_tiny(), tmp_path / "nope" / "x.safetensors")
+    assert os.listdir(tmp_path) == []
+    long = tmp_path / ("m" * 240 + ".safetensors")  # 252 characters: a valid name
+    am.save(_tiny(), long)
+    back = am.load(long)
+    _assert_params_identical(_params_np(back), _params_np(_tiny()))
+    assert os.listdir(tmp_path) == [long.name]
+
+
+def test_float16_file_onto_a_backend_without_float16(tmp_path):
+    path = tmp_path / "h.safetensors"
+    am.save(am.MLP([2, 3, 1], dtype="float16", seed=0, backend="numpy"), path)
+    with pytest.raises(ValueError, match="the array_api_strict backend has no float16; use one of float32, float64"):
+        am.load(path, backend="array_api_strict")
+
+
 # ----------------------------------------------------------------------------- bad files
 @pytest.fixture
 def good(tmp_path):

@@ -143,7 +143,11 @@ def _write_atomic(path: Path, data) -> None:
     flushed, synced to disk and renamed over ``path`` (``os.replace``)."""
     path = Path(path)
     folder = path.absolute().parent
-    tmp = folder / f".{path.name}.{secrets.token_hex(8)}.tmp"
+    if not folder.is_dir():
+        msg = f"cannot write {os.fspath(path)}: the folder {os.fspath(folder)} does not exist"
+        raise FileNotFoundError(msg)
+    # the name's first 200 characters: a target name near the 255-byte limit stays writable
+    tmp = folder / f".{path.name[:200]}.{secrets.token_hex(8)}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with open(fd, "wb", closefd=True) as f:
