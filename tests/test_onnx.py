@@ -104,6 +104,21 @@ def test_float64_export(tmp_path):
     assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.DOUBLE
 
 
+@pytest.mark.parametrize("opset", [17, 18, 20])
+@pytest.mark.parametrize("name", ACTIVATIONS)
+def test_float64_every_activation_runs_to_float64_precision(name, opset, tmp_path):
+    """float64 models export activations whose float64 kernels onnxruntime lacks (ELU,
+    softplus at some opsets) or whose attributes ONNX stores in float32 (LeakyReLU's
+    slope) as elementary operators with float64 constants."""
+    model = am.Sequential([am.Dense(6, 6), am.Activation(name), am.Dense(6, 4)], dtype="float64", seed=0,
+                          backend="numpy")
+    model.params[0]["W"] = np.eye(6)
+    model.params[0]["b"] = np.linspace(-1, 1, 6)
+    proto = _check(model, tmp_path, _inputs(6, np.float64), rtol=1e-13, atol=1e-13, opset=opset)
+    ops = _ops(proto)
+    assert not {"LeakyRelu", "Elu", "Softplus", "Gelu"} & set(ops)
+
+
 def test_float16_export(tmp_path):
     model = am.MLP([4, 8, 3], activation="gelu", layer_norm=True, output_activation="softmax", dtype="float16",
                    seed=0, backend="numpy")

@@ -1188,7 +1188,7 @@ def export_onnx(model: Sequential, path: str | os.PathLike, *, opset: int = 17):
             g, b = tensor(f"{pre}.gamma", to_numpy(p["gamma"])), tensor(f"{pre}.beta", to_numpy(p["beta"]))
             cur = node("LayerNormalization", [cur, g, b], out, axis=-1, epsilon=layer.eps)
         elif isinstance(layer, L.Activation):
-            cur = _onnx_activation(layer.name, cur, out, pre, node, tensor, opset)
+            cur = _onnx_activation(layer.name, cur, out, pre, node, tensor, opset, exact=np_dtype == numpy.float64)
         else:
             msg = f"cannot export layer {i} ({layer!r}) to ONNX: only Dense, Activation, Dropout and LayerNorm are supported"
             raise TypeError(msg)
@@ -1211,8 +1211,25 @@ def export_onnx(model: Sequential, path: str | os.PathLike, *, opset: int = 17):
     return proto
 
 
-def _onnx_activation(name: str, x: str, out: str, pre: str, node, tensor, opset: int) -> str:
-    """Nodes computing activation ``name`` of ``x`` into ``out``; returns ``out``."""
+def _onnx_activation(name: str, x: str, out: str, pre: str, node, tensor, opset: int, exact: bool = False) -> str:
+    """Nodes computing activation ``name`` of ``x`` into ``out``; returns ``out``.
+
+    ``exact`` (float64 models) builds LeakyReLU, ELU, softplus and GELU from elementary
+    operators with constants in the model's dtype: ONNX keeps operator attributes such
+    as ``alpha`` in float32, and onnxruntime has no float64 kernel for some of these
+    operators at some opsets.
+    """
+    if exact and name == "leaky_relu":  # max(x, slope x), for 0 < slope < 1
+        return node("Max", [x, node("Mul", [x, tensor(f"{pre}.slope", F.LEAKY_SLOPE)], f"{pre}.sx")], out)
+    if exact and name == "elu":  # relu(x) + alpha (exp(min(x, 0)) - 1)
+        neg = node("Min", [x, tensor(f"{pre}.zero", 0.0)], f"{pre}.neg")
+        em1 = node("Sub", [node("Exp", [neg], f"{pre}.exp"), tensor(f"{pre}.one", 1.0)], f"{pre}.em1")
+        scaled = node("Mul", [em1, tensor(f"{pre}.alpha", F.ELU_ALPHA)], f"{pre}.scaled")
+        return node("Add", [node("Relu", [x], f"{pre}.relu"), scaled], out)
+    if exact and name == "softplus":  # relu(x) + log(1 + exp(-|x|)), never overflowing
+        e = node("Exp", [node("Neg", [node("Abs", [x], f"{pre}.abs")], f"{pre}.negabs")], f"{pre}.exp")
+        log1pe = node("Log", [node("Add", [e, tensor(f"{pre}.one", 1.0)], f"{pre}.onepe")], f"{pre}.log")
+        return node("Add", [node("Relu", [x], f"{pre}.relu"), log1pe], out)
     simple = {"identity": "Identity", "relu": "Relu", "tanh": "Tanh", "sigmoid": "Sigmoid", "softplus": "Softplus"}
     if name in simple:
         return node(simple[name], [x], out)
@@ -1227,7 +1244,7 @@ def _onnx_activation(name: str, x: str, out: str, pre: str, node, tensor, opset:
     if name == "silu":
         return node("Mul", [x, node("Sigmoid", [x], f"{pre}.sigmoid")], out)
     if name == "gelu":
-        if opset >= 20:
+        if opset >= 20 and not exact:
             return node("Gelu", [x], out, approximate="tanh")
         # y = 0.5 x (1 + tanh(c (x + k x^3)))
         x3 = node("Mul", [node("Mul", [x, x], f"{pre}.x2"), x], f"{pre}.x3")
