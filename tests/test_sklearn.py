@@ -519,6 +519,30 @@ def test_logistic_activation_and_other_solvers():
         assert est.score(X, y) > 0.85, solver
 
 
+def test_coefs_and_intercepts_are_assignable(backend):
+    """As in scikit-learn, assigning to coefs_ / intercepts_ (an item or the whole
+    list) changes the model: a zeroed output layer predicts the uniform distribution."""
+    X_np, y_np = _iris()
+    X = backend.asarray(X_np, np.float32)
+    est = _quiet_fit(MLPClassifier(hidden_layer_sizes=(5,), max_iter=20, random_state=0), X, backend.asarray(y_np))
+    W_out = np.zeros((5, 3))
+    est.coefs_[-1] = W_out  # host float64 into the model's namespace, device and dtype
+    est.intercepts_[-1] = np.zeros(3)
+    stored = est.model_.params[-2]["W"]
+    assert backend.same_place(stored) and stored.dtype == backend.xp.float32
+    np.testing.assert_allclose(backend.to_numpy(est.predict_proba(X[:4, ...])), np.full((4, 3), 1 / 3), rtol=1e-6)
+    W_out[0, 0] = 7.0  # the model holds a copy
+    assert float(backend.to_numpy(est.coefs_[-1])[0, 0]) == 0.0
+    est.coefs_ = [np.ones((4, 5)), np.full((5, 3), 0.5)]
+    np.testing.assert_array_equal(backend.to_numpy(est.coefs_[0]), np.ones((4, 5), np.float32))
+    with pytest.raises(ValueError, match=r"coefs_\[1\] must have shape \(5, 3\), got \(3, 5\)"):
+        est.coefs_[1] = np.zeros((3, 5))
+    with pytest.raises(ValueError, match="coefs_ has 2 arrays in that slice, got 1"):
+        est.coefs_ = [np.ones((4, 5))]
+    with pytest.raises(IndexError):
+        est.intercepts_[2] = np.zeros(3)
+
+
 # ----------------------------------------------------------------------------- array-API inputs
 @pytest.mark.parametrize("dispatch", [False, True], ids=["dispatch-off", "dispatch-on"])
 def test_classifier_follows_the_backend(backend, dispatch, array_api_env):

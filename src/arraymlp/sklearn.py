@@ -358,6 +358,28 @@ _ATTRIBUTES_DOC = """
 
 
 # ------------------------------------------------------------------------------ base
+class _ParamList(list):
+    """``coefs_`` / ``intercepts_``: a list of the model's arrays whose item assignment
+    writes through to the model."""
+
+    def __init__(self, est, name: str, key: str):
+        super().__init__(p[key] for p in est.model_.params if "W" in p)
+        self._est, self._name, self._key = est, name, key
+
+    def __setitem__(self, i, value):
+        if isinstance(i, slice):
+            idx = range(len(self))[i]
+            values = list(value)
+            if len(values) != len(idx):
+                msg = f"{self._name} has {len(idx)} arrays in that slice, got {len(values)}"
+                raise ValueError(msg)
+            for j, v in zip(idx, values):
+                self[j] = v
+            return
+        j = range(len(self))[i]  # negative indices; IndexError when out of range
+        super().__setitem__(j, self._est._set_param(self._name, self._key, j, value))
+
+
 class _BaseMLP(BaseEstimator):
     """Shared parameters, validation, training loop and pickling of the two estimators."""
 
@@ -815,21 +837,52 @@ class _BaseMLP(BaseEstimator):
         return out
 
     # ------------------------------------------------------------------ fitted views
+    def _param_view(self, name: str, key: str) -> "_ParamList":
+        if "model_" not in self.__dict__:
+            msg = f"{type(self).__name__} has no attribute {name!r} before fit"
+            raise AttributeError(msg)
+        return _ParamList(self, name, key)
+
+    def _set_param(self, name: str, key: str, i: int, value: Any) -> Any:
+        """Write ``value`` into the ``i``-th dense layer's ``key`` parameter, converted
+        to the model's namespace, device and dtype; return the stored array."""
+        model = self.model_
+        dense = [p for p in model.params if "W" in p]
+        target = dense[i][key]
+        xp = model.xp
+        try:
+            arr = to_backend(value, xp, device=model.device)
+        except TypeError:
+            arr = xp.asarray(np.asarray(value), device=model.device)
+        if tuple(arr.shape) != tuple(target.shape):
+            msg = f"{name}[{i}] must have shape {tuple(target.shape)}, got {tuple(arr.shape)}"
+            raise ValueError(msg)
+        dense[i][key] = xp.astype(arr, model.dtype, copy=True)
+        return dense[i][key]
+
     @property
     def coefs_(self) -> list:
-        """Weight matrices, ``coefs_[i]`` of shape (n_units_i, n_units_i+1)."""
-        if "model_" not in self.__dict__:
-            msg = f"{type(self).__name__} has no attribute 'coefs_' before fit"
-            raise AttributeError(msg)
-        return [p["W"] for p in self.model_.params if "W" in p]
+        """Weight matrices, ``coefs_[i]`` of shape (n_units_i, n_units_i+1).
+
+        The arrays are the model's own: in-place edits (``coefs_[0] *= 0``), item
+        assignment (``coefs_[-1] = W``) and assigning a whole list change the model, as
+        in scikit-learn; assigned arrays are converted to its namespace, device and dtype.
+        """
+        return self._param_view("coefs_", "W")
+
+    @coefs_.setter
+    def coefs_(self, values) -> None:
+        self._param_view("coefs_", "W")[:] = values
 
     @property
     def intercepts_(self) -> list:
-        """Bias vectors, ``intercepts_[i]`` of shape (n_units_i+1,)."""
-        if "model_" not in self.__dict__:
-            msg = f"{type(self).__name__} has no attribute 'intercepts_' before fit"
-            raise AttributeError(msg)
-        return [p["b"] for p in self.model_.params if "W" in p]
+        """Bias vectors, ``intercepts_[i]`` of shape (n_units_i+1,); assignable like
+        :attr:`coefs_`."""
+        return self._param_view("intercepts_", "b")
+
+    @intercepts_.setter
+    def intercepts_(self, values) -> None:
+        self._param_view("intercepts_", "b")[:] = values
 
     # ------------------------------------------------------------------ pickling
     def __getstate__(self):
