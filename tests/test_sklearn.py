@@ -168,6 +168,8 @@ OBJECTIVE_CASES = {
     "regression-weighted": ("regressor", "single", True, {"alpha": 1.0}),
     "regression-2-outputs": ("regressor", "two", False, {"alpha": 1.0, "activation": "tanh"}),
     "regression-logistic": ("regressor", "single", False, {"alpha": 0.5, "activation": "logistic"}),
+    "poisson-weighted": ("regressor", "counts", True, {"alpha": 0.5, "loss": "poisson"}),
+    "poisson-2-outputs": ("regressor", "counts-two", False, {"alpha": 0.1, "loss": "poisson", "activation": "tanh"}),
 }
 
 
@@ -189,6 +191,11 @@ def test_objective_and_steps_match_sklearn(case):
     elif target == "two":
         y = np.stack([X[:, 0] * 0.5 - X[:, 1] ** 2, X[:, 3] - X[:, 2]], axis=1)
         X = X[:, 1:]
+    elif target.startswith("counts"):  # Poisson counts, zeros included
+        y = rng.poisson(np.exp(0.5 * X[:, 0] - 0.3 * X[:, 1])).astype(float)
+        if target == "counts-two":
+            y = np.stack([y, rng.poisson(np.exp(0.2 * X[:, 3]))], axis=1).astype(float)
+        X = X[:, 1:]
     sw = rng.integers(0, 4, size=X.shape[0]).astype(float) if weighted else None
     params = dict(hidden_layer_sizes=(7, 5), solver="sgd", learning_rate_init=0.05, batch_size=64,
                   shuffle=False, max_iter=1, random_state=0, warm_start=True, momentum=0.0)
@@ -205,7 +212,7 @@ def test_objective_and_steps_match_sklearn(case):
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
     assert ours.out_activation_ == theirs.out_activation_
     assert ours.n_outputs_ == theirs.n_outputs_
-    if target != "two":
+    if target != "two":  # scikit-learn's Poisson loss sums over the outputs, as ours does
         np.testing.assert_allclose(ours.loss_curve_[-3:], theirs.loss_curve_[-3:], rtol=1e-9)
     else:
         # scikit-learn reports the squared error averaged over the outputs, though its
@@ -213,6 +220,26 @@ def test_objective_and_steps_match_sklearn(case):
         pred = ours.predict(X)
         assert ours.loss_curve_[-1] > theirs.loss_curve_[-1]
         assert np.isfinite(pred).all()
+
+
+def test_poisson_regressor():
+    """loss="poisson": a log link (out_activation_ "exp"), positive predictions whose
+    log is the model's output, non-negative targets required, as scikit-learn 1.7+."""
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(300, 3))
+    y = rng.poisson(np.exp(0.5 * X[:, 0] - 0.3 * X[:, 1])).astype(float)
+    est = _quiet_fit(MLPRegressor(loss="poisson", hidden_layer_sizes=(16,), max_iter=100, random_state=0,
+                                  dtype="float64"), X, y)
+    assert est.out_activation_ == "exp" and est.get_params()["loss"] == "poisson"
+    pred = est.predict(X)
+    np.testing.assert_allclose(np.log(pred), np.asarray(est.model_(X))[:, 0], rtol=1e-12)
+    assert pred.min() > 0 and est.score(X, y) > 0.15
+    assert MLPRegressor().get_params()["loss"] == "squared_error"
+    assert clone(est).loss == "poisson" and MLPRegressor("poisson").loss == "poisson"
+    with pytest.raises(ValueError, match="loss='poisson' needs non-negative targets"):
+        MLPRegressor(loss="poisson", max_iter=2).fit(X, y - 1.0)
+    with pytest.raises(ValueError, match="loss must be one of 'squared_error', 'poisson', got 'huber'"):
+        MLPRegressor(loss="huber").fit(X, y)
 
 
 def _stop_epoch(loss_curve, tol, n_iter_no_change):

@@ -28,6 +28,7 @@ a device round trip) and once to the device.
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 import warnings
@@ -56,7 +57,7 @@ from ._backend import (
 )
 from .functional import ACTIVATIONS
 from .layers import Dense
-from .losses import Loss, binary_cross_entropy, cross_entropy, mse
+from .losses import Loss, binary_cross_entropy, cross_entropy, mse, poisson_nll
 from .model import MLP
 from .optim import SGD, Adagrad, Adam, AdamW, RMSprop, get_optimizer
 from .training import DivergenceError
@@ -88,6 +89,28 @@ def _summed_binary_log_loss(outputs, targets, *, xp=None, sample_weight=None):
     c = float(int(outputs.shape[1]))
     return value * c, grad * c
 
+
+def _half_poisson_deviance(outputs, targets, *, xp=None, sample_weight=None):
+    """scikit-learn's ``loss="poisson"`` on log-rates ``o`` (the rate is ``exp(o)``):
+    ``l_i = sum_j (exp(o_ij) - t_ij o_ij + t_ij log t_ij - t_ij)``, weighted mean over the
+    batch; gradient ``(exp(o) - t) w_i / sum w``. The ``t log t - t`` terms do not
+    depend on the model; they make the value scikit-learn's half Poisson deviance."""
+    value, grad = poisson_nll(outputs, targets, xp=xp, sample_weight=sample_weight)
+    xp = array_api_compat.array_namespace(outputs) if xp is None else xp
+    c = float(int(outputs.shape[1]))
+    t = targets
+    tlogt = xp.where(t > 0, t * xp.log(xp.where(t > 0, t, xp.ones_like(t))), xp.zeros_like(t))
+    per_sample = xp.sum(tlogt - t, axis=1)
+    if sample_weight is None:
+        const = xp.sum(per_sample) / float(int(t.shape[0]))
+    else:
+        w = xp.astype(sample_weight, t.dtype)
+        const = xp.sum(w * per_sample) / xp.sum(w)
+    return value * c + const, grad * c
+
+
+_POISSON = Loss("half_poisson_deviance", _half_poisson_deviance, None, "same_shape")
+_REGRESSION_LOSSES = ("squared_error", "poisson")
 
 _LOSSES = {
     "identity": Loss("half_squared_error", _half_squared_error, "identity", "same_shape"),
@@ -461,6 +484,14 @@ class _BaseMLP(BaseEstimator):
             raise ValueError(msg)
         return name
 
+    def _loss_row(self) -> Loss:
+        """The objective's row: by the output activation."""
+        return _LOSSES[self._output_activation]
+
+    def _out_activation_name(self) -> str:
+        """``out_activation_``: scikit-learn's name of the output activation."""
+        return _OUT_ACTIVATION_NAMES[self._output_activation]
+
     def _check_hyperparameters(self) -> None:
         """Raise a ValueError naming the first invalid constructor argument."""
         if self.solver == "lbfgs":
@@ -642,7 +673,7 @@ class _BaseMLP(BaseEstimator):
         self.model_ = _build_model(self._model_config, seed=seed, backend=backend_name(xp), device=device)
         self.n_outputs_ = self._n_output_units
         self.n_layers_ = len(sizes)
-        self.out_activation_ = _OUT_ACTIVATION_NAMES[out_act]
+        self.out_activation_ = self._out_activation_name()
         self.n_iter_ = 0
         self.t_ = 0
         self.loss_curve_ = []
@@ -658,7 +689,7 @@ class _BaseMLP(BaseEstimator):
 
     def _train(self, x, y, sw_host, strata, xp, device, dtype, *, incremental: bool, split_seed: int) -> None:
         model = self.model_
-        lossfn = _LOSSES[self._output_activation]
+        lossfn = self._loss_row()
         n_all = int(x.shape[0])
         x_val = y_val = w_val = None
         early = bool(self.early_stopping)
@@ -1211,10 +1242,16 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
         """Multilayer-perceptron regressor with scikit-learn's interface, on any array backend.
 
     Minimises half the squared error (summed over the outputs, averaged over the
-    samples) plus scikit-learn's scaled L2 term, with an identity output. ``y`` may
+    samples) plus scikit-learn's scaled L2 term, with an identity output; or, with
+    ``loss="poisson"``, half the Poisson deviance of ``exp`` of the outputs. ``y`` may
     have several columns (multi-output regression).
 """
-        + _PARAMETERS_DOC
+        + _PARAMETERS_DOC.replace("    hidden_layer_sizes :", """    loss : {"squared_error", "poisson"}, default="squared_error"
+        The objective, as scikit-learn's: half the squared error, or half the Poisson
+        deviance with a log link (the model's outputs are log-rates, ``predict``
+        returns ``exp`` of them, ``out_activation_`` is ``"exp"``); ``"poisson"``
+        needs non-negative targets.
+    hidden_layer_sizes :""", 1)
         + """
     Attributes
     ----------
@@ -1240,6 +1277,34 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
 
     _output_activation = "identity"
     _n_output_units = 0
+
+    def __init__(self, loss="squared_error", hidden_layer_sizes=(100,), activation="relu", **kwargs):
+        self.loss = loss
+        super().__init__(hidden_layer_sizes, activation, **kwargs)
+
+    # scikit-learn reads the parameters from the signature: ``loss`` and the shared ones
+    __init__.__signature__ = inspect.signature(_BaseMLP.__init__).replace(parameters=[
+        *list(inspect.signature(_BaseMLP.__init__).parameters.values())[:1],
+        inspect.Parameter("loss", inspect.Parameter.POSITIONAL_OR_KEYWORD, default="squared_error"),
+        *list(inspect.signature(_BaseMLP.__init__).parameters.values())[1:],
+    ])
+
+    def _check_hyperparameters(self) -> None:
+        if self.loss not in _REGRESSION_LOSSES:
+            msg = f"loss must be one of {', '.join(repr(v) for v in _REGRESSION_LOSSES)}, got {self.loss!r}"
+            raise ValueError(msg)
+        super()._check_hyperparameters()
+
+    def _loss_row(self) -> Loss:
+        return _POISSON if self.loss == "poisson" else super()._loss_row()
+
+    def _out_activation_name(self) -> str:
+        return "exp" if self.loss == "poisson" else super()._out_activation_name()
+
+    def _rates(self, out):
+        """Predictions from the model's outputs: the outputs, or ``exp`` of them (the
+        log-rates) with ``loss="poisson"``."""
+        return self.model_.xp.exp(out) if self.loss == "poisson" else out
 
     def fit(self, X, y, sample_weight=None):
         """Train on ``(X, y)`` from fresh parameters (or from the current ones with ``warm_start``).
@@ -1303,6 +1368,9 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
         y = _move(y, xp, device)
         y = xp.astype(y, dtype) if y.dtype != dtype else y
         _check_finite(y, xp, "y")
+        if self.loss == "poisson" and bool(xp.any(y < 0)):
+            msg = "loss='poisson' needs non-negative targets (counts or rates); y has negative values"
+            raise ValueError(msg)
         y = xp.reshape(y, (n, -1))
         self._n_output_units = int(y.shape[1])
         return y, None
@@ -1310,6 +1378,7 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
     def _device_score(self, out, y, w, xp) -> float:
         """R^2 (uniform average over the outputs) of ``out`` against ``y``, on the device,
         with scikit-learn's conventions for constant targets."""
+        out = self._rates(out)
         if not bool(xp.all(xp.isfinite(out))):
             return float("nan")
         if w is None:
@@ -1336,6 +1405,7 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
             floating dtype.
         """
         out, inp = self._infer(X, "predict")
+        out = self._rates(out)
         if self._n_output_units == 1:
             out = self.model_.xp.reshape(out, (-1,))
         return self._deliver(out, inp, floating=True)
