@@ -29,6 +29,42 @@ def test_arbitrary_sizes_chain(backend, sizes):
     assert float(loss) == pytest.approx(ref, rel=1e-12)
 
 
+@pytest.mark.parametrize("first", ["dropout", "tanh", "softmax"])
+def test_layers_without_parameters_before_the_first_dense(backend, first):
+    """Input dropout (or an activation on the raw inputs) has nothing to learn and no
+    input gradient to give: the gradients are those of the Dense layer on the
+    transformed inputs, checked against finite differences in float64."""
+    head = {"dropout": am.Dropout(0.5), "tanh": am.Tanh(), "softmax": am.Softmax()}[first]
+    model = am.Sequential([head, am.Dense(4, 3), am.Tanh(), am.Dense(3, 2)], dtype="float64", seed=0,
+                          **backend.model_kwargs())
+    rng = np.random.default_rng(1)
+    x, y = backend.asarray(rng.normal(size=(6, 4))), backend.asarray(rng.normal(size=(6, 2)))
+    value, grads = model.loss_and_grads(x, y, loss="mse", training=False)  # dropout off, as in loss()
+    assert grads[0] == {} and set(grads[1]) == {"W", "b"}
+    W = backend.to_numpy(model.params[1]["W"]).copy()
+    d = rng.normal(size=W.shape)
+    h = 1e-6
+    losses = []
+    for s in (h, -h):
+        model.params[1]["W"] = backend.asarray(W + s * d)
+        losses.append(float(model.loss(x, y, loss="mse")))
+    model.params[1]["W"] = backend.asarray(W)
+    np.testing.assert_allclose(np.sum(backend.to_numpy(grads[1]["W"]) * d), (losses[0] - losses[1]) / (2 * h),
+                               rtol=1e-6)
+    before = float(model.loss(x, y, loss="mse"))
+    model.fit(x, y, loss="mse", epochs=20, batch_size=3, progress=False)
+    assert float(model.loss(x, y, loss="mse")) < before
+
+
+def test_mlp_init_applies_to_every_dense_layer():
+    m = am.MLP([3, 4, 2], activation="relu", output_activation="sigmoid", init="lecun_normal", backend="numpy")
+    assert [layer.init for layer in m.layers if isinstance(layer, am.Dense)] == ["lecun_normal"] * 2
+    d = am.MLP([3, 4, 2], activation="relu", output_activation="sigmoid", backend="numpy")
+    assert [layer.init for layer in d.layers if isinstance(layer, am.Dense)] == ["he_uniform", "glorot_uniform"]
+    one = am.MLP([3, 2], output_activation="sigmoid", backend="numpy")  # no hidden layer: the output's rule
+    assert one.layers[0].init == "glorot_uniform"
+
+
 def test_single_output_bias_gradient_has_bias_shape(backend):
     """Regression: one output unit, batch n -> the bias gradient is (1,), never (n,)."""
     model = am.MLP([3, 4, 1], dtype="float64", seed=0, **backend.model_kwargs())

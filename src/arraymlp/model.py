@@ -319,10 +319,11 @@ class Sequential:
         xp = xp if xp is not None else self.xp
         n = len(caches)
         grads: list[dict[str, Any]] = [{} for _ in self.params]
-        # The input gradient is needed only above the first layer that has parameters.
+        # The input gradient is needed only above the first layer that has parameters,
+        # and the layers below it (input dropout, say) have no gradients to give.
         first = next((i for i, p in enumerate(self.params[:n]) if p), n)
         owned = inplace
-        for i in range(n - 1, -1, -1):
+        for i in range(n - 1, first - 1, -1):
             layer = self.layers[i]
             h = L.handover(layer)
             if owned and h.backward_inplace:
@@ -529,7 +530,9 @@ class MLP(Sequential):
     layer_norm : bool
         Whether to add layer normalisation before each hidden activation.
     init : str or None
-        Weight initialiser; default He for ReLU-like activations, Glorot otherwise.
+        Weight initialiser of every Dense layer. Default: by the activation that
+        follows the layer, He for ReLU-like ones and Glorot otherwise (Glorot for the
+        output layer without an output activation).
     dtype, backend, device, seed
         As for :class:`Sequential`.
     """
@@ -546,6 +549,8 @@ class MLP(Sequential):
             msg = f"sizes must be positive ints, got {sizes!r}"
             raise ValueError(msg)
         L.Activation(activation)  # validate names early
+        out_init = init or (default_for(output_activation) if output_activation not in (None, "identity")
+                            else "glorot_uniform")
         init = init or default_for(activation)
         layers: list[L.Layer] = []
         for n_in, n_out in zip(sizes[:-2], sizes[1:-1]):
@@ -555,8 +560,7 @@ class MLP(Sequential):
             layers.append(L.Activation(activation))
             if dropout:
                 layers.append(L.Dropout(dropout))
-        out_init = default_for(output_activation) if output_activation not in (None, "identity") else "glorot_uniform"
-        layers.append(L.Dense(sizes[-2], sizes[-1], init=init if len(sizes) == 2 else out_init))
+        layers.append(L.Dense(sizes[-2], sizes[-1], init=out_init))
         if output_activation not in (None, "identity"):
             layers.append(L.Activation(output_activation))
         self.sizes = sizes
