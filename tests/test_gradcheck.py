@@ -48,6 +48,15 @@ class TanhInsteadOfDerivative(am.Activation):
         return dy * cache, {}  # cache is the output tanh(x)
 
 
+class NaNWeightGradient(am.Dense):
+    """Bug: a 0/0 somewhere makes the weight gradient NaN."""
+
+    def backward(self, params, cache, dy, *, xp, need_dx=True):
+        dx, grads = super().backward(params, cache, dy, xp=xp, need_dx=need_dx)
+        grads["W"] = grads["W"] * float("nan")
+        return dx, grads
+
+
 def _data(backend, n=6, d=3, k=2, seed=0):
     r = np.random.default_rng(seed)
     return backend.asarray(r.normal(size=(n, d))), backend.asarray(r.normal(size=(n, k)))
@@ -101,6 +110,42 @@ def test_bias_without_learning_rate_is_caught(backend):
     row = report.row(0, "b")
     assert row.analytic / row.numeric == pytest.approx(10.0, rel=1e-6)
     assert "a factor 10 off" in row.note
+
+
+def test_nan_gradient_is_caught(backend):
+    model = am.Sequential([am.Dense(3, 4), am.Tanh(), NaNWeightGradient(4, 2)], dtype="float64", seed=0,
+                          **backend.model_kwargs())
+    x, y = _data(backend)
+    report = am.gradcheck(model, x, y)
+    assert [(r.layer, r.param) for r in report.failures] == [(2, "W")]
+    row = report.row(2, "W")
+    assert np.isnan(row.analytic) and row.max_abs_err == np.inf and row.worst_index == (0, 0)
+
+
+def test_large_losses_do_not_fail_correct_gradients(backend):
+    """Targets of order 1e3 to 1e5 give losses up to ~1e10, whose rounding alone puts
+    errors far above atol into the difference quotient; the tolerance allows for it,
+    while a wrong gradient of the same model still fails."""
+    r = np.random.default_rng(3)
+    x = backend.asarray(r.normal(size=(6, 3)))
+    for scale in (1e3, 1e5):
+        y = backend.asarray(scale * r.normal(size=(6, 1)))
+        for seed in range(4):
+            model = am.MLP([3, 4, 1], activation="tanh", dtype="float64", seed=seed, **backend.model_kwargs())
+            report = am.gradcheck(model, x, y)
+            assert report.passed, (scale, seed, report)
+        broken = am.Sequential([BiasWithoutLearningRate(3, 4), am.Tanh(), am.Dense(4, 1)], dtype="float64",
+                               seed=0, **backend.model_kwargs())
+        assert [(f.layer, f.param) for f in am.gradcheck(broken, x, y).failures] == [(0, "b")]
+
+
+def test_report_fields_name_the_worst_entry_even_when_passing(backend):
+    model = am.MLP([3, 4, 2], activation="tanh", dtype="float64", seed=0, **backend.model_kwargs())
+    x, y = _data(backend)
+    row = am.gradcheck(model, x, y).row(0, "W")
+    assert row.passed and len(row.worst_index) == 2 and row.analytic != 0.0
+    assert row.analytic == pytest.approx(row.numeric, rel=1e-6, abs=1e-8)
+    assert 0.0 < row.max_rel_err < 1e-4 and 0.0 < row.max_abs_err < 1e-6
 
 
 @pytest.mark.parametrize("square", [False, True])

@@ -11,6 +11,7 @@ a transposed weight gradient) is reported as such rather than broadcast away.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import numpy
@@ -123,9 +124,23 @@ def _float64_namespace(xp, device):
         return False
 
 
+# Rounding of each float64 loss value, relative to its size, allowed for in the
+# difference quotient: a few hundred operations' worth of unit roundoff.
+_LOSS_NOISE = 64 * float(numpy.finfo(numpy.float64).eps)
+
+
+def _quotient(vals, eps):
+    """``(L(p + eps) - L(p - eps)) / (2 eps)`` and the part of it rounding can explain:
+    ``L``'s own rounding error, about ``|L|`` times the unit roundoff, divided by the
+    step; for a large loss it exceeds any fixed ``atol``."""
+    return (vals[0] - vals[1]) / (2 * eps), _LOSS_NOISE * max(abs(vals[0]), abs(vals[1])) / eps
+
+
 def _compare(row: GradcheckRow, analytic, numeric_fn, param_host: numpy.ndarray, *, eps, atol, rtol,
              max_checks, host_rng) -> GradcheckRow:
-    """Fill ``row`` by comparing ``analytic`` with central differences of ``numeric_fn``."""
+    """Fill ``row`` by comparing ``analytic`` with central differences of ``numeric_fn``
+    (which returns the quotient and its rounding noise). A non-finite value on either
+    side fails."""
     if analytic is None:
         row.passed, row.note = False, "no gradient returned for this parameter"
         return row
@@ -141,17 +156,19 @@ def _compare(row: GradcheckRow, analytic, numeric_fn, param_host: numpy.ndarray,
         return row
     size = param_host.size
     flat = numpy.arange(size) if size <= max_checks else host_rng.choice(size, max_checks, replace=False)
-    worst = -1.0
+    worst = -math.inf
     for f in flat:
         idx = numpy.unravel_index(int(f), param_host.shape)
-        num = numeric_fn(idx)
+        num, noise = numeric_fn(idx)
         an = float(a[idx])
-        err = abs(an - num)
-        violation = err - (atol + rtol * abs(num))
-        rel = err / max(abs(an), abs(num), 1e-300)
+        if math.isfinite(an) and math.isfinite(num):
+            err = abs(an - num)
+            violation = err - (atol + noise + rtol * abs(num))
+            rel = err / max(abs(an), abs(num), 1e-300)
+        else:  # NaN or infinity: never a match (NaN would compare as no violation at all)
+            err = violation = rel = math.inf
         row.max_abs_err = max(row.max_abs_err, err)
-        if err > atol:
-            row.max_rel_err = max(row.max_rel_err, rel)
+        row.max_rel_err = max(row.max_rel_err, rel)
         if violation > worst:
             worst = violation
             row.worst_index, row.analytic, row.numeric = tuple(int(i) for i in idx), an, num
@@ -196,7 +213,10 @@ def gradcheck(obj: Any, x: Any = None, y: Any = None, *, loss: str | Loss = "mse
     eps : float
         Finite-difference step.
     atol, rtol : float
-        An entry passes when ``|analytic - numeric| <= atol + rtol * |numeric|``.
+        An entry passes when ``|analytic - numeric| <= atol + noise + rtol * |numeric|``,
+        where ``noise = 64 u max|L(p ± eps)| / eps`` (``u`` the float64 unit roundoff)
+        is what rounding of the loss values can put into the difference quotient: a
+        large loss does not fail correct gradients. NaN or infinite values fail.
     max_checks : int
         At most this many entries per parameter are checked (a random subset).
     seed : int
@@ -275,7 +295,7 @@ def _check_model(model, x, y, lossfn, sample_weight, l2, kw):
                     m.params[i][name] = _perturbed(arr, xp, device, host, idx, delta)
                     vals.append(float(m.loss(x64, y64, loss=lossfn, sample_weight=w64, l2=l2)))
                 m.params[i][name] = arr
-                return (vals[0] - vals[1]) / (2 * kw["eps"])
+                return _quotient(vals, kw["eps"])
 
             row = GradcheckRow(i, repr(layer), name, tuple(host.shape), None)
             rows.append(_compare(row, grads[i].get(name), numeric, host, **kw))
@@ -310,7 +330,7 @@ def _check_layer(layer, x, seed, kw):
                     vals.append(objective(params, moved))
                 else:
                     vals.append(objective({**params, name: moved}, x64))
-            return (vals[0] - vals[1]) / (2 * kw["eps"])
+            return _quotient(vals, kw["eps"])
 
         g = dx if name == "x" else grads.get(name)
         row = GradcheckRow(0, repr(layer), name, tuple(host.shape), None)
@@ -330,7 +350,7 @@ def _check_loss(lossfn, outputs, targets, sample_weight, kw):
     def numeric(idx):
         vals = [float(lossfn.fn(_perturbed(o64, xp, device, host, idx, delta), t64, xp=xp, sample_weight=w64)[0])
                 for delta in (kw["eps"], -kw["eps"])]
-        return (vals[0] - vals[1]) / (2 * kw["eps"])
+        return _quotient(vals, kw["eps"])
 
     row = GradcheckRow(0, lossfn.name, "outputs", tuple(host.shape), None)
     return [_compare(row, d, numeric, host, **kw)]
