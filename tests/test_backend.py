@@ -77,3 +77,40 @@ def test_dtype_names():
         resolve_dtype(xp, "int8")
     with pytest.raises(ValueError, match="unsupported dtype 'float8'"):
         am.MLP([2, 2], dtype="float8")
+
+
+def test_dtype_names_are_exact():
+    from arraymlp._backend import dtype_name
+
+    assert [dtype_name(d) for d in (np.float32, np.dtype("float16"), "float64")] == ["float32", "float16", "float64"]
+    torch = pytest.importorskip("torch")
+    assert dtype_name(torch.float64) == "float64" and dtype_name(torch.bfloat16) == "bfloat16"
+    with pytest.raises(ValueError, match="unsupported dtype 'bfloat16'"):
+        am.MLP([2, 2], dtype="bfloat16")
+    with pytest.raises(ValueError, match="unsupported dtype"):
+        am.MLP([2, 2], dtype=torch.bfloat16, backend="torch")
+
+
+@pytest.mark.parametrize("make", ["reversed", "read-only", "broadcast"])
+def test_to_backend_odd_numpy_arrays(backend, make):
+    """Negative strides (which torch's DLPack import cannot take), read-only arrays and
+    broadcast views move with their values, and the result never writes back into the
+    caller's array."""
+    base = np.arange(6.0)
+    a = {"reversed": base[::-1], "read-only": base.copy(), "broadcast": np.broadcast_to(base, (3, 6))}[make]
+    if make == "read-only":
+        a.flags.writeable = False
+    want = np.array(a)
+    moved = am.to_backend(a, backend.name, device=backend.device)
+    assert backend.same_place(moved)
+    np.testing.assert_array_equal(backend.to_numpy(moved), want)
+    if backend.name == "torch" and make != "reversed":  # torch tensors are writeable
+        moved[(0,) * moved.ndim] = 99.0
+        np.testing.assert_array_equal(a, want)
+
+
+def test_torch_lazy_negation_is_resolved():
+    torch = pytest.importorskip("torch")
+    im = torch.tensor([1 + 2j, 3 + 4j]).conj().imag  # a view with torch's negative bit set
+    np.testing.assert_array_equal(am.to_backend(im, "numpy"), [-2.0, -4.0])
+    np.testing.assert_array_equal(am.to_numpy(im), [-2.0, -4.0])

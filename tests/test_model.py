@@ -308,6 +308,25 @@ def test_to_and_copy_carry_the_optimizer_state(backend):
             np.testing.assert_allclose(backend.to_numpy(q[k]), w[k], rtol=1e-12, atol=1e-14)
 
 
+def test_copy_and_to_continue_the_dropout_stream(backend):
+    """A copy (and a model moved to where it already is) draws the same dropout masks
+    as the original would: training both gives identical parameters."""
+    rng = np.random.default_rng(0)
+    x = backend.asarray(rng.normal(size=(24, 4)))
+    y = backend.asarray(rng.normal(size=(24, 2)))
+    for seed in (1, None):
+        m = am.MLP([4, 16, 2], dropout=0.3, dtype="float64", seed=seed, **backend.model_kwargs())
+        m.fit(x, y, loss="mse", epochs=1, batch_size=8, progress=False)
+        twin, moved = m.copy(), m.copy()
+        moved.to(backend.name, device=backend.device)
+        for model in (m, twin, moved):
+            model.partial_fit(x, y, batch_size=8)
+        for other in (twin, moved):
+            for p, q in zip(m.params, other.params):
+                for k in p:
+                    np.testing.assert_array_equal(backend.to_numpy(q[k]), backend.to_numpy(p[k]))
+
+
 def test_repr_lists_layers_and_counts():
     model = am.MLP([64, 128, 10], output_activation="softmax", backend="numpy")
     text = repr(model)

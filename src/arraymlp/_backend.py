@@ -173,12 +173,15 @@ def resolve_dtype(xp: types.ModuleType, dtype: Any) -> Any:
 
 
 def dtype_name(dtype: Any) -> str:
-    """``"float32"`` for any backend's float32 dtype object."""
+    """``"float32"`` for any backend's float32 dtype object (``float32``,
+    ``torch.float32``, ``dtype('float32')``, ...); other dtypes keep their own name, so
+    ``bfloat16`` is not mistaken for ``float16``."""
     s = str(dtype)
-    for name in _DTYPES:
-        if name in s:
-            return name
-    return s
+    if s.startswith("<class '") and s.endswith("'>"):  # a scalar type: numpy.float32
+        s = s[8:-2]
+    if s.startswith("dtype(") and s.endswith(")"):  # dtype('float32')
+        s = s[6:-1].strip("'\"")
+    return s.rsplit(".", 1)[-1]
 
 
 def default_device(xp: types.ModuleType) -> Any:
@@ -211,7 +214,8 @@ def to_numpy(x: Any) -> numpy.ndarray:
     if array_api_compat.is_cupy_array(x):
         return x.get()
     if array_api_compat.is_torch_array(x):
-        return x.detach().cpu().numpy()
+        # resolve_conj/resolve_neg: views with torch's lazy sign bits (z.conj().imag)
+        return x.detach().resolve_conj().resolve_neg().cpu().numpy()
     try:
         return numpy.from_dlpack(x)
     except (TypeError, BufferError, RuntimeError, AttributeError):
@@ -242,6 +246,14 @@ def to_backend(x: Any, backend: Any, *, device: Any = None) -> Any:
         if device is None or device_of(x) == device:
             return x
         return xp.asarray(x, device=device, copy=True) if backend_name(xp) != "torch" else x.to(device)
+    if isinstance(x, numpy.ndarray) and not x.flags.writeable:
+        x = numpy.array(x)  # a zero-copy view would let the target write into read-only memory
+    if array_api_compat.is_torch_array(x):
+        x = x.detach().resolve_conj().resolve_neg()  # DLPack cannot express torch's lazy sign bits
+    if backend_name(xp) == "torch" and not array_api_compat.is_torch_array(x):
+        h = to_numpy(x)
+        if any(st < 0 for st in h.strides):  # torch's DLPack import rejects negative strides (it aborts)
+            x = numpy.ascontiguousarray(h)
     try:
         y = xp.from_dlpack(x)
     except (TypeError, BufferError, RuntimeError, ValueError, AttributeError, NotImplementedError):
@@ -346,6 +358,28 @@ class Generator:
             elif self._kind == "torch":
                 state["native"] = to_numpy(self._native.get_state()).tolist()
         return state
+
+    def moved(self, xp: types.ModuleType, device: Any = None) -> "Generator":
+        """This generator for arrays of ``xp`` on ``device`` (a model's ``to`` or
+        ``copy``): the host stream continues where it is, and so does the native one when
+        the target's native generator is of the same kind (NumPy's for NumPy and
+        array-api-strict, torch's on the same device type); otherwise the native stream
+        restarts from this generator's seed."""
+        new = Generator(self.seed_sequence.entropy, xp, device)
+        state = self.get_state()
+
+        def numpy_like(kind):
+            return kind not in ("cupy", "torch")
+
+        same = (numpy_like(self._kind) and numpy_like(new._kind)) or (
+            self._kind == new._kind == "torch"
+            and getattr(self._native, "device", None) is not None
+            and self._native.device.type == getattr(new.device, "type", str(new.device or "cpu")))
+        if same:
+            new.set_state(state)
+        else:
+            new.host.bit_generator.state = state["host"]
+        return new
 
     def set_state(self, state: dict) -> None:
         """Restore a snapshot made by :meth:`get_state`."""

@@ -172,12 +172,9 @@ class Sequential:
             return self
         device = canonical_device(xp, device)
         self.params = [{k: to_backend(v, xp, device=device) for k, v in p.items()} for p in self.params]
-        state = self.rng.get_state() if self.rng is not None else None
         self.xp, self.device = xp, device
         self.dtype = resolve_dtype(xp, self._dtype_name)
-        self.rng = Generator(self.seed, xp, device)
-        if state is not None:
-            self.rng.host.bit_generator.state = state["host"]
+        self.rng = self.rng.moved(xp, device) if self.rng is not None else Generator(self.seed, xp, device)
         _replace_optimizer_state(getattr(self, "optimizer_", None), getattr(self, "optimizer_", None))
         return self
 
@@ -204,8 +201,7 @@ class Sequential:
             {k: xp.astype(to_backend(v, xp, device=dev), new.dtype, copy=True) for k, v in p.items()}
             for p in self.params
         ]
-        new.rng = Generator(self.seed, xp, dev)
-        new.rng.host.bit_generator.state = self.rng.host.bit_generator.state
+        new.rng = self.rng.moved(xp, dev)
         opt = getattr(self, "optimizer_", None)
         if opt is not None:  # the copy trains on with its own optimiser and schedule
             new.optimizer_ = type(opt)(**opt.hyperparameters())
