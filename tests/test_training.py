@@ -765,3 +765,74 @@ def test_acceptance_diabetes_r2_at_least_sklearn(backend):
         theirs.append(r2_score(y_te, sy.inverse_transform(sk.predict(x_te)[:, None])[:, 0]))
     assert np.mean(ours) >= np.mean(theirs)
     assert np.mean(ours) > 0.25
+
+
+# ---------------------------------------------------------------------- validation metrics and checks
+def test_validation_accuracy_of_a_sigmoid_output_uses_its_probabilities(backend):
+    """With a sigmoid output and binary cross-entropy the validation pass returns the
+    logits; the accuracy splits them at 0 (probability 0.5), as predict does."""
+    r = np.random.default_rng(0)
+    x_np = r.normal(size=(60, 5))
+    y_np = (x_np[:, :3] + 0.3 * r.normal(size=(60, 3)) > 0.4).astype(float)
+    model = am.MLP([5, 16, 3], output_activation="sigmoid", dtype="float64", seed=0, **backend.model_kwargs())
+    x, y = backend.asarray(x_np), backend.asarray(y_np)
+    h = model.fit(x, y, loss="binary_cross_entropy", epochs=5, validation_data=(x, y), progress=False)
+    want = float(np.mean(backend.to_numpy(model.predict(x)) == y_np))
+    assert h.val_metric[-1] == pytest.approx(want, abs=1e-12)
+
+
+def test_poisson_validation_r2_is_of_the_rates(backend):
+    r = np.random.default_rng(1)
+    x_np = r.normal(size=(40, 3))
+    y_np = r.poisson(np.exp(0.5 * x_np[:, :1])).astype(float)
+    model = am.MLP([3, 8, 1], dtype="float64", seed=0, **backend.model_kwargs())
+    x, y = backend.asarray(x_np), backend.asarray(y_np)
+    h = model.fit(x, y, loss="poisson_nll", epochs=3, validation_data=(x, y), progress=False)
+    rate = np.exp(backend.to_numpy(model(x)))
+    want = 1.0 - np.sum((y_np - rate) ** 2) / np.sum((y_np - y_np.mean()) ** 2)
+    assert h.val_metric[-1] == pytest.approx(want, rel=1e-9)
+
+
+def test_float16_validation_r2_does_not_overflow(backend):
+    if getattr(backend.xp, "float16", None) is None:
+        pytest.skip(f"{backend.name} has no float16")
+    r = np.random.default_rng(2)
+    x_np = r.normal(size=(2000, 2))
+    y_np = 20.0 + 5.0 * x_np[:, :1]  # squared deviations sum past float16's 65504
+    model = am.MLP([2, 4, 1], dtype="float16", seed=0, **backend.model_kwargs())
+    x, y = backend.asarray(x_np, "float16"), backend.asarray(y_np, "float16")
+    h = model.fit(x, y, loss="mse", optimizer="sgd", lr=1e-3, epochs=1, batch_size=100,
+                  validation_data=(x, y), progress=False)
+    out = backend.to_numpy(model(x)).astype(np.float64)
+    want = 1.0 - np.sum((y_np - out) ** 2) / np.sum((y_np - y_np.mean()) ** 2)
+    assert np.isfinite(h.val_metric[-1]) and h.val_metric[-1] == pytest.approx(want, abs=2e-2)
+
+
+def test_partial_fit_takes_a_new_learning_rate(backend):
+    x_np, y_np = regression_data(n=16)
+    x, y = backend.asarray(x_np), backend.asarray(y_np)
+    model = am.MLP([3, 4, 2], dtype="float64", seed=0, **backend.model_kwargs())
+    model.partial_fit(x, y, loss="mse", lr=1e-3, batch_size=16)
+    h = model.partial_fit(x, y, lr=0.5, batch_size=16)
+    assert model.optimizer_.lr == 0.5 and h.lr == [0.5] and model.optimizer_.step_count == 2
+
+
+def test_bad_validation_settings_fail_before_training(backend):
+    x_np, y_np = regression_data(n=20)
+    x, y = backend.asarray(x_np), backend.asarray(y_np)
+    model = am.MLP([3, 4, 2], seed=0, **backend.model_kwargs())
+    before = host_params(model)
+    with pytest.raises(ValueError, match="validation_split=0.99 of 20 samples leaves none to train on"):
+        model.fit(x, y, validation_split=0.99, progress=False)
+    with pytest.raises(ValueError, match="validation x has 5 samples but validation y has 4"):
+        model.fit(x, y, validation_data=(x[:5, ...], y[:4, ...]), progress=False)
+    with pytest.raises(ValueError, match="validation x has 2 features but the model expects 3"):
+        model.fit(x, y, validation_data=(x[:5, :2], y[:5, ...]), progress=False)
+    labels = backend.asarray(np.arange(20) % 2)
+    clf = am.MLP([3, 4, 2], seed=0, **backend.model_kwargs())
+    with pytest.raises(ValueError, match="label"):
+        clf.fit(x, labels, loss="cross_entropy", validation_data=(x[:4, ...], backend.asarray(np.array([0, 1, 5, 1]))),
+                progress=False)
+    with pytest.raises(TypeError, match="early_stopping must be an EarlyStopping, an int patience or None"):
+        model.fit(x, y, early_stopping=True, progress=False)
+    assert_params_equal(host_params(model), before)

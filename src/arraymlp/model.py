@@ -211,35 +211,35 @@ class Sequential:
         return new
 
     # ------------------------------------------------------------------ validation
-    def _check_x(self, x: Any, *, check_finite: bool = True):
+    def _check_x(self, x: Any, *, check_finite: bool = True, what: str = "x"):
         """Validate an input batch and return ``(x, xp)`` in the model's dtype."""
         xp = get_namespace(x)
         if self.params is None:
             self._build(xp, device_of(x))
         else:
-            check_same_backend(self.xp, xp, "x")
-            check_same_device(self.device, device_of(x), "x")
+            check_same_backend(self.xp, xp, what)
+            check_same_device(self.device, device_of(x), what)
         xp = self.xp
         if x.ndim != 2:
             hint = " (use x.reshape(-1, 1) for a single feature, x.reshape(1, -1) for one sample)" if x.ndim == 1 else ""
-            msg = f"x must be 2-D (n_samples, n_features), got shape {tuple(x.shape)}{hint}"
+            msg = f"{what} must be 2-D (n_samples, n_features), got shape {tuple(x.shape)}{hint}"
             raise ValueError(msg)
         if x.shape[1] != self.n_features_in:
-            msg = f"x has {x.shape[1]} features but the model expects {self.n_features_in}"
+            msg = f"{what} has {x.shape[1]} features but the model expects {self.n_features_in}"
             raise ValueError(msg)
         if x.shape[0] == 0:
-            msg = "x is empty (0 samples); at least one sample is required"
+            msg = f"{what} is empty (0 samples); at least one sample is required"
             raise ValueError(msg)
         if not xp.isdtype(x.dtype, "real floating"):
             msg = (
-                f"x has dtype {x.dtype}; a floating-point array is required "
+                f"{what} has dtype {x.dtype}; a floating-point array is required "
                 f"(convert it with xp.astype(x, xp.{self._dtype_name}))"
             )
             raise TypeError(msg)
         if x.dtype != self.dtype:
             x = xp.astype(x, self.dtype)
         if check_finite and not _all_finite(x, xp):
-            msg = "x contains NaN or infinite values"
+            msg = f"{what} contains NaN or infinite values"
             raise ValueError(msg)
         return x, xp
 
@@ -477,6 +477,8 @@ class Sequential:
         lossfn = get_loss(loss)
         x, xp = self._check_x(x)
         y = self._check_target(y, xp)
+        if sample_weight is not None:
+            sample_weight = self._check_target(sample_weight, xp, "sample_weight")
         fused = self._fused(lossfn)
         out, _ = self.forward(x, training=training, xp=xp, upto=len(self.layers) - 1 if fused else None, keep=False)
         value, _ = lossfn.fn(out, y, xp=xp, sample_weight=sample_weight)

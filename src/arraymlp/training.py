@@ -263,17 +263,23 @@ def _take(a, idx, xp):
     return None if a is None else xp.take(a, idx, axis=0)
 
 
-def _metric(model, out, y, task: str, xp) -> float:
-    """Accuracy for classification, R^2 for regression, from the model's raw outputs."""
+def _metric(model, out, y, task: str, xp, *, logits: bool = False, loss_name: str | None = None) -> float:
+    """Accuracy for classification, R^2 for regression, from the model's outputs
+    (``logits``: the outputs before a fused output activation)."""
     if task == "multiclass":
         pred = xp.argmax(out, axis=1)
         labels = y if y.ndim == 1 else xp.argmax(y, axis=1)
         return float(xp.mean(xp.astype(pred == xp.astype(labels, pred.dtype), out.dtype)))
     if task == "multilabel":
-        threshold = 0.5 if model.output_activation == "sigmoid" else 0.0
+        # probabilities of a sigmoid output split at 0.5; its logits (and raw outputs) at 0
+        threshold = 0.5 if model.output_activation == "sigmoid" and not logits else 0.0
         pred = xp.astype(out > threshold, out.dtype)
         return float(xp.mean(xp.astype(pred == xp.reshape(y, pred.shape), out.dtype)))
+    if loss_name == "poisson_nll":  # the outputs are log-rates; R^2 is of the rates
+        out = xp.exp(out)
     yy = xp.reshape(y, out.shape)
+    if getattr(xp, "float16", None) is not None and out.dtype == xp.float16:  # sums of squares overflow
+        out, yy = xp.astype(out, xp.float32), xp.astype(yy, xp.float32)
     ss_res = xp.sum((yy - out) ** 2)
     ss_tot = xp.sum((yy - xp.mean(yy, axis=0)) ** 2)
     return float(1.0 - ss_res / ss_tot) if float(ss_tot) > 0 else 0.0
@@ -293,12 +299,14 @@ def _evaluate(model, x, y, lossfn, task, xp, batch_size=4096):
         total += float(value) * _n(xb)
         outs.append(out)
     out = outs[0] if len(outs) == 1 else xp.concat(outs, axis=0)
-    return total / n, _metric(model, out, y, task, xp)
+    return total / n, _metric(model, out, y, task, xp, logits=fused, loss_name=lossfn.name)
 
 
 def _resolve_optimizer(model, optimizer, lr, reuse: bool) -> Optimizer:
     existing = getattr(model, "optimizer_", None)
     if reuse and existing is not None and (optimizer is None or optimizer is existing):
+        if lr is not None:  # partial_fit(lr=...): the new base rate, the state kept
+            existing.lr = lr
         return existing
     kwargs = {} if lr is None else {"lr": lr}
     return get_optimizer(optimizer if optimizer is not None else "adam", **kwargs)
@@ -386,6 +394,10 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
 
     if validation_data is None and validation_split > 0.0:
         n_val = max(1, int(round(_n(x) * validation_split)))
+        if n_val >= _n(x):
+            msg = (f"validation_split={validation_split} of {_n(x)} samples leaves none to train on; "
+                   "use a smaller fraction or pass validation_data")
+            raise ValueError(msg)
         x, x_val = x[:-n_val, ...], x[-n_val:, ...]
         y, y_val = y[:-n_val, ...], y[-n_val:, ...]
         if sample_weight is not None:
@@ -393,8 +405,13 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
         validation_data = (x_val, y_val)
     if validation_data is not None:
         x_val, y_val = validation_data
-        x_val, _ = model._check_x(x_val)
+        x_val, _ = model._check_x(x_val, what="validation x")
         y_val = model._check_target(y_val, xp, "validation y")
+        if _n(y_val) != _n(x_val):
+            msg = f"validation x has {_n(x_val)} samples but validation y has {_n(y_val)}"
+            raise ValueError(msg)
+        # the validation targets' kind, shape and labels, up front like y's
+        lossfn.fn(xp.zeros((_n(y_val), model.n_outputs), dtype=model.dtype, device=model.device), y_val, xp=xp)
 
     task = CLASSIFICATION_LOSSES.get(lossfn.name, "regression")
     model.task_ = task
@@ -407,7 +424,11 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
         model.rng = Generator(seed, xp, model.device)
 
     callbacks = list(callbacks)
-    if isinstance(early_stopping, int) and not isinstance(early_stopping, bool):
+    if isinstance(early_stopping, bool) or not (early_stopping is None or isinstance(early_stopping, (int, Callback))):
+        msg = (f"early_stopping must be an EarlyStopping, an int patience or None, got {early_stopping!r} "
+               "(for example early_stopping=10 or EarlyStopping('val_loss', patience=10))")
+        raise TypeError(msg)
+    if isinstance(early_stopping, int):
         early_stopping = EarlyStopping("val_loss" if validation_data is not None else "loss", patience=early_stopping)
     if early_stopping is not None:
         callbacks.append(early_stopping)
