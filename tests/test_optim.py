@@ -555,3 +555,18 @@ def test_defaults_follow_torch():
     assert (RMSprop().lr, RMSprop().alpha, RMSprop().eps) == (0.01, 0.99, 1e-8)
     assert (Adagrad().lr, Adagrad().eps) == (0.01, 1e-10)
     assert SGD().lr == 0.01
+
+
+@pytest.mark.parametrize("cls", [Adam, AdamW, RMSprop])
+def test_float16_needs_an_eps_float16_can_hold(backend, cls):
+    """eps=1e-8 is 0 in float16 and squared small gradients underflow: the first step
+    would divide by zero. The optimiser says so; eps=1e-4 trains."""
+    if getattr(backend.xp, "float16", None) is None:
+        pytest.skip(f"{backend.name} has no float16")
+    p = [{"W": backend.asarray(np.ones(4), dtype="float16")}]
+    g = [{"W": backend.asarray(np.full(4, 1e-4), dtype="float16")}]
+    with pytest.raises(ValueError, match=f"{cls.__name__} with float16 parameters needs eps >= 6.1e-05.*eps=1e-4"):
+        cls(lr=0.1).step(p, g)
+    out = cls(lr=0.1, eps=1e-4).step(p, g)
+    got = backend.to_numpy(out[0]["W"]).astype(np.float64)
+    assert np.all(np.isfinite(got)) and np.all(got < 1.0) and np.all(got > 0.5)

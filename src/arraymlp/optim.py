@@ -65,6 +65,18 @@ _NAMESPACE_OF_TYPE: dict[type, Any] = {}
 #: Size from which :meth:`Optimizer._axpy` uses its work buffer instead of a temporary
 #: (smaller temporaries come from the allocator's heap, cheaply).
 _WORK_MIN = 32768
+_FLOAT16_TINY = 6.103515625e-05  # float16's smallest normal number, 2**-14
+
+
+def _check_eps_for(p, xp, eps: float, name: str) -> None:
+    """float16 parameters need an ``eps`` that float16 can hold: squared gradients of
+    1e-4 already underflow to 0 there, and the default 1e-8 rounds to 0 too, so the
+    denominator ``sqrt(v) + eps`` would be 0 and the first step non-finite."""
+    f16 = getattr(xp, "float16", None)
+    if f16 is not None and p.dtype == f16 and eps < _FLOAT16_TINY:
+        msg = (f"{name} with float16 parameters needs eps >= {_FLOAT16_TINY:.3g} (float16's smallest normal "
+               f"number), got eps={eps:g}, which float16 cannot hold: pass eps=1e-4, or train in float32")
+        raise ValueError(msg)
 
 
 # ----------------------------------------------------------------------------- checks
@@ -613,6 +625,7 @@ class Adam(Optimizer):
         self.amsgrad = bool(amsgrad)
 
     def _init_state(self, p, xp):
+        _check_eps_for(p, xp, self.eps, type(self).__name__)
         st = {"exp_avg": xp.zeros_like(p), "exp_avg_sq": xp.zeros_like(p)}
         if self.amsgrad:
             st["max_exp_avg_sq"] = xp.zeros_like(p)
@@ -748,6 +761,7 @@ class RMSprop(Optimizer):
         self.centered = bool(centered)
 
     def _init_state(self, p, xp):
+        _check_eps_for(p, xp, self.eps, type(self).__name__)
         st = {"square_avg": xp.zeros_like(p)}
         if self.centered:
             st["grad_avg"] = xp.zeros_like(p)
