@@ -736,3 +736,34 @@ def test_layer_norm_against_torch_autograd(backend, dtype):
     tol = TOL[dtype] if dtype == "float64" else {"rtol": 1e-5, "atol": 1e-5}
     for a, r in zip(ours, refs):
         np.testing.assert_allclose(backend.to_numpy(a), r.numpy(), **tol)
+
+
+# ----------------------------------------------------------------------------- float16 and edge rows
+def test_float16_gelu_backward_and_layer_norm_do_not_overflow(backend):
+    """x * x overflows float16 from |x| = 256 on: GELU's derivative and layer norm's
+    variance are computed in float32 for float16 inputs."""
+    if getattr(backend.xp, "float16", None) is None:
+        pytest.skip(f"{backend.name} has no float16")
+    x = backend.asarray(np.array([255.0, 256.0, -300.0]), dtype="float16")
+    dx = F.activation_backward("gelu", x, backend.asarray(np.ones(3), dtype="float16"))
+    np.testing.assert_array_equal(backend.to_numpy(dx).astype(np.float64), [1.0, 1.0, 0.0])
+    rows = backend.asarray(np.array([[-300.0, 0.0, 300.0]]), dtype="float16")
+    y, (xhat, rstd) = F.layer_norm_forward(rows, backend.asarray(np.ones(3), dtype="float16"),
+                                           backend.asarray(np.zeros(3), dtype="float16"))
+    want = np.array([[-1.0, 0.0, 1.0]]) * np.sqrt(1.5)  # (x - mean) / std, eps negligible
+    np.testing.assert_allclose(backend.to_numpy(y).astype(np.float64), want, rtol=2e-3)
+    assert str(y.dtype).endswith("float16") and str(rstd.dtype).endswith("float16")
+
+
+def test_logsumexp_of_infinite_rows(backend):
+    x = backend.asarray(np.array([[-np.inf, -np.inf, -np.inf], [1.0, np.inf, 0.0], [0.0, 0.0, 0.0]]))
+    with np.errstate(divide="ignore"):  # log(0) of the all -inf row, as NumPy's log warns
+        got = backend.to_numpy(F.logsumexp(x))
+    np.testing.assert_array_equal(got[:2, 0], [-np.inf, np.inf])
+    assert got[2, 0] == pytest.approx(np.log(3.0), rel=1e-15)
+
+
+def test_tanh_backward_in_place_on_0d_arrays(backend):
+    y, dy = backend.asarray(np.array(0.5)), backend.asarray(np.array(2.0))
+    got = F.activation_backward("tanh", y, dy, inplace=True)
+    assert float(got) == 2.0 * (1.0 - 0.25)

@@ -366,6 +366,8 @@ def logsumexp(x, *, axis=-1, keepdims=True, xp=None):
     """
     xp = _ns(x, xp)
     m = xp.max(x, axis=axis, keepdims=True)
+    # a row that is all -inf (or holds +inf) is not shifted: -inf - -inf would be NaN
+    m = xp.where(xp.isfinite(m), m, xp.zeros_like(m))
     out = m + xp.log(xp.sum(xp.exp(x - m), axis=axis, keepdims=True))
     return out if keepdims else xp.squeeze(out, axis=axis)
 
@@ -436,7 +438,15 @@ def _elu_bw(dy, x, xp):
     return xp.where(x > 0, dy, dy * (ELU_ALPHA * xp.exp(xp.minimum(x, 0.0))))
 
 
+def _f16(xp):
+    """The namespace's float16, or None (array-api-strict has none)."""
+    return getattr(xp, "float16", None)
+
+
 def _gelu_bw(dy, x, xp):
+    f16 = _f16(xp)
+    if f16 is not None and x.dtype == f16:  # x * x overflows float16 from |x| = 256 on
+        return xp.astype(_gelu_bw(xp.astype(dy, xp.float32), xp.astype(x, xp.float32), xp), f16)
     x2 = x * x
     t = xp.tanh(_GELU_C * (x + _GELU_K * x2 * x))
     d = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * (_GELU_C * (1.0 + 3.0 * _GELU_K * x2))
@@ -524,7 +534,9 @@ def _tanh_bw_inplace(dy, y, xp, fast=True):
     # dx = dy * (1 - y^2), with the factor built in one temporary
     if is_writeable_array(dy):
         d = y * y
-        d = xp.subtract(1.0, d, out=d) if (fast and _fast_kind(xp) in ("numpy", "cupy")) else 1.0 - d
+        # out= needs an array: y * y of a 0-d NumPy array is a scalar
+        d = xp.subtract(1.0, d, out=d) if (fast and _fast_kind(xp) in ("numpy", "cupy")
+                                          and is_writeable_array(d)) else 1.0 - d
         dy *= d
         return dy
     return _tanh_bw(dy, y, xp)
@@ -768,6 +780,11 @@ def layer_norm_forward(x, gamma, beta, *, eps=1e-5, xp=None):
         What :func:`layer_norm_backward` needs.
     """
     xp = _ns(x, xp)
+    f16 = _f16(xp)
+    if f16 is not None and x.dtype == f16:  # statistics in float32: squares of 256 overflow float16
+        y32, (xhat, rstd) = layer_norm_forward(xp.astype(x, xp.float32), gamma, beta, eps=eps, xp=xp)
+        xhat, rstd = xp.astype(xhat, f16), xp.astype(rstd, f16)
+        return xhat * gamma + beta, (xhat, rstd)
     mu = xp.mean(x, axis=-1, keepdims=True)
     xc = x - mu
     var = xp.mean(xc * xc, axis=-1, keepdims=True)
