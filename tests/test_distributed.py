@@ -111,6 +111,24 @@ def test_batch_hooks_are_detected():
     assert not has_batch_hook(RootOnly(_Recorder(), _Comm(1)))
 
 
+def test_root_only_checkpoint_saves_the_other_callbacks_state(tmp_path):
+    """A Checkpoint wrapped by hand in RootOnly still runs after the other callbacks and
+    saves their state (an EarlyStopping's), like a bare one."""
+    import numpy as np
+
+    import arraymlp as am
+    from arraymlp import io as amio
+
+    x = np.random.default_rng(0).normal(size=(16, 3))
+    ck = am.Checkpoint(tmp_path / "ck")
+    es = EarlyStopping("loss", patience=5)
+    am.MLP([3, 4, 1], seed=0, backend="numpy").fit(x, x[:, :1], loss="mse", epochs=2, progress=False,
+                                                   callbacks=[RootOnly(ck, _Comm(0))], early_stopping=es)
+    f = amio._read(tmp_path / "ck" / "epoch-00002.safetensors")
+    assert [e["class"] for e in f.checkpoint["callbacks"]] == ["EarlyStopping"]
+    assert f.checkpoint["callbacks"][0]["state"]["best_epoch"] == es.best_epoch
+
+
 # ----------------------------------------------------------------------------- under mpiexec
 def _backends() -> list[str]:
     names = ["numpy", "array_api_strict"]

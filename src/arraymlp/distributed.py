@@ -531,5 +531,26 @@ class RootOnly(Callback):
     def on_batch_end(self, model, logs):
         return self.callback.on_batch_end(model, logs) if self.active else None
 
+    # A wrapped Checkpoint stays a checkpoint to fit: it runs after the other callbacks
+    # and saves their state; a wrapped stateful callback keeps its state.
+    @property
+    def saves_callbacks(self) -> bool:
+        return bool(getattr(self.callback, "saves_callbacks", False))
+
+    @property
+    def run_callbacks(self):
+        return getattr(self.callback, "run_callbacks", ())
+
+    @run_callbacks.setter
+    def run_callbacks(self, callbacks) -> None:
+        self.callback.run_callbacks = callbacks
+
+    def state_dict(self):
+        state_dict = getattr(self.callback, "state_dict", None)
+        return state_dict() if state_dict is not None else None
+
+    def load_state_dict(self, state) -> None:
+        self.callback.load_state_dict(state)
+
     def __repr__(self) -> str:
         return f"RootOnly({self.callback!r})"
