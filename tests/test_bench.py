@@ -299,6 +299,18 @@ def test_main_rejects_unknown_names(capsys):
     assert "unknown backend 'tpu'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--min-time", "nan"], "--min-time must be a finite number of seconds >= 0, got nan"),
+    (["--min-time", "-1"], "--min-time must be a finite number of seconds >= 0, got -1.0"),
+    (["--json", "no/such/folder/r.json"], "--json no/such/folder/r.json: the folder"),
+    (["--plot", "no/such/folder/r.png"], "--plot no/such/folder/r.png: the folder"),
+])
+def test_main_checks_options_before_timing(args, message, capsys, monkeypatch):
+    monkeypatch.setattr(bench, "run", lambda *a, **k: pytest.fail("timed before checking the options"))
+    assert bench.main(["--workload", "W2", "--backend", "numpy", "-q", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_gpu_workload_is_skipped_with_a_note_on_cpu(capsys):
     result = bench.run([bench.WORKLOADS["W4"]], [bench.TARGETS["numpy"]], repeat=1, quick=True, min_time=0.0,
                        memory=False)

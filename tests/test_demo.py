@@ -111,6 +111,10 @@ def test_demo_bad_arguments_exit_2(capsys):
     assert "invalid choice" in capsys.readouterr().err
     assert cli.main(["demo", "--epochs", "0"]) == 2
     assert "--epochs must be at least 1" in capsys.readouterr().err
+    assert cli.main(["demo", "--seed", "-1"]) == 2
+    assert "--seed must be a non-negative int, got -1" in capsys.readouterr().err
+    assert cli.main(["demo", "--plot", "no/such/folder/curves.png"]) == 2
+    assert "--plot no/such/folder/curves.png: the folder" in capsys.readouterr().err
 
 
 def test_bench_command_forwards_its_arguments(monkeypatch):

@@ -1366,6 +1366,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None and args.threads < 1:
         print("error: --threads must be >= 1", file=sys.stderr)
         return 2
+    if not (math.isfinite(min_time) and min_time >= 0):
+        print(f"error: --min-time must be a finite number of seconds >= 0, got {args.min_time}", file=sys.stderr)
+        return 2
+    for opt, path in (("--json", args.json), ("--plot", args.plot)):  # before minutes of timing, not after
+        folder = os.path.dirname(os.path.abspath(path)) if path else None
+        if folder is not None and not os.path.isdir(folder):
+            print(f"error: {opt} {path}: the folder {folder} does not exist", file=sys.stderr)
+            return 2
     t0 = time.perf_counter()
     with limit_threads(args.threads, tnotes):
         result = run(workloads, targets, repeat=repeat, quick=args.quick, min_time=min_time,

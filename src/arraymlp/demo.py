@@ -264,6 +264,13 @@ def run_args(args: argparse.Namespace) -> int:
     if args.epochs < 1:
         print(f"error: --epochs must be at least 1, got {args.epochs}", file=sys.stderr)
         return 2
+    if args.seed < 0:
+        print(f"error: --seed must be a non-negative int, got {args.seed}", file=sys.stderr)
+        return 2
+    folder = os.path.dirname(os.path.abspath(args.plot)) if args.plot else None
+    if folder is not None and not os.path.isdir(folder):
+        print(f"error: --plot {args.plot}: the folder {folder} does not exist", file=sys.stderr)
+        return 2
     try:
         run(args.backend, epochs=args.epochs, seed=args.seed, plot=args.plot)
     except ImportError as exc:  # a missing extra, or a backend that is not installed
