@@ -836,3 +836,27 @@ def test_bad_validation_settings_fail_before_training(backend):
     with pytest.raises(TypeError, match="early_stopping must be an EarlyStopping, an int patience or None"):
         model.fit(x, y, early_stopping=True, progress=False)
     assert_params_equal(host_params(model), before)
+
+
+def test_stop_at_epoch_begin_runs_no_batch_of_that_epoch(backend):
+    class StopAtTwo(Callback):
+        def on_epoch_begin(self, model, epoch):
+            return epoch == 2
+
+    x_np, y_np = regression_data(n=12)
+    x, y = backend.asarray(x_np), backend.asarray(y_np)
+    model = am.MLP([3, 4, 2], dtype="float64", seed=0, **backend.model_kwargs())
+    ref = model.copy()
+    h = model.fit(x, y, epochs=5, batch_size=4, shuffle=False, callbacks=[StopAtTwo()], progress=False)
+    assert h.epochs == 2 and h.stopped_early and model.steps_ == 6
+    ref.fit(x, y, epochs=2, batch_size=4, shuffle=False, progress=False)
+    assert_params_equal(host_params(model), host_params(ref))
+
+
+def test_numpy_integers_for_sizes_epochs_and_batch_size(backend):
+    x_np, y_np = regression_data(n=12)
+    model = am.MLP(np.array([3, 4, 2]), dtype="float64", seed=0, **backend.model_kwargs())
+    h = model.fit(backend.asarray(x_np), backend.asarray(y_np), epochs=np.int64(2), batch_size=np.int32(6),
+                  progress=False)
+    assert model.sizes == [3, 4, 2] and all(type(s) is int for s in model.sizes)
+    assert h.epochs == 2 and model.steps_ == 4

@@ -8,6 +8,7 @@ namespace is resolved once per public call and handed down to every kernel.
 from __future__ import annotations
 
 import copy
+import numbers
 from typing import Any, Sequence
 
 from array_api_compat import is_dask_array, is_writeable_array
@@ -542,10 +543,11 @@ class MLP(Sequential):
         if len(sizes) < 2:
             msg = f"sizes needs at least [n_features, n_outputs], got {sizes!r}"
             raise ValueError(msg)
-        bad = [s for s in sizes if not isinstance(s, int) or isinstance(s, bool) or s < 1]
+        bad = [s for s in sizes if not isinstance(s, numbers.Integral) or isinstance(s, bool) or s < 1]
         if bad:
             msg = f"sizes must be positive ints, got {sizes!r}"
             raise ValueError(msg)
+        sizes = [int(s) for s in sizes]  # NumPy integers too
         L.Activation(activation)  # validate names early
         out_init = init or (default_for(output_activation) if output_activation not in (None, "identity")
                             else "glorot_uniform")

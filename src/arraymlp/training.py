@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import numbers
 import sys
 import time
 from typing import Any, Sequence
@@ -370,12 +371,13 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
     History
     """
     lossfn = get_loss(loss)
-    if not isinstance(epochs, int) or epochs < 1:
+    if not isinstance(epochs, numbers.Integral) or isinstance(epochs, bool) or epochs < 1:
         msg = f"epochs must be a positive int, got {epochs!r}"
         raise ValueError(msg)
-    if not isinstance(batch_size, int) or batch_size < 1:
+    if not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool) or batch_size < 1:
         msg = f"batch_size must be a positive int, got {batch_size!r}"
         raise ValueError(msg)
+    epochs, batch_size = int(epochs), int(batch_size)
     if not 0.0 <= validation_split < 1.0:
         msg = f"validation_split must be in [0, 1), got {validation_split!r}"
         raise ValueError(msg)
@@ -470,6 +472,9 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
                 stop = bool(cb.on_epoch_begin(model, epoch)) or stop
             if dp is not None:
                 stop = dp.agree(stop)
+            if stop:  # asked for at the start of the epoch: none of its batches runs
+                history.stopped_early = True
+                break
             order = model.rng.permutation(n) if shuffle else None
             total, seen = 0.0, 0
             for start in range(0, n, batch_size):
