@@ -131,12 +131,16 @@ def cuda_aware_mpi() -> bool:
     return False
 
 
+_ABORT_GRACE_S = 0.5  # seconds between printing a rank's traceback and aborting the job
+
+
 def install_abort_hook(comm: Any = None, *, errorcode: int = 1) -> None:
     """Make an uncaught exception on this rank abort the whole MPI job.
 
     Without it, the other ranks of a job whose rank died wait in their next
-    collective until they are killed. The hook prints the traceback as usual, then
-    calls ``comm.Abort(errorcode)``. Installing it twice is harmless.
+    collective until they are killed. The hook prints the traceback as usual, waits
+    half a second (the launcher forwards output asynchronously, and the abort would
+    cut it off), then calls ``comm.Abort(errorcode)``. Installing it twice is harmless.
 
     Parameters
     ----------
@@ -156,6 +160,9 @@ def install_abort_hook(comm: Any = None, *, errorcode: int = 1) -> None:
             previous(exc_type, exc, tb)
             sys.stdout.flush()
             sys.stderr.flush()
+            # the launcher forwards output asynchronously, and an abort kills its
+            # forwarding too: without a pause the traceback can be lost
+            time.sleep(_ABORT_GRACE_S)
         finally:
             comm.Abort(errorcode)
 
