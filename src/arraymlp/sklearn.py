@@ -313,9 +313,9 @@ _PARAMETERS_DOC = """
     nesterovs_momentum : bool, default=True
         Nesterov momentum for ``solver="sgd"`` (when ``momentum > 0``).
     early_stopping : bool, default=False
-        Hold out ``validation_fraction`` of the training data (stratified for
-        single-output classifiers), stop when its score stops improving, and keep the
-        parameters of the best epoch.
+        Hold out ``validation_fraction`` of the training data (stratified for binary
+        classifiers), stop when its score stops improving, and keep the parameters of
+        the best epoch.
     validation_fraction : float, default=0.1
         Fraction held out by ``early_stopping``, in (0, 1); ignored without it. The
         split is stratified for binary classifiers, as in scikit-learn.
