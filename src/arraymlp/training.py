@@ -56,7 +56,7 @@ class DivergenceError(FloatingPointError):
         self.epoch, self.step, self.params_finite = epoch, step, params_finite
 
 
-def _all_finite(params, xp) -> bool:
+def _params_finite(params, xp) -> bool:
     """Whether every array of ``params`` (a list of dicts) is finite: one host read."""
     arrays = [a for p in params for a in p.values() if xp.isdtype(a.dtype, ("real floating", "complex floating"))]
     if not arrays:
@@ -493,7 +493,7 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
                     value, grads = dp.loss_and_grads(model, xb, yb, lossfn, xp=xp, sample_weight=wb, l2=l2)
                 value = float(value)
                 if not math.isfinite(value):
-                    finite = _all_finite(model.params, xp)
+                    finite = _params_finite(model.params, xp)
                     where = f"at epoch {epoch + 1}, step {step + 1} (batch {start // batch_size + 1})"
                     if finite:
                         kept = "the parameters are those of the last finite step"
