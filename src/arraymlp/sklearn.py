@@ -1269,7 +1269,7 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
     >>> from arraymlp.sklearn import MLPRegressor
     >>> X = np.linspace(-1, 1, 200).reshape(-1, 1)
     >>> reg = MLPRegressor(hidden_layer_sizes=(32,), learning_rate_init=0.01, max_iter=500,
-    ...                    random_state=0).fit(X, X[:, 0] ** 2)
+    ...                    n_iter_no_change=50, random_state=0).fit(X, X[:, 0] ** 2)
     >>> bool(reg.score(X, X[:, 0] ** 2) > 0.9)
     True
 """
