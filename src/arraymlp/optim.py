@@ -249,6 +249,19 @@ class Optimizer:
         Number of steps taken.
     state : list of dict or None
         Per-parameter state mirroring ``params`` (``None`` before the first step).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from arraymlp import SGD
+    >>> opt = SGD(lr=0.5, momentum=0.5)
+    >>> params = [{"W": np.array([[1.0, 2.0]])}, {}]  # a layer without parameters: {}
+    >>> _ = opt.step(params, [{"W": np.ones((1, 2))}, {}])
+    >>> params[0]["W"]
+    array([[0.5, 1.5]])
+    >>> resumed = SGD(); resumed.load_state_dict(opt.state_dict())
+    >>> resumed.lr, resumed.step_count, resumed.state[0]["W"]["momentum_buffer"]
+    (0.5, 1, array([[1., 1.]]))
     """
 
     name = ""
@@ -510,6 +523,16 @@ class SGD(Optimizer):
         Apply weight decay to every parameter, not only the ``"W"`` matrices.
     clip_norm, clip_value : float, optional
         Global-norm and elementwise gradient clipping (see the module notes).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from arraymlp import SGD
+    >>> params = [{"W": np.array([[1.0, -2.0]])}]
+    >>> grads = [{"W": np.array([[0.5, -1.0]])}]
+    >>> _ = SGD(lr=0.5).step(params, grads)  # p - lr * g
+    >>> params[0]["W"]
+    array([[ 0.75, -1.5 ]])
     """
 
     name = "sgd"
@@ -589,6 +612,16 @@ class Adam(Optimizer):
         Apply weight decay to every parameter, not only the ``"W"`` matrices.
     clip_norm, clip_value : float, optional
         Global-norm and elementwise gradient clipping (see the module notes).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from arraymlp import Adam
+    >>> params = [{"W": np.array([[1.0, -2.0]])}]
+    >>> grads = [{"W": np.array([[0.5, -1.0]])}]
+    >>> _ = Adam(lr=0.1).step(params, grads)  # the first step moves each entry by lr
+    >>> np.round(params[0]["W"], 4)
+    array([[ 0.9, -1.9]])
     """
 
     name = "adam"
@@ -674,6 +707,16 @@ class AdamW(Adam):
         Decay every parameter, not only the ``"W"`` matrices.
     clip_norm, clip_value : float, optional
         Global-norm and elementwise gradient clipping (see the module notes).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from arraymlp import AdamW
+    >>> params = [{"W": np.ones((1, 2)), "b": np.ones(2)}]
+    >>> grads = [{"W": np.zeros((1, 2)), "b": np.zeros(2)}]
+    >>> _ = AdamW(lr=0.1, weight_decay=0.5).step(params, grads)  # W *= 1 - lr * wd
+    >>> np.round(params[0]["W"], 4), params[0]["b"]  # the bias is not decayed
+    (array([[0.95, 0.95]]), array([1., 1.]))
     """
 
     name = "adamw"
@@ -730,6 +773,16 @@ class RMSprop(Optimizer):
         Apply weight decay to every parameter, not only the ``"W"`` matrices.
     clip_norm, clip_value : float, optional
         Global-norm and elementwise gradient clipping (see the module notes).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from arraymlp import RMSprop
+    >>> params = [{"W": np.array([[1.0, -2.0]])}]
+    >>> grads = [{"W": np.array([[0.5, -1.0]])}]
+    >>> _ = RMSprop(lr=0.01).step(params, grads)  # first step: lr / sqrt(1 - alpha) = 0.1
+    >>> np.round(params[0]["W"], 4)
+    array([[ 0.9, -1.9]])
     """
 
     name = "rmsprop"
@@ -813,6 +866,18 @@ class Adagrad(Optimizer):
         Apply weight decay to every parameter, not only the ``"W"`` matrices.
     clip_norm, clip_value : float, optional
         Global-norm and elementwise gradient clipping (see the module notes).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from arraymlp import Adagrad
+    >>> params = [{"W": np.array([[1.0, -2.0]])}]
+    >>> grads = [{"W": np.array([[0.5, -1.0]])}]
+    >>> opt = Adagrad(lr=0.1)
+    >>> for _ in range(2):  # steps of lr, then lr / sqrt(2), as s accumulates g*g
+    ...     _ = opt.step(params, grads)
+    >>> np.round(params[0]["W"], 4)
+    array([[ 0.8293, -1.8293]])
     """
 
     name = "adagrad"
@@ -880,6 +945,15 @@ def get_optimizer(name_or_instance: str | Optimizer, **kwargs: Any) -> Optimizer
     Returns
     -------
     Optimizer
+
+    Examples
+    --------
+    >>> from arraymlp import get_optimizer
+    >>> opt = get_optimizer("Adam", lr=0.01)
+    >>> opt
+    Adam(lr=0.01, betas=(0.9, 0.999), eps=1e-08, weight_decay=0.0, amsgrad=False)
+    >>> get_optimizer(opt) is opt
+    True
     """
     if isinstance(name_or_instance, Optimizer):
         if kwargs:

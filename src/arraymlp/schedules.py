@@ -91,6 +91,13 @@ class Constant(Schedule):
     ----------
     lr : float
         The learning rate, ``>= 0``.
+
+    Examples
+    --------
+    >>> from arraymlp import Constant
+    >>> s = Constant(0.1)
+    >>> [s(t) for t in range(3)]
+    [0.1, 0.1, 0.1]
     """
 
     _args = ("lr",)
@@ -116,6 +123,13 @@ class StepDecay(Schedule):
         Period of the decay, ``>= 1``.
     gamma : float, default 0.1
         Factor per period, ``> 0``.
+
+    Examples
+    --------
+    >>> from arraymlp import StepDecay
+    >>> s = StepDecay(0.1, step_size=2, gamma=0.5)
+    >>> [round(s(t), 4) for t in range(6)]
+    [0.1, 0.1, 0.05, 0.05, 0.025, 0.025]
     """
 
     _args = ("lr", "step_size", "gamma")
@@ -140,6 +154,13 @@ class ExponentialDecay(Schedule):
         Initial learning rate, ``>= 0``.
     gamma : float
         Factor per step, ``> 0``.
+
+    Examples
+    --------
+    >>> from arraymlp import ExponentialDecay
+    >>> s = ExponentialDecay(0.1, gamma=0.5)
+    >>> [round(s(t), 4) for t in range(4)]
+    [0.1, 0.05, 0.025, 0.0125]
     """
 
     _args = ("lr", "gamma")
@@ -174,6 +195,13 @@ class CosineAnnealing(Schedule):
         Length of the decay in steps, ``> 0``.
     eta_min : float, default 0.0
         Final learning rate, ``>= 0``.
+
+    Examples
+    --------
+    >>> from arraymlp import CosineAnnealing
+    >>> s = CosineAnnealing(0.1, T_max=4)
+    >>> [round(s(t), 4) for t in range(6)]  # stays at eta_min after T_max
+    [0.1, 0.0854, 0.05, 0.0146, 0.0, 0.0]
     """
 
     _args = ("lr", "T_max", "eta_min")
@@ -210,6 +238,15 @@ class CosineWarmRestarts(Schedule):
         Growth factor of the cycle length, ``>= 1``.
     eta_min : float, default 0.0
         Learning rate at the end of every cycle, ``>= 0``.
+
+    Examples
+    --------
+    >>> from arraymlp import CosineWarmRestarts
+    >>> s = CosineWarmRestarts(0.1, T_0=2, T_mult=2)  # cycles of 2, 4, 8, ... steps
+    >>> [round(s(t), 4) for t in range(7)]
+    [0.1, 0.05, 0.1, 0.0854, 0.05, 0.0146, 0.1]
+    >>> s.cycle(5)  # (steps into the cycle, cycle length)
+    (3, 4)
     """
 
     _args = ("lr", "T_0", "T_mult", "eta_min")
@@ -389,6 +426,15 @@ class ReduceOnPlateau(Schedule):
         Best metric so far (``inf`` / ``-inf`` before the first step).
     num_bad_epochs, cooldown_counter, last_epoch : int
         Counters, as in torch.
+
+    Examples
+    --------
+    >>> from arraymlp import ReduceOnPlateau
+    >>> s = ReduceOnPlateau(0.1, factor=0.5, patience=1)
+    >>> [round(s.step(loss), 4) for loss in (1.0, 0.8, 0.9, 0.85, 0.9)]
+    [0.1, 0.1, 0.1, 0.05, 0.05]
+    >>> s.best, round(s(100), 4)  # the rate does not depend on the step
+    (0.8, 0.05)
     """
 
     _args = (
@@ -527,6 +573,14 @@ def get_schedule(name: str | Schedule | Callable[[float], float] | float, **kwar
     Returns
     -------
     Schedule or callable
+
+    Examples
+    --------
+    >>> from arraymlp import get_schedule
+    >>> get_schedule("cosine", lr=0.1, T_max=10)
+    CosineAnnealing(lr=0.1, T_max=10, eta_min=0.0)
+    >>> get_schedule(0.01)
+    Constant(lr=0.01)
     """
     if not isinstance(name, str):
         if kwargs:
