@@ -59,6 +59,18 @@ class Layer:
 
     Subclasses override :meth:`init_params`, :meth:`forward`, :meth:`backward`, and set
     ``n_in`` / ``n_out`` when they fix the feature count (``None`` keeps it).
+
+    Examples
+    --------
+    >>> import numpy as np, arraymlp as am
+    >>> class Double(am.Layer):  # y = 2 x, no parameters
+    ...     def forward(self, params, x, *, training, rng, xp):
+    ...         return 2.0 * x, None
+    ...     def backward(self, params, cache, dy, *, xp, need_dx=True):
+    ...         return 2.0 * dy, {}
+    >>> y, cache = Double().forward({}, np.array([[1.0, -2.0]]), training=False, rng=None, xp=np)
+    >>> y.tolist(), Double().backward({}, cache, np.ones((1, 2)), xp=np)
+    ([[2.0, -4.0]], (array([[2., 2.]]), {}))
     """
 
     n_in: int | None = None
@@ -110,6 +122,18 @@ class Dense(Layer):
         Whether to learn ``b``.
     init : str or callable
         Weight initialiser (see :mod:`arraymlp.init`); biases start at zero.
+
+    Examples
+    --------
+    >>> import numpy as np, arraymlp as am
+    >>> dense = am.Dense(2, 3)
+    >>> params = {"W": np.array([[1.0, 2.0, 0.0], [0.0, 1.0, -1.0]]), "b": np.array([0.0, 0.5, 1.0])}
+    >>> y, cache = dense.forward(params, np.array([[1.0, 2.0]]), training=False, rng=None, xp=np)
+    >>> y.tolist()
+    [[1.0, 4.5, -1.0]]
+    >>> dx, grads = dense.backward(params, cache, np.ones((1, 3)), xp=np)
+    >>> dx.tolist(), grads["W"].shape, grads["b"].tolist()
+    ([[3.0, 0.0]], (2, 3), [1.0, 1.0, 1.0])
     """
 
     def __init__(self, n_in: int, n_out: int, *, bias: bool = True, init: str = "glorot_uniform"):
@@ -155,6 +179,17 @@ class Activation(Layer):
     ----------
     name : str
         A key of :data:`arraymlp.functional.ACTIVATIONS`.
+
+    Examples
+    --------
+    >>> import numpy as np, arraymlp as am
+    >>> relu = am.Activation("relu")
+    >>> y, cache = relu.forward({}, np.array([[-1.0, 0.0, 2.0]]), training=False, rng=None, xp=np)
+    >>> y.tolist()
+    [[0.0, 0.0, 2.0]]
+    >>> dx, grads = relu.backward({}, cache, np.ones((1, 3)), xp=np)
+    >>> dx.tolist(), grads
+    ([[0.0, 0.0, 1.0]], {})
     """
 
     def __init__(self, name: str):
@@ -186,7 +221,14 @@ def _named(cls_name: str, act: str):
     def __init__(self):
         Activation.__init__(self, act)
 
-    doc = f"Shorthand for ``Activation({act!r})``."
+    doc = (
+        f"Shorthand for ``Activation({act!r})``.\n\n"
+        "Examples\n"
+        "--------\n"
+        ">>> import arraymlp as am\n"
+        f">>> am.{cls_name}().name == am.Activation({act!r}).name\n"
+        "True\n"
+    )
     return type(cls_name, (Activation,), {"__init__": __init__, "__doc__": doc,
                                           "__repr__": lambda self: f"{type(self).__name__}()"})
 
@@ -211,6 +253,16 @@ class Dropout(Layer):
     Parameters
     ----------
     p : float in [0, 1)
+
+    Examples
+    --------
+    >>> import numpy as np, arraymlp as am
+    >>> drop, x = am.Dropout(0.5), np.ones((2, 4))
+    >>> y, cache = drop.forward({}, x, training=True, rng=am.Generator(0, np), xp=np)
+    >>> y.shape, set(y.ravel().tolist()) <= {0.0, 2.0}  # dropped, or kept and scaled by 2
+    ((2, 4), True)
+    >>> np.array_equal(drop.forward({}, x, training=False, rng=None, xp=np)[0], x)
+    True
     """
 
     def __init__(self, p: float = 0.5):
@@ -239,6 +291,16 @@ class LayerNorm(Layer):
     n : int
         Feature count; ``gamma`` and ``beta`` have shape (n,).
     eps : float
+
+    Examples
+    --------
+    >>> import numpy as np, arraymlp as am
+    >>> norm = am.LayerNorm(3)
+    >>> params = norm.init_params(rng=am.Generator(0, np), dtype=np.float64)  # gamma 1, beta 0
+    >>> x = np.array([[1.0, 2.0, 3.0], [10.0, 20.0, 30.0]])
+    >>> y, cache = norm.forward(params, x, training=False, rng=None, xp=np)
+    >>> np.round(y, 4).tolist()  # each row: mean 0, variance 1
+    [[-1.2247, 0.0, 1.2247], [-1.2247, 0.0, 1.2247]]
     """
 
     def __init__(self, n: int, *, eps: float = 1e-5):

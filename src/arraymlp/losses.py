@@ -574,6 +574,16 @@ class Loss:
         activation table (``poisson_nll``'s ``exp``).
     targets : ``"labels_or_probs"`` or ``"same_shape"``
         What ``targets`` must look like.
+
+    Examples
+    --------
+    >>> import numpy as np, arraymlp as am
+    >>> ce = am.LOSSES["cross_entropy"]
+    >>> ce.fused_activation, ce.targets
+    ('softmax', 'labels_or_probs')
+    >>> loss, d_logits = ce(np.zeros((2, 2)), np.array([0, 1]))  # logits (n, k), labels (n,)
+    >>> round(float(loss), 4), d_logits.tolist()
+    (0.6931, [[-0.25, 0.25], [0.25, -0.25]])
     """
 
     name: str
@@ -606,7 +616,18 @@ LOSSES: dict[str, Loss] = {
 
 def get_loss(name: str | Loss) -> Loss:
     """Look up a row of :data:`LOSSES` (a :class:`Loss` is returned as is); unknown
-    names raise a :class:`ValueError` listing the known ones."""
+    names raise a :class:`ValueError` listing the known ones.
+
+    Examples
+    --------
+    >>> import numpy as np, arraymlp as am
+    >>> mse = am.get_loss("mse")
+    >>> am.get_loss(mse) is mse, mse.fused_activation
+    (True, 'identity')
+    >>> loss, d_outputs = mse(np.array([[1.0], [3.0]]), np.array([[0.0], [1.0]]))
+    >>> float(loss), d_outputs.tolist()
+    (2.5, [[1.0], [2.0]])
+    """
     if isinstance(name, Loss):
         return name
     try:

@@ -94,6 +94,19 @@ class Sequential:
     ----------
     params : list of dict of arrays, or None before the parameters exist
     layers : list of Layer
+
+    Examples
+    --------
+    >>> import numpy as np, arraymlp as am
+    >>> model = am.Sequential([am.Dense(2, 3), am.ReLU(), am.Dense(3, 1)], backend="numpy", seed=0)
+    >>> model
+    Sequential(
+      (0): Dense(2 -> 3)            9 params
+      (1): ReLU()
+      (2): Dense(3 -> 1)            4 params
+    ) total 13 params, dtype=float32, backend=numpy, device=cpu
+    >>> model(np.ones((4, 2), dtype=np.float32)).shape
+    (4, 1)
     """
 
     def __init__(self, layers: Sequence[L.Layer], *, dtype: str = "float32", backend: Any = None,
@@ -534,6 +547,18 @@ class MLP(Sequential):
         output layer without an output activation).
     dtype, backend, device, seed
         As for :class:`Sequential`.
+
+    Examples
+    --------
+    >>> import numpy as np, arraymlp as am
+    >>> model = am.MLP([4, 8, 3], output_activation="softmax", backend="numpy", seed=0)
+    >>> model.layers
+    [Dense(4 -> 8), Activation('relu'), Dense(8 -> 3), Activation('softmax')]
+    >>> model.n_params
+    67
+    >>> proba = model(np.ones((2, 4), dtype=np.float32))
+    >>> proba.shape, np.allclose(proba.sum(axis=1), 1.0)
+    ((2, 3), True)
     """
 
     def __init__(self, sizes: Sequence[int], *, activation: str = "relu", output_activation: str | None = None,
