@@ -53,6 +53,19 @@ def resolve_backend(backend: Any) -> types.ModuleType:
     -------
     module
         A namespace that follows the Array API standard.
+
+    Examples
+    --------
+    >>> import numpy as np, arraymlp as am
+    >>> xp = am.resolve_backend("numpy")
+    >>> xp.__name__
+    'array_api_compat.numpy'
+    >>> am.resolve_backend(np) is xp
+    True
+    >>> am.resolve_backend("jax")
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown backend 'jax'; known backends: numpy, cupy, torch, array_api_strict
     """
     if isinstance(backend, str):
         try:
@@ -208,7 +221,19 @@ def quiet_overflow(xp: types.ModuleType):
 
 def to_numpy(x: Any) -> numpy.ndarray:
     """Copy (or view) an array of any backend into a NumPy array on the host, of the
-    same shape and dtype."""
+    same shape and dtype.
+
+    Examples
+    --------
+    >>> import numpy as np, arraymlp as am
+    >>> model = am.MLP([3, 4, 2], backend="array_api_strict", seed=0)
+    >>> W = am.to_numpy(model.params[0]["W"])
+    >>> type(W).__name__, W.shape, W.dtype
+    ('ndarray', (3, 4), dtype('float32'))
+    >>> x = np.ones((2, 3))
+    >>> am.to_numpy(x) is x
+    True
+    """
     if isinstance(x, numpy.ndarray):
         return x
     if array_api_compat.is_cupy_array(x):
@@ -239,6 +264,19 @@ def to_backend(x: Any, backend: Any, *, device: Any = None) -> Any:
     -------
     array
         The same values and shape, as an array of the target namespace.
+
+    Examples
+    --------
+    >>> import numpy as np, arraymlp as am
+    >>> import array_api_strict
+    >>> x = np.arange(6.0).reshape(2, 3)
+    >>> s = am.to_backend(x, "array_api_strict")
+    >>> s.shape, s.dtype == array_api_strict.float64, float(array_api_strict.sum(s))
+    ((2, 3), True, 15.0)
+    >>> bool(np.array_equal(am.to_numpy(s), x))
+    True
+    >>> am.to_backend(x, "numpy") is x
+    True
     """
     xp = resolve_backend(backend)
     src = _namespace_of(x)
@@ -280,6 +318,19 @@ class Generator:
         The namespace arrays are made in.
     device : optional
         Device of those arrays.
+
+    Examples
+    --------
+    >>> import numpy as np, arraymlp as am
+    >>> xp = am.resolve_backend("numpy")
+    >>> a, b = am.Generator(0, xp), am.Generator(0, xp)
+    >>> w = a.normal((3, 2), 0.1, xp.float32)
+    >>> w.shape, w.dtype
+    ((3, 2), dtype('float32'))
+    >>> bool(np.array_equal(w, b.normal((3, 2), 0.1, xp.float32)))
+    True
+    >>> sorted(a.permutation(5).tolist())
+    [0, 1, 2, 3, 4]
     """
 
     def __init__(self, seed: int | None, xp: types.ModuleType, device: Any = None):

@@ -24,7 +24,25 @@ __all__ = ["GradcheckError", "GradcheckReport", "GradcheckRow", "gradcheck"]
 
 
 class GradcheckError(AssertionError):
-    """Raised by ``gradcheck(..., raise_on_failure=True)``; the message holds the report."""
+    """Raised by ``gradcheck(..., raise_on_failure=True)``; the message holds the report.
+
+    Examples
+    --------
+    A loss whose gradient is twice the true one:
+
+    >>> import numpy as np, arraymlp as am
+    >>> def doubled(outputs, targets, **kwargs):
+    ...     value, d_outputs = am.get_loss("mse")(outputs, targets, **kwargs)
+    ...     return value, 2 * d_outputs
+    >>> wrong = am.Loss("doubled", doubled, "identity", "same_shape")
+    >>> am.gradcheck(wrong, np.zeros((2, 1)), np.ones((2, 1)), raise_on_failure=True)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    arraymlp.gradcheck.GradcheckError: gradient check failed:
+    ...
+    0 doubled ... NO  analytic -2 vs numeric -1 at (0, 0) (a factor 2 off)
+    1 of 1 gradients wrong (central differences, eps=1e-06, atol=1e-06, rtol=0.0001)
+    """
 
 
 @dataclasses.dataclass
@@ -72,7 +90,23 @@ class GradcheckRow:
 
 @dataclasses.dataclass
 class GradcheckReport:
-    """All rows of a check; ``str(report)`` is a table, ``report.passed`` the verdict."""
+    """All rows of a check; ``str(report)`` is a table, ``report.passed`` the verdict.
+
+    Examples
+    --------
+    >>> import numpy as np, arraymlp as am
+    >>> model = am.MLP([3, 4, 1], activation="tanh", dtype="float64", backend="numpy", seed=0)
+    >>> x = np.linspace(-1, 1, 15).reshape(5, 3); y = np.ones((5, 1))
+    >>> report = am.gradcheck(model, x, y)
+    >>> report.passed, bool(report), report.failures
+    (True, True, [])
+    >>> [(row.layer, row.param, row.shape) for row in report.rows]
+    [(0, 'W', (3, 4)), (0, 'b', (4,)), (2, 'W', (4, 1)), (2, 'b', (1,))]
+    >>> report.row(2, "W").n_checked
+    4
+    >>> print(str(report).splitlines()[-1])
+    all gradients match (central differences, eps=1e-06, atol=1e-06, rtol=0.0001)
+    """
 
     rows: list[GradcheckRow]
     eps: float

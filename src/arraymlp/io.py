@@ -106,6 +106,19 @@ class ModelFileError(ValueError):
         The file.
     problem : str
         What is wrong with it.
+
+    Examples
+    --------
+    >>> import tempfile, os
+    >>> import arraymlp as am
+    >>> d = tempfile.mkdtemp()
+    >>> path = os.path.join(d, "empty.safetensors")
+    >>> open(path, "wb").close()
+    >>> try:
+    ...     am.load(path)
+    ... except am.ModelFileError as err:
+    ...     print(err.problem, err.path == path, isinstance(err, ValueError))
+    the file is empty True True
     """
 
     def __init__(self, path: Any, problem: str):
@@ -323,6 +336,19 @@ def save(model: Sequential, path: str | os.PathLike) -> None:
         When the ``safetensors`` package is missing (``pip install arraymlp[io]``).
     TypeError
         When the model holds a layer type that files cannot store.
+
+    Examples
+    --------
+    >>> import tempfile, os
+    >>> import numpy as np, arraymlp as am
+    >>> d = tempfile.mkdtemp()
+    >>> model = am.MLP([3, 4, 2], backend="numpy", seed=0)
+    >>> am.save(model, os.path.join(d, "model.safetensors"))
+    >>> os.listdir(d)
+    ['model.safetensors']
+    >>> x = np.ones((5, 3))
+    >>> bool(np.array_equal(am.load(os.path.join(d, "model.safetensors"))(x), model(x)))
+    True
     """
     metadata, tensors = _model_payload(model, "model")
     _write_file(path, metadata, tensors)
@@ -709,6 +735,19 @@ def load(path: str | os.PathLike, backend: Any = None, device: Any = None) -> Se
         When the file cannot be opened.
     ImportError
         When the ``safetensors`` package is missing (``pip install arraymlp[io]``).
+
+    Examples
+    --------
+    >>> import tempfile, os
+    >>> import numpy as np, arraymlp as am
+    >>> d = tempfile.mkdtemp()
+    >>> path = os.path.join(d, "model.safetensors")
+    >>> am.save(am.MLP([3, 4, 2], dtype="float64", backend="numpy", seed=0), path)
+    >>> model = am.load(path)
+    >>> type(model).__name__, model.sizes, model.dtype_name
+    ('MLP', [3, 4, 2], 'float64')
+    >>> model(np.ones((5, 3))).shape
+    (5, 2)
     """
     return _build_model(_read(path), backend, device)
 
@@ -1034,6 +1073,20 @@ class Checkpoint(Callback):
     ----------
     saved : list of Path
         Files written by this callback, in order.
+
+    Examples
+    --------
+    >>> import tempfile, os
+    >>> import numpy as np, arraymlp as am
+    >>> d = tempfile.mkdtemp()
+    >>> x, y = np.zeros((4, 2)), np.ones((4, 1))
+    >>> ckpt = am.Checkpoint(os.path.join(d, "run"), every=2, keep=1)
+    >>> _ = am.MLP([2, 3, 1], backend="numpy", seed=0).fit(x, y, epochs=4, callbacks=[ckpt], progress=False)
+    >>> [p.name for p in ckpt.saved], os.listdir(os.path.join(d, "run"))
+    (['epoch-00002.safetensors', 'epoch-00004.safetensors'], ['epoch-00004.safetensors'])
+    >>> model = am.MLP([2, 3, 1], backend="numpy", seed=0)
+    >>> model.fit(x, y, epochs=6, resume_from=os.path.join(d, "run"), progress=False).epochs
+    6
     """
 
     saves_callbacks = True  # fit runs it last and gives it run_callbacks
@@ -1143,6 +1196,20 @@ def export_onnx(model: Sequential, path: str | os.PathLike, *, opset: int = 17):
     ------
     ImportError
         When the ``onnx`` package is missing (``pip install arraymlp[onnx]``).
+
+    Examples
+    --------
+    >>> import tempfile, os
+    >>> import arraymlp as am
+    >>> d = tempfile.mkdtemp()
+    >>> model = am.MLP([3, 4, 2], backend="numpy", seed=0)
+    >>> proto = am.export_onnx(model, os.path.join(d, "model.onnx"))
+    >>> [node.op_type for node in proto.graph.node]
+    ['Gemm', 'Relu', 'Gemm']
+    >>> [v.name for v in proto.graph.input], [v.name for v in proto.graph.output]
+    (['input'], ['output'])
+    >>> os.listdir(d)
+    ['model.onnx']
     """
     onnx, helper, numpy_helper = _require_onnx()
     if not _is_int(opset) or opset < 17:

@@ -49,6 +49,16 @@ class DivergenceError(FloatingPointError):
         0-based epoch and count of the updates made before the failing step.
     params_finite : bool
         Whether every parameter of the model is finite.
+
+    Examples
+    --------
+    >>> import numpy as np, arraymlp as am
+    >>> model = am.MLP([2, 3, 1], backend="numpy", seed=0)
+    >>> try:  # a learning rate far too large: the second step's loss overflows
+    ...     model.fit(np.ones((4, 2)), np.ones((4, 1)), optimizer="sgd", lr=1e20, epochs=5, progress=False)
+    ... except am.DivergenceError as err:
+    ...     print(err.epoch, err.step, err.params_finite)
+    1 1 True
     """
 
     def __init__(self, msg: str, *, epoch: int, step: int, params_finite: bool = True):
@@ -83,6 +93,19 @@ class History:
     stopped_early : bool
     best_epoch : int or None
         Epoch whose weights were restored by early stopping.
+
+    Examples
+    --------
+    >>> import numpy as np, arraymlp as am
+    >>> model = am.MLP([2, 3, 1], backend="numpy", seed=0)
+    >>> history = model.fit(np.zeros((8, 2)), np.ones((8, 1)), epochs=3, lr=0.25,
+    ...                     validation_split=0.25, progress=False)
+    >>> history.epochs, len(history.val_loss), history.metric_name, history.lr
+    (3, 3, 'r2', [0.25, 0.25, 0.25])
+    >>> history.stopped_early, history.best_epoch
+    (False, None)
+    >>> sorted(history.as_dict())
+    ['best_epoch', 'loss', 'lr', 'metric_name', 'stopped_early', 'time', 'val_loss', 'val_metric']
     """
 
     loss: list[float] = dataclasses.field(default_factory=list)
@@ -108,6 +131,20 @@ class Callback:
     A hook that returns ``True`` stops training after the current batch or epoch.
     ``logs`` carries ``epoch``, ``step``, ``loss`` and, at epoch end, ``val_loss``,
     ``val_metric`` and ``lr``.
+
+    Examples
+    --------
+    >>> import numpy as np, arraymlp as am
+    >>> class EpochRecorder(am.Callback):
+    ...     def __init__(self):
+    ...         self.epochs = []
+    ...     def on_epoch_end(self, model, logs):
+    ...         self.epochs.append(logs["epoch"])
+    >>> recorder = EpochRecorder()
+    >>> model = am.MLP([2, 3, 1], backend="numpy", seed=0)
+    >>> _ = model.fit(np.zeros((4, 2)), np.ones((4, 1)), epochs=3, callbacks=[recorder], progress=False)
+    >>> recorder.epochs
+    [0, 1, 2]
     """
 
     def on_train_begin(self, model, history: History) -> Any:
@@ -159,6 +196,23 @@ class EarlyStopping(Callback):
     Its state (best value and epoch, epochs waited and the best parameters) is part
     of a :class:`arraymlp.Checkpoint`, so a resumed run stops where the uninterrupted
     one would have and restores the same parameters.
+
+    Examples
+    --------
+    The loss of this model starts at 1 and never falls by more than ``min_delta``, so
+    the first epoch stays the best, and training stops once more than ``patience``
+    epochs have passed without an improvement:
+
+    >>> import numpy as np, arraymlp as am
+    >>> model = am.MLP([2, 3, 1], backend="numpy", seed=0)
+    >>> stop = am.EarlyStopping("loss", patience=2, min_delta=1.0)
+    >>> history = model.fit(np.zeros((4, 2)), np.ones((4, 1)), epochs=50, early_stopping=stop, progress=False)
+    >>> history.epochs, history.stopped_early, history.best_epoch
+    (4, True, 0)
+    >>> am.EarlyStopping("accuracy")
+    Traceback (most recent call last):
+    ...
+    ValueError: monitor must be 'val_loss', 'loss' or 'val_metric', got 'accuracy'
     """
 
     def __init__(self, monitor: str = "val_loss", *, patience: int = 10, min_delta: float = 0.0,
