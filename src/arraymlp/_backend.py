@@ -185,6 +185,14 @@ def resolve_dtype(xp: types.ModuleType, dtype: Any) -> Any:
     raise ValueError(msg)
 
 
+def is_float16(dtype: Any, xp: types.ModuleType) -> bool:
+    """Whether ``dtype`` is ``xp``'s float16 (False where the namespace has none, as
+    array-api-strict: the standard does not define it). Sums and squares of float16
+    data overflow past 65504, so the library computes them in float32."""
+    f16 = getattr(xp, "float16", None)
+    return f16 is not None and dtype == f16
+
+
 def dtype_name(dtype: Any) -> str:
     """``"float32"`` for any backend's float32 dtype object (``float32``,
     ``torch.float32``, ``dtype('float32')``, ...); other dtypes keep their own name, so

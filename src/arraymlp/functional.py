@@ -29,7 +29,7 @@ from array_api_compat import (
     to_device,
 )
 
-from ._backend import get_namespace
+from ._backend import get_namespace, is_float16
 
 __all__ = [
     "ACTIVATIONS",
@@ -438,15 +438,9 @@ def _elu_bw(dy, x, xp):
     return xp.where(x > 0, dy, dy * (ELU_ALPHA * xp.exp(xp.minimum(x, 0.0))))
 
 
-def _f16(xp):
-    """The namespace's float16, or None (array-api-strict has none)."""
-    return getattr(xp, "float16", None)
-
-
 def _gelu_bw(dy, x, xp):
-    f16 = _f16(xp)
-    if f16 is not None and x.dtype == f16:  # x * x overflows float16 from |x| = 256 on
-        return xp.astype(_gelu_bw(xp.astype(dy, xp.float32), xp.astype(x, xp.float32), xp), f16)
+    if is_float16(x.dtype, xp):  # x * x overflows float16 from |x| = 256 on
+        return xp.astype(_gelu_bw(xp.astype(dy, xp.float32), xp.astype(x, xp.float32), xp), x.dtype)
     x2 = x * x
     t = xp.tanh(_GELU_C * (x + _GELU_K * x2 * x))
     d = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * (_GELU_C * (1.0 + 3.0 * _GELU_K * x2))
@@ -780,10 +774,9 @@ def layer_norm_forward(x, gamma, beta, *, eps=1e-5, xp=None):
         What :func:`layer_norm_backward` needs.
     """
     xp = _ns(x, xp)
-    f16 = _f16(xp)
-    if f16 is not None and x.dtype == f16:  # statistics in float32: squares of 256 overflow float16
-        y32, (xhat, rstd) = layer_norm_forward(xp.astype(x, xp.float32), gamma, beta, eps=eps, xp=xp)
-        xhat, rstd = xp.astype(xhat, f16), xp.astype(rstd, f16)
+    if is_float16(x.dtype, xp):  # statistics in float32: squares of 256 overflow float16
+        _, (xhat, rstd) = layer_norm_forward(xp.astype(x, xp.float32), gamma, beta, eps=eps, xp=xp)
+        xhat, rstd = xp.astype(xhat, x.dtype), xp.astype(rstd, x.dtype)
         return xhat * gamma + beta, (xhat, rstd)
     mu = xp.mean(x, axis=-1, keepdims=True)
     xc = x - mu

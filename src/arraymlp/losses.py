@@ -52,7 +52,7 @@ from typing import Any, Callable
 
 from array_api_compat import is_writeable_array
 
-from ._backend import device_of, get_namespace
+from ._backend import device_of, get_namespace, is_float16
 from .functional import _fast_kind, log_softmax
 
 __all__ = [
@@ -244,8 +244,7 @@ def _acc(dtype, xp):
     """The dtype a sum over the batch accumulates in: float32 for float16 data, whose
     range ends at 65504 (a batch of 256 squared errors of 16 would overflow), and
     ``None`` (the data's own dtype) otherwise."""
-    f16 = getattr(xp, "float16", None)  # not every namespace has it (the standard does not)
-    return xp.float32 if f16 is not None and dtype == f16 else None
+    return xp.float32 if is_float16(dtype, xp) else None
 
 
 def _result(loss, outputs, xp):

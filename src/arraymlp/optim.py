@@ -42,7 +42,7 @@ from typing import Any
 import array_api_compat
 from array_api_compat import is_writeable_array
 
-from ._backend import device_of, get_namespace, to_backend
+from ._backend import device_of, get_namespace, is_float16, to_backend
 from .functional import _fast_kind
 
 __all__ = [
@@ -72,8 +72,7 @@ def _check_eps_for(p, xp, eps: float, name: str) -> None:
     """float16 parameters need an ``eps`` that float16 can hold: squared gradients of
     1e-4 already underflow to 0 there, and the default 1e-8 rounds to 0 too, so the
     denominator ``sqrt(v) + eps`` would be 0 and the first step non-finite."""
-    f16 = getattr(xp, "float16", None)
-    if f16 is not None and p.dtype == f16 and eps < _FLOAT16_TINY:
+    if is_float16(p.dtype, xp) and eps < _FLOAT16_TINY:
         msg = (f"{name} with float16 parameters needs eps >= {_FLOAT16_TINY:.3g} (float16's smallest normal "
                f"number), got eps={eps:g}, which float16 cannot hold: pass eps=1e-4, or train in float32")
         raise ValueError(msg)
@@ -218,11 +217,10 @@ def _clip_gradients(grads, xp, clip_value, clip_norm):
             for key, g in layer.items():
                 layer[key] = xp.clip(g, min=-clip_value, max=clip_value)
     if clip_norm is not None:
-        f16 = getattr(xp, "float16", None)  # squares of float16 gradients over ~256 overflow: sum in float32
         sq = None
         for layer in out:
             for g in layer.values():
-                if f16 is not None and g.dtype == f16:
+                if is_float16(g.dtype, xp):  # squares of float16 gradients over ~256 overflow: sum in float32
                     g = xp.astype(g, xp.float32)
                 s = xp.sum(g * g)
                 sq = s if sq is None else sq + s

@@ -17,7 +17,7 @@ import sys
 import time
 from typing import Any, Sequence
 
-from ._backend import Generator, quiet_overflow
+from ._backend import Generator, is_float16, quiet_overflow
 from .losses import LOSSES, get_loss
 from .optim import Optimizer, get_optimizer
 
@@ -333,7 +333,7 @@ def _metric(model, out, y, task: str, xp, *, logits: bool = False, loss_name: st
     if loss_name == "poisson_nll":  # the outputs are log-rates; R^2 is of the rates
         out = xp.exp(out)
     yy = xp.reshape(y, out.shape)
-    if getattr(xp, "float16", None) is not None and out.dtype == xp.float16:  # sums of squares overflow
+    if is_float16(out.dtype, xp):  # sums of squares overflow
         out, yy = xp.astype(out, xp.float32), xp.astype(yy, xp.float32)
     ss_res = xp.sum((yy - out) ** 2)
     ss_tot = xp.sum((yy - xp.mean(yy, axis=0)) ** 2)
