@@ -231,3 +231,159 @@ def test_training_step_validates_targets_once_up_front(backend):
         clf.fit(x, labels, loss="cross_entropy", epochs=1, progress=False)
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 2\)"):
         clf.loss_and_grads(x, labels, loss="cross_entropy")
+
+
+# ------------------------------------------------------------- the fused plain SGD step
+def _sgd_reference(x, dy, W, b, lr, l2):
+    """``W - lr * (x.T @ dy + l2 * W)``, ``b - lr * sum(dy)`` in float64 on the host."""
+    x, dy, W = (np.asarray(a, dtype=np.float64) for a in (x, dy, W))
+    W_ref = W - lr * (x.T @ dy + l2 * W)
+    b_ref = None if b is None else np.asarray(b, dtype=np.float64) - lr * dy.sum(axis=0)
+    return W_ref, b_ref
+
+
+@pytest.mark.parametrize("shape", [(6, 5), (160, 130)], ids=["small", "blas-sized"])
+@pytest.mark.parametrize("l2", [0.0, 0.3])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_dense_sgd_update_is_the_gradient_step(backend, shape, l2, bias, dtype):
+    xp = backend.xp
+    n_in, n_out = shape
+    x_np, dy_np = _data(backend, (9, n_in), 1, dtype), _data(backend, (9, n_out), 2, dtype)
+    W_np, b_np = _data(backend, shape, 3, dtype), _data(backend, (n_out,), 4, dtype)
+    x, dy = backend.asarray(x_np), backend.asarray(dy_np)  # the caller's: read-only on that row
+    W, b = _fresh(backend, W_np), (_fresh(backend, b_np) if bias else None)
+    W2, b2 = F.dense_sgd_update(x, dy, W, b, lr=0.05, l2=l2, xp=xp)
+    W_ref, b_ref = _sgd_reference(x_np, dy_np, W_np, b_np if bias else None, 0.05, l2)
+    tol = dict(rtol=2e-5, atol=2e-5) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(backend.to_numpy(W2), W_ref, **tol)
+    assert W2.dtype == W.dtype and W2.shape == W.shape and backend.same_place(W2)
+    if bias:
+        np.testing.assert_allclose(backend.to_numpy(b2), b_ref, **tol)
+    else:
+        assert b2 is None
+    if is_writeable_array(W):
+        assert W2 is W  # the parameters are updated where they are
+    np.testing.assert_array_equal(backend.to_numpy(x), x_np)
+    np.testing.assert_array_equal(backend.to_numpy(dy), dy_np)
+
+
+@pytest.mark.parametrize("l2", [0.0, 0.3])
+def test_dense_sgd_update_standard_path_rounds_as_the_optimizer_does(backend, monkeypatch, l2):
+    """Without a fast path the fused step is bit for bit SGD's step on the gradients of
+    :func:`dense_backward` (plus ``l2 * W``, as ``loss_and_grads`` adds it)."""
+    xp = backend.xp
+    monkeypatch.setitem(F._FAST_KIND, xp, None)
+    x_np, dy_np = _data(backend, (9, 140), 1), _data(backend, (9, 130), 2)
+    W_np, b_np = _data(backend, (140, 130), 3), _data(backend, (130,), 4)
+    x, dy = backend.asarray(x_np), backend.asarray(dy_np)
+    W, b = _fresh(backend, W_np), _fresh(backend, b_np)
+    W2, b2 = F.dense_sgd_update(x, dy, W, b, lr=0.05, l2=l2, xp=xp)
+    _, dW, db = F.dense_backward(x, _fresh(backend, W_np), dy, need_dx=False, xp=xp)
+    params = [{"W": _fresh(backend, W_np), "b": _fresh(backend, b_np)}]
+    grads = [{"W": dW + l2 * params[0]["W"] if l2 else dW, "b": db}]
+    SGD(lr=0.05).step(params, grads)
+    np.testing.assert_array_equal(backend.to_numpy(W2), backend.to_numpy(params[0]["W"]))
+    np.testing.assert_array_equal(backend.to_numpy(b2), backend.to_numpy(params[0]["b"]))
+
+
+def test_blas_accumulate_declines_what_it_cannot_take():
+    from arraymlp import _blas
+
+    if not _blas.available():
+        pytest.skip("NumPy was not built with the BLAS its wheels bundle")
+    r = np.random.default_rng(0)
+    a, b = r.standard_normal((8, 6)), r.standard_normal((8, 5))
+    c0 = r.standard_normal((6, 5))
+
+    def run(a, b, c):
+        before = c.copy()
+        ok = _blas.gemm_at_b_acc(c, a, b, -0.5, 0.75)
+        return ok, before
+
+    # row-strided operands are fine: BLAS takes their leading dimension
+    for aa, bb in ((a, b), (a[::2], b[::2]), (np.repeat(a, 2, axis=1)[:, ::2], b)):
+        c = c0.copy()
+        ok, _ = run(aa, bb, c)
+        assert ok == (aa.strides[1] == 8)
+        expected = 0.75 * c0 - 0.5 * (aa.T @ bb) if ok else c0
+        np.testing.assert_allclose(c, expected, rtol=1e-13, atol=1e-13)
+    declined = [
+        (a.astype(np.float16), b.astype(np.float16), c0.astype(np.float16)),  # no half-precision gemm
+        (a.astype(np.float32), b, c0),  # mixed dtypes
+        (a[::-1], b[::-1], c0.copy()),  # negative strides
+        (np.asfortranarray(a), b, c0.copy()),  # columns not contiguous
+        (a, b, np.asfortranarray(c0)),  # c not C-contiguous
+    ]
+    for aa, bb, c in declined:
+        ok, before = run(aa, bb, c)
+        assert not ok
+        np.testing.assert_array_equal(c, before)
+    ro = c0.copy()
+    ro.flags.writeable = False
+    assert not _blas.gemm_at_b_acc(ro, a, b, -0.5)
+    big = np.zeros((8, 8))
+    assert not _blas.gemm_at_b_acc(big[:6, :5], a, b, 1.0)  # c's rows are strided
+    buf = np.zeros(8 * 6 + 6 * 5)
+    a_view, c_view = buf[:48].reshape(8, 6), buf[40:70].reshape(6, 5)  # c overlaps a's last row
+    assert not _blas.gemm_at_b_acc(c_view, a_view, b, 1.0)
+    np.testing.assert_array_equal(buf, 0.0)
+
+
+class _DoubledDense(L.Dense):
+    """A Dense whose gradients are doubled: the fused step must go through its backward."""
+
+    def backward(self, params, cache, dy, *, xp, need_dx=True):
+        dx, g = super().backward(params, cache, dy, xp=xp, need_dx=need_dx)
+        return dx, {k: 2.0 * v for k, v in g.items()}
+
+
+def _stack(backend):
+    layers = [L.Dense(5, 7), L.LayerNorm(7), L.ReLU(), _DoubledDense(7, 6), L.Tanh(), L.Dense(6, 3, bias=False),
+              L.Softmax()]
+    return am.Sequential(layers, dtype="float64", seed=3, **backend.model_kwargs())
+
+
+@pytest.mark.parametrize("l2", [0.0, 1e-2])
+def test_fit_with_plain_sgd_is_loss_and_grads_then_step(backend, l2):
+    """fit applies plain SGD during backpropagation; the parameters are those of
+    ``loss_and_grads`` followed by ``SGD.step`` (bit for bit on the standard path)."""
+    from arraymlp.functional import _fast_kind
+
+    r = np.random.default_rng(7)
+    x_np, y_np = r.standard_normal((24, 5)), r.integers(0, 3, 24)
+    x, y = backend.asarray(x_np), backend.asarray(y_np)
+    fused, manual = _stack(backend), _stack(backend)
+    opt = SGD(lr=0.1)
+    fused.fit(x, y, loss="cross_entropy", optimizer=opt, epochs=2, batch_size=8, shuffle=False, l2=l2,
+              progress=False)
+    ref = SGD(lr=0.1)
+    for _ in range(2):
+        for s in range(0, 24, 8):
+            _, grads = manual.loss_and_grads(x[s:s + 8, ...], y[s:s + 8], loss="cross_entropy", l2=l2)
+            ref.step(manual.params, grads)
+    assert opt.step_count == ref.step_count == 6
+    assert opt.state == [{key: {} for key in p} for p in fused.params]
+    exact = _fast_kind(backend.xp) is None
+    for pf, pm in zip(fused.params, manual.params):
+        assert pf.keys() == pm.keys()
+        for key in pf:
+            got, want = backend.to_numpy(pf[key]), backend.to_numpy(pm[key])
+            if exact:
+                np.testing.assert_array_equal(got, want)
+            else:
+                np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-13)
+            assert backend.same_place(pf[key])
+
+
+def test_fused_sgd_step_checks_the_optimizer_state_before_updating(backend):
+    x, y = backend.asarray(np.ones((4, 5))), backend.asarray(np.zeros(4, dtype=np.int64))
+    model = _stack(backend)
+    opt = SGD(lr=0.1)
+    opt.state = [{}]  # built for another model
+    before = [{k: backend.to_numpy(v).copy() for k, v in p.items()} for p in model.params]
+    with pytest.raises(ValueError, match="different structure"):
+        model.fit(x, y, loss="cross_entropy", optimizer=opt, epochs=1, batch_size=4, progress=False)
+    for p, q in zip(model.params, before):
+        for k in p:
+            np.testing.assert_array_equal(backend.to_numpy(p[k]), q[k])

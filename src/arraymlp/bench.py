@@ -309,8 +309,9 @@ def _output_activation(loss: str) -> str | None:
 def train_step(model, optimizer, lossfn, x, y, *, xp, sync: Callable[[], None] = lambda: None) -> float:
     """One training step as :func:`arraymlp.training.fit` takes it on a batch.
 
-    Forward, fused loss, backward, one host read of the loss value, then the
-    optimiser's update; ``sync`` waits for the device at the end.
+    Forward, fused loss, one host read of the loss value, then backward and the
+    optimiser's update (for plain SGD, fused into the backward pass, as ``fit``
+    does); ``sync`` waits for the device at the end.
 
     Parameters
     ----------
@@ -327,9 +328,11 @@ def train_step(model, optimizer, lossfn, x, y, *, xp, sync: Callable[[], None] =
     float
         The batch loss.
     """
-    value, grads = model._loss_and_grads(x, y, lossfn, xp=xp)
+    from .training import _loss_then_update
+
+    value, update = _loss_then_update(model, optimizer, lossfn, x, y, None, xp=xp)
     value = float(value)
-    model.params = optimizer.step(model.params, grads)
+    update(optimizer.lr)
     sync()
     return value
 

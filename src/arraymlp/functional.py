@@ -4,7 +4,8 @@ Every function takes the array namespace as the keyword ``xp`` (resolved once pe
 public call by the caller; :func:`arraymlp._backend.get_namespace` when omitted), uses
 only functions of the Array API standard, and never mutates its inputs. In-place
 updates are made only on temporaries a kernel created itself, and only where the
-namespace allows them.
+namespace allows them. The one exception says so in its name: :func:`dense_sgd_update`
+updates the parameters it is given, as an optimiser's step does.
 
 The activation table :data:`ACTIVATIONS` holds one row per activation: its forward,
 its backward, and whether the backward reads the activation's input or its output
@@ -29,6 +30,7 @@ from array_api_compat import (
     to_device,
 )
 
+from . import _blas
 from ._backend import get_namespace, is_float16
 
 __all__ = [
@@ -38,6 +40,7 @@ __all__ = [
     "activation_forward",
     "dense_backward",
     "dense_forward",
+    "dense_sgd_update",
     "dropout_backward",
     "dropout_forward",
     "elu",
@@ -155,6 +158,86 @@ def dense_backward(x, W, dy, *, has_bias=True, need_dx=True, xp=None):
         db = xp.sum(dy, axis=0)
     dx = dy @ W.T if need_dx else None
     return dx, dW, db
+
+
+# Below this many weights the ctypes call costs more (~10 us) than the pass it saves:
+# measured on 2 cores, 64 x 64 weights took 19 us by BLAS and 12 us by the standard
+# path, 128 x 128 weights 31 us and 39 us.
+_BLAS_ACC_MIN = 16384
+
+
+def dense_sgd_update(x, dy, W, b=None, *, lr, l2=0.0, xp=None):
+    """One plain SGD step of a dense layer, straight from its input and output gradient.
+
+    ``W <- W - lr * (x.T @ dy + l2 * W)`` and ``b <- b - lr * sum(dy, axis=0)``: the
+    update :class:`arraymlp.SGD` (no momentum, no weight decay, no clipping) makes with
+    the gradients of :func:`dense_backward`, without a weight gradient in between. On
+    NumPy (with the BLAS its wheels bundle) and on torch the product accumulates into
+    ``W`` in one BLAS call (``beta = 1 - lr * l2``, ``alpha = -lr``), so the step costs
+    no pass over a temporary the size of ``W``; elsewhere the standard path computes
+    the gradient and subtracts it, with the optimiser's rounding.
+
+    Compute the input gradient ``dy @ W.T`` *before* this call: it needs the old ``W``.
+
+    Parameters
+    ----------
+    x : array, shape (n, n_in)
+        The layer's input.
+    dy : array, shape (n, n_out)
+        Gradient of the loss with respect to the layer's output.
+    W : array, shape (n_in, n_out)
+    b : array, shape (n_out,), optional
+    lr : float
+        Learning rate.
+    l2 : float
+        L2 coefficient on ``W`` (the gradient of ``l2/2 * sum(W**2)``).
+    xp : namespace, optional
+        The array namespace; taken from the arrays when omitted.
+
+    Returns
+    -------
+    W : array, shape (n_in, n_out)
+    b : array of shape (n_out,), or None
+        The arrays given, updated in place where the namespace allows it; new arrays
+        otherwise. ``x`` and ``dy`` are not modified.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from arraymlp.functional import dense_sgd_update
+    >>> W, b = np.ones((2, 1)), np.zeros(1)
+    >>> x, dy = np.array([[1.0, 2.0], [3.0, 4.0]]), np.array([[0.5], [1.0]])
+    >>> W, b = dense_sgd_update(x, dy, W, b, lr=0.5)
+    >>> W.ravel().tolist(), b.tolist()  # W - 0.5 * x.T @ dy, b - 0.5 * sum(dy, axis=0)
+    ([-0.75, -1.5], [-0.75])
+    """
+    xp = _ns(dy, xp)
+    kind = _fast_kind(xp)
+    decay = 1.0 - lr * l2
+    if kind == "numpy" and math.prod(W.shape) >= _BLAS_ACC_MIN and _blas.gemm_at_b_acc(W, x, dy, -lr, decay):
+        pass
+    elif kind == "torch" and is_writeable_array(W) and not W.requires_grad:
+        W.addmm_(x.T, dy, beta=decay, alpha=-lr)
+    else:
+        W = _sgd_apply(W, x.T @ dy, lr, l2, xp)
+    if b is not None:
+        db = dy.sum(axis=0) if kind in ("numpy", "cupy") else xp.sum(dy, axis=0)
+        b = _sgd_apply(b, db, lr, 0.0, xp)
+    return W, b
+
+
+def _sgd_apply(p, g, lr, l2, xp):
+    """``p + (-lr) * (g + l2 * p)`` with the rounding of :class:`arraymlp.SGD`'s step,
+    in place where allowed; ``g`` is a fresh array of the caller's (overwritten)."""
+    if is_writeable_array(g) and is_writeable_array(p):
+        if l2:
+            g += l2 * p
+        g *= -lr
+        p += g
+        return p
+    if l2:
+        g = g + l2 * p
+    return p + (-lr) * g
 
 
 # ------------------------------------------------------------------------ activations

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 from array_api_compat import is_dask_array, is_writeable_array
 
+from . import functional as F
 from . import layers as L
 from ._backend import (
     Generator,
@@ -326,20 +327,37 @@ class Sequential:
             Mirroring ``params``, key for key and shape for shape (empty dicts for
             layers without parameters or that were not run).
         """
-        xp = xp if xp is not None else self.xp
+        return self._backprop(caches, dy, xp=xp if xp is not None else self.xp, inplace=inplace)
+
+    def _backprop(self, caches, dy, *, xp, inplace: bool, sgd: tuple[float, float] | None = None):
+        """The reversed loop of :meth:`backward`; with ``sgd=(lr, l2)`` it also takes a
+        plain SGD step, layer by layer, as the gradients come (see :meth:`_sgd_update`)."""
         n = len(caches)
-        grads: list[dict[str, Any]] = [{} for _ in self.params]
+        params = self.params
+        grads: list[dict[str, Any]] = [{} for _ in params]
         # The input gradient is needed only above the first layer that has parameters,
         # and the layers below it (input dropout, say) have no gradients to give.
-        first = next((i for i, p in enumerate(self.params[:n]) if p), n)
+        first = next((i for i, p in enumerate(params[:n]) if p), n)
         owned = inplace
         for i in range(n - 1, first - 1, -1):
-            layer = self.layers[i]
+            layer, p = self.layers[i], params[i]
             h = L.handover(layer)
-            if owned and h.backward_inplace:
-                dx, g = layer.backward(self.params[i], caches[i], dy, xp=xp, need_dx=i > first, inplace=True)
+            if sgd is not None and type(layer).backward is L.Dense.backward:
+                # the input gradient reads the old W: take it before the update
+                dx = dy @ p["W"].T if i > first else None
+                p["W"], b = F.dense_sgd_update(caches[i], dy, p["W"], p.get("b"), lr=sgd[0], l2=sgd[1], xp=xp)
+                if b is not None:
+                    p["b"] = b
+                g = {}
+            elif owned and h.backward_inplace:
+                dx, g = layer.backward(p, caches[i], dy, xp=xp, need_dx=i > first, inplace=True)
             else:
-                dx, g = layer.backward(self.params[i], caches[i], dy, xp=xp, need_dx=i > first)
+                dx, g = layer.backward(p, caches[i], dy, xp=xp, need_dx=i > first)
+            if sgd is not None and g:
+                l2 = sgd[1] if isinstance(layer, L.Dense) else 0.0
+                for key, gk in g.items():
+                    p[key] = F._sgd_apply(p[key], gk, sgd[0], l2 if key == "W" else 0.0, xp)
+                g = {}
             owned = h.fresh_dx or (owned and dx is dy)
             dy = dx
             grads[i] = g
@@ -418,15 +436,9 @@ class Sequential:
         values (label range, finiteness), which the caller validated up front (as
         ``fit`` does for its whole ``y``); custom losses always check.
         """
-        fused = self._fused(loss)
-        out, caches = self.forward(x, training=training, xp=xp, upto=len(self.layers) - 1 if fused else None)
-        builtin = LOSSES.get(loss.name) is loss
-        if builtin and not check:
-            value, dout = loss.fn(out, y, xp=xp, sample_weight=sample_weight, check=False)
-        else:
-            value, dout = loss.fn(out, y, xp=xp, sample_weight=sample_weight)
-        # the table's losses return a new gradient array: hand it over to the layers
-        grads = self.backward(caches, dout, xp=xp, inplace=builtin)
+        value, dout, caches, owned = self._loss_and_dout(x, y, loss, xp=xp, sample_weight=sample_weight, l2=l2,
+                                                         training=training, check=check)
+        grads = self._backprop(caches, dout, xp=xp, inplace=owned)
         if l2:
             for layer, p, g in zip(self.layers, self.params, grads):
                 if isinstance(layer, L.Dense):
@@ -435,8 +447,34 @@ class Sequential:
                         g["W"] += l2 * p["W"]
                     else:
                         g["W"] = g["W"] + l2 * p["W"]
-            value = value + self._l2_penalty(l2, xp)
         return value, grads
+
+    def _loss_and_dout(self, x, y, loss, *, xp, sample_weight=None, l2=0.0, training=True, check=False):
+        """Forward and loss of a batch: ``(value, d_out, caches, owned)``, where ``d_out``
+        is the loss gradient at the last layer run and ``owned`` says whether the layers
+        may overwrite it (the table's losses return a new array). ``value`` includes the
+        L2 penalty."""
+        fused = self._fused(loss)
+        out, caches = self.forward(x, training=training, xp=xp, upto=len(self.layers) - 1 if fused else None)
+        builtin = LOSSES.get(loss.name) is loss
+        if builtin and not check:
+            value, dout = loss.fn(out, y, xp=xp, sample_weight=sample_weight, check=False)
+        else:
+            value, dout = loss.fn(out, y, xp=xp, sample_weight=sample_weight)
+        if l2:
+            value = value + self._l2_penalty(l2, xp)
+        return value, dout, caches, builtin
+
+    def _sgd_update(self, caches, dout, *, lr: float, l2: float = 0.0, xp, owned: bool = False) -> None:
+        """Backpropagate ``dout`` and take one plain SGD step on the way down.
+
+        The same update as ``SGD(lr).step(params, grads)`` after :meth:`loss_and_grads`
+        with ``l2``, but each dense layer's weight gradient goes straight into its
+        weights (:func:`arraymlp.functional.dense_sgd_update`) instead of into a
+        gradient array first. ``caches``, ``dout`` and ``owned`` come from
+        :meth:`_loss_and_dout`.
+        """
+        self._backprop(caches, dout, xp=xp, inplace=owned, sgd=(lr, l2))
 
     def _l2_penalty(self, l2, xp):
         """``l2/2 * sum(W**2)`` over the weight matrices, by row-wise dot products (no

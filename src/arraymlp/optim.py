@@ -378,6 +378,20 @@ class Optimizer:
                 layer[key] = self._update(p, glayer[key], slayer[key], lr=lr, wd=wd, xp=xp)
         return params
 
+    def _fusable(self) -> bool:
+        """Whether the update is plain ``p -= lr * g`` for every parameter, so that a
+        training step may apply it as the gradients come (:meth:`_begin_fused_step`)."""
+        return False
+
+    def _begin_fused_step(self, params, xp) -> None:
+        """The bookkeeping :meth:`step` does, for a step whose update the model makes
+        itself (``fit``'s fused plain SGD step): state built or checked, step counted."""
+        if self.state is None:
+            self.state = [{key: self._init_state(p, xp) for key, p in layer.items()} for layer in params]
+        else:
+            self._check_state(params, xp)
+        self.step_count += 1
+
     def reset(self) -> None:
         """Forget all state (moments, buffers, step count); keep the hyper-parameters."""
         self.state = None
@@ -503,7 +517,11 @@ class SGD(Optimizer):
     Update: ``p -= lr * (g + momentum*buf if nesterov else buf)``, ``buf = momentum*buf + (1-dampening)*g``.
 
     Here ``g = grad + wd*p`` (coupled L2) and ``buf = g`` on the first step; without
-    momentum the rule is ``p -= lr * g``.
+    momentum the rule is ``p -= lr * g``. In that plain case (no momentum, weight decay
+    or clipping) :func:`arraymlp.fit` applies the update during backpropagation, each
+    dense layer's weight gradient going straight into its weights
+    (:func:`arraymlp.functional.dense_sgd_update`): the same step without a gradient
+    array the size of the weights.
 
     Parameters
     ----------
@@ -567,6 +585,10 @@ class SGD(Optimizer):
 
     def _init_state(self, p, xp):
         return {"momentum_buffer": xp.zeros_like(p)} if self.momentum != 0 else {}
+
+    def _fusable(self) -> bool:
+        return (type(self)._update is SGD._update and type(self).step is Optimizer.step and self.momentum == 0
+                and self.weight_decay == 0 and self.clip_norm is None and self.clip_value is None)
 
     def _update(self, p, g, st, *, lr, wd, xp):
         if wd != 0:

@@ -310,6 +310,34 @@ class _Progress:
             self.bar.close()
 
 
+def _loss_then_update(model, opt, lossfn, xb, yb, wb, *, xp, l2=0.0, dp=None):
+    """First half of a training step: the batch's loss, and a function taking the update.
+
+    Returns ``(value, update)``: ``value`` is the loss (an array), ``update(lr)`` makes
+    the optimiser's step. The caller reads ``value`` and checks it in between, so a
+    non-finite loss leaves the parameters untouched. With a plain SGD optimiser (and no
+    data parallelism) the gradients are never gathered: :meth:`Sequential._sgd_update`
+    applies each as backpropagation produces it.
+    """
+    if dp is None and opt._fusable():
+        value, dout, caches, owned = model._loss_and_dout(xb, yb, lossfn, xp=xp, sample_weight=wb, l2=l2)
+
+        def update(lr):
+            opt._begin_fused_step(model.params, xp)
+            model._sgd_update(caches, dout, lr=lr, l2=l2, xp=xp, owned=owned)
+
+        return value, update
+    if dp is None:
+        value, grads = model._loss_and_grads(xb, yb, lossfn, xp=xp, sample_weight=wb, l2=l2)
+    else:
+        value, grads = dp.loss_and_grads(model, xb, yb, lossfn, xp=xp, sample_weight=wb, l2=l2)
+
+    def update(lr):
+        model.params = opt.step(model.params, grads, lr=lr)
+
+    return value, update
+
+
 def _n(x) -> int:
     return int(x.shape[0])
 
@@ -541,10 +569,7 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
                 else:
                     idx = order[lo:hi]
                     xb, yb, wb = _take(x, idx, xp), _take(y, idx, xp), _take(sample_weight, idx, xp)
-                if dp is None:
-                    value, grads = model._loss_and_grads(xb, yb, lossfn, xp=xp, sample_weight=wb, l2=l2)
-                else:
-                    value, grads = dp.loss_and_grads(model, xb, yb, lossfn, xp=xp, sample_weight=wb, l2=l2)
+                value, update = _loss_then_update(model, opt, lossfn, xb, yb, wb, xp=xp, l2=l2, dp=dp)
                 value = float(value)
                 if not math.isfinite(value):
                     finite = _params_finite(model.params, xp)
@@ -559,7 +584,8 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
                         "Lower the learning rate, scale the inputs, or clip gradients (clip_norm=...)."
                     )
                     raise DivergenceError(msg, epoch=epoch, step=step, params_finite=finite)
-                model.params = opt.step(model.params, grads, lr=epoch_lr)
+                update(epoch_lr)
+                del update  # frees the batch's caches before the next forward
                 step += 1
                 nb = end - start
                 total += value * nb
