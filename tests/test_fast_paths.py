@@ -298,7 +298,7 @@ def test_blas_accumulate_declines_what_it_cannot_take():
 
     def run(a, b, c):
         before = c.copy()
-        ok = _blas.gemm_at_b_acc(c, a, b, -0.5, 0.75)
+        ok = _blas.gemm_acc(c, a, b, -0.5, 0.75, at=True)
         return ok, before
 
     # row-strided operands are fine: BLAS takes their leading dimension
@@ -321,12 +321,12 @@ def test_blas_accumulate_declines_what_it_cannot_take():
         np.testing.assert_array_equal(c, before)
     ro = c0.copy()
     ro.flags.writeable = False
-    assert not _blas.gemm_at_b_acc(ro, a, b, -0.5)
+    assert not _blas.gemm_acc(ro, a, b, -0.5, at=True)
     big = np.zeros((8, 8))
-    assert not _blas.gemm_at_b_acc(big[:6, :5], a, b, 1.0)  # c's rows are strided
+    assert not _blas.gemm_acc(big[:6, :5], a, b, 1.0, at=True)  # c's rows are strided
     buf = np.zeros(8 * 6 + 6 * 5)
     a_view, c_view = buf[:48].reshape(8, 6), buf[40:70].reshape(6, 5)  # c overlaps a's last row
-    assert not _blas.gemm_at_b_acc(c_view, a_view, b, 1.0)
+    assert not _blas.gemm_acc(c_view, a_view, b, 1.0, at=True)
     np.testing.assert_array_equal(buf, 0.0)
 
 
@@ -387,3 +387,24 @@ def test_fused_sgd_step_checks_the_optimizer_state_before_updating(backend):
     for p, q in zip(model.params, before):
         for k in p:
             np.testing.assert_array_equal(backend.to_numpy(p[k]), q[k])
+
+
+@pytest.mark.parametrize("n", [7, 300], ids=["small", "blas-sized"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("strided", [False, True])
+def test_dense_forward_fast_paths_add_the_bias_inside_the_product(backend, n, dtype, strided):
+    """On NumPy (large batches) and torch the bias is the GEMM's starting value; the
+    result is ``x @ W + b`` to rounding on every row, and the inputs are untouched."""
+    xp = backend.xp
+    x_np = _data(backend, (2 * n, 33), 1, dtype)
+    W_np, b_np = _data(backend, (33, 120), 2, dtype), _data(backend, (120,), 3, dtype)
+    x_full = backend.asarray(x_np)
+    x, x_ref = (x_full[::2, ...], x_np[::2]) if strided else (x_full[:n, ...], x_np[:n])
+    W, b = backend.asarray(W_np), backend.asarray(b_np)
+    y = F.dense_forward(x, W, b, xp=xp)
+    ref = x_ref.astype(np.float64) @ W_np.astype(np.float64) + b_np
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == np.float32 else dict(rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(backend.to_numpy(y), ref, **tol)
+    assert y.dtype == W.dtype and tuple(y.shape) == (n, 120) and backend.same_place(y)
+    np.testing.assert_array_equal(backend.to_numpy(x_full), x_np)
+    np.testing.assert_array_equal(backend.to_numpy(b), b_np)

@@ -1,13 +1,15 @@
-"""NumPy's own BLAS, for the one product NumPy cannot express: ``C = beta*C + alpha*A.T @ B``.
+"""NumPy's own BLAS, for the product NumPy cannot express: ``C = beta*C + alpha*op(A) @ B``.
 
-``numpy.matmul`` always writes a fresh product (BLAS ``beta = 0``), so a weight update
-``W -= lr * (x.T @ dy)`` costs the product plus two passes over a temporary the size
-of ``W``. BLAS's ``gemm`` accumulates into ``W`` directly. This module finds the
+``numpy.matmul`` always writes a fresh product (BLAS ``beta = 0``: OpenBLAS zeroes
+``C`` in a pass of its own, then accumulates into it). So ``x @ W + b`` costs that
+pass plus another to add the bias, and a weight update ``W -= lr * (x.T @ dy)`` two
+passes over a temporary the size of ``W``. BLAS's ``gemm`` accumulates into what
+``C`` holds: the bias broadcast into it, or the weights themselves. This module finds the
 OpenBLAS that NumPy's wheels bundle (``scipy-openblas``), the very library, and
 thread pool, behind ``numpy.matmul``, and calls its CBLAS ``gemm`` through ctypes.
 
 Where it is not found (NumPy built against MKL, Accelerate or a system BLAS, or
-another platform), :func:`gemm_at_b_acc` returns False and callers take the
+another platform), :func:`gemm_acc` returns False and callers take the
 standard path, which is also the reference the tests compare this one with.
 """
 
@@ -74,17 +76,22 @@ def _rows(a: numpy.ndarray, it: int) -> int | None:
     return s0 // it
 
 
-def gemm_at_b_acc(c: Any, a: Any, b: Any, alpha: float, beta: float = 1.0) -> bool:
-    """``c = beta * c + alpha * (a.T @ b)`` in place, by one BLAS call, if it can.
+def gemm_acc(c: Any, a: Any, b: Any, alpha: float = 1.0, beta: float = 1.0, *, at: bool = False) -> bool:
+    """``c = beta * c + alpha * (op(a) @ b)`` in place, by one BLAS call, if it can.
+
+    ``op(a)`` is ``a.T`` when ``at`` is true, else ``a``. With ``beta = 1`` the product
+    adds to what ``c`` holds: a bias broadcast into ``c`` beforehand, or the weights of
+    an SGD step (``alpha = -lr``).
 
     Parameters
     ----------
     c : numpy.ndarray, shape (m, n)
         C-contiguous, writeable, float32 or float64; overwritten.
-    a : numpy.ndarray, shape (k, m)
+    a : numpy.ndarray, shape (m, k), or (k, m) when ``at``
     b : numpy.ndarray, shape (k, n)
         Same dtype as ``c``, rows of unit stride (any row stride), not overlapping ``c``.
     alpha, beta : float
+    at : bool
 
     Returns
     -------
@@ -101,7 +108,7 @@ def gemm_at_b_acc(c: Any, a: Any, b: Any, alpha: float, beta: float = 1.0) -> bo
         return False
     if a.ndim != 2 or b.ndim != 2 or c.ndim != 2:
         return False
-    k, m = a.shape
+    k, m = a.shape if at else a.shape[::-1]
     n = c.shape[1]
     if b.shape[0] != k or c.shape[0] != m or b.shape[1] != n or min(k, m, n) < 1:
         return False
@@ -115,6 +122,6 @@ def gemm_at_b_acc(c: Any, a: Any, b: Any, alpha: float, beta: float = 1.0) -> bo
     if numpy.may_share_memory(c, a) or numpy.may_share_memory(c, b):
         return False
     fn, itype = entry
-    fn(_ROW_MAJOR, _TRANS, _NO_TRANS, itype(m), itype(n), itype(k), alpha, a.ctypes.data, itype(lda),
-       b.ctypes.data, itype(ldb), beta, c.ctypes.data, itype(max(n, 1)))
+    fn(_ROW_MAJOR, _TRANS if at else _NO_TRANS, _NO_TRANS, itype(m), itype(n), itype(k), alpha, a.ctypes.data,
+       itype(lda), b.ctypes.data, itype(ldb), beta, c.ctypes.data, itype(n))
     return True
