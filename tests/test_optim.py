@@ -179,7 +179,7 @@ CASES = {
 def update_mode(request, monkeypatch):
     """Run with in-place updates where allowed, or force the functional form everywhere."""
     if request.param == "functional":
-        monkeypatch.setattr(optim, "is_writeable_array", lambda x: False)
+        monkeypatch.setattr(optim, "is_writeable", lambda x: False)
     return request.param
 
 

@@ -185,6 +185,15 @@ def resolve_dtype(xp: types.ModuleType, dtype: Any) -> Any:
     raise ValueError(msg)
 
 
+def is_writeable(x: Any) -> bool:
+    """Whether ``x`` may be updated in place (``array_api_compat.is_writeable_array``,
+    answered for NumPy arrays from their flag first: the hot path asks it a dozen
+    times a step)."""
+    if type(x) is numpy.ndarray:
+        return x.flags.writeable
+    return array_api_compat.is_writeable_array(x)
+
+
 def is_float16(dtype: Any, xp: types.ModuleType) -> bool:
     """Whether ``dtype`` is ``xp``'s float16 (False where the namespace has none, as
     array-api-strict: the standard does not define it). Sums and squares of float16

@@ -26,12 +26,11 @@ from array_api_compat import (
     is_cupy_namespace,
     is_numpy_namespace,
     is_torch_namespace,
-    is_writeable_array,
     to_device,
 )
 
 from . import _blas
-from ._backend import get_namespace, is_float16
+from ._backend import get_namespace, is_float16, is_writeable
 
 __all__ = [
     "ACTIVATIONS",
@@ -134,7 +133,7 @@ def dense_forward(x, W, b=None, *, xp=None):
                 return y
     y = x @ W
     if b is not None:
-        if is_writeable_array(y):
+        if is_writeable(y):
             y += b
         else:
             y = y + b
@@ -231,7 +230,7 @@ def dense_sgd_update(x, dy, W, b=None, *, lr, l2=0.0, xp=None):
     decay = 1.0 - lr * l2
     if kind == "numpy" and math.prod(W.shape) >= _BLAS_ACC_MIN and _blas.gemm_acc(W, x, dy, -lr, decay, at=True):
         pass
-    elif kind == "torch" and is_writeable_array(W) and not W.requires_grad:
+    elif kind == "torch" and is_writeable(W) and not W.requires_grad:
         W.addmm_(x.T, dy, beta=decay, alpha=-lr)
     else:
         W = _sgd_apply(W, x.T @ dy, lr, l2, xp)
@@ -244,7 +243,7 @@ def dense_sgd_update(x, dy, W, b=None, *, lr, l2=0.0, xp=None):
 def _sgd_apply(p, g, lr, l2, xp):
     """``p + (-lr) * (g + l2 * p)`` with the rounding of :class:`arraymlp.SGD`'s step,
     in place where allowed; ``g`` is a fresh array of the caller's (overwritten)."""
-    if is_writeable_array(g) and is_writeable_array(p):
+    if is_writeable(g) and is_writeable(p):
         if l2:
             g += l2 * p
         g *= -lr
@@ -491,7 +490,7 @@ def softmax(x, *, xp=None):
     xp = _ns(x, xp)
     e = xp.exp(x - xp.max(x, axis=-1, keepdims=True))
     s = xp.sum(e, axis=-1, keepdims=True)
-    if is_writeable_array(e):
+    if is_writeable(e):
         e /= s
         return e
     return e / s
@@ -589,7 +588,7 @@ def _identity_fw_inplace(x, xp, fast=True):
 
 def _relu_fw_inplace(x, xp, fast=True):
     kind = _fast_kind(xp) if fast else None
-    if kind == "numpy" and is_writeable_array(x):
+    if kind == "numpy" and is_writeable(x):
         # a broadcast row of zeros runs NumPy's contiguous SIMD loop; a scalar does not
         return xp.maximum(x, xp.zeros(tuple(x.shape[-1:]), dtype=x.dtype), out=x)
     if kind == "cupy":
@@ -603,11 +602,11 @@ def _relu_bw_inplace(dy, y, xp, fast=True):
     # dx = dy * [y > 0], one boolean mask and no select: ``where`` branches on every
     # element and a random mask defeats the branch predictor (NumPy: ~20x slower)
     kind = _fast_kind(xp) if fast else None
-    if kind in ("numpy", "cupy") and is_writeable_array(dy):
+    if kind in ("numpy", "cupy") and is_writeable(dy):
         return xp.multiply(dy, y > 0, out=dy)
     if kind == "torch":
         return dy.mul_(y > 0)
-    if is_writeable_array(dy):
+    if is_writeable(dy):
         dy *= xp.astype(y > 0, dy.dtype)
         return dy
     return _relu_bw(dy, y, xp)
@@ -615,7 +614,7 @@ def _relu_bw_inplace(dy, y, xp, fast=True):
 
 def _tanh_fw_inplace(x, xp, fast=True):
     kind = _fast_kind(xp) if fast else None
-    if kind in ("numpy", "cupy") and is_writeable_array(x):
+    if kind in ("numpy", "cupy") and is_writeable(x):
         return xp.tanh(x, out=x)
     if kind == "torch":
         return x.tanh_()
@@ -624,11 +623,11 @@ def _tanh_fw_inplace(x, xp, fast=True):
 
 def _tanh_bw_inplace(dy, y, xp, fast=True):
     # dx = dy * (1 - y^2), with the factor built in one temporary
-    if is_writeable_array(dy):
+    if is_writeable(dy):
         d = y * y
         # out= needs an array: y * y of a 0-d NumPy array is a scalar
         d = xp.subtract(1.0, d, out=d) if (fast and _fast_kind(xp) in ("numpy", "cupy")
-                                          and is_writeable_array(d)) else 1.0 - d
+                                          and is_writeable(d)) else 1.0 - d
         dy *= d
         return dy
     return _tanh_bw(dy, y, xp)
@@ -636,7 +635,7 @@ def _tanh_bw_inplace(dy, y, xp, fast=True):
 
 def _sigmoid_bw_inplace(dy, y, xp, fast=True):
     # dx = dy * (y (1 - y)), the factor built in one temporary
-    if is_writeable_array(dy):
+    if is_writeable(dy):
         d = 1.0 - y
         d *= y
         dy *= d

@@ -50,9 +50,8 @@ import math
 import numbers
 from typing import Any, Callable
 
-from array_api_compat import is_writeable_array
 
-from ._backend import device_of, get_namespace, is_float16
+from ._backend import device_of, get_namespace, is_float16, is_writeable
 from .functional import _fast_kind, log_softmax
 
 __all__ = [
@@ -261,7 +260,7 @@ def _weights_over(w, denom, g, shape, xp):
 
 def _scale(g, c):
     """``g * c``, in place when ``g`` is a writeable temporary of ours."""
-    if is_writeable_array(g):
+    if is_writeable(g):
         g *= c
         return g
     return g * c
@@ -540,7 +539,7 @@ def _cross_entropy_labels(outputs, labels, w, total, n, k, xp):
     g = xp.exp(z)
     s = g.sum(axis=-1, keepdims=True) if ufuncs else xp.sum(g, axis=-1, keepdims=True)
     per_sample = xp.reshape(xp.log(s), (n,)) - zy
-    if not is_writeable_array(g):
+    if not is_writeable(g):
         onehot = xp.reshape(labels, (n, 1)) == xp.arange(k, dtype=xp.int64, device=device_of(outputs))
         g = g / s - xp.astype(onehot, g.dtype)
     else:

@@ -11,7 +11,7 @@ import copy
 import numbers
 from typing import Any, Sequence
 
-from array_api_compat import is_dask_array, is_writeable_array
+from array_api_compat import is_dask_array
 
 from . import functional as F
 from . import layers as L
@@ -24,6 +24,7 @@ from ._backend import (
     device_of,
     dtype_name,
     get_namespace,
+    is_writeable,
     resolve_backend,
     resolve_dtype,
     to_backend,
@@ -443,7 +444,7 @@ class Sequential:
             for layer, p, g in zip(self.layers, self.params, grads):
                 if isinstance(layer, L.Dense):
                     # dW = x.T @ dy is a fresh array of the model's: add in place where allowed
-                    if is_writeable_array(g["W"]):
+                    if is_writeable(g["W"]):
                         g["W"] += l2 * p["W"]
                     else:
                         g["W"] = g["W"] + l2 * p["W"]

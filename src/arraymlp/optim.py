@@ -24,7 +24,7 @@ Conventions, shared by every optimiser here:
   Optimiser state (moments, buffers) is created lazily on the first step with
   ``xp.zeros_like`` of each parameter: same namespace, device and dtype.
 - Parameters and state are updated in place where
-  :func:`array_api_compat.is_writeable_array` allows, and functionally otherwise
+  :func:`array_api_compat.is_writeable` allows, and functionally otherwise
   (the new array is written back into the parameter dict). Gradients are never
   mutated and never aliased by the state.
 - ``state_dict()`` returns plain Python containers (dicts, lists, tuples, numbers,
@@ -40,9 +40,8 @@ import numbers
 from typing import Any
 
 import array_api_compat
-from array_api_compat import is_writeable_array
 
-from ._backend import device_of, get_namespace, is_float16, to_backend
+from ._backend import device_of, get_namespace, is_float16, is_writeable, to_backend
 from .functional import _fast_kind
 
 __all__ = [
@@ -150,7 +149,7 @@ def _check_structure(params: Any, grads: Any) -> None:
 # ---------------------------------------------------- in place where allowed, else functional
 def _mul(x, c):
     """``x * c``, in place when ``x`` is writeable."""
-    if is_writeable_array(x):
+    if is_writeable(x):
         x *= c
         return x
     return x * c
@@ -158,7 +157,7 @@ def _mul(x, c):
 
 def _add(x, y):
     """``x + y``, in place when ``x`` is writeable."""
-    if is_writeable_array(x):
+    if is_writeable(x):
         x += y
         return x
     return x + y
@@ -166,7 +165,7 @@ def _add(x, y):
 
 def _sub(x, y):
     """``x - y``, in place when ``x`` is writeable."""
-    if is_writeable_array(x):
+    if is_writeable(x):
         x -= y
         return x
     return x - y
@@ -174,7 +173,7 @@ def _sub(x, y):
 
 def _assign(x, y):
     """Overwrite ``x`` with ``y``, in place when ``x`` is writeable."""
-    if is_writeable_array(x):
+    if is_writeable(x):
         x[...] = y
         return x
     return y
@@ -303,7 +302,7 @@ class Optimizer:
         keeps (``out=``), then adds in place. (torch's fused ``add_(g, alpha=a)``
         would round once instead of twice.)
         """
-        if not is_writeable_array(p):
+        if not is_writeable(p):
             return p + a * g
         n = math.prod(p.shape)
         if n >= _WORK_MIN and _fast_kind(xp) is not None:
