@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 
+import time
+
 import numpy as np
 import pytest
 
@@ -147,6 +149,36 @@ def test_interleaved_rounds_alternate_candidates():
     # warm-up and calibration (2 calls each), then a b a b a b
     assert calls == ["a", "a", "b", "b", "a", "b", "a", "b", "a", "b"]
     assert all(t >= 0 for v in times.values() for t in v)
+
+
+def test_interleaved_groups_runtimes_and_settles_after_a_switch():
+    stamps = {"a": [], "b": [], "c": []}
+    fns = {k: (lambda k=k: stamps[k].append(time.perf_counter())) for k in stamps}
+    groups = {"a": "numpy", "b": "torch-cpu", "c": "numpy"}
+    bench.interleaved(fns, repeat=3, warmup=1, min_time=0.0, settle=0, groups=groups, switch_time=0.02)
+    # a and c share a runtime: c follows a with no settling; b and, in the later rounds,
+    # a (after b) first run untimed for the switch time
+    assert len(stamps["c"]) == 2 + 3
+    for k in ("a", "b"):
+        calls = stamps[k][2:]  # after warm-up and calibration
+        assert len(calls) > 3
+    b = stamps["b"][2:]
+    starts = [0] + [i + 1 for i in range(len(b) - 1) if b[i + 1] - b[i] > 0.01]  # gaps: a and c ran between
+    assert len(starts) == 3
+    for i, j in zip(starts, starts[1:] + [len(b)]):
+        assert b[j - 1] - b[i] >= 0.02  # the settling calls of one round span the switch time
+
+
+def test_candidates_are_grouped_by_threading_runtime():
+    C = bench.Candidate
+    runtime = {c.name: bench._runtime(c) for c in [
+        C("arraymlp[numpy]", "ours", "numpy", None), C("floor[numpy]", "floor", "numpy", None),
+        C("sklearn", "peer", "cpu", None), C("torch[cpu]", "peer", "cpu", None),
+        C("arraymlp[torch]", "ours", "torch", None), C("torch[cuda]", "peer", "cuda", None),
+        C("arraymlp[torch-cuda]", "ours", "torch-cuda", None), C("floor[cupy]", "floor", "cupy", None)]}
+    assert runtime == {"arraymlp[numpy]": "numpy", "floor[numpy]": "numpy", "sklearn": "numpy",
+                       "torch[cpu]": "torch-cpu", "arraymlp[torch]": "torch-cpu", "torch[cuda]": "torch-cuda",
+                       "arraymlp[torch-cuda]": "torch-cuda", "floor[cupy]": "cupy"}
 
 
 # ----------------------------------------------------------------------------- candidates

@@ -663,17 +663,21 @@ def make_kernel(kernel: str, target: Target | str, batch: int, width: int, dtype
 
 # ----------------------------------------------------------------------------- timing
 def interleaved(fns: dict[str, Callable[[], Any]], *, repeat: int, warmup: int = 2,
-                min_time: float = 0.01, max_number: int = 1000, settle: int = 1) -> dict[str, list[float]]:
+                min_time: float = 0.01, max_number: int = 1000, settle: int = 1,
+                groups: dict[str, str] | None = None, switch_time: float = 0.0) -> dict[str, list[float]]:
     """Time several callables in interleaved rounds (A B C A B C ...).
 
     Each callable is first called ``warmup`` times, then its calls per sample are
     calibrated so that a sample lasts at least ``min_time`` seconds; each of the
     ``repeat`` rounds then takes one sample of every callable in turn. Every sample is
-    preceded by ``settle`` untimed calls of the same callable: they absorb the cost of
-    switching libraries (after a NumPy product OpenBLAS's worker threads keep
-    spinning for up to ~0.1 s and starve PyTorch's OpenMP threads, and the reverse),
-    so that each sample measures its candidate in the steady state a training loop
-    runs in. The garbage collector is paused while timing, as :mod:`timeit` does.
+    preceded by ``settle`` untimed calls of the same callable, and the first sample
+    after a change of ``groups`` (the threading runtime a callable runs on) by untimed
+    calls lasting ``switch_time`` seconds: after a NumPy product OpenBLAS's worker
+    threads keep spinning for about 0.1 s and starve PyTorch's OpenMP threads (a
+    PyTorch CPU step measured twice its steady time for that long). Each sample thus
+    measures its candidate in the steady state a training loop runs in. Callables of
+    one group run one after another within a round. The garbage collector is paused
+    while timing, as :mod:`timeit` does.
 
     Parameters
     ----------
@@ -686,12 +690,28 @@ def interleaved(fns: dict[str, Callable[[], Any]], *, repeat: int, warmup: int =
         Upper bound on calls per sample.
     settle : int
         Untimed calls before each sample.
+    groups : dict of name -> str, optional
+        Runtime of each callable (default: each its own).
+    switch_time : float
+        Seconds of untimed calls before the first sample after a change of group.
 
     Returns
     -------
     dict of name -> list of float
         Seconds per call, one entry per round.
+
+    Examples
+    --------
+    >>> from arraymlp.bench import interleaved
+    >>> calls = []
+    >>> fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b"), "c": lambda: calls.append("c")}
+    >>> times = interleaved(fns, repeat=2, warmup=1, min_time=0.0, settle=0, groups={"a": "x", "b": "y", "c": "x"})
+    >>> "".join(calls[6:])  # after warm-up and calibration: a and c (group x) side by side
+    'acbacb'
     """
+    group_of = {name: (groups or {}).get(name, name) for name in fns}
+    order = sorted(fns, key=lambda name: list(dict.fromkeys(group_of.values())).index(group_of[name]))
+    fns = {name: fns[name] for name in order}
     numbers: dict[str, int] = {}
     for name, fn in fns.items():
         for _ in range(max(warmup, 1)):
@@ -704,12 +724,18 @@ def interleaved(fns: dict[str, Callable[[], Any]], *, repeat: int, warmup: int =
     gc.collect()
     enabled = gc.isenabled()
     gc.disable()
+    last = None
     try:
         for _ in range(repeat):
             for name, fn in fns.items():
                 n = numbers[name]
                 for _ in range(settle):
                     fn()
+                if switch_time > 0 and group_of[name] != last:
+                    end = time.perf_counter() + switch_time
+                    while time.perf_counter() < end:
+                        fn()
+                last = group_of[name]
                 t0 = time.perf_counter()
                 for _ in range(n):
                     fn()
@@ -805,6 +831,22 @@ def _build_candidates(workload: Workload, batch: int, dtype: str, targets: list[
     return cands
 
 
+SWITCH_TIME = 0.15
+"""Seconds a candidate runs untimed after one of another threading runtime (see
+:func:`interleaved`): longer than the ~0.1 s OpenBLAS's idle workers spin."""
+
+
+def _runtime(c: Candidate) -> str:
+    """The threading runtime a candidate's work runs on: NumPy's BLAS (arraymlp and its
+    floor on NumPy, scikit-learn), PyTorch's (CPU or CUDA), CuPy's."""
+    if c.role == "peer":
+        return "numpy" if c.name == "sklearn" else f"torch-{c.target}"
+    t = TARGETS.get(c.target)
+    if t is None:
+        return c.target
+    return t.backend if t.backend != "torch" else f"torch-{t.device}"
+
+
 def _free_device_memory() -> None:
     gc.collect()
     if sys.modules.get("cupy") is not None:
@@ -834,7 +876,9 @@ def run_case(workload: Workload, batch: int, dtype: str, targets: list[Target], 
     """
     errors = errors if errors is not None else []
     cands = _build_candidates(workload, batch, dtype, targets, gpu, peers, errors)
-    times = interleaved({c.name: c.fn for c in cands}, repeat=repeat, min_time=min_time) if cands else {}
+    groups = {c.name: _runtime(c) for c in cands}
+    times = (interleaved({c.name: c.fn for c in cands}, repeat=repeat, min_time=min_time, groups=groups,
+                         switch_time=SWITCH_TIME) if cands else {})
     rows = []
     for c in cands:
         s = summarize(times[c.name])
