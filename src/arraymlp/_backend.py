@@ -194,6 +194,15 @@ def is_writeable(x: Any) -> bool:
     return array_api_compat.is_writeable_array(x)
 
 
+def asarray_like(x: Any, like: Any, xp: types.ModuleType) -> Any:
+    """``xp.asarray(x)`` for a value computed from ``like`` (a loss from its outputs),
+    straight through NumPy when ``like`` is a NumPy array: array-api-compat's wrapper
+    costs ~2 us a call, NumPy's own 0.2 us."""
+    if type(like) is numpy.ndarray:
+        return numpy.asarray(x)
+    return xp.asarray(x)
+
+
 def is_float16(dtype: Any, xp: types.ModuleType) -> bool:
     """Whether ``dtype`` is ``xp``'s float16 (False where the namespace has none, as
     array-api-strict: the standard does not define it). Sums and squares of float16

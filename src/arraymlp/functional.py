@@ -586,11 +586,25 @@ def _identity_fw_inplace(x, xp, fast=True):
     return x
 
 
+_ZERO_ROWS: dict[Any, Any] = {}
+
+
+def _zero_row(n, dtype, xp):
+    """A row of ``n`` zeros, made once per (namespace, length, dtype) and only ever read."""
+    key = (xp, n, dtype)
+    row = _ZERO_ROWS.get(key)
+    if row is None:
+        if len(_ZERO_ROWS) >= 16:
+            _ZERO_ROWS.clear()
+        row = _ZERO_ROWS[key] = xp.zeros((n,), dtype=dtype)
+    return row
+
+
 def _relu_fw_inplace(x, xp, fast=True):
     kind = _fast_kind(xp) if fast else None
     if kind == "numpy" and is_writeable(x):
         # a broadcast row of zeros runs NumPy's contiguous SIMD loop; a scalar does not
-        return xp.maximum(x, xp.zeros(tuple(x.shape[-1:]), dtype=x.dtype), out=x)
+        return xp.maximum(x, _zero_row(x.shape[-1], x.dtype, xp), out=x)
     if kind == "cupy":
         return xp.maximum(x, 0, out=x)
     if kind == "torch":

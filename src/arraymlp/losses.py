@@ -51,7 +51,7 @@ import numbers
 from typing import Any, Callable
 
 
-from ._backend import device_of, get_namespace, is_float16, is_writeable
+from ._backend import asarray_like, device_of, get_namespace, is_float16, is_writeable
 from .functional import _fast_kind, log_softmax
 
 __all__ = [
@@ -149,11 +149,45 @@ def _same_shape_targets(name, outputs, targets, xp, check=True):
     return t
 
 
+_INTEGRAL: dict[Any, bool] = {}
+_ROWS: dict[Any, Any] = {}
+
+
+def _integral(dtype, xp) -> bool:
+    """``xp.isdtype(dtype, "integral")``, remembered per (namespace, dtype): the training
+    step asks it every batch, and NumPy's ``isdtype`` costs a few microseconds."""
+    key = (xp, dtype)
+    try:
+        return _INTEGRAL[key]
+    except KeyError:
+        pass
+    except TypeError:  # an unhashable dtype object
+        return xp.isdtype(dtype, "integral")
+    out = _INTEGRAL[key] = bool(xp.isdtype(dtype, "integral"))
+    return out
+
+
+def _row_indices(n, xp, device):
+    """``xp.arange(n)`` on ``device`` (None: the default one), kept for the next batch of
+    the same size (the loss only reads it)."""
+    key = (xp, n, device)
+    try:
+        return _ROWS[key]
+    except KeyError:
+        pass
+    except TypeError:
+        return xp.arange(n, device=device)
+    if len(_ROWS) >= 8:
+        _ROWS.clear()
+    out = _ROWS[key] = xp.arange(n, device=device)
+    return out
+
+
 def _class_targets(name, outputs, targets, xp, check=True):
     """Targets of :func:`cross_entropy`: ``(t, labels)``, the float ``(n, k)`` targets
     and ``None``, or ``None`` and the int64 labels ``(n,)`` when they came as integer
     labels. ``check=False`` skips reading the labels' range and the targets' values."""
-    if not check and xp.isdtype(targets.dtype, "integral"):
+    if not check and _integral(targets.dtype, xp):
         return None, (targets if targets.dtype == xp.int64 else xp.astype(targets, xp.int64))
     _check_device(name, "targets", outputs, targets)
     n, k = _shape(outputs)
@@ -248,7 +282,7 @@ def _acc(dtype, xp):
 
 def _result(loss, outputs, xp):
     """The loss as a 0-d array in the outputs' dtype."""
-    loss = xp.asarray(loss)
+    loss = asarray_like(loss, outputs, xp)
     return loss if loss.dtype == outputs.dtype else xp.astype(loss, outputs.dtype)
 
 
@@ -529,7 +563,7 @@ def _cross_entropy_labels(outputs, labels, w, total, n, k, xp):
     ufuncs = kind in ("numpy", "cupy")  # reductions by method: no Python-level wrapper
     z = outputs - (outputs.max(axis=-1, keepdims=True) if ufuncs else xp.max(outputs, axis=-1, keepdims=True))
     if fast:
-        rows = xp.arange(n, device=device_of(outputs))
+        rows = _row_indices(n, xp, None if kind == "numpy" else device_of(outputs))
         zy = z[rows, labels]
     elif hasattr(xp, "take_along_axis"):
         zy = xp.reshape(xp.take_along_axis(z, xp.reshape(labels, (n, 1)), axis=1), (n,))

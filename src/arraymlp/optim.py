@@ -282,6 +282,7 @@ class Optimizer:
         self.state: list[dict[str, dict[str, Any]]] | None = None
         self._needs_placement = False
         self._scratch = None  # work space of _axpy's NumPy/CuPy path (not state)
+        self._fused_checked = None  # ids of the (params, state) _begin_fused_step last checked
 
     # -- the base learning rate -----------------------------------------------------
     @property
@@ -387,8 +388,12 @@ class Optimizer:
         itself (``fit``'s fused plain SGD step): state built or checked, step counted."""
         if self.state is None:
             self.state = [{key: self._init_state(p, xp) for key, p in layer.items()} for layer in params]
-        else:
+        elif self._fused_checked != (id(params), id(self.state)):
+            # once per (params list, state) pair: fit steps the same model. Ids, not the
+            # lists, so that a model moved elsewhere is not kept alive here; a reused id
+            # can only skip a check of state that plain SGD does not read.
             self._check_state(params, xp)
+        self._fused_checked = (id(params), id(self.state))
         self.step_count += 1
 
     def reset(self) -> None:
