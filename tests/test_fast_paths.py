@@ -408,3 +408,21 @@ def test_dense_forward_fast_paths_add_the_bias_inside_the_product(backend, n, dt
     assert y.dtype == W.dtype and tuple(y.shape) == (n, 120) and backend.same_place(y)
     np.testing.assert_array_equal(backend.to_numpy(x_full), x_np)
     np.testing.assert_array_equal(backend.to_numpy(b), b_np)
+
+
+def test_fused_sgd_step_checks_again_for_another_model(backend):
+    """The state check runs once per model, not once per optimiser: an SGD reused on a
+    network of another structure is refused before it changes anything."""
+    x, y = backend.asarray(np.ones((4, 5))), backend.asarray(np.zeros(4, dtype=np.int64))
+    opt = SGD(lr=0.1)
+    _stack(backend).fit(x, y, loss="cross_entropy", optimizer=opt, epochs=2, batch_size=2, progress=False)
+    assert opt.step_count == 4
+    other = am.MLP([5, 4, 3], dtype="float64", seed=1, **backend.model_kwargs())
+    before = [{k: backend.to_numpy(v).copy() for k, v in p.items()} for p in other.params]
+    with pytest.raises(ValueError, match="different structure"):
+        other.fit(x, y, loss="cross_entropy", optimizer=opt, epochs=1, batch_size=4, progress=False,
+                  _reuse_optimizer=True)
+    assert opt.step_count == 4
+    for p, q in zip(other.params, before):
+        for k in p:
+            np.testing.assert_array_equal(backend.to_numpy(p[k]), q[k])
