@@ -4,7 +4,10 @@
 device: batches are index-gathered from the data where it lives, one batch at a time,
 so an epoch never copies the whole data set. Each step is ``loss_and_grads`` followed by
 the optimiser's update; a non-finite loss stops training with :class:`DivergenceError`
-before that step's update, leaving the last finite parameters in place.
+before that step's update, leaving the last finite parameters in place. With plain SGD
+(no momentum, weight decay or clipping) the update is made during backpropagation
+instead, each dense layer's weight gradient accumulating straight into its weights
+(:func:`arraymlp.functional.dense_sgd_update`); the loss is still checked first.
 """
 
 from __future__ import annotations
