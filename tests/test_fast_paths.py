@@ -426,3 +426,34 @@ def test_fused_sgd_step_checks_again_for_another_model(backend):
     for p, q in zip(other.params, before):
         for k in p:
             np.testing.assert_array_equal(backend.to_numpy(p[k]), q[k])
+
+
+@pytest.mark.parametrize("shape", [(300, 10), (300, 1), (300, 40), (20, 10)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_row_reductions_of_many_short_rows(backend, shape, dtype):
+    """The last-axis max and sum (NumPy reduces many short rows from a transposed copy)
+    equal the row-wise ones: the max exactly, the sum to rounding."""
+    xp = backend.xp
+    x_np = _data(backend, shape, 5, dtype)
+    x = backend.asarray(x_np)
+    m = F._row_reduce(x, "max", xp)
+    s = F._row_reduce(x, "sum", xp)
+    assert tuple(m.shape) == tuple(s.shape) == (shape[0], 1) and m.dtype == s.dtype == x.dtype
+    np.testing.assert_array_equal(backend.to_numpy(m), x_np.max(axis=-1, keepdims=True))
+    eps = np.finfo(dtype).eps
+    np.testing.assert_allclose(backend.to_numpy(s), x_np.astype(np.float64).sum(axis=-1, keepdims=True),
+                               rtol=0, atol=4 * shape[1] * eps * np.abs(x_np).max())
+    np.testing.assert_array_equal(backend.to_numpy(x), x_np)
+    # the softmax and the label cross-entropy built on them
+    p = F.softmax(x, xp=xp)
+    z = x_np.astype(np.float64)
+    ref = np.exp(z - z.max(axis=-1, keepdims=True))
+    ref /= ref.sum(axis=-1, keepdims=True)
+    tol = 1e-6 if dtype == np.float32 else 1e-14
+    np.testing.assert_allclose(backend.to_numpy(p), ref, rtol=tol, atol=tol)
+    labels = np.arange(shape[0]) % shape[1]
+    loss, grad = LS.cross_entropy(x, backend.asarray(labels), xp=xp)
+    ref_loss = -np.log(ref[np.arange(shape[0]), labels]).mean()
+    np.testing.assert_allclose(float(loss), ref_loss, rtol=10 * tol)
+    onehot = np.eye(shape[1])[labels]
+    np.testing.assert_allclose(backend.to_numpy(grad), (ref - onehot) / shape[0], rtol=10 * tol, atol=tol / shape[0])

@@ -469,6 +469,27 @@ def logsumexp(x, *, axis=-1, keepdims=True, xp=None):
     return out if keepdims else xp.squeeze(out, axis=axis)
 
 
+def _row_reduce(x, op, xp):
+    """``xp.max`` or ``xp.sum`` of ``x`` over its last axis, ``keepdims=True``.
+
+    NumPy reduces a short last axis row by row, at ~40 ns a row: for 4096 rows of 10
+    logits that is 195 us for the maximum and 85 us for the sum. On NumPy, for at least
+    256 rows of at most 16 columns, the rows are reduced from a transposed copy instead,
+    column by column: 26 and 24 us (the sum's rounding order then differs from the
+    row-wise one).
+    """
+    kind = _fast_kind(xp)
+    if kind == "numpy" and len(x.shape) == 2 and x.shape[1] <= 16 and x.shape[0] >= 256:
+        t = x.T.copy()
+        r = t.max(axis=0) if op == "max" else t.sum(axis=0)
+        return r.reshape(x.shape[0], 1)
+    if kind in ("numpy", "cupy"):  # by method: no Python-level wrapper
+        return x.max(axis=-1, keepdims=True) if op == "max" else x.sum(axis=-1, keepdims=True)
+    if op == "max":
+        return xp.max(x, axis=-1, keepdims=True)
+    return xp.sum(x, axis=-1, keepdims=True)
+
+
 def softmax(x, *, xp=None):
     """Softmax over the last axis, ``y_ij = exp(x_ij) / sum_k exp(x_ik)``.
 
@@ -488,8 +509,8 @@ def softmax(x, *, xp=None):
         Non-negative, each row summing to 1.
     """
     xp = _ns(x, xp)
-    e = xp.exp(x - xp.max(x, axis=-1, keepdims=True))
-    s = xp.sum(e, axis=-1, keepdims=True)
+    e = xp.exp(x - _row_reduce(x, "max", xp))
+    s = _row_reduce(e, "sum", xp)
     if is_writeable(e):
         e /= s
         return e

@@ -52,7 +52,7 @@ from typing import Any, Callable
 
 
 from ._backend import asarray_like, device_of, get_namespace, is_float16, is_writeable
-from .functional import _fast_kind, log_softmax
+from .functional import _fast_kind, _row_reduce, log_softmax
 
 __all__ = [
     "LOSSES",
@@ -561,7 +561,7 @@ def _cross_entropy_labels(outputs, labels, w, total, n, k, xp):
     kind = _fast_kind(xp)
     fast = kind is not None
     ufuncs = kind in ("numpy", "cupy")  # reductions by method: no Python-level wrapper
-    z = outputs - (outputs.max(axis=-1, keepdims=True) if ufuncs else xp.max(outputs, axis=-1, keepdims=True))
+    z = outputs - _row_reduce(outputs, "max", xp)
     if fast:
         rows = _row_indices(n, xp, None if kind == "numpy" else device_of(outputs))
         zy = z[rows, labels]
@@ -571,7 +571,7 @@ def _cross_entropy_labels(outputs, labels, w, total, n, k, xp):
         onehot = xp.reshape(labels, (n, 1)) == xp.arange(k, dtype=xp.int64, device=device_of(outputs))
         zy = xp.sum(xp.where(onehot, z, xp.zeros_like(z)), axis=1)
     g = xp.exp(z)
-    s = g.sum(axis=-1, keepdims=True) if ufuncs else xp.sum(g, axis=-1, keepdims=True)
+    s = _row_reduce(g, "sum", xp)
     per_sample = xp.reshape(xp.log(s), (n,)) - zy
     if not is_writeable(g):
         onehot = xp.reshape(labels, (n, 1)) == xp.arange(k, dtype=xp.int64, device=device_of(outputs))
