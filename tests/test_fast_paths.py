@@ -389,12 +389,13 @@ def test_fused_sgd_step_checks_the_optimizer_state_before_updating(backend):
             np.testing.assert_array_equal(backend.to_numpy(p[k]), q[k])
 
 
-@pytest.mark.parametrize("n", [7, 300], ids=["small", "blas-sized"])
+@pytest.mark.parametrize("n", [7, 300, 1100], ids=["small", "blas-sized", "blas-tiled"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("strided", [False, True])
 def test_dense_forward_fast_paths_add_the_bias_inside_the_product(backend, n, dtype, strided):
-    """On NumPy (large batches) and torch the bias is the GEMM's starting value; the
-    result is ``x @ W + b`` to rounding on every row, and the inputs are untouched."""
+    """On NumPy (large batches; the bias tiled into the output from 1024 rows) and torch
+    the bias is the GEMM's starting value; the result is ``x @ W + b`` to rounding on
+    every row, and the inputs are untouched."""
     xp = backend.xp
     x_np = _data(backend, (2 * n, 33), 1, dtype)
     W_np, b_np = _data(backend, (33, 120), 2, dtype), _data(backend, (120,), 3, dtype)
@@ -426,6 +427,23 @@ def test_fused_sgd_step_checks_again_for_another_model(backend):
     for p, q in zip(other.params, before):
         for k in p:
             np.testing.assert_array_equal(backend.to_numpy(p[k]), q[k])
+
+
+@pytest.mark.parametrize("shape", [(5, 3), (300, 64), (1, 7)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_bias_gradient_is_the_batch_sum(backend, shape, dtype):
+    """``db = sum(dy, axis=0)`` (a matrix-vector product with ones on NumPy) on every row."""
+    xp = backend.xp
+    dy_np = _data(backend, shape, 6, dtype)
+    dy = backend.asarray(dy_np)
+    db = F._bias_grad(dy, xp)
+    assert tuple(db.shape) == (shape[1],) and db.dtype == dy.dtype and backend.same_place(db)
+    eps = np.finfo(dtype).eps
+    np.testing.assert_allclose(backend.to_numpy(db), dy_np.astype(np.float64).sum(axis=0),
+                               rtol=0, atol=4 * shape[0] * eps * np.abs(dy_np).max())
+    np.testing.assert_array_equal(backend.to_numpy(dy), dy_np)
+    # the cached ones are only read: a second call gives the same
+    np.testing.assert_array_equal(backend.to_numpy(F._bias_grad(dy, xp)), backend.to_numpy(db))
 
 
 @pytest.mark.parametrize("shape", [(300, 10), (300, 1), (300, 40), (20, 10)])

@@ -92,6 +92,34 @@ def _fast_kind(xp) -> str | None:
 
 
 # ----------------------------------------------------------------------------- dense
+_CONST_ROWS: dict[Any, Any] = {}
+
+
+def _const_row(value, n, dtype, xp):
+    """A row of ``n`` copies of ``value`` (0 or 1), made once per (namespace, value,
+    length, dtype) and only ever read: ReLU's zeros, the ones of the bias gradient."""
+    key = (xp, value, n, dtype)
+    row = _CONST_ROWS.get(key)
+    if row is None:
+        if len(_CONST_ROWS) >= 32:
+            _CONST_ROWS.clear()
+        row = _CONST_ROWS[key] = (xp.ones if value else xp.zeros)((n,), dtype=dtype)
+    return row
+
+
+def _bias_grad(dy, xp):
+    """``sum(dy, axis=0)``. On NumPy, for float32/float64, as ``ones @ dy``: BLAS's
+    matrix-vector product reads ``dy`` at 2-5x the speed of NumPy's reduction over the
+    first axis (4096 x 64: 18 us against 91 us; 256 x 512: 7 against 20 us). Both add
+    the rows one after another, in different orders."""
+    kind = _fast_kind(xp)
+    if kind == "numpy" and len(dy.shape) == 2 and dy.dtype in _BLAS_DTYPES:
+        return _const_row(1, dy.shape[0], dy.dtype, xp) @ dy
+    if kind in ("numpy", "cupy"):
+        return dy.sum(axis=0)  # the method skips NumPy's Python-level reduction wrapper
+    return xp.sum(dy, axis=0)
+
+
 # Below this many weights the ctypes call costs more (~10 us) than the pass it saves:
 # measured on 2 cores, 64 x 64 weights took 19 us by BLAS and 12 us by the standard
 # path, 128 x 128 weights 31 us and 39 us.
@@ -100,6 +128,7 @@ _BLAS_ACC_MIN = 16384
 # outputs took 21 us by BLAS and 10 us by the standard path, 64 x 128 54 us and 51 us,
 # 128 x 256 107 us and 160 us.
 _BLAS_BIAS_MIN = 32768
+_BLAS_DTYPES = ("float32", "float64")
 
 
 def dense_forward(x, W, b=None, *, xp=None):
@@ -127,8 +156,11 @@ def dense_forward(x, W, b=None, *, xp=None):
         if kind == "numpy" and x.shape[0] * W.shape[1] >= _BLAS_BIAS_MIN and _blas.available():
             # the bias broadcast into y takes the place of the pass in which BLAS would
             # zero it; the product then adds to it (beta = 1)
-            y = xp.empty((x.shape[0], W.shape[1]), dtype=W.dtype)
-            y[...] = b
+            if x.shape[0] >= 1024:  # whole-block copies: 4096 x 512, 154 us against 359 us
+                y = xp.tile(b, (x.shape[0], 1))
+            else:  # a broadcast assignment costs less for few rows (256 x 512: 10 us against 14 us)
+                y = xp.empty((x.shape[0], W.shape[1]), dtype=W.dtype)
+                y[...] = b
             if _blas.gemm_acc(y, x, W):
                 return y
     y = x @ W
@@ -170,12 +202,7 @@ def dense_backward(x, W, dy, *, has_bias=True, need_dx=True, xp=None):
     """
     xp = _ns(dy, xp)
     dW = x.T @ dy
-    if not has_bias:
-        db = None
-    elif _fast_kind(xp) in ("numpy", "cupy"):
-        db = dy.sum(axis=0)  # the method skips NumPy's Python-level reduction wrapper
-    else:
-        db = xp.sum(dy, axis=0)
+    db = _bias_grad(dy, xp) if has_bias else None
     dx = dy @ W.T if need_dx else None
     return dx, dW, db
 
@@ -235,8 +262,7 @@ def dense_sgd_update(x, dy, W, b=None, *, lr, l2=0.0, xp=None):
     else:
         W = _sgd_apply(W, x.T @ dy, lr, l2, xp)
     if b is not None:
-        db = dy.sum(axis=0) if kind in ("numpy", "cupy") else xp.sum(dy, axis=0)
-        b = _sgd_apply(b, db, lr, 0.0, xp)
+        b = _sgd_apply(b, _bias_grad(dy, xp), lr, 0.0, xp)
     return W, b
 
 
@@ -607,25 +633,13 @@ def _identity_fw_inplace(x, xp, fast=True):
     return x
 
 
-_ZERO_ROWS: dict[Any, Any] = {}
-
-
-def _zero_row(n, dtype, xp):
-    """A row of ``n`` zeros, made once per (namespace, length, dtype) and only ever read."""
-    key = (xp, n, dtype)
-    row = _ZERO_ROWS.get(key)
-    if row is None:
-        if len(_ZERO_ROWS) >= 16:
-            _ZERO_ROWS.clear()
-        row = _ZERO_ROWS[key] = xp.zeros((n,), dtype=dtype)
-    return row
 
 
 def _relu_fw_inplace(x, xp, fast=True):
     kind = _fast_kind(xp) if fast else None
     if kind == "numpy" and is_writeable(x):
         # a broadcast row of zeros runs NumPy's contiguous SIMD loop; a scalar does not
-        return xp.maximum(x, _zero_row(x.shape[-1], x.dtype, xp), out=x)
+        return xp.maximum(x, _const_row(0, x.shape[-1], x.dtype, xp), out=x)
     if kind == "cupy":
         return xp.maximum(x, 0, out=x)
     if kind == "torch":
