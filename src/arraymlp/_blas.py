@@ -1,10 +1,8 @@
 """NumPy's own BLAS, for the product NumPy cannot express: ``C = beta*C + alpha*op(A) @ B``.
 
-``numpy.matmul`` always writes a fresh product (BLAS ``beta = 0``: OpenBLAS zeroes
-``C`` in a pass of its own, then accumulates into it). So ``x @ W + b`` costs that
-pass plus another to add the bias, and a weight update ``W -= lr * (x.T @ dy)`` two
-passes over a temporary the size of ``W``. BLAS's ``gemm`` accumulates into what
-``C`` holds: the bias broadcast into it, or the weights themselves. This module finds the
+``numpy.matmul`` always writes a fresh product (BLAS ``beta = 0``), so a weight update
+``W -= lr * (x.T @ dy)`` costs the product plus two passes over a temporary the size
+of ``W``. BLAS's ``gemm`` accumulates into ``W`` itself. This module finds the
 OpenBLAS that NumPy's wheels bundle (``scipy-openblas``), the very library, and
 thread pool, behind ``numpy.matmul``, and calls its CBLAS ``gemm`` through ctypes.
 
@@ -80,8 +78,7 @@ def gemm_acc(c: Any, a: Any, b: Any, alpha: float = 1.0, beta: float = 1.0, *, a
     """``c = beta * c + alpha * (op(a) @ b)`` in place, by one BLAS call, if it can.
 
     ``op(a)`` is ``a.T`` when ``at`` is true, else ``a``. With ``beta = 1`` the product
-    adds to what ``c`` holds: a bias broadcast into ``c`` beforehand, or the weights of
-    an SGD step (``alpha = -lr``).
+    adds to what ``c`` holds: the weights of an SGD step, say (``alpha = -lr``).
 
     Parameters
     ----------

@@ -124,10 +124,6 @@ def _bias_grad(dy, xp):
 # measured on 2 cores, 64 x 64 weights took 19 us by BLAS and 12 us by the standard
 # path, 128 x 128 weights 31 us and 39 us.
 _BLAS_ACC_MIN = 16384
-# The same trade for the bias of dense_forward (x @ W + b, W of 64 or 128 rows): 32 x 128
-# outputs took 21 us by BLAS and 10 us by the standard path, 64 x 128 54 us and 51 us,
-# 128 x 256 107 us and 160 us.
-_BLAS_BIAS_MIN = 32768
 _BLAS_DTYPES = ("float32", "float64")
 
 
@@ -149,20 +145,6 @@ def dense_forward(x, W, b=None, *, xp=None):
     y : array, shape (n, n_out)
     """
     xp = _ns(x, xp)
-    if b is not None and x.dtype == W.dtype == b.dtype and len(x.shape) == 2:
-        kind = _fast_kind(xp)
-        if kind == "torch":
-            return b.addmm(x, W)  # the bias is the GEMM's C: no pass of its own
-        if kind == "numpy" and x.shape[0] * W.shape[1] >= _BLAS_BIAS_MIN and _blas.available():
-            # the bias broadcast into y takes the place of the pass in which BLAS would
-            # zero it; the product then adds to it (beta = 1)
-            if x.shape[0] >= 1024:  # whole-block copies: 4096 x 512, 154 us against 359 us
-                y = xp.tile(b, (x.shape[0], 1))
-            else:  # a broadcast assignment costs less for few rows (256 x 512: 10 us against 14 us)
-                y = xp.empty((x.shape[0], W.shape[1]), dtype=W.dtype)
-                y[...] = b
-            if _blas.gemm_acc(y, x, W):
-                return y
     y = x @ W
     if b is not None:
         if is_writeable(y):
