@@ -268,6 +268,25 @@ def test_dense_sgd_update_is_the_gradient_step(backend, shape, l2, bias, dtype):
     np.testing.assert_array_equal(backend.to_numpy(dy), dy_np)
 
 
+def test_dense_sgd_update_with_inputs_of_another_dtype(backend):
+    """float32 weights stepped with float64 inputs and gradients (a functional-API user's
+    arrays): the fast paths step aside, the standard one promotes and writes back."""
+    xp = backend.xp
+    if not hasattr(xp, "float64"):
+        pytest.skip("no float64")
+    x_np, dy_np = _data(backend, (9, 140), 1, np.float64), _data(backend, (9, 130), 2, np.float64)
+    W_np, b_np = _data(backend, (140, 130), 3), _data(backend, (130,), 4)
+    W, b = _fresh(backend, W_np), _fresh(backend, b_np)
+    try:
+        W2, b2 = F.dense_sgd_update(backend.asarray(x_np), backend.asarray(dy_np), W, b, lr=0.05, xp=xp)
+    except TypeError as exc:  # array-api-strict refuses in-place float64 into float32, as it should
+        assert backend.name == "array_api_strict", exc
+        return
+    W_ref, b_ref = _sgd_reference(x_np, dy_np, W_np, b_np, 0.05, 0.0)
+    np.testing.assert_allclose(backend.to_numpy(W2), W_ref, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(backend.to_numpy(b2), b_ref, rtol=2e-5, atol=2e-5)
+
+
 @pytest.mark.parametrize("l2", [0.0, 0.3])
 def test_dense_sgd_update_standard_path_rounds_as_the_optimizer_does(backend, monkeypatch, l2):
     """Without a fast path the fused step is bit for bit SGD's step on the gradients of

@@ -119,6 +119,8 @@ def gemm_acc(c: Any, a: Any, b: Any, alpha: float = 1.0, beta: float = 1.0, *, a
     if numpy.may_share_memory(c, a) or numpy.may_share_memory(c, b):
         return False
     fn, itype = entry
+    if itype is ctypes.c_int32 and max(m, n, k, lda, ldb) >= 2**31:  # an LP64 build's int
+        return False
     fn(_ROW_MAJOR, _TRANS if at else _NO_TRANS, _NO_TRANS, itype(m), itype(n), itype(k), alpha, a.ctypes.data,
        itype(lda), b.ctypes.data, itype(ldb), beta, c.ctypes.data, itype(n))
     return True

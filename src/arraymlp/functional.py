@@ -239,7 +239,7 @@ def dense_sgd_update(x, dy, W, b=None, *, lr, l2=0.0, xp=None):
     decay = 1.0 - lr * l2
     if kind == "numpy" and math.prod(W.shape) >= _BLAS_ACC_MIN and _blas.gemm_acc(W, x, dy, -lr, decay, at=True):
         pass
-    elif kind == "torch" and is_writeable(W) and not W.requires_grad:
+    elif kind == "torch" and is_writeable(W) and not W.requires_grad and x.dtype == dy.dtype == W.dtype:
         W.addmm_(x.T, dy, beta=decay, alpha=-lr)
     else:
         W = _sgd_apply(W, x.T @ dy, lr, l2, xp)
