@@ -97,7 +97,8 @@ _CONST_ROWS: dict[Any, Any] = {}
 
 def _const_row(value, n, dtype, xp):
     """A row of ``n`` copies of ``value`` (0 or 1), made once per (namespace, value,
-    length, dtype) and only ever read: ReLU's zeros, the ones of the bias gradient."""
+    length, dtype) and only ever read: ReLU's zeros, the ones of the bias gradient.
+    For the NumPy paths only: the key holds no device."""
     key = (xp, value, n, dtype)
     row = _CONST_ROWS.get(key)
     if row is None:

@@ -24,7 +24,7 @@ Conventions, shared by every optimiser here:
   Optimiser state (moments, buffers) is created lazily on the first step with
   ``xp.zeros_like`` of each parameter: same namespace, device and dtype.
 - Parameters and state are updated in place where
-  :func:`array_api_compat.is_writeable` allows, and functionally otherwise
+  :func:`array_api_compat.is_writeable_array` allows, and functionally otherwise
   (the new array is written back into the parameter dict). Gradients are never
   mutated and never aliased by the state.
 - ``state_dict()`` returns plain Python containers (dicts, lists, tuples, numbers,
