@@ -496,3 +496,123 @@ def test_row_reductions_of_many_short_rows(backend, shape, dtype):
     np.testing.assert_allclose(float(loss), ref_loss, rtol=10 * tol)
     onehot = np.eye(shape[1])[labels]
     np.testing.assert_allclose(backend.to_numpy(grad), (ref - onehot) / shape[0], rtol=10 * tol, atol=tol / shape[0])
+
+
+class _SharedGradScale(L.Layer):
+    """y = x * (a + b), a layer whose backward returns one array for both parameters."""
+
+    def init_params(self, *, rng, dtype):
+        return {"a": rng.full((5,), 0.5, dtype), "b": rng.full((5,), 0.25, dtype)}
+
+    def forward(self, params, x, *, training, rng, xp):
+        return x * (params["a"] + params["b"]), x
+
+    def backward(self, params, cache, dy, *, xp, need_dx=True):
+        g = xp.sum(dy * cache, axis=0)
+        self.returned = g
+        return dy * (params["a"] + params["b"]), {"a": g, "b": g}
+
+
+def _manual_sgd(model, x, y, lr, steps, l2=0.0, loss="cross_entropy"):
+    opt = SGD(lr=lr)
+    for _ in range(steps):
+        _, grads = model.loss_and_grads(x, y, loss=loss, l2=l2)
+        opt.step(model.params, grads)
+
+
+def _assert_same_params(backend, a, b, rtol=1e-12, atol=1e-13):
+    for pa, pb in zip(a.params, b.params):
+        assert pa.keys() == pb.keys()
+        for k in pa:
+            np.testing.assert_allclose(backend.to_numpy(pa[k]), backend.to_numpy(pb[k]), rtol=rtol, atol=atol)
+
+
+def test_fused_sgd_step_leaves_a_layers_own_gradients_alone(backend):
+    """The update of a custom layer's parameters reads its gradients and never writes
+    them: one array returned for two parameters steps both alike."""
+    r = np.random.default_rng(2)
+    x, y = backend.asarray(r.standard_normal((8, 5))), backend.asarray(r.integers(0, 3, 8))
+
+    def build():
+        return am.Sequential([_SharedGradScale(), L.Dense(5, 3), L.Softmax()], dtype="float64", seed=4,
+                             **backend.model_kwargs())
+
+    fused, manual = build(), build()
+    fused.fit(x, y, loss="cross_entropy", optimizer=SGD(lr=0.1), epochs=1, batch_size=8, shuffle=False,
+              l2=0.01, progress=False)
+    g = backend.to_numpy(fused.layers[0].returned).copy()
+    _manual_sgd(manual, x, y, 0.1, 1, l2=0.01)
+    _assert_same_params(backend, fused, manual)
+    np.testing.assert_allclose(backend.to_numpy(fused.params[0]["a"]) - 0.5,
+                               backend.to_numpy(fused.params[0]["b"]) - 0.25, rtol=1e-12, atol=1e-15)
+    np.testing.assert_array_equal(backend.to_numpy(fused.layers[0].returned), g)
+
+
+@pytest.mark.parametrize("bad", [-0.1, float("nan")])
+def test_fused_sgd_step_refuses_a_bad_scheduled_rate(backend, bad):
+    r = np.random.default_rng(3)
+    x, y = backend.asarray(r.standard_normal((8, 5))), backend.asarray(r.integers(0, 3, 8))
+    model = _stack(backend)
+    with pytest.raises(ValueError, match="lr must be"):
+        model.fit(x, y, loss="cross_entropy", optimizer=SGD(lr=0.1), schedule=lambda epoch: 0.1 if epoch == 0 else bad,
+                  epochs=2, batch_size=4, shuffle=False, progress=False)
+
+
+def test_fused_sgd_step_respects_a_wrapped_step(backend):
+    """An optimiser whose step was wrapped on the instance (to log or inspect gradients)
+    is stepped through the wrapper."""
+    r = np.random.default_rng(5)
+    x, y = backend.asarray(r.standard_normal((8, 5))), backend.asarray(r.integers(0, 3, 8))
+    opt, seen = SGD(lr=0.1), []
+    inner = opt.step
+
+    def step(params, grads, **kw):
+        seen.append(sorted(k for g in grads for k in g))
+        return inner(params, grads, **kw)
+
+    opt.step = step
+    model, manual = _stack(backend), _stack(backend)
+    model.fit(x, y, loss="cross_entropy", optimizer=opt, epochs=2, batch_size=4, shuffle=False, progress=False)
+    assert len(seen) == 4 and seen[0] == ["W", "W", "W", "b", "b", "beta", "gamma"]
+    for s in (0, 4, 0, 4):
+        _manual_sgd(manual, x[s:s + 4, ...], y[s:s + 4], 0.1, 1)
+    _assert_same_params(backend, model, manual)
+    assert opt.step_count == 4
+
+
+def test_fused_sgd_step_checks_a_model_grown_in_place(backend):
+    """The state check runs every step: layers appended to the same lists are refused."""
+    r = np.random.default_rng(6)
+    x, y = backend.asarray(r.standard_normal((4, 5))), backend.asarray(r.integers(0, 3, 4))
+    model = am.MLP([5, 4, 3], dtype="float64", seed=1, output_activation="softmax", **backend.model_kwargs())
+    opt = SGD(lr=0.1)
+    model.fit(x, y, loss="cross_entropy", optimizer=opt, epochs=1, batch_size=4, progress=False)
+    extra = am.MLP([3, 3, 3], dtype="float64", seed=2, output_activation="softmax", **backend.model_kwargs())
+    model.layers[-1:] = extra.layers  # the same list objects, more layers
+    model.params[-1:] = extra.params
+    with pytest.raises(ValueError, match="different structure"):
+        model.fit(x, y, loss="cross_entropy", optimizer=opt, epochs=1, batch_size=4, progress=False,
+                  _reuse_optimizer=True)
+
+
+def test_tied_weights_are_not_fused(backend):
+    """Dense layers sharing one weight array: each layer's input gradient must read the
+    weights before the step, so the step is taken after backpropagation, as SGD.step."""
+    r = np.random.default_rng(8)
+    x, y = backend.asarray(r.standard_normal((8, 4))), backend.asarray(r.integers(0, 4, 8))
+
+    def build():
+        m = am.Sequential([L.Dense(4, 4), L.Tanh(), L.Dense(4, 4), L.Tanh(), L.Dense(4, 4), L.Softmax()],
+                          dtype="float64", seed=5, **backend.model_kwargs())
+        m.params[2]["W"] = m.params[4]["W"] = m.params[0]["W"]
+        return m
+
+    fused, manual = build(), build()
+    assert not fused._params_distinct()
+    fused.fit(x, y, loss="cross_entropy", optimizer=SGD(lr=0.1), epochs=1, batch_size=8, shuffle=False,
+              progress=False)
+    _, grads = manual.loss_and_grads(x, y, loss="cross_entropy")
+    W = backend.to_numpy(manual.params[0]["W"])
+    expected = W - 0.1 * sum(backend.to_numpy(grads[i]["W"]) for i in (0, 2, 4))
+    # SGD.step applies each layer's gradient to the one shared array in turn
+    np.testing.assert_allclose(backend.to_numpy(fused.params[0]["W"]), expected, rtol=1e-12, atol=1e-13)

@@ -33,8 +33,14 @@ def _find() -> dict | None:
     if blas.get("name") not in ("scipy-openblas", "scipy-openblas64", "scipy-openblas32"):
         return None
     libs = os.path.join(os.path.dirname(os.path.dirname(numpy.__file__)), "numpy.libs")
-    found = sorted(glob.glob(os.path.join(libs, "libscipy_openblas*.so*")))
-    if not found:
+    found = sorted(os.path.realpath(f) for f in glob.glob(os.path.join(libs, "libscipy_openblas*.so*")))
+    try:  # the copy NumPy has loaded, not another file beside it (a second thread pool)
+        with open("/proc/self/maps") as maps:
+            loaded = {line.split(None, 5)[-1].strip() for line in maps if "libscipy_openblas" in line}
+        found = [f for f in found if f in loaded]
+    except OSError:
+        pass
+    if len(found) != 1:
         return None
     try:
         lib = ctypes.CDLL(found[0])

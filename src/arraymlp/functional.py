@@ -249,17 +249,22 @@ def dense_sgd_update(x, dy, W, b=None, *, lr, l2=0.0, xp=None):
     return W, b
 
 
-def _sgd_apply(p, g, lr, l2, xp):
+def _sgd_apply(p, g, lr, l2, xp, owned=True):
     """``p + (-lr) * (g + l2 * p)`` with the rounding of :class:`arraymlp.SGD`'s step,
-    in place where allowed; ``g`` is a fresh array of the caller's (overwritten)."""
-    if is_writeable(g) and is_writeable(p):
-        if l2:
-            g += l2 * p
-        g *= -lr
-        p += g
-        return p
+    ``p`` updated in place where allowed. ``owned``: ``g`` is a fresh array of the
+    caller's, which may be overwritten (otherwise it is left as it is)."""
     if l2:
-        g = g + l2 * p
+        if owned and is_writeable(g):
+            g += l2 * p
+        else:
+            g, owned = g + l2 * p, True
+    if is_writeable(p):
+        if owned and is_writeable(g):
+            g *= -lr
+            p += g
+        else:
+            p += (-lr) * g
+        return p
     return p + (-lr) * g
 
 

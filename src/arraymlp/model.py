@@ -356,8 +356,8 @@ class Sequential:
                 dx, g = layer.backward(p, caches[i], dy, xp=xp, need_dx=i > first)
             if sgd is not None and g:
                 l2 = sgd[1] if isinstance(layer, L.Dense) else 0.0
-                for key, gk in g.items():
-                    p[key] = F._sgd_apply(p[key], gk, sgd[0], l2 if key == "W" else 0.0, xp)
+                for key, gk in g.items():  # a layer's own gradients: never overwritten
+                    p[key] = F._sgd_apply(p[key], gk, sgd[0], l2 if key == "W" else 0.0, xp, owned=False)
                 g = {}
             owned = h.fresh_dx or (owned and dx is dy)
             dy = dx
@@ -465,6 +465,12 @@ class Sequential:
         if l2:
             value = value + self._l2_penalty(l2, xp)
         return value, dout, caches, builtin
+
+    def _params_distinct(self) -> bool:
+        """Whether no parameter array serves two places (tied weights): the fused SGD
+        step updates each layer's weights before the layer below reads them."""
+        ids = [id(a) for p in self.params for a in p.values()]
+        return len(set(ids)) == len(ids)
 
     def _sgd_update(self, caches, dout, *, lr: float, l2: float = 0.0, xp, owned: bool = False) -> None:
         """Backpropagate ``dout`` and take one plain SGD step on the way down.

@@ -282,7 +282,6 @@ class Optimizer:
         self.state: list[dict[str, dict[str, Any]]] | None = None
         self._needs_placement = False
         self._scratch = None  # work space of _axpy's NumPy/CuPy path (not state)
-        self._fused_checked = None  # ids of the (params, state) _begin_fused_step last checked
 
     # -- the base learning rate -----------------------------------------------------
     @property
@@ -383,18 +382,17 @@ class Optimizer:
         training step may apply it as the gradients come (:meth:`_begin_fused_step`)."""
         return False
 
-    def _begin_fused_step(self, params, xp) -> None:
+    def _begin_fused_step(self, params, xp, lr: float | None = None) -> float:
         """The bookkeeping :meth:`step` does, for a step whose update the model makes
-        itself (``fit``'s fused plain SGD step): state built or checked, step counted."""
+        itself (``fit``'s fused plain SGD step): the rate validated, state built or
+        checked, step counted. Returns the step's learning rate."""
+        lr = self.lr if lr is None else _number("lr", lr, low=0.0)
         if self.state is None:
             self.state = [{key: self._init_state(p, xp) for key, p in layer.items()} for layer in params]
-        elif self._fused_checked != (id(params), id(self.state)):
-            # once per (params list, state) pair: fit steps the same model. Ids, not the
-            # lists, so that a model moved elsewhere is not kept alive here; a reused id
-            # can only skip a check of state that plain SGD does not read.
+        else:
             self._check_state(params, xp)
-        self._fused_checked = (id(params), id(self.state))
         self.step_count += 1
+        return lr
 
     def reset(self) -> None:
         """Forget all state (moments, buffers, step count); keep the hyper-parameters."""
@@ -591,7 +589,10 @@ class SGD(Optimizer):
         return {"momentum_buffer": xp.zeros_like(p)} if self.momentum != 0 else {}
 
     def _fusable(self) -> bool:
-        return (type(self)._update is SGD._update and type(self).step is Optimizer.step and self.momentum == 0
+        # neither the class nor this instance may have replaced the update or the step
+        # (a wrapper that logs or inspects the gradients must see them)
+        return (type(self)._update is SGD._update and type(self).step is Optimizer.step
+                and "step" not in vars(self) and "_update" not in vars(self) and self.momentum == 0
                 and self.weight_decay == 0 and self.clip_norm is None and self.clip_value is None)
 
     def _update(self, p, g, st, *, lr, wd, xp):

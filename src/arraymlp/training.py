@@ -7,7 +7,9 @@ the optimiser's update; a non-finite loss stops training with :class:`Divergence
 before that step's update, leaving the last finite parameters in place. With plain SGD
 (no momentum, weight decay or clipping) the update is made during backpropagation
 instead, each dense layer's weight gradient accumulating straight into its weights
-(:func:`arraymlp.functional.dense_sgd_update`); the loss is still checked first.
+(:func:`arraymlp.functional.dense_sgd_update`); the loss is still checked first, but an
+exception raised inside backpropagation (a custom layer's, or Ctrl-C) can leave that
+step applied to the layers above the failing one only.
 """
 
 from __future__ import annotations
@@ -318,15 +320,17 @@ def _loss_then_update(model, opt, lossfn, xb, yb, wb, *, xp, l2=0.0, dp=None):
 
     Returns ``(value, update)``: ``value`` is the loss (an array), ``update(lr)`` makes
     the optimiser's step. The caller reads ``value`` and checks it in between, so a
-    non-finite loss leaves the parameters untouched. With a plain SGD optimiser (and no
-    data parallelism) the gradients are never gathered: :meth:`Sequential._sgd_update`
-    applies each as backpropagation produces it.
+    non-finite loss leaves the parameters untouched. With a plain SGD optimiser (no data
+    parallelism, no parameter array shared by two layers) the gradients are never
+    gathered: :meth:`Sequential._sgd_update` applies each as backpropagation produces
+    it, so an exception raised inside backpropagation (a custom layer's, or Ctrl-C)
+    can leave the layers above it stepped and the others not.
     """
-    if dp is None and opt._fusable():
+    if dp is None and opt._fusable() and model._params_distinct():
         value, dout, caches, owned = model._loss_and_dout(xb, yb, lossfn, xp=xp, sample_weight=wb, l2=l2)
 
         def update(lr):
-            opt._begin_fused_step(model.params, xp)
+            lr = opt._begin_fused_step(model.params, xp, lr)
             model._sgd_update(caches, dout, lr=lr, l2=l2, xp=xp, owned=owned)
 
         return value, update
