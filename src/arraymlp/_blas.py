@@ -1,4 +1,4 @@
-"""NumPy's own BLAS, for the product NumPy cannot express: ``C = beta*C + alpha*op(A) @ B``.
+"""NumPy's own BLAS, for the product NumPy cannot express: ``C = beta*C + alpha*A.T @ B``.
 
 ``numpy.matmul`` always writes a fresh product (BLAS ``beta = 0``), so a weight update
 ``W -= lr * (x.T @ dy)`` costs the product plus two passes over a temporary the size
@@ -80,21 +80,20 @@ def _rows(a: numpy.ndarray, it: int) -> int | None:
     return s0 // it
 
 
-def gemm_acc(c: Any, a: Any, b: Any, alpha: float = 1.0, beta: float = 1.0, *, at: bool = False) -> bool:
-    """``c = beta * c + alpha * (op(a) @ b)`` in place, by one BLAS call, if it can.
+def gemm_acc(c: Any, a: Any, b: Any, alpha: float = 1.0, beta: float = 1.0) -> bool:
+    """``c = beta * c + alpha * (a.T @ b)`` in place, by one BLAS call, if it can.
 
-    ``op(a)`` is ``a.T`` when ``at`` is true, else ``a``. With ``beta = 1`` the product
-    adds to what ``c`` holds: the weights of an SGD step, say (``alpha = -lr``).
+    With ``beta = 1`` the product adds to what ``c`` holds: the weights of an SGD step
+    (``alpha = -lr``), say.
 
     Parameters
     ----------
     c : numpy.ndarray, shape (m, n)
         C-contiguous, writeable, float32 or float64; overwritten.
-    a : numpy.ndarray, shape (m, k), or (k, m) when ``at``
+    a : numpy.ndarray, shape (k, m)
     b : numpy.ndarray, shape (k, n)
         Same dtype as ``c``, rows of unit stride (any row stride), not overlapping ``c``.
     alpha, beta : float
-    at : bool
 
     Returns
     -------
@@ -111,7 +110,7 @@ def gemm_acc(c: Any, a: Any, b: Any, alpha: float = 1.0, beta: float = 1.0, *, a
         return False
     if a.ndim != 2 or b.ndim != 2 or c.ndim != 2:
         return False
-    k, m = a.shape if at else a.shape[::-1]
+    k, m = a.shape
     n = c.shape[1]
     if b.shape[0] != k or c.shape[0] != m or b.shape[1] != n or min(k, m, n) < 1:
         return False
@@ -127,6 +126,6 @@ def gemm_acc(c: Any, a: Any, b: Any, alpha: float = 1.0, beta: float = 1.0, *, a
     fn, itype = entry
     if itype is ctypes.c_int32 and max(m, n, k, lda, ldb) >= 2**31:  # an LP64 build's int
         return False
-    fn(_ROW_MAJOR, _TRANS if at else _NO_TRANS, _NO_TRANS, itype(m), itype(n), itype(k), alpha, a.ctypes.data,
+    fn(_ROW_MAJOR, _TRANS, _NO_TRANS, itype(m), itype(n), itype(k), alpha, a.ctypes.data,
        itype(lda), b.ctypes.data, itype(ldb), beta, c.ctypes.data, itype(n))
     return True

@@ -43,6 +43,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy
 
+from .training import _loss_then_update
+
 __all__ = [
     "TARGETS",
     "WORKLOADS",
@@ -328,8 +330,6 @@ def train_step(model, optimizer, lossfn, x, y, *, xp, sync: Callable[[], None] =
     float
         The batch loss.
     """
-    from .training import _loss_then_update
-
     value, update = _loss_then_update(model, optimizer, lossfn, x, y, None, xp=xp)
     value = float(value)
     update(optimizer.lr)

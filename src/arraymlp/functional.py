@@ -92,20 +92,31 @@ def _fast_kind(xp) -> str | None:
 
 
 # ----------------------------------------------------------------------------- dense
+def _memo(cache: dict, key, make: Callable[[], Any], limit: int = 32):
+    """``cache[key]``, made by ``make()`` on a miss; the cache is emptied when it holds
+    ``limit`` entries, and an unhashable key is not cached. For the small values the
+    hot path would otherwise rebuild every step (rows of constants, row indices, dtype
+    answers); what it returns is only ever read."""
+    try:
+        return cache[key]
+    except KeyError:
+        pass
+    except TypeError:
+        return make()
+    if len(cache) >= limit:
+        cache.clear()
+    out = cache[key] = make()
+    return out
+
+
 _CONST_ROWS: dict[Any, Any] = {}
 
 
 def _const_row(value, n, dtype, xp):
     """A row of ``n`` copies of ``value`` (0 or 1), made once per (namespace, value,
-    length, dtype) and only ever read: ReLU's zeros, the ones of the bias gradient.
-    For the NumPy paths only: the key holds no device."""
-    key = (xp, value, n, dtype)
-    row = _CONST_ROWS.get(key)
-    if row is None:
-        if len(_CONST_ROWS) >= 32:
-            _CONST_ROWS.clear()
-        row = _CONST_ROWS[key] = (xp.ones if value else xp.zeros)((n,), dtype=dtype)
-    return row
+    length, dtype): ReLU's zeros, the ones of the bias gradient. For the NumPy paths
+    only: the key holds no device."""
+    return _memo(_CONST_ROWS, (xp, value, n, dtype), lambda: (xp.ones if value else xp.zeros)((n,), dtype=dtype))
 
 
 def _bias_grad(dy, xp):
@@ -238,7 +249,7 @@ def dense_sgd_update(x, dy, W, b=None, *, lr, l2=0.0, xp=None):
     xp = _ns(dy, xp)
     kind = _fast_kind(xp)
     decay = 1.0 - lr * l2
-    if kind == "numpy" and math.prod(W.shape) >= _BLAS_ACC_MIN and _blas.gemm_acc(W, x, dy, -lr, decay, at=True):
+    if kind == "numpy" and math.prod(W.shape) >= _BLAS_ACC_MIN and _blas.gemm_acc(W, x, dy, -lr, decay):
         pass
     elif kind == "torch" and is_writeable(W) and not W.requires_grad and x.dtype == dy.dtype == W.dtype:
         W.addmm_(x.T, dy, beta=decay, alpha=-lr)

@@ -52,7 +52,7 @@ from typing import Any, Callable
 
 
 from ._backend import asarray_like, device_of, get_namespace, is_float16, is_writeable
-from .functional import _fast_kind, _row_reduce, log_softmax
+from .functional import _fast_kind, _memo, _row_reduce, log_softmax
 
 __all__ = [
     "LOSSES",
@@ -156,31 +156,13 @@ _ROWS: dict[Any, Any] = {}
 def _integral(dtype, xp) -> bool:
     """``xp.isdtype(dtype, "integral")``, remembered per (namespace, dtype): the training
     step asks it every batch, and NumPy's ``isdtype`` costs a few microseconds."""
-    key = (xp, dtype)
-    try:
-        return _INTEGRAL[key]
-    except KeyError:
-        pass
-    except TypeError:  # an unhashable dtype object
-        return xp.isdtype(dtype, "integral")
-    out = _INTEGRAL[key] = bool(xp.isdtype(dtype, "integral"))
-    return out
+    return _memo(_INTEGRAL, (xp, dtype), lambda: bool(xp.isdtype(dtype, "integral")))
 
 
 def _row_indices(n, xp, device):
     """``xp.arange(n)`` on ``device`` (None: the default one), kept for the next batch of
     the same size (the loss only reads it)."""
-    key = (xp, n, device)
-    try:
-        return _ROWS[key]
-    except KeyError:
-        pass
-    except TypeError:
-        return xp.arange(n, device=device)
-    if len(_ROWS) >= 8:
-        _ROWS.clear()
-    out = _ROWS[key] = xp.arange(n, device=device)
-    return out
+    return _memo(_ROWS, (xp, n, device), lambda: xp.arange(n, device=device), limit=8)
 
 
 def _class_targets(name, outputs, targets, xp, check=True):
