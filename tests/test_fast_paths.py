@@ -613,3 +613,49 @@ def test_tied_weights_are_not_fused(backend):
     expected = W - 0.1 * sum(backend.to_numpy(grads[i]["W"]) for i in (0, 2, 4))
     # SGD.step applies each layer's gradient to the one shared array in turn
     np.testing.assert_allclose(backend.to_numpy(fused.params[0]["W"]), expected, rtol=1e-12, atol=1e-13)
+
+
+# ----------------------------------------------------------------------------- finiteness
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(37, 11), (11,), (5, 1)])
+def test_all_finite_matches_isfinite(backend, dtype, shape):
+    """The BLAS row-sum screen answers as ``all(isfinite(a))`` does: for each kind of
+    non-finite entry, anywhere, and for finite entries whose sums overflow."""
+    big = np.finfo(dtype).max
+    base = _data(backend, shape, dtype=dtype)
+    cases = {"finite": base}
+    for label, value in (("nan", np.nan), ("inf", np.inf), ("-inf", -np.inf)):
+        for where in (0, base.size // 2, base.size - 1):
+            a = base.copy()
+            a.flat[where] = value
+            cases[f"{label}@{where}"] = a
+    overflow = np.full(shape, big, dtype=dtype)  # every sum overflows, every entry finite
+    cases["overflowing sums"] = overflow
+    cancel = overflow.copy()
+    cancel.flat[-1] = np.inf  # a sum of +inf that an exact test must still reject
+    cases["inf among huge"] = cancel
+    mixed = np.where(np.arange(base.size).reshape(shape) % 2 == 0, big, -big).astype(dtype)
+    cases["alternating huge"] = mixed
+    for label, a in cases.items():
+        expected = bool(np.isfinite(a).all())
+        assert F._all_finite(backend.asarray(a), backend.xp) is expected, label
+        # the exact test, block by block, gives the same answer
+        assert F._all_finite(backend.asarray(a), backend.xp, rows=4) is expected, label
+
+
+def test_all_finite_exact_for_other_dtypes_and_empty_arrays(backend):
+    xp = backend.xp
+    assert F._all_finite(backend.asarray(np.zeros((0, 3), np.float32)), xp) is True
+    assert F._all_finite(backend.asarray(np.zeros((3, 0), np.float32)), xp) is True
+    assert F._all_finite(backend.asarray(np.arange(6).reshape(2, 3)), xp) is True
+
+
+def test_model_rejects_non_finite_input_found_by_the_row_sums(backend):
+    model = am.MLP([3, 4, 2], seed=0, backend=backend.xp, device=backend.device)
+    x = np.ones((6, 3), np.float32)
+    x[4, 1] = np.nan
+    with pytest.raises(ValueError, match="contains NaN or infinite values"):
+        model(backend.asarray(x))
+    x[4, :] = np.finfo(np.float32).max  # finite, whose row sum overflows: accepted as it is
+    checked, _ = model._check_x(backend.asarray(x))
+    np.testing.assert_array_equal(backend.to_numpy(checked), x)

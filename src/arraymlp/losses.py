@@ -52,7 +52,7 @@ from typing import Any, Callable
 
 
 from ._backend import asarray_like, device_of, get_namespace, is_float16, is_writeable
-from .functional import _fast_kind, _memo, _row_reduce, log_softmax
+from .functional import _all_finite, _fast_kind, _memo, _row_reduce, log_softmax
 
 __all__ = [
     "LOSSES",
@@ -117,7 +117,7 @@ def _check_outputs(name, outputs, xp, *, two_d=False):
 
 
 def _check_finite(name, t, xp):
-    if not bool(xp.all(xp.isfinite(t))):
+    if not _all_finite(t, xp):
         msg = f"{name}: targets contain NaN or infinity"
         raise ValueError(msg)
 

@@ -54,18 +54,6 @@ def _check_chain(layers: Sequence[L.Layer]) -> None:
         raise ValueError(msg)
 
 
-def _all_finite(a, xp, rows: int = 8192) -> bool:
-    """Whether every entry of ``a`` is finite, tested ``rows`` rows at a time.
-
-    The boolean mask of one block at a time, not of the whole array: when ``fit``
-    checks a data set, the check does not cost another copy of its size.
-    """
-    n = a.shape[0] if a.ndim else 0
-    if n <= rows:
-        return bool(xp.all(xp.isfinite(a)))
-    return all(bool(xp.all(xp.isfinite(a[i:i + rows, ...]))) for i in range(0, n, rows))
-
-
 def _replace_optimizer_state(source, target) -> None:
     """Give ``target`` a copy of ``source``'s state, placed on the parameters' backend,
     device and dtype at its next step (``to`` and ``copy`` move the parameters)."""
@@ -254,7 +242,7 @@ class Sequential:
             raise TypeError(msg)
         if x.dtype != self.dtype:
             x = xp.astype(x, self.dtype)
-        if check_finite and not _all_finite(x, xp):
+        if check_finite and not F._all_finite(x, xp):
             msg = f"{what} contains NaN or infinite values"
             raise ValueError(msg)
         return x, xp
@@ -266,7 +254,7 @@ class Sequential:
             if y.dtype != self.dtype:
                 y = xp.astype(y, self.dtype)
             # once, here: the training step's loss does not read the values again
-            if not _all_finite(y, xp):
+            if not F._all_finite(y, xp):
                 msg = f"{what} contains NaN or infinite values"
                 raise ValueError(msg)
         return y

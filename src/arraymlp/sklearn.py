@@ -182,7 +182,7 @@ def _check_device_X(X, xp, estimator_name: str) -> None:
 
 
 def _check_finite(a, xp, what: str) -> None:
-    if bool(xp.all(xp.isfinite(a))):
+    if F._all_finite(a, xp):
         return
     if bool(xp.any(xp.isnan(a))):
         msg = f"Input {what} contains NaN."
