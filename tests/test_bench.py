@@ -376,3 +376,26 @@ def test_memory_budget_parts():
     assert m["budget_bytes"] == m["data_bytes"] + m["param_bytes"] + m["activation_bytes"]
     assert m["ratio"] == pytest.approx(m["peak_bytes"] / m["budget_bytes"])
     assert m["peak_bytes"] >= m["data_bytes"]
+
+
+def test_tf32_wrapper_only_where_it_switches_something():
+    """On CPU targets, and with TF32 off, the timed function is the work itself; on a
+    GPU target with TF32 on, the switch is on during the call and restored after it."""
+    torch = pytest.importorskip("torch")
+
+    def work():
+        return torch.backends.cuda.matmul.allow_tf32
+
+    cpu = bench.TARGETS["numpy"]
+    assert bench._in_tf32(cpu, True, work) is work
+    gpu = bench.Target("gpu", "torch", "cuda", True)
+    assert bench._in_tf32(gpu, False, work) is work
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        wrapped = bench._in_tf32(gpu, True, work)
+        assert wrapped is not work
+        assert wrapped() is True
+        assert torch.backends.cuda.matmul.allow_tf32 is False
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
