@@ -464,7 +464,7 @@ def test_bias_gradient_is_the_batch_sum(backend, shape, dtype):
     np.testing.assert_array_equal(backend.to_numpy(F._bias_grad(dy, xp)), backend.to_numpy(db))
 
 
-@pytest.mark.parametrize("shape", [(300, 10), (300, 1), (300, 40), (20, 10)])
+@pytest.mark.parametrize("shape", [(300, 10), (300, 1), (300, 40), (20, 10), (32, 10), (64, 16)])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_row_reductions_of_many_short_rows(backend, shape, dtype):
     """The last-axis max and sum (NumPy reduces many short rows from a transposed copy)

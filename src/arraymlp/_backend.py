@@ -194,6 +194,15 @@ def is_writeable(x: Any) -> bool:
     return array_api_compat.is_writeable_array(x)
 
 
+def row_sums_finite(a: Any, ones: Any) -> bool:
+    """For a NumPy array ``a`` and a row of ones as long as its last axis: whether every
+    row sum ``a @ ones`` is finite (a NaN or infinite entry makes its row's sum NaN or
+    infinite; sums of large finite entries may overflow, which is not reported)."""
+    with numpy.errstate(over="ignore", invalid="ignore"):
+        s = a @ ones
+    return bool(numpy.isfinite(s).all())
+
+
 def asarray_like(x: Any, like: Any, xp: types.ModuleType) -> Any:
     """``xp.asarray(x)`` for a value computed from ``like`` (a loss from its outputs),
     straight through NumPy when ``like`` is a NumPy array: array-api-compat's wrapper

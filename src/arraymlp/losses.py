@@ -510,7 +510,7 @@ def cross_entropy(outputs, targets, *, xp=None, sample_weight=None, check=True):
     if check:
         n, k = _check_outputs(name, outputs, xp, two_d=True)
     else:
-        n, k = (int(d) for d in outputs.shape)
+        n, k = map(int, outputs.shape)
     t, labels = _class_targets(name, outputs, targets, xp, check)
     w, total = _sample_weight(name, sample_weight, outputs, xp)
     if labels is not None:
@@ -554,7 +554,7 @@ def _cross_entropy_labels(outputs, labels, w, total, n, k, xp):
         zy = xp.sum(xp.where(onehot, z, xp.zeros_like(z)), axis=1)
     g = xp.exp(z)
     s = _row_reduce(g, "sum", xp)
-    per_sample = xp.reshape(xp.log(s), (n,)) - zy
+    per_sample = xp.log(s)[:, 0] - zy
     if not is_writeable(g):
         onehot = xp.reshape(labels, (n, 1)) == xp.arange(k, dtype=xp.int64, device=device_of(outputs))
         g = g / s - xp.astype(onehot, g.dtype)

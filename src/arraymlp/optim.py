@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 from typing import Any
 
 import array_api_compat
@@ -78,6 +79,9 @@ def _check_eps_for(p, xp, eps: float, name: str) -> None:
 
 
 # ----------------------------------------------------------------------------- checks
+_keys = operator.methodcaller("keys")  # of any mapping of parameters
+
+
 def _number(
     name: str,
     value: Any,
@@ -88,7 +92,9 @@ def _number(
     high_open: bool = False,
 ) -> float:
     """Validate a real hyper-parameter and return it as a float."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    # a float first: the fused step validates its rate every step, and the check
+    # against the numbers.Real ABC costs a microsecond
+    if type(value) is not float and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
         msg = f"{name} must be a real number, got {value!r} ({type(value).__name__})"
         raise TypeError(msg)
     v = float(value)
@@ -473,7 +479,8 @@ class Optimizer:
 
     def _check_state(self, params, xp) -> None:
         state = self.state
-        ok = len(state) == len(params) and all(s.keys() == p.keys() for s, p in zip(state, params))
+        # compared by map, without a Python-level loop: the fused step checks every step
+        ok = len(state) == len(params) and list(map(dict.keys, state)) == list(map(_keys, params))
         if not ok:
             msg = (
                 "the optimizer's state was built for parameters of a different structure "
@@ -488,7 +495,7 @@ class Optimizer:
                         st[slot] = _place(st[slot], p, xp)
             self._needs_placement = False
             return
-        if not any(st for slayer in state for st in slayer.values()):
+        if not any(map(any, map(dict.values, state))):
             return  # no state arrays (plain SGD): no shapes to compare
         for slayer, layer in zip(state, params):
             for key, p in layer.items():
