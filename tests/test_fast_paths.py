@@ -659,3 +659,14 @@ def test_model_rejects_non_finite_input_found_by_the_row_sums(backend):
     x[4, :] = np.finfo(np.float32).max  # finite, whose row sum overflows: accepted as it is
     checked, _ = model._check_x(backend.asarray(x))
     np.testing.assert_array_equal(backend.to_numpy(checked), x)
+
+
+def test_all_finite_leaves_numpy_subclasses_to_the_exact_test():
+    """A masked array multiplies by its own mask rules: the BLAS screen does not take
+    it, and the exact test answers as ``all(isfinite(a))`` does."""
+    bad = np.ma.masked_array([[1.0, np.nan], [2.0, 3.0]], mask=[[0, 1], [0, 0]])
+    good = np.ma.masked_array([[1.0, 4.0], [2.0, 3.0]], mask=[[0, 1], [0, 0]])
+    for a in (bad, good):
+        assert F._all_finite(a, np) is bool(np.all(np.isfinite(a)))
+    assert F._all_finite(good, np) is True
+    assert F._all_finite(np.ma.masked_array([[1.0, np.inf]], mask=[[0, 0]]), np) is False

@@ -197,7 +197,11 @@ def is_writeable(x: Any) -> bool:
 def row_sums_finite(a: Any, ones: Any) -> bool:
     """For a NumPy array ``a`` and a row of ones as long as its last axis: whether every
     row sum ``a @ ones`` is finite (a NaN or infinite entry makes its row's sum NaN or
-    infinite; sums of large finite entries may overflow, which is not reported)."""
+    infinite; sums of large finite entries may overflow, which is not reported). False,
+    proving nothing, for subclasses (masked arrays multiply and reduce by their own
+    rules)."""
+    if type(a) is not numpy.ndarray:
+        return False
     with numpy.errstate(over="ignore", invalid="ignore"):
         s = a @ ones
     return bool(numpy.isfinite(s).all())
