@@ -29,7 +29,7 @@ from array_api_compat import (
     to_device,
 )
 
-from . import _blas
+from . import _blas, _jit
 from ._backend import get_namespace, is_float16, is_writeable, row_sums_finite
 
 __all__ = [
@@ -181,12 +181,27 @@ def dense_forward(x, W, b=None, *, xp=None):
     """
     xp = _ns(x, xp)
     y = x @ W
-    if b is not None:
-        if is_writeable(y):
-            y += b
-        else:
-            y = y + b
-    return y
+    return y if b is None else _add_bias(y, b)
+
+
+def _dense_relu_forward(x, W, b, xp):
+    """``maximum(x @ W + b, 0)`` for a dense layer followed by ReLU, the bias and the
+    ReLU in one compiled pass over the product (:func:`arraymlp._jit.bias_relu`), or
+    None (nothing computed) where that does not apply: not NumPy, no bias, no kernels.
+    The result is the one :func:`dense_forward` then ReLU give, bit for bit."""
+    if b is None or _fast_kind(xp) != "numpy" or _jit.kernels() is None:
+        return None
+    y = x @ W
+    if _jit.bias_relu(y, b):
+        return y
+    return _relu_fw_inplace(_add_bias(y, b), xp)  # another dtype or layout
+
+
+def _add_bias(y, b):
+    if is_writeable(y):
+        y += b
+        return y
+    return y + b
 
 
 def dense_backward(x, W, dy, *, has_bias=True, need_dx=True, xp=None):
@@ -675,6 +690,8 @@ def _relu_bw_inplace(dy, y, xp, fast=True):
     # dx = dy * [y > 0], one boolean mask and no select: ``where`` branches on every
     # element and a random mask defeats the branch predictor (NumPy: ~20x slower)
     kind = _fast_kind(xp) if fast else None
+    if kind == "numpy" and is_writeable(dy) and _jit.relu_backward(dy, y):
+        return dy  # one compiled pass, where Numba is installed
     if kind in ("numpy", "cupy") and is_writeable(dy):
         return xp.multiply(dy, y > 0, out=dy)
     if kind == "torch":

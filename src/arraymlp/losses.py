@@ -51,6 +51,7 @@ import numbers
 from typing import Any, Callable
 
 
+from . import _jit
 from ._backend import asarray_like, device_of, get_namespace, is_float16, is_writeable
 from .functional import _all_finite, _fast_kind, _memo, _row_reduce, log_softmax
 
@@ -538,9 +539,15 @@ def _cross_entropy_labels(outputs, labels, w, total, n, k, xp):
     Only the true class's ``z`` is read (never ``0 * z``, which is NaN for a masked
     logit of ``-inf``) and ``log p`` is never formed. NumPy, CuPy and torch pick and
     update the true class by integer indexing behind a check of the namespace; the
-    standard path takes ``take_along_axis`` and subtracts a one-hot matrix.
+    standard path takes ``take_along_axis`` and subtracts a one-hot matrix. Unweighted
+    on NumPy, one compiled loop does it all where Numba is installed (:mod:`._jit`).
     """
     kind = _fast_kind(xp)
+    if kind == "numpy" and w is None:
+        # one compiled loop over the rows, where Numba is installed
+        fused = _jit.cross_entropy_labels(outputs, labels)
+        if fused is not None:
+            return _result(fused[0] / n, outputs, xp), fused[1]
     fast = kind is not None
     ufuncs = kind in ("numpy", "cupy")  # reductions by method: no Python-level wrapper
     z = outputs - _row_reduce(outputs, "max", xp)

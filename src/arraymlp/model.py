@@ -61,6 +61,10 @@ def _replace_optimizer_state(source, target) -> None:
         target.load_state_dict(source.state_dict())
 
 
+_DENSE_FORWARD = L.Dense.forward
+_ACTIVATION_FORWARD = L.Activation.forward
+
+
 class Sequential:
     """A chain of layers trained by backpropagation.
 
@@ -286,7 +290,22 @@ class Sequential:
         layers = self.layers if upto is None else self.layers[:upto]
         rng = self.rng
         owned = False  # the input is the caller's: never overwritten
-        for layer, p in zip(layers, self.params):
+        params = self.params
+        relu = F.ACTIVATIONS["relu"]
+        skip = False
+        for i, (layer, p) in enumerate(zip(layers, params)):
+            if skip:  # the ReLU already applied with the dense layer below it
+                skip = False
+                continue
+            if (type(layer).forward is _DENSE_FORWARD and i + 1 < len(layers)
+                    and type(layers[i + 1]).forward is _ACTIVATION_FORWARD and layers[i + 1]._act is relu):
+                y = F._dense_relu_forward(x, p["W"], p.get("b"), xp)
+                if y is not None:  # the same arrays and caches as the two layers one by one
+                    caches.append(x if keep else None)
+                    caches.append(y if keep else None)
+                    x, skip = y, True
+                    owned = L.handover(layers[i + 1]).fresh_output
+                    continue
             h = L.handover(layer)
             if owned and h.forward_inplace:
                 x, cache = layer.forward(p, x, training=training, rng=rng, xp=xp, inplace=True)

@@ -1,0 +1,72 @@
+"""The compiled loops behind :mod:`arraymlp._jit` (imported only where Numba is).
+
+Each loop does in one pass over memory what NumPy does in two or more, and rounds as
+the NumPy code it replaces does, operation for operation: the ReLU kernels are bit for
+bit the same; the cross-entropy kernel differs from NumPy's only where ``exp`` and
+``log`` do by an ulp, and in the order its row sums are added. Arrays come C-contiguous
+and of one floating dtype (the caller checks); indices are not bounds-checked, so the
+cross-entropy kernel tests each label itself.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+
+
+@numba.njit(cache=True, nogil=True)
+def bias_relu(h, b):  # pragma: no cover - compiled
+    """``h = maximum(h + b, 0)`` in place; ``h`` (n, m), ``b`` (m,). NaN stays NaN and
+    ``-0.0`` becomes ``+0.0``, as NumPy's ``maximum(h + b, 0)`` gives."""
+    n, m = h.shape
+    zero = h.dtype.type(0)
+    for i in range(n):
+        for j in range(m):
+            v = h[i, j] + b[j]
+            h[i, j] = v if (v > zero or v != v) else zero
+
+
+@numba.njit(cache=True, nogil=True)
+def relu_backward(dy, y):  # pragma: no cover - compiled
+    """``dy *= (y > 0)`` in place, as a product: ``inf * 0`` is NaN, ``-x * 0`` is ``-0.0``."""
+    n, m = dy.shape
+    one = dy.dtype.type(1)
+    zero = dy.dtype.type(0)
+    for i in range(n):
+        for j in range(m):
+            dy[i, j] = dy[i, j] * (one if y[i, j] > zero else zero)
+
+
+@numba.njit(cache=True, nogil=True)
+def cross_entropy_labels(x, labels, g, scale):  # pragma: no cover - compiled
+    """Softmax cross-entropy of logits ``x`` (n, k) against labels (n,).
+
+    Writes ``g = (softmax(x) - onehot) * scale`` and returns ``(ok, total)``: ``total``
+    is the sum over rows of ``log(sum(exp(z))) - z[y]`` with ``z = x - max(x)``,
+    added in float64; ``ok`` is False (and ``g`` unfinished) when a label lies
+    outside ``[0, k)``.
+    """
+    n, k = x.shape
+    total = 0.0
+    for i in range(n):
+        c = labels[i]
+        if c < 0 or c >= k:
+            return False, 0.0
+        m = x[i, 0]
+        for j in range(1, k):
+            v = x[i, j]
+            if v > m or v != v:
+                m = v
+        s = x.dtype.type(0)
+        for j in range(k):
+            e = math.exp(x[i, j] - m)
+            g[i, j] = e
+            s += e
+        total += math.log(s) - (x[i, c] - m)
+        for j in range(k):
+            g[i, j] = g[i, j] / s
+        g[i, c] -= 1
+        for j in range(k):
+            g[i, j] = g[i, j] * scale
+    return True, total

@@ -1,0 +1,224 @@
+"""The compiled one-pass kernels (Numba, where installed) held to the NumPy code they
+replace: the ReLU kernels bit for bit, the cross-entropy kernel to the rounding of
+``exp``/``log`` and of its row sums; every backend row gives the same results with the
+kernels on and off (only NumPy rows take them); declined inputs leave arrays untouched."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import numpy as np
+import pytest
+
+import arraymlp as am
+from arraymlp import _jit
+from arraymlp import functional as F
+from arraymlp import losses as LS
+
+needs_numba = pytest.mark.skipif(_jit.kernels() is None, reason="Numba is not installed")
+
+SPECIALS = [np.nan, np.inf, -np.inf, 0.0, -0.0, 1e-30, -1e-30, 2.5, -2.5]
+
+
+@pytest.fixture
+def jit_off():
+    """Run a block with the kernels off: ``with jit_off(): ...``."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def off():
+        saved = _jit._kernels
+        _jit.set_enabled(False)
+        try:
+            yield
+        finally:
+            _jit._kernels = saved
+
+    return off
+
+
+def _bits(a):
+    a = np.ascontiguousarray(a)
+    return a.view(np.uint32 if a.dtype == np.float32 else np.uint64)
+
+
+# ----------------------------------------------------------------------------- kernels
+@needs_numba
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 9), (64, 33)])
+def test_bias_relu_is_numpys_maximum_bit_for_bit(dtype, shape):
+    r = np.random.default_rng(0)
+    h = r.standard_normal(shape).astype(dtype)
+    b = r.standard_normal(shape[1]).astype(dtype)
+    flat = h.reshape(-1)
+    flat[: len(SPECIALS)] = SPECIALS[: flat.size]
+    b[0] = -0.0  # -0.0 + -0.0 stays -0.0, which ReLU turns into +0.0
+    ref = h + b
+    np.maximum(ref, 0, out=ref)
+    got = h.copy()
+    assert _jit.bias_relu(got, b) is True
+    np.testing.assert_array_equal(_bits(got), _bits(ref))
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_relu_backward_is_the_masked_product_bit_for_bit(dtype):
+    r = np.random.default_rng(1)
+    dy = r.standard_normal((17, 12)).astype(dtype)
+    y = np.maximum(r.standard_normal((17, 12)), 0).astype(dtype)
+    dy.reshape(-1)[: len(SPECIALS)] = SPECIALS
+    y.reshape(-1)[: len(SPECIALS)] = 0.0  # inf * 0 is NaN, -2.5 * 0 is -0.0
+    y[5, :4] = [np.nan, np.inf, 1e-45 if dtype == np.float32 else 5e-324, -0.0]
+    with np.errstate(invalid="ignore"):  # NumPy warns of inf * 0; the kernel does not
+        ref = dy * (y > 0)
+    got = dy.copy()
+    assert _jit.relu_backward(got, y) is True
+    np.testing.assert_array_equal(_bits(got), _bits(ref))
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype, rtol", [(np.float32, 2e-6), (np.float64, 1e-13)])
+@pytest.mark.parametrize("shape", [(1, 2), (9, 5), (300, 10)])
+def test_cross_entropy_kernel_matches_the_numpy_path(dtype, rtol, shape, jit_off):
+    n, k = shape
+    r = np.random.default_rng(2)
+    x = (r.standard_normal(shape) * 4).astype(dtype)
+    x[0, 0] = -np.inf  # a masked logit (the label of row 0 is never 0 below)
+    labels = (np.arange(n) % (k - 1)) + 1
+    fused = _jit.cross_entropy_labels(x, labels)
+    assert fused is not None
+    total, g = fused
+    with jit_off():
+        loss_ref, g_ref = LS.cross_entropy(x, labels)
+    assert total / n == pytest.approx(float(loss_ref), rel=rtol)
+    np.testing.assert_allclose(g, g_ref, rtol=rtol, atol=rtol / n)
+    assert g.dtype == x.dtype and g[0, 0] == 0.0
+    # through the loss: the same value and gradient, the logits untouched
+    x0 = x.copy()
+    loss, g2 = LS.cross_entropy(x, labels)
+    assert loss.dtype == x.dtype and float(loss) == pytest.approx(float(loss_ref), rel=rtol)
+    np.testing.assert_array_equal(g2, g)
+    np.testing.assert_array_equal(x, x0)
+
+
+@needs_numba
+def test_cross_entropy_kernel_gives_nan_for_nan_logits_like_numpy(jit_off):
+    x = np.array([[0.0, np.nan, 1.0], [np.nan, 0.0, 2.0], [0.0, 1.0, 2.0]])
+    labels = np.array([0, 2, 1])
+    total, g = _jit.cross_entropy_labels(x, labels)
+    with jit_off():
+        _, g_ref = LS.cross_entropy(x, labels, check=False)
+    assert np.isnan(total)
+    np.testing.assert_array_equal(np.isnan(g), np.isnan(g_ref))
+    np.testing.assert_allclose(g[2], g_ref[2], rtol=1e-14)
+
+
+@needs_numba
+@pytest.mark.parametrize("bad", [-1, 3])
+def test_cross_entropy_kernel_declines_labels_out_of_range(bad):
+    x = np.zeros((2, 3))
+    assert _jit.cross_entropy_labels(x, np.array([0, bad])) is None
+    with pytest.raises(ValueError, match=r"\[0, 3\)"):
+        LS.cross_entropy(x, np.array([0, bad]))  # the checked loss still says why
+
+
+@needs_numba
+def test_kernels_decline_what_they_cannot_take():
+    r = np.random.default_rng(3)
+    h = r.standard_normal((4, 6))
+    b = r.standard_normal(6)
+    cases = [
+        (h.astype(np.float16), b.astype(np.float16)),  # dtype
+        (h.astype(np.float32), b),  # mixed dtypes
+        (np.asfortranarray(h), b),  # layout
+        (h[:, ::2], b[::2]),  # a strided view
+        (h, b[:5]),  # shapes that do not broadcast
+        (np.ma.masked_array(h), b),  # a NumPy subclass
+        (h.reshape(2, 2, 6), b),  # three axes
+    ]
+    for hh, bb in cases:
+        before = np.array(hh, copy=True)
+        assert _jit.bias_relu(hh, bb) is False
+        np.testing.assert_array_equal(np.asarray(hh), before)
+    for dy, y in [cases[0][:1] * 2, (np.asfortranarray(h),) * 2, (h[:, ::2],) * 2, (h, h[:, :5]),
+                  (np.ma.masked_array(h), h), (h, h.astype(np.float32))]:
+        before = np.array(dy, copy=True)
+        assert _jit.relu_backward(dy, y) is False
+        np.testing.assert_array_equal(np.asarray(dy), before)
+    ro = h.copy()
+    ro.flags.writeable = False
+    assert _jit.bias_relu(ro, b) is False and _jit.relu_backward(ro, h) is False
+    assert _jit.cross_entropy_labels(h, np.arange(4, dtype=np.int32) % 6) is None  # int32 labels
+    assert _jit.cross_entropy_labels(h.astype(np.float16), np.arange(4) % 6) is None
+    assert _jit.cross_entropy_labels(h[:0], np.arange(0)) is None  # no rows
+
+
+# ----------------------------------------------------------------------------- switches
+def test_switches_turn_the_kernels_off(monkeypatch):
+    saved = _jit._kernels
+    try:
+        monkeypatch.setenv("ARRAYMLP_JIT", "0")
+        _jit.set_enabled(True)  # back to what the environment allows: off
+        assert _jit.kernels() is None
+        h = np.ones((2, 2))
+        assert _jit.bias_relu(h, np.ones(2)) is False
+        monkeypatch.delenv("ARRAYMLP_JIT")
+        monkeypatch.setitem(sys.modules, "numba", None)  # as if Numba were not installed
+        _jit.set_enabled(None)
+        assert _jit.kernels() is None
+        monkeypatch.delitem(sys.modules, "numba")
+        _jit.set_enabled(None)
+        assert (_jit.kernels() is not None) == (importlib.util.find_spec("numba") is not None)
+        _jit.set_enabled(False)
+        assert _jit.kernels() is None
+    finally:
+        _jit._kernels = saved
+
+
+# ----------------------------------------------------------------------------- on every row
+def test_model_forward_is_the_same_with_and_without_kernels(backend, jit_off):
+    xp = backend.xp
+    kwargs = dict(dtype="float64", seed=3, **backend.model_kwargs())
+    model = am.MLP([5, 8, 8, 3], activation="relu", output_activation="softmax", **kwargs)
+    x_np = np.random.default_rng(4).standard_normal((7, 5))
+    x = backend.asarray(x_np)
+    out, caches = model.forward(x, training=True)
+    with jit_off():
+        out_ref, caches_ref = model.forward(x, training=True)
+    np.testing.assert_array_equal(backend.to_numpy(out), backend.to_numpy(out_ref))
+    assert len(caches) == len(caches_ref) == len(model.layers)
+    for c, cr in zip(caches, caches_ref):
+        np.testing.assert_array_equal(backend.to_numpy(c), backend.to_numpy(cr))
+    # the ReLU caches are the hidden activations, the dense caches their inputs
+    h1 = np.maximum(x_np @ backend.to_numpy(model.params[0]["W"]) + backend.to_numpy(model.params[0]["b"]), 0)
+    np.testing.assert_allclose(backend.to_numpy(caches[1]), h1, rtol=1e-13)
+    np.testing.assert_array_equal(backend.to_numpy(caches[2]), backend.to_numpy(caches[1]))
+    np.testing.assert_array_equal(backend.to_numpy(x), x_np)  # the input is not overwritten
+    # inference: only the output
+    np.testing.assert_array_equal(backend.to_numpy(model(x)), backend.to_numpy(out))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_training_is_the_same_with_and_without_kernels(backend, jit_off, dtype):
+    xp = backend.xp
+    r = np.random.default_rng(5)
+    x = backend.asarray(r.standard_normal((64, 6)).astype(dtype))
+    y = backend.asarray(r.integers(0, 3, 64))
+
+    def train():
+        model = am.MLP([6, 16, 16, 3], activation="relu", output_activation="softmax", dtype=dtype, seed=1,
+                       **backend.model_kwargs())
+        hist = model.fit(x, y, loss="cross_entropy", epochs=3, batch_size=16, optimizer=am.SGD(lr=0.1),
+                         shuffle=False, progress=False)
+        return model, hist
+
+    model, hist = train()
+    with jit_off():
+        model_ref, hist_ref = train()
+    tol = 1e-5 if dtype == "float32" else 1e-12
+    np.testing.assert_allclose(hist.loss, hist_ref.loss, rtol=tol)
+    for p, pr in zip(model.params, model_ref.params):
+        for key in p:
+            np.testing.assert_allclose(backend.to_numpy(p[key]), backend.to_numpy(pr[key]), rtol=tol, atol=tol)
+    assert hist.loss[-1] < hist.loss[0]  # it learns
