@@ -270,7 +270,7 @@ def test_sklearn_peer_is_one_step_per_call():
 
 # ----------------------------------------------------------------------------- environment, JSON, CLI
 ENV_KEYS = {"device_name", "cpu_model", "cpu_count", "threads", "blas", "gpus", "versions", "python",
-            "platform", "timestamp"}
+            "platform", "timestamp", "jit_kernels"}
 
 
 def test_environment_records_machine_and_versions():
@@ -278,9 +278,23 @@ def test_environment_records_machine_and_versions():
     assert ENV_KEYS <= set(env)
     assert env["versions"]["numpy"] == np.__version__
     assert env["versions"]["arraymlp"] == am.__version__
-    assert {"cupy", "torch", "sklearn"} <= set(env["versions"])
+    assert {"cupy", "torch", "sklearn", "numba"} <= set(env["versions"])
     assert env["cpu_count"] >= 1 and env["cpu_model"]
     json.dumps(env)  # JSON-able as it is
+
+
+def test_environment_says_whether_the_compiled_kernels_ran(monkeypatch):
+    from arraymlp import _jit
+
+    saved = _jit._kernels
+    try:
+        assert bench.environment()["jit_kernels"] is (_jit.kernels() is not None)
+        _jit.set_enabled(False)
+        assert bench.environment()["jit_kernels"] is False
+        monkeypatch.setattr(_jit, "_kernels", object())  # loaded
+        assert bench.environment()["jit_kernels"] is True
+    finally:
+        _jit._kernels = saved
 
 
 def test_main_writes_json_table_and_plot(tmp_path, monkeypatch, capsys):

@@ -1125,7 +1125,9 @@ def environment() -> dict[str, Any]:
     -------
     dict
         Keys ``device_name``, ``cpu_model``, ``cpu_count``, ``threads``, ``blas``,
-        ``gpus``, ``versions``, ``python``, ``platform``, ``timestamp``.
+        ``gpus``, ``versions``, ``jit_kernels`` (whether NumPy's hot path runs the
+        compiled kernels of :mod:`arraymlp._jit`), ``python``, ``platform``,
+        ``timestamp``.
     """
     gpus = _gpus()
     threads: dict[str, Any] = {"os_cpu_count": os.cpu_count()}
@@ -1146,8 +1148,8 @@ def environment() -> dict[str, Any]:
     if gpus:
         name += " + " + ", ".join(g["name"] for g in gpus)
     versions = {m: _version(m) for m in ("numpy", "cupy", "torch", "sklearn", "array_api_compat",
-                                        "array_api_strict", "matplotlib")}
-    from . import __version__
+                                        "array_api_strict", "matplotlib", "numba")}
+    from . import __version__, _jit
 
     versions["arraymlp"] = __version__
     return {
@@ -1158,6 +1160,7 @@ def environment() -> dict[str, Any]:
         "blas": blas,
         "gpus": gpus,
         "versions": versions,
+        "jit_kernels": _jit.kernels() is not None,
         "python": platform.python_version(),
         "platform": platform.platform(),
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -1438,8 +1441,9 @@ def main(argv: list[str] | None = None) -> int:
     result["settings"]["threads"] = args.threads
     env = result["environment"]
     threads = "default threads" if args.threads is None else f"{args.threads} thread(s) per pool"
+    kernels = "compiled NumPy kernels" if env["jit_kernels"] else "NumPy ufuncs only"
     print(f"arraymlp {env['versions']['arraymlp']} bench on {env['device_name']}; "
-          f"repeat {repeat}, medians of interleaved rounds, {threads}")
+          f"repeat {repeat}, medians of interleaved rounds, {threads}, {kernels}")
     print()
     print(format_table(result["cases"]))
     for wl, by_dtype in result["crossover"].items():
