@@ -222,3 +222,94 @@ def test_training_is_the_same_with_and_without_kernels(backend, jit_off, dtype):
         for key in p:
             np.testing.assert_allclose(backend.to_numpy(p[key]), backend.to_numpy(pr[key]), rtol=tol, atol=tol)
     assert hist.loss[-1] < hist.loss[0]  # it learns
+
+
+# ----------------------------------------------------------------------------- failures and edges
+@needs_numba
+def test_kernels_that_cannot_load_fall_back_with_one_warning(monkeypatch, jit_off):
+    saved = _jit._kernels
+    x = np.random.default_rng(6).standard_normal((5, 4))
+    model = am.MLP([4, 6, 2], activation="relu", backend="numpy", seed=0)
+    with jit_off():
+        ref = model(x)
+    try:
+        # as where no cache folder is writeable: the kernels' module raises on import
+        monkeypatch.setitem(sys.modules, "arraymlp._jitkernels", None)
+        monkeypatch.delattr(am, "_jitkernels")
+        _jit.set_enabled(None)
+        with pytest.warns(RuntimeWarning, match="compiled NumPy kernels are off"):
+            out = model(x)
+        np.testing.assert_array_equal(out, ref)
+        assert _jit.kernels() is None
+        np.testing.assert_array_equal(model(x), ref)  # no second warning (warnings are errors here)
+    finally:
+        _jit._kernels = saved
+
+
+@needs_numba
+@pytest.mark.parametrize("kernel", ["bias_relu", "relu_backward", "cross_entropy_labels"])
+def test_a_kernel_that_fails_to_compile_falls_back(kernel):
+    saved = _jit._kernels
+
+    class Broken:
+        def __getattr__(self, name):
+            def fail(*args):
+                raise RuntimeError("LLVM said no")
+            return fail
+
+    h = np.random.default_rng(7).standard_normal((3, 4))
+    before = h.copy()
+    try:
+        _jit._kernels = Broken()
+        with pytest.warns(RuntimeWarning, match="LLVM said no"):
+            if kernel == "bias_relu":
+                assert _jit.bias_relu(h, np.zeros(4)) is False
+            elif kernel == "relu_backward":
+                assert _jit.relu_backward(h, before) is False
+            else:
+                assert _jit.cross_entropy_labels(h, np.array([0, 1, 2])) is None
+        np.testing.assert_array_equal(h, before)
+        assert _jit.kernels() is None
+    finally:
+        _jit._kernels = saved
+
+
+def test_relu_backward_of_overlapping_views_is_numpys():
+    buf = np.array([-1.0, -1.0, 2.0, 3.0, 4.0, 5.0])
+    y, dy = buf[:4].reshape(2, 2), buf[2:].reshape(2, 2)  # dy starts where y's third entry is
+    expected = buf[2:] * (buf[:4] > 0)
+    assert _jit.relu_backward(dy, y) is False
+    dx, _ = am.ReLU().backward({}, y, dy, xp=np, inplace=True)
+    np.testing.assert_array_equal(dx.reshape(-1), expected)  # [0, 0, 4, 5]
+
+
+def test_a_forward_hook_on_a_layer_is_called(jit_off):
+    model = am.MLP([3, 4, 2], activation="relu", backend="numpy", seed=0)
+    x = np.ones((2, 3))
+    seen = []
+    for layer in model.layers[:2]:
+        def hook(*args, _layer=layer, **kwargs):
+            seen.append(type(_layer).__name__)
+            return type(_layer).forward(_layer, *args, **kwargs)
+        layer.forward = hook
+    out = model(x)
+    assert seen == ["Dense", "Activation"]
+    with jit_off():
+        np.testing.assert_array_equal(model(x), out)
+
+
+@needs_numba
+def test_cross_entropy_kernel_keeps_long_float32_rows_accurate():
+    r = np.random.default_rng(8)
+    x = r.standard_normal((4, 100_000)).astype(np.float32)
+    labels = np.array([0, 1, 2, 3])
+    total, g = _jit.cross_entropy_labels(x, labels)
+    xd = x.astype(np.float64)
+    m = xd.max(axis=1, keepdims=True)
+    s = np.exp(xd - m).sum(axis=1)
+    exact = float(np.mean(np.log(s) - (xd[np.arange(4), labels] - m[:, 0])))
+    assert total / 4 == pytest.approx(exact, rel=1e-7)
+    g_exact = np.exp(xd - m) / s[:, None]
+    g_exact[np.arange(4), labels] -= 1
+    g_exact /= 4
+    np.testing.assert_allclose(g, g_exact, rtol=1e-6, atol=1e-12)

@@ -20,12 +20,19 @@ tests hold these kernels to.
 
 Set the environment variable ``ARRAYMLP_JIT=0`` to switch the kernels off (NumPy's
 ufuncs only); Numba's own ``NUMBA_DISABLE_JIT=1`` does too, since the kernels would
-then run as Python loops.
+then run as Python loops. The variable is read once, at the first use. Where the
+kernels cannot be loaded or compiled (no writeable cache folder, say), a
+RuntimeWarning says so once and NumPy's ufuncs run from then on.
+
+The kernels set none of NumPy's floating-point error flags: an overflow in the bias
+addition or ``inf * 0`` in ReLU's backward gives the same values as NumPy's path but no
+warning, and ``numpy.errstate(all="raise")`` does not stop there.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import numpy
@@ -45,9 +52,20 @@ def _load():
         return None
     if numba.config.DISABLE_JIT:
         return None
-    from . import _jitkernels
-
+    try:  # the decorators look for a cache folder, and raise where none is writeable
+        from . import _jitkernels
+    except Exception as exc:
+        _fall_back(exc)
+        return None
     return _jitkernels
+
+
+def _fall_back(exc: BaseException) -> None:
+    """Switch the kernels off for this process, saying why once."""
+    global _kernels
+    _kernels = None
+    warnings.warn(f"arraymlp: the compiled NumPy kernels are off ({type(exc).__name__}: {exc}); "
+                  "NumPy's ufuncs run instead (set ARRAYMLP_JIT=0 to skip them)", RuntimeWarning, stacklevel=3)
 
 
 def kernels():
@@ -78,7 +96,11 @@ def bias_relu(h, b) -> bool:
     if (k is None or not _plain(h) or type(b) is not numpy.ndarray or b.dtype != h.dtype
             or b.shape != (h.shape[1],) or not b.flags.c_contiguous or not h.flags.writeable):
         return False
-    k.bias_relu(h, b)
+    try:
+        k.bias_relu(h, b)
+    except Exception as exc:  # a compilation that failed: nothing was written
+        _fall_back(exc)
+        return False
     return True
 
 
@@ -87,9 +109,13 @@ def relu_backward(dy, y) -> bool:
     does not apply. ``dy`` must be writeable."""
     k = kernels()
     if (k is None or not _plain(dy) or not _plain(y) or y.dtype != dy.dtype or y.shape != dy.shape
-            or not dy.flags.writeable):
+            or not dy.flags.writeable or (dy is not y and numpy.may_share_memory(dy, y))):
+        return False  # (overlapping views would read what the loop has just written)
+    try:
+        k.relu_backward(dy, y)
+    except Exception as exc:
+        _fall_back(exc)
         return False
-    k.relu_backward(dy, y)
     return True
 
 
@@ -103,5 +129,9 @@ def cross_entropy_labels(x, labels):
             or labels.shape != (x.shape[0],) or x.shape[0] == 0 or x.shape[1] == 0):
         return None
     g = numpy.empty_like(x)
-    ok, total = k.cross_entropy_labels(x, labels, g, x.dtype.type(1.0 / x.shape[0]))
+    try:
+        ok, total = k.cross_entropy_labels(x, labels, g, x.dtype.type(1.0 / x.shape[0]))
+    except Exception as exc:
+        _fall_back(exc)
+        return None
     return (total, g) if ok else None

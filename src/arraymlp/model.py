@@ -65,6 +65,11 @@ _DENSE_FORWARD = L.Dense.forward
 _ACTIVATION_FORWARD = L.Activation.forward
 
 
+def _own_forward(layer) -> bool:
+    """Whether ``forward`` was set on the layer itself (a hook), not by its class."""
+    return "forward" in getattr(layer, "__dict__", ())
+
+
 class Sequential:
     """A chain of layers trained by backpropagation.
 
@@ -298,7 +303,8 @@ class Sequential:
                 skip = False
                 continue
             if (type(layer).forward is _DENSE_FORWARD and i + 1 < len(layers)
-                    and type(layers[i + 1]).forward is _ACTIVATION_FORWARD and layers[i + 1]._act is relu):
+                    and type(layers[i + 1]).forward is _ACTIVATION_FORWARD and layers[i + 1]._act is relu
+                    and not _own_forward(layer) and not _own_forward(layers[i + 1])):
                 y = F._dense_relu_forward(x, p["W"], p.get("b"), xp)
                 if y is not None:  # the same arrays and caches as the two layers one by one
                     caches.append(x if keep else None)
