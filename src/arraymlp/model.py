@@ -295,10 +295,9 @@ class Sequential:
         layers = self.layers if upto is None else self.layers[:upto]
         rng = self.rng
         owned = False  # the input is the caller's: never overwritten
-        params = self.params
         relu = F.ACTIVATIONS["relu"]
         skip = False
-        for i, (layer, p) in enumerate(zip(layers, params)):
+        for i, (layer, p) in enumerate(zip(layers, self.params)):
             if skip:  # the ReLU already applied with the dense layer below it
                 skip = False
                 continue
