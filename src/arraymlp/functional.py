@@ -690,7 +690,7 @@ def _relu_bw_inplace(dy, y, xp, fast=True):
     # dx = dy * [y > 0], one boolean mask and no select: ``where`` branches on every
     # element and a random mask defeats the branch predictor (NumPy: ~20x slower)
     kind = _fast_kind(xp) if fast else None
-    if kind == "numpy" and is_writeable(dy) and _jit.relu_backward(dy, y):
+    if kind == "numpy" and _jit.relu_backward(dy, y):  # (it checks that dy is writeable)
         return dy  # one compiled pass, where Numba is installed
     if kind in ("numpy", "cupy") and is_writeable(dy):
         return xp.multiply(dy, y > 0, out=dy)
