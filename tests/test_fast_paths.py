@@ -12,6 +12,8 @@ import arraymlp as am
 from arraymlp import functional as F
 from arraymlp import layers as L
 from arraymlp import losses as LS
+from arraymlp.kernels import kernels_for, reference_kernels
+from arraymlp.kernels import reference as R
 from arraymlp.optim import SGD
 
 INPLACE_ROWS = [name for name, act in F.ACTIVATIONS.items()
@@ -42,15 +44,16 @@ def test_inplace_activations_match_the_standard_path(backend, name, fast, dtype)
     y_ref = act.forward(x, xp=xp)
     saved = y_ref if act.saves == "output" else x
     dx_ref = act.backward(backend.asarray(dy_np), saved, xp)
+    row = kernels_for(xp).activations[name] if fast else act  # the backend's set, or the reference
     if act.forward_inplace is not None:
         buf = _fresh(backend, x_np)
-        y = act.forward_inplace(buf, xp, fast=fast)
+        y = row.forward_inplace(buf, xp)
         np.testing.assert_array_equal(backend.to_numpy(y), backend.to_numpy(y_ref))
         if fast and backend.name in ("numpy", "torch", "cupy") and is_writeable_array(buf):
             assert y is buf  # the fast paths compute into the buffer they were handed
-    if act.backward_inplace is not None and act.backward_inplace is not F._identity_bw:
+    if act.backward_inplace is not None and act.backward_inplace is not R._identity_bw:
         buf = _fresh(backend, dy_np)
-        dx = act.backward_inplace(buf, saved, xp, fast=fast)
+        dx = row.backward_inplace(buf, saved, xp)
         np.testing.assert_array_equal(backend.to_numpy(dx), backend.to_numpy(dx_ref))
     # the arrays that were not handed over are unchanged
     np.testing.assert_array_equal(backend.to_numpy(x), x_np)
@@ -174,7 +177,7 @@ def test_sgd_momentum_buffer_matches_the_standard_update(backend):
 
 # ----------------------------------------------------------------------------- losses
 @pytest.mark.parametrize("weighted", [False, True])
-def test_cross_entropy_fast_path_matches_the_standard_path(backend, monkeypatch, weighted):
+def test_cross_entropy_fast_path_matches_the_standard_path(backend, weighted):
     xp = backend.xp
     o_np = _data(backend, (9, 5), dtype=np.float64) * 3
     o_np[2, 1] = -1e300  # a logit far below the others, not the label
@@ -182,8 +185,8 @@ def test_cross_entropy_fast_path_matches_the_standard_path(backend, monkeypatch,
     w = backend.asarray(np.linspace(0.5, 2.0, 9)) if weighted else None
     o = backend.asarray(o_np)
     fast = LS.cross_entropy(o, y, xp=xp, sample_weight=w)
-    monkeypatch.setattr(LS, "_fast_kind", lambda xp: None)
-    std = LS.cross_entropy(o, y, xp=xp, sample_weight=w)
+    with reference_kernels():
+        std = LS.cross_entropy(o, y, xp=xp, sample_weight=w)
     # the float-target path, the original formulation, as a third opinion
     onehot = backend.asarray(np.eye(5)[[0, 1, 2, 3, 4, 0, 1, 2, 3]])
     ref = LS.cross_entropy(o, onehot, xp=xp, sample_weight=w)
@@ -288,26 +291,26 @@ def test_dense_sgd_update_with_inputs_of_another_dtype(backend):
 
 
 @pytest.mark.parametrize("l2", [0.0, 0.3])
-def test_dense_sgd_update_standard_path_rounds_as_the_optimizer_does(backend, monkeypatch, l2):
+def test_dense_sgd_update_standard_path_rounds_as_the_optimizer_does(backend, l2):
     """Without a fast path the fused step is bit for bit SGD's step on the gradients of
     :func:`dense_backward` (plus ``l2 * W``, as ``loss_and_grads`` adds it)."""
     xp = backend.xp
-    monkeypatch.setitem(F._FAST_KIND, xp, None)
     x_np, dy_np = _data(backend, (9, 140), 1), _data(backend, (9, 130), 2)
     W_np, b_np = _data(backend, (140, 130), 3), _data(backend, (130,), 4)
     x, dy = backend.asarray(x_np), backend.asarray(dy_np)
     W, b = _fresh(backend, W_np), _fresh(backend, b_np)
-    W2, b2 = F.dense_sgd_update(x, dy, W, b, lr=0.05, l2=l2, xp=xp)
-    _, dW, db = F.dense_backward(x, _fresh(backend, W_np), dy, need_dx=False, xp=xp)
-    params = [{"W": _fresh(backend, W_np), "b": _fresh(backend, b_np)}]
-    grads = [{"W": dW + l2 * params[0]["W"] if l2 else dW, "b": db}]
-    SGD(lr=0.05).step(params, grads)
+    with reference_kernels():
+        W2, b2 = F.dense_sgd_update(x, dy, W, b, lr=0.05, l2=l2, xp=xp)
+        _, dW, db = F.dense_backward(x, _fresh(backend, W_np), dy, need_dx=False, xp=xp)
+        params = [{"W": _fresh(backend, W_np), "b": _fresh(backend, b_np)}]
+        grads = [{"W": dW + l2 * params[0]["W"] if l2 else dW, "b": db}]
+        SGD(lr=0.05).step(params, grads)
     np.testing.assert_array_equal(backend.to_numpy(W2), backend.to_numpy(params[0]["W"]))
     np.testing.assert_array_equal(backend.to_numpy(b2), backend.to_numpy(params[0]["b"]))
 
 
 def test_blas_accumulate_declines_what_it_cannot_take():
-    from arraymlp import _blas
+    from arraymlp.kernels import _blas
 
     if not _blas.available():
         pytest.skip("NumPy was not built with the BLAS its wheels bundle")
@@ -367,8 +370,6 @@ def _stack(backend):
 def test_fit_with_plain_sgd_is_loss_and_grads_then_step(backend, l2):
     """fit applies plain SGD during backpropagation; the parameters are those of
     ``loss_and_grads`` followed by ``SGD.step`` (bit for bit on the standard path)."""
-    from arraymlp.functional import _fast_kind
-
     r = np.random.default_rng(7)
     x_np, y_np = r.standard_normal((24, 5)), r.integers(0, 3, 24)
     x, y = backend.asarray(x_np), backend.asarray(y_np)
@@ -383,7 +384,7 @@ def test_fit_with_plain_sgd_is_loss_and_grads_then_step(backend, l2):
             ref.step(manual.params, grads)
     assert opt.step_count == ref.step_count == 6
     assert opt.state == [{key: {} for key in p} for p in fused.params]
-    exact = _fast_kind(backend.xp) is None
+    exact = not kernels_for(backend.xp).overrides
     for pf, pm in zip(fused.params, manual.params):
         assert pf.keys() == pm.keys()
         for key in pf:
@@ -454,14 +455,14 @@ def test_bias_gradient_is_the_batch_sum(backend, shape, dtype):
     xp = backend.xp
     dy_np = _data(backend, shape, 6, dtype)
     dy = backend.asarray(dy_np)
-    db = F._bias_grad(dy, xp)
+    db = kernels_for(xp).bias_grad(dy, xp)
     assert tuple(db.shape) == (shape[1],) and db.dtype == dy.dtype and backend.same_place(db)
     eps = np.finfo(dtype).eps
     np.testing.assert_allclose(backend.to_numpy(db), dy_np.astype(np.float64).sum(axis=0),
                                rtol=0, atol=4 * shape[0] * eps * np.abs(dy_np).max())
     np.testing.assert_array_equal(backend.to_numpy(dy), dy_np)
     # the cached ones are only read: a second call gives the same
-    np.testing.assert_array_equal(backend.to_numpy(F._bias_grad(dy, xp)), backend.to_numpy(db))
+    np.testing.assert_array_equal(backend.to_numpy(kernels_for(xp).bias_grad(dy, xp)), backend.to_numpy(db))
 
 
 @pytest.mark.parametrize("shape", [(300, 10), (300, 1), (300, 40), (20, 10), (32, 10), (64, 16)])
@@ -472,8 +473,8 @@ def test_row_reductions_of_many_short_rows(backend, shape, dtype):
     xp = backend.xp
     x_np = _data(backend, shape, 5, dtype)
     x = backend.asarray(x_np)
-    m = F._row_reduce(x, "max", xp)
-    s = F._row_reduce(x, "sum", xp)
+    m = kernels_for(xp).row_max(x, xp)
+    s = kernels_for(xp).row_sum(x, xp)
     assert tuple(m.shape) == tuple(s.shape) == (shape[0], 1) and m.dtype == s.dtype == x.dtype
     np.testing.assert_array_equal(backend.to_numpy(m), x_np.max(axis=-1, keepdims=True))
     eps = np.finfo(dtype).eps
@@ -638,16 +639,16 @@ def test_all_finite_matches_isfinite(backend, dtype, shape):
     cases["alternating huge"] = mixed
     for label, a in cases.items():
         expected = bool(np.isfinite(a).all())
-        assert F._all_finite(backend.asarray(a), backend.xp) is expected, label
+        assert kernels_for(backend.xp).all_finite(backend.asarray(a), backend.xp) is expected, label
         # the exact test, block by block, gives the same answer
-        assert F._all_finite(backend.asarray(a), backend.xp, rows=4) is expected, label
+        assert R.all_finite(backend.asarray(a), backend.xp, rows=4) is expected, label
 
 
 def test_all_finite_exact_for_other_dtypes_and_empty_arrays(backend):
     xp = backend.xp
-    assert F._all_finite(backend.asarray(np.zeros((0, 3), np.float32)), xp) is True
-    assert F._all_finite(backend.asarray(np.zeros((3, 0), np.float32)), xp) is True
-    assert F._all_finite(backend.asarray(np.arange(6).reshape(2, 3)), xp) is True
+    assert kernels_for(xp).all_finite(backend.asarray(np.zeros((0, 3), np.float32)), xp) is True
+    assert kernels_for(xp).all_finite(backend.asarray(np.zeros((3, 0), np.float32)), xp) is True
+    assert kernels_for(xp).all_finite(backend.asarray(np.arange(6).reshape(2, 3)), xp) is True
 
 
 def test_model_rejects_non_finite_input_found_by_the_row_sums(backend):
@@ -667,6 +668,6 @@ def test_all_finite_leaves_numpy_subclasses_to_the_exact_test():
     bad = np.ma.masked_array([[1.0, np.nan], [2.0, 3.0]], mask=[[0, 1], [0, 0]])
     good = np.ma.masked_array([[1.0, 4.0], [2.0, 3.0]], mask=[[0, 1], [0, 0]])
     for a in (bad, good):
-        assert F._all_finite(a, np) is bool(np.all(np.isfinite(a)))
-    assert F._all_finite(good, np) is True
-    assert F._all_finite(np.ma.masked_array([[1.0, np.inf]], mask=[[0, 0]]), np) is False
+        assert kernels_for(np).all_finite(a, np) is bool(np.all(np.isfinite(a)))
+    assert kernels_for(np).all_finite(good, np) is True
+    assert kernels_for(np).all_finite(np.ma.masked_array([[1.0, np.inf]], mask=[[0, 0]]), np) is False

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import arraymlp as am
-from arraymlp import _jit
+from arraymlp.kernels import _jit, reference_kernels
 from arraymlp import functional as F
 from arraymlp import losses as LS
 
@@ -177,14 +177,14 @@ def test_switches_turn_the_kernels_off(monkeypatch):
 
 
 # ----------------------------------------------------------------------------- on every row
-def test_model_forward_is_the_same_with_and_without_kernels(backend, jit_off):
+def test_model_forward_is_the_same_with_and_without_kernels(backend):
     xp = backend.xp
     kwargs = dict(dtype="float64", seed=3, **backend.model_kwargs())
     model = am.MLP([5, 8, 8, 3], activation="relu", output_activation="softmax", **kwargs)
     x_np = np.random.default_rng(4).standard_normal((7, 5))
     x = backend.asarray(x_np)
     out, caches = model.forward(x, training=True)
-    with jit_off():
+    with reference_kernels():
         out_ref, caches_ref = model.forward(x, training=True)
     np.testing.assert_array_equal(backend.to_numpy(out), backend.to_numpy(out_ref))
     assert len(caches) == len(caches_ref) == len(model.layers)
@@ -200,7 +200,7 @@ def test_model_forward_is_the_same_with_and_without_kernels(backend, jit_off):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_training_is_the_same_with_and_without_kernels(backend, jit_off, dtype):
+def test_training_is_the_same_with_and_without_kernels(backend, dtype):
     xp = backend.xp
     r = np.random.default_rng(5)
     x = backend.asarray(r.standard_normal((64, 6)).astype(dtype))
@@ -214,7 +214,7 @@ def test_training_is_the_same_with_and_without_kernels(backend, jit_off, dtype):
         return model, hist
 
     model, hist = train()
-    with jit_off():
+    with reference_kernels():
         model_ref, hist_ref = train()
     tol = 1e-5 if dtype == "float32" else 1e-12
     np.testing.assert_allclose(hist.loss, hist_ref.loss, rtol=tol)
@@ -234,8 +234,8 @@ def test_kernels_that_cannot_load_fall_back_with_one_warning(monkeypatch, jit_of
         ref = model(x)
     try:
         # as where no cache folder is writeable: the kernels' module raises on import
-        monkeypatch.setitem(sys.modules, "arraymlp._jitkernels", None)
-        monkeypatch.delattr(am, "_jitkernels")
+        monkeypatch.setitem(sys.modules, "arraymlp.kernels._jitkernels", None)
+        monkeypatch.delattr(sys.modules["arraymlp.kernels"], "_jitkernels")
         _jit.set_enabled(None)
         with pytest.warns(RuntimeWarning, match="compiled NumPy kernels are off"):
             out = model(x)
@@ -283,7 +283,7 @@ def test_relu_backward_of_overlapping_views_is_numpys():
     np.testing.assert_array_equal(dx.reshape(-1), expected)  # [0, 0, 4, 5]
 
 
-def test_a_forward_hook_on_a_layer_is_called(jit_off):
+def test_a_forward_hook_on_a_layer_is_called():
     model = am.MLP([3, 4, 2], activation="relu", backend="numpy", seed=0)
     x = np.ones((2, 3))
     seen = []
@@ -294,7 +294,7 @@ def test_a_forward_hook_on_a_layer_is_called(jit_off):
         layer.forward = hook
     out = model(x)
     assert seen == ["Dense", "Activation"]
-    with jit_off():
+    with reference_kernels():
         np.testing.assert_array_equal(model(x), out)
 
 

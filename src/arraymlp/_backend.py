@@ -185,6 +185,23 @@ def resolve_dtype(xp: types.ModuleType, dtype: Any) -> Any:
     raise ValueError(msg)
 
 
+def memo(cache: dict, key: Any, make: Any, limit: int = 32) -> Any:
+    """``cache[key]``, made by ``make()`` on a miss; the cache is emptied when it holds
+    ``limit`` entries, and an unhashable key (a CuPy device) is not cached. For the small
+    values the hot path would otherwise rebuild every step (rows of constants, row
+    indices, dtype answers); what it returns is only ever read."""
+    try:
+        return cache[key]
+    except KeyError:
+        pass
+    except TypeError:
+        return make()
+    if len(cache) >= limit:
+        cache.clear()
+    out = cache[key] = make()
+    return out
+
+
 def is_writeable(x: Any) -> bool:
     """Whether ``x`` may be updated in place (``array_api_compat.is_writeable_array``,
     answered for NumPy arrays from their flag first: the hot path asks it a dozen

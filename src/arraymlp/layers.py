@@ -31,6 +31,7 @@ from typing import Any
 
 from . import functional as F
 from .init import get_initializer
+from .kernels import kernels_for
 
 __all__ = [
     "GELU",
@@ -197,7 +198,7 @@ class Activation(Layer):
         self._act = F.get_activation(name)
 
     def forward(self, params, x, *, training, rng, xp, inplace=False):
-        act = self._act
+        act = kernels_for(xp).activation(self._act)
         if inplace and act.forward_inplace is not None:
             y = act.forward_inplace(x, xp)
         else:
@@ -205,7 +206,7 @@ class Activation(Layer):
         return y, (y if act.saves == "output" else x)
 
     def backward(self, params, cache, dy, *, xp, need_dx=True, inplace=False):
-        act = self._act
+        act = kernels_for(xp).activation(self._act)
         if inplace and act.backward_inplace is not None:
             return act.backward_inplace(dy, cache, xp), {}
         return act.backward(dy, cache, xp), {}

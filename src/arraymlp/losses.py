@@ -51,9 +51,9 @@ import numbers
 from typing import Any, Callable
 
 
-from . import _jit
-from ._backend import asarray_like, device_of, get_namespace, is_float16, is_writeable
-from .functional import _all_finite, _fast_kind, _memo, _row_reduce, log_softmax
+from ._backend import asarray_like, device_of, get_namespace, is_float16, is_writeable, memo
+from .functional import log_softmax
+from .kernels import kernels_for
 
 __all__ = [
     "LOSSES",
@@ -118,7 +118,7 @@ def _check_outputs(name, outputs, xp, *, two_d=False):
 
 
 def _check_finite(name, t, xp):
-    if not _all_finite(t, xp):
+    if not kernels_for(xp).all_finite(t, xp):
         msg = f"{name}: targets contain NaN or infinity"
         raise ValueError(msg)
 
@@ -151,19 +151,12 @@ def _same_shape_targets(name, outputs, targets, xp, check=True):
 
 
 _INTEGRAL: dict[Any, bool] = {}
-_ROWS: dict[Any, Any] = {}
 
 
 def _integral(dtype, xp) -> bool:
     """``xp.isdtype(dtype, "integral")``, remembered per (namespace, dtype): the training
     step asks it every batch, and NumPy's ``isdtype`` costs a few microseconds."""
-    return _memo(_INTEGRAL, (xp, dtype), lambda: bool(xp.isdtype(dtype, "integral")))
-
-
-def _row_indices(n, xp, device):
-    """``xp.arange(n)`` on ``device`` (None: the default one), kept for the next batch of
-    the same size (the loss only reads it)."""
-    return _memo(_ROWS, (xp, n, device), lambda: xp.arange(n, device=device), limit=8)
+    return memo(_INTEGRAL, (xp, dtype), lambda: bool(xp.isdtype(dtype, "integral")))
 
 
 def _class_targets(name, outputs, targets, xp, check=True):
@@ -175,7 +168,6 @@ def _class_targets(name, outputs, targets, xp, check=True):
     _check_device(name, "targets", outputs, targets)
     n, k = _shape(outputs)
     t_shape = _shape(targets)
-    dev = device_of(outputs)
     if xp.isdtype(targets.dtype, "integral"):
         if t_shape != (n,):
             msg = (
@@ -532,51 +524,17 @@ def cross_entropy(outputs, targets, *, xp=None, sample_weight=None, check=True):
 
 
 def _cross_entropy_labels(outputs, labels, w, total, n, k, xp):
-    """The label case of :func:`cross_entropy`, fused: with ``z = x - max(x)`` and
-    ``s = sum(exp(z))`` per row, ``l_i = log(s_i) - z_i,y_i`` and
-    ``dL/dx = (exp(z) / s - onehot) / n``, the gradient computed into ``exp(z)``.
-
-    Only the true class's ``z`` is read (never ``0 * z``, which is NaN for a masked
-    logit of ``-inf``) and ``log p`` is never formed. NumPy, CuPy and torch pick and
-    update the true class by integer indexing behind a check of the namespace; the
-    standard path takes ``take_along_axis`` and subtracts a one-hot matrix. Unweighted
-    on NumPy, one compiled loop does it all where Numba is installed (:mod:`._jit`).
-    """
-    kind = _fast_kind(xp)
-    if kind == "numpy" and w is None:
-        # one compiled loop over the rows, where Numba is installed
-        fused = _jit.cross_entropy_labels(outputs, labels)
-        if fused is not None:
-            return _result(fused[0] / n, outputs, xp), fused[1]
-    fast = kind is not None
-    ufuncs = kind in ("numpy", "cupy")  # reductions by method: no Python-level wrapper
-    z = outputs - _row_reduce(outputs, "max", xp)
-    if fast:
-        rows = _row_indices(n, xp, None if kind == "numpy" else device_of(outputs))
-        zy = z[rows, labels]
-    elif hasattr(xp, "take_along_axis"):
-        zy = xp.reshape(xp.take_along_axis(z, xp.reshape(labels, (n, 1)), axis=1), (n,))
-    else:  # namespaces before the 2024.12 standard
-        onehot = xp.reshape(labels, (n, 1)) == xp.arange(k, dtype=xp.int64, device=device_of(outputs))
-        zy = xp.sum(xp.where(onehot, z, xp.zeros_like(z)), axis=1)
-    g = xp.exp(z)
-    s = _row_reduce(g, "sum", xp)
-    per_sample = xp.log(s)[:, 0] - zy
-    if not is_writeable(g):
-        onehot = xp.reshape(labels, (n, 1)) == xp.arange(k, dtype=xp.int64, device=device_of(outputs))
-        g = g / s - xp.astype(onehot, g.dtype)
-    else:
-        g /= s
-        if fast:
-            g[rows, labels] -= 1.0
-        else:
-            onehot = xp.reshape(labels, (n, 1)) == xp.arange(k, dtype=xp.int64, device=device_of(outputs))
-            g -= xp.astype(onehot, g.dtype)
-    acc = _acc(per_sample.dtype, xp)
+    """The label case of :func:`cross_entropy`, by the kernel set's fused kernels
+    (:func:`arraymlp.kernels.reference.cross_entropy_labels`): with ``z = x - max(x)``
+    and ``s = sum(exp(z))`` per row, ``l_i = log(s_i) - z_i,y_i`` and
+    ``dL/dx = (exp(z) / s - onehot) / n``; only the true class's ``z`` is read and
+    ``log p`` is never formed."""
+    ks = kernels_for(xp)
     if w is None:
-        total_loss = per_sample.sum(dtype=acc) if ufuncs else xp.sum(per_sample, dtype=acc)
-        return _result(total_loss / float(n), outputs, xp), _scale(g, 1.0 / n)
-    loss = xp.sum(w * per_sample, dtype=acc) / total
+        loss_sum, g = ks.cross_entropy_labels_mean(outputs, labels, xp)
+        return _result(loss_sum / n, outputs, xp), g
+    per_sample, g = ks.cross_entropy_labels(outputs, labels, xp)
+    loss = xp.sum(w * per_sample, dtype=_acc(per_sample.dtype, xp)) / total
     return _result(loss, outputs, xp), _scale(g, _weights_over(w, total, g, (n, 1), xp))
 
 

@@ -13,8 +13,8 @@ from typing import Any, Sequence
 
 from array_api_compat import is_dask_array
 
-from . import functional as F
 from . import layers as L
+from .fusion import _params_distinct, plan_for
 from ._backend import (
     Generator,
     backend_name,
@@ -30,6 +30,7 @@ from ._backend import (
     to_backend,
 )
 from .init import default_for
+from .kernels import kernels_for
 from .losses import LOSSES, get_loss
 
 __all__ = ["MLP", "Sequential"]
@@ -59,15 +60,6 @@ def _replace_optimizer_state(source, target) -> None:
     device and dtype at its next step (``to`` and ``copy`` move the parameters)."""
     if source is not None and target is not None:
         target.load_state_dict(source.state_dict())
-
-
-_DENSE_FORWARD = L.Dense.forward
-_ACTIVATION_FORWARD = L.Activation.forward
-
-
-def _own_forward(layer) -> bool:
-    """Whether ``forward`` was set on the layer itself (a hook), not by its class."""
-    return "forward" in getattr(layer, "__dict__", ())
 
 
 class Sequential:
@@ -251,7 +243,7 @@ class Sequential:
             raise TypeError(msg)
         if x.dtype != self.dtype:
             x = xp.astype(x, self.dtype)
-        if check_finite and not F._all_finite(x, xp):
+        if check_finite and not kernels_for(xp).all_finite(x, xp):
             msg = f"{what} contains NaN or infinite values"
             raise ValueError(msg)
         return x, xp
@@ -263,13 +255,14 @@ class Sequential:
             if y.dtype != self.dtype:
                 y = xp.astype(y, self.dtype)
             # once, here: the training step's loss does not read the values again
-            if not F._all_finite(y, xp):
+            if not kernels_for(xp).all_finite(y, xp):
                 msg = f"{what} contains NaN or infinite values"
                 raise ValueError(msg)
         return y
 
     # ------------------------------------------------------------------ passes
-    def forward(self, x, *, training: bool = False, xp=None, upto: int | None = None, keep: bool = True):
+    def forward(self, x, *, training: bool = False, xp=None, upto: int | None = None, keep: bool = True,
+                plan=None):
         """Run layers ``[0, upto)`` (all by default) on a validated batch.
 
         Parameters
@@ -283,6 +276,9 @@ class Sequential:
             Keep each layer's cache for :meth:`backward`. Inference passes False, so
             each intermediate activation is freed as soon as the next layer has read
             it: peak memory is two adjacent activations, not all of them.
+        plan : arraymlp.fusion.Plan, optional
+            Which layers run fused (:func:`arraymlp.fusion.plan_for`; looked up when
+            omitted).
 
         Returns
         -------
@@ -291,34 +287,31 @@ class Sequential:
             entries when ``keep`` is false)
         """
         xp = xp if xp is not None else self.xp
+        plan = plan if plan is not None else plan_for(self, xp)
+        stop = len(self.layers) if upto is None else upto
+        layers, params, rng = self.layers, self.params, self.rng
         caches = []
-        layers = self.layers if upto is None else self.layers[:upto]
-        rng = self.rng
         owned = False  # the input is the caller's: never overwritten
-        relu = F.ACTIVATIONS["relu"]
-        skip = False
-        for i, (layer, p) in enumerate(zip(layers, self.params)):
-            if skip:  # the ReLU already applied with the dense layer below it
-                skip = False
+        for step in plan.forward:
+            if step.start >= stop:
+                break
+            if step.kernel is not None and step.stop <= stop:  # a Dense layer and its ReLU, in one kernel
+                p = params[step.start]
+                y = step.kernel(x, p["W"], p.get("b"), xp)
+                caches += (x, y) if keep else (None, None)  # the caches of the two layers one by one
+                x = y
+                del y
+                owned = L.handover(layers[step.stop - 1]).fresh_output
                 continue
-            if (type(layer).forward is _DENSE_FORWARD and i + 1 < len(layers)
-                    and type(layers[i + 1]).forward is _ACTIVATION_FORWARD and layers[i + 1]._act is relu
-                    and not _own_forward(layer) and not _own_forward(layers[i + 1])):
-                y = F._dense_relu_forward(x, p["W"], p.get("b"), xp)
-                if y is not None:  # the same arrays and caches as the two layers one by one
-                    caches.append(x if keep else None)
-                    caches.append(y if keep else None)
-                    x, skip = y, True
-                    owned = L.handover(layers[i + 1]).fresh_output
-                    continue
-            h = L.handover(layer)
-            if owned and h.forward_inplace:
-                x, cache = layer.forward(p, x, training=training, rng=rng, xp=xp, inplace=True)
-            else:
-                x, cache = layer.forward(p, x, training=training, rng=rng, xp=xp)
-            owned = h.fresh_output
-            caches.append(cache if keep else None)
-            del cache
+            for i in range(step.start, min(step.stop, stop)):
+                h = L.handover(layers[i])
+                if owned and h.forward_inplace:
+                    x, cache = layers[i].forward(params[i], x, training=training, rng=rng, xp=xp, inplace=True)
+                else:
+                    x, cache = layers[i].forward(params[i], x, training=training, rng=rng, xp=xp)
+                owned = h.fresh_output
+                caches.append(cache if keep else None)
+                del cache
         return x, caches
 
     def backward(self, caches, dy, *, xp=None, inplace: bool = False):
@@ -342,12 +335,15 @@ class Sequential:
         """
         return self._backprop(caches, dy, xp=xp if xp is not None else self.xp, inplace=inplace)
 
-    def _backprop(self, caches, dy, *, xp, inplace: bool, sgd: tuple[float, float] | None = None):
-        """The reversed loop of :meth:`backward`; with ``sgd=(lr, l2)`` it also takes a
-        plain SGD step, layer by layer, as the gradients come (see :meth:`_sgd_update`)."""
+    def _backprop(self, caches, dy, *, xp, inplace: bool, sgd: tuple[float, float] | None = None, plan=None):
+        """The reversed loop of :meth:`backward`; with ``sgd=(lr, l2)`` and a ``plan``
+        that fuses the step (``plan.sgd``) it also takes a plain SGD step, layer by
+        layer, as the gradients come (see :meth:`_sgd_update`)."""
         n = len(caches)
         params = self.params
         grads: list[dict[str, Any]] = [{} for _ in params]
+        ks = plan.kernels if plan is not None else kernels_for(xp)
+        dense_sgd = plan.sgd_dense if sgd is not None else ()
         # The input gradient is needed only above the first layer that has parameters,
         # and the layers below it (input dropout, say) have no gradients to give.
         first = next((i for i, p in enumerate(params[:n]) if p), n)
@@ -355,10 +351,10 @@ class Sequential:
         for i in range(n - 1, first - 1, -1):
             layer, p = self.layers[i], params[i]
             h = L.handover(layer)
-            if sgd is not None and type(layer).backward is L.Dense.backward:
+            if i in dense_sgd:
                 # the input gradient reads the old W: take it before the update
                 dx = dy @ p["W"].T if i > first else None
-                p["W"], b = F.dense_sgd_update(caches[i], dy, p["W"], p.get("b"), lr=sgd[0], l2=sgd[1], xp=xp)
+                p["W"], b = ks.dense_sgd_update(caches[i], dy, p["W"], p.get("b"), sgd[0], sgd[1], xp)
                 if b is not None:
                     p["b"] = b
                 g = {}
@@ -369,7 +365,7 @@ class Sequential:
             if sgd is not None and g:
                 l2 = sgd[1] if isinstance(layer, L.Dense) else 0.0
                 for key, gk in g.items():  # a layer's own gradients: never overwritten
-                    p[key] = F._sgd_apply(p[key], gk, sgd[0], l2 if key == "W" else 0.0, xp, owned=False)
+                    p[key] = ks.sgd_apply(p[key], gk, sgd[0], l2 if key == "W" else 0.0, xp, owned=False)
                 g = {}
             owned = h.fresh_dx or (owned and dx is dy)
             dy = dx
@@ -442,7 +438,7 @@ class Sequential:
         fa = loss.fused_activation
         return fa is not None and fa != "identity" and self.output_activation == fa
 
-    def _loss_and_grads(self, x, y, loss, *, xp, sample_weight=None, l2=0.0, training=True, check=False):
+    def _loss_and_grads(self, x, y, loss, *, xp, sample_weight=None, l2=0.0, training=True, check=False, plan=None):
         """Unchecked core of :meth:`loss_and_grads` (inputs already validated).
 
         ``check=False`` also spares the table's losses their reading of the targets'
@@ -450,8 +446,8 @@ class Sequential:
         ``fit`` does for its whole ``y``); custom losses always check.
         """
         value, dout, caches, owned = self._loss_and_dout(x, y, loss, xp=xp, sample_weight=sample_weight, l2=l2,
-                                                         training=training, check=check)
-        grads = self._backprop(caches, dout, xp=xp, inplace=owned)
+                                                         training=training, check=check, plan=plan)
+        grads = self._backprop(caches, dout, xp=xp, inplace=owned, plan=plan)
         if l2:
             for layer, p, g in zip(self.layers, self.params, grads):
                 if isinstance(layer, L.Dense):
@@ -462,13 +458,14 @@ class Sequential:
                         g["W"] = g["W"] + l2 * p["W"]
         return value, grads
 
-    def _loss_and_dout(self, x, y, loss, *, xp, sample_weight=None, l2=0.0, training=True, check=False):
+    def _loss_and_dout(self, x, y, loss, *, xp, sample_weight=None, l2=0.0, training=True, check=False, plan=None):
         """Forward and loss of a batch: ``(value, d_out, caches, owned)``, where ``d_out``
         is the loss gradient at the last layer run and ``owned`` says whether the layers
         may overwrite it (the table's losses return a new array). ``value`` includes the
         L2 penalty."""
         fused = self._fused(loss)
-        out, caches = self.forward(x, training=training, xp=xp, upto=len(self.layers) - 1 if fused else None)
+        out, caches = self.forward(x, training=training, xp=xp, upto=len(self.layers) - 1 if fused else None,
+                                   plan=plan)
         builtin = LOSSES.get(loss.name) is loss
         if builtin and not check:
             value, dout = loss.fn(out, y, xp=xp, sample_weight=sample_weight, check=False)
@@ -479,21 +476,20 @@ class Sequential:
         return value, dout, caches, builtin
 
     def _params_distinct(self) -> bool:
-        """Whether no parameter array serves two places (tied weights): the fused SGD
-        step updates each layer's weights before the layer below reads them."""
-        ids = [id(a) for p in self.params for a in p.values()]
-        return len(set(ids)) == len(ids)
+        """Whether no parameter array serves two places (tied weights)."""
+        return _params_distinct(self.params)
 
-    def _sgd_update(self, caches, dout, *, lr: float, l2: float = 0.0, xp, owned: bool = False) -> None:
+    def _sgd_update(self, caches, dout, *, lr: float, l2: float = 0.0, xp, owned: bool = False, plan) -> None:
         """Backpropagate ``dout`` and take one plain SGD step on the way down.
 
         The same update as ``SGD(lr).step(params, grads)`` after :meth:`loss_and_grads`
-        with ``l2``, but each dense layer's weight gradient goes straight into its
-        weights (:func:`arraymlp.functional.dense_sgd_update`) instead of into a
-        gradient array first. ``caches``, ``dout`` and ``owned`` come from
-        :meth:`_loss_and_dout`.
+        with ``l2``, but the Dense layers of ``plan.sgd_dense`` take their weight
+        gradient straight into their weights (``dense_sgd_update`` of the kernel set)
+        instead of into a gradient array first. ``caches``, ``dout`` and ``owned`` come
+        from :meth:`_loss_and_dout`; ``plan`` is :func:`arraymlp.fusion.plan_for` with
+        the optimiser, and must fuse the step (``plan.sgd``).
         """
-        self._backprop(caches, dout, xp=xp, inplace=owned, sgd=(lr, l2))
+        self._backprop(caches, dout, xp=xp, inplace=owned, sgd=(lr, l2), plan=plan)
 
     def _l2_penalty(self, l2, xp):
         """``l2/2 * sum(W**2)`` over the weight matrices, by row-wise dot products (no

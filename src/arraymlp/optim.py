@@ -43,7 +43,7 @@ from typing import Any
 import array_api_compat
 
 from ._backend import device_of, get_namespace, is_float16, is_writeable, to_backend
-from .functional import _fast_kind
+from .kernels import kernels_for
 
 __all__ = [
     "OPTIMIZERS",
@@ -62,9 +62,6 @@ CLIP_NORM_EPS = 1e-6
 #: Namespace of each array type met so far (the namespace is a function of the type).
 _NAMESPACE_OF_TYPE: dict[type, Any] = {}
 
-#: Size from which :meth:`Optimizer._axpy` uses its work buffer instead of a temporary
-#: (smaller temporaries come from the allocator's heap, cheaply).
-_WORK_MIN = 32768
 _FLOAT16_TINY = 6.103515625e-05  # float16's smallest normal number, 2**-14
 
 
@@ -287,7 +284,7 @@ class Optimizer:
         self.step_count = 0
         self.state: list[dict[str, dict[str, Any]]] | None = None
         self._needs_placement = False
-        self._scratch = None  # work space of _axpy's NumPy/CuPy path (not state)
+        self._scratch = None  # work space the kernels' axpy may borrow (not state)
 
     # -- the base learning rate -----------------------------------------------------
     @property
@@ -300,23 +297,11 @@ class Optimizer:
 
     # -- in-place arithmetic ----------------------------------------------------------
     def _axpy(self, p, a: float, g, xp):
-        """``p + a * g``, computed into ``p`` where it is writeable.
-
-        The same values, bit for bit, as the standard ``p += a * g`` (the path of
-        namespaces without a fast one, and of small arrays), without its temporary:
-        on NumPy, CuPy and torch the product goes into a work buffer the optimiser
-        keeps (``out=``), then adds in place. (torch's fused ``add_(g, alpha=a)``
-        would round once instead of twice.)
-        """
-        if not is_writeable(p):
-            return p + a * g
-        n = math.prod(p.shape)
-        if n >= _WORK_MIN and _fast_kind(xp) is not None:
-            s = xp.reshape(self._work(n, p, xp), p.shape)
-            xp.multiply(g, a, out=s)
-            return xp.add(p, s, out=p)
-        p += a * g  # small arrays: a temporary costs less than the bookkeeping
-        return p
+        """``p + a * g``, computed into ``p`` where it is writeable, by the kernel set's
+        ``axpy``: the same values, bit for bit, as the standard ``p += a * g``; the
+        backend sets compute the product into a work buffer this optimiser keeps
+        (:meth:`_work`) instead of a temporary."""
+        return kernels_for(xp).axpy(p, a, g, xp, self._work)
 
     def _work(self, n, p, xp):
         """A flat scratch array of ``n`` elements in ``p``'s dtype and place (a view of

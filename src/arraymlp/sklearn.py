@@ -56,6 +56,7 @@ from ._backend import (
     to_numpy,
 )
 from .functional import ACTIVATIONS
+from .kernels import kernels_for
 from .layers import Dense
 from .losses import Loss, binary_cross_entropy, cross_entropy, mse, poisson_nll
 from .model import MLP
@@ -182,7 +183,7 @@ def _check_device_X(X, xp, estimator_name: str) -> None:
 
 
 def _check_finite(a, xp, what: str) -> None:
-    if F._all_finite(a, xp):
+    if kernels_for(xp).all_finite(a, xp):
         return
     if bool(xp.any(xp.isnan(a))):
         msg = f"Input {what} contains NaN."

@@ -23,6 +23,7 @@ import time
 from typing import Any, Sequence
 
 from ._backend import Generator, is_float16, quiet_overflow
+from .fusion import plan_for
 from .losses import LOSSES, get_loss
 from .optim import Optimizer, get_optimizer
 
@@ -326,16 +327,17 @@ def _loss_then_update(model, opt, lossfn, xb, yb, wb, *, xp, l2=0.0, dp=None):
     it, so an exception raised inside backpropagation (a custom layer's, or Ctrl-C)
     can leave the layers above it stepped and the others not.
     """
-    if dp is None and opt._fusable() and model._params_distinct():
-        value, dout, caches, owned = model._loss_and_dout(xb, yb, lossfn, xp=xp, sample_weight=wb, l2=l2)
+    plan = plan_for(model, xp, opt if dp is None else None)
+    if plan.sgd:
+        value, dout, caches, owned = model._loss_and_dout(xb, yb, lossfn, xp=xp, sample_weight=wb, l2=l2, plan=plan)
 
         def update(lr):
             lr = opt._begin_fused_step(model.params, xp, lr)
-            model._sgd_update(caches, dout, lr=lr, l2=l2, xp=xp, owned=owned)
+            model._sgd_update(caches, dout, lr=lr, l2=l2, xp=xp, owned=owned, plan=plan)
 
         return value, update
     if dp is None:
-        value, grads = model._loss_and_grads(xb, yb, lossfn, xp=xp, sample_weight=wb, l2=l2)
+        value, grads = model._loss_and_grads(xb, yb, lossfn, xp=xp, sample_weight=wb, l2=l2, plan=plan)
     else:
         value, grads = dp.loss_and_grads(model, xb, yb, lossfn, xp=xp, sample_weight=wb, l2=l2)
 

@@ -1,0 +1,138 @@
+"""The fusion plan: which layers of a model run fused, decided once, outside its loop.
+
+A model's forward pass is a loop over its layers and its backward pass the same loop
+reversed. Two fusions make a training step cheaper without changing its values:
+
+- a :class:`~arraymlp.Dense` layer and the ReLU after it run as one kernel
+  (``dense_relu_forward``), where the namespace's kernel set has a faster one than the
+  two passes; both layers' caches are kept as if they had run one by one;
+- with plain SGD (no momentum, weight decay or clipping; see ``SGD._fusable``), each
+  Dense layer's weight gradient goes straight into its weights
+  (``dense_sgd_update``) instead of into a gradient array, and every other layer's
+  gradients are applied as they come.
+
+:func:`plan_for` decides both once per model, namespace and optimiser state, and keeps
+the plan until one of them changes: the layer list, a layer's class, a ``forward`` or
+``backward`` set on a layer instance (a hook), the kernel set, whether the optimiser is
+fusable, or a parameter array shared by two layers. A layer whose ``forward`` or
+``backward`` was replaced on the instance, or whose class replaced Dense's or
+Activation's, is never fused: a user's hook always runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import weakref
+from typing import Any, Callable
+
+from . import layers as L
+from .kernels import KernelSet, kernels_for
+
+__all__ = ["Plan", "plan_for"]
+
+_DENSE = (L.Dense.forward, L.Dense.backward)
+
+
+def _hooked(layer) -> bool:
+    """Whether ``forward`` or ``backward`` was set on the layer instance itself."""
+    d = getattr(layer, "__dict__", ())
+    return "forward" in d or "backward" in d
+
+
+def _plain_dense(layer) -> bool:
+    return (type(layer).forward, type(layer).backward) == _DENSE and not _hooked(layer)
+
+
+def _plain_relu(layer) -> bool:
+    return (type(layer).forward is L.Activation.forward and not _hooked(layer)
+            and getattr(layer, "_act", None) is L.F.ACTIVATIONS["relu"])
+
+
+@dataclasses.dataclass(frozen=True)
+class ForwardStep:
+    """Layers ``[start, stop)`` run as one step: one layer by its own ``forward``
+    (``kernel`` None), or a Dense layer and its ReLU by ``kernel(x, W, b, xp)``."""
+
+    start: int
+    stop: int
+    kernel: Callable | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How a model runs its layers.
+
+    Attributes
+    ----------
+    forward : tuple of ForwardStep
+        Covering the layers in order.
+    sgd_dense : frozenset of int
+        Layers whose plain SGD step is taken from the input and output gradient
+        (``kernels.dense_sgd_update``); empty when the step is not fused.
+    sgd : bool
+        Whether a training step may apply plain SGD during backpropagation.
+    kernels : KernelSet
+    """
+
+    forward: tuple[ForwardStep, ...]
+    sgd_dense: frozenset
+    sgd: bool
+    kernels: KernelSet
+
+
+def _forward_steps(layers, ks: KernelSet) -> tuple[ForwardStep, ...]:
+    steps, i, n = [], 0, len(layers)
+    fuse = "dense_relu_forward" in ks.overrides
+    while i < n:
+        if fuse and i + 1 < n and _plain_dense(layers[i]) and _plain_relu(layers[i + 1]):
+            steps.append(ForwardStep(i, i + 2, ks.dense_relu_forward))
+            i += 2
+        else:
+            steps.append(ForwardStep(i, i + 1))
+            i += 1
+    return tuple(steps)
+
+
+def _params_distinct(params) -> bool:
+    """Whether no parameter array serves two places (tied weights): the fused SGD step
+    updates each layer's weights before the layer below reads them."""
+    ids = [id(a) for p in params for a in p.values()]
+    return len(set(ids)) == len(ids)
+
+
+def _key(model, xp, optimizer) -> tuple:
+    layers = model.layers
+    sgd = optimizer is not None and optimizer._fusable() and _params_distinct(model.params)
+    return (xp, kernels_for(xp), sgd, len(model.params),
+            tuple((id(layer), type(layer), _hooked(layer)) for layer in layers))
+
+
+#: model -> {key: plan}; the plans a model's inference and training steps use (weakly
+#: keyed, so that a model's copies, pickles and files never carry them).
+_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def plan_for(model, xp, optimizer: Any = None) -> Plan:
+    """The plan for ``model`` on namespace ``xp``, with ``optimizer`` when a training
+    step may fuse its update (None: forward and plain backward only). Rebuilt only when
+    the key (see the module notes) changes."""
+    key = _key(model, xp, optimizer)
+    plans = _PLANS.get(model)
+    if plans is None:
+        plans = _PLANS[model] = {}
+    else:
+        plan = plans.get(key)
+        if plan is not None:
+            return plan
+    ks, sgd = key[1], key[2]
+    layers = model.layers
+    plan = Plan(
+        forward=_forward_steps(layers, ks),
+        sgd_dense=frozenset(i for i, layer in enumerate(layers) if sgd and _plain_dense(layer)),
+        sgd=sgd,
+        kernels=ks,
+    )
+    if len(plans) >= 4:  # the layers changed: the old plans will not serve again
+        plans.clear()
+    plans[key] = plan
+    return plan

@@ -1,0 +1,121 @@
+"""The NumPy set: NumPy's ufuncs with ``out=``, its bundled BLAS, and compiled one-pass
+loops where Numba is installed (:mod:`._jit`). Each override checks that it applies
+(dtype, layout, writeable) and otherwise calls the kernel it replaces.
+
+Why each override pays is measured in docs/benchmarks.md ("Figures behind the kernels").
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy
+
+from .._backend import is_writeable, memo, row_sums_finite
+from . import _blas, _jit
+from . import _common as C
+from . import reference as R
+
+_BLAS_DTYPES = (numpy.dtype(numpy.float32), numpy.dtype(numpy.float64))
+# Below this many weights the BLAS call through ctypes costs more than the pass it saves.
+_BLAS_ACC_MIN = 16384
+_CONST_ROWS: dict = {}
+
+
+def _const_row(value, n, dtype):
+    """A row of ``n`` copies of ``value`` (0 or 1), made once per (value, length, dtype)
+    and only ever read: ReLU's zeros, the ones of the bias gradient."""
+    return memo(_CONST_ROWS, (value, n, dtype), lambda: (numpy.ones if value else numpy.zeros)((n,), dtype=dtype))
+
+
+def all_finite(a, xp, rows: int = 8192) -> bool:
+    """Float32/float64 arrays of one or two axes are screened by one BLAS product first,
+    ``a @ ones``: a NaN or infinite entry makes its row's sum NaN or infinite, so finite
+    sums prove the array finite without a boolean mask. Sums that overflowed, or came
+    from a non-finite entry, fall through to the exact test."""
+    if a.dtype in _BLAS_DTYPES and a.ndim in (1, 2) and a.shape[-1]:
+        if row_sums_finite(a, _const_row(1, a.shape[-1], a.dtype)):
+            return True
+    return R.all_finite(a, xp, rows)
+
+
+def bias_grad(dy, xp):
+    """``ones @ dy`` for float32/float64: BLAS's matrix-vector product reads ``dy`` faster
+    than NumPy's reduction over the first axis (the rows are added in another order)."""
+    if dy.ndim == 2 and dy.dtype in _BLAS_DTYPES:
+        return _const_row(1, dy.shape[0], dy.dtype) @ dy
+    return C.bias_grad(dy, xp)
+
+
+def relu_forward_inplace(x, xp):
+    """A broadcast row of zeros runs NumPy's contiguous SIMD loop; a scalar does not."""
+    if is_writeable(x) and x.ndim:
+        return numpy.maximum(x, _const_row(0, x.shape[-1], x.dtype), out=x)
+    return C.relu_forward_inplace(x, xp)
+
+
+def relu_backward_inplace(dy, y, xp):
+    """One compiled pass where Numba is installed (the kernel checks ``dy`` is writeable)."""
+    if _jit.relu_backward(dy, y):
+        return dy
+    return C.relu_backward_inplace(dy, y, xp)
+
+
+def dense_relu_forward(x, W, b, xp, *, relu_forward_inplace=R.relu_forward_inplace):
+    """The bias and the ReLU in one compiled pass over the product, where Numba is
+    installed; bit for bit the values of the two passes."""
+    y = x @ W
+    if b is not None and _jit.bias_relu(y, b):
+        return y
+    return relu_forward_inplace(y if b is None else R.add_bias(y, b, xp), xp)
+
+
+def dense_sgd_update(x, dy, W, b, lr, l2, xp, *, bias_grad=R.bias_grad, sgd_apply=R.sgd_apply):
+    """The product accumulates into ``W`` by one BLAS call (``beta = 1 - lr * l2``,
+    ``alpha = -lr``): no temporary the size of ``W``."""
+    if math.prod(W.shape) >= _BLAS_ACC_MIN and _blas.gemm_acc(W, x, dy, -lr, 1.0 - lr * l2):
+        if b is not None:
+            b = sgd_apply(b, bias_grad(dy, xp), lr, 0.0, xp)
+        return W, b
+    return R.dense_sgd_update(x, dy, W, b, lr, l2, xp, bias_grad=bias_grad, sgd_apply=sgd_apply)
+
+
+def row_max(x, xp):
+    """Many short rows are reduced from a transposed copy, column by column: NumPy
+    reduces a short last axis row by row, at tens of nanoseconds a row."""
+    if x.ndim == 2 and x.shape[1] <= 16 and x.shape[0] >= 32:
+        return x.T.copy().max(axis=0).reshape(x.shape[0], 1)
+    return C.row_max(x, xp)
+
+
+def row_sum(x, xp):
+    """As :func:`row_max`, from 64 rows (the sum's rounding order then differs)."""
+    if x.ndim == 2 and x.shape[1] <= 16 and x.shape[0] >= 64:
+        return x.T.copy().sum(axis=0).reshape(x.shape[0], 1)
+    return C.row_sum(x, xp)
+
+
+def cross_entropy_labels_mean(x, labels, xp, *, cross_entropy_labels=R.cross_entropy_labels,
+                              batch_sum=R.batch_sum):
+    """One compiled loop over the rows where Numba is installed; each row's exponentials
+    are added in float64."""
+    fused = _jit.cross_entropy_labels(x, labels)
+    if fused is not None:
+        return fused
+    return R.cross_entropy_labels_mean(x, labels, xp, cross_entropy_labels=cross_entropy_labels,
+                                       batch_sum=batch_sum)
+
+
+OVERRIDES = {
+    **C.UFUNC_OVERRIDES,
+    **C.INDEXING_OVERRIDES,
+    "all_finite": all_finite,
+    "bias_grad": bias_grad,
+    "dense_relu_forward": dense_relu_forward,
+    "dense_sgd_update": dense_sgd_update,
+    "relu_forward_inplace": relu_forward_inplace,
+    "relu_backward_inplace": relu_backward_inplace,
+    "row_max": row_max,
+    "row_sum": row_sum,
+    "cross_entropy_labels_mean": cross_entropy_labels_mean,
+}

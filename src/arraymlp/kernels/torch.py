@@ -1,0 +1,42 @@
+"""The torch set: torch's in-place methods (``relu_``, ``tanh_``, ``mul_``), ``addmm_``
+for the plain SGD step of a dense layer, integer-array indexing for the label
+cross-entropy, and the optimiser's product into a work buffer."""
+
+from __future__ import annotations
+
+from .._backend import is_writeable
+from . import _common as C
+from . import reference as R
+
+
+def relu_forward_inplace(x, xp):
+    return x.relu_() if is_writeable(x) else R.relu(x, xp=xp)
+
+
+def relu_backward_inplace(dy, y, xp):
+    return dy.mul_(y > 0) if is_writeable(dy) else R.relu_backward_inplace(dy, y, xp)
+
+
+def tanh_forward_inplace(x, xp):
+    return x.tanh_() if is_writeable(x) else R.tanh(x, xp=xp)
+
+
+def dense_sgd_update(x, dy, W, b, lr, l2, xp):
+    """The product accumulates into ``W`` (``addmm_``, ``beta = 1 - lr * l2``,
+    ``alpha = -lr``) when inputs, gradients and weights share a dtype and ``W`` is not
+    tracked by autograd."""
+    if is_writeable(W) and not W.requires_grad and x.dtype == dy.dtype == W.dtype:
+        W.addmm_(x.T, dy, beta=1.0 - lr * l2, alpha=-lr)
+        if b is not None:
+            b = R.sgd_apply(b, R.bias_grad(dy, xp), lr, 0.0, xp)
+        return W, b
+    return R.dense_sgd_update(x, dy, W, b, lr, l2, xp)
+
+
+OVERRIDES = {
+    **C.INDEXING_OVERRIDES,
+    "relu_forward_inplace": relu_forward_inplace,
+    "relu_backward_inplace": relu_backward_inplace,
+    "tanh_forward_inplace": tanh_forward_inplace,
+    "dense_sgd_update": dense_sgd_update,
+}

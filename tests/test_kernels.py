@@ -1,0 +1,182 @@
+"""The kernel sets: every backend override held to the reference kernel it replaces,
+on every backend row, in one parametrisation; the set chosen per namespace; the switch
+that forces the reference set."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import arraymlp.kernels as K
+from arraymlp.kernels import KERNELS, KernelSet, kernels_for, reference_kernels
+from arraymlp.kernels import reference as R
+
+N, M = 300, 10  # many short rows: the NumPy row reductions take their transposed path
+BIG = (160, 130)  # weights large enough for the BLAS accumulate
+
+
+def _r(shape, seed, dtype=np.float64):
+    return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
+
+
+def _labels(n=N, k=M):
+    return np.arange(n) % k
+
+
+def _work(n, p, xp):
+    return xp.empty((n,), dtype=p.dtype, device=p.device)
+
+
+# name -> (host arguments, keyword arguments, indices of the arguments handed over)
+CASES = {
+    "add_bias": (lambda: (_r((N, M), 0), _r((M,), 1)), {}, (0,)),
+    "all_finite": (lambda: (np.where(np.arange(N * M).reshape(N, M) == 777, np.nan, _r((N, M), 2)),), {}, ()),
+    "axpy": (lambda: (_r((40_000,), 3), -0.25, _r((40_000,), 4)), {"work": _work}, (0,)),
+    "batch_sum": (lambda: (_r((N,), 5),), {}, ()),
+    "bias_grad": (lambda: (_r((N, 64), 6),), {}, ()),
+    "cross_entropy_labels": (lambda: (_r((N, M), 7) * 3, _labels()), {}, ()),
+    "cross_entropy_labels_mean": (lambda: (_r((N, M), 8) * 3, _labels()), {}, ()),
+    "dense_backward": (lambda: (_r((N, 33), 9), _r((33, 64), 10), _r((N, 64), 11), True, True), {}, ()),
+    "dense_forward": (lambda: (_r((N, 33), 12), _r((33, 64), 13), _r((64,), 14)), {}, ()),
+    "dense_relu_forward": (lambda: (_r((N, 33), 15), _r((33, 64), 16), _r((64,), 17)), {}, ()),
+    "dense_sgd_update": (lambda: (_r((9, BIG[0]), 18), _r((9, BIG[1]), 19), _r(BIG, 20), _r((BIG[1],), 21),
+                                  0.05, 0.3), {}, (2, 3)),
+    "identity_forward_inplace": (lambda: (_r((N, M), 22),), {}, (0,)),
+    "pick_labels": (lambda: (_r((N, M), 23), _labels()), {}, ()),
+    "relu_backward_inplace": (lambda: (_r((N, M), 24), _r((N, M), 25)), {}, (0,)),
+    "relu_forward_inplace": (lambda: (_r((N, M), 26),), {}, (0,)),
+    "row_max": (lambda: (_r((N, M), 27),), {}, ()),
+    "row_sum": (lambda: (_r((N, M), 28),), {}, ()),
+    "sgd_apply": (lambda: (_r((N, M), 29), _r((N, M), 30), 0.1, 0.01), {}, (0, 1)),
+    "sigmoid_backward_inplace": (lambda: (_r((N, M), 31), 1 / (1 + np.exp(-_r((N, M), 32)))), {}, (0,)),
+    "softmax": (lambda: (_r((N, M), 33),), {}, ()),
+    "subtract_onehot": (lambda: (_r((N, M), 34), _labels()), {}, (0,)),
+    "tanh_backward_inplace": (lambda: (_r((N, M), 35), np.tanh(_r((N, M), 36))), {}, (0,)),
+    "tanh_forward_inplace": (lambda: (_r((N, M), 37),), {}, (0,)),
+}
+
+
+def test_every_kernel_has_a_parity_case():
+    assert set(CASES) == set(KERNELS)
+    for name in KERNELS:
+        assert callable(getattr(R, name)), name
+
+
+def _call(ks, name, args, kwargs, xp):
+    if name == "softmax":  # the public activation's form: xp by keyword
+        return getattr(ks, name)(*args, xp=xp)
+    return getattr(ks, name)(*args, xp, **kwargs)
+
+
+def _host(backend, out):
+    if isinstance(out, tuple):
+        return tuple(_host(backend, o) for o in out)
+    if out is None or isinstance(out, (bool, float, int)):
+        return out
+    return backend.to_numpy(out)
+
+
+def _every_override():
+    """(backend name, kernel) for every override of the sets the rows can build."""
+    return sorted({name for mod in ("numpy", "torch", "cupy")
+                   for name in __import__(f"arraymlp.kernels.{mod}", fromlist=["OVERRIDES"]).OVERRIDES})
+
+
+@pytest.mark.parametrize("name", _every_override())
+def test_override_gives_the_reference_values(backend, name):
+    """Each backend's override against the reference kernel on the same arrays: same
+    values (to the rounding of another summation order), and the arguments that are not
+    handed over left untouched."""
+    xp = backend.xp
+    ks = kernels_for(xp)
+    if name not in ks.overrides:
+        pytest.skip(f"the {ks.name} set does not override {name}")
+    make, kwargs, handed = CASES[name]
+    host = make()
+
+    def args():
+        out = []
+        for i, a in enumerate(host):
+            if not isinstance(a, np.ndarray):
+                out.append(a)
+            elif i in handed:
+                out.append(xp.asarray(backend.asarray(a), copy=True))  # the library's own temporary
+            else:
+                out.append(backend.asarray(a))  # the caller's (read-only on that row)
+        return out
+
+    got_args, ref_args = args(), args()
+    got = _host(backend, _call(ks, name, got_args, kwargs, xp))
+    ref = _host(backend, _call(K.REFERENCE, name, ref_args, kwargs, xp))
+    for g, r in zip(got if isinstance(got, tuple) else (got,), ref if isinstance(ref, tuple) else (ref,)):
+        if isinstance(r, np.ndarray):
+            assert g.shape == r.shape and g.dtype == r.dtype, name
+            np.testing.assert_allclose(g, r, rtol=1e-12, atol=1e-13, err_msg=name)
+        else:
+            assert (g == r) or (math.isclose(float(g), float(r), rel_tol=1e-12)), (name, g, r)
+    for i, a in enumerate(got_args):
+        if i not in handed and isinstance(host[i], np.ndarray):
+            np.testing.assert_array_equal(backend.to_numpy(a), host[i], err_msg=f"{name} changed argument {i}")
+
+
+def test_sets_by_namespace(backend):
+    xp = backend.xp
+    ks = kernels_for(xp)
+    expected = {"numpy": "numpy", "torch": "torch", "cupy": "cupy"}.get(backend.name, "reference")
+    if K.reference_forced():  # the suite run with ARRAYMLP_KERNELS=reference
+        expected = "reference"
+    assert ks.name == expected  # array-api-strict and JAX take the reference set
+    assert kernels_for(xp) is ks  # built once
+    with reference_kernels():
+        assert kernels_for(xp) is K.REFERENCE
+        assert not kernels_for(xp).overrides
+    assert kernels_for(xp) is ks
+
+
+def test_reference_switch_nests_and_can_be_turned_off():
+    before = K.reference_forced()
+    with reference_kernels():
+        assert K.reference_forced()
+        with reference_kernels(False):
+            assert kernels_for(np).name == "numpy"
+        assert kernels_for(np).name == "reference"
+    assert K.reference_forced() is before
+
+
+def test_the_environment_variable_forces_the_reference_in_a_new_process():
+    import subprocess
+    import sys
+
+    code = "import numpy, arraymlp.kernels as K; print(K.kernels_for(numpy).name)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**__import__("os").environ, "ARRAYMLP_KERNELS": "reference"})
+    assert out.stdout.strip() == "reference"
+
+
+def test_composites_are_bound_to_their_sets_primitives():
+    """A set that overrides a primitive speeds up every composite built on it."""
+    calls = []
+
+    def bias_grad(dy, xp):
+        calls.append(dy.shape)
+        return R.bias_grad(dy, xp)
+
+    ks = KernelSet("test", {"bias_grad": bias_grad})
+    dy = _r((5, 3), 0)
+    dx, dW, db = ks.dense_backward(_r((5, 2), 1), _r((2, 3), 2), dy, True, True, np)
+    ks.dense_sgd_update(_r((5, 2), 1), dy, _r((2, 3), 2), _r((3,), 3), 0.1, 0.0, np)
+    assert calls == [(5, 3), (5, 3)]
+    np.testing.assert_allclose(db, dy.sum(axis=0), rtol=1e-15)
+    assert ks.overrides == {"bias_grad"}
+    with pytest.raises(ValueError, match="unknown kernels"):
+        KernelSet("bad", {"no_such_kernel": bias_grad})
+
+
+def test_activation_rows_of_a_set():
+    ks = kernels_for(np)
+    relu = ks.activation(R.ACTIVATIONS["relu"])
+    assert relu.forward_inplace is ks.relu_forward_inplace and relu.backward is R.ACTIVATIONS["relu"].backward
+    custom = R.Activation("relu", R.relu, R._relu_bw, "output")  # not the table's row: used as it is
+    assert ks.activation(custom) is custom
