@@ -352,7 +352,7 @@ def test_main_rejects_unknown_names(capsys):
     (["--plot", "no/such/folder/r.png"], "--plot no/such/folder/r.png: the folder"),
 ])
 def test_main_checks_options_before_timing(args, message, capsys, monkeypatch):
-    monkeypatch.setattr(bench, "run", lambda *a, **k: pytest.fail("timed before checking the options"))
+    monkeypatch.setattr(bench.runner, "run", lambda *a, **k: pytest.fail("timed before checking the options"))
     assert bench.main(["--workload", "W2", "--backend", "numpy", "-q", *args]) == 2
     assert message in capsys.readouterr().err
 
@@ -370,8 +370,8 @@ def test_a_candidate_that_cannot_run_is_skipped_with_a_note(monkeypatch):
             raise RuntimeError("no such kernel")
         return fn
 
-    monkeypatch.setattr(bench, "make_torch", broken)
-    monkeypatch.setattr(bench, "_has", lambda module: module == "torch")
+    monkeypatch.setattr(bench.runner, "make_torch", broken)
+    monkeypatch.setattr(bench.runner, "_has", lambda module: module == "torch")
     notes = []
     case = bench.run_case(TINY, 4, "float64", [bench.TARGETS["numpy"]], gpu=False, repeat=2, min_time=0.0,
                           errors=notes)
