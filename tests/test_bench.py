@@ -284,15 +284,20 @@ def test_environment_records_machine_and_versions():
 
 
 def test_environment_says_whether_the_compiled_kernels_ran():
-    from arraymlp import _jit
+    from arraymlp.kernels import _jit, reference_kernels
 
     saved = _jit._kernels
     try:
-        assert bench.environment()["jit_kernels"] is (_jit.kernels() is not None)
-        _jit.set_enabled(False)
-        assert bench.environment()["jit_kernels"] is False
-        _jit._kernels = object()  # loaded
-        assert bench.environment()["jit_kernels"] is True
+        with reference_kernels(False):
+            assert bench.environment()["jit_kernels"] is (_jit.kernels() is not None)
+            assert bench.environment()["kernels"] == "backend"
+            _jit.set_enabled(False)
+            assert bench.environment()["jit_kernels"] is False
+            _jit._kernels = object()  # loaded
+            assert bench.environment()["jit_kernels"] is True
+            with reference_kernels():  # forced: the compiled kernels do not run either
+                env = bench.environment()
+                assert env["jit_kernels"] is False and env["kernels"] == "reference"
     finally:
         _jit._kernels = saved
 

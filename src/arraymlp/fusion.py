@@ -28,7 +28,7 @@ from typing import Any, Callable
 from . import layers as L
 from .kernels import KernelSet, kernels_for
 
-__all__ = ["Plan", "plan_for"]
+__all__ = ["ForwardStep", "Plan", "plan_for"]
 
 _DENSE = (L.Dense.forward, L.Dense.backward)
 

@@ -83,8 +83,9 @@ def environment() -> dict[str, Any]:
     dict
         Keys ``device_name``, ``cpu_model``, ``cpu_count``, ``threads``, ``blas``,
         ``gpus``, ``versions``, ``jit_kernels`` (whether NumPy's hot path runs the
-        compiled kernels of :mod:`arraymlp._jit`), ``python``, ``platform``,
-        ``timestamp``.
+        compiled kernels of :mod:`arraymlp.kernels._jit`), ``kernels``
+        (``"reference"`` when the reference set is forced, ``"backend"``
+        otherwise), ``python``, ``platform``, ``timestamp``.
     """
     gpus = _gpus()
     threads: dict[str, Any] = {"os_cpu_count": os.cpu_count()}
@@ -106,7 +107,8 @@ def environment() -> dict[str, Any]:
         name += " + " + ", ".join(g["name"] for g in gpus)
     versions = {m: _version(m) for m in ("numpy", "cupy", "torch", "sklearn", "array_api_compat",
                                         "array_api_strict", "matplotlib", "numba")}
-    from .. import __version__, _jit
+    from .. import __version__
+    from ..kernels import _jit, reference_forced
 
     versions["arraymlp"] = __version__
     return {
@@ -117,7 +119,8 @@ def environment() -> dict[str, Any]:
         "blas": blas,
         "gpus": gpus,
         "versions": versions,
-        "jit_kernels": _jit.kernels() is not None,
+        "jit_kernels": _jit.kernels() is not None and not reference_forced(),
+        "kernels": "reference" if reference_forced() else "backend",
         "python": platform.python_version(),
         "platform": platform.platform(),
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
