@@ -79,8 +79,8 @@ def measure(*, hidden: int = 256, epochs: int = 5, repeat: int = 9, dtype: str =
     ours, theirs = [], []
     for r in range(warmup + repeat):
         pair = [
-            ("ours", lambda: _ours(x, y, hidden=hidden, epochs=epochs, dtype=dtype, backend=backend, seed=r)),
-            ("sklearn", lambda: _sklearn(x, y, hidden=hidden, epochs=epochs, seed=r)),
+            ("ours", lambda r=r: _ours(x, y, hidden=hidden, epochs=epochs, dtype=dtype, backend=backend, seed=r)),
+            ("sklearn", lambda r=r: _sklearn(x, y, hidden=hidden, epochs=epochs, seed=r)),
         ]
         if r % 2:
             pair.reverse()

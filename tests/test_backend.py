@@ -16,7 +16,9 @@ def test_resolve_by_name_and_module(name):
 
 
 def test_resolve_unknown_backend_lists_known():
-    with pytest.raises(ValueError, match="unknown backend 'tensorflow'; known backends: numpy, cupy, torch, array_api_strict"):
+    with pytest.raises(
+        ValueError, match="unknown backend 'tensorflow'; known backends: numpy, cupy, torch, array_api_strict"
+    ):
         resolve_backend("tensorflow")
     with pytest.raises(TypeError, match="backend must be a name or a namespace module"):
         resolve_backend(3)

@@ -113,7 +113,9 @@ def test_bad_inputs_are_reported_up_front():
 def test_backend_mismatch_names_both():
     pytest.importorskip("torch")
     model = am.MLP([N_FEATURES, 4, 3], output_activation="softmax", backend="torch", seed=0)
-    with pytest.raises(TypeError, match=r"numpy blocks but the model's parameters are torch.*model.copy\(backend='numpy'\)"):
+    with pytest.raises(
+        TypeError, match=r"numpy blocks but the model's parameters are torch.*model.copy\(backend='numpy'\)"
+    ):
         model.predict(da.zeros((10, N_FEATURES), chunks=5, dtype=np.float32))
 
 

@@ -94,13 +94,20 @@ def _attribute_comment(name: str) -> bool:
         lines = text.splitlines()
         body = tree.body
         for i, node in enumerate(body):
-            targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+            if isinstance(node, ast.Assign):
+                targets = node.targets
+            elif isinstance(node, ast.AnnAssign):
+                targets = [node.target]
+            else:
+                targets = []
             if not any(isinstance(t, ast.Name) and t.id == name for t in targets):
                 continue
             before = lines[node.lineno - 2].strip() if node.lineno >= 2 else ""
             after = body[i + 1] if i + 1 < len(body) else None
             if before.startswith("#:") or (
-                isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)
+                isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)
             ):
                 return True
     return False

@@ -151,7 +151,7 @@ def test_sgd_update_is_exactly_p_minus_lr_g_at_every_size(backend, n):
     params = [{"W": _fresh(backend, W_np), "b": _fresh(backend, p_np)}]
     grads = [{"W": backend.asarray(gW_np), "b": backend.asarray(g_np)}]
     opt = SGD(lr=0.037)
-    for step in range(2):
+    for _ in range(2):
         params = opt.step(params, grads)
         p_np = p_np - np.float32(0.037) * g_np
         W_np = W_np - np.float32(0.037) * gW_np

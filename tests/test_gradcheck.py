@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 
 import arraymlp as am
-from arraymlp import functional as F
 
 
 class BiasNotSummed(am.Dense):
@@ -167,7 +166,9 @@ def test_raise_on_failure_shows_the_table(backend):
     model = am.Sequential([am.Dense(3, 4), am.Tanh(), BiasNotSummed(4, 2)], dtype="float64", seed=0,
                           **backend.model_kwargs())
     x, y = _data(backend)
-    with pytest.raises(am.GradcheckError, match=r"(?s)gradient check failed.*2 BiasNotSummed.* b .*NO.*1 of 4 gradients wrong"):
+    with pytest.raises(
+        am.GradcheckError, match=r"(?s)gradient check failed.*2 BiasNotSummed.* b .*NO.*1 of 4 gradients wrong"
+    ):
         am.gradcheck(model, x, y, raise_on_failure=True)
 
 

@@ -12,9 +12,8 @@ import numpy as np
 import pytest
 
 import arraymlp as am
-from arraymlp.kernels import _jit, reference_kernels
-from arraymlp import functional as F
 from arraymlp import losses as LS
+from arraymlp.kernels import _jit, reference_kernels
 
 needs_numba = pytest.mark.skipif(_jit.kernels() is None, reason="Numba is not installed")
 
@@ -178,7 +177,6 @@ def test_switches_turn_the_kernels_off(monkeypatch):
 
 # ----------------------------------------------------------------------------- on every row
 def test_model_forward_is_the_same_with_and_without_kernels(backend):
-    xp = backend.xp
     kwargs = dict(dtype="float64", seed=3, **backend.model_kwargs())
     model = am.MLP([5, 8, 8, 3], activation="relu", output_activation="softmax", **kwargs)
     x_np = np.random.default_rng(4).standard_normal((7, 5))
@@ -201,7 +199,6 @@ def test_model_forward_is_the_same_with_and_without_kernels(backend):
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_training_is_the_same_with_and_without_kernels(backend, dtype):
-    xp = backend.xp
     r = np.random.default_rng(5)
     x = backend.asarray(r.standard_normal((64, 6)).astype(dtype))
     y = backend.asarray(r.integers(0, 3, 64))

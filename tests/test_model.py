@@ -8,7 +8,10 @@ HIDDEN_ACTIVATIONS = ["identity", "relu", "leaky_relu", "elu", "gelu", "silu", "
 
 
 def test_sizes_must_chain():
-    with pytest.raises(ValueError, match=r"layer 2 \(Dense\(5 -> 2\)\) expects 5 input features but layer 0 \(Dense\(3 -> 4\)\) produces 4"):
+    with pytest.raises(
+        ValueError,
+        match=r"layer 2 \(Dense\(5 -> 2\)\) expects 5 input features but layer 0 \(Dense\(3 -> 4\)\) produces 4",
+    ):
         am.Sequential([am.Dense(3, 4), am.ReLU(), am.Dense(5, 2)])
 
 
@@ -222,7 +225,6 @@ def test_fused_softmax_cross_entropy_outputs_probabilities(backend):
     labels = np.array([0, 4, 2, 1])
     value, grads = model.loss_and_grads(backend.asarray(xh), backend.asarray(labels), loss="cross_entropy")
     assert np.isfinite(float(value))
-    logits = np_forward(am.Sequential(model.layers[:-1], dtype="float64").__class__, xh) if False else None
     # reference: CE from the logits (the model without its softmax)
     sub = am.Sequential(model.layers[:-1], dtype="float64", backend="numpy")
     sub.params = [{k: backend.to_numpy(v) for k, v in p.items()} for p in model.params[:-1]]
@@ -394,7 +396,8 @@ def test_error_mixed_backends(backend):
         msg = r"x is a numpy array but the model's parameters are array_api_strict arrays.*to_backend"
     else:
         other = am.MLP([3, 4, 2], backend="numpy", seed=0)
-        msg = rf"x is a {am.resolve_backend(backend.name).__name__.split('.')[-1]} array but the model's parameters are numpy arrays.*to_backend"
+        name = am.resolve_backend(backend.name).__name__.split(".")[-1]
+        msg = rf"x is a {name} array but the model's parameters are numpy arrays.*to_backend"
     with pytest.raises(TypeError, match=msg):
         other(backend.asarray(np.ones((2, 3)), dtype=np.float32))
 

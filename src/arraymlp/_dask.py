@@ -25,7 +25,6 @@ GPU a dask-cuda worker owns.
 from __future__ import annotations
 
 import sys
-from typing import Any
 
 import array_api_compat
 import numpy
@@ -191,7 +190,10 @@ def map_model(model, x, method: str = "__call__"):
         msg = f"x has {x.shape[1]} features but the model expects {model.n_features_in}"
         raise ValueError(msg)
     if not numpy.issubdtype(x.dtype, numpy.floating):
-        msg = f"x has dtype {x.dtype}; a floating-point array is required (convert it with x.astype('{model.dtype_name}'))"
+        msg = (
+            f"x has dtype {x.dtype}; a floating-point array is required "
+            f"(convert it with x.astype('{model.dtype_name}'))"
+        )
         raise TypeError(msg)
     out_shape, dtype = _output(model, method)
     if len(x.chunks[1]) != 1:

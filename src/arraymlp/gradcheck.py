@@ -133,7 +133,10 @@ class GradcheckReport:
         raise KeyError(msg)
 
     def __str__(self) -> str:
-        head = f"{'layer':<22} {'param':<7} {'shape':<12} {'max abs err':>11} {'max rel err':>11} {'worst at':<12} {'ok':<4}"
+        head = (
+            f"{'layer':<22} {'param':<7} {'shape':<12} {'max abs err':>11} {'max rel err':>11} "
+            f"{'worst at':<12} {'ok':<4}"
+        )
         lines = [head, "-" * len(head)]
         for r in self.rows:
             name = f"{r.layer} {r.layer_repr}"[:22]
@@ -211,7 +214,12 @@ def _compare(row: GradcheckRow, analytic, numeric_fn, param_host: numpy.ndarray,
     if not row.passed:
         ratio = row.analytic / row.numeric if row.numeric else float("inf")
         row.note = f"analytic {row.analytic:.6g} vs numeric {row.numeric:.6g} at {row.worst_index}"
-        if numpy.isfinite(ratio) and abs(ratio) > 1e-12 and abs(ratio - round(ratio)) < 1e-3 * abs(ratio) and abs(ratio) != 1:
+        if (
+            numpy.isfinite(ratio)
+            and abs(ratio) > 1e-12
+            and abs(ratio - round(ratio)) < 1e-3 * abs(ratio)
+            and abs(ratio) != 1
+        ):
             row.note += f" (a factor {ratio:g} off)"
     return row
 

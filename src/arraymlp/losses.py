@@ -50,7 +50,6 @@ import math
 import numbers
 from typing import Any, Callable
 
-
 from ._backend import asarray_like, device_of, get_namespace, is_float16, is_writeable, memo
 from .functional import log_softmax
 from .kernels import kernels_for

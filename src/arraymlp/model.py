@@ -14,13 +14,12 @@ from typing import Any, Sequence
 from array_api_compat import is_dask_array
 
 from . import layers as L
-from .fusion import _params_distinct, plan_for
 from ._backend import (
     Generator,
     backend_name,
+    canonical_device,
     check_same_backend,
     check_same_device,
-    canonical_device,
     device_of,
     dtype_name,
     get_namespace,
@@ -29,6 +28,7 @@ from ._backend import (
     resolve_dtype,
     to_backend,
 )
+from .fusion import _params_distinct, plan_for
 from .init import default_for
 from .kernels import kernels_for
 from .losses import LOSSES, get_loss
@@ -199,7 +199,10 @@ class Sequential:
                 new._build(resolve_backend(backend), device)
             return new
         xp = resolve_backend(backend) if backend is not None else self.xp
-        dev = canonical_device(xp, device) if device is not None else (self.device if xp is self.xp else canonical_device(xp))
+        if device is not None:
+            dev = canonical_device(xp, device)
+        else:
+            dev = self.device if xp is self.xp else canonical_device(xp)
         new.xp, new.device = xp, dev
         new.dtype = resolve_dtype(xp, new._dtype_name)
         new.params = [
@@ -226,7 +229,9 @@ class Sequential:
             check_same_device(self.device, device_of(x), what)
         xp = self.xp
         if x.ndim != 2:
-            hint = " (use x.reshape(-1, 1) for a single feature, x.reshape(1, -1) for one sample)" if x.ndim == 1 else ""
+            hint = ""
+            if x.ndim == 1:
+                hint = " (use x.reshape(-1, 1) for a single feature, x.reshape(1, -1) for one sample)"
             msg = f"{what} must be 2-D (n_samples, n_features), got shape {tuple(x.shape)}{hint}"
             raise ValueError(msg)
         if x.shape[1] != self.n_features_in:
@@ -569,7 +574,10 @@ class Sequential:
                 n = 2 * layer.n_in
             count = f"{n:>12,d} params" if n else ""
             lines.append(f"  ({i}): {layer!r:<{width}} {count}".rstrip())
-        where = "not built (follows its first input)" if self.xp is None else f"backend={self.backend}, device={self.device}"
+        if self.xp is None:
+            where = "not built (follows its first input)"
+        else:
+            where = f"backend={self.backend}, device={self.device}"
         lines.append(f") total {self.n_params:,d} params, dtype={self._dtype_name}, {where}")
         return "\n".join(lines)
 

@@ -227,19 +227,8 @@ def run(workloads: Sequence[Workload], targets: Sequence[Target], *, repeat: int
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m arraymlp bench``: time the workloads and print the table.
-
-    Parameters
-    ----------
-    argv : list of str, optional
-        Arguments after ``bench`` (default: ``sys.argv[1:]``).
-
-    Returns
-    -------
-    int
-        Exit status (0 on success, 2 on bad arguments).
-    """
+def _parser() -> argparse.ArgumentParser:
+    """The argument parser of ``python -m arraymlp bench``."""
     ap = argparse.ArgumentParser(
         prog="python -m arraymlp bench",
         description="Time arraymlp's hot path against its GEMM floor, PyTorch eager and scikit-learn, "
@@ -260,49 +249,30 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", metavar="PATH", help="write results and environment as JSON")
     ap.add_argument("--plot", metavar="PATH", help="write a PNG of throughput against batch size")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
-    try:
-        args = ap.parse_args(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    try:
-        targets, tnotes = _resolve_targets(args.backend)
-        workloads = _resolve_workloads(args.workload)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    repeat = args.repeat if args.repeat is not None else (5 if args.quick else 15)
-    min_time = args.min_time if args.min_time is not None else (0.01 if args.quick else 0.05)
+    return ap
+
+
+def _check_settings(args: argparse.Namespace, repeat: int, min_time: float, targets: list) -> str | None:
+    """The first problem with the resolved settings, as an error message, or ``None``."""
     if repeat < 1:
-        print("error: --repeat must be >= 1", file=sys.stderr)
-        return 2
+        return "--repeat must be >= 1"
     if not targets:
-        print("error: none of the requested backends is available", file=sys.stderr)
-        return 2
-
-    def log(msg):
-        if not args.quiet:
-            print(msg, file=sys.stderr, flush=True)
-
+        return "none of the requested backends is available"
     if args.threads is not None and args.threads < 1:
-        print("error: --threads must be >= 1", file=sys.stderr)
-        return 2
+        return "--threads must be >= 1"
     if not (math.isfinite(min_time) and min_time >= 0):
-        print(f"error: --min-time must be a finite number of seconds >= 0, got {args.min_time}", file=sys.stderr)
-        return 2
+        return f"--min-time must be a finite number of seconds >= 0, got {args.min_time}"
     for opt, path in (("--json", args.json), ("--plot", args.plot)):  # before minutes of timing, not after
         folder = os.path.dirname(os.path.abspath(path)) if path else None
         if folder is not None and not os.path.isdir(folder):
-            print(f"error: {opt} {path}: the folder {folder} does not exist", file=sys.stderr)
-            return 2
-    t0 = time.perf_counter()
-    with limit_threads(args.threads, tnotes):
-        result = run(workloads, targets, repeat=repeat, quick=args.quick, min_time=min_time,
-                     peers=not args.no_peers, memory=not args.no_memory, log=log)
-    result["notes"] = tnotes + result["notes"]
-    result["settings"]["wall_seconds"] = time.perf_counter() - t0
-    result["settings"]["threads"] = args.threads
+            return f"{opt} {path}: the folder {folder} does not exist"
+    return None
+
+
+def _print_report(result: dict, threads_arg: int | None, repeat: int) -> None:
+    """Print the header, the table, the crossovers, the memory line and the notes."""
     env = result["environment"]
-    threads = "default threads" if args.threads is None else f"{args.threads} thread(s) per pool"
+    threads = "default threads" if threads_arg is None else f"{threads_arg} thread(s) per pool"
     kernels = "compiled NumPy kernels" if env["jit_kernels"] else "NumPy ufuncs only"
     print(f"arraymlp {env['versions']['arraymlp']} bench on {env['device_name']}; "
           f"repeat {repeat}, medians of interleaved rounds, {threads}, {kernels}")
@@ -319,16 +289,66 @@ def main(argv: list[str] | None = None) -> int:
               f"batch's activations {mem['budget_bytes'] / 2**20:.1f} MiB: ratio {mem['ratio']:.3f}")
     for note in result["notes"]:
         print(f"note: {note}")
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as fh:
+
+
+def _write_outputs(result: dict, json_path: str | None, plot_path: str | None, log) -> None:
+    """Write the ``--json`` file and the ``--plot`` PNG where asked for."""
+    if json_path:
+        with open(json_path, "w", encoding="utf-8") as fh:
             json.dump(result, fh, indent=1, default=_json_default)
             fh.write("\n")
-        log(f"wrote {args.json}")
-    if args.plot:
+        log(f"wrote {json_path}")
+    if plot_path:
         if result["cases"]:
-            plot_throughput(result["cases"], args.plot)
-            log(f"wrote {args.plot}")
+            plot_throughput(result["cases"], plot_path)
+            log(f"wrote {plot_path}")
         else:
             log("no cases: no plot written")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m arraymlp bench``: time the workloads and print the table.
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        Arguments after ``bench`` (default: ``sys.argv[1:]``).
+
+    Returns
+    -------
+    int
+        Exit status (0 on success, 2 on bad arguments).
+    """
+    ap = _parser()
+    try:
+        args = ap.parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    try:
+        targets, tnotes = _resolve_targets(args.backend)
+        workloads = _resolve_workloads(args.workload)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    repeat = args.repeat if args.repeat is not None else (5 if args.quick else 15)
+    min_time = args.min_time if args.min_time is not None else (0.01 if args.quick else 0.05)
+    problem = _check_settings(args, repeat, min_time, targets)
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+
+    def log(msg):
+        if not args.quiet:
+            print(msg, file=sys.stderr, flush=True)
+
+    t0 = time.perf_counter()
+    with limit_threads(args.threads, tnotes):
+        result = run(workloads, targets, repeat=repeat, quick=args.quick, min_time=min_time,
+                     peers=not args.no_peers, memory=not args.no_memory, log=log)
+    result["notes"] = tnotes + result["notes"]
+    result["settings"]["wall_seconds"] = time.perf_counter() - t0
+    result["settings"]["threads"] = args.threads
+    _print_report(result, args.threads, repeat)
+    _write_outputs(result, args.json, args.plot, log)
     log(f"total {time.perf_counter() - t0:.1f} s")
     return 0
