@@ -100,30 +100,49 @@ def _params_distinct(params) -> bool:
     return len(set(ids)) == len(ids)
 
 
-def _key(model, xp, optimizer) -> tuple:
-    layers = model.layers
-    sgd = optimizer is not None and optimizer._fusable() and _params_distinct(model.params)
-    return (xp, kernels_for(xp), sgd, len(model.params),
-            tuple((id(layer), type(layer), _hooked(layer)) for layer in layers))
+def _snapshot(layers) -> tuple:
+    return tuple((layer, type(layer), _hooked(layer)) for layer in layers)
 
 
-#: model -> {key: plan}; the plans a model's inference and training steps use (weakly
-#: keyed, so that a model's copies, pickles and files never carry them).
+def _still(snapshot: tuple, layers) -> bool:
+    """Whether ``layers`` are the snapshot's layers, of the same classes and hooks."""
+    if len(layers) != len(snapshot):
+        return False
+    for layer, (was, cls, hooked) in zip(layers, snapshot):
+        if layer is not was or type(layer) is not cls or _hooked(layer) is not hooked:
+            return False
+    return True
+
+
+#: model -> {(xp, sgd): (snapshot of the layers, kernel set, parameter count, plan)}: the
+#: plans a model's inference and training steps use (weakly keyed, so that a model's
+#: copies, pickles and files never carry them).
 _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def plan_for(model, xp, optimizer: Any = None) -> Plan:
     """The plan for ``model`` on namespace ``xp``, with ``optimizer`` when a training
-    step may fuse its update (None: forward and plain backward only). Rebuilt only when
-    the key (see the module notes) changes."""
-    key = _key(model, xp, optimizer)
+    step may fuse its update (None: forward and plain backward only). Kept until what it
+    was decided from changes (see the module notes): checking that costs a pass over
+    the layers, a few attribute lookups each."""
+    sgd = optimizer is not None and optimizer._fusable() and _params_distinct(model.params)
+    ks = kernels_for(xp)
     plans = _PLANS.get(model)
     if plans is None:
         plans = _PLANS[model] = {}
-    else:
-        plan = plans.get(key)
-        if plan is not None:
-            return plan
+    entry = plans.get((xp, sgd))
+    if (entry is not None and entry[1] is ks and entry[2] == len(model.params)
+            and _still(entry[0], model.layers)):
+        return entry[3]
+    layers = model.layers
+    plan = Plan(
+        forward=_forward_steps(layers, ks),
+        sgd_dense=frozenset(i for i, layer in enumerate(layers) if sgd and _plain_dense(layer)),
+        sgd=sgd,
+        kernels=ks,
+    )
+    plans[(xp, sgd)] = (_snapshot(layers), ks, len(model.params), plan)
+    return plan
     ks, sgd = key[1], key[2]
     layers = model.layers
     plan = Plan(
