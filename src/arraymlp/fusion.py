@@ -143,15 +143,3 @@ def plan_for(model, xp, optimizer: Any = None) -> Plan:
     )
     plans[(xp, sgd)] = (_snapshot(layers), ks, len(model.params), plan)
     return plan
-    ks, sgd = key[1], key[2]
-    layers = model.layers
-    plan = Plan(
-        forward=_forward_steps(layers, ks),
-        sgd_dense=frozenset(i for i, layer in enumerate(layers) if sgd and _plain_dense(layer)),
-        sgd=sgd,
-        kernels=ks,
-    )
-    if len(plans) >= 4:  # the layers changed: the old plans will not serve again
-        plans.clear()
-    plans[key] = plan
-    return plan
