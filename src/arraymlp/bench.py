@@ -1149,7 +1149,8 @@ def environment() -> dict[str, Any]:
         name += " + " + ", ".join(g["name"] for g in gpus)
     versions = {m: _version(m) for m in ("numpy", "cupy", "torch", "sklearn", "array_api_compat",
                                         "array_api_strict", "matplotlib", "numba")}
-    from . import __version__, _jit
+    from . import _jit
+    from ._version import __version__
 
     versions["arraymlp"] = __version__
     return {
