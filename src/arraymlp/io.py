@@ -45,7 +45,7 @@ from .init import INITIALIZERS
 from .losses import LOSSES
 from .model import MLP, Sequential
 from .optim import OPTIMIZERS, Optimizer
-from .training import CLASSIFICATION_LOSSES, Callback, History
+from .training import Callback, History
 
 __all__ = [
     "FORMAT_VERSION",
@@ -525,7 +525,7 @@ def _parse_model_config(path: str, cfg: dict[str, Any]) -> tuple[list[L.Layer], 
         raise ModelFileError(path, f"invalid 'fitted' entry {fitted!r}")
     if "loss_" in fitted and fitted["loss_"] not in LOSSES:
         raise ModelFileError(path, f"unknown loss {fitted['loss_']!r}; known losses: {', '.join(LOSSES)}")
-    tasks = {"regression", *CLASSIFICATION_LOSSES.values()}
+    tasks = {"regression", *(loss.task for loss in LOSSES.values())}
     if "task_" in fitted and fitted["task_"] not in tasks:
         raise ModelFileError(path, f"unknown task {fitted['task_']!r}")
     raw = cfg.get("layers")

@@ -37,9 +37,6 @@ __all__ = [
     "predict_proba",
 ]
 
-CLASSIFICATION_LOSSES = {"cross_entropy": "multiclass", "binary_cross_entropy": "multilabel"}
-
-
 class DivergenceError(FloatingPointError):
     """The training loss became NaN or infinite; ``epoch`` and ``step`` say where.
 
@@ -504,7 +501,7 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
         # the validation targets' kind, shape and labels, up front like y's
         lossfn.fn(xp.zeros((_n(y_val), model.n_outputs), dtype=model.dtype, device=model.device), y_val, xp=xp)
 
-    task = CLASSIFICATION_LOSSES.get(lossfn.name, "regression")
+    task = lossfn.task
     model.task_ = task
     # the table's name when the loss is the table's (files store it); a custom Loss itself
     model.loss_ = lossfn.name if LOSSES.get(lossfn.name) is lossfn else lossfn
