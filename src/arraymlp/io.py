@@ -41,11 +41,11 @@ import numpy
 from . import functional as F
 from . import layers as L
 from ._backend import Generator, backend_name, canonical_device, resolve_backend, resolve_dtype, to_numpy
+from .callbacks import Callback, History
 from .init import INITIALIZERS
 from .losses import LOSSES
 from .model import MLP, Sequential
 from .optim import OPTIMIZERS, Optimizer
-from .training import Callback, History
 
 __all__ = [
     "FORMAT_VERSION",
