@@ -296,7 +296,7 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
     history = History(metric_name="accuracy" if task != "regression" else "r2")
     start_epoch = 0
     if resume_from is not None:
-        from .io import restore_checkpoint
+        from .io.checkpoints import restore_checkpoint
 
         start_epoch = restore_checkpoint(resume_from, model, optimizer=opt, schedule=schedule, history=history,
                                          callbacks=callbacks)
