@@ -111,6 +111,20 @@ def test_batch_hooks_are_detected():
     assert not has_batch_hook(RootOnly(_Recorder(), _Comm(1)))
 
 
+def test_checkpoints_are_the_callbacks_wrapped_for_the_root(tmp_path):
+    """DataParallel.begin wraps the callbacks that save the run (saves_callbacks, as a
+    Checkpoint has) in RootOnly, once: not the others, not one already wrapped."""
+    import arraymlp as am
+    from arraymlp.distributed import _saves_run
+
+    class _Saver(Callback):
+        saves_callbacks = True
+
+    ck = am.Checkpoint(tmp_path / "ck")
+    assert [_saves_run(cb) for cb in (ck, _Saver(), EarlyStopping("loss"), _Recorder())] == [True, True, False, False]
+    assert [_saves_run(RootOnly(cb, _Comm(0))) for cb in (ck, _Saver(), _Recorder())] == [False, False, False]
+
+
 def test_root_only_checkpoint_saves_the_other_callbacks_state(tmp_path):
     """A Checkpoint wrapped by hand in RootOnly still runs after the other callbacks and
     saves their state (an EarlyStopping's), like a bare one."""

@@ -195,7 +195,7 @@ def test_failed_write_keeps_old_file_and_leaves_no_temporaries(tmp_path, monkeyp
         f.flush()
         raise exc
 
-    monkeypatch.setattr(amio, "_write_chunks", half_then_fail)
+    monkeypatch.setattr(amio.container, "_write_chunks", half_then_fail)
     new = am.MLP([3, 5, 2], seed=1, backend="numpy")
     with pytest.raises(type(exc)):
         am.save(new, path)
@@ -217,7 +217,7 @@ def test_failed_fsync_keeps_old_file(tmp_path, monkeypatch):
     def broken_fsync(fd):
         raise OSError("I/O error")
 
-    monkeypatch.setattr(amio.os, "fsync", broken_fsync)
+    monkeypatch.setattr(amio.container.os, "fsync", broken_fsync)
     with pytest.raises(OSError, match="I/O error"):
         am.save(_tiny(1), path)
     assert path.read_bytes() == old_bytes

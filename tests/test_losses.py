@@ -591,3 +591,16 @@ def test_huber_delta_accepts_numpy_scalars_not_bools(backend):
     assert float(a) == float(b) == pytest.approx(0.5 * (3.0 - 0.25) / 2)  # delta (|e| - delta / 2), mean of 2
     with pytest.raises(ValueError, match="delta must be a positive finite number"):
         huber(o, t, delta=True)
+
+
+def test_task_is_a_property_of_the_loss():
+    assert {name: row.task for name, row in LOSSES.items()} == {
+        "mse": "regression", "mae": "regression", "huber": "regression", "cross_entropy": "multiclass",
+        "binary_cross_entropy": "multilabel", "poisson_nll": "regression",
+    }
+    ce = LOSSES["cross_entropy"]
+    # a custom loss is a regression loss unless it says otherwise, whatever its name
+    assert Loss("cross_entropy", ce.fn, "softmax", "labels_or_probs").task == "regression"
+    assert Loss("my_ce", ce.fn, "softmax", "labels_or_probs", task="multiclass").task == "multiclass"
+    with pytest.raises(ValueError, match="task must be 'multiclass', 'multilabel' or 'regression', got 'labels'"):
+        Loss("my_ce", ce.fn, "softmax", "labels_or_probs", task="labels")

@@ -286,6 +286,24 @@ def test_validation_metric_is_r2_for_regression(backend):
     np.testing.assert_allclose(h.val_loss, cb.mse, rtol=1e-10)
 
 
+def test_the_loss_task_decides_metric_and_predictions():
+    """A custom loss's task, not its name, makes fit a classifier's (accuracy, labels from
+    predict) or a regressor's (R^2, raw outputs)."""
+    x, y = blobs(n_per_class=8)
+    ce = am.LOSSES["cross_entropy"]
+    for task, metric in (("multiclass", "accuracy"), ("regression", "r2")):
+        loss = am.Loss("my_ce", ce.fn, "softmax", "labels_or_probs", task=task)
+        model = am.MLP([2, 6, 3], dtype="float64", seed=0, backend="numpy")
+        h = model.fit(x, y, loss=loss, optimizer=SGD(lr=0.5), epochs=30, batch_size=8, progress=False)
+        assert model.task_ == task and h.metric_name == metric
+        logits = model(x)
+        if task == "multiclass":
+            np.testing.assert_array_equal(model.predict(x), np.argmax(logits, axis=1))
+            np.testing.assert_array_equal(model.predict(x), y)  # well separated blobs: all right
+        else:
+            np.testing.assert_array_equal(model.predict(x), logits)
+
+
 # ---------------------------------------------------------------------- early stopping
 def _line_problem(backend):
     """A bias-free 1 -> 1 linear model starting at w = 0, trained full-batch towards

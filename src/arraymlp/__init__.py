@@ -10,8 +10,10 @@ tensors, array-api-strict, and any namespace array-api-compat wraps. Name a back
 (2, 3)
 """
 
-from . import distributed, functional
+from . import distributed as distributed
+from . import functional
 from ._backend import Generator, resolve_backend, to_backend, to_numpy
+from ._version import __version__
 from .functional import ACTIVATIONS
 from .gradcheck import GradcheckError, GradcheckReport, gradcheck
 from .init import INITIALIZERS
@@ -48,8 +50,6 @@ from .schedules import (
     get_schedule,
 )
 from .training import Callback, DivergenceError, EarlyStopping, History
-
-__version__ = "0.1.0"
 
 __all__ = [
     "ACTIVATIONS",

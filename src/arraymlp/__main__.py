@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:
         return int(exc.code or 0)
     if args.version:
-        from . import __version__
+        from ._version import __version__
 
         print(f"arraymlp {__version__}")
         return 0

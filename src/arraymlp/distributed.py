@@ -63,7 +63,7 @@ import array_api_compat
 import numpy
 
 from ._backend import dtype_name, to_backend, to_numpy
-from .training import Callback
+from .callbacks import Callback
 
 __all__ = [
     "DataParallel",
@@ -322,8 +322,9 @@ class DataParallel:
         x : array, shape (n, n_features)
             This rank's training data; its shape must be the same on every rank.
         callbacks : list of Callback
-            ``fit``'s callbacks; :class:`arraymlp.Checkpoint` entries are replaced, in
-            place, by :class:`RootOnly` wrappers.
+            ``fit``'s callbacks; checkpoints (:class:`arraymlp.Checkpoint`, and any
+            callback whose ``saves_callbacks`` is true) are replaced, in place, by
+            :class:`RootOnly` wrappers.
         """
         shape = tuple(int(s) for s in x.shape)
         shapes = self.comm.allgather(shape)
@@ -342,10 +343,8 @@ class DataParallel:
             model.rng._native_seed = int(seq.generate_state(1, dtype=numpy.uint64)[0] >> 1)
             model.rng._native = None
         if isinstance(callbacks, list):
-            from .io import Checkpoint
-
-            # checkpoints are written by the root only
-            callbacks[:] = [RootOnly(cb, self) if isinstance(cb, Checkpoint) else cb for cb in callbacks]
+            # checkpoints (callbacks that save the run's state) are written by the root only
+            callbacks[:] = [RootOnly(cb, self) if _saves_run(cb) else cb for cb in callbacks]
         self._sync_batches = any(has_batch_hook(cb) for cb in callbacks)
 
     def broadcast_parameters(self, model) -> None:
@@ -491,6 +490,12 @@ def _scale(a, c):
         a *= c
         return a
     return a * c
+
+
+def _saves_run(callback) -> bool:
+    """Whether a callback writes checkpoints of the run (``saves_callbacks``, which
+    :class:`arraymlp.Checkpoint` sets) and is not yet wrapped in :class:`RootOnly`."""
+    return bool(getattr(callback, "saves_callbacks", False)) and not isinstance(callback, RootOnly)
 
 
 def has_batch_hook(callback) -> bool:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from typing import Any
+from typing import Any, Sequence
 
 from . import functional as F
 from .init import get_initializer
@@ -402,3 +402,24 @@ def layer_from_config(cfg: dict[str, Any]) -> Layer:
     if kind == "LayerNorm":
         return LayerNorm(cfg["n"], eps=cfg.get("eps", 1e-5))
     return _LAYER_TYPES[kind](**cfg)
+
+
+def _check_chain(layers: Sequence[Layer]) -> None:
+    """Check that ``layers`` are layers whose sizes chain (each sized layer takes what the
+    sized layer before it produces), with at least one sized layer."""
+    width, where = None, None
+    for i, layer in enumerate(layers):
+        if not isinstance(layer, Layer):
+            msg = f"layer {i} is a {type(layer).__name__}, not an arraymlp layer (Dense, ReLU(), Dropout(p), ...)"
+            raise TypeError(msg)
+        if layer.n_in is not None:
+            if width is not None and layer.n_in != width:
+                msg = (
+                    f"layer {i} ({layer!r}) expects {layer.n_in} input features but "
+                    f"layer {where} ({layers[where]!r}) produces {width}; the sizes must chain"
+                )
+                raise ValueError(msg)
+            width, where = layer.n_out, i
+    if width is None:
+        msg = "a model needs at least one layer with a fixed size (Dense or LayerNorm)"
+        raise ValueError(msg)

@@ -552,13 +552,18 @@ class Loss:
         activation table (``poisson_nll``'s ``exp``).
     targets : ``"labels_or_probs"`` or ``"same_shape"``
         What ``targets`` must look like.
+    task : ``"multiclass"``, ``"multilabel"`` or ``"regression"``
+        What a model trained with the loss predicts: one class per sample
+        (``cross_entropy``), independent 0/1 outputs (``binary_cross_entropy``), or
+        values (the default). It decides the metric of ``fit`` (accuracy or R^2) and
+        what ``predict`` returns.
 
     Examples
     --------
     >>> import numpy as np, arraymlp as am
     >>> ce = am.LOSSES["cross_entropy"]
-    >>> ce.fused_activation, ce.targets
-    ('softmax', 'labels_or_probs')
+    >>> ce.fused_activation, ce.targets, ce.task
+    ('softmax', 'labels_or_probs', 'multiclass')
     >>> loss, d_logits = ce(np.zeros((2, 2)), np.array([0, 1]))  # logits (n, k), labels (n,)
     >>> round(float(loss), 4), d_logits.tolist()
     (0.6931, [[-0.25, 0.25], [0.25, -0.25]])
@@ -568,6 +573,12 @@ class Loss:
     fn: Callable[..., Any]
     fused_activation: str | None
     targets: str
+    task: str = "regression"
+
+    def __post_init__(self):
+        if self.task not in ("multiclass", "multilabel", "regression"):
+            msg = f"task must be 'multiclass', 'multilabel' or 'regression', got {self.task!r}"
+            raise ValueError(msg)
 
     def __call__(self, outputs, targets, *, xp=None, sample_weight=None, check=True):
         """``self.fn(outputs, targets, xp=xp, sample_weight=sample_weight, check=check)``:
@@ -585,8 +596,8 @@ LOSSES: dict[str, Loss] = {
         Loss("mse", mse, "identity", "same_shape"),
         Loss("mae", mae, "identity", "same_shape"),
         Loss("huber", huber, "identity", "same_shape"),
-        Loss("cross_entropy", cross_entropy, "softmax", "labels_or_probs"),
-        Loss("binary_cross_entropy", binary_cross_entropy, "sigmoid", "same_shape"),
+        Loss("cross_entropy", cross_entropy, "softmax", "labels_or_probs", "multiclass"),
+        Loss("binary_cross_entropy", binary_cross_entropy, "sigmoid", "same_shape", "multilabel"),
         Loss("poisson_nll", poisson_nll, None, "same_shape"),
     )
 }

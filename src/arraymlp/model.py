@@ -36,25 +36,6 @@ from .losses import LOSSES, get_loss
 __all__ = ["MLP", "Sequential"]
 
 
-def _check_chain(layers: Sequence[L.Layer]) -> None:
-    width, where = None, None
-    for i, layer in enumerate(layers):
-        if not isinstance(layer, L.Layer):
-            msg = f"layer {i} is a {type(layer).__name__}, not an arraymlp layer (Dense, ReLU(), Dropout(p), ...)"
-            raise TypeError(msg)
-        if layer.n_in is not None:
-            if width is not None and layer.n_in != width:
-                msg = (
-                    f"layer {i} ({layer!r}) expects {layer.n_in} input features but "
-                    f"layer {where} ({layers[where]!r}) produces {width}; the sizes must chain"
-                )
-                raise ValueError(msg)
-            width, where = layer.n_out, i
-    if width is None:
-        msg = "a model needs at least one layer with a fixed size (Dense or LayerNorm)"
-        raise ValueError(msg)
-
-
 def _replace_optimizer_state(source, target) -> None:
     """Give ``target`` a copy of ``source``'s state, placed on the parameters' backend,
     device and dtype at its next step (``to`` and ``copy`` move the parameters)."""
@@ -100,10 +81,12 @@ class Sequential:
     (4, 1)
     """
 
+    _file_class = "Sequential"  # the class arraymlp files record it as (arraymlp.io)
+
     def __init__(self, layers: Sequence[L.Layer], *, dtype: str = "float32", backend: Any = None,
                  device: Any = None, seed: int | None = None):
         layers = list(layers)
-        _check_chain(layers)
+        L._check_chain(layers)
         self.layers = layers
         self.seed = seed
         self._dtype_name = dtype_name(dtype)
@@ -621,6 +604,8 @@ class MLP(Sequential):
     >>> proba.shape, np.allclose(proba.sum(axis=1), 1.0)
     ((2, 3), True)
     """
+
+    _file_class = "MLP"
 
     def __init__(self, sizes: Sequence[int], *, activation: str = "relu", output_activation: str | None = None,
                  dropout: float = 0.0, layer_norm: bool = False, init: str | None = None,

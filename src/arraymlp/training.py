@@ -15,7 +15,6 @@ step applied to the layers above the failing one only.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import numbers
 import sys
@@ -23,6 +22,7 @@ import time
 from typing import Any, Sequence
 
 from ._backend import Generator, is_float16, quiet_overflow
+from .callbacks import Callback, DivergenceError, EarlyStopping, History
 from .fusion import plan_for
 from .losses import LOSSES, get_loss
 from .optim import Optimizer, get_optimizer
@@ -38,39 +38,6 @@ __all__ = [
     "predict_proba",
 ]
 
-CLASSIFICATION_LOSSES = {"cross_entropy": "multiclass", "binary_cross_entropy": "multilabel"}
-
-
-class DivergenceError(FloatingPointError):
-    """The training loss became NaN or infinite; ``epoch`` and ``step`` say where.
-
-    The step whose loss is not finite makes no update, so the model keeps the
-    parameters it had: those left by the last step with a finite loss. They are
-    finite unless that step's own update overflowed (a finite loss whose gradient
-    was not); ``params_finite`` says which, and the message tells the two apart.
-
-    Attributes
-    ----------
-    epoch, step : int
-        0-based epoch and count of the updates made before the failing step.
-    params_finite : bool
-        Whether every parameter of the model is finite.
-
-    Examples
-    --------
-    >>> import numpy as np, arraymlp as am
-    >>> model = am.MLP([2, 3, 1], backend="numpy", seed=0)
-    >>> try:  # a learning rate far too large: the second step's loss overflows
-    ...     model.fit(np.ones((4, 2)), np.ones((4, 1)), optimizer="sgd", lr=1e20, epochs=5, progress=False)
-    ... except am.DivergenceError as err:
-    ...     print(err.epoch, err.step, err.params_finite)
-    1 1 True
-    """
-
-    def __init__(self, msg: str, *, epoch: int, step: int, params_finite: bool = True):
-        super().__init__(msg)
-        self.epoch, self.step, self.params_finite = epoch, step, params_finite
-
 
 def _params_finite(params, xp) -> bool:
     """Whether every array of ``params`` (a list of dicts) is finite: one host read."""
@@ -78,210 +45,6 @@ def _params_finite(params, xp) -> bool:
     if not arrays:
         return True
     return bool(xp.all(xp.stack([xp.all(xp.isfinite(a)) for a in arrays])))
-
-
-@dataclasses.dataclass
-class History:
-    """Per-epoch record of a :func:`fit` run (lists indexed by epoch).
-
-    Attributes
-    ----------
-    loss : list of float
-        Mean training loss over the epoch's batches (weighted by batch size).
-    val_loss, val_metric : list of float
-        Loss and metric on the validation data (empty without validation data).
-    metric_name : str
-        ``"accuracy"`` for classification losses, ``"r2"`` otherwise.
-    lr : list of float
-        Learning rate used in the epoch.
-    time : list of float
-        Wall-clock seconds of the epoch.
-    stopped_early : bool
-    best_epoch : int or None
-        Epoch whose weights were restored by early stopping.
-
-    Examples
-    --------
-    >>> import numpy as np, arraymlp as am
-    >>> model = am.MLP([2, 3, 1], backend="numpy", seed=0)
-    >>> history = model.fit(np.zeros((8, 2)), np.ones((8, 1)), epochs=3, lr=0.25,
-    ...                     validation_split=0.25, progress=False)
-    >>> history.epochs, len(history.val_loss), history.metric_name, history.lr
-    (3, 3, 'r2', [0.25, 0.25, 0.25])
-    >>> history.stopped_early, history.best_epoch
-    (False, None)
-    >>> sorted(history.as_dict())
-    ['best_epoch', 'loss', 'lr', 'metric_name', 'stopped_early', 'time', 'val_loss', 'val_metric']
-    """
-
-    loss: list[float] = dataclasses.field(default_factory=list)
-    val_loss: list[float] = dataclasses.field(default_factory=list)
-    val_metric: list[float] = dataclasses.field(default_factory=list)
-    metric_name: str = ""
-    lr: list[float] = dataclasses.field(default_factory=list)
-    time: list[float] = dataclasses.field(default_factory=list)
-    stopped_early: bool = False
-    best_epoch: int | None = None
-
-    @property
-    def epochs(self) -> int:
-        return len(self.loss)
-
-    def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-class Callback:
-    """Base class for training callbacks; override the hooks you need.
-
-    A hook that returns ``True`` stops training after the current batch or epoch.
-    ``logs`` carries ``epoch``, ``step``, ``loss`` and, at epoch end, ``val_loss``,
-    ``val_metric`` and ``lr``.
-
-    Examples
-    --------
-    >>> import numpy as np, arraymlp as am
-    >>> class EpochRecorder(am.Callback):
-    ...     def __init__(self):
-    ...         self.epochs = []
-    ...     def on_epoch_end(self, model, logs):
-    ...         self.epochs.append(logs["epoch"])
-    >>> recorder = EpochRecorder()
-    >>> model = am.MLP([2, 3, 1], backend="numpy", seed=0)
-    >>> _ = model.fit(np.zeros((4, 2)), np.ones((4, 1)), epochs=3, callbacks=[recorder], progress=False)
-    >>> recorder.epochs
-    [0, 1, 2]
-    """
-
-    def on_train_begin(self, model, history: History) -> Any:
-        return None
-
-    def on_epoch_begin(self, model, epoch: int) -> Any:
-        return None
-
-    def on_batch_end(self, model, logs: dict[str, Any]) -> Any:
-        return None
-
-    def on_epoch_end(self, model, logs: dict[str, Any]) -> Any:
-        return None
-
-    def on_train_end(self, model, history: History) -> Any:
-        return None
-
-    def state_dict(self) -> dict[str, Any] | None:
-        """State for checkpoints, or None (the default) for a callback without any.
-
-        A callback that returns a dict here is saved by :class:`arraymlp.Checkpoint`
-        and restored by ``fit(..., resume_from=...)`` through :meth:`load_state_dict`.
-        Values are JSON numbers, strings, booleans or None, except that a value may
-        be a list with one dict of arrays per layer, shaped like ``model.params``.
-        """
-        return None
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned (arrays already on the model's
-        backend and device)."""
-        msg = f"{type(self).__name__} has no state to load"
-        raise TypeError(msg)
-
-
-class EarlyStopping(Callback):
-    """Stop when the monitored value has not improved for ``patience`` epochs.
-
-    Parameters
-    ----------
-    monitor : {"val_loss", "loss", "val_metric"}
-    patience : int
-        Epochs without an improvement of more than ``min_delta`` before stopping.
-    min_delta : float
-    restore_best_weights : bool
-        Put back the parameters of the best epoch when training ends.
-
-    Notes
-    -----
-    Its state (best value and epoch, epochs waited and the best parameters) is part
-    of a :class:`arraymlp.Checkpoint`, so a resumed run stops where the uninterrupted
-    one would have and restores the same parameters.
-
-    Examples
-    --------
-    The loss of this model starts at 1 and never falls by more than ``min_delta``, so
-    the first epoch stays the best, and training stops once more than ``patience``
-    epochs have passed without an improvement:
-
-    >>> import numpy as np, arraymlp as am
-    >>> model = am.MLP([2, 3, 1], backend="numpy", seed=0)
-    >>> stop = am.EarlyStopping("loss", patience=2, min_delta=1.0)
-    >>> history = model.fit(np.zeros((4, 2)), np.ones((4, 1)), epochs=50, early_stopping=stop, progress=False)
-    >>> history.epochs, history.stopped_early, history.best_epoch
-    (4, True, 0)
-    >>> am.EarlyStopping("accuracy")
-    Traceback (most recent call last):
-    ...
-    ValueError: monitor must be 'val_loss', 'loss' or 'val_metric', got 'accuracy'
-    """
-
-    def __init__(self, monitor: str = "val_loss", *, patience: int = 10, min_delta: float = 0.0,
-                 restore_best_weights: bool = True):
-        if monitor not in ("val_loss", "loss", "val_metric"):
-            msg = f"monitor must be 'val_loss', 'loss' or 'val_metric', got {monitor!r}"
-            raise ValueError(msg)
-        if patience < 0:
-            msg = f"patience must be >= 0, got {patience!r}"
-            raise ValueError(msg)
-        self.monitor, self.patience, self.min_delta = monitor, int(patience), float(min_delta)
-        self.restore_best_weights = restore_best_weights
-
-    def on_train_begin(self, model, history):
-        if not getattr(self, "_resumed", False):
-            self.best, self.best_epoch, self.wait, self.best_params = math.inf, None, 0, None
-        self._resumed = False
-        self.history = history
-
-    def state_dict(self) -> dict[str, Any]:
-        """Best value so far (None before the first epoch), its epoch, epochs waited
-        since, and the best parameters when ``restore_best_weights``."""
-        best = getattr(self, "best", math.inf)
-        return {"best": None if math.isinf(best) else float(best), "best_epoch": getattr(self, "best_epoch", None),
-                "wait": int(getattr(self, "wait", 0)), "best_params": getattr(self, "best_params", None)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`; the next ``fit`` continues from it instead of
-        starting afresh."""
-        best, epoch, wait = state["best"], state["best_epoch"], state["wait"]
-        if best is not None and (not isinstance(best, (int, float)) or isinstance(best, bool)):
-            msg = f"best must be a number or None, got {best!r}"
-            raise ValueError(msg)
-        if epoch is not None and (not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0):
-            msg = f"best_epoch must be a non-negative int or None, got {epoch!r}"
-            raise ValueError(msg)
-        if not isinstance(wait, int) or isinstance(wait, bool) or wait < 0:
-            msg = f"wait must be a non-negative int, got {wait!r}"
-            raise ValueError(msg)
-        self.best = math.inf if best is None else float(best)
-        self.best_epoch, self.wait = epoch, wait
-        self.best_params = state.get("best_params")
-        self._resumed = True
-
-    def on_epoch_end(self, model, logs):
-        value = logs.get(self.monitor)
-        if value is None:
-            msg = f"EarlyStopping monitors {self.monitor!r} but training has no such value (no validation data?)"
-            raise ValueError(msg)
-        score = -value if self.monitor == "val_metric" else value
-        if score < self.best - self.min_delta:
-            self.best, self.best_epoch, self.wait = score, logs["epoch"], 0
-            if self.restore_best_weights:
-                xp = model.xp
-                self.best_params = [{k: xp.asarray(v, copy=True) for k, v in p.items()} for p in model.params]
-            return False
-        self.wait += 1
-        return self.wait > self.patience
-
-    def on_train_end(self, model, history):
-        if self.restore_best_weights and self.best_params is not None:
-            model.params = self.best_params
-            history.best_epoch = self.best_epoch
 
 
 class _Progress:
@@ -506,7 +269,7 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
         # the validation targets' kind, shape and labels, up front like y's
         lossfn.fn(xp.zeros((_n(y_val), model.n_outputs), dtype=model.dtype, device=model.device), y_val, xp=xp)
 
-    task = CLASSIFICATION_LOSSES.get(lossfn.name, "regression")
+    task = lossfn.task
     model.task_ = task
     # the table's name when the loss is the table's (files store it); a custom Loss itself
     model.loss_ = lossfn.name if LOSSES.get(lossfn.name) is lossfn else lossfn
@@ -535,7 +298,7 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
     history = History(metric_name="accuracy" if task != "regression" else "r2")
     start_epoch = 0
     if resume_from is not None:
-        from .io import restore_checkpoint
+        from .io.checkpoints import restore_checkpoint
 
         start_epoch = restore_checkpoint(resume_from, model, optimizer=opt, schedule=schedule, history=history,
                                          callbacks=callbacks)

@@ -107,7 +107,7 @@ def environment() -> dict[str, Any]:
         name += " + " + ", ".join(g["name"] for g in gpus)
     versions = {m: _version(m) for m in ("numpy", "cupy", "torch", "sklearn", "array_api_compat",
                                         "array_api_strict", "matplotlib", "numba")}
-    from .. import __version__
+    from .._version import __version__
     from ..kernels import _jit, reference_forced
 
     versions["arraymlp"] = __version__

@@ -1,0 +1,419 @@
+"""Checkpoints of training runs: :func:`save_checkpoint`, :func:`restore_checkpoint`
+and the :class:`Checkpoint` callback.
+
+A checkpoint is a model file whose metadata also holds the training state (epoch, step
+counter, the optimiser's name, hyper-parameters and step count, the schedule's and the
+random generator's state, the history, the callbacks' states) and whose tensors also
+hold the optimiser's moments and the callbacks' arrays. ``fit(..., resume_from=...)``
+restores one into the model being trained; :func:`arraymlp.io.load_checkpoint` builds a
+new model from one. This module works on models it is given and never builds one, so
+it does not import the model classes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy
+
+from .._backend import Generator, backend_name
+from ..callbacks import Callback, History
+from ..optim import Optimizer
+from .container import ModelFileError, _is_int, _write_file
+from .layout import (
+    _File,
+    _host,
+    _layer_config,
+    _model_payload,
+    _param_shapes,
+    _read,
+    _seed_for_json,
+    _to_xp,
+)
+
+__all__ = ["Checkpoint", "restore_checkpoint", "save_checkpoint"]
+
+_CHECKPOINT_NAME = re.compile(r"^epoch-(\d+)\.safetensors$")
+
+
+def _rng_state(model: Any) -> dict[str, Any] | None:
+    rng = model.rng
+    if rng is None:
+        return None
+    return {
+        "entropy": _seed_for_json(rng.seed_sequence.entropy),
+        "backend": backend_name(rng.xp),
+        "state": rng.get_state(),
+    }
+
+
+def _schedule_state(schedule: Any) -> dict[str, Any] | None:
+    get = getattr(schedule, "state_dict", None)
+    if schedule is None or not callable(get):
+        return None
+    state = get()
+    return state if state else None
+
+
+def save_checkpoint(path: str | os.PathLike, model: Any, *, optimizer: Optimizer | None = None,
+                    schedule: Any = None, epoch: int = 0, steps: int | None = None,
+                    history: History | None = None, callbacks: Sequence[Any] = ()) -> None:
+    """Save everything needed to continue training ``model`` bit-identically.
+
+    The file is a model file (it loads with :func:`load`) whose metadata also holds a
+    ``"checkpoint"`` JSON entry: the number of completed epochs, the step counter, the
+    optimiser's name, hyper-parameters and step count, the schedule's state (for a
+    :class:`~arraymlp.schedules.ReduceOnPlateau`), the model's random-generator state
+    and the history so far, and the state of every callback with one (an
+    :class:`~arraymlp.EarlyStopping`'s counters and best parameters). The optimiser's
+    moment arrays are tensors named ``optimizer.{i}.{key}.{slot}``
+    (``optimizer.0.W.exp_avg``), a callback's arrays ``callbacks.{j}.{name}.{i}.{key}``.
+
+    Parameters
+    ----------
+    path : str or path-like
+    model : Sequential
+    optimizer : Optimizer, optional
+        Default: the one of the model's last ``fit`` (``model.optimizer_``), if any.
+    schedule : Schedule, optional
+        Default: the one of the model's last ``fit`` (``model.schedule_``), if any.
+    epoch : int
+        Number of completed epochs; training resumes with this epoch index.
+    steps : int, optional
+        Optimisation steps so far; default ``model.steps_`` (0 if unset).
+    history : History, optional
+        Per-epoch record so far, restored into the resumed run's history.
+    callbacks : sequence of Callback
+        The run's callbacks; those whose ``state_dict()`` is not None are saved.
+    """
+    if optimizer is None:
+        optimizer = getattr(model, "optimizer_", None)
+    if schedule is None:
+        schedule = getattr(model, "schedule_", None)
+    metadata, tensors = _model_payload(model, "checkpoint")
+    dtype = numpy.dtype(model.dtype_name)
+    opt_entry = None
+    if optimizer is not None:
+        sd = optimizer.state_dict()
+        skeleton = None
+        if sd["state"] is not None:
+            skeleton = []
+            for i, layer_state in enumerate(sd["state"]):
+                entry = {}
+                for key, slots in layer_state.items():
+                    entry[key] = sorted(slots)
+                    for slot, a in slots.items():
+                        tensors[f"optimizer.{i}.{key}.{slot}"] = _host(a, dtype)
+                skeleton.append(entry)
+        opt_entry = {"optimizer": sd["optimizer"], "hyperparameters": sd["hyperparameters"],
+                     "step": int(sd["step"]), "state": skeleton}
+    if steps is None:
+        steps = getattr(model, "steps_", 0)
+    hist = None
+    if history is not None:
+        hist = {k: [float(v) for v in getattr(history, k)] for k in ("loss", "val_loss", "val_metric", "lr", "time")}
+        hist["metric_name"] = history.metric_name
+    cb_entries = []
+    for cb in callbacks:
+        state = cb.state_dict()
+        if state is None:
+            continue
+        j = len(cb_entries)
+        plain, arrays = {}, {}
+        for name, value in state.items():
+            if isinstance(value, list) and len(value) == len(model.layers) and all(isinstance(d, dict) for d in value):
+                arrays[name] = [sorted(d) for d in value]
+                for i, d in enumerate(value):
+                    for key, a in d.items():
+                        tensors[f"callbacks.{j}.{name}.{i}.{key}"] = _host(a, dtype)
+            else:
+                plain[name] = value
+        cb_entries.append({"class": type(cb).__name__, "state": plain, "arrays": arrays})
+    ck = {
+        "callbacks": cb_entries,
+        "epoch": int(epoch),
+        "steps": int(steps),
+        "optimizer": opt_entry,
+        "schedule": _schedule_state(schedule),
+        "rng": _rng_state(model),
+        "history": hist,
+    }
+    metadata["checkpoint"] = json.dumps(ck, sort_keys=True)
+    _write_file(path, metadata, tensors)
+
+
+def _resolve_checkpoint_path(path: Any) -> Path:
+    p = Path(os.fspath(path))
+    if p.is_dir():
+        latest = Checkpoint.latest(p)
+        if latest is None:
+            msg = f"no checkpoint (epoch-NNNNN.safetensors) in directory {os.fspath(p)}"
+            raise FileNotFoundError(msg)
+        return latest
+    return p
+
+
+def _checkpoint_dict(f: _File, model: Any) -> dict[str, Any]:
+    ck = f.checkpoint
+    opt = ck.get("optimizer")
+    if opt is not None:
+        state = None
+        if opt["state"] is not None:
+            state = [
+                {key: {slot: f.tensors[f"optimizer.{i}.{key}.{slot}"] for slot in slots} for key, slots in entry.items()}
+                for i, entry in enumerate(opt["state"])
+            ]
+        opt = {"optimizer": opt["optimizer"], "hyperparameters": opt["hyperparameters"], "step": opt["step"],
+               "state": state}
+    return {"model": model, "optimizer": opt, "epoch": ck["epoch"], "steps": ck["steps"],
+            "schedule": ck.get("schedule"), "rng": ck.get("rng"), "history": ck.get("history"), "path": Path(f.path)}
+
+
+def _numpy_like_rng(kind: str) -> bool:
+    return kind not in ("cupy", "torch")
+
+
+def restore_checkpoint(path: str | os.PathLike, model: Any, *, optimizer: Optimizer | None = None,
+                       schedule: Any = None, history: History | None = None, callbacks: Sequence[Any] = ()) -> int:
+    """Put a checkpoint's training state into a built model and its optimiser.
+
+    This is what ``fit(..., resume_from=path)`` calls; a hand-written training loop
+    can call it too. The model keeps its backend and device; the parameters, step
+    counter (``model.steps_``) and random-generator state are replaced, the
+    optimiser gets the saved hyper-parameters, step count and moments, a stateful
+    schedule its counters, and ``history`` the epochs already run.
+
+    Parameters
+    ----------
+    path : str or path-like
+        A checkpoint file, or a directory of them (the latest is used).
+    model : Sequential
+        A model with the same architecture and dtype, whose parameters exist.
+    optimizer : Optimizer, optional
+        Must be of the saved kind (``Adam`` for an Adam checkpoint).
+    schedule : Schedule, optional
+    history : History, optional
+    callbacks : sequence of Callback
+        Callbacks with a state (``state_dict()`` not None) get the saved state of
+        the same class, in order; saved states without such a callback are ignored.
+
+    Returns
+    -------
+    int
+        The number of completed epochs: the index of the epoch to run next.
+
+    Raises
+    ------
+    ModelFileError
+        For any problem with the file's contents.
+    ValueError
+        When the checkpoint does not fit the model (architecture or dtype) or the
+        optimiser (another kind).
+    """
+    p = _resolve_checkpoint_path(path)
+    f = _read(p)
+    if f.checkpoint is None:
+        raise ModelFileError(f.path, "a model file, not a checkpoint (it has no training state)")
+    if model.params is None:
+        msg = "the model has no parameters yet; build it (backend= or a first call) before restoring a checkpoint"
+        raise ValueError(msg)
+    saved = [_layer_config(i, layer) for i, layer in enumerate(f.layers)]
+    mine = [_layer_config(i, layer) for i, layer in enumerate(model.layers)]
+    for cfgs in (saved, mine):
+        for c in cfgs:
+            c.pop("class", None)  # ReLU() and Activation("relu") are the same layer
+            c.pop("init", None)  # the saved weights replace the initial ones
+    if f.model_cfg["dtype"] != model.dtype_name:
+        msg = (f"checkpoint {f.path} holds a {f.model_cfg['dtype']} model, but the model being restored is "
+               f"{model.dtype_name}; build it with dtype={f.model_cfg['dtype']!r}")
+        raise ValueError(msg)
+    if saved != mine:
+        diff = next(((i, a, b) for i, (a, b) in enumerate(zip(saved, mine)) if a != b), None)
+        where = (f"layer {diff[0]} is {diff[1]} in the checkpoint but {diff[2]} in the model" if diff is not None
+                 else f"the checkpoint has {len(saved)} layers, the model {len(mine)}")
+        msg = (
+            f"checkpoint {f.path} holds layers {f.layers!r}, but the model being restored has layers "
+            f"{model.layers!r}: {where}"
+        )
+        raise ValueError(msg)
+    info = _checkpoint_dict(f, None)
+    opt = info["optimizer"]
+    if optimizer is not None and opt is not None and opt["optimizer"] != optimizer.name:
+        msg = (
+            f"checkpoint {f.path} was saved with optimizer {opt['optimizer']!r} but training uses "
+            f"{optimizer.name!r}; pass optimizer={opt['optimizer']!r} to resume"
+        )
+        raise ValueError(msg)
+    xp = model.xp
+    model.params = [
+        {k: _to_xp(f.tensors[f"layers.{i}.{k}"], xp, model.dtype, model.device) for k in _param_shapes(layer)}
+        for i, layer in enumerate(model.layers)
+    ]
+    if optimizer is not None:
+        if opt is not None:
+            optimizer.load_state_dict(opt)
+        else:
+            optimizer.reset()
+    rng = info["rng"]
+    if rng is not None:
+        gen = Generator(rng["entropy"], xp, model.device)
+        kind = backend_name(xp)
+        state = rng["state"]
+        try:
+            if rng["backend"] == kind or (_numpy_like_rng(rng["backend"]) and _numpy_like_rng(kind)):
+                gen.set_state(state)
+            else:  # the per-step stream of another library cannot be carried over; the host stream can
+                gen.host.bit_generator.state = state["host"]
+        except (KeyError, TypeError, ValueError, RuntimeError, OverflowError) as exc:
+            raise ModelFileError(f.path, f"the random-generator state is invalid: {exc}") from None
+        model.rng = gen
+    model.steps_ = info["steps"]
+    if schedule is not None and info["schedule"] is not None and callable(getattr(schedule, "load_state_dict", None)):
+        try:
+            schedule.load_state_dict(info["schedule"])
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
+            raise ModelFileError(f.path, f"the schedule state does not fit {schedule!r}: {exc}") from None
+    hist = info["history"]
+    if history is not None and hist is not None:
+        for k in ("loss", "val_loss", "val_metric", "lr", "time"):
+            setattr(history, k, list(hist.get(k, [])))
+        history.metric_name = hist.get("metric_name", history.metric_name) or history.metric_name
+    _restore_callbacks(f, model, callbacks)
+    for key, value in f.model_cfg["fitted"].items():
+        setattr(model, key, value)
+    return info["epoch"]
+
+
+def _restore_callbacks(f: _File, model: Any, callbacks: Sequence[Any]) -> None:
+    """Give each stateful callback the next saved state of its class."""
+    saved = list(enumerate(f.checkpoint.get("callbacks", [])))
+    xp = model.xp
+    for cb in callbacks:
+        if cb.state_dict() is None:
+            continue
+        match = next((k for k, (_, e) in enumerate(saved) if e["class"] == type(cb).__name__), None)
+        if match is None:
+            continue
+        j, entry = saved.pop(match)
+        state = dict(entry["state"])
+        for name, skeleton in entry["arrays"].items():
+            state[name] = [{key: _to_xp(f.tensors[f"callbacks.{j}.{name}.{i}.{key}"], xp, model.dtype, model.device)
+                            for key in keys} for i, keys in enumerate(skeleton)]
+        try:
+            cb.load_state_dict(state)
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
+            raise ModelFileError(f.path, f"the saved state of {type(cb).__name__} does not fit it: {exc}") from None
+
+
+class Checkpoint(Callback):
+    """Training callback that saves a checkpoint every ``every`` epochs.
+
+    Each checkpoint holds the model, the optimiser's state, the schedule's state, the
+    random-generator state, the step counter, the epoch, the history and the state of
+    the run's other callbacks, such as early stopping (see :func:`save_checkpoint`);
+    ``fit(..., resume_from=...)`` continues from it so that an interrupted run ends
+    bit-identical (on NumPy) to an uninterrupted one. ``fit`` runs checkpoints after
+    the other callbacks of each epoch, so what they save is the epoch's final state.
+
+    Parameters
+    ----------
+    path : str or path-like
+        A directory (created if needed), where the checkpoints are files named
+        ``epoch-00003.safetensors`` after the number of completed epochs; or a file
+        ending in ``.safetensors``, rewritten (atomically) at each save.
+    every : int
+        Save after every ``every``-th epoch (counted from the start of training, so
+        resumed runs keep the same rhythm).
+    keep : int, optional
+        Keep only the last ``keep`` checkpoints of the directory (those with the
+        highest epoch numbers up to the one just written); ``None`` keeps them all.
+
+    Attributes
+    ----------
+    saved : list of Path
+        Files written by this callback, in order.
+
+    Examples
+    --------
+    >>> import tempfile, os
+    >>> import numpy as np, arraymlp as am
+    >>> d = tempfile.mkdtemp()
+    >>> x, y = np.zeros((4, 2)), np.ones((4, 1))
+    >>> ckpt = am.Checkpoint(os.path.join(d, "run"), every=2, keep=1)
+    >>> _ = am.MLP([2, 3, 1], backend="numpy", seed=0).fit(x, y, epochs=4, callbacks=[ckpt], progress=False)
+    >>> [p.name for p in ckpt.saved], os.listdir(os.path.join(d, "run"))
+    (['epoch-00002.safetensors', 'epoch-00004.safetensors'], ['epoch-00004.safetensors'])
+    >>> model = am.MLP([2, 3, 1], backend="numpy", seed=0)
+    >>> model.fit(x, y, epochs=6, resume_from=os.path.join(d, "run"), progress=False).epochs
+    6
+    """
+
+    saves_callbacks = True  # fit runs it last and gives it run_callbacks; data-parallel fit, on the root only
+
+    def __init__(self, path: str | os.PathLike, every: int = 1, keep: int | None = None):
+        if not _is_int(every) or every < 1:
+            msg = f"every must be a positive int, got {every!r}"
+            raise ValueError(msg)
+        if keep is not None and (not _is_int(keep) or keep < 1):
+            msg = f"keep must be a positive int or None, got {keep!r}"
+            raise ValueError(msg)
+        self.path = Path(os.fspath(path))
+        self.single_file = self.path.suffix == ".safetensors"
+        if self.single_file and keep not in (None, 1):
+            msg = f"keep={keep} needs a directory; {os.fspath(self.path)} names a single file, rewritten at each save"
+            raise ValueError(msg)
+        self.every, self.keep = every, keep
+        self.run_callbacks: Sequence[Callback] = ()  # set by fit: the run's callbacks, whose state is saved
+        self.saved: list[Path] = []
+        self._history: History | None = None
+
+    def on_train_begin(self, model, history):
+        """Remember the run's history, saved with each checkpoint."""
+        self._history = history
+
+    def on_epoch_end(self, model, logs):
+        """Save a checkpoint when the number of completed epochs is a multiple of ``every``."""
+        done = logs["epoch"] + 1
+        if done % self.every:
+            return None
+        if self.single_file:
+            target = self.path
+        else:
+            self.path.mkdir(parents=True, exist_ok=True)
+            target = self.path / f"epoch-{done:05d}.safetensors"
+        save_checkpoint(target, model, epoch=done, steps=logs["step"], history=self._history,
+                        callbacks=self.run_callbacks)
+        self.saved.append(target)
+        if not self.single_file and self.keep is not None:
+            self._prune(done)
+        return None
+
+    def _prune(self, upto: int) -> None:
+        found = sorted((n, p) for n, p in self._scan(self.path) if n <= upto)
+        for _, p in found[:-self.keep]:
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+
+    @staticmethod
+    def _scan(directory: Path) -> list[tuple[int, Path]]:
+        out = []
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            for entry in os.scandir(directory):
+                m = _CHECKPOINT_NAME.match(entry.name)
+                if m and entry.is_file():
+                    out.append((int(m.group(1)), Path(entry.path)))
+        return out
+
+    @staticmethod
+    def latest(directory: str | os.PathLike) -> Path | None:
+        """The checkpoint with the highest epoch number in ``directory`` (``None`` if none)."""
+        found = Checkpoint._scan(Path(os.fspath(directory)))
+        return max(found)[1] if found else None
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({os.fspath(self.path)!r}, every={self.every}, keep={self.keep})"
