@@ -737,6 +737,11 @@ class _BaseMLP(BaseEstimator):
         epochs = 1 if incremental else int(self.max_iter)
         if not incremental:
             self.n_iter_ = 0
+        # This loop stays its own rather than arraymlp.training.fit with a stopping callback:
+        # scikit-learn's L2 coefficient is alpha over each batch's size (or weight sum), so a
+        # short last batch or sample weights change it from batch to batch, where fit takes
+        # one l2 for all; and a batch whose weights are all zero is skipped here, where fit's
+        # loss refuses it. With equal, unweighted batches the two loops agree bit for bit.
         # NumPy would warn on an overflow before the loss check below can name the step
         with quiet_overflow(xp):
             for _ in range(epochs):
