@@ -20,7 +20,7 @@ import sklearn
 import sklearn.neural_network as sknn
 from sklearn.base import clone
 from sklearn.compose import TransformedTargetRegressor
-from sklearn.datasets import load_diabetes, load_digits, load_iris, make_classification, make_regression
+from sklearn.datasets import load_diabetes, load_digits, load_iris, make_regression
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.model_selection import GridSearchCV, cross_val_score, train_test_split
 from sklearn.pipeline import Pipeline, make_pipeline
@@ -241,7 +241,7 @@ def test_poisson_regressor():
     assert clone(est).loss == "poisson" and MLPRegressor("poisson").loss == "poisson"
     with pytest.raises(ValueError, match="loss='poisson' needs non-negative targets"):
         MLPRegressor(loss="poisson", max_iter=2).fit(X, y - 1.0)
-    with pytest.raises(ValueError, match="loss must be one of 'squared_error', 'poisson', got 'huber'"):
+    with pytest.raises(ValueError, match=r"'loss' parameter of MLPRegressor must be a str among \{.*'poisson'.*\}\. Got 'huber'"):
         MLPRegressor(loss="huber").fit(X, y)
 
 
@@ -515,22 +515,22 @@ def test_divergence_is_an_error_naming_the_epoch():
     ("params", "match"),
     [
         ({"solver": "lbfgs"}, "solver='lbfgs' is not supported"),
-        ({"solver": "nadam"}, "solver must be one of"),
-        ({"activation": "softmax"}, "activation must be one of"),
+        ({"solver": "nadam"}, r"'solver' parameter of MLPClassifier must be a str among \{.*'adamw'.*\}\. Got 'nadam'"),
+        ({"activation": "softmax"}, r"'activation' parameter of MLPClassifier must be a str among .* Got 'softmax'"),
         ({"hidden_layer_sizes": (10, 0)}, "hidden_layer_sizes"),
         ({"alpha": -1.0}, "alpha"),
         ({"batch_size": 0}, "batch_size"),
-        ({"learning_rate": "cosine"}, "learning_rate must be"),
+        ({"learning_rate": "cosine"}, r"'learning_rate' parameter of MLPClassifier must be a str among .* Got 'cosine'"),
         ({"learning_rate_init": 0.0}, "learning_rate_init"),
         ({"max_iter": 0}, "max_iter"),
         ({"momentum": 1.5}, "momentum"),
         ({"validation_fraction": 1.0}, "validation_fraction"),
         ({"validation_fraction": 0.0, "early_stopping": True}, "validation_fraction"),
-        ({"shuffle": "no"}, "shuffle must be a bool"),
-        ({"early_stopping": 1}, "early_stopping must be a bool"),
+        ({"shuffle": "no"}, r"'shuffle' parameter of MLPClassifier must be an instance of 'bool'.* Got 'no'"),
+        ({"early_stopping": 1}, r"'early_stopping' parameter of MLPClassifier must be an instance of 'bool'.* Got 1"),
         ({"beta_2": 1.0}, "beta_2"),
         ({"n_iter_no_change": 0}, "n_iter_no_change"),
-        ({"dtype": "int8"}, "dtype must be one of"),
+        ({"dtype": "int8"}, r"'dtype' parameter of MLPClassifier must be a str among \{.*'float64'.*\}\. Got 'int8'"),
         ({"dropout": 1.0}, "dropout"),
         ({"backend": "jaxx"}, "unknown backend"),
     ],
@@ -539,6 +539,42 @@ def test_invalid_parameters_name_themselves(params, match):
     X, y = _iris()
     with pytest.raises(ValueError, match=match):
         MLPClassifier(**params).fit(X, y)
+
+
+@pytest.mark.parametrize("Est", [MLPClassifier, MLPRegressor])
+def test_parameter_table_covers_the_constructor(Est):
+    assert set(Est._parameter_constraints) == set(Est().get_params(deep=False))
+
+
+@pytest.mark.parametrize(
+    ("params", "match"),
+    [
+        ({"alpha": True}, r"'alpha' parameter of MLPClassifier must be a float in the range \[0(\.0)?, inf\)"),
+        ({"max_iter": True}, r"'max_iter' parameter of MLPClassifier must be an int in the range \[1, inf\)"),
+        ({"hidden_layer_sizes": False}, "'hidden_layer_sizes' parameter"),
+        ({"hidden_layer_sizes": (4, True)}, "hidden_layer_sizes must be a positive int or a sequence"),
+        ({"alpha": float("inf")}, "'alpha' parameter"),
+        ({"n_iter_no_change": -np.inf}, "'n_iter_no_change' parameter"),
+        ({"backend": 3}, "'backend' parameter"),
+    ],
+)
+def test_invalid_parameters_beyond_the_plain_cases(params, match):
+    X, y = _iris()
+    with pytest.raises(ValueError, match=match):
+        MLPClassifier(**params).fit(X, y)
+    with pytest.raises(ValueError, match=match):
+        MLPClassifier(**params).partial_fit(X, y, classes=np.unique(y))
+
+
+def test_valid_parameter_spellings_still_fit():
+    X, y = _iris()
+    for params in ({"n_iter_no_change": np.inf}, {"verbose": 0}, {"shuffle": np.bool_(True)},
+                   {"hidden_layer_sizes": np.int64(3)}, {"hidden_layer_sizes": [3, 2]},
+                   {"activation": "sigmoid"}, {"validation_fraction": 0.0}, {"backend": "numpy"}):
+        est = MLPClassifier(max_iter=2, random_state=0, **params)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            assert est.fit(X, y).n_iter_ == 2
 
 
 def test_logistic_activation_and_other_solvers():

@@ -31,7 +31,9 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
+import types
 import warnings
+from numbers import Integral, Real
 from typing import Any
 
 import array_api_compat
@@ -42,6 +44,7 @@ from sklearn.exceptions import ConvergenceWarning, DataConversionWarning
 from sklearn.metrics import accuracy_score, r2_score
 from sklearn.model_selection import train_test_split
 from sklearn.utils import check_random_state
+from sklearn.utils._param_validation import Interval, Options, StrOptions
 from sklearn.utils.multiclass import check_classification_targets, type_of_target, unique_labels
 from sklearn.utils.validation import check_array, check_consistent_length, check_is_fitted, validate_data
 
@@ -69,6 +72,9 @@ _SOLVERS = ("sgd", "adam", "adamw", "rmsprop", "adagrad")
 _LEARNING_RATES = ("constant", "invscaling", "adaptive")
 _ACTIVATION_ALIASES = {"logistic": "sigmoid"}
 _DTYPES = ("float16", "float32", "float64")
+# the hidden activations: scikit-learn's four names and the rest of arraymlp's table
+_HIDDEN_ACTIVATIONS = ("identity", "logistic", "tanh", "relu",
+                       *(a for a in ACTIVATIONS if a not in ("identity", "tanh", "relu", "softmax", "log_softmax")))
 _PREDICT_CHUNK = 65536  # rows per forward pass at inference, to bound the activations' memory
 _MIN_ADAPTIVE_LR = 1e-6  # as scikit-learn's adaptive schedule: stop once the rate falls this low
 
@@ -404,10 +410,75 @@ class _ParamList(list):
         super().__setitem__(j, self._est._set_param(self._name, self._key, j, value))
 
 
+class _Interval(Interval):
+    """scikit-learn's :class:`~sklearn.utils._param_validation.Interval` that refuses bools.
+
+    ``True`` is an ``Integral`` and a ``Real`` to Python, but not a learning rate nor a
+    layer width; the estimators have always refused it where a number is expected.
+    """
+
+    def is_satisfied_by(self, val):
+        return not isinstance(val, (bool, np.bool_)) and super().is_satisfied_by(val)
+
+
+def _check_parameter_values(est) -> None:
+    """The checks that one row of ``_parameter_constraints`` cannot state.
+
+    Parameters
+    ----------
+    est : _BaseMLP
+        An estimator whose parameters have passed the table.
+
+    Raises
+    ------
+    ValueError
+        When a hidden layer size is not a positive int, when ``validation_fraction`` is 0
+        with ``early_stopping=True``, or when ``backend`` names no known backend.
+    """
+    est._hidden_sizes()
+    if est.early_stopping and est.validation_fraction <= 0:  # as scikit-learn: 0 is fine without early stopping
+        msg = ("validation_fraction must be a real number in (0, 1) when early_stopping=True, "
+               f"got {est.validation_fraction!r}")
+        raise ValueError(msg)
+    if est.backend is not None:
+        resolve_backend(est.backend)
+
+
 class _BaseMLP(BaseEstimator):
     """Shared parameters, validation, training loop and pickling of the two estimators."""
 
     _estimator_type_name = "MLP"
+
+    # one row per constructor argument, checked by ``_validate_params`` at the start of
+    # ``fit`` / ``partial_fit``; ``_check_parameter_values`` adds what a row cannot say
+    _parameter_constraints: dict = {
+        "hidden_layer_sizes": ["array-like", _Interval(Integral, 1, None, closed="left")],
+        "activation": [StrOptions(set(_HIDDEN_ACTIVATIONS))],
+        "solver": [StrOptions(set(_SOLVERS))],
+        "alpha": [_Interval(Real, 0, None, closed="left")],
+        "batch_size": [StrOptions({"auto"}), _Interval(Integral, 1, None, closed="left")],
+        "learning_rate": [StrOptions(set(_LEARNING_RATES))],
+        "learning_rate_init": [_Interval(Real, 0, None, closed="neither")],
+        "power_t": [_Interval(Real, 0, None, closed="left")],
+        "max_iter": [_Interval(Integral, 1, None, closed="left")],
+        "shuffle": ["boolean"],
+        "random_state": ["random_state"],
+        "tol": [_Interval(Real, 0, None, closed="left")],
+        "verbose": ["boolean", Integral],
+        "warm_start": ["boolean"],
+        "momentum": [_Interval(Real, 0, 1, closed="both")],
+        "nesterovs_momentum": ["boolean"],
+        "early_stopping": ["boolean"],
+        "validation_fraction": [_Interval(Real, 0, 1, closed="left")],
+        "beta_1": [_Interval(Real, 0, 1, closed="left")],
+        "beta_2": [_Interval(Real, 0, 1, closed="left")],
+        "epsilon": [_Interval(Real, 0, None, closed="neither")],
+        "n_iter_no_change": [_Interval(Integral, 1, None, closed="left"), Options(Real, {math.inf})],
+        "backend": [None, str, types.ModuleType],
+        "device": "no_validation",  # a name or a device object of the backend, checked on use
+        "dtype": [StrOptions(set(_DTYPES))],
+        "dropout": [_Interval(Real, 0, 1, closed="left")],
+    }
 
     def __init__(
         self,
@@ -476,14 +547,7 @@ class _BaseMLP(BaseEstimator):
         return [int(s) for s in sizes]
 
     def _activation_name(self) -> str:
-        name = _ACTIVATION_ALIASES.get(self.activation, self.activation)
-        if not isinstance(name, str) or name not in ACTIVATIONS or name in ("softmax", "log_softmax"):
-            known = ["identity", "logistic", "tanh", "relu"] + [
-                a for a in ACTIVATIONS if a not in ("identity", "sigmoid", "tanh", "relu", "softmax", "log_softmax")
-            ]
-            msg = f"activation must be one of {', '.join(repr(k) for k in known)}, got {self.activation!r}"
-            raise ValueError(msg)
-        return name
+        return _ACTIVATION_ALIASES.get(self.activation, self.activation)
 
     def _loss_row(self) -> Loss:
         """The objective's row: by the output activation."""
@@ -494,7 +558,13 @@ class _BaseMLP(BaseEstimator):
         return _OUT_ACTIVATION_NAMES[self._output_activation]
 
     def _check_hyperparameters(self) -> None:
-        """Raise a ValueError naming the first invalid constructor argument."""
+        """Validate the constructor arguments; raise a ValueError naming the first invalid one.
+
+        The table :attr:`_parameter_constraints` covers each argument on its own
+        (scikit-learn's ``InvalidParameterError``, a ValueError). Around it: a hint for
+        scikit-learn's ``solver="lbfgs"``, which the table would only list as unknown, and
+        the checks that one table row cannot state (:func:`_check_parameter_values`).
+        """
         if self.solver == "lbfgs":
             msg = (
                 "solver='lbfgs' is not supported: arraymlp trains with mini-batch optimisers only. "
@@ -502,65 +572,8 @@ class _BaseMLP(BaseEstimator):
                 f"or scikit-learn's own sklearn.neural_network.{type(self).__name__} for L-BFGS."
             )
             raise ValueError(msg)
-        if self.solver not in _SOLVERS:
-            msg = f"solver must be one of {', '.join(repr(s) for s in _SOLVERS)}, got {self.solver!r}"
-            raise ValueError(msg)
-        self._hidden_sizes()
-        self._activation_name()
-
-        def real(name, low=None, high=None, low_open=False, high_open=False):
-            v = getattr(self, name)
-            ok = isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
-            if ok and low is not None:
-                ok = v > low if low_open else v >= low
-            if ok and high is not None:
-                ok = v < high if high_open else v <= high
-            if not ok:
-                lo = "" if low is None else ("(" if low_open else "[") + f"{low:g}"
-                hi = "inf)" if high is None else f"{high:g}" + (")" if high_open else "]")
-                msg = f"{name} must be a real number in {lo or '(-inf'}, {hi}, got {v!r}"
-                raise ValueError(msg)
-
-        def integer(name, low):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < low:
-                msg = f"{name} must be an int >= {low}, got {v!r}"
-                raise ValueError(msg)
-
-        real("alpha", 0.0)
-        if not (self.batch_size == "auto" or (isinstance(self.batch_size, numbers.Integral)
-                                              and not isinstance(self.batch_size, bool) and self.batch_size >= 1)):
-            msg = f"batch_size must be 'auto' or an int >= 1, got {self.batch_size!r}"
-            raise ValueError(msg)
-        if self.learning_rate not in _LEARNING_RATES:
-            msg = f"learning_rate must be one of {', '.join(repr(s) for s in _LEARNING_RATES)}, got {self.learning_rate!r}"
-            raise ValueError(msg)
-        real("learning_rate_init", 0.0, low_open=True)
-        real("power_t", 0.0)
-        integer("max_iter", 1)
-        real("tol", 0.0)
-        real("momentum", 0.0, 1.0)
-        if self.early_stopping:  # as scikit-learn: ignored (and 0 allowed) without early stopping
-            real("validation_fraction", 0.0, 1.0, low_open=True, high_open=True)
-        else:
-            real("validation_fraction", 0.0, 1.0, high_open=True)
-        real("beta_1", 0.0, 1.0, high_open=True)
-        real("beta_2", 0.0, 1.0, high_open=True)
-        real("epsilon", 0.0, low_open=True)
-        if not (isinstance(self.n_iter_no_change, numbers.Real) and math.isinf(self.n_iter_no_change)
-                and self.n_iter_no_change > 0):  # np.inf turns the stopping rule off, as in scikit-learn
-            integer("n_iter_no_change", 1)
-        for name in ("shuffle", "verbose", "warm_start", "early_stopping", "nesterovs_momentum"):
-            if not isinstance(getattr(self, name), (bool, np.bool_)) and not (
-                    name == "verbose" and isinstance(self.verbose, numbers.Integral)):
-                msg = f"{name} must be a bool, got {getattr(self, name)!r}"
-                raise ValueError(msg)
-        real("dropout", 0.0, 1.0, high_open=True)
-        if self.dtype not in _DTYPES:
-            msg = f"dtype must be one of {', '.join(repr(d) for d in _DTYPES)}, got {self.dtype!r}"
-            raise ValueError(msg)
-        if self.backend is not None:
-            resolve_backend(self.backend)
+        self._validate_params()
+        _check_parameter_values(self)
 
     def _make_optimizer(self):
         lr = float(self.learning_rate_init)
@@ -724,6 +737,11 @@ class _BaseMLP(BaseEstimator):
         epochs = 1 if incremental else int(self.max_iter)
         if not incremental:
             self.n_iter_ = 0
+        # This loop stays its own rather than arraymlp.training.fit with a stopping callback:
+        # scikit-learn's L2 coefficient is alpha over each batch's size (or weight sum), so a
+        # short last batch or sample weights change it from batch to batch, where fit takes
+        # one l2 for all; and a batch whose weights are all zero is skipped here, where fit's
+        # loss refuses it. With equal, unweighted batches the two loops agree bit for bit.
         # NumPy would warn on an overflow before the loss check below can name the step
         with quiet_overflow(xp):
             for _ in range(epochs):
@@ -1279,6 +1297,11 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
     _output_activation = "identity"
     _n_output_units = 0
 
+    _parameter_constraints: dict = {
+        **_BaseMLP._parameter_constraints,
+        "loss": [StrOptions(set(_REGRESSION_LOSSES))],
+    }
+
     def __init__(self, loss="squared_error", hidden_layer_sizes=(100,), activation="relu", **kwargs):
         self.loss = loss
         super().__init__(hidden_layer_sizes, activation, **kwargs)
@@ -1289,12 +1312,6 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
         inspect.Parameter("loss", inspect.Parameter.POSITIONAL_OR_KEYWORD, default="squared_error"),
         *list(inspect.signature(_BaseMLP.__init__).parameters.values())[1:],
     ])
-
-    def _check_hyperparameters(self) -> None:
-        if self.loss not in _REGRESSION_LOSSES:
-            msg = f"loss must be one of {', '.join(repr(v) for v in _REGRESSION_LOSSES)}, got {self.loss!r}"
-            raise ValueError(msg)
-        super()._check_hyperparameters()
 
     def _loss_row(self) -> Loss:
         return _POISSON if self.loss == "poisson" else super()._loss_row()
