@@ -2,7 +2,8 @@
 loops where Numba is installed (:mod:`._jit`). Each override checks that it applies
 (dtype, layout, writeable) and otherwise calls the kernel it replaces.
 
-Why each override pays is measured in docs/benchmarks.md ("Figures behind the kernels").
+The measurements behind each override are in docs/benchmarks.md ("Figures behind the code's
+choices").
 """
 
 from __future__ import annotations
