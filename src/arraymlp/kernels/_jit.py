@@ -5,14 +5,13 @@ about a microsecond before it touches an element. Three places of a training ste
 for that more than their arithmetic:
 
 - a hidden layer's ``maximum(x @ W + b, 0)``: two passes (bias, then ReLU) fused into
-  one (4096 x 512 float32 on one core: 0.89 ms against 0.31 ms; 32 x 128: 2.8 us
-  against 0.5 us);
-- ReLU's backward ``dy * (y > 0)``: a mask, then a product, fused into one pass
-  (4096 x 512: 0.91 ms against 0.59 ms);
+  one;
+- ReLU's backward ``dy * (y > 0)``: a mask, then a product, fused into one pass;
 - softmax cross-entropy against labels: a dozen small calls (row maximum, shift, exp,
   row sum, log, picking the true class, ...) fused into one loop over the rows.
 
-The kernels live in :mod:`arraymlp._jitkernels`, compiled on first use and cached on
+The measured effect of each is on the benchmarks page (docs/benchmarks.md). The kernels
+live in :mod:`arraymlp.kernels._jitkernels`, compiled on first use and cached on
 disk by Numba (``cache=True``). Each function here returns ``None`` or False where its
 kernel does not apply (Numba missing or switched off, another dtype or layout, labels
 out of range) and the caller then takes its NumPy path, which is also the reference the

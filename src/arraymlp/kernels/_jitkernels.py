@@ -1,4 +1,4 @@
-"""The compiled loops behind :mod:`arraymlp._jit` (imported only where Numba is).
+"""The compiled loops behind :mod:`arraymlp.kernels._jit` (imported only where Numba is).
 
 Each loop does in one pass over memory what NumPy does in two or more. The ReLU kernels
 round as the NumPy code they replace, bit for bit. The cross-entropy kernel differs
