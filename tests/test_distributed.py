@@ -17,10 +17,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import _gpu, _has
 
 from arraymlp.distributed import RootOnly, has_batch_hook, shard_bounds
 from arraymlp.training import Callback, EarlyStopping
+from conftest import _gpu, _has
 
 SCRIPTS = Path(__file__).parent / "mpi_scripts"
 TIMEOUT = 240
@@ -59,7 +59,7 @@ def _explain(proc) -> str:
 def test_shards_partition_the_batch(start, stop, size):
     bounds = [shard_bounds(start, stop, r, size) for r in range(size)]
     assert bounds[0][0] == start and bounds[-1][1] == stop
-    for (lo, hi), (lo2, _) in zip(bounds, bounds[1:]):
+    for (_lo, hi), (lo2, _) in zip(bounds, bounds[1:]):
         assert hi == lo2
     lengths = [hi - lo for lo, hi in bounds]
     assert max(lengths) - min(lengths) <= 1

@@ -234,7 +234,8 @@ def test_overwrite_keeps_file_mode(tmp_path):
 
 
 def test_missing_folder_and_long_names(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"cannot write .*nope.x\.safetensors: the folder .*nope does not exist"):
+    with pytest.raises(FileNotFoundError,
+                       match=r"cannot write .*nope.x\.safetensors: the folder .*nope does not exist"):
         am.save(_tiny(), tmp_path / "nope" / "x.safetensors")
     assert os.listdir(tmp_path) == []
     long = tmp_path / ("m" * 240 + ".safetensors")  # 252 characters: a valid name
@@ -414,7 +415,8 @@ def test_crafted_huge_claims(tmp_path):
     meta = {"__metadata__": {"format": "arraymlp"}}
     # a tensor claiming 8 TB of data in a 200-byte file
     huge = dict(meta, w={"dtype": "F32", "shape": [1 << 20, 1 << 21], "data_offsets": [0, 1 << 43]})
-    _expect_bad(_write_raw(tmp_path / "huge", huge, b"\x00" * 16), "claims bytes 0..8796093022208 but the file holds only 16")
+    _expect_bad(_write_raw(tmp_path / "huge", huge, b"\x00" * 16),
+                "claims bytes 0..8796093022208 but the file holds only 16")
     # offsets consistent with the file but not with the shape
     lie = dict(meta, w={"dtype": "F32", "shape": [1 << 30], "data_offsets": [0, 16]})
     _expect_bad(_write_raw(tmp_path / "lie", lie, b"\x00" * 16), "needs 4294967296 bytes")

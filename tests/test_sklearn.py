@@ -25,12 +25,12 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.model_selection import GridSearchCV, cross_val_score, train_test_split
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
-from threadpoolctl import threadpool_limits
 from sklearn.utils.estimator_checks import (
     check_methods_subset_invariance,
     check_sample_weight_equivalence_on_dense_data,
     parametrize_with_checks,
 )
+from threadpoolctl import threadpool_limits
 
 import arraymlp as am
 from arraymlp.sklearn import MLPClassifier, MLPRegressor
@@ -241,7 +241,8 @@ def test_poisson_regressor():
     assert clone(est).loss == "poisson" and MLPRegressor("poisson").loss == "poisson"
     with pytest.raises(ValueError, match="loss='poisson' needs non-negative targets"):
         MLPRegressor(loss="poisson", max_iter=2).fit(X, y - 1.0)
-    with pytest.raises(ValueError, match=r"'loss' parameter of MLPRegressor must be a str among \{.*'poisson'.*\}\. Got 'huber'"):
+    with pytest.raises(ValueError,
+                       match=r"'loss' parameter of MLPRegressor must be a str among \{.*'poisson'.*\}\. Got 'huber'"):
         MLPRegressor(loss="huber").fit(X, y)
 
 
@@ -520,7 +521,8 @@ def test_divergence_is_an_error_naming_the_epoch():
         ({"hidden_layer_sizes": (10, 0)}, "hidden_layer_sizes"),
         ({"alpha": -1.0}, "alpha"),
         ({"batch_size": 0}, "batch_size"),
-        ({"learning_rate": "cosine"}, r"'learning_rate' parameter of MLPClassifier must be a str among .* Got 'cosine'"),
+        ({"learning_rate": "cosine"},
+         r"'learning_rate' parameter of MLPClassifier must be a str among .* Got 'cosine'"),
         ({"learning_rate_init": 0.0}, "learning_rate_init"),
         ({"max_iter": 0}, "max_iter"),
         ({"momentum": 1.5}, "momentum"),
@@ -720,7 +722,7 @@ def test_to_backend_round_trips():
     np.testing.assert_array_equal(back, x)
 
 
-# ----------------------------------------------------------------------------- Pipeline, search, cross-validation, clone, pickle
+# ---------------------------------------------------------------- Pipeline, search, cross-validation, clone, pickle
 def test_pipeline_grid_search_and_cross_validation():
     X, y = load_iris(return_X_y=True)
     pipe = Pipeline([("scale", StandardScaler()),

@@ -709,30 +709,13 @@ class _BaseMLP(BaseEstimator):
         early = bool(self.early_stopping)
         self._best_params = None
         if early:
-            idx = np.arange(n_all)
-            try:
-                train_idx, val_idx = train_test_split(idx, test_size=self.validation_fraction,
-                                                      random_state=split_seed, stratify=strata)
-            except ValueError as exc:
-                msg = f"early_stopping could not split off a validation set: {exc}"
-                raise ValueError(msg) from exc
-            if val_idx.shape[0] < 2:
-                msg = ("The validation set is too small. Increase 'validation_fraction' "
-                       "or the size of your dataset.")
-                raise ValueError(msg)
-            tr = xp.asarray(train_idx, dtype=xp.int64, device=device)
-            va = xp.asarray(val_idx, dtype=xp.int64, device=device)
-            x_val, y_val = xp.take(x, va, axis=0), xp.take(y, va, axis=0)
-            x, y = xp.take(x, tr, axis=0), xp.take(y, tr, axis=0)
-            if sw_host is not None:
-                w_val = xp.asarray(sw_host[val_idx], dtype=dtype, device=device)
-                sw_host = sw_host[train_idx]
+            x, y, sw_host, x_val, y_val, w_val = self._split_validation(
+                x, y, sw_host, strata, xp, device, dtype, n_all=n_all, split_seed=split_seed)
         n = int(x.shape[0])
         w_dev = None if sw_host is None else xp.asarray(sw_host, dtype=dtype, device=device)
         batch = min(200, n) if self.batch_size == "auto" else max(1, min(int(self.batch_size), n))
         alpha = float(self.alpha)
         coupled_l2 = alpha > 0 and self.solver != "adamw"
-        opt = self._optimizer
         host_rng = model.rng.host
         epochs = 1 if incremental else int(self.max_iter)
         if not incremental:
@@ -746,34 +729,8 @@ class _BaseMLP(BaseEstimator):
         with quiet_overflow(xp):
             for _ in range(epochs):
                 order = host_rng.permutation(n) if self.shuffle else None
-                order_dev = None if order is None else xp.asarray(order, dtype=xp.int64, device=device)
-                total = 0.0
-                for start in range(0, n, batch):
-                    stop = min(start + batch, n)
-                    nb = stop - start
-                    if order is None:
-                        xb, yb = x[start:stop, ...], y[start:stop, ...]
-                        wb = None if w_dev is None else w_dev[start:stop]
-                        wsum = None if sw_host is None else float(sw_host[start:stop].sum())
-                    else:
-                        ib = order_dev[start:stop]
-                        xb, yb = xp.take(x, ib, axis=0), xp.take(y, ib, axis=0)
-                        wb = None if w_dev is None else xp.take(w_dev, ib, axis=0)
-                        wsum = None if sw_host is None else float(sw_host[order[start:stop]].sum())
-                    if wsum is not None and wsum <= 0.0:
-                        continue  # a batch of zero-weight samples carries no gradient
-                    l2 = alpha / (nb if wsum is None else wsum) if coupled_l2 else 0.0
-                    value, grads = model._loss_and_grads(xb, yb, lossfn, xp=xp, sample_weight=wb, l2=l2)
-                    value = float(value)
-                    if not math.isfinite(value):
-                        msg = (
-                            f"the training loss became {value} at epoch {self.n_iter_ + 1}, step "
-                            f"{start // batch + 1}; the parameters are those of the last finite step. "
-                            "Standardise the inputs (sklearn.preprocessing.StandardScaler) or lower learning_rate_init."
-                        )
-                        raise DivergenceError(msg, epoch=self.n_iter_, step=start // batch)
-                    model.params = opt.step(model.params, grads, lr=self._lr)
-                    total += value * nb
+                total = self._run_epoch(x, y, w_dev, sw_host, order, lossfn, xp, device,
+                                        batch=batch, alpha=alpha, coupled_l2=coupled_l2)
                 self.n_iter_ += 1
                 self.t_ += n
                 self.loss_ = total / n
@@ -799,6 +756,65 @@ class _BaseMLP(BaseEstimator):
         if early and self._best_params is not None:
             model.params = self._best_params
         self._best_params = None
+
+    def _split_validation(self, x, y, sw_host, strata, xp, device, dtype, *, n_all: int, split_seed: int):
+        """Split off early stopping's validation set; return the training and validation parts."""
+        idx = np.arange(n_all)
+        try:
+            train_idx, val_idx = train_test_split(idx, test_size=self.validation_fraction,
+                                                  random_state=split_seed, stratify=strata)
+        except ValueError as exc:
+            msg = f"early_stopping could not split off a validation set: {exc}"
+            raise ValueError(msg) from exc
+        if val_idx.shape[0] < 2:
+            msg = ("The validation set is too small. Increase 'validation_fraction' "
+                   "or the size of your dataset.")
+            raise ValueError(msg)
+        w_val = None
+        tr = xp.asarray(train_idx, dtype=xp.int64, device=device)
+        va = xp.asarray(val_idx, dtype=xp.int64, device=device)
+        x_val, y_val = xp.take(x, va, axis=0), xp.take(y, va, axis=0)
+        x, y = xp.take(x, tr, axis=0), xp.take(y, tr, axis=0)
+        if sw_host is not None:
+            w_val = xp.asarray(sw_host[val_idx], dtype=dtype, device=device)
+            sw_host = sw_host[train_idx]
+        return x, y, sw_host, x_val, y_val, w_val
+
+    def _run_epoch(self, x, y, w_dev, sw_host, order, lossfn, xp, device, *,
+                   batch: int, alpha: float, coupled_l2: bool) -> float:
+        """One pass over the batches in ``order`` (or in place); return the summed loss."""
+        model = self.model_
+        opt = self._optimizer
+        n = int(x.shape[0])
+        order_dev = None if order is None else xp.asarray(order, dtype=xp.int64, device=device)
+        total = 0.0
+        for start in range(0, n, batch):
+            stop = min(start + batch, n)
+            nb = stop - start
+            if order is None:
+                xb, yb = x[start:stop, ...], y[start:stop, ...]
+                wb = None if w_dev is None else w_dev[start:stop]
+                wsum = None if sw_host is None else float(sw_host[start:stop].sum())
+            else:
+                ib = order_dev[start:stop]
+                xb, yb = xp.take(x, ib, axis=0), xp.take(y, ib, axis=0)
+                wb = None if w_dev is None else xp.take(w_dev, ib, axis=0)
+                wsum = None if sw_host is None else float(sw_host[order[start:stop]].sum())
+            if wsum is not None and wsum <= 0.0:
+                continue  # a batch of zero-weight samples carries no gradient
+            l2 = alpha / (nb if wsum is None else wsum) if coupled_l2 else 0.0
+            value, grads = model._loss_and_grads(xb, yb, lossfn, xp=xp, sample_weight=wb, l2=l2)
+            value = float(value)
+            if not math.isfinite(value):
+                msg = (
+                    f"the training loss became {value} at epoch {self.n_iter_ + 1}, step "
+                    f"{start // batch + 1}; the parameters are those of the last finite step. "
+                    "Standardise the inputs (sklearn.preprocessing.StandardScaler) or lower learning_rate_init."
+                )
+                raise DivergenceError(msg, epoch=self.n_iter_, step=start // batch)
+            model.params = opt.step(model.params, grads, lr=self._lr)
+            total += value * nb
+        return total
 
     def _should_stop(self, early: bool) -> bool:
         what = "Validation score" if early else "Training loss"
@@ -846,7 +862,8 @@ class _BaseMLP(BaseEstimator):
             return model.forward(x, training=False, xp=xp, upto=upto, keep=False)[0]
         outs = []
         for i in range(0, n, _PREDICT_CHUNK):
-            outs.append(model.forward(x[i:min(i + _PREDICT_CHUNK, n), ...], training=False, xp=xp, upto=upto, keep=False)[0])
+            chunk = x[i:min(i + _PREDICT_CHUNK, n), ...]
+            outs.append(model.forward(chunk, training=False, xp=xp, upto=upto, keep=False)[0])
         return outs[0] if len(outs) == 1 else xp.concat(outs, axis=0)
 
     def _infer(self, X, method: str, *, logits: bool = False):
@@ -1065,44 +1082,9 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
         multilabel = kind == "multilabel-indicator"
 
         if first:
-            if multilabel:
-                found = np.arange(y.shape[1])
-            elif incremental:
-                found = unique_labels(np.asarray(classes))
-                missing = np.setdiff1d(unique_labels(y), found)
-                if missing.size:
-                    msg = f"`y` has classes not in `classes`: {missing}; `classes` is {found}."
-                    raise ValueError(msg)
-            else:
-                found = unique_labels(y)
-            if not multilabel and found.shape[0] < 2:
-                msg = (f"{type(self).__name__} needs samples of at least 2 classes in the data, but the data "
-                       f"contains only one class: {found[0]!r}")
-                raise ValueError(msg)
-            self.classes_ = found
-            self._multilabel = multilabel
-            self._y_dtype = y.dtype if multilabel else None
+            self._set_classes(y, multilabel, incremental=incremental, classes=classes)
         else:
-            if multilabel != self._multilabel or (multilabel and y.shape[1] != self.classes_.shape[0]):
-                msg = "y does not have the form (labels or indicator matrix, and size) of the y of the first fit"
-                raise ValueError(msg)
-            if not multilabel:
-                labels = unique_labels(y)
-                if self.warm_start and not incremental:
-                    if set(labels.tolist()) != set(self.classes_.tolist()):
-                        msg = ("warm_start can only be used where `y` has the same classes as in the "
-                               f"previous call to fit. Previously got {self.classes_}, `y` has {labels}")
-                        raise ValueError(msg)
-                else:
-                    if incremental and classes is not None and not np.array_equal(
-                            unique_labels(np.asarray(classes)), self.classes_):
-                        msg = (f"`classes={unique_labels(np.asarray(classes))!r}` is not the same as on the "
-                               f"first call to partial_fit, `{self.classes_!r}`.")
-                        raise ValueError(msg)
-                    missing = np.setdiff1d(labels, self.classes_)
-                    if missing.size:
-                        msg = f"`y` has classes not in `self.classes_`. `self.classes_` has {self.classes_}. 'y' has {labels}."
-                        raise ValueError(msg)
+            self._check_classes(y, multilabel, incremental=incremental, classes=classes)
 
         if multilabel:
             self._output_activation = "sigmoid"
@@ -1127,6 +1109,51 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
         # as scikit-learn: the early-stopping split is stratified for binary targets only
         strata = codes if codes is not None and self.classes_.shape[0] == 2 else None
         return xp.asarray(target, dtype=t_dtype, device=device), strata
+
+    def _set_classes(self, y, multilabel: bool, *, incremental: bool, classes) -> None:
+        """On the first fit: find the classes (or take ``classes``) and record the target's form."""
+        if multilabel:
+            found = np.arange(y.shape[1])
+        elif incremental:
+            found = unique_labels(np.asarray(classes))
+            missing = np.setdiff1d(unique_labels(y), found)
+            if missing.size:
+                msg = f"`y` has classes not in `classes`: {missing}; `classes` is {found}."
+                raise ValueError(msg)
+        else:
+            found = unique_labels(y)
+        if not multilabel and found.shape[0] < 2:
+            msg = (f"{type(self).__name__} needs samples of at least 2 classes in the data, but the data "
+                   f"contains only one class: {found[0]!r}")
+            raise ValueError(msg)
+        self.classes_ = found
+        self._multilabel = multilabel
+        self._y_dtype = y.dtype if multilabel else None
+
+    def _check_classes(self, y, multilabel: bool, *, incremental: bool, classes) -> None:
+        """On a later fit: check that ``y`` has the form and the classes of the first fit's."""
+        if multilabel != self._multilabel or (multilabel and y.shape[1] != self.classes_.shape[0]):
+            msg = "y does not have the form (labels or indicator matrix, and size) of the y of the first fit"
+            raise ValueError(msg)
+        if multilabel:
+            return
+        labels = unique_labels(y)
+        if self.warm_start and not incremental:
+            if set(labels.tolist()) != set(self.classes_.tolist()):
+                msg = ("warm_start can only be used where `y` has the same classes as in the "
+                       f"previous call to fit. Previously got {self.classes_}, `y` has {labels}")
+                raise ValueError(msg)
+            return
+        if incremental and classes is not None and not np.array_equal(
+                unique_labels(np.asarray(classes)), self.classes_):
+            msg = (f"`classes={unique_labels(np.asarray(classes))!r}` is not the same as on the "
+                   f"first call to partial_fit, `{self.classes_!r}`.")
+            raise ValueError(msg)
+        missing = np.setdiff1d(labels, self.classes_)
+        if missing.size:
+            msg = (f"`y` has classes not in `self.classes_`. `self.classes_` has {self.classes_}. "
+                   f"'y' has {labels}.")
+            raise ValueError(msg)
 
     def _device_score(self, out, y, w, xp) -> float:
         """Accuracy (subset accuracy for multilabel) of probabilities ``out`` against
@@ -1265,7 +1292,8 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
     ``loss="poisson"``, half the Poisson deviance of ``exp`` of the outputs. ``y`` may
     have several columns (multi-output regression).
 """
-        + _PARAMETERS_DOC.replace("    hidden_layer_sizes :", """    loss : {"squared_error", "poisson"}, default="squared_error"
+        + _PARAMETERS_DOC.replace("    hidden_layer_sizes :", """\
+    loss : {"squared_error", "poisson"}, default="squared_error"
         The objective, as scikit-learn's: half the squared error, or half the Poisson
         deviance with a log link (the model's outputs are log-rates, ``predict``
         returns ``exp`` of them, ``out_activation_`` is ``"exp"``); ``"poisson"``

@@ -258,48 +258,50 @@ def _nonneg_int(path: str, value: Any, what: str) -> int:
     return value
 
 
-def _parse_checkpoint(path: str, metadata: dict[str, str], layers: list[L.Layer]):
-    """Validate the checkpoint entry; return it and the optimiser tensors it expects."""
-    ck = _json_field(path, metadata, "checkpoint")
-    _nonneg_int(path, ck.get("epoch"), "epoch")
-    _nonneg_int(path, ck.get("steps"), "steps")
-    expected: dict[str, tuple[int, ...]] = {}
-    opt = ck.get("optimizer")
-    if opt is not None:
-        if not isinstance(opt, dict) or set(opt) != {"optimizer", "hyperparameters", "step", "state"}:
-            raise ModelFileError(path, "the checkpoint's optimizer entry is malformed")
-        name, hyper = opt["optimizer"], opt["hyperparameters"]
-        if name not in OPTIMIZERS:
-            raise ModelFileError(path, f"unknown optimizer {name!r}; known optimizers: {', '.join(OPTIMIZERS)}")
-        if not isinstance(hyper, dict):
-            raise ModelFileError(path, "the checkpoint's optimizer hyperparameters are not an object")
-        try:
-            OPTIMIZERS[name](**hyper)
-        except (TypeError, ValueError, OverflowError) as exc:
-            raise ModelFileError(path, f"invalid {name} hyperparameters: {exc}") from None
-        _nonneg_int(path, opt["step"], "optimizer step")
-        skeleton = opt["state"]
-        if skeleton is not None:
-            if not isinstance(skeleton, list) or len(skeleton) != len(layers):
-                raise ModelFileError(path, "the checkpoint's optimizer state does not have one entry per layer")
-            for i, (entry, layer) in enumerate(zip(skeleton, layers)):
-                shapes = _param_shapes(layer)
-                if not isinstance(entry, dict) or set(entry) != set(shapes):
-                    raise ModelFileError(path, f"the optimizer state of layer {i} does not match its parameters {sorted(shapes)}")
-                for key, slots in entry.items():
-                    if not isinstance(slots, list) or not all(isinstance(s, str) and s for s in slots):
-                        raise ModelFileError(path, f"the optimizer state of layer {i}, {key!r} is malformed")
-                    for slot in slots:
-                        expected[f"optimizer.{i}.{key}.{slot}"] = shapes[key]
-    rng = ck.get("rng")
-    if rng is not None:
-        entropy = rng.get("entropy") if isinstance(rng, dict) else None
-        ok_entropy = entropy is None or (_is_int(entropy) and entropy >= 0) or (
-            isinstance(entropy, list) and all(_is_int(e) and e >= 0 for e in entropy))
-        if not isinstance(rng, dict) or set(rng) != {"entropy", "backend", "state"} or not ok_entropy \
-                or not isinstance(rng["backend"], str) or not isinstance(rng["state"], dict):
-            raise ModelFileError(path, "the checkpoint's random-generator entry is malformed")
-    entries = ck.get("callbacks", [])
+def _parse_optimizer_entry(path: str, opt: Any, layers: list[L.Layer], expected: dict[str, tuple[int, ...]]) -> None:
+    """Validate the checkpoint's optimizer entry; record the optimiser tensors it expects."""
+    if not isinstance(opt, dict) or set(opt) != {"optimizer", "hyperparameters", "step", "state"}:
+        raise ModelFileError(path, "the checkpoint's optimizer entry is malformed")
+    name, hyper = opt["optimizer"], opt["hyperparameters"]
+    if name not in OPTIMIZERS:
+        raise ModelFileError(path, f"unknown optimizer {name!r}; known optimizers: {', '.join(OPTIMIZERS)}")
+    if not isinstance(hyper, dict):
+        raise ModelFileError(path, "the checkpoint's optimizer hyperparameters are not an object")
+    try:
+        OPTIMIZERS[name](**hyper)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ModelFileError(path, f"invalid {name} hyperparameters: {exc}") from None
+    _nonneg_int(path, opt["step"], "optimizer step")
+    skeleton = opt["state"]
+    if skeleton is None:
+        return
+    if not isinstance(skeleton, list) or len(skeleton) != len(layers):
+        raise ModelFileError(path, "the checkpoint's optimizer state does not have one entry per layer")
+    for i, (entry, layer) in enumerate(zip(skeleton, layers)):
+        shapes = _param_shapes(layer)
+        if not isinstance(entry, dict) or set(entry) != set(shapes):
+            raise ModelFileError(
+                path, f"the optimizer state of layer {i} does not match its parameters {sorted(shapes)}")
+        for key, slots in entry.items():
+            if not isinstance(slots, list) or not all(isinstance(s, str) and s for s in slots):
+                raise ModelFileError(path, f"the optimizer state of layer {i}, {key!r} is malformed")
+            for slot in slots:
+                expected[f"optimizer.{i}.{key}.{slot}"] = shapes[key]
+
+
+def _check_rng_entry(path: str, rng: Any) -> None:
+    """Validate the checkpoint's random-generator entry."""
+    entropy = rng.get("entropy") if isinstance(rng, dict) else None
+    ok_entropy = entropy is None or (_is_int(entropy) and entropy >= 0) or (
+        isinstance(entropy, list) and all(_is_int(e) and e >= 0 for e in entropy))
+    if not isinstance(rng, dict) or set(rng) != {"entropy", "backend", "state"} or not ok_entropy \
+            or not isinstance(rng["backend"], str) or not isinstance(rng["state"], dict):
+        raise ModelFileError(path, "the checkpoint's random-generator entry is malformed")
+
+
+def _parse_callback_entries(path: str, entries: Any, layers: list[L.Layer],
+                            expected: dict[str, tuple[int, ...]]) -> None:
+    """Validate the checkpoint's callback states; record the per-layer arrays they expect."""
     if not isinstance(entries, list):
         raise ModelFileError(path, "the checkpoint's callbacks entry is not a list")
     for j, entry in enumerate(entries):
@@ -313,20 +315,41 @@ def _parse_checkpoint(path: str, metadata: dict[str, str], layers: list[L.Layer]
             for i, (keys, layer) in enumerate(zip(skeleton, layers)):
                 shapes = _param_shapes(layer)
                 if not isinstance(keys, list) or set(keys) != set(shapes) or len(keys) != len(shapes):
-                    raise ModelFileError(path, f"the arrays {name!r} of callback {j}, layer {i} do not match its parameters")
+                    raise ModelFileError(
+                        path, f"the arrays {name!r} of callback {j}, layer {i} do not match its parameters")
                 for key in keys:
                     expected[f"callbacks.{j}.{name}.{i}.{key}"] = shapes[key]
+
+
+def _check_history_entry(path: str, hist: Any) -> None:
+    """Validate the checkpoint's training history."""
+    ok = isinstance(hist, dict) and isinstance(hist.get("metric_name", ""), str) and all(
+        isinstance(hist.get(k, []), list) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                 for v in hist.get(k, []))
+        for k in ("loss", "val_loss", "val_metric", "lr", "time"))
+    if not ok:
+        raise ModelFileError(path, "the checkpoint's history is malformed")
+
+
+def _parse_checkpoint(path: str, metadata: dict[str, str], layers: list[L.Layer]):
+    """Validate the checkpoint entry; return it and the optimiser tensors it expects."""
+    ck = _json_field(path, metadata, "checkpoint")
+    _nonneg_int(path, ck.get("epoch"), "epoch")
+    _nonneg_int(path, ck.get("steps"), "steps")
+    expected: dict[str, tuple[int, ...]] = {}
+    opt = ck.get("optimizer")
+    if opt is not None:
+        _parse_optimizer_entry(path, opt, layers, expected)
+    rng = ck.get("rng")
+    if rng is not None:
+        _check_rng_entry(path, rng)
+    _parse_callback_entries(path, ck.get("callbacks", []), layers, expected)
     sched = ck.get("schedule")
     if sched is not None and not isinstance(sched, dict):
         raise ModelFileError(path, "the checkpoint's schedule state is not an object")
     hist = ck.get("history")
     if hist is not None:
-        ok = isinstance(hist, dict) and isinstance(hist.get("metric_name", ""), str) and all(
-            isinstance(hist.get(k, []), list) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                     for v in hist.get(k, []))
-            for k in ("loss", "val_loss", "val_metric", "lr", "time"))
-        if not ok:
-            raise ModelFileError(path, "the checkpoint's history is malformed")
+        _check_history_entry(path, hist)
     return ck, expected
 
 
@@ -341,7 +364,8 @@ def _read(path: Any) -> _File:
     buffers = {name: view[start + b:start + e] for name, (_, _, b, e) in index.items()}
     digest = _content_digest(metadata, {n: (c, s) for n, (c, s, _, _) in index.items()}, buffers)
     if not hmac.compare_digest(digest, metadata["sha256"]):
-        raise ModelFileError(shown, "checksum mismatch: the file is corrupted (its contents do not match the sha256 recorded in its header)")
+        raise ModelFileError(shown, "checksum mismatch: the file is corrupted (its contents do not match "
+                                    "the sha256 recorded in its header)")
     cfg = _json_field(shown, metadata, "model")
     layers, model_cfg = _parse_model_config(shown, cfg)
     if metadata.get("dtype", model_cfg["dtype"]) != model_cfg["dtype"]:
@@ -353,17 +377,21 @@ def _read(path: Any) -> _File:
         expected.update(opt_expected)
     missing = sorted(set(expected) - set(index))
     if missing:
-        raise ModelFileError(shown, f"required tensors are missing: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        more = " ..." if len(missing) > 5 else ""
+        raise ModelFileError(shown, f"required tensors are missing: {', '.join(missing[:5])}{more}")
     unexpected = sorted(set(index) - set(expected))
     if unexpected:
-        raise ModelFileError(shown, f"the file holds tensors the architecture does not use: {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
+        more = " ..." if len(unexpected) > 5 else ""
+        raise ModelFileError(
+            shown, f"the file holds tensors the architecture does not use: {', '.join(unexpected[:5])}{more}")
     code = _ST_CODES[model_cfg["dtype"]]
     for name, shape in expected.items():
         got_code, got_shape = index[name][0], index[name][1]
         if got_shape != shape:
             raise ModelFileError(shown, f"tensor {name!r} has shape {got_shape} but the architecture needs {shape}")
         if got_code != code:
-            raise ModelFileError(shown, f"tensor {name!r} has dtype {got_code} but the model's dtype is {model_cfg['dtype']} ({code})")
+            raise ModelFileError(
+                shown, f"tensor {name!r} has dtype {got_code} but the model's dtype is {model_cfg['dtype']} ({code})")
     stnp = _require_safetensors()
     try:
         tensors = stnp.load(data)

@@ -148,5 +148,6 @@ def load_checkpoint(path: str | os.PathLike, backend: Any = None, device: Any = 
     p = _resolve_checkpoint_path(path)
     f = _read(p)
     if f.checkpoint is None:
-        raise ModelFileError(f.path, "a model file, not a checkpoint (it has no training state); load it with arraymlp.load")
+        raise ModelFileError(
+            f.path, "a model file, not a checkpoint (it has no training state); load it with arraymlp.load")
     return _checkpoint_dict(f, _build_model(f, backend, device))

@@ -119,7 +119,8 @@ def export_onnx(model: Any, path: str | os.PathLike, *, opset: int = 17):
         elif isinstance(layer, L.Activation):
             cur = _onnx_activation(layer.name, cur, out, pre, node, tensor, opset, exact=np_dtype == numpy.float64)
         else:
-            msg = f"cannot export layer {i} ({layer!r}) to ONNX: only Dense, Activation, Dropout and LayerNorm are supported"
+            msg = (f"cannot export layer {i} ({layer!r}) to ONNX: "
+                   "only Dense, Activation, Dropout and LayerNorm are supported")
             raise TypeError(msg)
     n_in, n_out = model.n_features_in, model.n_outputs
     graph = helper.make_graph(
@@ -131,7 +132,8 @@ def export_onnx(model: Any, path: str | os.PathLike, *, opset: int = 17):
     opsets = [helper.make_opsetid("", opset)]
     proto = helper.make_model(graph, opset_imports=opsets, producer_name="arraymlp",
                               producer_version=__version__,
-                              doc_string=f"arraymlp {type(model).__name__}: {len(model.layers)} layers, {model.dtype_name}")
+                              doc_string=f"arraymlp {type(model).__name__}: {len(model.layers)} layers, "
+                                         f"{model.dtype_name}")
     proto.ir_version = helper.find_min_ir_version_for(opsets)
     helper.set_model_props(proto, {"arraymlp_version": __version__,
                                    "arraymlp_model": json.dumps(_model_config(model), sort_keys=True)})
