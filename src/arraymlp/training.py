@@ -15,6 +15,7 @@ step applied to the layers above the failing one only.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import numbers
 import sys
@@ -167,6 +168,248 @@ def _resolve_optimizer(model, optimizer, lr, reuse: bool) -> Optimizer:
     return get_optimizer(optimizer if optimizer is not None else "adam", **kwargs)
 
 
+@dataclasses.dataclass
+class _Run:
+    """What one call of :func:`fit` trains on, and the state its epochs carry along."""
+
+    model: Any
+    x: Any
+    y: Any
+    sample_weight: Any
+    val: tuple | None  # (x_val, y_val), checked
+    lossfn: Any
+    xp: Any
+    opt: Optimizer
+    schedule: Any
+    callbacks: list
+    batch_size: int
+    shuffle: bool
+    l2: float
+    history: History | None = None
+    start_epoch: int = 0
+    dp: Any = None
+    bar: Any = None
+    base_lr: float = 0.0
+    step: int = 0
+    stop: bool = False
+
+
+def _check_arguments(loss, epochs, batch_size, validation_split):
+    """The loss, and the run's sizes checked: ``(lossfn, epochs, batch_size)``."""
+    lossfn = get_loss(loss)
+    if not isinstance(epochs, numbers.Integral) or isinstance(epochs, bool) or epochs < 1:
+        msg = f"epochs must be a positive int, got {epochs!r}"
+        raise ValueError(msg)
+    if not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool) or batch_size < 1:
+        msg = f"batch_size must be a positive int, got {batch_size!r}"
+        raise ValueError(msg)
+    epochs, batch_size = int(epochs), int(batch_size)
+    if not 0.0 <= validation_split < 1.0:
+        msg = f"validation_split must be in [0, 1), got {validation_split!r}"
+        raise ValueError(msg)
+    return lossfn, epochs, batch_size
+
+
+def _prepare_data(model, x, y, sample_weight, lossfn, validation_data, validation_split):
+    """Check the data and split off the validation set: ``(x, y, sample_weight, val, xp)``,
+    ``val`` the checked ``(x_val, y_val)`` or ``None``."""
+    x, xp = model._check_x(x)
+    y = model._check_target(y, xp)
+    if _n(y) != _n(x):
+        msg = f"x has {_n(x)} samples but y has {_n(y)}"
+        raise ValueError(msg)
+    if sample_weight is not None:
+        sample_weight = model._check_target(sample_weight, xp, "sample_weight")
+    # Validate the targets (kind, shape, label range) and weights once, up front, against
+    # placeholder outputs of the model's output shape; the steps then skip those checks.
+    lossfn.fn(xp.zeros((_n(y), model.n_outputs), dtype=model.dtype, device=model.device), y, xp=xp,
+              sample_weight=sample_weight)
+
+    if validation_data is None and validation_split > 0.0:
+        n_val = max(1, int(round(_n(x) * validation_split)))
+        if n_val >= _n(x):
+            msg = (f"validation_split={validation_split} of {_n(x)} samples leaves none to train on; "
+                   "use a smaller fraction or pass validation_data")
+            raise ValueError(msg)
+        x, x_val = x[:-n_val, ...], x[-n_val:, ...]
+        y, y_val = y[:-n_val, ...], y[-n_val:, ...]
+        if sample_weight is not None:
+            sample_weight = sample_weight[:-n_val]
+        validation_data = (x_val, y_val)
+    val = None
+    if validation_data is not None:
+        x_val, y_val = validation_data
+        x_val, _ = model._check_x(x_val, what="validation x")
+        y_val = model._check_target(y_val, xp, "validation y")
+        if _n(y_val) != _n(x_val):
+            msg = f"validation x has {_n(x_val)} samples but validation y has {_n(y_val)}"
+            raise ValueError(msg)
+        # the validation targets' kind, shape and labels, up front like y's
+        lossfn.fn(xp.zeros((_n(y_val), model.n_outputs), dtype=model.dtype, device=model.device), y_val, xp=xp)
+        val = (x_val, y_val)
+    return x, y, sample_weight, val, xp
+
+
+def _set_up_model(model, lossfn, optimizer, lr, schedule, seed, xp, reuse: bool) -> Optimizer:
+    """Record the loss, optimiser and schedule on the model, reseed it; return the optimiser."""
+    model.task_ = lossfn.task
+    # the table's name when the loss is the table's (files store it); a custom Loss itself
+    model.loss_ = lossfn.name if LOSSES.get(lossfn.name) is lossfn else lossfn
+    opt = _resolve_optimizer(model, optimizer, lr, reuse)
+    model.optimizer_ = opt
+    model.schedule_ = schedule
+    if seed is not None:
+        model.rng = Generator(seed, xp, model.device)
+    return opt
+
+
+def _arrange_callbacks(callbacks, early_stopping, *, validation: bool) -> list:
+    """The run's callbacks: the given ones, early stopping, then the checkpoints."""
+    callbacks = list(callbacks)
+    if isinstance(early_stopping, bool) or not (early_stopping is None or isinstance(early_stopping, (int, Callback))):
+        msg = (f"early_stopping must be an EarlyStopping, an int patience or None, got {early_stopping!r} "
+               "(for example early_stopping=10 or EarlyStopping('val_loss', patience=10))")
+        raise TypeError(msg)
+    if isinstance(early_stopping, int):
+        early_stopping = EarlyStopping("val_loss" if validation else "loss", patience=early_stopping)
+    if early_stopping is not None:
+        callbacks.append(early_stopping)
+    # checkpoints run after the other callbacks of an epoch, so they save its final state
+    callbacks = [cb for cb in callbacks if not getattr(cb, "saves_callbacks", False)] + \
+        [cb for cb in callbacks if getattr(cb, "saves_callbacks", False)]
+    for cb in callbacks:
+        if getattr(cb, "saves_callbacks", False):
+            cb.run_callbacks = callbacks
+    return callbacks
+
+
+def _start_run(run: _Run, epochs: int, resume_from, comm, progress: bool, verbose: bool) -> None:
+    """History, resumption, data parallelism, ``on_train_begin`` and the progress bar."""
+    model, callbacks = run.model, run.callbacks
+    run.history = History(metric_name="accuracy" if run.lossfn.task != "regression" else "r2")
+    if resume_from is not None:
+        from .io.checkpoints import restore_checkpoint
+
+        run.start_epoch = restore_checkpoint(resume_from, model, optimizer=run.opt, schedule=run.schedule,
+                                             history=run.history, callbacks=callbacks)
+    if comm is not None:
+        from .distributed import DataParallel
+
+        run.dp = comm if isinstance(comm, DataParallel) else DataParallel(comm)
+        run.dp.begin(model, run.x, callbacks)
+        progress, verbose = progress and run.dp.is_root, verbose and run.dp.is_root
+    for cb in callbacks:
+        cb.on_train_begin(model, run.history)
+    run.bar = _Progress(max(epochs - run.start_epoch, 0), progress, verbose)
+    run.base_lr = run.opt.lr
+    run.step = getattr(model, "steps_", 0)
+
+
+def _begin_epoch(run: _Run, epoch: int) -> bool:
+    """``on_epoch_begin``; whether a callback (on any rank) asked to stop before the epoch."""
+    for cb in run.callbacks:
+        run.stop = bool(cb.on_epoch_begin(run.model, epoch)) or run.stop
+    if run.dp is not None:
+        run.stop = run.dp.agree(run.stop)
+    if run.stop:
+        run.history.stopped_early = True
+    return run.stop
+
+
+def _divergence(run: _Run, value: float, epoch: int, batch: int) -> DivergenceError:
+    """The error for a non-finite loss at ``batch`` of ``epoch`` (before that step's update)."""
+    finite = _params_finite(run.model.params, run.xp)
+    where = f"at epoch {epoch + 1}, step {run.step + 1} (batch {batch + 1})"
+    if finite:
+        kept = "the parameters are those of the last finite step"
+    else:
+        kept = (f"the update of step {run.step} (the last with a finite loss) already made some "
+                "parameters non-finite: its gradient overflowed; restore them from a checkpoint")
+    msg = (
+        f"the training loss became {value} {where}; {kept}. "
+        "Lower the learning rate, scale the inputs, or clip gradients (clip_norm=...)."
+    )
+    return DivergenceError(msg, epoch=epoch, step=run.step, params_finite=finite)
+
+
+def _run_epoch(run: _Run, epoch: int, epoch_lr: float) -> tuple[float, int]:
+    """The epoch's batches, one step each, until a callback asks to stop: ``(summed loss, rows seen)``."""
+    model, x, y, sample_weight, xp, dp = run.model, run.x, run.y, run.sample_weight, run.xp, run.dp
+    n, batch_size = _n(x), run.batch_size
+    order = model.rng.permutation(n) if run.shuffle else None
+    total, seen = 0.0, 0
+    for start in range(0, n, batch_size):
+        end = min(start + batch_size, n)
+        lo, hi = (start, end) if dp is None else dp.shard(start, end)
+        if order is None:
+            sl = slice(lo, hi)
+            xb, yb = x[sl, ...], y[sl, ...]
+            wb = None if sample_weight is None else sample_weight[sl]
+        else:
+            idx = order[lo:hi]
+            xb, yb, wb = _take(x, idx, xp), _take(y, idx, xp), _take(sample_weight, idx, xp)
+        value, update = _loss_then_update(model, run.opt, run.lossfn, xb, yb, wb, xp=xp, l2=run.l2, dp=dp)
+        value = float(value)
+        if not math.isfinite(value):
+            raise _divergence(run, value, epoch, start // batch_size)
+        update(epoch_lr)
+        del update  # frees the batch's caches before the next forward
+        run.step += 1
+        nb = end - start
+        total += value * nb
+        seen += nb
+        logs = {"epoch": epoch, "step": run.step, "loss": value}
+        for cb in run.callbacks:
+            run.stop = bool(cb.on_batch_end(model, logs)) or run.stop
+        if dp is not None:
+            run.stop = dp.agree_batch(run.stop)
+        if run.stop:
+            break
+    return total, seen
+
+
+def _finish_epoch(run: _Run, epoch: int, epoch_lr: float, t0: float, total: float, seen: int) -> bool:
+    """Validation, history, the schedule's step, progress and ``on_epoch_end``; whether to stop."""
+    model, history, schedule, dp = run.model, run.history, run.schedule, run.dp
+    logs = {"epoch": epoch, "step": run.step, "loss": total / max(seen, 1), "lr": epoch_lr,
+            "val_loss": None, "val_metric": None}
+    if run.val is not None:
+        x_val, y_val = run.val
+        task = run.lossfn.task
+        if dp is None:
+            logs["val_loss"], logs["val_metric"] = _evaluate(model, x_val, y_val, run.lossfn, task, run.xp)
+        else:
+            logs["val_loss"], logs["val_metric"] = dp.on_root(_evaluate, model, x_val, y_val, run.lossfn, task,
+                                                              run.xp)
+    logs["time"] = time.perf_counter() - t0
+    history.loss.append(logs["loss"])
+    history.lr.append(epoch_lr)
+    history.time.append(logs["time"])
+    if logs["val_loss"] is not None:
+        history.val_loss.append(logs["val_loss"])
+        history.val_metric.append(logs["val_metric"])
+    if schedule is not None and callable(getattr(schedule, "step", None)):
+        # the next epoch's rate comes from schedule(epoch); step only records the metric
+        schedule.step(logs["val_loss"] if logs["val_loss"] is not None else logs["loss"])
+    run.bar.update(logs, history.metric_name)
+    for cb in run.callbacks:
+        run.stop = bool(cb.on_epoch_end(model, logs)) or run.stop
+    if dp is not None:
+        run.stop = dp.agree(run.stop)
+    if run.stop:
+        history.stopped_early = True
+    return run.stop
+
+
+def _finish(run: _Run, quiet: contextlib.ExitStack) -> None:
+    """However the run ends: the step counter, the bar, and ``on_train_end``."""
+    quiet.close()
+    run.model.steps_ = run.step
+    run.bar.close()
+    for cb in run.callbacks:
+        cb.on_train_end(run.model, run.history)
+
+
 def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", lr: float | None = None,
         schedule: Any = None, epochs: int = 10, batch_size: int = 32, shuffle: bool = True,
         validation_data: tuple | None = None, validation_split: float = 0.0,
@@ -224,183 +467,28 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
     -------
     History
     """
-    lossfn = get_loss(loss)
-    if not isinstance(epochs, numbers.Integral) or isinstance(epochs, bool) or epochs < 1:
-        msg = f"epochs must be a positive int, got {epochs!r}"
-        raise ValueError(msg)
-    if not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool) or batch_size < 1:
-        msg = f"batch_size must be a positive int, got {batch_size!r}"
-        raise ValueError(msg)
-    epochs, batch_size = int(epochs), int(batch_size)
-    if not 0.0 <= validation_split < 1.0:
-        msg = f"validation_split must be in [0, 1), got {validation_split!r}"
-        raise ValueError(msg)
-
-    x, xp = model._check_x(x)
-    y = model._check_target(y, xp)
-    if _n(y) != _n(x):
-        msg = f"x has {_n(x)} samples but y has {_n(y)}"
-        raise ValueError(msg)
-    if sample_weight is not None:
-        sample_weight = model._check_target(sample_weight, xp, "sample_weight")
-    # Validate the targets (kind, shape, label range) and weights once, up front, against
-    # placeholder outputs of the model's output shape; the steps then skip those checks.
-    lossfn.fn(xp.zeros((_n(y), model.n_outputs), dtype=model.dtype, device=model.device), y, xp=xp,
-              sample_weight=sample_weight)
-
-    if validation_data is None and validation_split > 0.0:
-        n_val = max(1, int(round(_n(x) * validation_split)))
-        if n_val >= _n(x):
-            msg = (f"validation_split={validation_split} of {_n(x)} samples leaves none to train on; "
-                   "use a smaller fraction or pass validation_data")
-            raise ValueError(msg)
-        x, x_val = x[:-n_val, ...], x[-n_val:, ...]
-        y, y_val = y[:-n_val, ...], y[-n_val:, ...]
-        if sample_weight is not None:
-            sample_weight = sample_weight[:-n_val]
-        validation_data = (x_val, y_val)
-    if validation_data is not None:
-        x_val, y_val = validation_data
-        x_val, _ = model._check_x(x_val, what="validation x")
-        y_val = model._check_target(y_val, xp, "validation y")
-        if _n(y_val) != _n(x_val):
-            msg = f"validation x has {_n(x_val)} samples but validation y has {_n(y_val)}"
-            raise ValueError(msg)
-        # the validation targets' kind, shape and labels, up front like y's
-        lossfn.fn(xp.zeros((_n(y_val), model.n_outputs), dtype=model.dtype, device=model.device), y_val, xp=xp)
-
-    task = lossfn.task
-    model.task_ = task
-    # the table's name when the loss is the table's (files store it); a custom Loss itself
-    model.loss_ = lossfn.name if LOSSES.get(lossfn.name) is lossfn else lossfn
-    opt = _resolve_optimizer(model, optimizer, lr, _reuse_optimizer)
-    model.optimizer_ = opt
-    model.schedule_ = schedule
-    if seed is not None:
-        model.rng = Generator(seed, xp, model.device)
-
-    callbacks = list(callbacks)
-    if isinstance(early_stopping, bool) or not (early_stopping is None or isinstance(early_stopping, (int, Callback))):
-        msg = (f"early_stopping must be an EarlyStopping, an int patience or None, got {early_stopping!r} "
-               "(for example early_stopping=10 or EarlyStopping('val_loss', patience=10))")
-        raise TypeError(msg)
-    if isinstance(early_stopping, int):
-        early_stopping = EarlyStopping("val_loss" if validation_data is not None else "loss", patience=early_stopping)
-    if early_stopping is not None:
-        callbacks.append(early_stopping)
-    # checkpoints run after the other callbacks of an epoch, so they save its final state
-    callbacks = [cb for cb in callbacks if not getattr(cb, "saves_callbacks", False)] + \
-        [cb for cb in callbacks if getattr(cb, "saves_callbacks", False)]
-    for cb in callbacks:
-        if getattr(cb, "saves_callbacks", False):
-            cb.run_callbacks = callbacks
-
-    history = History(metric_name="accuracy" if task != "regression" else "r2")
-    start_epoch = 0
-    if resume_from is not None:
-        from .io.checkpoints import restore_checkpoint
-
-        start_epoch = restore_checkpoint(resume_from, model, optimizer=opt, schedule=schedule, history=history,
-                                         callbacks=callbacks)
-    dp = None
-    if comm is not None:
-        from .distributed import DataParallel
-
-        dp = comm if isinstance(comm, DataParallel) else DataParallel(comm)
-        dp.begin(model, x, callbacks)
-        progress, verbose = progress and dp.is_root, verbose and dp.is_root
-    for cb in callbacks:
-        cb.on_train_begin(model, history)
-    bar = _Progress(max(epochs - start_epoch, 0), progress, verbose)
-    n = _n(x)
-    base_lr = opt.lr
-    step = getattr(model, "steps_", 0)
-    stop = False
+    lossfn, epochs, batch_size = _check_arguments(loss, epochs, batch_size, validation_split)
+    x, y, sample_weight, val, xp = _prepare_data(model, x, y, sample_weight, lossfn, validation_data,
+                                                 validation_split)
+    opt = _set_up_model(model, lossfn, optimizer, lr, schedule, seed, xp, _reuse_optimizer)
+    callbacks = _arrange_callbacks(callbacks, early_stopping, validation=val is not None)
+    run = _Run(model=model, x=x, y=y, sample_weight=sample_weight, val=val, lossfn=lossfn, xp=xp, opt=opt,
+               schedule=schedule, callbacks=callbacks, batch_size=batch_size, shuffle=shuffle, l2=l2)
+    _start_run(run, epochs, resume_from, comm, progress, verbose)
     quiet = contextlib.ExitStack()
     quiet.enter_context(quiet_overflow(xp))
     try:
-        for epoch in range(start_epoch, epochs):
+        for epoch in range(run.start_epoch, epochs):
             t0 = time.perf_counter()
-            epoch_lr = base_lr if schedule is None else float(schedule(epoch))
-            for cb in callbacks:
-                stop = bool(cb.on_epoch_begin(model, epoch)) or stop
-            if dp is not None:
-                stop = dp.agree(stop)
-            if stop:  # asked for at the start of the epoch: none of its batches runs
-                history.stopped_early = True
+            epoch_lr = run.base_lr if schedule is None else float(schedule(epoch))
+            if _begin_epoch(run, epoch):  # asked for at the start of the epoch: none of its batches runs
                 break
-            order = model.rng.permutation(n) if shuffle else None
-            total, seen = 0.0, 0
-            for start in range(0, n, batch_size):
-                end = min(start + batch_size, n)
-                lo, hi = (start, end) if dp is None else dp.shard(start, end)
-                if order is None:
-                    sl = slice(lo, hi)
-                    xb, yb = x[sl, ...], y[sl, ...]
-                    wb = None if sample_weight is None else sample_weight[sl]
-                else:
-                    idx = order[lo:hi]
-                    xb, yb, wb = _take(x, idx, xp), _take(y, idx, xp), _take(sample_weight, idx, xp)
-                value, update = _loss_then_update(model, opt, lossfn, xb, yb, wb, xp=xp, l2=l2, dp=dp)
-                value = float(value)
-                if not math.isfinite(value):
-                    finite = _params_finite(model.params, xp)
-                    where = f"at epoch {epoch + 1}, step {step + 1} (batch {start // batch_size + 1})"
-                    if finite:
-                        kept = "the parameters are those of the last finite step"
-                    else:
-                        kept = (f"the update of step {step} (the last with a finite loss) already made some "
-                                "parameters non-finite: its gradient overflowed; restore them from a checkpoint")
-                    msg = (
-                        f"the training loss became {value} {where}; {kept}. "
-                        "Lower the learning rate, scale the inputs, or clip gradients (clip_norm=...)."
-                    )
-                    raise DivergenceError(msg, epoch=epoch, step=step, params_finite=finite)
-                update(epoch_lr)
-                del update  # frees the batch's caches before the next forward
-                step += 1
-                nb = end - start
-                total += value * nb
-                seen += nb
-                logs = {"epoch": epoch, "step": step, "loss": value}
-                for cb in callbacks:
-                    stop = bool(cb.on_batch_end(model, logs)) or stop
-                if dp is not None:
-                    stop = dp.agree_batch(stop)
-                if stop:
-                    break
-            logs = {"epoch": epoch, "step": step, "loss": total / max(seen, 1), "lr": epoch_lr,
-                    "val_loss": None, "val_metric": None}
-            if validation_data is not None:
-                if dp is None:
-                    logs["val_loss"], logs["val_metric"] = _evaluate(model, x_val, y_val, lossfn, task, xp)
-                else:
-                    logs["val_loss"], logs["val_metric"] = dp.on_root(_evaluate, model, x_val, y_val, lossfn, task, xp)
-            logs["time"] = time.perf_counter() - t0
-            history.loss.append(logs["loss"])
-            history.lr.append(epoch_lr)
-            history.time.append(logs["time"])
-            if logs["val_loss"] is not None:
-                history.val_loss.append(logs["val_loss"])
-                history.val_metric.append(logs["val_metric"])
-            if schedule is not None and callable(getattr(schedule, "step", None)):
-                # the next epoch's rate comes from schedule(epoch); step only records the metric
-                schedule.step(logs["val_loss"] if logs["val_loss"] is not None else logs["loss"])
-            bar.update(logs, history.metric_name)
-            for cb in callbacks:
-                stop = bool(cb.on_epoch_end(model, logs)) or stop
-            if dp is not None:
-                stop = dp.agree(stop)
-            if stop:
-                history.stopped_early = True
+            total, seen = _run_epoch(run, epoch, epoch_lr)
+            if _finish_epoch(run, epoch, epoch_lr, t0, total, seen):
                 break
     finally:
-        quiet.close()
-        model.steps_ = step
-        bar.close()
-        for cb in callbacks:
-            cb.on_train_end(model, history)
-    return history
+        _finish(run, quiet)
+    return run.history
 
 
 def partial_fit(model, x, y, *, loss: str | None = None, optimizer: str | Optimizer | None = None,
