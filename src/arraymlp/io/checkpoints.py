@@ -60,6 +60,44 @@ def _schedule_state(schedule: Any) -> dict[str, Any] | None:
     return state if state else None
 
 
+def _optimizer_entry(optimizer: Optimizer, tensors: dict, dtype) -> dict[str, Any]:
+    """The optimiser's checkpoint entry; its state arrays go into ``tensors``."""
+    sd = optimizer.state_dict()
+    skeleton = None
+    if sd["state"] is not None:
+        skeleton = []
+        for i, layer_state in enumerate(sd["state"]):
+            entry = {}
+            for key, slots in layer_state.items():
+                entry[key] = sorted(slots)
+                for slot, a in slots.items():
+                    tensors[f"optimizer.{i}.{key}.{slot}"] = _host(a, dtype)
+            skeleton.append(entry)
+    return {"optimizer": sd["optimizer"], "hyperparameters": sd["hyperparameters"],
+            "step": int(sd["step"]), "state": skeleton}
+
+
+def _callback_entries(callbacks: Sequence[Any], n_layers: int, tensors: dict, dtype) -> list[dict[str, Any]]:
+    """The entries of the callbacks with a state; per-layer arrays go into ``tensors``."""
+    cb_entries = []
+    for cb in callbacks:
+        state = cb.state_dict()
+        if state is None:
+            continue
+        j = len(cb_entries)
+        plain, arrays = {}, {}
+        for name, value in state.items():
+            if isinstance(value, list) and len(value) == n_layers and all(isinstance(d, dict) for d in value):
+                arrays[name] = [sorted(d) for d in value]
+                for i, d in enumerate(value):
+                    for key, a in d.items():
+                        tensors[f"callbacks.{j}.{name}.{i}.{key}"] = _host(a, dtype)
+            else:
+                plain[name] = value
+        cb_entries.append({"class": type(cb).__name__, "state": plain, "arrays": arrays})
+    return cb_entries
+
+
 def save_checkpoint(path: str | os.PathLike, model: Any, *, optimizer: Optimizer | None = None,
                     schedule: Any = None, epoch: int = 0, steps: int | None = None,
                     history: History | None = None, callbacks: Sequence[Any] = ()) -> None:
@@ -97,43 +135,14 @@ def save_checkpoint(path: str | os.PathLike, model: Any, *, optimizer: Optimizer
         schedule = getattr(model, "schedule_", None)
     metadata, tensors = _model_payload(model, "checkpoint")
     dtype = numpy.dtype(model.dtype_name)
-    opt_entry = None
-    if optimizer is not None:
-        sd = optimizer.state_dict()
-        skeleton = None
-        if sd["state"] is not None:
-            skeleton = []
-            for i, layer_state in enumerate(sd["state"]):
-                entry = {}
-                for key, slots in layer_state.items():
-                    entry[key] = sorted(slots)
-                    for slot, a in slots.items():
-                        tensors[f"optimizer.{i}.{key}.{slot}"] = _host(a, dtype)
-                skeleton.append(entry)
-        opt_entry = {"optimizer": sd["optimizer"], "hyperparameters": sd["hyperparameters"],
-                     "step": int(sd["step"]), "state": skeleton}
+    opt_entry = None if optimizer is None else _optimizer_entry(optimizer, tensors, dtype)
     if steps is None:
         steps = getattr(model, "steps_", 0)
     hist = None
     if history is not None:
         hist = {k: [float(v) for v in getattr(history, k)] for k in ("loss", "val_loss", "val_metric", "lr", "time")}
         hist["metric_name"] = history.metric_name
-    cb_entries = []
-    for cb in callbacks:
-        state = cb.state_dict()
-        if state is None:
-            continue
-        j = len(cb_entries)
-        plain, arrays = {}, {}
-        for name, value in state.items():
-            if isinstance(value, list) and len(value) == len(model.layers) and all(isinstance(d, dict) for d in value):
-                arrays[name] = [sorted(d) for d in value]
-                for i, d in enumerate(value):
-                    for key, a in d.items():
-                        tensors[f"callbacks.{j}.{name}.{i}.{key}"] = _host(a, dtype)
-            else:
-                plain[name] = value
-        cb_entries.append({"class": type(cb).__name__, "state": plain, "arrays": arrays})
+    cb_entries = _callback_entries(callbacks, len(model.layers), tensors, dtype)
     ck = {
         "callbacks": cb_entries,
         "epoch": int(epoch),
@@ -165,7 +174,8 @@ def _checkpoint_dict(f: _File, model: Any) -> dict[str, Any]:
         state = None
         if opt["state"] is not None:
             state = [
-                {key: {slot: f.tensors[f"optimizer.{i}.{key}.{slot}"] for slot in slots} for key, slots in entry.items()}
+                {key: {slot: f.tensors[f"optimizer.{i}.{key}.{slot}"] for slot in slots}
+                 for key, slots in entry.items()}
                 for i, entry in enumerate(opt["state"])
             ]
         opt = {"optimizer": opt["optimizer"], "hyperparameters": opt["hyperparameters"], "step": opt["step"],
@@ -176,6 +186,29 @@ def _checkpoint_dict(f: _File, model: Any) -> dict[str, Any]:
 
 def _numpy_like_rng(kind: str) -> bool:
     return kind not in ("cupy", "torch")
+
+
+def _check_fits(f, model: Any) -> None:
+    """Raise ValueError unless the checkpoint ``f`` holds ``model``'s dtype and layers."""
+    saved = [_layer_config(i, layer) for i, layer in enumerate(f.layers)]
+    mine = [_layer_config(i, layer) for i, layer in enumerate(model.layers)]
+    for cfgs in (saved, mine):
+        for c in cfgs:
+            c.pop("class", None)  # ReLU() and Activation("relu") are the same layer
+            c.pop("init", None)  # the saved weights replace the initial ones
+    if f.model_cfg["dtype"] != model.dtype_name:
+        msg = (f"checkpoint {f.path} holds a {f.model_cfg['dtype']} model, but the model being restored is "
+               f"{model.dtype_name}; build it with dtype={f.model_cfg['dtype']!r}")
+        raise ValueError(msg)
+    if saved != mine:
+        diff = next(((i, a, b) for i, (a, b) in enumerate(zip(saved, mine)) if a != b), None)
+        where = (f"layer {diff[0]} is {diff[1]} in the checkpoint but {diff[2]} in the model" if diff is not None
+                 else f"the checkpoint has {len(saved)} layers, the model {len(mine)}")
+        msg = (
+            f"checkpoint {f.path} holds layers {f.layers!r}, but the model being restored has layers "
+            f"{model.layers!r}: {where}"
+        )
+        raise ValueError(msg)
 
 
 def restore_checkpoint(path: str | os.PathLike, model: Any, *, optimizer: Optimizer | None = None,
@@ -222,25 +255,7 @@ def restore_checkpoint(path: str | os.PathLike, model: Any, *, optimizer: Optimi
     if model.params is None:
         msg = "the model has no parameters yet; build it (backend= or a first call) before restoring a checkpoint"
         raise ValueError(msg)
-    saved = [_layer_config(i, layer) for i, layer in enumerate(f.layers)]
-    mine = [_layer_config(i, layer) for i, layer in enumerate(model.layers)]
-    for cfgs in (saved, mine):
-        for c in cfgs:
-            c.pop("class", None)  # ReLU() and Activation("relu") are the same layer
-            c.pop("init", None)  # the saved weights replace the initial ones
-    if f.model_cfg["dtype"] != model.dtype_name:
-        msg = (f"checkpoint {f.path} holds a {f.model_cfg['dtype']} model, but the model being restored is "
-               f"{model.dtype_name}; build it with dtype={f.model_cfg['dtype']!r}")
-        raise ValueError(msg)
-    if saved != mine:
-        diff = next(((i, a, b) for i, (a, b) in enumerate(zip(saved, mine)) if a != b), None)
-        where = (f"layer {diff[0]} is {diff[1]} in the checkpoint but {diff[2]} in the model" if diff is not None
-                 else f"the checkpoint has {len(saved)} layers, the model {len(mine)}")
-        msg = (
-            f"checkpoint {f.path} holds layers {f.layers!r}, but the model being restored has layers "
-            f"{model.layers!r}: {where}"
-        )
-        raise ValueError(msg)
+    _check_fits(f, model)
     info = _checkpoint_dict(f, None)
     opt = info["optimizer"]
     if optimizer is not None and opt is not None and opt["optimizer"] != optimizer.name:

@@ -176,58 +176,65 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _parse_container(path: str, data: bytes):
-    """Check the safetensors framing of ``data``; return ``(metadata, index, data_start)``.
-
-    ``index`` maps tensor names to ``(dtype code, shape, begin, end)`` with offsets
-    relative to the data section. Nothing is allocated from a size the file claims.
-    """
+def _read_header(path: str, data: bytes) -> tuple[dict, int]:
+    """The JSON header of a safetensors file and its length, checked for framing."""
     size = len(data)
     if size == 0:
         raise ModelFileError(path, "the file is empty")
     if size < 8:
-        raise ModelFileError(path, f"the file is {size} bytes long, too short for a safetensors file (8-byte header length first)")
+        raise ModelFileError(path, f"the file is {size} bytes long, too short for a safetensors file "
+                                   "(8-byte header length first)")
     n = int.from_bytes(data[:8], "little")
     if n > MAX_HEADER_BYTES:
-        raise ModelFileError(path, f"the header length field claims {n} bytes, more than the {MAX_HEADER_BYTES} allowed (not a safetensors file, or corrupted)")
+        raise ModelFileError(path, f"the header length field claims {n} bytes, more than the {MAX_HEADER_BYTES} "
+                                   "allowed (not a safetensors file, or corrupted)")
     if n > size - 8:
-        raise ModelFileError(path, f"the header length field claims {n} bytes but only {size - 8} follow it (truncated, or not a safetensors file)")
+        raise ModelFileError(path, f"the header length field claims {n} bytes but only {size - 8} follow it "
+                                   "(truncated, or not a safetensors file)")
     if n < 2:
-        raise ModelFileError(path, f"the header length field claims {n} bytes, too short for a JSON header (not a safetensors file)")
+        raise ModelFileError(path, f"the header length field claims {n} bytes, too short for a JSON header "
+                                   "(not a safetensors file)")
     try:
         header = json.loads(data[8:8 + n].decode("utf-8"))
     except UnicodeDecodeError:
         raise ModelFileError(path, "the header is not UTF-8 text (not a safetensors file, or corrupted)") from None
     except (ValueError, RecursionError) as exc:
-        raise ModelFileError(path, f"the header is not valid JSON ({exc}); not a safetensors file, or corrupted") from None
+        raise ModelFileError(path, f"the header is not valid JSON ({exc}); not a safetensors file, "
+                                   "or corrupted") from None
     if not isinstance(header, dict):
-        raise ModelFileError(path, f"the header is a JSON {type(header).__name__}, not an object (not a safetensors file)")
-    metadata = header.pop("__metadata__", None)
-    if metadata is None:
-        raise ModelFileError(path, "the header has no __metadata__ entry: a safetensors file, but not one written by arraymlp")
-    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
-        raise ModelFileError(path, "the header's __metadata__ is not a mapping of strings to strings")
-    data_len = size - 8 - n
-    index = {}
-    for name, info in header.items():
-        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
-            raise ModelFileError(path, f"the header entry for tensor {name!r} is malformed (expected dtype, shape and data_offsets)")
-        code, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        if code not in _ST_DTYPES:
-            raise ModelFileError(path, f"tensor {name!r} has dtype {code!r}; arraymlp files hold F16, F32 or F64 tensors only")
-        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-            raise ModelFileError(path, f"tensor {name!r} has an invalid shape {shape!r}")
-        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets):
-            raise ModelFileError(path, f"tensor {name!r} has invalid data_offsets {offsets!r}")
-        begin, end = offsets
-        if not 0 <= begin <= end:
-            raise ModelFileError(path, f"tensor {name!r} has invalid data_offsets {offsets!r}")
-        if end > data_len:
-            raise ModelFileError(path, f"tensor {name!r} claims bytes {begin}..{end} but the file holds only {data_len} bytes of tensor data (truncated, or a crafted header)")
-        nbytes = math.prod(shape) * _ST_DTYPES[code].itemsize
-        if end - begin != nbytes:
-            raise ModelFileError(path, f"tensor {name!r} of shape {tuple(shape)} and dtype {code} needs {nbytes} bytes but its data_offsets span {end - begin}")
-        index[name] = (code, tuple(shape), begin, end)
+        raise ModelFileError(path, f"the header is a JSON {type(header).__name__}, not an object "
+                                   "(not a safetensors file)")
+    return header, n
+
+
+def _tensor_entry(path: str, name: str, info, data_len: int) -> tuple:
+    """``(dtype code, shape, begin, end)`` of one header entry, checked."""
+    if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+        raise ModelFileError(path, f"the header entry for tensor {name!r} is malformed "
+                                   "(expected dtype, shape and data_offsets)")
+    code, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if code not in _ST_DTYPES:
+        raise ModelFileError(path, f"tensor {name!r} has dtype {code!r}; arraymlp files hold F16, F32 or F64 "
+                                   "tensors only")
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise ModelFileError(path, f"tensor {name!r} has an invalid shape {shape!r}")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets):
+        raise ModelFileError(path, f"tensor {name!r} has invalid data_offsets {offsets!r}")
+    begin, end = offsets
+    if not 0 <= begin <= end:
+        raise ModelFileError(path, f"tensor {name!r} has invalid data_offsets {offsets!r}")
+    if end > data_len:
+        raise ModelFileError(path, f"tensor {name!r} claims bytes {begin}..{end} but the file holds only "
+                                   f"{data_len} bytes of tensor data (truncated, or a crafted header)")
+    nbytes = math.prod(shape) * _ST_DTYPES[code].itemsize
+    if end - begin != nbytes:
+        raise ModelFileError(path, f"tensor {name!r} of shape {tuple(shape)} and dtype {code} needs {nbytes} "
+                                   f"bytes but its data_offsets span {end - begin}")
+    return code, tuple(shape), begin, end
+
+
+def _check_tiling(path: str, index: dict, data_len: int) -> None:
+    """The tensors cover the data section exactly, without overlaps or gaps."""
     position = 0
     for name, (_, _, begin, end) in sorted(index.items(), key=lambda item: (item[1][2], item[1][3])):
         if begin != position:
@@ -235,7 +242,27 @@ def _parse_container(path: str, data: bytes):
             raise ModelFileError(path, f"tensor {name!r} {what} in the data section (corrupted or crafted header)")
         position = end
     if position != data_len:
-        raise ModelFileError(path, f"the data section has {data_len - position} bytes not covered by any tensor (corrupted, or extra data appended)")
+        raise ModelFileError(path, f"the data section has {data_len - position} bytes not covered by any tensor "
+                                   "(corrupted, or extra data appended)")
+
+
+def _parse_container(path: str, data: bytes):
+    """Check the safetensors framing of ``data``; return ``(metadata, index, data_start)``.
+
+    ``index`` maps tensor names to ``(dtype code, shape, begin, end)`` with offsets
+    relative to the data section. Nothing is allocated from a size the file claims.
+    """
+    header, n = _read_header(path, data)
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        raise ModelFileError(path, "the header has no __metadata__ entry: a safetensors file, but not one "
+                                   "written by arraymlp")
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                  for k, v in metadata.items()):
+        raise ModelFileError(path, "the header's __metadata__ is not a mapping of strings to strings")
+    data_len = len(data) - 8 - n
+    index = {name: _tensor_entry(path, name, info, data_len) for name, info in header.items()}
+    _check_tiling(path, index, data_len)
     return metadata, index, 8 + n
 
 
