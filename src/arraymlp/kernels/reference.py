@@ -261,21 +261,9 @@ def row_sum(x, xp):
 
 @fill
 def softmax(x, *, xp=None, row_max=row_max, row_sum=row_sum):
-    """Softmax over the last axis, ``y_ij = exp(x_ij) / sum_k exp(x_ik)``.
-
-    Shifted by the row maximum, so it is finite for any finite logits.
-
-    Parameters
-    ----------
-    x : array, shape (..., k)
-        Logits.
-    {xp}
-
-    Returns
-    -------
-    y : array, shape of ``x``
-        Non-negative, each row summing to 1.
-    """
+    """``exp(x - max(x)) / sum(exp(x - max(x)))`` over the last axis (the public form,
+    with its parameters, is :func:`arraymlp.functional.softmax`); ``row_max`` and
+    ``row_sum`` are the row reductions, which a kernel set binds to its own."""
     xp = _ns(x, xp)
     e = xp.exp(x - row_max(x, xp))
     s = row_sum(e, xp)
