@@ -49,7 +49,7 @@ def test_inplace_activations_match_the_standard_path(backend, name, fast, dtype)
         buf = _fresh(backend, x_np)
         y = row.forward_inplace(buf, xp)
         np.testing.assert_array_equal(backend.to_numpy(y), backend.to_numpy(y_ref))
-        if fast and backend.name in ("numpy", "torch", "cupy") and is_writeable_array(buf):
+        if fast and f"{name}_forward_inplace" in kernels_for(xp).overrides and is_writeable_array(buf):
             assert y is buf  # the fast paths compute into the buffer they were handed
     if act.backward_inplace is not None and act.backward_inplace is not R._identity_bw:
         buf = _fresh(backend, dy_np)

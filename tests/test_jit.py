@@ -20,6 +20,15 @@ needs_numba = pytest.mark.skipif(_jit.kernels() is None, reason="Numba is not in
 SPECIALS = [np.nan, np.inf, -np.inf, 0.0, -0.0, 1e-30, -1e-30, 2.5, -2.5]
 
 
+@pytest.fixture(autouse=True)
+def _numpy_set():
+    """These tests are of the NumPy set's compiled kernels: run them with the backend
+    sets even where the reference is forced for the rest of the suite (the tests on
+    every row force it themselves where they compare with it)."""
+    with reference_kernels(False):
+        yield
+
+
 @pytest.fixture
 def jit_off():
     """Run a block with the kernels off: ``with jit_off(): ...``."""
