@@ -21,8 +21,6 @@ from __future__ import annotations
 from ._docs import fill
 from .kernels import kernels_for
 from .kernels.reference import (
-    _GELU_C,
-    _GELU_K,
     ACTIVATIONS,
     ELU_ALPHA,
     LEAKY_SLOPE,
@@ -74,9 +72,6 @@ __all__ = [
     "softplus",
     "tanh",
 ]
-
-_ = (_GELU_C, _GELU_K)  # re-exported for the ONNX export, which writes the same constants
-
 
 # ----------------------------------------------------------------------------- dense
 @fill

@@ -10,10 +10,10 @@ from typing import Any
 
 import numpy
 
-from .. import functional as F
 from .. import layers as L
 from .._backend import to_numpy
 from .._version import __version__
+from ..kernels import reference as F
 from .container import _is_int, _write_atomic
 from .layout import _model_class, _model_config
 
