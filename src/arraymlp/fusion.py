@@ -26,7 +26,7 @@ import weakref
 from typing import Any, Callable
 
 from . import layers as L
-from .kernels import KernelSet, kernels_for
+from .kernels import KernelSet, kernels_for, reference
 
 __all__ = ["ForwardStep", "Plan", "plan_for"]
 
@@ -45,7 +45,7 @@ def _plain_dense(layer) -> bool:
 
 def _plain_relu(layer) -> bool:
     return (type(layer).forward is L.Activation.forward and not _hooked(layer)
-            and getattr(layer, "_act", None) is L.F.ACTIVATIONS["relu"])
+            and getattr(layer, "_act", None) is reference.ACTIVATIONS["relu"])
 
 
 @dataclasses.dataclass(frozen=True)

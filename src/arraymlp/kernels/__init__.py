@@ -118,6 +118,9 @@ class KernelSet:
         self.name = name
         self.overrides = frozenset(overrides)
         self.activations = {row.name: self._row(row) for row in reference.ACTIVATIONS.values()}
+        # by the reference row's identity: one lookup per activation call, and a custom
+        # row of the same name is never swapped for the table's
+        self._rows = {id(row): self.activations[name] for name, row in reference.ACTIVATIONS.items()}
 
     def _row(self, row: reference.Activation) -> reference.Activation:
         changes: dict[str, Any] = {}
@@ -131,8 +134,7 @@ class KernelSet:
 
     def activation(self, act: reference.Activation) -> reference.Activation:
         """This set's row for a row of the reference table; any other row as it is."""
-        mine = self.activations.get(act.name)
-        return mine if mine is not None and reference.ACTIVATIONS.get(act.name) is act else act
+        return self._rows.get(id(act), act)
 
     def __repr__(self) -> str:
         return f"KernelSet({self.name!r}, overrides={sorted(self.overrides)})"
