@@ -128,13 +128,19 @@ def _host(a: Any, dtype: numpy.dtype) -> numpy.ndarray:
     return h if h.dtype == dtype else h.astype(dtype)
 
 
-def _model_payload(model: Any, kind: str) -> tuple[dict[str, str], dict[str, numpy.ndarray]]:
+def _check_built(model: Any, doing: str) -> None:
+    """Raise unless ``model`` is an arraymlp model whose parameters exist (``doing``:
+    what needs them, for the message)."""
     if _model_class(model) is None:
         msg = f"model must be an arraymlp Sequential or MLP, got {type(model).__name__}"
         raise TypeError(msg)
     if model.params is None:
-        msg = "the model has no parameters yet; call it once or construct it with backend= before saving"
+        msg = f"the model has no parameters yet; call it once or construct it with backend= before {doing}"
         raise ValueError(msg)
+
+
+def _model_payload(model: Any, kind: str) -> tuple[dict[str, str], dict[str, numpy.ndarray]]:
+    _check_built(model, "saving")
     cfg = _model_config(model)
     dtype = numpy.dtype(model.dtype_name)
     tensors = {}

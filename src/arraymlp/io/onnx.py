@@ -15,7 +15,7 @@ from .._backend import to_numpy
 from .._version import __version__
 from ..kernels import reference as F
 from .container import _is_int, _write_atomic
-from .layout import _model_class, _model_config
+from .layout import _check_built, _model_config
 
 __all__ = ["export_onnx"]
 
@@ -79,12 +79,7 @@ def export_onnx(model: Any, path: str | os.PathLike, *, opset: int = 17):
     if not _is_int(opset) or opset < 17:
         msg = f"opset must be an int >= 17 (LayerNormalization needs 17), got {opset!r}"
         raise ValueError(msg)
-    if _model_class(model) is None:
-        msg = f"model must be an arraymlp Sequential or MLP, got {type(model).__name__}"
-        raise TypeError(msg)
-    if model.params is None:
-        msg = "the model has no parameters yet; call it once or construct it with backend= before exporting"
-        raise ValueError(msg)
+    _check_built(model, "exporting")
     np_dtype = numpy.dtype(model.dtype_name)
     elem = {"float16": onnx.TensorProto.FLOAT16, "float32": onnx.TensorProto.FLOAT,
             "float64": onnx.TensorProto.DOUBLE}[model.dtype_name]
