@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 from array_api_compat import is_dask_array
 
+from . import ensemble as E
 from . import layers as L
 from ._backend import (
     Generator,
@@ -61,11 +62,19 @@ class Sequential:
         Device for the parameters (backend's default when ``None``).
     seed : int or None
         Seed of the model's random generator (initialisation, dropout, shuffling).
+    ensemble : int or None
+        ``K``: an ensemble of K members of this architecture, trained at once, their
+        parameters stacked on a leading member axis (see :mod:`arraymlp.ensemble`);
+        member ``i`` starts as a plain model of seed ``member_seeds[i]``.
 
     Attributes
     ----------
     params : list of dict of arrays, or None before the parameters exist
+        With ``ensemble=K`` a dense layer holds ``W`` (K, n_in, n_out) and ``b``
+        (K, 1, n_out).
     layers : list of Layer
+    member_seeds : list of int or None
+        The members' seeds (:func:`arraymlp.ensemble.member_seeds`); None for a plain model.
 
     Examples
     --------
@@ -82,13 +91,17 @@ class Sequential:
     """
 
     _file_class = "Sequential"  # the class arraymlp files record it as (arraymlp.io)
+    ensemble: int | None = None
+    member_seeds: list[int] | None = None
 
     def __init__(self, layers: Sequence[L.Layer], *, dtype: str = "float32", backend: Any = None,
-                 device: Any = None, seed: int | None = None):
+                 device: Any = None, seed: int | None = None, ensemble: int | None = None):
         layers = list(layers)
         L._check_chain(layers)
         self.layers = layers
         self.seed = seed
+        self.ensemble = E.check_members(ensemble)
+        self.member_seeds = None if self.ensemble is None else E.member_seeds(seed, self.ensemble)
         self._dtype_name = dtype_name(dtype)
         if self._dtype_name not in ("float16", "float32", "float64"):
             msg = f"unsupported dtype {dtype!r}; use one of float16, float32, float64"
@@ -109,7 +122,113 @@ class Sequential:
         self.device = canonical_device(xp, device)
         self.dtype = resolve_dtype(xp, self._dtype_name)
         self.rng = Generator(self.seed, xp, self.device)
+        if self.ensemble is not None:
+            self.params = E.init_members(self.layers, self.member_seeds, xp, self.device, self.dtype)
+            return
         self.params = [layer.init_params(rng=self.rng, dtype=self.dtype) for layer in self.layers]
+
+    # ------------------------------------------------------------------ ensembles
+    def member(self, i: int) -> "Sequential":
+        """Member ``i`` of an ensemble as a plain model holding a copy of its parameters.
+
+        Parameters
+        ----------
+        i : int
+            In ``[-K, K)``.
+
+        Returns
+        -------
+        Sequential (or MLP)
+            A plain model of the same class, layers, dtype, backend and device, with
+            ``seed`` the member's seed and a fresh generator of that seed.
+
+        Examples
+        --------
+        >>> import numpy as np, arraymlp as am
+        >>> ens = am.MLP([4, 8, 3], ensemble=5, backend="numpy", seed=0)
+        >>> plain = am.MLP([4, 8, 3], backend="numpy", seed=ens.member_seeds[2])
+        >>> bool(np.array_equal(ens.member(2).params[0]["W"], plain.params[0]["W"]))
+        True
+        """
+        k = self.ensemble
+        if k is None:
+            msg = "member() needs an ensemble (a model built with ensemble=K); this model is a plain one"
+            raise ValueError(msg)
+        if isinstance(i, bool) or not isinstance(i, numbers.Integral) or not -k <= i < k:
+            msg = f"member index must be an int in [{-k}, {k}) for an ensemble of {k} members, got {i!r}"
+            raise IndexError(msg)
+        i = int(i) % k
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        new.layers = list(self.layers)
+        new.ensemble, new.member_seeds = None, None
+        new.seed = self.member_seeds[i] if self.member_seeds is not None else None
+        for attr in ("optimizer_", "schedule_", "steps_"):
+            new.__dict__.pop(attr, None)
+        if self.params is not None:
+            new.params = E.member_params(self.params, i, self.xp)
+            new.rng = Generator(new.seed, self.xp, self.device)
+        return new
+
+    @classmethod
+    def stack(cls, models: Sequence["Sequential"]) -> "Sequential":
+        """An ensemble whose members are copies of plain ``models`` of one architecture.
+
+        Parameters
+        ----------
+        models : sequence of Sequential
+            Built (parameters exist), plain, of equal layers, dtype, backend and device.
+
+        Returns
+        -------
+        Sequential (or MLP)
+            ``ensemble=len(models)``; ``member(i)`` has ``models[i]``'s parameters.
+
+        Examples
+        --------
+        >>> import numpy as np, arraymlp as am
+        >>> models = [am.MLP([4, 8, 3], backend="numpy", seed=s) for s in (1, 2)]
+        >>> ens = am.MLP.stack(models)
+        >>> ens.ensemble, ens.params[0]["W"].shape, ens.params[0]["b"].shape
+        (2, (2, 4, 8), (2, 1, 8))
+        """
+        models = list(models)
+        if not models:
+            msg = "stack needs at least one model, got an empty sequence"
+            raise ValueError(msg)
+        first = models[0]
+        for i, m in enumerate(models):
+            if not isinstance(m, Sequential):
+                msg = f"stack: models[{i}] is a {type(m).__name__}, not an arraymlp model"
+                raise TypeError(msg)
+            if m.ensemble is not None:
+                msg = f"stack: models[{i}] is already an ensemble of {m.ensemble} members; stack plain models"
+                raise ValueError(msg)
+            if m.params is None:
+                msg = f"stack: models[{i}] has no parameters yet; build it with backend= or call it once"
+                raise ValueError(msg)
+            if [layer.config() for layer in m.layers] != [layer.config() for layer in first.layers]:
+                msg = (f"stack: models[{i}] has layers {m.layers!r} but models[0] has {first.layers!r}; "
+                       "the members of an ensemble share one architecture")
+                raise ValueError(msg)
+            if m.xp is not first.xp or m.device != first.device:
+                msg = (f"stack: models[{i}] is on backend {m.backend!r}, device {m.device!r} but models[0] on "
+                       f"{first.backend!r}, device {first.device!r}; move them with model.to(...) first")
+                raise ValueError(msg)
+            if m.dtype_name != first.dtype_name:
+                msg = (f"stack: models[{i}] has dtype {m.dtype_name} but models[0] has {first.dtype_name}; "
+                       "convert with model.copy(dtype=...) first")
+                raise ValueError(msg)
+        new = object.__new__(type(first))
+        new.__dict__.update(first.__dict__)
+        for attr in ("optimizer_", "schedule_", "steps_"):
+            new.__dict__.pop(attr, None)
+        new.layers = list(first.layers)
+        new.ensemble = len(models)
+        new.member_seeds = [m.seed for m in models]
+        new.params = E.stack_params([m.params for m in models], first.xp)
+        new.rng = first.rng.moved(first.xp, first.device)
+        return new
 
     @property
     def n_features_in(self) -> int:
@@ -123,14 +242,14 @@ class Sequential:
 
     @property
     def n_params(self) -> int:
-        """Number of scalar parameters."""
+        """Number of scalar parameters (of all members, for an ensemble)."""
         total = 0
         for layer in self.layers:
             if isinstance(layer, L.Dense):
                 total += layer.n_in * layer.n_out + (layer.n_out if layer.bias else 0)
             elif isinstance(layer, L.LayerNorm):
                 total += 2 * layer.n_in
-        return total
+        return total * (self.ensemble or 1)
 
     @property
     def backend(self) -> str | None:
@@ -341,7 +460,7 @@ class Sequential:
             h = L.handover(layer)
             if i in dense_sgd:
                 # the input gradient reads the old W: take it before the update
-                dx = dy @ p["W"].T if i > first else None
+                dx = dy @ xp.matrix_transpose(p["W"]) if i > first else None
                 p["W"], b = ks.dense_sgd_update(caches[i], dy, p["W"], p.get("b"), sgd[0], sgd[1], xp)
                 if b is not None:
                     p["b"] = b
@@ -370,8 +489,12 @@ class Sequential:
         Returns
         -------
         array, shape (n, n_outputs)
-            A lazy Dask array, computed block by block, when ``x`` is a Dask array.
+            (K, n, n_outputs) for an ensemble of K members. A lazy Dask array, computed
+            block by block, when ``x`` is a Dask array.
         """
+        if is_dask_array(x) and self.ensemble is not None:
+            msg = "an ensemble does not take Dask arrays yet; compute the array first"
+            raise TypeError(msg)
         if is_dask_array(x):
             from ._dask import map_model
 
@@ -385,10 +508,15 @@ class Sequential:
         (n, n_outputs), (n,), or labels (n,); see :func:`arraymlp.training.fit` for the
         arguments.
 
+        An ensemble (``ensemble=K``) trains all its members at once and takes per-member
+        hyper-parameters; see :func:`arraymlp.ensemble.fit`.
+
         Returns
         -------
         History
         """
+        if self.ensemble is not None:
+            return E.fit(self, x, y, **kwargs)
         from .training import fit
 
         return fit(self, x, y, **kwargs)
@@ -396,13 +524,23 @@ class Sequential:
     def partial_fit(self, x, y, **kwargs):
         """One epoch over ``(x, y)`` (shapes as for :meth:`fit`) keeping optimiser state;
         see :func:`arraymlp.training.partial_fit`."""
+        if self.ensemble is not None:
+            msg = "partial_fit of an ensemble is not supported yet; use fit"
+            raise NotImplementedError(msg)
         from .training import partial_fit
 
         return partial_fit(self, x, y, **kwargs)
 
-    def predict(self, x):
+    def predict(self, x, *, reduce: str | None = "mean"):
         """Labels (n,) for classifiers, outputs (n, n_outputs) for regressors;
-        see :func:`arraymlp.training.predict` (lazy, block by block, for a Dask array)."""
+        see :func:`arraymlp.training.predict` (lazy, block by block, for a Dask array).
+
+        For an ensemble, the prediction of the members' averaged probabilities (outputs,
+        for a regressor); ``reduce=None`` gives each member's, with a leading axis of K
+        (see :func:`arraymlp.ensemble.predict`). A plain model takes only ``"mean"``."""
+        if self.ensemble is not None:
+            return E.predict(self, x, reduce=reduce)
+        E._check_reduce(reduce)
         if is_dask_array(x):
             from ._dask import map_model
 
@@ -411,9 +549,13 @@ class Sequential:
 
         return predict(self, x)
 
-    def predict_proba(self, x):
+    def predict_proba(self, x, *, reduce: str | None = "mean"):
         """Class probabilities (n, n_classes); see :func:`arraymlp.training.predict_proba`
-        (lazy, block by block, for a Dask array)."""
+        (lazy, block by block, for a Dask array). For an ensemble, the members' averaged
+        probabilities, or each member's (K, n, n_classes) with ``reduce=None``."""
+        if self.ensemble is not None:
+            return E.predict_proba(self, x, reduce=reduce)
+        E._check_reduce(reduce)
         if is_dask_array(x):
             from ._dask import map_model
 
@@ -544,7 +686,10 @@ class Sequential:
     # ------------------------------------------------------------------ display
     def config(self) -> dict[str, Any]:
         """Architecture and settings as plain data (for saving)."""
-        return {"layers": [layer.config() for layer in self.layers], "dtype": self._dtype_name, "seed": self.seed}
+        cfg = {"layers": [layer.config() for layer in self.layers], "dtype": self._dtype_name, "seed": self.seed}
+        if self.ensemble is not None:
+            cfg["ensemble"] = self.ensemble
+        return cfg
 
     def __repr__(self) -> str:
         lines = [f"{type(self).__name__}("]
@@ -561,6 +706,8 @@ class Sequential:
             where = "not built (follows its first input)"
         else:
             where = f"backend={self.backend}, device={self.device}"
+        if self.ensemble is not None:
+            where += f", ensemble of {self.ensemble} members"
         lines.append(f") total {self.n_params:,d} params, dtype={self._dtype_name}, {where}")
         return "\n".join(lines)
 
@@ -589,8 +736,8 @@ class MLP(Sequential):
         Weight initialiser of every Dense layer. Default: by the activation that
         follows the layer, He for ReLU-like ones and Glorot otherwise (Glorot for the
         output layer without an output activation).
-    dtype, backend, device, seed
-        As for :class:`Sequential`.
+    dtype, backend, device, seed, ensemble
+        As for :class:`Sequential`; ``ensemble=K`` builds K members at once.
 
     Examples
     --------
@@ -609,7 +756,8 @@ class MLP(Sequential):
 
     def __init__(self, sizes: Sequence[int], *, activation: str = "relu", output_activation: str | None = None,
                  dropout: float = 0.0, layer_norm: bool = False, init: str | None = None,
-                 dtype: str = "float32", backend: Any = None, device: Any = None, seed: int | None = None):
+                 dtype: str = "float32", backend: Any = None, device: Any = None, seed: int | None = None,
+                 ensemble: int | None = None):
         sizes = list(sizes)
         if len(sizes) < 2:
             msg = f"sizes needs at least [n_features, n_outputs], got {sizes!r}"
@@ -635,4 +783,4 @@ class MLP(Sequential):
         if output_activation not in (None, "identity"):
             layers.append(L.Activation(output_activation))
         self.sizes = sizes
-        super().__init__(layers, dtype=dtype, backend=backend, device=device, seed=seed)
+        super().__init__(layers, dtype=dtype, backend=backend, device=device, seed=seed, ensemble=ensemble)

@@ -52,7 +52,8 @@ def tanh_backward_inplace(dy, y, xp):
 
 
 def bias_grad(dy, xp):
-    return dy.sum(axis=0)  # the method skips NumPy's Python-level reduction wrapper
+    # the method skips NumPy's Python-level reduction wrapper
+    return dy.sum(axis=-2, keepdims=dy.ndim > 2)
 
 
 def row_max(x, xp):

@@ -73,8 +73,10 @@ def dense_relu_forward(x, W, b, xp, *, relu_forward_inplace=R.relu_forward_inpla
 
 def dense_sgd_update(x, dy, W, b, lr, l2, xp, *, bias_grad=R.bias_grad, sgd_apply=R.sgd_apply):
     """The product accumulates into ``W`` by one BLAS call (``beta = 1 - lr * l2``,
-    ``alpha = -lr``): no temporary the size of ``W``."""
-    if math.prod(W.shape) >= _BLAS_ACC_MIN and _blas.gemm_acc(W, x, dy, -lr, 1.0 - lr * l2):
+    ``alpha = -lr``): no temporary the size of ``W``. Two-dimensional operands only (an
+    ensemble's stacked weights take the reference path)."""
+    if (W.ndim == 2 and x.ndim == 2 and math.prod(W.shape) >= _BLAS_ACC_MIN
+            and _blas.gemm_acc(W, x, dy, -lr, 1.0 - lr * l2)):
         if b is not None:
             b = sgd_apply(b, bias_grad(dy, xp), lr, 0.0, xp)
         return W, b

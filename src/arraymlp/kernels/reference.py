@@ -491,7 +491,10 @@ def add_bias(y, b, xp):
 
 
 def dense_forward(x, W, b, xp):
-    """``y = x @ W + b`` for ``x`` (n, n_in), ``W`` (n_in, n_out), ``b`` (n_out,) or None."""
+    """``y = x @ W + b`` for ``x`` (n, n_in), ``W`` (n_in, n_out), ``b`` (n_out,) or None.
+
+    Leading axes broadcast as in ``xp.matmul``: an ensemble's ``W`` (K, n_in, n_out) and
+    ``b`` (K, 1, n_out) with ``x`` (n, n_in) or (K, n, n_in) give ``y`` (K, n, n_out)."""
     y = x @ W
     return y if b is None else add_bias(y, b, xp)
 
@@ -502,18 +505,26 @@ def dense_relu_forward(x, W, b, xp, *, dense_forward=dense_forward, relu_forward
     return relu_forward_inplace(dense_forward(x, W, b, xp), xp)
 
 
+def batch_axis_sum(a, xp):
+    """``sum(a, axis=-2)``, the sum over the batch axis: shape (d,) for ``a`` (n, d), and
+    (K, 1, d) (the axis kept) for an ensemble's ``a`` (K, n, d), the shape of the
+    members' stacked biases."""
+    return xp.sum(a, axis=-2, keepdims=a.ndim > 2)
+
+
 def bias_grad(dy, xp):
-    """``db = sum(dy, axis=0)``: the bias gradient, summed over the batch (the mean over
-    the batch belongs to the loss)."""
-    return xp.sum(dy, axis=0)
+    """``db = sum(dy, axis=-2)``: the bias gradient, summed over the batch (the mean over
+    the batch belongs to the loss); (K, 1, n_out) for an ensemble's ``dy`` (K, n, n_out)."""
+    return batch_axis_sum(dy, xp)
 
 
 def dense_backward(x, W, dy, has_bias, need_dx, xp, *, bias_grad=bias_grad):
-    """``(dx, dW, db)`` of ``y = x @ W + b``: ``dW = x.T @ dy``, ``db = sum(dy, axis=0)``
-    (None without bias), ``dx = dy @ W.T`` (None when not needed)."""
-    dW = x.T @ dy
+    """``(dx, dW, db)`` of ``y = x @ W + b``: ``dW = x^T @ dy``, ``db = sum(dy, axis=-2)``
+    (None without bias), ``dx = dy @ W^T`` (None when not needed); the transposes are of
+    the last two axes, so an ensemble's stacked ``W`` (K, n_in, n_out) works alike."""
+    dW = xp.matrix_transpose(x) @ dy
     db = bias_grad(dy, xp) if has_bias else None
-    dx = dy @ W.T if need_dx else None
+    dx = dy @ xp.matrix_transpose(W) if need_dx else None
     return dx, dW, db
 
 
@@ -538,10 +549,10 @@ def sgd_apply(p, g, lr, l2, xp, owned=True):
 
 def dense_sgd_update(x, dy, W, b, lr, l2, xp, *, bias_grad=bias_grad, sgd_apply=sgd_apply):
     """One plain SGD step of a dense layer from its input and output gradient:
-    ``W <- W - lr * (x.T @ dy + l2 * W)``, ``b <- b - lr * sum(dy, axis=0)``. ``W`` and
-    ``b`` are handed over; returns ``(W, b)``. The input gradient ``dy @ W.T`` must be
+    ``W <- W - lr * (x^T @ dy + l2 * W)``, ``b <- b - lr * sum(dy, axis=-2)``. ``W`` and
+    ``b`` are handed over; returns ``(W, b)``. The input gradient ``dy @ W^T`` must be
     taken before: it reads the old ``W``."""
-    W = sgd_apply(W, x.T @ dy, lr, l2, xp)
+    W = sgd_apply(W, xp.matrix_transpose(x) @ dy, lr, l2, xp)
     if b is not None:
         b = sgd_apply(b, bias_grad(dy, xp), lr, 0.0, xp)
     return W, b
@@ -739,8 +750,8 @@ def layer_norm_backward(cache, gamma, dy, *, xp=None):
     """
     xp = _ns(dy, xp)
     xhat, rstd = cache
-    dgamma = xp.sum(dy * xhat, axis=0)
-    dbeta = xp.sum(dy, axis=0)
+    dgamma = batch_axis_sum(dy * xhat, xp)  # (d,), or (K, 1, d) for an ensemble
+    dbeta = batch_axis_sum(dy, xp)
     g = dy * gamma
     dx = rstd * (g - xp.mean(g, axis=-1, keepdims=True) - xhat * xp.mean(g * xhat, axis=-1, keepdims=True))
     return dx, dgamma, dbeta

@@ -24,8 +24,10 @@ def tanh_forward_inplace(x, xp):
 def dense_sgd_update(x, dy, W, b, lr, l2, xp):
     """The product accumulates into ``W`` (``addmm_``, ``beta = 1 - lr * l2``,
     ``alpha = -lr``) when inputs, gradients and weights share a dtype and ``W`` is not
-    tracked by autograd."""
-    if is_writeable(W) and not W.requires_grad and x.dtype == dy.dtype == W.dtype:
+    tracked by autograd, and all are two-dimensional (``addmm_`` does not batch: an
+    ensemble's stacked weights take the reference path)."""
+    if (W.ndim == 2 and x.ndim == 2 and is_writeable(W) and not W.requires_grad
+            and x.dtype == dy.dtype == W.dtype):
         W.addmm_(x.T, dy, beta=1.0 - lr * l2, alpha=-lr)
         if b is not None:
             b = R.sgd_apply(b, R.bias_grad(dy, xp), lr, 0.0, xp)

@@ -1,0 +1,781 @@
+"""Ensembles: K networks of one architecture trained at once.
+
+A model built with ``ensemble=K`` (``am.MLP(sizes, ensemble=K, seed=s)``) holds its
+members' parameters stacked along a leading member axis: a dense layer's ``W`` has shape
+(K, n_in, n_out) and its ``b`` (K, 1, n_out), a LayerNorm's ``gamma`` and ``beta``
+(K, 1, d). The model's forward and backward passes are those of a plain model: the
+kernels broadcast over the leading axis (``xp.matmul`` batches the K products), so
+``model(x)`` with ``x`` of shape (n, n_features) gives (K, n, n_out), one batched matmul
+per layer.
+
+Member seeds
+------------
+Member ``i`` of ``MLP(sizes, ..., ensemble=K, seed=s)`` starts with exactly the parameters
+of ``MLP(sizes, ..., seed=member_seeds(s, K)[i])``: its seed is the ``i``-th child of
+``numpy.random.SeedSequence(s)`` (:func:`member_seeds`). A child does not depend on ``K``,
+so a larger ensemble of the same seed starts with the smaller one's members; two
+ensembles of different seeds share none. The ensemble's own generator (shuffling,
+dropout) is ``Generator(s)``, the one a plain model of seed ``s`` has, so that a plain
+model trained with ``fit(..., seed=t)`` sees the batches the ensemble sees with the same
+``seed=t``.
+
+Training
+--------
+:func:`fit` trains every member on the same batches. Each member has its own loss (the
+mean over the batch, weighted by its row of ``sample_weight``), its own gradient, and its
+own optimiser hyper-parameters where they are given as K values; the update is the plain
+optimiser's rule with those hyper-parameters broadcast as arrays of shape (K, 1, 1).
+Member ``i`` then follows the trajectory of a plain model trained alone with member
+``i``'s settings and initial parameters, to rounding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+import time
+from typing import Any, Sequence
+
+import numpy
+
+from . import layers as L
+from ._backend import Generator, quiet_overflow, to_numpy
+from .callbacks import DivergenceError, EarlyStopping, History
+from .fusion import plan_for
+from .losses import LOSSES, get_loss
+from .optim import SGD, Adagrad, Adam, Optimizer, RMSprop, get_optimizer
+
+__all__ = ["EnsembleHistory", "check_members", "member_seeds", "fit", "predict", "predict_proba"]
+
+
+# ------------------------------------------------------------------------ members
+def check_members(ensemble: Any) -> int | None:
+    """``ensemble=`` validated: ``None`` (a plain model) or the member count, an int >= 1."""
+    if ensemble is None:
+        return None
+    if isinstance(ensemble, bool) or not isinstance(ensemble, numbers.Integral) or ensemble < 1:
+        msg = f"ensemble must be a member count K >= 1 (or None for a plain model), got {ensemble!r}"
+        raise ValueError(msg)
+    return int(ensemble)
+
+
+def member_seeds(seed: int | None, k: int) -> list[int]:
+    """The seeds of an ensemble's members: member ``i`` of ``MLP(..., ensemble=k, seed=seed)``
+    starts as ``MLP(..., seed=member_seeds(seed, k)[i])``.
+
+    Seed ``i`` is the first 32-bit word of the ``i``-th child of
+    ``numpy.random.SeedSequence(seed)``; it does not depend on ``k``.
+
+    Parameters
+    ----------
+    seed : int or None
+        ``None`` draws fresh entropy (the seeds then differ from call to call).
+    k : int
+        Member count.
+
+    Returns
+    -------
+    list of int, length ``k``
+
+    Examples
+    --------
+    >>> from arraymlp.ensemble import member_seeds
+    >>> member_seeds(0, 3)[:2] == member_seeds(0, 2)
+    True
+    >>> len(set(member_seeds(0, 64)))
+    64
+    """
+    k = check_members(k)
+    children = numpy.random.SeedSequence(seed).spawn(k)
+    return [int(c.generate_state(1, dtype=numpy.uint32)[0]) for c in children]
+
+
+def _stacked(a, xp):
+    """Member arrays ``a`` (each of a plain model's shape) stacked on a new first axis; a
+    vector parameter (bias, LayerNorm's scale and shift) becomes (K, 1, d), which
+    broadcasts over the batch axis of the stacked activations (K, n, d)."""
+    s = xp.stack(a, axis=0)
+    return xp.expand_dims(s, axis=1) if s.ndim == 2 else s
+
+
+def stack_params(members: Sequence[list[dict[str, Any]]], xp) -> list[dict[str, Any]]:
+    """The stacked parameters of an ensemble from its members' plain parameter lists."""
+    first = members[0]
+    return [{key: _stacked([m[i][key] for m in members], xp) for key in layer} for i, layer in enumerate(first)]
+
+
+def member_params(params: list[dict[str, Any]], i: int, xp) -> list[dict[str, Any]]:
+    """Copies of member ``i``'s parameters, in a plain model's shapes."""
+    out = []
+    for layer in params:
+        d = {}
+        for key, a in layer.items():
+            m = a[i, ...]
+            if a.ndim == 3 and a.shape[1] == 1 and key != "W":
+                m = xp.reshape(m, (a.shape[2],))
+            d[key] = xp.asarray(m, copy=True)
+        out.append(d)
+    return out
+
+
+def init_members(layers, seeds: Sequence[int], xp, device, dtype) -> list[dict[str, Any]]:
+    """Stacked initial parameters: member ``i`` drawn as a plain model of seed ``seeds[i]``."""
+    members = []
+    for s in seeds:
+        rng = Generator(s, xp, device)
+        members.append([layer.init_params(rng=rng, dtype=dtype) for layer in layers])
+    return stack_params(members, xp)
+
+
+# ------------------------------------------------------------------- per-member values
+def _per_member(name: str, value: Any, k: int, xp, like, *, low: float = 0.0, high: float | None = None,
+                high_open: bool = False):
+    """A hyper-parameter given as one number or K numbers: a float, or an array of shape
+    (K, 1, 1) in ``like``'s dtype and place when the members differ."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        vals = [float(value)]
+    else:
+        try:
+            vals = [float(v) for v in to_numpy(value).reshape(-1)] if hasattr(value, "shape") else \
+                [float(v) for v in value]
+        except (TypeError, ValueError):
+            msg = f"{name} must be a number or a sequence of {k} numbers (one per member), got {value!r}"
+            raise TypeError(msg) from None
+        if len(vals) != k:
+            msg = f"{name} has {len(vals)} values but the ensemble has {k} members; give one value or {k}"
+            raise ValueError(msg)
+    for v in vals:
+        bad = math.isnan(v) or v < low or (high is not None and (v >= high if high_open else v > high))
+        if bad:
+            want = f">= {low:g}" if high is None else f"in [{low:g}, {high:g}{')' if high_open else ']'}"
+            msg = f"{name} values must be {want}, got {value!r}"
+            raise ValueError(msg)
+    if len(vals) == 1:
+        return vals[0]
+    return xp.reshape(xp.asarray(vals, dtype=like.dtype, device=like.device), (k, 1, 1))
+
+
+def _member_weights(sample_weight, k: int, n: int, xp, like):
+    """``sample_weight`` as (K, n) in the model's dtype: (n,) is every member's weights.
+    Non-negative, finite, and every member with some positive weight."""
+    if sample_weight is None:
+        return None
+    w = sample_weight
+    if tuple(w.shape) == (n,):
+        w = xp.broadcast_to(xp.reshape(w, (1, n)), (k, n))
+    elif tuple(w.shape) != (k, n):
+        msg = (f"sample_weight must have shape (K, n) = ({k}, {n}) (one row per member) or (n,) = ({n},), "
+               f"got shape {tuple(w.shape)}")
+        raise ValueError(msg)
+    if not (xp.isdtype(w.dtype, "real floating") or xp.isdtype(w.dtype, "integral")):
+        msg = f"sample_weight must be a real number array, got dtype {w.dtype}"
+        raise ValueError(msg)
+    w = xp.astype(w, like.dtype)
+    host = to_numpy(w)
+    if not numpy.all(numpy.isfinite(host)):
+        msg = "sample_weight must be finite"
+        raise ValueError(msg)
+    if numpy.any(host < 0):
+        msg = f"sample_weight must be non-negative, found minimum {float(host.min())}"
+        raise ValueError(msg)
+    empty = numpy.flatnonzero(host.sum(axis=1) == 0).tolist()
+    if empty:
+        msg = f"sample_weight is all zero for members {empty}; each member needs a positive weight"
+        raise ValueError(msg)
+    return w
+
+
+# --------------------------------------------------------------------------- losses
+def _elementwise_kernels():
+    from . import losses as _losses
+
+    return {"mse": _losses._mse_kernel, "mae": _losses._mae_kernel, "huber": _losses._huber_kernel,
+            "binary_cross_entropy": _losses._bce_kernel, "poisson_nll": _losses._poisson_kernel}
+
+
+def _targets(lossfn, y, n_out: int, xp, dtype):
+    """Targets as an array that broadcasts against the outputs (K, n, n_out)."""
+    if lossfn.name == "cross_entropy":
+        if xp.isdtype(y.dtype, "integral"):
+            labels = xp.reshape(xp.astype(y, xp.int64), (-1, 1))
+            return xp.astype(labels == xp.arange(n_out, dtype=xp.int64, device=y.device), dtype)
+        return xp.astype(y, dtype)
+    y = xp.astype(y, dtype)
+    return xp.reshape(y, (-1, n_out)) if y.ndim == 1 else y
+
+
+def member_losses(lossfn, out, t, w, xp):
+    """Each member's loss and the gradient of their sum with respect to ``out``.
+
+    Parameters
+    ----------
+    lossfn : Loss
+        A row of :data:`arraymlp.losses.LOSSES` (the fused ones take logits).
+    out : array, shape (K, n, m)
+    t : array, shape (n, m)
+        Targets from :func:`_targets` (one-hot for labels).
+    w : array of shape (K, n), or None
+        Each member's sample weights; a batch in which a member's weights are all zero
+        gives that member a loss and gradient of 0.
+
+    Returns
+    -------
+    losses : array, shape (K,)
+        ``L_k = sum_i w_ki l_ki / sum_i w_ki`` (``mean_i l_ki`` unweighted).
+    d_out : array, shape (K, n, m)
+        ``dL_k / d out_k``.
+    """
+    n, m = out.shape[1], out.shape[2]
+    if lossfn.name == "cross_entropy":
+        z = out - xp.max(out, axis=-1, keepdims=True)
+        e = xp.exp(z)
+        s = xp.sum(e, axis=-1, keepdims=True)
+        per_sample = xp.sum(t, axis=-1) * xp.log(s)[..., 0] - xp.sum(t * z, axis=-1)  # (K, n)
+        g = (e / s) * xp.sum(t, axis=-1, keepdims=True) - t
+        scale_m = 1.0
+    else:
+        e, g = _elementwise_kernels()[lossfn.name](out, t, xp)
+        per_sample = xp.sum(e, axis=-1) / float(m)
+        scale_m = float(m)
+    if w is None:
+        losses = xp.sum(per_sample, axis=-1) / float(n)
+        return losses, g * (1.0 / (n * scale_m))
+    total = xp.sum(w, axis=-1)  # (K,)
+    safe = xp.where(total > 0, total, xp.ones_like(total))
+    losses = xp.sum(w * per_sample, axis=-1) / safe
+    c = w / xp.reshape(safe * scale_m, (-1, 1))
+    return losses, g * c[:, :, None]
+
+
+def _custom_member_losses(lossfn, out, y, w, xp):
+    """A loss outside the table: its function once per member (correct, not fast)."""
+    values, grads = [], []
+    for i in range(out.shape[0]):
+        wi = None if w is None else w[i, ...]
+        if wi is not None and float(xp.sum(wi)) == 0.0:
+            values.append(xp.zeros((), dtype=out.dtype, device=out.device))
+            grads.append(xp.zeros_like(out[i, ...]))
+            continue
+        v, g = lossfn.fn(out[i, ...], y, xp=xp, sample_weight=wi)
+        values.append(v)
+        grads.append(g)
+    return xp.stack(values), xp.stack(grads)
+
+
+def _penalty(model, l2, xp):
+    """Each member's ``l2/2 * sum(W**2)`` over its weight matrices, shape (K,)."""
+    total = 0.0
+    for layer, p in zip(model.layers, model.params):
+        if isinstance(layer, L.Dense):
+            W = p["W"]
+            total = total + xp.sum(W * W, axis=(1, 2))
+    lk = xp.reshape(l2, (-1,)) if hasattr(l2, "shape") else l2
+    return 0.5 * lk * total
+
+
+# ------------------------------------------------------------------------ optimiser
+class _MemberUpdate:
+    """The update rule of a plain optimiser with per-member hyper-parameters.
+
+    The rules are those of :mod:`arraymlp.optim` (the same operations in the same order);
+    a hyper-parameter is a float, or an array of shape (K, 1, 1) that broadcasts over the
+    stacked parameters. Clipping acts per member (``clip_norm`` over a member's own
+    gradients).
+    """
+
+    def __init__(self, opt: Optimizer, k: int, xp, like, *, lr, momentum, weight_decay, betas):
+        self.opt, self.k, self.xp = opt, k, xp
+        if type(opt) not in (SGD, Adam, RMSprop, Adagrad) and opt.name not in ("adamw",):
+            msg = (f"ensembles train with the library's optimisers (sgd, adam, adamw, rmsprop, adagrad), "
+                   f"got {type(opt).__name__}")
+            raise TypeError(msg)
+        self.lr = _per_member("lr", opt.lr if lr is None else lr, k, xp, like)
+        self.wd = _per_member("weight_decay", opt.weight_decay if weight_decay is None else weight_decay,
+                              k, xp, like)
+        if momentum is not None and not hasattr(opt, "momentum"):
+            msg = f"momentum= needs an optimiser with momentum (sgd, rmsprop), got {opt.name!r}"
+            raise ValueError(msg)
+        if betas is not None and not isinstance(opt, Adam):
+            msg = f"betas= needs adam or adamw, got {opt.name!r}"
+            raise ValueError(msg)
+        self.momentum = None
+        if hasattr(opt, "momentum"):
+            self.momentum = _per_member("momentum", opt.momentum if momentum is None else momentum, k, xp, like)
+            if isinstance(opt, SGD) and opt.nesterov and not isinstance(self.momentum, float):
+                if bool(xp.any(self.momentum <= 0)):
+                    msg = f"nesterov=True requires every member's momentum > 0, got momentum={momentum!r}"
+                    raise ValueError(msg)
+        if isinstance(opt, Adam):
+            b = opt.betas if betas is None else betas
+            if not isinstance(b, (tuple, list)) or len(b) != 2:
+                msg = f"betas must be a pair (beta1, beta2), each a number or {k} numbers, got {betas!r}"
+                raise ValueError(msg)
+            self.b1 = _per_member("betas[0]", b[0], k, xp, like, high=1.0, high_open=True)
+            self.b2 = _per_member("betas[1]", b[1], k, xp, like, high=1.0, high_open=True)
+        self.state: list[dict[str, dict[str, Any]]] | None = None
+        self.t = 0
+
+    @staticmethod
+    def _on(v) -> bool:
+        """Whether a hyper-parameter is not the float 0 (an array of K values always is on)."""
+        return not (isinstance(v, float) and v == 0.0)
+
+    def _zeros(self, p):
+        return self.xp.zeros_like(p)
+
+    def _init(self, p):
+        o = self.opt
+        if isinstance(o, SGD):
+            return {"momentum_buffer": self._zeros(p)} if self._on(self.momentum) else {}
+        if isinstance(o, Adam):
+            st = {"exp_avg": self._zeros(p), "exp_avg_sq": self._zeros(p)}
+            if o.amsgrad:
+                st["max_exp_avg_sq"] = self._zeros(p)
+            return st
+        if isinstance(o, RMSprop):
+            st = {"square_avg": self._zeros(p)}
+            if o.centered:
+                st["grad_avg"] = self._zeros(p)
+            if self._on(self.momentum):
+                st["momentum_buffer"] = self._zeros(p)
+            return st
+        return {"sum": self.xp.full_like(p, o.initial_accumulator_value)}
+
+    def _clip(self, grads):
+        xp, o = self.xp, self.opt
+        if o.clip_value is not None:
+            grads = [{k: xp.clip(g, min=-o.clip_value, max=o.clip_value) for k, g in layer.items()}
+                     for layer in grads]
+        if o.clip_norm is not None:
+            sq = 0.0
+            for layer in grads:
+                for g in layer.values():
+                    sq = sq + xp.sum(g * g, axis=tuple(range(1, g.ndim)))
+            coef = xp.clip(o.clip_norm / (xp.sqrt(sq) + 1e-6), max=1.0)
+            coef = xp.reshape(coef, (-1, 1, 1))
+            grads = [{k: g * coef for k, g in layer.items()} for layer in grads]
+        return grads
+
+    def step(self, params, grads, active):
+        """Update ``params`` in place of its dicts; ``active`` (a float or (K, 1, 1)
+        array of 0 and 1) scales each member's rate, so that a stopped member stays."""
+        xp, o = self.xp, self.opt
+        grads = self._clip(grads)
+        if self.state is None:
+            self.state = [{key: self._init(p) for key, p in layer.items()} for layer in params]
+        self.t += 1
+        lr = self.lr * active
+        for layer, glayer, slayer in zip(params, grads, self.state):
+            for key, p in layer.items():
+                wd = self.wd if (key == "W" or o.decay_bias) else 0.0
+                layer[key] = self._update(p, glayer[key], slayer[key], lr, wd, xp)
+        return params
+
+    def _update(self, p, g, st, lr, wd, xp):
+        o, t = self.opt, self.t
+        decoupled = getattr(o, "_decoupled", False)
+        if self._on(wd):
+            if decoupled:
+                p = p * (1.0 - lr * wd)
+            else:
+                g = g + wd * p
+        if isinstance(o, SGD):
+            mom = self.momentum
+            if self._on(mom):
+                buf = st["momentum_buffer"]
+                buf = buf + g if t == 1 else buf * mom + (1.0 - o.dampening) * g
+                st["momentum_buffer"] = buf
+                g = g + mom * buf if o.nesterov else buf
+            return p + (-lr) * g
+        if isinstance(o, Adam):
+            b1, b2 = self.b1, self.b2
+            m = st["exp_avg"] * b1 + (1.0 - b1) * g
+            v = st["exp_avg_sq"] * b2 + (1.0 - b2) * (g * g)
+            st["exp_avg"], st["exp_avg_sq"] = m, v
+            if o.amsgrad:
+                v = st["max_exp_avg_sq"] = xp.maximum(st["max_exp_avg_sq"], v)
+            step_size = lr / (1.0 - b1**t)
+            denom = xp.sqrt(v) / (1.0 - b2**t) ** 0.5 + o.eps
+            return p - step_size * (m / denom)
+        if isinstance(o, RMSprop):
+            a = o.alpha
+            v = st["square_avg"] = st["square_avg"] * a + (1.0 - a) * (g * g)
+            if o.centered:
+                gbar = st["grad_avg"] = st["grad_avg"] * a + (1.0 - a) * g
+                avg = xp.sqrt(v - gbar * gbar) + o.eps
+            else:
+                avg = xp.sqrt(v) + o.eps
+            mom = self.momentum
+            if self._on(mom):
+                buf = st["momentum_buffer"] = st["momentum_buffer"] * mom + g / avg
+                return p - lr * buf
+            return p - lr * (g / avg)
+        clr = lr / (1.0 + (t - 1) * o.lr_decay)
+        s = st["sum"] = st["sum"] + g * g
+        return p - clr * (g / (xp.sqrt(s) + o.eps))
+
+
+# -------------------------------------------------------------------------- history
+class EnsembleHistory(History):
+    """The :class:`arraymlp.History` of an ensemble's fit: every per-epoch entry of
+    ``loss``, ``val_loss`` and ``val_metric`` is a NumPy array of shape (K,), one value
+    per member.
+
+    Attributes
+    ----------
+    stopped_epoch : numpy.ndarray of int, shape (K,)
+        The last epoch each member trained in (-1: never stopped, it trained to the end).
+    best_epochs : numpy.ndarray of int, shape (K,) or None
+        The epoch whose parameters each member was restored to by early stopping.
+    """
+
+    stopped_epoch: Any = None
+    best_epochs: Any = None
+
+
+# ----------------------------------------------------------------------------- fit
+def _check_run(epochs, batch_size, validation_split):
+    for name, v in (("epochs", epochs), ("batch_size", batch_size)):
+        if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < 1:
+            msg = f"{name} must be a positive int, got {v!r}"
+            raise ValueError(msg)
+    if not 0.0 <= validation_split < 1.0:
+        msg = f"validation_split must be in [0, 1), got {validation_split!r}"
+        raise ValueError(msg)
+
+
+def _early_stopping(early_stopping, validation: bool):
+    if early_stopping is None:
+        return None
+    if isinstance(early_stopping, bool) or not isinstance(early_stopping, (int, EarlyStopping)):
+        msg = (f"early_stopping must be an EarlyStopping or an int patience for an ensemble, "
+               f"got {early_stopping!r}")
+        raise TypeError(msg)
+    if isinstance(early_stopping, int):
+        return EarlyStopping("val_loss" if validation else "loss", patience=early_stopping)
+    return early_stopping
+
+
+def _evaluate(model, x, y, lossfn, xp, fused, batch_size=4096):
+    """Each member's validation loss and metric (accuracy or R^2): two arrays (K,)."""
+    n = int(x.shape[0])
+    upto = len(model.layers) - 1 if fused else None
+    outs = []
+    for i in range(0, n, batch_size):
+        outs.append(model.forward(x[i:min(i + batch_size, n), ...], training=False, xp=xp, upto=upto,
+                                  keep=False)[0])
+    out = outs[0] if len(outs) == 1 else xp.concat(outs, axis=1)
+    losses = _losses(model, lossfn, out, y, None, xp)[0]
+    return to_numpy(losses).astype(float), member_metric(model, out, y, lossfn, xp, logits=fused)
+
+
+def member_metric(model, out, y, lossfn, xp, *, logits: bool) -> numpy.ndarray:
+    """Accuracy (classification) or R^2 (regression) of each member, from outputs (K, n, m)."""
+    task = lossfn.task
+    if task == "multiclass":
+        pred = xp.argmax(out, axis=-1)
+        labels = y if y.ndim == 1 else xp.argmax(y, axis=-1)
+        return to_numpy(xp.mean(xp.astype(pred == xp.astype(labels, pred.dtype), out.dtype), axis=-1)).astype(float)
+    if task == "multilabel":
+        threshold = 0.5 if model.output_activation == "sigmoid" and not logits else 0.0
+        pred = xp.astype(out > threshold, out.dtype)
+        yy = xp.astype(xp.reshape(y, tuple(pred.shape[1:])), out.dtype)
+        return to_numpy(xp.mean(xp.astype(pred == yy, out.dtype), axis=(1, 2))).astype(float)
+    if lossfn.name == "poisson_nll":
+        out = xp.exp(out)
+    yy = xp.reshape(xp.astype(y, out.dtype), tuple(out.shape[1:]))
+    ss_res = to_numpy(xp.sum((yy - out) ** 2, axis=(1, 2))).astype(float)
+    ss_tot = float(xp.sum((yy - xp.mean(yy, axis=0)) ** 2))
+    return 1.0 - ss_res / ss_tot if ss_tot > 0 else numpy.zeros_like(ss_res)
+
+
+def _losses(model, lossfn, out, y, w, xp):
+    if LOSSES.get(lossfn.name) is lossfn:
+        return member_losses(lossfn, out, _targets(lossfn, y, int(out.shape[-1]), xp, out.dtype), w, xp)
+    return _custom_member_losses(lossfn, out, y, w, xp)
+
+
+def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", lr: Any = None,
+        momentum: Any = None, weight_decay: Any = None, betas: Any = None, l2: Any = 0.0, epochs: int = 10,
+        batch_size: int = 32, shuffle: bool = True, validation_data: tuple | None = None,
+        validation_split: float = 0.0, early_stopping: EarlyStopping | int | None = None,
+        sample_weight: Any = None, seed: int | None = None, schedule: Any = None, callbacks: Sequence = (),
+        progress: bool = True, verbose: bool = False, **unsupported) -> EnsembleHistory:
+    """Train every member of an ensemble on the same batches (``model.fit`` of a model
+    built with ``ensemble=K``).
+
+    Parameters
+    ----------
+    model : Sequential built with ``ensemble=K``
+    x : array, shape (n, n_features)
+    y : array, shape (n, n_outputs), (n,), or integer labels (n,) for cross-entropy
+    loss, optimizer, epochs, batch_size, shuffle, validation_data, validation_split, seed
+        As for :func:`arraymlp.fit`. ``optimizer`` gives the update rule and the
+        hyper-parameters the members share.
+    lr, momentum, weight_decay : float or sequence of K floats, optional
+        Per-member values (one value: every member's); ``None`` keeps the optimiser's.
+    betas : (beta1, beta2), optional
+        Adam's decay rates, each a float or K floats.
+    l2 : float or sequence of K floats
+        Each member's L2 penalty ``l2/2 * sum(W**2)``.
+    sample_weight : array of shape (K, n) or (n,), optional
+        Member ``k`` weights sample ``i`` by ``sample_weight[k, i]`` (bootstrap counts;
+        cross-validation folds as 0/1 weights). A batch in which a member's weights are
+        all zero leaves that member's gradient at zero for that step.
+    early_stopping : EarlyStopping or int, optional
+        Per member: a member whose monitored value has not improved for ``patience``
+        epochs stops (its parameters no longer change) while the others go on, and with
+        ``restore_best_weights`` it ends with the parameters of its best epoch.
+
+    Returns
+    -------
+    EnsembleHistory
+        Per-epoch arrays of shape (K,).
+
+    Notes
+    -----
+    Callbacks, schedules, checkpoints and data-parallel training are not supported for
+    ensembles yet; passing them raises ``NotImplementedError``.
+    """
+    unsupported = {k: v for k, v in unsupported.items() if v is not None}
+    if callbacks or schedule is not None or unsupported:
+        what = sorted(unsupported) + (["callbacks"] if callbacks else []) + (["schedule"] if schedule else [])
+        msg = f"fit of an ensemble does not support {', '.join(what)} yet"
+        raise NotImplementedError(msg)
+    _check_run(epochs, batch_size, validation_split)
+    lossfn = get_loss(loss)
+    run = _prepare(model, x, y, lossfn, sample_weight, validation_data, validation_split)
+    k, xp, like = model.ensemble, run.xp, run.like
+    opt = get_optimizer(optimizer)
+    run.rule = _MemberUpdate(opt, k, xp, like, lr=lr, momentum=momentum, weight_decay=weight_decay, betas=betas)
+    run.l2 = _per_member("l2", l2, k, xp, like)
+    run.stopper = _early_stopping(early_stopping, run.val is not None)
+    if run.stopper is not None and run.stopper.monitor.startswith("val") and run.val is None:
+        msg = f"EarlyStopping monitors {run.stopper.monitor!r} but training has no validation data"
+        raise ValueError(msg)
+    model.task_ = lossfn.task
+    model.loss_ = lossfn.name if LOSSES.get(lossfn.name) is lossfn else lossfn
+    model.optimizer_ = None  # the members' optimiser state stays with this run
+    model.schedule_ = None
+    if seed is not None:
+        model.rng = Generator(seed, xp, model.device)
+    history = run.history = EnsembleHistory(metric_name="accuracy" if lossfn.task != "regression" else "r2")
+    history.stopped_epoch = numpy.full(k, -1)
+    run.fused = model._fused(lossfn)
+    run.plan = plan_for(model, xp)
+    run.active_host = numpy.ones(k, dtype=bool)
+    run.best, run.best_epoch = numpy.full(k, numpy.inf), numpy.full(k, -1)
+    run.wait = numpy.zeros(k, dtype=int)
+    with quiet_overflow(xp):
+        for epoch in range(epochs):
+            t0 = time.perf_counter()
+            epoch_loss = _run_epoch(run, epoch, batch_size, shuffle)
+            history.loss.append(epoch_loss)
+            history.lr.append(opt.lr if lr is None else lr)
+            logs = {"loss": epoch_loss, "val_loss": None, "val_metric": None}
+            if run.val is not None:
+                logs["val_loss"], logs["val_metric"] = _evaluate(model, run.val[0], run.val[1], lossfn, xp,
+                                                                 run.fused)
+                history.val_loss.append(logs["val_loss"])
+                history.val_metric.append(logs["val_metric"])
+            history.time.append(time.perf_counter() - t0)
+            if verbose:
+                print(f"epoch {epoch + 1:>4}  loss {numpy.array2string(epoch_loss, precision=4)}", flush=True)
+            if run.stopper is not None and _stop_members(run, epoch, logs):
+                history.stopped_early = True
+                break
+    if run.stopper is not None and run.stopper.restore_best_weights and run.best_params is not None:
+        model.params = run.best_params
+        history.best_epochs = run.best_epoch
+    model.steps_ = getattr(model, "steps_", 0) + run.step
+    return history
+
+
+@dataclasses.dataclass
+class _Run:
+    """What one ensemble fit trains on, and the state its epochs carry along."""
+
+    model: Any
+    x: Any
+    y: Any
+    w: Any
+    val: Any
+    lossfn: Any
+    xp: Any
+    like: Any
+    rule: Any = None
+    l2: Any = 0.0
+    stopper: Any = None
+    history: Any = None
+    fused: bool = False
+    plan: Any = None
+    active: Any = 1.0
+    active_host: Any = None
+    best: Any = None
+    best_epoch: Any = None
+    wait: Any = None
+    best_params: Any = None
+    step: int = 0
+
+
+def _prepare(model, x, y, lossfn, sample_weight, validation_data, validation_split) -> _Run:
+    """The data checked (and the validation rows split off), as a :class:`_Run`."""
+    k = model.ensemble
+    x, xp = model._check_x(x)
+    y = model._check_target(y, xp)
+    n = int(x.shape[0])
+    if int(y.shape[0]) != n:
+        msg = f"x has {n} samples but y has {int(y.shape[0])}"
+        raise ValueError(msg)
+    like = next(a for p in model.params for a in p.values())
+    w = _member_weights(sample_weight, k, n, xp, like)
+    # the targets' kind, shape and label range, once, as the plain fit checks them
+    lossfn.fn(xp.zeros((n, model.n_outputs), dtype=model.dtype, device=model.device), y, xp=xp)
+    if validation_data is None and validation_split > 0.0:
+        n_val = max(1, int(round(n * validation_split)))
+        if n_val >= n:
+            msg = f"validation_split={validation_split} of {n} samples leaves none to train on"
+            raise ValueError(msg)
+        validation_data = (x[n - n_val:, ...], y[n - n_val:, ...])
+        x, y, n = x[:n - n_val, ...], y[:n - n_val, ...], n - n_val
+        w = None if w is None else w[:, :n]
+    val = None
+    if validation_data is not None:
+        xv, _ = model._check_x(validation_data[0], what="validation x")
+        yv = model._check_target(validation_data[1], xp, "validation y")
+        lossfn.fn(xp.zeros((int(yv.shape[0]), model.n_outputs), dtype=model.dtype, device=model.device), yv,
+                  xp=xp)
+        val = (xv, yv)
+    return _Run(model=model, x=x, y=y, w=w, val=val, lossfn=lossfn, xp=xp, like=like)
+
+
+def _has_l2(l2) -> bool:
+    return not (isinstance(l2, float) and l2 == 0.0)
+
+
+def _step(run: _Run, xb, yb, wb, epoch: int):
+    """One training step of every member; each member's loss on the batch, (K,) on the host."""
+    model, xp, l2 = run.model, run.xp, run.l2
+    upto = len(model.layers) - 1 if run.fused else None
+    out, caches = model.forward(xb, training=True, xp=xp, upto=upto, plan=run.plan)
+    values, dout = _losses(model, run.lossfn, out, yb, wb, xp)
+    del out
+    if _has_l2(l2):
+        values = values + _penalty(model, l2, xp)
+    host = to_numpy(values).astype(float)
+    if not numpy.all(numpy.isfinite(host)):
+        bad = numpy.flatnonzero(~numpy.isfinite(host)).tolist()
+        msg = (f"the training loss of members {bad} became non-finite at epoch {epoch + 1}, "
+               f"step {run.step + 1}; the parameters are those of the last finite step. "
+               "Lower those members' learning rates or scale the inputs.")
+        raise DivergenceError(msg, epoch=epoch, step=run.step)
+    grads = model._backprop(caches, dout, xp=xp, inplace=True, plan=run.plan)
+    del caches, dout
+    if _has_l2(l2):
+        for layer, p, g in zip(model.layers, model.params, grads):
+            if isinstance(layer, L.Dense):
+                g["W"] = g["W"] + l2 * p["W"]
+    run.rule.step(model.params, grads, run.active)
+    run.step += 1
+    return host
+
+
+def _run_epoch(run: _Run, epoch: int, batch_size: int, shuffle: bool):
+    """The epoch's batches; each member's mean training loss, (K,)."""
+    x, y, w, xp = run.x, run.y, run.w, run.xp
+    n = int(x.shape[0])
+    order = run.model.rng.permutation(n) if shuffle else None
+    totals = numpy.zeros(run.model.ensemble)
+    for start in range(0, n, batch_size):
+        end = min(start + batch_size, n)
+        if order is None:
+            xb, yb = x[start:end, ...], y[start:end, ...]
+            wb = None if w is None else w[:, start:end]
+        else:
+            idx = order[start:end]
+            xb, yb = xp.take(x, idx, axis=0), xp.take(y, idx, axis=0)
+            wb = None if w is None else xp.take(w, idx, axis=1)
+        totals += _step(run, xb, yb, wb, epoch) * (end - start)
+    return totals / n
+
+
+def _stop_members(run: _Run, epoch: int, logs) -> bool:
+    """Per-member early stopping after an epoch; whether every member has stopped."""
+    stopper, xp, like, k = run.stopper, run.xp, run.like, run.model.ensemble
+    score = logs[stopper.monitor]
+    score = -score if stopper.monitor == "val_metric" else score
+    improved = run.active_host & (score < run.best - stopper.min_delta)
+    run.best = numpy.where(improved, score, run.best)
+    run.best_epoch = numpy.where(improved, epoch, run.best_epoch)
+    run.wait = numpy.where(improved, 0, run.wait + run.active_host)
+    if stopper.restore_best_weights and improved.any():
+        run.best_params = _keep_best(run.model.params, run.best_params, improved, xp, like)
+    stop = run.active_host & (run.wait > stopper.patience)
+    if stop.any():
+        run.history.stopped_epoch = numpy.where(stop, epoch, run.history.stopped_epoch)
+        run.active_host = run.active_host & ~stop
+        run.active = xp.reshape(xp.asarray(run.active_host.astype(float), dtype=like.dtype, device=like.device),
+                                (k, 1, 1))
+    return not run.active_host.any()
+
+
+def _keep_best(params, best, improved, xp, like):
+    """``best`` with the members in ``improved`` (a host bool array (K,)) replaced by their
+    current parameters (copies)."""
+    if best is None:
+        return [{key: xp.asarray(a, copy=True) for key, a in p.items()} for p in params]
+    mask = xp.asarray(improved, device=like.device)
+    mask = xp.reshape(mask, (-1, 1, 1))
+    return [{key: xp.where(mask, a, best[i][key]) for key, a in p.items()} for i, p in enumerate(params)]
+
+
+# ------------------------------------------------------------------------- predict
+_REDUCE = ("mean", None)
+
+
+def _check_reduce(reduce):
+    if reduce not in _REDUCE:
+        msg = f"reduce must be 'mean' (average the members) or None (one result per member), got {reduce!r}"
+        raise ValueError(msg)
+
+
+def predict_proba(model, x, *, reduce: str | None = "mean"):
+    """Class probabilities of an ensemble: the members' probabilities averaged, shape
+    (n, n_classes), or each member's, (K, n, n_classes), with ``reduce=None``."""
+    from .functional import sigmoid, softmax
+
+    _check_reduce(reduce)
+    out = model(x)
+    xp = model.xp
+    task = getattr(model, "task_", None)
+    act = model.output_activation
+    if act not in ("softmax", "sigmoid"):
+        if task == "multiclass":
+            out = softmax(out, xp=xp)
+        elif task == "multilabel":
+            out = sigmoid(out, xp=xp)
+        else:
+            msg = ("predict_proba needs a classifier: a softmax/sigmoid output, or a model fitted with a "
+                   "classification loss")
+            raise ValueError(msg)
+    return out if reduce is None else xp.mean(out, axis=0)
+
+
+def predict(model, x, *, reduce: str | None = "mean"):
+    """Predictions of an ensemble: for a regressor the members' outputs averaged, (n, m);
+    for a classifier the labels of the averaged probabilities, (n,) (0/1 (n, k) for
+    multilabel); ``reduce=None`` gives each member's own, with a leading axis of K."""
+    _check_reduce(reduce)
+    task = getattr(model, "task_", None)
+    act = model.output_activation
+    if task is None:
+        task = {"softmax": "multiclass", "sigmoid": "multilabel"}.get(act, "regression")
+    xp = model.xp
+    if task == "regression":
+        out = model(x)
+        return out if reduce is None else xp.mean(out, axis=0)
+    p = predict_proba(model, x, reduce=reduce)
+    if task == "multiclass":
+        return xp.argmax(p, axis=-1)
+    return xp.astype(p > 0.5, xp.int64)

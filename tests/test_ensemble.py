@@ -1,0 +1,194 @@
+"""Ensembles: K members with stacked parameters, trained at once (arraymlp.ensemble).
+
+The oracle of every value test is a plain model: member i of an ensemble must do what a
+plain model with member i's parameters and settings does alone."""
+
+import numpy as np
+import pytest
+
+import arraymlp as am
+from arraymlp.ensemble import member_seeds
+
+K = 4
+
+
+def _data(backend, n=40, n_in=5, n_out=3, labels=True, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, n_in))
+    y = rng.integers(0, n_out, size=n) if labels else rng.normal(size=(n, n_out))
+    return backend.asarray(x), backend.asarray(y), x, y
+
+
+def _np_params(model):
+    return [{k: am.to_numpy(v) for k, v in p.items()} for p in model.params]
+
+
+def _close(a, b, tol=1e-10):
+    for pa, pb in zip(a, b):
+        assert pa.keys() == pb.keys()
+        for k in pa:
+            np.testing.assert_allclose(pa[k], pb[k], rtol=tol, atol=tol)
+
+
+# ------------------------------------------------------------------------ construction
+def test_member_i_is_the_plain_model_of_its_seed(backend):
+    ens = am.MLP([5, 7, 3], ensemble=K, seed=11, dtype="float64", layer_norm=True, **backend.model_kwargs())
+    assert ens.member_seeds == member_seeds(11, K)
+    assert ens.params[0]["W"].shape == (K, 5, 7) and ens.params[0]["b"].shape == (K, 1, 7)
+    assert ens.n_params == K * am.MLP([5, 7, 3], layer_norm=True).n_params
+    for i in range(K):
+        plain = am.MLP([5, 7, 3], seed=member_seeds(11, K)[i], dtype="float64", layer_norm=True,
+                       **backend.model_kwargs())
+        member = ens.member(i)
+        assert member.ensemble is None and member.seed == plain.seed
+        for pm, pp in zip(_np_params(member), _np_params(plain)):
+            for k in pp:
+                assert pm[k].shape == pp[k].shape
+                np.testing.assert_array_equal(pm[k], pp[k])
+
+
+def test_member_seeds_do_not_depend_on_k_and_differ_between_seeds():
+    assert member_seeds(3, 8)[:5] == member_seeds(3, 5)
+    assert not set(member_seeds(3, 8)) & set(member_seeds(4, 8))
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh", "gelu"])
+def test_forward_is_each_members_forward(backend, activation):
+    ens = am.MLP([5, 6, 4, 3], activation=activation, output_activation="softmax", ensemble=K, seed=2,
+                 dtype="float64", layer_norm=True, **backend.model_kwargs())
+    x, _, _, _ = _data(backend)
+    out = backend.to_numpy(ens(x))
+    assert out.shape == (K, 40, 3)
+    for i in range(K):
+        np.testing.assert_allclose(out[i], backend.to_numpy(ens.member(i)(x)), rtol=1e-12, atol=1e-14)
+
+
+def test_stack_round_trips_members(backend):
+    models = [am.MLP([5, 4, 2], seed=s, dtype="float64", **backend.model_kwargs()) for s in (5, 6, 7)]
+    ens = am.MLP.stack(models)
+    assert ens.ensemble == 3 and ens.member_seeds == [5, 6, 7]
+    for i, m in enumerate(models):
+        _close(_np_params(ens.member(i)), _np_params(m), tol=0)
+    # stacking copies: training the ensemble leaves the plain models alone
+    before = _np_params(models[0])
+    x, _, _, _ = _data(backend, n_in=5)
+    y = backend.asarray(np.random.default_rng(1).normal(size=(40, 2)))
+    ens.fit(x, y, epochs=1, progress=False)
+    _close(_np_params(models[0]), before, tol=0)
+
+
+def test_bad_input_is_named():
+    with pytest.raises(ValueError, match=r"ensemble must be a member count K >= 1.*got 0"):
+        am.MLP([2, 3, 1], ensemble=0)
+    with pytest.raises(ValueError, match=r"ensemble must be a member count K >= 1.*got True"):
+        am.MLP([2, 3, 1], ensemble=True)
+    a = am.MLP([2, 3, 1], backend="numpy", seed=0)
+    with pytest.raises(ValueError, match=r"models\[1\] has layers .* but models\[0\] has"):
+        am.MLP.stack([a, am.MLP([2, 4, 1], backend="numpy", seed=0)])
+    with pytest.raises(ValueError, match=r"models\[1\] is on backend 'array_api_strict'.*'numpy'"):
+        am.MLP.stack([a, am.MLP([2, 3, 1], backend="array_api_strict", seed=0)])
+    with pytest.raises(ValueError, match=r"models\[1\] has dtype float64 but models\[0\] has float32"):
+        am.MLP.stack([a, am.MLP([2, 3, 1], backend="numpy", seed=0, dtype="float64")])
+    with pytest.raises(ValueError, match="empty"):
+        am.MLP.stack([])
+    ens = am.MLP([2, 3, 1], ensemble=3, backend="numpy", seed=0)
+    with pytest.raises(IndexError, match=r"in \[-3, 3\).*got 3"):
+        ens.member(3)
+    with pytest.raises(ValueError, match="needs an ensemble"):
+        a.member(0)
+    x, y = np.zeros((6, 2), dtype=np.float32), np.zeros((6, 1), dtype=np.float32)
+    with pytest.raises(ValueError, match=r"lr has 2 values but the ensemble has 3 members"):
+        ens.fit(x, y, lr=[0.1, 0.2], progress=False)
+    with pytest.raises(ValueError, match=r"sample_weight must have shape \(K, n\) = \(3, 6\).*got shape \(2, 6\)"):
+        ens.fit(x, y, sample_weight=np.ones((2, 6)), progress=False)
+    with pytest.raises(ValueError, match=r"all zero for members \[1\]"):
+        ens.fit(x, y, sample_weight=np.array([[1.0] * 6, [0.0] * 6, [1.0] * 6]), progress=False)
+    with pytest.raises(ValueError, match="reduce must be 'mean'"):
+        ens.predict(x, reduce="median")
+
+
+# ------------------------------------------------------------------ the acceptance test
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_member_i_trains_as_the_plain_model_alone(backend, optimizer):
+    """Per-member learning rates and sample weights (and momentum or betas, and L2):
+    member i of the trained ensemble equals a plain model trained alone from member i's
+    initial parameters with member i's settings, float64, to 1e-10."""
+    x, y, _, _ = _data(backend, n=30)
+    rng = np.random.default_rng(3)
+    w = rng.uniform(0.2, 2.0, size=(K, 30))
+    lrs = [0.01, 0.03, 0.05, 0.1] if optimizer == "sgd" else [1e-3, 3e-3, 1e-2, 2e-2]
+    l2s = [0.0, 1e-3, 1e-2, 0.0]
+    extra = {"momentum": [0.0, 0.5, 0.9, 0.0]} if optimizer == "sgd" else {"betas": ([0.9, 0.8, 0.9, 0.5], 0.99)}
+    ens = am.MLP([5, 8, 3], ensemble=K, seed=7, dtype="float64", **backend.model_kwargs())
+    starts = [ens.member(i) for i in range(K)]
+    hist = ens.fit(x, y, loss="cross_entropy", optimizer=optimizer, lr=lrs, l2=l2s, epochs=3, batch_size=8,
+                   sample_weight=backend.asarray(w), seed=1, progress=False, **extra)
+    assert hist.loss[0].shape == (K,)
+    for i in range(K):
+        plain = starts[i]
+        if optimizer == "sgd":
+            opt = am.SGD(lr=lrs[i], momentum=extra["momentum"][i])
+        else:
+            opt = am.Adam(lr=lrs[i], betas=(extra["betas"][0][i], 0.99))
+        h = plain.fit(x, y, loss="cross_entropy", optimizer=opt, epochs=3, batch_size=8, l2=l2s[i],
+                      sample_weight=backend.asarray(w[i]), seed=1, progress=False)
+        _close(_np_params(ens.member(i)), _np_params(plain))
+        np.testing.assert_allclose([e[i] for e in hist.loss], h.loss, rtol=1e-10)
+
+
+@pytest.mark.parametrize("loss,out_act", [("mse", None), ("huber", None), ("binary_cross_entropy", "sigmoid"),
+                                          ("cross_entropy", "softmax")])
+def test_every_table_loss_matches_the_plain_loss(backend, loss, out_act):
+    """Each member's loss and gradient are the plain model's for that member."""
+    labels = loss == "cross_entropy"
+    x, y, _, y_np = _data(backend, n=12, labels=labels)
+    if loss == "binary_cross_entropy":
+        y = backend.asarray((y_np > 0).astype(np.float64))
+    ens = am.MLP([5, 6, 3], output_activation=out_act, ensemble=3, seed=4, dtype="float64",
+                 **backend.model_kwargs())
+    w = np.random.default_rng(0).uniform(0.5, 1.5, size=(3, 12))
+    x0 = np.asarray(backend.to_numpy(x))
+    before = [ens.member(i) for i in range(3)]
+    ens.fit(x, y, loss=loss, optimizer="sgd", lr=0.1, epochs=1, batch_size=12, shuffle=False,
+            sample_weight=backend.asarray(w), progress=False)
+    for i in range(3):
+        m = before[i]
+        m.fit(backend.asarray(x0), y, loss=loss, optimizer="sgd", lr=0.1, epochs=1, batch_size=12, shuffle=False,
+              sample_weight=backend.asarray(w[i]), progress=False)
+        _close(_np_params(ens.member(i)), _np_params(m))
+
+
+def test_early_stopping_freezes_each_member_on_its_own(backend):
+    """Members with very different rates stop at different epochs; each ends where the
+    plain model with the same settings and early stopping ends."""
+    x, y, _, _ = _data(backend, n=40, labels=False)
+    xv, yv, _, _ = _data(backend, n=20, labels=False, seed=9)
+    lrs = [0.5, 1e-4, 0.05, 0.2]
+    ens = am.MLP([5, 8, 3], ensemble=K, seed=3, dtype="float64", **backend.model_kwargs())
+    starts = [ens.member(i) for i in range(K)]
+    hist = ens.fit(x, y, optimizer="sgd", lr=lrs, epochs=12, batch_size=10, validation_data=(xv, yv),
+                   early_stopping=am.EarlyStopping("val_loss", patience=1), seed=0, progress=False)
+    for i in range(K):
+        h = starts[i].fit(x, y, optimizer="sgd", lr=lrs[i], epochs=12, batch_size=10, validation_data=(xv, yv),
+                          early_stopping=am.EarlyStopping("val_loss", patience=1), seed=0, progress=False)
+        _close(_np_params(ens.member(i)), _np_params(starts[i]))
+        ran = len(h.val_loss)
+        np.testing.assert_allclose([v[i] for v in hist.val_loss[:ran]], h.val_loss, rtol=1e-10)
+        assert hist.stopped_epoch[i] == (ran - 1 if h.stopped_early else -1)
+
+
+# ------------------------------------------------------------------------- prediction
+def test_predictions_average_the_members(backend):
+    x, y, _, _ = _data(backend, n=20)
+    ens = am.MLP([5, 6, 3], ensemble=3, seed=1, dtype="float64", **backend.model_kwargs())
+    ens.fit(x, y, loss="cross_entropy", epochs=2, progress=False)
+    per = np.stack([backend.to_numpy(ens.member(i).predict_proba(x)) for i in range(3)])
+    per_member = backend.to_numpy(ens.predict_proba(x, reduce=None))
+    np.testing.assert_allclose(per_member, per, rtol=1e-12)
+    mean = backend.to_numpy(ens.predict_proba(x))
+    np.testing.assert_allclose(mean, per.mean(axis=0), rtol=1e-12)
+    np.testing.assert_array_equal(backend.to_numpy(ens.predict(x)), per.mean(axis=0).argmax(axis=1))
+    np.testing.assert_array_equal(backend.to_numpy(ens.predict(x, reduce=None)), per.argmax(axis=2))
+    reg = am.MLP([5, 4, 2], ensemble=3, seed=1, dtype="float64", **backend.model_kwargs())
+    outs = np.stack([backend.to_numpy(reg.member(i)(x)) for i in range(3)])
+    np.testing.assert_allclose(backend.to_numpy(reg.predict(x)), outs.mean(axis=0), rtol=1e-12)
