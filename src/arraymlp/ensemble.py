@@ -40,9 +40,10 @@ from typing import Any, Sequence
 import numpy
 
 from . import layers as L
-from ._backend import Generator, quiet_overflow, to_numpy
+from ._backend import Generator, is_writeable, quiet_overflow, to_numpy
 from .callbacks import DivergenceError, EarlyStopping, History
 from .fusion import plan_for
+from .kernels import kernels_for
 from .losses import LOSSES, get_loss
 from .optim import SGD, Adagrad, Adam, Optimizer, RMSprop, get_optimizer
 
@@ -226,26 +227,33 @@ def member_losses(lossfn, out, t, w, xp):
     d_out : array, shape (K, n, m)
         ``dL_k / d out_k``.
     """
-    n, m = out.shape[1], out.shape[2]
+    k, n, m = (int(d) for d in out.shape)
+    ks = kernels_for(xp)
+
+    def per_row(fn, a):  # a row reduction of the kernel set over (K*n, m) rows: (K, n, 1)
+        return xp.reshape(fn(xp.reshape(a, (k * n, m)), xp), (k, n, 1))
+
     if lossfn.name == "cross_entropy":
-        z = out - xp.max(out, axis=-1, keepdims=True)
+        z = out - per_row(ks.row_max, out)
         e = xp.exp(z)
-        s = xp.sum(e, axis=-1, keepdims=True)
-        per_sample = xp.sum(t, axis=-1) * xp.log(s)[..., 0] - xp.sum(t * z, axis=-1)  # (K, n)
-        g = (e / s) * xp.sum(t, axis=-1, keepdims=True) - t
+        s = per_row(ks.row_sum, e)
+        tsum = xp.sum(t, axis=-1)  # (n,)
+        z = _imul(z, t)  # t * z: z is not read again
+        per_sample = tsum * xp.log(s)[..., 0] - per_row(ks.row_sum, z)[..., 0]  # (K, n)
+        g = _isub(_imul(_idiv(e, s), xp.reshape(tsum, (n, 1))), t)  # softmax * sum(t) - t, into e
         scale_m = 1.0
     else:
         e, g = _elementwise_kernels()[lossfn.name](out, t, xp)
-        per_sample = xp.sum(e, axis=-1) / float(m)
+        per_sample = per_row(ks.row_sum, e)[..., 0] / float(m)
         scale_m = float(m)
     if w is None:
         losses = xp.sum(per_sample, axis=-1) / float(n)
-        return losses, g * (1.0 / (n * scale_m))
+        return losses, _imul(g, 1.0 / (n * scale_m))
     total = xp.sum(w, axis=-1)  # (K,)
     safe = xp.where(total > 0, total, xp.ones_like(total))
     losses = xp.sum(w * per_sample, axis=-1) / safe
     c = w / xp.reshape(safe * scale_m, (-1, 1))
-    return losses, g * c[:, :, None]
+    return losses, _imul(g, c[:, :, None])
 
 
 def _custom_member_losses(lossfn, out, y, w, xp):
@@ -374,46 +382,102 @@ class _MemberUpdate:
 
     def _update(self, p, g, st, lr, wd, xp):
         o, t = self.opt, self.t
-        decoupled = getattr(o, "_decoupled", False)
         if self._on(wd):
-            if decoupled:
-                p = p * (1.0 - lr * wd)
+            if getattr(o, "_decoupled", False):
+                p = _imul(p, 1.0 - lr * wd)
             else:
                 g = g + wd * p
         if isinstance(o, SGD):
             mom = self.momentum
             if self._on(mom):
                 buf = st["momentum_buffer"]
-                buf = buf + g if t == 1 else buf * mom + (1.0 - o.dampening) * g
+                if t == 1:
+                    buf = _iadd(buf, g)
+                else:
+                    buf = _iadd(_imul(buf, mom), (1.0 - o.dampening) * g)
                 st["momentum_buffer"] = buf
                 g = g + mom * buf if o.nesterov else buf
-            return p + (-lr) * g
+            return _iadd(p, (-lr) * g)
         if isinstance(o, Adam):
+            # into a scratch array of the parameter's shape, in place: a fresh temporary of
+            # this size costs page faults on every step where the allocator hands it back
             b1, b2 = self.b1, self.b2
-            m = st["exp_avg"] * b1 + (1.0 - b1) * g
-            v = st["exp_avg_sq"] * b2 + (1.0 - b2) * (g * g)
-            st["exp_avg"], st["exp_avg_sq"] = m, v
+            tmp = st.get("_scratch")
+            tmp = g * g if tmp is None else _imul(_assign(tmp, g), g)
+            v = st["exp_avg_sq"] = _iadd(_imul(st["exp_avg_sq"], b2), _imul(tmp, 1.0 - b2))
+            tmp = _assign(tmp, g)
+            m = st["exp_avg"] = _iadd(_imul(st["exp_avg"], b1), _imul(tmp, 1.0 - b1))
             if o.amsgrad:
                 v = st["max_exp_avg_sq"] = xp.maximum(st["max_exp_avg_sq"], v)
             step_size = lr / (1.0 - b1**t)
+            if is_writeable(tmp):  # step_size * m / (sqrt(v) / sqrt(1 - b2**t) + eps), in tmp
+                st["_scratch"] = tmp
+                tmp = _assign(tmp, v)
+                tmp **= 0.5
+                tmp *= 1.0 / (1.0 - b2**t) ** 0.5
+                tmp += o.eps
+                tmp **= -1.0
+                tmp *= m
+                tmp *= step_size
+                return _isub(p, tmp)
             denom = xp.sqrt(v) / (1.0 - b2**t) ** 0.5 + o.eps
-            return p - step_size * (m / denom)
+            return _isub(p, step_size * (m / denom))
         if isinstance(o, RMSprop):
             a = o.alpha
-            v = st["square_avg"] = st["square_avg"] * a + (1.0 - a) * (g * g)
+            v = st["square_avg"] = _iadd(_imul(st["square_avg"], a), (1.0 - a) * (g * g))
             if o.centered:
-                gbar = st["grad_avg"] = st["grad_avg"] * a + (1.0 - a) * g
+                gbar = st["grad_avg"] = _iadd(_imul(st["grad_avg"], a), (1.0 - a) * g)
                 avg = xp.sqrt(v - gbar * gbar) + o.eps
             else:
                 avg = xp.sqrt(v) + o.eps
             mom = self.momentum
             if self._on(mom):
-                buf = st["momentum_buffer"] = st["momentum_buffer"] * mom + g / avg
-                return p - lr * buf
-            return p - lr * (g / avg)
+                buf = st["momentum_buffer"] = _iadd(_imul(st["momentum_buffer"], mom), g / avg)
+                return _isub(p, lr * buf)
+            return _isub(p, lr * (g / avg))
         clr = lr / (1.0 + (t - 1) * o.lr_decay)
-        s = st["sum"] = st["sum"] + g * g
-        return p - clr * (g / (xp.sqrt(s) + o.eps))
+        s = st["sum"] = _iadd(st["sum"], g * g)
+        return _isub(p, clr * (g / (xp.sqrt(s) + o.eps)))
+
+
+def _imul(a, c):
+    """``a * c``, into ``a`` where it is writeable (an array of the library's own)."""
+    if is_writeable(a):
+        a *= c
+        return a
+    return a * c
+
+
+def _iadd(a, c):
+    """``a + c``, into ``a`` where it is writeable."""
+    if is_writeable(a):
+        a += c
+        return a
+    return a + c
+
+
+def _idiv(a, c):
+    """``a / c``, into ``a`` where it is writeable."""
+    if is_writeable(a):
+        a /= c
+        return a
+    return a / c
+
+
+def _assign(a, c):
+    """``c``'s values, into ``a`` where it is writeable (``a`` is then reused)."""
+    if is_writeable(a):
+        a[...] = c
+        return a
+    return c
+
+
+def _isub(a, c):
+    """``a - c``, into ``a`` where it is writeable."""
+    if is_writeable(a):
+        a -= c
+        return a
+    return a - c
 
 
 # -------------------------------------------------------------------------- history
@@ -617,6 +681,7 @@ class _Run:
     wait: Any = None
     best_params: Any = None
     step: int = 0
+    held: Any = None
 
 
 def _prepare(model, x, y, lossfn, sample_weight, validation_data, validation_split) -> _Run:
@@ -671,6 +736,10 @@ def _step(run: _Run, xb, yb, wb, epoch: int):
                "Lower those members' learning rates or scale the inputs.")
         raise DivergenceError(msg, epoch=epoch, step=run.step)
     grads = model._backprop(caches, dout, xp=xp, inplace=True, plan=run.plan)
+    # the previous step's arrays are let go only now, after this step's of the same sizes
+    # exist: freed first, they would shrink the heap, and the next step's would be
+    # faulted in again page by page (a large share of a small ensemble's step)
+    run.held = (caches, grads)
     del caches, dout
     if _has_l2(l2):
         for layer, p, g in zip(model.layers, model.params, grads):
