@@ -417,3 +417,32 @@ def test_tf32_wrapper_only_where_it_switches_something():
         assert torch.backends.cuda.matmul.allow_tf32 is False
     finally:
         torch.backends.cuda.matmul.allow_tf32 = before
+
+
+TINY_ENSEMBLE = bench.Workload("T6", "tiny ensemble", "ensemble", (5, 4, 3), (2, 3), lr=1e-3, ensemble_batch=8)
+
+
+def test_ensemble_workload_times_members_against_torch_vmap(monkeypatch):
+    """W6's kind: the case's size is K; arraymlp's candidate is one ensemble step (each
+    member's loss on the batch), the peer is torch.func.vmap over stacked modules; no floor."""
+    torch = pytest.importorskip("torch")
+    monkeypatch.setitem(bench.WORKLOADS, "T6", TINY_ENSEMBLE)
+    ours = bench.make_arraymlp("numpy", TINY_ENSEMBLE, 3)
+    losses = ours()
+    assert losses.shape == (3,)
+    # the first step's losses are the members' cross-entropies of the same data, initial parameters
+    import arraymlp as am
+    from arraymlp.bench.workloads import _host_data
+
+    x, y = _host_data((5, 4, 3), 8, "cross_entropy", 0)
+    ens = am.MLP([5, 4, 3], output_activation="softmax", ensemble=3, seed=0, backend="numpy")
+    for i in range(3):
+        m = ens.member(i)
+        ref = float(m.loss(x.astype(np.float32), y, loss="cross_entropy"))
+        assert losses[i] == pytest.approx(ref, rel=1e-5)
+    peer = bench.make_torch("cpu", TINY_ENSEMBLE, 3)
+    first, second = peer(), peer()
+    assert tuple(first.shape) == (3,) and bool(torch.all(second < first))  # Adam steps lower each loss
+    case = bench.run_case(TINY_ENSEMBLE, 2, "float32", [bench.TARGETS["numpy"]], gpu=False, repeat=1, min_time=0.0)
+    assert [r["name"] for r in case["candidates"]] == ["arraymlp[numpy]", "torch.vmap[cpu]"]
+    assert case["kind"] == "ensemble" and case["batch"] == 2

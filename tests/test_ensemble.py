@@ -192,3 +192,18 @@ def test_predictions_average_the_members(backend):
     reg = am.MLP([5, 4, 2], ensemble=3, seed=1, dtype="float64", **backend.model_kwargs())
     outs = np.stack([backend.to_numpy(reg.member(i)(x)) for i in range(3)])
     np.testing.assert_allclose(backend.to_numpy(reg.predict(x)), outs.mean(axis=0), rtol=1e-12)
+
+
+def test_make_step_is_the_fit_step(backend):
+    """The benchmark's step (arraymlp.ensemble.make_step) is one step of fit."""
+    from arraymlp.ensemble import make_step
+
+    x, y, _, _ = _data(backend, n=16)
+    a = am.MLP([5, 6, 3], ensemble=3, seed=2, dtype="float64", **backend.model_kwargs())
+    b = a.copy()
+    step = make_step(a, x, y, loss="cross_entropy", optimizer="adam", lr=0.01)
+    losses = step()
+    h = b.fit(x, y, loss="cross_entropy", optimizer="adam", lr=0.01, epochs=1, batch_size=16, shuffle=False,
+              progress=False)
+    np.testing.assert_allclose(losses, h.loss[0], rtol=1e-12)
+    _close(_np_params(a), _np_params(b), tol=1e-12)

@@ -47,7 +47,7 @@ from .kernels import kernels_for
 from .losses import LOSSES, get_loss
 from .optim import SGD, Adagrad, Adam, Optimizer, RMSprop, get_optimizer
 
-__all__ = ["EnsembleHistory", "check_members", "member_seeds", "fit", "predict", "predict_proba"]
+__all__ = ["EnsembleHistory", "check_members", "fit", "make_step", "member_seeds", "predict", "predict_proba"]
 
 
 # ------------------------------------------------------------------------ members
@@ -787,6 +787,33 @@ def _stop_members(run: _Run, epoch: int, logs) -> bool:
         run.active = xp.reshape(xp.asarray(run.active_host.astype(float), dtype=like.dtype, device=like.device),
                                 (k, 1, 1))
     return not run.active_host.any()
+
+
+def make_step(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", lr: Any = None):
+    """A function taking one training step of every member of ``model`` on the batch
+    ``(x, y)``, as :func:`fit` takes it (forward, each member's loss read on the host,
+    backward, the optimiser's update); for benchmarks.
+
+    Parameters
+    ----------
+    model : Sequential built with ``ensemble=K``
+    x : array, shape (n, n_features)
+    y : array, targets or labels (n,)
+    loss, optimizer, lr
+        As for :func:`fit`.
+
+    Returns
+    -------
+    callable
+        ``step()`` returns the members' losses on the batch, a NumPy array (K,).
+    """
+    lossfn = get_loss(loss)
+    run = _prepare(model, x, y, lossfn, None, None, 0.0)
+    run.rule = _MemberUpdate(get_optimizer(optimizer), model.ensemble, run.xp, run.like, lr=lr, momentum=None,
+                             weight_decay=None, betas=None)
+    run.fused = model._fused(lossfn)
+    run.plan = plan_for(model, run.xp)
+    return lambda: _step(run, run.x, run.y, None, 0)
 
 
 def _keep_best(params, best, improved, xp, like):

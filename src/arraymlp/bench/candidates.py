@@ -174,6 +174,8 @@ def make_arraymlp(target: Target | str, workload: Workload, batch: int, dtype: s
 
     target = TARGETS[target] if isinstance(target, str) else target
     sync = _sync_fn(target)
+    if workload.kind == "ensemble":
+        return _make_arraymlp_ensemble(target, workload, batch, dtype, seed=seed, sync=sync)
     model = MLP(list(workload.sizes), activation=workload.activation,
                 output_activation=_output_activation(workload.loss), dtype=_array_dtype(dtype),
                 backend=target.backend, device=target.device, seed=seed)
@@ -197,6 +199,83 @@ def make_arraymlp(target: Target | str, workload: Workload, batch: int, dtype: s
         return train_step(model, opt, lossfn, x, y, xp=xp, sync=sync)
 
     return _in_tf32(target, use_tf32, step)
+
+
+def _make_arraymlp_ensemble(target: Target, workload: Workload, k: int, dtype: str, *, seed: int,
+                            sync: Callable[[], None]) -> Callable[[], Any]:
+    """One training step of an ensemble of ``k`` members (Adam), as its ``fit`` takes it."""
+    from .. import MLP
+    from .._backend import resolve_backend
+    from ..ensemble import make_step
+
+    model = MLP(list(workload.sizes), activation=workload.activation,
+                output_activation=_output_activation(workload.loss), dtype=_array_dtype(dtype),
+                backend=target.backend, device=target.device, seed=seed, ensemble=k)
+    xp = resolve_backend(target.backend)
+    xh, yh = _host_data(workload.sizes, workload.ensemble_batch, workload.loss, seed)
+    x = xp.asarray(xh.astype(_array_dtype(dtype)), device=model.device)
+    y = xp.asarray(yh if yh.dtype == numpy.int64 else yh.astype(_array_dtype(dtype)), device=model.device)
+    step = make_step(model, x, y, loss=workload.loss, optimizer="adam", lr=workload.lr)
+
+    def run():
+        out = step()
+        sync()
+        return out
+
+    return run
+
+
+def _make_torch_vmap(device: str, workload: Workload, k: int, dtype: str, *, seed: int) -> Callable[[], Any]:
+    """PyTorch's way to train ``k`` networks at once: ``torch.func.stack_module_state``
+    over ``k`` modules, ``vmap`` of ``grad_and_value`` of a ``functional_call``, and
+    ``torch.optim.Adam`` over the stacked parameters; each step reads the losses."""
+    import copy
+
+    import torch
+    from torch.func import functional_call, grad_and_value, stack_module_state, vmap
+
+    torch.manual_seed(seed)
+    tdtype = getattr(torch, _array_dtype(dtype))
+    act = {"relu": torch.nn.ReLU, "tanh": torch.nn.Tanh, "sigmoid": torch.nn.Sigmoid}[workload.activation]
+
+    def net():
+        mods: list[Any] = []
+        for i, (a, b) in enumerate(zip(workload.sizes[:-1], workload.sizes[1:])):
+            mods.append(torch.nn.Linear(a, b))
+            if i < workload.n_layers - 1:
+                mods.append(act())
+        return torch.nn.Sequential(*mods).to(device=device, dtype=tdtype)
+
+    models = [net() for _ in range(k)]
+    params, buffers = stack_module_state(models)
+    params = {name: p.detach().requires_grad_(False) for name, p in params.items()}
+    base = copy.deepcopy(models[0]).to("meta")
+    xh, yh = _host_data(workload.sizes, workload.ensemble_batch, workload.loss, seed)
+    x = torch.as_tensor(xh, dtype=tdtype, device=device)
+    if workload.loss == "cross_entropy":
+        y = torch.as_tensor(yh, device=device)
+        lossf = torch.nn.functional.cross_entropy
+    else:
+        y = torch.as_tensor(yh, dtype=tdtype, device=device)
+        lossf = torch.nn.functional.mse_loss
+
+    def member_loss(p, b, xb, yb):
+        return lossf(functional_call(base, (p, b), (xb,)), yb)
+
+    grads_and_losses = vmap(grad_and_value(member_loss), in_dims=(0, 0, None, None))
+    opt = torch.optim.Adam(list(params.values()), lr=workload.lr)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    def step():
+        grads, losses = grads_and_losses(params, buffers, x, y)
+        for name, p in params.items():
+            p.grad = grads[name]
+        opt.step()
+        out = losses.cpu()
+        sync()
+        return out
+
+    return step
 
 
 def gemm_floor_products(sizes: Sequence[int], batch: int, kind: str) -> list[tuple[str, tuple, tuple]]:
@@ -313,6 +392,8 @@ def make_torch(device: str, workload: Workload, batch: int, dtype: str = "float3
     """
     import torch
 
+    if workload.kind == "ensemble":
+        return _make_torch_vmap(device, workload, batch, dtype, seed=seed)
     torch.manual_seed(seed)
     tdtype = getattr(torch, _array_dtype(dtype))
     mods: list[Any] = []

@@ -63,6 +63,11 @@ def _build_candidates(workload: Workload, batch: int, dtype: str, targets: list[
 
     for t in targets:
         add(f"arraymlp[{t.name}]", "ours", t.name, lambda t=t: make_arraymlp(t, workload, batch, dtype))
+    if workload.kind == "ensemble":  # peers: torch.func.vmap over stacked modules; no floor, no sklearn
+        if peers and _has("torch") and (not gpu or _torch_cuda()) and dtype in ("float32", "float64"):
+            dev = "cuda" if gpu else "cpu"
+            add(f"torch.vmap[{dev}]", "peer", dev, lambda: make_torch(dev, workload, batch, dtype))
+        return cands
     for t in targets:
         add(f"floor[{t.name}]", "floor", t.name,
             lambda t=t: make_gemm_floor(t, workload.sizes, batch, workload.kind, dtype))

@@ -29,9 +29,12 @@ class Workload:
         Short key, ``"W1"`` ...
     title : str
         What it measures, for the table.
-    kind : {"train", "infer"}
-        One training step (forward, fused loss, backward, SGD update) or one
-        inference call (forward of the whole network, output activation included).
+    kind : {"train", "infer", "ensemble"}
+        One training step (forward, fused loss, backward, SGD update), one
+        inference call (forward of the whole network, output activation included), or
+        one training step of an ensemble (Adam): for this kind the case's size (the
+        ``batches`` entries) is the member count K, each member steps on the same batch
+        of ``ensemble_batch`` rows, and samples per second are member-steps per second.
     sizes : tuple of int
         Layer sizes ``(n_features, hidden..., n_outputs)``.
     batches : tuple of int
@@ -49,7 +52,9 @@ class Workload:
         ``"cross_entropy"`` (softmax output, classifier peers) or ``"mse"``
         (identity output, regressor peers).
     lr : float
-        SGD learning rate.
+        SGD learning rate (Adam's, 1e-3, for the ensemble kind).
+    ensemble_batch : int
+        Rows of the ensemble kind's batch.
     """
 
     name: str
@@ -63,6 +68,7 @@ class Workload:
     activation: str = "relu"
     loss: str = "cross_entropy"
     lr: float = 0.01
+    ensemble_batch: int = 64
 
     def batch_sizes(self, quick: bool) -> tuple[int, ...]:
         """Batch sizes of a full or a quick run."""
@@ -90,6 +96,8 @@ WORKLOADS: dict[str, Workload] = {
         Workload("W5", "training step, 5 layers of width 64 (per-layer overhead)", "train",
                  (64, 64, 64, 64, 64, 10), (16, 64, 256, 1024, 4096, 16384, 65536),
                  quick_batches=(16, 256, 4096)),
+        Workload("W6", "ensemble training step, Adam, K members on one batch of 64 (size = K)", "ensemble",
+                 (64, 32, 10), (1, 4, 16, 64, 256), quick_batches=(1, 16, 64), lr=1e-3),
     )
 }
 
