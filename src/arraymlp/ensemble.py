@@ -789,6 +789,64 @@ def _stop_members(run: _Run, epoch: int, logs) -> bool:
     return not run.active_host.any()
 
 
+def _members_loss(model, x, y, loss, sample_weight, l2, training, backward):
+    lossfn = get_loss(loss)
+    x, xp = model._check_x(x)
+    y = model._check_target(y, xp)
+    n, k = int(x.shape[0]), model.ensemble
+    like = next(a for p in model.params for a in p.values())
+    w = _member_weights(sample_weight, k, n, xp, like)
+    lossfn.fn(xp.zeros((n, model.n_outputs), dtype=model.dtype, device=model.device), y, xp=xp)
+    l2 = _per_member("l2", l2, k, xp, like)
+    fused = model._fused(lossfn)
+    out, caches = model.forward(x, training=training, xp=xp, upto=len(model.layers) - 1 if fused else None,
+                                keep=backward)
+    values, dout = _losses(model, lossfn, out, y, w, xp)
+    if _has_l2(l2):
+        values = values + _penalty(model, l2, xp)
+    if not backward:
+        return values, None
+    grads = model._backprop(caches, dout, xp=xp, inplace=True)
+    if _has_l2(l2):
+        for layer, p, g in zip(model.layers, model.params, grads):
+            if isinstance(layer, L.Dense):
+                g["W"] = g["W"] + l2 * p["W"]
+    return values, grads
+
+
+def loss_and_grads(model, x, y, *, loss: str = "mse", sample_weight=None, l2: Any = 0.0, training: bool = True):
+    """An ensemble's ``model.loss_and_grads``: the sum of the members' losses and its
+    gradient, which is each member's own gradient in its slice of the stacked parameters.
+
+    Parameters
+    ----------
+    model : Sequential built with ``ensemble=K``
+    x, y, loss, training
+        As for :meth:`arraymlp.Sequential.loss_and_grads`.
+    sample_weight : array of shape (K, n) or (n,), optional
+    l2 : float or K floats
+
+    Returns
+    -------
+    loss : 0-d array
+        ``sum_k L_k``.
+    grads : list of dict of arrays, mirroring the stacked ``params``
+    """
+    values, grads = _members_loss(model, x, y, loss, sample_weight, l2, training, True)
+    return model.xp.sum(values), grads
+
+
+def loss(model, x, y, *, loss: str = "mse", sample_weight=None, l2: Any = 0.0, training: bool = False,
+         reduce: str | None = "sum"):
+    """An ensemble's ``model.loss``: the sum of the members' losses (0-d), or each
+    member's, shape (K,), with ``reduce=None``."""
+    if reduce not in ("sum", None):
+        msg = f"reduce must be 'sum' or None (one loss per member), got {reduce!r}"
+        raise ValueError(msg)
+    values, _ = _members_loss(model, x, y, loss, sample_weight, l2, training, False)
+    return values if reduce is None else model.xp.sum(values)
+
+
 def make_step(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", lr: Any = None):
     """A function taking one training step of every member of ``model`` on the batch
     ``(x, y)``, as :func:`fit` takes it (forward, each member's loss read on the host,

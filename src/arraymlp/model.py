@@ -658,7 +658,12 @@ class Sequential:
         -------
         loss : 0-d array
         grads : list of dict of arrays, mirroring ``params``
+
+        For an ensemble, the sum of the members' losses and so each member's own
+        gradient (see :func:`arraymlp.ensemble.loss_and_grads`).
         """
+        if self.ensemble is not None:
+            return E.loss_and_grads(self, x, y, loss=loss, sample_weight=sample_weight, l2=l2, training=training)
         loss = get_loss(loss)
         x, xp = self._check_x(x)
         y = self._check_target(y, xp)
@@ -670,7 +675,10 @@ class Sequential:
     def loss(self, x, y, *, loss: str = "mse", sample_weight=None, l2: float = 0.0, training: bool = False):
         """Loss of a batch only (no gradients), a 0-d array; same arguments as
         :meth:`loss_and_grads`: ``x`` of shape (n, n_features), ``y`` of shape
-        (n, n_outputs) or labels (n,), ``sample_weight`` of shape (n,)."""
+        (n, n_outputs) or labels (n,), ``sample_weight`` of shape (n,). For an ensemble
+        the sum of the members' losses (see :func:`arraymlp.ensemble.loss`)."""
+        if self.ensemble is not None:
+            return E.loss(self, x, y, loss=loss, sample_weight=sample_weight, l2=l2, training=training)
         lossfn = get_loss(loss)
         x, xp = self._check_x(x)
         y = self._check_target(y, xp)

@@ -71,8 +71,12 @@ def _model_class(model: Any) -> str | None:
 
 
 # ------------------------------------------------------------------- model payloads
-def _param_shapes(layer: L.Layer) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of a layer's parameters, from its configuration alone."""
+def _param_shapes(layer: L.Layer, k: int | None = None) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of a layer's parameters, from its configuration alone (with a
+    leading member axis for an ensemble of ``k`` members: (k, n_in, n_out), (k, 1, n))."""
+    if k is not None:
+        return {key: (k, *shape) if len(shape) == 2 else (k, 1, *shape)
+                for key, shape in _param_shapes(layer).items()}
     if isinstance(layer, L.Dense):
         shapes = {"W": (layer.n_in, layer.n_out)}
         if layer.bias:
@@ -117,6 +121,9 @@ def _model_config(model: Any) -> dict[str, Any]:
         "dtype": model.dtype_name,
         "seed": _seed_for_json(model.seed),
     }
+    if getattr(model, "ensemble", None) is not None:
+        cfg["ensemble"] = int(model.ensemble)
+        cfg["member_seeds"] = [_seed_for_json(s) for s in model.member_seeds]
     fitted = {k: getattr(model, k) for k in ("task_", "loss_") if isinstance(getattr(model, k, None), str)}
     if fitted:
         cfg["fitted"] = fitted
@@ -141,11 +148,14 @@ def _check_built(model: Any, doing: str) -> None:
 
 def _model_payload(model: Any, kind: str) -> tuple[dict[str, str], dict[str, numpy.ndarray]]:
     _check_built(model, "saving")
+    if getattr(model, "ensemble", None) is not None and kind != "model":
+        msg = f"an ensemble is saved with arraymlp.save; {kind}s of ensembles are not supported yet"
+        raise NotImplementedError(msg)
     cfg = _model_config(model)
     dtype = numpy.dtype(model.dtype_name)
     tensors = {}
     for i, (layer, p) in enumerate(zip(model.layers, model.params)):
-        shapes = _param_shapes(layer)
+        shapes = _param_shapes(layer, getattr(model, "ensemble", None))
         if set(p) != set(shapes):
             msg = f"layer {i} ({layer!r}) has parameters {sorted(p)} but its configuration needs {sorted(shapes)}"
             raise ValueError(msg)
@@ -238,6 +248,13 @@ def _parse_model_config(path: str, cfg: dict[str, Any]) -> tuple[list[L.Layer], 
     tasks = {"regression", *(loss.task for loss in LOSSES.values())}
     if "task_" in fitted and fitted["task_"] not in tasks:
         raise ModelFileError(path, f"unknown task {fitted['task_']!r}")
+    ensemble = cfg.get("ensemble")
+    if ensemble is not None and not (_is_int(ensemble) and ensemble >= 1):
+        raise ModelFileError(path, f"invalid ensemble member count {ensemble!r}; expected an int >= 1")
+    seeds = cfg.get("member_seeds")
+    if ensemble is not None and not (isinstance(seeds, list) and len(seeds) == ensemble
+                                     and all(s is None or (_is_int(s) and s >= 0) for s in seeds)):
+        raise ModelFileError(path, f"invalid member_seeds {seeds!r} for an ensemble of {ensemble} members")
     raw = cfg.get("layers")
     if not isinstance(raw, list) or not raw:
         raise ModelFileError(path, "the architecture has no list of layers")
@@ -251,11 +268,13 @@ def _parse_model_config(path: str, cfg: dict[str, Any]) -> tuple[list[L.Layer], 
         L._check_chain(layers)  # checks that the sizes chain
     except (ValueError, TypeError) as exc:
         raise ModelFileError(path, f"the architecture is invalid: {exc}") from None
-    return layers, {"class": cls, "dtype": dtype, "seed": seed, "fitted": fitted}
+    return layers, {"class": cls, "dtype": dtype, "seed": seed, "fitted": fitted, "ensemble": ensemble,
+                    "member_seeds": seeds if ensemble is not None else None}
 
 
-def _expected_tensors(layers: list[L.Layer]) -> dict[str, tuple[int, ...]]:
-    return {f"layers.{i}.{k}": shape for i, layer in enumerate(layers) for k, shape in _param_shapes(layer).items()}
+def _expected_tensors(layers: list[L.Layer], k: int | None = None) -> dict[str, tuple[int, ...]]:
+    return {f"layers.{i}.{key}": shape for i, layer in enumerate(layers)
+            for key, shape in _param_shapes(layer, k).items()}
 
 
 def _nonneg_int(path: str, value: Any, what: str) -> int:
@@ -376,7 +395,7 @@ def _read(path: Any) -> _File:
     layers, model_cfg = _parse_model_config(shown, cfg)
     if metadata.get("dtype", model_cfg["dtype"]) != model_cfg["dtype"]:
         raise ModelFileError(shown, "the metadata's dtype and the architecture's dtype differ")
-    expected = _expected_tensors(layers)
+    expected = _expected_tensors(layers, model_cfg["ensemble"])
     checkpoint = None
     if kind == "checkpoint":
         checkpoint, opt_expected = _parse_checkpoint(shown, metadata, layers)

@@ -68,13 +68,15 @@ def _build_model(f: _File, backend: Any, device: Any) -> Sequential:
     cfg = f.model_cfg
     cls = _MODEL_CLASSES[cfg["class"]]
     model = cls.__new__(cls)
-    Sequential.__init__(model, f.layers, dtype=cfg["dtype"], seed=cfg["seed"])
+    Sequential.__init__(model, f.layers, dtype=cfg["dtype"], seed=cfg["seed"], ensemble=cfg.get("ensemble"))
+    if model.ensemble is not None:
+        model.member_seeds = list(cfg["member_seeds"])
     if cls is MLP:
         dense = [layer for layer in f.layers if isinstance(layer, L.Dense)]
         model.sizes = [dense[0].n_in] + [layer.n_out for layer in dense] if dense else []
     dtype = resolve_dtype(xp, cfg["dtype"])
     model.params = [
-        {k: _to_xp(f.tensors[f"layers.{i}.{k}"], xp, dtype, dev) for k in _param_shapes(layer)}
+        {k: _to_xp(f.tensors[f"layers.{i}.{k}"], xp, dtype, dev) for k in _param_shapes(layer, model.ensemble)}
         for i, layer in enumerate(f.layers)
     ]
     model.xp, model.device, model.dtype = xp, dev, dtype

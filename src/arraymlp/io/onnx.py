@@ -80,6 +80,9 @@ def export_onnx(model: Any, path: str | os.PathLike, *, opset: int = 17):
         msg = f"opset must be an int >= 17 (LayerNormalization needs 17), got {opset!r}"
         raise ValueError(msg)
     _check_built(model, "exporting")
+    if getattr(model, "ensemble", None) is not None:
+        msg = "ONNX export of an ensemble is not supported yet; export its members (model.member(i))"
+        raise NotImplementedError(msg)
     np_dtype = numpy.dtype(model.dtype_name)
     elem = {"float16": onnx.TensorProto.FLOAT16, "float32": onnx.TensorProto.FLOAT,
             "float64": onnx.TensorProto.DOUBLE}[model.dtype_name]
