@@ -29,7 +29,7 @@ DOCS = Path(__file__).resolve().parents[1] / "docs"
 API = DOCS / "api.rst"
 
 #: Public modules documented in full on the reference page, besides the package itself.
-PUBLIC_MODULES = ["functional", "losses", "optim", "schedules", "training", "init"]
+PUBLIC_MODULES = ["functional", "losses", "optim", "schedules", "training", "init", "ensemble"]
 
 #: Parameter names that hold arrays (or lists of dicts of arrays) throughout the library.
 ARRAY_PARAMS = {
@@ -52,6 +52,8 @@ NO_ARRAY_ARGUMENTS = {
     "LinearWarmup", "ReduceOnPlateau", "schedules.*",
     # training records and callbacks in their own module
     "training.Callback", "training.DivergenceError", "training.EarlyStopping", "training.History",
+    # an ensemble's history, its member count and its members' seeds
+    "ensemble.EnsembleHistory", "ensemble.check_members", "ensemble.member_seeds",
     # persistence: models and paths
     "save", "load", "export_onnx", "Checkpoint", "ModelFileError",
 }
