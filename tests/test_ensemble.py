@@ -254,3 +254,27 @@ def test_loss_and_grads_are_each_members_own(backend):
     assert float(total) == pytest.approx(sum(values), rel=1e-12)
     report = am.gradcheck(ens, x, y, loss="cross_entropy", l2=0.01)
     assert report.passed and {tuple(r.shape) for r in report.rows} >= {(3, 5, 4), (3, 1, 4)}
+
+
+def test_cross_val_scores_are_each_folds_held_out_score(backend):
+    """Member k is scored on fold k's held-out rows, which carried weight 0 for it."""
+    from arraymlp.ensemble import cross_val_scores
+
+    rng = np.random.default_rng(1)
+    x_np = rng.normal(size=(30, 3))
+    y_np = (x_np[:, 0] + 0.3 * rng.normal(size=30) > 0).astype(np.int64)
+    folds = [(np.setdiff1d(np.arange(30), te), te) for te in (np.arange(0, 10), np.arange(10, 20), np.arange(20, 30))]
+    ens = am.MLP([3, 6, 2], ensemble=3, seed=5, dtype="float64", **backend.model_kwargs())
+    start = [ens.member(i) for i in range(3)]
+    scores = cross_val_scores(ens, backend.asarray(x_np), backend.asarray(y_np), cv=folds, loss="cross_entropy",
+                              optimizer="sgd", lr=0.1, epochs=5, batch_size=30, shuffle=False, progress=False)
+    for k, (tr, te) in enumerate(folds):
+        # full batches: the 0/1-weighted member is the plain model trained on its training rows
+        m = start[k]
+        m.fit(backend.asarray(x_np[tr]), backend.asarray(y_np[tr]), loss="cross_entropy", optimizer="sgd", lr=0.1,
+              epochs=5, batch_size=30, shuffle=False, progress=False)
+        _close(_np_params(ens.member(k)), _np_params(m))
+        acc = np.mean(backend.to_numpy(m.predict(backend.asarray(x_np[te]))) == y_np[te])
+        assert scores[k] == pytest.approx(acc)
+    with pytest.raises(ValueError, match="cv gives 2 folds but the ensemble has 3 members"):
+        cross_val_scores(ens, backend.asarray(x_np), backend.asarray(y_np), cv=2, loss="cross_entropy")

@@ -47,7 +47,8 @@ from .kernels import kernels_for
 from .losses import LOSSES, get_loss
 from .optim import SGD, Adagrad, Adam, Optimizer, RMSprop, get_optimizer
 
-__all__ = ["EnsembleHistory", "check_members", "fit", "make_step", "member_seeds", "predict", "predict_proba"]
+__all__ = ["EnsembleHistory", "check_members", "cross_val_scores", "fit", "make_step", "member_seeds", "predict",
+           "predict_proba"]
 
 
 # ------------------------------------------------------------------------ members
@@ -933,3 +934,91 @@ def predict(model, x, *, reduce: str | None = "mean"):
     if task == "multiclass":
         return xp.argmax(p, axis=-1)
     return xp.astype(p > 0.5, xp.int64)
+
+
+# ------------------------------------------------------------------- cross-validation
+def _folds(cv, n: int, seed: int | None):
+    if isinstance(cv, numbers.Integral) and not isinstance(cv, bool):
+        if not 2 <= cv <= n:
+            msg = (f"cv must be a number of folds in [2, n_samples={n}] or a list of (train, test) index arrays, "
+                   f"got {cv!r}")
+            raise ValueError(msg)
+        order = numpy.random.default_rng(seed).permutation(n)
+        parts = numpy.array_split(order, int(cv))
+        return [(numpy.setdiff1d(numpy.arange(n), part), numpy.sort(part)) for part in parts]
+    folds = [(numpy.asarray(tr), numpy.asarray(te)) for tr, te in cv]
+    for k, (_, te) in enumerate(folds):
+        if te.size == 0:
+            msg = f"fold {k} holds out no samples"
+            raise ValueError(msg)
+    return folds
+
+
+def cross_val_scores(model, x, y, *, cv: Any = 5, cv_seed: int | None = 0, **fit_kwargs) -> numpy.ndarray:
+    """Evaluate one configuration over K cross-validation folds in one fit.
+
+    Member ``k`` of ``model`` (an ensemble of K members, K the number of folds) trains with
+    sample weights 1 on fold ``k``'s training rows and 0 on its held-out rows (all rows go
+    through the network, the held-out ones add nothing to member ``k``'s loss), and is
+    scored on its held-out rows.
+
+    Parameters
+    ----------
+    model : Sequential built with ``ensemble=K``
+        Trained in place.
+    x : array, shape (n, n_features)
+    y : array, shape (n, n_outputs), (n,), or integer labels (n,)
+    cv : int or sequence of (train, test) index arrays
+        K folds: an int splits a seeded permutation of the rows into K nearly equal parts
+        (use scikit-learn's splitters for stratified folds); a sequence gives the folds.
+    cv_seed : int or None
+        Seed of the permutation of an int ``cv``.
+    **fit_kwargs
+        Passed to :func:`fit` (``loss``, ``lr`` as one or K values, ``epochs``, ...);
+        ``sample_weight`` of shape (n,) is multiplied into the folds' weights.
+
+    Returns
+    -------
+    numpy.ndarray, shape (K,)
+        Each member's held-out accuracy (classification) or R^2 (regression).
+
+    Examples
+    --------
+    >>> import numpy as np, arraymlp as am
+    >>> from arraymlp.ensemble import cross_val_scores
+    >>> rng = np.random.default_rng(0)
+    >>> x = rng.normal(size=(60, 3)); y = (x[:, 0] > 0).astype(np.int64)
+    >>> model = am.MLP([3, 8, 2], ensemble=3, dtype="float64", backend="numpy", seed=0)
+    >>> scores = cross_val_scores(model, x, y, cv=3, loss="cross_entropy", lr=0.05, epochs=40,
+    ...                           progress=False)
+    >>> scores.shape, bool(scores.mean() > 0.8)
+    ((3,), True)
+    """
+    k = model.ensemble
+    n = int(x.shape[0])
+    folds = _folds(cv, n, cv_seed)
+    if len(folds) != k:
+        msg = f"cv gives {len(folds)} folds but the ensemble has {k} members; build it with ensemble={len(folds)}"
+        raise ValueError(msg)
+    w = numpy.ones((k, n))
+    for i, (_, te) in enumerate(folds):
+        w[i, te] = 0.0
+    extra = fit_kwargs.pop("sample_weight", None)
+    if extra is not None:
+        w = w * to_numpy(extra).reshape(1, n)
+    xp = model.xp
+    if xp is None:  # not built: follow x
+        model._check_x(x)
+        xp = model.xp
+    fit(model, x, y, sample_weight=xp.asarray(w, device=model.device), **fit_kwargs)
+    lossfn = get_loss(getattr(model, "loss_", None) or fit_kwargs.get("loss", "mse"))
+    xc, _ = model._check_x(x)
+    yc = model._check_target(y, xp)
+    fused = model._fused(lossfn)
+    out = model.forward(xc, training=False, xp=xp, upto=len(model.layers) - 1 if fused else None, keep=False)[0]
+    scores = numpy.empty(k)
+    for i, (_, te) in enumerate(folds):
+        idx = xp.asarray(numpy.asarray(te, dtype=numpy.int64), device=model.device)
+        oi = xp.take(out[i:i + 1, ...], idx, axis=1)
+        scores[i] = member_metric(model, oi, xp.take(yc, idx, axis=0), lossfn, xp, logits=fused)[0]
+    return scores
