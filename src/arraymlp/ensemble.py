@@ -400,29 +400,28 @@ class _MemberUpdate:
                 g = g + mom * buf if o.nesterov else buf
             return _iadd(p, (-lr) * g)
         if isinstance(o, Adam):
-            # into a scratch array of the parameter's shape, in place: a fresh temporary of
-            # this size costs page faults on every step where the allocator hands it back
+            # in place, through one scratch array of the parameter's shape: a fresh temporary
+            # of this size costs page faults on every step where the allocator hands it back
             b1, b2 = self.b1, self.b2
             tmp = st.get("_scratch")
             tmp = g * g if tmp is None else _imul(_assign(tmp, g), g)
             v = st["exp_avg_sq"] = _iadd(_imul(st["exp_avg_sq"], b2), _imul(tmp, 1.0 - b2))
-            tmp = _assign(tmp, g)
-            m = st["exp_avg"] = _iadd(_imul(st["exp_avg"], b1), _imul(tmp, 1.0 - b1))
+            # b1 m + (1 - b1) g as b1 (m - g) + g: three passes, no temporary
+            m = st["exp_avg"] = _iadd(_imul(_isub(st["exp_avg"], g), b1), g)
             if o.amsgrad:
                 v = st["max_exp_avg_sq"] = xp.maximum(st["max_exp_avg_sq"], v)
-            step_size = lr / (1.0 - b1**t)
-            if is_writeable(tmp):  # step_size * m / (sqrt(v) / sqrt(1 - b2**t) + eps), in tmp
+            c = (1.0 - b2**t) ** 0.5
+            step_size = lr / (1.0 - b1**t) * c
+            if is_writeable(tmp):  # step_size * m / (sqrt(v) / c + eps) = (step_size c) m / (sqrt(v) + eps c)
                 st["_scratch"] = tmp
                 tmp = _assign(tmp, v)
                 tmp **= 0.5
-                tmp *= 1.0 / (1.0 - b2**t) ** 0.5
-                tmp += o.eps
+                tmp += o.eps * c
                 tmp **= -1.0
                 tmp *= m
                 tmp *= step_size
                 return _isub(p, tmp)
-            denom = xp.sqrt(v) / (1.0 - b2**t) ** 0.5 + o.eps
-            return _isub(p, step_size * (m / denom))
+            return _isub(p, step_size * (m / (xp.sqrt(v) + o.eps * c)))
         if isinstance(o, RMSprop):
             a = o.alpha
             v = st["square_avg"] = _iadd(_imul(st["square_avg"], a), (1.0 - a) * (g * g))
