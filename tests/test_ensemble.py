@@ -278,3 +278,18 @@ def test_cross_val_scores_are_each_folds_held_out_score(backend):
         assert scores[k] == pytest.approx(acc)
     with pytest.raises(ValueError, match="cv gives 2 folds but the ensemble has 3 members"):
         cross_val_scores(ens, backend.asarray(x_np), backend.asarray(y_np), cv=2, loss="cross_entropy")
+
+
+def test_a_diverging_member_is_named():
+    x = np.random.default_rng(0).normal(size=(32, 5)) * 100.0
+    y = np.random.default_rng(1).normal(size=(32, 3)) * 100.0
+    ens = am.MLP([5, 8, 3], ensemble=3, seed=0, dtype="float64", backend="numpy")
+    with pytest.raises(am.DivergenceError, match=r"members \[1\] became non-finite"):
+        ens.fit(x, y, optimizer="sgd", lr=[1e-6, 10.0, 1e-6], epochs=20, batch_size=8, progress=False)
+
+
+def test_float16_adam_needs_an_eps_float16_holds():
+    ens = am.MLP([5, 4, 3], ensemble=2, seed=0, dtype="float16", backend="numpy")
+    x, y = np.zeros((4, 5), dtype=np.float16), np.zeros((4, 3), dtype=np.float16)
+    with pytest.raises(ValueError, match="float16 parameters needs eps"):
+        ens.fit(x, y, optimizer="adam", epochs=1, progress=False)

@@ -40,7 +40,7 @@ from typing import Any, Sequence
 import numpy
 
 from . import layers as L
-from ._backend import Generator, is_writeable, quiet_overflow, to_numpy
+from ._backend import Generator, is_float16, is_writeable, quiet_overflow, to_numpy
 from .callbacks import DivergenceError, EarlyStopping, History
 from .fusion import plan_for
 from .kernels import kernels_for
@@ -335,6 +335,11 @@ class _MemberUpdate:
 
     def _init(self, p):
         o = self.opt
+        eps = getattr(o, "eps", None)
+        if eps is not None and isinstance(o, (Adam, RMSprop)) and is_float16(p.dtype, self.xp) and eps < 2.0**-14:
+            msg = (f"{type(o).__name__} with float16 parameters needs eps >= {2.0**-14:.3g} (float16's smallest "
+                   f"normal number), got eps={eps:g}: pass eps=1e-4, or train in float32")
+            raise ValueError(msg)
         if isinstance(o, SGD):
             return {"momentum_buffer": self._zeros(p)} if self._on(self.momentum) else {}
         if isinstance(o, Adam):
@@ -731,10 +736,12 @@ def _step(run: _Run, xb, yb, wb, epoch: int):
     host = to_numpy(values).astype(float)
     if not numpy.all(numpy.isfinite(host)):
         bad = numpy.flatnonzero(~numpy.isfinite(host)).tolist()
+        finite = all(bool(xp.all(xp.isfinite(a))) for p in model.params for a in p.values())
+        kept = ("the parameters are those of the last finite step" if finite else
+                f"the update of step {run.step} already made some parameters non-finite")
         msg = (f"the training loss of members {bad} became non-finite at epoch {epoch + 1}, "
-               f"step {run.step + 1}; the parameters are those of the last finite step. "
-               "Lower those members' learning rates or scale the inputs.")
-        raise DivergenceError(msg, epoch=epoch, step=run.step)
+               f"step {run.step + 1}; {kept}. Lower those members' learning rates or scale the inputs.")
+        raise DivergenceError(msg, epoch=epoch, step=run.step, params_finite=finite)
     grads = model._backprop(caches, dout, xp=xp, inplace=True, plan=run.plan)
     # the previous step's arrays are let go only now, after this step's of the same sizes
     # exist: freed first, they would shrink the heap, and the next step's would be
