@@ -293,3 +293,38 @@ def test_float16_adam_needs_an_eps_float16_holds():
     x, y = np.zeros((4, 5), dtype=np.float16), np.zeros((4, 3), dtype=np.float16)
     with pytest.raises(ValueError, match="float16 parameters needs eps"):
         ens.fit(x, y, optimizer="adam", epochs=1, progress=False)
+
+
+# ------------------------------------------------------------------ kernels, stacked
+def test_kernels_broadcast_over_a_member_axis(backend):
+    """The backend's set on stacked operands equals NumPy float64 member by member: the
+    dense forward (a shared and a stacked input), its backward, the bias gradient, the
+    layer-norm backward."""
+    from arraymlp import functional as F
+    from arraymlp.kernels import kernels_for
+
+    rng = np.random.default_rng(0)
+    k, n, i, o = 3, 7, 5, 4
+    x2, x3 = rng.normal(size=(n, i)), rng.normal(size=(k, n, i))
+    W, b, dy = rng.normal(size=(k, i, o)), rng.normal(size=(k, 1, o)), rng.normal(size=(k, n, o))
+    xp = backend.xp
+    ks = kernels_for(xp)
+    a = backend.asarray
+    for x in (x2, x3):
+        y = backend.to_numpy(ks.dense_forward(a(x), a(W), a(b), xp))
+        dx, dW, db = (backend.to_numpy(t) for t in ks.dense_backward(a(x), a(W), a(dy), True, True, xp))
+        for m in range(k):
+            xm = x if x.ndim == 2 else x[m]
+            np.testing.assert_allclose(y[m], xm @ W[m] + b[m], rtol=1e-12)
+            np.testing.assert_allclose(dW[m], xm.T @ dy[m], rtol=1e-12)
+            np.testing.assert_allclose(db[m], dy[m].sum(axis=0, keepdims=True), rtol=1e-12)
+            np.testing.assert_allclose(dx[m], dy[m] @ W[m].T, rtol=1e-12)
+    g = rng.normal(size=(k, 1, o))
+    _, cache = F.layer_norm_forward(a(dy), a(g), a(b), xp=xp)
+    _, dg, dbeta = F.layer_norm_backward(cache, a(g), a(dy), xp=xp)
+    assert tuple(dg.shape) == (k, 1, o) and tuple(dbeta.shape) == (k, 1, o)
+    for m in range(k):
+        mu = dy[m].mean(axis=1, keepdims=True)
+        xhat = (dy[m] - mu) / np.sqrt(dy[m].var(axis=1, keepdims=True) + 1e-5)
+        np.testing.assert_allclose(backend.to_numpy(dg)[m, 0], (dy[m] * xhat).sum(axis=0), rtol=1e-10)
+        np.testing.assert_allclose(backend.to_numpy(dbeta)[m, 0], dy[m].sum(axis=0), rtol=1e-12)
