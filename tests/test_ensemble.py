@@ -136,14 +136,17 @@ def test_member_i_trains_as_the_plain_model_alone(backend, optimizer):
         np.testing.assert_allclose([e[i] for e in hist.loss], h.loss, rtol=1e-10)
 
 
-@pytest.mark.parametrize("loss,out_act", [("mse", None), ("huber", None), ("binary_cross_entropy", "sigmoid"),
-                                          ("cross_entropy", "softmax")])
+@pytest.mark.parametrize("loss,out_act", [("mse", None), ("mae", None), ("huber", None), ("poisson_nll", None),
+                                          ("binary_cross_entropy", "sigmoid"), ("cross_entropy", "softmax"),
+                                          ("cross_entropy", None)])
 def test_every_table_loss_matches_the_plain_loss(backend, loss, out_act):
     """Each member's loss and gradient are the plain model's for that member."""
     labels = loss == "cross_entropy"
     x, y, _, y_np = _data(backend, n=12, labels=labels)
     if loss == "binary_cross_entropy":
         y = backend.asarray((y_np > 0).astype(np.float64))
+    if loss == "poisson_nll":
+        y = backend.asarray(np.abs(y_np))
     ens = am.MLP([5, 6, 3], output_activation=out_act, ensemble=3, seed=4, dtype="float64",
                  **backend.model_kwargs())
     w = np.random.default_rng(0).uniform(0.5, 1.5, size=(3, 12))
@@ -328,3 +331,20 @@ def test_kernels_broadcast_over_a_member_axis(backend):
         xhat = (dy[m] - mu) / np.sqrt(dy[m].var(axis=1, keepdims=True) + 1e-5)
         np.testing.assert_allclose(backend.to_numpy(dg)[m, 0], (dy[m] * xhat).sum(axis=0), rtol=1e-10)
         np.testing.assert_allclose(backend.to_numpy(dbeta)[m, 0], dy[m].sum(axis=0), rtol=1e-12)
+
+
+def test_a_batch_without_weight_leaves_a_member_alone(backend):
+    """0/1 weights: a batch in which member 0 has no weight gives it no gradient (plain SGD:
+    no step), so after the two batches of one epoch it equals the plain model trained on
+    the second half alone."""
+    x, y, x_np, y_np = _data(backend, n=20)
+    w = np.ones((2, 20))
+    w[0, :10] = 0.0
+    ens = am.MLP([5, 6, 3], ensemble=2, seed=3, dtype="float64", **backend.model_kwargs())
+    plain = ens.member(0)
+    hist = ens.fit(x, y, loss="cross_entropy", optimizer="sgd", lr=0.1, epochs=1, batch_size=10, shuffle=False,
+                   sample_weight=backend.asarray(w), progress=False)
+    plain.fit(backend.asarray(x_np[10:]), backend.asarray(y_np[10:]), loss="cross_entropy", optimizer="sgd", lr=0.1,
+              epochs=1, batch_size=10, shuffle=False, progress=False)
+    _close(_np_params(ens.member(0)), _np_params(plain))
+    assert np.isfinite(hist.loss[0]).all()
