@@ -565,6 +565,58 @@ def test_divergence_reports_finite_parameters(backend):
     assert "those of the last finite step" in str(info.value)
 
 
+def _nan_at_call(k):
+    """A custom mse whose ``k``-th call (counting from 1) returns a NaN loss: the
+    parameters stay finite, the step is known."""
+    calls = [0]
+
+    def fn(outputs, targets, *, xp=None, sample_weight=None, check=True):
+        calls[0] += 1
+        value, g = am.LOSSES["mse"].fn(outputs, targets, xp=xp, sample_weight=sample_weight, check=check)
+        return (value * math.nan if calls[0] == k else value), g
+
+    return am.losses.Loss("nan_at_call", fn, "identity", "same_shape")
+
+
+class _Watcher(Callback):
+    """Watches every batch: fit then reads each step's loss as it comes."""
+
+    def __init__(self):
+        self.after_batch = []
+
+    def on_batch_end(self, model, logs):
+        self.after_batch.append(host_params(model))
+
+
+@pytest.mark.parametrize("call", [2, 8, 15])
+def test_divergence_found_at_epoch_end_keeps_the_parameters_of_the_last_finite_step(backend, call):
+    """Without a callback watching batches the losses are read once per epoch; a
+    non-finite one then replays the epoch up to the step before it, so the error and
+    the parameters are those a check after every step gives (shuffled batches, dropout
+    masks and Adam's moments included)."""
+    x_np, y_np = regression_data(n=40)
+    x, y = backend.asarray(x_np), backend.asarray(y_np)
+    results = []
+    for watcher in (None, _Watcher()):
+        model = am.MLP([3, 8, 2], dropout=0.25, dtype="float64", seed=1, **backend.model_kwargs())
+        with pytest.raises(DivergenceError) as info:
+            # call 1 is fit's up-front check of the targets; call c > 1 is step c - 1
+            model.fit(x, y, loss=_nan_at_call(call), optimizer=Adam(lr=1e-2), epochs=4, batch_size=8,
+                      callbacks=[] if watcher is None else [watcher], progress=False, seed=3)
+        results.append((info.value, host_params(model), model.steps_, model.optimizer_.step_count, watcher))
+    (err, params, steps, opt_steps, _), (err_w, params_w, steps_w, opt_steps_w, watcher) = results
+    done = call - 2  # steps completed before the bad one
+    assert (err.step, err.epoch) == (err_w.step, err_w.epoch) == (done, done // 5)
+    assert steps == steps_w == opt_steps == opt_steps_w == done
+    assert str(err) == str(err_w)
+    assert re.search(rf"\bepoch {done // 5 + 1}, step {done + 1} \(batch {done % 5 + 1}\)", str(err)), str(err)
+    assert err.params_finite and err_w.params_finite
+    assert len(watcher.after_batch) == done
+    assert_params_equal(params, params_w)
+    if done:
+        assert_params_equal(params, watcher.after_batch[-1])
+
+
 # --------------------------------------------------------------------------- partial_fit
 def test_partial_fit_keeps_optimizer_state(backend):
     x_np, y_np = regression_data(n=20)

@@ -33,10 +33,12 @@ value and integer weights equal repeating rows.
 Checks
 ------
 Every loss validates its inputs (shapes, dtypes, devices, label range, finite targets
-and weights). ``check=False`` skips the checks that read the targets' values (label
-range, finite targets) and so cost a pass over them and, on a GPU, a wait for the
-device: the model's training step passes it for targets its caller validated once,
-up front (``fit`` validates the whole ``y`` before the first step).
+and weights). ``check=False`` skips the checks that read the targets' and weights'
+values (label range, finite targets, finite non-negative weights with a positive sum)
+and so cost a pass over them and, on a GPU, a wait for the device: the model's
+training step passes it for data its caller validated once, up front (``fit``
+validates the whole ``y`` and ``sample_weight`` before the first step). Unchecked, a
+batch whose weights are all zero has loss 0 and gradient 0 (it changes nothing).
 
 Like :mod:`arraymlp.functional`, everything here uses only functions of the Array API
 standard through ``xp`` (taken from ``outputs`` when not given), creates arrays with
@@ -209,8 +211,11 @@ def _class_targets(name, outputs, targets, xp, check=True):
     return t, None
 
 
-def _sample_weight(name, sample_weight, outputs, xp):
-    """``(w, sum(w))`` with ``w`` of shape (n,) in the outputs' dtype, or ``(None, None)``."""
+def _sample_weight(name, sample_weight, outputs, xp, check=True):
+    """``(w, sum(w))`` with ``w`` of shape (n,) in the outputs' dtype, or ``(None, None)``.
+
+    ``check=False`` reads nothing back: the sum stays on the device, and a zero sum
+    (a batch of zero weights) is replaced by 1 so that the batch contributes nothing."""
     if sample_weight is None:
         return None, None
     _check_device(name, "sample_weight", outputs, sample_weight)
@@ -232,6 +237,8 @@ def _sample_weight(name, sample_weight, outputs, xp):
         raise ValueError(msg)
     w = xp.astype(sample_weight, outputs.dtype, copy=False)
     total = xp.sum(w, dtype=_acc(w.dtype, xp))
+    if not check:
+        return w, xp.where(total > 0, total, xp.ones_like(total))
     tot = float(total)
     # a NaN or an infinity anywhere makes the sum non-finite
     if not math.isfinite(tot):
@@ -286,7 +293,7 @@ def _mean_elementwise(name, kernel, outputs, targets, xp, sample_weight, check=T
     xp = _namespace(outputs, targets, sample_weight, xp)
     shape = _check_outputs(name, outputs, xp)
     t = _same_shape_targets(name, outputs, targets, xp, check)
-    w, total = _sample_weight(name, sample_weight, outputs, xp)
+    w, total = _sample_weight(name, sample_weight, outputs, xp, check)
     n = shape[0]
     m = math.prod(shape[1:])
     e, g = kernel(outputs, t, xp)
@@ -317,7 +324,9 @@ def _huber_kernel(o, t, xp, delta=HUBER_DELTA):
     d = o - t
     a = xp.abs(d)
     e = xp.where(a < delta, 0.5 * (d * d), delta * (a - 0.5 * delta))
-    return e, xp.clip(d, -delta, delta)
+    # minimum/maximum, not clip: array-api-compat's clip indexes with boolean masks,
+    # which reads the mask back to the host on a GPU
+    return e, xp.minimum(xp.maximum(d, -delta), delta)
 
 
 def _bce_kernel(x, t, xp):
@@ -504,7 +513,7 @@ def cross_entropy(outputs, targets, *, xp=None, sample_weight=None, check=True):
     else:
         n, k = map(int, outputs.shape)
     t, labels = _class_targets(name, outputs, targets, xp, check)
-    w, total = _sample_weight(name, sample_weight, outputs, xp)
+    w, total = _sample_weight(name, sample_weight, outputs, xp, check)
     if labels is not None:
         return _cross_entropy_labels(outputs, labels, w, total, n, k, xp)
     logp = log_softmax(outputs, xp=xp)

@@ -22,7 +22,7 @@ import sys
 import time
 from typing import Any, Sequence
 
-from ._backend import Generator, is_float16, quiet_overflow
+from ._backend import Generator, is_float16, quiet_overflow, to_numpy
 from .callbacks import Callback, DivergenceError, EarlyStopping, History
 from .fusion import plan_for
 from .losses import LOSSES, get_loss
@@ -332,30 +332,63 @@ def _divergence(run: _Run, value: float, epoch: int, batch: int) -> DivergenceEr
     return DivergenceError(msg, epoch=epoch, step=run.step, params_finite=finite)
 
 
+def _batch(run: _Run, order, start: int):
+    """The batch of rows ``[start, start + batch_size)`` of the epoch's order (this
+    rank's shard of it under data parallelism): ``(xb, yb, wb, rows)``."""
+    x, y, sample_weight, xp, dp = run.x, run.y, run.sample_weight, run.xp, run.dp
+    end = min(start + run.batch_size, _n(x))
+    lo, hi = (start, end) if dp is None else dp.shard(start, end)
+    if order is None:
+        sl = slice(lo, hi)
+        wb = None if sample_weight is None else sample_weight[sl]
+        return x[sl, ...], y[sl, ...], wb, end - start
+    idx = order[lo:hi]
+    return _take(x, idx, xp), _take(y, idx, xp), _take(sample_weight, idx, xp), end - start
+
+
+def _step(run: _Run, order, start: int, epoch_lr: float):
+    """One training step on the batch at ``start``: its loss (an array, not read) and rows."""
+    xb, yb, wb, rows = _batch(run, order, start)
+    value, update = _loss_then_update(run.model, run.opt, run.lossfn, xb, yb, wb, xp=run.xp, l2=run.l2,
+                                      dp=run.dp)
+    update(epoch_lr)
+    run.step += 1
+    return value, rows
+
+
+def _overrides_batch_end(cb) -> bool:
+    """Whether a callback has an ``on_batch_end`` of its own (it then gets every
+    step's loss as a float)."""
+    hook = getattr(cb, "on_batch_end", None)
+    return hook is not None and getattr(hook, "__func__", None) is not Callback.on_batch_end
+
+
+#: Per-step losses are kept as 0-d device arrays and stacked into one vector every
+#: this many steps (one small kernel), so that a long epoch holds few arrays.
+_STACK_EVERY = 256
+
+
 def _run_epoch(run: _Run, epoch: int, epoch_lr: float) -> tuple[float, int]:
-    """The epoch's batches, one step each, until a callback asks to stop: ``(summed loss, rows seen)``."""
-    model, x, y, sample_weight, xp, dp = run.model, run.x, run.y, run.sample_weight, run.xp, run.dp
-    n, batch_size = _n(x), run.batch_size
-    order = model.rng.permutation(n) if run.shuffle else None
+    """The epoch's batches, one step each, until a callback asks to stop: ``(summed loss, rows seen)``.
+
+    Without data parallelism and without a callback that watches batches, no step
+    reads anything back to the host: the losses stay on the device and are read
+    together at the end of the epoch (:func:`_run_epoch_on_device`).
+    """
+    order = run.model.rng.permutation(_n(run.x)) if run.shuffle else None
+    if run.dp is None and not any(_overrides_batch_end(cb) for cb in run.callbacks):
+        return _run_epoch_on_device(run, epoch, epoch_lr, order)
+    model, dp = run.model, run.dp
     total, seen = 0.0, 0
-    for start in range(0, n, batch_size):
-        end = min(start + batch_size, n)
-        lo, hi = (start, end) if dp is None else dp.shard(start, end)
-        if order is None:
-            sl = slice(lo, hi)
-            xb, yb = x[sl, ...], y[sl, ...]
-            wb = None if sample_weight is None else sample_weight[sl]
-        else:
-            idx = order[lo:hi]
-            xb, yb, wb = _take(x, idx, xp), _take(y, idx, xp), _take(sample_weight, idx, xp)
-        value, update = _loss_then_update(model, run.opt, run.lossfn, xb, yb, wb, xp=xp, l2=run.l2, dp=dp)
+    for start in range(0, _n(run.x), run.batch_size):
+        xb, yb, wb, nb = _batch(run, order, start)
+        value, update = _loss_then_update(model, run.opt, run.lossfn, xb, yb, wb, xp=run.xp, l2=run.l2, dp=dp)
         value = float(value)
         if not math.isfinite(value):
-            raise _divergence(run, value, epoch, start // batch_size)
+            raise _divergence(run, value, epoch, start // run.batch_size)
         update(epoch_lr)
         del update  # frees the batch's caches before the next forward
         run.step += 1
-        nb = end - start
         total += value * nb
         seen += nb
         logs = {"epoch": epoch, "step": run.step, "loss": value}
@@ -366,6 +399,57 @@ def _run_epoch(run: _Run, epoch: int, epoch_lr: float) -> tuple[float, int]:
         if run.stop:
             break
     return total, seen
+
+
+def _snapshot(run: _Run) -> tuple:
+    """Copies of what an epoch's steps change (parameters, optimiser state, step
+    counter, generator state), taken on the device at the epoch's start."""
+    model = run.model
+    params = [{k: run.xp.asarray(a, copy=True) for k, a in p.items()} for p in model.params]
+    return params, run.opt.state_dict(), run.step, model.rng.get_state()
+
+
+def _restore(run: _Run, snapshot: tuple) -> None:
+    params, opt_state, step, rng_state = snapshot
+    run.model.params = [dict(p) for p in params]
+    run.opt.load_state_dict(opt_state)
+    run.step = step
+    run.model.rng.set_state(rng_state)
+
+
+def _run_epoch_on_device(run: _Run, epoch: int, epoch_lr: float, order) -> tuple[float, int]:
+    """The epoch's steps with no host read: each step's loss is kept on the device and
+    all are read in one transfer at the end. A non-finite loss is found then; the
+    epoch is replayed from a snapshot taken at its start up to the step before it
+    (same batches, same dropout masks), so that :class:`DivergenceError` leaves the
+    parameters of the last finite step, as a check after every step would."""
+    xp = run.xp
+    snapshot = _snapshot(run)
+    chunks, pending, rows = [], [], []
+    for start in range(0, _n(run.x), run.batch_size):
+        value, nb = _step(run, order, start, epoch_lr)
+        pending.append(value)
+        rows.append(nb)
+        if len(pending) == _STACK_EVERY:
+            chunks.append(xp.stack(pending))
+            pending = []
+    if pending:
+        chunks.append(xp.stack(pending))
+    losses = to_numpy(chunks[0] if len(chunks) == 1 else xp.concat(chunks)).astype("float64")  # the one read
+    total = 0.0
+    for k, (value, nb) in enumerate(zip(losses.tolist(), rows)):
+        if not math.isfinite(value):
+            _replay(run, snapshot, order, k, epoch_lr)
+            raise _divergence(run, value, epoch, k)
+        total += value * nb
+    return total, sum(rows)
+
+
+def _replay(run: _Run, snapshot: tuple, order, steps: int, epoch_lr: float) -> None:
+    """Back to the epoch's start, then its first ``steps`` steps again."""
+    _restore(run, snapshot)
+    for k in range(steps):
+        _step(run, order, k * run.batch_size, epoch_lr)
 
 
 def _finish_epoch(run: _Run, epoch: int, epoch_lr: float, t0: float, total: float, seen: int) -> bool:
