@@ -25,7 +25,7 @@ from typing import Any, Sequence
 from ._backend import Generator, is_float16, quiet_overflow, to_numpy
 from .callbacks import Callback, DivergenceError, EarlyStopping, History
 from .fusion import plan_for
-from .losses import LOSSES, get_loss
+from .losses import LOSSES, check_targets, get_loss
 from .optim import Optimizer, get_optimizer
 
 __all__ = [
@@ -220,10 +220,10 @@ def _prepare_data(model, x, y, sample_weight, lossfn, validation_data, validatio
         raise ValueError(msg)
     if sample_weight is not None:
         sample_weight = model._check_target(sample_weight, xp, "sample_weight")
-    # Validate the targets (kind, shape, label range) and weights once, up front, against
-    # placeholder outputs of the model's output shape; the steps then skip those checks.
-    lossfn.fn(xp.zeros((_n(y), model.n_outputs), dtype=model.dtype, device=model.device), y, xp=xp,
-              sample_weight=sample_weight)
+    # Validate the targets (kind, shape, label range) and weights once, up front, block by
+    # block (never a temporary the size of the data); the steps then skip those checks.
+    check_targets(lossfn, model.n_outputs, y, dtype=model.dtype, device=model.device, xp=xp,
+                  sample_weight=sample_weight)
 
     if validation_data is None and validation_split > 0.0:
         n_val = max(1, int(round(_n(x) * validation_split)))
@@ -245,7 +245,7 @@ def _prepare_data(model, x, y, sample_weight, lossfn, validation_data, validatio
             msg = f"validation x has {_n(x_val)} samples but validation y has {_n(y_val)}"
             raise ValueError(msg)
         # the validation targets' kind, shape and labels, up front like y's
-        lossfn.fn(xp.zeros((_n(y_val), model.n_outputs), dtype=model.dtype, device=model.device), y_val, xp=xp)
+        check_targets(lossfn, model.n_outputs, y_val, dtype=model.dtype, device=model.device, xp=xp)
         val = (x_val, y_val)
     return x, y, sample_weight, val, xp
 

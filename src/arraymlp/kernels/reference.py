@@ -558,14 +558,37 @@ def axpy(p, a, g, xp, work=None):
 
 
 # ----------------------------------------------------------------------- finiteness
-def all_finite(a, xp, rows: int = 8192) -> bool:
-    """Whether every entry of ``a`` is finite: one host read per block of ``rows`` rows,
-    so that checking a data set never builds a boolean mask of its size."""
+#: Checks over whole data sets walk them in blocks of about this many elements, so
+#: that no temporary (a boolean mask, a cast) is ever the size of the data.
+CHECK_BLOCK = 1 << 20
+
+
+def block_rows(a, block: int | None = None) -> int:
+    """Rows of ``a`` per block of a blocked check: about ``block`` elements (default
+    :data:`CHECK_BLOCK`), at least one row."""
+    per_row = math.prod(a.shape[1:]) if a.ndim > 1 else 1
+    return max(1, (CHECK_BLOCK if block is None else block) // max(per_row, 1))
+
+
+def row_blocks(n: int, rows: int):
+    """``(start, stop)`` of consecutive blocks of ``rows`` rows covering ``range(n)``
+    (stops within the axis: the standard leaves slice ends past it unspecified)."""
+    return [(i, min(i + rows, n)) for i in range(0, n, rows)]
+
+
+def all_finite(a, xp, rows: int | None = None) -> bool:
+    """Whether every entry of ``a`` is finite, checked in blocks of ``rows`` rows
+    (:func:`block_rows` by default) whose answers are combined on the device and read
+    once: no boolean mask of the data's size, and one host read in all."""
     n = a.shape[0] if a.ndim else 0
+    rows = block_rows(a) if rows is None else rows
     if n <= rows:
         return bool(xp.all(xp.isfinite(a)))
-    # slice ends within the axis: the standard leaves ends past it unspecified
-    return all(bool(xp.all(xp.isfinite(a[i:min(i + rows, n), ...]))) for i in range(0, n, rows))
+    ok = None
+    for i, j in row_blocks(n, rows):
+        blk = xp.all(xp.isfinite(a[i:j, ...]))
+        ok = blk if ok is None else xp.logical_and(ok, blk)
+    return bool(ok)
 
 
 # ------------------------------------------------------------ label cross-entropy
