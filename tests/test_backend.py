@@ -115,6 +115,19 @@ def test_counter_bits_match_python_integers_on_every_backend(backend, counter):
     np.testing.assert_array_equal(got.reshape(-1), _reference_bits(3 * 41, key, counter))
 
 
+def test_wrapping_int64_mix_matches_the_overflow_free_one():
+    """torch on a GPU and CuPy mix in int64 with wrapping products: that arithmetic,
+    run here on torch's CPU tensors, equals the overflow-free definition."""
+    torch = pytest.importorskip("torch")
+    from arraymlp._backend import _mix32, _mix32_wrapping
+
+    x = np.concatenate([np.arange(1000), np.random.default_rng(0).integers(0, 2**32, size=5000), [2**32 - 1]])
+    want = np.asarray(_mix32(np.asarray(x, dtype=np.int64)))
+    got = _mix32_wrapping(torch.asarray(x, dtype=torch.int64)).numpy()
+    np.testing.assert_array_equal(got, want)
+    assert want.max() < 2**32 and want.min() >= 0
+
+
 def test_random_draws_are_the_same_on_every_backend(backend):
     rows = {"numpy": ("numpy", None)}
     rows[backend.id] = (backend.name, backend.device)

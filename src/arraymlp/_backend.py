@@ -402,6 +402,18 @@ def _mix32_numpy(x: numpy.ndarray) -> numpy.ndarray:
     return x
 
 
+def _mix32_wrapping(x: Any) -> Any:
+    """:func:`_mix32` in place on an int64 array of a library whose integer products
+    wrap modulo 2**64 (torch, CuPy): the low 32 bits of ``x * c`` are exact, so one
+    product and one mask replace :func:`_mul32`'s halves."""
+    x ^= x >> _SHIFTS[0]
+    for c, sh in zip(_MIX, _SHIFTS[1:]):
+        x *= c
+        x &= _M32
+        x ^= x >> sh
+    return x
+
+
 def counter_bits(shape: tuple[int, ...], key: int, counter: int, xp: types.ModuleType, device: Any = None) -> Any:
     """32 random bits per element, a pure function of ``(key, counter, element index)``.
 
@@ -410,6 +422,11 @@ def counter_bits(shape: tuple[int, ...], key: int, counter: int, xp: types.Modul
     ``bits = mix32(mix32((i + s0) mod 2**32) ^ s1)``, where ``mix32`` is a bijective
     xorshift-multiply hash of 32-bit words. Only int64 arithmetic of the standard is
     used, with no product reaching 2**63, so every namespace gives the same bits.
+
+    NumPy (and torch on the CPU, sharing NumPy's result) computes it in NumPy's
+    wrapping uint32 arithmetic, torch on a GPU and CuPy in int64 whose products wrap
+    modulo 2**64, other namespaces by the overflow-free definition; the tests compare
+    each with the definition computed on Python integers.
 
     Returns an array of ``shape`` and dtype int64 (uint32 on NumPy) with values in
     [0, 2**32), on ``device``.
@@ -420,13 +437,22 @@ def counter_bits(shape: tuple[int, ...], key: int, counter: int, xp: types.Modul
         raise ValueError(msg)
     w = _splitmix64((key & _M64) ^ _splitmix64(counter & _M64))
     s0, s1 = w & _M32, w >> 32
-    if backend_name(xp) == "numpy":
+    kind = backend_name(xp)
+    if kind == "numpy" or (kind == "torch" and getattr(canonical_device(xp, device), "type", None) == "cpu"):
         i = numpy.arange(n, dtype=numpy.uint32)
         i += numpy.uint32(s0)  # wraps mod 2**32
         h = _mix32_numpy(i)
         h ^= numpy.uint32(s1)
-        return _mix32_numpy(h).reshape(shape)
+        h = _mix32_numpy(h).reshape(shape)
+        return h if kind == "numpy" else xp.asarray(h.astype(numpy.int64))  # torch on the host: no copy
     i = xp.arange(n, dtype=xp.int64, device=device)
+    if kind in ("torch", "cupy"):
+        i += s0
+        i &= _M32
+        h = _mix32_wrapping(i)
+        h ^= s1
+        return xp.reshape(_mix32_wrapping(h), shape)
+    # the portable definition: no integer product reaches 2**63 (array-api-strict, JAX, ...)
     h = _mix32(_mix32((i + s0) & _M32) ^ s1)
     return xp.reshape(h, shape)
 

@@ -3,12 +3,19 @@
 ``fit(model, x, y, ...)`` (also ``model.fit``) trains on the arrays' own namespace and
 device: batches are index-gathered from the data where it lives, one batch at a time,
 so an epoch never copies the whole data set. Each step is ``loss_and_grads`` followed by
-the optimiser's update; a non-finite loss stops training with :class:`DivergenceError`
-before that step's update, leaving the last finite parameters in place. With plain SGD
-(no momentum, weight decay or clipping) the update is made during backpropagation
-instead, each dense layer's weight gradient accumulating straight into its weights
-(:func:`arraymlp.functional.dense_sgd_update`); the loss is still checked first, but an
-exception raised inside backpropagation (a custom layer's, or Ctrl-C) can leave that
+the optimiser's update, and reads nothing back to the host: the steps' losses stay on
+the device and are read together, in one transfer, at the end of the epoch. A
+non-finite loss found then stops training with :class:`DivergenceError`, leaving the
+parameters of the last finite step: the epoch is replayed from a copy of the
+parameters, optimiser state and random stream taken at its start, up to the step
+before the first non-finite loss (that copy is the cost: one copy of the parameters
+and optimiser state per epoch, on the device, and the replay only when training
+diverges). A callback that overrides ``on_batch_end``, and data-parallel training,
+need each step's loss as it comes: then every step reads its loss (one host read) and
+checks it before its update. With plain SGD (no momentum, weight decay or clipping)
+the update is made during backpropagation instead, each dense layer's weight gradient
+accumulating straight into its weights (:func:`arraymlp.functional.dense_sgd_update`);
+an exception raised inside backpropagation (a custom layer's, or Ctrl-C) can leave that
 step applied to the layers above the failing one only.
 """
 
@@ -353,6 +360,9 @@ def _step(run: _Run, order, start: int, epoch_lr: float):
                                       dp=run.dp)
     update(epoch_lr)
     run.step += 1
+    if getattr(value, "ndim", None) != 0:  # a custom loss's Python float, or a one-element array
+        model = run.model
+        value = run.xp.reshape(run.xp.asarray(value, dtype=model.dtype, device=model.device), ())
     return value, rows
 
 
@@ -406,7 +416,8 @@ def _snapshot(run: _Run) -> tuple:
     counter, generator state), taken on the device at the epoch's start."""
     model = run.model
     params = [{k: run.xp.asarray(a, copy=True) for k, a in p.items()} for p in model.params]
-    return params, run.opt.state_dict(), run.step, model.rng.get_state()
+    rng = None if model.rng is None else model.rng.get_state()
+    return params, run.opt.state_dict(), run.step, rng
 
 
 def _restore(run: _Run, snapshot: tuple) -> None:
@@ -414,7 +425,8 @@ def _restore(run: _Run, snapshot: tuple) -> None:
     run.model.params = [dict(p) for p in params]
     run.opt.load_state_dict(opt_state)
     run.step = step
-    run.model.rng.set_state(rng_state)
+    if rng_state is not None:
+        run.model.rng.set_state(rng_state)
 
 
 def _run_epoch_on_device(run: _Run, epoch: int, epoch_lr: float, order) -> tuple[float, int]:
