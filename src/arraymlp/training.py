@@ -91,8 +91,9 @@ def _loss_then_update(model, opt, lossfn, xb, yb, wb, *, xp, l2=0.0, dp=None):
     """First half of a training step: the batch's loss, and a function taking the update.
 
     Returns ``(value, update)``: ``value`` is the loss (an array), ``update(lr)`` makes
-    the optimiser's step. The caller reads ``value`` and checks it in between, so a
-    non-finite loss leaves the parameters untouched. With a plain SGD optimiser (no data
+    the optimiser's step. A caller that reads ``value`` and checks it in between leaves
+    the parameters untouched by a non-finite loss; one that keeps ``value`` on the
+    device updates at once and checks later (:func:`_run_epoch_on_device`). With a plain SGD optimiser (no data
     parallelism, no parameter array shared by two layers) the gradients are never
     gathered: :meth:`Sequential._sgd_update` applies each as backpropagation produces
     it, so an exception raised inside backpropagation (a custom layer's, or Ctrl-C)
