@@ -617,6 +617,38 @@ def test_divergence_found_at_epoch_end_keeps_the_parameters_of_the_last_finite_s
         assert_params_equal(params, watcher.after_batch[-1])
 
 
+class _LossWatcher(Callback):
+    def __init__(self):
+        self.losses = []
+
+    def on_batch_end(self, model, logs):
+        self.losses.append(logs["loss"])
+
+
+@pytest.mark.parametrize("loss", ["mse", "huber", "cross_entropy"])
+def test_losses_read_at_epoch_end_equal_those_read_per_step(backend, loss):
+    """The epoch's losses kept on the device and read at its end give the history that
+    reading each step's loss gives (no step's value is overwritten by a later step),
+    and the same parameters, with dropout, clipping and sample weights on."""
+    x_np, y_np = regression_data(n=45, n_outputs=3)
+    if loss == "cross_entropy":
+        y_np = np.argmax(y_np, axis=1)
+    w_np = np.random.default_rng(3).uniform(0.2, 2.0, size=45)
+    runs = []
+    for watcher in (None, _LossWatcher()):
+        model = am.MLP([3, 8, 3], dropout=0.2, dtype="float64", seed=2, **backend.model_kwargs())
+        h = model.fit(backend.asarray(x_np), backend.asarray(y_np), loss=loss, epochs=3, batch_size=8,
+                      optimizer=Adam(lr=1e-2, clip_norm=0.5, clip_value=0.2), sample_weight=backend.asarray(w_np),
+                      callbacks=[] if watcher is None else [watcher], progress=False, seed=5)
+        runs.append((h, host_params(model), watcher))
+    (h, params, _), (h_w, params_w, watcher) = runs
+    assert h.loss == h_w.loss
+    rows = [8] * 5 + [5]
+    want = [sum(v * r for v, r in zip(watcher.losses[6 * e:6 * e + 6], rows)) / 45 for e in range(3)]
+    np.testing.assert_allclose(h.loss, want, rtol=1e-15)
+    assert_params_equal(params, params_w)
+
+
 # --------------------------------------------------------------------------- partial_fit
 def test_partial_fit_keeps_optimizer_state(backend):
     x_np, y_np = regression_data(n=20)

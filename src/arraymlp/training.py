@@ -152,7 +152,7 @@ def _metric(model, out, y, task: str, xp, *, logits: bool = False, loss_name: st
 def _evaluate(model, x, y, lossfn, task, xp, batch_size=4096):
     """Validation loss and metric, in batches (inference mode)."""
     n = _n(x)
-    outs, total = [], 0.0
+    outs, values, rows = [], [], []
     fused = model._fused(lossfn)
     upto = len(model.layers) - 1 if fused else None
     for i in range(0, n, batch_size):
@@ -160,8 +160,11 @@ def _evaluate(model, x, y, lossfn, task, xp, batch_size=4096):
         xb, yb = x[i:end, ...], y[i:end, ...]
         out, _ = model.forward(xb, training=False, xp=xp, upto=upto, keep=False)
         value, _ = lossfn.fn(out, yb, xp=xp)
-        total += float(value) * _n(xb)
+        values.append(value)
+        rows.append(end - i)
         outs.append(out)
+    # the batches' losses read in one transfer, summed on the host as before
+    total = sum(v * r for v, r in zip(to_numpy(xp.stack(values)).astype("float64").tolist(), rows))
     out = outs[0] if len(outs) == 1 else xp.concat(outs, axis=0)
     return total / n, _metric(model, out, y, task, xp, logits=fused, loss_name=lossfn.name)
 
