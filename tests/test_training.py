@@ -588,12 +588,15 @@ class _Watcher(Callback):
         self.after_batch.append(host_params(model))
 
 
+@pytest.mark.parametrize("stack_every", [256, 2])
 @pytest.mark.parametrize("call", [2, 8, 15])
-def test_divergence_found_at_epoch_end_keeps_the_parameters_of_the_last_finite_step(backend, call):
+def test_divergence_found_at_epoch_end_keeps_the_parameters_of_the_last_finite_step(backend, call, stack_every,
+                                                                                  monkeypatch):
     """Without a callback watching batches the losses are read once per epoch; a
     non-finite one then replays the epoch up to the step before it, so the error and
     the parameters are those a check after every step gives (shuffled batches, dropout
-    masks and Adam's moments included)."""
+    masks and Adam's moments included; the losses stacked in one piece or in several)."""
+    monkeypatch.setattr(am.training, "_STACK_EVERY", stack_every)
     x_np, y_np = regression_data(n=40)
     x, y = backend.asarray(x_np), backend.asarray(y_np)
     results = []
