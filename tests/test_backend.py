@@ -78,6 +78,20 @@ def test_generator_counter_stream_and_state(backend):
         g.set_state({"host": state["host"], "stream": {"key": 1, "counter": -1}})
 
 
+def test_generator_state_without_a_counter_stream_restarts_it():
+    """A state saved before the per-step stream was counter-based (a "native" entry, no
+    "stream") restores the host stream and starts the counter stream at 0."""
+    xp = resolve_backend("numpy")
+    g = Generator(5, xp)
+    g.random((3,), np.float64)
+    old = {"host": g.get_state()["host"], "native": {"bit_generator": "PCG64"}}
+    h = Generator(5, xp)
+    h.set_state(old)
+    assert h.counter == 0
+    np.testing.assert_array_equal(h.random((3,), np.float64), Generator(5, xp).random((3,), np.float64))
+    np.testing.assert_array_equal(h.permutation(9), g.permutation(9))
+
+
 def _reference_bits(n, key, counter):
     """The counter-based bits computed with Python integers, one element at a time."""
     m32, m64 = 2**32 - 1, 2**64 - 1
