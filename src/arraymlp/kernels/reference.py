@@ -663,7 +663,10 @@ def dropout_forward(x, p, *, rng, training=True, xp=None):
     p : float in [0, 1)
         Probability of dropping an entry.
     rng : arraymlp.Generator
-        The model's generator (or one of your own); masks are drawn on ``x``'s device.
+        The model's generator (or one of your own with ``random(shape, dtype)``);
+        masks are drawn on ``x``'s device. An entry is kept where the generator's next
+        32 random bits (:meth:`arraymlp.Generator.bits`) are at least
+        ``ceil(p * 2**32)``, so the masks are the same on every backend.
     training : bool, default True
         With ``False`` (or ``p == 0``) nothing is dropped and ``x`` is returned as is.
     {xp}
@@ -678,10 +681,14 @@ def dropout_forward(x, p, *, rng, training=True, xp=None):
     xp = _ns(x, xp)
     if not training or p == 0.0:
         return x, None
-    u = rng.random(tuple(x.shape), x.dtype)
+    bits = getattr(rng, "bits", None)
+    if bits is not None:  # a counter-based stream: keep where 32 random bits >= p * 2**32
+        u, threshold = bits(tuple(x.shape)), min(math.ceil(p * 2.0**32), 2**32 - 1)
+    else:  # a generator of one's own with only random()
+        u, threshold = rng.random(tuple(x.shape), x.dtype), p
     if _device(u) != _device(x):  # a generator made for another (e.g. the default) device
         u = to_device(u, _device(x))
-    mask = xp.where(u >= p, xp.asarray(1.0 / (1.0 - p), dtype=x.dtype, device=x.device),
+    mask = xp.where(u >= threshold, xp.asarray(1.0 / (1.0 - p), dtype=x.dtype, device=x.device),
                     xp.asarray(0.0, dtype=x.dtype, device=x.device))
     return x * mask, mask
 
