@@ -138,3 +138,14 @@ def test_the_counter_counts_a_read_inside_a_step(monkeypatch):
     long, _ = _count_fit(monkeypatch, case, 8)
     assert (long.total - short.total) / (2 * (8 - 4)) == 1
     assert long.counts["__float__"] - short.counts["__float__"] == 8
+
+
+def test_a_long_epoch_reads_its_losses_every_check_every_steps(monkeypatch):
+    """With the check every 2 steps, an epoch of 8 steps reads its losses 4 times and
+    one of 4 steps twice: half a read per step, one transfer each."""
+    monkeypatch.setattr(am.training, "_CHECK_EVERY", 2)
+    case = CASES["adam"]
+    short, _ = _count_fit(monkeypatch, case, 4)
+    long, _ = _count_fit(monkeypatch, case, 8)
+    assert (long.total - short.total) / (2 * (8 - 4)) == 0.5
+    assert set(long.counts) - set(short.counts) == set()

@@ -588,15 +588,17 @@ class _Watcher(Callback):
         self.after_batch.append(host_params(model))
 
 
-@pytest.mark.parametrize("stack_every", [256, 2])
+@pytest.mark.parametrize(("stack_every", "check_every"), [(256, 1000), (2, 1000), (2, 3)])
 @pytest.mark.parametrize("call", [2, 8, 15])
 def test_divergence_found_at_epoch_end_keeps_the_parameters_of_the_last_finite_step(backend, call, stack_every,
-                                                                                  monkeypatch):
-    """Without a callback watching batches the losses are read once per epoch; a
-    non-finite one then replays the epoch up to the step before it, so the error and
-    the parameters are those a check after every step gives (shuffled batches, dropout
-    masks and Adam's moments included; the losses stacked in one piece or in several)."""
+                                                                                  check_every, monkeypatch):
+    """Without a callback watching batches the losses are read once per epoch (or every
+    ``check_every`` steps); a non-finite one then replays the steps since the last read
+    up to the step before it, so the error and the parameters are those a check after
+    every step gives (shuffled batches, dropout masks and Adam's moments included; the
+    losses stacked in one piece or in several)."""
     monkeypatch.setattr(am.training, "_STACK_EVERY", stack_every)
+    monkeypatch.setattr(am.training, "_CHECK_EVERY", check_every)
     x_np, y_np = regression_data(n=40)
     x, y = backend.asarray(x_np), backend.asarray(y_np)
     results = []
@@ -628,8 +630,9 @@ class _LossWatcher(Callback):
         self.losses.append(logs["loss"])
 
 
+@pytest.mark.parametrize("check_every", [1000, 4])
 @pytest.mark.parametrize("loss", ["mse", "huber", "cross_entropy"])
-def test_losses_read_at_epoch_end_equal_those_read_per_step(backend, loss):
+def test_losses_read_at_epoch_end_equal_those_read_per_step(backend, loss, check_every, monkeypatch):
     """The epoch's losses kept on the device and read at its end give the history that
     reading each step's loss gives (no step's value is overwritten by a later step),
     and the same parameters, with dropout, clipping and sample weights on."""
@@ -637,6 +640,7 @@ def test_losses_read_at_epoch_end_equal_those_read_per_step(backend, loss):
     if loss == "cross_entropy":
         y_np = np.argmax(y_np, axis=1)
     w_np = np.random.default_rng(3).uniform(0.2, 2.0, size=45)
+    monkeypatch.setattr(am.training, "_CHECK_EVERY", check_every)
     runs = []
     for watcher in (None, _LossWatcher()):
         model = am.MLP([3, 8, 3], dropout=0.2, dtype="float64", seed=2, **backend.model_kwargs())
