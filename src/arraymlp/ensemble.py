@@ -405,28 +405,24 @@ class _MemberUpdate:
                 g = g + mom * buf if o.nesterov else buf
             return _iadd(p, (-lr) * g)
         if isinstance(o, Adam):
-            # in place, through one scratch array of the parameter's shape: a fresh temporary
-            # of this size costs page faults on every step where the allocator hands it back
             b1, b2 = self.b1, self.b2
-            tmp = st.get("_scratch")
-            tmp = g * g if tmp is None else _imul(_assign(tmp, g), g)
-            v = st["exp_avg_sq"] = _iadd(_imul(st["exp_avg_sq"], b2), _imul(tmp, 1.0 - b2))
-            # b1 m + (1 - b1) g as b1 (m - g) + g: three passes, no temporary
-            m = st["exp_avg"] = _iadd(_imul(_isub(st["exp_avg"], g), b1), g)
-            if o.amsgrad:
-                v = st["max_exp_avg_sq"] = xp.maximum(st["max_exp_avg_sq"], v)
             c = (1.0 - b2**t) ** 0.5
-            step_size = lr / (1.0 - b1**t) * c
-            if is_writeable(tmp):  # step_size * m / (sqrt(v) / c + eps) = (step_size c) m / (sqrt(v) + eps c)
-                st["_scratch"] = tmp
-                tmp = _assign(tmp, v)
-                tmp **= 0.5
-                tmp += o.eps * c
-                tmp **= -1.0
-                tmp *= m
-                tmp *= step_size
-                return _isub(p, tmp)
-            return _isub(p, step_size * (m / (xp.sqrt(v) + o.eps * c)))
+            # step_size m / (sqrt(v) / c + eps) as (step_size c) m / (sqrt(v) + eps c)
+            step = lr / (1.0 - b1**t) * c
+            if not o.amsgrad:  # one kernel of the set: one compiled pass on NumPy
+                ks = kernels_for(xp)
+                scratch = None
+                if "member_adam_update" not in ks.overrides:  # the reference's work space, kept
+                    scratch = st.get("_scratch")
+                    if scratch is None:
+                        scratch = st["_scratch"] = xp.empty_like(p)
+                p, st["exp_avg"], st["exp_avg_sq"] = ks.member_adam_update(
+                    p, g, st["exp_avg"], st["exp_avg_sq"], scratch, b1, b2, step, o.eps * c, xp)
+                return p
+            v = st["exp_avg_sq"] = _iadd(_imul(st["exp_avg_sq"], b2), (1.0 - b2) * (g * g))
+            m = st["exp_avg"] = _iadd(_imul(_isub(st["exp_avg"], g), b1), g)
+            v = st["max_exp_avg_sq"] = xp.maximum(st["max_exp_avg_sq"], v)
+            return _isub(p, step * (m / (xp.sqrt(v) + o.eps * c)))
         if isinstance(o, RMSprop):
             a = o.alpha
             v = st["square_avg"] = _iadd(_imul(st["square_avg"], a), (1.0 - a) * (g * g))

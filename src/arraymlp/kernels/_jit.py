@@ -134,3 +134,31 @@ def cross_entropy_labels(x, labels):
         _fall_back(exc)
         return None
     return (total, g) if ok else None
+
+
+def member_adam(p, g, m, v, b1, b2, step, eps) -> bool:
+    """Adam's step of an ensemble's stacked parameter in one pass, in place (see
+    :func:`arraymlp.kernels.reference.member_adam_update`); False (nothing written) where
+    the kernel does not apply. ``p``, ``g``, ``m``, ``v``: C-contiguous writeable NumPy
+    arrays of one float dtype and shape (K, ...); the rest floats or (K, 1, 1) arrays."""
+    kern = kernels()
+    arrays = (p, g, m, v)
+    if (kern is None or any(type(a) is not numpy.ndarray for a in arrays) or p.ndim < 2
+            or p.dtype not in _DTYPES or any(a.dtype != p.dtype or a.shape != p.shape for a in arrays)
+            or not all(a.flags.c_contiguous for a in arrays) or not (p.flags.writeable and m.flags.writeable
+                                                                   and v.flags.writeable)
+            or any(numpy.may_share_memory(a, c) for i, a in enumerate(arrays) for c in arrays[i + 1:])):
+        return False
+    k = p.shape[0]
+    per = []
+    for h in (b1, b2, step, eps):
+        h = numpy.asarray(h, dtype=p.dtype).reshape(-1)
+        if h.size not in (1, k):
+            return False
+        per.append(numpy.ascontiguousarray(numpy.broadcast_to(h, (k,))))
+    try:
+        kern.member_adam(p.reshape(k, -1), g.reshape(k, -1), m.reshape(k, -1), v.reshape(k, -1), *per)
+    except Exception as exc:
+        _fall_back(exc)
+        return False
+    return True

@@ -71,3 +71,22 @@ def cross_entropy_labels(x, labels, g, scale):  # pragma: no cover - compiled
         for j in range(k):
             g[i, j] = g[i, j] * scale
     return True, total
+
+
+@numba.njit(cache=True, nogil=True)
+def member_adam(p, g, m, v, b1, b2, step, eps):  # pragma: no cover - compiled
+    """Adam's step of stacked members in one pass: ``p``, ``g``, ``m``, ``v`` (K, N); the
+    per-member ``b1``, ``b2``, ``step``, ``eps`` (K,) in the arrays' dtype. The arithmetic is
+    the reference's, in the arrays' dtype, one element at a time (the loop vectorises)."""
+    k, n = p.shape
+    one = p.dtype.type(1)
+    for r in range(k):
+        a1, a2, s, e = b1[r], b2[r], step[r], eps[r]
+        c2 = one - a2
+        for i in range(n):
+            gi = g[r, i]
+            vi = v[r, i] * a2 + (gi * gi) * c2
+            mi = (m[r, i] - gi) * a1 + gi
+            v[r, i] = vi
+            m[r, i] = mi
+            p[r, i] = p[r, i] - (one / (math.sqrt(vi) + e)) * mi * s

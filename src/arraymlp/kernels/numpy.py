@@ -117,6 +117,15 @@ def cross_entropy_labels_mean(x, labels, xp, *, cross_entropy_labels=R.cross_ent
                                        batch_sum=batch_sum)
 
 
+def member_adam_update(p, g, m, v, scratch, b1, b2, step, eps, xp):
+    """One compiled pass over the stacked parameter where Numba is installed, with the
+    reference's operations in the arrays' dtype: the reference makes about fifteen passes,
+    and an ensemble's Adam step is bound by memory."""
+    if _jit.member_adam(p, g, m, v, b1, b2, step, eps):
+        return p, m, v
+    return R.member_adam_update(p, g, m, v, scratch, b1, b2, step, eps, xp)
+
+
 OVERRIDES = {
     **C.UFUNC_OVERRIDES,
     **C.INDEXING_OVERRIDES,
@@ -129,4 +138,5 @@ OVERRIDES = {
     "row_max": row_max,
     "row_sum": row_sum,
     "cross_entropy_labels_mean": cross_entropy_labels_mean,
+    "member_adam_update": member_adam_update,
 }

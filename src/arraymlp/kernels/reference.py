@@ -568,6 +568,57 @@ def axpy(p, a, g, xp, work=None):
     return p + a * g
 
 
+def member_adam_update(p, g, m, v, scratch, b1, b2, step, eps, xp):
+    """Adam's step of an ensemble's stacked parameter, in place where writeable:
+    ``v <- b2 v + (1 - b2) g^2``, ``m <- b1 (m - g) + g`` (which is ``b1 m + (1 - b1) g``),
+    ``p <- p - step * m / (sqrt(v) + eps)``.
+
+    ``p``, ``g``, ``m``, ``v`` have one shape, (K, ...); ``b1``, ``b2``, ``step`` and ``eps``
+    are floats or arrays of shape (K, 1, 1), one value per member (the bias corrections are
+    folded into ``step`` and ``eps`` by the caller). ``p``, ``m`` and ``v`` are handed over;
+    ``scratch`` is an array of ``p``'s shape the kernel may overwrite (a fresh temporary of
+    this size costs page faults on every step where the allocator hands it back), or None.
+    Returns ``(p, m, v)``."""
+    tmp = g * g if scratch is None or not is_writeable(scratch) else _times(_put(scratch, g), g)
+    v = _plus(_times(v, b2), _times(tmp, 1.0 - b2))
+    m = _plus(_times(_minus(m, g), b1), g)
+    if is_writeable(tmp):
+        tmp = _put(tmp, v)
+        tmp **= 0.5
+        tmp += eps
+        tmp **= -1.0
+        tmp *= m
+        tmp *= step
+        return _minus(p, tmp), m, v
+    return _minus(p, step * (m / (xp.sqrt(v) + eps))), m, v
+
+
+def _times(a, c):
+    if is_writeable(a):
+        a *= c
+        return a
+    return a * c
+
+
+def _plus(a, c):
+    if is_writeable(a):
+        a += c
+        return a
+    return a + c
+
+
+def _minus(a, c):
+    if is_writeable(a):
+        a -= c
+        return a
+    return a - c
+
+
+def _put(a, c):
+    a[...] = c
+    return a
+
+
 # ----------------------------------------------------------------------- finiteness
 #: Checks over whole data sets walk them in blocks of about this many elements, so
 #: that no temporary (a boolean mask, a cast) is ever the size of the data.
