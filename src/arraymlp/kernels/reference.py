@@ -9,9 +9,9 @@ Conventions:
   passed down; a kernel never looks it up per operation.
 - A kernel never mutates its inputs, except the arguments its name or docstring says
   are handed over (``*_inplace`` kernels, :func:`sgd_apply`, :func:`axpy`,
-  :func:`dense_sgd_update`). Those are updated in place only where the namespace
-  allows it (:func:`arraymlp._backend.is_writeable`), and the result is returned
-  either way.
+  :func:`dense_sgd_update`, :func:`member_adam_update`). Those are updated in place
+  only where the namespace allows it (:func:`arraymlp._backend.is_writeable`), and the
+  result is returned either way.
 - A composite kernel takes the primitives it is built from as keyword arguments with
   the reference ones as defaults (``dense_backward(..., bias_grad=bias_grad)``), so a
   backend set that speeds up a primitive rebinds the composites with
