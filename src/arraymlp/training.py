@@ -27,6 +27,7 @@ from .callbacks import Callback, DivergenceError, EarlyStopping, History
 from .fusion import plan_for
 from .losses import LOSSES, get_loss
 from .optim import Optimizer, get_optimizer
+from .precision import resolve_precision
 
 __all__ = [
     "Callback",
@@ -80,7 +81,7 @@ class _Progress:
             self.bar.close()
 
 
-def _loss_then_update(model, opt, lossfn, xb, yb, wb, *, xp, l2=0.0, dp=None):
+def _loss_then_update(model, opt, lossfn, xb, yb, wb, *, xp, l2=0.0, dp=None, amp=None):
     """First half of a training step: the batch's loss, and a function taking the update.
 
     Returns ``(value, update)``: ``value`` is the loss (an array), ``update(lr)`` makes
@@ -89,8 +90,11 @@ def _loss_then_update(model, opt, lossfn, xb, yb, wb, *, xp, l2=0.0, dp=None):
     parallelism, no parameter array shared by two layers) the gradients are never
     gathered: :meth:`Sequential._sgd_update` applies each as backpropagation produces
     it, so an exception raised inside backpropagation (a custom layer's, or Ctrl-C)
-    can leave the layers above it stepped and the others not.
+    can leave the layers above it stepped and the others not. With ``amp`` (a
+    :class:`arraymlp.MixedPrecision`) the step runs in its compute dtype.
     """
+    if amp is not None:
+        return amp.loss_then_update(model, opt, lossfn, xb, yb, wb, xp=xp, l2=l2)
     plan = plan_for(model, xp, opt if dp is None else None)
     if plan.sgd:
         value, dout, caches, owned = model._loss_and_dout(xb, yb, lossfn, xp=xp, sample_weight=wb, l2=l2, plan=plan)
@@ -192,6 +196,7 @@ class _Run:
     base_lr: float = 0.0
     step: int = 0
     stop: bool = False
+    amp: Any = None  # MixedPrecision, or None
 
 
 def _check_arguments(loss, epochs, batch_size, validation_split):
@@ -348,7 +353,8 @@ def _run_epoch(run: _Run, epoch: int, epoch_lr: float) -> tuple[float, int]:
         else:
             idx = order[lo:hi]
             xb, yb, wb = _take(x, idx, xp), _take(y, idx, xp), _take(sample_weight, idx, xp)
-        value, update = _loss_then_update(model, run.opt, run.lossfn, xb, yb, wb, xp=xp, l2=run.l2, dp=dp)
+        value, update = _loss_then_update(model, run.opt, run.lossfn, xb, yb, wb, xp=xp, l2=run.l2, dp=dp,
+                                           amp=run.amp)
         value = float(value)
         if not math.isfinite(value):
             raise _divergence(run, value, epoch, start // batch_size)
@@ -415,7 +421,7 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
         validation_data: tuple | None = None, validation_split: float = 0.0,
         early_stopping: EarlyStopping | int | None = None, callbacks: Sequence[Callback] = (),
         progress: bool = True, verbose: bool = False, seed: int | None = None, l2: float = 0.0,
-        sample_weight: Any = None, comm: Any = None, resume_from: Any = None,
+        sample_weight: Any = None, comm: Any = None, resume_from: Any = None, precision: Any = None,
         _reuse_optimizer: bool = False) -> History:
     """Train ``model`` on ``(x, y)`` with mini-batch gradient descent.
 
@@ -462,6 +468,11 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
         Train data-parallel over MPI: every rank calls ``fit`` with the same arguments
         and data, and computes its shard of each global batch of ``batch_size`` rows;
         see :mod:`arraymlp.distributed`.
+    precision : {None, "float16", "bfloat16"} or MixedPrecision, optional
+        Mixed precision: each step computes in float16 (with dynamic loss scaling) or
+        bfloat16 over the model's float32 master weights, which the optimiser updates;
+        see :class:`arraymlp.MixedPrecision`. None (or the model's dtype): the model's
+        dtype throughout.
 
     Returns
     -------
@@ -470,10 +481,11 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
     lossfn, epochs, batch_size = _check_arguments(loss, epochs, batch_size, validation_split)
     x, y, sample_weight, val, xp = _prepare_data(model, x, y, sample_weight, lossfn, validation_data,
                                                  validation_split)
+    amp = resolve_precision(precision, model, xp, data_parallel=comm is not None)
     opt = _set_up_model(model, lossfn, optimizer, lr, schedule, seed, xp, _reuse_optimizer)
     callbacks = _arrange_callbacks(callbacks, early_stopping, validation=val is not None)
     run = _Run(model=model, x=x, y=y, sample_weight=sample_weight, val=val, lossfn=lossfn, xp=xp, opt=opt,
-               schedule=schedule, callbacks=callbacks, batch_size=batch_size, shuffle=shuffle, l2=l2)
+               schedule=schedule, callbacks=callbacks, batch_size=batch_size, shuffle=shuffle, l2=l2, amp=amp)
     _start_run(run, epochs, resume_from, comm, progress, verbose)
     quiet = contextlib.ExitStack()
     quiet.enter_context(quiet_overflow(xp))
