@@ -182,3 +182,18 @@ def test_strict_has_no_float16():
     with pytest.raises(ValueError, match="has no float16"):
         model.fit(xps.zeros((4, 3)), xps.zeros((4,), dtype=xps.int64), loss="cross_entropy", progress=False,
                   precision="float16")
+
+
+def test_partial_fit_keeps_the_loss_scale_of_one_mixed_precision():
+    """Two partial_fit calls with one MixedPrecision: the good-step count carries over, so
+    growth_interval=2 doubles the scale at the second call's step."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((8, 3)).astype(np.float32)
+    y = np.arange(8) % 2
+    model = am.MLP([3, 2], seed=0)
+    amp = am.MixedPrecision("float16", init_scale=8.0, growth_interval=2)
+    model.partial_fit(x, y, loss="cross_entropy", optimizer="sgd", batch_size=8, precision=amp)
+    assert (float(amp.scale), int(amp.good_steps)) == (8.0, 1)
+    model.partial_fit(x, y, batch_size=8, precision=amp)
+    assert (float(amp.scale), int(amp.good_steps)) == (16.0, 0)
+    assert model.params[0]["W"].dtype == np.float32

@@ -505,11 +505,12 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
 
 def partial_fit(model, x, y, *, loss: str | None = None, optimizer: str | Optimizer | None = None,
                 lr: float | None = None, batch_size: int = 32, shuffle: bool = True, l2: float = 0.0,
-                sample_weight: Any = None) -> History:
+                sample_weight: Any = None, precision: Any = None) -> History:
     """One pass over ``(x, y)``, keeping the optimiser state of earlier calls.
 
     Parameters are as for :func:`fit` (``x`` of shape (n, n_features), ``y`` of shape
     (n, n_outputs), (n,), or labels (n,)); ``loss`` defaults to the one of the last fit.
+    Pass the same :class:`arraymlp.MixedPrecision` to every call to keep its loss scale.
     """
     if loss is None:
         loss = getattr(model, "loss_", None)
@@ -517,7 +518,8 @@ def partial_fit(model, x, y, *, loss: str | None = None, optimizer: str | Optimi
             msg = "partial_fit needs loss= on its first call"
             raise ValueError(msg)
     return fit(model, x, y, loss=loss, optimizer=optimizer, lr=lr, epochs=1, batch_size=batch_size,
-               shuffle=shuffle, progress=False, l2=l2, sample_weight=sample_weight, _reuse_optimizer=True)
+               shuffle=shuffle, progress=False, l2=l2, sample_weight=sample_weight, precision=precision,
+               _reuse_optimizer=True)
 
 
 def predict_proba(model, x):
