@@ -91,6 +91,7 @@ class Context:
     device: str = "unknown-device"
     targets: list = dataclasses.field(default_factory=list)  # arraymlp.bench target names of the "GPU"
     peer_device: str = "cuda"  # torch eager's device
+    partial: dict = dataclasses.field(default_factory=dict)  # what the running section has measured so far
 
     def left(self) -> float:
         return self.budget - (time.perf_counter() - self.start)
@@ -270,7 +271,7 @@ def _floor_body(target: str, sizes, batch: int, dtype: str):
 
 def section_gemm_floor_device(ctx: Context) -> dict:
     W = _workloads(ctx)
-    out = {}
+    out = ctx.partial
     for name in ("W1", "W2", "W4"):
         wl = W[name]
         batch = wl.batches[0]
@@ -321,7 +322,7 @@ def section_launches(ctx: Context) -> dict:
     from arraymlp.losses import get_loss
 
     W1 = bench.WORKLOADS["W1"]
-    out = {}
+    out = ctx.partial
     for optname in ("sgd", "adam"):
         for target in ctx.targets:
             tgt = bench.TARGETS[target]
@@ -403,7 +404,9 @@ def section_amp(ctx: Context) -> dict:
     from arraymlp.losses import get_loss
 
     Xtr, ytr, Xte, yte = _digits()
-    out: dict = {"digits": {}, "step_s": {}}
+    out = ctx.partial  # kept by the run if the section runs out of time
+    out.update(digits={}, step_s={})
+    reps, calls = (1, 1) if ctx.standin else (3, 10)
     W = _workloads(ctx)
     for target in ctx.targets:
         tgt = bench.TARGETS[target]
@@ -447,8 +450,47 @@ def section_amp(ctx: Context) -> dict:
                         update(opt.lr)
 
                 out["step_s"][f"{name} {prec or 'float32'} arraymlp[{target}]"] = _median_s(
-                    step, reps=3, n=2 if name == "W4" else 10, sync=_sync(target))
+                    step, reps=reps, n=2 if name == "W4" else calls, sync=_sync(target))
+    for name in ("W1",) if ctx.standin else ("W1", "W4"):
+        for prec in (None, "float16", "bfloat16"):
+            step, sync = _torch_autocast_step(W[name], ctx.peer_device, prec)
+            out["step_s"][f"{name} {prec or 'float32'} torch eager autocast[{ctx.peer_device}]"] = _median_s(
+                step, reps=reps, n=2 if name == "W4" else calls, sync=sync)
     return out
+
+
+def _torch_autocast_step(wl, device: str, prec: str | None):
+    """PyTorch eager's mixed-precision step of a workload: ``torch.autocast`` in ``prec``
+    (float32 weights), ``GradScaler`` for float16, SGD; a host read of the loss per step,
+    as arraymlp's benchmark step makes."""
+    import torch
+
+    layers = []
+    for i, (a, b) in enumerate(zip(wl.sizes[:-1], wl.sizes[1:])):
+        layers.append(torch.nn.Linear(a, b))
+        if i < len(wl.sizes) - 2:
+            layers.append(torch.nn.ReLU())
+    net = torch.nn.Sequential(*layers).to(device)
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    gen = torch.Generator().manual_seed(0)
+    batch = wl.batches[0]
+    x = torch.randn(batch, wl.sizes[0], generator=gen).to(device)
+    y = torch.randint(0, wl.sizes[-1], (batch,), generator=gen).to(device)
+    lf = torch.nn.CrossEntropyLoss()
+    dtype = getattr(torch, prec) if prec else None
+    scaler = torch.amp.GradScaler(device, enabled=prec == "float16")
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device_type=device, dtype=dtype, enabled=prec is not None):
+            loss = lf(net(x), y)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        return loss.item()
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    return step, sync
 
 
 def section_pytest(ctx: Context) -> dict:
@@ -517,11 +559,14 @@ def run(args: argparse.Namespace, functions: dict | None = None) -> dict:
             report["skipped"][name] = f"budget spent ({ctx.left():.0f} s left)"
             continue
         t0 = time.perf_counter()
+        ctx.partial = {}
         try:
             with _time_limit(cap):
                 report["sections"][name] = functions[name](ctx)
         except Exception as exc:  # one failing section must not stop the others
             report["errors"][name] = f"{type(exc).__name__}: {exc}\n" + traceback.format_exc()[-3000:]
+            if ctx.partial:  # what it measured before it failed
+                report["sections"][name] = {**ctx.partial, "incomplete": True}
         report["seconds"][name] = round(time.perf_counter() - t0, 2)
         with open(path, "w", encoding="utf-8") as fh:  # after every section: a killed run keeps what it had
             json.dump(report, fh, indent=1, default=str)
