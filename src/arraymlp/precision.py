@@ -189,10 +189,12 @@ class MixedPrecision:
             if not self.dynamic:
                 model.params = opt.step(model.params, grads32, lr=lr)
                 return
+            # a NaN or infinite entry makes its array's sum non-finite; finite float32
+            # gradients unscaled from float16 cannot add up to float32's overflow
             ok = xp.asarray(True, device=device)
             for d in grads32:
                 for gk in d.values():
-                    ok = ok & xp.all(xp.isfinite(gk))
+                    ok = ok & xp.isfinite(xp.sum(gk))
             if opt.state is None:  # built now, so that a skipped first step keeps it
                 opt.state = [{k: opt._init_state(p, xp) for k, p in layer.items()} for layer in model.params]
             before = _snapshot(model.params, opt.state, xp)
