@@ -6,29 +6,34 @@ Each section runs under its own share of the budget; one that fails or runs out 
 time is recorded with its error and the next one runs. Everything is written to
 ``--out`` with the device in the name (``<device>-gpu-check.json`` with every section,
 ``<device>-bench.json``, ``<device>-W5.png``, ``<device>-junit.xml``), and a summary is
-printed last. Sections:
+printed last. Sections, in the order they run:
 
 ``env``
     Versions, the device, the TF32 switches as found.
+``pytest``
+    ``pytest -k "cupy or cuda"`` over tests/ with TF32 off, as JUnit XML (first, so that
+    the test rows' results come whatever happens later).
+``host_syncs``
+    Host synchronisations per training step of ``fit`` on W1 data (SGD, Adam), from the
+    slope between two data lengths: CuPy's own synchronisation points counted, torch's
+    synchronising calls counted by its sync debug mode. The target is 0 per step.
+``launches``
+    Kernel launches (CUPTI, through ``torch.profiler``) per W1 step with SGD and with
+    Adam, for arraymlp[cupy], arraymlp[torch-cuda] and PyTorch eager.
+``tf32_error``
+    The relative error against float64 of float32 and of TF32 products (2048^3), on
+    CuPy and torch.
+``gemm_floor_device``
+    The device time of the same GEMMs, by CUDA events around a stream that was kept
+    busy while they were queued (so that no host dispatch time is counted).
 ``bench``
     ``arraymlp.bench`` over W1, W2 and W4 (1024-4096-4096-1024, batch 8192) in float32,
     TF32 and float16, and W5 across batch sizes on NumPy and the GPU (the CPU/GPU
     crossover and its plot); candidates arraymlp[cupy], arraymlp[torch-cuda], PyTorch
     eager on CUDA, and each target's GEMM floor (wall time).
-``gemm_floor_device``
-    The device time of the same GEMMs, by CUDA events around a stream that was kept
-    busy while they were queued (so that no host dispatch time is counted).
-``launches``
-    Kernel launches (CUPTI, through ``torch.profiler``) per W1 step with SGD and with
-    Adam, for arraymlp[cupy], arraymlp[torch-cuda] and PyTorch eager.
-``tf32_error``
-    The relative error against float64 of float32 and of TF32 products (2048^3), and
-    of a W1 forward pass, on CuPy and torch.
 ``amp``
     Mixed precision: digits accuracy of float16 and bfloat16 training against float32,
     and the W1/W4 step time of each precision.
-``pytest``
-    ``pytest -k "cupy or cuda"`` over tests/ with TF32 off, as JUnit XML.
 
 ``--cpu-standin`` runs the same code with torch on the CPU standing in for the GPU, at
 reduced sizes (for the project's tests of this script); its figures mean nothing.
@@ -51,10 +56,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[2]
-SECTIONS = ("env", "bench", "gemm_floor_device", "launches", "tf32_error", "amp", "pytest")
-# share of the budget each section may use at most (they run in this order)
-CAPS = {"env": 30, "bench": 200, "gemm_floor_device": 40, "launches": 40, "tf32_error": 20, "amp": 60,
-        "pytest": 210}
+# in this order: the test rows first (their JUnit file is the check's first product), the
+# quick probes, then the benchmarks
+SECTIONS = ("env", "pytest", "host_syncs", "launches", "tf32_error", "gemm_floor_device", "bench", "amp")
+# the most each section may use of the budget (less when less is left)
+CAPS = {"env": 20, "pytest": 170, "host_syncs": 30, "launches": 30, "tf32_error": 15, "gemm_floor_device": 30,
+        "bench": 140, "amp": 45}
 
 
 class SectionTimeout(Exception):
@@ -187,6 +194,74 @@ def section_env(ctx: Context) -> dict:
 
         out["torch_allow_tf32"] = bool(torch.backends.cuda.matmul.allow_tf32)
     out["device"] = ctx.device
+    return out
+
+
+def _count_syncs(target: str):
+    """A context counting the host synchronisations of ``target`` into a list's length."""
+    seen: list = []
+    if target == "cupy":
+        import cupy._core.syncdetect as sd
+
+        orig = sd._declare_synchronize
+
+        def counting():
+            seen.append(1)
+            return orig()
+
+        @contextlib.contextmanager
+        def ctx():
+            sd._declare_synchronize = counting
+            try:
+                yield seen
+            finally:
+                sd._declare_synchronize = orig
+
+        return ctx()
+    import warnings
+
+    import torch
+
+    @contextlib.contextmanager
+    def tctx():
+        old = torch.cuda.get_sync_debug_mode()
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode(1)  # warn at every synchronising call
+            try:
+                yield seen
+            finally:
+                torch.cuda.set_sync_debug_mode(old)
+                seen.extend(w for w in rec if "synchroniz" in str(w.message).lower())
+
+    return tctx()
+
+
+def section_host_syncs(ctx: Context) -> dict:
+    """Host reads per step of ``fit``: the count at 8 and at 16 steps, and the slope."""
+    if ctx.standin:
+        return {"skipped": "counted through CuPy's and torch's CUDA sync hooks only"}
+    import numpy
+
+    import arraymlp as am
+    from arraymlp import bench
+
+    rng = numpy.random.default_rng(0)
+    out = ctx.partial
+    for target in ctx.targets:
+        tgt = bench.TARGETS[target]
+        for optname in ("sgd", "adam"):
+            counts = {}
+            for n in (2048, 4096):
+                m = am.MLP([784, 512, 512, 10], output_activation="softmax", backend=tgt.backend, device=tgt.device,
+                           seed=0)
+                x = am.to_backend(rng.standard_normal((n, 784)).astype("float32"), tgt.backend, device=m.device)
+                y = am.to_backend(rng.integers(0, 10, n), tgt.backend, device=m.device)
+                with _count_syncs(target) as seen:
+                    m.fit(x, y, loss="cross_entropy", optimizer=optname, epochs=1, batch_size=256, progress=False)
+                counts[n // 256] = len(seen)
+            out[f"W1 {optname} arraymlp[{target}]"] = {"syncs": counts, "per_step": (counts[16] - counts[8]) / 8}
+    out["target"] = "0 per step"
     return out
 
 
@@ -501,7 +576,7 @@ def section_pytest(ctx: Context) -> dict:
     env.pop("CUPY_TF32", None)
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "cupy or cuda", "-rfE",
            f"--junitxml={junit}", "tests"]
-    cap = max(10.0, min(CAPS["pytest"], ctx.left() - 15))
+    cap = max(10.0, min(CAPS["pytest"] - 10, ctx.left() - 15))  # ends before the section's alarm
     try:
         done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=cap)
         tail, rc = done.stdout, done.returncode
