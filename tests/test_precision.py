@@ -197,3 +197,25 @@ def test_partial_fit_keeps_the_loss_scale_of_one_mixed_precision():
     model.partial_fit(x, y, batch_size=8, precision=amp)
     assert (float(amp.scale), int(amp.good_steps)) == (16.0, 0)
     assert model.params[0]["W"].dtype == np.float32
+
+
+def test_the_device_resident_loop_and_the_per_step_loop_agree_under_mixed_precision():
+    """fit without a batch callback keeps the losses on the device (and replays from a
+    snapshot that includes the loss scale); with one it reads each step. Same seeds: the
+    same parameters and the same scale, bit for bit."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((96, 5)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int64)
+    class Watch(Callback):
+        def on_batch_end(self, model, logs):
+            return None
+
+    out = []
+    for watch in (False, True):
+        model = am.MLP([5, 8, 2], seed=0)
+        amp = am.MixedPrecision("float16", init_scale=2.0**20, growth_interval=3)  # overflows, then settles
+        model.fit(x, y, loss="cross_entropy", optimizer="adam", epochs=2, batch_size=16, progress=False, seed=0,
+                  precision=amp, callbacks=[Watch()] if watch else [])
+        out.append((model.params[0]["W"].copy(), float(amp.scale), int(amp.skipped)))
+    np.testing.assert_array_equal(out[0][0], out[1][0])
+    assert out[0][1:] == out[1][1:] and out[0][2] >= 1

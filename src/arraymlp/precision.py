@@ -127,6 +127,20 @@ class MixedPrecision:
         self.skipped = xp.asarray(0, dtype=xp.int32, device=device)
         self._where = (xp, device)
 
+    def get_state(self) -> tuple:
+        """Copies of ``(scale, good_steps, skipped)`` (Nones before the first step), for
+        :meth:`set_state`: no host read."""
+        if self.scale is None:
+            return (None, None, None, None)
+        xp = self._where[0]
+        return (xp.asarray(self.scale, copy=True), xp.asarray(self.good_steps, copy=True),
+                xp.asarray(self.skipped, copy=True), self._where)
+
+    def set_state(self, state: tuple) -> None:
+        """Back to a state of :meth:`get_state` (a replayed stretch of steps then scales
+        its gradients as it did the first time)."""
+        self.scale, self.good_steps, self.skipped, self._where = state
+
     def update_scale(self, ok, xp) -> None:
         """After a step whose gradients were all finite (``ok``, a 0-d boolean array) or
         not: count it, double ``S`` after ``growth_interval`` good steps, halve it (not
