@@ -34,6 +34,7 @@ from .callbacks import Callback, DivergenceError, EarlyStopping, History
 from .fusion import plan_for
 from .losses import LOSSES, check_targets, get_loss
 from .optim import Optimizer, get_optimizer
+from .precision import resolve_precision
 
 __all__ = [
     "Callback",
@@ -87,7 +88,7 @@ class _Progress:
             self.bar.close()
 
 
-def _loss_then_update(model, opt, lossfn, xb, yb, wb, *, xp, l2=0.0, dp=None):
+def _loss_then_update(model, opt, lossfn, xb, yb, wb, *, xp, l2=0.0, dp=None, amp=None):
     """First half of a training step: the batch's loss, and a function taking the update.
 
     Returns ``(value, update)``: ``value`` is the loss (an array), ``update(lr)`` makes
@@ -97,8 +98,11 @@ def _loss_then_update(model, opt, lossfn, xb, yb, wb, *, xp, l2=0.0, dp=None):
     parallelism, no parameter array shared by two layers) the gradients are never
     gathered: :meth:`Sequential._sgd_update` applies each as backpropagation produces
     it, so an exception raised inside backpropagation (a custom layer's, or Ctrl-C)
-    can leave the layers above it stepped and the others not.
+    can leave the layers above it stepped and the others not. With ``amp`` (a
+    :class:`arraymlp.MixedPrecision`) the step runs in its compute dtype.
     """
+    if amp is not None:
+        return amp.loss_then_update(model, opt, lossfn, xb, yb, wb, xp=xp, l2=l2)
     plan = plan_for(model, xp, opt if dp is None else None)
     if plan.sgd:
         value, dout, caches, owned = model._loss_and_dout(xb, yb, lossfn, xp=xp, sample_weight=wb, l2=l2, plan=plan)
@@ -203,6 +207,7 @@ class _Run:
     base_lr: float = 0.0
     step: int = 0
     stop: bool = False
+    amp: Any = None  # MixedPrecision, or None
 
 
 def _check_arguments(loss, epochs, batch_size, validation_split):
@@ -361,7 +366,7 @@ def _step(run: _Run, order, start: int, epoch_lr: float):
     """One training step on the batch at ``start``: its loss (an array, not read) and rows."""
     xb, yb, wb, rows = _batch(run, order, start)
     value, update = _loss_then_update(run.model, run.opt, run.lossfn, xb, yb, wb, xp=run.xp, l2=run.l2,
-                                      dp=run.dp)
+                                      dp=run.dp, amp=run.amp)
     update(epoch_lr)
     run.step += 1
     if getattr(value, "ndim", None) != 0:  # a custom loss's Python float, or a one-element array
@@ -402,7 +407,8 @@ def _run_epoch(run: _Run, epoch: int, epoch_lr: float) -> tuple[float, int]:
     total, seen = 0.0, 0
     for start in range(0, _n(run.x), run.batch_size):
         xb, yb, wb, nb = _batch(run, order, start)
-        value, update = _loss_then_update(model, run.opt, run.lossfn, xb, yb, wb, xp=run.xp, l2=run.l2, dp=dp)
+        value, update = _loss_then_update(model, run.opt, run.lossfn, xb, yb, wb, xp=run.xp, l2=run.l2, dp=dp,
+                                           amp=run.amp)
         value = float(value)
         if not math.isfinite(value):
             raise _divergence(run, value, epoch, start // run.batch_size)
@@ -423,20 +429,24 @@ def _run_epoch(run: _Run, epoch: int, epoch_lr: float) -> tuple[float, int]:
 
 def _snapshot(run: _Run) -> tuple:
     """Copies of what an epoch's steps change (parameters, optimiser state, step
-    counter, generator state), taken on the device at the epoch's start."""
+    counter, generator state, a mixed-precision loss scale), taken on the device at the
+    epoch's start."""
     model = run.model
     params = [{k: run.xp.asarray(a, copy=True) for k, a in p.items()} for p in model.params]
     rng = None if model.rng is None else model.rng.get_state()
-    return params, run.opt.state_dict(), run.step, rng
+    amp = None if run.amp is None else run.amp.get_state()
+    return params, run.opt.state_dict(), run.step, rng, amp
 
 
 def _restore(run: _Run, snapshot: tuple) -> None:
-    params, opt_state, step, rng_state = snapshot
+    params, opt_state, step, rng_state, amp_state = snapshot
     run.model.params = [dict(p) for p in params]
     run.opt.load_state_dict(opt_state)
     run.step = step
     if rng_state is not None:
         run.model.rng.set_state(rng_state)
+    if amp_state is not None:
+        run.amp.set_state(amp_state)
 
 
 def _run_epoch_on_device(run: _Run, epoch: int, epoch_lr: float, order) -> tuple[float, int]:
@@ -528,7 +538,7 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
         validation_data: tuple | None = None, validation_split: float = 0.0,
         early_stopping: EarlyStopping | int | None = None, callbacks: Sequence[Callback] = (),
         progress: bool = True, verbose: bool = False, seed: int | None = None, l2: float = 0.0,
-        sample_weight: Any = None, comm: Any = None, resume_from: Any = None,
+        sample_weight: Any = None, comm: Any = None, resume_from: Any = None, precision: Any = None,
         _reuse_optimizer: bool = False) -> History:
     """Train ``model`` on ``(x, y)`` with mini-batch gradient descent.
 
@@ -575,6 +585,11 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
         Train data-parallel over MPI: every rank calls ``fit`` with the same arguments
         and data, and computes its shard of each global batch of ``batch_size`` rows;
         see :mod:`arraymlp.distributed`.
+    precision : {None, "float16", "bfloat16"} or MixedPrecision, optional
+        Mixed precision: each step computes in float16 (with dynamic loss scaling) or
+        bfloat16 over the model's float32 master weights, which the optimiser updates;
+        see :class:`arraymlp.MixedPrecision`. None (or the model's dtype): the model's
+        dtype throughout.
 
     Returns
     -------
@@ -583,10 +598,11 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
     lossfn, epochs, batch_size = _check_arguments(loss, epochs, batch_size, validation_split)
     x, y, sample_weight, val, xp = _prepare_data(model, x, y, sample_weight, lossfn, validation_data,
                                                  validation_split)
+    amp = resolve_precision(precision, model, xp, data_parallel=comm is not None)
     opt = _set_up_model(model, lossfn, optimizer, lr, schedule, seed, xp, _reuse_optimizer)
     callbacks = _arrange_callbacks(callbacks, early_stopping, validation=val is not None)
     run = _Run(model=model, x=x, y=y, sample_weight=sample_weight, val=val, lossfn=lossfn, xp=xp, opt=opt,
-               schedule=schedule, callbacks=callbacks, batch_size=batch_size, shuffle=shuffle, l2=l2)
+               schedule=schedule, callbacks=callbacks, batch_size=batch_size, shuffle=shuffle, l2=l2, amp=amp)
     _start_run(run, epochs, resume_from, comm, progress, verbose)
     quiet = contextlib.ExitStack()
     quiet.enter_context(quiet_overflow(xp))
@@ -606,11 +622,12 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
 
 def partial_fit(model, x, y, *, loss: str | None = None, optimizer: str | Optimizer | None = None,
                 lr: float | None = None, batch_size: int = 32, shuffle: bool = True, l2: float = 0.0,
-                sample_weight: Any = None) -> History:
+                sample_weight: Any = None, precision: Any = None) -> History:
     """One pass over ``(x, y)``, keeping the optimiser state of earlier calls.
 
     Parameters are as for :func:`fit` (``x`` of shape (n, n_features), ``y`` of shape
     (n, n_outputs), (n,), or labels (n,)); ``loss`` defaults to the one of the last fit.
+    Pass the same :class:`arraymlp.MixedPrecision` to every call to keep its loss scale.
     """
     if loss is None:
         loss = getattr(model, "loss_", None)
@@ -618,7 +635,8 @@ def partial_fit(model, x, y, *, loss: str | None = None, optimizer: str | Optimi
             msg = "partial_fit needs loss= on its first call"
             raise ValueError(msg)
     return fit(model, x, y, loss=loss, optimizer=optimizer, lr=lr, epochs=1, batch_size=batch_size,
-               shuffle=shuffle, progress=False, l2=l2, sample_weight=sample_weight, _reuse_optimizer=True)
+               shuffle=shuffle, progress=False, l2=l2, sample_weight=sample_weight, precision=precision,
+               _reuse_optimizer=True)
 
 
 def predict_proba(model, x):
