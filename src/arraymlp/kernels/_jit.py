@@ -142,20 +142,26 @@ def member_adam(p, g, m, v, b1, b2, step, eps) -> bool:
     the kernel does not apply. ``p``, ``g``, ``m``, ``v``: C-contiguous writeable NumPy
     arrays of one float dtype and shape (K, ...); the rest floats or (K, 1, 1) arrays."""
     kern = kernels()
-    arrays = (p, g, m, v)
-    if (kern is None or any(type(a) is not numpy.ndarray for a in arrays) or p.ndim < 2
-            or p.dtype not in _DTYPES or any(a.dtype != p.dtype or a.shape != p.shape for a in arrays)
-            or not all(a.flags.c_contiguous for a in arrays) or not (p.flags.writeable and m.flags.writeable
-                                                                   and v.flags.writeable)
-            or any(numpy.may_share_memory(a, c) for i, a in enumerate(arrays) for c in arrays[i + 1:])):
+    if kern is None or p.ndim < 2 or p.dtype not in _DTYPES:
+        return False
+    for a in (p, g, m, v):
+        if type(a) is not numpy.ndarray or a.dtype != p.dtype or a.shape != p.shape or not a.flags.c_contiguous:
+            return False
+    if not (p.flags.writeable and m.flags.writeable and v.flags.writeable):
+        return False
+    # distinct buffers (the loop reads g, m, v after writing p, m, v element by element)
+    if (numpy.may_share_memory(p, g) or numpy.may_share_memory(p, m) or numpy.may_share_memory(p, v)
+            or numpy.may_share_memory(m, v) or numpy.may_share_memory(m, g) or numpy.may_share_memory(v, g)):
         return False
     k = p.shape[0]
     per = []
     for h in (b1, b2, step, eps):
-        h = numpy.asarray(h, dtype=p.dtype).reshape(-1)
-        if h.size not in (1, k):
+        if type(h) is numpy.ndarray and h.size == k:
+            per.append(numpy.ascontiguousarray(h.reshape(k), dtype=p.dtype))
+        elif isinstance(h, float):
+            per.append(numpy.full(k, h, dtype=p.dtype))
+        else:
             return False
-        per.append(numpy.ascontiguousarray(numpy.broadcast_to(h, (k,))))
     try:
         kern.member_adam(p.reshape(k, -1), g.reshape(k, -1), m.reshape(k, -1), v.reshape(k, -1), *per)
     except Exception as exc:
