@@ -348,3 +348,25 @@ def test_a_batch_without_weight_leaves_a_member_alone(backend):
               epochs=1, batch_size=10, shuffle=False, progress=False)
     _close(_np_params(ens.member(0)), _np_params(plain))
     assert np.isfinite(hist.loss[0]).all()
+
+
+def test_per_member_schedules(backend):
+    """One schedule per member (a ReduceOnPlateau stepped with its own member's loss):
+    member i equals the plain model trained with schedule i."""
+    x, y, _, _ = _data(backend, n=24, labels=False)
+    ens = am.MLP([5, 6, 3], ensemble=3, seed=2, dtype="float64", **backend.model_kwargs())
+    starts = [ens.member(i) for i in range(3)]
+
+    def schedules():
+        return [am.StepDecay(0.1, step_size=2, gamma=0.5), am.ExponentialDecay(0.05, gamma=0.7),
+                am.ReduceOnPlateau(0.2, patience=0, factor=0.5)]
+
+    hist = ens.fit(x, y, optimizer="sgd", schedule=schedules(), epochs=5, batch_size=8, seed=0, progress=False)
+    for i, sched in enumerate(schedules()):
+        h = starts[i].fit(x, y, optimizer="sgd", schedule=sched, epochs=5, batch_size=8, seed=0, progress=False)
+        _close(_np_params(ens.member(i)), _np_params(starts[i]))
+        np.testing.assert_allclose([lrs[i] for lrs in hist.lr], h.lr, rtol=1e-12)
+    with pytest.raises(ValueError, match="not both"):
+        ens.fit(x, y, schedule=am.StepDecay(0.1, step_size=2), lr=0.1, progress=False)
+    with pytest.raises(ValueError, match="give 3 of them"):
+        ens.fit(x, y, schedule=am.ReduceOnPlateau(0.1), progress=False)

@@ -500,6 +500,30 @@ class EnsembleHistory(History):
 
 
 # ----------------------------------------------------------------------------- fit
+def _check_schedules(schedule, lr, k: int):
+    """``schedule=``: None, one schedule (every member's rate), or K of them (one per
+    member); each ``schedule(epoch) -> lr``. The rates come from the schedules, so ``lr=``
+    is refused beside them."""
+    if schedule is None:
+        return None
+    if lr is not None:
+        msg = "give the members' rates through schedule= or lr=, not both (a schedule's rate replaces lr)"
+        raise ValueError(msg)
+    schedules = list(schedule) if isinstance(schedule, (list, tuple)) else [schedule] * k
+    if len(schedules) != k or not all(callable(s) for s in schedules):
+        msg = (f"schedule must be a schedule (callable epoch -> lr) or a sequence of {k} of them, one per member, "
+               f"got {schedule!r}")
+        raise ValueError(msg)
+    if isinstance(schedule, (list, tuple)) and len({id(s) for s in schedules if hasattr(s, "step")}) < sum(
+            hasattr(s, "step") for s in schedules):
+        msg = "each member needs its own ReduceOnPlateau (one object steps with one member's loss)"
+        raise ValueError(msg)
+    if not isinstance(schedule, (list, tuple)) and callable(getattr(schedule, "step", None)) and k > 1:
+        msg = f"a ReduceOnPlateau follows one loss: give {k} of them, one per member"
+        raise ValueError(msg)
+    return schedules
+
+
 def _check_run(epochs, batch_size, validation_split):
     for name, v in (("epochs", epochs), ("batch_size", batch_size)):
         if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < 1:
@@ -592,6 +616,10 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
         Per member: a member whose monitored value has not improved for ``patience``
         epochs stops (its parameters no longer change) while the others go on, and with
         ``restore_best_weights`` it ends with the parameters of its best epoch.
+    schedule : Schedule or callable, or a sequence of K of them, optional
+        ``schedule(epoch) -> lr`` for every member, or one per member (each
+        ``ReduceOnPlateau`` stepped with its own member's monitored loss); instead of
+        ``lr``.
 
     Returns
     -------
@@ -600,14 +628,15 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
 
     Notes
     -----
-    Callbacks, schedules, checkpoints and data-parallel training are not supported for
-    ensembles yet; passing them raises ``NotImplementedError``.
+    Callbacks, checkpoints and data-parallel training are not supported for ensembles
+    yet; passing them raises ``NotImplementedError``.
     """
     unsupported = {k: v for k, v in unsupported.items() if v is not None}
-    if callbacks or schedule is not None or unsupported:
-        what = sorted(unsupported) + (["callbacks"] if callbacks else []) + (["schedule"] if schedule else [])
+    if callbacks or unsupported:
+        what = sorted(unsupported) + (["callbacks"] if callbacks else [])
         msg = f"fit of an ensemble does not support {', '.join(what)} yet"
         raise NotImplementedError(msg)
+    schedules = _check_schedules(schedule, lr, model.ensemble)
     _check_run(epochs, batch_size, validation_split)
     lossfn = get_loss(loss)
     run = _prepare(model, x, y, lossfn, sample_weight, validation_data, validation_split)
@@ -635,9 +664,13 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
     with quiet_overflow(xp):
         for epoch in range(epochs):
             t0 = time.perf_counter()
+            epoch_lr = opt.lr if lr is None else lr
+            if schedules is not None:  # this epoch's rates, member by member
+                epoch_lr = [float(s(epoch)) for s in schedules]
+                run.rule.lr = _per_member("lr", epoch_lr, k, xp, like)
             epoch_loss = _run_epoch(run, epoch, batch_size, shuffle)
             history.loss.append(epoch_loss)
-            history.lr.append(opt.lr if lr is None else lr)
+            history.lr.append(epoch_lr)
             logs = {"loss": epoch_loss, "val_loss": None, "val_metric": None}
             if run.val is not None:
                 logs["val_loss"], logs["val_metric"] = _evaluate(model, run.val[0], run.val[1], lossfn, xp,
@@ -645,6 +678,11 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
                 history.val_loss.append(logs["val_loss"])
                 history.val_metric.append(logs["val_metric"])
             history.time.append(time.perf_counter() - t0)
+            if schedules is not None:  # a ReduceOnPlateau records its member's monitored loss
+                monitored = logs["val_loss"] if logs["val_loss"] is not None else epoch_loss
+                for i, s in enumerate(schedules):
+                    if callable(getattr(s, "step", None)):
+                        s.step(float(monitored[i]))
             if verbose:
                 print(f"epoch {epoch + 1:>4}  loss {numpy.array2string(epoch_loss, precision=4)}", flush=True)
             if run.stopper is not None and _stop_members(run, epoch, logs):
