@@ -370,3 +370,23 @@ def test_per_member_schedules(backend):
         ens.fit(x, y, schedule=am.StepDecay(0.1, step_size=2), lr=0.1, progress=False)
     with pytest.raises(ValueError, match="give 3 of them"):
         ens.fit(x, y, schedule=am.ReduceOnPlateau(0.1), progress=False)
+
+
+def test_partial_fit_keeps_each_members_optimiser(backend):
+    """Two partial_fit calls (Adam, per-member rates) equal the plain models' two calls;
+    a copy starts its optimiser afresh and leaves the original's state alone."""
+    x, y, _, _ = _data(backend, n=16)
+    ens = am.MLP([5, 6, 3], ensemble=2, seed=1, dtype="float64", **backend.model_kwargs())
+    starts = [ens.member(i) for i in range(2)]
+    lrs = [0.01, 0.05]
+    for _ in range(2):
+        ens.partial_fit(x, y, loss="cross_entropy", lr=lrs, batch_size=8, shuffle=False)
+    for i in range(2):
+        for _ in range(2):
+            starts[i].partial_fit(x, y, loss="cross_entropy", lr=lrs[i], batch_size=8, shuffle=False)
+        _close(_np_params(ens.member(i)), _np_params(starts[i]))
+    assert ens.ensemble_optimizer_.t == 4
+    c = ens.copy()
+    assert getattr(c, "ensemble_optimizer_", None) is None
+    c.partial_fit(x, y, batch_size=8, shuffle=False)
+    assert ens.ensemble_optimizer_.t == 4 and c.ensemble_optimizer_.t == 2

@@ -47,8 +47,8 @@ from .kernels import kernels_for
 from .losses import LOSSES, get_loss
 from .optim import SGD, Adagrad, Adam, Optimizer, RMSprop, get_optimizer
 
-__all__ = ["EnsembleHistory", "check_members", "cross_val_scores", "fit", "make_step", "member_seeds", "predict",
-           "predict_proba"]
+__all__ = ["EnsembleHistory", "check_members", "cross_val_scores", "fit", "make_step", "member_seeds",
+           "partial_fit", "predict", "predict_proba"]
 
 
 # ------------------------------------------------------------------------ members
@@ -500,6 +500,51 @@ class EnsembleHistory(History):
 
 
 # ----------------------------------------------------------------------------- fit
+def partial_fit(model, x, y, *, loss: str | None = None, optimizer: str | Optimizer | None = None, lr: Any = None,
+                batch_size: int = 32, shuffle: bool = True, l2: Any = 0.0,
+                sample_weight: Any = None) -> EnsembleHistory:
+    """One epoch of every member over ``(x, y)``, keeping the members' optimiser state of
+    earlier calls (``model.partial_fit`` of an ensemble).
+
+    Parameters are as for :func:`fit` (``x`` (n, n_features), ``y`` (n, n_outputs), (n,)
+    or labels (n,), ``sample_weight`` (K, n) or (n,)); ``loss`` defaults to the last fit's,
+    and ``lr`` (one or K values) is the only hyper-parameter that may change between calls.
+    ``copy``, ``to`` and ``member`` start their model's optimiser afresh.
+    """
+    if loss is None:
+        loss = getattr(model, "loss_", None)
+        if loss is None:
+            msg = "partial_fit needs loss= on its first call"
+            raise ValueError(msg)
+    return fit(model, x, y, loss=loss, optimizer=optimizer, lr=lr, epochs=1, batch_size=batch_size, shuffle=shuffle,
+               progress=False, l2=l2, sample_weight=sample_weight, _reuse_optimizer=True)
+
+
+def _rule(model, run, optimizer, lr, momentum, weight_decay, betas, reuse: bool) -> _MemberUpdate:
+    """The members' update rule: the model's last one with its state (``partial_fit``), or
+    a new one."""
+    k, xp, like = model.ensemble, run.xp, run.like
+    existing = getattr(model, "ensemble_optimizer_", None)
+    if (reuse and existing is not None and (optimizer is None or optimizer is existing.opt)
+            and existing.k == k and existing.xp is xp):
+        if momentum is not None or weight_decay is not None or betas is not None:
+            msg = "partial_fit keeps the optimiser: only lr= may change between calls"
+            raise ValueError(msg)
+        if lr is not None:
+            existing.lr = _per_member("lr", lr, k, xp, like)
+        return existing
+    return _MemberUpdate(get_optimizer(optimizer if optimizer is not None else "adam"), k, xp, like, lr=lr,
+                         momentum=momentum, weight_decay=weight_decay, betas=betas)
+
+
+def _step_schedules(schedules, logs) -> None:
+    """A ReduceOnPlateau records its member's monitored loss (validation loss, else training)."""
+    monitored = logs["val_loss"] if logs["val_loss"] is not None else logs["loss"]
+    for i, s in enumerate(schedules):
+        if callable(getattr(s, "step", None)):
+            s.step(float(monitored[i]))
+
+
 def _check_schedules(schedule, lr, k: int):
     """``schedule=``: None, one schedule (every member's rate), or K of them (one per
     member); each ``schedule(epoch) -> lr``. The rates come from the schedules, so ``lr=``
@@ -590,7 +635,8 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
         batch_size: int = 32, shuffle: bool = True, validation_data: tuple | None = None,
         validation_split: float = 0.0, early_stopping: EarlyStopping | int | None = None,
         sample_weight: Any = None, seed: int | None = None, schedule: Any = None, callbacks: Sequence = (),
-        progress: bool = True, verbose: bool = False, **unsupported) -> EnsembleHistory:
+        progress: bool = True, verbose: bool = False, _reuse_optimizer: bool = False,
+        **unsupported) -> EnsembleHistory:
     """Train every member of an ensemble on the same batches (``model.fit`` of a model
     built with ``ensemble=K``).
 
@@ -641,8 +687,8 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
     lossfn = get_loss(loss)
     run = _prepare(model, x, y, lossfn, sample_weight, validation_data, validation_split)
     k, xp, like = model.ensemble, run.xp, run.like
-    opt = get_optimizer(optimizer)
-    run.rule = _MemberUpdate(opt, k, xp, like, lr=lr, momentum=momentum, weight_decay=weight_decay, betas=betas)
+    run.rule = _rule(model, run, optimizer, lr, momentum, weight_decay, betas, _reuse_optimizer)
+    opt = run.rule.opt
     run.l2 = _per_member("l2", l2, k, xp, like)
     run.stopper = _early_stopping(early_stopping, run.val is not None)
     if run.stopper is not None and run.stopper.monitor.startswith("val") and run.val is None:
@@ -650,7 +696,8 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
         raise ValueError(msg)
     model.task_ = lossfn.task
     model.loss_ = lossfn.name if LOSSES.get(lossfn.name) is lossfn else lossfn
-    model.optimizer_ = None  # the members' optimiser state stays with this run
+    model.optimizer_ = None  # the members' optimiser state: ensemble_optimizer_
+    model.ensemble_optimizer_ = run.rule
     model.schedule_ = None
     if seed is not None:
         model.rng = Generator(seed, xp, model.device)
@@ -678,11 +725,8 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
                 history.val_loss.append(logs["val_loss"])
                 history.val_metric.append(logs["val_metric"])
             history.time.append(time.perf_counter() - t0)
-            if schedules is not None:  # a ReduceOnPlateau records its member's monitored loss
-                monitored = logs["val_loss"] if logs["val_loss"] is not None else epoch_loss
-                for i, s in enumerate(schedules):
-                    if callable(getattr(s, "step", None)):
-                        s.step(float(monitored[i]))
+            if schedules is not None:
+                _step_schedules(schedules, logs)
             if verbose:
                 print(f"epoch {epoch + 1:>4}  loss {numpy.array2string(epoch_loss, precision=4)}", flush=True)
             if run.stopper is not None and _stop_members(run, epoch, logs):

@@ -163,7 +163,7 @@ class Sequential:
         new.layers = list(self.layers)
         new.ensemble, new.member_seeds = None, None
         new.seed = self.member_seeds[i] if self.member_seeds is not None else None
-        for attr in ("optimizer_", "schedule_", "steps_"):
+        for attr in ("optimizer_", "schedule_", "steps_", "ensemble_optimizer_"):
             new.__dict__.pop(attr, None)
         if self.params is not None:
             new.params = E.member_params(self.params, i, self.xp)
@@ -221,7 +221,7 @@ class Sequential:
                 raise ValueError(msg)
         new = object.__new__(type(first))
         new.__dict__.update(first.__dict__)
-        for attr in ("optimizer_", "schedule_", "steps_"):
+        for attr in ("optimizer_", "schedule_", "steps_", "ensemble_optimizer_"):
             new.__dict__.pop(attr, None)
         new.layers = list(first.layers)
         new.ensemble = len(models)
@@ -283,6 +283,7 @@ class Sequential:
         self.dtype = resolve_dtype(xp, self._dtype_name)
         self.rng = self.rng.moved(xp, device) if self.rng is not None else Generator(self.seed, xp, device)
         _replace_optimizer_state(getattr(self, "optimizer_", None), getattr(self, "optimizer_", None))
+        self.__dict__.pop("ensemble_optimizer_", None)  # an ensemble's optimiser starts afresh where it moved
         return self
 
     def copy(self, *, dtype: str | None = None, backend: Any = None, device: Any = None) -> "Sequential":
@@ -293,6 +294,7 @@ class Sequential:
         """
         new = object.__new__(type(self))
         new.__dict__.update(self.__dict__)
+        new.__dict__.pop("ensemble_optimizer_", None)  # an ensemble's copy starts its optimiser afresh
         new.layers = list(self.layers)
         new._dtype_name = dtype_name(dtype) if dtype is not None else self._dtype_name
         if self.params is None:
@@ -525,8 +527,7 @@ class Sequential:
         """One epoch over ``(x, y)`` (shapes as for :meth:`fit`) keeping optimiser state;
         see :func:`arraymlp.training.partial_fit`."""
         if self.ensemble is not None:
-            msg = "partial_fit of an ensemble is not supported yet; use fit"
-            raise NotImplementedError(msg)
+            return E.partial_fit(self, x, y, **kwargs)
         from .training import partial_fit
 
         return partial_fit(self, x, y, **kwargs)
