@@ -42,7 +42,7 @@ from typing import Any
 
 import array_api_compat
 
-from ._backend import device_of, get_namespace, is_float16, is_writeable, to_backend
+from ._backend import device_of, get_namespace, is_float16, to_backend
 from .kernels import kernels_for
 
 __all__ = [
@@ -147,39 +147,6 @@ def _check_structure(params: Any, grads: Any) -> None:
                     f"but the parameter has shape {tuple(pa.shape)}"
                 )
                 raise ValueError(msg)
-
-
-# ---------------------------------------------------- in place where allowed, else functional
-def _mul(x, c):
-    """``x * c``, in place when ``x`` is writeable."""
-    if is_writeable(x):
-        x *= c
-        return x
-    return x * c
-
-
-def _add(x, y):
-    """``x + y``, in place when ``x`` is writeable."""
-    if is_writeable(x):
-        x += y
-        return x
-    return x + y
-
-
-def _sub(x, y):
-    """``x - y``, in place when ``x`` is writeable."""
-    if is_writeable(x):
-        x -= y
-        return x
-    return x - y
-
-
-def _assign(x, y):
-    """Overwrite ``x`` with ``y``, in place when ``x`` is writeable."""
-    if is_writeable(x):
-        x[...] = y
-        return x
-    return y
 
 
 def _copy(a):
@@ -295,14 +262,7 @@ class Optimizer:
     def lr(self, value: float) -> None:
         self._lr = _number("lr", value, low=0.0)
 
-    # -- in-place arithmetic ----------------------------------------------------------
-    def _axpy(self, p, a: float, g, xp):
-        """``p + a * g``, computed into ``p`` where it is writeable, by the kernel set's
-        ``axpy``: the same values, bit for bit, as the standard ``p += a * g``; the
-        backend sets compute the product into a work buffer this optimiser keeps
-        (:meth:`_work`) instead of a temporary."""
-        return kernels_for(xp).axpy(p, a, g, xp, self._work)
-
+    # -- scratch space for the kernels ----------------------------------------------
     def _work(self, n, p, xp):
         """A flat scratch array of ``n`` elements in ``p``'s dtype and place (a view of
         one buffer, grown on demand)."""
@@ -588,18 +548,11 @@ class SGD(Optimizer):
                 and self.weight_decay == 0 and self.clip_norm is None and self.clip_value is None)
 
     def _update(self, p, g, st, *, lr, wd, xp):
-        if wd != 0:
-            g = g + wd * p
-        if self.momentum != 0:
-            buf = st["momentum_buffer"]
-            if self.step_count == 1:
-                buf = _add(buf, g)  # a copy of g: the buffer starts at zero
-            else:
-                buf = self._axpy(_mul(buf, self.momentum), 1.0 - self.dampening, g, xp)
+        p, buf = kernels_for(xp).sgd_update(p, g, st.get("momentum_buffer"), lr, self.momentum, self.dampening,
+                                            self.nesterov, self.step_count == 1, wd, xp, self._work)
+        if buf is not None:
             st["momentum_buffer"] = buf
-            g = g + self.momentum * buf if self.nesterov else buf
-        # p - lr * g with the same rounding (-(lr * g) is exact), without a temporary
-        return self._axpy(p, -lr, g, xp)
+        return p
 
 
 # ----------------------------------------------------------------------------- Adam
@@ -683,21 +636,12 @@ class Adam(Optimizer):
 
     def _update(self, p, g, st, *, lr, wd, xp):
         b1, b2 = self.betas
-        t = self.step_count
-        if wd != 0:
-            if self._decoupled:
-                p = _mul(p, 1.0 - lr * wd)
-            else:
-                g = g + wd * p
-        m = _add(_mul(st["exp_avg"], b1), (1.0 - b1) * g)
-        v = _add(_mul(st["exp_avg_sq"], b2), (1.0 - b2) * (g * g))
-        st["exp_avg"], st["exp_avg_sq"] = m, v
-        if self.amsgrad:
-            v = _assign(st["max_exp_avg_sq"], xp.maximum(st["max_exp_avg_sq"], v))
-            st["max_exp_avg_sq"] = v
-        step_size = lr / (1.0 - b1**t)
-        denom = xp.sqrt(v) / math.sqrt(1.0 - b2**t) + self.eps
-        return _sub(p, step_size * (m / denom))
+        p, st["exp_avg"], st["exp_avg_sq"], vmax = kernels_for(xp).adam_update(
+            p, g, st["exp_avg"], st["exp_avg_sq"], st.get("max_exp_avg_sq"), lr, b1, b2, self.eps,
+            self.step_count, wd, self._decoupled, xp, self._work)
+        if vmax is not None:
+            st["max_exp_avg_sq"] = vmax
+        return p
 
 
 class AdamW(Adam):
@@ -840,22 +784,14 @@ class RMSprop(Optimizer):
         return st
 
     def _update(self, p, g, st, *, lr, wd, xp):
-        a = self.alpha
-        if wd != 0:
-            g = g + wd * p
-        v = _add(_mul(st["square_avg"], a), (1.0 - a) * (g * g))
-        st["square_avg"] = v
-        if self.centered:
-            gbar = _add(_mul(st["grad_avg"], a), (1.0 - a) * g)
+        p, st["square_avg"], gbar, buf = kernels_for(xp).rmsprop_update(
+            p, g, st["square_avg"], st.get("grad_avg"), st.get("momentum_buffer"), lr, self.alpha, self.eps,
+            self.momentum, wd, xp, self._work)
+        if gbar is not None:
             st["grad_avg"] = gbar
-            avg = xp.sqrt(v - gbar * gbar) + self.eps
-        else:
-            avg = xp.sqrt(v) + self.eps
-        if self.momentum > 0:
-            buf = _add(_mul(st["momentum_buffer"], self.momentum), g / avg)
+        if buf is not None:
             st["momentum_buffer"] = buf
-            return _sub(p, lr * buf)
-        return _sub(p, lr * (g / avg))
+        return p
 
 
 # ----------------------------------------------------------------------------- Adagrad
@@ -929,12 +865,9 @@ class Adagrad(Optimizer):
         return {"sum": xp.full_like(p, self.initial_accumulator_value)}
 
     def _update(self, p, g, st, *, lr, wd, xp):
-        if wd != 0:
-            g = g + wd * p
         clr = lr / (1.0 + (self.step_count - 1) * self.lr_decay)
-        s = _add(st["sum"], g * g)
-        st["sum"] = s
-        return _sub(p, clr * (g / (xp.sqrt(s) + self.eps)))
+        p, st["sum"] = kernels_for(xp).adagrad_update(p, g, st["sum"], clr, self.eps, wd, xp, self._work)
+        return p
 
 
 # ----------------------------------------------------------------------------- registry

@@ -10,4 +10,5 @@ from . import _common as C
 OVERRIDES = {
     **C.UFUNC_OVERRIDES,
     **C.INDEXING_OVERRIDES,
+    **C.OPTIMIZER_OVERRIDES,
 }

@@ -110,6 +110,7 @@ def cross_entropy_labels_mean(x, labels, xp, *, cross_entropy_labels=R.cross_ent
 OVERRIDES = {
     **C.UFUNC_OVERRIDES,
     **C.INDEXING_OVERRIDES,
+    **C.OPTIMIZER_OVERRIDES,
     "all_finite": all_finite,
     "bias_grad": bias_grad,
     "dense_relu_forward": dense_relu_forward,

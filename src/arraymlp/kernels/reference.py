@@ -9,7 +9,7 @@ Conventions:
   passed down; a kernel never looks it up per operation.
 - A kernel never mutates its inputs, except the arguments its name or docstring says
   are handed over (``*_inplace`` kernels, :func:`sgd_apply`, :func:`axpy`,
-  :func:`dense_sgd_update`). Those are updated in place only where the namespace
+  :func:`dense_sgd_update`, the optimiser updates ``*_update``). Those are updated in place only where the namespace
   allows it (:func:`arraymlp._backend.is_writeable`), and the result is returned
   either way.
 - A composite kernel takes the primitives it is built from as keyword arguments with
@@ -555,6 +555,111 @@ def axpy(p, a, g, xp, work=None):
         p += a * g
         return p
     return p + a * g
+
+
+# ------------------------------------------------------------------ optimiser updates
+# Each takes one parameter ``p``, its gradient ``g`` (only read) and its state arrays
+# (made by the optimiser, handed over), and returns the new parameter and state, updated
+# in place where the namespace allows it. ``wd`` is the weight decay of this parameter
+# (0 for the ones that are not decayed). ``work(n, p, xp)`` may lend scratch space; the
+# reference does not need it. The order of operations is torch.optim's, so values agree
+# with PyTorch's to rounding.
+def _scale(x, c):
+    """``x * c``, into ``x`` where it is writeable."""
+    if is_writeable(x):
+        x *= c
+        return x
+    return x * c
+
+
+def _plus(x, y):
+    """``x + y``, into ``x`` where it is writeable."""
+    if is_writeable(x):
+        x += y
+        return x
+    return x + y
+
+
+def _minus(x, y):
+    """``x - y``, into ``x`` where it is writeable."""
+    if is_writeable(x):
+        x -= y
+        return x
+    return x - y
+
+
+def sgd_update(p, g, buf, lr, momentum, dampening, nesterov, first, wd, xp, work=None, *, axpy=axpy):
+    """SGD: ``g += wd * p``; with a momentum buffer ``buf`` (not None), ``buf = g`` on
+    the ``first`` step, else ``buf = momentum * buf + (1 - dampening) * g``, and the
+    step is ``g + momentum * buf`` (``nesterov``) or ``buf``; ``p -= lr * step``.
+    ``p`` and ``buf`` are handed over; returns ``(p, buf)``."""
+    if wd != 0:
+        g = g + wd * p
+    if buf is not None:
+        if first:
+            buf = _plus(buf, g)  # a copy of g: the buffer starts at zero
+        else:
+            buf = axpy(_scale(buf, momentum), 1.0 - dampening, g, xp, work)
+        g = g + momentum * buf if nesterov else buf
+    # p - lr * g with the same rounding (-(lr * g) is exact)
+    return axpy(p, -lr, g, xp, work), buf
+
+
+def adam_update(p, g, m, v, vmax, lr, b1, b2, eps, t, wd, decoupled, xp, work=None):
+    """Adam (AdamW when ``decoupled``) at step ``t`` (from 1):
+    ``p *= 1 - lr * wd`` (decoupled) or ``g += wd * p`` (coupled);
+    ``m = b1 * m + (1 - b1) * g``; ``v = b2 * v + (1 - b2) * g * g``;
+    ``vmax = max(vmax, v)`` (AMSGrad, when ``vmax`` is not None, used for ``v`` below);
+    ``p -= lr / (1 - b1**t) * m / (sqrt(v) / sqrt(1 - b2**t) + eps)``.
+    ``p``, ``m``, ``v`` and ``vmax`` are handed over; returns ``(p, m, v, vmax)``."""
+    if wd != 0:
+        if decoupled:
+            p = _scale(p, 1.0 - lr * wd)
+        else:
+            g = g + wd * p
+    m = _plus(_scale(m, b1), (1.0 - b1) * g)
+    v = _plus(_scale(v, b2), (1.0 - b2) * (g * g))
+    second = v
+    if vmax is not None:
+        biggest = xp.maximum(vmax, v)
+        if is_writeable(vmax):
+            vmax[...] = biggest
+        else:
+            vmax = biggest
+        second = vmax
+    step_size = lr / (1.0 - b1**t)
+    denom = xp.sqrt(second) / math.sqrt(1.0 - b2**t) + eps
+    return _minus(p, step_size * (m / denom)), m, v, vmax
+
+
+def rmsprop_update(p, g, square_avg, grad_avg, buf, lr, alpha, eps, momentum, wd, xp, work=None):
+    """RMSprop: ``g += wd * p``; ``v = alpha * v + (1 - alpha) * g * g``; centred when
+    ``grad_avg`` is not None (``gbar = alpha * gbar + (1 - alpha) * g``, ``v - gbar**2``
+    under the root); ``d = sqrt(...) + eps``; with a momentum buffer ``buf`` (not None),
+    ``buf = momentum * buf + g / d`` and ``p -= lr * buf``, else ``p -= lr * g / d``.
+    ``p`` and the state are handed over; returns ``(p, square_avg, grad_avg, buf)``."""
+    if wd != 0:
+        g = g + wd * p
+    square_avg = _plus(_scale(square_avg, alpha), (1.0 - alpha) * (g * g))
+    if grad_avg is not None:
+        grad_avg = _plus(_scale(grad_avg, alpha), (1.0 - alpha) * g)
+        avg = xp.sqrt(square_avg - grad_avg * grad_avg) + eps
+    else:
+        avg = xp.sqrt(square_avg) + eps
+    if buf is not None:
+        buf = _plus(_scale(buf, momentum), g / avg)
+        return _minus(p, lr * buf), square_avg, grad_avg, buf
+    return _minus(p, lr * (g / avg)), square_avg, grad_avg, buf
+
+
+def adagrad_update(p, g, s, lr, eps, wd, xp, work=None):
+    """Adagrad with this step's rate ``lr`` (decay applied by the caller):
+    ``g += wd * p``; ``s += g * g``; ``p -= lr * g / (sqrt(s) + eps)``. ``p`` and ``s``
+    are handed over; returns ``(p, s)``."""
+    if wd != 0:
+        g = g + wd * p
+    s = _plus(s, g * g)
+    return _minus(p, lr * (g / (xp.sqrt(s) + eps))), s
 
 
 # ----------------------------------------------------------------------- finiteness
