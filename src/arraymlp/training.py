@@ -20,7 +20,7 @@ import math
 import numbers
 import sys
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from ._backend import Generator, is_float16, quiet_overflow
 from .callbacks import Callback, DivergenceError, EarlyStopping, History
@@ -80,7 +80,7 @@ class _Progress:
             self.bar.close()
 
 
-def _loss_then_update(model, opt, lossfn, xb, yb, wb, *, xp, l2=0.0, dp=None):
+def _loss_then_update(model, opt, lossfn, xb, yb, wb, *, xp, l2=0.0, dp=None, fuse=True):
     """First half of a training step: the batch's loss, and a function taking the update.
 
     Returns ``(value, update)``: ``value`` is the loss (an array), ``update(lr)`` makes
@@ -89,9 +89,10 @@ def _loss_then_update(model, opt, lossfn, xb, yb, wb, *, xp, l2=0.0, dp=None):
     parallelism, no parameter array shared by two layers) the gradients are never
     gathered: :meth:`Sequential._sgd_update` applies each as backpropagation produces
     it, so an exception raised inside backpropagation (a custom layer's, or Ctrl-C)
-    can leave the layers above it stepped and the others not.
+    can leave the layers above it stepped and the others not. ``fuse=False`` always
+    gathers the gradients and calls ``opt.step``.
     """
-    plan = plan_for(model, xp, opt if dp is None else None)
+    plan = plan_for(model, xp, opt if dp is None and fuse else None)
     if plan.sgd:
         value, dout, caches, owned = model._loss_and_dout(xb, yb, lossfn, xp=xp, sample_weight=wb, l2=l2, plan=plan)
 
@@ -168,9 +169,27 @@ def _resolve_optimizer(model, optimizer, lr, reuse: bool) -> Optimizer:
     return get_optimizer(optimizer if optimizer is not None else "adam", **kwargs)
 
 
+def l2_over_batch(l2: float, size: float) -> float:
+    """scikit-learn's L2 rule: the coefficient ``l2`` divided by the batch's size (or,
+    with sample weights, by the batch's weight sum), so that the penalty weighs as much
+    against a batch's mean loss as ``l2 / n`` does against the data set's."""
+    return l2 / size
+
+
 @dataclasses.dataclass
 class _Run:
-    """What one call of :func:`fit` trains on, and the state its epochs carry along."""
+    """What one call of :func:`fit` trains on, and the state its epochs carry along.
+
+    The options after ``stop`` are for the scikit-learn estimators, which run their
+    epochs through :func:`_run_epoch` too; :func:`fit` leaves them at their defaults:
+
+    - ``l2_rule(l2, size)``: the L2 coefficient of a batch from ``l2`` and the batch's
+      size, or its weight sum when ``host_weight`` is given (None: ``l2`` for every batch);
+    - ``host_weight``: the sample weights as a float64 host array, for the weight sums;
+    - ``skip_zero_weight``: skip (take no step on) a batch whose weights are all zero;
+    - ``fuse``: whether plain SGD may be fused into backpropagation;
+    - ``on_divergence(run, value, epoch, batch)``: the error for a non-finite loss.
+    """
 
     model: Any
     x: Any
@@ -192,6 +211,11 @@ class _Run:
     base_lr: float = 0.0
     step: int = 0
     stop: bool = False
+    l2_rule: Callable[[float, float], float] | None = None
+    host_weight: Any = None
+    skip_zero_weight: bool = False
+    fuse: bool = True
+    on_divergence: Callable[..., Exception] | None = None
 
 
 def _check_arguments(loss, epochs, batch_size, validation_split):
@@ -336,11 +360,22 @@ def _run_epoch(run: _Run, epoch: int, epoch_lr: float) -> tuple[float, int]:
     """The epoch's batches, one step each, until a callback asks to stop: ``(summed loss, rows seen)``."""
     model, x, y, sample_weight, xp, dp = run.model, run.x, run.y, run.sample_weight, run.xp, run.dp
     n, batch_size = _n(x), run.batch_size
-    order = model.rng.permutation(n) if run.shuffle else None
+    host_w = run.host_weight
+    host_order = order = None
+    if run.shuffle:  # the weight sums need the order on the host; the same draw either way
+        host_order = model.rng.host.permutation(n) if host_w is not None else None
+        order = model.rng.permutation(n) if host_w is None else xp.asarray(host_order, dtype=xp.int64,
+                                                                              device=model.device)
     total, seen = 0.0, 0
     for start in range(0, n, batch_size):
         end = min(start + batch_size, n)
+        nb = end - start
         lo, hi = (start, end) if dp is None else dp.shard(start, end)
+        size = nb
+        if host_w is not None:
+            size = float(host_w[lo:hi].sum() if host_order is None else host_w[host_order[lo:hi]].sum())
+            if run.skip_zero_weight and size <= 0.0:
+                continue  # a batch of zero-weight samples carries no gradient
         if order is None:
             sl = slice(lo, hi)
             xb, yb = x[sl, ...], y[sl, ...]
@@ -348,14 +383,15 @@ def _run_epoch(run: _Run, epoch: int, epoch_lr: float) -> tuple[float, int]:
         else:
             idx = order[lo:hi]
             xb, yb, wb = _take(x, idx, xp), _take(y, idx, xp), _take(sample_weight, idx, xp)
-        value, update = _loss_then_update(model, run.opt, run.lossfn, xb, yb, wb, xp=xp, l2=run.l2, dp=dp)
+        l2 = run.l2 if run.l2_rule is None else run.l2_rule(run.l2, size)
+        value, update = _loss_then_update(model, run.opt, run.lossfn, xb, yb, wb, xp=xp, l2=l2, dp=dp,
+                                          fuse=run.fuse)
         value = float(value)
         if not math.isfinite(value):
-            raise _divergence(run, value, epoch, start // batch_size)
+            raise (run.on_divergence or _divergence)(run, value, epoch, start // batch_size)
         update(epoch_lr)
         del update  # frees the batch's caches before the next forward
         run.step += 1
-        nb = end - start
         total += value * nb
         seen += nb
         logs = {"epoch": epoch, "step": run.step, "loss": value}
