@@ -839,7 +839,7 @@ def test_estimators_run_the_shared_mini_batch_loop():
     x32, y32 = X.astype(np.float32), y.astype(np.float32).reshape(-1, 1)
     run = training._Run(model=model, x=x32, y=y32, sample_weight=sw.astype(np.float32), val=None,
                         lossfn=est._loss_row(), xp=np, opt=opt, schedule=None, callbacks=[], batch_size=20,
-                        shuffle=False, l2=0.3, l2_rule=training.l2_over_batch, host_weight=sw,
+                        shuffle=False, l2=0.3, l2_rule=training._l2_over_batch, host_weight=sw,
                         skip_zero_weight=True, fuse=False)
     losses = [training._run_epoch(run, epoch, 0.05)[0] / 130 for epoch in range(3)]
     assert run.step == 3 * (7 - 3)  # the zero-weight batches took no step
@@ -850,7 +850,7 @@ def test_estimators_run_the_shared_mini_batch_loop():
         np.testing.assert_array_equal(b, p["b"])
     np.testing.assert_allclose(est.loss_curve_, losses, rtol=1e-12)
     # the rule matters: one coefficient for every batch gives other parameters
-    l2 = training.l2_over_batch(0.3, 20.0)
+    l2 = training._l2_over_batch(0.3, 20.0)
     assert l2 == 0.3 / 20.0
     model2 = _build_model(est._model_config, seed=seed, backend="numpy", device="cpu")
     run2 = training._Run(model=model2, x=x32, y=y32, sample_weight=sw.astype(np.float32), val=None,

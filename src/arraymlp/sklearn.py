@@ -64,7 +64,7 @@ from .layers import Dense
 from .losses import Loss, binary_cross_entropy, cross_entropy, mse, poisson_nll
 from .model import MLP
 from .optim import SGD, Adagrad, Adam, AdamW, RMSprop, get_optimizer
-from .training import DivergenceError, _Run, _run_epoch, l2_over_batch
+from .training import DivergenceError, _l2_over_batch, _Run, _run_epoch
 
 __all__ = ["MLPClassifier", "MLPRegressor"]
 
@@ -781,7 +781,7 @@ class _BaseMLP(BaseEstimator):
         coupled_l2 = alpha > 0 and self.solver != "adamw"
         return _Run(model=self.model_, x=x, y=y, sample_weight=w_dev, val=None, lossfn=lossfn, xp=xp,
                     opt=self._optimizer, schedule=None, callbacks=[], batch_size=batch, shuffle=bool(self.shuffle),
-                    l2=alpha if coupled_l2 else 0.0, l2_rule=l2_over_batch if coupled_l2 else None,
+                    l2=alpha if coupled_l2 else 0.0, l2_rule=_l2_over_batch if coupled_l2 else None,
                     host_weight=sw_host, skip_zero_weight=True, fuse=False, on_divergence=self._divergence)
 
     @staticmethod

@@ -169,7 +169,7 @@ def _resolve_optimizer(model, optimizer, lr, reuse: bool) -> Optimizer:
     return get_optimizer(optimizer if optimizer is not None else "adam", **kwargs)
 
 
-def l2_over_batch(l2: float, size: float) -> float:
+def _l2_over_batch(l2: float, size: float) -> float:
     """scikit-learn's L2 rule: the coefficient ``l2`` divided by the batch's size (or,
     with sample weights, by the batch's weight sum), so that the penalty weighs as much
     against a batch's mean loss as ``l2 / n`` does against the data set's."""
