@@ -119,16 +119,20 @@ class _Entry:
     plan: Plan
 
     def still(self, layers, ks: KernelSet, n_params: int) -> bool:
-        """Whether the plan still holds: the same kernel set, parameter count, layer
-        objects and classes, and no ``forward``/``backward`` set on or deleted from a
-        layer instance since (the count of such assignments, for arraymlp layers; a
-        look at each instance's attributes for others). Comparisons made in C, no
-        Python loop over the layers."""
-        if (self.kernels is not ks or self.n_params != n_params or self.hook_changes != L.hook_changes()
-                or len(layers) != len(self.layers) or not all(map(operator.is_, layers, self.layers))
-                or tuple(map(type, layers)) != self.classes):
-            return False
-        return self.watched or tuple(map(_hooked, layers)) == self.hooked
+        """Whether the plan still holds: the same kernel set, parameter count and layer
+        objects, and no ``forward``, ``backward`` or ``__class__`` set on or deleted from
+        a layer instance since (the count of such assignments, for arraymlp layers; a
+        look at each instance's class and attributes for others). Comparisons made in
+        C, no Python loop over the layers."""
+        # an arraymlp layer's class changes through Layer.__setattr__, counted with the hooks
+        return (self.kernels is ks and self.n_params == n_params and self.hook_changes == _HOOK_CHANGES[0]
+                and len(layers) == len(self.layers) and all(map(_is, layers, self.layers))
+                and (self.watched or (tuple(map(type, layers)) == self.classes
+                                      and tuple(map(_hooked, layers)) == self.hooked)))
+
+
+_is = operator.is_
+_HOOK_CHANGES = L._HOOK_CHANGES  # the count behind L.hook_changes(), read without a call
 
 
 #: id(model) -> {(xp, sgd): _Entry}: the plans a model's inference and training steps
