@@ -69,9 +69,11 @@ def batch_sum(a, xp, dtype=None):
 
 # --------------------------------------------------- NumPy, CuPy and torch (indexing)
 def _rows(n, xp, like):
-    """``xp.arange(n)`` where ``like`` lives, kept for the next batch of the same size."""
-    device = device_of(like)
-    return memo(_ROWS, (xp, n, device), lambda: xp.arange(n, device=device), limit=8)
+    """``xp.arange(n)`` where ``like`` lives, kept for the next batch of the same size
+    (keyed by the array's own ``device`` attribute: array-api-compat's ``device()``
+    costs more than the lookup)."""
+    return memo(_ROWS, (xp, n, getattr(like, "device", None)),
+                lambda: xp.arange(n, device=device_of(like)), limit=8)
 
 
 def pick_labels(z, labels, xp):
