@@ -39,8 +39,9 @@ def _state(seed):
 # name -> (host arguments, keyword arguments, indices of the arguments handed over)
 CASES = {
     "adagrad_update": (lambda: (_r(P, 40), _r(P, 41), _state(42), 0.05, 1e-10, 0.1), {"work": _work}, (0, 2)),
-    "adam_update": (lambda: (_r(P, 43), _r(P, 44), _r(P, 45) * 0.1, _state(46) * 0.1, None, 0.01, 0.9, 0.999,
-                             1e-8, 3, 0.1, False), {"work": _work}, (0, 2, 3)),
+    "adam_update": (lambda: (_r((N, M), 40), _r((N, M), 41), _r((N, M), 42), np.abs(_r((N, M), 43)),
+                             np.abs(_r((N, M), 44)), 0.01, 0.9, 0.999, 1e-8, 0.05, True, 3), {"work": _work},
+                    (0, 2, 3, 4)),
     "add_bias": (lambda: (_r((N, M), 0), _r((M,), 1)), {}, (0,)),
     "all_finite": (lambda: (np.where(np.arange(N * M).reshape(N, M) == 777, np.nan, _r((N, M), 2)),), {}, ()),
     "axpy": (lambda: (_r((40_000,), 3), -0.25, _r((40_000,), 4)), {"work": _work}, (0,)),
@@ -57,13 +58,14 @@ CASES = {
     "pick_labels": (lambda: (_r((N, M), 23), _labels()), {}, ()),
     "relu_backward_inplace": (lambda: (_r((N, M), 24), _r((N, M), 25)), {}, (0,)),
     "relu_forward_inplace": (lambda: (_r((N, M), 26),), {}, (0,)),
-    "rmsprop_update": (lambda: (_r(P, 47), _r(P, 48), _state(49), None, None, 0.01, 0.99, 1e-8, 0.0, 0.0),
-                       {"work": _work}, (0, 2)),
+    "rmsprop_update": (lambda: (_r((N, M), 45), _r((N, M), 46), np.abs(_r((N, M), 47)) + 1.0, 0.1 * _r((N, M), 48),
+                                _r((N, M), 49), 0.01, 0.99, 1e-8, 0.9, 0.02), {"work": _work},
+                       (0, 2, 3, 4)),
     "row_max": (lambda: (_r((N, M), 27),), {}, ()),
     "row_sum": (lambda: (_r((N, M), 28),), {}, ()),
     "sgd_apply": (lambda: (_r((N, M), 29), _r((N, M), 30), 0.1, 0.01), {}, (0, 1)),
-    "sgd_update": (lambda: (_r(P, 50), _r(P, 51), _r(P, 52), 0.1, 0.9, 0.0, True, False, 0.01),
-                   {"work": _work}, (0, 2)),
+    "sgd_momentum_update": (lambda: (_r((40_000,), 50), _r((40_000,), 51), _r((40_000,), 52), 0.1, 0.9, 0.0, True,
+                                     0.01, False), {"work": _work}, (0, 2)),
     "sigmoid_backward_inplace": (lambda: (_r((N, M), 31), 1 / (1 + np.exp(-_r((N, M), 32)))), {}, (0,)),
     "softmax": (lambda: (_r((N, M), 33),), {}, ()),
     "subtract_onehot": (lambda: (_r((N, M), 34), _labels()), {}, (0,)),
@@ -203,13 +205,12 @@ def _update_variants():
     for first in (True, False):
         for nesterov, damp in ((False, 0.0), (True, 0.0), (False, 0.3)):
             for wd in (0.0, 0.05):
-                out.append(("sgd_update", lambda f=first, n=nesterov, d=damp, w=wd:
-                            (p(), g(), a(), 0.1, 0.9, d, n, f, w), (0, 2)))
-    out.append(("sgd_update", lambda: (p(), g(), None, 0.1, 0.0, 0.0, False, True, 0.05), (0,)))
+                out.append(("sgd_momentum_update", lambda f=first, n=nesterov, d=damp, w=wd:
+                            (p(), g(), a(), 0.1, 0.9, d, n, w, f), (0, 2)))
     for amsgrad in (False, True):
         for wd, decoupled in ((0.0, False), (0.1, False), (0.1, True)):
             out.append(("adam_update", lambda ams=amsgrad, w=wd, dec=decoupled:
-                        (p(), g(), a(), s(), s() * 0.5 if ams else None, 0.01, 0.9, 0.999, 1e-8, 4, w, dec),
+                        (p(), g(), a(), s(), s() * 0.5 if ams else None, 0.01, 0.9, 0.999, 1e-8, w, dec, 4),
                         (0, 2, 3, 4)))
     for centered in (False, True):
         for momentum in (0.0, 0.9):
@@ -261,6 +262,6 @@ def test_adam_update_reference_against_the_formula():
     v_e = b2 * v + (1 - b2) * ge * ge
     vmax_e = np.maximum(vmax, v_e)
     p_e = p - lr / (1 - b1**t) * m_e / (np.sqrt(vmax_e) / np.sqrt(1 - b2**t) + eps)
-    got = R.adam_update(p.copy(), g, m.copy(), v.copy(), vmax.copy(), lr, b1, b2, eps, t, wd, False, np)
+    got = R.adam_update(p.copy(), g, m.copy(), v.copy(), vmax.copy(), lr, b1, b2, eps, wd, False, t, np)
     for a, e in zip(got, (p_e, m_e, v_e, vmax_e)):
         np.testing.assert_allclose(a, e, rtol=1e-13, atol=1e-15)

@@ -184,7 +184,9 @@ def _clip_gradients(grads, xp, clip_value, clip_norm):
     if clip_value is not None:
         for layer in out:
             for key, g in layer.items():
-                layer[key] = xp.clip(g, min=-clip_value, max=clip_value)
+                # minimum/maximum rather than clip: array-api-compat's clip indexes with
+                # boolean masks, and each such index reads the mask back from a GPU
+                layer[key] = xp.minimum(xp.maximum(g, -clip_value), clip_value)
     if clip_norm is not None:
         sq = None
         for layer in out:
@@ -194,7 +196,7 @@ def _clip_gradients(grads, xp, clip_value, clip_norm):
                 s = xp.sum(g * g)
                 sq = s if sq is None else sq + s
         if sq is not None:
-            coef = xp.clip(clip_norm / (xp.sqrt(sq) + CLIP_NORM_EPS), max=1.0)
+            coef = xp.minimum(clip_norm / (xp.sqrt(sq) + CLIP_NORM_EPS), 1.0)
             for layer in out:
                 for key, g in layer.items():
                     layer[key] = g * (coef if coef.dtype == g.dtype else xp.astype(coef, g.dtype))
@@ -262,7 +264,14 @@ class Optimizer:
     def lr(self, value: float) -> None:
         self._lr = _number("lr", value, low=0.0)
 
-    # -- scratch space for the kernels ----------------------------------------------
+    # -- in-place arithmetic ----------------------------------------------------------
+    def _axpy(self, p, a: float, g, xp):
+        """``p + a * g``, computed into ``p`` where it is writeable, by the kernel set's
+        ``axpy``: the same values, bit for bit, as the standard ``p += a * g``; the
+        backend sets compute the product into a work buffer this optimiser keeps
+        (:meth:`_work`) instead of a temporary."""
+        return kernels_for(xp).axpy(p, a, g, xp, self._work)
+
     def _work(self, n, p, xp):
         """A flat scratch array of ``n`` elements in ``p``'s dtype and place (a view of
         one buffer, grown on demand)."""
@@ -548,11 +557,15 @@ class SGD(Optimizer):
                 and self.weight_decay == 0 and self.clip_norm is None and self.clip_value is None)
 
     def _update(self, p, g, st, *, lr, wd, xp):
-        p, buf = kernels_for(xp).sgd_update(p, g, st.get("momentum_buffer"), lr, self.momentum, self.dampening,
-                                            self.nesterov, self.step_count == 1, wd, xp, self._work)
-        if buf is not None:
-            st["momentum_buffer"] = buf
-        return p
+        if self.momentum != 0:  # one kernel of the set (one launch per array on a GPU)
+            p, st["momentum_buffer"] = kernels_for(xp).sgd_momentum_update(
+                p, g, st["momentum_buffer"], lr, self.momentum, self.dampening, self.nesterov, wd,
+                self.step_count == 1, xp, self._work)
+            return p
+        if wd != 0:
+            g = g + wd * p
+        # p - lr * g with the same rounding (-(lr * g) is exact), without a temporary
+        return self._axpy(p, -lr, g, xp)
 
 
 # ----------------------------------------------------------------------------- Adam
@@ -637,9 +650,9 @@ class Adam(Optimizer):
     def _update(self, p, g, st, *, lr, wd, xp):
         b1, b2 = self.betas
         p, st["exp_avg"], st["exp_avg_sq"], vmax = kernels_for(xp).adam_update(
-            p, g, st["exp_avg"], st["exp_avg_sq"], st.get("max_exp_avg_sq"), lr, b1, b2, self.eps,
-            self.step_count, wd, self._decoupled, xp, self._work)
-        if vmax is not None:
+            p, g, st["exp_avg"], st["exp_avg_sq"], st.get("max_exp_avg_sq") if self.amsgrad else None,
+            lr, b1, b2, self.eps, wd, self._decoupled, self.step_count, xp, self._work)
+        if self.amsgrad:
             st["max_exp_avg_sq"] = vmax
         return p
 
@@ -785,11 +798,12 @@ class RMSprop(Optimizer):
 
     def _update(self, p, g, st, *, lr, wd, xp):
         p, st["square_avg"], gbar, buf = kernels_for(xp).rmsprop_update(
-            p, g, st["square_avg"], st.get("grad_avg"), st.get("momentum_buffer"), lr, self.alpha, self.eps,
-            self.momentum, wd, xp, self._work)
-        if gbar is not None:
+            p, g, st["square_avg"], st.get("grad_avg") if self.centered else None,
+            st.get("momentum_buffer") if self.momentum > 0 else None, lr, self.alpha, self.eps, self.momentum, wd, xp,
+            self._work)
+        if self.centered:
             st["grad_avg"] = gbar
-        if buf is not None:
+        if self.momentum > 0:
             st["momentum_buffer"] = buf
         return p
 

@@ -58,7 +58,7 @@ KERNELS = (
     "row_max",
     "row_sum",
     "sgd_apply",
-    "sgd_update",
+    "sgd_momentum_update",
     "sigmoid_backward_inplace",
     "softmax",
     "subtract_onehot",

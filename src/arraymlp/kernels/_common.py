@@ -144,9 +144,9 @@ def _coupled(g, p, wd, w, xp):
     return xp.add(g, w, out=w)
 
 
-def adam_update(p, g, m, v, vmax, lr, b1, b2, eps, t, wd, decoupled, xp, work=None):
+def adam_update(p, g, m, v, vmax, lr, b1, b2, eps, wd, decoupled, t, xp, work=None):
     if not _out_applies(p, g, (m, v, vmax), work):
-        return R.adam_update(p, g, m, v, vmax, lr, b1, b2, eps, t, wd, decoupled, xp, work)
+        return R.adam_update(p, g, m, v, vmax, lr, b1, b2, eps, wd, decoupled, t, xp, work)
     coupled = wd != 0 and not decoupled
     w, *rest = _buffers(work, 2 if coupled else 1, p, xp)
     if wd != 0:
