@@ -81,14 +81,15 @@ def dense_relu_forward(x, W, b, xp, *, relu_forward_inplace=R.relu_forward_inpla
 
 def dense_sgd_update(x, dy, W, b, lr, l2, xp, *, bias_grad=R.bias_grad, sgd_apply=R.sgd_apply):
     """The product accumulates into ``W`` by one BLAS call (``beta = 1 - lr * l2``,
-    ``alpha = -lr``): no temporary the size of ``W``. Two-dimensional operands only (an
-    ensemble's stacked weights take the reference path)."""
-    if (W.ndim == 2 and x.ndim == 2 and math.prod(W.shape) >= _BLAS_ACC_MIN
+    ``alpha = -lr``): no temporary the size of ``W``. Two-dimensional operands only: an
+    ensemble's stacked weights take the product by ``matmul``."""
+    if not (W.ndim == 2 and x.ndim == 2 and math.prod(W.shape) >= _BLAS_ACC_MIN
             and _blas.gemm_acc(W, x, dy, -lr, 1.0 - lr * l2)):
-        if b is not None:
-            b = sgd_apply(b, bias_grad(dy, xp), lr, 0.0, xp)
-        return W, b
-    return R.dense_sgd_update(x, dy, W, b, lr, l2, xp, bias_grad=bias_grad, sgd_apply=sgd_apply)
+        xt = x.T if x.ndim == 2 else xp.matrix_transpose(x)
+        W = sgd_apply(W, xt @ dy, lr, l2, xp)  # the reference's step (inlined: a call less per layer)
+    if b is not None:
+        b = sgd_apply(b, bias_grad(dy, xp), lr, 0.0, xp)
+    return W, b
 
 
 def row_max(x, xp):
@@ -129,6 +130,7 @@ def member_adam_update(p, g, m, v, scratch, b1, b2, step, eps, xp):
 OVERRIDES = {
     **C.UFUNC_OVERRIDES,
     **C.INDEXING_OVERRIDES,
+    **C.OPTIMIZER_OVERRIDES,
     "all_finite": all_finite,
     "bias_grad": bias_grad,
     "dense_relu_forward": dense_relu_forward,
