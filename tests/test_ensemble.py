@@ -390,3 +390,11 @@ def test_partial_fit_keeps_each_members_optimiser(backend):
     assert getattr(c, "ensemble_optimizer_", None) is None
     c.partial_fit(x, y, batch_size=8, shuffle=False)
     assert ens.ensemble_optimizer_.t == 4 and c.ensemble_optimizer_.t == 2
+
+
+def test_sample_weight_on_another_backend_is_refused():
+    ens = am.MLP([2, 3, 1], ensemble=2, seed=0, backend="array_api_strict")
+    xs = ens.xp.asarray(np.zeros((4, 2), dtype=np.float32))
+    ys = ens.xp.asarray(np.zeros((4, 1), dtype=np.float32))
+    with pytest.raises((TypeError, ValueError), match="sample_weight"):
+        ens.fit(xs, ys, sample_weight=np.ones((2, 4)), progress=False)

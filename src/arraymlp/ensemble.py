@@ -40,7 +40,17 @@ from typing import Any, Sequence
 import numpy
 
 from . import layers as L
-from ._backend import Generator, is_float16, is_writeable, quiet_overflow, to_numpy
+from ._backend import (
+    Generator,
+    check_same_backend,
+    check_same_device,
+    device_of,
+    get_namespace,
+    is_float16,
+    is_writeable,
+    quiet_overflow,
+    to_numpy,
+)
 from .callbacks import DivergenceError, EarlyStopping, History
 from .fusion import plan_for
 from .kernels import kernels_for
@@ -160,9 +170,12 @@ def _per_member(name: str, value: Any, k: int, xp, like, *, low: float = 0.0, hi
 
 def _member_weights(sample_weight, k: int, n: int, xp, like):
     """``sample_weight`` as (K, n) in the model's dtype: (n,) is every member's weights.
-    Non-negative, finite, and every member with some positive weight."""
+    Non-negative, finite, and every member with some positive weight; on the model's
+    backend and device (else the error says how to move it)."""
     if sample_weight is None:
         return None
+    check_same_backend(xp, get_namespace(sample_weight), "sample_weight")
+    check_same_device(device_of(like), device_of(sample_weight), "sample_weight")
     w = sample_weight
     if tuple(w.shape) == (n,):
         w = xp.broadcast_to(xp.reshape(w, (1, n)), (k, n))
