@@ -177,6 +177,7 @@ def test_early_stopping_freezes_each_member_on_its_own(backend):
         _close(_np_params(ens.member(i)), _np_params(starts[i]))
         ran = len(h.val_loss)
         np.testing.assert_allclose([v[i] for v in hist.val_loss[:ran]], h.val_loss, rtol=1e-10)
+        np.testing.assert_allclose([v[i] for v in hist.val_metric[:ran]], h.val_metric, rtol=1e-9, atol=1e-12)
         assert hist.stopped_epoch[i] == (ran - 1 if h.stopped_early else -1)
 
 
