@@ -53,7 +53,7 @@ NO_ARRAY_ARGUMENTS = {
     # training records and callbacks in their own module
     "training.Callback", "training.DivergenceError", "training.EarlyStopping", "training.History",
     # an ensemble's history, its member count and its members' seeds
-    "ensemble.EnsembleHistory", "ensemble.check_members", "ensemble.member_seeds",
+    "ensemble.EnsembleHistory", "ensemble.check_members", "ensemble.member_seeds", "ensemble.check_layers",
     # persistence: models and paths
     "save", "load", "export_onnx", "Checkpoint", "ModelFileError",
 }

@@ -399,3 +399,18 @@ def test_sample_weight_on_another_backend_is_refused():
     ys = ens.xp.asarray(np.zeros((4, 1), dtype=np.float32))
     with pytest.raises((TypeError, ValueError), match="sample_weight"):
         ens.fit(xs, ys, sample_weight=np.ones((2, 4)), progress=False)
+
+
+def test_layers_of_unknown_behaviour_are_refused():
+    class Double(am.Layer):
+        def forward(self, params, x, *, training, rng, xp):
+            return 2.0 * x, None
+
+        def backward(self, params, cache, dy, *, xp, need_dx=True):
+            return 2.0 * dy, {}
+
+    with pytest.raises(TypeError, match=r"layer 1 .* is a Double: ensembles run the library's Dense"):
+        am.Sequential([am.Dense(2, 3), Double(), am.Dense(3, 1)], ensemble=2)
+    ens = am.Sequential([am.Dense(2, 3), am.Tanh(), am.Dropout(0.1), am.LayerNorm(3), am.Dense(3, 1)], ensemble=2,
+                        backend="numpy", seed=0)
+    assert ens(np.zeros((4, 2), dtype=np.float32)).shape == (2, 4, 1)

@@ -57,7 +57,7 @@ from .kernels import kernels_for
 from .losses import LOSSES, get_loss
 from .optim import SGD, Adagrad, Adam, Optimizer, RMSprop, get_optimizer
 
-__all__ = ["EnsembleHistory", "check_members", "cross_val_scores", "fit", "make_step", "member_seeds",
+__all__ = ["EnsembleHistory", "check_layers", "check_members", "cross_val_scores", "fit", "make_step", "member_seeds",
            "partial_fit", "predict", "predict_proba"]
 
 
@@ -70,6 +70,22 @@ def check_members(ensemble: Any) -> int | None:
         msg = f"ensemble must be a member count K >= 1 (or None for a plain model), got {ensemble!r}"
         raise ValueError(msg)
     return int(ensemble)
+
+
+def check_layers(layers) -> None:
+    """Refuse layers whose behaviour over a leading member axis is unknown: an ensemble
+    runs the library's Dense, Activation (and its shorthands), Dropout and LayerNorm, whose
+    kernels broadcast over it; a layer of another class (a subclass too) may reduce over
+    the wrong axis and be silently wrong."""
+    known = (L.Dense, L.Dropout, L.LayerNorm)
+    for i, layer in enumerate(layers):
+        ok = type(layer) in known or (isinstance(layer, L.Activation)
+                                      and type(layer).forward is L.Activation.forward
+                                      and type(layer).backward is L.Activation.backward)
+        if not ok:
+            msg = (f"layer {i} ({layer!r}) is a {type(layer).__name__}: ensembles run the library's Dense, "
+                   "Activation, Dropout and LayerNorm layers only (their kernels broadcast over the member axis)")
+            raise TypeError(msg)
 
 
 def member_seeds(seed: int | None, k: int) -> list[int]:

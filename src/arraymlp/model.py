@@ -101,6 +101,8 @@ class Sequential:
         self.layers = layers
         self.seed = seed
         self.ensemble = E.check_members(ensemble)
+        if self.ensemble is not None:
+            E.check_layers(layers)
         self.member_seeds = None if self.ensemble is None else E.member_seeds(seed, self.ensemble)
         self._dtype_name = dtype_name(dtype)
         if self._dtype_name not in ("float16", "float32", "float64"):
@@ -219,6 +221,7 @@ class Sequential:
                 msg = (f"stack: models[{i}] has dtype {m.dtype_name} but models[0] has {first.dtype_name}; "
                        "convert with model.copy(dtype=...) first")
                 raise ValueError(msg)
+        E.check_layers(first.layers)
         new = object.__new__(type(first))
         new.__dict__.update(first.__dict__)
         for attr in ("optimizer_", "schedule_", "steps_", "ensemble_optimizer_"):
