@@ -28,6 +28,7 @@ a device round trip) and once to the device.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import numbers
@@ -64,7 +65,7 @@ from .layers import Dense
 from .losses import Loss, binary_cross_entropy, cross_entropy, mse, poisson_nll
 from .model import MLP
 from .optim import SGD, Adagrad, Adam, AdamW, RMSprop, get_optimizer
-from .training import DivergenceError
+from .training import DivergenceError, _params_finite
 
 __all__ = ["MLPClassifier", "MLPRegressor"]
 
@@ -84,10 +85,15 @@ _MIN_ADAPTIVE_LR = 1e-6  # as scikit-learn's adaptive schedule: stop once the ra
 # means over them. These rows rescale value and gradient by the output count (and by
 # 1/2 for the squared error) so that the optimised objective is scikit-learn's.
 def _half_squared_error(outputs, targets, *, xp=None, sample_weight=None):
-    """``l_i = 1/2 sum_j (o_ij - t_ij)^2``, weighted mean over the batch; gradient ``(o - t) w_i / sum w``."""
+    """scikit-learn's pair for regression. The gradient is that of ``l_i = 1/2 sum_j
+    (o_ij - t_ij)^2`` (weighted mean over the batch), ``(o - t) w_i / sum w``; the value
+    is what scikit-learn reports as ``loss_``, half the squared error averaged over the
+    samples *and* the outputs (the same number for one output, ``1/n_outputs`` of the
+    objective for several). ``loss_``, ``loss_curve_`` and the ``tol`` test then match
+    scikit-learn's. A line search needs the objective itself: multiply the value by
+    the number of outputs."""
     value, grad = mse(outputs, targets, xp=xp, sample_weight=sample_weight)
-    c = 0.5 * int(outputs.shape[1])
-    return value * c, grad * c
+    return value * 0.5, grad * (0.5 * int(outputs.shape[1]))
 
 
 def _summed_binary_log_loss(outputs, targets, *, xp=None, sample_weight=None):
@@ -206,6 +212,15 @@ class _Input:
 
     def __init__(self, x, xp, device, host, out_dtype):
         self.x, self.xp, self.device, self.host, self.out_dtype = x, xp, device, host, out_dtype
+
+
+class _Diverged(Exception):
+    """Internal: the parameters stopped being finite at ``epoch`` (0-based), ``step``
+    (0-based batch, or None when found after the epoch's last step)."""
+
+    def __init__(self, epoch: int, step: int | None):
+        super().__init__(epoch, step)
+        self.epoch, self.step = epoch, step
 
 
 # ------------------------------------------------------------------------------ pickling
@@ -341,10 +356,13 @@ _PARAMETERS_DOC = """
         Device to train on (``"cuda:1"``, a CuPy or array-api-strict device, ...).
         ``None``: the device of ``X`` when the backend is ``X``'s, else the backend's
         default.
-    dtype : {"float32", "float64", "float16"}, default="float32"
-        Dtype of the parameters and of all computation. Results are returned in the
-        input's floating dtype (float64 for integer and non-float NumPy inputs, as in
-        scikit-learn).
+    dtype : {"float32", "float64", "float16"} or None, default=None
+        Dtype of the parameters and of all computation. ``None`` follows the data, as
+        scikit-learn does: float32 ``X`` trains float32 parameters, float64 ``X``
+        float64 ones, and any other ``X`` (integers, booleans, float16, lists) float64.
+        On a GPU, pass float32 data (or ``dtype="float32"``): float64 runs many times
+        slower there. Results are returned in the input's floating dtype (float64 for
+        integer and non-float NumPy inputs, as in scikit-learn).
     dropout : float, default=0.0
         Dropout probability after each hidden activation, in [0, 1); training only.
 """
@@ -361,8 +379,8 @@ _ATTRIBUTES_DOC = """
     best_validation_score_ : float or None
         Best of ``validation_scores_``; ``None`` without ``early_stopping``.
     n_iter_ : int
-        Epochs run since the estimator was (re)initialised or since the last
-        ``warm_start`` fit began.
+        Epochs run by the last call of ``fit`` (1 after each ``partial_fit``), as in
+        scikit-learn.
     t_ : int
         Training samples seen, over all epochs.
     coefs_ : list of arrays
@@ -476,7 +494,7 @@ class _BaseMLP(BaseEstimator):
         "n_iter_no_change": [_Interval(Integral, 1, None, closed="left"), Options(Real, {math.inf})],
         "backend": [None, str, types.ModuleType],
         "device": "no_validation",  # a name or a device object of the backend, checked on use
-        "dtype": [StrOptions(set(_DTYPES))],
+        "dtype": [None, StrOptions(set(_DTYPES))],
         "dropout": [_Interval(Real, 0, 1, closed="left")],
     }
 
@@ -507,7 +525,7 @@ class _BaseMLP(BaseEstimator):
         n_iter_no_change=10,
         backend=None,
         device=None,
-        dtype="float32",
+        dtype=None,
         dropout=0.0,
     ):
         self.hidden_layer_sizes = hidden_layer_sizes
@@ -640,6 +658,18 @@ class _BaseMLP(BaseEstimator):
             return xp, inp.device
         return xp, canonical_device(xp)
 
+    def _training_dtype(self, inp: _Input, xp, first: bool) -> str:
+        """The name of the dtype to train in: the fitted model's on a later fit, else
+        ``dtype=`` when given, else the data's (float32 and float64 kept, anything else
+        float64)."""
+        if not first:
+            return self.model_.dtype_name
+        if self.dtype is not None:
+            return self.dtype
+        if inp.out_dtype is not None and inp.out_dtype == getattr(inp.xp, "float32", None):
+            return "float32"
+        return "float64"
+
     # ------------------------------------------------------------------ training
     def _fit(self, X, y, sample_weight=None, *, incremental: bool, classes=None):
         self._check_hyperparameters()
@@ -653,7 +683,8 @@ class _BaseMLP(BaseEstimator):
         inp = self._check_X(X, reset=first)
         n = int(inp.x.shape[0])
         xp, device = self._placement(inp, first)
-        dtype = _float_dtype(xp, self.dtype)
+        self._dtype_name = self._training_dtype(inp, xp, first)
+        dtype = _float_dtype(xp, self._dtype_name)
         sw_host = self._check_sample_weight(sample_weight, n)
         y_dev, strata = self._prepare_targets(y, n, xp, device, dtype, first=first, incremental=incremental,
                                               classes=classes, sw_host=sw_host)
@@ -682,7 +713,7 @@ class _BaseMLP(BaseEstimator):
             "activation": self._activation_name(),
             "output_activation": None if out_act == "identity" else out_act,
             "dropout": float(self.dropout),
-            "dtype": self.dtype,
+            "dtype": self._dtype_name,
         }
         self.model_ = _build_model(self._model_config, seed=seed, backend=backend_name(xp), device=device)
         self.n_outputs_ = self._n_output_units
@@ -718,15 +749,14 @@ class _BaseMLP(BaseEstimator):
         coupled_l2 = alpha > 0 and self.solver != "adamw"
         host_rng = model.rng.host
         epochs = 1 if incremental else int(self.max_iter)
-        if not incremental:
-            self.n_iter_ = 0
+        self.n_iter_ = 0  # as scikit-learn: the epochs of this call (1 for partial_fit)
         # This loop stays its own rather than arraymlp.training.fit with a stopping callback:
         # scikit-learn's L2 coefficient is alpha over each batch's size (or weight sum), so a
         # short last batch or sample weights change it from batch to batch, where fit takes
         # one l2 for all; and a batch whose weights are all zero is skipped here, where fit's
         # loss refuses it. With equal, unweighted batches the two loops agree bit for bit.
-        # NumPy would warn on an overflow before the loss check below can name the step
-        with quiet_overflow(xp):
+        # NumPy would warn on overflows that the divergence checks report
+        with quiet_overflow(xp), self._on_divergence(early, n):
             for _ in range(epochs):
                 order = host_rng.permutation(n) if self.shuffle else None
                 total = self._run_epoch(x, y, w_dev, sw_host, order, lossfn, xp, device,
@@ -753,9 +783,49 @@ class _BaseMLP(BaseEstimator):
                         ConvergenceWarning,
                         stacklevel=3,
                     )
+            if not _params_finite(model.params, xp):  # the last step's update overflowed
+                raise _Diverged(self.n_iter_ - 1, None)
         if early and self._best_params is not None:
             model.params = self._best_params
         self._best_params = None
+
+    @contextlib.contextmanager
+    def _on_divergence(self, early: bool, n: int):
+        """Around the epochs: parameters that stopped being finite end the run as
+        :meth:`_diverged` says."""
+        try:
+            yield
+        except _Diverged as diverged:
+            self._diverged(diverged, early, n)
+
+    def _diverged(self, diverged: "_Diverged", early: bool, n: int) -> None:
+        """The parameters stopped being finite: with early stopping, keep the best epoch's
+        parameters and warn (scikit-learn finishes such a run); otherwise raise a
+        ValueError with scikit-learn's message."""
+        where = f"epoch {diverged.epoch + 1}" + ("" if diverged.step is None else f", step {diverged.step + 1}")
+        if diverged.step is not None:  # the epoch it broke off is recorded, non-finite
+            self.n_iter_ += 1
+            self.t_ += n
+            self.loss_ = math.nan
+            self.loss_curve_.append(self.loss_)
+            if early:
+                self.validation_scores_.append(math.nan)
+        if early and self._best_params is not None:
+            best = int(np.nanargmax(self.validation_scores_)) + 1
+            warnings.warn(
+                f"Training diverged at {where}: the parameters stopped being finite. The estimator keeps "
+                f"the parameters of epoch {best}, the best validation score. Standardise the inputs "
+                "(sklearn.preprocessing.StandardScaler) or lower learning_rate_init.",
+                ConvergenceWarning,
+                stacklevel=5,
+            )
+            return
+        msg = (
+            "Solver produced non-finite parameter weights. The input data may contain large values and "
+            f"need to be preprocessed. (Training diverged at {where}; the parameters are not finite. "
+            "Standardise the inputs with sklearn.preprocessing.StandardScaler or lower learning_rate_init.)"
+        )
+        raise DivergenceError(msg, epoch=diverged.epoch, step=diverged.step or 0, params_finite=False)
 
     def _split_validation(self, x, y, sw_host, strata, xp, device, dtype, *, n_all: int, split_seed: int):
         """Split off early stopping's validation set; return the training and validation parts."""
@@ -805,13 +875,10 @@ class _BaseMLP(BaseEstimator):
             l2 = alpha / (nb if wsum is None else wsum) if coupled_l2 else 0.0
             value, grads = model._loss_and_grads(xb, yb, lossfn, xp=xp, sample_weight=wb, l2=l2)
             value = float(value)
-            if not math.isfinite(value):
-                msg = (
-                    f"the training loss became {value} at epoch {self.n_iter_ + 1}, step "
-                    f"{start // batch + 1}; the parameters are those of the last finite step. "
-                    "Standardise the inputs (sklearn.preprocessing.StandardScaler) or lower learning_rate_init."
-                )
-                raise DivergenceError(msg, epoch=self.n_iter_, step=start // batch)
+            # As scikit-learn: a non-finite loss alone does not stop training (its gradient
+            # may well be finite); parameters that are no longer finite do.
+            if not math.isfinite(value) and not _params_finite(model.params, xp):
+                raise _Diverged(self.n_iter_, start // batch)
             model.params = opt.step(model.params, grads, lr=self._lr)
             total += value * nb
         return total
@@ -898,7 +965,7 @@ class _BaseMLP(BaseEstimator):
             return out
         out = _move(a, inp.xp, inp.device)
         if floating:
-            target = inp.out_dtype if inp.out_dtype is not None else _float_dtype(inp.xp, self.dtype)
+            target = inp.out_dtype if inp.out_dtype is not None else _float_dtype(inp.xp, self.model_.dtype_name)
             if out.dtype != target:
                 out = inp.xp.astype(out, target)
         return out
@@ -1090,17 +1157,15 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
             self._output_activation = "sigmoid"
             self._n_output_units = int(y.shape[1])
             codes = None
-            target = y.astype(np.dtype(self.dtype))
+            target = y.astype(np.dtype(self._dtype_name))
         else:
             codes = np.searchsorted(self.classes_, y)
-            if not incremental and sw_host is not None and np.unique(codes[sw_host > 0]).shape[0] < 2:
-                msg = (f"{type(self).__name__} needs samples of at least 2 classes with a positive "
-                       "sample_weight, but only one class has any")
-                raise ValueError(msg)
-            if self.classes_.shape[0] == 2:
+            # one class is fitted as scikit-learn fits it: one sigmoid unit whose target
+            # is 0 throughout (the probability of "a second class")
+            if self.classes_.shape[0] <= 2:
                 self._output_activation = "sigmoid"
                 self._n_output_units = 1
-                target = (codes == 1).astype(np.dtype(self.dtype))[:, None]
+                target = (codes == 1).astype(np.dtype(self._dtype_name))[:, None]
             else:
                 self._output_activation = "softmax"
                 self._n_output_units = int(self.classes_.shape[0])
@@ -1122,10 +1187,6 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
                 raise ValueError(msg)
         else:
             found = unique_labels(y)
-        if not multilabel and found.shape[0] < 2:
-            msg = (f"{type(self).__name__} needs samples of at least 2 classes in the data, but the data "
-                   f"contains only one class: {found[0]!r}")
-            raise ValueError(msg)
         self.classes_ = found
         self._multilabel = multilabel
         self._y_dtype = y.dtype if multilabel else None
@@ -1170,11 +1231,16 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
         return float(xp.sum(w * correct) / xp.sum(w))
 
     # ------------------------------------------------------------------ prediction
+    def _one_class(self) -> bool:
+        return not self._multilabel and self.classes_.shape[0] == 1
+
     def _proba_on_model(self, X, method):
         if self._n_output_units == 1 and not self._multilabel:
             # both columns from the logit, so that neither loses precision to 1 - p
             z, inp = self._infer(X, method, logits=True)
             xp = self.model_.xp
+            if self._one_class():  # the one class's column only: the unit's "no second class"
+                return F.sigmoid(-z, xp=xp), inp
             return xp.concat([F.sigmoid(-z, xp=xp), F.sigmoid(z, xp=xp)], axis=1), inp
         return self._infer(X, method)
 
@@ -1190,7 +1256,8 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
         proba : array of shape (n_samples, n_classes)
             Columns in the order of :attr:`classes_` (one probability per label for a
             multilabel model); same namespace and device as ``X`` (NumPy for
-            array-likes), in ``X``'s floating dtype.
+            array-likes), in ``X``'s floating dtype. A model fitted on one class has
+            one column (scikit-learn gives two there; see docs/sklearn.md).
         """
         p, inp = self._proba_on_model(X, "predict_proba")
         return self._deliver(p, inp, floating=True)
@@ -1211,6 +1278,8 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
         xp = self.model_.xp
         if self._output_activation == "softmax":
             out = F.log_softmax(z, xp=xp)
+        elif self._one_class():
+            out = -F.softplus(z, xp=xp)
         elif self._n_output_units == 1 and not self._multilabel:
             out = xp.concat([-F.softplus(z, xp=xp), -F.softplus(-z, xp=xp)], axis=1)
         else:
@@ -1242,6 +1311,8 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
             return inp.xp.astype(out, target) if target is not None and out.dtype != target else out
         if self._output_activation == "softmax":
             codes = xp.argmax(p, axis=1)
+        elif self._one_class():
+            codes = xp.zeros((int(p.shape[0]),), dtype=xp.int64, device=self.model_.device)
         else:
             codes = xp.astype(p[:, 0] > 0.5, xp.int64)
         if inp.host or self.classes_.dtype.kind not in "biuf":
