@@ -51,11 +51,17 @@ from sklearn.utils.validation import check_array, check_consistent_length, check
 
 from . import functional as F
 from ._backend import (
+    as_csr,
     backend_name,
     canonical_device,
     device_of,
+    is_sparse,
     quiet_overflow,
     resolve_backend,
+    slice_rows,
+    sparse_device,
+    sparse_namespace,
+    take_rows,
     to_backend,
     to_numpy,
 )
@@ -147,11 +153,8 @@ def _is_device_array(x: Any) -> bool:
 
 
 def _is_sparse(x: Any) -> bool:
-    try:
-        import scipy.sparse as sp
-    except ImportError:  # pragma: no cover - scikit-learn depends on SciPy
-        return False
-    return sp.issparse(x)
+    """A scipy.sparse (or cupyx.scipy.sparse) matrix or array."""
+    return is_sparse(x)
 
 
 def _host(x: Any) -> Any:
@@ -610,19 +613,36 @@ class _BaseMLP(BaseEstimator):
     # ------------------------------------------------------------------ inputs
     def _check_X(self, X, *, reset: bool) -> _Input:
         """Validate ``X`` (feature count and names included) without moving it."""
-        if _is_device_array(X):
-            xp = array_api_compat.array_namespace(X)
+        device_sparse = _is_sparse(X) and sparse_namespace(X) is not resolve_backend("numpy")
+        if _is_device_array(X) or device_sparse:  # cupyx.scipy.sparse: untested without a CUDA device
+            xp = sparse_namespace(X) if device_sparse else array_api_compat.array_namespace(X)
             _check_device_X(X, xp, type(self).__name__)
             validate_data(self, X, reset=reset, skip_check_array=True)
             out = X.dtype if xp.isdtype(X.dtype, "real floating") else None
-            return _Input(X, xp, device_of(X), False, out)
-        X = validate_data(self, X, reset=reset, dtype=(np.float64, np.float32), accept_sparse=False)
-        return _Input(X, array_api_compat.array_namespace(X), "cpu", True, X.dtype)
+            return _Input(X, xp, sparse_device(X) if device_sparse else device_of(X), False, out)
+        # scipy.sparse stays sparse (CSC and COO become CSR on the way to the model)
+        X = validate_data(self, X, reset=reset, dtype=(np.float64, np.float32), accept_sparse=("csr", "csc", "coo"))
+        xp = sparse_namespace(X) if _is_sparse(X) else array_api_compat.array_namespace(X)
+        return _Input(X, xp, "cpu", True, X.dtype)
 
     def _to_model(self, inp: _Input, xp, device, dtype):
-        """The validated input on the model's namespace, device and dtype, checked finite."""
+        """The validated input on the model's namespace, device and dtype, checked finite
+        (a sparse ``X`` as a CSR matrix on its own library, which only ever computes the
+        first layer's products)."""
+        if _is_sparse(inp.x):
+            if xp is not inp.xp:
+                msg = (f"a sparse X computes on {backend_name(inp.xp)} (scipy.sparse on NumPy, "
+                       f"cupyx.scipy.sparse on CuPy), but the model is on {backend_name(xp)}; leave backend= "
+                       "unset, or densify X (X.toarray())")
+                raise TypeError(msg)
+            with quiet_overflow(xp):  # values beyond the dtype's range are reported just below
+                x = as_csr(inp.x, dtype)
+            _check_finite(x.data, xp, "X")
+            return x
         x = _move(inp.x, xp, device)
-        x = xp.astype(x, dtype, copy=False) if x.dtype != dtype else x
+        if x.dtype != dtype:
+            with quiet_overflow(xp):  # values beyond the dtype's range are reported just below
+                x = xp.astype(x, dtype, copy=False)
         _check_finite(x, xp, "X")
         return x
 
@@ -843,8 +863,8 @@ class _BaseMLP(BaseEstimator):
         w_val = None
         tr = xp.asarray(train_idx, dtype=xp.int64, device=device)
         va = xp.asarray(val_idx, dtype=xp.int64, device=device)
-        x_val, y_val = xp.take(x, va, axis=0), xp.take(y, va, axis=0)
-        x, y = xp.take(x, tr, axis=0), xp.take(y, tr, axis=0)
+        x_val, y_val = take_rows(x, va, xp), xp.take(y, va, axis=0)
+        x, y = take_rows(x, tr, xp), xp.take(y, tr, axis=0)
         if sw_host is not None:
             w_val = xp.asarray(sw_host[val_idx], dtype=dtype, device=device)
             sw_host = sw_host[train_idx]
@@ -862,12 +882,12 @@ class _BaseMLP(BaseEstimator):
             stop = min(start + batch, n)
             nb = stop - start
             if order is None:
-                xb, yb = x[start:stop, ...], y[start:stop, ...]
+                xb, yb = slice_rows(x, start, stop), y[start:stop, ...]
                 wb = None if w_dev is None else w_dev[start:stop]
                 wsum = None if sw_host is None else float(sw_host[start:stop].sum())
             else:
                 ib = order_dev[start:stop]
-                xb, yb = xp.take(x, ib, axis=0), xp.take(y, ib, axis=0)
+                xb, yb = take_rows(x, ib, xp), xp.take(y, ib, axis=0)
                 wb = None if w_dev is None else xp.take(w_dev, ib, axis=0)
                 wsum = None if sw_host is None else float(sw_host[order[start:stop]].sum())
             if wsum is not None and wsum <= 0.0:
@@ -929,7 +949,7 @@ class _BaseMLP(BaseEstimator):
             return model.forward(x, training=False, xp=xp, upto=upto, keep=False)[0]
         outs = []
         for i in range(0, n, _PREDICT_CHUNK):
-            chunk = x[i:min(i + _PREDICT_CHUNK, n), ...]
+            chunk = slice_rows(x, i, min(i + _PREDICT_CHUNK, n))
             outs.append(model.forward(chunk, training=False, xp=xp, upto=upto, keep=False)[0])
         return outs[0] if len(outs) == 1 else xp.concat(outs, axis=0)
 
@@ -1041,6 +1061,7 @@ class _BaseMLP(BaseEstimator):
         tags = super().__sklearn_tags__()
         tags.target_tags.multi_output = True
         tags.array_api_support = True
+        tags.input_tags.sparse = True
         return tags
 
 

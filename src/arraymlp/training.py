@@ -22,7 +22,7 @@ import sys
 import time
 from typing import Any, Sequence
 
-from ._backend import Generator, is_float16, quiet_overflow
+from ._backend import Generator, is_float16, quiet_overflow, slice_rows, take_rows
 from .callbacks import Callback, DivergenceError, EarlyStopping, History
 from .fusion import plan_for
 from .losses import LOSSES, get_loss
@@ -116,7 +116,8 @@ def _n(x) -> int:
 
 
 def _take(a, idx, xp):
-    return None if a is None else xp.take(a, idx, axis=0)
+    """Rows ``idx`` of ``a`` (a dense array or a CSR matrix), or None."""
+    return None if a is None else take_rows(a, idx, xp)
 
 
 def _metric(model, out, y, task: str, xp, *, logits: bool = False, loss_name: str | None = None) -> float:
@@ -149,7 +150,7 @@ def _evaluate(model, x, y, lossfn, task, xp, batch_size=4096):
     upto = len(model.layers) - 1 if fused else None
     for i in range(0, n, batch_size):
         end = min(i + batch_size, n)  # the standard leaves slice ends past the axis unspecified
-        xb, yb = x[i:end, ...], y[i:end, ...]
+        xb, yb = slice_rows(x, i, end), y[i:end, ...]
         out, _ = model.forward(xb, training=False, xp=xp, upto=upto, keep=False)
         value, _ = lossfn.fn(out, yb, xp=xp)
         total += float(value) * _n(xb)
@@ -231,7 +232,8 @@ def _prepare_data(model, x, y, sample_weight, lossfn, validation_data, validatio
             msg = (f"validation_split={validation_split} of {_n(x)} samples leaves none to train on; "
                    "use a smaller fraction or pass validation_data")
             raise ValueError(msg)
-        x, x_val = x[:-n_val, ...], x[-n_val:, ...]
+        n_fit = _n(x) - n_val
+        x, x_val = slice_rows(x, 0, n_fit), slice_rows(x, n_fit, _n(x))
         y, y_val = y[:-n_val, ...], y[-n_val:, ...]
         if sample_weight is not None:
             sample_weight = sample_weight[:-n_val]
@@ -343,7 +345,7 @@ def _run_epoch(run: _Run, epoch: int, epoch_lr: float) -> tuple[float, int]:
         lo, hi = (start, end) if dp is None else dp.shard(start, end)
         if order is None:
             sl = slice(lo, hi)
-            xb, yb = x[sl, ...], y[sl, ...]
+            xb, yb = slice_rows(x, lo, hi), y[sl, ...]
             wb = None if sample_weight is None else sample_weight[sl]
         else:
             idx = order[lo:hi]
