@@ -397,7 +397,12 @@ def to_backend(x: Any, backend: Any, *, device: Any = None) -> Any:
         if any(st < 0 for st in h.strides):  # torch's DLPack import rejects negative strides (it aborts)
             x = numpy.ascontiguousarray(h)
     try:
-        y = xp.from_dlpack(x)
+        if isinstance(x, numpy.ndarray) and backend_name(xp) == "array_api_strict":
+            # zero-copy as well; NumPy before 2.3 marks a DLPack import read-only, which
+            # array-api-strict cannot report, and in-place updates would then fail
+            y = xp.asarray(x)
+        else:
+            y = xp.from_dlpack(x)
     except (TypeError, BufferError, RuntimeError, ValueError, AttributeError, NotImplementedError):
         y = xp.asarray(to_numpy(x))
     if device is not None and device_of(y) != device:
