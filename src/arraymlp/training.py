@@ -2,7 +2,9 @@
 
 ``fit(model, x, y, ...)`` (also ``model.fit``) trains on the arrays' own namespace and
 device: batches are index-gathered from the data where it lives, one batch at a time,
-so an epoch never copies the whole data set. Each step is ``loss_and_grads`` followed by
+so an epoch never copies the whole data set. A scipy.sparse ``x`` (or cupyx.scipy.sparse
+on CuPy) is taken in compressed-row form: a batch is a row slice of it, and only the first
+dense layer sees it, through its kernels' sparse products. Each step is ``loss_and_grads`` followed by
 the optimiser's update; a non-finite loss stops training with :class:`DivergenceError`
 before that step's update, leaving the last finite parameters in place. With plain SGD
 (no momentum, weight decay or clipping) the update is made during backpropagation
@@ -425,6 +427,8 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
     ----------
     model : Sequential
     x : array, shape (n, n_features)
+        Or a scipy.sparse matrix or array of that shape (CSR, CSC, COO), for a model on
+        NumPy whose first layer is Dense; it is never densified.
     y : array, shape (n, n_outputs), (n,), or integer labels (n,) for cross-entropy
     loss : str
         A key of :data:`arraymlp.losses.LOSSES`.
