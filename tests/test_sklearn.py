@@ -852,7 +852,7 @@ def test_scores_at_least_sklearns(dataset, loader, regression, capsys):
               f"{np.round(scores['arraymlp'], 4).tolist()}  sklearn {theirs:.4f} "
               f"{np.round(scores['sklearn'], 4).tolist()}")
     # Both minimise the same objective from the same distribution of initial weights, but
-    # with different random streams (and float32 against float64), so they are not expected
+    # with different random streams, so they are not expected
     # to agree prediction for prediction. For accuracy we allow one held-out prediction, out
     # of all len(SEEDS) * n_test made, to go the other way; R^2 gets no allowance.
     tolerance = 0.0 if regression else 1.0 / (len(SEEDS) * n_test)
