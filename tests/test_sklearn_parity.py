@@ -52,23 +52,34 @@ def _corpus(n=120, seed=0):
     return docs, np.array(labels)
 
 
-def test_tfidf_pipeline_equals_the_densified_matrix():
+def test_tfidf_pipeline_equals_the_densified_matrix(monkeypatch):
     """scikit-learn's test_sparse_matrices, as a text pipeline: TfidfVectorizer ->
-    MLPClassifier trains on the sparse matrix and gives, in float64, the model fitted on
-    the densified matrix (parameters, losses, probabilities, labels)."""
+    MLPClassifier trains on the sparse matrix, without ever densifying it, and gives, in
+    float64, the model fitted on the densified matrix (parameters, losses, probabilities,
+    labels)."""
     docs, y = _corpus()
     params = dict(hidden_layer_sizes=(12,), learning_rate_init=0.01, max_iter=30, random_state=0)
-    pipe = _quiet(make_pipeline(TfidfVectorizer(), MLPClassifier(**params)), docs, y)
-    tfidf = pipe[0].transform(docs)
+    tfidf = TfidfVectorizer().fit_transform(docs)
     assert sp.issparse(tfidf) and tfidf.dtype == np.float64
-    dense = _quiet(MLPClassifier(**params), tfidf.toarray(), y)
+    dense_X = tfidf.toarray()
+    dense = _quiet(MLPClassifier(**params), dense_X, y)
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("the sparse matrix was densified")
+
+    for cls in (sp.csr_matrix, sp.csr_array):
+        monkeypatch.setattr(cls, "toarray", refuse)
+        monkeypatch.setattr(cls, "todense", refuse)
+    pipe = _quiet(make_pipeline(TfidfVectorizer(), MLPClassifier(**params)), docs, y)
+    proba, labels = pipe.predict_proba(docs), pipe.predict(docs)
+    monkeypatch.undo()
     mlp = pipe[-1]
     assert mlp.coefs_[0].dtype == np.float64
     for a, b in zip(mlp.coefs_ + mlp.intercepts_, dense.coefs_ + dense.intercepts_):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13)
     np.testing.assert_allclose(mlp.loss_curve_, dense.loss_curve_, rtol=1e-12)
-    np.testing.assert_allclose(pipe.predict_proba(docs), dense.predict_proba(tfidf.toarray()), rtol=1e-10, atol=1e-13)
-    np.testing.assert_array_equal(pipe.predict(docs), dense.predict(tfidf.toarray()))
+    np.testing.assert_allclose(proba, dense.predict_proba(dense_X), rtol=1e-10, atol=1e-13)
+    np.testing.assert_array_equal(labels, dense.predict(dense_X))
     assert pipe.score(docs, y) > 0.9
     new = ["cat dog bird fish", "red green blue", "happy sad loud"]
     np.testing.assert_array_equal(pipe.predict(new), ["animals", "colours", "moods"])
