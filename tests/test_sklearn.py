@@ -873,7 +873,7 @@ def test_estimators_run_the_shared_mini_batch_loop():
     sw = rng.uniform(0.5, 2.0, 130)
     sw[40:100] = 0.0  # with batches of 20 in order, three batches weigh nothing
     params = dict(hidden_layer_sizes=(9,), solver="sgd", momentum=0.9, alpha=0.3, batch_size=20, shuffle=False,
-                  learning_rate_init=0.05, max_iter=3, n_iter_no_change=10, random_state=7)
+                  learning_rate_init=0.05, max_iter=3, n_iter_no_change=10, random_state=7, dtype="float32")
     est = _quiet_fit(MLPRegressor(**params), X, y, sample_weight=sw)
 
     seed = int(np.random.RandomState(7).randint(np.iinfo(np.int32).max))
