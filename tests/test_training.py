@@ -275,7 +275,8 @@ def test_validation_metric_is_r2_for_regression(backend):
         def on_epoch_end(self, model, logs):
             out = backend.to_numpy(model(x[18:, ...]))
             t = y_np[18:]
-            self.r2.append(1 - np.sum((t - out) ** 2) / np.sum((t - t.mean(axis=0)) ** 2))
+            # per output, then averaged (scikit-learn's r2_score, multioutput="uniform_average")
+            self.r2.append(np.mean(1 - np.sum((t - out) ** 2, axis=0) / np.sum((t - t.mean(axis=0)) ** 2, axis=0)))
             self.mse.append(np.mean((t - out) ** 2))
 
     cb = R2()
@@ -582,11 +583,20 @@ def test_partial_fit_keeps_optimizer_state(backend):
     assert params_differ(host_params(a), host_params(c))
 
 
-def test_partial_fit_needs_a_loss_first(backend):
+def test_partial_fit_infers_its_first_loss_or_asks_for_one(backend):
+    """Without loss= the first partial_fit infers it as fit does (the identity output
+    and float targets: mse, the same step as loss="mse"); an ambiguous model asks."""
     x_np, y_np = regression_data(n=6)
-    model = am.MLP([3, 4, 2], seed=0, **backend.model_kwargs())
-    with pytest.raises(ValueError, match="partial_fit needs loss="):
-        model.partial_fit(backend.asarray(x_np), backend.asarray(y_np))
+    x, y = backend.asarray(x_np), backend.asarray(y_np)
+    model = am.MLP([3, 4, 2], dtype="float64", seed=0, **backend.model_kwargs())
+    twin = model.copy()
+    model.partial_fit(x, y, shuffle=False)
+    twin.partial_fit(x, y, loss="mse", shuffle=False)
+    assert model.loss_ == "mse"
+    assert_params_equal(host_params(model), host_params(twin), rtol=0, atol=0)
+    tanh = am.MLP([3, 4, 2], output_activation="tanh", seed=0, **backend.model_kwargs())
+    with pytest.raises(ValueError, match="pass loss= , one of mse, mae, huber, cross_entropy"):
+        tanh.partial_fit(x, y)
 
 
 # ------------------------------------------------------------------ predict, predict_proba
