@@ -676,12 +676,13 @@ def test_verbose_prints_one_line_per_epoch(backend, capsys):
     lines = captured.out.splitlines()
     assert len(lines) == 4
     for i, line in enumerate(lines):
-        m = re.match(r"epoch\s+(\d+)\s+loss (\S+)\s+val_loss (\S+)\s+val_accuracy (\S+)", line)
+        m = re.match(r"epoch\s+(\d+)\s+loss (\S+)\s+accuracy (\S+)\s+val_loss (\S+)\s+val_accuracy (\S+)", line)
         assert m, line
         assert int(m.group(1)) == i + 1
         assert float(m.group(2)) == pytest.approx(h.loss[i], rel=1e-3)
-        assert float(m.group(3)) == pytest.approx(h.val_loss[i], rel=1e-3)
-        assert float(m.group(4)) == pytest.approx(h.val_metric[i], abs=1e-4)
+        assert float(m.group(3)) == pytest.approx(h["accuracy"][i], abs=1e-4)
+        assert float(m.group(4)) == pytest.approx(h.val_loss[i], rel=1e-3)
+        assert float(m.group(5)) == pytest.approx(h.val_metric[i], abs=1e-4)
 
 
 # ------------------------------------------------------------------ problems users bring

@@ -122,11 +122,21 @@ def _check_finite(name, t, xp):
         raise ValueError(msg)
 
 
-def _same_shape_targets(name, outputs, targets, xp, check=True):
+def _same_shape_targets(name, outputs, targets, xp, check=True, binary=False):
     """Float targets with the outputs' shape (``(n,)`` is accepted for ``(n, 1)``),
-    cast to the outputs' dtype (finite unless ``check`` is false)."""
+    cast to the outputs' dtype (finite unless ``check`` is false). ``binary``: integer
+    and boolean 0/1 labels are accepted too (values other than 0 and 1 raise unless
+    ``check`` is false)."""
     _check_device(name, "targets", outputs, targets)
     o_shape, t_shape = _shape(outputs), _shape(targets)
+    if binary and (targets.dtype == xp.bool or _integral(targets.dtype, xp)):
+        if check and targets.dtype != xp.bool and not bool(xp.all((targets == 0) | (targets == 1))):
+            lo, hi = int(xp.min(targets)), int(xp.max(targets))
+            msg = (f"{name}: integer targets must be the labels 0 and 1, found values in [{lo}, {hi}] "
+                   "(several classes belong to cross_entropy)")
+            raise ValueError(msg)
+        targets = xp.astype(targets, outputs.dtype)
+        check = False  # 0/1: finite
     if xp.isdtype(targets.dtype, "integral"):
         msg = (
             f"{name}: needs float targets with the outputs' shape, got integer targets "
@@ -275,7 +285,7 @@ def _scale(g, c):
 
 
 # ---------------------------------------------------------------------- reduction
-def _mean_elementwise(name, kernel, outputs, targets, xp, sample_weight, check=True):
+def _mean_elementwise(name, kernel, outputs, targets, xp, sample_weight, check=True, binary=False):
     """Mean over the batch of a loss that is a sum of per-element terms.
 
     ``kernel(o, t, xp) -> (e, g)`` gives the per-element loss ``e`` and its derivative
@@ -285,7 +295,7 @@ def _mean_elementwise(name, kernel, outputs, targets, xp, sample_weight, check=T
     """
     xp = _namespace(outputs, targets, sample_weight, xp)
     shape = _check_outputs(name, outputs, xp)
-    t = _same_shape_targets(name, outputs, targets, xp, check)
+    t = _same_shape_targets(name, outputs, targets, xp, check, binary)
     w, total = _sample_weight(name, sample_weight, outputs, xp)
     n = shape[0]
     m = math.prod(shape[1:])
@@ -426,8 +436,9 @@ def binary_cross_entropy(outputs, targets, *, xp=None, sample_weight=None, check
     ----------
     outputs : array, shape (n, ...)
         Logits ``x`` (the sigmoid is fused in).
-    targets : array, float, shape of ``outputs`` (``(n,)`` is accepted for ``(n, 1)``)
-        Probabilities of the positive class, usually 0 or 1.
+    targets : array, shape of ``outputs`` (``(n,)`` is accepted for ``(n, 1)``)
+        Probabilities of the positive class (float), or the labels 0 and 1 as
+        integers, booleans or floats.
     xp : namespace, optional
     sample_weight : array, shape (n,), optional
     check : bool, default True
@@ -441,7 +452,7 @@ def binary_cross_entropy(outputs, targets, *, xp=None, sample_weight=None, check
         Gradient with respect to the logits.
     """
     return _mean_elementwise(
-        "binary_cross_entropy", _bce_kernel, outputs, targets, xp, sample_weight, check
+        "binary_cross_entropy", _bce_kernel, outputs, targets, xp, sample_weight, check, binary=True
     )
 
 

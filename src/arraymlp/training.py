@@ -69,11 +69,13 @@ class _Progress:
             if tqdm is not None:
                 self.bar = tqdm(total=epochs, unit="epoch", leave=True)
 
-    def update(self, logs: dict[str, Any], metric_name: str) -> None:
+    def update(self, logs: dict[str, Any], names: Sequence[str]) -> None:
+        """Show the epoch's ``loss`` and the entries of ``logs`` named in ``names``
+        (the metrics, ``val_loss`` and the validation metrics) that it has."""
         parts = {"loss": f"{logs['loss']:.4g}"}
-        if logs.get("val_loss") is not None:
-            parts["val_loss"] = f"{logs['val_loss']:.4g}"
-            parts[f"val_{metric_name}"] = f"{logs['val_metric']:.4f}"
+        for name in names:
+            if logs.get(name) is not None:
+                parts[name] = f"{logs[name]:.4g}" if name == "val_loss" else f"{logs[name]:.4f}"
         if self.bar is not None:
             self.bar.set_postfix(parts)
             self.bar.update(1)
@@ -521,7 +523,7 @@ def _finish_epoch(run: _Run, epoch: int, epoch_lr: float, t0: float, total: floa
     if schedule is not None and callable(getattr(schedule, "step", None)):
         # the next epoch's rate comes from schedule(epoch); step only records the metric
         schedule.step(logs["val_loss"] if logs["val_loss"] is not None else logs["loss"])
-    run.bar.update(logs, history.metric_name)
+    run.bar.update(logs, [m.name for m in run.metrics] + ["val_loss"] + ["val_" + m.name for m in run.val_metrics])
     for cb in run.callbacks:
         run.stop = bool(cb.on_epoch_end(model, logs)) or run.stop
     if dp is not None:
