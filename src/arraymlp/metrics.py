@@ -182,6 +182,24 @@ class Metric:
         return _Accumulator(self, xp, dtype, device)
 
     def __call__(self, y_true, y_pred, *, xp=None):
+        """The metric over whole arrays, as a 0-d array.
+
+        Parameters
+        ----------
+        y_true : array, shape (n,) or (n, n_outputs)
+            Targets: class labels (n,) or 0/1 labels for the accuracies, values for
+            ``mae`` and ``r2``.
+        y_pred : array, shape of ``y_true``
+            Predictions in the form of ``y_true``; for ``top_k_accuracy`` the scores
+            (n, n_classes) (probabilities or logits).
+        xp : namespace, optional
+            Taken from ``y_pred`` when omitted.
+
+        Returns
+        -------
+        array, shape ()
+            Float64 where the namespace has it on ``y_pred``'s device.
+        """
         xp = get_namespace(y_pred) if xp is None else xp
         y_true = xp.asarray(y_true)
         self._check_pair(y_true, y_pred)

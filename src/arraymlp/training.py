@@ -711,7 +711,7 @@ def partial_fit(model, x, y, *, loss: str | Loss | None = None, optimizer: str |
     >>> model = am.MLP([1, 8, 1], backend="numpy", seed=0)
     >>> losses = [model.partial_fit(x, 2 * x, lr=0.01).loss[0] for _ in range(3)]
     >>> model.loss_, model.optimizer_.step_count, losses[2] < losses[0]
-    ('mse', 6, True)
+    ('mse', 3, True)
     """
     if loss is None:
         loss = getattr(model, "loss_", None)
@@ -732,7 +732,7 @@ def evaluate(model, x, y, *, loss: str | Loss | None = None, metrics: Sequence[A
     ----------
     model : Sequential
     x : array, shape (n, n_features)
-    y : array
+    y : array, shape (n, n_outputs), (n,), or labels (n,)
         Targets as for :func:`fit`.
     loss : str or Loss, optional
         Default: the loss of the last fit, else inferred as :func:`fit` does.
