@@ -805,6 +805,22 @@ def predict_proba(model, x):
     raise ValueError(msg)
 
 
+def _prediction_form(model) -> tuple[str, bool, str]:
+    """What :func:`predict` returns: ``(task, one_d, dtype name)``; ``one_d`` when a
+    one-output model was fitted on targets of shape (n,) (multiclass labels are (n,)
+    always)."""
+    task = getattr(model, "task_", None)
+    if task is None:
+        task = {"softmax": "multiclass", "sigmoid": "multilabel"}.get(model.output_activation, "regression")
+    if task == "multiclass":
+        return task, True, "int64"
+    one_d = getattr(model, "target_ndim_", None) == 1 and model.n_outputs == 1
+    if task == "regression":
+        return task, one_d, model.dtype_name
+    kind = getattr(model, "target_kind_", None)
+    return task, one_d, {"bool": "bool", "float": model.dtype_name}.get(kind, "int64")
+
+
 def predict(model, x):
     """Predictions, in the form of the ``y`` the model was fitted on.
 
@@ -819,20 +835,14 @@ def predict(model, x):
     against (n,). A model that was not fitted (or read from an older file) answers
     by its output activation, in shape (n, n_outputs) (int64 labels).
     """
-    task = getattr(model, "task_", None)
-    act = model.output_activation
-    if task is None:
-        task = {"softmax": "multiclass", "sigmoid": "multilabel"}.get(act, "regression")
-    ndim, kind = getattr(model, "target_ndim_", None), getattr(model, "target_kind_", None)
-    if task == "multiclass":
-        return model.xp.argmax(predict_proba(model, x), axis=1)
-    out = predict_proba(model, x) if task == "multilabel" else model(x)
+    task, one_d, dtype = _prediction_form(model)
     xp = model.xp
-    if ndim == 1 and out.shape[1] == 1:
+    if task == "multiclass":
+        return xp.argmax(predict_proba(model, x), axis=1)
+    out = predict_proba(model, x) if task == "multilabel" else model(x)
+    if one_d:
         out = xp.reshape(out, (out.shape[0],))
     if task == "regression":
         return out
     labels = out > 0.5
-    if kind == "bool":
-        return labels
-    return xp.astype(labels, model.dtype if kind == "float" else xp.int64)
+    return labels if dtype == "bool" else xp.astype(labels, getattr(xp, dtype))
