@@ -535,6 +535,7 @@ def test_resume_is_bit_identical(backend, tmp_path):
     _assert_params_identical(_params_np(resumed, backend), _params_np(straight, backend))
     assert resumed.steps_ == straight.steps_ == 6 * 5
     assert h_resumed.loss == h_straight.loss and h_resumed.epochs == 6
+    assert h_resumed.metrics == h_straight.metrics and len(h_straight["accuracy"]) == 6  # saved and restored
     assert all(backend.same_place(a) for p in resumed.params for a in p.values())
 
 
@@ -717,6 +718,8 @@ def test_bad_checkpoint_entries(tmp_path):
     bad(lambda ck: ck["rng"]["state"].update(host={"bit_generator": "MT19937"}), "random-generator state is invalid")
     bad(lambda ck: ck.update(rng=[1]), "random-generator entry is malformed")
     bad(lambda ck: ck.update(history={"loss": ["a"]}), "history is malformed")
+    bad(lambda ck: ck.update(history={"loss": [], "metrics": {"accuracy": ["a"]}}), "history is malformed")
+    bad(lambda ck: ck.update(history={"loss": [], "metrics": [1.0]}), "history is malformed")
     bad(lambda ck: ck.update(callbacks={"EarlyStopping": {}}), "callbacks entry is not a list")
     bad(lambda ck: ck.update(callbacks=[{"class": "EarlyStopping"}]), "state of callback 0 is malformed")
     bad(lambda ck: ck.update(callbacks=[{"class": "EarlyStopping", "state": {}, "arrays": {"best_params": [["W"]]}}]),

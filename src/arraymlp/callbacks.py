@@ -124,7 +124,8 @@ class Callback:
 
     A hook that returns ``True`` stops training after the current batch or epoch.
     ``logs`` carries ``epoch``, ``step``, ``loss`` and, at epoch end, ``val_loss``,
-    ``val_metric`` and ``lr``.
+    ``val_metric``, ``lr`` and the value of each metric of the epoch (``"accuracy"``,
+    ``"val_accuracy"``, ...: see :attr:`History.metrics`).
 
     Examples
     --------

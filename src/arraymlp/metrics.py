@@ -111,7 +111,9 @@ class _Pair:
         if self.task == "multiclass":
             return xp.argmax(out, axis=1)
         if self.task == "multilabel":
-            pred = xp.reshape(out > self.threshold, _shape(y))
+            pred = out > self.threshold
+            if pred.shape != y.shape:
+                pred = xp.reshape(pred, tuple(y.shape))
             return pred if y.dtype == xp.bool else xp.astype(pred, y.dtype)
         values = xp.exp(out) if self.rates else out
         return xp.reshape(values, _shape(y))
@@ -242,25 +244,21 @@ class _Direct:
         return self.pred
 
 
-def _equal(a, b, xp):
-    """Elementwise ``a == b`` of two arrays of one shape, after putting ``b`` in ``a``'s dtype."""
-    if _shape(a) != _shape(b):  # never broadcast a (n, 1) against a (n,)
-        msg = f"accuracy: predictions of shape {_shape(b)} do not match targets of shape {_shape(a)}"
-        raise ValueError(msg)
-    if a.dtype != b.dtype:
-        b = xp.astype(b, a.dtype)
-    return a == b
-
-
 class _AccuracyMetric(Metric):
     name = "accuracy"
     tasks = _CLASSIFICATION
 
     def _update(self, acc, pair):
         xp = acc.xp
-        eq = _equal(pair.true_labels(), pair.predictions(), xp)
-        acc.add([xp.sum(xp.astype(eq, xp.int64))])
-        acc.count += math.prod(_shape(eq))
+        t, p = pair.true_labels(), pair.predictions()
+        if t.shape != p.shape:  # never broadcast a (n, 1) against a (n,)
+            msg = f"accuracy: predictions of shape {_shape(p)} do not match targets of shape {_shape(t)}"
+            raise ValueError(msg)
+        if t.dtype != p.dtype:
+            p = xp.astype(p, t.dtype)
+        right = xp.sum(xp.astype(t == p, xp.int64))
+        acc.sums = [right] if acc.sums is None else [acc.sums[0] + right]
+        acc.count += math.prod(t.shape)
 
     def _finish(self, acc, host):
         return host[0] / acc.count
