@@ -8,9 +8,10 @@ namespace is resolved once per public call and handed down to every kernel.
 from __future__ import annotations
 
 import copy
+import inspect
 import numbers
 import types
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Concatenate, Generic, ParamSpec, Sequence, TypeVar, overload
 
 from array_api_compat import is_dask_array
 
@@ -34,41 +35,54 @@ from .init import default_for
 from .kernels import kernels_for
 from .losses import LOSSES, get_loss
 
+if TYPE_CHECKING:
+    from . import training
+
 __all__ = ["MLP", "Sequential"]
 
 
-class _TrainingMethod:
-    """A model method that is a function of :mod:`arraymlp.training` taking the model
-    first: ``model.fit(x, y, ...)`` is ``training.fit(model, x, y, ...)``, and
-    ``help()``, ``inspect.signature`` and editors see that function's parameters and
-    docstring (one source of truth), less ``model``."""
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
-    def __init__(self, name: str):
-        self.name = name
-        self._method = None
+
+class _TrainingMethod(Generic[_P, _R]):
+    """A model method that is a function of :mod:`arraymlp.training` taking the model
+    first: ``model.fit(x, y, ...)`` is ``training.fit(model, x, y, ...)``. ``help()``,
+    ``inspect.signature`` and editors see that function's parameters and docstring (one
+    source of truth), less ``model``; static type checkers read them through the
+    ``ParamSpec``."""
+
+    def __init__(self, fn: Callable[Concatenate[Any, _P], _R] | str):
+        self.name = fn if isinstance(fn, str) else fn.__name__
+        self.method: Any = None
 
     def _build(self):
-        if self._method is None:
-            import inspect
+        """The method, made at first use: loading a model (``arraymlp.io``) does not
+        import the training loop."""
+        from . import training
 
-            from . import training
+        fn = getattr(training, self.name)
+        sig = inspect.signature(fn)
+        params = list(sig.parameters.values())
 
-            fn = getattr(training, self.name)
+        def method(self, *args, **kwargs):
+            return fn(self, *args, **kwargs)
 
-            def method(self, *args, **kwargs):
-                return fn(self, *args, **kwargs)
+        method.__signature__ = sig.replace(parameters=[params[0].replace(name="self"), *params[1:]])
+        method.__name__ = method.__qualname__ = fn.__name__
+        method.__doc__ = fn.__doc__
+        method.__module__ = fn.__module__
+        self.method = method
+        return method
 
-            sig = inspect.signature(fn)
-            params = list(sig.parameters.values())
-            method.__signature__ = sig.replace(parameters=[params[0].replace(name="self"), *params[1:]])
-            method.__name__ = method.__qualname__ = self.name
-            method.__doc__ = fn.__doc__
-            method.__module__ = fn.__module__
-            self._method = method
-        return self._method
+    @overload
+    def __get__(self, obj: None, objtype: type | None = None) -> Callable[Concatenate[Any, _P], _R]: ...
+
+    @overload
+    def __get__(self, obj: object, objtype: type | None = None) -> Callable[_P, _R]: ...
 
     def __get__(self, obj, objtype=None):
-        method = self._build()
+        method = self.method or self._build()
         return method if obj is None else types.MethodType(method, obj)
 
 
@@ -418,9 +432,14 @@ class Sequential:
     # ------------------------------------------------------------------ training
     # fit, partial_fit and evaluate are the functions of arraymlp.training with the model
     # as first argument: their signatures and docstrings are those functions' own.
-    fit = _TrainingMethod("fit")
-    partial_fit = _TrainingMethod("partial_fit")
-    evaluate = _TrainingMethod("evaluate")
+    if TYPE_CHECKING:  # type checkers read the parameters from the functions themselves
+        fit = _TrainingMethod(training.fit)
+        partial_fit = _TrainingMethod(training.partial_fit)
+        evaluate = _TrainingMethod(training.evaluate)
+    else:
+        fit = _TrainingMethod("fit")
+        partial_fit = _TrainingMethod("partial_fit")
+        evaluate = _TrainingMethod("evaluate")
 
     def predict(self, x):
         """Predictions in the form of the ``y`` of the last fit: class indices (n,) for
