@@ -52,6 +52,10 @@ def test_metric_functions_match_sklearn(backend, rng):
     binary = (labels > 1).astype(bool)
     assert value(M.accuracy(B(binary), B(pred > 1))) == pytest.approx(skm.accuracy_score(binary, pred > 1),
                                                                        abs=1e-15)
+    multi = rng.uniform(size=(n, 3)) > 0.5  # several 0/1 outputs: the fraction of right values
+    multi_pred = np.where(rng.uniform(size=(n, 3)) < 0.7, multi, ~multi)
+    assert value(M.accuracy(B(multi.astype(np.float64)), B(multi_pred.astype(np.float64)))) == pytest.approx(
+        1 - skm.hamming_loss(multi, multi_pred), abs=1e-15)
     for kk in (1, 2, 4):
         want = skm.top_k_accuracy_score(labels, scores, k=kk, labels=np.arange(k))
         assert value(M.top_k_accuracy(kk)(B(labels), B(scores))) == pytest.approx(want, abs=1e-15)
@@ -232,3 +236,39 @@ def test_metrics_are_read_once_per_epoch(backend, monkeypatch):
     model.fit(x, y, epochs=3, batch_size=5, validation_data=(x, y), metrics=["accuracy", M.top_k_accuracy(2)],
               progress=False)
     assert calls == [2, 3] * 3  # training: 2 metrics; validation: the loss and 2 metrics
+
+
+def test_fit_refuses_metrics_that_do_not_fit_the_loss_before_training(backend):
+    x_np, y_np = _multiclass_data(n=20, k=3)
+    model = am.MLP([4, 5, 3], output_activation="softmax", seed=0, **backend.model_kwargs())
+    x, y = backend.asarray(x_np), backend.asarray(y_np)
+    model(x)
+    before = [{k: backend.to_numpy(v).copy() for k, v in p.items()} for p in model.params]
+    with pytest.raises(ValueError, match="metric 'r2' is for regression losses"):
+        model.fit(x, y, metrics=["r2"], progress=False)
+    with pytest.raises(ValueError, match=r"top_k_accuracy: k=5 is not below the 3 classes"):
+        model.fit(x, y, metrics=["top_k_accuracy"], progress=False)
+    with pytest.raises(ValueError, match="unknown metric 'precision'"):
+        model.evaluate(x, y, metrics=["precision"])
+    for p, q in zip(model.params, before):
+        for k in p:
+            np.testing.assert_array_equal(backend.to_numpy(p[k]), q[k])
+
+
+def test_history_of_a_callable_metric_matches_a_recomputation(backend):
+    """A callable gets each batch's targets and predict's predictions; with a zero
+    learning rate its batch-size-weighted mean over 6 uneven batches is its value on
+    the whole data."""
+    x_np, y_np = _multiclass_data(n=41)
+    model = am.MLP([4, 8, 6], dtype="float64", seed=0, **backend.model_kwargs())
+    x, y = backend.asarray(x_np), backend.asarray(y_np)
+    seen = []
+
+    def error_rate(y_true, y_pred, *, xp):
+        seen.append(tuple(y_pred.shape))
+        return xp.mean(xp.astype(y_true != y_pred, xp.float64))
+
+    h = model.fit(x, y, optimizer=SGD(lr=0.0), epochs=2, batch_size=8, metrics=[error_rate], progress=False)
+    want = 1 - skm.accuracy_score(y_np, backend.to_numpy(model.predict(x)))
+    np.testing.assert_allclose(h["error_rate"], [want, want], rtol=1e-12, atol=1e-15)
+    assert seen[:6] == [(8,)] * 5 + [(1,)]

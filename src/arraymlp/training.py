@@ -10,6 +10,11 @@ instead, each dense layer's weight gradient accumulating straight into its weigh
 (:func:`arraymlp.functional.dense_sgd_update`); the loss is still checked first, but an
 exception raised inside backpropagation (a custom layer's, or Ctrl-C) can leave that
 step applied to the layers above the failing one only.
+
+Without ``loss=`` the loss is inferred from the output activation and the targets
+(:func:`infer_loss`). Metrics (:mod:`arraymlp.metrics`) are summed on the device during
+the epoch and read when it ends; :func:`evaluate` measures a fitted model the same way.
+:func:`predict` answers in the form (rank, dtype family) of the ``y`` of the last fit.
 """
 
 from __future__ import annotations
