@@ -62,6 +62,7 @@ __all__ = [
     "Loss",
     "binary_cross_entropy",
     "check_targets",
+    "count_not_binary",
     "cross_entropy",
     "get_loss",
     "huber",
@@ -126,6 +127,41 @@ def _check_finite(name, t, xp):
         raise ValueError(msg)
 
 
+def count_not_binary(targets, xp):
+    """How many values of ``targets`` are neither 0 nor 1: a 0-d int64 array, counted
+    block by block on the device (no temporary the size of the data) and not read.
+
+    Parameters
+    ----------
+    targets : array, shape (n,) or (n, k)
+        Real or boolean values (booleans count as 0 and 1).
+    xp : namespace
+
+    Examples
+    --------
+    >>> import numpy as np, arraymlp as am
+    >>> int(am.losses.count_not_binary(np.array([0, 1, 2, 1, -1]), np))
+    2
+    """
+    if targets.dtype == xp.bool:
+        return xp.zeros((), dtype=xp.int64, device=device_of(targets))
+    total = None
+    for i, j in row_blocks(_shape(targets)[0], block_rows(targets)):
+        b = targets[i:j, ...]
+        count = xp.sum(xp.astype((b != 0) & (b != 1), xp.int64))
+        total = count if total is None else total + count
+    return total
+
+
+def _check_binary_labels(name, targets, xp):
+    """Integer (or boolean) targets of a binary loss must be 0 and 1: one read."""
+    if int(count_not_binary(targets, xp)):
+        lo, hi = int(xp.min(targets)), int(xp.max(targets))
+        msg = (f"{name}: integer targets must be the labels 0 and 1, found values in [{lo}, {hi}] "
+               "(several classes belong to cross_entropy)")
+        raise ValueError(msg)
+
+
 def _same_shape_targets(name, outputs, targets, xp, check=True, binary=False):
     """Float targets with the outputs' shape (``(n,)`` is accepted for ``(n, 1)``),
     cast to the outputs' dtype (finite unless ``check`` is false). ``binary``: integer
@@ -134,11 +170,8 @@ def _same_shape_targets(name, outputs, targets, xp, check=True, binary=False):
     _check_device(name, "targets", outputs, targets)
     o_shape, t_shape = _shape(outputs), _shape(targets)
     if binary and (targets.dtype == xp.bool or _integral(targets.dtype, xp)):
-        if check and targets.dtype != xp.bool and not bool(xp.all((targets == 0) | (targets == 1))):
-            lo, hi = int(xp.min(targets)), int(xp.max(targets))
-            msg = (f"{name}: integer targets must be the labels 0 and 1, found values in [{lo}, {hi}] "
-                   "(several classes belong to cross_entropy)")
-            raise ValueError(msg)
+        if check:
+            _check_binary_labels(name, targets, xp)
         targets = xp.astype(targets, outputs.dtype)
         check = False  # 0/1: finite
     if xp.isdtype(targets.dtype, "integral"):
@@ -697,7 +730,9 @@ def check_targets(loss, n_outputs, targets, *, dtype, device=None, xp=None, samp
     _check_outputs(name, outputs, xp)
     if loss.targets == "same_shape":
         if loss.fn is binary_cross_entropy and not xp.isdtype(targets.dtype, "real floating"):
-            _same_shape_targets(name, outputs, targets, xp, check=True, binary=True)  # 0/1 labels: one read
+            # integer or boolean 0/1 labels: the shape on one row, the values block by block
+            _same_shape_targets(name, outputs[:1, ...], targets[:1, ...], xp, check=False, binary=True)
+            _check_binary_labels(name, targets, xp)
         else:
             _same_shape_targets(name, outputs, targets, xp, check=False)
             _check_finite(name, targets, xp)

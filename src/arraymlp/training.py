@@ -40,7 +40,7 @@ import numpy
 from ._backend import Generator, quiet_overflow, to_numpy
 from .callbacks import Callback, DivergenceError, EarlyStopping, History
 from .fusion import plan_for
-from .losses import LOSSES, Loss, check_targets, get_loss
+from .losses import LOSSES, Loss, check_targets, count_not_binary, get_loss
 from .metrics import Metric, _Accumulator, _Pair, get_metrics, read_results
 from .optim import Optimizer, get_optimizer
 
@@ -182,13 +182,15 @@ def _evaluate(model, x, y, lossfn, task, xp, batch_size=4096, metrics=()):
     fused = model._fused(lossfn)
     upto = len(model.layers) - 1 if fused else None
     make = _pair_maker(model, lossfn, fused)
+    builtin = LOSSES.get(lossfn.name) is lossfn
     total = _mean_accumulator(model, xp)
     accs = [m.start(xp, model.dtype, model.device) for m in metrics]
     for i in range(0, n, batch_size):
         end = min(i + batch_size, n)  # the standard leaves slice ends past the axis unspecified
         xb, yb = x[i:end, ...], y[i:end, ...]
         out, _ = model.forward(xb, training=False, xp=xp, upto=upto, keep=False)
-        value, _ = lossfn.fn(out, yb, xp=xp)
+        # the targets were checked up front: the table's losses need not read them again
+        value, _ = lossfn.fn(out, yb, xp=xp, check=False) if builtin else lossfn.fn(out, yb, xp=xp)
         _add_mean(total, value, end - i)
         pair = make(yb, out, xp)
         for acc in accs:
@@ -294,11 +296,12 @@ def infer_loss(model, y, *, xp=None) -> tuple[str, str]:
     raise ValueError(msg)
 
 
-def _binary_targets(y, xp, model, what: str):
+def _binary_targets(y, xp, lossfn, model, what: str):
     """The 0/1 targets of a binary (or multilabel) classification loss: values other
-    than 0 and 1 raise; integer and boolean ones come back in the model's dtype."""
-    ok = xp.all((y == 0) | (y == 1)) if y.dtype != xp.bool else True
-    if not bool(ok):
+    than 0 and 1 raise (counted block by block, one read). Integer and boolean labels
+    stay as they are for the table's binary cross-entropy (each batch is cast as it
+    comes) and are cast to the model's dtype for a custom loss."""
+    if int(count_not_binary(y, xp)):
         values = numpy.unique(numpy.asarray(to_numpy(y)))
         bad = [v for v in values.tolist() if v not in (0, 1)][:5]
         msg = (
@@ -308,7 +311,7 @@ def _binary_targets(y, xp, model, what: str):
             "softmax output; for probability targets call arraymlp.binary_cross_entropy in your own loop"
         )
         raise ValueError(msg)
-    if not xp.isdtype(y.dtype, "real floating"):
+    if not xp.isdtype(y.dtype, "real floating") and LOSSES.get(lossfn.name) is not lossfn:
         y = xp.astype(y, model.dtype)
     return y
 
@@ -334,7 +337,7 @@ def _prepare_data(model, x, y, sample_weight, loss, validation_data, validation_
     lossfn = _resolve_loss(model, loss, y, xp, verbose)
     form = (y.ndim, _kind(y, xp))  # the shape rank and dtype family predict returns
     if lossfn.task == "multilabel":
-        y = _binary_targets(y, xp, model, "y")
+        y = _binary_targets(y, xp, lossfn, model, "y")
     if sample_weight is not None:
         sample_weight = model._check_target(sample_weight, xp, "sample_weight")
     # Validate the targets (kind, shape, label range) and weights once, up front, block by
@@ -362,7 +365,7 @@ def _prepare_data(model, x, y, sample_weight, loss, validation_data, validation_
             msg = f"validation x has {_n(x_val)} samples but validation y has {_n(y_val)}"
             raise ValueError(msg)
         if lossfn.task == "multilabel":
-            y_val = _binary_targets(y_val, xp, model, "validation y")
+            y_val = _binary_targets(y_val, xp, lossfn, model, "validation y")
         # the validation targets' kind, shape and labels, up front like y's
         check_targets(lossfn, model.n_outputs, y_val, dtype=model.dtype, device=model.device, xp=xp)
         val = (x_val, y_val)
@@ -897,8 +900,8 @@ def evaluate(model, x, y, *, loss: str | Loss | None = None, metrics: Sequence[A
         loss = getattr(model, "loss_", None)
     lossfn = _resolve_loss(model, loss, y, xp, False)
     if lossfn.task == "multilabel":
-        y = _binary_targets(y, xp, model, "y")
-    lossfn.fn(xp.zeros((_n(y), model.n_outputs), dtype=model.dtype, device=model.device), y, xp=xp)
+        y = _binary_targets(y, xp, lossfn, model, "y")
+    check_targets(lossfn, model.n_outputs, y, dtype=model.dtype, device=model.device, xp=xp)
     if metrics is None:
         metrics = ["accuracy" if lossfn.task != "regression" else "r2"]
     metrics = get_metrics(metrics, lossfn.task, model.n_outputs)
