@@ -43,6 +43,7 @@ from .fusion import plan_for
 from .losses import LOSSES, Loss, check_targets, count_not_binary, get_loss
 from .metrics import Metric, _Accumulator, _Pair, get_metrics, read_results
 from .optim import Optimizer, get_optimizer
+from .precision import resolve_precision
 
 __all__ = [
     "Callback",
@@ -100,7 +101,7 @@ class _Progress:
             self.bar.close()
 
 
-def _loss_then_update(model, opt, lossfn, xb, yb, wb, *, xp, l2=0.0, dp=None, on_outputs=None):
+def _loss_then_update(model, opt, lossfn, xb, yb, wb, *, xp, l2=0.0, dp=None, amp=None, on_outputs=None):
     """First half of a training step: the batch's loss, and a function taking the update.
 
     Returns ``(value, update)``: ``value`` is the loss (an array), ``update(lr)`` makes
@@ -110,9 +111,13 @@ def _loss_then_update(model, opt, lossfn, xb, yb, wb, *, xp, l2=0.0, dp=None, on
     parallelism, no parameter array shared by two layers) the gradients are never
     gathered: :meth:`Sequential._sgd_update` applies each as backpropagation produces
     it, so an exception raised inside backpropagation (a custom layer's, or Ctrl-C)
-    can leave the layers above it stepped and the others not. ``on_outputs(out)`` is
-    called with the batch's output before backpropagation (not under data parallelism).
+    can leave the layers above it stepped and the others not. With ``amp`` (a
+    :class:`arraymlp.MixedPrecision`) the step runs in its compute dtype.
+    ``on_outputs(out)`` is called with the batch's output before backpropagation
+    (not under data parallelism).
     """
+    if amp is not None:
+        return amp.loss_then_update(model, opt, lossfn, xb, yb, wb, xp=xp, l2=l2, on_outputs=on_outputs)
     plan = plan_for(model, xp, opt if dp is None else None)
     if plan.sgd:
         value, dout, caches, owned = model._loss_and_dout(xb, yb, lossfn, xp=xp, sample_weight=wb, l2=l2, plan=plan,
@@ -238,6 +243,7 @@ class _Run:
     stop: bool = False
     accs: list = dataclasses.field(default_factory=list)  # the epoch's metric accumulators
     pair: Any = None  # makes a batch's metrics input from its targets and outputs (_pair_maker)
+    amp: Any = None  # MixedPrecision, or None
 
 
 def _check_arguments(epochs, batch_size, validation_split):
@@ -496,7 +502,8 @@ def _step(run: _Run, order, start: int, epoch_lr: float, *, metrics: bool = True
     rows; the batch joins the epoch's metrics unless ``metrics`` is false (a replay)."""
     xb, yb, wb, rows = _batch(run, order, start)
     value, update = _loss_then_update(run.model, run.opt, run.lossfn, xb, yb, wb, xp=run.xp, l2=run.l2,
-                                      dp=run.dp, on_outputs=_metrics_hook(run, yb) if metrics else None)
+                                      dp=run.dp, amp=run.amp,
+                                      on_outputs=_metrics_hook(run, yb) if metrics else None)
     update(epoch_lr)
     run.step += 1
     if getattr(value, "ndim", None) != 0:  # a custom loss's Python float, or a one-element array
@@ -540,7 +547,7 @@ def _run_epoch(run: _Run, epoch: int, epoch_lr: float) -> tuple[float, int]:
     for start in range(0, _n(run.x), run.batch_size):
         xb, yb, wb, nb = _batch(run, order, start)
         value, update = _loss_then_update(model, run.opt, run.lossfn, xb, yb, wb, xp=run.xp, l2=run.l2, dp=dp,
-                                          on_outputs=_metrics_hook(run, yb))
+                                          amp=run.amp, on_outputs=_metrics_hook(run, yb))
         value = float(value)
         if not math.isfinite(value):
             raise _divergence(run, value, epoch, start // run.batch_size)
@@ -561,20 +568,24 @@ def _run_epoch(run: _Run, epoch: int, epoch_lr: float) -> tuple[float, int]:
 
 def _snapshot(run: _Run) -> tuple:
     """Copies of what an epoch's steps change (parameters, optimiser state, step
-    counter, generator state), taken on the device at the epoch's start."""
+    counter, generator state, a mixed-precision loss scale), taken on the device at the
+    epoch's start."""
     model = run.model
     params = [{k: run.xp.asarray(a, copy=True) for k, a in p.items()} for p in model.params]
     rng = None if model.rng is None else model.rng.get_state()
-    return params, run.opt.state_dict(), run.step, rng
+    amp = None if run.amp is None else run.amp.get_state()
+    return params, run.opt.state_dict(), run.step, rng, amp
 
 
 def _restore(run: _Run, snapshot: tuple) -> None:
-    params, opt_state, step, rng_state = snapshot
+    params, opt_state, step, rng_state, amp_state = snapshot
     run.model.params = [dict(p) for p in params]
     run.opt.load_state_dict(opt_state)
     run.step = step
     if rng_state is not None:
         run.model.rng.set_state(rng_state)
+    if amp_state is not None:
+        run.amp.set_state(amp_state)
 
 
 def _run_epoch_on_device(run: _Run, epoch: int, epoch_lr: float, order) -> tuple[float, int]:
@@ -675,7 +686,8 @@ def fit(model, x, y, *, loss: str | Loss | None = None, optimizer: str | Optimiz
         shuffle: bool = True, validation_data: tuple | None = None, validation_split: float = 0.0,
         metrics: Sequence[Any] | None = None, early_stopping: EarlyStopping | int | None = None,
         callbacks: Sequence[Callback] = (), progress: bool = True, verbose: bool = False, seed: int | None = None,
-        l2: float = 0.0, sample_weight: Any = None, comm: Any = None, resume_from: Any = None) -> History:
+        l2: float = 0.0, sample_weight: Any = None, comm: Any = None, resume_from: Any = None,
+        precision: Any = None) -> History:
     """Train ``model`` on ``(x, y)`` with mini-batch gradient descent.
 
     ``model.fit(x, y, ...)`` is this function with the model as its first argument.
@@ -741,6 +753,11 @@ def fit(model, x, y, *, loss: str | Loss | None = None, optimizer: str | Optimiz
         epoch up to ``epochs`` in total, with its parameters, optimiser state, step
         counter, schedule state, random-generator state and history, so an
         interrupted run ends bit-identical (on NumPy) to an uninterrupted one.
+    precision : {None, "float16", "bfloat16"} or MixedPrecision, optional
+        Mixed precision: each step computes in float16 (with dynamic loss scaling) or
+        bfloat16 over the model's float32 master weights, which the optimiser updates;
+        see :class:`arraymlp.MixedPrecision`. None (or the model's dtype): the model's
+        dtype throughout.
 
     Returns
     -------
@@ -766,7 +783,7 @@ def fit(model, x, y, *, loss: str | Loss | None = None, optimizer: str | Optimiz
 
 def _train(model, x, y, *, reuse_optimizer, loss, optimizer, lr, schedule, epochs, batch_size, shuffle,
            validation_data, validation_split, metrics, early_stopping, callbacks, progress, verbose, seed, l2,
-           sample_weight, comm, resume_from) -> History:
+           sample_weight, comm, resume_from, precision) -> History:
     """:func:`fit`, with ``reuse_optimizer`` for :func:`partial_fit` (every option
     required: a parameter of ``fit`` this does not take fails at once)."""
     epochs, batch_size = _check_arguments(epochs, batch_size, validation_split)
@@ -779,11 +796,12 @@ def _train(model, x, y, *, reuse_optimizer, loss, optimizer, lr, schedule, epoch
     main = get_metrics(["accuracy" if lossfn.task != "regression" else "r2"], lossfn.task, model.n_outputs)[0]
     if all(m.name != main.name for m in val_metrics):  # History.val_metric's
         val_metrics.append(main)
+    amp = resolve_precision(precision, model, xp, data_parallel=comm is not None)
     opt = _set_up_model(model, lossfn, form, optimizer, lr, schedule, seed, xp, reuse_optimizer)
     callbacks = _arrange_callbacks(callbacks, early_stopping, validation=val is not None)
     run = _Run(model=model, x=x, y=y, sample_weight=sample_weight, val=val, lossfn=lossfn, xp=xp, opt=opt,
                schedule=schedule, callbacks=callbacks, batch_size=batch_size, shuffle=shuffle, l2=l2,
-               metrics=metrics if comm is None else [], val_metrics=val_metrics)
+               metrics=metrics if comm is None else [], val_metrics=val_metrics, amp=amp)
     _start_run(run, epochs, resume_from, comm, progress, verbose)
     quiet = contextlib.ExitStack()
     quiet.enter_context(quiet_overflow(xp))
@@ -803,7 +821,8 @@ def _train(model, x, y, *, reuse_optimizer, loss, optimizer, lr, schedule, epoch
 
 def partial_fit(model, x, y, *, loss: str | Loss | None = None, optimizer: str | Optimizer | None = None,
                 lr: float | None = None, batch_size: int = 32, shuffle: bool = True, l2: float = 0.0,
-                sample_weight: Any = None, metrics: Sequence[Any] | None = None) -> History:
+                sample_weight: Any = None, metrics: Sequence[Any] | None = None,
+                precision: Any = None) -> History:
     """One pass over ``(x, y)``, keeping the optimiser state of earlier calls.
 
     ``model.partial_fit(x, y, ...)`` is this function with the model as its first argument.
@@ -826,6 +845,9 @@ def partial_fit(model, x, y, *, loss: str | Loss | None = None, optimizer: str |
     sample_weight : array of shape (n,), optional
     metrics : sequence of str, Metric or callable, optional
         As for :func:`fit`.
+    precision : {None, "float16", "bfloat16"} or MixedPrecision, optional
+        As for :func:`fit`; pass the same :class:`arraymlp.MixedPrecision` to every
+        call to keep its loss scale.
 
     Returns
     -------
@@ -846,7 +868,8 @@ def partial_fit(model, x, y, *, loss: str | Loss | None = None, optimizer: str |
     defaults = {k: p.default for k, p in inspect.signature(fit).parameters.items()
                 if p.default is not inspect.Parameter.empty}
     options = {**defaults, "loss": loss, "optimizer": optimizer, "lr": lr, "epochs": 1, "batch_size": batch_size,
-               "shuffle": shuffle, "progress": False, "l2": l2, "sample_weight": sample_weight, "metrics": metrics}
+               "shuffle": shuffle, "progress": False, "l2": l2, "sample_weight": sample_weight, "metrics": metrics,
+               "precision": precision}
     return _train(model, x, y, reuse_optimizer=True, **options)
 
 
