@@ -272,3 +272,17 @@ def test_history_of_a_callable_metric_matches_a_recomputation(backend):
     want = 1 - skm.accuracy_score(y_np, backend.to_numpy(model.predict(x)))
     np.testing.assert_allclose(h["error_rate"], [want, want], rtol=1e-12, atol=1e-15)
     assert seen[:6] == [(8,)] * 5 + [(1,)]
+
+
+def test_history_metrics_under_mixed_precision(backend):
+    """Under precision="float16" the metrics read the float16 forward pass of each step:
+    with a zero learning rate, the epoch's accuracy is that of a float16 copy."""
+    if getattr(backend.xp, "float16", None) is None:
+        pytest.skip(f"{backend.name} has no float16")
+    x_np, y_np = _multiclass_data(n=45)
+    model = am.MLP([4, 8, 6], seed=0, **backend.model_kwargs())
+    x, y = backend.asarray(x_np, "float32"), backend.asarray(y_np)
+    h = model.fit(x, y, optimizer=SGD(lr=0.0), epochs=1, batch_size=8, precision="float16", progress=False)
+    half = model.copy(dtype="float16")
+    pred = backend.to_numpy(half.predict(backend.asarray(x_np, "float16")))
+    assert h["accuracy"] == [pytest.approx(skm.accuracy_score(y_np, pred), abs=1e-15)]
