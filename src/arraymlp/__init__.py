@@ -11,7 +11,7 @@ tensors, array-api-strict, and any namespace array-api-compat wraps. Name a back
 """
 
 from . import distributed as distributed
-from . import functional
+from . import functional, metrics
 from ._backend import Generator, resolve_backend, to_backend, to_numpy
 from ._version import __version__
 from .functional import ACTIVATIONS
@@ -106,6 +106,7 @@ __all__ = [
     "load",
     "save",
     "functional",
+    "metrics",
     "gradcheck",
     "resolve_backend",
     "to_backend",
