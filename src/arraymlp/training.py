@@ -25,8 +25,9 @@ from typing import Any, Sequence
 from ._backend import Generator, is_float16, quiet_overflow
 from .callbacks import Callback, DivergenceError, EarlyStopping, History
 from .fusion import plan_for
+from .layers import Dropout
 from .losses import LOSSES, get_loss
-from .optim import Optimizer, get_optimizer
+from .optim import LBFGS, Optimizer, get_optimizer
 
 __all__ = [
     "Callback",
@@ -410,6 +411,62 @@ def _finish(run: _Run, quiet: contextlib.ExitStack) -> None:
         cb.on_train_end(run.model, run.history)
 
 
+def _check_full_batch(run: _Run, comm, resume_from) -> None:
+    """What a full-batch optimiser cannot combine with, refused by name."""
+    if run.schedule is not None:
+        msg = "schedule= does not apply to optimizer='lbfgs': its line search chooses each step length"
+        raise ValueError(msg)
+    if comm is not None:
+        msg = "comm= (data parallelism) is not supported with optimizer='lbfgs'; use a mini-batch optimiser"
+        raise ValueError(msg)
+    if resume_from is not None:
+        msg = "resume_from= is not supported with optimizer='lbfgs'; L-BFGS's history is not checkpointed"
+        raise ValueError(msg)
+    rates = [layer.p for layer in run.model.layers if isinstance(layer, Dropout)]
+    if any(rates):
+        msg = (f"optimizer='lbfgs' needs a deterministic objective, but the model has dropout (p={max(rates)}), "
+               "which draws a new mask at each evaluation; remove the dropout or use a mini-batch optimiser")
+        raise ValueError(msg)
+
+
+def _run_full_batch(run: _Run, epochs: int) -> None:
+    """The optimiser owns the iteration: one "epoch" per L-BFGS iteration over the whole data set.
+
+    Each iteration records its loss (at the new point, L2 term included) in the history
+    and runs the callbacks' epoch hooks (and ``on_batch_end`` once); training ends after
+    ``epochs`` iterations, when a callback asks, or when the optimiser's own stopping rules
+    hold (``model.optimizer_.status`` says which).
+    """
+    model, xp, opt = run.model, run.xp, run.opt
+
+    def fun(params):
+        return model._loss_and_grads(run.x, run.y, run.lossfn, xp=xp, sample_weight=run.sample_weight, l2=run.l2)
+
+    iterations = opt.iterate(fun, model.params)
+    try:
+        for epoch in range(run.start_epoch, epochs):
+            t0 = time.perf_counter()
+            if _begin_epoch(run, epoch):
+                break
+            try:
+                info = next(iterations)
+            except StopIteration:
+                break
+            except FloatingPointError as exc:
+                msg = (f"the training loss is not finite at the starting parameters ({exc}). "
+                       "Scale the inputs, or check the initial parameters.")
+                raise DivergenceError(msg, epoch=epoch, step=run.step,
+                                      params_finite=_params_finite(model.params, xp)) from exc
+            run.step += 1
+            logs = {"epoch": epoch, "step": run.step, "loss": info.loss}
+            for cb in run.callbacks:
+                run.stop = bool(cb.on_batch_end(model, logs)) or run.stop
+            if _finish_epoch(run, epoch, opt.lr, t0, info.loss, 1):
+                break
+    finally:
+        iterations.close()
+
+
 def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", lr: float | None = None,
         schedule: Any = None, epochs: int = 10, batch_size: int = 32, shuffle: bool = True,
         validation_data: tuple | None = None, validation_split: float = 0.0,
@@ -417,7 +474,12 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
         progress: bool = True, verbose: bool = False, seed: int | None = None, l2: float = 0.0,
         sample_weight: Any = None, comm: Any = None, resume_from: Any = None,
         _reuse_optimizer: bool = False) -> History:
-    """Train ``model`` on ``(x, y)`` with mini-batch gradient descent.
+    """Train ``model`` on ``(x, y)`` with mini-batch gradient descent, or full-batch L-BFGS.
+
+    With ``optimizer="lbfgs"`` (or an :class:`arraymlp.optim.LBFGS`) each "epoch" is one
+    L-BFGS iteration over the whole data set (``batch_size`` and ``shuffle`` do not
+    apply; ``epochs`` caps the iterations, and the optimiser's ``tol``, ``max_iter`` and
+    ``max_fun`` may stop it earlier: ``model.optimizer_.status`` says why it stopped).
 
     Parameters
     ----------
@@ -427,7 +489,7 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
     loss : str
         A key of :data:`arraymlp.losses.LOSSES`.
     optimizer : str or Optimizer
-        ``"sgd"``, ``"adam"``, ``"adamw"``, ``"rmsprop"``, ``"adagrad"`` or an instance.
+        ``"sgd"``, ``"adam"``, ``"adamw"``, ``"rmsprop"``, ``"adagrad"``, ``"lbfgs"`` or an instance.
     lr : float, optional
         Base learning rate (overrides the optimiser's default).
     schedule : Schedule or callable, optional
@@ -474,10 +536,16 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
     callbacks = _arrange_callbacks(callbacks, early_stopping, validation=val is not None)
     run = _Run(model=model, x=x, y=y, sample_weight=sample_weight, val=val, lossfn=lossfn, xp=xp, opt=opt,
                schedule=schedule, callbacks=callbacks, batch_size=batch_size, shuffle=shuffle, l2=l2)
+    full_batch = isinstance(opt, LBFGS)
+    if full_batch:
+        _check_full_batch(run, comm, resume_from)
     _start_run(run, epochs, resume_from, comm, progress, verbose)
     quiet = contextlib.ExitStack()
     quiet.enter_context(quiet_overflow(xp))
     try:
+        if full_batch:
+            _run_full_batch(run, epochs)
+            return run.history
         for epoch in range(run.start_epoch, epochs):
             t0 = time.perf_counter()
             epoch_lr = run.base_lr if schedule is None else float(schedule(epoch))
