@@ -1077,6 +1077,8 @@ class LBFGS(Optimizer):
         Iterations of the last call.
     n_fun : int
         Objective evaluations of the last call.
+    loss : float or None
+        The objective at the current point of the last call.
     status : str or None
         ``"gtol"``, ``"ftol"``, ``"max_iter"``, ``"max_fun"``, ``"line_search"`` or
         ``"interrupted"`` (the caller stopped iterating).
@@ -1094,8 +1096,10 @@ class LBFGS(Optimizer):
     >>> params = [{"w": np.zeros(2)}]
     >>> opt = LBFGS(tol=1e-10)
     >>> _ = opt.minimize(fun, params)
-    >>> np.allclose(params[0]["w"], np.linalg.solve(A, b)), opt.status
-    (True, 'gtol')
+    >>> np.allclose(params[0]["w"], np.linalg.solve(A, b), atol=1e-10), opt.n_iter, opt.n_fun
+    (True, 5, 6)
+    >>> opt.status, opt.message
+    ('ftol', 'the relative decrease of the objective is at most ftol=2.22e-09')
     """
 
     name = "lbfgs"
@@ -1127,6 +1131,7 @@ class LBFGS(Optimizer):
         self.n_fun = 0
         self.status: str | None = None
         self.message = ""
+        self.loss: float | None = None
 
     def hyperparameters(self) -> dict[str, Any]:
         """All constructor arguments, as a dict that rebuilds this optimiser."""
@@ -1218,46 +1223,33 @@ class LBFGS(Optimizer):
         if not math.isfinite(f):
             msg = f"the objective is {f} at the starting point; L-BFGS needs a finite start"
             raise FloatingPointError(msg)
+        self.loss = f
         history: list[tuple[list, list, float]] = []  # (s, y, rho)
         gamma = 1.0
-        while True:
-            gmax = _host_floats([xp.max(xp.abs(xp.reshape(gi, (-1,)))) for gi in g], xp)
-            if max(gmax) <= self.tol:
-                self._stop("gtol", f"the largest gradient entry {max(gmax):.3g} is at most tol={self.tol:g}")
-                return
-            if self.max_iter is not None and self.n_iter >= self.max_iter:
-                self._stop("max_iter", f"maximum iterations ({self.max_iter}) reached")
-                return
-            if self.n_fun >= self.max_fun:
-                self._stop("max_fun", f"maximum function evaluations ({self.max_fun}) reached")
-                return
-            d = self._direction(g, history, gamma, xp)
-            gtd0 = _host_floats([_vdot(g, d, xp)], xp)[0]
-            if not gtd0 < 0.0:  # not a descent direction (rounding): restart from the gradient
-                history.clear()
-                d = [-gi for gi in g]
-                gtd0 = -sum(_host_floats([_vdot(g, g, xp)], xp))
+        while not self._stops_before(g, xp):
+            d, gtd0 = self._direction(g, history, gamma, xp)
             t0 = self.lr * min(1.0, 1.0 / sum(_host_floats([xp.sum(xp.abs(gi)) for gi in g], xp))) \
                 if self.n_iter == 0 else self.lr
             dmax = max(_host_floats([xp.max(xp.abs(xp.reshape(di, (-1,)))) for di in d], xp))
-            best = self._line_search(fun, params, x, d, f, gtd0, t0, dmax * 1.0, eps, xp)
-            if best is None or best.t == 0.0:
+            best = self._line_search(fun, params, x, d, f, gtd0, t0, dmax, eps, xp)
+            if best.t == 0.0:
                 self._set(params, x, d, 0.0, xp)
-                if self.status != "max_fun":
-                    self._stop("line_search", "the line search found no lower point along the search direction")
+                if self.status == "max_fun":
+                    return
+                if history:  # as L-BFGS-B: forget the curvature pairs and retry along -g once
+                    history.clear()
+                    gamma = 1.0
+                    continue
+                self._stop("line_search", "the line search found no lower point along the search direction")
                 return
             self._set(params, x, d, best.t, xp)
             s = [best.t * di for di in d]
             y = [gn - go for gn, go in zip(best.g, g)]
             for i, si in enumerate(s):
                 x[i] = _add(x[i], si)
-            ys, yy = _host_floats([_vdot(y, s, xp), _vdot(y, y, xp)], xp)
-            if ys > eps * yy and yy > 0.0:
-                history.append((s, y, 1.0 / ys))
-                if len(history) > self.history_size:
-                    history.pop(0)
-                gamma = ys / yy
+            gamma = self._remember(history, s, y, eps, xp) or gamma
             f_old, f, g = f, best.f, best.g
+            self.loss = f
             self.n_iter += 1
             self.step_count += 1
             out_of_fun = self.status == "max_fun"
@@ -1267,13 +1259,48 @@ class LBFGS(Optimizer):
                 self._stop("max_fun", f"maximum function evaluations ({self.max_fun}) reached")
                 return
             if (f_old - f) / max(abs(f_old), abs(f), 1.0) <= self.ftol:
-                self._stop("ftol", f"the relative decrease of the objective is at most ftol={self.ftol:g}")
+                self._stop("ftol", f"the relative decrease of the objective is at most ftol={self.ftol:.3g}")
                 return
 
     def _stop(self, status: str, message: str) -> None:
         self.status, self.message = status, message
 
+    def _stops_before(self, g, xp) -> bool:
+        """Whether a rule stops the run before the next iteration (at gradient ``g``)."""
+        gmax = max(_host_floats([xp.max(xp.abs(xp.reshape(gi, (-1,)))) for gi in g], xp))
+        if gmax <= self.tol:
+            self._stop("gtol", f"the largest gradient entry {gmax:.3g} is at most tol={self.tol:g}")
+        elif self.max_iter is not None and self.n_iter >= self.max_iter:
+            self._stop("max_iter", f"maximum iterations ({self.max_iter}) reached")
+        elif self.n_fun >= self.max_fun:
+            self._stop("max_fun", f"maximum function evaluations ({self.max_fun}) reached")
+        else:
+            return False
+        return True
+
+    def _remember(self, history, s, y, eps, xp) -> float | None:
+        """Keep the pair ``(s, y)`` when its curvature ``y.s`` is positive (beyond
+        rounding); return the new ``H_0`` scale ``y.s / y.y``, or None when skipped."""
+        ys, yy = _host_floats([_vdot(y, s, xp), _vdot(y, y, xp)], xp)
+        if not (ys > eps * yy and yy > 0.0):
+            return None
+        history.append((s, y, 1.0 / ys))
+        if len(history) > self.history_size:
+            history.pop(0)
+        return ys / yy
+
     def _direction(self, g, history, gamma, xp):
+        """The search direction and its slope ``(d, g.d)``: ``d = -H g`` by the two-loop
+        recursion, or ``-g`` (the history forgotten) when rounding made that no descent."""
+        d = self._two_loop(g, history, gamma, xp)
+        gtd = _host_floats([_vdot(g, d, xp)], xp)[0]
+        if gtd < 0.0:
+            return d, gtd
+        history.clear()
+        d = [-gi for gi in g]
+        return d, _host_floats([_vdot(g, d, xp)], xp)[0]
+
+    def _two_loop(self, g, history, gamma, xp):
         """``-H g`` by the two-loop recursion (the arrays of ``g`` are not modified)."""
         q = [-gi for gi in g]
         alphas = []
@@ -1318,13 +1345,16 @@ class LBFGS(Optimizer):
     def _zoom(self, fun, params, x, d, f0, gtd0, lo, hi, dmax, eps, xp, used):
         """Nocedal & Wright's zoom between ``lo`` (sufficient decrease, the lower value)
         and ``hi``; return the Wolfe point, or ``lo`` when evaluations run out or the
-        interval shrinks below rounding."""
+        interval is narrow: below rounding, or (once ``lo`` is a step) at most a tenth of
+        its upper end, as scipy's line search (``xtol=0.1``) does. On a piecewise-smooth
+        objective (ReLU) the curvature condition may hold nowhere near a kink; this
+        takes the lower point instead of closing in on the kink."""
         c1, c2 = self.c1, self.c2
         xtol = max(1e-9, 10.0 * eps)
         stalled = False
         while used < self.max_ls:
             a, b = min(lo.t, hi.t), max(lo.t, hi.t)
-            if (b - a) * dmax < xtol:
+            if (b - a) * dmax < xtol or (lo.t > 0.0 and b - a <= 0.1 * b):
                 break
             if self.n_fun >= self.max_fun:
                 self.status = "max_fun"
