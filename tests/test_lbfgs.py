@@ -19,6 +19,8 @@ from arraymlp.model import Sequential
 from arraymlp.optim import LBFGS, get_optimizer
 from arraymlp.training import DivergenceError, EarlyStopping
 
+parametrize_with_checks = pytest.importorskip("sklearn.utils.estimator_checks").parametrize_with_checks
+
 optimize = pytest.importorskip("scipy.optimize")
 
 
@@ -438,3 +440,26 @@ def test_estimator_accuracy_matches_scikit_learn_lbfgs(name):
             ours.append(MLPClassifier(dtype="float64", **kw).fit(Xtr, ytr).score(Xte, yte))
             theirs.append(SkMLPClassifier(**kw).fit(Xtr, ytr).score(Xte, yte))
     assert np.mean(ours) >= np.mean(theirs) - 0.02, (ours, theirs)
+
+
+def _lbfgs_estimators():
+    from arraymlp.sklearn import MLPClassifier, MLPRegressor
+
+    return [MLPClassifier(solver="lbfgs", dtype="float64", max_iter=50),
+            MLPRegressor(solver="lbfgs", dtype="float64", max_iter=50)]
+
+
+# With float64 parameters and float32 inputs, predict_proba is rounded to float32 (the input's
+# dtype), where 1 - 6e-9 becomes 1.0 and its log 0, while predict_log_proba is the float64
+# log-softmax, -6e-9, rounded; the check wants them within atol=1e-9. L-BFGS converges far
+# enough for such probabilities; the rounding is the float32 delivery's, not the solver's.
+_ROUNDING = {"check_classifiers_train":
+             "predict_proba is delivered in float32, predict_log_proba from float64 logits"}
+
+
+@parametrize_with_checks(_lbfgs_estimators(),
+                         expected_failed_checks=lambda est: _ROUNDING if hasattr(est, "predict_proba") else {},
+                         xfail_strict=False)
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+def test_scikit_learn_estimator_checks_with_lbfgs(estimator, check):
+    check(estimator)

@@ -1,0 +1,113 @@
+"""solver="lbfgs" beside scikit-learn's: held-out score and time per iteration.
+
+On digits, iris (MLPClassifier, accuracy) and diabetes (MLPRegressor, R^2), for each seed:
+a held-out quarter (stratified for the classifiers) split off with that seed, the inputs
+standardised on the training part (StandardScaler), then arraymlp's and scikit-learn's
+estimators trained with ``solver="lbfgs"`` and the same hidden sizes, ``alpha``,
+``max_iter``, ``max_fun``, ``tol`` and ``random_state`` (the initial weights differ: each
+library draws its own). The two fits of a seed run back to back, the order alternating
+from seed to seed, so that load on the machine falls on both alike; time per iteration
+is a fit's wall time over its ``n_iter_``, and the figure is the ratio of ours to
+scikit-learn's, per seed and the median over seeds.
+
+    python benchmarks/lbfgs_vs_sklearn.py [--seeds 5] [--hidden 100] [--dtype float64]
+                                          [--backend numpy] [--threads 1]
+
+A ratio below 1 means arraymlp's iteration is faster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import platform
+import statistics
+import time
+import warnings
+
+DATASETS = ("digits", "iris", "diabetes")
+
+
+def _split(name: str, seed: int):
+    import numpy as np
+    from sklearn import datasets
+    from sklearn.model_selection import train_test_split
+    from sklearn.preprocessing import StandardScaler
+
+    x, y = getattr(datasets, f"load_{name}")(return_X_y=True)
+    stratify = None if name == "diabetes" else y
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.25, random_state=seed, stratify=stratify)
+    sc = StandardScaler().fit(x_tr)
+    return sc.transform(x_tr), sc.transform(x_te), np.asarray(y_tr), np.asarray(y_te)
+
+
+def _fit(est, x_tr, y_tr, x_te, y_te) -> tuple[float, int, float]:
+    """(held-out score, iterations, seconds per iteration) of one fit."""
+    from sklearn.exceptions import ConvergenceWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # max_iter=200 is often reached, by both
+        t0 = time.perf_counter()
+        est.fit(x_tr, y_tr)
+        seconds = time.perf_counter() - t0
+    return float(est.score(x_te, y_te)), int(est.n_iter_), seconds / max(int(est.n_iter_), 1)
+
+
+def _pair(name: str, seed: int, args):
+    from sklearn import neural_network
+
+    import arraymlp.sklearn as ours
+
+    kind = "MLPRegressor" if name == "diabetes" else "MLPClassifier"
+    common = dict(hidden_layer_sizes=(args.hidden,), solver="lbfgs", max_iter=args.max_iter, random_state=seed)
+    x_tr, x_te, y_tr, y_te = _split(name, seed)
+    mine = getattr(ours, kind)(dtype=args.dtype, backend=args.backend, **common)
+    theirs = getattr(neural_network, kind)(**common)
+    if seed % 2:
+        b = _fit(theirs, x_tr, y_tr, x_te, y_te)
+        a = _fit(mine, x_tr, y_tr, x_te, y_te)
+    else:
+        a = _fit(mine, x_tr, y_tr, x_te, y_te)
+        b = _fit(theirs, x_tr, y_tr, x_te, y_te)
+    return a, b
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--hidden", type=int, default=100)
+    parser.add_argument("--max-iter", type=int, default=200)
+    parser.add_argument("--dtype", default="float64")
+    parser.add_argument("--backend", default="numpy")
+    parser.add_argument("--threads", type=int, default=1, help="BLAS threads for both (0: the library default)")
+    parser.add_argument("--datasets", nargs="*", default=list(DATASETS))
+    args = parser.parse_args(argv)
+
+    limit = contextlib.nullcontext()
+    if args.threads:
+        from threadpoolctl import threadpool_limits
+
+        limit = threadpool_limits(limits=args.threads)
+    print(f"# {platform.processor() or platform.machine()}, python {platform.python_version()}, "
+          f"backend={args.backend}, dtype={args.dtype}, hidden=({args.hidden},), max_iter={args.max_iter}, "
+          f"threads={args.threads or 'default'}")
+    print(f"{'data':<9} {'seed':>4} {'ours':>8} {'sklearn':>8} {'it ours':>8} {'it skl':>7} {'s/it ours':>10} "
+          f"{'s/it skl':>10} {'ratio':>6}")
+    with limit:
+        for name in args.datasets:
+            rows = []
+            for seed in range(args.seeds):
+                (sa, ia, ta), (sb, ib, tb) = _pair(name, seed, args)
+                rows.append((sa, sb, ta / tb))
+                print(f"{name:<9} {seed:>4} {sa:>8.4f} {sb:>8.4f} {ia:>8} {ib:>7} {ta:>10.2e} {tb:>10.2e} "
+                      f"{ta / tb:>6.2f}", flush=True)
+            metric = "R^2" if name == "diabetes" else "accuracy"
+            mean_a = statistics.fmean(r[0] for r in rows)
+            mean_b = statistics.fmean(r[1] for r in rows)
+            ratio = statistics.median(r[2] for r in rows)
+            print(f"{name:<9} mean {metric}: ours {mean_a:.4f}, scikit-learn {mean_b:.4f}; "
+                  f"time per iteration, median ratio ours/scikit-learn: {ratio:.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
