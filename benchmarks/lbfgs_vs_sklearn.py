@@ -5,13 +5,17 @@ a held-out quarter (stratified for the classifiers) split off with that seed, th
 standardised on the training part (StandardScaler), then arraymlp's and scikit-learn's
 estimators trained with ``solver="lbfgs"`` and the same hidden sizes, ``alpha``,
 ``max_iter``, ``max_fun``, ``tol`` and ``random_state`` (the initial weights differ: each
-library draws its own). The two fits of a seed run back to back, the order alternating
-from seed to seed, so that load on the machine falls on both alike; time per iteration
-is a fit's wall time over its ``n_iter_``, and the figure is the ratio of ours to
-scikit-learn's, per seed and the median over seeds.
+library draws its own, unless ``--same-init``: then arraymlp starts from the weights
+scikit-learn draws, recomputed here by its documented rule, Glorot-uniform with bound
+``sqrt(6 / (fan_in + fan_out))`` for W and b, drawn layer by layer from
+``RandomState(seed)``, so the two runs differ only by their optimisers). The two fits
+of a seed run back to back, the order alternating from seed to seed, so that load on
+the machine falls on both alike; time per iteration is a fit's wall time over its
+``n_iter_``, and the figure is the ratio of ours to scikit-learn's, per seed and the
+median over seeds.
 
     python benchmarks/lbfgs_vs_sklearn.py [--seeds 5] [--hidden 100] [--dtype float64]
-                                          [--backend numpy] [--threads 1]
+                                          [--backend numpy] [--threads 1] [--same-init]
 
 A ratio below 1 means arraymlp's iteration is faster.
 """
@@ -53,6 +57,39 @@ def _fit(est, x_tr, y_tr, x_te, y_te) -> tuple[float, int, float]:
     return float(est.score(x_te, y_te)), int(est.n_iter_), seconds / max(int(est.n_iter_), 1)
 
 
+def _sklearn_init(sizes, seed: int):
+    """The weights scikit-learn's MLPs start from with ``random_state=seed`` (ReLU)."""
+    import numpy as np
+
+    rs = np.random.RandomState(seed)
+    coefs, intercepts = [], []
+    for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+        bound = np.sqrt(6.0 / (fan_in + fan_out))
+        coefs.append(rs.uniform(-bound, bound, (fan_in, fan_out)))
+        intercepts.append(rs.uniform(-bound, bound, fan_out))
+    return coefs, intercepts
+
+
+def _start_from(est, coefs, intercepts, x_tr, y_tr, max_iter: int) -> None:
+    """Build ``est``'s model with one iteration, then set its parameters to the given ones
+    and let the next ``fit`` continue from them (``warm_start``)."""
+    from sklearn.exceptions import ConvergenceWarning
+
+    est.set_params(max_iter=1, warm_start=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        est.fit(x_tr, y_tr)
+    est.coefs_ = [am_asarray(est, c) for c in coefs]
+    est.intercepts_ = [am_asarray(est, b) for b in intercepts]
+    est.set_params(max_iter=max_iter)
+
+
+def am_asarray(est, a):
+    import arraymlp as am
+
+    return am.to_backend(a.astype(est.dtype), est.model_.backend, device=est.model_.device)
+
+
 def _pair(name: str, seed: int, args):
     from sklearn import neural_network
 
@@ -63,6 +100,10 @@ def _pair(name: str, seed: int, args):
     x_tr, x_te, y_tr, y_te = _split(name, seed)
     mine = getattr(ours, kind)(dtype=args.dtype, backend=args.backend, **common)
     theirs = getattr(neural_network, kind)(**common)
+    if args.same_init:
+        n_out = 1 if name == "diabetes" else (len(set(y_tr.tolist())) if len(set(y_tr.tolist())) > 2 else 1)
+        coefs, intercepts = _sklearn_init([x_tr.shape[1], args.hidden, n_out], seed)
+        _start_from(mine, coefs, intercepts, x_tr, y_tr, args.max_iter)
     if seed % 2:
         b = _fit(theirs, x_tr, y_tr, x_te, y_te)
         a = _fit(mine, x_tr, y_tr, x_te, y_te)
@@ -81,6 +122,7 @@ def main(argv=None) -> None:
     parser.add_argument("--backend", default="numpy")
     parser.add_argument("--threads", type=int, default=1, help="BLAS threads for both (0: the library default)")
     parser.add_argument("--datasets", nargs="*", default=list(DATASETS))
+    parser.add_argument("--same-init", action="store_true", help="start arraymlp from scikit-learn's initial weights")
     args = parser.parse_args(argv)
 
     limit = contextlib.nullcontext()
@@ -90,7 +132,7 @@ def main(argv=None) -> None:
         limit = threadpool_limits(limits=args.threads)
     print(f"# {platform.processor() or platform.machine()}, python {platform.python_version()}, "
           f"backend={args.backend}, dtype={args.dtype}, hidden=({args.hidden},), max_iter={args.max_iter}, "
-          f"threads={args.threads or 'default'}")
+          f"threads={args.threads or 'default'}, same_init={args.same_init}")
     print(f"{'data':<9} {'seed':>4} {'ours':>8} {'sklearn':>8} {'it ours':>8} {'it skl':>7} {'s/it ours':>10} "
           f"{'s/it skl':>10} {'ratio':>6}")
     with limit:

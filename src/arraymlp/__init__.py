@@ -38,7 +38,7 @@ from .layers import (
 )
 from .losses import LOSSES, Loss, get_loss
 from .model import MLP, Sequential
-from .optim import SGD, Adagrad, Adam, AdamW, Optimizer, RMSprop, get_optimizer
+from .optim import LBFGS, SGD, Adagrad, Adam, AdamW, Optimizer, RMSprop, get_optimizer
 from .schedules import (
     Constant,
     CosineAnnealing,
@@ -56,6 +56,7 @@ __all__ = [
     "ELU",
     "GELU",
     "INITIALIZERS",
+    "LBFGS",
     "LOSSES",
     "SGD",
     "Adagrad",

@@ -1144,7 +1144,8 @@ class LBFGS(Optimizer):
         return f"LBFGS({', '.join(parts)})"
 
     def step(self, params, grads, *, lr=None):
-        """Not available: L-BFGS evaluates the objective itself (see :meth:`minimize`)."""
+        """Not available: L-BFGS evaluates the objective itself (see :meth:`minimize`);
+        ``params`` and ``grads`` (lists of dicts of arrays of the parameters' shapes) are not used."""
         msg = ("LBFGS has no per-batch step: it needs the objective, not one gradient. Call "
                "opt.minimize(fun, params) with fun(params) -> (loss, grads), or fit(model, x, y, "
                "optimizer='lbfgs'), which trains on the whole data set")
@@ -1160,7 +1161,8 @@ class LBFGS(Optimizer):
             mirroring ``params``. It reads the parameters from the dicts it is given,
             which the line search fills with each trial point.
         params : list of dict of arrays
-            The starting point; left at the last accepted point.
+            The starting point (any shapes; one dict per layer, ``{}`` for layers
+            without parameters); left at the last accepted point.
 
         Returns
         -------
@@ -1202,7 +1204,18 @@ class LBFGS(Optimizer):
         A generator: each item is an :class:`LBFGSIteration`; the parameter dicts hold
         that iteration's point when it is yielded. It ends when a stopping rule holds
         (:attr:`status`); the caller may stop earlier by leaving the loop (status
-        ``"interrupted"``). Arguments are those of :meth:`minimize`.
+        ``"interrupted"``).
+
+        Parameters
+        ----------
+        fun : callable
+            ``fun(params) -> (loss, grads)``, as for :meth:`minimize`.
+        params : list of dict of arrays
+            The starting point (any shapes; ``grads`` mirrors them), updated in place.
+
+        Yields
+        ------
+        LBFGSIteration
 
         Raises
         ------
