@@ -281,6 +281,9 @@ def test_lbfgs_refuses_what_it_cannot_do(rng):
     plain = am.MLP([2, 4, 1], dtype="float64", seed=0)
     with pytest.raises(ValueError, match="schedule= does not apply"):
         quiet_fit(plain, x, y, optimizer="lbfgs", schedule=lambda epoch: 0.1)
+    half = [{"W": np.ones((2, 2), dtype=np.float16)}]
+    with pytest.raises(ValueError, match="float32 or float64 parameters, got float16"):
+        LBFGS().minimize(lambda p: (np.float16(0.0), [{"W": np.ones((2, 2), dtype=np.float16)}]), half)
     for kwargs, match in [({"history_size": 0}, "history_size must be a positive int"),
                           ({"max_fun": 0}, "max_fun must be a positive int"),
                           ({"lr": 0.0}, "lr must be > 0"),

@@ -1228,6 +1228,10 @@ class LBFGS(Optimizer):
             msg = "LBFGS needs at least one parameter array, got none"
             raise ValueError(msg)
         xp = get_namespace(*arrays)
+        if is_float16(arrays[0].dtype, xp):
+            msg = ("LBFGS needs float32 or float64 parameters, got float16: its dot products and curvature "
+                   "pairs lose all precision there; train in float32")
+            raise ValueError(msg)
         self.n_iter, self.n_fun, self.status, self.message = 0, 0, "interrupted", "stopped by the caller"
         finfo = xp.finfo(arrays[0].dtype)
         eps = float(finfo.eps)
