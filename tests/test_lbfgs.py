@@ -377,6 +377,23 @@ def test_estimator_lbfgs_on_backends(backend):
     assert clf.score(backend.asarray(X), y) >= 0.97
 
 
+def test_estimator_lbfgs_weighted_regression_objective(rng):
+    """loss_ is scikit-learn's weighted objective at the final parameters, alpha over the weight sum."""
+    from arraymlp.sklearn import MLPRegressor
+
+    X = rng.normal(size=(50, 3))
+    Y = np.stack([np.sin(X[:, 0]), X[:, 1] * X[:, 2]], axis=1)
+    w = rng.uniform(0.0, 2.0, size=50)
+    reg = MLPRegressor(hidden_layer_sizes=(8,), activation="tanh", solver="lbfgs", alpha=0.3, tol=1e-8,
+                       max_iter=2000, dtype="float64", random_state=0).fit(X, Y, sample_weight=w)
+    W = [np.asarray(c) for c in reg.coefs_]
+    out = np.asarray(reg.predict(X))
+    expected = (w * 0.5 * ((out - Y) ** 2).sum(axis=1)).sum() / w.sum() + 0.3 / (2 * w.sum()) * sum(
+        (c**2).sum() for c in W)
+    assert reg.loss_ == pytest.approx(expected, rel=1e-10)
+    assert reg._optimizer.status in ("gtol", "ftol")
+
+
 def test_estimator_warns_when_max_iter_or_max_fun_is_reached():
     from sklearn.datasets import load_iris
     from sklearn.exceptions import ConvergenceWarning
