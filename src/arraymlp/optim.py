@@ -227,7 +227,9 @@ def _clip_gradients(grads, xp, clip_value, clip_norm):
     if clip_value is not None:
         for layer in out:
             for key, g in layer.items():
-                layer[key] = xp.clip(g, min=-clip_value, max=clip_value)
+                # minimum/maximum rather than clip: array-api-compat's clip indexes with
+                # boolean masks, and each such index reads the mask back from a GPU
+                layer[key] = xp.minimum(xp.maximum(g, -clip_value), clip_value)
     if clip_norm is not None:
         sq = None
         for layer in out:
@@ -237,7 +239,7 @@ def _clip_gradients(grads, xp, clip_value, clip_norm):
                 s = xp.sum(g * g)
                 sq = s if sq is None else sq + s
         if sq is not None:
-            coef = xp.clip(clip_norm / (xp.sqrt(sq) + CLIP_NORM_EPS), max=1.0)
+            coef = xp.minimum(clip_norm / (xp.sqrt(sq) + CLIP_NORM_EPS), 1.0)
             for layer in out:
                 for key, g in layer.items():
                     layer[key] = g * (coef if coef.dtype == g.dtype else xp.astype(coef, g.dtype))

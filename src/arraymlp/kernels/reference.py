@@ -558,14 +558,37 @@ def axpy(p, a, g, xp, work=None):
 
 
 # ----------------------------------------------------------------------- finiteness
-def all_finite(a, xp, rows: int = 8192) -> bool:
-    """Whether every entry of ``a`` is finite: one host read per block of ``rows`` rows,
-    so that checking a data set never builds a boolean mask of its size."""
+#: Checks over whole data sets walk them in blocks of about this many elements, so
+#: that no temporary (a boolean mask, a cast) is ever the size of the data.
+CHECK_BLOCK = 1 << 20
+
+
+def block_rows(a, block: int | None = None) -> int:
+    """Rows of ``a`` per block of a blocked check: about ``block`` elements (default
+    :data:`CHECK_BLOCK`), at least one row."""
+    per_row = math.prod(a.shape[1:]) if a.ndim > 1 else 1
+    return max(1, (CHECK_BLOCK if block is None else block) // max(per_row, 1))
+
+
+def row_blocks(n: int, rows: int):
+    """``(start, stop)`` of consecutive blocks of ``rows`` rows covering ``range(n)``
+    (stops within the axis: the standard leaves slice ends past it unspecified)."""
+    return [(i, min(i + rows, n)) for i in range(0, n, rows)]
+
+
+def all_finite(a, xp, rows: int | None = None) -> bool:
+    """Whether every entry of ``a`` is finite, checked in blocks of ``rows`` rows
+    (:func:`block_rows` by default) whose answers are combined on the device and read
+    once: no boolean mask of the data's size, and one host read in all."""
     n = a.shape[0] if a.ndim else 0
+    rows = block_rows(a) if rows is None else rows
     if n <= rows:
         return bool(xp.all(xp.isfinite(a)))
-    # slice ends within the axis: the standard leaves ends past it unspecified
-    return all(bool(xp.all(xp.isfinite(a[i:min(i + rows, n), ...]))) for i in range(0, n, rows))
+    ok = None
+    for i, j in row_blocks(n, rows):
+        blk = xp.all(xp.isfinite(a[i:j, ...]))
+        ok = blk if ok is None else xp.logical_and(ok, blk)
+    return bool(ok)
 
 
 # ------------------------------------------------------------ label cross-entropy
@@ -640,7 +663,10 @@ def dropout_forward(x, p, *, rng, training=True, xp=None):
     p : float in [0, 1)
         Probability of dropping an entry.
     rng : arraymlp.Generator
-        The model's generator (or one of your own); masks are drawn on ``x``'s device.
+        The model's generator (or one of your own with ``random(shape, dtype)``);
+        masks are drawn on ``x``'s device. An entry is kept where the generator's next
+        32 random bits (:meth:`arraymlp.Generator.bits`) are at least
+        ``ceil(p * 2**32)``, so the masks are the same on every backend.
     training : bool, default True
         With ``False`` (or ``p == 0``) nothing is dropped and ``x`` is returned as is.
     {xp}
@@ -655,10 +681,14 @@ def dropout_forward(x, p, *, rng, training=True, xp=None):
     xp = _ns(x, xp)
     if not training or p == 0.0:
         return x, None
-    u = rng.random(tuple(x.shape), x.dtype)
+    bits = getattr(rng, "bits", None)
+    if bits is not None:  # a counter-based stream: keep where 32 random bits >= p * 2**32
+        u, threshold = bits(tuple(x.shape)), min(math.ceil(p * 2.0**32), 2**32 - 1)
+    else:  # a generator of one's own with only random()
+        u, threshold = rng.random(tuple(x.shape), x.dtype), p
     if _device(u) != _device(x):  # a generator made for another (e.g. the default) device
         u = to_device(u, _device(x))
-    mask = xp.where(u >= p, xp.asarray(1.0 / (1.0 - p), dtype=x.dtype, device=x.device),
+    mask = xp.where(u >= threshold, xp.asarray(1.0 / (1.0 - p), dtype=x.dtype, device=x.device),
                     xp.asarray(0.0, dtype=x.dtype, device=x.device))
     return x * mask, mask
 
