@@ -32,7 +32,6 @@ from typing import Any, Sequence
 from ._backend import Generator, is_float16, quiet_overflow, to_numpy
 from .callbacks import Callback, DivergenceError, EarlyStopping, History
 from .fusion import plan_for
-from .layers import Dropout
 from .losses import LOSSES, check_targets, get_loss
 from .optim import LBFGS, Optimizer, get_optimizer
 
@@ -535,7 +534,9 @@ def _check_full_batch(run: _Run, comm, resume_from) -> None:
     if resume_from is not None:
         msg = "resume_from= is not supported with optimizer='lbfgs'; L-BFGS's history is not checkpointed"
         raise ValueError(msg)
-    rates = [layer.p for layer in run.model.layers if isinstance(layer, Dropout)]
+    # by class name, so that training does not import the layers (the module graph keeps it above them)
+    rates = [float(layer.p) for layer in run.model.layers
+             if any(c.__name__ == "Dropout" and c.__module__ == "arraymlp.layers" for c in type(layer).__mro__)]
     if any(rates):
         msg = (f"optimizer='lbfgs' needs a deterministic objective, but the model has dropout (p={max(rates)}), "
                "which draws a new mask at each evaluation; remove the dropout or use a mini-batch optimiser")
