@@ -483,3 +483,34 @@ _ROUNDING = {"check_classifiers_train":
 @pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
 def test_scikit_learn_estimator_checks_with_lbfgs(estimator, check):
     check(estimator)
+
+
+# ----------------------------------------------------------------------------- host reads
+def test_host_reads_are_one_per_evaluation_and_two_per_iteration(monkeypatch, rng):
+    """Counted on array_api_strict: each objective evaluation reads its value with the slope
+    (or, at the start, the largest gradient entry) in one transfer, and each iteration reads
+    twice more (the direction's slope, size and, first, the gradient's 1-norm; the new pair's
+    curvature with the new gradient's largest entry). ``fit``'s full-batch loop adds a fixed
+    number of reads (its checks of the data), whatever the iterations."""
+    import array_api_strict
+
+    from test_host_sync import HostReads
+
+    x = array_api_strict.asarray(rng.normal(size=(30, 3)))
+    y = array_api_strict.asarray(rng.normal(size=(30, 2)))
+    extra = set()
+    for k in (1, 3, 6):
+        model = am.MLP([3, 5, 2], dtype="float64", seed=0, backend="array_api_strict")
+        opt = LBFGS(max_iter=k, tol=0.0, ftol=0.0)
+        with monkeypatch.context() as m:
+            reads = HostReads(m)
+            quiet_fit(model, x, y, loss="mse", optimizer=opt, epochs=100)
+        assert opt.n_iter == k
+        extra.add(sum(reads.counts.values()) - (opt.n_fun + 2 * opt.n_iter))
+        lossfn = am.losses.get_loss("mse")
+        with monkeypatch.context() as m:
+            reads = HostReads(m)
+            opt.minimize(lambda p, model=model, lossfn=lossfn: model._loss_and_grads(x, y, lossfn, xp=model.xp),
+                         model.params)
+        assert sum(reads.counts.values()) == opt.n_fun + 2 * opt.n_iter
+    assert len(extra) == 1

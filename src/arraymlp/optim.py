@@ -969,6 +969,11 @@ def _vdot(a: list, b: list, xp):
     return total
 
 
+def _largest(arrays: list, xp):
+    """``max_i |a_i|`` over all entries of a list of arrays: a 0-d array."""
+    return xp.max(xp.stack([xp.max(xp.abs(xp.reshape(a, (-1,)))) for a in arrays]))
+
+
 def _host_floats(values, xp) -> list[float]:
     """0-d arrays read to the host in one transfer."""
     return [float(v) for v in to_numpy(xp.stack(values))]
@@ -1045,7 +1050,9 @@ class LBFGS(Optimizer):
     point, its gradient, the direction and ``2 * history_size`` vectors, each the size
     of the parameters. A line search compares numbers, so each function evaluation
     reads two scalars to the host (the value and the slope, in one transfer), and each
-    iteration one more pair (``s.y``, ``y.y``); the vector arithmetic stays on the device.
+    iteration two more transfers (the direction's slope and size; the new pair's
+    curvature with the new gradient's largest entry); the vector arithmetic stays on
+    the device.
 
     Stopping, as scikit-learn's use of scipy's L-BFGS-B: ``max |g_i| <= tol``
     (scipy's ``pgtol``); ``(f_k - f_{k+1}) / max(|f_k|, |f_{k+1}|, 1) <= ftol``
@@ -1195,10 +1202,10 @@ class LBFGS(Optimizer):
         g = _flat(grads)
         if not array_api_compat.is_array_api_obj(value):
             value = xp.asarray(value, dtype=g[0].dtype if g else None)
-        if d is None:
-            return float(value), None, g
-        f, gtd = _host_floats([xp.astype(value, g[0].dtype), _vdot(g, d, xp)], xp)
-        return f, gtd, g
+        # the value with its slope along d (a trial) or the largest gradient entry (the start), in one read
+        f, other = _host_floats([xp.astype(value, g[0].dtype), _largest(g, xp) if d is None else _vdot(g, d, xp)],
+                                xp)
+        return f, other, g
 
     def iterate(self, fun, params):
         """Run L-BFGS from ``params``, yielding after each iteration.
@@ -1238,18 +1245,16 @@ class LBFGS(Optimizer):
         finfo = xp.finfo(arrays[0].dtype)
         eps = float(finfo.eps)
         x = [xp.asarray(a, copy=True) for a in arrays]
-        f, _, g = self._evaluate(fun, params, None, xp)
+        f, gmax, g = self._evaluate(fun, params, None, xp)
         if not math.isfinite(f):
             msg = f"the objective is {f} at the starting point; L-BFGS needs a finite start"
             raise FloatingPointError(msg)
         self.loss = f
         history: list[tuple[list, list, float]] = []  # (s, y, rho)
         gamma = 1.0
-        while not self._stops_before(g, xp):
-            d, gtd0 = self._direction(g, history, gamma, xp)
-            t0 = self.lr * min(1.0, 1.0 / sum(_host_floats([xp.sum(xp.abs(gi)) for gi in g], xp))) \
-                if self.n_iter == 0 else self.lr
-            dmax = max(_host_floats([xp.max(xp.abs(xp.reshape(di, (-1,)))) for di in d], xp))
+        while not self._stops_before(gmax):
+            d, gtd0, dmax, g_l1 = self._direction(g, history, gamma, xp, l1=self.n_iter == 0)
+            t0 = self.lr * min(1.0, 1.0 / g_l1) if self.n_iter == 0 else self.lr
             best = self._line_search(fun, params, x, d, f, gtd0, t0, dmax, eps, xp)
             if best.t == 0.0:
                 self._set(params, x, d, 0.0, xp)
@@ -1266,7 +1271,8 @@ class LBFGS(Optimizer):
             y = [gn - go for gn, go in zip(best.g, g)]
             for i, si in enumerate(s):
                 x[i] = _add(x[i], si)
-            gamma = self._remember(history, s, y, eps, xp) or gamma
+            ratio, gmax = self._remember(history, s, y, best.g, eps, xp)
+            gamma = ratio or gamma
             f_old, f, g = f, best.f, best.g
             self.loss = f
             self.n_iter += 1
@@ -1284,9 +1290,9 @@ class LBFGS(Optimizer):
     def _stop(self, status: str, message: str) -> None:
         self.status, self.message = status, message
 
-    def _stops_before(self, g, xp) -> bool:
-        """Whether a rule stops the run before the next iteration (at gradient ``g``)."""
-        gmax = max(_host_floats([xp.max(xp.abs(xp.reshape(gi, (-1,)))) for gi in g], xp))
+    def _stops_before(self, gmax: float) -> bool:
+        """Whether a rule stops the run before the next iteration (``gmax``: the largest
+        gradient entry at the current point)."""
         if gmax <= self.tol:
             self._stop("gtol", f"the largest gradient entry {gmax:.3g} is at most tol={self.tol:g}")
         elif self.max_iter is not None and self.n_iter >= self.max_iter:
@@ -1297,27 +1303,31 @@ class LBFGS(Optimizer):
             return False
         return True
 
-    def _remember(self, history, s, y, eps, xp) -> float | None:
+    def _remember(self, history, s, y, g, eps, xp) -> tuple[float | None, float]:
         """Keep the pair ``(s, y)`` when its curvature ``y.s`` is positive (beyond
-        rounding); return the new ``H_0`` scale ``y.s / y.y``, or None when skipped."""
-        ys, yy = _host_floats([_vdot(y, s, xp), _vdot(y, y, xp)], xp)
+        rounding). Returns the new ``H_0`` scale ``y.s / y.y`` (None when the pair is
+        skipped) and the largest entry of the new gradient ``g``, read together."""
+        ys, yy, gmax = _host_floats([_vdot(y, s, xp), _vdot(y, y, xp), _largest(g, xp)], xp)
         if not (ys > eps * yy and yy > 0.0):
-            return None
+            return None, gmax
         history.append((s, y, 1.0 / ys))
         if len(history) > self.history_size:
             history.pop(0)
-        return ys / yy
+        return ys / yy, gmax
 
-    def _direction(self, g, history, gamma, xp):
-        """The search direction and its slope ``(d, g.d)``: ``d = -H g`` by the two-loop
-        recursion, or ``-g`` (the history forgotten) when rounding made that no descent."""
+    def _direction(self, g, history, gamma, xp, *, l1: bool):
+        """The search direction with its slope, largest entry and (when ``l1``) the
+        gradient's 1-norm, read in one transfer: ``(d, g.d, max|d_i|, ||g||_1 or None)``.
+        ``d = -H g`` by the two-loop recursion, or ``-g`` (the history forgotten) when
+        rounding made that no descent direction."""
         d = self._two_loop(g, history, gamma, xp)
-        gtd = _host_floats([_vdot(g, d, xp)], xp)[0]
-        if gtd < 0.0:
-            return d, gtd
-        history.clear()
-        d = [-gi for gi in g]
-        return d, _host_floats([_vdot(g, d, xp)], xp)[0]
+        norm1 = [sum(xp.sum(xp.abs(gi)) for gi in g)] if l1 else []
+        gtd, dmax, *rest = _host_floats([_vdot(g, d, xp), _largest(d, xp), *norm1], xp)
+        if not gtd < 0.0:
+            history.clear()
+            d = [-gi for gi in g]
+            gtd, dmax = _host_floats([_vdot(g, d, xp), _largest(d, xp)], xp)
+        return d, gtd, dmax, rest[0] if rest else None
 
     def _two_loop(self, g, history, gamma, xp):
         """``-H g`` by the two-loop recursion (the arrays of ``g`` are not modified)."""
