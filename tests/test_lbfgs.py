@@ -133,6 +133,25 @@ def test_minimize_on_a_quadratic_reaches_the_solution(backend):
     assert opt.n_iter <= 10
 
 
+def test_a_non_finite_trial_point_shrinks_the_step(backend):
+    """Beyond w = 1 the objective is infinite (and its gradient NaN): the line search treats
+    such a trial as too long a step and still finds the minimum at w = 0.5."""
+    xp = backend.xp
+
+    def fun(params):
+        w = params[0]["w"]
+        inside = w < 1.0
+        f = xp.sum(xp.where(inside, (w - 0.5) ** 2, xp.full_like(w, float("inf"))))
+        return f, [{"w": xp.where(inside, 2 * (w - 0.5), xp.full_like(w, float("nan")))}]
+
+    params = [{"w": xp.asarray(backend.asarray(np.array([0.0])), copy=True)}]
+    opt = LBFGS(lr=50.0, tol=1e-9)
+    with np.errstate(invalid="ignore"):
+        opt.minimize(fun, params)
+    np.testing.assert_allclose(backend.to_numpy(params[0]["w"]), [0.5], atol=1e-8)
+    assert opt.status in ("gtol", "ftol")
+
+
 # ----------------------------------------------------------------------------- torch
 def torch_lbfgs_iterates(params_np, x, y, l2, n_iter):
     """Parameters after each of the first ``n_iter`` iterations of torch.optim.LBFGS (strong Wolfe)."""
