@@ -134,6 +134,10 @@ def main(argv=None) -> None:
         from threadpoolctl import threadpool_limits
 
         limit = threadpool_limits(limits=args.threads)
+        if args.backend == "torch":  # torch's own pool, which threadpoolctl does not reach
+            import torch
+
+            torch.set_num_threads(args.threads)
     print(f"# {platform.processor() or platform.machine()}, python {platform.python_version()}, "
           f"backend={args.backend}, dtype={args.dtype}, hidden=({args.hidden},), max_iter={args.max_iter}, "
           f"threads={args.threads or 'default'}, same_init={args.same_init}")
