@@ -205,13 +205,26 @@ def memo(cache: dict, key: Any, make: Any, limit: int = 32) -> Any:
     return out
 
 
+#: ``is_writeable_array``'s answer per array type, for the types where it does not
+#: depend on the array (every type but NumPy's, whose arrays carry a flag each).
+_WRITEABLE_BY_TYPE: dict[type, bool] = {}
+
+
 def is_writeable(x: Any) -> bool:
     """Whether ``x`` may be updated in place (``array_api_compat.is_writeable_array``,
-    answered for NumPy arrays from their flag first: the hot path asks it a dozen
-    times a step)."""
-    if type(x) is numpy.ndarray:
+    answered for NumPy arrays from their flag and for other types from the answer for
+    their type: the hot path asks it a dozen times a step)."""
+    t = type(x)
+    if t is numpy.ndarray:
         return x.flags.writeable
-    return array_api_compat.is_writeable_array(x)
+    try:
+        return _WRITEABLE_BY_TYPE[t]
+    except KeyError:
+        pass
+    w = array_api_compat.is_writeable_array(x)
+    if not isinstance(x, numpy.ndarray):  # a NumPy subclass answers per array, by its flag
+        _WRITEABLE_BY_TYPE[t] = w
+    return w
 
 
 def row_sums_finite(a: Any, ones: Any) -> bool:
@@ -358,6 +371,119 @@ def to_backend(x: Any, backend: Any, *, device: Any = None) -> Any:
     if device is not None and device_of(y) != device:
         y = xp.asarray(y, device=device, copy=True) if backend_name(xp) != "torch" else y.to(device)
     return y
+
+
+# -------------------------------------------------------------- host to device copies
+class _PlainCopies:
+    """Host to device copies where there is no GPU stream to overlap with: a copy of the
+    host buffer made at once (the buffer is reused for the next batch)."""
+
+    def __init__(self, xp: types.ModuleType, device: Any):
+        self.xp, self.device = xp, device
+
+    def host_buffer(self, shape: tuple, dtype: Any) -> numpy.ndarray:
+        return numpy.empty(shape, dtype=dtype)
+
+    def send(self, host: numpy.ndarray) -> Any:
+        """A device copy of ``host`` (enqueued, where there is a stream)."""
+        if backend_name(self.xp) == "torch":
+            import torch
+
+            return torch.tensor(host, device=self.device)
+        return self.xp.asarray(host, device=self.device, copy=True)
+
+    def mark(self, arrays: list) -> Any:
+        """An event marking the copies sent so far (of ``arrays``) done."""
+
+    def reusable(self, event: Any) -> None:
+        """Wait (on the host) until the copy of ``event`` has read its host buffer."""
+
+    def use(self, event: Any) -> None:
+        """Make the compute stream wait for the copy of ``event`` (no host wait)."""
+
+
+class _CupyCopies(_PlainCopies):
+    """Pinned host buffers and copies on a side stream, ordered before the compute
+    stream's use of them by an event: no synchronous copy, no host wait on compute."""
+
+    def __init__(self, xp, device):
+        import cupy
+
+        super().__init__(xp, device)
+        self._cupy = cupy
+        with cupy.cuda.Device(getattr(device, "id", device)):
+            self.stream = cupy.cuda.Stream(non_blocking=True)
+
+    def host_buffer(self, shape, dtype):
+        dtype = numpy.dtype(dtype)
+        n = int(numpy.prod(shape))
+        mem = self._cupy.cuda.alloc_pinned_memory(max(n * dtype.itemsize, 1))
+        return numpy.frombuffer(mem, dtype=dtype, count=n).reshape(shape)
+
+    def send(self, host):
+        cupy = self._cupy
+        with cupy.cuda.Device(getattr(self.device, "id", self.device)):
+            out = cupy.empty(host.shape, dtype=host.dtype)
+            out.set(host, stream=self.stream)  # asynchronous from pinned memory
+            return out
+
+    def mark(self, arrays):
+        return self.stream.record()
+
+    def reusable(self, event):
+        if event is not None:
+            event.synchronize()
+
+    def use(self, event):
+        if event is not None:
+            self._cupy.cuda.get_current_stream().wait_event(event)
+
+
+class _TorchCudaCopies(_PlainCopies):
+    """As :class:`_CupyCopies`, with torch's pinned tensors, streams and events."""
+
+    def __init__(self, xp, device):
+        import torch
+
+        super().__init__(xp, device)
+        self._torch = torch
+        self.stream = torch.cuda.Stream(device=device)
+
+    def host_buffer(self, shape, dtype):
+        t = self._torch.empty(tuple(shape), dtype=getattr(self._torch, numpy.dtype(dtype).name), pin_memory=True)
+        return t.numpy()
+
+    def send(self, host):
+        torch = self._torch
+        with torch.cuda.stream(self.stream):
+            return torch.from_numpy(host).to(self.device, non_blocking=True)
+
+    def mark(self, arrays):
+        event = self._torch.cuda.Event()
+        event.record(self.stream)
+        return event, [a for a in arrays if a is not None]
+
+    def reusable(self, event):
+        if event is not None:
+            event[0].synchronize()
+
+    def use(self, event):
+        if event is not None:
+            current = self._torch.cuda.current_stream(self.device)
+            current.wait_event(event[0])
+            for a in event[1]:
+                a.record_stream(current)  # the allocator must not reuse them before compute is done
+
+
+def host_copies(xp: types.ModuleType, device: Any = None) -> _PlainCopies:
+    """The way host batches reach ``device`` of ``xp``: pinned buffers and asynchronous
+    copies on a side stream for CuPy and CUDA torch, a plain copy elsewhere."""
+    name = backend_name(xp)
+    if name == "cupy":
+        return _CupyCopies(xp, device)
+    if name == "torch" and str(getattr(device, "type", device)).startswith("cuda"):
+        return _TorchCudaCopies(xp, device)
+    return _PlainCopies(xp, device)
 
 
 _M32 = 0xFFFFFFFF

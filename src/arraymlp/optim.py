@@ -159,39 +159,6 @@ def _check_structure(params: Any, grads: Any) -> None:
                 raise ValueError(msg)
 
 
-# ---------------------------------------------------- in place where allowed, else functional
-def _mul(x, c):
-    """``x * c``, in place when ``x`` is writeable."""
-    if is_writeable(x):
-        x *= c
-        return x
-    return x * c
-
-
-def _add(x, y):
-    """``x + y``, in place when ``x`` is writeable."""
-    if is_writeable(x):
-        x += y
-        return x
-    return x + y
-
-
-def _sub(x, y):
-    """``x - y``, in place when ``x`` is writeable."""
-    if is_writeable(x):
-        x -= y
-        return x
-    return x - y
-
-
-def _assign(x, y):
-    """Overwrite ``x`` with ``y``, in place when ``x`` is writeable."""
-    if is_writeable(x):
-        x[...] = y
-        return x
-    return y
-
-
 def _copy(a):
     """A copy of an array in its own namespace and on its own device."""
     xp = array_api_compat.array_namespace(a)
@@ -600,16 +567,13 @@ class SGD(Optimizer):
                 and self.weight_decay == 0 and self.clip_norm is None and self.clip_value is None)
 
     def _update(self, p, g, st, *, lr, wd, xp):
+        if self.momentum != 0:  # one kernel of the set (one launch per array on a GPU)
+            p, st["momentum_buffer"] = kernels_for(xp).sgd_momentum_update(
+                p, g, st["momentum_buffer"], lr, self.momentum, self.dampening, self.nesterov, wd,
+                self.step_count == 1, xp, self._work)
+            return p
         if wd != 0:
             g = g + wd * p
-        if self.momentum != 0:
-            buf = st["momentum_buffer"]
-            if self.step_count == 1:
-                buf = _add(buf, g)  # a copy of g: the buffer starts at zero
-            else:
-                buf = self._axpy(_mul(buf, self.momentum), 1.0 - self.dampening, g, xp)
-            st["momentum_buffer"] = buf
-            g = g + self.momentum * buf if self.nesterov else buf
         # p - lr * g with the same rounding (-(lr * g) is exact), without a temporary
         return self._axpy(p, -lr, g, xp)
 
@@ -695,21 +659,12 @@ class Adam(Optimizer):
 
     def _update(self, p, g, st, *, lr, wd, xp):
         b1, b2 = self.betas
-        t = self.step_count
-        if wd != 0:
-            if self._decoupled:
-                p = _mul(p, 1.0 - lr * wd)
-            else:
-                g = g + wd * p
-        m = _add(_mul(st["exp_avg"], b1), (1.0 - b1) * g)
-        v = _add(_mul(st["exp_avg_sq"], b2), (1.0 - b2) * (g * g))
-        st["exp_avg"], st["exp_avg_sq"] = m, v
+        p, st["exp_avg"], st["exp_avg_sq"], vmax = kernels_for(xp).adam_update(
+            p, g, st["exp_avg"], st["exp_avg_sq"], st.get("max_exp_avg_sq") if self.amsgrad else None,
+            lr, b1, b2, self.eps, wd, self._decoupled, self.step_count, xp, self._work)
         if self.amsgrad:
-            v = _assign(st["max_exp_avg_sq"], xp.maximum(st["max_exp_avg_sq"], v))
-            st["max_exp_avg_sq"] = v
-        step_size = lr / (1.0 - b1**t)
-        denom = xp.sqrt(v) / math.sqrt(1.0 - b2**t) + self.eps
-        return _sub(p, step_size * (m / denom))
+            st["max_exp_avg_sq"] = vmax
+        return p
 
 
 class AdamW(Adam):
@@ -852,22 +807,15 @@ class RMSprop(Optimizer):
         return st
 
     def _update(self, p, g, st, *, lr, wd, xp):
-        a = self.alpha
-        if wd != 0:
-            g = g + wd * p
-        v = _add(_mul(st["square_avg"], a), (1.0 - a) * (g * g))
-        st["square_avg"] = v
+        p, st["square_avg"], gbar, buf = kernels_for(xp).rmsprop_update(
+            p, g, st["square_avg"], st.get("grad_avg") if self.centered else None,
+            st.get("momentum_buffer") if self.momentum > 0 else None, lr, self.alpha, self.eps, self.momentum, wd, xp,
+            self._work)
         if self.centered:
-            gbar = _add(_mul(st["grad_avg"], a), (1.0 - a) * g)
             st["grad_avg"] = gbar
-            avg = xp.sqrt(v - gbar * gbar) + self.eps
-        else:
-            avg = xp.sqrt(v) + self.eps
         if self.momentum > 0:
-            buf = _add(_mul(st["momentum_buffer"], self.momentum), g / avg)
             st["momentum_buffer"] = buf
-            return _sub(p, lr * buf)
-        return _sub(p, lr * (g / avg))
+        return p
 
 
 # ----------------------------------------------------------------------------- Adagrad
@@ -941,12 +889,9 @@ class Adagrad(Optimizer):
         return {"sum": xp.full_like(p, self.initial_accumulator_value)}
 
     def _update(self, p, g, st, *, lr, wd, xp):
-        if wd != 0:
-            g = g + wd * p
         clr = lr / (1.0 + (self.step_count - 1) * self.lr_decay)
-        s = _add(st["sum"], g * g)
-        st["sum"] = s
-        return _sub(p, clr * (g / (xp.sqrt(s) + self.eps)))
+        p, st["sum"] = kernels_for(xp).adagrad_update(p, g, st["sum"], clr, self.eps, wd, xp, self._work)
+        return p
 
 
 # ----------------------------------------------------------------------------- L-BFGS
@@ -976,6 +921,30 @@ def _vdot(a: list, b: list, xp):
 def _largest(arrays: list, xp):
     """``max_i |a_i|`` over all entries of a list of arrays: a 0-d array."""
     return xp.max(xp.stack([xp.max(xp.abs(xp.reshape(a, (-1,)))) for a in arrays]))
+
+
+def _add(x, y):
+    """``x + y``, into ``x`` where it is writeable (an array L-BFGS made)."""
+    if is_writeable(x):
+        x += y
+        return x
+    return x + y
+
+
+def _sub(x, y):
+    """``x - y``, into ``x`` where it is writeable (an array L-BFGS made)."""
+    if is_writeable(x):
+        x -= y
+        return x
+    return x - y
+
+
+def _mul(x, c):
+    """``x * c``, into ``x`` where it is writeable (an array L-BFGS made)."""
+    if is_writeable(x):
+        x *= c
+        return x
+    return x * c
 
 
 def _host_floats(values, xp) -> list[float]:

@@ -27,13 +27,14 @@ import math
 import numbers
 import sys
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from ._backend import Generator, is_float16, quiet_overflow, to_numpy
 from .callbacks import Callback, DivergenceError, EarlyStopping, History
 from .fusion import plan_for
 from .losses import LOSSES, check_targets, get_loss
 from .optim import LBFGS, Optimizer, get_optimizer
+from .precision import resolve_precision
 
 __all__ = [
     "Callback",
@@ -87,7 +88,7 @@ class _Progress:
             self.bar.close()
 
 
-def _loss_then_update(model, opt, lossfn, xb, yb, wb, *, xp, l2=0.0, dp=None):
+def _loss_then_update(model, opt, lossfn, xb, yb, wb, *, xp, l2=0.0, dp=None, amp=None, fuse=True):
     """First half of a training step: the batch's loss, and a function taking the update.
 
     Returns ``(value, update)``: ``value`` is the loss (an array), ``update(lr)`` makes
@@ -97,9 +98,13 @@ def _loss_then_update(model, opt, lossfn, xb, yb, wb, *, xp, l2=0.0, dp=None):
     parallelism, no parameter array shared by two layers) the gradients are never
     gathered: :meth:`Sequential._sgd_update` applies each as backpropagation produces
     it, so an exception raised inside backpropagation (a custom layer's, or Ctrl-C)
-    can leave the layers above it stepped and the others not.
+    can leave the layers above it stepped and the others not. With ``amp`` (a
+    :class:`arraymlp.MixedPrecision`) the step runs in its compute dtype. ``fuse=False``
+    always gathers the gradients and calls ``opt.step``.
     """
-    plan = plan_for(model, xp, opt if dp is None else None)
+    if amp is not None:
+        return amp.loss_then_update(model, opt, lossfn, xb, yb, wb, xp=xp, l2=l2)
+    plan = plan_for(model, xp, opt if dp is None and fuse else None)
     if plan.sgd:
         value, dout, caches, owned = model._loss_and_dout(xb, yb, lossfn, xp=xp, sample_weight=wb, l2=l2, plan=plan)
 
@@ -179,9 +184,27 @@ def _resolve_optimizer(model, optimizer, lr, reuse: bool) -> Optimizer:
     return get_optimizer(optimizer if optimizer is not None else "adam", **kwargs)
 
 
+def _l2_over_batch(l2: float, size: float) -> float:
+    """scikit-learn's L2 rule: the coefficient ``l2`` divided by the batch's size (or,
+    with sample weights, by the batch's weight sum), so that the penalty weighs as much
+    against a batch's mean loss as ``l2 / n`` does against the data set's."""
+    return l2 / size
+
+
 @dataclasses.dataclass
 class _Run:
-    """What one call of :func:`fit` trains on, and the state its epochs carry along."""
+    """What one call of :func:`fit` trains on, and the state its epochs carry along.
+
+    The options after ``stop`` are for the scikit-learn estimators, which run their
+    epochs through :func:`_run_epoch` too; :func:`fit` leaves them at their defaults:
+
+    - ``l2_rule(l2, size)``: the L2 coefficient of a batch from ``l2`` and the batch's
+      size, or its weight sum when ``host_weight`` is given (None: ``l2`` for every batch);
+    - ``host_weight``: the sample weights as a float64 host array, for the weight sums;
+    - ``skip_zero_weight``: skip (take no step on) a batch whose weights are all zero;
+    - ``fuse``: whether plain SGD may be fused into backpropagation;
+    - ``on_divergence(run, value, epoch, batch)``: the error for a non-finite loss.
+    """
 
     model: Any
     x: Any
@@ -203,6 +226,12 @@ class _Run:
     base_lr: float = 0.0
     step: int = 0
     stop: bool = False
+    amp: Any = None  # MixedPrecision, or None
+    l2_rule: Callable[[float, float], float] | None = None
+    host_weight: Any = None
+    skip_zero_weight: bool = False
+    fuse: bool = True
+    on_divergence: Callable[..., Exception] | None = None
 
 
 def _check_arguments(loss, epochs, batch_size, validation_split):
@@ -357,11 +386,34 @@ def _batch(run: _Run, order, start: int):
     return _take(x, idx, xp), _take(y, idx, xp), _take(sample_weight, idx, xp), end - start
 
 
+def _per_batch_options(run: _Run) -> bool:
+    """Whether the run uses an option of the estimators' (each step then reads its loss)."""
+    return (run.l2_rule is not None or run.host_weight is not None or run.skip_zero_weight or not run.fuse
+            or run.on_divergence is not None)
+
+
+def _batch_l2(run: _Run, host_order, start: int) -> float | None:
+    """The L2 coefficient of the batch at ``start``: ``run.l2``, or ``run.l2_rule`` of it
+    and the batch's size (its weight sum, with host weights); None for a batch to skip
+    (all its weights zero, with ``skip_zero_weight``)."""
+    if run.l2_rule is None and run.host_weight is None:
+        return run.l2
+    end = min(start + run.batch_size, _n(run.x))
+    lo, hi = (start, end) if run.dp is None else run.dp.shard(start, end)
+    size = float(end - start)
+    w = run.host_weight
+    if w is not None:
+        size = float(w[lo:hi].sum() if host_order is None else w[host_order[lo:hi]].sum())
+        if run.skip_zero_weight and size <= 0.0:
+            return None
+    return run.l2 if run.l2_rule is None else run.l2_rule(run.l2, size)
+
+
 def _step(run: _Run, order, start: int, epoch_lr: float):
     """One training step on the batch at ``start``: its loss (an array, not read) and rows."""
     xb, yb, wb, rows = _batch(run, order, start)
     value, update = _loss_then_update(run.model, run.opt, run.lossfn, xb, yb, wb, xp=run.xp, l2=run.l2,
-                                      dp=run.dp)
+                                      dp=run.dp, amp=run.amp)
     update(epoch_lr)
     run.step += 1
     if getattr(value, "ndim", None) != 0:  # a custom loss's Python float, or a one-element array
@@ -391,21 +443,32 @@ _CHECK_EVERY = 1000
 def _run_epoch(run: _Run, epoch: int, epoch_lr: float) -> tuple[float, int]:
     """The epoch's batches, one step each, until a callback asks to stop: ``(summed loss, rows seen)``.
 
-    Without data parallelism and without a callback that watches batches, no step
-    reads anything back to the host: the losses stay on the device and are read
-    together at the end of the epoch (:func:`_run_epoch_on_device`).
+    Without data parallelism, without a callback that watches batches and without the
+    estimators' per-batch options (:class:`_Run`), no step reads anything back to the
+    host: the losses stay on the device and are read together at the end of the epoch
+    (:func:`_run_epoch_on_device`).
     """
-    order = run.model.rng.permutation(_n(run.x)) if run.shuffle else None
-    if run.dp is None and not any(_overrides_batch_end(cb) for cb in run.callbacks):
+    model, dp, xp = run.model, run.dp, run.xp
+    host_order = None
+    if run.shuffle and run.host_weight is not None:  # the weight sums need the order on the host
+        host_order = model.rng.host.permutation(_n(run.x))  # the draw of rng.permutation
+        order = xp.asarray(host_order, dtype=xp.int64, device=model.device)
+    else:
+        order = model.rng.permutation(_n(run.x)) if run.shuffle else None
+    if (dp is None and not _per_batch_options(run)
+            and not any(_overrides_batch_end(cb) for cb in run.callbacks)):
         return _run_epoch_on_device(run, epoch, epoch_lr, order)
-    model, dp = run.model, run.dp
     total, seen = 0.0, 0
     for start in range(0, _n(run.x), run.batch_size):
+        l2 = _batch_l2(run, host_order, start)
+        if l2 is None:
+            continue  # a batch of zero-weight samples carries no gradient: no step
         xb, yb, wb, nb = _batch(run, order, start)
-        value, update = _loss_then_update(model, run.opt, run.lossfn, xb, yb, wb, xp=run.xp, l2=run.l2, dp=dp)
+        value, update = _loss_then_update(model, run.opt, run.lossfn, xb, yb, wb, xp=xp, l2=l2, dp=dp,
+                                          amp=run.amp, fuse=run.fuse)
         value = float(value)
         if not math.isfinite(value):
-            raise _divergence(run, value, epoch, start // run.batch_size)
+            raise (run.on_divergence or _divergence)(run, value, epoch, start // run.batch_size)
         update(epoch_lr)
         del update  # frees the batch's caches before the next forward
         run.step += 1
@@ -423,20 +486,24 @@ def _run_epoch(run: _Run, epoch: int, epoch_lr: float) -> tuple[float, int]:
 
 def _snapshot(run: _Run) -> tuple:
     """Copies of what an epoch's steps change (parameters, optimiser state, step
-    counter, generator state), taken on the device at the epoch's start."""
+    counter, generator state, a mixed-precision loss scale), taken on the device at the
+    epoch's start."""
     model = run.model
     params = [{k: run.xp.asarray(a, copy=True) for k, a in p.items()} for p in model.params]
     rng = None if model.rng is None else model.rng.get_state()
-    return params, run.opt.state_dict(), run.step, rng
+    amp = None if run.amp is None else run.amp.get_state()
+    return params, run.opt.state_dict(), run.step, rng, amp
 
 
 def _restore(run: _Run, snapshot: tuple) -> None:
-    params, opt_state, step, rng_state = snapshot
+    params, opt_state, step, rng_state, amp_state = snapshot
     run.model.params = [dict(p) for p in params]
     run.opt.load_state_dict(opt_state)
     run.step = step
     if rng_state is not None:
         run.model.rng.set_state(rng_state)
+    if amp_state is not None:
+        run.amp.set_state(amp_state)
 
 
 def _run_epoch_on_device(run: _Run, epoch: int, epoch_lr: float, order) -> tuple[float, int]:
@@ -534,6 +601,10 @@ def _check_full_batch(run: _Run, comm, resume_from) -> None:
     if resume_from is not None:
         msg = "resume_from= is not supported with optimizer='lbfgs'; L-BFGS's history is not checkpointed"
         raise ValueError(msg)
+    if run.amp is not None:
+        msg = ("precision= (mixed precision) is not supported with optimizer='lbfgs': its line search needs the "
+               "objective in the parameters' own dtype; train in float32 or float64")
+        raise ValueError(msg)
     # by class name, so that training does not import the layers (the module graph keeps it above them)
     rates = [float(layer.p) for layer in run.model.layers
              if any(c.__name__ == "Dropout" and c.__module__ == "arraymlp.layers" for c in type(layer).__mro__)]
@@ -586,7 +657,7 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
         validation_data: tuple | None = None, validation_split: float = 0.0,
         early_stopping: EarlyStopping | int | None = None, callbacks: Sequence[Callback] = (),
         progress: bool = True, verbose: bool = False, seed: int | None = None, l2: float = 0.0,
-        sample_weight: Any = None, comm: Any = None, resume_from: Any = None,
+        sample_weight: Any = None, comm: Any = None, resume_from: Any = None, precision: Any = None,
         _reuse_optimizer: bool = False) -> History:
     """Train ``model`` on ``(x, y)`` with mini-batch gradient descent, or full-batch L-BFGS.
 
@@ -638,6 +709,11 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
         Train data-parallel over MPI: every rank calls ``fit`` with the same arguments
         and data, and computes its shard of each global batch of ``batch_size`` rows;
         see :mod:`arraymlp.distributed`.
+    precision : {None, "float16", "bfloat16"} or MixedPrecision, optional
+        Mixed precision: each step computes in float16 (with dynamic loss scaling) or
+        bfloat16 over the model's float32 master weights, which the optimiser updates;
+        see :class:`arraymlp.MixedPrecision`. None (or the model's dtype): the model's
+        dtype throughout.
 
     Returns
     -------
@@ -646,10 +722,11 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
     lossfn, epochs, batch_size = _check_arguments(loss, epochs, batch_size, validation_split)
     x, y, sample_weight, val, xp = _prepare_data(model, x, y, sample_weight, lossfn, validation_data,
                                                  validation_split)
+    amp = resolve_precision(precision, model, xp, data_parallel=comm is not None)
     opt = _set_up_model(model, lossfn, optimizer, lr, schedule, seed, xp, _reuse_optimizer)
     callbacks = _arrange_callbacks(callbacks, early_stopping, validation=val is not None)
     run = _Run(model=model, x=x, y=y, sample_weight=sample_weight, val=val, lossfn=lossfn, xp=xp, opt=opt,
-               schedule=schedule, callbacks=callbacks, batch_size=batch_size, shuffle=shuffle, l2=l2)
+               schedule=schedule, callbacks=callbacks, batch_size=batch_size, shuffle=shuffle, l2=l2, amp=amp)
     full_batch = isinstance(opt, LBFGS)
     if full_batch:
         _check_full_batch(run, comm, resume_from)
@@ -675,11 +752,12 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
 
 def partial_fit(model, x, y, *, loss: str | None = None, optimizer: str | Optimizer | None = None,
                 lr: float | None = None, batch_size: int = 32, shuffle: bool = True, l2: float = 0.0,
-                sample_weight: Any = None) -> History:
+                sample_weight: Any = None, precision: Any = None) -> History:
     """One pass over ``(x, y)``, keeping the optimiser state of earlier calls.
 
     Parameters are as for :func:`fit` (``x`` of shape (n, n_features), ``y`` of shape
     (n, n_outputs), (n,), or labels (n,)); ``loss`` defaults to the one of the last fit.
+    Pass the same :class:`arraymlp.MixedPrecision` to every call to keep its loss scale.
     """
     if loss is None:
         loss = getattr(model, "loss_", None)
@@ -687,7 +765,8 @@ def partial_fit(model, x, y, *, loss: str | None = None, optimizer: str | Optimi
             msg = "partial_fit needs loss= on its first call"
             raise ValueError(msg)
     return fit(model, x, y, loss=loss, optimizer=optimizer, lr=lr, epochs=1, batch_size=batch_size,
-               shuffle=shuffle, progress=False, l2=l2, sample_weight=sample_weight, _reuse_optimizer=True)
+               shuffle=shuffle, progress=False, l2=l2, sample_weight=sample_weight, precision=precision,
+               _reuse_optimizer=True)
 
 
 def predict_proba(model, x):

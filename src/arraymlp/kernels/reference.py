@@ -9,7 +9,7 @@ Conventions:
   passed down; a kernel never looks it up per operation.
 - A kernel never mutates its inputs, except the arguments its name or docstring says
   are handed over (``*_inplace`` kernels, :func:`sgd_apply`, :func:`axpy`,
-  :func:`dense_sgd_update`). Those are updated in place only where the namespace
+  :func:`dense_sgd_update`, the optimiser updates ``*_update``). Those are updated in place only where the namespace
   allows it (:func:`arraymlp._backend.is_writeable`), and the result is returned
   either way.
 - A composite kernel takes the primitives it is built from as keyword arguments with
@@ -774,3 +774,99 @@ def layer_norm_backward(cache, gamma, dy, *, xp=None):
     g = dy * gamma
     dx = rstd * (g - xp.mean(g, axis=-1, keepdims=True) - xhat * xp.mean(g * xhat, axis=-1, keepdims=True))
     return dx, dgamma, dbeta
+
+
+# ------------------------------------------------------------------ optimiser steps
+# One function per update rule, the values of :mod:`arraymlp.optim`'s classes; the
+# state arrays and ``p`` are handed over (updated in place where writeable) and
+# returned. The gradient is only read. ``work(n, p, xp)`` may lend scratch space (the
+# optimiser's work buffer); the reference does not need it. A backend may replace each
+# with one kernel per parameter array.
+def _imul(x, c):
+    if is_writeable(x):
+        x *= c
+        return x
+    return x * c
+
+
+def _iadd(x, y):
+    if is_writeable(x):
+        x += y
+        return x
+    return x + y
+
+
+def _isub(x, y):
+    if is_writeable(x):
+        x -= y
+        return x
+    return x - y
+
+
+def sgd_momentum_update(p, g, buf, lr, momentum, dampening, nesterov, wd, first, xp, work=None, *, axpy=axpy):
+    """Momentum SGD: ``g' = g + wd p``; ``buf = g'`` on the first step, else
+    ``buf = momentum buf + (1 - dampening) g'``; ``p -= lr (g' + momentum buf)`` with
+    Nesterov, ``p -= lr buf`` without. ``buf`` starts at zero. Returns ``(p, buf)``."""
+    if wd != 0:
+        g = g + wd * p
+    if first:
+        buf = _iadd(buf, g)  # a copy of g: the buffer starts at zero
+    else:
+        buf = axpy(_imul(buf, momentum), 1.0 - dampening, g, xp, work)
+    g = g + momentum * buf if nesterov else buf
+    return axpy(p, -lr, g, xp, work), buf
+
+
+def adam_update(p, g, m, v, vmax, lr, b1, b2, eps, wd, decoupled, t, xp, work=None):
+    """Adam (``decoupled``: AdamW) at step ``t`` (from 1): with ``g' = g + wd p``
+    (coupled) or ``p *= 1 - lr wd`` first (decoupled), ``m = b1 m + (1-b1) g'``,
+    ``v = b2 v + (1-b2) g'^2``, ``vmax = max(vmax, v)`` (AMSGrad, when ``vmax`` is not
+    None) and ``p -= lr/(1-b1^t) m / (sqrt(v or vmax)/sqrt(1-b2^t) + eps)``.
+    Returns ``(p, m, v, vmax)``."""
+    if wd != 0:
+        if decoupled:
+            p = _imul(p, 1.0 - lr * wd)
+        else:
+            g = g + wd * p
+    m = _iadd(_imul(m, b1), (1.0 - b1) * g)
+    v = _iadd(_imul(v, b2), (1.0 - b2) * (g * g))
+    den = v
+    if vmax is not None:
+        top = xp.maximum(vmax, v)
+        if is_writeable(vmax):
+            vmax[...] = top
+        else:
+            vmax = top
+        den = vmax
+    step_size = lr / (1.0 - b1**t)
+    denom = xp.sqrt(den) / math.sqrt(1.0 - b2**t) + eps
+    return _isub(p, step_size * (m / denom)), m, v, vmax
+
+
+def rmsprop_update(p, g, v, gbar, buf, lr, alpha, eps, momentum, wd, xp, work=None):
+    """RMSprop: ``g' = g + wd p``, ``v = alpha v + (1-alpha) g'^2``; centred (``gbar``
+    not None): ``gbar = alpha gbar + (1-alpha) g'`` and ``d = sqrt(v - gbar^2) + eps``,
+    else ``d = sqrt(v) + eps``; with a momentum buffer ``buf = momentum buf + g'/d`` and
+    ``p -= lr buf``, else ``p -= lr g'/d``. Returns ``(p, v, gbar, buf)``."""
+    if wd != 0:
+        g = g + wd * p
+    v = _iadd(_imul(v, alpha), (1.0 - alpha) * (g * g))
+    if gbar is not None:
+        gbar = _iadd(_imul(gbar, alpha), (1.0 - alpha) * g)
+        avg = xp.sqrt(v - gbar * gbar) + eps
+    else:
+        avg = xp.sqrt(v) + eps
+    if buf is not None:
+        buf = _iadd(_imul(buf, momentum), g / avg)
+        return _isub(p, lr * buf), v, gbar, buf
+    return _isub(p, lr * (g / avg)), v, gbar, buf
+
+
+def adagrad_update(p, g, s, lr, eps, wd, xp, work=None):
+    """Adagrad with this step's rate ``lr`` (decay applied by the caller):
+    ``g += wd * p``; ``s += g * g``; ``p -= lr * g / (sqrt(s) + eps)``. ``p`` and ``s``
+    are handed over; returns ``(p, s)``."""
+    if wd != 0:
+        g = g + wd * p
+    s = _iadd(s, g * g)
+    return _isub(p, lr * (g / (xp.sqrt(s) + eps))), s
