@@ -42,7 +42,7 @@ ARRAY_PARAMS = {
 NO_ARRAY_ARGUMENTS = {
     # configuration objects, errors, records and callbacks
     "Callback", "EarlyStopping", "DivergenceError", "GradcheckError", "GradcheckReport",
-    "History", "Generator", "functional.Activation", "MixedPrecision",
+    "History", "Generator", "functional.Activation", "MixedPrecision", "optim.LBFGSIteration",
     # look-ups by name
     "get_loss", "get_optimizer", "get_schedule", "resolve_backend", "metrics.get_metric",
     "metrics.top_k_accuracy",

@@ -38,7 +38,7 @@ from .layers import (
 )
 from .losses import LOSSES, Loss, get_loss
 from .model import MLP, Sequential
-from .optim import SGD, Adagrad, Adam, AdamW, Optimizer, RMSprop, get_optimizer
+from .optim import LBFGS, SGD, Adagrad, Adam, AdamW, Optimizer, RMSprop, get_optimizer
 from .precision import MixedPrecision
 from .schedules import (
     Constant,
@@ -57,6 +57,7 @@ __all__ = [
     "ELU",
     "GELU",
     "INITIALIZERS",
+    "LBFGS",
     "LOSSES",
     "SGD",
     "Adagrad",

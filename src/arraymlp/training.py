@@ -44,7 +44,7 @@ from .callbacks import Callback, DivergenceError, EarlyStopping, History
 from .fusion import plan_for
 from .losses import LOSSES, Loss, check_targets, count_not_binary, get_loss
 from .metrics import Metric, _Accumulator, _Pair, get_metrics, read_results
-from .optim import Optimizer, get_optimizer
+from .optim import LBFGS, Optimizer, get_optimizer
 from .precision import resolve_precision
 
 __all__ = [
@@ -745,6 +745,68 @@ def _finish(run: _Run, quiet: contextlib.ExitStack) -> None:
         cb.on_train_end(run.model, run.history)
 
 
+def _check_full_batch(run: _Run, comm, resume_from) -> None:
+    """What a full-batch optimiser cannot combine with, refused by name."""
+    if run.schedule is not None:
+        msg = "schedule= does not apply to optimizer='lbfgs': its line search chooses each step length"
+        raise ValueError(msg)
+    if comm is not None:
+        msg = "comm= (data parallelism) is not supported with optimizer='lbfgs'; use a mini-batch optimiser"
+        raise ValueError(msg)
+    if resume_from is not None:
+        msg = "resume_from= is not supported with optimizer='lbfgs'; L-BFGS's history is not checkpointed"
+        raise ValueError(msg)
+    if run.amp is not None:
+        msg = ("precision= (mixed precision) is not supported with optimizer='lbfgs': its line search needs the "
+               "objective in the parameters' own dtype; train in float32 or float64")
+        raise ValueError(msg)
+    # by class name, so that training does not import the layers (the module graph keeps it above them)
+    rates = [float(layer.p) for layer in run.model.layers
+             if any(c.__name__ == "Dropout" and c.__module__ == "arraymlp.layers" for c in type(layer).__mro__)]
+    if any(rates):
+        msg = (f"optimizer='lbfgs' needs a deterministic objective, but the model has dropout (p={max(rates)}), "
+               "which draws a new mask at each evaluation; remove the dropout or use a mini-batch optimiser")
+        raise ValueError(msg)
+
+
+def _run_full_batch(run: _Run, epochs: int) -> None:
+    """The optimiser owns the iteration: one "epoch" per L-BFGS iteration over the whole data set.
+
+    Each iteration records its loss (at the new point, L2 term included) in the history
+    and runs the callbacks' epoch hooks (and ``on_batch_end`` once); training ends after
+    ``epochs`` iterations, when a callback asks, or when the optimiser's own stopping rules
+    hold (``model.optimizer_.status`` says which).
+    """
+    model, xp, opt = run.model, run.xp, run.opt
+
+    def fun(params):
+        return model._loss_and_grads(run.x, run.y, run.lossfn, xp=xp, sample_weight=run.sample_weight, l2=run.l2)
+
+    iterations = opt.iterate(fun, model.params)
+    try:
+        for epoch in range(run.start_epoch, epochs):
+            t0 = time.perf_counter()
+            if _begin_epoch(run, epoch):
+                break
+            try:
+                info = next(iterations)
+            except StopIteration:
+                break
+            except FloatingPointError as exc:
+                msg = (f"the training loss is not finite at the starting parameters ({exc}). "
+                       "Scale the inputs, or check the initial parameters.")
+                raise DivergenceError(msg, epoch=epoch, step=run.step,
+                                      params_finite=_params_finite(model.params, xp)) from exc
+            run.step += 1
+            logs = {"epoch": epoch, "step": run.step, "loss": info.loss}
+            for cb in run.callbacks:
+                run.stop = bool(cb.on_batch_end(model, logs)) or run.stop
+            if _finish_epoch(run, epoch, opt.lr, t0, info.loss, 1):
+                break
+    finally:
+        iterations.close()
+
+
 def fit(model, x, y, *, loss: str | Loss | None = None, optimizer: str | Optimizer = "adam",
         lr: float | None = None, schedule: Any = None, epochs: int = 10, batch_size: int = 32,
         shuffle: bool = True, validation_data: tuple | None = None, validation_split: float = 0.0,
@@ -752,7 +814,12 @@ def fit(model, x, y, *, loss: str | Loss | None = None, optimizer: str | Optimiz
         callbacks: Sequence[Callback] = (), progress: bool = True, verbose: bool = False, seed: int | None = None,
         l2: float = 0.0, sample_weight: Any = None, comm: Any = None, resume_from: Any = None,
         precision: Any = None) -> History:
-    """Train ``model`` on ``(x, y)`` with mini-batch gradient descent.
+    """Train ``model`` on ``(x, y)`` with mini-batch gradient descent, or full-batch L-BFGS.
+
+    With ``optimizer="lbfgs"`` (or an :class:`arraymlp.optim.LBFGS`) each "epoch" is one
+    L-BFGS iteration over the whole data set (``batch_size`` and ``shuffle`` do not
+    apply; ``epochs`` caps the iterations, and the optimiser's ``tol``, ``max_iter`` and
+    ``max_fun`` may stop it earlier: ``model.optimizer_.status`` says why it stopped).
 
     ``model.fit(x, y, ...)`` is this function with the model as its first argument.
 
@@ -775,7 +842,7 @@ def fit(model, x, y, *, loss: str | Loss | None = None, optimizer: str | Optimiz
         ``"cross_entropy"`` for integer labels (n,) and several outputs, read as
         logits); an ambiguous case raises and asks for ``loss=``.
     optimizer : str or Optimizer
-        ``"sgd"``, ``"adam"``, ``"adamw"``, ``"rmsprop"``, ``"adagrad"`` or an instance.
+        ``"sgd"``, ``"adam"``, ``"adamw"``, ``"rmsprop"``, ``"adagrad"``, ``"lbfgs"`` or an instance.
     lr : float, optional
         Base learning rate (overrides the optimiser's default).
     schedule : Schedule or callable, optional
@@ -795,7 +862,8 @@ def fit(model, x, y, *, loss: str | Loss | None = None, optimizer: str | Optimiz
         callables ``fn(y_true, y_pred, *, xp) -> 0-d array``. Default: ``["accuracy"]``
         for a classification loss, none for a regression one; ``[]`` records none.
         Accumulated on the device and read once per epoch (see :mod:`arraymlp.metrics`);
-        training metrics are not recorded under ``comm``.
+        training metrics are not recorded under ``comm`` nor with ``optimizer="lbfgs"``
+        (whose iterations have no batches to count them on); validation metrics are.
     early_stopping : EarlyStopping or int, optional
         An int is the patience of ``EarlyStopping("val_loss")`` (``"loss"`` without validation).
     callbacks : sequence of Callback
@@ -865,13 +933,19 @@ def _train(model, x, y, *, reuse_optimizer, loss, optimizer, lr, schedule, epoch
     amp = resolve_precision(precision, model, xp, data_parallel=comm is not None)
     opt = _set_up_model(model, lossfn, form, optimizer, lr, schedule, seed, xp, reuse_optimizer)
     callbacks = _arrange_callbacks(callbacks, early_stopping, validation=val is not None)
+    full_batch = isinstance(opt, LBFGS)  # the optimiser owns the iteration; training metrics come from validation
     run = _Run(model=model, x=x, y=y, sample_weight=sample_weight, val=val, lossfn=lossfn, xp=xp, opt=opt,
                schedule=schedule, callbacks=callbacks, batch_size=batch_size, shuffle=shuffle, l2=l2,
-               metrics=metrics if comm is None else [], val_metrics=val_metrics, amp=amp)
+               metrics=metrics if comm is None and not full_batch else [], val_metrics=val_metrics, amp=amp)
+    if full_batch:
+        _check_full_batch(run, comm, resume_from)
     _start_run(run, epochs, resume_from, comm, progress, verbose)
     quiet = contextlib.ExitStack()
     quiet.enter_context(quiet_overflow(xp))
     try:
+        if full_batch:
+            _run_full_batch(run, epochs)
+            return run.history
         for epoch in range(run.start_epoch, epochs):
             t0 = time.perf_counter()
             epoch_lr = run.base_lr if schedule is None else float(schedule(epoch))
