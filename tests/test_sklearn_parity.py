@@ -280,3 +280,20 @@ def test_multi_output_loss_is_sklearns():
     want = 0.5 * np.mean((pred - Y) ** 2) + 0.3 / (2 * 40) * sum((w**2).sum() for w in W)
     _quiet(est, X, Y)  # one more full-batch epoch: its loss is that of the parameters above
     assert est.loss_ == pytest.approx(want, rel=1e-12)
+
+
+def test_lbfgs_multi_output_minimises_the_summed_objective():
+    """With several regression outputs, L-BFGS minimises (and reports as loss_) the
+    objective whose gradient it follows: half the squared error summed over the outputs,
+    averaged over the samples, plus alpha / (2 n) * sum ||W||^2; the stochastic solvers
+    report scikit-learn's mean over the outputs instead (test_multi_output_loss_is_sklearns)."""
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(60, 4))
+    Y = np.stack([X[:, 0] - X[:, 1], np.tanh(X[:, 2]), X[:, 3] ** 2], axis=1)
+    est = _quiet(MLPRegressor(solver="lbfgs", hidden_layer_sizes=(5,), alpha=0.1, max_iter=50, random_state=0), X, Y)
+    W = [np.array(c) for c in est.coefs_]
+    b = [np.array(v) for v in est.intercepts_]
+    pred = np.maximum(X @ W[0] + b[0], 0) @ W[1] + b[1]
+    want = 0.5 * np.mean(np.sum((pred - Y) ** 2, axis=1)) + 0.1 / (2 * 60) * sum((w**2).sum() for w in W)
+    assert est.loss_ == pytest.approx(want, rel=1e-10)
+    np.testing.assert_allclose(est.predict(X), pred, rtol=1e-12, atol=1e-12)
