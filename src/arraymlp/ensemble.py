@@ -647,10 +647,13 @@ def member_metric(model, out, y, lossfn, xp, *, logits: bool) -> numpy.ndarray:
         return to_numpy(xp.mean(xp.astype(pred == yy, out.dtype), axis=(1, 2))).astype(float)
     if lossfn.name == "poisson_nll":
         out = xp.exp(out)
+    # R^2 per output, averaged uniformly over the outputs (scikit-learn's r2_score, and
+    # arraymlp.metrics.r2): 1 for a constant target predicted exactly, 0 otherwise
     yy = xp.reshape(xp.astype(y, out.dtype), tuple(out.shape[1:]))
-    ss_res = to_numpy(xp.sum((yy - out) ** 2, axis=(1, 2))).astype(float)
-    ss_tot = float(xp.sum((yy - xp.mean(yy, axis=0)) ** 2))
-    return 1.0 - ss_res / ss_tot if ss_tot > 0 else numpy.zeros_like(ss_res)
+    res = to_numpy(xp.sum((yy - out) ** 2, axis=1)).astype(float)  # (K, m)
+    tot = to_numpy(xp.sum((yy - xp.mean(yy, axis=0)) ** 2, axis=0)).astype(float)  # (m,)
+    scores = numpy.where(tot > 0, 1.0 - res / numpy.where(tot > 0, tot, 1.0), numpy.where(res == 0, 1.0, 0.0))
+    return scores.mean(axis=1)
 
 
 def _losses(model, lossfn, out, y, w, xp):

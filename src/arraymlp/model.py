@@ -8,8 +8,10 @@ namespace is resolved once per public call and handed down to every kernel.
 from __future__ import annotations
 
 import copy
+import inspect
 import numbers
-from typing import Any, Sequence
+import types
+from typing import TYPE_CHECKING, Any, Callable, Concatenate, Generic, ParamSpec, Sequence, TypeVar, overload
 
 from array_api_compat import is_dask_array
 
@@ -17,6 +19,7 @@ from . import ensemble as E
 from . import layers as L
 from ._backend import (
     Generator,
+    as_csr,
     backend_name,
     canonical_device,
     check_same_backend,
@@ -24,9 +27,12 @@ from ._backend import (
     device_of,
     dtype_name,
     get_namespace,
+    is_sparse,
     is_writeable,
     resolve_backend,
     resolve_dtype,
+    sparse_device,
+    sparse_namespace,
     to_backend,
 )
 from .fusion import _params_distinct, plan_for
@@ -34,7 +40,63 @@ from .init import default_for
 from .kernels import kernels_for
 from .losses import LOSSES, get_loss
 
+if TYPE_CHECKING:
+    from . import training
+
 __all__ = ["MLP", "Sequential"]
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+class _TrainingMethod(Generic[_P, _R]):
+    """A model method that is a function of :mod:`arraymlp.training` taking the model
+    first: ``model.fit(x, y, ...)`` is ``training.fit(model, x, y, ...)``. ``help()``,
+    ``inspect.signature`` and editors see that function's parameters and docstring (one
+    source of truth), less ``model``; static type checkers read them through the
+    ``ParamSpec``."""
+
+    def __init__(self, fn: Callable[Concatenate[Any, _P], _R] | str):
+        self.name = fn if isinstance(fn, str) else fn.__name__
+        self.method: Any = None
+
+    def _build(self):
+        """The method, made at first use: loading a model (``arraymlp.io``) does not
+        import the training loop."""
+        from . import training
+
+        fn = getattr(training, self.name)
+        sig = inspect.signature(fn)
+        params = list(sig.parameters.values())
+
+        name = self.name
+
+        def method(self, *args, **kwargs):
+            if self.ensemble is not None:  # K members at once: arraymlp.ensemble's loop
+                ens_fn = getattr(E, name, None)
+                if ens_fn is None:
+                    msg = f"{name} of an ensemble is not supported yet"
+                    raise NotImplementedError(msg)
+                return ens_fn(self, *args, **kwargs)
+            return fn(self, *args, **kwargs)
+
+        method.__signature__ = sig.replace(parameters=[params[0].replace(name="self"), *params[1:]])
+        method.__name__ = method.__qualname__ = fn.__name__
+        method.__doc__ = fn.__doc__
+        method.__module__ = fn.__module__
+        self.method = method
+        return method
+
+    @overload
+    def __get__(self, obj: None, objtype: type | None = None) -> Callable[Concatenate[Any, _P], _R]: ...
+
+    @overload
+    def __get__(self, obj: object, objtype: type | None = None) -> Callable[_P, _R]: ...
+
+    def __get__(self, obj, objtype=None):
+        method = self.method or self._build()
+        return method if obj is None else types.MethodType(method, obj)
 
 
 def _replace_optimizer_state(source, target) -> None:
@@ -327,14 +389,22 @@ class Sequential:
 
     # ------------------------------------------------------------------ validation
     def _check_x(self, x: Any, *, check_finite: bool = True, what: str = "x"):
-        """Validate an input batch and return ``(x, xp)`` in the model's dtype."""
-        xp = get_namespace(x)
+        """Validate an input batch and return ``(x, xp)`` in the model's dtype (a sparse
+        matrix in compressed-row form)."""
+        sparse = is_sparse(x)
+        xp = sparse_namespace(x) if sparse else get_namespace(x)
+        device = sparse_device(x) if sparse else device_of(x)
         if self.params is None:
-            self._build(xp, device_of(x))
+            self._build(xp, device)
         else:
             check_same_backend(self.xp, xp, what)
-            check_same_device(self.device, device_of(x), what)
+            check_same_device(self.device, device, what)
         xp = self.xp
+        if sparse and not (self.layers and isinstance(self.layers[0], L.Dense)):
+            first = type(self.layers[0]).__name__ if self.layers else "no layer"
+            msg = (f"{what} is a sparse matrix, which only a first Dense layer can take; this model starts "
+                   f"with {first}. Densify it (x.toarray()) or start the model with a Dense layer")
+            raise TypeError(msg)
         if x.ndim != 2:
             hint = ""
             if x.ndim == 1:
@@ -353,9 +423,14 @@ class Sequential:
                 f"(convert it with xp.astype(x, xp.{self._dtype_name}))"
             )
             raise TypeError(msg)
-        if x.dtype != self.dtype:
-            x = xp.astype(x, self.dtype)
-        if check_finite and not kernels_for(xp).all_finite(x, xp):
+        if sparse:  # compressed rows, batches are row slices; only the stored values are read
+            x = as_csr(x, self.dtype)
+            values = x.data
+        else:
+            if x.dtype != self.dtype:
+                x = xp.astype(x, self.dtype)
+            values = x
+        if check_finite and not kernels_for(xp).all_finite(values, xp):
             msg = f"{what} contains NaN or infinite values"
             raise ValueError(msg)
         return x, xp
@@ -508,36 +583,24 @@ class Sequential:
         return self.forward(x, training=False, xp=xp, keep=False)[0]
 
     # ------------------------------------------------------------------ training
-    def fit(self, x, y, **kwargs):
-        """Train on ``(x, y)``: ``x`` of shape (n, n_features), ``y`` of shape
-        (n, n_outputs), (n,), or labels (n,); see :func:`arraymlp.training.fit` for the
-        arguments.
-
-        An ensemble (``ensemble=K``) trains all its members at once and takes per-member
-        hyper-parameters; see :func:`arraymlp.ensemble.fit`.
-
-        Returns
-        -------
-        History
-        """
-        if self.ensemble is not None:
-            return E.fit(self, x, y, **kwargs)
-        from .training import fit
-
-        return fit(self, x, y, **kwargs)
-
-    def partial_fit(self, x, y, **kwargs):
-        """One epoch over ``(x, y)`` (shapes as for :meth:`fit`) keeping optimiser state;
-        see :func:`arraymlp.training.partial_fit`."""
-        if self.ensemble is not None:
-            return E.partial_fit(self, x, y, **kwargs)
-        from .training import partial_fit
-
-        return partial_fit(self, x, y, **kwargs)
+    # fit, partial_fit and evaluate are the functions of arraymlp.training with the model
+    # as first argument: their signatures and docstrings are those functions' own. An
+    # ensemble's (``ensemble=K``) are those of arraymlp.ensemble.
+    if TYPE_CHECKING:  # type checkers read the parameters from the functions themselves
+        fit = _TrainingMethod(training.fit)
+        partial_fit = _TrainingMethod(training.partial_fit)
+        evaluate = _TrainingMethod(training.evaluate)
+    else:
+        fit = _TrainingMethod("fit")
+        partial_fit = _TrainingMethod("partial_fit")
+        evaluate = _TrainingMethod("evaluate")
 
     def predict(self, x, *, reduce: str | None = "mean"):
-        """Labels (n,) for classifiers, outputs (n, n_outputs) for regressors;
-        see :func:`arraymlp.training.predict` (lazy, block by block, for a Dask array).
+        """Predictions in the form of the ``y`` of the last fit: class indices (n,) for
+        one class per sample; 0/1 labels in ``y``'s shape ((n,) stays (n,)) and dtype
+        family for ``binary_cross_entropy``; outputs for regressors ((n,) when ``y`` was
+        (n,)). See :func:`arraymlp.training.predict` (lazy, block by block, for a Dask
+        array).
 
         For an ensemble, the prediction of the members' averaged probabilities (outputs,
         for a regressor); ``reduce=None`` gives each member's, with a leading axis of K
@@ -554,9 +617,11 @@ class Sequential:
         return predict(self, x)
 
     def predict_proba(self, x, *, reduce: str | None = "mean"):
-        """Class probabilities (n, n_classes); see :func:`arraymlp.training.predict_proba`
-        (lazy, block by block, for a Dask array). For an ensemble, the members' averaged
-        probabilities, or each member's (K, n, n_classes) with ``reduce=None``."""
+        """Class probabilities: (n, n_classes) for one class per sample, (n, n_outputs)
+        for 0/1 outputs ((n, 1) for a binary classifier: the probability of 1); see
+        :func:`arraymlp.training.predict_proba` (lazy, block by block, for a Dask array).
+        For an ensemble, the members' averaged probabilities, or each member's
+        (K, n, n_classes) with ``reduce=None``."""
         if self.ensemble is not None:
             return E.predict_proba(self, x, reduce=reduce)
         E._check_reduce(reduce)
@@ -572,15 +637,19 @@ class Sequential:
         fa = loss.fused_activation
         return fa is not None and fa != "identity" and self.output_activation == fa
 
-    def _loss_and_grads(self, x, y, loss, *, xp, sample_weight=None, l2=0.0, training=True, check=False, plan=None):
+    def _loss_and_grads(self, x, y, loss, *, xp, sample_weight=None, l2=0.0, training=True, check=False, plan=None,
+                        on_outputs=None):
         """Unchecked core of :meth:`loss_and_grads` (inputs already validated).
 
         ``check=False`` also spares the table's losses their reading of the targets'
         values (label range, finiteness), which the caller validated up front (as
-        ``fit`` does for its whole ``y``); custom losses always check.
+        ``fit`` does for its whole ``y``); custom losses always check. ``on_outputs``,
+        when given, is called with the last layer's output (the logits when the output
+        activation is fused) before backpropagation starts (``fit``'s metrics).
         """
         value, dout, caches, owned = self._loss_and_dout(x, y, loss, xp=xp, sample_weight=sample_weight, l2=l2,
-                                                         training=training, check=check, plan=plan)
+                                                         training=training, check=check, plan=plan,
+                                                         on_outputs=on_outputs)
         grads = self._backprop(caches, dout, xp=xp, inplace=owned, plan=plan)
         if l2:
             for layer, p, g in zip(self.layers, self.params, grads):
@@ -592,11 +661,13 @@ class Sequential:
                         g["W"] = g["W"] + l2 * p["W"]
         return value, grads
 
-    def _loss_and_dout(self, x, y, loss, *, xp, sample_weight=None, l2=0.0, training=True, check=False, plan=None):
+    def _loss_and_dout(self, x, y, loss, *, xp, sample_weight=None, l2=0.0, training=True, check=False, plan=None,
+                       on_outputs=None):
         """Forward and loss of a batch: ``(value, d_out, caches, owned)``, where ``d_out``
         is the loss gradient at the last layer run and ``owned`` says whether the layers
         may overwrite it (the table's losses return a new array). ``value`` includes the
-        L2 penalty."""
+        L2 penalty. ``on_outputs(out)`` sees the last layer's output, as for
+        :meth:`_loss_and_grads`."""
         fused = self._fused(loss)
         out, caches = self.forward(x, training=training, xp=xp, upto=len(self.layers) - 1 if fused else None,
                                    plan=plan)
@@ -605,6 +676,8 @@ class Sequential:
             value, dout = loss.fn(out, y, xp=xp, sample_weight=sample_weight, check=False)
         else:
             value, dout = loss.fn(out, y, xp=xp, sample_weight=sample_weight)
+        if on_outputs is not None:
+            on_outputs(out)
         if l2:
             value = value + self._l2_penalty(l2, xp)
         return value, dout, caches, builtin
