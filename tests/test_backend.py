@@ -17,7 +17,7 @@ def test_resolve_by_name_and_module(name):
 
 def test_resolve_unknown_backend_lists_known():
     with pytest.raises(
-        ValueError, match="unknown backend 'tensorflow'; known backends: numpy, cupy, torch, array_api_strict"
+        ValueError, match="unknown backend 'tensorflow'; known backends: numpy, cupy, torch, array_api_strict, jax"
     ):
         resolve_backend("tensorflow")
     with pytest.raises(TypeError, match="backend must be a name or a namespace module"):
@@ -48,8 +48,9 @@ def test_mixed_namespaces_name_both():
 def test_generator_host_stream_is_backend_independent(backend):
     xp = backend.xp
     dev = canonical_device(xp, backend.device)
-    a = Generator(7, resolve_backend("numpy"), "cpu").uniform((3, 2), 1.0, np.float64)
-    b = Generator(7, xp, dev).uniform((3, 2), 1.0, xp.float64)
+    dtype = backend.float_dtype("float64")  # float32 on JAX's 32-bit mode
+    a = Generator(7, resolve_backend("numpy"), "cpu").uniform((3, 2), 1.0, np.dtype(dtype))
+    b = Generator(7, xp, dev).uniform((3, 2), 1.0, getattr(xp, dtype))
     assert backend.same_place(b)
     np.testing.assert_array_equal(backend.to_numpy(b), a)
     p = Generator(7, xp, dev).permutation(10)

@@ -13,6 +13,9 @@ import arraymlp.kernels as K
 from arraymlp.kernels import KERNELS, KernelSet, kernels_for, reference_kernels
 from arraymlp.kernels import reference as R
 
+# on a row without float64 (JAX in 32-bit mode) float64 test data comes as float32
+FLOAT64_DATA = "float32"
+
 N, M = 300, 10  # many short rows: the NumPy row reductions take their transposed path
 BIG = (160, 130)  # weights large enough for the BLAS accumulate
 

@@ -34,6 +34,7 @@ BACKENDS = {
     "cupy": "array_api_compat.cupy",
     "torch": "array_api_compat.torch",
     "array_api_strict": "array_api_strict",
+    "jax": "jax.numpy",
 }
 
 _DTYPES = ("float16", "float32", "float64")
@@ -45,9 +46,9 @@ def resolve_backend(backend: Any) -> types.ModuleType:
     Parameters
     ----------
     backend : str or module
-        One of ``"numpy"``, ``"cupy"``, ``"torch"``, ``"array_api_strict"``, or a
-        namespace module (``numpy``, ``cupy``, ``torch``, ``array_api_strict`` or a
-        module of ``array_api_compat``).
+        One of ``"numpy"``, ``"cupy"``, ``"torch"``, ``"array_api_strict"``, ``"jax"``,
+        or a namespace module (``numpy``, ``cupy``, ``torch``, ``array_api_strict``,
+        ``jax.numpy`` or a module of ``array_api_compat``).
 
     Returns
     -------
@@ -62,10 +63,10 @@ def resolve_backend(backend: Any) -> types.ModuleType:
     'array_api_compat.numpy'
     >>> am.resolve_backend(np) is xp
     True
-    >>> am.resolve_backend("jax")
+    >>> am.resolve_backend("mxnet")
     Traceback (most recent call last):
     ...
-    ValueError: unknown backend 'jax'; known backends: numpy, cupy, torch, array_api_strict
+    ValueError: unknown backend 'mxnet'; known backends: numpy, cupy, torch, array_api_strict, jax
     """
     if isinstance(backend, str):
         try:
@@ -80,6 +81,7 @@ def resolve_backend(backend: Any) -> types.ModuleType:
                 "cupy": "install it with `pip install arraymlp[cuda12]` (or [cuda13])",
                 "torch": "install PyTorch first",
                 "array_api_strict": "install it with `pip install array-api-strict`",
+                "jax": "install it with `pip install jax`",
             }.get(backend, "")
             msg = f"backend {backend!r} is not available: {exc}. {hint}".strip()
             raise ImportError(msg) from exc
@@ -177,6 +179,10 @@ def resolve_dtype(xp: types.ModuleType, dtype: Any) -> Any:
             have = [d for d in _DTYPES if getattr(xp, d, None) is not None]
             msg = f"the {backend_name(xp)} backend has no {dtype}; use one of {', '.join(have)}"
             raise ValueError(msg)
+        if dtype == "float64" and backend_name(xp) == "jax" and not has_float64(xp):
+            msg = ("the jax backend runs in its default 32-bit mode, where float64 arrays are float32; "
+                   "use dtype='float32', or enable 64-bit mode first (jax.config.update('jax_enable_x64', True))")
+            raise ValueError(msg)
         return found
     for name in _DTYPES:
         if dtype == getattr(xp, name):
@@ -200,6 +206,33 @@ def memo(cache: dict, key: Any, make: Any, limit: int = 32) -> Any:
         cache.clear()
     out = cache[key] = make()
     return out
+
+
+_INDEX_DTYPES: dict = {}
+
+
+def index_dtype(xp: types.ModuleType) -> Any:
+    """The namespace's default integer dtype for indices and class labels (int64 on
+    NumPy, torch and array-api-strict; int32 on JAX unless its 64-bit mode is on, where
+    asking for int64 would be truncated with a warning). Remembered per namespace."""
+    return memo(_INDEX_DTYPES, xp, lambda: xp.__array_namespace_info__().default_dtypes()["indexing"])
+
+
+def has_float64(xp: types.ModuleType, device: Any = None) -> bool:
+    """Whether ``xp`` makes float64 arrays on ``device``: not JAX in its default 32-bit
+    mode (which hands back float32 for a float64 request), nor devices without float64."""
+    f64 = getattr(xp, "float64", None)
+    if f64 is None:
+        return False
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # JAX warns that it truncates the request
+            a = xp.zeros((1,), dtype=f64, device=device)
+    except Exception:  # any refusal (a device without float64 raises its library's own error)
+        return False
+    return a.dtype == f64 and dtype_name(a.dtype) == "float64"
 
 
 def is_writeable(x: Any) -> bool:
@@ -435,7 +468,7 @@ class Generator:
 
     def permutation(self, n: int) -> Any:
         """A host-drawn permutation of ``range(n)`` as an integer array on the device."""
-        return self.xp.asarray(self.host.permutation(n), dtype=self.xp.int64, device=self.device)
+        return self.xp.asarray(self.host.permutation(n), dtype=index_dtype(self.xp), device=self.device)
 
     # -- native stream: per-step draws --------------------------------------------
     def random(self, shape: tuple[int, ...], dtype: Any) -> Any:

@@ -50,7 +50,7 @@ import math
 import numbers
 from typing import Any, Callable
 
-from ._backend import asarray_like, device_of, get_namespace, is_float16, is_writeable, memo
+from ._backend import asarray_like, device_of, get_namespace, index_dtype, is_float16, is_writeable, memo
 from .functional import log_softmax
 from .kernels import kernels_for
 
@@ -160,10 +160,11 @@ def _integral(dtype, xp) -> bool:
 
 def _class_targets(name, outputs, targets, xp, check=True):
     """Targets of :func:`cross_entropy`: ``(t, labels)``, the float ``(n, k)`` targets
-    and ``None``, or ``None`` and the int64 labels ``(n,)`` when they came as integer
+    and ``None``, or ``None`` and the labels ``(n,)`` (the namespace's index dtype) when they came as integer
     labels. ``check=False`` skips reading the labels' range and the targets' values."""
     if not check and _integral(targets.dtype, xp):
-        return None, (targets if targets.dtype == xp.int64 else xp.astype(targets, xp.int64))
+        itype = index_dtype(xp)
+        return None, (targets if targets.dtype == itype else xp.astype(targets, itype))
     _check_device(name, "targets", outputs, targets)
     n, k = _shape(outputs)
     t_shape = _shape(targets)
@@ -175,8 +176,9 @@ def _class_targets(name, outputs, targets, xp, check=True):
                 f"probability targets as floats of shape (n, k)"
             )
             raise ValueError(msg)
-        # int64 first: some namespaces cannot reduce every integer dtype (torch uint32)
-        labels = targets if targets.dtype == xp.int64 else xp.astype(targets, xp.int64)
+        # the default index dtype first: some namespaces cannot reduce every integer dtype (torch uint32)
+        itype = index_dtype(xp)
+        labels = targets if targets.dtype == itype else xp.astype(targets, itype)
         lo, hi = int(xp.min(labels)), int(xp.max(labels))
         if lo < 0 or hi >= k:
             msg = (

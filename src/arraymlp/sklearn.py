@@ -53,6 +53,7 @@ from ._backend import (
     backend_name,
     canonical_device,
     device_of,
+    index_dtype,
     quiet_overflow,
     resolve_backend,
     to_backend,
@@ -771,8 +772,8 @@ class _BaseMLP(BaseEstimator):
                    "or the size of your dataset.")
             raise ValueError(msg)
         w_val = None
-        tr = xp.asarray(train_idx, dtype=xp.int64, device=device)
-        va = xp.asarray(val_idx, dtype=xp.int64, device=device)
+        tr = xp.asarray(train_idx, dtype=index_dtype(xp), device=device)
+        va = xp.asarray(val_idx, dtype=index_dtype(xp), device=device)
         x_val, y_val = xp.take(x, va, axis=0), xp.take(y, va, axis=0)
         x, y = xp.take(x, tr, axis=0), xp.take(y, tr, axis=0)
         if sw_host is not None:
@@ -786,7 +787,7 @@ class _BaseMLP(BaseEstimator):
         model = self.model_
         opt = self._optimizer
         n = int(x.shape[0])
-        order_dev = None if order is None else xp.asarray(order, dtype=xp.int64, device=device)
+        order_dev = None if order is None else xp.asarray(order, dtype=index_dtype(xp), device=device)
         total = 0.0
         for start in range(0, n, batch):
             stop = min(start + batch, n)
@@ -1105,7 +1106,7 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
                 self._output_activation = "softmax"
                 self._n_output_units = int(self.classes_.shape[0])
                 target = codes.astype(np.int64)
-        t_dtype = xp.int64 if target.dtype == np.int64 else dtype
+        t_dtype = index_dtype(xp) if target.dtype == np.int64 else dtype
         # as scikit-learn: the early-stopping split is stratified for binary targets only
         strata = codes if codes is not None and self.classes_.shape[0] == 2 else None
         return xp.asarray(target, dtype=t_dtype, device=device), strata
@@ -1234,7 +1235,7 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
         p, inp = self._infer(X, "predict")
         xp = self.model_.xp
         if self._multilabel:
-            pred = xp.astype(p > 0.5, xp.int64)
+            pred = xp.astype(p > 0.5, index_dtype(xp))
             if inp.host:
                 return np.asarray(to_numpy(pred)).astype(self._y_dtype, copy=False)
             out = _move(pred, inp.xp, inp.device)
@@ -1243,7 +1244,7 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
         if self._output_activation == "softmax":
             codes = xp.argmax(p, axis=1)
         else:
-            codes = xp.astype(p[:, 0] > 0.5, xp.int64)
+            codes = xp.astype(p[:, 0] > 0.5, index_dtype(xp))
         if inp.host or self.classes_.dtype.kind not in "biuf":
             return self.classes_[np.asarray(to_numpy(codes))]
         codes = _move(codes, inp.xp, inp.device)

@@ -22,7 +22,7 @@ import sys
 import time
 from typing import Any, Sequence
 
-from ._backend import Generator, is_float16, quiet_overflow
+from ._backend import Generator, index_dtype, is_float16, quiet_overflow
 from .callbacks import Callback, DivergenceError, EarlyStopping, History
 from .fusion import plan_for
 from .losses import LOSSES, get_loss
@@ -543,4 +543,4 @@ def predict(model, x):
     p = predict_proba(model, x)
     if task == "multiclass":
         return xp.argmax(p, axis=1)
-    return xp.astype(p > 0.5, xp.int64)
+    return xp.astype(p > 0.5, index_dtype(xp))

@@ -570,7 +570,7 @@ def all_finite(a, xp, rows: int = 8192) -> bool:
 
 # ------------------------------------------------------------ label cross-entropy
 def _onehot(labels, n, k, xp, like):
-    return xp.reshape(labels, (n, 1)) == xp.arange(k, dtype=xp.int64, device=device_of(like))
+    return xp.reshape(labels, (n, 1)) == xp.arange(k, dtype=labels.dtype, device=device_of(like))
 
 
 def pick_labels(z, labels, xp):
