@@ -238,6 +238,10 @@ def gradcheck(obj: Any, x: Any = None, y: Any = None, *, loss: str | Loss = "mse
               max_checks: int = 200, seed: int = 0, raise_on_failure: bool = False) -> GradcheckReport:
     """Check analytic gradients against central finite differences, in float64.
 
+    The check runs on a float64 copy, on the model's backend and device where they have
+    float64, otherwise (JAX in its default 32-bit mode, devices without float64) on a
+    NumPy copy on the host; the report's ``host_copy`` then names the backend.
+
     Parameters
     ----------
     obj : Sequential, Layer, or loss name / Loss
