@@ -1,8 +1,11 @@
+import json
+import math
+
 import numpy as np
 import pytest
 
 import arraymlp as am
-from arraymlp._backend import Generator, backend_name, canonical_device, get_namespace, resolve_backend
+from arraymlp._backend import Generator, backend_name, canonical_device, get_namespace, resolve_backend, to_numpy
 
 
 @pytest.mark.parametrize("name", ["numpy", "array_api_strict"])
@@ -57,18 +60,124 @@ def test_generator_host_stream_is_backend_independent(backend):
     assert sorted(backend.to_numpy(p).tolist()) == list(range(10))
 
 
-def test_generator_native_stream_and_state(backend):
+def test_generator_counter_stream_and_state(backend):
     xp = backend.xp
     dev = canonical_device(xp, backend.device)
     g = Generator(3, xp, dev)
-    first = backend.to_numpy(g.random((4, 5), xp.float32))
+    first = g.random((4, 5), xp.float32)
+    assert backend.same_place(first)
+    first = backend.to_numpy(first)
     assert first.dtype == np.float32 and np.all((first >= 0) & (first < 1))
     state = g.get_state()
+    assert state["stream"] == {"key": g.key, "counter": 1}
     second = backend.to_numpy(g.random((4, 5), xp.float32))
-    g.set_state(state)
+    g.set_state(json.loads(json.dumps(state)))  # plain JSON: two integers and the host state
     np.testing.assert_array_equal(backend.to_numpy(g.random((4, 5), xp.float32)), second)
     np.testing.assert_array_equal(backend.to_numpy(Generator(3, xp, dev).random((4, 5), xp.float32)), first)
     assert not np.array_equal(first, second)
+    with pytest.raises(ValueError, match="counter must be an integer in"):
+        g.set_state({"host": state["host"], "stream": {"key": 1, "counter": -1}})
+
+
+def test_generator_state_without_a_counter_stream_restarts_it():
+    """A state saved before the per-step stream was counter-based (a "native" entry, no
+    "stream") restores the host stream and starts the counter stream at 0."""
+    xp = resolve_backend("numpy")
+    g = Generator(5, xp)
+    g.random((3,), np.float64)
+    old = {"host": g.get_state()["host"], "native": {"bit_generator": "PCG64"}}
+    h = Generator(5, xp)
+    h.set_state(old)
+    assert h.counter == 0
+    np.testing.assert_array_equal(h.random((3,), np.float64), Generator(5, xp).random((3,), np.float64))
+    np.testing.assert_array_equal(h.permutation(9), g.permutation(9))
+
+
+def _reference_bits(n, key, counter):
+    """The counter-based bits computed with Python integers, one element at a time."""
+    m32, m64 = 2**32 - 1, 2**64 - 1
+
+    def splitmix(z):
+        z = (z + 0x9E3779B97F4A7C15) & m64
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m64
+        return z ^ (z >> 31)
+
+    def mix(x):
+        x ^= x >> 17
+        x = (x * 0xED5AD4BB) & m32
+        x ^= x >> 11
+        x = (x * 0xAC4C1B51) & m32
+        x ^= x >> 15
+        x = (x * 0x31848BAB) & m32
+        return x ^ (x >> 14)
+
+    w = splitmix(key ^ splitmix(counter))
+    s0, s1 = w & m32, w >> 32
+    return np.array([mix(mix((i + s0) & m32) ^ s1) for i in range(n)], dtype=np.uint64)
+
+
+@pytest.mark.parametrize("counter", [0, 7, 2**40 + 3])
+def test_counter_bits_match_python_integers_on_every_backend(backend, counter):
+    """The same bits on every backend, equal to the definition computed with Python
+    integers (so neither the int64 halves nor NumPy's wrapping uint32 path overflow)."""
+    from arraymlp._backend import counter_bits
+
+    key = 0xDEADBEEF12345678
+    got = counter_bits((3, 41), key, counter, backend.xp, canonical_device(backend.xp, backend.device))
+    assert backend.same_place(got)
+    got = backend.to_numpy(got).astype(np.uint64)
+    np.testing.assert_array_equal(got.reshape(-1), _reference_bits(3 * 41, key, counter))
+
+
+def test_wrapping_int64_mix_matches_the_overflow_free_one():
+    """torch on a GPU and CuPy mix in int64 with wrapping products: that arithmetic,
+    run here on torch's CPU tensors, equals the overflow-free definition."""
+    torch = pytest.importorskip("torch")
+    from arraymlp._backend import _mix32, _mix32_wrapping
+
+    x = np.concatenate([np.arange(1000), np.random.default_rng(0).integers(0, 2**32, size=5000), [2**32 - 1]])
+    want = np.asarray(_mix32(np.asarray(x, dtype=np.int64)))
+    got = _mix32_wrapping(torch.asarray(x, dtype=torch.int64)).numpy()
+    np.testing.assert_array_equal(got, want)
+    assert want.max() < 2**32 and want.min() >= 0
+
+
+def test_random_draws_are_the_same_on_every_backend(backend):
+    rows = {"numpy": ("numpy", None)}
+    rows[backend.id] = (backend.name, backend.device)
+    draws = {}
+    for rid, (name, device) in rows.items():
+        xp = resolve_backend(name)
+        g = Generator(11, xp, canonical_device(xp, device))
+        draws[rid] = [np.asarray(to_numpy(g.random((17, 9), dt))) for dt in (xp.float32, xp.float64, xp.float32)]
+    for a, b in zip(draws["numpy"], draws[backend.id]):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
+    # float32 and float64 draws of one counter are the same numbers
+    np.testing.assert_array_equal(Generator(2, np).random((5, 5), np.float64),
+                                  Generator(2, np).random((5, 5), np.float32).astype(np.float64))
+
+
+def test_counter_stream_statistics():
+    """Uniformity of each draw and independence of consecutive draws and seeds, with
+    bounds of 5 standard deviations computed from the sample size."""
+    xp = resolve_backend("numpy")
+    g = Generator(2024, xp)
+    n = 1 << 18
+    draws = [g.random((n,), np.float64) for _ in range(4)] + [Generator(2025, xp).random((n,), np.float64)]
+    for u in draws:
+        assert abs(u.mean() - 0.5) < 5 * math.sqrt(1 / 12 / n)
+        for p in (0.1, 0.5, 0.9):  # the kept fraction of a dropout mask
+            assert abs((u >= p).mean() - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n)
+        counts = np.bincount((u * 64).astype(int), minlength=64)  # chi-square, 63 degrees of freedom
+        chi2 = ((counts - n / 64) ** 2 / (n / 64)).sum()
+        assert chi2 < 63 + 5 * math.sqrt(2 * 63)
+        # neighbouring elements of one draw are uncorrelated
+        assert abs(np.corrcoef(u[:-1], u[1:])[0, 1]) < 5 / math.sqrt(n)
+    for a, b in zip(draws, draws[1:]):  # consecutive counters, and the neighbouring seed
+        assert abs(np.corrcoef(a, b)[0, 1]) < 5 / math.sqrt(n)
+        assert abs(((a >= 0.5) == (b >= 0.5)).mean() - 0.5) < 5 * math.sqrt(0.25 / n)
 
 
 def test_dtype_names():

@@ -42,7 +42,7 @@ ARRAY_PARAMS = {
 NO_ARRAY_ARGUMENTS = {
     # configuration objects, errors, records and callbacks
     "Callback", "EarlyStopping", "DivergenceError", "GradcheckError", "GradcheckReport",
-    "History", "Generator", "functional.Activation",
+    "History", "Generator", "functional.Activation", "MixedPrecision",
     # look-ups by name
     "get_loss", "get_optimizer", "get_schedule", "resolve_backend",
     "functional.get_activation", "losses.get_loss", "optim.get_optimizer",

@@ -538,6 +538,22 @@ def test_resume_is_bit_identical(backend, tmp_path):
     assert all(backend.same_place(a) for p in resumed.params for a in p.values())
 
 
+def test_resume_on_another_backend_continues_the_dropout_stream(backend, tmp_path):
+    """A checkpoint written by a NumPy run resumes on this row's backend with the same
+    dropout masks: the parameters end as the uninterrupted NumPy run's (to rounding)."""
+    x, y = _data(n=37)
+    straight = _classifier()
+    straight.fit(x, y, epochs=4, **_fit_kwargs())
+    _classifier().fit(x, y, epochs=2, callbacks=[am.Checkpoint(tmp_path / "ck.safetensors")], **_fit_kwargs())
+    resumed = _classifier(backend, seed=99)
+    resumed.fit(backend.asarray(x), backend.asarray(y, np.int64), epochs=4, resume_from=tmp_path / "ck.safetensors",
+                **_fit_kwargs())
+    assert resumed.rng.counter == straight.rng.counter == 4 * 5
+    for p, q in zip(_params_np(straight), _params_np(resumed, backend)):
+        for k in p:
+            np.testing.assert_allclose(q[k], p[k], rtol=2e-4, atol=2e-5)
+
+
 def test_resume_keeps_early_stopping_state(backend, tmp_path):
     """min_delta is so large that only the first epoch counts as an improvement: an
     uninterrupted run stops after epoch 5 (patience 4) and puts back epoch 0's
@@ -629,7 +645,7 @@ def test_checkpoint_contents_and_load_checkpoint(tmp_path):
     ck = json.loads(meta["checkpoint"])
     assert ck["epoch"] == 2 and ck["steps"] == 10
     assert ck["optimizer"]["optimizer"] == "adam" and ck["optimizer"]["step"] == 10
-    assert ck["rng"]["state"]["native"] is not None  # dropout drew from the native stream
+    assert ck["rng"]["state"]["stream"]["counter"] == 10  # one dropout mask per step, counter-based
 
     info = amio.load_checkpoint(path)
     assert info["epoch"] == 2 and info["steps"] == 10

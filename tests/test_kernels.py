@@ -34,6 +34,8 @@ def _work(n, p, xp):
 
 # name -> (host arguments, keyword arguments, indices of the arguments handed over)
 CASES = {
+    "adam_update": (lambda: (_r((N, M), 40), _r((N, M), 41), _r((N, M), 42), np.abs(_r((N, M), 43)),
+                             np.abs(_r((N, M), 44)), 0.01, 0.9, 0.999, 1e-8, 0.05, True, 3), {}, (0, 2, 3, 4)),
     "add_bias": (lambda: (_r((N, M), 0), _r((M,), 1)), {}, (0,)),
     "all_finite": (lambda: (np.where(np.arange(N * M).reshape(N, M) == 777, np.nan, _r((N, M), 2)),), {}, ()),
     "axpy": (lambda: (_r((40_000,), 3), -0.25, _r((40_000,), 4)), {"work": _work}, (0,)),
@@ -50,9 +52,13 @@ CASES = {
     "pick_labels": (lambda: (_r((N, M), 23), _labels()), {}, ()),
     "relu_backward_inplace": (lambda: (_r((N, M), 24), _r((N, M), 25)), {}, (0,)),
     "relu_forward_inplace": (lambda: (_r((N, M), 26),), {}, (0,)),
+    "rmsprop_update": (lambda: (_r((N, M), 45), _r((N, M), 46), np.abs(_r((N, M), 47)) + 1.0, 0.1 * _r((N, M), 48),
+                                _r((N, M), 49), 0.01, 0.99, 1e-8, 0.9, 0.02), {}, (0, 2, 3, 4)),
     "row_max": (lambda: (_r((N, M), 27),), {}, ()),
     "row_sum": (lambda: (_r((N, M), 28),), {}, ()),
     "sgd_apply": (lambda: (_r((N, M), 29), _r((N, M), 30), 0.1, 0.01), {}, (0, 1)),
+    "sgd_momentum_update": (lambda: (_r((40_000,), 50), _r((40_000,), 51), _r((40_000,), 52), 0.1, 0.9, 0.0, True,
+                                     0.01, False), {"work": _work}, (0, 2)),
     "sigmoid_backward_inplace": (lambda: (_r((N, M), 31), 1 / (1 + np.exp(-_r((N, M), 32)))), {}, (0,)),
     "softmax": (lambda: (_r((N, M), 33),), {}, ()),
     "subtract_onehot": (lambda: (_r((N, M), 34), _labels()), {}, (0,)),

@@ -333,6 +333,43 @@ def test_copy_and_to_continue_the_dropout_stream(backend):
                     np.testing.assert_array_equal(backend.to_numpy(q[k]), backend.to_numpy(p[k]))
 
 
+def test_dropout_masks_are_the_same_on_every_backend(backend):
+    """One seed, one sequence of dropout masks, whatever the backend: the training
+    forward passes of a NumPy model and of this row's model zero the same entries."""
+    x_np = np.random.default_rng(5).normal(size=(16, 6)) + 3.0  # positive: ReLU keeps them
+    models = [am.MLP([6, 32, 32, 3], activation="relu", dropout=0.4, dtype="float64", seed=9, **kw)
+              for kw in ({"backend": "numpy"}, backend.model_kwargs())]
+    for _ in range(3):  # three draws each: the counters advance alike
+        caches = [m.forward(x, training=True)[1] for m, x in zip(models, (x_np, backend.asarray(x_np)))]
+        masks = [[am.to_numpy(c) for c in cs if c is not None and tuple(c.shape) == (16, 32)
+                  and set(np.unique(am.to_numpy(c)).tolist()) <= {0.0, 1 / 0.6}] for cs in caches]
+        assert len(masks[0]) == len(masks[1]) == 2
+        for a, b in zip(*masks):
+            np.testing.assert_array_equal(a, b)
+            assert 0.4 * a.size / 2 < (a == 0).sum() < 0.4 * a.size * 2
+    assert models[0].rng.counter == models[1].rng.counter == 6
+
+
+def test_copy_and_to_another_backend_continue_the_dropout_stream(backend):
+    """A NumPy model copied (or moved) to this row's backend draws the masks the
+    original draws next: the next epoch of training gives the same parameters."""
+    rng = np.random.default_rng(1)
+    x_np, y_np = rng.normal(size=(24, 4)), rng.normal(size=(24, 2))
+    m = am.MLP([4, 16, 2], dropout=0.3, dtype="float64", seed=4, backend="numpy")
+    m.fit(x_np, y_np, loss="mse", epochs=1, batch_size=8, progress=False)
+    twin, moved = m.copy(**backend.model_kwargs()), m.copy()
+    moved.to(backend.name, device=backend.device)
+    assert twin.rng.counter == moved.rng.counter == m.rng.counter == 3
+    m.partial_fit(x_np, y_np, batch_size=8)
+    x, y = backend.asarray(x_np), backend.asarray(y_np)
+    for other in (twin, moved):
+        other.partial_fit(x, y, batch_size=8)
+        assert other.rng.counter == m.rng.counter == 6
+        for p, q in zip(m.params, other.params):
+            for k in p:
+                np.testing.assert_allclose(backend.to_numpy(q[k]), p[k], rtol=1e-12, atol=1e-14)
+
+
 def test_repr_lists_layers_and_counts():
     model = am.MLP([64, 128, 10], output_activation="softmax", backend="numpy")
     text = repr(model)

@@ -568,6 +568,97 @@ def test_divergence_reports_finite_parameters(backend):
     assert "those of the last finite step" in str(info.value)
 
 
+def _nan_at_call(k):
+    """A custom mse whose ``k``-th call (counting from 1) returns a NaN loss: the
+    parameters stay finite, the step is known."""
+    calls = [0]
+
+    def fn(outputs, targets, *, xp=None, sample_weight=None, check=True):
+        calls[0] += 1
+        value, g = am.LOSSES["mse"].fn(outputs, targets, xp=xp, sample_weight=sample_weight, check=check)
+        return (value * math.nan if calls[0] == k else value), g
+
+    return am.losses.Loss("nan_at_call", fn, "identity", "same_shape")
+
+
+class _Watcher(Callback):
+    """Watches every batch: fit then reads each step's loss as it comes."""
+
+    def __init__(self):
+        self.after_batch = []
+
+    def on_batch_end(self, model, logs):
+        self.after_batch.append(host_params(model))
+
+
+@pytest.mark.parametrize(("stack_every", "check_every"), [(256, 1000), (2, 1000), (2, 3)])
+@pytest.mark.parametrize("call", [2, 8, 15])
+def test_divergence_found_at_epoch_end_keeps_the_parameters_of_the_last_finite_step(backend, call, stack_every,
+                                                                                  check_every, monkeypatch):
+    """Without a callback watching batches the losses are read once per epoch (or every
+    ``check_every`` steps); a non-finite one then replays the steps since the last read
+    up to the step before it, so the error and the parameters are those a check after
+    every step gives (shuffled batches, dropout masks and Adam's moments included; the
+    losses stacked in one piece or in several)."""
+    monkeypatch.setattr(am.training, "_STACK_EVERY", stack_every)
+    monkeypatch.setattr(am.training, "_CHECK_EVERY", check_every)
+    x_np, y_np = regression_data(n=40)
+    x, y = backend.asarray(x_np), backend.asarray(y_np)
+    results = []
+    for watcher in (None, _Watcher()):
+        model = am.MLP([3, 8, 2], dropout=0.25, dtype="float64", seed=1, **backend.model_kwargs())
+        with pytest.raises(DivergenceError) as info:
+            # call 1 is fit's up-front check of the targets; call c > 1 is step c - 1
+            model.fit(x, y, loss=_nan_at_call(call), optimizer=Adam(lr=1e-2), epochs=4, batch_size=8,
+                      callbacks=[] if watcher is None else [watcher], progress=False, seed=3)
+        results.append((info.value, host_params(model), model.steps_, model.optimizer_.step_count, watcher))
+    (err, params, steps, opt_steps, _), (err_w, params_w, steps_w, opt_steps_w, watcher) = results
+    done = call - 2  # steps completed before the bad one
+    assert (err.step, err.epoch) == (err_w.step, err_w.epoch) == (done, done // 5)
+    assert steps == steps_w == opt_steps == opt_steps_w == done
+    assert str(err) == str(err_w)
+    assert re.search(rf"\bepoch {done // 5 + 1}, step {done + 1} \(batch {done % 5 + 1}\)", str(err)), str(err)
+    assert err.params_finite and err_w.params_finite
+    assert len(watcher.after_batch) == done
+    assert_params_equal(params, params_w)
+    if done:
+        assert_params_equal(params, watcher.after_batch[-1])
+
+
+class _LossWatcher(Callback):
+    def __init__(self):
+        self.losses = []
+
+    def on_batch_end(self, model, logs):
+        self.losses.append(logs["loss"])
+
+
+@pytest.mark.parametrize("check_every", [1000, 4])
+@pytest.mark.parametrize("loss", ["mse", "huber", "cross_entropy"])
+def test_losses_read_at_epoch_end_equal_those_read_per_step(backend, loss, check_every, monkeypatch):
+    """The epoch's losses kept on the device and read at its end give the history that
+    reading each step's loss gives (no step's value is overwritten by a later step),
+    and the same parameters, with dropout, clipping and sample weights on."""
+    x_np, y_np = regression_data(n=45, n_outputs=3)
+    if loss == "cross_entropy":
+        y_np = np.argmax(y_np, axis=1)
+    w_np = np.random.default_rng(3).uniform(0.2, 2.0, size=45)
+    monkeypatch.setattr(am.training, "_CHECK_EVERY", check_every)
+    runs = []
+    for watcher in (None, _LossWatcher()):
+        model = am.MLP([3, 8, 3], dropout=0.2, dtype="float64", seed=2, **backend.model_kwargs())
+        h = model.fit(backend.asarray(x_np), backend.asarray(y_np), loss=loss, epochs=3, batch_size=8,
+                      optimizer=Adam(lr=1e-2, clip_norm=0.5, clip_value=0.2), sample_weight=backend.asarray(w_np),
+                      callbacks=[] if watcher is None else [watcher], progress=False, seed=5)
+        runs.append((h, host_params(model), watcher))
+    (h, params, _), (h_w, params_w, watcher) = runs
+    assert h.loss == h_w.loss
+    rows = [8] * 5 + [5]
+    want = [sum(v * r for v, r in zip(watcher.losses[6 * e:6 * e + 6], rows)) / 45 for e in range(3)]
+    np.testing.assert_allclose(h.loss, want, rtol=1e-15)
+    assert_params_equal(params, params_w)
+
+
 # --------------------------------------------------------------------------- partial_fit
 def test_partial_fit_keeps_optimizer_state(backend):
     x_np, y_np = regression_data(n=20)

@@ -39,6 +39,7 @@ from .layers import (
 from .losses import LOSSES, Loss, get_loss
 from .model import MLP, Sequential
 from .optim import SGD, Adagrad, Adam, AdamW, Optimizer, RMSprop, get_optimizer
+from .precision import MixedPrecision
 from .schedules import (
     Constant,
     CosineAnnealing,
@@ -80,6 +81,7 @@ __all__ = [
     "get_loss",
     "get_optimizer",
     "MLP",
+    "MixedPrecision",
     "ModelFileError",
     "Activation",
     "Dense",

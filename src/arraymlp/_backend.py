@@ -8,6 +8,8 @@ arrays (:func:`get_namespace`) once per public call and passes it down.
 from __future__ import annotations
 
 import importlib
+import math
+import numbers
 import types
 from typing import Any
 
@@ -19,6 +21,7 @@ __all__ = [
     "Generator",
     "backend_name",
     "check_same_backend",
+    "counter_bits",
     "device_of",
     "get_namespace",
     "resolve_backend",
@@ -390,14 +393,233 @@ def to_backend(x: Any, backend: Any, *, device: Any = None) -> Any:
     return y
 
 
+# -------------------------------------------------------------- host to device copies
+class _PlainCopies:
+    """Host to device copies where there is no GPU stream to overlap with: a copy of the
+    host buffer made at once (the buffer is reused for the next batch)."""
+
+    def __init__(self, xp: types.ModuleType, device: Any):
+        self.xp, self.device = xp, device
+
+    def host_buffer(self, shape: tuple, dtype: Any) -> numpy.ndarray:
+        return numpy.empty(shape, dtype=dtype)
+
+    def send(self, host: numpy.ndarray) -> Any:
+        """A device copy of ``host`` (enqueued, where there is a stream)."""
+        if backend_name(self.xp) == "torch":
+            import torch
+
+            return torch.tensor(host, device=self.device)
+        return self.xp.asarray(host, device=self.device, copy=True)
+
+    def mark(self, arrays: list) -> Any:
+        """An event marking the copies sent so far (of ``arrays``) done."""
+
+    def reusable(self, event: Any) -> None:
+        """Wait (on the host) until the copy of ``event`` has read its host buffer."""
+
+    def use(self, event: Any) -> None:
+        """Make the compute stream wait for the copy of ``event`` (no host wait)."""
+
+
+class _CupyCopies(_PlainCopies):
+    """Pinned host buffers and copies on a side stream, ordered before the compute
+    stream's use of them by an event: no synchronous copy, no host wait on compute."""
+
+    def __init__(self, xp, device):
+        import cupy
+
+        super().__init__(xp, device)
+        self._cupy = cupy
+        with cupy.cuda.Device(getattr(device, "id", device)):
+            self.stream = cupy.cuda.Stream(non_blocking=True)
+
+    def host_buffer(self, shape, dtype):
+        dtype = numpy.dtype(dtype)
+        n = int(numpy.prod(shape))
+        mem = self._cupy.cuda.alloc_pinned_memory(max(n * dtype.itemsize, 1))
+        return numpy.frombuffer(mem, dtype=dtype, count=n).reshape(shape)
+
+    def send(self, host):
+        cupy = self._cupy
+        with cupy.cuda.Device(getattr(self.device, "id", self.device)):
+            out = cupy.empty(host.shape, dtype=host.dtype)
+            out.set(host, stream=self.stream)  # asynchronous from pinned memory
+            return out
+
+    def mark(self, arrays):
+        return self.stream.record()
+
+    def reusable(self, event):
+        if event is not None:
+            event.synchronize()
+
+    def use(self, event):
+        if event is not None:
+            self._cupy.cuda.get_current_stream().wait_event(event)
+
+
+class _TorchCudaCopies(_PlainCopies):
+    """As :class:`_CupyCopies`, with torch's pinned tensors, streams and events."""
+
+    def __init__(self, xp, device):
+        import torch
+
+        super().__init__(xp, device)
+        self._torch = torch
+        self.stream = torch.cuda.Stream(device=device)
+
+    def host_buffer(self, shape, dtype):
+        t = self._torch.empty(tuple(shape), dtype=getattr(self._torch, numpy.dtype(dtype).name), pin_memory=True)
+        return t.numpy()
+
+    def send(self, host):
+        torch = self._torch
+        with torch.cuda.stream(self.stream):
+            return torch.from_numpy(host).to(self.device, non_blocking=True)
+
+    def mark(self, arrays):
+        event = self._torch.cuda.Event()
+        event.record(self.stream)
+        return event, [a for a in arrays if a is not None]
+
+    def reusable(self, event):
+        if event is not None:
+            event[0].synchronize()
+
+    def use(self, event):
+        if event is not None:
+            current = self._torch.cuda.current_stream(self.device)
+            current.wait_event(event[0])
+            for a in event[1]:
+                a.record_stream(current)  # the allocator must not reuse them before compute is done
+
+
+def host_copies(xp: types.ModuleType, device: Any = None) -> _PlainCopies:
+    """The way host batches reach ``device`` of ``xp``: pinned buffers and asynchronous
+    copies on a side stream for CuPy and CUDA torch, a plain copy elsewhere."""
+    name = backend_name(xp)
+    if name == "cupy":
+        return _CupyCopies(xp, device)
+    if name == "torch" and str(getattr(device, "type", device)).startswith("cuda"):
+        return _TorchCudaCopies(xp, device)
+    return _PlainCopies(xp, device)
+
+
+_M32 = 0xFFFFFFFF
+_M64 = (1 << 64) - 1
+#: Multipliers of the 32-bit mixing function (an invertible xorshift-multiply chain
+#: with a low avalanche bias, after the "triple32" constants of C. Wellons's hash search).
+_MIX = (0xED5AD4BB, 0xAC4C1B51, 0x31848BAB)
+_SHIFTS = (17, 11, 15, 14)
+
+
+def _splitmix64(z: int) -> int:
+    """SplitMix64's finaliser on a Python int: a bijection of [0, 2**64), computed on the host."""
+    z = (z + 0x9E3779B97F4A7C15) & _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return z ^ (z >> 31)
+
+
+def _mul32(x: Any, c: int) -> Any:
+    """``(x * c) mod 2**32`` for an int64 array ``x`` of values in [0, 2**32) and a
+    constant ``c < 2**32``, in two halves so that no product reaches 2**63 (the
+    standard leaves integer overflow unspecified)."""
+    lo, hi = c & 0xFFFF, c >> 16
+    return (x * lo + ((x * hi) & 0xFFFF) * 65536) & _M32
+
+
+def _mix32(x: Any) -> Any:
+    """A bijection of [0, 2**32) on int64 arrays (any namespace)."""
+    x = x ^ (x >> _SHIFTS[0])
+    for c, sh in zip(_MIX, _SHIFTS[1:]):
+        x = _mul32(x, c)
+        x = x ^ (x >> sh)
+    return x
+
+
+def _mix32_numpy(x: numpy.ndarray) -> numpy.ndarray:
+    """:func:`_mix32` in NumPy's wrapping uint32 arithmetic: the same values, fewer passes."""
+    x ^= x >> numpy.uint32(_SHIFTS[0])
+    for c, sh in zip(_MIX, _SHIFTS[1:]):
+        x *= numpy.uint32(c)
+        x ^= x >> numpy.uint32(sh)
+    return x
+
+
+def _mix32_wrapping(x: Any) -> Any:
+    """:func:`_mix32` in place on an int64 array of a library whose integer products
+    wrap modulo 2**64 (torch, CuPy): the low 32 bits of ``x * c`` are exact, so one
+    product and one mask replace :func:`_mul32`'s halves."""
+    x ^= x >> _SHIFTS[0]
+    for c, sh in zip(_MIX, _SHIFTS[1:]):
+        x *= c
+        x &= _M32
+        x ^= x >> sh
+    return x
+
+
+def counter_bits(shape: tuple[int, ...], key: int, counter: int, xp: types.ModuleType, device: Any = None) -> Any:
+    """32 random bits per element, a pure function of ``(key, counter, element index)``.
+
+    With ``(s0, s1)`` the two 32-bit halves of ``splitmix64(key ^ splitmix64(counter))``
+    (computed on the host) and ``i`` the element's flat index,
+    ``bits = mix32(mix32((i + s0) mod 2**32) ^ s1)``, where ``mix32`` is a bijective
+    xorshift-multiply hash of 32-bit words. Only int64 arithmetic of the standard is
+    used, with no product reaching 2**63, so every namespace gives the same bits.
+
+    NumPy (and torch on the CPU, sharing NumPy's result) computes it in NumPy's
+    wrapping uint32 arithmetic, torch on a GPU and CuPy in int64 whose products wrap
+    modulo 2**64, other namespaces by the overflow-free definition; the tests compare
+    each with the definition computed on Python integers.
+
+    Returns an array of ``shape`` and dtype int64 (uint32 on NumPy, and on namespaces
+    without int64, such as JAX in its 32-bit mode) with values in [0, 2**32), on ``device``.
+    """
+    n = math.prod(shape)
+    if n > _M32:
+        msg = f"counter_bits draws at most 2**32 - 1 values per call, got shape {shape}"
+        raise ValueError(msg)
+    w = _splitmix64((key & _M64) ^ _splitmix64(counter & _M64))
+    s0, s1 = w & _M32, w >> 32
+    kind = backend_name(xp)
+    # a namespace without int64 (JAX in its 32-bit mode) cannot run the portable
+    # definition: the bits are made on the host and arrive as uint32
+    no_int64 = dtype_name(index_dtype(xp)) != "int64"
+    torch_cpu = kind == "torch" and getattr(canonical_device(xp, device), "type", None) == "cpu"
+    if kind == "numpy" or no_int64 or torch_cpu:
+        i = numpy.arange(n, dtype=numpy.uint32)
+        i += numpy.uint32(s0)  # wraps mod 2**32
+        h = _mix32_numpy(i)
+        h ^= numpy.uint32(s1)
+        h = _mix32_numpy(h).reshape(shape)
+        if no_int64:
+            return xp.asarray(h, device=device)
+        return h if kind == "numpy" else xp.asarray(h.astype(numpy.int64))  # torch on the host: no copy
+    i = xp.arange(n, dtype=xp.int64, device=device)
+    if kind in ("torch", "cupy"):
+        i += s0
+        i &= _M32
+        h = _mix32_wrapping(i)
+        h ^= s1
+        return xp.reshape(_mix32_wrapping(h), shape)
+    # the portable definition: no integer product reaches 2**63 (array-api-strict, JAX, ...)
+    h = _mix32(_mix32((i + s0) & _M32) ^ s1)
+    return xp.reshape(h, shape)
+
+
 class Generator:
     """One seeded random generator per model.
 
     Two streams come from one seed: a host stream (``numpy.random.Generator``) for
     initialisation and shuffling, so that the same seed gives the same initial weights
-    and batch order on every backend; and a native stream for per-step draws such as
-    dropout masks (NumPy's own generator, ``cupy.random`` on CuPy, a ``torch.Generator``
-    on the tensor's device), drawn where the data lives.
+    and batch order on every backend; and a counter-based stream for per-step draws
+    such as dropout masks (:func:`counter_bits`), computed where the data lives from
+    two integers, a key derived from the seed and a counter of the draws made. The
+    counter-based stream gives the same values on every backend and device, and its
+    whole state is those two integers, so checkpoints, ``copy()`` and ``to()``
+    continue it exactly.
 
     Parameters
     ----------
@@ -420,35 +642,20 @@ class Generator:
     True
     >>> sorted(a.permutation(5).tolist())
     [0, 1, 2, 3, 4]
+    >>> u = a.random((2, 3), xp.float32)
+    >>> a.counter, bool(np.array_equal(u, am.Generator(0, xp).random((2, 3), xp.float32)))
+    (1, True)
     """
 
     def __init__(self, seed: int | None, xp: types.ModuleType, device: Any = None):
         self.seed_sequence = numpy.random.SeedSequence(seed)
-        host_seq, native_seq = self.seed_sequence.spawn(2)
+        host_seq, stream_seq = self.seed_sequence.spawn(2)
         self.host = numpy.random.Generator(numpy.random.PCG64(host_seq))
         self.xp = xp
         self.device = device
-        self._native_seed = int(native_seq.generate_state(1, dtype=numpy.uint64)[0] >> 1)
-        self._native = None
-        self._kind = backend_name(xp)
-
-    def _native_gen(self) -> Any:
-        if self._native is None:
-            if self._kind == "numpy":
-                self._native = numpy.random.Generator(numpy.random.PCG64(self._native_seed))
-            elif self._kind == "cupy":
-                import cupy
-
-                with cupy.cuda.Device(getattr(self.device, "id", self.device)):
-                    self._native = cupy.random.default_rng(self._native_seed)
-            elif self._kind == "torch":
-                import torch
-
-                self._native = torch.Generator(device=self.device or "cpu")
-                self._native.manual_seed(self._native_seed)
-            else:
-                self._native = numpy.random.Generator(numpy.random.PCG64(self._native_seed))
-        return self._native
+        #: the counter-based stream: its key (from the seed) and the number of draws made
+        self.key = int(stream_seq.generate_state(1, dtype=numpy.uint64)[0])
+        self.counter = 0
 
     # -- host stream: initialisation and shuffling -------------------------------
     def _put(self, a: numpy.ndarray, dtype: Any) -> Any:
@@ -470,68 +677,55 @@ class Generator:
         """A host-drawn permutation of ``range(n)`` as an integer array on the device."""
         return self.xp.asarray(self.host.permutation(n), dtype=index_dtype(self.xp), device=self.device)
 
-    # -- native stream: per-step draws --------------------------------------------
+    # -- counter-based stream: per-step draws ----------------------------------------
+    def bits(self, shape: tuple[int, ...]) -> Any:
+        """32 random bits per element (integers in [0, 2**32)) of ``shape``, on the
+        generator's device: the draw of the current counter, which then advances by one."""
+        out = counter_bits(tuple(shape), self.key, self.counter, self.xp, self.device)
+        self.counter += 1
+        return out
+
     def random(self, shape: tuple[int, ...], dtype: Any) -> Any:
-        """Uniform ``[0, 1)`` values of ``shape`` drawn on the arrays' device."""
-        gen = self._native_gen()
-        if self._kind == "numpy":
-            return gen.random(size=shape, dtype=numpy.float64 if dtype == numpy.float64 else numpy.float32)
-        if self._kind == "cupy":
-            import cupy
-
-            # CuPy draws float32 or float64 only, on the current device: make it ours
-            with cupy.cuda.Device(getattr(self.device, "id", self.device)):
-                return gen.random(size=shape, dtype=cupy.float64 if dtype == cupy.float64 else cupy.float32)
-        if self._kind == "torch":
-            import torch
-
-            return torch.rand(shape, generator=gen, dtype=dtype, device=self.device)
-        return self._put(gen.random(size=shape), dtype)
+        """Uniform values in [0, 1) of ``shape``, multiples of 2**-24 (the top 24 of
+        :meth:`bits`), so that float32 and float64 hold the same values exactly; a
+        float16 request gets float32 (float16 cannot hold them)."""
+        xp = self.xp
+        if is_float16(dtype, xp):
+            dtype = xp.float32
+        b = self.bits(shape)
+        if isinstance(b, numpy.ndarray):
+            b >>= numpy.uint32(8)
+            u = b.astype(numpy.float64 if dtype == numpy.float64 else numpy.float32)
+        else:
+            u = xp.astype(b >> 8, dtype)
+        u *= 2.0 ** -24
+        return u
 
     # -- state, for checkpoints ---------------------------------------------------
     def get_state(self) -> dict:
-        """A JSON-able snapshot of both streams."""
-        state = {"host": self.host.bit_generator.state, "native": None}
-        if self._native is not None:
-            if isinstance(self._native, numpy.random.Generator):
-                state["native"] = self._native.bit_generator.state
-            elif self._kind == "torch":
-                state["native"] = to_numpy(self._native.get_state()).tolist()
-        return state
+        """A JSON-able snapshot of both streams: the host generator's state and the
+        counter-based stream's ``{"key": int, "counter": int}``."""
+        return {"host": self.host.bit_generator.state, "stream": {"key": self.key, "counter": self.counter}}
 
     def moved(self, xp: types.ModuleType, device: Any = None) -> "Generator":
         """This generator for arrays of ``xp`` on ``device`` (a model's ``to`` or
-        ``copy``): the host stream continues where it is, and so does the native one when
-        the target's native generator is of the same kind (NumPy's for NumPy and
-        array-api-strict, torch's on the same device type); otherwise the native stream
-        restarts from this generator's seed."""
+        ``copy``): both streams continue where they are, on any backend."""
         new = Generator(self.seed_sequence.entropy, xp, device)
-        state = self.get_state()
-
-        def numpy_like(kind):
-            return kind not in ("cupy", "torch")
-
-        same = (numpy_like(self._kind) and numpy_like(new._kind)) or (
-            self._kind == new._kind == "torch"
-            and getattr(self._native, "device", None) is not None
-            and self._native.device.type == getattr(new.device, "type", str(new.device or "cpu")))
-        if same:
-            new.set_state(state)
-        else:
-            new.host.bit_generator.state = state["host"]
+        new.set_state(self.get_state())
         return new
 
     def set_state(self, state: dict) -> None:
-        """Restore a snapshot made by :meth:`get_state`."""
+        """Restore a snapshot made by :meth:`get_state`. A snapshot without a
+        ``"stream"`` entry (written before the stream was counter-based) restarts the
+        stream at counter 0 of this generator's key."""
         self.host.bit_generator.state = state["host"]
-        native = state.get("native")
-        if native is None:
-            self._native = None
+        stream = state.get("stream")
+        if stream is None:
+            self.counter = 0
             return
-        gen = self._native_gen()
-        if isinstance(gen, numpy.random.Generator):
-            gen.bit_generator.state = native
-        elif self._kind == "torch":
-            import torch
-
-            gen.set_state(torch.tensor(native, dtype=torch.uint8))
+        key, counter = stream["key"], stream["counter"]
+        for name, v in (("key", key), ("counter", counter)):
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or not 0 <= v <= _M64:
+                msg = f"the random stream's {name} must be an integer in [0, 2**64), got {v!r}"
+                raise ValueError(msg)
+        self.key, self.counter = int(key), int(counter)

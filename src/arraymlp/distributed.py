@@ -336,12 +336,13 @@ class DataParallel:
             raise ValueError(msg)
         self.broadcast_parameters(model)
         state = self.comm.bcast(model.rng.get_state() if self.is_root else None, root=self.root)
-        model.rng.host.bit_generator.state = state["host"]
+        model.rng.set_state(state)
         if not self.is_root:
-            # Same permutation everywhere, but independent dropout masks per rank.
-            seq = numpy.random.SeedSequence([model.rng._native_seed, self.rank])
-            model.rng._native_seed = int(seq.generate_state(1, dtype=numpy.uint64)[0] >> 1)
-            model.rng._native = None
+            # Same permutation everywhere, but independent dropout masks per rank: a key of
+            # the rank's own, derived from the root's, at the root's counter (so a run
+            # resumed from the root's checkpoint draws the masks it drew before).
+            seq = numpy.random.SeedSequence([model.rng.key, self.rank])
+            model.rng.key = int(seq.generate_state(1, dtype=numpy.uint64)[0])
         if isinstance(callbacks, list):
             # checkpoints (callbacks that save the run's state) are written by the root only
             callbacks[:] = [RootOnly(cb, self) if _saves_run(cb) else cb for cb in callbacks]

@@ -33,10 +33,12 @@ value and integer weights equal repeating rows.
 Checks
 ------
 Every loss validates its inputs (shapes, dtypes, devices, label range, finite targets
-and weights). ``check=False`` skips the checks that read the targets' values (label
-range, finite targets) and so cost a pass over them and, on a GPU, a wait for the
-device: the model's training step passes it for targets its caller validated once,
-up front (``fit`` validates the whole ``y`` before the first step).
+and weights). ``check=False`` skips the checks that read the targets' and weights'
+values (label range, finite targets, finite non-negative weights with a positive sum)
+and so cost a pass over them and, on a GPU, a wait for the device: the model's
+training step passes it for data its caller validated once, up front (``fit``
+validates the whole ``y`` and ``sample_weight`` before the first step). Unchecked, a
+batch whose weights are all zero has loss 0 and gradient 0 (it changes nothing).
 
 Like :mod:`arraymlp.functional`, everything here uses only functions of the Array API
 standard through ``xp`` (taken from ``outputs`` when not given), creates arrays with
@@ -53,11 +55,13 @@ from typing import Any, Callable
 from ._backend import asarray_like, device_of, get_namespace, index_dtype, is_float16, is_writeable, memo
 from .functional import log_softmax
 from .kernels import kernels_for
+from .kernels.reference import block_rows, row_blocks
 
 __all__ = [
     "LOSSES",
     "Loss",
     "binary_cross_entropy",
+    "check_targets",
     "cross_entropy",
     "get_loss",
     "huber",
@@ -158,10 +162,26 @@ def _integral(dtype, xp) -> bool:
     return memo(_INTEGRAL, (xp, dtype), lambda: bool(xp.isdtype(dtype, "integral")))
 
 
-def _class_targets(name, outputs, targets, xp, check=True):
+def _label_range(labels, xp) -> tuple[int, int]:
+    """``(min, max)`` of integer labels, block by block (each block cast to the
+    namespace's index dtype: some namespaces cannot reduce every integer dtype, torch's
+    uint32), combined on the device and read once."""
+    lo = hi = None
+    itype = index_dtype(xp)
+    for i, j in row_blocks(_shape(labels)[0], block_rows(labels)):
+        b = labels[i:j]
+        b = b if b.dtype == itype else xp.astype(b, itype)
+        b_lo, b_hi = xp.min(b), xp.max(b)
+        lo = b_lo if lo is None else xp.minimum(lo, b_lo)
+        hi = b_hi if hi is None else xp.maximum(hi, b_hi)
+    return int(lo), int(hi)
+
+
+def _class_targets(name, outputs, targets, xp, check=True, convert=True):
     """Targets of :func:`cross_entropy`: ``(t, labels)``, the float ``(n, k)`` targets
-    and ``None``, or ``None`` and the labels ``(n,)`` (the namespace's index dtype) when they came as integer
-    labels. ``check=False`` skips reading the labels' range and the targets' values."""
+    and ``None``, or ``None`` and the labels ``(n,)`` in the namespace's index dtype when
+    they came as integer labels. ``check=False`` skips reading the labels' range and the
+    targets' values; ``convert=False`` returns the targets as they came (no cast)."""
     if not check and _integral(targets.dtype, xp):
         itype = index_dtype(xp)
         return None, (targets if targets.dtype == itype else xp.astype(targets, itype))
@@ -176,17 +196,17 @@ def _class_targets(name, outputs, targets, xp, check=True):
                 f"probability targets as floats of shape (n, k)"
             )
             raise ValueError(msg)
-        # the default index dtype first: some namespaces cannot reduce every integer dtype (torch uint32)
-        itype = index_dtype(xp)
-        labels = targets if targets.dtype == itype else xp.astype(targets, itype)
-        lo, hi = int(xp.min(labels)), int(xp.max(labels))
+        lo, hi = _label_range(targets, xp)
         if lo < 0 or hi >= k:
             msg = (
                 f"{name}: labels must lie in [0, {k}) for outputs with k={k} classes; "
                 f"found labels in [{lo}, {hi}]"
             )
             raise ValueError(msg)
-        return None, labels
+        if not convert:
+            return None, targets
+        itype = index_dtype(xp)
+        return None, (targets if targets.dtype == itype else xp.astype(targets, itype))
     if not xp.isdtype(targets.dtype, "real floating"):
         msg = (
             f"{name}: targets must be integer labels of shape (n,) or float "
@@ -205,16 +225,14 @@ def _class_targets(name, outputs, targets, xp, check=True):
             f"outputs shape {(n, k)}{hint}"
         )
         raise ValueError(msg)
-    t = xp.astype(targets, outputs.dtype, copy=False)
+    t = xp.astype(targets, outputs.dtype, copy=False) if convert else targets
     if check:
         _check_finite(name, t, xp)
     return t, None
 
 
-def _sample_weight(name, sample_weight, outputs, xp):
-    """``(w, sum(w))`` with ``w`` of shape (n,) in the outputs' dtype, or ``(None, None)``."""
-    if sample_weight is None:
-        return None, None
+def _weight_shape(name, sample_weight, outputs, xp):
+    """Raise unless ``sample_weight`` is a real array of shape (n,) on the outputs' device."""
     _check_device(name, "sample_weight", outputs, sample_weight)
     n = _shape(outputs)[0]
     if not (
@@ -232,20 +250,36 @@ def _sample_weight(name, sample_weight, outputs, xp):
             f"shape {_shape(outputs)}, got shape {_shape(sample_weight)}"
         )
         raise ValueError(msg)
-    w = xp.astype(sample_weight, outputs.dtype, copy=False)
-    total = xp.sum(w, dtype=_acc(w.dtype, xp))
-    tot = float(total)
+
+
+def _weight_values(name, tot: float, lo: float) -> None:
+    """Raise unless weights of sum ``tot`` and minimum ``lo`` are finite,
+    non-negative and not all zero."""
     # a NaN or an infinity anywhere makes the sum non-finite
     if not math.isfinite(tot):
         msg = f"{name}: sample_weight must be finite, found a sum of {tot}"
         raise ValueError(msg)
-    lo = float(xp.min(w))
     if lo < 0.0:
         msg = f"{name}: sample_weight must be non-negative, found minimum {lo}"
         raise ValueError(msg)
     if tot == 0.0:
         msg = f"{name}: sample_weight is all zero; at least one sample needs a positive weight"
         raise ValueError(msg)
+
+
+def _sample_weight(name, sample_weight, outputs, xp, check=True):
+    """``(w, sum(w))`` with ``w`` of shape (n,) in the outputs' dtype, or ``(None, None)``.
+
+    ``check=False`` reads nothing back: the sum stays on the device, and a zero sum
+    (a batch of zero weights) is replaced by 1 so that the batch contributes nothing."""
+    if sample_weight is None:
+        return None, None
+    _weight_shape(name, sample_weight, outputs, xp)
+    w = xp.astype(sample_weight, outputs.dtype, copy=False)
+    total = xp.sum(w, dtype=_acc(w.dtype, xp))
+    if not check:
+        return w, xp.where(total > 0, total, xp.ones_like(total))
+    _weight_values(name, float(total), float(xp.min(w)))
     return w, total
 
 
@@ -288,7 +322,7 @@ def _mean_elementwise(name, kernel, outputs, targets, xp, sample_weight, check=T
     xp = _namespace(outputs, targets, sample_weight, xp)
     shape = _check_outputs(name, outputs, xp)
     t = _same_shape_targets(name, outputs, targets, xp, check)
-    w, total = _sample_weight(name, sample_weight, outputs, xp)
+    w, total = _sample_weight(name, sample_weight, outputs, xp, check)
     n = shape[0]
     m = math.prod(shape[1:])
     e, g = kernel(outputs, t, xp)
@@ -319,7 +353,9 @@ def _huber_kernel(o, t, xp, delta=HUBER_DELTA):
     d = o - t
     a = xp.abs(d)
     e = xp.where(a < delta, 0.5 * (d * d), delta * (a - 0.5 * delta))
-    return e, xp.clip(d, -delta, delta)
+    # minimum/maximum, not clip: array-api-compat's clip indexes with boolean masks,
+    # which reads the mask back to the host on a GPU
+    return e, xp.minimum(xp.maximum(d, -delta), delta)
 
 
 def _bce_kernel(x, t, xp):
@@ -506,7 +542,7 @@ def cross_entropy(outputs, targets, *, xp=None, sample_weight=None, check=True):
     else:
         n, k = map(int, outputs.shape)
     t, labels = _class_targets(name, outputs, targets, xp, check)
-    w, total = _sample_weight(name, sample_weight, outputs, xp)
+    w, total = _sample_weight(name, sample_weight, outputs, xp, check)
     if labels is not None:
         return _cross_entropy_labels(outputs, labels, w, total, n, k, xp)
     logp = log_softmax(outputs, xp=xp)
@@ -603,6 +639,87 @@ LOSSES: dict[str, Loss] = {
         Loss("poisson_nll", poisson_nll, None, "same_shape"),
     )
 }
+
+
+def check_targets(loss, n_outputs, targets, *, dtype, device=None, xp=None, sample_weight=None):
+    """Validate a whole data set's targets (and sample weights) for ``loss``, before
+    training, without a temporary the size of the data.
+
+    What the loss would check on each batch (targets' kind, shape and dtype, finite
+    values, the label range, weights that are finite, non-negative and not all zero)
+    is checked once over all ``n`` rows: shapes against a broadcast ``(n, n_outputs)``
+    view of one row, values block by block (about
+    :data:`arraymlp.kernels.reference.CHECK_BLOCK` elements a block), the blocks'
+    answers combined on the device and read back once per kind of check. A custom
+    loss (not a row of :data:`LOSSES`) is called on each block with zero outputs.
+
+    Parameters
+    ----------
+    loss : Loss or str
+    n_outputs : int
+        Width ``k`` of the model's outputs.
+    targets : array, shape (n,), (n, k) or labels (n,)
+    dtype, device
+        The outputs' dtype and device.
+    xp : namespace, optional
+        Taken from ``targets`` when omitted.
+    sample_weight : array, shape (n,), optional
+
+    Raises
+    ------
+    ValueError
+        With the message the loss itself gives for the same problem.
+
+    Examples
+    --------
+    >>> import numpy as np, arraymlp as am
+    >>> am.losses.check_targets("cross_entropy", 3, np.array([0, 2, 1]), dtype=np.float64)
+    >>> am.losses.check_targets("cross_entropy", 3, np.array([0, 3, 1]), dtype=np.float64)
+    Traceback (most recent call last):
+    ...
+    ValueError: cross_entropy: labels must lie in [0, 3) for outputs with k=3 classes; found labels in [0, 3]
+    """
+    loss = get_loss(loss)
+    xp = _namespace(targets, None, sample_weight, xp)
+    n, name = _shape(targets)[0] if targets.ndim else 0, loss.name
+    if LOSSES.get(name) is not loss:
+        _check_custom(loss, n, n_outputs, targets, xp, dtype, device, sample_weight)
+        return
+    outputs = xp.broadcast_to(xp.zeros((1, n_outputs), dtype=dtype, device=device), (n, n_outputs))
+    _check_outputs(name, outputs, xp)
+    if loss.targets == "same_shape":
+        _same_shape_targets(name, outputs, targets, xp, check=False)
+        _check_finite(name, targets, xp)
+    else:
+        _class_targets(name, outputs, targets, xp, check=True, convert=False)
+    _check_weights(name, sample_weight, outputs, xp)
+
+
+def _check_weights(name, sample_weight, outputs, xp):
+    """The checks of :func:`_sample_weight` over a whole data set's weights, block by
+    block, with one read of the combined sum and minimum."""
+    if sample_weight is None:
+        return
+    _weight_shape(name, sample_weight, outputs, xp)
+    acc = _acc(outputs.dtype, xp) or outputs.dtype
+    total = lo = None
+    for i, j in row_blocks(_shape(sample_weight)[0], block_rows(sample_weight)):
+        w = xp.astype(sample_weight[i:j], acc)
+        b_total, b_lo = xp.sum(w), xp.min(w)
+        total = b_total if total is None else total + b_total
+        lo = b_lo if lo is None else xp.minimum(lo, b_lo)
+    _weight_values(name, float(total), float(lo))
+
+
+def _check_custom(loss, n, k, targets, xp, dtype, device, sample_weight):
+    """A custom loss checks its own targets: it is called on each block of rows with
+    zero outputs (one block's worth of memory). The weights are checked as a whole
+    first, so that a block of zero weights is not mistaken for all-zero weights."""
+    one_row = xp.zeros((1, k), dtype=dtype, device=device)
+    _check_weights(loss.name, sample_weight, xp.broadcast_to(one_row, (n, k)), xp)
+    for i, j in row_blocks(n, block_rows(one_row)):
+        w = None if sample_weight is None else sample_weight[i:j]
+        loss.fn(xp.zeros((j - i, k), dtype=dtype, device=device), targets[i:j, ...], xp=xp, sample_weight=w)
 
 
 def get_loss(name: str | Loss) -> Loss:

@@ -217,7 +217,9 @@ def _clip_gradients(grads, xp, clip_value, clip_norm):
     if clip_value is not None:
         for layer in out:
             for key, g in layer.items():
-                layer[key] = xp.clip(g, min=-clip_value, max=clip_value)
+                # minimum/maximum rather than clip: array-api-compat's clip indexes with
+                # boolean masks, and each such index reads the mask back from a GPU
+                layer[key] = xp.minimum(xp.maximum(g, -clip_value), clip_value)
     if clip_norm is not None:
         sq = None
         for layer in out:
@@ -227,7 +229,7 @@ def _clip_gradients(grads, xp, clip_value, clip_norm):
                 s = xp.sum(g * g)
                 sq = s if sq is None else sq + s
         if sq is not None:
-            coef = xp.clip(clip_norm / (xp.sqrt(sq) + CLIP_NORM_EPS), max=1.0)
+            coef = xp.minimum(clip_norm / (xp.sqrt(sq) + CLIP_NORM_EPS), 1.0)
             for layer in out:
                 for key, g in layer.items():
                     layer[key] = g * (coef if coef.dtype == g.dtype else xp.astype(coef, g.dtype))
@@ -588,16 +590,13 @@ class SGD(Optimizer):
                 and self.weight_decay == 0 and self.clip_norm is None and self.clip_value is None)
 
     def _update(self, p, g, st, *, lr, wd, xp):
+        if self.momentum != 0:  # one kernel of the set (one launch per array on a GPU)
+            p, st["momentum_buffer"] = kernels_for(xp).sgd_momentum_update(
+                p, g, st["momentum_buffer"], lr, self.momentum, self.dampening, self.nesterov, wd,
+                self.step_count == 1, xp, self._work)
+            return p
         if wd != 0:
             g = g + wd * p
-        if self.momentum != 0:
-            buf = st["momentum_buffer"]
-            if self.step_count == 1:
-                buf = _add(buf, g)  # a copy of g: the buffer starts at zero
-            else:
-                buf = self._axpy(_mul(buf, self.momentum), 1.0 - self.dampening, g, xp)
-            st["momentum_buffer"] = buf
-            g = g + self.momentum * buf if self.nesterov else buf
         # p - lr * g with the same rounding (-(lr * g) is exact), without a temporary
         return self._axpy(p, -lr, g, xp)
 
@@ -683,21 +682,12 @@ class Adam(Optimizer):
 
     def _update(self, p, g, st, *, lr, wd, xp):
         b1, b2 = self.betas
-        t = self.step_count
-        if wd != 0:
-            if self._decoupled:
-                p = _mul(p, 1.0 - lr * wd)
-            else:
-                g = g + wd * p
-        m = _add(_mul(st["exp_avg"], b1), (1.0 - b1) * g)
-        v = _add(_mul(st["exp_avg_sq"], b2), (1.0 - b2) * (g * g))
-        st["exp_avg"], st["exp_avg_sq"] = m, v
+        p, st["exp_avg"], st["exp_avg_sq"], vmax = kernels_for(xp).adam_update(
+            p, g, st["exp_avg"], st["exp_avg_sq"], st.get("max_exp_avg_sq") if self.amsgrad else None,
+            lr, b1, b2, self.eps, wd, self._decoupled, self.step_count, xp)
         if self.amsgrad:
-            v = _assign(st["max_exp_avg_sq"], xp.maximum(st["max_exp_avg_sq"], v))
-            st["max_exp_avg_sq"] = v
-        step_size = lr / (1.0 - b1**t)
-        denom = xp.sqrt(v) / math.sqrt(1.0 - b2**t) + self.eps
-        return _sub(p, step_size * (m / denom))
+            st["max_exp_avg_sq"] = vmax
+        return p
 
 
 class AdamW(Adam):
@@ -840,22 +830,14 @@ class RMSprop(Optimizer):
         return st
 
     def _update(self, p, g, st, *, lr, wd, xp):
-        a = self.alpha
-        if wd != 0:
-            g = g + wd * p
-        v = _add(_mul(st["square_avg"], a), (1.0 - a) * (g * g))
-        st["square_avg"] = v
+        p, st["square_avg"], gbar, buf = kernels_for(xp).rmsprop_update(
+            p, g, st["square_avg"], st.get("grad_avg") if self.centered else None,
+            st.get("momentum_buffer") if self.momentum > 0 else None, lr, self.alpha, self.eps, self.momentum, wd, xp)
         if self.centered:
-            gbar = _add(_mul(st["grad_avg"], a), (1.0 - a) * g)
             st["grad_avg"] = gbar
-            avg = xp.sqrt(v - gbar * gbar) + self.eps
-        else:
-            avg = xp.sqrt(v) + self.eps
         if self.momentum > 0:
-            buf = _add(_mul(st["momentum_buffer"], self.momentum), g / avg)
             st["momentum_buffer"] = buf
-            return _sub(p, lr * buf)
-        return _sub(p, lr * (g / avg))
+        return p
 
 
 # ----------------------------------------------------------------------------- Adagrad

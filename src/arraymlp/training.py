@@ -3,12 +3,19 @@
 ``fit(model, x, y, ...)`` (also ``model.fit``) trains on the arrays' own namespace and
 device: batches are index-gathered from the data where it lives, one batch at a time,
 so an epoch never copies the whole data set. Each step is ``loss_and_grads`` followed by
-the optimiser's update; a non-finite loss stops training with :class:`DivergenceError`
-before that step's update, leaving the last finite parameters in place. With plain SGD
-(no momentum, weight decay or clipping) the update is made during backpropagation
-instead, each dense layer's weight gradient accumulating straight into its weights
-(:func:`arraymlp.functional.dense_sgd_update`); the loss is still checked first, but an
-exception raised inside backpropagation (a custom layer's, or Ctrl-C) can leave that
+the optimiser's update, and reads nothing back to the host: the steps' losses stay on
+the device and are read together, in one transfer, at the end of the epoch (and every
+1000 steps of a longer one). A non-finite loss found then stops training with
+:class:`DivergenceError`, leaving the parameters of the last finite step: the steps
+since the last read are replayed from a copy of the parameters, optimiser state and
+random stream taken there, up to the step before the first non-finite loss (that copy
+is the cost: one copy of the parameters and optimiser state per read, on the device,
+and the replay only when training diverges). A callback that overrides ``on_batch_end``, and data-parallel training,
+need each step's loss as it comes: then every step reads its loss (one host read) and
+checks it before its update. With plain SGD (no momentum, weight decay or clipping)
+the update is made during backpropagation instead, each dense layer's weight gradient
+accumulating straight into its weights (:func:`arraymlp.functional.dense_sgd_update`);
+an exception raised inside backpropagation (a custom layer's, or Ctrl-C) can leave that
 step applied to the layers above the failing one only.
 """
 
@@ -22,11 +29,12 @@ import sys
 import time
 from typing import Any, Sequence
 
-from ._backend import Generator, index_dtype, is_float16, quiet_overflow
+from ._backend import Generator, index_dtype, is_float16, quiet_overflow, to_numpy
 from .callbacks import Callback, DivergenceError, EarlyStopping, History
 from .fusion import plan_for
-from .losses import LOSSES, get_loss
+from .losses import LOSSES, check_targets, get_loss
 from .optim import Optimizer, get_optimizer
+from .precision import resolve_precision
 
 __all__ = [
     "Callback",
@@ -80,17 +88,21 @@ class _Progress:
             self.bar.close()
 
 
-def _loss_then_update(model, opt, lossfn, xb, yb, wb, *, xp, l2=0.0, dp=None):
+def _loss_then_update(model, opt, lossfn, xb, yb, wb, *, xp, l2=0.0, dp=None, amp=None):
     """First half of a training step: the batch's loss, and a function taking the update.
 
     Returns ``(value, update)``: ``value`` is the loss (an array), ``update(lr)`` makes
-    the optimiser's step. The caller reads ``value`` and checks it in between, so a
-    non-finite loss leaves the parameters untouched. With a plain SGD optimiser (no data
+    the optimiser's step. A caller that reads ``value`` and checks it in between leaves
+    the parameters untouched by a non-finite loss; one that keeps ``value`` on the
+    device updates at once and checks later (:func:`_run_epoch_on_device`). With a plain SGD optimiser (no data
     parallelism, no parameter array shared by two layers) the gradients are never
     gathered: :meth:`Sequential._sgd_update` applies each as backpropagation produces
     it, so an exception raised inside backpropagation (a custom layer's, or Ctrl-C)
-    can leave the layers above it stepped and the others not.
+    can leave the layers above it stepped and the others not. With ``amp`` (a
+    :class:`arraymlp.MixedPrecision`) the step runs in its compute dtype.
     """
+    if amp is not None:
+        return amp.loss_then_update(model, opt, lossfn, xb, yb, wb, xp=xp, l2=l2)
     plan = plan_for(model, xp, opt if dp is None else None)
     if plan.sgd:
         value, dout, caches, owned = model._loss_and_dout(xb, yb, lossfn, xp=xp, sample_weight=wb, l2=l2, plan=plan)
@@ -144,7 +156,7 @@ def _metric(model, out, y, task: str, xp, *, logits: bool = False, loss_name: st
 def _evaluate(model, x, y, lossfn, task, xp, batch_size=4096):
     """Validation loss and metric, in batches (inference mode)."""
     n = _n(x)
-    outs, total = [], 0.0
+    outs, values, rows = [], [], []
     fused = model._fused(lossfn)
     upto = len(model.layers) - 1 if fused else None
     for i in range(0, n, batch_size):
@@ -152,8 +164,11 @@ def _evaluate(model, x, y, lossfn, task, xp, batch_size=4096):
         xb, yb = x[i:end, ...], y[i:end, ...]
         out, _ = model.forward(xb, training=False, xp=xp, upto=upto, keep=False)
         value, _ = lossfn.fn(out, yb, xp=xp)
-        total += float(value) * _n(xb)
+        values.append(value)
+        rows.append(end - i)
         outs.append(out)
+    # the batches' losses read in one transfer, summed on the host as before
+    total = sum(v * r for v, r in zip(to_numpy(xp.stack(values)).astype("float64").tolist(), rows))
     out = outs[0] if len(outs) == 1 else xp.concat(outs, axis=0)
     return total / n, _metric(model, out, y, task, xp, logits=fused, loss_name=lossfn.name)
 
@@ -192,6 +207,7 @@ class _Run:
     base_lr: float = 0.0
     step: int = 0
     stop: bool = False
+    amp: Any = None  # MixedPrecision, or None
 
 
 def _check_arguments(loss, epochs, batch_size, validation_split):
@@ -220,10 +236,10 @@ def _prepare_data(model, x, y, sample_weight, lossfn, validation_data, validatio
         raise ValueError(msg)
     if sample_weight is not None:
         sample_weight = model._check_target(sample_weight, xp, "sample_weight")
-    # Validate the targets (kind, shape, label range) and weights once, up front, against
-    # placeholder outputs of the model's output shape; the steps then skip those checks.
-    lossfn.fn(xp.zeros((_n(y), model.n_outputs), dtype=model.dtype, device=model.device), y, xp=xp,
-              sample_weight=sample_weight)
+    # Validate the targets (kind, shape, label range) and weights once, up front, block by
+    # block (never a temporary the size of the data); the steps then skip those checks.
+    check_targets(lossfn, model.n_outputs, y, dtype=model.dtype, device=model.device, xp=xp,
+                  sample_weight=sample_weight)
 
     if validation_data is None and validation_split > 0.0:
         n_val = max(1, int(round(_n(x) * validation_split)))
@@ -245,7 +261,7 @@ def _prepare_data(model, x, y, sample_weight, lossfn, validation_data, validatio
             msg = f"validation x has {_n(x_val)} samples but validation y has {_n(y_val)}"
             raise ValueError(msg)
         # the validation targets' kind, shape and labels, up front like y's
-        lossfn.fn(xp.zeros((_n(y_val), model.n_outputs), dtype=model.dtype, device=model.device), y_val, xp=xp)
+        check_targets(lossfn, model.n_outputs, y_val, dtype=model.dtype, device=model.device, xp=xp)
         val = (x_val, y_val)
     return x, y, sample_weight, val, xp
 
@@ -332,30 +348,73 @@ def _divergence(run: _Run, value: float, epoch: int, batch: int) -> DivergenceEr
     return DivergenceError(msg, epoch=epoch, step=run.step, params_finite=finite)
 
 
+def _batch(run: _Run, order, start: int):
+    """The batch of rows ``[start, start + batch_size)`` of the epoch's order (this
+    rank's shard of it under data parallelism): ``(xb, yb, wb, rows)``."""
+    x, y, sample_weight, xp, dp = run.x, run.y, run.sample_weight, run.xp, run.dp
+    end = min(start + run.batch_size, _n(x))
+    lo, hi = (start, end) if dp is None else dp.shard(start, end)
+    if order is None:
+        sl = slice(lo, hi)
+        wb = None if sample_weight is None else sample_weight[sl]
+        return x[sl, ...], y[sl, ...], wb, end - start
+    idx = order[lo:hi]
+    return _take(x, idx, xp), _take(y, idx, xp), _take(sample_weight, idx, xp), end - start
+
+
+def _step(run: _Run, order, start: int, epoch_lr: float):
+    """One training step on the batch at ``start``: its loss (an array, not read) and rows."""
+    xb, yb, wb, rows = _batch(run, order, start)
+    value, update = _loss_then_update(run.model, run.opt, run.lossfn, xb, yb, wb, xp=run.xp, l2=run.l2,
+                                      dp=run.dp, amp=run.amp)
+    update(epoch_lr)
+    run.step += 1
+    if getattr(value, "ndim", None) != 0:  # a custom loss's Python float, or a one-element array
+        model = run.model
+        value = run.xp.reshape(run.xp.asarray(value, dtype=model.dtype, device=model.device), ())
+    return value, rows
+
+
+def _overrides_batch_end(cb) -> bool:
+    """Whether a callback has an ``on_batch_end`` of its own (it then gets every
+    step's loss as a float)."""
+    hook = getattr(cb, "on_batch_end", None)
+    return hook is not None and getattr(hook, "__func__", None) is not Callback.on_batch_end
+
+
+#: Per-step losses are kept as 0-d device arrays and stacked into one vector every
+#: this many steps (one small kernel), so that a long epoch holds few arrays.
+_STACK_EVERY = 256
+
+#: A long epoch reads its losses every this many steps (one transfer), checks them, and
+#: copies the parameters again: a divergence is then found, and replayed, within this
+#: many steps. A read drains the device's queue once, and the copy costs about one
+#: optimiser step: together well below 1 % of 1000 steps.
+_CHECK_EVERY = 1000
+
+
 def _run_epoch(run: _Run, epoch: int, epoch_lr: float) -> tuple[float, int]:
-    """The epoch's batches, one step each, until a callback asks to stop: ``(summed loss, rows seen)``."""
-    model, x, y, sample_weight, xp, dp = run.model, run.x, run.y, run.sample_weight, run.xp, run.dp
-    n, batch_size = _n(x), run.batch_size
-    order = model.rng.permutation(n) if run.shuffle else None
+    """The epoch's batches, one step each, until a callback asks to stop: ``(summed loss, rows seen)``.
+
+    Without data parallelism and without a callback that watches batches, no step
+    reads anything back to the host: the losses stay on the device and are read
+    together at the end of the epoch (:func:`_run_epoch_on_device`).
+    """
+    order = run.model.rng.permutation(_n(run.x)) if run.shuffle else None
+    if run.dp is None and not any(_overrides_batch_end(cb) for cb in run.callbacks):
+        return _run_epoch_on_device(run, epoch, epoch_lr, order)
+    model, dp = run.model, run.dp
     total, seen = 0.0, 0
-    for start in range(0, n, batch_size):
-        end = min(start + batch_size, n)
-        lo, hi = (start, end) if dp is None else dp.shard(start, end)
-        if order is None:
-            sl = slice(lo, hi)
-            xb, yb = x[sl, ...], y[sl, ...]
-            wb = None if sample_weight is None else sample_weight[sl]
-        else:
-            idx = order[lo:hi]
-            xb, yb, wb = _take(x, idx, xp), _take(y, idx, xp), _take(sample_weight, idx, xp)
-        value, update = _loss_then_update(model, run.opt, run.lossfn, xb, yb, wb, xp=xp, l2=run.l2, dp=dp)
+    for start in range(0, _n(run.x), run.batch_size):
+        xb, yb, wb, nb = _batch(run, order, start)
+        value, update = _loss_then_update(model, run.opt, run.lossfn, xb, yb, wb, xp=run.xp, l2=run.l2, dp=dp,
+                                           amp=run.amp)
         value = float(value)
         if not math.isfinite(value):
-            raise _divergence(run, value, epoch, start // batch_size)
+            raise _divergence(run, value, epoch, start // run.batch_size)
         update(epoch_lr)
         del update  # frees the batch's caches before the next forward
         run.step += 1
-        nb = end - start
         total += value * nb
         seen += nb
         logs = {"epoch": epoch, "step": run.step, "loss": value}
@@ -366,6 +425,70 @@ def _run_epoch(run: _Run, epoch: int, epoch_lr: float) -> tuple[float, int]:
         if run.stop:
             break
     return total, seen
+
+
+def _snapshot(run: _Run) -> tuple:
+    """Copies of what an epoch's steps change (parameters, optimiser state, step
+    counter, generator state, a mixed-precision loss scale), taken on the device at the
+    epoch's start."""
+    model = run.model
+    params = [{k: run.xp.asarray(a, copy=True) for k, a in p.items()} for p in model.params]
+    rng = None if model.rng is None else model.rng.get_state()
+    amp = None if run.amp is None else run.amp.get_state()
+    return params, run.opt.state_dict(), run.step, rng, amp
+
+
+def _restore(run: _Run, snapshot: tuple) -> None:
+    params, opt_state, step, rng_state, amp_state = snapshot
+    run.model.params = [dict(p) for p in params]
+    run.opt.load_state_dict(opt_state)
+    run.step = step
+    if rng_state is not None:
+        run.model.rng.set_state(rng_state)
+    if amp_state is not None:
+        run.amp.set_state(amp_state)
+
+
+def _run_epoch_on_device(run: _Run, epoch: int, epoch_lr: float, order) -> tuple[float, int]:
+    """The epoch's steps with no host read: each step's loss is kept on the device and
+    all are read in one transfer at the end (every :data:`_CHECK_EVERY` steps in a long
+    epoch). A non-finite loss is found then; the steps since the last read are replayed
+    from a snapshot taken there, up to the step before it (same batches, same dropout
+    masks), so that :class:`DivergenceError` leaves the parameters of the last finite
+    step, as a check after every step would."""
+    xp = run.xp
+    n_steps = -(-_n(run.x) // run.batch_size)
+    snapshot, first = _snapshot(run), 0  # the state before step ``first`` of the epoch
+    total, chunks, pending = 0.0, [], []
+    for k in range(n_steps):
+        value, _ = _step(run, order, k * run.batch_size, epoch_lr)
+        pending.append(value)
+        if len(pending) == _STACK_EVERY:
+            chunks.append(xp.stack(pending))
+            pending = []
+        if k + 1 - first < _CHECK_EVERY and k + 1 < n_steps:
+            continue
+        if pending:
+            chunks.append(xp.stack(pending))
+        losses = to_numpy(chunks[0] if len(chunks) == 1 else xp.concat(chunks)).astype("float64")  # the read
+        chunks, pending = [], []
+        for i, value in enumerate(losses.tolist()):
+            if not math.isfinite(value):
+                _replay(run, snapshot, order, first, first + i, epoch_lr)
+                raise _divergence(run, value, epoch, first + i)
+            total += value * (min((first + i + 1) * run.batch_size, _n(run.x)) - (first + i) * run.batch_size)
+        first = k + 1
+        if first < n_steps:
+            snapshot = _snapshot(run)
+    return total, _n(run.x)
+
+
+def _replay(run: _Run, snapshot: tuple, order, first: int, stop: int, epoch_lr: float) -> None:
+    """Back to the snapshot taken before step ``first`` of the epoch, then steps
+    ``first`` to ``stop - 1`` again."""
+    _restore(run, snapshot)
+    for k in range(first, stop):
+        _step(run, order, k * run.batch_size, epoch_lr)
 
 
 def _finish_epoch(run: _Run, epoch: int, epoch_lr: float, t0: float, total: float, seen: int) -> bool:
@@ -415,7 +538,7 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
         validation_data: tuple | None = None, validation_split: float = 0.0,
         early_stopping: EarlyStopping | int | None = None, callbacks: Sequence[Callback] = (),
         progress: bool = True, verbose: bool = False, seed: int | None = None, l2: float = 0.0,
-        sample_weight: Any = None, comm: Any = None, resume_from: Any = None,
+        sample_weight: Any = None, comm: Any = None, resume_from: Any = None, precision: Any = None,
         _reuse_optimizer: bool = False) -> History:
     """Train ``model`` on ``(x, y)`` with mini-batch gradient descent.
 
@@ -462,6 +585,11 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
         Train data-parallel over MPI: every rank calls ``fit`` with the same arguments
         and data, and computes its shard of each global batch of ``batch_size`` rows;
         see :mod:`arraymlp.distributed`.
+    precision : {None, "float16", "bfloat16"} or MixedPrecision, optional
+        Mixed precision: each step computes in float16 (with dynamic loss scaling) or
+        bfloat16 over the model's float32 master weights, which the optimiser updates;
+        see :class:`arraymlp.MixedPrecision`. None (or the model's dtype): the model's
+        dtype throughout.
 
     Returns
     -------
@@ -470,10 +598,11 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
     lossfn, epochs, batch_size = _check_arguments(loss, epochs, batch_size, validation_split)
     x, y, sample_weight, val, xp = _prepare_data(model, x, y, sample_weight, lossfn, validation_data,
                                                  validation_split)
+    amp = resolve_precision(precision, model, xp, data_parallel=comm is not None)
     opt = _set_up_model(model, lossfn, optimizer, lr, schedule, seed, xp, _reuse_optimizer)
     callbacks = _arrange_callbacks(callbacks, early_stopping, validation=val is not None)
     run = _Run(model=model, x=x, y=y, sample_weight=sample_weight, val=val, lossfn=lossfn, xp=xp, opt=opt,
-               schedule=schedule, callbacks=callbacks, batch_size=batch_size, shuffle=shuffle, l2=l2)
+               schedule=schedule, callbacks=callbacks, batch_size=batch_size, shuffle=shuffle, l2=l2, amp=amp)
     _start_run(run, epochs, resume_from, comm, progress, verbose)
     quiet = contextlib.ExitStack()
     quiet.enter_context(quiet_overflow(xp))
@@ -493,11 +622,12 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
 
 def partial_fit(model, x, y, *, loss: str | None = None, optimizer: str | Optimizer | None = None,
                 lr: float | None = None, batch_size: int = 32, shuffle: bool = True, l2: float = 0.0,
-                sample_weight: Any = None) -> History:
+                sample_weight: Any = None, precision: Any = None) -> History:
     """One pass over ``(x, y)``, keeping the optimiser state of earlier calls.
 
     Parameters are as for :func:`fit` (``x`` of shape (n, n_features), ``y`` of shape
     (n, n_outputs), (n,), or labels (n,)); ``loss`` defaults to the one of the last fit.
+    Pass the same :class:`arraymlp.MixedPrecision` to every call to keep its loss scale.
     """
     if loss is None:
         loss = getattr(model, "loss_", None)
@@ -505,7 +635,8 @@ def partial_fit(model, x, y, *, loss: str | None = None, optimizer: str | Optimi
             msg = "partial_fit needs loss= on its first call"
             raise ValueError(msg)
     return fit(model, x, y, loss=loss, optimizer=optimizer, lr=lr, epochs=1, batch_size=batch_size,
-               shuffle=shuffle, progress=False, l2=l2, sample_weight=sample_weight, _reuse_optimizer=True)
+               shuffle=shuffle, progress=False, l2=l2, sample_weight=sample_weight, precision=precision,
+               _reuse_optimizer=True)
 
 
 def predict_proba(model, x):

@@ -184,10 +184,6 @@ def _checkpoint_dict(f: _File, model: Any) -> dict[str, Any]:
             "schedule": ck.get("schedule"), "rng": ck.get("rng"), "history": ck.get("history"), "path": Path(f.path)}
 
 
-def _numpy_like_rng(kind: str) -> bool:
-    return kind not in ("cupy", "torch")
-
-
 def _check_fits(f, model: Any) -> None:
     """Raise ValueError unless the checkpoint ``f`` holds ``model``'s dtype and layers."""
     saved = [_layer_config(i, layer) for i, layer in enumerate(f.layers)]
@@ -277,13 +273,8 @@ def restore_checkpoint(path: str | os.PathLike, model: Any, *, optimizer: Optimi
     rng = info["rng"]
     if rng is not None:
         gen = Generator(rng["entropy"], xp, model.device)
-        kind = backend_name(xp)
-        state = rng["state"]
-        try:
-            if rng["backend"] == kind or (_numpy_like_rng(rng["backend"]) and _numpy_like_rng(kind)):
-                gen.set_state(state)
-            else:  # the per-step stream of another library cannot be carried over; the host stream can
-                gen.host.bit_generator.state = state["host"]
+        try:  # both streams carry over to any backend: the per-step one is counter-based
+            gen.set_state(rng["state"])
         except (KeyError, TypeError, ValueError, RuntimeError, OverflowError) as exc:
             raise ModelFileError(f.path, f"the random-generator state is invalid: {exc}") from None
         model.rng = gen

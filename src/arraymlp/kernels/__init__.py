@@ -37,6 +37,7 @@ __all__ = ["KERNELS", "KernelSet", "kernels_for", "reference_kernels", "referenc
 
 #: The kernels every set provides (the reference defines each).
 KERNELS = (
+    "adam_update",
     "add_bias",
     "all_finite",
     "axpy",
@@ -52,9 +53,11 @@ KERNELS = (
     "pick_labels",
     "relu_backward_inplace",
     "relu_forward_inplace",
+    "rmsprop_update",
     "row_max",
     "row_sum",
     "sgd_apply",
+    "sgd_momentum_update",
     "sigmoid_backward_inplace",
     "softmax",
     "subtract_onehot",

@@ -29,13 +29,16 @@ def _const_row(value, n, dtype):
     return memo(_CONST_ROWS, (value, n, dtype), lambda: (numpy.ones if value else numpy.zeros)((n,), dtype=dtype))
 
 
-def all_finite(a, xp, rows: int = 8192) -> bool:
-    """Float32/float64 arrays of one or two axes are screened by one BLAS product first,
-    ``a @ ones``: a NaN or infinite entry makes its row's sum NaN or infinite, so finite
-    sums prove the array finite without a boolean mask. Sums that overflowed, or came
-    from a non-finite entry, fall through to the exact test."""
+def all_finite(a, xp, rows: int | None = None) -> bool:
+    """Float32/float64 arrays of one or two axes are screened by BLAS products first,
+    ``a[block] @ ones`` block by block: a NaN or infinite entry makes its row's sum NaN
+    or infinite, so finite sums prove the array finite without a boolean mask. Sums
+    that overflowed, or came from a non-finite entry, fall through to the exact test."""
     if a.dtype in _BLAS_DTYPES and a.ndim in (1, 2) and a.shape[-1]:
-        if row_sums_finite(a, _const_row(1, a.shape[-1], a.dtype)):
+        m = a if a.ndim == 2 else a[:, None]  # a column: its ones row is one long
+        ones = _const_row(1, m.shape[1], m.dtype)
+        step = R.block_rows(m) if rows is None else rows
+        if all(row_sums_finite(m[i:j], ones) for i, j in R.row_blocks(m.shape[0], step)):
             return True
     return R.all_finite(a, xp, rows)
 

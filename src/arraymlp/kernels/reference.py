@@ -558,14 +558,37 @@ def axpy(p, a, g, xp, work=None):
 
 
 # ----------------------------------------------------------------------- finiteness
-def all_finite(a, xp, rows: int = 8192) -> bool:
-    """Whether every entry of ``a`` is finite: one host read per block of ``rows`` rows,
-    so that checking a data set never builds a boolean mask of its size."""
+#: Checks over whole data sets walk them in blocks of about this many elements, so
+#: that no temporary (a boolean mask, a cast) is ever the size of the data.
+CHECK_BLOCK = 1 << 20
+
+
+def block_rows(a, block: int | None = None) -> int:
+    """Rows of ``a`` per block of a blocked check: about ``block`` elements (default
+    :data:`CHECK_BLOCK`), at least one row."""
+    per_row = math.prod(a.shape[1:]) if a.ndim > 1 else 1
+    return max(1, (CHECK_BLOCK if block is None else block) // max(per_row, 1))
+
+
+def row_blocks(n: int, rows: int):
+    """``(start, stop)`` of consecutive blocks of ``rows`` rows covering ``range(n)``
+    (stops within the axis: the standard leaves slice ends past it unspecified)."""
+    return [(i, min(i + rows, n)) for i in range(0, n, rows)]
+
+
+def all_finite(a, xp, rows: int | None = None) -> bool:
+    """Whether every entry of ``a`` is finite, checked in blocks of ``rows`` rows
+    (:func:`block_rows` by default) whose answers are combined on the device and read
+    once: no boolean mask of the data's size, and one host read in all."""
     n = a.shape[0] if a.ndim else 0
+    rows = block_rows(a) if rows is None else rows
     if n <= rows:
         return bool(xp.all(xp.isfinite(a)))
-    # slice ends within the axis: the standard leaves ends past it unspecified
-    return all(bool(xp.all(xp.isfinite(a[i:min(i + rows, n), ...]))) for i in range(0, n, rows))
+    ok = None
+    for i, j in row_blocks(n, rows):
+        blk = xp.all(xp.isfinite(a[i:j, ...]))
+        ok = blk if ok is None else xp.logical_and(ok, blk)
+    return bool(ok)
 
 
 # ------------------------------------------------------------ label cross-entropy
@@ -640,7 +663,10 @@ def dropout_forward(x, p, *, rng, training=True, xp=None):
     p : float in [0, 1)
         Probability of dropping an entry.
     rng : arraymlp.Generator
-        The model's generator (or one of your own); masks are drawn on ``x``'s device.
+        The model's generator (or one of your own with ``random(shape, dtype)``);
+        masks are drawn on ``x``'s device. An entry is kept where the generator's next
+        32 random bits (:meth:`arraymlp.Generator.bits`) are at least
+        ``ceil(p * 2**32)``, so the masks are the same on every backend.
     training : bool, default True
         With ``False`` (or ``p == 0``) nothing is dropped and ``x`` is returned as is.
     {xp}
@@ -655,10 +681,14 @@ def dropout_forward(x, p, *, rng, training=True, xp=None):
     xp = _ns(x, xp)
     if not training or p == 0.0:
         return x, None
-    u = rng.random(tuple(x.shape), x.dtype)
+    bits = getattr(rng, "bits", None)
+    if bits is not None:  # a counter-based stream: keep where 32 random bits >= p * 2**32
+        u, threshold = bits(tuple(x.shape)), min(math.ceil(p * 2.0**32), 2**32 - 1)
+    else:  # a generator of one's own with only random()
+        u, threshold = rng.random(tuple(x.shape), x.dtype), p
     if _device(u) != _device(x):  # a generator made for another (e.g. the default) device
         u = to_device(u, _device(x))
-    mask = xp.where(u >= p, xp.asarray(1.0 / (1.0 - p), dtype=x.dtype, device=x.device),
+    mask = xp.where(u >= threshold, xp.asarray(1.0 / (1.0 - p), dtype=x.dtype, device=x.device),
                     xp.asarray(0.0, dtype=x.dtype, device=x.device))
     return x * mask, mask
 
@@ -744,3 +774,87 @@ def layer_norm_backward(cache, gamma, dy, *, xp=None):
     g = dy * gamma
     dx = rstd * (g - xp.mean(g, axis=-1, keepdims=True) - xhat * xp.mean(g * xhat, axis=-1, keepdims=True))
     return dx, dgamma, dbeta
+
+
+# ------------------------------------------------------------------ optimiser steps
+# One function per update rule, the values of :mod:`arraymlp.optim`'s classes; the
+# state arrays and ``p`` are handed over (updated in place where writeable) and
+# returned. A backend may replace each with one kernel per parameter array.
+def _imul(x, c):
+    if is_writeable(x):
+        x *= c
+        return x
+    return x * c
+
+
+def _iadd(x, y):
+    if is_writeable(x):
+        x += y
+        return x
+    return x + y
+
+
+def _isub(x, y):
+    if is_writeable(x):
+        x -= y
+        return x
+    return x - y
+
+
+def sgd_momentum_update(p, g, buf, lr, momentum, dampening, nesterov, wd, first, xp, work=None, *, axpy=axpy):
+    """Momentum SGD: ``g' = g + wd p``; ``buf = g'`` on the first step, else
+    ``buf = momentum buf + (1 - dampening) g'``; ``p -= lr (g' + momentum buf)`` with
+    Nesterov, ``p -= lr buf`` without. ``buf`` starts at zero. Returns ``(p, buf)``."""
+    if wd != 0:
+        g = g + wd * p
+    if first:
+        buf = _iadd(buf, g)  # a copy of g: the buffer starts at zero
+    else:
+        buf = axpy(_imul(buf, momentum), 1.0 - dampening, g, xp, work)
+    g = g + momentum * buf if nesterov else buf
+    return axpy(p, -lr, g, xp, work), buf
+
+
+def adam_update(p, g, m, v, vmax, lr, b1, b2, eps, wd, decoupled, t, xp):
+    """Adam (``decoupled``: AdamW) at step ``t`` (from 1): with ``g' = g + wd p``
+    (coupled) or ``p *= 1 - lr wd`` first (decoupled), ``m = b1 m + (1-b1) g'``,
+    ``v = b2 v + (1-b2) g'^2``, ``vmax = max(vmax, v)`` (AMSGrad, when ``vmax`` is not
+    None) and ``p -= lr/(1-b1^t) m / (sqrt(v or vmax)/sqrt(1-b2^t) + eps)``.
+    Returns ``(p, m, v, vmax)``."""
+    if wd != 0:
+        if decoupled:
+            p = _imul(p, 1.0 - lr * wd)
+        else:
+            g = g + wd * p
+    m = _iadd(_imul(m, b1), (1.0 - b1) * g)
+    v = _iadd(_imul(v, b2), (1.0 - b2) * (g * g))
+    den = v
+    if vmax is not None:
+        top = xp.maximum(vmax, v)
+        if is_writeable(vmax):
+            vmax[...] = top
+        else:
+            vmax = top
+        den = vmax
+    step_size = lr / (1.0 - b1**t)
+    denom = xp.sqrt(den) / math.sqrt(1.0 - b2**t) + eps
+    return _isub(p, step_size * (m / denom)), m, v, vmax
+
+
+def rmsprop_update(p, g, v, gbar, buf, lr, alpha, eps, momentum, wd, xp):
+    """RMSprop: ``g' = g + wd p``, ``v = alpha v + (1-alpha) g'^2``; centred (``gbar``
+    not None): ``gbar = alpha gbar + (1-alpha) g'`` and ``d = sqrt(v - gbar^2) + eps``,
+    else ``d = sqrt(v) + eps``; with a momentum buffer ``buf = momentum buf + g'/d`` and
+    ``p -= lr buf``, else ``p -= lr g'/d``. Returns ``(p, v, gbar, buf)``."""
+    if wd != 0:
+        g = g + wd * p
+    v = _iadd(_imul(v, alpha), (1.0 - alpha) * (g * g))
+    if gbar is not None:
+        gbar = _iadd(_imul(gbar, alpha), (1.0 - alpha) * g)
+        avg = xp.sqrt(v - gbar * gbar) + eps
+    else:
+        avg = xp.sqrt(v) + eps
+    if buf is not None:
+        buf = _iadd(_imul(buf, momentum), g / avg)
+        return _isub(p, lr * buf), v, gbar, buf
+    return _isub(p, lr * (g / avg)), v, gbar, buf

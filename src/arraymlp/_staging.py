@@ -1,0 +1,115 @@
+"""Host data for a model on another device: batches gathered on the host into reused
+(pinned, where there is a GPU) buffers and copied to the device one batch ahead.
+
+The fit loop gathers batches where the data lives (a device permutation and
+``xp.take`` when the data is already on the model's device). When the data is on the
+host (NumPy) and the model on a GPU, :class:`DeviceBatches` delivers each batch on the
+device without a synchronous copy: the rows of batch ``i + 1`` are gathered into a
+pinned host buffer and copied on a side stream while batch ``i`` computes, and the
+compute stream waits for that copy by an event (a device-side wait, not a host one).
+Two buffers per array alternate; before a buffer is refilled, the host waits for the
+copy that read it two batches ago (long done in a steady state). Without a GPU stream
+(NumPy, array-api-strict, torch on the CPU) a batch is a plain copy.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Sequence
+
+import numpy
+
+from ._backend import host_copies
+
+__all__ = ["DeviceBatches"]
+
+
+class DeviceBatches:
+    """Batches of host arrays, delivered on ``device`` of namespace ``xp``.
+
+    Parameters
+    ----------
+    arrays : sequence of NumPy arrays (or None)
+        Arrays of one length ``n`` (``x``, ``y``, sample weights); None passes through
+        as None in every batch.
+    xp : namespace
+        The model's namespace.
+    device : optional
+        The model's device.
+    batch_size : int
+        Rows per batch (the last batch of an epoch may be shorter).
+    dtypes : sequence, optional
+        A host dtype per array for its device copy (``None``: the array's own), so that
+        a float64 ``x`` travels as the model's float32.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from arraymlp._staging import DeviceBatches
+    >>> x = np.arange(10.0).reshape(5, 2)
+    >>> batches = DeviceBatches([x, None], np, None, batch_size=2)
+    >>> [b[0][:, 0].tolist() for b in batches.epoch(np.array([4, 0, 3, 1, 2]))]
+    [[8.0, 0.0], [6.0, 2.0], [4.0]]
+    """
+
+    def __init__(self, arrays: Sequence[Any], xp, device, batch_size: int, dtypes: Sequence[Any] | None = None):
+        self.arrays = [None if a is None else numpy.asarray(a) for a in arrays]
+        lengths = {a.shape[0] for a in self.arrays if a is not None}
+        if len(lengths) > 1:
+            msg = f"DeviceBatches needs arrays of one length, got lengths {sorted(lengths)}"
+            raise ValueError(msg)
+        self.n = lengths.pop() if lengths else 0
+        self.batch_size = int(batch_size)
+        dtypes = list(dtypes) if dtypes is not None else [None] * len(self.arrays)
+        if len(dtypes) != len(self.arrays):
+            msg = f"dtypes must give one dtype (or None) per array: {len(self.arrays)} arrays, {len(dtypes)} dtypes"
+            raise ValueError(msg)
+        self.dtypes = [None if a is None else numpy.dtype(d if d is not None else a.dtype)
+                       for a, d in zip(self.arrays, dtypes)]
+        self.copies = host_copies(xp, device)
+        self._slots = None  # two sets of host buffers, made on first use
+        self._events = [None, None]
+
+    def _buffers(self, slot: int) -> list:
+        if self._slots is None:
+            rows = min(self.batch_size, self.n)
+            self._slots = [[None if a is None else self.copies.host_buffer((rows, *a.shape[1:]), d)
+                            for a, d in zip(self.arrays, self.dtypes)] for _ in range(2)]
+        return self._slots[slot]
+
+    def _stage(self, slot: int, lo: int, hi: int, order) -> tuple[list, Any]:
+        """Gather rows ``[lo, hi)`` (of ``order``, or in order) into the slot's host
+        buffers and start their copies: ``(device arrays, event)``."""
+        self.copies.reusable(self._events[slot])  # the copy that read this slot last is done
+        out = []
+        idx = None if order is None else order[lo:hi]
+        for a, buf in zip(self.arrays, self._buffers(slot)):
+            if a is None:
+                out.append(None)
+                continue
+            view = buf[: hi - lo]
+            if idx is None:
+                view[...] = a[lo:hi]
+            elif a.dtype == view.dtype:
+                numpy.take(a, idx, axis=0, out=view)
+            else:
+                view[...] = a[idx]
+            out.append(self.copies.send(view))
+        event = self._events[slot] = self.copies.mark(out)
+        return out, event
+
+    def epoch(self, order: Any = None) -> Iterator[tuple]:
+        """The epoch's batches as tuples of device arrays, in the order of ``order``
+        (host integer indices, e.g. a permutation) or of the rows. Each batch is staged
+        while the one before it is in use."""
+        order = None if order is None else numpy.asarray(order)
+        starts = list(range(0, self.n, self.batch_size))
+        if not starts:
+            return
+        ahead = self._stage(0, 0, min(self.batch_size, self.n), order)
+        for i in range(len(starts)):
+            arrays, event = ahead
+            if i + 1 < len(starts):
+                nlo = starts[i + 1]
+                ahead = self._stage((i + 1) % 2, nlo, min(nlo + self.batch_size, self.n), order)
+            self.copies.use(event)
+            yield tuple(arrays)
