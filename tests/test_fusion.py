@@ -110,3 +110,96 @@ def test_a_subclass_that_replaces_forward_is_not_fused(backend):
     assert all(s.kernel is None for s in plan.forward[:1])
     model(x)
     assert LoggingDense.calls == 1
+
+
+def test_the_kept_plan_is_rebuilt_when_what_it_depends_on_changes(backend):
+    """The per-step check compares identities, classes and a count of hook assignments
+    instead of walking the layers: each change it must see, seen."""
+    import gc
+
+    import arraymlp.fusion as fusion
+
+    model = _model(backend)
+    xp = model.xp
+    sgd = am.SGD(lr=0.1)
+    plan = plan_for(model, xp, sgd)
+    assert plan_for(model, xp, sgd) is plan and plan.sgd_dense == {0, 2, 4}
+
+    # a hooked layer of the same class and configuration swapped in (equal, not identical)
+    twin = am.Dense(5, 8)
+    twin.backward = lambda *a, **k: None
+    model.layers[0] = twin
+    assert 0 not in plan_for(model, xp, sgd).sgd_dense
+    del twin.backward
+    assert 0 in plan_for(model, xp, sgd).sgd_dense
+
+    # a hook set as an attribute, and through a patch of the instance's class
+    original = model.layers[2]
+    original.forward = lambda *a, **k: None
+    assert 2 not in plan_for(model, xp, sgd).sgd_dense
+    del original.forward
+
+    class Logged(am.Dense):
+        def backward(self, *args, **kwargs):
+            return super().backward(*args, **kwargs)
+
+    original.__class__ = Logged
+    assert 2 not in plan_for(model, xp, sgd).sgd_dense
+    original.__class__ = am.Dense
+    assert plan_for(model, xp, sgd).sgd_dense == {0, 2, 4}
+
+    # a layer added, a parameter tied, the reference set forced
+    n = len(model.layers)
+    model.layers.append(am.Activation("identity"))
+    model.params.append({})
+    assert [i for s in plan_for(model, xp, sgd).forward for i in range(s.start, s.stop)] == list(range(n + 1))
+    model.layers.pop()
+    model.params.pop()
+    model.params[0]["b"] = model.params[2]["b"]
+    assert not plan_for(model, xp, sgd).sgd
+    with reference_kernels():
+        assert plan_for(model, xp).kernels is kernels_for(xp)
+
+    # the plans go with the model
+    key = id(model)
+    assert key in fusion._PLANS
+    del model, original
+    gc.collect()
+    assert key not in fusion._PLANS
+
+
+def test_a_layer_outside_arraymlps_class_is_watched_by_looking(backend):
+    """A layer object that is not an arraymlp.Layer does not count its hooks: the plan
+    looks at its attributes instead, and sees a hook set after it was built."""
+
+    class Passthrough:  # the layer contract, without arraymlp's base class
+        n_in = n_out = None
+        fresh_output = fresh_dx = False
+
+        def init_params(self, *, rng, dtype):
+            return {}
+
+        def forward(self, params, x, *, training, rng, xp):
+            return x, None
+
+        def backward(self, params, cache, dy, *, xp, need_dx=True):
+            return dy, {}
+
+        def config(self):
+            return {"type": "Passthrough"}
+
+    other = Passthrough()
+    model = am.Sequential([am.Dense(5, 8), am.ReLU(), am.Activation("identity"), am.Dense(8, 3)], dtype="float64",
+                          seed=0, **backend.model_kwargs())
+    model.layers[2] = other  # the constructor takes arraymlp layers only; the list takes anything
+    xp = model.xp
+    sgd = am.SGD(lr=0.1)
+    plan = plan_for(model, xp, sgd)
+    assert plan_for(model, xp, sgd) is plan
+    seen = []
+    other.forward = lambda params, x, **kw: (seen.append(1), (x, None))[1]
+    rebuilt = plan_for(model, xp, sgd)
+    assert rebuilt is not plan and rebuilt.sgd_dense == plan.sgd_dense
+    x, _ = _data(backend)
+    model(x)
+    assert seen == [1]

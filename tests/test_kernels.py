@@ -32,10 +32,19 @@ def _work(n, p, xp):
     return xp.empty((n,), dtype=p.dtype, device=p.device)
 
 
+P = (120, 90)  # a parameter of an optimiser update
+
+
+def _state(seed):
+    return np.abs(_r(P, seed))  # second moments and sums of squares are non-negative
+
+
 # name -> (host arguments, keyword arguments, indices of the arguments handed over)
 CASES = {
+    "adagrad_update": (lambda: (_r(P, 40), _r(P, 41), _state(42), 0.05, 1e-10, 0.1), {"work": _work}, (0, 2)),
     "adam_update": (lambda: (_r((N, M), 40), _r((N, M), 41), _r((N, M), 42), np.abs(_r((N, M), 43)),
-                             np.abs(_r((N, M), 44)), 0.01, 0.9, 0.999, 1e-8, 0.05, True, 3), {}, (0, 2, 3, 4)),
+                             np.abs(_r((N, M), 44)), 0.01, 0.9, 0.999, 1e-8, 0.05, True, 3), {"work": _work},
+                    (0, 2, 3, 4)),
     "add_bias": (lambda: (_r((N, M), 0), _r((M,), 1)), {}, (0,)),
     "all_finite": (lambda: (np.where(np.arange(N * M).reshape(N, M) == 777, np.nan, _r((N, M), 2)),), {}, ()),
     "axpy": (lambda: (_r((40_000,), 3), -0.25, _r((40_000,), 4)), {"work": _work}, (0,)),
@@ -53,7 +62,8 @@ CASES = {
     "relu_backward_inplace": (lambda: (_r((N, M), 24), _r((N, M), 25)), {}, (0,)),
     "relu_forward_inplace": (lambda: (_r((N, M), 26),), {}, (0,)),
     "rmsprop_update": (lambda: (_r((N, M), 45), _r((N, M), 46), np.abs(_r((N, M), 47)) + 1.0, 0.1 * _r((N, M), 48),
-                                _r((N, M), 49), 0.01, 0.99, 1e-8, 0.9, 0.02), {}, (0, 2, 3, 4)),
+                                _r((N, M), 49), 0.01, 0.99, 1e-8, 0.9, 0.02), {"work": _work},
+                       (0, 2, 3, 4)),
     "row_max": (lambda: (_r((N, M), 27),), {}, ()),
     "row_sum": (lambda: (_r((N, M), 28),), {}, ()),
     "sgd_apply": (lambda: (_r((N, M), 29), _r((N, M), 30), 0.1, 0.01), {}, (0, 1)),
@@ -189,3 +199,72 @@ def test_activation_rows_of_a_set():
     assert relu.forward_inplace is ks.relu_forward_inplace and relu.backward is R.ACTIVATIONS["relu"].backward
     custom = R.Activation("relu", R.relu, R._relu_bw, "output")  # not the table's row: used as it is
     assert ks.activation(custom) is custom
+
+
+# every branch of the optimiser updates: (kernel, host arguments, indices handed over)
+def _update_variants():
+    p, g, a, s = (lambda: _r(P, 60)), (lambda: _r(P, 61)), (lambda: _r(P, 62) * 0.1), (lambda: _state(63))
+    out = []
+    for first in (True, False):
+        for nesterov, damp in ((False, 0.0), (True, 0.0), (False, 0.3)):
+            for wd in (0.0, 0.05):
+                out.append(("sgd_momentum_update", lambda f=first, n=nesterov, d=damp, w=wd:
+                            (p(), g(), a(), 0.1, 0.9, d, n, w, f), (0, 2)))
+    for amsgrad in (False, True):
+        for wd, decoupled in ((0.0, False), (0.1, False), (0.1, True)):
+            out.append(("adam_update", lambda ams=amsgrad, w=wd, dec=decoupled:
+                        (p(), g(), a(), s(), s() * 0.5 if ams else None, 0.01, 0.9, 0.999, 1e-8, w, dec, 4),
+                        (0, 2, 3, 4)))
+    for centered in (False, True):
+        for momentum in (0.0, 0.9):
+            for wd in (0.0, 0.1):
+                out.append(("rmsprop_update", lambda c=centered, mo=momentum, w=wd:
+                            (p(), g(), s() + 1.0, a() if c else None, a() if mo else None, 0.01, 0.99, 1e-8, mo, w),
+                            (0, 2, 3, 4)))
+    for wd in (0.0, 0.1):
+        out.append(("adagrad_update", lambda w=wd: (p(), g(), s(), 0.05, 1e-10, w), (0, 2)))
+    return out
+
+
+UPDATE_VARIANTS = _update_variants()
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("case", range(len(UPDATE_VARIANTS)))
+def test_optimizer_updates_of_a_set_are_the_reference_bit_for_bit(backend, case, dtype):
+    """Every branch of every optimiser update of the namespace's set against the
+    reference: the same values bit for bit (the overrides make the same operations in
+    the same order, into a work buffer), the gradient untouched, and the reference's
+    in-place result equal to its functional one on the read-only row."""
+    xp = backend.xp
+    name, make, handed = UPDATE_VARIANTS[case]
+    host = [a.astype(dtype) if isinstance(a, np.ndarray) else a for a in make()]
+
+    def args():
+        return [a if not isinstance(a, np.ndarray) else
+                xp.asarray(backend.asarray(a), copy=True) if i in handed else backend.asarray(a)
+                for i, a in enumerate(host)]
+
+    got_args, ref_args = args(), args()
+    got = getattr(kernels_for(xp), name)(*got_args, xp, _work)
+    ref = getattr(K.REFERENCE, name)(*ref_args, xp)
+    for gv, rv in zip(got, ref):
+        assert (gv is None) == (rv is None)
+        if rv is not None:
+            np.testing.assert_array_equal(backend.to_numpy(gv), backend.to_numpy(rv), err_msg=name)
+    np.testing.assert_array_equal(backend.to_numpy(got_args[1]), host[1], err_msg=f"{name} changed the gradient")
+
+
+def test_adam_update_reference_against_the_formula():
+    """The reference Adam update (coupled L2, AMSGrad) against the rule written out in
+    float64 NumPy."""
+    p, g, m, v, vmax = _r(P, 70), _r(P, 71), _r(P, 72) * 0.1, _state(73) * 0.1, _state(74) * 0.1
+    lr, b1, b2, eps, t, wd = 0.01, 0.9, 0.999, 1e-8, 5, 0.1
+    ge = g + wd * p
+    m_e = b1 * m + (1 - b1) * ge
+    v_e = b2 * v + (1 - b2) * ge * ge
+    vmax_e = np.maximum(vmax, v_e)
+    p_e = p - lr / (1 - b1**t) * m_e / (np.sqrt(vmax_e) / np.sqrt(1 - b2**t) + eps)
+    got = R.adam_update(p.copy(), g, m.copy(), v.copy(), vmax.copy(), lr, b1, b2, eps, wd, False, t, np)
+    for a, e in zip(got, (p_e, m_e, v_e, vmax_e)):
+        np.testing.assert_allclose(a, e, rtol=1e-13, atol=1e-15)

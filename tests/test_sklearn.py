@@ -829,3 +829,49 @@ def test_scores_at_least_sklearns(dataset, loader, regression, capsys):
     # of all len(SEEDS) * n_test made, to go the other way; R^2 gets no allowance.
     tolerance = 0.0 if regression else 1.0 / (len(SEEDS) * n_test)
     assert ours >= theirs - tolerance
+
+
+def test_estimators_run_the_shared_mini_batch_loop():
+    """An estimator's fit is the mini-batch loop of arraymlp.training with scikit-learn's
+    per-batch L2 rule (alpha over the batch's weight sum) and zero-weight batches skipped:
+    the loop called directly from the same initial parameters gives the same parameters,
+    bit for bit."""
+    from arraymlp import training
+    from arraymlp.sklearn import _build_model
+
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((130, 5))
+    y = X @ rng.standard_normal(5)
+    sw = rng.uniform(0.5, 2.0, 130)
+    sw[40:100] = 0.0  # with batches of 20 in order, three batches weigh nothing
+    params = dict(hidden_layer_sizes=(9,), solver="sgd", momentum=0.9, alpha=0.3, batch_size=20, shuffle=False,
+                  learning_rate_init=0.05, max_iter=3, n_iter_no_change=10, random_state=7)
+    est = _quiet_fit(MLPRegressor(**params), X, y, sample_weight=sw)
+
+    seed = int(np.random.RandomState(7).randint(np.iinfo(np.int32).max))
+    model = _build_model(est._model_config, seed=seed, backend="numpy", device="cpu")
+    opt = am.SGD(0.05, momentum=0.9, nesterov=True)
+    x32, y32 = X.astype(np.float32), y.astype(np.float32).reshape(-1, 1)
+    run = training._Run(model=model, x=x32, y=y32, sample_weight=sw.astype(np.float32), val=None,
+                        lossfn=est._loss_row(), xp=np, opt=opt, schedule=None, callbacks=[], batch_size=20,
+                        shuffle=False, l2=0.3, l2_rule=training._l2_over_batch, host_weight=sw,
+                        skip_zero_weight=True, fuse=False)
+    losses = [training._run_epoch(run, epoch, 0.05)[0] / 130 for epoch in range(3)]
+    assert run.step == 3 * (7 - 3)  # the zero-weight batches took no step
+    dense = [p for p in model.params if p]
+    assert len(dense) == len(est.coefs_) == 2
+    for W, b, p in zip(est.coefs_, est.intercepts_, dense):
+        np.testing.assert_array_equal(W, p["W"])
+        np.testing.assert_array_equal(b, p["b"])
+    np.testing.assert_allclose(est.loss_curve_, losses, rtol=1e-12)
+    # the rule matters: one coefficient for every batch gives other parameters
+    l2 = training._l2_over_batch(0.3, 20.0)
+    assert l2 == 0.3 / 20.0
+    model2 = _build_model(est._model_config, seed=seed, backend="numpy", device="cpu")
+    run2 = training._Run(model=model2, x=x32, y=y32, sample_weight=sw.astype(np.float32), val=None,
+                         lossfn=est._loss_row(), xp=np, opt=am.SGD(0.05, momentum=0.9, nesterov=True),
+                         schedule=None, callbacks=[], batch_size=20, shuffle=False, l2=l2, host_weight=sw,
+                         skip_zero_weight=True, fuse=False)
+    for epoch in range(3):
+        training._run_epoch(run2, epoch, 0.05)
+    assert not np.array_equal(model2.params[0]["W"], est.coefs_[0])

@@ -238,13 +238,26 @@ def has_float64(xp: types.ModuleType, device: Any = None) -> bool:
     return a.dtype == f64 and dtype_name(a.dtype) == "float64"
 
 
+#: ``is_writeable_array``'s answer per array type, for the types where it does not
+#: depend on the array (every type but NumPy's, whose arrays carry a flag each).
+_WRITEABLE_BY_TYPE: dict[type, bool] = {}
+
+
 def is_writeable(x: Any) -> bool:
     """Whether ``x`` may be updated in place (``array_api_compat.is_writeable_array``,
-    answered for NumPy arrays from their flag first: the hot path asks it a dozen
-    times a step)."""
-    if type(x) is numpy.ndarray:
+    answered for NumPy arrays from their flag and for other types from the answer for
+    their type: the hot path asks it a dozen times a step)."""
+    t = type(x)
+    if t is numpy.ndarray:
         return x.flags.writeable
-    return array_api_compat.is_writeable_array(x)
+    try:
+        return _WRITEABLE_BY_TYPE[t]
+    except KeyError:
+        pass
+    w = array_api_compat.is_writeable_array(x)
+    if not isinstance(x, numpy.ndarray):  # a NumPy subclass answers per array, by its flag
+        _WRITEABLE_BY_TYPE[t] = w
+    return w
 
 
 def row_sums_finite(a: Any, ones: Any) -> bool:

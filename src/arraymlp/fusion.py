@@ -14,7 +14,11 @@ reversed. Two fusions make a training step cheaper without changing its values:
 :func:`plan_for` decides both once per model, namespace and optimiser state, and keeps
 the plan until one of them changes: the layer list, a layer's class, a ``forward`` or
 ``backward`` set on a layer instance (a hook), the kernel set, whether the optimiser is
-fusable, or a parameter array shared by two layers. A layer whose ``forward`` or
+fusable, or a parameter array shared by two layers. Checking that is cheap enough for
+every step: :class:`arraymlp.Layer` counts the assignments (and deletions) of ``forward``,
+``backward`` and ``__class__`` on its instances, so a hook shows without a look at each
+layer; the layers' identities and classes are compared in C. (A hook written straight
+into an instance's ``__dict__`` bypasses the count; set hooks as attributes.) A layer whose ``forward`` or
 ``backward`` was replaced on the instance, or whose class replaced Dense's or
 Activation's, is never fused: a user's hook always runs.
 """
@@ -22,6 +26,7 @@ Activation's, is never fused: a user's hook always runs.
 from __future__ import annotations
 
 import dataclasses
+import operator
 import weakref
 from typing import Any, Callable
 
@@ -100,46 +105,71 @@ def _params_distinct(params) -> bool:
     return len(set(ids)) == len(ids)
 
 
-def _snapshot(layers) -> tuple:
-    return tuple((layer, type(layer), _hooked(layer)) for layer in layers)
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    """A plan and what it was decided from."""
+
+    layers: tuple
+    classes: tuple
+    hooked: tuple
+    watched: bool  # every layer an arraymlp.Layer, whose hooks bump L.hook_changes()
+    hook_changes: int
+    kernels: KernelSet
+    n_params: int
+    plan: Plan
+
+    def still(self, layers, ks: KernelSet, n_params: int) -> bool:
+        """Whether the plan still holds: the same kernel set, parameter count and layer
+        objects, and no ``forward``, ``backward`` or ``__class__`` set on or deleted from
+        a layer instance since (the count of such assignments, for arraymlp layers; a
+        look at each instance's class and attributes for others). Comparisons made in
+        C, no Python loop over the layers."""
+        # an arraymlp layer's class changes through Layer.__setattr__, counted with the hooks
+        return (self.kernels is ks and self.n_params == n_params and self.hook_changes == _HOOK_CHANGES[0]
+                and len(layers) == len(self.layers) and all(map(_is, layers, self.layers))
+                and (self.watched or (tuple(map(type, layers)) == self.classes
+                                      and tuple(map(_hooked, layers)) == self.hooked)))
 
 
-def _still(snapshot: tuple, layers) -> bool:
-    """Whether ``layers`` are the snapshot's layers, of the same classes and hooks."""
-    if len(layers) != len(snapshot):
-        return False
-    for layer, (was, cls, hooked) in zip(layers, snapshot):
-        if layer is not was or type(layer) is not cls or _hooked(layer) is not hooked:
-            return False
-    return True
+_is = operator.is_
+_HOOK_CHANGES = L._HOOK_CHANGES  # the count behind L.hook_changes(), read without a call
 
 
-#: model -> {(xp, sgd): (snapshot of the layers, kernel set, parameter count, plan)}: the
-#: plans a model's inference and training steps use (weakly keyed, so that a model's
-#: copies, pickles and files never carry them).
-_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+#: id(model) -> {(xp, sgd): _Entry}: the plans a model's inference and training steps
+#: use, kept here rather than on the model so that its copies, pickles and files never
+#: carry them; a model's entry goes when the model does (a dictionary keyed by the id
+#: is looked up faster than a WeakKeyDictionary, which makes a weak reference per call).
+_PLANS: dict[int, dict] = {}
+
+
+def _plans_of(model) -> dict:
+    plans = _PLANS.get(id(model))
+    if plans is None:
+        plans = _PLANS[id(model)] = {}
+        weakref.finalize(model, _PLANS.pop, id(model), None)
+    return plans
 
 
 def plan_for(model, xp, optimizer: Any = None) -> Plan:
     """The plan for ``model`` on namespace ``xp``, with ``optimizer`` when a training
     step may fuse its update (None: forward and plain backward only). Kept until what it
-    was decided from changes (see the module notes): checking that costs a pass over
-    the layers, a few attribute lookups each."""
-    sgd = optimizer is not None and optimizer._fusable() and _params_distinct(model.params)
+    was decided from changes (see the module notes); checking that costs a few
+    comparisons made in C (:meth:`_Entry.still`), no Python loop over the layers."""
+    params = model.params
+    sgd = optimizer is not None and optimizer._fusable() and _params_distinct(params)
     ks = kernels_for(xp)
-    plans = _PLANS.get(model)
-    if plans is None:
-        plans = _PLANS[model] = {}
-    entry = plans.get((xp, sgd))
-    if (entry is not None and entry[1] is ks and entry[2] == len(model.params)
-            and _still(entry[0], model.layers)):
-        return entry[3]
     layers = model.layers
+    plans = _PLANS.get(id(model)) or _plans_of(model)
+    entry = plans.get((xp, sgd))
+    if entry is not None and entry.still(layers, ks, len(params)):
+        return entry.plan
     plan = Plan(
         forward=_forward_steps(layers, ks),
         sgd_dense=frozenset(i for i, layer in enumerate(layers) if sgd and _plain_dense(layer)),
         sgd=sgd,
         kernels=ks,
     )
-    plans[(xp, sgd)] = (_snapshot(layers), ks, len(model.params), plan)
+    plans[(xp, sgd)] = _Entry(tuple(layers), tuple(map(type, layers)), tuple(map(_hooked, layers)),
+                              all(isinstance(layer, L.Layer) for layer in layers), L.hook_changes(), ks,
+                              len(params), plan)
     return plan

@@ -55,6 +55,18 @@ __all__ = [
 ]
 
 
+#: Assignments and deletions of ``forward``, ``backward`` or ``__class__`` on layer
+#: instances so far: the fusion plan compares it to tell that a hook came or went.
+_HOOK_CHANGES = [0]
+_HOOK_NAMES = frozenset({"forward", "backward", "__class__"})
+
+
+def hook_changes() -> int:
+    """How many times a ``forward``, ``backward`` or ``__class__`` was set on (or
+    deleted from) a :class:`Layer` instance."""
+    return _HOOK_CHANGES[0]
+
+
 class Layer:
     """Base class: a layer with no parameters that passes its input through.
 
@@ -104,6 +116,16 @@ class Layer:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "type")
         return f"{type(self).__name__}({args})"
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _HOOK_NAMES:
+            _HOOK_CHANGES[0] += 1
+        object.__setattr__(self, name, value)
+
+    def __delattr__(self, name: str) -> None:
+        if name in _HOOK_NAMES:
+            _HOOK_CHANGES[0] += 1
+        object.__delattr__(self, name)
 
     def __eq__(self, other) -> bool:
         return type(self) is type(other) and self.config() == other.config()

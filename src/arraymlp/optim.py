@@ -42,7 +42,7 @@ from typing import Any
 
 import array_api_compat
 
-from ._backend import device_of, get_namespace, is_float16, is_writeable, to_backend
+from ._backend import device_of, get_namespace, is_float16, to_backend
 from .kernels import kernels_for
 
 __all__ = [
@@ -147,39 +147,6 @@ def _check_structure(params: Any, grads: Any) -> None:
                     f"but the parameter has shape {tuple(pa.shape)}"
                 )
                 raise ValueError(msg)
-
-
-# ---------------------------------------------------- in place where allowed, else functional
-def _mul(x, c):
-    """``x * c``, in place when ``x`` is writeable."""
-    if is_writeable(x):
-        x *= c
-        return x
-    return x * c
-
-
-def _add(x, y):
-    """``x + y``, in place when ``x`` is writeable."""
-    if is_writeable(x):
-        x += y
-        return x
-    return x + y
-
-
-def _sub(x, y):
-    """``x - y``, in place when ``x`` is writeable."""
-    if is_writeable(x):
-        x -= y
-        return x
-    return x - y
-
-
-def _assign(x, y):
-    """Overwrite ``x`` with ``y``, in place when ``x`` is writeable."""
-    if is_writeable(x):
-        x[...] = y
-        return x
-    return y
 
 
 def _copy(a):
@@ -684,7 +651,7 @@ class Adam(Optimizer):
         b1, b2 = self.betas
         p, st["exp_avg"], st["exp_avg_sq"], vmax = kernels_for(xp).adam_update(
             p, g, st["exp_avg"], st["exp_avg_sq"], st.get("max_exp_avg_sq") if self.amsgrad else None,
-            lr, b1, b2, self.eps, wd, self._decoupled, self.step_count, xp)
+            lr, b1, b2, self.eps, wd, self._decoupled, self.step_count, xp, self._work)
         if self.amsgrad:
             st["max_exp_avg_sq"] = vmax
         return p
@@ -832,7 +799,8 @@ class RMSprop(Optimizer):
     def _update(self, p, g, st, *, lr, wd, xp):
         p, st["square_avg"], gbar, buf = kernels_for(xp).rmsprop_update(
             p, g, st["square_avg"], st.get("grad_avg") if self.centered else None,
-            st.get("momentum_buffer") if self.momentum > 0 else None, lr, self.alpha, self.eps, self.momentum, wd, xp)
+            st.get("momentum_buffer") if self.momentum > 0 else None, lr, self.alpha, self.eps, self.momentum, wd, xp,
+            self._work)
         if self.centered:
             st["grad_avg"] = gbar
         if self.momentum > 0:
@@ -911,12 +879,9 @@ class Adagrad(Optimizer):
         return {"sum": xp.full_like(p, self.initial_accumulator_value)}
 
     def _update(self, p, g, st, *, lr, wd, xp):
-        if wd != 0:
-            g = g + wd * p
         clr = lr / (1.0 + (self.step_count - 1) * self.lr_decay)
-        s = _add(st["sum"], g * g)
-        st["sum"] = s
-        return _sub(p, clr * (g / (xp.sqrt(s) + self.eps)))
+        p, st["sum"] = kernels_for(xp).adagrad_update(p, g, st["sum"], clr, self.eps, wd, xp, self._work)
+        return p
 
 
 # ----------------------------------------------------------------------------- registry

@@ -65,7 +65,7 @@ from .layers import Dense
 from .losses import Loss, binary_cross_entropy, cross_entropy, mse, poisson_nll
 from .model import MLP
 from .optim import SGD, Adagrad, Adam, AdamW, RMSprop, get_optimizer
-from .training import DivergenceError
+from .training import DivergenceError, _l2_over_batch, _Run, _run_epoch
 
 __all__ = ["MLPClassifier", "MLPRegressor"]
 
@@ -715,23 +715,14 @@ class _BaseMLP(BaseEstimator):
         n = int(x.shape[0])
         w_dev = None if sw_host is None else xp.asarray(sw_host, dtype=dtype, device=device)
         batch = min(200, n) if self.batch_size == "auto" else max(1, min(int(self.batch_size), n))
-        alpha = float(self.alpha)
-        coupled_l2 = alpha > 0 and self.solver != "adamw"
-        host_rng = model.rng.host
         epochs = 1 if incremental else int(self.max_iter)
         if not incremental:
             self.n_iter_ = 0
-        # This loop stays its own rather than arraymlp.training.fit with a stopping callback:
-        # scikit-learn's L2 coefficient is alpha over each batch's size (or weight sum), so a
-        # short last batch or sample weights change it from batch to batch, where fit takes
-        # one l2 for all; and a batch whose weights are all zero is skipped here, where fit's
-        # loss refuses it. With equal, unweighted batches the two loops agree bit for bit.
-        # NumPy would warn on an overflow before the loss check below can name the step
+        run = self._batch_run(x, y, w_dev, sw_host, lossfn, xp, batch=batch)
+        # NumPy would warn on an overflow before the loss check can name the step
         with quiet_overflow(xp):
             for _ in range(epochs):
-                order = host_rng.permutation(n) if self.shuffle else None
-                total = self._run_epoch(x, y, w_dev, sw_host, order, lossfn, xp, device,
-                                        batch=batch, alpha=alpha, coupled_l2=coupled_l2)
+                total, _ = _run_epoch(run, self.n_iter_, self._lr)
                 self.n_iter_ += 1
                 self.t_ += n
                 self.loss_ = total / n
@@ -781,41 +772,27 @@ class _BaseMLP(BaseEstimator):
             sw_host = sw_host[train_idx]
         return x, y, sw_host, x_val, y_val, w_val
 
-    def _run_epoch(self, x, y, w_dev, sw_host, order, lossfn, xp, device, *,
-                   batch: int, alpha: float, coupled_l2: bool) -> float:
-        """One pass over the batches in ``order`` (or in place); return the summed loss."""
-        model = self.model_
-        opt = self._optimizer
-        n = int(x.shape[0])
-        order_dev = None if order is None else xp.asarray(order, dtype=index_dtype(xp), device=device)
-        total = 0.0
-        for start in range(0, n, batch):
-            stop = min(start + batch, n)
-            nb = stop - start
-            if order is None:
-                xb, yb = x[start:stop, ...], y[start:stop, ...]
-                wb = None if w_dev is None else w_dev[start:stop]
-                wsum = None if sw_host is None else float(sw_host[start:stop].sum())
-            else:
-                ib = order_dev[start:stop]
-                xb, yb = xp.take(x, ib, axis=0), xp.take(y, ib, axis=0)
-                wb = None if w_dev is None else xp.take(w_dev, ib, axis=0)
-                wsum = None if sw_host is None else float(sw_host[order[start:stop]].sum())
-            if wsum is not None and wsum <= 0.0:
-                continue  # a batch of zero-weight samples carries no gradient
-            l2 = alpha / (nb if wsum is None else wsum) if coupled_l2 else 0.0
-            value, grads = model._loss_and_grads(xb, yb, lossfn, xp=xp, sample_weight=wb, l2=l2)
-            value = float(value)
-            if not math.isfinite(value):
-                msg = (
-                    f"the training loss became {value} at epoch {self.n_iter_ + 1}, step "
-                    f"{start // batch + 1}; the parameters are those of the last finite step. "
-                    "Standardise the inputs (sklearn.preprocessing.StandardScaler) or lower learning_rate_init."
-                )
-                raise DivergenceError(msg, epoch=self.n_iter_, step=start // batch)
-            model.params = opt.step(model.params, grads, lr=self._lr)
-            total += value * nb
-        return total
+    def _batch_run(self, x, y, w_dev, sw_host, lossfn, xp, *, batch: int) -> _Run:
+        """The epochs' settings for the mini-batch loop of :mod:`arraymlp.training`, in
+        scikit-learn's terms: the L2 coefficient is ``alpha`` over each batch's size (or
+        weight sum), coupled into the gradient for every solver but AdamW (which decays
+        the weights itself); a batch whose weights are all zero is skipped; the update is
+        always ``opt.step`` on the gathered gradients."""
+        alpha = float(self.alpha)
+        coupled_l2 = alpha > 0 and self.solver != "adamw"
+        return _Run(model=self.model_, x=x, y=y, sample_weight=w_dev, val=None, lossfn=lossfn, xp=xp,
+                    opt=self._optimizer, schedule=None, callbacks=[], batch_size=batch, shuffle=bool(self.shuffle),
+                    l2=alpha if coupled_l2 else 0.0, l2_rule=_l2_over_batch if coupled_l2 else None,
+                    host_weight=sw_host, skip_zero_weight=True, fuse=False, on_divergence=self._divergence)
+
+    @staticmethod
+    def _divergence(run, value: float, epoch: int, batch: int) -> DivergenceError:
+        msg = (
+            f"the training loss became {value} at epoch {epoch + 1}, step {batch + 1}; the parameters are "
+            "those of the last finite step. Standardise the inputs (sklearn.preprocessing.StandardScaler) "
+            "or lower learning_rate_init."
+        )
+        return DivergenceError(msg, epoch=epoch, step=batch)
 
     def _should_stop(self, early: bool) -> bool:
         what = "Validation score" if early else "Training loss"

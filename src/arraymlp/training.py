@@ -27,7 +27,7 @@ import math
 import numbers
 import sys
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from ._backend import Generator, index_dtype, is_float16, quiet_overflow, to_numpy
 from .callbacks import Callback, DivergenceError, EarlyStopping, History
@@ -88,7 +88,7 @@ class _Progress:
             self.bar.close()
 
 
-def _loss_then_update(model, opt, lossfn, xb, yb, wb, *, xp, l2=0.0, dp=None, amp=None):
+def _loss_then_update(model, opt, lossfn, xb, yb, wb, *, xp, l2=0.0, dp=None, amp=None, fuse=True):
     """First half of a training step: the batch's loss, and a function taking the update.
 
     Returns ``(value, update)``: ``value`` is the loss (an array), ``update(lr)`` makes
@@ -99,11 +99,12 @@ def _loss_then_update(model, opt, lossfn, xb, yb, wb, *, xp, l2=0.0, dp=None, am
     gathered: :meth:`Sequential._sgd_update` applies each as backpropagation produces
     it, so an exception raised inside backpropagation (a custom layer's, or Ctrl-C)
     can leave the layers above it stepped and the others not. With ``amp`` (a
-    :class:`arraymlp.MixedPrecision`) the step runs in its compute dtype.
+    :class:`arraymlp.MixedPrecision`) the step runs in its compute dtype. ``fuse=False``
+    always gathers the gradients and calls ``opt.step``.
     """
     if amp is not None:
         return amp.loss_then_update(model, opt, lossfn, xb, yb, wb, xp=xp, l2=l2)
-    plan = plan_for(model, xp, opt if dp is None else None)
+    plan = plan_for(model, xp, opt if dp is None and fuse else None)
     if plan.sgd:
         value, dout, caches, owned = model._loss_and_dout(xb, yb, lossfn, xp=xp, sample_weight=wb, l2=l2, plan=plan)
 
@@ -183,9 +184,27 @@ def _resolve_optimizer(model, optimizer, lr, reuse: bool) -> Optimizer:
     return get_optimizer(optimizer if optimizer is not None else "adam", **kwargs)
 
 
+def _l2_over_batch(l2: float, size: float) -> float:
+    """scikit-learn's L2 rule: the coefficient ``l2`` divided by the batch's size (or,
+    with sample weights, by the batch's weight sum), so that the penalty weighs as much
+    against a batch's mean loss as ``l2 / n`` does against the data set's."""
+    return l2 / size
+
+
 @dataclasses.dataclass
 class _Run:
-    """What one call of :func:`fit` trains on, and the state its epochs carry along."""
+    """What one call of :func:`fit` trains on, and the state its epochs carry along.
+
+    The options after ``stop`` are for the scikit-learn estimators, which run their
+    epochs through :func:`_run_epoch` too; :func:`fit` leaves them at their defaults:
+
+    - ``l2_rule(l2, size)``: the L2 coefficient of a batch from ``l2`` and the batch's
+      size, or its weight sum when ``host_weight`` is given (None: ``l2`` for every batch);
+    - ``host_weight``: the sample weights as a float64 host array, for the weight sums;
+    - ``skip_zero_weight``: skip (take no step on) a batch whose weights are all zero;
+    - ``fuse``: whether plain SGD may be fused into backpropagation;
+    - ``on_divergence(run, value, epoch, batch)``: the error for a non-finite loss.
+    """
 
     model: Any
     x: Any
@@ -208,6 +227,11 @@ class _Run:
     step: int = 0
     stop: bool = False
     amp: Any = None  # MixedPrecision, or None
+    l2_rule: Callable[[float, float], float] | None = None
+    host_weight: Any = None
+    skip_zero_weight: bool = False
+    fuse: bool = True
+    on_divergence: Callable[..., Exception] | None = None
 
 
 def _check_arguments(loss, epochs, batch_size, validation_split):
@@ -362,6 +386,29 @@ def _batch(run: _Run, order, start: int):
     return _take(x, idx, xp), _take(y, idx, xp), _take(sample_weight, idx, xp), end - start
 
 
+def _per_batch_options(run: _Run) -> bool:
+    """Whether the run uses an option of the estimators' (each step then reads its loss)."""
+    return (run.l2_rule is not None or run.host_weight is not None or run.skip_zero_weight or not run.fuse
+            or run.on_divergence is not None)
+
+
+def _batch_l2(run: _Run, host_order, start: int) -> float | None:
+    """The L2 coefficient of the batch at ``start``: ``run.l2``, or ``run.l2_rule`` of it
+    and the batch's size (its weight sum, with host weights); None for a batch to skip
+    (all its weights zero, with ``skip_zero_weight``)."""
+    if run.l2_rule is None and run.host_weight is None:
+        return run.l2
+    end = min(start + run.batch_size, _n(run.x))
+    lo, hi = (start, end) if run.dp is None else run.dp.shard(start, end)
+    size = float(end - start)
+    w = run.host_weight
+    if w is not None:
+        size = float(w[lo:hi].sum() if host_order is None else w[host_order[lo:hi]].sum())
+        if run.skip_zero_weight and size <= 0.0:
+            return None
+    return run.l2 if run.l2_rule is None else run.l2_rule(run.l2, size)
+
+
 def _step(run: _Run, order, start: int, epoch_lr: float):
     """One training step on the batch at ``start``: its loss (an array, not read) and rows."""
     xb, yb, wb, rows = _batch(run, order, start)
@@ -396,22 +443,32 @@ _CHECK_EVERY = 1000
 def _run_epoch(run: _Run, epoch: int, epoch_lr: float) -> tuple[float, int]:
     """The epoch's batches, one step each, until a callback asks to stop: ``(summed loss, rows seen)``.
 
-    Without data parallelism and without a callback that watches batches, no step
-    reads anything back to the host: the losses stay on the device and are read
-    together at the end of the epoch (:func:`_run_epoch_on_device`).
+    Without data parallelism, without a callback that watches batches and without the
+    estimators' per-batch options (:class:`_Run`), no step reads anything back to the
+    host: the losses stay on the device and are read together at the end of the epoch
+    (:func:`_run_epoch_on_device`).
     """
-    order = run.model.rng.permutation(_n(run.x)) if run.shuffle else None
-    if run.dp is None and not any(_overrides_batch_end(cb) for cb in run.callbacks):
+    model, dp, xp = run.model, run.dp, run.xp
+    host_order = None
+    if run.shuffle and run.host_weight is not None:  # the weight sums need the order on the host
+        host_order = model.rng.host.permutation(_n(run.x))  # the draw of rng.permutation
+        order = xp.asarray(host_order, dtype=index_dtype(xp), device=model.device)
+    else:
+        order = model.rng.permutation(_n(run.x)) if run.shuffle else None
+    if (dp is None and not _per_batch_options(run)
+            and not any(_overrides_batch_end(cb) for cb in run.callbacks)):
         return _run_epoch_on_device(run, epoch, epoch_lr, order)
-    model, dp = run.model, run.dp
     total, seen = 0.0, 0
     for start in range(0, _n(run.x), run.batch_size):
+        l2 = _batch_l2(run, host_order, start)
+        if l2 is None:
+            continue  # a batch of zero-weight samples carries no gradient: no step
         xb, yb, wb, nb = _batch(run, order, start)
-        value, update = _loss_then_update(model, run.opt, run.lossfn, xb, yb, wb, xp=run.xp, l2=run.l2, dp=dp,
-                                           amp=run.amp)
+        value, update = _loss_then_update(model, run.opt, run.lossfn, xb, yb, wb, xp=xp, l2=l2, dp=dp,
+                                          amp=run.amp, fuse=run.fuse)
         value = float(value)
         if not math.isfinite(value):
-            raise _divergence(run, value, epoch, start // run.batch_size)
+            raise (run.on_divergence or _divergence)(run, value, epoch, start // run.batch_size)
         update(epoch_lr)
         del update  # frees the batch's caches before the next forward
         run.step += 1

@@ -37,6 +37,7 @@ __all__ = ["KERNELS", "KernelSet", "kernels_for", "reference_kernels", "referenc
 
 #: The kernels every set provides (the reference defines each).
 KERNELS = (
+    "adagrad_update",
     "adam_update",
     "add_bias",
     "all_finite",

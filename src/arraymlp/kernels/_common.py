@@ -69,9 +69,11 @@ def batch_sum(a, xp, dtype=None):
 
 # --------------------------------------------------- NumPy, CuPy and torch (indexing)
 def _rows(n, xp, like):
-    """``xp.arange(n)`` where ``like`` lives, kept for the next batch of the same size."""
-    device = device_of(like)
-    return memo(_ROWS, (xp, n, device), lambda: xp.arange(n, device=device), limit=8)
+    """``xp.arange(n)`` where ``like`` lives, kept for the next batch of the same size
+    (keyed by the array's own ``device`` attribute: array-api-compat's ``device()``
+    costs more than the lookup)."""
+    return memo(_ROWS, (xp, n, getattr(like, "device", None)),
+                lambda: xp.arange(n, device=device_of(like)), limit=8)
 
 
 def pick_labels(z, labels, xp):
@@ -115,4 +117,106 @@ INDEXING_OVERRIDES = {
     "pick_labels": pick_labels,
     "subtract_onehot": subtract_onehot,
     "axpy": axpy,
+}
+
+
+# ----------------------------------- NumPy, CuPy and torch (optimiser updates, out=)
+# The reference updates allocate a temporary per operation. These compute the same
+# operations, in the same order and dtype, into the optimiser's work buffer with
+# ``out=``: bit for bit the reference's values without the temporaries. They apply when
+# the parameter and its state may be written and the gradient has the parameter's dtype
+# (a gradient of another dtype would round differently in a buffer of the parameter's).
+def _buffers(work, k, p, xp):
+    """``k`` scratch arrays of ``p``'s shape, from one loan of the work buffer."""
+    n = math.prod(p.shape)
+    flat = work(k * n, p, xp)
+    return [xp.reshape(flat[i * n:(i + 1) * n], p.shape) for i in range(k)]
+
+
+def _out_applies(p, g, states, work) -> bool:
+    return (work is not None and g.dtype == p.dtype and is_writeable(p)
+            and all(s is None or is_writeable(s) for s in states))
+
+
+def _coupled(g, p, wd, w, xp):
+    """``g + wd * p`` into ``w``."""
+    xp.multiply(p, wd, out=w)
+    return xp.add(g, w, out=w)
+
+
+def adam_update(p, g, m, v, vmax, lr, b1, b2, eps, wd, decoupled, t, xp, work=None):
+    if not _out_applies(p, g, (m, v, vmax), work):
+        return R.adam_update(p, g, m, v, vmax, lr, b1, b2, eps, wd, decoupled, t, xp, work)
+    coupled = wd != 0 and not decoupled
+    w, *rest = _buffers(work, 2 if coupled else 1, p, xp)
+    if wd != 0:
+        if decoupled:
+            p *= 1.0 - lr * wd
+        else:
+            g = _coupled(g, p, wd, rest[0], xp)
+    m *= b1
+    m += xp.multiply(g, 1.0 - b1, out=w)
+    v *= b2
+    xp.multiply(g, g, out=w)
+    w *= 1.0 - b2
+    v += w
+    second = v if vmax is None else xp.maximum(vmax, v, out=vmax)
+    xp.sqrt(second, out=w)
+    w /= math.sqrt(1.0 - b2**t)
+    w += eps
+    xp.divide(m, w, out=w)
+    w *= lr / (1.0 - b1**t)
+    p -= w
+    return p, m, v, vmax
+
+
+def rmsprop_update(p, g, square_avg, grad_avg, buf, lr, alpha, eps, momentum, wd, xp, work=None):
+    if not _out_applies(p, g, (square_avg, grad_avg, buf), work):
+        return R.rmsprop_update(p, g, square_avg, grad_avg, buf, lr, alpha, eps, momentum, wd, xp, work)
+    w, w2 = _buffers(work, 2, p, xp)
+    if wd != 0:
+        g = _coupled(g, p, wd, w2, xp)
+    square_avg *= alpha
+    xp.multiply(g, g, out=w)
+    w *= 1.0 - alpha
+    square_avg += w
+    if grad_avg is not None:
+        grad_avg *= alpha
+        grad_avg += xp.multiply(g, 1.0 - alpha, out=w)
+        xp.multiply(grad_avg, grad_avg, out=w)
+        xp.subtract(square_avg, w, out=w)
+        xp.sqrt(w, out=w)
+    else:
+        xp.sqrt(square_avg, out=w)
+    w += eps
+    xp.divide(g, w, out=w)  # g / avg; g's buffer (w2) is not read after this
+    if buf is not None:
+        buf *= momentum
+        buf += w
+        w = xp.multiply(buf, lr, out=w)
+    else:
+        w *= lr
+    p -= w
+    return p, square_avg, grad_avg, buf
+
+
+def adagrad_update(p, g, s, lr, eps, wd, xp, work=None):
+    if not _out_applies(p, g, (s,), work):
+        return R.adagrad_update(p, g, s, lr, eps, wd, xp, work)
+    w, w2 = _buffers(work, 2, p, xp)
+    if wd != 0:
+        g = _coupled(g, p, wd, w2, xp)
+    s += xp.multiply(g, g, out=w)
+    xp.sqrt(s, out=w)
+    w += eps
+    xp.divide(g, w, out=w)
+    w *= lr
+    p -= w
+    return p, s
+
+
+OPTIMIZER_OVERRIDES = {
+    "adam_update": adam_update,
+    "rmsprop_update": rmsprop_update,
+    "adagrad_update": adagrad_update,
 }

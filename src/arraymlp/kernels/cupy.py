@@ -230,7 +230,7 @@ def sgd_momentum_update(p, g, buf, lr, momentum, dampening, nesterov, wd, first,
     return R.sgd_momentum_update(p, g, buf, lr, momentum, dampening, nesterov, wd, first, xp, work, axpy=axpy)
 
 
-def adam_update(p, g, m, v, vmax, lr, b1, b2, eps, wd, decoupled, t, xp):
+def adam_update(p, g, m, v, vmax, lr, b1, b2, eps, wd, decoupled, t, xp, work=None):
     """The Adam / AdamW (/ AMSGrad) step of one array in one kernel (``p`` and the
     moments in place)."""
     arrays = (p, g, m, v) if vmax is None else (p, g, m, v, vmax)
@@ -257,7 +257,7 @@ def adam_update(p, g, m, v, vmax, lr, b1, b2, eps, wd, decoupled, t, xp):
     return R.adam_update(p, g, m, v, vmax, lr, b1, b2, eps, wd, decoupled, t, xp)
 
 
-def rmsprop_update(p, g, v, gbar, buf, lr, alpha, eps, momentum, wd, xp):
+def rmsprop_update(p, g, v, gbar, buf, lr, alpha, eps, momentum, wd, xp, work=None):
     """The RMSprop step of one array (centred, with momentum, or neither) in one kernel."""
     arrays = tuple(a for a in (p, g, v, gbar, buf) if a is not None)
     if _floats(*arrays) and all(is_writeable(a) for a in arrays if a is not g):

@@ -9,7 +9,7 @@ Conventions:
   passed down; a kernel never looks it up per operation.
 - A kernel never mutates its inputs, except the arguments its name or docstring says
   are handed over (``*_inplace`` kernels, :func:`sgd_apply`, :func:`axpy`,
-  :func:`dense_sgd_update`). Those are updated in place only where the namespace
+  :func:`dense_sgd_update`, the optimiser updates ``*_update``). Those are updated in place only where the namespace
   allows it (:func:`arraymlp._backend.is_writeable`), and the result is returned
   either way.
 - A composite kernel takes the primitives it is built from as keyword arguments with
@@ -782,7 +782,9 @@ def layer_norm_backward(cache, gamma, dy, *, xp=None):
 # ------------------------------------------------------------------ optimiser steps
 # One function per update rule, the values of :mod:`arraymlp.optim`'s classes; the
 # state arrays and ``p`` are handed over (updated in place where writeable) and
-# returned. A backend may replace each with one kernel per parameter array.
+# returned. The gradient is only read. ``work(n, p, xp)`` may lend scratch space (the
+# optimiser's work buffer); the reference does not need it. A backend may replace each
+# with one kernel per parameter array.
 def _imul(x, c):
     if is_writeable(x):
         x *= c
@@ -818,7 +820,7 @@ def sgd_momentum_update(p, g, buf, lr, momentum, dampening, nesterov, wd, first,
     return axpy(p, -lr, g, xp, work), buf
 
 
-def adam_update(p, g, m, v, vmax, lr, b1, b2, eps, wd, decoupled, t, xp):
+def adam_update(p, g, m, v, vmax, lr, b1, b2, eps, wd, decoupled, t, xp, work=None):
     """Adam (``decoupled``: AdamW) at step ``t`` (from 1): with ``g' = g + wd p``
     (coupled) or ``p *= 1 - lr wd`` first (decoupled), ``m = b1 m + (1-b1) g'``,
     ``v = b2 v + (1-b2) g'^2``, ``vmax = max(vmax, v)`` (AMSGrad, when ``vmax`` is not
@@ -844,7 +846,7 @@ def adam_update(p, g, m, v, vmax, lr, b1, b2, eps, wd, decoupled, t, xp):
     return _isub(p, step_size * (m / denom)), m, v, vmax
 
 
-def rmsprop_update(p, g, v, gbar, buf, lr, alpha, eps, momentum, wd, xp):
+def rmsprop_update(p, g, v, gbar, buf, lr, alpha, eps, momentum, wd, xp, work=None):
     """RMSprop: ``g' = g + wd p``, ``v = alpha v + (1-alpha) g'^2``; centred (``gbar``
     not None): ``gbar = alpha gbar + (1-alpha) g'`` and ``d = sqrt(v - gbar^2) + eps``,
     else ``d = sqrt(v) + eps``; with a momentum buffer ``buf = momentum buf + g'/d`` and
@@ -861,3 +863,13 @@ def rmsprop_update(p, g, v, gbar, buf, lr, alpha, eps, momentum, wd, xp):
         buf = _iadd(_imul(buf, momentum), g / avg)
         return _isub(p, lr * buf), v, gbar, buf
     return _isub(p, lr * (g / avg)), v, gbar, buf
+
+
+def adagrad_update(p, g, s, lr, eps, wd, xp, work=None):
+    """Adagrad with this step's rate ``lr`` (decay applied by the caller):
+    ``g += wd * p``; ``s += g * g``; ``p -= lr * g / (sqrt(s) + eps)``. ``p`` and ``s``
+    are handed over; returns ``(p, s)``."""
+    if wd != 0:
+        g = g + wd * p
+    s = _iadd(s, g * g)
+    return _isub(p, lr * (g / (xp.sqrt(s) + eps))), s

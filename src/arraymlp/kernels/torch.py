@@ -35,6 +35,7 @@ def dense_sgd_update(x, dy, W, b, lr, l2, xp):
 
 OVERRIDES = {
     **C.INDEXING_OVERRIDES,
+    **C.OPTIMIZER_OVERRIDES,
     "relu_forward_inplace": relu_forward_inplace,
     "relu_backward_inplace": relu_backward_inplace,
     "tanh_forward_inplace": tanh_forward_inplace,
