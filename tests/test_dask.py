@@ -230,3 +230,18 @@ def test_cupy_blocks_on_a_local_cuda_cluster():
         proba = gpu_model.predict_proba(xg)
         got = cupy.asnumpy(proba[:30_000].compute())
     np.testing.assert_allclose(got, model.predict_proba(x[:30_000].compute()), rtol=1e-5, atol=1e-6)
+
+
+def test_lazy_predict_of_a_binary_model_has_the_eager_form():
+    """A one-output sigmoid model fitted on (n,) boolean labels: the lazy predict gives
+    (n,) booleans, as the eager one does, block by block."""
+    r = np.random.default_rng(0)
+    x = r.normal(size=(50, 3))
+    y = x[:, 0] + 0.3 * r.normal(size=50) > 0
+    model = am.MLP([3, 4, 1], output_activation="sigmoid", dtype="float64", seed=0, backend="numpy")
+    model.fit(x, y, epochs=2, batch_size=8, progress=False)
+    lazy = model.predict(da.from_array(x, chunks=(16, 3)))
+    assert lazy.shape == (50,) and lazy.dtype == np.bool_
+    got = lazy.compute()
+    assert got.shape == (50,) and got.dtype == np.bool_
+    np.testing.assert_array_equal(got, model.predict(x))

@@ -29,7 +29,7 @@ DOCS = Path(__file__).resolve().parents[1] / "docs"
 API = DOCS / "api.rst"
 
 #: Public modules documented in full on the reference page, besides the package itself.
-PUBLIC_MODULES = ["functional", "losses", "optim", "schedules", "training", "init"]
+PUBLIC_MODULES = ["functional", "losses", "metrics", "optim", "schedules", "training", "init"]
 
 #: Parameter names that hold arrays (or lists of dicts of arrays) throughout the library.
 ARRAY_PARAMS = {
@@ -42,9 +42,10 @@ ARRAY_PARAMS = {
 NO_ARRAY_ARGUMENTS = {
     # configuration objects, errors, records and callbacks
     "Callback", "EarlyStopping", "DivergenceError", "GradcheckError", "GradcheckReport",
-    "History", "Generator", "functional.Activation", "MixedPrecision",
+    "History", "Generator", "functional.Activation", "MixedPrecision", "optim.LBFGSIteration",
     # look-ups by name
-    "get_loss", "get_optimizer", "get_schedule", "resolve_backend",
+    "get_loss", "get_optimizer", "get_schedule", "resolve_backend", "metrics.get_metric",
+    "metrics.top_k_accuracy",
     "functional.get_activation", "losses.get_loss", "optim.get_optimizer",
     "init.default_for", "init.get_initializer",
     # a learning rate is a float: every schedule

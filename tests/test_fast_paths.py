@@ -440,8 +440,7 @@ def test_fused_sgd_step_checks_again_for_another_model(backend):
     other = am.MLP([5, 4, 3], dtype="float64", seed=1, **backend.model_kwargs())
     before = [{k: backend.to_numpy(v).copy() for k, v in p.items()} for p in other.params]
     with pytest.raises(ValueError, match="different structure"):
-        other.fit(x, y, loss="cross_entropy", optimizer=opt, epochs=1, batch_size=4, progress=False,
-                  _reuse_optimizer=True)
+        other.partial_fit(x, y, loss="cross_entropy", optimizer=opt, batch_size=4)
     assert opt.step_count == 4
     for p, q in zip(other.params, before):
         for k in p:
@@ -589,8 +588,7 @@ def test_fused_sgd_step_checks_a_model_grown_in_place(backend):
     model.layers[-1:] = extra.layers  # the same list objects, more layers
     model.params[-1:] = extra.params
     with pytest.raises(ValueError, match="different structure"):
-        model.fit(x, y, loss="cross_entropy", optimizer=opt, epochs=1, batch_size=4, progress=False,
-                  _reuse_optimizer=True)
+        model.partial_fit(x, y, loss="cross_entropy", optimizer=opt, batch_size=4)
 
 
 def test_tied_weights_are_not_fused(backend):

@@ -86,6 +86,12 @@ CASES = {
     "validation": dict(optimizer=lambda: Adam(lr=1e-3), loss="cross_entropy", validation=True),
     "everything": dict(optimizer=lambda: Adam(lr=1e-3, clip_norm=1.0, clip_value=0.5), loss="huber",
                        weights=True, dropout=0.2, validation=True, l2=1e-4),
+    # metrics are sums on the device, read once at the epoch's end
+    "metrics-classification": dict(optimizer=lambda: Adam(lr=1e-3), loss="cross_entropy", validation=True,
+                                   metrics=["accuracy", am.metrics.top_k_accuracy(2),
+                                            lambda y, p, *, xp: xp.mean(xp.astype(y == p, xp.float64))]),
+    "metrics-regression": dict(optimizer=lambda: SGD(lr=0.05), loss="mse", validation=True,
+                               metrics=["mae", "r2"]),
 }
 
 
@@ -104,6 +110,8 @@ def _count_fit(monkeypatch, case, steps_per_epoch, *, epochs=2, batch=8):
         kwargs["sample_weight"] = xp.asarray(w)
     if case.get("validation"):
         kwargs["validation_data"] = (xp.asarray(xv), xp.asarray(yv))
+    if "metrics" in case:
+        kwargs["metrics"] = case["metrics"]
     xs, ys = xp.asarray(x), xp.asarray(y)
     with monkeypatch.context() as m:
         reads = HostReads(m)

@@ -197,7 +197,9 @@ def test_io_modules_import_the_model_only_in_models(graph):
 def test_training_and_distributed_imports(graph):
     assert graph["arraymlp.training"] == {"arraymlp._backend", "arraymlp.callbacks", "arraymlp.losses",
                                           "arraymlp.optim", "arraymlp.io.checkpoints", "arraymlp.distributed",
-                                          "arraymlp.functional", "arraymlp.fusion", "arraymlp.precision"}
+                                          "arraymlp.functional", "arraymlp.fusion", "arraymlp.precision",
+                                          "arraymlp.metrics"}
+    assert graph["arraymlp.metrics"] == {"arraymlp._backend"}  # metrics know arrays, not models
     assert "arraymlp.model" not in reaches(graph, "arraymlp.training")
     assert not {"arraymlp.io", "arraymlp.io.checkpoints", "arraymlp.training"} & graph["arraymlp.distributed"]
     assert "arraymlp.callbacks" in graph["arraymlp.distributed"]

@@ -535,6 +535,7 @@ def test_resume_is_bit_identical(backend, tmp_path):
     _assert_params_identical(_params_np(resumed, backend), _params_np(straight, backend))
     assert resumed.steps_ == straight.steps_ == 6 * 5
     assert h_resumed.loss == h_straight.loss and h_resumed.epochs == 6
+    assert h_resumed.metrics == h_straight.metrics and len(h_straight["accuracy"]) == 6  # saved and restored
     assert all(backend.same_place(a) for p in resumed.params for a in p.values())
 
 
@@ -789,6 +790,8 @@ def test_bad_checkpoint_entries(tmp_path):
     bad(lambda ck: ck["rng"]["state"].update(host={"bit_generator": "MT19937"}), "random-generator state is invalid")
     bad(lambda ck: ck.update(rng=[1]), "random-generator entry is malformed")
     bad(lambda ck: ck.update(history={"loss": ["a"]}), "history is malformed")
+    bad(lambda ck: ck.update(history={"loss": [], "metrics": {"accuracy": ["a"]}}), "history is malformed")
+    bad(lambda ck: ck.update(history={"loss": [], "metrics": [1.0]}), "history is malformed")
     bad(lambda ck: ck.update(callbacks={"EarlyStopping": {}}), "callbacks entry is not a list")
     bad(lambda ck: ck.update(callbacks=[{"class": "EarlyStopping"}]), "state of callback 0 is malformed")
     bad(lambda ck: ck.update(callbacks=[{"class": "EarlyStopping", "state": {}, "arrays": {"best_params": [["W"]]}}]),
@@ -827,3 +830,52 @@ def test_model_trained_with_a_custom_loss_saves_loads_and_resumes(backend, tmp_p
     before = float(m.loss(xb, yb))
     m.partial_fit(xb, yb, batch_size=8, shuffle=False)  # no loss=: the custom one is kept
     assert m.loss_ is mine and float(m.loss(xb, yb)) < before
+
+
+# ------------------------------------------------------------------ what predict returns survives
+def _binary(n=30, seed=0):
+    r = np.random.default_rng(seed)
+    x = r.normal(size=(n, 3))
+    return x, x[:, 0] + 0.3 * r.normal(size=n) > 0
+
+
+@pytest.mark.parametrize(("dtype", "shape"), [("int64", (-1,)), ("bool", (-1,)), ("float32", (-1, 1))])
+def test_predict_form_survives_save_and_load(backend, tmp_path, dtype, shape):
+    x, labels = _binary()
+    y = labels.astype(dtype).reshape(shape)
+    model = am.MLP([3, 4, 1], output_activation="sigmoid", dtype="float64", seed=0, **backend.model_kwargs())
+    xb = backend.asarray(x)
+    model.fit(xb, backend.asarray(y), epochs=2, batch_size=8, progress=False)
+    want = backend.to_numpy(model.predict(xb))
+    path = tmp_path / "binary.safetensors"
+    am.save(model, path)
+    header, _ = _header(path)
+    fitted = json.loads(header["__metadata__"]["model"])["fitted"]
+    kind = {"int64": "int", "bool": "bool", "float32": "float"}[dtype]
+    assert fitted == {"task_": "multilabel", "loss_": "binary_cross_entropy", "target_ndim_": len(shape),
+                      "target_kind_": kind}
+    for loaded, xin in ((am.load(path), x), (am.load(path, **backend.model_kwargs()), xb)):
+        got = np.asarray(am.to_numpy(loaded.predict(xin)))
+        assert got.shape == y.shape and got.dtype.kind == want.dtype.kind
+        np.testing.assert_array_equal(got, want)
+
+
+def test_files_without_the_targets_form_still_load(tmp_path):
+    """Files written before the targets' form was recorded: predict answers as it did
+    then, 0/1 labels of shape (n, n_outputs) as int64."""
+    x, labels = _binary()
+    model = am.MLP([3, 4, 1], output_activation="sigmoid", dtype="float64", seed=0, backend="numpy")
+    model.fit(x, labels.astype(np.float64), epochs=1, batch_size=8, progress=False)
+    path = tmp_path / "old.safetensors"
+    metadata, arrays = amio._model_payload(model, "model")
+    cfg = json.loads(metadata["model"])
+    cfg["fitted"] = {"task_": "multilabel", "loss_": "binary_cross_entropy"}
+    amio._write_file(path, dict(metadata, model=json.dumps(cfg, sort_keys=True)), arrays)
+    old = am.load(path)
+    pred = old.predict(x)
+    assert pred.shape == (30, 1) and pred.dtype == np.int64
+    np.testing.assert_array_equal(pred[:, 0], model.predict(x).astype(np.int64))
+    cfg["fitted"]["target_ndim_"] = 3
+    amio._write_file(path, dict(metadata, model=json.dumps(cfg, sort_keys=True)), arrays)
+    with pytest.raises(am.ModelFileError, match="invalid target_ndim_ 3; expected 1 or 2"):
+        am.load(path)

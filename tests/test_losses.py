@@ -326,6 +326,27 @@ def test_binary_cross_entropy_huge_logits(backend, dtype):
     np.testing.assert_allclose(grad, want, rtol=10 * EPS[dtype], atol=1e-30)
 
 
+@pytest.mark.parametrize("shape", [(N, 1), (N,)])
+def test_binary_cross_entropy_takes_int_and_bool_labels(backend, rng, shape):
+    """0/1 labels as integers or booleans give the loss and gradient of the same labels
+    as floats (a one-output model's (n,) labels included)."""
+    o = rng.normal(size=(N, 1))
+    labels = (rng.uniform(size=shape) > 0.5)
+    labels[0] = True
+    ob = backend.asarray(o)
+    want_loss, want_grad = LOSSES["binary_cross_entropy"](ob, backend.asarray(labels.astype(np.float64)))
+    for t in (labels.astype(np.int64), labels.astype(np.int32), labels):
+        loss, grad = LOSSES["binary_cross_entropy"](ob, backend.asarray(t))
+        assert backend.same_place(loss) and backend.same_place(grad)
+        np.testing.assert_array_equal(backend.to_numpy(loss), backend.to_numpy(want_loss))
+        np.testing.assert_array_equal(backend.to_numpy(grad), backend.to_numpy(want_grad))
+    # and the value itself: -mean(t log p + (1 - t) log(1 - p)) in float64
+    p = 1 / (1 + np.exp(-o[:, 0]))
+    t = labels.reshape(-1).astype(np.float64)
+    np.testing.assert_allclose(backend.to_numpy(want_loss), -np.mean(t * np.log(p) + (1 - t) * np.log1p(-p)),
+                               rtol=1e-12 if backend.has_float64 else 1e-6)  # float32 on JAX's 32-bit mode
+
+
 @pytest.mark.parametrize("name", ["cross_entropy", "binary_cross_entropy"])
 def test_huge_logits_match_torch(backend, rng, name):
     """Random huge logits in float32: finite and equal to torch's stable kernels."""
@@ -475,8 +496,12 @@ ERRORS = [
      r"look like labels: convert them to an integer dtype"),
     ("bool-targets-ce", "cross_entropy", _o(), np.zeros(N, dtype=bool), None,
      r"targets must be integer labels .* or float probabilities .* got dtype bool"),
-    ("bool-targets-bce", "binary_cross_entropy", _o(), np.zeros((N, K), dtype=bool), None,
-     r"binary_cross_entropy: targets must have a real floating dtype, got bool"),
+    ("int-targets-bce-not-0-1", "binary_cross_entropy", _o(), np.full((N, K), 2, dtype=np.int64), None,
+     r"binary_cross_entropy: integer targets must be the labels 0 and 1, found values in \[2, 2\]"),
+    ("int-targets-bce-negative", "binary_cross_entropy", _o(), -np.eye(N, K, dtype=np.int32), None,
+     r"integer targets must be the labels 0 and 1, found values in \[-1, 0\]"),
+    ("bool-targets-bce-shape", "binary_cross_entropy", _o(), np.zeros((N, K + 1), dtype=bool), None,
+     r"targets shape \(6, 5\) does not match outputs shape \(6, 4\)"),
     ("int-targets-mse", "mse", _o(), np.zeros((N, K), dtype=np.int64), None,
      r"mse: needs float targets with the outputs' shape, got integer targets"),
     ("int-counts-poisson", "poisson_nll", _o(), np.zeros((N, K), dtype=np.int32), None,

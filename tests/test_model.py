@@ -453,3 +453,48 @@ def test_error_mixed_devices():
     x = s.asarray(np.ones((2, 3), dtype=np.float32))
     with pytest.raises(ValueError, match=r"x is on device .*CPU_DEVICE.* but the model's parameters are on .*device1"):
         model(x)
+
+
+# ---------------------------------------------------------------- fit's signature, one source
+@pytest.mark.parametrize("name", ["fit", "partial_fit", "evaluate"])
+def test_training_methods_show_the_training_functions_signature_and_docs(name):
+    """``model.fit`` (and partial_fit, evaluate) is ``arraymlp.training.fit`` with the
+    model bound: help() and editors see every parameter, taken from that one function."""
+    import inspect
+
+    from arraymlp import training
+
+    fn = getattr(training, name)
+    want = inspect.signature(fn)
+    params = list(want.parameters.values())
+    assert params[0].name == "model"
+    model = am.MLP([2, 3, 1], backend="numpy", seed=0)
+    for cls in (am.Sequential, am.MLP):
+        got = inspect.signature(getattr(cls, name))
+        assert got == want.replace(parameters=[params[0].replace(name="self"), *params[1:]])
+    assert inspect.signature(getattr(model, name)) == want.replace(parameters=params[1:])
+    doc = inspect.getdoc(getattr(model, name))
+    assert doc == inspect.getdoc(fn)
+    section = doc.split("Parameters\n----------\n", 1)[1].split("\n\n", 1)[0]
+    documented = {line.split(" : ")[0] for line in section.splitlines() if line and not line[0].isspace()}
+    assert documented == set(want.parameters)  # every parameter has its entry
+    # and the bound method is that function: the same call, the same result
+    x, y = np.linspace(-1, 1, 8).reshape(4, 2), np.arange(4.0).reshape(4, 1)
+    twin = model.copy()
+    kwargs = {} if name == "evaluate" else {"lr": 0.1, "batch_size": 2}
+    if name == "fit":
+        kwargs.update(epochs=2, progress=False)
+    a, b = getattr(model, name)(x, y, **kwargs), fn(twin, x, y, **kwargs)
+    if name == "evaluate":
+        assert a == b and set(a) == {"loss", "r2"}
+    else:
+        assert a.loss == b.loss and len(a.loss) == (2 if name == "fit" else 1)
+        for p, q in zip(model.params, twin.params):
+            for k in p:
+                np.testing.assert_array_equal(p[k], q[k])
+
+
+def test_fit_signature_has_no_private_parameters():
+    import inspect
+
+    assert not [p for p in inspect.signature(am.MLP([2, 1]).fit).parameters if p.startswith("_")]

@@ -278,7 +278,8 @@ def test_validation_metric_is_r2_for_regression(backend):
         def on_epoch_end(self, model, logs):
             out = backend.to_numpy(model(x[18:, ...]))
             t = y_np[18:]
-            self.r2.append(1 - np.sum((t - out) ** 2) / np.sum((t - t.mean(axis=0)) ** 2))
+            # per output, then averaged (scikit-learn's r2_score, multioutput="uniform_average")
+            self.r2.append(np.mean(1 - np.sum((t - out) ** 2, axis=0) / np.sum((t - t.mean(axis=0)) ** 2, axis=0)))
             self.mse.append(np.mean((t - out) ** 2))
 
     cb = R2()
@@ -676,11 +677,20 @@ def test_partial_fit_keeps_optimizer_state(backend):
     assert params_differ(host_params(a), host_params(c))
 
 
-def test_partial_fit_needs_a_loss_first(backend):
+def test_partial_fit_infers_its_first_loss_or_asks_for_one(backend):
+    """Without loss= the first partial_fit infers it as fit does (the identity output
+    and float targets: mse, the same step as loss="mse"); an ambiguous model asks."""
     x_np, y_np = regression_data(n=6)
-    model = am.MLP([3, 4, 2], seed=0, **backend.model_kwargs())
-    with pytest.raises(ValueError, match="partial_fit needs loss="):
-        model.partial_fit(backend.asarray(x_np), backend.asarray(y_np))
+    x, y = backend.asarray(x_np), backend.asarray(y_np)
+    model = am.MLP([3, 4, 2], dtype="float64", seed=0, **backend.model_kwargs())
+    twin = model.copy()
+    model.partial_fit(x, y, shuffle=False)
+    twin.partial_fit(x, y, loss="mse", shuffle=False)
+    assert model.loss_ == "mse"
+    assert_params_equal(host_params(model), host_params(twin), rtol=0, atol=0)
+    tanh = am.MLP([3, 4, 2], output_activation="tanh", seed=0, **backend.model_kwargs())
+    with pytest.raises(ValueError, match="pass loss= , one of mse, mae, huber, cross_entropy"):
+        tanh.partial_fit(x, y)
 
 
 # ------------------------------------------------------------------ predict, predict_proba
@@ -760,12 +770,13 @@ def test_verbose_prints_one_line_per_epoch(backend, capsys):
     lines = captured.out.splitlines()
     assert len(lines) == 4
     for i, line in enumerate(lines):
-        m = re.match(r"epoch\s+(\d+)\s+loss (\S+)\s+val_loss (\S+)\s+val_accuracy (\S+)", line)
+        m = re.match(r"epoch\s+(\d+)\s+loss (\S+)\s+accuracy (\S+)\s+val_loss (\S+)\s+val_accuracy (\S+)", line)
         assert m, line
         assert int(m.group(1)) == i + 1
         assert float(m.group(2)) == pytest.approx(h.loss[i], rel=1e-3)
-        assert float(m.group(3)) == pytest.approx(h.val_loss[i], rel=1e-3)
-        assert float(m.group(4)) == pytest.approx(h.val_metric[i], abs=1e-4)
+        assert float(m.group(3)) == pytest.approx(h["accuracy"][i], abs=1e-4)
+        assert float(m.group(4)) == pytest.approx(h.val_loss[i], rel=1e-3)
+        assert float(m.group(5)) == pytest.approx(h.val_metric[i], abs=1e-4)
 
 
 # ------------------------------------------------------------------ problems users bring
@@ -972,3 +983,135 @@ def test_numpy_integers_for_sizes_epochs_and_batch_size(backend):
                   progress=False)
     assert model.sizes == [3, 4, 2] and all(type(s) is int for s in model.sizes)
     assert h.epochs == 2 and model.steps_ == 4
+
+
+# ------------------------------------------------------------ binary labels, the README's accuracy
+def _binary_problem(n=120, seed=0):
+    """A noisy binary problem: a trained model gets some but not all of it right."""
+    r = np.random.default_rng(seed)
+    x = r.normal(size=(n, 3))
+    y = (x[:, 0] + 0.5 * x[:, 1] + 0.8 * r.normal(size=n) > 0.2)
+    return x, y
+
+
+BINARY_FORMS = [("int64", (-1,)), ("int32", (-1, 1)), ("bool", (-1,)), ("bool", (-1, 1)), ("float32", (-1,)),
+                ("float64", (-1, 1))]
+
+
+@pytest.mark.parametrize(("dtype", "shape"), BINARY_FORMS)
+def test_readme_accuracy_idiom_is_the_true_accuracy_for_binary_labels(backend, dtype, shape):
+    """0/1 labels of any dtype family and of shape (n,) or (n, 1) train a one-output
+    sigmoid model (the loss inferred), and ``(model.predict(x) == y).mean()`` is the
+    accuracy computed independently from the probabilities: predict answers in y's shape
+    (so (n,) is never compared with (n, 1), which would broadcast to (n, n)) and in its
+    dtype family."""
+    x_np, y_bool = _binary_problem()
+    y_np = y_bool.astype(dtype).reshape(shape)
+    model = am.MLP([3, 8, 1], output_activation="sigmoid", dtype="float64", seed=0, **backend.model_kwargs())
+    x, y = backend.asarray(x_np), backend.asarray(y_np)
+    model.fit(x, y, lr=0.05, epochs=5, batch_size=16, seed=0, progress=False)
+    assert model.loss_ == "binary_cross_entropy"
+    pred = model.predict(x)
+    assert backend.same_place(pred) and tuple(pred.shape) == y_np.shape
+    family = {"bool": "b", "int64": "i", "int32": "i", "float32": "f", "float64": "f"}[dtype]
+    assert backend.to_numpy(pred).dtype.kind == family
+    proba = backend.to_numpy(model.predict_proba(x))
+    assert proba.shape == (len(y_bool), 1)
+    want = float(np.mean((proba[:, 0] > 0.5) == y_bool))  # independent of predict
+    assert 0.6 < want < 1.0  # a real, imperfect accuracy: a broadcast would not give it by chance
+    if backend.name == "numpy":
+        acc = (model.predict(x) == y).mean()  # the README's idiom, as written
+    else:
+        xp = backend.xp
+        acc = xp.mean(xp.astype(model.predict(x) == y, xp.float64))
+    assert float(acc) == pytest.approx(want, abs=1e-15)
+    assert model.evaluate(x, y)["accuracy"] == pytest.approx(want, abs=1e-15)
+
+
+def test_binary_labels_train_the_same_whatever_their_dtype(backend):
+    x_np, y_bool = _binary_problem(n=40)
+    x = backend.asarray(x_np)
+    params = []
+    for dtype, shape in BINARY_FORMS:
+        model = am.MLP([3, 4, 1], output_activation="sigmoid", dtype="float64", seed=0, **backend.model_kwargs())
+        model.fit(x, backend.asarray(y_bool.astype(dtype).reshape(shape)), lr=0.05, epochs=2, batch_size=8,
+                  seed=0, progress=False)
+        params.append(host_params(model))
+    for p in params[1:]:
+        assert_params_equal(p, params[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("values", "found"), [([0, 1, 2], r"\[2\]"), ([-1, 0, 1], r"\[-1\]"),
+                                               ([0.0, 0.5, 1.0], r"\[0.5\]")])
+def test_binary_classification_refuses_labels_other_than_0_and_1(backend, values, found):
+    x_np, _ = _binary_problem(n=12)
+    y_np = np.array(values * 4)
+    model = am.MLP([3, 4, 1], output_activation="sigmoid", seed=0, **backend.model_kwargs())
+    before = host_params(model)
+    x = backend.asarray(x_np)
+    with pytest.raises(ValueError, match=rf"y must hold the labels 0 and 1 for a binary classification loss.*"
+                                         rf"found {found}.*use cross_entropy"):
+        model.fit(x, backend.asarray(y_np), epochs=1, progress=False)
+    good = backend.asarray(np.array([0, 1] * 6))
+    with pytest.raises(ValueError, match=rf"validation y must hold the labels 0 and 1.*found {found}"):
+        model.fit(x, good, epochs=1, validation_data=(x, backend.asarray(y_np)), progress=False)
+    assert_params_equal(host_params(model), before)  # refused before any step
+
+
+def test_predict_of_a_regressor_follows_y_shape(backend):
+    x_np, y_np = regression_data(n=12, n_outputs=1)
+    model = am.MLP([3, 5, 1], dtype="float64", seed=0, **backend.model_kwargs())
+    x = backend.asarray(x_np)
+    model.fit(x, backend.asarray(y_np[:, 0]), epochs=2, batch_size=4, progress=False)
+    pred = model.predict(x)
+    assert tuple(pred.shape) == (12,) and backend.same_place(pred)
+    np.testing.assert_array_equal(backend.to_numpy(pred), backend.to_numpy(model(x))[:, 0])
+    model.fit(x, backend.asarray(y_np), epochs=1, batch_size=4, progress=False)
+    assert tuple(model.predict(x).shape) == (12, 1)
+
+
+# ---------------------------------------------------------------------------- loss inference
+@pytest.mark.parametrize(("output_activation", "labels", "n_out", "want"), [
+    ("softmax", "int", 3, "cross_entropy"),
+    ("softmax", "onehot", 3, "cross_entropy"),
+    (None, "int", 3, "cross_entropy"),
+    ("sigmoid", "int", 1, "binary_cross_entropy"),
+    ("sigmoid", "float01", 2, "binary_cross_entropy"),
+    (None, "float", 2, "mse"),
+    ("identity", "float", 1, "mse"),
+])
+def test_the_loss_is_inferred(backend, capsys, output_activation, labels, n_out, want):
+    """Without loss= fit picks it from the output activation and the targets, says so
+    when verbose, and trains exactly as with that loss given."""
+    r = np.random.default_rng(0)
+    x_np = r.normal(size=(20, 3))
+    y_np = {"int": r.integers(0, n_out, 20), "onehot": np.eye(n_out)[r.integers(0, n_out, 20)],
+            "float01": (r.uniform(size=(20, n_out)) > 0.5).astype(float), "float": r.normal(size=(20, n_out))}[labels]
+    if labels == "int" and n_out == 1:
+        y_np = r.integers(0, 2, 20)
+    x, y = backend.asarray(x_np), backend.asarray(y_np)
+    model = am.MLP([3, 4, n_out], output_activation=output_activation, dtype="float64", seed=0,
+                   **backend.model_kwargs())
+    twin = model.copy()
+    model.fit(x, y, epochs=2, batch_size=8, verbose=True, progress=False)
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].startswith(f"loss: {want} (") and "pass loss= to choose another" in out
+    twin.fit(x, y, loss=want, epochs=2, batch_size=8, progress=False)
+    assert model.loss_ == want
+    assert_params_equal(host_params(model), host_params(twin))
+    twin.fit(x, y, loss=want, epochs=1, batch_size=8, verbose=True, progress=False)
+    assert "loss:" not in capsys.readouterr().out  # said only when inferred
+
+
+@pytest.mark.parametrize(("output_activation", "y_np", "what"), [
+    (None, np.array([0, 1] * 5), r"'the identity' with 1 output\(s\), and y has int values of shape \(10,\)"),
+    ("tanh", np.zeros((10, 1)), r"'tanh' with 1 output\(s\), and y has float values"),
+    (None, np.zeros((10, 2), dtype=bool), r"y has bool values of shape \(10, 2\)"),
+])
+def test_an_ambiguous_loss_asks_for_loss(backend, output_activation, y_np, what):
+    model = am.MLP([3, 4, y_np.shape[1] if y_np.ndim == 2 else 1], output_activation=output_activation, seed=0,
+                   **backend.model_kwargs())
+    x = backend.asarray(np.zeros((10, 3)))
+    with pytest.raises(ValueError, match=rf"cannot tell which loss to use: .*{what}.*pass loss= , one of "
+                                         r"mse, mae, huber, cross_entropy, binary_cross_entropy, poisson_nll"):
+        model.fit(x, backend.asarray(y_np), epochs=1, progress=False)

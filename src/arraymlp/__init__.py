@@ -11,7 +11,7 @@ tensors, array-api-strict, and any namespace array-api-compat wraps. Name a back
 """
 
 from . import distributed as distributed
-from . import functional
+from . import functional, metrics
 from ._backend import Generator, resolve_backend, to_backend, to_numpy
 from ._version import __version__
 from .functional import ACTIVATIONS
@@ -38,7 +38,7 @@ from .layers import (
 )
 from .losses import LOSSES, Loss, get_loss
 from .model import MLP, Sequential
-from .optim import SGD, Adagrad, Adam, AdamW, Optimizer, RMSprop, get_optimizer
+from .optim import LBFGS, SGD, Adagrad, Adam, AdamW, Optimizer, RMSprop, get_optimizer
 from .precision import MixedPrecision
 from .schedules import (
     Constant,
@@ -57,6 +57,7 @@ __all__ = [
     "ELU",
     "GELU",
     "INITIALIZERS",
+    "LBFGS",
     "LOSSES",
     "SGD",
     "Adagrad",
@@ -106,6 +107,7 @@ __all__ = [
     "load",
     "save",
     "functional",
+    "metrics",
     "gradcheck",
     "resolve_backend",
     "to_backend",

@@ -48,7 +48,8 @@ class _InferenceModel:
         # A snapshot: training the model further must not change a lazy result.
         m = object.__new__(type(model))
         m.__dict__.update(
-            (k, v) for k, v in model.__dict__.items() if not k.endswith("_") or k in ("task_", "loss_")
+            (k, v) for k, v in model.__dict__.items()
+            if not k.endswith("_") or k in ("task_", "loss_", "target_ndim_", "target_kind_")
         )
         xp = model.xp
         m.params = [{k: xp.asarray(v, copy=True) for k, v in p.items()} for p in model.params]
@@ -100,13 +101,12 @@ def _output(model, method: str) -> tuple[tuple, str]:
             return (k,), model.dtype_name
         msg = "predict_proba needs a classifier: a softmax/sigmoid output, or a model fitted with a classification loss"
         raise ValueError(msg)
-    if task is None:
-        task = {"softmax": "multiclass", "sigmoid": "multilabel"}.get(act, "regression")
-    if task == "regression":
-        return (k,), model.dtype_name
-    if task == "multiclass":
-        return (), "int64"
-    return (k,), "int64"
+    from .training import _prediction_form
+
+    task, one_d, dtype = _prediction_form(model)  # predict's own rule
+    if task == "multiclass" or one_d:
+        return (), dtype
+    return (k,), dtype
 
 
 def _current_client():
@@ -163,8 +163,10 @@ def map_model(model, x, method: str = "__call__"):
     Returns
     -------
     dask.array.Array
-        Shape ``(n, n_outputs)``, or ``(n,)`` of int64 labels for ``predict`` on a
-        multiclass model; chunked like ``x``'s rows; the blocks are of ``x``'s array type.
+        Shape ``(n, n_outputs)``; for ``predict`` the shape and dtype the eager
+        ``predict`` gives (``(n,)`` int64 labels of a multiclass model, ``(n,)`` for a
+        one-output model fitted on targets of shape ``(n,)``); chunked like ``x``'s
+        rows; the blocks are of ``x``'s array type.
     """
     import dask.array as da
     from dask.base import tokenize

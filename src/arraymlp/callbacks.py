@@ -58,7 +58,13 @@ class History:
     val_loss, val_metric : list of float
         Loss and metric on the validation data (empty without validation data).
     metric_name : str
-        ``"accuracy"`` for classification losses, ``"r2"`` otherwise.
+        ``"accuracy"`` for classification losses, ``"r2"`` otherwise: the metric of
+        ``val_metric``.
+    metrics : dict of str to list of float
+        The ``metrics=`` of ``fit`` per epoch: ``"accuracy"`` on the training batches
+        (before each step's update), ``"val_accuracy"`` on the validation data, and so
+        on for each metric (by default accuracy for classification losses; the
+        validation entries also hold ``metric_name``'s).
     lr : list of float
         Learning rate used in the epoch.
     time : list of float
@@ -78,13 +84,16 @@ class History:
     >>> history.stopped_early, history.best_epoch
     (False, None)
     >>> sorted(history.as_dict())
-    ['best_epoch', 'loss', 'lr', 'metric_name', 'stopped_early', 'time', 'val_loss', 'val_metric']
+    ['best_epoch', 'loss', 'lr', 'metric_name', 'metrics', 'stopped_early', 'time', 'val_loss', 'val_metric']
+    >>> sorted(history.metrics), history["val_r2"] == history.val_metric
+    (['val_r2'], True)
     """
 
     loss: list[float] = dataclasses.field(default_factory=list)
     val_loss: list[float] = dataclasses.field(default_factory=list)
     val_metric: list[float] = dataclasses.field(default_factory=list)
     metric_name: str = ""
+    metrics: dict[str, list[float]] = dataclasses.field(default_factory=dict)
     lr: list[float] = dataclasses.field(default_factory=list)
     time: list[float] = dataclasses.field(default_factory=list)
     stopped_early: bool = False
@@ -97,13 +106,26 @@ class History:
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def __getitem__(self, name: str) -> list[float]:
+        """A series by name: ``"loss"``, ``"val_loss"``, ``"lr"``, ``"time"``, or a
+        metric's (``"accuracy"``, ``"val_accuracy"``, ...)."""
+        if name in ("loss", "val_loss", "val_metric", "lr", "time"):
+            return getattr(self, name)
+        try:
+            return self.metrics[name]
+        except KeyError:
+            known = ["loss", "val_loss", "lr", "time", *self.metrics]
+            msg = f"History has no series {name!r}; it has {', '.join(known)}"
+            raise KeyError(msg) from None
+
 
 class Callback:
     """Base class for training callbacks; override the hooks you need.
 
     A hook that returns ``True`` stops training after the current batch or epoch.
     ``logs`` carries ``epoch``, ``step``, ``loss`` and, at epoch end, ``val_loss``,
-    ``val_metric`` and ``lr``.
+    ``val_metric``, ``lr`` and the value of each metric of the epoch (``"accuracy"``,
+    ``"val_accuracy"``, ...: see :attr:`History.metrics`).
 
     Examples
     --------

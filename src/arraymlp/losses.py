@@ -62,6 +62,7 @@ __all__ = [
     "Loss",
     "binary_cross_entropy",
     "check_targets",
+    "count_not_binary",
     "cross_entropy",
     "get_loss",
     "huber",
@@ -126,11 +127,53 @@ def _check_finite(name, t, xp):
         raise ValueError(msg)
 
 
-def _same_shape_targets(name, outputs, targets, xp, check=True):
+def count_not_binary(targets, xp):
+    """How many values of ``targets`` are neither 0 nor 1: a 0-d int64 array, counted
+    block by block on the device (no temporary the size of the data) and not read.
+
+    Parameters
+    ----------
+    targets : array, shape (n,) or (n, k)
+        Real or boolean values (booleans count as 0 and 1).
+    xp : namespace
+
+    Examples
+    --------
+    >>> import numpy as np, arraymlp as am
+    >>> int(am.losses.count_not_binary(np.array([0, 1, 2, 1, -1]), np))
+    2
+    """
+    if targets.dtype == xp.bool:
+        return xp.zeros((), dtype=index_dtype(xp), device=device_of(targets))
+    total = None
+    for i, j in row_blocks(_shape(targets)[0], block_rows(targets)):
+        b = targets[i:j, ...]
+        count = xp.sum(xp.astype((b != 0) & (b != 1), index_dtype(xp)))
+        total = count if total is None else total + count
+    return total
+
+
+def _check_binary_labels(name, targets, xp):
+    """Integer (or boolean) targets of a binary loss must be 0 and 1: one read."""
+    if int(count_not_binary(targets, xp)):
+        lo, hi = int(xp.min(targets)), int(xp.max(targets))
+        msg = (f"{name}: integer targets must be the labels 0 and 1, found values in [{lo}, {hi}] "
+               "(several classes belong to cross_entropy)")
+        raise ValueError(msg)
+
+
+def _same_shape_targets(name, outputs, targets, xp, check=True, binary=False):
     """Float targets with the outputs' shape (``(n,)`` is accepted for ``(n, 1)``),
-    cast to the outputs' dtype (finite unless ``check`` is false)."""
+    cast to the outputs' dtype (finite unless ``check`` is false). ``binary``: integer
+    and boolean 0/1 labels are accepted too (values other than 0 and 1 raise unless
+    ``check`` is false)."""
     _check_device(name, "targets", outputs, targets)
     o_shape, t_shape = _shape(outputs), _shape(targets)
+    if binary and (targets.dtype == xp.bool or _integral(targets.dtype, xp)):
+        if check:
+            _check_binary_labels(name, targets, xp)
+        targets = xp.astype(targets, outputs.dtype)
+        check = False  # 0/1: finite
     if xp.isdtype(targets.dtype, "integral"):
         msg = (
             f"{name}: needs float targets with the outputs' shape, got integer targets "
@@ -311,7 +354,7 @@ def _scale(g, c):
 
 
 # ---------------------------------------------------------------------- reduction
-def _mean_elementwise(name, kernel, outputs, targets, xp, sample_weight, check=True):
+def _mean_elementwise(name, kernel, outputs, targets, xp, sample_weight, check=True, binary=False):
     """Mean over the batch of a loss that is a sum of per-element terms.
 
     ``kernel(o, t, xp) -> (e, g)`` gives the per-element loss ``e`` and its derivative
@@ -321,7 +364,7 @@ def _mean_elementwise(name, kernel, outputs, targets, xp, sample_weight, check=T
     """
     xp = _namespace(outputs, targets, sample_weight, xp)
     shape = _check_outputs(name, outputs, xp)
-    t = _same_shape_targets(name, outputs, targets, xp, check)
+    t = _same_shape_targets(name, outputs, targets, xp, check, binary)
     w, total = _sample_weight(name, sample_weight, outputs, xp, check)
     n = shape[0]
     m = math.prod(shape[1:])
@@ -464,8 +507,9 @@ def binary_cross_entropy(outputs, targets, *, xp=None, sample_weight=None, check
     ----------
     outputs : array, shape (n, ...)
         Logits ``x`` (the sigmoid is fused in).
-    targets : array, float, shape of ``outputs`` (``(n,)`` is accepted for ``(n, 1)``)
-        Probabilities of the positive class, usually 0 or 1.
+    targets : array, shape of ``outputs`` (``(n,)`` is accepted for ``(n, 1)``)
+        Probabilities of the positive class (float), or the labels 0 and 1 as
+        integers, booleans or floats.
     xp : namespace, optional
     sample_weight : array, shape (n,), optional
     check : bool, default True
@@ -479,7 +523,7 @@ def binary_cross_entropy(outputs, targets, *, xp=None, sample_weight=None, check
         Gradient with respect to the logits.
     """
     return _mean_elementwise(
-        "binary_cross_entropy", _bce_kernel, outputs, targets, xp, sample_weight, check
+        "binary_cross_entropy", _bce_kernel, outputs, targets, xp, sample_weight, check, binary=True
     )
 
 
@@ -688,8 +732,13 @@ def check_targets(loss, n_outputs, targets, *, dtype, device=None, xp=None, samp
     outputs = xp.broadcast_to(xp.zeros((1, n_outputs), dtype=dtype, device=device), (n, n_outputs))
     _check_outputs(name, outputs, xp)
     if loss.targets == "same_shape":
-        _same_shape_targets(name, outputs, targets, xp, check=False)
-        _check_finite(name, targets, xp)
+        if loss.fn is binary_cross_entropy and not xp.isdtype(targets.dtype, "real floating"):
+            # integer or boolean 0/1 labels: the shape on one row, the values block by block
+            _same_shape_targets(name, outputs[:1, ...], targets[:1, ...], xp, check=False, binary=True)
+            _check_binary_labels(name, targets, xp)
+        else:
+            _same_shape_targets(name, outputs, targets, xp, check=False)
+            _check_finite(name, targets, xp)
     else:
         _class_targets(name, outputs, targets, xp, check=True, convert=False)
     _check_weights(name, sample_weight, outputs, xp)

@@ -8,8 +8,10 @@ namespace is resolved once per public call and handed down to every kernel.
 from __future__ import annotations
 
 import copy
+import inspect
 import numbers
-from typing import Any, Sequence
+import types
+from typing import TYPE_CHECKING, Any, Callable, Concatenate, Generic, ParamSpec, Sequence, TypeVar, overload
 
 from array_api_compat import is_dask_array
 
@@ -33,7 +35,55 @@ from .init import default_for
 from .kernels import kernels_for
 from .losses import LOSSES, get_loss
 
+if TYPE_CHECKING:
+    from . import training
+
 __all__ = ["MLP", "Sequential"]
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+class _TrainingMethod(Generic[_P, _R]):
+    """A model method that is a function of :mod:`arraymlp.training` taking the model
+    first: ``model.fit(x, y, ...)`` is ``training.fit(model, x, y, ...)``. ``help()``,
+    ``inspect.signature`` and editors see that function's parameters and docstring (one
+    source of truth), less ``model``; static type checkers read them through the
+    ``ParamSpec``."""
+
+    def __init__(self, fn: Callable[Concatenate[Any, _P], _R] | str):
+        self.name = fn if isinstance(fn, str) else fn.__name__
+        self.method: Any = None
+
+    def _build(self):
+        """The method, made at first use: loading a model (``arraymlp.io``) does not
+        import the training loop."""
+        from . import training
+
+        fn = getattr(training, self.name)
+        sig = inspect.signature(fn)
+        params = list(sig.parameters.values())
+
+        def method(self, *args, **kwargs):
+            return fn(self, *args, **kwargs)
+
+        method.__signature__ = sig.replace(parameters=[params[0].replace(name="self"), *params[1:]])
+        method.__name__ = method.__qualname__ = fn.__name__
+        method.__doc__ = fn.__doc__
+        method.__module__ = fn.__module__
+        self.method = method
+        return method
+
+    @overload
+    def __get__(self, obj: None, objtype: type | None = None) -> Callable[Concatenate[Any, _P], _R]: ...
+
+    @overload
+    def __get__(self, obj: object, objtype: type | None = None) -> Callable[_P, _R]: ...
+
+    def __get__(self, obj, objtype=None):
+        method = self.method or self._build()
+        return method if obj is None else types.MethodType(method, obj)
 
 
 def _replace_optimizer_state(source, target) -> None:
@@ -380,29 +430,23 @@ class Sequential:
         return self.forward(x, training=False, xp=xp, keep=False)[0]
 
     # ------------------------------------------------------------------ training
-    def fit(self, x, y, **kwargs):
-        """Train on ``(x, y)``: ``x`` of shape (n, n_features), ``y`` of shape
-        (n, n_outputs), (n,), or labels (n,); see :func:`arraymlp.training.fit` for the
-        arguments.
-
-        Returns
-        -------
-        History
-        """
-        from .training import fit
-
-        return fit(self, x, y, **kwargs)
-
-    def partial_fit(self, x, y, **kwargs):
-        """One epoch over ``(x, y)`` (shapes as for :meth:`fit`) keeping optimiser state;
-        see :func:`arraymlp.training.partial_fit`."""
-        from .training import partial_fit
-
-        return partial_fit(self, x, y, **kwargs)
+    # fit, partial_fit and evaluate are the functions of arraymlp.training with the model
+    # as first argument: their signatures and docstrings are those functions' own.
+    if TYPE_CHECKING:  # type checkers read the parameters from the functions themselves
+        fit = _TrainingMethod(training.fit)
+        partial_fit = _TrainingMethod(training.partial_fit)
+        evaluate = _TrainingMethod(training.evaluate)
+    else:
+        fit = _TrainingMethod("fit")
+        partial_fit = _TrainingMethod("partial_fit")
+        evaluate = _TrainingMethod("evaluate")
 
     def predict(self, x):
-        """Labels (n,) for classifiers, outputs (n, n_outputs) for regressors;
-        see :func:`arraymlp.training.predict` (lazy, block by block, for a Dask array)."""
+        """Predictions in the form of the ``y`` of the last fit: class indices (n,) for
+        one class per sample; 0/1 labels in ``y``'s shape ((n,) stays (n,)) and dtype
+        family for ``binary_cross_entropy``; outputs for regressors ((n,) when ``y`` was
+        (n,)). See :func:`arraymlp.training.predict` (lazy, block by block, for a Dask
+        array)."""
         if is_dask_array(x):
             from ._dask import map_model
 
@@ -412,8 +456,9 @@ class Sequential:
         return predict(self, x)
 
     def predict_proba(self, x):
-        """Class probabilities (n, n_classes); see :func:`arraymlp.training.predict_proba`
-        (lazy, block by block, for a Dask array)."""
+        """Class probabilities: (n, n_classes) for one class per sample, (n, n_outputs)
+        for 0/1 outputs ((n, 1) for a binary classifier: the probability of 1); see
+        :func:`arraymlp.training.predict_proba` (lazy, block by block, for a Dask array)."""
         if is_dask_array(x):
             from ._dask import map_model
 
@@ -426,15 +471,19 @@ class Sequential:
         fa = loss.fused_activation
         return fa is not None and fa != "identity" and self.output_activation == fa
 
-    def _loss_and_grads(self, x, y, loss, *, xp, sample_weight=None, l2=0.0, training=True, check=False, plan=None):
+    def _loss_and_grads(self, x, y, loss, *, xp, sample_weight=None, l2=0.0, training=True, check=False, plan=None,
+                        on_outputs=None):
         """Unchecked core of :meth:`loss_and_grads` (inputs already validated).
 
         ``check=False`` also spares the table's losses their reading of the targets'
         values (label range, finiteness), which the caller validated up front (as
-        ``fit`` does for its whole ``y``); custom losses always check.
+        ``fit`` does for its whole ``y``); custom losses always check. ``on_outputs``,
+        when given, is called with the last layer's output (the logits when the output
+        activation is fused) before backpropagation starts (``fit``'s metrics).
         """
         value, dout, caches, owned = self._loss_and_dout(x, y, loss, xp=xp, sample_weight=sample_weight, l2=l2,
-                                                         training=training, check=check, plan=plan)
+                                                         training=training, check=check, plan=plan,
+                                                         on_outputs=on_outputs)
         grads = self._backprop(caches, dout, xp=xp, inplace=owned, plan=plan)
         if l2:
             for layer, p, g in zip(self.layers, self.params, grads):
@@ -446,11 +495,13 @@ class Sequential:
                         g["W"] = g["W"] + l2 * p["W"]
         return value, grads
 
-    def _loss_and_dout(self, x, y, loss, *, xp, sample_weight=None, l2=0.0, training=True, check=False, plan=None):
+    def _loss_and_dout(self, x, y, loss, *, xp, sample_weight=None, l2=0.0, training=True, check=False, plan=None,
+                       on_outputs=None):
         """Forward and loss of a batch: ``(value, d_out, caches, owned)``, where ``d_out``
         is the loss gradient at the last layer run and ``owned`` says whether the layers
         may overwrite it (the table's losses return a new array). ``value`` includes the
-        L2 penalty."""
+        L2 penalty. ``on_outputs(out)`` sees the last layer's output, as for
+        :meth:`_loss_and_grads`."""
         fused = self._fused(loss)
         out, caches = self.forward(x, training=training, xp=xp, upto=len(self.layers) - 1 if fused else None,
                                    plan=plan)
@@ -459,6 +510,8 @@ class Sequential:
             value, dout = loss.fn(out, y, xp=xp, sample_weight=sample_weight, check=False)
         else:
             value, dout = loss.fn(out, y, xp=xp, sample_weight=sample_weight)
+        if on_outputs is not None:
+            on_outputs(out)
         if l2:
             value = value + self._l2_penalty(l2, xp)
         return value, dout, caches, builtin

@@ -1,4 +1,4 @@
-"""Optimisers over lists of parameter dicts: SGD, Adam, AdamW, RMSprop, Adagrad.
+"""Optimisers over lists of parameter dicts: SGD, Adam, AdamW, RMSprop, Adagrad, and full-batch L-BFGS.
 
 A model's parameters are ``params: list[dict[str, array]]`` (one dict per layer,
 ``{}`` for layers without parameters) and its gradients ``grads`` mirror them key
@@ -42,7 +42,7 @@ from typing import Any
 
 import array_api_compat
 
-from ._backend import device_of, get_namespace, is_float16, to_backend
+from ._backend import device_of, get_namespace, is_float16, is_writeable, to_backend, to_numpy
 from .kernels import kernels_for
 
 __all__ = [
@@ -51,6 +51,8 @@ __all__ = [
     "Adagrad",
     "Adam",
     "AdamW",
+    "LBFGS",
+    "LBFGSIteration",
     "Optimizer",
     "RMSprop",
     "get_optimizer",
@@ -112,6 +114,14 @@ def _number(
         msg = f"{name} must be {want}, got {value!r}"
         raise ValueError(msg)
     return v
+
+
+def _count(name: str, value: Any) -> int:
+    """Validate a positive integer hyper-parameter."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        msg = f"{name} must be a positive int, got {value!r}"
+        raise ValueError(msg)
+    return int(value)
 
 
 def _optional_positive(name: str, value: Any) -> float | None:
@@ -884,6 +894,500 @@ class Adagrad(Optimizer):
         return p
 
 
+# ----------------------------------------------------------------------------- L-BFGS
+#: scipy's default ``factr=1e7`` times float64's machine epsilon: the relative change
+#: of the objective below which L-BFGS stops.
+_LBFGS_FTOL = 1e7 * 2.220446049250313e-16
+
+
+def _flat(params) -> list:
+    """The arrays of a list of parameter dicts, in order: one vector, held as pieces."""
+    return [a for layer in params for a in layer.values()]
+
+
+def _vdot(a: list, b: list, xp):
+    """``sum_i a_i . b_i`` over two lists of arrays of the same shapes: a 0-d array.
+
+    Each term is ``matmul`` of two 1-d views (a BLAS dot product, no temporary):
+    array-api-compat's ``vecdot`` for torch costs about 30 times as much on large vectors.
+    """
+    total = None
+    for ai, bi in zip(a, b):
+        s = xp.matmul(xp.reshape(ai, (-1,)), xp.reshape(bi, (-1,)))
+        total = s if total is None else total + s
+    return total
+
+
+def _largest(arrays: list, xp):
+    """``max_i |a_i|`` over all entries of a list of arrays: a 0-d array."""
+    return xp.max(xp.stack([xp.max(xp.abs(xp.reshape(a, (-1,)))) for a in arrays]))
+
+
+def _add(x, y):
+    """``x + y``, into ``x`` where it is writeable (an array L-BFGS made)."""
+    if is_writeable(x):
+        x += y
+        return x
+    return x + y
+
+
+def _sub(x, y):
+    """``x - y``, into ``x`` where it is writeable (an array L-BFGS made)."""
+    if is_writeable(x):
+        x -= y
+        return x
+    return x - y
+
+
+def _mul(x, c):
+    """``x * c``, into ``x`` where it is writeable (an array L-BFGS made)."""
+    if is_writeable(x):
+        x *= c
+        return x
+    return x * c
+
+
+def _host_floats(values, xp) -> list[float]:
+    """0-d arrays read to the host in one transfer."""
+    return [float(v) for v in to_numpy(xp.stack(values))]
+
+
+def _interpolate(t1, f1, g1, t2, f2, g2, lo, hi) -> float:
+    """The minimiser, clamped to ``[lo, hi]``, of the cubic through ``(t1, f1)`` and
+    ``(t2, f2)`` with slopes ``g1``, ``g2`` (Nocedal & Wright, eq. 3.59); of the quadratic
+    through ``f1, g1, f2`` when the cubic has no minimiser; the midpoint when neither has.
+    """
+    mid = 0.5 * (lo + hi)
+    if not all(map(math.isfinite, (t1, f1, g1, t2, f2, g2))) or t1 == t2:
+        return mid
+    d1 = g1 + g2 - 3.0 * (f1 - f2) / (t1 - t2)
+    disc = d1 * d1 - g1 * g2
+    t = None
+    if disc >= 0.0:
+        d2 = math.copysign(math.sqrt(disc), t2 - t1)
+        den = g2 - g1 + 2.0 * d2
+        if den != 0.0:
+            t = t2 - (t2 - t1) * (g2 + d2 - d1) / den
+    if t is None:  # the quadratic q(t1) = f1, q'(t1) = g1, q(t2) = f2
+        dt = t2 - t1
+        curv = f2 - f1 - g1 * dt
+        if curv > 0.0:
+            t = t1 - g1 * dt * dt / (2.0 * curv)
+    if t is None or not math.isfinite(t):
+        return mid
+    return min(max(t, lo), hi)
+
+
+class _Trial:
+    """One point of the line search: step ``t``, value ``f``, slope ``gtd`` along the
+    direction, and the gradient arrays there."""
+
+    __slots__ = ("f", "g", "gtd", "t")
+
+    def __init__(self, t, f, gtd, g):
+        self.t, self.f, self.gtd, self.g = t, f, gtd, g
+
+
+class LBFGSIteration:
+    """What one iteration of :class:`LBFGS` reached: ``loss`` (a float), ``step`` (the
+    line search's step length), ``n_fun`` (function evaluations so far), ``n_iter``."""
+
+    __slots__ = ("loss", "n_fun", "n_iter", "step")
+
+    def __init__(self, loss: float, step: float, n_fun: int, n_iter: int):
+        self.loss, self.step, self.n_fun, self.n_iter = loss, step, n_fun, n_iter
+
+    def __repr__(self) -> str:
+        return (f"LBFGSIteration(loss={self.loss!r}, step={self.step!r}, n_fun={self.n_fun}, "
+                f"n_iter={self.n_iter})")
+
+
+class LBFGS(Optimizer):
+    """Limited-memory BFGS with a strong-Wolfe line search, on any array namespace.
+
+    A full-batch optimiser: it owns the iteration and calls the objective itself, so
+    it has no per-batch :meth:`step`; use :meth:`minimize` (or :meth:`iterate`) with a
+    function ``fun(params) -> (loss, grads)``, or ``fit(model, x, y,
+    optimizer="lbfgs")``, which trains on the whole data set with it.
+
+    Direction: ``d = -H g`` by the two-loop recursion over the last ``history_size``
+    pairs ``s = x_{k+1} - x_k``, ``y = g_{k+1} - g_k`` (pairs with ``y.s <= eps y.y``
+    are skipped), with ``H_0 = (s.y / y.y) I`` from the latest pair. Step: the strong
+    Wolfe conditions ``f(x + t d) <= f(x) + c1 t g.d`` and ``|g(x + t d).d| <= c2 |g.d|``
+    (Nocedal & Wright, Algorithms 3.5 and 3.6: bracketing by extrapolation, then zoom,
+    both by cubic interpolation with a quadratic and a bisection fallback). The first
+    trial step is ``lr * min(1, 1/||g||_1)`` on the first iteration and ``lr`` after.
+
+    The parameters are one vector held as the list of the model's arrays: dot products
+    are sums over the list, and nothing is concatenated. The state is the current
+    point, its gradient, the direction and ``2 * history_size`` vectors, each the size
+    of the parameters. A line search compares numbers, so each function evaluation
+    reads two scalars to the host (the value and the slope, in one transfer), and each
+    iteration two more transfers (the direction's slope and size; the new pair's
+    curvature with the new gradient's largest entry); the vector arithmetic stays on
+    the device.
+
+    Stopping, as scikit-learn's use of scipy's L-BFGS-B: ``max |g_i| <= tol``
+    (scipy's ``pgtol``); ``(f_k - f_{k+1}) / max(|f_k|, |f_{k+1}|, 1) <= ftol``
+    (scipy's ``factr * eps``); ``max_iter`` iterations; ``max_fun`` evaluations of the
+    objective, never exceeded (a line search cut short takes its best point with
+    sufficient decrease, if any); a line search that finds no lower point. After a
+    run, :attr:`status` and :attr:`message` say which.
+
+    Parameters
+    ----------
+    lr : float, default 1.0
+        Scale of the first trial step of each line search, ``> 0``.
+    history_size : int, default 10
+        Pairs ``(s, y)`` kept (``m``).
+    max_iter : int or None, default None
+        Iterations per :meth:`minimize` call; ``None``: no limit of its own.
+    max_fun : int, default 15000
+        Evaluations of the objective per call, the first included.
+    tol : float, default 1e-5
+        Stop when every gradient entry is at most ``tol`` in absolute value.
+    ftol : float, default 2.22e-9
+        Stop when the relative decrease of the objective is at most ``ftol``.
+    c1, c2 : float, default 1e-4, 0.9
+        Sufficient-decrease and curvature constants, ``0 < c1 < c2 < 1``.
+    max_ls : int, default 25
+        Evaluations per line search.
+
+    Attributes
+    ----------
+    n_iter : int
+        Iterations of the last call.
+    n_fun : int
+        Objective evaluations of the last call.
+    loss : float or None
+        The objective at the current point of the last call.
+    status : str or None
+        ``"gtol"``, ``"ftol"``, ``"max_iter"``, ``"max_fun"``, ``"line_search"`` or
+        ``"interrupted"`` (the caller stopped iterating).
+    message : str
+        The reason in words.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from arraymlp.optim import LBFGS
+    >>> A = np.array([[3.0, 1.0], [1.0, 2.0]]); b = np.array([1.0, -1.0])
+    >>> def fun(params):  # f(w) = w.A.w / 2 - b.w, minimised at A^-1 b
+    ...     w = params[0]["w"]
+    ...     return w @ A @ w / 2 - b @ w, [{"w": A @ w - b}]
+    >>> params = [{"w": np.zeros(2)}]
+    >>> opt = LBFGS(tol=1e-10)
+    >>> _ = opt.minimize(fun, params)
+    >>> np.allclose(params[0]["w"], np.linalg.solve(A, b), atol=1e-10), opt.n_iter, opt.n_fun
+    (True, 5, 6)
+    >>> opt.status, opt.message
+    ('ftol', 'the relative decrease of the objective is at most ftol=2.22e-09')
+    """
+
+    name = "lbfgs"
+    _hyper = ("history_size", "max_iter", "max_fun", "tol", "ftol", "c1", "c2", "max_ls")
+
+    def __init__(
+        self,
+        lr: float = 1.0,
+        history_size: int = 10,
+        max_iter: int | None = None,
+        max_fun: int = 15000,
+        tol: float = 1e-5,
+        ftol: float = _LBFGS_FTOL,
+        c1: float = 1e-4,
+        c2: float = 0.9,
+        max_ls: int = 25,
+    ) -> None:
+        super().__init__(lr)
+        _number("lr", lr, low=0.0, low_open=True)
+        self.history_size = _count("history_size", history_size)
+        self.max_iter = None if max_iter is None else _count("max_iter", max_iter)
+        self.max_fun = _count("max_fun", max_fun)
+        self.tol = _number("tol", tol, low=0.0)
+        self.ftol = _number("ftol", ftol, low=0.0)
+        self.c1 = _number("c1", c1, low=0.0, high=1.0, low_open=True, high_open=True)
+        self.c2 = _number("c2", c2, low=self.c1, high=1.0, low_open=True, high_open=True)
+        self.max_ls = _count("max_ls", max_ls)
+        self.n_iter = 0
+        self.n_fun = 0
+        self.status: str | None = None
+        self.message = ""
+        self.loss: float | None = None
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """All constructor arguments, as a dict that rebuilds this optimiser."""
+        d = {"lr": self.lr}
+        d.update({k: getattr(self, k) for k in self._hyper})
+        return d
+
+    def __repr__(self) -> str:
+        parts = [f"lr={self.lr!r}"] + [f"{k}={getattr(self, k)!r}" for k in self._hyper]
+        return f"LBFGS({', '.join(parts)})"
+
+    def step(self, params, grads, *, lr=None):
+        """Not available: L-BFGS evaluates the objective itself (see :meth:`minimize`);
+        ``params`` and ``grads`` (lists of dicts of arrays of the parameters' shapes) are not used."""
+        msg = ("LBFGS has no per-batch step: it needs the objective, not one gradient. Call "
+               "opt.minimize(fun, params) with fun(params) -> (loss, grads), or fit(model, x, y, "
+               "optimizer='lbfgs'), which trains on the whole data set")
+        raise TypeError(msg)
+
+    def minimize(self, fun, params):
+        """Minimise ``fun`` from ``params`` (updated in place); return ``params``.
+
+        Parameters
+        ----------
+        fun : callable
+            ``fun(params) -> (loss, grads)``: a 0-d array (or float) and gradients
+            mirroring ``params``. It reads the parameters from the dicts it is given,
+            which the line search fills with each trial point.
+        params : list of dict of arrays
+            The starting point (any shapes; one dict per layer, ``{}`` for layers
+            without parameters); left at the last accepted point.
+
+        Returns
+        -------
+        list of dict of arrays
+            ``params``.
+        """
+        for _ in self.iterate(fun, params):
+            pass
+        return params
+
+    # -- the iteration --------------------------------------------------------------
+    def _set(self, params, x, d, t, xp) -> None:
+        """Write ``x + t d`` into the parameter dicts (in place where allowed)."""
+        i = 0
+        for layer in params:
+            for key, p in layer.items():
+                new = x[i] + t * d[i] if t != 0.0 else x[i]
+                if is_writeable(p):
+                    p[...] = new
+                else:
+                    layer[key] = xp.asarray(new, copy=True)
+                i += 1
+
+    def _evaluate(self, fun, params, d, xp):
+        value, grads = fun(params)
+        self.n_fun += 1
+        _check_structure(params, grads)
+        g = _flat(grads)
+        if not array_api_compat.is_array_api_obj(value):
+            value = xp.asarray(value, dtype=g[0].dtype if g else None)
+        # the value with its slope along d (a trial) or the largest gradient entry (the start), in one read
+        f, other = _host_floats([xp.astype(value, g[0].dtype), _largest(g, xp) if d is None else _vdot(g, d, xp)],
+                                xp)
+        return f, other, g
+
+    def iterate(self, fun, params):
+        """Run L-BFGS from ``params``, yielding after each iteration.
+
+        A generator: each item is an :class:`LBFGSIteration`; the parameter dicts hold
+        that iteration's point when it is yielded. It ends when a stopping rule holds
+        (:attr:`status`); the caller may stop earlier by leaving the loop (status
+        ``"interrupted"``).
+
+        Parameters
+        ----------
+        fun : callable
+            ``fun(params) -> (loss, grads)``, as for :meth:`minimize`.
+        params : list of dict of arrays
+            The starting point (any shapes; ``grads`` mirrors them), updated in place.
+
+        Yields
+        ------
+        LBFGSIteration
+
+        Raises
+        ------
+        FloatingPointError
+            When the objective is not finite at the starting point.
+        """
+        _check_structure(params, params)
+        arrays = _flat(params)
+        if not arrays:
+            msg = "LBFGS needs at least one parameter array, got none"
+            raise ValueError(msg)
+        xp = get_namespace(*arrays)
+        if is_float16(arrays[0].dtype, xp):
+            msg = ("LBFGS needs float32 or float64 parameters, got float16: its dot products and curvature "
+                   "pairs lose all precision there; train in float32")
+            raise ValueError(msg)
+        self.n_iter, self.n_fun, self.status, self.message = 0, 0, "interrupted", "stopped by the caller"
+        finfo = xp.finfo(arrays[0].dtype)
+        eps = float(finfo.eps)
+        x = [xp.asarray(a, copy=True) for a in arrays]
+        f, gmax, g = self._evaluate(fun, params, None, xp)
+        if not math.isfinite(f):
+            msg = f"the objective is {f} at the starting point; L-BFGS needs a finite start"
+            raise FloatingPointError(msg)
+        self.loss = f
+        history: list[tuple[list, list, float]] = []  # (s, y, rho)
+        gamma = 1.0
+        while not self._stops_before(gmax):
+            d, gtd0, dmax, g_l1 = self._direction(g, history, gamma, xp, l1=self.n_iter == 0)
+            t0 = self.lr * min(1.0, 1.0 / g_l1) if self.n_iter == 0 else self.lr
+            best = self._line_search(fun, params, x, d, f, gtd0, t0, dmax, eps, xp)
+            if best.t == 0.0:
+                self._set(params, x, d, 0.0, xp)
+                if self.status == "max_fun":
+                    return
+                if history:  # as L-BFGS-B: forget the curvature pairs and retry along -g once
+                    history.clear()
+                    gamma = 1.0
+                    continue
+                self._stop("line_search", "the line search found no lower point along the search direction")
+                return
+            self._set(params, x, d, best.t, xp)
+            s = [best.t * di for di in d]
+            y = [gn - go for gn, go in zip(best.g, g)]
+            for i, si in enumerate(s):
+                x[i] = _add(x[i], si)
+            ratio, gmax = self._remember(history, s, y, best.g, eps, xp)
+            gamma = ratio or gamma
+            f_old, f, g = f, best.f, best.g
+            self.loss = f
+            self.n_iter += 1
+            self.step_count += 1
+            out_of_fun = self.status == "max_fun"
+            self.status, self.message = "interrupted", "stopped by the caller"
+            yield LBFGSIteration(f, best.t, self.n_fun, self.n_iter)
+            if out_of_fun:
+                self._stop("max_fun", f"maximum function evaluations ({self.max_fun}) reached")
+                return
+            if (f_old - f) / max(abs(f_old), abs(f), 1.0) <= self.ftol:
+                self._stop("ftol", f"the relative decrease of the objective is at most ftol={self.ftol:.3g}")
+                return
+
+    def _stop(self, status: str, message: str) -> None:
+        self.status, self.message = status, message
+
+    def _stops_before(self, gmax: float) -> bool:
+        """Whether a rule stops the run before the next iteration (``gmax``: the largest
+        gradient entry at the current point)."""
+        if gmax <= self.tol:
+            self._stop("gtol", f"the largest gradient entry {gmax:.3g} is at most tol={self.tol:g}")
+        elif self.max_iter is not None and self.n_iter >= self.max_iter:
+            self._stop("max_iter", f"maximum iterations ({self.max_iter}) reached")
+        elif self.n_fun >= self.max_fun:
+            self._stop("max_fun", f"maximum function evaluations ({self.max_fun}) reached")
+        else:
+            return False
+        return True
+
+    def _remember(self, history, s, y, g, eps, xp) -> tuple[float | None, float]:
+        """Keep the pair ``(s, y)`` when its curvature ``y.s`` is positive (beyond
+        rounding). Returns the new ``H_0`` scale ``y.s / y.y`` (None when the pair is
+        skipped) and the largest entry of the new gradient ``g``, read together."""
+        ys, yy, gmax = _host_floats([_vdot(y, s, xp), _vdot(y, y, xp), _largest(g, xp)], xp)
+        if not (ys > eps * yy and yy > 0.0):
+            return None, gmax
+        history.append((s, y, 1.0 / ys))
+        if len(history) > self.history_size:
+            history.pop(0)
+        return ys / yy, gmax
+
+    def _direction(self, g, history, gamma, xp, *, l1: bool):
+        """The search direction with its slope, largest entry and (when ``l1``) the
+        gradient's 1-norm, read in one transfer: ``(d, g.d, max|d_i|, ||g||_1 or None)``.
+        ``d = -H g`` by the two-loop recursion, or ``-g`` (the history forgotten) when
+        rounding made that no descent direction."""
+        d = self._two_loop(g, history, gamma, xp)
+        norm1 = [sum(xp.sum(xp.abs(gi)) for gi in g)] if l1 else []
+        gtd, dmax, *rest = _host_floats([_vdot(g, d, xp), _largest(d, xp), *norm1], xp)
+        if not gtd < 0.0:
+            history.clear()
+            d = [-gi for gi in g]
+            gtd, dmax = _host_floats([_vdot(g, d, xp), _largest(d, xp)], xp)
+        return d, gtd, dmax, rest[0] if rest else None
+
+    def _two_loop(self, g, history, gamma, xp):
+        """``-H g`` by the two-loop recursion (the arrays of ``g`` are not modified)."""
+        q = [-gi for gi in g]
+        alphas = []
+        for s, y, rho in reversed(history):
+            a = rho * _vdot(s, q, xp)
+            for i, yi in enumerate(y):
+                q[i] = _sub(q[i], a * yi)
+            alphas.append(a)
+        if history and gamma != 1.0:
+            q = [_mul(qi, gamma) for qi in q]
+        for (s, y, rho), a in zip(history, reversed(alphas)):
+            b = rho * _vdot(y, q, xp)
+            for i, si in enumerate(s):
+                q[i] = _add(q[i], (a - b) * si)
+        return q
+
+    def _line_search(self, fun, params, x, d, f0, gtd0, t, dmax, eps, xp):
+        """A step meeting the strong Wolfe conditions along ``d`` (or, when evaluations
+        run out first, the lowest point found with sufficient decrease): a
+        :class:`_Trial`, or ``None`` when no point below ``f0`` was found."""
+        c1, c2 = self.c1, self.c2
+        prev = _Trial(0.0, f0, gtd0, None)
+        for i in range(self.max_ls):
+            if self.n_fun >= self.max_fun:
+                self.status = "max_fun"
+                return prev
+            self._set(params, x, d, t, xp)
+            f, gtd, g = self._evaluate(fun, params, d, xp)
+            cur = _Trial(t, f if math.isfinite(f) else math.inf, gtd, g)
+            if cur.f > f0 + c1 * t * gtd0 or (i > 0 and cur.f >= prev.f):
+                return self._zoom(fun, params, x, d, f0, gtd0, prev, cur, dmax, eps, xp, i + 1)
+            if abs(cur.gtd) <= -c2 * gtd0:
+                return cur
+            if cur.gtd >= 0.0:
+                return self._zoom(fun, params, x, d, f0, gtd0, cur, prev, dmax, eps, xp, i + 1)
+            # extrapolate: beyond t by at least 1% of the last stride, at most 10 t
+            lo, hi = t + 0.01 * (t - prev.t), 10.0 * t
+            t_next = _interpolate(prev.t, prev.f, prev.gtd, t, cur.f, cur.gtd, lo, hi)
+            prev, t = cur, t_next
+        return prev
+
+    def _zoom(self, fun, params, x, d, f0, gtd0, lo, hi, dmax, eps, xp, used):
+        """Nocedal & Wright's zoom between ``lo`` (sufficient decrease, the lower value)
+        and ``hi``; return the Wolfe point, or ``lo`` when evaluations run out or the
+        interval is narrow: below rounding, or (once ``lo`` is a step) at most a tenth of
+        its upper end, as scipy's line search (``xtol=0.1``) does. On a piecewise-smooth
+        objective (ReLU) the curvature condition may hold nowhere near a kink; this
+        takes the lower point instead of closing in on the kink."""
+        c1, c2 = self.c1, self.c2
+        xtol = max(1e-9, 10.0 * eps)
+        stalled = False
+        while used < self.max_ls:
+            a, b = min(lo.t, hi.t), max(lo.t, hi.t)
+            if (b - a) * dmax < xtol or (lo.t > 0.0 and b - a <= 0.1 * b):
+                break
+            if self.n_fun >= self.max_fun:
+                self.status = "max_fun"
+                break
+            t = _interpolate(lo.t, lo.f, lo.gtd, hi.t, hi.f, hi.gtd, a, b)
+            # keep the trial off the ends of the interval: at once when it sits on one,
+            # and on the second time running it falls within 10% of one
+            margin = 0.1 * (b - a)
+            if min(b - t, t - a) < margin:
+                if stalled or t <= a or t >= b:
+                    t = b - margin if abs(b - t) < abs(t - a) else a + margin
+                    stalled = False
+                else:
+                    stalled = True
+            else:
+                stalled = False
+            self._set(params, x, d, t, xp)
+            f, gtd, g = self._evaluate(fun, params, d, xp)
+            used += 1
+            cur = _Trial(t, f if math.isfinite(f) else math.inf, gtd, g)
+            if cur.f > f0 + c1 * t * gtd0 or cur.f >= lo.f:
+                hi = cur
+            else:
+                if abs(cur.gtd) <= -c2 * gtd0:
+                    return cur
+                if cur.gtd * (hi.t - lo.t) >= 0.0:
+                    hi = lo
+                lo = cur
+        return lo
+
+
 # ----------------------------------------------------------------------------- registry
 #: Optimiser names accepted by :func:`get_optimizer`.
 OPTIMIZERS: dict[str, type[Optimizer]] = {
@@ -892,6 +1396,7 @@ OPTIMIZERS: dict[str, type[Optimizer]] = {
     "adamw": AdamW,
     "rmsprop": RMSprop,
     "adagrad": Adagrad,
+    "lbfgs": LBFGS,
 }
 
 
@@ -901,7 +1406,7 @@ def get_optimizer(name_or_instance: str | Optimizer, **kwargs: Any) -> Optimizer
     Parameters
     ----------
     name_or_instance : str or Optimizer
-        One of ``"sgd"``, ``"adam"``, ``"adamw"``, ``"rmsprop"``, ``"adagrad"``
+        One of ``"sgd"``, ``"adam"``, ``"adamw"``, ``"rmsprop"``, ``"adagrad"``, ``"lbfgs"``
         (case-insensitive), or an :class:`Optimizer`, returned as is.
     **kwargs
         Hyper-parameters for the named optimiser's constructor.

@@ -156,10 +156,12 @@ class MixedPrecision:
         self.skipped = self.skipped + xp.where(ok, zero, one)
 
     # -------------------------------------------------------------------- a step
-    def loss_then_update(self, model, opt, lossfn, xb, yb, wb, *, xp, l2: float = 0.0):
+    def loss_then_update(self, model, opt, lossfn, xb, yb, wb, *, xp, l2: float = 0.0, on_outputs=None):
         """One training step's loss and its update, in the compute dtype over the
         float32 master weights: ``(value, update)`` as the fit loop expects
-        (``value`` is the float32 loss; ``update(lr)`` steps the optimiser)."""
+        (``value`` is the float32 loss; ``update(lr)`` steps the optimiser).
+        ``on_outputs(out)`` sees the batch's float32 outputs before backpropagation
+        (``fit``'s metrics)."""
         device = device_of(xb)
         self._state(xp, device)
         cdt = getattr(xp, self.dtype_name)
@@ -172,6 +174,8 @@ class MixedPrecision:
             out, caches = model.forward(xp.astype(xb, cdt), training=True, xp=xp,
                                         upto=len(model.layers) - 1 if fused else None)
             out = xp.astype(out, xp.float32)
+            if on_outputs is not None:
+                on_outputs(out)
             yl = yb if not xp.isdtype(yb.dtype, "real floating") else xp.astype(yb, xp.float32)
             wl = None if wb is None else xp.astype(wb, xp.float32)
             if builtin:

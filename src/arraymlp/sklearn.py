@@ -45,6 +45,7 @@ from sklearn.metrics import accuracy_score, r2_score
 from sklearn.model_selection import train_test_split
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, Options, StrOptions
+from sklearn.utils.metaestimators import available_if
 from sklearn.utils.multiclass import check_classification_targets, type_of_target, unique_labels
 from sklearn.utils.validation import check_array, check_consistent_length, check_is_fitted, validate_data
 
@@ -64,12 +65,12 @@ from .kernels import kernels_for
 from .layers import Dense
 from .losses import Loss, binary_cross_entropy, cross_entropy, mse, poisson_nll
 from .model import MLP
-from .optim import SGD, Adagrad, Adam, AdamW, RMSprop, get_optimizer
+from .optim import LBFGS, SGD, Adagrad, Adam, AdamW, RMSprop, get_optimizer
 from .training import DivergenceError, _l2_over_batch, _Run, _run_epoch
 
 __all__ = ["MLPClassifier", "MLPRegressor"]
 
-_SOLVERS = ("sgd", "adam", "adamw", "rmsprop", "adagrad")
+_SOLVERS = ("sgd", "adam", "adamw", "rmsprop", "adagrad", "lbfgs")
 _LEARNING_RATES = ("constant", "invscaling", "adaptive")
 _ACTIVATION_ALIASES = {"logistic": "sigmoid"}
 _DTYPES = ("float16", "float32", "float64")
@@ -281,9 +282,13 @@ _PARAMETERS_DOC = """
     activation : str, default="relu"
         Hidden activation: scikit-learn's ``"identity"``, ``"logistic"`` (the sigmoid),
         ``"tanh"``, ``"relu"``, or any key of :data:`arraymlp.ACTIVATIONS`.
-    solver : {"adam", "sgd", "adamw", "rmsprop", "adagrad"}, default="adam"
-        Mini-batch optimiser. scikit-learn's ``"lbfgs"`` is not available (a clear
-        error says so).
+    solver : {"adam", "sgd", "adamw", "rmsprop", "adagrad", "lbfgs"}, default="adam"
+        Mini-batch optimiser, or ``"lbfgs"``: full-batch L-BFGS
+        (:class:`arraymlp.optim.LBFGS`) on the whole objective, on the training
+        backend and device, stopping as scikit-learn's does (``tol`` on the largest
+        gradient entry, a relative decrease of the loss below ~2.2e-9, ``max_iter``,
+        ``max_fun``). ``batch_size``, ``shuffle``, the learning-rate settings and
+        ``early_stopping`` do not apply to it, nor ``partial_fit``.
     alpha : float, default=1e-4
         L2 penalty with scikit-learn's scaling, ``alpha / (2 sum w_B) * sum ||W||^2`` per
         batch (``sum w_B`` the batch's weight sum, its size without weights), on every
@@ -302,7 +307,8 @@ _PARAMETERS_DOC = """
     power_t : float, default=0.5
         Exponent of the ``"invscaling"`` schedule.
     max_iter : int, default=200
-        Maximum number of epochs (passes over the data).
+        Maximum number of epochs (passes over the data); for ``solver="lbfgs"``, of
+        iterations.
     shuffle : bool, default=True
         Draw a new sample order every epoch.
     random_state : int, RandomState instance or None, default=None
@@ -311,7 +317,8 @@ _PARAMETERS_DOC = """
     tol : float, default=1e-4
         Training stops when the training loss (or, with ``early_stopping``, the
         validation score) has not improved by at least ``tol`` for ``n_iter_no_change``
-        consecutive epochs.
+        consecutive epochs. With ``solver="lbfgs"``: when no gradient entry exceeds
+        ``tol`` in absolute value.
     verbose : bool, default=False
         Print the loss of each epoch.
     warm_start : bool, default=False
@@ -334,6 +341,9 @@ _PARAMETERS_DOC = """
     n_iter_no_change : int or np.inf, default=10
         Epochs without improvement by ``tol`` before stopping; ``np.inf`` never stops
         before ``max_iter``.
+    max_fun : int, default=15000
+        Maximum number of loss evaluations of ``solver="lbfgs"`` (never exceeded);
+        ignored by the other solvers.
     backend : str, module or None, default=None
         ``"numpy"``, ``"cupy"``, ``"torch"``, ``"array_api_strict"`` or a namespace
         module to train on. ``None`` follows the namespace of ``X`` (NumPy for lists,
@@ -352,9 +362,11 @@ _PARAMETERS_DOC = """
 
 _ATTRIBUTES_DOC = """
     loss_ : float
-        Training loss of the last epoch (the objective above, L2 term included).
+        Training loss of the last epoch (the objective above, L2 term included); with
+        ``solver="lbfgs"``, the objective at the final parameters.
     loss_curve_ : list of float
-        Training loss of each epoch (sample-count weighted mean of the batch losses).
+        Training loss of each epoch (sample-count weighted mean of the batch losses);
+        with ``solver="lbfgs"``, the objective after each iteration.
     best_loss_ : float or None
         Lowest training loss so far; ``None`` with ``early_stopping``.
     validation_scores_ : list of float or None
@@ -362,7 +374,7 @@ _ATTRIBUTES_DOC = """
     best_validation_score_ : float or None
         Best of ``validation_scores_``; ``None`` without ``early_stopping``.
     n_iter_ : int
-        Epochs run since the estimator was (re)initialised or since the last
+        Epochs (``solver="lbfgs"``: iterations) run since the estimator was (re)initialised or since the last
         ``warm_start`` fit began.
     t_ : int
         Training samples seen, over all epochs.
@@ -445,6 +457,14 @@ def _check_parameter_values(est) -> None:
         resolve_backend(est.backend)
 
 
+def _stochastic(est) -> bool:
+    """Whether the solver is a mini-batch one (``partial_fit`` exists only for those, as in scikit-learn)."""
+    if est.solver == "lbfgs":
+        msg = f"partial_fit is only available for stochastic optimizers. {est.solver} is not stochastic."
+        raise AttributeError(msg)
+    return True
+
+
 class _BaseMLP(BaseEstimator):
     """Shared parameters, validation, training loop and pickling of the two estimators."""
 
@@ -462,6 +482,7 @@ class _BaseMLP(BaseEstimator):
         "learning_rate_init": [_Interval(Real, 0, None, closed="neither")],
         "power_t": [_Interval(Real, 0, None, closed="left")],
         "max_iter": [_Interval(Integral, 1, None, closed="left")],
+        "max_fun": [_Interval(Integral, 1, None, closed="left")],
         "shuffle": ["boolean"],
         "random_state": ["random_state"],
         "tol": [_Interval(Real, 0, None, closed="left")],
@@ -506,6 +527,7 @@ class _BaseMLP(BaseEstimator):
         beta_2=0.999,
         epsilon=1e-8,
         n_iter_no_change=10,
+        max_fun=15000,
         backend=None,
         device=None,
         dtype="float32",
@@ -533,6 +555,7 @@ class _BaseMLP(BaseEstimator):
         self.beta_2 = beta_2
         self.epsilon = epsilon
         self.n_iter_no_change = n_iter_no_change
+        self.max_fun = max_fun
         self.backend = backend
         self.device = device
         self.dtype = dtype
@@ -562,21 +585,15 @@ class _BaseMLP(BaseEstimator):
         """Validate the constructor arguments; raise a ValueError naming the first invalid one.
 
         The table :attr:`_parameter_constraints` covers each argument on its own
-        (scikit-learn's ``InvalidParameterError``, a ValueError). Around it: a hint for
-        scikit-learn's ``solver="lbfgs"``, which the table would only list as unknown, and
-        the checks that one table row cannot state (:func:`_check_parameter_values`).
+        (scikit-learn's ``InvalidParameterError``, a ValueError), then the checks that one
+        table row cannot state (:func:`_check_parameter_values`).
         """
-        if self.solver == "lbfgs":
-            msg = (
-                "solver='lbfgs' is not supported: arraymlp trains with mini-batch optimisers only. "
-                f"Use solver='adam' (the default) or 'sgd' ({', '.join(_SOLVERS)} are available), "
-                f"or scikit-learn's own sklearn.neural_network.{type(self).__name__} for L-BFGS."
-            )
-            raise ValueError(msg)
         self._validate_params()
         _check_parameter_values(self)
 
     def _make_optimizer(self):
+        if self.solver == "lbfgs":
+            return LBFGS(max_iter=int(self.max_iter), max_fun=int(self.max_fun), tol=float(self.tol))
         lr = float(self.learning_rate_init)
         if self.solver == "sgd":
             return SGD(lr, momentum=float(self.momentum),
@@ -703,6 +720,9 @@ class _BaseMLP(BaseEstimator):
             self.best_loss_ = np.inf
 
     def _train(self, x, y, sw_host, strata, xp, device, dtype, *, incremental: bool, split_seed: int) -> None:
+        if self.solver == "lbfgs":
+            self._train_lbfgs(x, y, sw_host, xp, device, dtype)
+            return
         model = self.model_
         lossfn = self._loss_row()
         n_all = int(x.shape[0])
@@ -748,6 +768,48 @@ class _BaseMLP(BaseEstimator):
         if early and self._best_params is not None:
             model.params = self._best_params
         self._best_params = None
+
+    def _train_lbfgs(self, x, y, sw_host, xp, device, dtype) -> None:
+        """Full-batch L-BFGS on the objective over all of ``(x, y)``: ``l2 = alpha / sum w``.
+
+        As scikit-learn's, ``early_stopping`` does not apply, and reaching ``max_iter`` or
+        ``max_fun`` (or a line search that finds no lower point) gives a ConvergenceWarning.
+        """
+        if float(self.dropout) > 0:
+            msg = (f"solver='lbfgs' needs a deterministic objective, but dropout={self.dropout!r} draws a new "
+                   "mask at each evaluation; set dropout=0.0 or use a stochastic solver")
+            raise ValueError(msg)
+        model, opt, lossfn = self.model_, self._optimizer, self._loss_row()
+        w_dev = None if sw_host is None else xp.asarray(sw_host, dtype=dtype, device=device)
+        l2 = float(self.alpha) / (int(x.shape[0]) if sw_host is None else float(sw_host.sum()))
+
+        def fun(params):
+            return model._loss_and_grads(x, y, lossfn, xp=xp, sample_weight=w_dev, l2=l2)
+
+        self.n_iter_ = 0
+        with quiet_overflow(xp):
+            try:
+                for it in opt.iterate(fun, model.params):
+                    self.n_iter_ += 1
+                    self.loss_curve_.append(it.loss)
+                    if self.verbose:
+                        print(f"Iteration {self.n_iter_}, loss = {it.loss:.8f}", flush=True)
+            except FloatingPointError as exc:
+                msg = (f"{exc}. Standardise the inputs (sklearn.preprocessing.StandardScaler) or check the "
+                       "initial parameters.")
+                raise DivergenceError(msg, epoch=0, step=0) from exc
+        self.loss_ = opt.loss
+        if self.best_loss_ is not None:
+            self.best_loss_ = min(self.best_loss_, opt.loss)
+        if self.verbose:
+            print(f"L-BFGS stopped: {opt.message}", flush=True)
+        if opt.status in ("max_iter", "max_fun", "line_search"):
+            warnings.warn(
+                f"lbfgs failed to converge after {self.n_iter_} iteration(s): {opt.message}. Increase max_iter "
+                "(or max_fun), or scale the data (sklearn.preprocessing.StandardScaler).",
+                ConvergenceWarning,
+                stacklevel=4,
+            )
 
     def _split_validation(self, x, y, sw_host, strata, xp, device, dtype, *, n_all: int, split_seed: int):
         """Split off early stopping's validation set; return the training and validation parts."""
@@ -1014,6 +1076,7 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
         """
         return self._fit(X, y, sample_weight, incremental=False)
 
+    @available_if(_stochastic)
     def partial_fit(self, X, y, classes=None, sample_weight=None):
         """One epoch over ``(X, y)``, keeping the parameters and optimiser state.
 
@@ -1349,6 +1412,7 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
         """
         return self._fit(X, y, sample_weight, incremental=False)
 
+    @available_if(_stochastic)
     def partial_fit(self, X, y, sample_weight=None):
         """One epoch over ``(X, y)``, keeping the parameters and optimiser state.
 

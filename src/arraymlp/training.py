@@ -17,23 +17,32 @@ the update is made during backpropagation instead, each dense layer's weight gra
 accumulating straight into its weights (:func:`arraymlp.functional.dense_sgd_update`);
 an exception raised inside backpropagation (a custom layer's, or Ctrl-C) can leave that
 step applied to the layers above the failing one only.
+
+Without ``loss=`` the loss is inferred from the output activation and the targets
+(:func:`infer_loss`). Metrics (:mod:`arraymlp.metrics`) are summed on the device during
+the epoch and read when it ends; :func:`evaluate` measures a fitted model the same way.
+:func:`predict` answers in the form (rank, dtype family) of the ``y`` of the last fit.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import math
 import numbers
 import sys
 import time
 from typing import Any, Callable, Sequence
 
-from ._backend import Generator, index_dtype, is_float16, quiet_overflow, to_numpy
+import numpy
+
+from ._backend import Generator, index_dtype, quiet_overflow, to_numpy
 from .callbacks import Callback, DivergenceError, EarlyStopping, History
 from .fusion import plan_for
-from .losses import LOSSES, check_targets, get_loss
-from .optim import Optimizer, get_optimizer
+from .losses import LOSSES, Loss, check_targets, count_not_binary, get_loss
+from .metrics import Metric, _Accumulator, _Pair, get_metrics, read_results
+from .optim import LBFGS, Optimizer, get_optimizer
 from .precision import resolve_precision
 
 __all__ = [
@@ -41,7 +50,9 @@ __all__ = [
     "DivergenceError",
     "EarlyStopping",
     "History",
+    "evaluate",
     "fit",
+    "infer_loss",
     "partial_fit",
     "predict",
     "predict_proba",
@@ -71,11 +82,13 @@ class _Progress:
             if tqdm is not None:
                 self.bar = tqdm(total=epochs, unit="epoch", leave=True)
 
-    def update(self, logs: dict[str, Any], metric_name: str) -> None:
+    def update(self, logs: dict[str, Any], names: Sequence[str]) -> None:
+        """Show the epoch's ``loss`` and the entries of ``logs`` named in ``names``
+        (the metrics, ``val_loss`` and the validation metrics) that it has."""
         parts = {"loss": f"{logs['loss']:.4g}"}
-        if logs.get("val_loss") is not None:
-            parts["val_loss"] = f"{logs['val_loss']:.4g}"
-            parts[f"val_{metric_name}"] = f"{logs['val_metric']:.4f}"
+        for name in names:
+            if logs.get(name) is not None:
+                parts[name] = f"{logs[name]:.4g}" if name == "val_loss" else f"{logs[name]:.4f}"
         if self.bar is not None:
             self.bar.set_postfix(parts)
             self.bar.update(1)
@@ -88,7 +101,8 @@ class _Progress:
             self.bar.close()
 
 
-def _loss_then_update(model, opt, lossfn, xb, yb, wb, *, xp, l2=0.0, dp=None, amp=None, fuse=True):
+def _loss_then_update(model, opt, lossfn, xb, yb, wb, *, xp, l2=0.0, dp=None, amp=None, fuse=True,
+                      on_outputs=None):
     """First half of a training step: the batch's loss, and a function taking the update.
 
     Returns ``(value, update)``: ``value`` is the loss (an array), ``update(lr)`` makes
@@ -100,13 +114,15 @@ def _loss_then_update(model, opt, lossfn, xb, yb, wb, *, xp, l2=0.0, dp=None, am
     it, so an exception raised inside backpropagation (a custom layer's, or Ctrl-C)
     can leave the layers above it stepped and the others not. With ``amp`` (a
     :class:`arraymlp.MixedPrecision`) the step runs in its compute dtype. ``fuse=False``
-    always gathers the gradients and calls ``opt.step``.
+    always gathers the gradients and calls ``opt.step``. ``on_outputs(out)`` is called
+    with the batch's output before backpropagation (not under data parallelism).
     """
     if amp is not None:
-        return amp.loss_then_update(model, opt, lossfn, xb, yb, wb, xp=xp, l2=l2)
+        return amp.loss_then_update(model, opt, lossfn, xb, yb, wb, xp=xp, l2=l2, on_outputs=on_outputs)
     plan = plan_for(model, xp, opt if dp is None and fuse else None)
     if plan.sgd:
-        value, dout, caches, owned = model._loss_and_dout(xb, yb, lossfn, xp=xp, sample_weight=wb, l2=l2, plan=plan)
+        value, dout, caches, owned = model._loss_and_dout(xb, yb, lossfn, xp=xp, sample_weight=wb, l2=l2, plan=plan,
+                                                          on_outputs=on_outputs)
 
         def update(lr):
             lr = opt._begin_fused_step(model.params, xp, lr)
@@ -114,7 +130,8 @@ def _loss_then_update(model, opt, lossfn, xb, yb, wb, *, xp, l2=0.0, dp=None, am
 
         return value, update
     if dp is None:
-        value, grads = model._loss_and_grads(xb, yb, lossfn, xp=xp, sample_weight=wb, l2=l2, plan=plan)
+        value, grads = model._loss_and_grads(xb, yb, lossfn, xp=xp, sample_weight=wb, l2=l2, plan=plan,
+                                             on_outputs=on_outputs)
     else:
         value, grads = dp.loss_and_grads(model, xb, yb, lossfn, xp=xp, sample_weight=wb, l2=l2)
 
@@ -132,46 +149,61 @@ def _take(a, idx, xp):
     return None if a is None else xp.take(a, idx, axis=0)
 
 
-def _metric(model, out, y, task: str, xp, *, logits: bool = False, loss_name: str | None = None) -> float:
-    """Accuracy for classification, R^2 for regression, from the model's outputs
-    (``logits``: the outputs before a fused output activation)."""
-    if task == "multiclass":
-        pred = xp.argmax(out, axis=1)
-        labels = y if y.ndim == 1 else xp.argmax(y, axis=1)
-        return float(xp.mean(xp.astype(pred == xp.astype(labels, pred.dtype), out.dtype)))
-    if task == "multilabel":
-        # probabilities of a sigmoid output split at 0.5; its logits (and raw outputs) at 0
-        threshold = 0.5 if model.output_activation == "sigmoid" and not logits else 0.0
-        pred = xp.astype(out > threshold, out.dtype)
-        return float(xp.mean(xp.astype(pred == xp.reshape(y, pred.shape), out.dtype)))
-    if loss_name == "poisson_nll":  # the outputs are log-rates; R^2 is of the rates
-        out = xp.exp(out)
-    yy = xp.reshape(y, out.shape)
-    if is_float16(out.dtype, xp):  # sums of squares overflow
-        out, yy = xp.astype(out, xp.float32), xp.astype(yy, xp.float32)
-    ss_res = xp.sum((yy - out) ** 2)
-    ss_tot = xp.sum((yy - xp.mean(yy, axis=0)) ** 2)
-    return float(1.0 - ss_res / ss_tot) if float(ss_tot) > 0 else 0.0
+def _pair_maker(model, lossfn, fused: bool):
+    """``make(y, out)``: the :class:`arraymlp.metrics._Pair` of a batch's targets and
+    outputs (``fused``: the outputs are the logits before the output activation)."""
+    threshold = 0.5 if model.output_activation == "sigmoid" and not fused else 0.0
+    rates = lossfn.name == "poisson_nll"  # the outputs are log-rates; metrics read the rates
+    task = lossfn.task
+
+    def make(y, out, xp):
+        return _Pair(y, out, task, xp, threshold=threshold, rates=rates)
+
+    return make
 
 
-def _evaluate(model, x, y, lossfn, task, xp, batch_size=4096):
-    """Validation loss and metric, in batches (inference mode)."""
+class _MeanOf(Metric):
+    """The running mean of per-batch values given with their batch sizes (the loss)."""
+
+    name = "loss"
+
+    def _finish(self, acc, host):
+        return host[0] / acc.count
+
+
+def _mean_accumulator(model, xp) -> _Accumulator:
+    return _MeanOf().start(xp, model.dtype, model.device)
+
+
+def _add_mean(acc: _Accumulator, value, n: int) -> None:
+    acc.add([acc.xp.astype(value, acc.acc) * float(n)])
+    acc.count += n
+
+
+def _evaluate(model, x, y, lossfn, task, xp, batch_size=4096, metrics=()):
+    """Loss and metrics of ``(x, y)`` in inference mode, in batches: ``(loss, {name: value})``.
+
+    The sums stay on the device until the end, read in one go."""
     n = _n(x)
-    outs, values, rows = [], [], []
     fused = model._fused(lossfn)
     upto = len(model.layers) - 1 if fused else None
+    make = _pair_maker(model, lossfn, fused)
+    builtin = LOSSES.get(lossfn.name) is lossfn
+    total = _mean_accumulator(model, xp)
+    accs = [m.start(xp, model.dtype, model.device) for m in metrics]
     for i in range(0, n, batch_size):
         end = min(i + batch_size, n)  # the standard leaves slice ends past the axis unspecified
         xb, yb = x[i:end, ...], y[i:end, ...]
         out, _ = model.forward(xb, training=False, xp=xp, upto=upto, keep=False)
-        value, _ = lossfn.fn(out, yb, xp=xp)
-        values.append(value)
-        rows.append(end - i)
-        outs.append(out)
-    # the batches' losses read in one transfer, summed on the host as before
-    total = sum(v * r for v, r in zip(to_numpy(xp.stack(values)).astype("float64").tolist(), rows))
-    out = outs[0] if len(outs) == 1 else xp.concat(outs, axis=0)
-    return total / n, _metric(model, out, y, task, xp, logits=fused, loss_name=lossfn.name)
+        # the targets were checked up front: the table's losses need not read them again
+        value, _ = lossfn.fn(out, yb, xp=xp, check=False) if builtin else lossfn.fn(out, yb, xp=xp)
+        _add_mean(total, value, end - i)
+        pair = make(yb, out, xp)
+        for acc in accs:
+            acc.update(pair)
+        del out, pair
+    values = read_results([total, *accs], xp)  # the loss and the metrics, read together
+    return values[0], {m.name: v for m, v in zip(metrics, values[1:])}
 
 
 def _resolve_optimizer(model, optimizer, lr, reuse: bool) -> Optimizer:
@@ -219,6 +251,8 @@ class _Run:
     batch_size: int
     shuffle: bool
     l2: float
+    metrics: list = dataclasses.field(default_factory=list)  # recorded on the training batches
+    val_metrics: list = dataclasses.field(default_factory=list)  # and on the validation data
     history: History | None = None
     start_epoch: int = 0
     dp: Any = None
@@ -226,6 +260,8 @@ class _Run:
     base_lr: float = 0.0
     step: int = 0
     stop: bool = False
+    accs: list = dataclasses.field(default_factory=list)  # the epoch's metric accumulators
+    pair: Any = None  # makes a batch's metrics input from its targets and outputs (_pair_maker)
     amp: Any = None  # MixedPrecision, or None
     l2_rule: Callable[[float, float], float] | None = None
     host_weight: Any = None
@@ -234,9 +270,8 @@ class _Run:
     on_divergence: Callable[..., Exception] | None = None
 
 
-def _check_arguments(loss, epochs, batch_size, validation_split):
-    """The loss, and the run's sizes checked: ``(lossfn, epochs, batch_size)``."""
-    lossfn = get_loss(loss)
+def _check_arguments(epochs, batch_size, validation_split):
+    """The run's sizes checked: ``(epochs, batch_size)``."""
     if not isinstance(epochs, numbers.Integral) or isinstance(epochs, bool) or epochs < 1:
         msg = f"epochs must be a positive int, got {epochs!r}"
         raise ValueError(msg)
@@ -247,17 +282,92 @@ def _check_arguments(loss, epochs, batch_size, validation_split):
     if not 0.0 <= validation_split < 1.0:
         msg = f"validation_split must be in [0, 1), got {validation_split!r}"
         raise ValueError(msg)
-    return lossfn, epochs, batch_size
+    return epochs, batch_size
 
 
-def _prepare_data(model, x, y, sample_weight, lossfn, validation_data, validation_split):
-    """Check the data and split off the validation set: ``(x, y, sample_weight, val, xp)``,
-    ``val`` the checked ``(x_val, y_val)`` or ``None``."""
+def _kind(y, xp) -> str:
+    """``"bool"``, ``"int"`` or ``"float"``: the dtype family of targets."""
+    if y.dtype == xp.bool:
+        return "bool"
+    return "int" if xp.isdtype(y.dtype, "integral") else "float"
+
+
+def infer_loss(model, y, *, xp=None) -> tuple[str, str]:
+    """The loss to use for ``model`` and targets ``y`` when ``fit`` is given none:
+    ``(name, reason)``.
+
+    A softmax output takes ``"cross_entropy"``, a sigmoid output
+    ``"binary_cross_entropy"``; an identity output (or none) takes ``"cross_entropy"``
+    for integer labels of shape (n,) with several outputs (the outputs are then the
+    logits), and ``"mse"`` for floating targets. Anything else is ambiguous and raises
+    a :class:`ValueError` that asks for ``loss=``.
+    """
+    from ._backend import get_namespace
+
+    xp = get_namespace(y) if xp is None else xp
+    act = model.output_activation
+    kind = _kind(y, xp)
+    if act == "softmax":
+        return "cross_entropy", "the output activation is softmax"
+    if act == "sigmoid":
+        return "binary_cross_entropy", "the output activation is sigmoid"
+    if act in (None, "identity"):
+        if kind == "float":
+            return "mse", "the output activation is the identity and the targets are floating-point"
+        if kind == "int" and y.ndim == 1 and model.n_outputs > 1:
+            return "cross_entropy", (f"integer labels of shape (n,) and {model.n_outputs} outputs "
+                                     "without an output activation (read as logits)")
+    shape = tuple(int(s) for s in y.shape)
+    msg = (
+        f"cannot tell which loss to use: the model's output activation is {act or 'the identity'!r} "
+        f"with {model.n_outputs} output(s), and y has {kind} values of shape {shape}; pass loss= , one of "
+        f"{', '.join(LOSSES)} (or an arraymlp.Loss)"
+    )
+    raise ValueError(msg)
+
+
+def _binary_targets(y, xp, lossfn, model, what: str):
+    """The 0/1 targets of a binary (or multilabel) classification loss: values other
+    than 0 and 1 raise (counted block by block, one read). Integer and boolean labels
+    stay as they are for the table's binary cross-entropy (each batch is cast as it
+    comes) and are cast to the model's dtype for a custom loss."""
+    if int(count_not_binary(y, xp)):
+        values = numpy.unique(numpy.asarray(to_numpy(y)))
+        bad = [v for v in values.tolist() if v not in (0, 1)][:5]
+        msg = (
+            f"{what} must hold the labels 0 and 1 for a binary classification loss "
+            f"(binary_cross_entropy: int, bool or float, shape (n,) or (n, n_outputs)); found {bad}"
+            f"{' ...' if len(values) > 7 else ''}. For other class labels use cross_entropy with a "
+            "softmax output; for probability targets call arraymlp.binary_cross_entropy in your own loop"
+        )
+        raise ValueError(msg)
+    if not xp.isdtype(y.dtype, "real floating") and LOSSES.get(lossfn.name) is not lossfn:
+        y = xp.astype(y, model.dtype)
+    return y
+
+
+def _resolve_loss(model, loss, y, xp, verbose: bool) -> Loss:
+    if loss is not None:
+        return get_loss(loss)
+    name, reason = infer_loss(model, y, xp=xp)
+    if verbose:
+        print(f"loss: {name} ({reason}; pass loss= to choose another)", flush=True)
+    return get_loss(name)
+
+
+def _prepare_data(model, x, y, sample_weight, loss, validation_data, validation_split, verbose=False):
+    """Check the data, settle the loss and split off the validation set:
+    ``(x, y, sample_weight, val, xp, lossfn, form)``, ``val`` the checked ``(x_val, y_val)`` or ``None``,
+    ``form`` the rank and dtype family (``"bool"``, ``"int"``, ``"float"``) of ``y``."""
     x, xp = model._check_x(x)
     y = model._check_target(y, xp)
     if _n(y) != _n(x):
         msg = f"x has {_n(x)} samples but y has {_n(y)}"
         raise ValueError(msg)
+    lossfn = _resolve_loss(model, loss, y, xp, verbose)
+    form = (y.ndim, _kind(y, xp))  # the shape rank and dtype family predict returns
+    if lossfn.task == "multilabel":
+        y = _binary_targets(y, xp, lossfn, model, "y")
     if sample_weight is not None:
         sample_weight = model._check_target(sample_weight, xp, "sample_weight")
     # Validate the targets (kind, shape, label range) and weights once, up front, block by
@@ -284,15 +394,19 @@ def _prepare_data(model, x, y, sample_weight, lossfn, validation_data, validatio
         if _n(y_val) != _n(x_val):
             msg = f"validation x has {_n(x_val)} samples but validation y has {_n(y_val)}"
             raise ValueError(msg)
+        if lossfn.task == "multilabel":
+            y_val = _binary_targets(y_val, xp, lossfn, model, "validation y")
         # the validation targets' kind, shape and labels, up front like y's
         check_targets(lossfn, model.n_outputs, y_val, dtype=model.dtype, device=model.device, xp=xp)
         val = (x_val, y_val)
-    return x, y, sample_weight, val, xp
+    return x, y, sample_weight, val, xp, lossfn, form
 
 
-def _set_up_model(model, lossfn, optimizer, lr, schedule, seed, xp, reuse: bool) -> Optimizer:
-    """Record the loss, optimiser and schedule on the model, reseed it; return the optimiser."""
+def _set_up_model(model, lossfn, form, optimizer, lr, schedule, seed, xp, reuse: bool) -> Optimizer:
+    """Record the loss, the targets' form, optimiser and schedule on the model, reseed it;
+    return the optimiser."""
     model.task_ = lossfn.task
+    model.target_ndim_, model.target_kind_ = form
     # the table's name when the loss is the table's (files store it); a custom Loss itself
     model.loss_ = lossfn.name if LOSSES.get(lossfn.name) is lossfn else lossfn
     opt = _resolve_optimizer(model, optimizer, lr, reuse)
@@ -327,6 +441,12 @@ def _start_run(run: _Run, epochs: int, resume_from, comm, progress: bool, verbos
     """History, resumption, data parallelism, ``on_train_begin`` and the progress bar."""
     model, callbacks = run.model, run.callbacks
     run.history = History(metric_name="accuracy" if run.lossfn.task != "regression" else "r2")
+    run.pair = _pair_maker(model, run.lossfn, model._fused(run.lossfn))
+    for m in run.metrics:
+        run.history.metrics[m.name] = []
+    if run.val is not None:
+        for m in run.val_metrics:
+            run.history.metrics["val_" + m.name] = []
     if resume_from is not None:
         from .io.checkpoints import restore_checkpoint
 
@@ -386,6 +506,21 @@ def _batch(run: _Run, order, start: int):
     return _take(x, idx, xp), _take(y, idx, xp), _take(sample_weight, idx, xp), end - start
 
 
+def _metrics_hook(run: _Run, yb):
+    """``on_outputs(out)`` adding a batch (targets ``yb``) to the epoch's metric sums,
+    on the device (nothing read), or None without metrics."""
+    if not run.accs:
+        return None
+    make, xp = run.pair, run.xp
+
+    def on_outputs(out):
+        pair = make(yb, out, xp)
+        for acc in run.accs:
+            acc.update(pair)
+
+    return on_outputs
+
+
 def _per_batch_options(run: _Run) -> bool:
     """Whether the run uses an option of the estimators' (each step then reads its loss)."""
     return (run.l2_rule is not None or run.host_weight is not None or run.skip_zero_weight or not run.fuse
@@ -409,11 +544,13 @@ def _batch_l2(run: _Run, host_order, start: int) -> float | None:
     return run.l2 if run.l2_rule is None else run.l2_rule(run.l2, size)
 
 
-def _step(run: _Run, order, start: int, epoch_lr: float):
-    """One training step on the batch at ``start``: its loss (an array, not read) and rows."""
+def _step(run: _Run, order, start: int, epoch_lr: float, *, metrics: bool = True):
+    """One training step on the batch at ``start``: its loss (an array, not read) and
+    rows; the batch joins the epoch's metrics unless ``metrics`` is false (a replay)."""
     xb, yb, wb, rows = _batch(run, order, start)
     value, update = _loss_then_update(run.model, run.opt, run.lossfn, xb, yb, wb, xp=run.xp, l2=run.l2,
-                                      dp=run.dp, amp=run.amp)
+                                      dp=run.dp, amp=run.amp,
+                                      on_outputs=_metrics_hook(run, yb) if metrics else None)
     update(epoch_lr)
     run.step += 1
     if getattr(value, "ndim", None) != 0:  # a custom loss's Python float, or a one-element array
@@ -449,6 +586,7 @@ def _run_epoch(run: _Run, epoch: int, epoch_lr: float) -> tuple[float, int]:
     (:func:`_run_epoch_on_device`).
     """
     model, dp, xp = run.model, run.dp, run.xp
+    run.accs = [m.start(xp, model.dtype, model.device) for m in run.metrics] if dp is None else []
     host_order = None
     if run.shuffle and run.host_weight is not None:  # the weight sums need the order on the host
         host_order = model.rng.host.permutation(_n(run.x))  # the draw of rng.permutation
@@ -465,7 +603,7 @@ def _run_epoch(run: _Run, epoch: int, epoch_lr: float) -> tuple[float, int]:
             continue  # a batch of zero-weight samples carries no gradient: no step
         xb, yb, wb, nb = _batch(run, order, start)
         value, update = _loss_then_update(model, run.opt, run.lossfn, xb, yb, wb, xp=xp, l2=l2, dp=dp,
-                                          amp=run.amp, fuse=run.fuse)
+                                          amp=run.amp, fuse=run.fuse, on_outputs=_metrics_hook(run, yb))
         value = float(value)
         if not math.isfinite(value):
             raise (run.on_divergence or _divergence)(run, value, epoch, start // run.batch_size)
@@ -545,7 +683,7 @@ def _replay(run: _Run, snapshot: tuple, order, first: int, stop: int, epoch_lr: 
     ``first`` to ``stop - 1`` again."""
     _restore(run, snapshot)
     for k in range(first, stop):
-        _step(run, order, k * run.batch_size, epoch_lr)
+        _step(run, order, k * run.batch_size, epoch_lr, metrics=False)
 
 
 def _finish_epoch(run: _Run, epoch: int, epoch_lr: float, t0: float, total: float, seen: int) -> bool:
@@ -553,14 +691,20 @@ def _finish_epoch(run: _Run, epoch: int, epoch_lr: float, t0: float, total: floa
     model, history, schedule, dp = run.model, run.history, run.schedule, run.dp
     logs = {"epoch": epoch, "step": run.step, "loss": total / max(seen, 1), "lr": epoch_lr,
             "val_loss": None, "val_metric": None}
+    if run.accs:  # the training metrics' sums, read once, now
+        for acc, value in zip(run.accs, read_results(run.accs, run.xp)):
+            logs[acc.metric.name] = value
     if run.val is not None:
         x_val, y_val = run.val
         task = run.lossfn.task
+        args = (model, x_val, y_val, run.lossfn, task, run.xp)
         if dp is None:
-            logs["val_loss"], logs["val_metric"] = _evaluate(model, x_val, y_val, run.lossfn, task, run.xp)
+            val_loss, val = _evaluate(*args, metrics=run.val_metrics)
         else:
-            logs["val_loss"], logs["val_metric"] = dp.on_root(_evaluate, model, x_val, y_val, run.lossfn, task,
-                                                              run.xp)
+            val_loss, val = dp.on_root(_evaluate, *args, metrics=run.val_metrics)
+        logs["val_loss"], logs["val_metric"] = val_loss, val[history.metric_name]
+        for name, value in val.items():
+            logs["val_" + name] = value
     logs["time"] = time.perf_counter() - t0
     history.loss.append(logs["loss"])
     history.lr.append(epoch_lr)
@@ -568,10 +712,13 @@ def _finish_epoch(run: _Run, epoch: int, epoch_lr: float, t0: float, total: floa
     if logs["val_loss"] is not None:
         history.val_loss.append(logs["val_loss"])
         history.val_metric.append(logs["val_metric"])
+    for name, series in history.metrics.items():
+        if name in logs:
+            series.append(logs[name])
     if schedule is not None and callable(getattr(schedule, "step", None)):
         # the next epoch's rate comes from schedule(epoch); step only records the metric
         schedule.step(logs["val_loss"] if logs["val_loss"] is not None else logs["loss"])
-    run.bar.update(logs, history.metric_name)
+    run.bar.update(logs, [m.name for m in run.metrics] + ["val_loss"] + ["val_" + m.name for m in run.val_metrics])
     for cb in run.callbacks:
         run.stop = bool(cb.on_epoch_end(model, logs)) or run.stop
     if dp is not None:
@@ -590,24 +737,102 @@ def _finish(run: _Run, quiet: contextlib.ExitStack) -> None:
         cb.on_train_end(run.model, run.history)
 
 
-def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", lr: float | None = None,
-        schedule: Any = None, epochs: int = 10, batch_size: int = 32, shuffle: bool = True,
-        validation_data: tuple | None = None, validation_split: float = 0.0,
-        early_stopping: EarlyStopping | int | None = None, callbacks: Sequence[Callback] = (),
-        progress: bool = True, verbose: bool = False, seed: int | None = None, l2: float = 0.0,
-        sample_weight: Any = None, comm: Any = None, resume_from: Any = None, precision: Any = None,
-        _reuse_optimizer: bool = False) -> History:
-    """Train ``model`` on ``(x, y)`` with mini-batch gradient descent.
+def _check_full_batch(run: _Run, comm, resume_from) -> None:
+    """What a full-batch optimiser cannot combine with, refused by name."""
+    if run.schedule is not None:
+        msg = "schedule= does not apply to optimizer='lbfgs': its line search chooses each step length"
+        raise ValueError(msg)
+    if comm is not None:
+        msg = "comm= (data parallelism) is not supported with optimizer='lbfgs'; use a mini-batch optimiser"
+        raise ValueError(msg)
+    if resume_from is not None:
+        msg = "resume_from= is not supported with optimizer='lbfgs'; L-BFGS's history is not checkpointed"
+        raise ValueError(msg)
+    if run.amp is not None:
+        msg = ("precision= (mixed precision) is not supported with optimizer='lbfgs': its line search needs the "
+               "objective in the parameters' own dtype; train in float32 or float64")
+        raise ValueError(msg)
+    # by class name, so that training does not import the layers (the module graph keeps it above them)
+    rates = [float(layer.p) for layer in run.model.layers
+             if any(c.__name__ == "Dropout" and c.__module__ == "arraymlp.layers" for c in type(layer).__mro__)]
+    if any(rates):
+        msg = (f"optimizer='lbfgs' needs a deterministic objective, but the model has dropout (p={max(rates)}), "
+               "which draws a new mask at each evaluation; remove the dropout or use a mini-batch optimiser")
+        raise ValueError(msg)
+
+
+def _run_full_batch(run: _Run, epochs: int) -> None:
+    """The optimiser owns the iteration: one "epoch" per L-BFGS iteration over the whole data set.
+
+    Each iteration records its loss (at the new point, L2 term included) in the history
+    and runs the callbacks' epoch hooks (and ``on_batch_end`` once); training ends after
+    ``epochs`` iterations, when a callback asks, or when the optimiser's own stopping rules
+    hold (``model.optimizer_.status`` says which).
+    """
+    model, xp, opt = run.model, run.xp, run.opt
+
+    def fun(params):
+        return model._loss_and_grads(run.x, run.y, run.lossfn, xp=xp, sample_weight=run.sample_weight, l2=run.l2)
+
+    iterations = opt.iterate(fun, model.params)
+    try:
+        for epoch in range(run.start_epoch, epochs):
+            t0 = time.perf_counter()
+            if _begin_epoch(run, epoch):
+                break
+            try:
+                info = next(iterations)
+            except StopIteration:
+                break
+            except FloatingPointError as exc:
+                msg = (f"the training loss is not finite at the starting parameters ({exc}). "
+                       "Scale the inputs, or check the initial parameters.")
+                raise DivergenceError(msg, epoch=epoch, step=run.step,
+                                      params_finite=_params_finite(model.params, xp)) from exc
+            run.step += 1
+            logs = {"epoch": epoch, "step": run.step, "loss": info.loss}
+            for cb in run.callbacks:
+                run.stop = bool(cb.on_batch_end(model, logs)) or run.stop
+            if _finish_epoch(run, epoch, opt.lr, t0, info.loss, 1):
+                break
+    finally:
+        iterations.close()
+
+
+def fit(model, x, y, *, loss: str | Loss | None = None, optimizer: str | Optimizer = "adam",
+        lr: float | None = None, schedule: Any = None, epochs: int = 10, batch_size: int = 32,
+        shuffle: bool = True, validation_data: tuple | None = None, validation_split: float = 0.0,
+        metrics: Sequence[Any] | None = None, early_stopping: EarlyStopping | int | None = None,
+        callbacks: Sequence[Callback] = (), progress: bool = True, verbose: bool = False, seed: int | None = None,
+        l2: float = 0.0, sample_weight: Any = None, comm: Any = None, resume_from: Any = None,
+        precision: Any = None) -> History:
+    """Train ``model`` on ``(x, y)`` with mini-batch gradient descent, or full-batch L-BFGS.
+
+    With ``optimizer="lbfgs"`` (or an :class:`arraymlp.optim.LBFGS`) each "epoch" is one
+    L-BFGS iteration over the whole data set (``batch_size`` and ``shuffle`` do not
+    apply; ``epochs`` caps the iterations, and the optimiser's ``tol``, ``max_iter`` and
+    ``max_fun`` may stop it earlier: ``model.optimizer_.status`` says why it stopped).
+
+    ``model.fit(x, y, ...)`` is this function with the model as its first argument.
 
     Parameters
     ----------
     model : Sequential
     x : array, shape (n, n_features)
-    y : array, shape (n, n_outputs), (n,), or integer labels (n,) for cross-entropy
-    loss : str
-        A key of :data:`arraymlp.losses.LOSSES`.
+    y : array
+        Targets: shape (n, n_outputs) or (n,) for one output; integer class labels (n,)
+        (or one-hot floats (n, k)) for ``cross_entropy``; labels 0/1 (int, bool or
+        float, shape (n,) or (n, n_outputs)) for ``binary_cross_entropy``. The shape
+        rank and dtype family of ``y`` are recorded (``target_ndim_``,
+        ``target_kind_``) so that :func:`predict` answers in the same form.
+    loss : str or Loss, optional
+        A key of :data:`arraymlp.losses.LOSSES`. When omitted it is inferred from the
+        output activation (:func:`infer_loss`): softmax takes ``"cross_entropy"``,
+        sigmoid ``"binary_cross_entropy"``, the identity ``"mse"`` (or
+        ``"cross_entropy"`` for integer labels (n,) and several outputs, read as
+        logits); an ambiguous case raises and asks for ``loss=``.
     optimizer : str or Optimizer
-        ``"sgd"``, ``"adam"``, ``"adamw"``, ``"rmsprop"``, ``"adagrad"`` or an instance.
+        ``"sgd"``, ``"adam"``, ``"adamw"``, ``"rmsprop"``, ``"adagrad"``, ``"lbfgs"`` or an instance.
     lr : float, optional
         Base learning rate (overrides the optimiser's default).
     schedule : Schedule or callable, optional
@@ -619,29 +844,39 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
     validation_data : (x_val, y_val), optional
     validation_split : float
         Fraction of the last rows of ``(x, y)`` held out for validation.
+    metrics : sequence of str, Metric or callable, optional
+        Recorded per epoch in ``History.metrics`` on the training batches (``"accuracy"``)
+        and on the validation data (``"val_accuracy"``): names of
+        :data:`arraymlp.metrics.METRICS` (``"accuracy"``, ``"top_k_accuracy"`` (k=5),
+        ``"mae"``, ``"r2"``), :func:`arraymlp.metrics.top_k_accuracy` ``(k)``, or
+        callables ``fn(y_true, y_pred, *, xp) -> 0-d array``. Default: ``["accuracy"]``
+        for a classification loss, none for a regression one; ``[]`` records none.
+        Accumulated on the device and read once per epoch (see :mod:`arraymlp.metrics`);
+        training metrics are not recorded under ``comm`` nor with ``optimizer="lbfgs"``
+        (whose iterations have no batches to count them on); validation metrics are.
     early_stopping : EarlyStopping or int, optional
         An int is the patience of ``EarlyStopping("val_loss")`` (``"loss"`` without validation).
     callbacks : sequence of Callback
     progress : bool
         Show a tqdm bar when stderr is a terminal.
     verbose : bool
-        Print one line per epoch when there is no bar.
+        Print one line per epoch when there is no bar, and the loss when it was inferred.
     seed : int, optional
         Reseed the model's generator (shuffling and dropout) for this run: the same seed
         and data give bit-identical parameters on NumPy.
     l2 : float
         L2 penalty ``l2/2 * sum(W**2)`` on the weight matrices.
     sample_weight : array of shape (n,), optional
+    comm : mpi4py communicator or arraymlp.distributed.DataParallel, optional
+        Train data-parallel over MPI: every rank calls ``fit`` with the same arguments
+        and data, and computes its shard of each global batch of ``batch_size`` rows;
+        see :mod:`arraymlp.distributed`.
     resume_from : str or path-like, optional
         A checkpoint file written by :class:`arraymlp.Checkpoint` (or a directory of
         them: the latest is used). Training continues after the checkpoint's last
         epoch up to ``epochs`` in total, with its parameters, optimiser state, step
         counter, schedule state, random-generator state and history, so an
         interrupted run ends bit-identical (on NumPy) to an uninterrupted one.
-    comm : mpi4py communicator or arraymlp.distributed.DataParallel, optional
-        Train data-parallel over MPI: every rank calls ``fit`` with the same arguments
-        and data, and computes its shard of each global batch of ``batch_size`` rows;
-        see :mod:`arraymlp.distributed`.
     precision : {None, "float16", "bfloat16"} or MixedPrecision, optional
         Mixed precision: each step computes in float16 (with dynamic loss scaling) or
         bfloat16 over the model's float32 master weights, which the optimiser updates;
@@ -651,19 +886,56 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
     Returns
     -------
     History
+
+    Examples
+    --------
+    >>> import numpy as np, arraymlp as am
+    >>> x = np.random.default_rng(0).normal(size=(64, 2))
+    >>> y = (x[:, 0] > 0).astype(np.int64)  # 0/1 labels of shape (n,)
+    >>> model = am.MLP([2, 8, 1], output_activation="sigmoid", backend="numpy", seed=0)
+    >>> history = model.fit(x, y, lr=0.05, epochs=20, progress=False)  # binary_cross_entropy
+    >>> model.loss_, history.metric_name, len(history["accuracy"])
+    ('binary_cross_entropy', 'accuracy', 20)
+    >>> model.predict(x).shape, model.predict(x).dtype
+    ((64,), dtype('int64'))
+    >>> float((model.predict(x) == y).mean()) > 0.9
+    True
     """
-    lossfn, epochs, batch_size = _check_arguments(loss, epochs, batch_size, validation_split)
-    x, y, sample_weight, val, xp = _prepare_data(model, x, y, sample_weight, lossfn, validation_data,
-                                                 validation_split)
+    options = {k: v for k, v in locals().items() if k not in ("model", "x", "y")}
+    return _train(model, x, y, reuse_optimizer=False, **options)
+
+
+def _train(model, x, y, *, reuse_optimizer, loss, optimizer, lr, schedule, epochs, batch_size, shuffle,
+           validation_data, validation_split, metrics, early_stopping, callbacks, progress, verbose, seed, l2,
+           sample_weight, comm, resume_from, precision) -> History:
+    """:func:`fit`, with ``reuse_optimizer`` for :func:`partial_fit` (every option
+    required: a parameter of ``fit`` this does not take fails at once)."""
+    epochs, batch_size = _check_arguments(epochs, batch_size, validation_split)
+    x, y, sample_weight, val, xp, lossfn, form = _prepare_data(model, x, y, sample_weight, loss, validation_data,
+                                                               validation_split, verbose)
+    if metrics is None:
+        metrics = ["accuracy"] if lossfn.task != "regression" else []
+    metrics = get_metrics(metrics, lossfn.task, model.n_outputs)
+    val_metrics = list(metrics)
+    main = get_metrics(["accuracy" if lossfn.task != "regression" else "r2"], lossfn.task, model.n_outputs)[0]
+    if all(m.name != main.name for m in val_metrics):  # History.val_metric's
+        val_metrics.append(main)
     amp = resolve_precision(precision, model, xp, data_parallel=comm is not None)
-    opt = _set_up_model(model, lossfn, optimizer, lr, schedule, seed, xp, _reuse_optimizer)
+    opt = _set_up_model(model, lossfn, form, optimizer, lr, schedule, seed, xp, reuse_optimizer)
     callbacks = _arrange_callbacks(callbacks, early_stopping, validation=val is not None)
+    full_batch = isinstance(opt, LBFGS)  # the optimiser owns the iteration; training metrics come from validation
     run = _Run(model=model, x=x, y=y, sample_weight=sample_weight, val=val, lossfn=lossfn, xp=xp, opt=opt,
-               schedule=schedule, callbacks=callbacks, batch_size=batch_size, shuffle=shuffle, l2=l2, amp=amp)
+               schedule=schedule, callbacks=callbacks, batch_size=batch_size, shuffle=shuffle, l2=l2,
+               metrics=metrics if comm is None and not full_batch else [], val_metrics=val_metrics, amp=amp)
+    if full_batch:
+        _check_full_batch(run, comm, resume_from)
     _start_run(run, epochs, resume_from, comm, progress, verbose)
     quiet = contextlib.ExitStack()
     quiet.enter_context(quiet_overflow(xp))
     try:
+        if full_batch:
+            _run_full_batch(run, epochs)
+            return run.history
         for epoch in range(run.start_epoch, epochs):
             t0 = time.perf_counter()
             epoch_lr = run.base_lr if schedule is None else float(schedule(epoch))
@@ -677,27 +949,123 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
     return run.history
 
 
-def partial_fit(model, x, y, *, loss: str | None = None, optimizer: str | Optimizer | None = None,
+def partial_fit(model, x, y, *, loss: str | Loss | None = None, optimizer: str | Optimizer | None = None,
                 lr: float | None = None, batch_size: int = 32, shuffle: bool = True, l2: float = 0.0,
-                sample_weight: Any = None, precision: Any = None) -> History:
+                sample_weight: Any = None, metrics: Sequence[Any] | None = None,
+                precision: Any = None) -> History:
     """One pass over ``(x, y)``, keeping the optimiser state of earlier calls.
 
-    Parameters are as for :func:`fit` (``x`` of shape (n, n_features), ``y`` of shape
-    (n, n_outputs), (n,), or labels (n,)); ``loss`` defaults to the one of the last fit.
-    Pass the same :class:`arraymlp.MixedPrecision` to every call to keep its loss scale.
+    ``model.partial_fit(x, y, ...)`` is this function with the model as its first argument.
+
+    Parameters
+    ----------
+    model : Sequential
+    x : array, shape (n, n_features)
+    y : array, shape (n, n_outputs), (n,), or labels (n,)
+        As for :func:`fit`.
+    loss : str or Loss, optional
+        Default: the loss of the last fit, else inferred as :func:`fit` does.
+    optimizer : str or Optimizer, optional
+        Default: the optimiser of the last fit, with its state (Adam otherwise).
+    lr : float, optional
+        A new base learning rate for the kept optimiser.
+    batch_size : int
+    shuffle : bool
+    l2 : float
+    sample_weight : array of shape (n,), optional
+    metrics : sequence of str, Metric or callable, optional
+        As for :func:`fit`.
+    precision : {None, "float16", "bfloat16"} or MixedPrecision, optional
+        As for :func:`fit`; pass the same :class:`arraymlp.MixedPrecision` to every
+        call to keep its loss scale.
+
+    Returns
+    -------
+    History
+        Of the one epoch.
+
+    Examples
+    --------
+    >>> import numpy as np, arraymlp as am
+    >>> x = np.linspace(-1, 1, 32).reshape(-1, 1)
+    >>> model = am.MLP([1, 8, 1], backend="numpy", seed=0)
+    >>> losses = [model.partial_fit(x, 2 * x, lr=0.01).loss[0] for _ in range(3)]
+    >>> model.loss_, model.optimizer_.step_count, losses[2] < losses[0]
+    ('mse', 3, True)
     """
     if loss is None:
         loss = getattr(model, "loss_", None)
-        if loss is None:
-            msg = "partial_fit needs loss= on its first call"
-            raise ValueError(msg)
-    return fit(model, x, y, loss=loss, optimizer=optimizer, lr=lr, epochs=1, batch_size=batch_size,
-               shuffle=shuffle, progress=False, l2=l2, sample_weight=sample_weight, precision=precision,
-               _reuse_optimizer=True)
+    defaults = {k: p.default for k, p in inspect.signature(fit).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    options = {**defaults, "loss": loss, "optimizer": optimizer, "lr": lr, "epochs": 1, "batch_size": batch_size,
+               "shuffle": shuffle, "progress": False, "l2": l2, "sample_weight": sample_weight, "metrics": metrics,
+               "precision": precision}
+    return _train(model, x, y, reuse_optimizer=True, **options)
+
+
+def evaluate(model, x, y, *, loss: str | Loss | None = None, metrics: Sequence[Any] | None = None,
+             batch_size: int = 4096) -> dict[str, float]:
+    """The loss and metrics of ``model`` on ``(x, y)``, in inference mode.
+
+    ``model.evaluate(x, y, ...)`` is this function with the model as its first argument.
+
+    Parameters
+    ----------
+    model : Sequential
+    x : array, shape (n, n_features)
+    y : array, shape (n, n_outputs), (n,), or labels (n,)
+        Targets as for :func:`fit`.
+    loss : str or Loss, optional
+        Default: the loss of the last fit, else inferred as :func:`fit` does.
+    metrics : sequence of str, Metric or callable, optional
+        As for :func:`fit`. Default: ``["accuracy"]`` for a classification loss,
+        ``["r2"]`` for a regression one.
+    batch_size : int
+        Rows per forward pass (memory only: the result does not depend on it).
+
+    Returns
+    -------
+    dict
+        ``{"loss": float, name: float, ...}``, one entry per metric. The sums are
+        kept on the device and read once.
+
+    Examples
+    --------
+    >>> import numpy as np, arraymlp as am
+    >>> model = am.MLP([2, 3], output_activation="softmax", backend="numpy", seed=0)
+    >>> x, y = np.eye(2)[[0, 1, 1]], np.array([0, 2, 1])
+    >>> scores = model.evaluate(x, y, metrics=["accuracy", am.metrics.top_k_accuracy(2)])
+    >>> sorted(scores)
+    ['accuracy', 'loss', 'top_2_accuracy']
+    >>> proba = model.predict_proba(x)
+    >>> bool(np.isclose(scores["loss"], -np.mean(np.log(proba[[0, 1, 2], y]))))
+    True
+    """
+    x, xp = model._check_x(x)
+    y = model._check_target(y, xp)
+    if _n(y) != _n(x):
+        msg = f"x has {_n(x)} samples but y has {_n(y)}"
+        raise ValueError(msg)
+    if not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool) or batch_size < 1:
+        msg = f"batch_size must be a positive int, got {batch_size!r}"
+        raise ValueError(msg)
+    if loss is None:
+        loss = getattr(model, "loss_", None)
+    lossfn = _resolve_loss(model, loss, y, xp, False)
+    if lossfn.task == "multilabel":
+        y = _binary_targets(y, xp, lossfn, model, "y")
+    check_targets(lossfn, model.n_outputs, y, dtype=model.dtype, device=model.device, xp=xp)
+    if metrics is None:
+        metrics = ["accuracy" if lossfn.task != "regression" else "r2"]
+    metrics = get_metrics(metrics, lossfn.task, model.n_outputs)
+    with quiet_overflow(xp):
+        value, values = _evaluate(model, x, y, lossfn, lossfn.task, xp, batch_size=int(batch_size), metrics=metrics)
+    return {"loss": value, **values}
 
 
 def predict_proba(model, x):
-    """Class probabilities, shape (n, n_classes) (or (n, n_outputs) for multilabel).
+    """Class probabilities: shape (n, n_classes) for a multiclass model, (n, n_outputs)
+    for 0/1 outputs (so (n, 1) for a binary classifier: the probability of 1).
 
     Uses the model's own softmax/sigmoid output when it has one, and applies it to the
     logits of a model trained with a classification loss otherwise.
@@ -718,17 +1086,47 @@ def predict_proba(model, x):
     raise ValueError(msg)
 
 
-def predict(model, x):
-    """Predictions: class indices (n,) for a multiclass model, 0/1 (n, k) for a
-    multilabel one, the raw outputs (n, n_outputs) for a regressor."""
+def _prediction_form(model) -> tuple[str, bool, str]:
+    """What :func:`predict` returns: ``(task, one_d, dtype name)``; ``one_d`` when a
+    one-output model was fitted on targets of shape (n,) (multiclass labels are (n,)
+    always)."""
     task = getattr(model, "task_", None)
-    act = model.output_activation
     if task is None:
-        task = {"softmax": "multiclass", "sigmoid": "multilabel"}.get(act, "regression")
-    if task == "regression":
-        return model(x)
-    xp = model.xp
-    p = predict_proba(model, x)
+        task = {"softmax": "multiclass", "sigmoid": "multilabel"}.get(model.output_activation, "regression")
     if task == "multiclass":
-        return xp.argmax(p, axis=1)
-    return xp.astype(p > 0.5, index_dtype(xp))
+        return task, True, "int64"
+    one_d = getattr(model, "target_ndim_", None) == 1 and model.n_outputs == 1
+    if task == "regression":
+        return task, one_d, model.dtype_name
+    kind = getattr(model, "target_kind_", None)
+    return task, one_d, {"bool": "bool", "float": model.dtype_name}.get(kind, "int64")
+
+
+def predict(model, x):
+    """Predictions, in the form of the ``y`` the model was fitted on.
+
+    - one class per sample (``cross_entropy``): class indices, int64 of shape (n,);
+    - 0/1 outputs (``binary_cross_entropy``): ``predict_proba(x) > 0.5`` as labels of
+      ``y``'s dtype family (bool, int64 or the model's float dtype) and shape: (n,)
+      when ``y`` was (n,), (n, n_outputs) otherwise;
+    - regression: the outputs, (n,) when ``y`` was (n,) for one output, else
+      (n, n_outputs).
+
+    So ``(model.predict(x) == y).mean()`` is the accuracy, never a broadcast of (n, 1)
+    against (n,). A model that was not fitted (or read from an older file) answers
+    by its output activation, in shape (n, n_outputs) (int64 labels).
+    """
+    task, one_d, dtype = _prediction_form(model)
+    xp = model.xp
+    if task == "multiclass":
+        return xp.argmax(predict_proba(model, x), axis=1)
+    out = predict_proba(model, x) if task == "multilabel" else model(x)
+    if one_d:
+        out = xp.reshape(out, (out.shape[0],))
+    if task == "regression":
+        return out
+    labels = out > 0.5
+    if dtype == "bool":
+        return labels
+    # integer labels in the namespace's index dtype (int64; int32 on JAX's 32-bit mode)
+    return xp.astype(labels, index_dtype(xp) if dtype == "int64" else getattr(xp, dtype))

@@ -117,7 +117,11 @@ def _model_config(model: Any) -> dict[str, Any]:
         "dtype": model.dtype_name,
         "seed": _seed_for_json(model.seed),
     }
-    fitted = {k: getattr(model, k) for k in ("task_", "loss_") if isinstance(getattr(model, k, None), str)}
+    fitted = {k: getattr(model, k) for k in ("task_", "loss_", "target_kind_")
+              if isinstance(getattr(model, k, None), str)}
+    ndim = getattr(model, "target_ndim_", None)
+    if isinstance(ndim, int) and not isinstance(ndim, bool):
+        fitted["target_ndim_"] = ndim
     if fitted:
         cfg["fitted"] = fitted
     return cfg
@@ -231,8 +235,13 @@ def _parse_model_config(path: str, cfg: dict[str, Any]) -> tuple[list[L.Layer], 
     if not ok_seed:
         raise ModelFileError(path, f"invalid seed {seed!r}")
     fitted = cfg.get("fitted", {})
-    if not isinstance(fitted, dict) or set(fitted) - {"task_", "loss_"}:
+    # target_ndim_ and target_kind_ (what predict returns) are absent from older files
+    if not isinstance(fitted, dict) or set(fitted) - {"task_", "loss_", "target_ndim_", "target_kind_"}:
         raise ModelFileError(path, f"invalid 'fitted' entry {fitted!r}")
+    if "target_ndim_" in fitted and fitted["target_ndim_"] not in (1, 2):
+        raise ModelFileError(path, f"invalid target_ndim_ {fitted['target_ndim_']!r}; expected 1 or 2")
+    if "target_kind_" in fitted and fitted["target_kind_"] not in ("bool", "int", "float"):
+        raise ModelFileError(path, f"invalid target_kind_ {fitted['target_kind_']!r}; expected bool, int or float")
     if "loss_" in fitted and fitted["loss_"] not in LOSSES:
         raise ModelFileError(path, f"unknown loss {fitted['loss_']!r}; known losses: {', '.join(LOSSES)}")
     tasks = {"regression", *(loss.task for loss in LOSSES.values())}
@@ -333,6 +342,11 @@ def _check_history_entry(path: str, hist: Any) -> None:
         isinstance(hist.get(k, []), list) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
                                                  for v in hist.get(k, []))
         for k in ("loss", "val_loss", "val_metric", "lr", "time"))
+    metrics = hist.get("metrics", {}) if isinstance(hist, dict) else None  # absent from older checkpoints
+    ok = ok and isinstance(metrics, dict) and all(
+        isinstance(k, str) and isinstance(v, list)
+        and all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in v)
+        for k, v in metrics.items())
     if not ok:
         raise ModelFileError(path, "the checkpoint's history is malformed")
 
