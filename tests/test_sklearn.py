@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import inspect
 import pickle
 import warnings
 
@@ -28,6 +29,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils.estimator_checks import (
     check_methods_subset_invariance,
     check_sample_weight_equivalence_on_dense_data,
+    check_sample_weight_equivalence_on_sparse_data,
     parametrize_with_checks,
 )
 from threadpoolctl import threadpool_limits
@@ -36,12 +38,11 @@ import arraymlp as am
 from arraymlp.sklearn import MLPClassifier, MLPRegressor
 from arraymlp.training import DivergenceError
 
-try:
+try:  # the tests that move data to torch need it; the rest run without (the lowest-versions CI step)
     import torch
-except ImportError:  # the scikit-learn tests run without it; those with torch inputs skip
+except ImportError:  # pragma: no cover - torch is in the test environment
     torch = None
-
-needs_torch = pytest.mark.skipif(torch is None, reason="torch is not installed (optional: a backend row)")
+needs_torch = pytest.mark.skipif(torch is None, reason="torch is not installed")
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -56,15 +57,13 @@ def array_api_env(monkeypatch):
 def _one_thread():
     """Every problem here is tiny: BLAS and torch thread pools would only contend (badly,
     on a shared machine). Both are restored afterwards."""
-    if torch is None:
-        with threadpool_limits(limits=1):
-            yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    before = torch.get_num_threads() if torch is not None else None
+    if torch is not None:
+        torch.set_num_threads(1)
     with threadpool_limits(limits=1):
         yield
-    torch.set_num_threads(before)
+    if torch is not None:
+        torch.set_num_threads(before)
 
 
 def _iris():
@@ -80,21 +79,27 @@ def _quiet_fit(est, *args, **kwargs):
 
 
 # ----------------------------------------------------------------------------- scikit-learn's checks
-# Two checks compare results at float64 tolerances (rtol=1e-7). The estimators compute in
-# float32 by default, so these two can fail by a unit in the last place of float32; whether
-# they do depends on the BLAS kernels and the values, hence non-strict. With
-# dtype="float64" both pass strictly (test_float64_passes_the_float32_xfails), and the
-# properties they test hold to float32 precision (the *_float32 tests below).
+# The checks run in both dtypes: as scikit-learn's MLPs, by default (dtype=None) the
+# estimators compute in the data's dtype (float64 for the checks' float64 data), and with
+# dtype="float32" in float32 whatever the data. Two checks compare results at float64
+# tolerances (rtol=1e-7); in float32 they can fail by a unit in the last place of float32,
+# depending on the BLAS kernels and the values, hence non-strict. In float64 both pass
+# strictly (test_float64_passes_the_float32_xfails), and the properties they test hold to
+# float32 precision (the *_float32 tests below).
 FLOAT32_REASONS = {
     "check_sample_weight_equivalence_on_dense_data": (
-        "The estimator computes in float32 (dtype='float32', the default). A batch with "
+        "The estimator computes in float32 (dtype='float32'). A batch with "
         "integer sample weights and the same batch with repeated rows sum their terms in a "
         "different order, so the two fits agree to float32 rounding (about 1e-7 relative, "
         "a little more after 100 epochs), not to the check's rtol=1e-7. With dtype='float64' "
         "the check passes; the equivalence at float32 precision is tested separately."
     ),
+    "check_sample_weight_equivalence_on_sparse_data": (
+        "As check_sample_weight_equivalence_on_dense_data, with a sparse X: the two fits "
+        "agree to float32 rounding, not to rtol=1e-7. With dtype='float64' the check passes."
+    ),
     "check_methods_subset_invariance": (
-        "The estimator computes in float32 (dtype='float32', the default). The BLAS computes "
+        "The estimator computes in float32 (dtype='float32'). The BLAS computes "
         "one row with a matrix-vector product and many rows with a matrix-matrix product, "
         "whose float32 results can differ in the last bit (about 1e-7 relative), while the "
         "check allows atol=rtol=1e-7. Whether a last bit differs depends on the BLAS kernel "
@@ -104,23 +109,44 @@ FLOAT32_REASONS = {
 }
 
 
-def _expected_failed_checks(estimator):
+# scikit-learn 1.7 added xfail_strict=; on older releases (the lowest-versions CI step) a
+# float32 check that may fail is skipped with its reason instead, since an xfail there is
+# strict (pyproject) and the check passes more often than not.
+_NON_STRICT_XFAIL = "xfail_strict" in inspect.signature(parametrize_with_checks).parameters
+# scikit-learn 1.9's array-API check lets classes_ stay a NumPy array (string labels)
+_CLASSES_MAY_STAY_ON_HOST = tuple(int(p) for p in sklearn.__version__.split(".")[:2]) >= (1, 9)
+
+
+def _float32_reasons(estimator):
     return dict(FLOAT32_REASONS) if estimator.dtype == "float32" else {}
 
 
+def _expected_failed_checks(estimator):
+    return _float32_reasons(estimator) if _NON_STRICT_XFAIL else {}
+
+
 @parametrize_with_checks(
-    [MLPClassifier(max_iter=100), MLPRegressor(max_iter=100)],
+    [MLPClassifier(max_iter=100), MLPRegressor(max_iter=100),
+     MLPClassifier(max_iter=100, dtype="float32"), MLPRegressor(max_iter=100, dtype="float32")],
     expected_failed_checks=_expected_failed_checks,
-    xfail_strict=False,
+    **({"xfail_strict": False} if _NON_STRICT_XFAIL else {}),
 )
 # The instances stop at max_iter=100 to keep the suite fast; whether they converge is not
 # what these checks test.
 @pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
 def test_sklearn_estimator_checks(estimator, check, array_api_env):
+    name = getattr(check, "func", check).__name__
+    reason = _float32_reasons(estimator).get(name)
+    if reason is not None and not _NON_STRICT_XFAIL:
+        pytest.skip(reason)
+    if name == "check_array_api_input" and not _CLASSES_MAY_STAY_ON_HOST:
+        pytest.skip("scikit-learn before 1.9 expects classes_ in X's namespace; the classifier keeps its labels "
+                    "(of any kind) in a NumPy array on the host, as scikit-learn 1.9 allows")
     check(estimator)
 
 
-@pytest.mark.parametrize("check", [check_sample_weight_equivalence_on_dense_data, check_methods_subset_invariance])
+@pytest.mark.parametrize("check", [check_sample_weight_equivalence_on_dense_data,
+                                   check_sample_weight_equivalence_on_sparse_data, check_methods_subset_invariance])
 @pytest.mark.parametrize("Estimator", [MLPClassifier, MLPRegressor])
 @pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
 def test_float64_passes_the_float32_xfails(Estimator, check):
@@ -136,8 +162,8 @@ def test_sample_weight_equivalence_float32(Estimator):
     if Estimator is MLPRegressor:
         y = y.astype(float)
     sw = rng.randint(0, 5, size=15)
-    repeated = Estimator(max_iter=100, random_state=0).fit(X.repeat(sw, axis=0), y.repeat(sw))
-    weighted = Estimator(max_iter=100, random_state=0).fit(X, y, sample_weight=sw)
+    repeated = Estimator(max_iter=100, random_state=0, dtype="float32").fit(X.repeat(sw, axis=0), y.repeat(sw))
+    weighted = Estimator(max_iter=100, random_state=0, dtype="float32").fit(X, y, sample_weight=sw)
     method = "predict_proba" if Estimator is MLPClassifier else "predict"
     np.testing.assert_allclose(getattr(weighted, method)(X), getattr(repeated, method)(X), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(weighted.loss_curve_, repeated.loss_curve_, rtol=1e-5)
@@ -149,7 +175,7 @@ def test_subset_invariance_float32(Estimator):
     rng = np.random.RandomState(0)
     X = 3 * rng.uniform(size=(20, 3))
     y = X[:, 0].astype(int)
-    est = Estimator(max_iter=100, random_state=1).fit(X, y)
+    est = Estimator(max_iter=100, random_state=1, dtype="float32").fit(X, y)
     for method in ("predict_proba", "predict_log_proba") if Estimator is MLPClassifier else ("predict",):
         full = getattr(est, method)(X)
         rows = np.concatenate([getattr(est, method)(X[i:i + 1]) for i in range(20)])
@@ -157,10 +183,20 @@ def test_subset_invariance_float32(Estimator):
 
 
 # ----------------------------------------------------------------------------- the objective
+# scikit-learn's MLPs take sample_weight and loss="poisson" from 1.7 (the lowest-versions
+# CI step runs 1.6)
+SKLEARN_MLP_WEIGHTS = "sample_weight" in inspect.signature(sknn.MLPClassifier.fit).parameters
+
+
+def _weights(sample_weight):
+    """``fit``'s keyword arguments for these weights (none without)."""
+    return {} if sample_weight is None else {"sample_weight": sample_weight}
+
+
 def _same_start(ours, theirs, X, y, sample_weight=None):
     """Fit both for one epoch (to allocate), then give ours scikit-learn's parameters."""
-    _quiet_fit(theirs, X, y, sample_weight=sample_weight)
-    _quiet_fit(ours, X, y, sample_weight=sample_weight)
+    _quiet_fit(theirs, X, y, **_weights(sample_weight))
+    _quiet_fit(ours, X, y, **_weights(sample_weight))
     dense = [p for p in ours.model_.params if "W" in p]
     assert len(dense) == len(theirs.coefs_)
     for p, W, b in zip(dense, theirs.coefs_, theirs.intercepts_):
@@ -188,6 +224,8 @@ def test_objective_and_steps_match_sklearn(case):
     mini-batches (64, 64, 22 samples) give scikit-learn's parameters and losses: the loss,
     its gradient and the per-batch L2 scaling alpha / sum(w_B) are scikit-learn's."""
     kind, target, weighted, extra = OBJECTIVE_CASES[case]
+    if (weighted or extra.get("loss") == "poisson") and not SKLEARN_MLP_WEIGHTS:
+        pytest.skip("scikit-learn's MLPs take sample_weight and loss='poisson' from 1.7")
     X, y = _iris()
     rng = np.random.default_rng(0)
     if target == "binary":
@@ -216,19 +254,14 @@ def test_objective_and_steps_match_sklearn(case):
     _same_start(ours, theirs, X, y, sw)
     for est in (ours, theirs):
         est.set_params(max_iter=3)
-        _quiet_fit(est, X, y, sample_weight=sw)
+        _quiet_fit(est, X, y, **_weights(sw))
     for a, b in zip(ours.coefs_ + ours.intercepts_, theirs.coefs_ + theirs.intercepts_):
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
     assert ours.out_activation_ == theirs.out_activation_
     assert ours.n_outputs_ == theirs.n_outputs_
-    if target != "two":  # scikit-learn's Poisson loss sums over the outputs, as ours does
-        np.testing.assert_allclose(ours.loss_curve_[-3:], theirs.loss_curve_[-3:], rtol=1e-9)
-    else:
-        # scikit-learn reports the squared error averaged over the outputs, though its
-        # gradient (and ours) is that of the sum; our loss is the objective optimised
-        pred = ours.predict(X)
-        assert ours.loss_curve_[-1] > theirs.loss_curve_[-1]
-        assert np.isfinite(pred).all()
+    # the losses as scikit-learn reports them: its Poisson loss sums over the outputs, its
+    # squared error averages over them (though its gradient, and ours, is that of the sum)
+    np.testing.assert_allclose(ours.loss_curve_[-3:], theirs.loss_curve_[-3:], rtol=1e-9)
 
 
 def test_poisson_regressor():
@@ -392,7 +425,8 @@ def test_partial_fit():
         est.partial_fit(X, y)
     for _ in range(3):
         est.partial_fit(X[:100], y[:100], classes=[0, 1, 2])
-    assert est.n_iter_ == 3 and est.t_ == 300 and len(est.loss_curve_) == 3
+    # as scikit-learn: n_iter_ counts the epochs of the last call, t_ and loss_curve_ all
+    assert est.n_iter_ == 1 and est.t_ == 300 and len(est.loss_curve_) == 3
     assert est.loss_curve_[2] < est.loss_curve_[0]
     np.testing.assert_array_equal(est.classes_, [0, 1, 2])
     assert est.predict_proba(X).shape == (150, 3)
@@ -401,7 +435,7 @@ def test_partial_fit():
     with pytest.raises(ValueError, match="is not the same as on the first call"):
         est.partial_fit(X, y, classes=[0, 1, 2, 3])
     est.partial_fit(X[:10], y[:10], classes=[2, 1, 0])  # the same classes, in any order
-    assert est.n_iter_ == 4
+    assert est.n_iter_ == 1 and len(est.loss_curve_) == 4
     with pytest.raises(ValueError, match="features"):
         est.partial_fit(X[:, :3], y)
 
@@ -458,14 +492,6 @@ def test_string_labels_binary_and_log_proba():
     assert est.predict_proba(far).min() == 0.0
 
 
-def test_one_class_is_an_error():
-    X, y = _iris()
-    with pytest.raises(ValueError, match="only one class"):
-        MLPClassifier().fit(X[:40], y[:40])
-    with pytest.raises(ValueError, match="at least 2 classes with a positive sample_weight"):
-        MLPClassifier().fit(X[:100], y[:100], sample_weight=(y[:100] == 1).astype(float))
-
-
 def test_multilabel():
     X, y = _iris()
     Y = np.stack([y == 0, y == 1, y == 2, X[:, 0] > 0], axis=1).astype(np.int32)
@@ -493,13 +519,14 @@ def test_multioutput_regression():
 
 def test_output_dtype_follows_input():
     X, y = _iris()
-    est = MLPRegressor(max_iter=5, random_state=0)
+    est = MLPRegressor(max_iter=5, random_state=0, dtype="float32")
     _quiet_fit(est, X, y.astype(float))
     assert est.predict(X).dtype == np.float64
     assert est.predict(X.astype(np.float32)).dtype == np.float32
     assert est.predict(X.tolist()).dtype == np.float64
     assert est.model_.dtype_name == "float32"
-    est64 = _quiet_fit(MLPRegressor(max_iter=5, random_state=0, dtype="float64"), X, y.astype(float))
+    est64 = _quiet_fit(MLPRegressor(max_iter=5, random_state=0, dtype="float64"), X.astype(np.float32),
+                       y.astype(float))
     assert est64.model_.dtype_name == "float64"
 
 
@@ -516,9 +543,9 @@ def test_dropout():
 def test_divergence_is_an_error_naming_the_epoch():
     X, y = _iris()
     est = MLPRegressor(hidden_layer_sizes=(8,), solver="sgd", learning_rate_init=10.0, max_iter=50, random_state=0)
-    with pytest.raises(DivergenceError, match=r"epoch \d+, step \d+"):
+    with pytest.raises(DivergenceError, match=r"Solver produced non-finite parameter weights.*epoch \d+, step \d+"):
         est.fit(X * 1e3, y * 1e3)
-    assert all(np.isfinite(np.asarray(c)).all() for c in est.coefs_)
+    assert not all(np.isfinite(np.asarray(c)).all() for c in est.coefs_)  # as scikit-learn leaves them
 
 
 @pytest.mark.parametrize(
@@ -541,7 +568,8 @@ def test_divergence_is_an_error_naming_the_epoch():
         ({"early_stopping": 1}, r"'early_stopping' parameter of MLPClassifier must be an instance of 'bool'.* Got 1"),
         ({"beta_2": 1.0}, "beta_2"),
         ({"n_iter_no_change": 0}, "n_iter_no_change"),
-        ({"dtype": "int8"}, r"'dtype' parameter of MLPClassifier must be a str among \{.*'float64'.*\}\. Got 'int8'"),
+        ({"dtype": "int8"},
+         r"'dtype' parameter of MLPClassifier must be None or a str among \{.*'float64'.*\}\. Got 'int8'"),
         ({"dropout": 1.0}, "dropout"),
         ({"backend": "jaxx"}, "unknown backend"),
     ],
@@ -660,7 +688,7 @@ def test_regressor_follows_the_backend(backend, dispatch, array_api_env):
         pred = est.predict(X)
         score = est.score(X, y, sample_weight=sw)
     assert backend.same_place(pred) and pred.shape == (120, 2)
-    assert pred.dtype == X.dtype  # float64 in, float64 out (computed in float32)
+    assert pred.dtype == X.dtype  # float64 in, float64 out (computed in float64)
     reference = _quiet_fit(MLPRegressor(hidden_layer_sizes=(16,), learning_rate_init=0.01, max_iter=80,
                                         random_state=0), X_np, y_np, sample_weight=np.linspace(0.5, 1.5, 120))
     np.testing.assert_allclose(backend.to_numpy(pred), reference.predict(X_np), atol=1e-4)
@@ -824,7 +852,7 @@ def test_scores_at_least_sklearns(dataset, loader, regression, capsys):
               f"{np.round(scores['arraymlp'], 4).tolist()}  sklearn {theirs:.4f} "
               f"{np.round(scores['sklearn'], 4).tolist()}")
     # Both minimise the same objective from the same distribution of initial weights, but
-    # with different random streams (and float32 against float64), so they are not expected
+    # with different random streams, so they are not expected
     # to agree prediction for prediction. For accuracy we allow one held-out prediction, out
     # of all len(SEEDS) * n_test made, to go the other way; R^2 gets no allowance.
     tolerance = 0.0 if regression else 1.0 / (len(SEEDS) * n_test)
@@ -845,7 +873,7 @@ def test_estimators_run_the_shared_mini_batch_loop():
     sw = rng.uniform(0.5, 2.0, 130)
     sw[40:100] = 0.0  # with batches of 20 in order, three batches weigh nothing
     params = dict(hidden_layer_sizes=(9,), solver="sgd", momentum=0.9, alpha=0.3, batch_size=20, shuffle=False,
-                  learning_rate_init=0.05, max_iter=3, n_iter_no_change=10, random_state=7)
+                  learning_rate_init=0.05, max_iter=3, n_iter_no_change=10, random_state=7, dtype="float32")
     est = _quiet_fit(MLPRegressor(**params), X, y, sample_weight=sw)
 
     seed = int(np.random.RandomState(7).randint(np.iinfo(np.int32).max))

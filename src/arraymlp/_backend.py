@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import math
 import numbers
+import sys
 import types
 from typing import Any
 
@@ -169,6 +170,53 @@ def check_same_device(expected: Any, got: Any, what: str = "input") -> None:
 def device_of(x: Any) -> Any:
     """Device of an array (``"cpu"`` for NumPy)."""
     return array_api_compat.device(x)
+
+
+# ----------------------------------------------------------------------- sparse matrices
+# A sparse matrix reaches only the first dense layer's kernels (``x @ W``, ``x.T @ dy``) and
+# the training loop's row selection. Two kinds are known: scipy.sparse on NumPy and
+# cupyx.scipy.sparse on CuPy. Neither library is imported here: a matrix of theirs can only
+# exist once its module is loaded, so ``sys.modules`` answers without an import.
+def is_sparse(x: Any) -> bool:
+    """Whether ``x`` is a scipy.sparse or cupyx.scipy.sparse matrix or array."""
+    for name in ("scipy.sparse", "cupyx.scipy.sparse"):
+        module = sys.modules.get(name)
+        if module is not None and module.issparse(x):
+            return True
+    return False
+
+
+def sparse_namespace(x: Any) -> types.ModuleType:
+    """The namespace a sparse matrix computes with: NumPy's for scipy.sparse, CuPy's for
+    cupyx.scipy.sparse (the dense results of ``x @ W`` are arrays of that library)."""
+    scipy_sparse = sys.modules.get("scipy.sparse")
+    if scipy_sparse is not None and scipy_sparse.issparse(x):
+        return resolve_backend("numpy")
+    return resolve_backend("cupy")  # untested here: needs a CUDA device
+
+
+def sparse_device(x: Any) -> Any:
+    """Device of a sparse matrix: ``"cpu"`` for scipy.sparse, its data's for CuPy."""
+    return device_of(x.data)
+
+
+def as_csr(x: Any, dtype: Any) -> Any:
+    """``x`` in compressed-row form and ``dtype``: batches are then row slices. CSC and
+    COO are converted once; a CSR matrix of that dtype is returned as it is (never
+    written to)."""
+    x = x.tocsr()
+    return x if x.dtype == dtype else x.astype(dtype)
+
+
+def take_rows(x: Any, idx: Any, xp: types.ModuleType) -> Any:
+    """Rows ``idx`` (an integer array) of a dense array or a CSR matrix."""
+    return x[idx] if is_sparse(x) else xp.take(x, idx, axis=0)
+
+
+def slice_rows(x: Any, start: int, stop: int) -> Any:
+    """Rows ``start:stop`` of a dense array or a CSR matrix (a view for dense arrays;
+    for CSR, a matrix of those rows' entries only)."""
+    return x[start:stop] if is_sparse(x) else x[start:stop, ...]
 
 
 def resolve_dtype(xp: types.ModuleType, dtype: Any) -> Any:
@@ -398,7 +446,12 @@ def to_backend(x: Any, backend: Any, *, device: Any = None) -> Any:
         if any(st < 0 for st in h.strides):  # torch's DLPack import rejects negative strides (it aborts)
             x = numpy.ascontiguousarray(h)
     try:
-        y = xp.from_dlpack(x)
+        if isinstance(x, numpy.ndarray) and backend_name(xp) == "array_api_strict":
+            # zero-copy as well; NumPy before 2.3 marks a DLPack import read-only, which
+            # array-api-strict cannot report, and in-place updates would then fail
+            y = xp.asarray(x)
+        else:
+            y = xp.from_dlpack(x)
     except (TypeError, BufferError, RuntimeError, ValueError, AttributeError, NotImplementedError):
         y = xp.asarray(to_numpy(x))
     if device is not None and device_of(y) != device:

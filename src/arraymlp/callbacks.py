@@ -16,8 +16,12 @@ from typing import Any
 __all__ = ["Callback", "DivergenceError", "EarlyStopping", "History"]
 
 
-class DivergenceError(FloatingPointError):
+class DivergenceError(FloatingPointError, ValueError):
     """The training loss became NaN or infinite; ``epoch`` and ``step`` say where.
+
+    It is both a :class:`FloatingPointError` and a :class:`ValueError`: code written for
+    scikit-learn, which reports a diverged fit as a ``ValueError`` (``GridSearchCV``'s
+    ``error_score``, ``except ValueError``), catches it too.
 
     The step whose loss is not finite makes no update, so the model keeps the
     parameters it had: those left by the last step with a finite loss. They are

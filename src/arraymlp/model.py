@@ -18,6 +18,7 @@ from array_api_compat import is_dask_array
 from . import layers as L
 from ._backend import (
     Generator,
+    as_csr,
     backend_name,
     canonical_device,
     check_same_backend,
@@ -25,9 +26,12 @@ from ._backend import (
     device_of,
     dtype_name,
     get_namespace,
+    is_sparse,
     is_writeable,
     resolve_backend,
     resolve_dtype,
+    sparse_device,
+    sparse_namespace,
     to_backend,
 )
 from .fusion import _params_distinct, plan_for
@@ -253,14 +257,22 @@ class Sequential:
 
     # ------------------------------------------------------------------ validation
     def _check_x(self, x: Any, *, check_finite: bool = True, what: str = "x"):
-        """Validate an input batch and return ``(x, xp)`` in the model's dtype."""
-        xp = get_namespace(x)
+        """Validate an input batch and return ``(x, xp)`` in the model's dtype (a sparse
+        matrix in compressed-row form)."""
+        sparse = is_sparse(x)
+        xp = sparse_namespace(x) if sparse else get_namespace(x)
+        device = sparse_device(x) if sparse else device_of(x)
         if self.params is None:
-            self._build(xp, device_of(x))
+            self._build(xp, device)
         else:
             check_same_backend(self.xp, xp, what)
-            check_same_device(self.device, device_of(x), what)
+            check_same_device(self.device, device, what)
         xp = self.xp
+        if sparse and not (self.layers and isinstance(self.layers[0], L.Dense)):
+            first = type(self.layers[0]).__name__ if self.layers else "no layer"
+            msg = (f"{what} is a sparse matrix, which only a first Dense layer can take; this model starts "
+                   f"with {first}. Densify it (x.toarray()) or start the model with a Dense layer")
+            raise TypeError(msg)
         if x.ndim != 2:
             hint = ""
             if x.ndim == 1:
@@ -279,9 +291,14 @@ class Sequential:
                 f"(convert it with xp.astype(x, xp.{self._dtype_name}))"
             )
             raise TypeError(msg)
-        if x.dtype != self.dtype:
-            x = xp.astype(x, self.dtype)
-        if check_finite and not kernels_for(xp).all_finite(x, xp):
+        if sparse:  # compressed rows, batches are row slices; only the stored values are read
+            x = as_csr(x, self.dtype)
+            values = x.data
+        else:
+            if x.dtype != self.dtype:
+                x = xp.astype(x, self.dtype)
+            values = x
+        if check_finite and not kernels_for(xp).all_finite(values, xp):
             msg = f"{what} contains NaN or infinite values"
             raise ValueError(msg)
         return x, xp

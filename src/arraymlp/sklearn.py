@@ -28,6 +28,7 @@ a device round trip) and once to the device.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import numbers
@@ -51,12 +52,18 @@ from sklearn.utils.validation import check_array, check_consistent_length, check
 
 from . import functional as F
 from ._backend import (
+    as_csr,
     backend_name,
     canonical_device,
     device_of,
     index_dtype,
+    is_sparse,
     quiet_overflow,
     resolve_backend,
+    slice_rows,
+    sparse_device,
+    sparse_namespace,
+    take_rows,
     to_backend,
     to_numpy,
 )
@@ -66,7 +73,7 @@ from .layers import Dense
 from .losses import Loss, binary_cross_entropy, cross_entropy, mse, poisson_nll
 from .model import MLP
 from .optim import LBFGS, SGD, Adagrad, Adam, AdamW, RMSprop, get_optimizer
-from .training import DivergenceError, _l2_over_batch, _Run, _run_epoch
+from .training import DivergenceError, _l2_over_batch, _params_finite, _Run, _run_epoch
 
 __all__ = ["MLPClassifier", "MLPRegressor"]
 
@@ -86,10 +93,15 @@ _MIN_ADAPTIVE_LR = 1e-6  # as scikit-learn's adaptive schedule: stop once the ra
 # means over them. These rows rescale value and gradient by the output count (and by
 # 1/2 for the squared error) so that the optimised objective is scikit-learn's.
 def _half_squared_error(outputs, targets, *, xp=None, sample_weight=None):
-    """``l_i = 1/2 sum_j (o_ij - t_ij)^2``, weighted mean over the batch; gradient ``(o - t) w_i / sum w``."""
+    """scikit-learn's pair for regression. The gradient is that of ``l_i = 1/2 sum_j
+    (o_ij - t_ij)^2`` (weighted mean over the batch), ``(o - t) w_i / sum w``; the value
+    is what scikit-learn reports as ``loss_``, half the squared error averaged over the
+    samples *and* the outputs (the same number for one output, ``1/n_outputs`` of the
+    objective for several). ``loss_``, ``loss_curve_`` and the ``tol`` test then match
+    scikit-learn's. A line search needs the objective itself: multiply the value by
+    the number of outputs."""
     value, grad = mse(outputs, targets, xp=xp, sample_weight=sample_weight)
-    c = 0.5 * int(outputs.shape[1])
-    return value * c, grad * c
+    return value * 0.5, grad * (0.5 * int(outputs.shape[1]))
 
 
 def _summed_binary_log_loss(outputs, targets, *, xp=None, sample_weight=None):
@@ -118,6 +130,15 @@ def _half_poisson_deviance(outputs, targets, *, xp=None, sample_weight=None):
     return value * c + const, grad * c
 
 
+def _half_squared_error_sum(outputs, targets, *, xp=None, sample_weight=None):
+    """:func:`_half_squared_error` with the value its gradient belongs to, half the squared
+    error summed over the outputs (weighted mean over the batch): L-BFGS' line search needs
+    the two to agree."""
+    value, grad = _half_squared_error(outputs, targets, xp=xp, sample_weight=sample_weight)
+    return value * int(outputs.shape[1]), grad
+
+
+_HALF_SQUARED_ERROR_SUM = Loss("half_squared_error_sum", _half_squared_error_sum, "identity", "same_shape")
 _POISSON = Loss("half_poisson_deviance", _half_poisson_deviance, None, "same_shape")
 _REGRESSION_LOSSES = ("squared_error", "poisson")
 
@@ -143,11 +164,8 @@ def _is_device_array(x: Any) -> bool:
 
 
 def _is_sparse(x: Any) -> bool:
-    try:
-        import scipy.sparse as sp
-    except ImportError:  # pragma: no cover - scikit-learn depends on SciPy
-        return False
-    return sp.issparse(x)
+    """A scipy.sparse (or cupyx.scipy.sparse) matrix or array."""
+    return is_sparse(x)
 
 
 def _host(x: Any) -> Any:
@@ -208,6 +226,15 @@ class _Input:
 
     def __init__(self, x, xp, device, host, out_dtype):
         self.x, self.xp, self.device, self.host, self.out_dtype = x, xp, device, host, out_dtype
+
+
+class _Diverged(Exception):
+    """Internal: the parameters stopped being finite at ``epoch`` (0-based), ``step``
+    (0-based batch, or None when found after the epoch's last step)."""
+
+    def __init__(self, epoch: int, step: int | None):
+        super().__init__(epoch, step)
+        self.epoch, self.step = epoch, step
 
 
 # ------------------------------------------------------------------------------ pickling
@@ -352,10 +379,13 @@ _PARAMETERS_DOC = """
         Device to train on (``"cuda:1"``, a CuPy or array-api-strict device, ...).
         ``None``: the device of ``X`` when the backend is ``X``'s, else the backend's
         default.
-    dtype : {"float32", "float64", "float16"}, default="float32"
-        Dtype of the parameters and of all computation. Results are returned in the
-        input's floating dtype (float64 for integer and non-float NumPy inputs, as in
-        scikit-learn).
+    dtype : {"float32", "float64", "float16"} or None, default=None
+        Dtype of the parameters and of all computation. ``None`` follows the data, as
+        scikit-learn does: float32 ``X`` trains float32 parameters, float64 ``X``
+        float64 ones, and any other ``X`` (integers, booleans, float16, lists) float64.
+        On a GPU, pass float32 data (or ``dtype="float32"``): float64 runs many times
+        slower there. Results are returned in the input's floating dtype (float64 for
+        integer and non-float NumPy inputs, as in scikit-learn).
     dropout : float, default=0.0
         Dropout probability after each hidden activation, in [0, 1); training only.
 """
@@ -374,8 +404,8 @@ _ATTRIBUTES_DOC = """
     best_validation_score_ : float or None
         Best of ``validation_scores_``; ``None`` without ``early_stopping``.
     n_iter_ : int
-        Epochs (``solver="lbfgs"``: iterations) run since the estimator was (re)initialised or since the last
-        ``warm_start`` fit began.
+        Epochs (``solver="lbfgs"``: iterations) run by the last call of ``fit`` (1 after
+        each ``partial_fit``), as in scikit-learn.
     t_ : int
         Training samples seen, over all epochs.
     coefs_ : list of arrays
@@ -498,7 +528,7 @@ class _BaseMLP(BaseEstimator):
         "n_iter_no_change": [_Interval(Integral, 1, None, closed="left"), Options(Real, {math.inf})],
         "backend": [None, str, types.ModuleType],
         "device": "no_validation",  # a name or a device object of the backend, checked on use
-        "dtype": [StrOptions(set(_DTYPES))],
+        "dtype": [None, StrOptions(set(_DTYPES))],
         "dropout": [_Interval(Real, 0, 1, closed="left")],
     }
 
@@ -530,7 +560,7 @@ class _BaseMLP(BaseEstimator):
         max_fun=15000,
         backend=None,
         device=None,
-        dtype="float32",
+        dtype=None,
         dropout=0.0,
     ):
         self.hidden_layer_sizes = hidden_layer_sizes
@@ -577,6 +607,12 @@ class _BaseMLP(BaseEstimator):
         """The objective's row: by the output activation."""
         return _LOSSES[self._output_activation]
 
+    def _objective_row(self) -> Loss:
+        """The row whose value and gradient belong to one objective (for L-BFGS): the
+        squared error's value summed over the outputs, every other row as it is."""
+        row = self._loss_row()
+        return _HALF_SQUARED_ERROR_SUM if row is _LOSSES["identity"] else row
+
     def _out_activation_name(self) -> str:
         """``out_activation_``: scikit-learn's name of the output activation."""
         return _OUT_ACTIVATION_NAMES[self._output_activation]
@@ -610,19 +646,36 @@ class _BaseMLP(BaseEstimator):
     # ------------------------------------------------------------------ inputs
     def _check_X(self, X, *, reset: bool) -> _Input:
         """Validate ``X`` (feature count and names included) without moving it."""
-        if _is_device_array(X):
-            xp = array_api_compat.array_namespace(X)
+        device_sparse = _is_sparse(X) and sparse_namespace(X) is not resolve_backend("numpy")
+        if _is_device_array(X) or device_sparse:  # cupyx.scipy.sparse: untested without a CUDA device
+            xp = sparse_namespace(X) if device_sparse else array_api_compat.array_namespace(X)
             _check_device_X(X, xp, type(self).__name__)
             validate_data(self, X, reset=reset, skip_check_array=True)
             out = X.dtype if xp.isdtype(X.dtype, "real floating") else None
-            return _Input(X, xp, device_of(X), False, out)
-        X = validate_data(self, X, reset=reset, dtype=(np.float64, np.float32), accept_sparse=False)
-        return _Input(X, array_api_compat.array_namespace(X), "cpu", True, X.dtype)
+            return _Input(X, xp, sparse_device(X) if device_sparse else device_of(X), False, out)
+        # scipy.sparse stays sparse (CSC and COO become CSR on the way to the model)
+        X = validate_data(self, X, reset=reset, dtype=(np.float64, np.float32), accept_sparse=("csr", "csc", "coo"))
+        xp = sparse_namespace(X) if _is_sparse(X) else array_api_compat.array_namespace(X)
+        return _Input(X, xp, "cpu", True, X.dtype)
 
     def _to_model(self, inp: _Input, xp, device, dtype):
-        """The validated input on the model's namespace, device and dtype, checked finite."""
+        """The validated input on the model's namespace, device and dtype, checked finite
+        (a sparse ``X`` as a CSR matrix on its own library, which only ever computes the
+        first layer's products)."""
+        if _is_sparse(inp.x):
+            if xp is not inp.xp:
+                msg = (f"a sparse X computes on {backend_name(inp.xp)} (scipy.sparse on NumPy, "
+                       f"cupyx.scipy.sparse on CuPy), but the model is on {backend_name(xp)}; leave backend= "
+                       "unset, or densify X (X.toarray())")
+                raise TypeError(msg)
+            with quiet_overflow(xp):  # values beyond the dtype's range are reported just below
+                x = as_csr(inp.x, dtype)
+            _check_finite(x.data, xp, "X")
+            return x
         x = _move(inp.x, xp, device)
-        x = xp.astype(x, dtype, copy=False) if x.dtype != dtype else x
+        if x.dtype != dtype:
+            with quiet_overflow(xp):  # values beyond the dtype's range are reported just below
+                x = xp.astype(x, dtype, copy=False)
         _check_finite(x, xp, "X")
         return x
 
@@ -658,6 +711,18 @@ class _BaseMLP(BaseEstimator):
             return xp, inp.device
         return xp, canonical_device(xp)
 
+    def _training_dtype(self, inp: _Input, xp, first: bool) -> str:
+        """The name of the dtype to train in: the fitted model's on a later fit, else
+        ``dtype=`` when given, else the data's (float32 and float64 kept, anything else
+        float64)."""
+        if not first:
+            return self.model_.dtype_name
+        if self.dtype is not None:
+            return self.dtype
+        if inp.out_dtype is not None and inp.out_dtype == getattr(inp.xp, "float32", None):
+            return "float32"
+        return "float64"
+
     # ------------------------------------------------------------------ training
     def _fit(self, X, y, sample_weight=None, *, incremental: bool, classes=None):
         self._check_hyperparameters()
@@ -671,7 +736,8 @@ class _BaseMLP(BaseEstimator):
         inp = self._check_X(X, reset=first)
         n = int(inp.x.shape[0])
         xp, device = self._placement(inp, first)
-        dtype = _float_dtype(xp, self.dtype)
+        self._dtype_name = self._training_dtype(inp, xp, first)
+        dtype = _float_dtype(xp, self._dtype_name)
         sw_host = self._check_sample_weight(sample_weight, n)
         y_dev, strata = self._prepare_targets(y, n, xp, device, dtype, first=first, incremental=incremental,
                                               classes=classes, sw_host=sw_host)
@@ -700,7 +766,7 @@ class _BaseMLP(BaseEstimator):
             "activation": self._activation_name(),
             "output_activation": None if out_act == "identity" else out_act,
             "dropout": float(self.dropout),
-            "dtype": self.dtype,
+            "dtype": self._dtype_name,
         }
         self.model_ = _build_model(self._model_config, seed=seed, backend=backend_name(xp), device=device)
         self.n_outputs_ = self._n_output_units
@@ -736,11 +802,10 @@ class _BaseMLP(BaseEstimator):
         w_dev = None if sw_host is None else xp.asarray(sw_host, dtype=dtype, device=device)
         batch = min(200, n) if self.batch_size == "auto" else max(1, min(int(self.batch_size), n))
         epochs = 1 if incremental else int(self.max_iter)
-        if not incremental:
-            self.n_iter_ = 0
+        self.n_iter_ = 0  # as scikit-learn: the epochs of this call (1 for partial_fit)
         run = self._batch_run(x, y, w_dev, sw_host, lossfn, xp, batch=batch)
-        # NumPy would warn on an overflow before the loss check can name the step
-        with quiet_overflow(xp):
+        # NumPy would warn on overflows that the divergence checks report
+        with quiet_overflow(xp), self._on_divergence(early, n):
             for _ in range(epochs):
                 total, _ = _run_epoch(run, self.n_iter_, self._lr)
                 self.n_iter_ += 1
@@ -765,9 +830,49 @@ class _BaseMLP(BaseEstimator):
                         ConvergenceWarning,
                         stacklevel=3,
                     )
+            if not _params_finite(model.params, xp):  # the last step's update overflowed
+                raise _Diverged(self.n_iter_ - 1, None)
         if early and self._best_params is not None:
             model.params = self._best_params
         self._best_params = None
+
+    @contextlib.contextmanager
+    def _on_divergence(self, early: bool, n: int):
+        """Around the epochs: parameters that stopped being finite end the run as
+        :meth:`_diverged` says."""
+        try:
+            yield
+        except _Diverged as diverged:
+            self._diverged(diverged, early, n)
+
+    def _diverged(self, diverged: "_Diverged", early: bool, n: int) -> None:
+        """The parameters stopped being finite: with early stopping, keep the best epoch's
+        parameters and warn (scikit-learn finishes such a run); otherwise raise a
+        ValueError with scikit-learn's message."""
+        where = f"epoch {diverged.epoch + 1}" + ("" if diverged.step is None else f", step {diverged.step + 1}")
+        if diverged.step is not None:  # the epoch it broke off is recorded, non-finite
+            self.n_iter_ += 1
+            self.t_ += n
+            self.loss_ = math.nan
+            self.loss_curve_.append(self.loss_)
+            if early:
+                self.validation_scores_.append(math.nan)
+        if early and self._best_params is not None:
+            best = int(np.nanargmax(self.validation_scores_)) + 1
+            warnings.warn(
+                f"Training diverged at {where}: the parameters stopped being finite. The estimator keeps "
+                f"the parameters of epoch {best}, the best validation score. Standardise the inputs "
+                "(sklearn.preprocessing.StandardScaler) or lower learning_rate_init.",
+                ConvergenceWarning,
+                stacklevel=5,
+            )
+            return
+        msg = (
+            "Solver produced non-finite parameter weights. The input data may contain large values and "
+            f"need to be preprocessed. (Training diverged at {where}; the parameters are not finite. "
+            "Standardise the inputs with sklearn.preprocessing.StandardScaler or lower learning_rate_init.)"
+        )
+        raise DivergenceError(msg, epoch=diverged.epoch, step=diverged.step or 0, params_finite=False)
 
     def _train_lbfgs(self, x, y, sw_host, xp, device, dtype) -> None:
         """Full-batch L-BFGS on the objective over all of ``(x, y)``: ``l2 = alpha / sum w``.
@@ -779,7 +884,7 @@ class _BaseMLP(BaseEstimator):
             msg = (f"solver='lbfgs' needs a deterministic objective, but dropout={self.dropout!r} draws a new "
                    "mask at each evaluation; set dropout=0.0 or use a stochastic solver")
             raise ValueError(msg)
-        model, opt, lossfn = self.model_, self._optimizer, self._loss_row()
+        model, opt, lossfn = self.model_, self._optimizer, self._objective_row()
         w_dev = None if sw_host is None else xp.asarray(sw_host, dtype=dtype, device=device)
         l2 = float(self.alpha) / (int(x.shape[0]) if sw_host is None else float(sw_host.sum()))
 
@@ -827,8 +932,8 @@ class _BaseMLP(BaseEstimator):
         w_val = None
         tr = xp.asarray(train_idx, dtype=index_dtype(xp), device=device)
         va = xp.asarray(val_idx, dtype=index_dtype(xp), device=device)
-        x_val, y_val = xp.take(x, va, axis=0), xp.take(y, va, axis=0)
-        x, y = xp.take(x, tr, axis=0), xp.take(y, tr, axis=0)
+        x_val, y_val = take_rows(x, va, xp), xp.take(y, va, axis=0)
+        x, y = take_rows(x, tr, xp), xp.take(y, tr, axis=0)
         if sw_host is not None:
             w_val = xp.asarray(sw_host[val_idx], dtype=dtype, device=device)
             sw_host = sw_host[train_idx]
@@ -847,14 +952,13 @@ class _BaseMLP(BaseEstimator):
                     l2=alpha if coupled_l2 else 0.0, l2_rule=_l2_over_batch if coupled_l2 else None,
                     host_weight=sw_host, skip_zero_weight=True, fuse=False, on_divergence=self._divergence)
 
-    @staticmethod
-    def _divergence(run, value: float, epoch: int, batch: int) -> DivergenceError:
-        msg = (
-            f"the training loss became {value} at epoch {epoch + 1}, step {batch + 1}; the parameters are "
-            "those of the last finite step. Standardise the inputs (sklearn.preprocessing.StandardScaler) "
-            "or lower learning_rate_init."
-        )
-        return DivergenceError(msg, epoch=epoch, step=batch)
+    def _divergence(self, run, value: float, epoch: int, batch: int) -> Exception | None:
+        """A non-finite loss at ``batch`` of ``epoch``: as scikit-learn, training goes on
+        (its gradient may well be finite) until the parameters themselves stop being
+        finite, which :meth:`_on_divergence` then handles."""
+        if _params_finite(run.model.params, run.xp):
+            return None
+        return _Diverged(epoch, batch)
 
     def _should_stop(self, early: bool) -> bool:
         what = "Validation score" if early else "Training loss"
@@ -902,7 +1006,7 @@ class _BaseMLP(BaseEstimator):
             return model.forward(x, training=False, xp=xp, upto=upto, keep=False)[0]
         outs = []
         for i in range(0, n, _PREDICT_CHUNK):
-            chunk = x[i:min(i + _PREDICT_CHUNK, n), ...]
+            chunk = slice_rows(x, i, min(i + _PREDICT_CHUNK, n))
             outs.append(model.forward(chunk, training=False, xp=xp, upto=upto, keep=False)[0])
         return outs[0] if len(outs) == 1 else xp.concat(outs, axis=0)
 
@@ -938,7 +1042,7 @@ class _BaseMLP(BaseEstimator):
             return out
         out = _move(a, inp.xp, inp.device)
         if floating:
-            target = inp.out_dtype if inp.out_dtype is not None else _float_dtype(inp.xp, self.dtype)
+            target = inp.out_dtype if inp.out_dtype is not None else _float_dtype(inp.xp, self.model_.dtype_name)
             if out.dtype != target:
                 out = inp.xp.astype(out, target)
         return out
@@ -1014,6 +1118,7 @@ class _BaseMLP(BaseEstimator):
         tags = super().__sklearn_tags__()
         tags.target_tags.multi_output = True
         tags.array_api_support = True
+        tags.input_tags.sparse = True
         return tags
 
 
@@ -1131,17 +1236,15 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
             self._output_activation = "sigmoid"
             self._n_output_units = int(y.shape[1])
             codes = None
-            target = y.astype(np.dtype(self.dtype))
+            target = y.astype(np.dtype(self._dtype_name))
         else:
             codes = np.searchsorted(self.classes_, y)
-            if not incremental and sw_host is not None and np.unique(codes[sw_host > 0]).shape[0] < 2:
-                msg = (f"{type(self).__name__} needs samples of at least 2 classes with a positive "
-                       "sample_weight, but only one class has any")
-                raise ValueError(msg)
-            if self.classes_.shape[0] == 2:
+            # one class is fitted as scikit-learn fits it: one sigmoid unit whose target
+            # is 0 throughout (the probability of "a second class")
+            if self.classes_.shape[0] <= 2:
                 self._output_activation = "sigmoid"
                 self._n_output_units = 1
-                target = (codes == 1).astype(np.dtype(self.dtype))[:, None]
+                target = (codes == 1).astype(np.dtype(self._dtype_name))[:, None]
             else:
                 self._output_activation = "softmax"
                 self._n_output_units = int(self.classes_.shape[0])
@@ -1163,10 +1266,6 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
                 raise ValueError(msg)
         else:
             found = unique_labels(y)
-        if not multilabel and found.shape[0] < 2:
-            msg = (f"{type(self).__name__} needs samples of at least 2 classes in the data, but the data "
-                   f"contains only one class: {found[0]!r}")
-            raise ValueError(msg)
         self.classes_ = found
         self._multilabel = multilabel
         self._y_dtype = y.dtype if multilabel else None
@@ -1211,11 +1310,16 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
         return float(xp.sum(w * correct) / xp.sum(w))
 
     # ------------------------------------------------------------------ prediction
+    def _one_class(self) -> bool:
+        return not self._multilabel and self.classes_.shape[0] == 1
+
     def _proba_on_model(self, X, method):
         if self._n_output_units == 1 and not self._multilabel:
             # both columns from the logit, so that neither loses precision to 1 - p
             z, inp = self._infer(X, method, logits=True)
             xp = self.model_.xp
+            if self._one_class():  # the one class's column only: the unit's "no second class"
+                return F.sigmoid(-z, xp=xp), inp
             return xp.concat([F.sigmoid(-z, xp=xp), F.sigmoid(z, xp=xp)], axis=1), inp
         return self._infer(X, method)
 
@@ -1231,7 +1335,8 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
         proba : array of shape (n_samples, n_classes)
             Columns in the order of :attr:`classes_` (one probability per label for a
             multilabel model); same namespace and device as ``X`` (NumPy for
-            array-likes), in ``X``'s floating dtype.
+            array-likes), in ``X``'s floating dtype. A model fitted on one class has
+            one column (scikit-learn gives two there; see docs/sklearn.md).
         """
         p, inp = self._proba_on_model(X, "predict_proba")
         return self._deliver(p, inp, floating=True)
@@ -1252,6 +1357,8 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
         xp = self.model_.xp
         if self._output_activation == "softmax":
             out = F.log_softmax(z, xp=xp)
+        elif self._one_class():
+            out = -F.softplus(z, xp=xp)
         elif self._n_output_units == 1 and not self._multilabel:
             out = xp.concat([-F.softplus(z, xp=xp), -F.softplus(-z, xp=xp)], axis=1)
         else:
@@ -1283,6 +1390,8 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
             return inp.xp.astype(out, target) if target is not None and out.dtype != target else out
         if self._output_activation == "softmax":
             codes = xp.argmax(p, axis=1)
+        elif self._one_class():
+            codes = xp.zeros((int(p.shape[0]),), dtype=index_dtype(xp), device=self.model_.device)
         else:
             codes = xp.astype(p[:, 0] > 0.5, index_dtype(xp))
         if inp.host or self.classes_.dtype.kind not in "biuf":

@@ -2,7 +2,9 @@
 
 ``fit(model, x, y, ...)`` (also ``model.fit``) trains on the arrays' own namespace and
 device: batches are index-gathered from the data where it lives, one batch at a time,
-so an epoch never copies the whole data set. Each step is ``loss_and_grads`` followed by
+so an epoch never copies the whole data set. A scipy.sparse ``x`` (or cupyx.scipy.sparse
+on CuPy) is taken in compressed-row form: a batch is a row slice of it, and only the first
+dense layer sees it, through its kernels' sparse products. Each step is ``loss_and_grads`` followed by
 the optimiser's update, and reads nothing back to the host: the steps' losses stay on
 the device and are read together, in one transfer, at the end of the epoch (and every
 1000 steps of a longer one). A non-finite loss found then stops training with
@@ -37,7 +39,7 @@ from typing import Any, Callable, Sequence
 
 import numpy
 
-from ._backend import Generator, index_dtype, quiet_overflow, to_numpy
+from ._backend import Generator, index_dtype, quiet_overflow, slice_rows, take_rows, to_numpy
 from .callbacks import Callback, DivergenceError, EarlyStopping, History
 from .fusion import plan_for
 from .losses import LOSSES, Loss, check_targets, count_not_binary, get_loss
@@ -146,7 +148,8 @@ def _n(x) -> int:
 
 
 def _take(a, idx, xp):
-    return None if a is None else xp.take(a, idx, axis=0)
+    """Rows ``idx`` of ``a`` (a dense array or a CSR matrix), or None."""
+    return None if a is None else take_rows(a, idx, xp)
 
 
 def _pair_maker(model, lossfn, fused: bool):
@@ -193,7 +196,7 @@ def _evaluate(model, x, y, lossfn, task, xp, batch_size=4096, metrics=()):
     accs = [m.start(xp, model.dtype, model.device) for m in metrics]
     for i in range(0, n, batch_size):
         end = min(i + batch_size, n)  # the standard leaves slice ends past the axis unspecified
-        xb, yb = x[i:end, ...], y[i:end, ...]
+        xb, yb = slice_rows(x, i, end), y[i:end, ...]
         out, _ = model.forward(xb, training=False, xp=xp, upto=upto, keep=False)
         # the targets were checked up front: the table's losses need not read them again
         value, _ = lossfn.fn(out, yb, xp=xp, check=False) if builtin else lossfn.fn(out, yb, xp=xp)
@@ -235,7 +238,9 @@ class _Run:
     - ``host_weight``: the sample weights as a float64 host array, for the weight sums;
     - ``skip_zero_weight``: skip (take no step on) a batch whose weights are all zero;
     - ``fuse``: whether plain SGD may be fused into backpropagation;
-    - ``on_divergence(run, value, epoch, batch)``: the error for a non-finite loss.
+    - ``on_divergence(run, value, epoch, batch)``: the error for a non-finite loss, or
+      None to take the step all the same (the estimators, as scikit-learn, stop only
+      once the parameters are no longer finite).
     """
 
     model: Any
@@ -381,7 +386,8 @@ def _prepare_data(model, x, y, sample_weight, loss, validation_data, validation_
             msg = (f"validation_split={validation_split} of {_n(x)} samples leaves none to train on; "
                    "use a smaller fraction or pass validation_data")
             raise ValueError(msg)
-        x, x_val = x[:-n_val, ...], x[-n_val:, ...]
+        n_fit = _n(x) - n_val
+        x, x_val = slice_rows(x, 0, n_fit), slice_rows(x, n_fit, _n(x))
         y, y_val = y[:-n_val, ...], y[-n_val:, ...]
         if sample_weight is not None:
             sample_weight = sample_weight[:-n_val]
@@ -501,7 +507,7 @@ def _batch(run: _Run, order, start: int):
     if order is None:
         sl = slice(lo, hi)
         wb = None if sample_weight is None else sample_weight[sl]
-        return x[sl, ...], y[sl, ...], wb, end - start
+        return slice_rows(x, lo, hi), y[sl, ...], wb, end - start
     idx = order[lo:hi]
     return _take(x, idx, xp), _take(y, idx, xp), _take(sample_weight, idx, xp), end - start
 
@@ -606,7 +612,9 @@ def _run_epoch(run: _Run, epoch: int, epoch_lr: float) -> tuple[float, int]:
                                           amp=run.amp, fuse=run.fuse, on_outputs=_metrics_hook(run, yb))
         value = float(value)
         if not math.isfinite(value):
-            raise (run.on_divergence or _divergence)(run, value, epoch, start // run.batch_size)
+            error = (run.on_divergence or _divergence)(run, value, epoch, start // run.batch_size)
+            if error is not None:  # on_divergence may let the step go ahead
+                raise error
         update(epoch_lr)
         del update  # frees the batch's caches before the next forward
         run.step += 1
@@ -819,6 +827,8 @@ def fit(model, x, y, *, loss: str | Loss | None = None, optimizer: str | Optimiz
     ----------
     model : Sequential
     x : array, shape (n, n_features)
+        Or a scipy.sparse matrix or array of that shape (CSR, CSC, COO), for a model on
+        NumPy whose first layer is Dense; it is never densified.
     y : array
         Targets: shape (n, n_outputs) or (n,) for one output; integer class labels (n,)
         (or one-hot floats (n, k)) for ``cross_entropy``; labels 0/1 (int, bool or

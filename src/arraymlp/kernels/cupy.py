@@ -13,6 +13,10 @@
   (``W = beta W + alpha x.T @ dy``, ``alpha = -lr``, ``beta = 1 - lr l2``).
 - ``pick_labels``, ``subtract_onehot``: integer-array indexing with the row index kept
   per device id (a ``cupy.cuda.Device`` is unhashable, so a cache keyed by it misses).
+- A cupyx.scipy.sparse input of the first dense layer is multiplied by cupyx's sparse
+  product (``dense_forward``, ``dense_backward``, ``dense_relu_forward``,
+  ``dense_sgd_update``; :data:`._common.SPARSE_OVERRIDES`), written as the NumPy set's
+  scipy.sparse path and not yet run on a GPU.
 
 Each override checks that it applies (CuPy arrays of float32 or float64 of one dtype,
 the layout it needs) and otherwise calls the kernel it replaces. Kernels are compiled
@@ -26,7 +30,7 @@ from __future__ import annotations
 
 import math
 
-from .._backend import is_writeable, memo
+from .._backend import is_sparse, is_writeable, memo
 from . import _common as C
 from . import reference as R
 
@@ -72,8 +76,9 @@ _BIAS_RELU = "T v = y + b; y = v < (T)0 ? (T)0 : v;"  # NaN stays NaN, as maximu
 
 
 def dense_relu_forward(x, W, b, xp, *, relu_forward_inplace=R.relu_forward_inplace):
-    """``max(x @ W + b, 0)``: cuBLAS's product, then the bias and the ReLU in one kernel."""
-    y = x @ W
+    """``max(x @ W + b, 0)``: cuBLAS's product (cupyx's for a sparse ``x``), then the bias
+    and the ReLU in one kernel."""
+    y = C.sparse_product(x, W, xp) if is_sparse(x) else x @ W
     if (b is not None and y.ndim == 2 and tuple(b.shape) == (y.shape[1],) and y.dtype == b.dtype
             and y.dtype.char in "fd" and is_writeable(y)):
         _launch(_elementwise("bias_relu", "T b", "T y", _BIAS_RELU), y, b, y)
@@ -201,7 +206,10 @@ def _blas_ready(a) -> bool:
 
 def dense_sgd_update(x, dy, W, b, lr, l2, xp, *, bias_grad=R.bias_grad, sgd_apply=R.sgd_apply):
     """``W = (1 - lr l2) W - lr x.T @ dy`` by one cuBLAS gemm into ``W`` (float32/float64,
-    one dtype, ``W`` C-contiguous, ``x`` and ``dy`` contiguous): no gradient array."""
+    one dtype, ``W`` C-contiguous, ``x`` and ``dy`` contiguous): no gradient array. A
+    cupyx.scipy.sparse ``x`` takes the sparse product instead."""
+    if is_sparse(x):
+        return C.dense_sgd_update(x, dy, W, b, lr, l2, xp, bias_grad=bias_grad, sgd_apply=sgd_apply)
     if (W.dtype.char in "fd" and x.dtype == dy.dtype == W.dtype and W.ndim == 2 and W.flags.c_contiguous
             and is_writeable(W) and _blas_ready(x) and _blas_ready(dy) and x.shape[0] == dy.shape[0]
             and W.shape == (x.shape[1], dy.shape[1])):
@@ -286,6 +294,9 @@ def rmsprop_update(p, g, v, gbar, buf, lr, alpha, eps, momentum, wd, xp, work=No
 OVERRIDES = {
     **C.UFUNC_OVERRIDES,
     **C.INDEXING_OVERRIDES,
+    # cupyx.scipy.sparse inputs of the first layer (untested without a CUDA device); the
+    # set's own dense_relu_forward and dense_sgd_update below take that path themselves
+    **C.SPARSE_OVERRIDES,
     "adam_update": adam_update,
     "cross_entropy_labels_mean": cross_entropy_labels_mean,
     "dense_relu_forward": dense_relu_forward,

@@ -12,7 +12,7 @@ import math
 
 import numpy
 
-from .._backend import is_writeable, memo, row_sums_finite
+from .._backend import is_sparse, is_writeable, memo, row_sums_finite
 from . import _blas, _jit
 from . import _common as C
 from . import reference as R
@@ -67,8 +67,9 @@ def relu_backward_inplace(dy, y, xp):
 
 def dense_relu_forward(x, W, b, xp, *, relu_forward_inplace=R.relu_forward_inplace):
     """The bias and the ReLU in one compiled pass over the product, where Numba is
-    installed; bit for bit the values of the two passes."""
-    y = x @ W
+    installed; bit for bit the values of the two passes. A scipy.sparse ``x`` is
+    multiplied by scipy's sparse product."""
+    y = C.sparse_product(x, W, xp) if is_sparse(x) else x @ W
     if b is not None and _jit.bias_relu(y, b):
         return y
     return relu_forward_inplace(y if b is None else R.add_bias(y, b, xp), xp)
@@ -76,9 +77,11 @@ def dense_relu_forward(x, W, b, xp, *, relu_forward_inplace=R.relu_forward_inpla
 
 def dense_sgd_update(x, dy, W, b, lr, l2, xp, *, bias_grad=R.bias_grad, sgd_apply=R.sgd_apply):
     """The product accumulates into ``W`` by one BLAS call (``beta = 1 - lr * l2``,
-    ``alpha = -lr``): no temporary the size of ``W``."""
+    ``alpha = -lr``): no temporary the size of ``W``. A scipy.sparse ``x`` takes the
+    sparse product instead."""
     if not (math.prod(W.shape) >= _BLAS_ACC_MIN and _blas.gemm_acc(W, x, dy, -lr, 1.0 - lr * l2)):
-        W = sgd_apply(W, x.T @ dy, lr, l2, xp)  # the reference's step (inlined: a call less per layer)
+        # the reference's step (inlined: a call less per layer)
+        W = sgd_apply(W, C.sparse_product(x.T, dy, xp) if is_sparse(x) else x.T @ dy, lr, l2, xp)
     if b is not None:
         b = sgd_apply(b, bias_grad(dy, xp), lr, 0.0, xp)
     return W, b
@@ -114,6 +117,7 @@ OVERRIDES = {
     **C.UFUNC_OVERRIDES,
     **C.INDEXING_OVERRIDES,
     **C.OPTIMIZER_OVERRIDES,
+    **C.SPARSE_OVERRIDES,
     "all_finite": all_finite,
     "bias_grad": bias_grad,
     "dense_relu_forward": dense_relu_forward,

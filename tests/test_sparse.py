@@ -1,0 +1,169 @@
+"""Sparse inputs (scipy.sparse on NumPy; cupyx.scipy.sparse on CuPy where a GPU is present).
+
+Only the first dense layer sees the matrix: its kernels multiply it sparsely, the fit loop
+takes row slices of a CSR matrix. Every result is compared with the same computation on
+the densified matrix in float64; the matrix itself is never densified, nor written to.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+import arraymlp as am
+from arraymlp.kernels import REFERENCE, kernels_for
+
+FORMATS = ["csr_matrix", "csc_matrix", "coo_matrix", "csr_array", "csc_array", "coo_array"]
+
+
+def _sparse(n=60, d=25, density=0.15, seed=0, kind="csr_matrix"):
+    m = sp.random(n, d, density=density, format="csr", random_state=seed, dtype=np.float64)
+    m.data = np.random.default_rng(seed).normal(size=m.data.shape)  # signed values
+    return getattr(sp, kind)(m)
+
+
+def _sparse_on(backend, m):
+    """``m`` as the sparse matrix of ``backend``'s library, or None where it has none."""
+    if backend.name == "numpy":
+        return m
+    if backend.name == "cupy":  # pragma: no cover - needs a CUDA device
+        import cupyx.scipy.sparse as csp
+
+        return csp.csr_matrix(m)
+    return None
+
+
+@pytest.fixture
+def no_densify(monkeypatch):
+    """Any attempt to densify a scipy.sparse matrix or array fails the test."""
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("a sparse input was densified")
+
+    for cls in (sp.csr_matrix, sp.csc_matrix, sp.coo_matrix, sp.csr_array, sp.csc_array, sp.coo_array):
+        monkeypatch.setattr(cls, "toarray", refuse)
+        monkeypatch.setattr(cls, "todense", refuse)
+
+
+# ----------------------------------------------------------------------------- kernels
+def test_sparse_kernels_match_the_reference_on_dense(backend, rng):
+    """dense_forward, dense_relu_forward, dense_backward and dense_sgd_update of the row's
+    set, given a sparse x, equal the reference kernels on the densified x. A row without a
+    sparse library refuses a scipy.sparse input with a TypeError naming both backends."""
+    m = _sparse()
+    xs = _sparse_on(backend, m)
+    if xs is None:
+        model = am.MLP([25, 4, 2], **backend.model_kwargs(), seed=0)
+        with pytest.raises(TypeError, match="numpy"):
+            model(m)
+        return
+    xp = backend.xp
+    dense = backend.asarray(m.toarray())
+    W = backend.asarray(rng.normal(size=(25, 7)))
+    b = backend.asarray(rng.normal(size=(7,)))
+    dy = backend.asarray(rng.normal(size=(60, 7)))
+    ks = kernels_for(xp)
+    close = np.testing.assert_allclose
+    close(backend.to_numpy(ks.dense_forward(xs, W, b, xp)),
+          backend.to_numpy(REFERENCE.dense_forward(dense, W, b, xp)), rtol=1e-13, atol=1e-13)
+    close(backend.to_numpy(ks.dense_relu_forward(xs, W, b, xp)),
+          backend.to_numpy(REFERENCE.dense_relu_forward(dense, W, b, xp)), rtol=1e-13, atol=1e-13)
+    got = ks.dense_backward(xs, W, dy, True, True, xp)
+    want = REFERENCE.dense_backward(dense, W, dy, True, True, xp)
+    for g, w in zip(got, want):
+        close(backend.to_numpy(g), backend.to_numpy(w), rtol=1e-13, atol=1e-13)
+    assert ks.dense_backward(xs, W, dy, False, False, xp)[0::2] == (None, None)
+    for big in (False, True):  # below and above the size where NumPy's BLAS accumulate applies
+        shape = (25, 700) if big else (25, 7)
+        Wb = rng.normal(size=shape)
+        bb, dyb = rng.normal(size=shape[1:]), rng.normal(size=(60, shape[1]))
+        W1, b1 = ks.dense_sgd_update(xs, backend.asarray(dyb), backend.asarray(Wb), backend.asarray(bb), 0.1, 0.01, xp)
+        W2, b2 = REFERENCE.dense_sgd_update(dense, backend.asarray(dyb), backend.asarray(Wb), backend.asarray(bb),
+                                            0.1, 0.01, xp)
+        close(backend.to_numpy(W1), backend.to_numpy(W2), rtol=1e-13, atol=1e-13)
+        close(backend.to_numpy(b1), backend.to_numpy(b2), rtol=1e-13, atol=1e-13)
+        # independently, in NumPy: W - lr (x.T dy + l2 W)
+        close(backend.to_numpy(W1), Wb - 0.1 * (m.toarray().T @ dyb + 0.01 * Wb), rtol=1e-12, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- the model
+@pytest.mark.parametrize("kind", FORMATS)
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+def test_sparse_gradients_match_dense(kind, loss):
+    """loss_and_grads on a sparse x equals the same on the densified x (float64), for every
+    scipy format; and the first layer's weight gradient is x.T @ delta computed by hand."""
+    x = _sparse(kind=kind)
+    dense = x.toarray()
+    y = np.random.default_rng(1).integers(0, 3, 60) if loss == "cross_entropy" else \
+        np.random.default_rng(1).normal(size=(60, 3))
+    model = am.MLP([25, 9, 3], activation="tanh", backend="numpy", dtype="float64", seed=0)
+    value_s, grads_s = model.loss_and_grads(x, y, loss=loss, l2=0.01)
+    value_d, grads_d = model.loss_and_grads(dense, y, loss=loss, l2=0.01)
+    assert float(value_s) == pytest.approx(float(value_d), rel=1e-14)
+    for gs, gd in zip(grads_s, grads_d):
+        assert gs.keys() == gd.keys()
+        for k in gs:
+            assert type(gs[k]) is np.ndarray
+            np.testing.assert_allclose(gs[k], gd[k], rtol=1e-12, atol=1e-14)
+    # the first layer's dW by hand: backpropagate d_out through the second layer and tanh
+    W1, b1 = model.params[0]["W"], model.params[0]["b"]
+    W2, b2 = model.params[2]["W"], model.params[2]["b"]
+    h = np.tanh(dense @ W1 + b1)
+    out = h @ W2 + b2
+    if loss == "cross_entropy":
+        p = np.exp(out - out.max(axis=1, keepdims=True))
+        p /= p.sum(axis=1, keepdims=True)
+        d_out = (p - np.eye(3)[y]) / 60
+    else:
+        d_out = 2 * (out - y) / y.size
+    d_h = (d_out @ W2.T) * (1 - h**2)
+    np.testing.assert_allclose(grads_s[0]["W"], dense.T @ d_h + 0.01 * W1, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_fit_and_predict_on_sparse_equal_dense(optimizer, no_densify):
+    """fit (shuffled batches, a validation split, plain SGD fused into backpropagation or
+    Adam) and predict on a CSC input give the parameters and outputs of the same run on
+    the densified matrix; nothing densifies the input and it is left as it was."""
+    x = _sparse(n=300, d=40, kind="csc_matrix")
+    before = (x.data.copy(), x.indices.copy(), x.indptr.copy())
+    coo = x.tocoo()  # the reference run's dense matrix, built without toarray (refused here)
+    dense = np.zeros(x.shape)
+    dense[coo.row, coo.col] = coo.data
+    y = np.random.default_rng(0).integers(0, 3, 300)
+    kw = dict(loss="cross_entropy", optimizer=optimizer, lr=0.05, epochs=3, batch_size=32, progress=False, seed=1,
+              validation_split=0.1)
+    a = am.MLP([40, 16, 3], backend="numpy", dtype="float64", seed=0)
+    b = am.MLP([40, 16, 3], backend="numpy", dtype="float64", seed=0)
+    ha, hb = a.fit(x, y, **kw), b.fit(dense, y, **kw)
+    np.testing.assert_allclose(ha.loss, hb.loss, rtol=1e-12)
+    np.testing.assert_allclose(ha.val_loss, hb.val_loss, rtol=1e-12)
+    for pa, pb in zip(a.params, b.params):
+        for k in pa:
+            np.testing.assert_allclose(pa[k], pb[k], rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(a.predict_proba(x), b.predict_proba(dense), rtol=1e-12, atol=1e-15)
+    np.testing.assert_array_equal(a.predict(x.tocoo()), b.predict(dense))
+    for got, want in zip((x.data, x.indices, x.indptr), before):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_sparse_float32_model_and_errors():
+    """A float64 matrix is cast to a float32 model's dtype (its stored values only); integer
+    matrices, non-finite stored values and a first layer other than Dense are refused."""
+    x = _sparse()
+    model = am.MLP([25, 4, 2], backend="numpy", seed=0)
+    out = model(x)
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, model(x.toarray().astype(np.float32)), rtol=1e-6, atol=1e-6)
+    with pytest.raises(TypeError, match="floating-point"):
+        model(sp.csr_matrix(np.eye(25, dtype=np.int64)))
+    bad = x.copy()
+    bad.data[3] = np.nan
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        model(bad)
+    with pytest.raises(ValueError, match="24 features but the model expects 25"):
+        model(_sparse(d=24))
+    seq = am.Sequential([am.Dropout(0.1), am.Dense(25, 2)], backend="numpy", seed=0)
+    with pytest.raises(TypeError, match="only a first Dense layer"):
+        seq(x)
