@@ -1,6 +1,7 @@
 """The backend fixture: every kernel, layer, model, optimiser and training test runs
 on each row (numpy, read-only numpy inputs, array_api_strict on two devices, torch on
-the CPU, and CuPy / torch-CUDA rows that skip without a GPU)."""
+the CPU, JAX on the CPU in its default 32-bit mode, and CuPy / torch-CUDA rows that
+skip without a GPU)."""
 
 from __future__ import annotations
 
@@ -27,15 +28,38 @@ class Backend:
     name: str  # backend name as passed to backend=
     device: Any = None
     readonly: bool = False
+    # on a row without float64 (JAX in 32-bit mode), float64 test data: "skip" the test,
+    # or "float32" (a module with FLOAT64_DATA = "float32" has tests that hold in float32)
+    float64_data: str = "skip"
 
     @property
     def xp(self):
         return resolve_backend(self.name)
 
+    @property
+    def has_float64(self) -> bool:
+        """Whether this row makes float64 arrays (not JAX in its default 32-bit mode)."""
+        from arraymlp._backend import has_float64
+
+        return has_float64(self.xp, self.device)
+
+    def float_dtype(self, want: str = "float64") -> str:
+        """``want``, or ``"float32"`` where the row has no float64."""
+        return want if want != "float64" or self.has_float64 else "float32"
+
+    def skip_without_float64(self) -> None:
+        """Skip the calling test on a row without float64 (JAX in 32-bit mode)."""
+        if not self.has_float64:
+            pytest.skip(f"the {self.id} row has no float64 (JAX's default 32-bit mode)")
+
     def asarray(self, a, dtype=None):
         a = np.asarray(a)
         if dtype is not None:
             a = a.astype(dtype)
+        if a.dtype == np.float64 and self.name == "jax" and not self.has_float64:
+            if self.float64_data != "float32":
+                pytest.skip(f"float64 test data: the {self.id} row has no float64 (JAX's default 32-bit mode)")
+            a = a.astype(np.float32)
         if self.name == "numpy":
             a = np.array(a, copy=True)
             if self.readonly:
@@ -100,6 +124,11 @@ def _rows():
             marks=pytest.mark.skipif(not _has("torch"), reason="torch is not installed"),
         ),
         pytest.param(
+            Backend("jax", "jax"),
+            id="jax",
+            marks=pytest.mark.skipif(not _has("jax"), reason="jax is not installed"),
+        ),
+        pytest.param(
             Backend("cupy", "cupy"),
             id="cupy",
             marks=pytest.mark.skipif(not _gpu(), reason="no CUDA GPU with CuPy"),
@@ -116,10 +145,31 @@ def _rows():
 BACKEND_ROWS = _rows()
 
 
+_NO_FLOAT64 = "runs in its default 32-bit mode, where float64 arrays are float32"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    """A test that asks a row without float64 (JAX in 32-bit mode) for a float64 model
+    gets the library's ValueError saying so; that test is skipped with that reason,
+    any other error stays an error."""
+    try:
+        return (yield)
+    except ValueError as exc:
+        row = getattr(getattr(item, "callspec", None), "params", {}).get("backend")
+        if isinstance(row, Backend) and _NO_FLOAT64 in str(exc) and not row.has_float64:
+            pytest.skip(f"float64 model: the {row.id} row has no float64 (JAX's default 32-bit mode)")
+        raise
+
+
 @pytest.fixture(params=BACKEND_ROWS)
 def backend(request) -> Backend:
-    """A backend row; see :class:`Backend`."""
-    return request.param
+    """A backend row; see :class:`Backend`. A test module that sets
+    ``FLOAT64_DATA = "float32"`` gets its float64 test data as float32 on a row
+    without float64 (its tolerances fit float32); elsewhere such a test skips there."""
+    row = request.param
+    mode = getattr(request.module, "FLOAT64_DATA", None)
+    return dataclasses.replace(row, float64_data=mode) if mode else row
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ def test_resolve_by_name_and_module(name):
 
 def test_resolve_unknown_backend_lists_known():
     with pytest.raises(
-        ValueError, match="unknown backend 'tensorflow'; known backends: numpy, cupy, torch, array_api_strict"
+        ValueError, match="unknown backend 'tensorflow'; known backends: numpy, cupy, torch, array_api_strict, jax"
     ):
         resolve_backend("tensorflow")
     with pytest.raises(TypeError, match="backend must be a name or a namespace module"):
@@ -51,8 +51,9 @@ def test_mixed_namespaces_name_both():
 def test_generator_host_stream_is_backend_independent(backend):
     xp = backend.xp
     dev = canonical_device(xp, backend.device)
-    a = Generator(7, resolve_backend("numpy"), "cpu").uniform((3, 2), 1.0, np.float64)
-    b = Generator(7, xp, dev).uniform((3, 2), 1.0, xp.float64)
+    dtype = backend.float_dtype("float64")  # float32 on JAX's 32-bit mode
+    a = Generator(7, resolve_backend("numpy"), "cpu").uniform((3, 2), 1.0, np.dtype(dtype))
+    b = Generator(7, xp, dev).uniform((3, 2), 1.0, getattr(xp, dtype))
     assert backend.same_place(b)
     np.testing.assert_array_equal(backend.to_numpy(b), a)
     p = Generator(7, xp, dev).permutation(10)
@@ -146,10 +147,11 @@ def test_random_draws_are_the_same_on_every_backend(backend):
     rows = {"numpy": ("numpy", None)}
     rows[backend.id] = (backend.name, backend.device)
     draws = {}
+    dtypes = ("float32", backend.float_dtype("float64"), "float32")  # float32 on JAX's 32-bit mode
     for rid, (name, device) in rows.items():
         xp = resolve_backend(name)
         g = Generator(11, xp, canonical_device(xp, device))
-        draws[rid] = [np.asarray(to_numpy(g.random((17, 9), dt))) for dt in (xp.float32, xp.float64, xp.float32)]
+        draws[rid] = [np.asarray(to_numpy(g.random((17, 9), getattr(xp, dt)))) for dt in dtypes]
     for a, b in zip(draws["numpy"], draws[backend.id]):
         assert a.dtype == b.dtype
         np.testing.assert_array_equal(a, b)

@@ -131,6 +131,34 @@ def test_table_shows_medians_spreads_and_ratios():
     assert floor[-2:] == ["1.000", "0.450"]
 
 
+def test_table_ends_with_a_legend_of_the_ratio_columns():
+    case = _case({"arraymlp[numpy]": [0.011, 0.010, 0.013], "floor[numpy]": [0.010, 0.009, 0.008],
+                  "torch[cpu]": [0.020, 0.025, 0.015]})
+    lines = bench.format_table([case], spread_limit=math.inf).splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("ratio columns"))
+    assert "below 1 is faster" in lines[start]
+    legend = [line.split(":")[0].strip() for line in lines[start + 1:]]
+    assert legend == ["x floor", "x torch[cpu]"]  # one line per ratio column of the table, in its order
+    assert bench.ratio_legend([]) == []
+    assert not any(line.startswith("warning") for line in lines)
+
+
+def test_table_warns_when_a_spread_makes_ratios_unreliable():
+    # arraymlp: quartiles 10.5 and 12 ms of a median of 11 ms: 0.136; floor: 8.5 and 9.5 of 9 ms: 0.111;
+    # torch: 7, 20, 128 ms -> quartiles 13.5 and 74 ms of a median of 20 ms: 3.025, noisy
+    case = _case({"arraymlp[numpy]": [0.011, 0.010, 0.013], "floor[numpy]": [0.010, 0.009, 0.008],
+                  "torch[cpu]": [0.007, 0.020, 0.128]})
+    warnings = bench.spread_warnings([case], limit=0.2)
+    assert len(warnings) == 1
+    assert warnings[0].startswith("warning: W1 batch 256 float32: torch[cpu] spread (IQR / median) ")
+    assert "(IQR / median) 3.0" in warnings[0] and "> 0.20" in warnings[0]
+    assert "--threads 1" in warnings[0]
+    assert len(bench.spread_warnings([case], limit=0.12)) == 2  # arraymlp's 0.136 too, not the floor's 0.111
+    table = bench.format_table([case])
+    assert table.splitlines()[-len(warnings):] == warnings
+    assert bench.spread_warnings([case], limit=4.0) == []
+
+
 def test_crossover_batch():
     cpu = {16: 100.0, 256: 1000.0, 4096: 5000.0, 65536: 6000.0}
     assert bench.crossover_batch(cpu, {16: 10.0, 256: 1200.0, 4096: 9000.0, 65536: 90000.0}) == 256

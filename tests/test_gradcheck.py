@@ -6,6 +6,10 @@ import pytest
 
 import arraymlp as am
 
+# on a row without float64 (JAX in 32-bit mode) float64 test data comes as float32:
+# gradcheck must still check in float64 (on a host copy) and pass correct gradients
+FLOAT64_DATA = "float32"
+
 
 class BiasNotSummed(am.Dense):
     """Bug: the bias gradient is dy itself, shape (n, k), not summed over the batch."""
@@ -75,8 +79,28 @@ def test_correct_model_passes(backend, dtype):
     assert model.params[0]["W"].dtype == getattr(backend.xp, dtype)
 
 
+def test_a_namespace_without_float64_is_checked_on_a_float64_host_copy(backend):
+    """JAX in its 32-bit mode hands back float32 for float64: differences taken there
+    would fail correct gradients. gradcheck checks a float64 NumPy copy instead, says so,
+    and still catches a wrong gradient."""
+    model = am.MLP([3, 5, 2], activation="tanh", seed=1, **backend.model_kwargs())
+    x, y = _data(backend)
+    report = am.gradcheck(model, x, y, loss="mse")
+    assert report.passed, str(report)
+    assert all(r.max_abs_err < 1e-7 for r in report.rows)
+    if backend.has_float64:
+        assert report.host_copy is None and "host" not in str(report)
+    else:
+        assert report.host_copy == "jax"
+        assert str(report).splitlines()[-1] == "checked on a float64 NumPy copy on the host: jax has no float64 here"
+    broken = am.Sequential([am.Dense(3, 4), am.Tanh(), BiasNotSummed(4, 2)], seed=0, **backend.model_kwargs())
+    assert [(r.layer, r.param) for r in am.gradcheck(broken, x, y).failures] == [(2, "b")]
+    assert am.gradcheck(am.GELU(), x).passed and am.gradcheck("mse", backend.asarray(np.ones((6, 2)) / 3), y).passed
+
+
 def test_bias_not_summed_is_caught(backend):
-    model = am.Sequential([am.Dense(3, 4), am.Tanh(), BiasNotSummed(4, 2)], dtype="float64", seed=0,
+    model = am.Sequential([am.Dense(3, 4), am.Tanh(), BiasNotSummed(4, 2)],
+                          dtype=backend.float_dtype(), seed=0,
                           **backend.model_kwargs())
     x, y = _data(backend)
     report = am.gradcheck(model, x, y)
@@ -88,7 +112,8 @@ def test_bias_not_summed_is_caught(backend):
 
 
 def test_activation_instead_of_derivative_is_caught(backend):
-    model = am.Sequential([am.Dense(3, 4), TanhInsteadOfDerivative(), am.Dense(4, 2)], dtype="float64", seed=0,
+    model = am.Sequential([am.Dense(3, 4), TanhInsteadOfDerivative(), am.Dense(4, 2)],
+                          dtype=backend.float_dtype(), seed=0,
                           **backend.model_kwargs())
     x, y = _data(backend)
     report = am.gradcheck(model, x, y)
@@ -101,7 +126,8 @@ def test_activation_instead_of_derivative_is_caught(backend):
 
 
 def test_bias_without_learning_rate_is_caught(backend):
-    model = am.Sequential([BiasWithoutLearningRate(3, 4), am.Tanh(), am.Dense(4, 2)], dtype="float64", seed=0,
+    model = am.Sequential([BiasWithoutLearningRate(3, 4), am.Tanh(), am.Dense(4, 2)],
+                          dtype=backend.float_dtype(), seed=0,
                           **backend.model_kwargs())
     x, y = _data(backend)
     report = am.gradcheck(model, x, y)
@@ -112,7 +138,8 @@ def test_bias_without_learning_rate_is_caught(backend):
 
 
 def test_nan_gradient_is_caught(backend):
-    model = am.Sequential([am.Dense(3, 4), am.Tanh(), NaNWeightGradient(4, 2)], dtype="float64", seed=0,
+    model = am.Sequential([am.Dense(3, 4), am.Tanh(), NaNWeightGradient(4, 2)],
+                          dtype=backend.float_dtype(), seed=0,
                           **backend.model_kwargs())
     x, y = _data(backend)
     report = am.gradcheck(model, x, y)
@@ -163,7 +190,8 @@ def test_transposed_weight_gradient_is_caught(backend, square):
 
 
 def test_raise_on_failure_shows_the_table(backend):
-    model = am.Sequential([am.Dense(3, 4), am.Tanh(), BiasNotSummed(4, 2)], dtype="float64", seed=0,
+    model = am.Sequential([am.Dense(3, 4), am.Tanh(), BiasNotSummed(4, 2)],
+                          dtype=backend.float_dtype(), seed=0,
                           **backend.model_kwargs())
     x, y = _data(backend)
     with pytest.raises(

@@ -669,10 +669,66 @@ def test_checkpoint_keep_every_and_latest(tmp_path):
     assert am.Checkpoint.latest(tmp_path / "run").name == "epoch-00006.safetensors"
     assert am.Checkpoint.latest(tmp_path / "empty") is None
     assert len(ck.saved) == 3
-    with pytest.raises(ValueError, match="keep=3 needs a directory"):
-        am.Checkpoint(tmp_path / "one.safetensors", keep=3)
+    with pytest.raises(ValueError, match="needs a directory"):
+        am.Checkpoint(tmp_path / "one.safetensors", monitor="loss")
+    with pytest.raises(ValueError, match="mode must be"):
+        am.Checkpoint(tmp_path, monitor="loss", mode="lowest")
     with pytest.raises(ValueError, match="every must be a positive int"):
         am.Checkpoint(tmp_path, every=0)
+
+
+class _Logs(am.Callback):
+    """Puts a constructed value into each epoch's logs, before the checkpoint reads them."""
+
+    def __init__(self, values):
+        self.values = values
+
+    def on_epoch_end(self, model, logs):
+        logs["score"] = self.values[logs["epoch"]]
+
+
+def _names(folder):
+    return sorted(os.listdir(folder))
+
+
+def test_checkpoint_keeps_the_last_three_by_default_and_all_with_none(tmp_path):
+    x, y = _data()
+    ck = am.Checkpoint(tmp_path / "run")
+    assert ck.keep == 3
+    _classifier().fit(x, y, epochs=12, callbacks=[ck], **_fit_kwargs())
+    assert _names(tmp_path / "run") == [f"epoch-{n:05d}.safetensors" for n in (10, 11, 12)]
+    assert len(ck.saved) == 12
+    _classifier().fit(x, y, epochs=12, callbacks=[am.Checkpoint(tmp_path / "all", keep=None)], **_fit_kwargs())
+    assert _names(tmp_path / "all") == [f"epoch-{n:05d}.safetensors" for n in range(1, 13)]
+
+
+@pytest.mark.parametrize("mode", ["min", "max"])
+def test_checkpoint_keeps_the_best_of_a_monitored_value(tmp_path, mode):
+    x, y = _data()
+    values = [0.9, 0.3, 0.7, 0.2, 0.8, 0.6, 0.5, 0.95, 0.4]
+    best = int(np.argmin(values) if mode == "min" else np.argmax(values)) + 1  # completed epochs
+    ck = am.Checkpoint(tmp_path / "run", keep=2, monitor="score", mode=mode)
+    _classifier().fit(x, y, epochs=len(values), callbacks=[_Logs(values), ck], **_fit_kwargs())
+    expected = sorted({best, len(values) - 1, len(values)})
+    assert _names(tmp_path / "run") == [f"epoch-{n:05d}.safetensors" for n in expected]
+    assert ck.best_path == tmp_path / "run" / f"epoch-{best:05d}.safetensors"
+    assert ck.best == (min(values) if mode == "min" else max(values))
+    # the best survives a resume: the saved state carries it, so later epochs cannot prune it
+    more = values + [0.5, 0.5, 0.5]
+    ck2 = am.Checkpoint(tmp_path / "run", keep=2, monitor="score", mode=mode)
+    _classifier().fit(x, y, epochs=len(more), callbacks=[_Logs(more), ck2], resume_from=tmp_path / "run",
+                      **_fit_kwargs())
+    assert ck2.best_epoch == best
+    assert _names(tmp_path / "run") == [f"epoch-{n:05d}.safetensors" for n in sorted({best, 11, 12})]
+
+
+def test_checkpoint_monitor_auto_mode_and_missing_value(tmp_path):
+    assert am.Checkpoint(tmp_path, monitor="val_loss").mode == "min"
+    assert am.Checkpoint(tmp_path, monitor="val_metric").mode == "max"
+    assert am.Checkpoint(tmp_path, monitor="val_accuracy").mode == "max"
+    x, y = _data()
+    with pytest.raises(ValueError, match="monitors 'val_loss' but training logs no such value"):
+        _classifier().fit(x, y, epochs=1, callbacks=[am.Checkpoint(tmp_path, monitor="val_loss")], **_fit_kwargs())
 
 
 def test_resume_errors(tmp_path):

@@ -6,7 +6,10 @@ kernels on and off (only NumPy rows take them); declined inputs leave arrays unt
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -184,6 +187,57 @@ def test_switches_turn_the_kernels_off(monkeypatch):
         _jit._kernels = saved
 
 
+# ----------------------------------------------------------------------------- loading only where they pay
+_FIT = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import numpy as np
+import arraymlp as am
+from arraymlp.kernels import _jit
+if len(sys.argv) > 2:
+    _jit.LOAD_COST = float(sys.argv[2])
+r = np.random.default_rng(0)
+x = r.normal(size=(200, 8)).astype(np.float32)
+y = r.integers(0, 3, size=200)
+am.MLP([8, 32, 32, 3], activation="relu", output_activation="softmax", seed=0, backend="numpy").fit(
+    x, y, loss="cross_entropy", epochs=5, batch_size=32, progress=False)
+loaded = _jit._kernels is not None and _jit._kernels is not _jit._UNSET
+print("numba" in sys.modules, _jit._spent < _jit.LOAD_COST, loaded)
+"""
+
+
+def _fresh_fit(*args):
+    src = str(Path(am.__file__).resolve().parents[1])
+    env = {k: v for k, v in os.environ.items() if k != "ARRAYMLP_JIT"}
+    out = subprocess.run([sys.executable, "-c", _FIT, src, *args], capture_output=True, text=True, check=True, env=env)
+    return out.stdout.split()
+
+
+def test_a_small_first_fit_does_not_import_numba():
+    """Five epochs of a small ReLU classifier: the kernels would save well under the time
+    loading them takes, so Numba is not even imported."""
+    assert _fresh_fit() == ["False", "True", "False"]
+
+
+@needs_numba
+def test_the_kernels_load_once_the_numpy_path_has_cost_what_loading_does():
+    """The same fit, with the load taken to cost one millisecond: the tally passes it
+    and the kernels load mid-run."""
+    assert _fresh_fit("0.001") == ["True", "False", "True"]
+
+
+@needs_numba
+def test_kernels_decline_until_the_tally_reaches_the_load_cost(monkeypatch):
+    monkeypatch.setattr(_jit, "_kernels", _jit._UNSET)
+    monkeypatch.setattr(_jit, "_spent", 0.0)
+    h, b = np.full((10, 10), -1.0), np.ones(10)
+    per_call = _jit._CALL_COST["relu"] + _jit._ELEMENT_COST["relu"] * h.size
+    monkeypatch.setattr(_jit, "LOAD_COST", 3.5 * per_call)
+    assert [_jit.bias_relu(h, b) for _ in range(4)] == [False, False, False, True]
+    np.testing.assert_array_equal(h, np.zeros((10, 10)))  # -1 + 1 once: the declined calls wrote nothing
+    assert _jit._kernels is not None and _jit.bias_relu(h, b) is True
+
+
 # ----------------------------------------------------------------------------- on every row
 def test_model_forward_is_the_same_with_and_without_kernels(backend):
     kwargs = dict(dtype="float64", seed=3, **backend.model_kwargs())
@@ -309,7 +363,11 @@ def test_cross_entropy_kernel_keeps_long_float32_rows_accurate():
     r = np.random.default_rng(8)
     x = r.standard_normal((4, 100_000)).astype(np.float32)
     labels = np.array([0, 1, 2, 3])
-    total, g = _jit.cross_entropy_labels(x, labels)
+    # NumPy's vectorised exp is faster on rows this long: the library declines the kernel there
+    assert x.shape[1] > _jit.CE_MAX_CLASSES and _jit.cross_entropy_labels(x, labels) is None
+    g = np.empty_like(x)
+    ok, total = _jit.kernels().cross_entropy_labels(x, labels, g, np.float32(1 / 4))
+    assert ok
     xd = x.astype(np.float64)
     m = xd.max(axis=1, keepdims=True)
     s = np.exp(xd - m).sum(axis=1)

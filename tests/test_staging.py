@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from arraymlp._backend import _PlainCopies, canonical_device, host_copies
+from arraymlp._backend import _PlainCopies, canonical_device, host_copies, index_dtype
 from arraymlp._staging import DeviceBatches
 
 
@@ -29,7 +29,7 @@ def test_batches_are_the_rows_on_the_models_device(backend, shuffle):
     for i, (xb, yb, wb) in enumerate(got):  # read after the whole epoch: no batch shares a reused buffer
         idx = rows[5 * i: 5 * i + 5]
         assert wb is None and backend.same_place(xb) and backend.same_place(yb)
-        assert xb.dtype == xp.float32 and yb.dtype == xp.int64
+        assert xb.dtype == xp.float32 and yb.dtype == index_dtype(xp)  # int32 on JAX's 32-bit mode
         np.testing.assert_array_equal(backend.to_numpy(xb), x[idx].astype(np.float32))
         np.testing.assert_array_equal(backend.to_numpy(yb), y[idx])
     np.testing.assert_array_equal(x, x0)

@@ -38,6 +38,7 @@ BACKENDS = {
     "cupy": "array_api_compat.cupy",
     "torch": "array_api_compat.torch",
     "array_api_strict": "array_api_strict",
+    "jax": "jax.numpy",
 }
 
 _DTYPES = ("float16", "float32", "float64")
@@ -49,9 +50,9 @@ def resolve_backend(backend: Any) -> types.ModuleType:
     Parameters
     ----------
     backend : str or module
-        One of ``"numpy"``, ``"cupy"``, ``"torch"``, ``"array_api_strict"``, or a
-        namespace module (``numpy``, ``cupy``, ``torch``, ``array_api_strict`` or a
-        module of ``array_api_compat``).
+        One of ``"numpy"``, ``"cupy"``, ``"torch"``, ``"array_api_strict"``, ``"jax"``,
+        or a namespace module (``numpy``, ``cupy``, ``torch``, ``array_api_strict``,
+        ``jax.numpy`` or a module of ``array_api_compat``).
 
     Returns
     -------
@@ -66,10 +67,10 @@ def resolve_backend(backend: Any) -> types.ModuleType:
     'array_api_compat.numpy'
     >>> am.resolve_backend(np) is xp
     True
-    >>> am.resolve_backend("jax")
+    >>> am.resolve_backend("mxnet")
     Traceback (most recent call last):
     ...
-    ValueError: unknown backend 'jax'; known backends: numpy, cupy, torch, array_api_strict
+    ValueError: unknown backend 'mxnet'; known backends: numpy, cupy, torch, array_api_strict, jax
     """
     if isinstance(backend, str):
         try:
@@ -84,6 +85,7 @@ def resolve_backend(backend: Any) -> types.ModuleType:
                 "cupy": "install it with `pip install arraymlp[cuda12]` (or [cuda13])",
                 "torch": "install PyTorch first",
                 "array_api_strict": "install it with `pip install array-api-strict`",
+                "jax": "install it with `pip install jax`",
             }.get(backend, "")
             msg = f"backend {backend!r} is not available: {exc}. {hint}".strip()
             raise ImportError(msg) from exc
@@ -228,6 +230,10 @@ def resolve_dtype(xp: types.ModuleType, dtype: Any) -> Any:
             have = [d for d in _DTYPES if getattr(xp, d, None) is not None]
             msg = f"the {backend_name(xp)} backend has no {dtype}; use one of {', '.join(have)}"
             raise ValueError(msg)
+        if dtype == "float64" and backend_name(xp) == "jax" and not has_float64(xp):
+            msg = ("the jax backend runs in its default 32-bit mode, where float64 arrays are float32; "
+                   "use dtype='float32', or enable 64-bit mode first (jax.config.update('jax_enable_x64', True))")
+            raise ValueError(msg)
         return found
     for name in _DTYPES:
         if dtype == getattr(xp, name):
@@ -251,6 +257,33 @@ def memo(cache: dict, key: Any, make: Any, limit: int = 32) -> Any:
         cache.clear()
     out = cache[key] = make()
     return out
+
+
+_INDEX_DTYPES: dict = {}
+
+
+def index_dtype(xp: types.ModuleType) -> Any:
+    """The namespace's default integer dtype for indices and class labels (int64 on
+    NumPy, torch and array-api-strict; int32 on JAX unless its 64-bit mode is on, where
+    asking for int64 would be truncated with a warning). Remembered per namespace."""
+    return memo(_INDEX_DTYPES, xp, lambda: xp.__array_namespace_info__().default_dtypes()["indexing"])
+
+
+def has_float64(xp: types.ModuleType, device: Any = None) -> bool:
+    """Whether ``xp`` makes float64 arrays on ``device``: not JAX in its default 32-bit
+    mode (which hands back float32 for a float64 request), nor devices without float64."""
+    f64 = getattr(xp, "float64", None)
+    if f64 is None:
+        return False
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # JAX warns that it truncates the request
+            a = xp.zeros((1,), dtype=f64, device=device)
+    except Exception:  # any refusal (a device without float64 raises its library's own error)
+        return False
+    return a.dtype == f64 and dtype_name(a.dtype) == "float64"
 
 
 #: ``is_writeable_array``'s answer per array type, for the types where it does not
@@ -607,8 +640,8 @@ def counter_bits(shape: tuple[int, ...], key: int, counter: int, xp: types.Modul
     modulo 2**64, other namespaces by the overflow-free definition; the tests compare
     each with the definition computed on Python integers.
 
-    Returns an array of ``shape`` and dtype int64 (uint32 on NumPy) with values in
-    [0, 2**32), on ``device``.
+    Returns an array of ``shape`` and dtype int64 (uint32 on NumPy, and on namespaces
+    without int64, such as JAX in its 32-bit mode) with values in [0, 2**32), on ``device``.
     """
     n = math.prod(shape)
     if n > _M32:
@@ -617,12 +650,18 @@ def counter_bits(shape: tuple[int, ...], key: int, counter: int, xp: types.Modul
     w = _splitmix64((key & _M64) ^ _splitmix64(counter & _M64))
     s0, s1 = w & _M32, w >> 32
     kind = backend_name(xp)
-    if kind == "numpy" or (kind == "torch" and getattr(canonical_device(xp, device), "type", None) == "cpu"):
+    # a namespace without int64 (JAX in its 32-bit mode) cannot run the portable
+    # definition: the bits are made on the host and arrive as uint32
+    no_int64 = dtype_name(index_dtype(xp)) != "int64"
+    torch_cpu = kind == "torch" and getattr(canonical_device(xp, device), "type", None) == "cpu"
+    if kind == "numpy" or no_int64 or torch_cpu:
         i = numpy.arange(n, dtype=numpy.uint32)
         i += numpy.uint32(s0)  # wraps mod 2**32
         h = _mix32_numpy(i)
         h ^= numpy.uint32(s1)
         h = _mix32_numpy(h).reshape(shape)
+        if no_int64:
+            return xp.asarray(h, device=device)
         return h if kind == "numpy" else xp.asarray(h.astype(numpy.int64))  # torch on the host: no copy
     i = xp.arange(n, dtype=xp.int64, device=device)
     if kind in ("torch", "cupy"):
@@ -702,7 +741,7 @@ class Generator:
 
     def permutation(self, n: int) -> Any:
         """A host-drawn permutation of ``range(n)`` as an integer array on the device."""
-        return self.xp.asarray(self.host.permutation(n), dtype=self.xp.int64, device=self.device)
+        return self.xp.asarray(self.host.permutation(n), dtype=index_dtype(self.xp), device=self.device)
 
     # -- counter-based stream: per-step draws ----------------------------------------
     def bits(self, shape: tuple[int, ...]) -> Any:

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy
 
-from ._backend import Generator, backend_name, device_of, get_namespace, to_numpy
+from ._backend import Generator, backend_name, device_of, get_namespace, has_float64, to_numpy
 from .layers import Layer
 from .losses import Loss, get_loss
 
@@ -112,6 +112,9 @@ class GradcheckReport:
     eps: float
     atol: float
     rtol: float
+    #: The namespace whose arrays were checked on a float64 NumPy copy on the host,
+    #: because it has no float64 (JAX in its default 32-bit mode); ``None`` otherwise.
+    host_copy: str | None = None
 
     @property
     def passed(self) -> bool:
@@ -149,16 +152,16 @@ class GradcheckReport:
             )
         verdict = "all gradients match" if self.passed else f"{len(self.failures)} of {len(self.rows)} gradients wrong"
         lines.append(f"{verdict} (central differences, eps={self.eps:g}, atol={self.atol:g}, rtol={self.rtol:g})")
+        if self.host_copy is not None:
+            lines.append(f"checked on a float64 NumPy copy on the host: {self.host_copy} has no float64 here")
         return "\n".join(lines)
 
 
 def _float64_namespace(xp, device):
-    """Whether float64 works on this namespace/device (not on every GPU or strict device)."""
-    try:
-        xp.zeros((1,), dtype=xp.float64, device=device)
-        return True
-    except Exception:
-        return False
+    """Whether float64 works on this namespace/device: not on every GPU or strict
+    device, nor on JAX in its default 32-bit mode, whose float64 arrays are float32
+    (differences taken there would be float32 noise, failing correct gradients)."""
+    return has_float64(xp, device)
 
 
 # Rounding of each float64 loss value, relative to its size, allowed for in the
@@ -174,7 +177,7 @@ def _quotient(vals, eps):
 
 
 def _compare(row: GradcheckRow, analytic, numeric_fn, param_host: numpy.ndarray, *, eps, atol, rtol,
-             max_checks, host_rng) -> GradcheckRow:
+             max_checks, host_rng, host_copy=None) -> GradcheckRow:
     """Fill ``row`` by comparing ``analytic`` with central differences of ``numeric_fn``
     (which returns the quotient and its rounding noise). A non-finite value on either
     side fails."""
@@ -235,6 +238,10 @@ def gradcheck(obj: Any, x: Any = None, y: Any = None, *, loss: str | Loss = "mse
               max_checks: int = 200, seed: int = 0, raise_on_failure: bool = False) -> GradcheckReport:
     """Check analytic gradients against central finite differences, in float64.
 
+    The check runs on a float64 copy, on the model's backend and device where they have
+    float64, otherwise (JAX in its default 32-bit mode, devices without float64) on a
+    NumPy copy on the host; the report's ``host_copy`` then names the backend.
+
     Parameters
     ----------
     obj : Sequential, Layer, or loss name / Loss
@@ -282,7 +289,8 @@ def gradcheck(obj: Any, x: Any = None, y: Any = None, *, loss: str | Loss = "mse
     from .model import Sequential
 
     host_rng = numpy.random.default_rng(seed)
-    kw = dict(eps=eps, atol=atol, rtol=rtol, max_checks=max_checks, host_rng=host_rng)
+    # host_copy: set by _place to the namespace's name where the check runs on a NumPy copy
+    kw = dict(eps=eps, atol=atol, rtol=rtol, max_checks=max_checks, host_rng=host_rng, host_copy=None)
     if isinstance(obj, Sequential):
         rows = _check_model(obj, x, y, get_loss(loss), sample_weight, l2, kw)
     elif isinstance(obj, Layer):
@@ -292,7 +300,7 @@ def gradcheck(obj: Any, x: Any = None, y: Any = None, *, loss: str | Loss = "mse
     else:
         msg = f"gradcheck takes a model, a layer or a loss name, got {type(obj).__name__}"
         raise TypeError(msg)
-    report = GradcheckReport(rows, eps, atol, rtol)
+    report = GradcheckReport(rows, eps, atol, rtol, host_copy=kw["host_copy"])
     if raise_on_failure and not report.passed:
         raise GradcheckError("gradient check failed:\n" + str(report))
     return report
@@ -305,12 +313,15 @@ def _to64(a, xp, device):
                       else to_numpy(a), device=device)
 
 
-def _place(x):
+def _place(x, kw):
+    """The namespace and device to check in: ``x``'s, or NumPy on the host (noted in
+    ``kw["host_copy"]``) where ``x``'s has no float64."""
     xp = get_namespace(x)
     device = device_of(x)
     if not _float64_namespace(xp, device):
         from ._backend import resolve_backend
 
+        kw["host_copy"] = backend_name(xp)
         xp, device = resolve_backend("numpy"), "cpu"
     return xp, device
 
@@ -320,7 +331,7 @@ def _check_model(model, x, y, lossfn, sample_weight, l2, kw):
         msg = "gradcheck of a model needs x and y"
         raise ValueError(msg)
     x_checked, xp = model._check_x(x)
-    xp, device = (model.xp, model.device) if _float64_namespace(model.xp, model.device) else _place(x_checked)
+    xp, device = (model.xp, model.device) if _float64_namespace(model.xp, model.device) else _place(x_checked, kw)
     m = model.copy(dtype="float64", backend=backend_name(xp) if xp is not model.xp else None,
                    device=device if xp is not model.xp else None)
     x64, y64, w64 = _to64(x, xp, device), _to64(y, xp, device), _to64(sample_weight, xp, device)
@@ -348,7 +359,7 @@ def _check_layer(layer, x, seed, kw):
     if x is None:
         msg = "gradcheck of a layer needs an input x of shape (n, n_features)"
         raise ValueError(msg)
-    xp, device = _place(x)
+    xp, device = _place(x, kw)
     x64 = _to64(x, xp, device)
     gen = Generator(seed, xp, device)
     params = layer.init_params(rng=gen, dtype=xp.float64)
@@ -384,7 +395,7 @@ def _check_loss(lossfn, outputs, targets, sample_weight, kw):
     if outputs is None or targets is None:
         msg = "gradcheck of a loss needs outputs (as x) and targets (as y)"
         raise ValueError(msg)
-    xp, device = _place(outputs)
+    xp, device = _place(outputs, kw)
     o64, t64, w64 = _to64(outputs, xp, device), _to64(targets, xp, device), _to64(sample_weight, xp, device)
     _, d = lossfn.fn(o64, t64, xp=xp, sample_weight=w64)
     host = numpy.array(to_numpy(o64), dtype=numpy.float64)

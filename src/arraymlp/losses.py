@@ -52,7 +52,7 @@ import math
 import numbers
 from typing import Any, Callable
 
-from ._backend import asarray_like, device_of, get_namespace, is_float16, is_writeable, memo
+from ._backend import asarray_like, device_of, get_namespace, index_dtype, is_float16, is_writeable, memo
 from .functional import log_softmax
 from .kernels import kernels_for
 from .kernels.reference import block_rows, row_blocks
@@ -144,11 +144,11 @@ def count_not_binary(targets, xp):
     2
     """
     if targets.dtype == xp.bool:
-        return xp.zeros((), dtype=xp.int64, device=device_of(targets))
+        return xp.zeros((), dtype=index_dtype(xp), device=device_of(targets))
     total = None
     for i, j in row_blocks(_shape(targets)[0], block_rows(targets)):
         b = targets[i:j, ...]
-        count = xp.sum(xp.astype((b != 0) & (b != 1), xp.int64))
+        count = xp.sum(xp.astype((b != 0) & (b != 1), index_dtype(xp)))
         total = count if total is None else total + count
     return total
 
@@ -206,13 +206,14 @@ def _integral(dtype, xp) -> bool:
 
 
 def _label_range(labels, xp) -> tuple[int, int]:
-    """``(min, max)`` of integer labels, block by block (each block cast to int64: some
-    namespaces cannot reduce every integer dtype, torch's uint32), combined on the
-    device and read once."""
+    """``(min, max)`` of integer labels, block by block (each block cast to the
+    namespace's index dtype: some namespaces cannot reduce every integer dtype, torch's
+    uint32), combined on the device and read once."""
     lo = hi = None
+    itype = index_dtype(xp)
     for i, j in row_blocks(_shape(labels)[0], block_rows(labels)):
         b = labels[i:j]
-        b = b if b.dtype == xp.int64 else xp.astype(b, xp.int64)
+        b = b if b.dtype == itype else xp.astype(b, itype)
         b_lo, b_hi = xp.min(b), xp.max(b)
         lo = b_lo if lo is None else xp.minimum(lo, b_lo)
         hi = b_hi if hi is None else xp.maximum(hi, b_hi)
@@ -221,11 +222,12 @@ def _label_range(labels, xp) -> tuple[int, int]:
 
 def _class_targets(name, outputs, targets, xp, check=True, convert=True):
     """Targets of :func:`cross_entropy`: ``(t, labels)``, the float ``(n, k)`` targets
-    and ``None``, or ``None`` and the int64 labels ``(n,)`` when they came as integer
-    labels. ``check=False`` skips reading the labels' range and the targets' values;
-    ``convert=False`` returns the targets as they came (no cast)."""
+    and ``None``, or ``None`` and the labels ``(n,)`` in the namespace's index dtype when
+    they came as integer labels. ``check=False`` skips reading the labels' range and the
+    targets' values; ``convert=False`` returns the targets as they came (no cast)."""
     if not check and _integral(targets.dtype, xp):
-        return None, (targets if targets.dtype == xp.int64 else xp.astype(targets, xp.int64))
+        itype = index_dtype(xp)
+        return None, (targets if targets.dtype == itype else xp.astype(targets, itype))
     _check_device(name, "targets", outputs, targets)
     n, k = _shape(outputs)
     t_shape = _shape(targets)
@@ -246,7 +248,8 @@ def _class_targets(name, outputs, targets, xp, check=True, convert=True):
             raise ValueError(msg)
         if not convert:
             return None, targets
-        return None, (targets if targets.dtype == xp.int64 else xp.astype(targets, xp.int64))
+        itype = index_dtype(xp)
+        return None, (targets if targets.dtype == itype else xp.astype(targets, itype))
     if not xp.isdtype(targets.dtype, "real floating"):
         msg = (
             f"{name}: targets must be integer labels of shape (n,) or float "

@@ -43,7 +43,7 @@ from typing import Any, Callable
 
 import numpy
 
-from ._backend import device_of, get_namespace, is_float16, memo, to_numpy
+from ._backend import device_of, get_namespace, has_float64, index_dtype, is_float16, memo, to_numpy
 
 __all__ = [
     "METRICS",
@@ -72,8 +72,8 @@ def _sum_dtype(xp, dtype, device):
     def pick():
         try:
             info = xp.__array_namespace_info__()
-            if "float64" in info.dtypes(device=device, kind="real floating"):
-                return xp.float64
+            if "float64" in info.dtypes(device=device, kind="real floating") and has_float64(xp, device):
+                return xp.float64  # (JAX's 32-bit mode lists float64 but makes float32)
         except (AttributeError, TypeError, ValueError):
             pass
         return xp.float32 if is_float16(dtype, xp) else dtype
@@ -256,7 +256,7 @@ class _AccuracyMetric(Metric):
             raise ValueError(msg)
         if t.dtype != p.dtype:
             p = xp.astype(p, t.dtype)
-        right = xp.sum(xp.astype(t == p, xp.int64))
+        right = xp.sum(xp.astype(t == p, index_dtype(xp)))
         acc.sums = [right] if acc.sums is None else [acc.sums[0] + right]
         acc.count += math.prod(t.shape)
 
@@ -290,12 +290,12 @@ class _TopKAccuracy(Metric):
         xp = acc.xp
         scores, labels = pair.scores(), pair.true_labels()
         n, k = _shape(scores)
-        classes = xp.arange(k, dtype=xp.int64, device=acc.device)
-        onehot = xp.reshape(xp.astype(labels, xp.int64), (n, 1)) == classes
+        classes = xp.arange(k, dtype=index_dtype(xp), device=acc.device)
+        onehot = xp.reshape(xp.astype(labels, index_dtype(xp)), (n, 1)) == classes
         zero = xp.zeros((), dtype=scores.dtype, device=acc.device)
         true_score = xp.sum(xp.where(onehot, scores, zero), axis=1, keepdims=True)
-        above = xp.sum(xp.astype(scores > true_score, xp.int64), axis=1)  # classes ranked above the true one
-        acc.add([xp.sum(xp.astype(above < self.k, xp.int64))])
+        above = xp.sum(xp.astype(scores > true_score, index_dtype(xp)), axis=1)  # classes ranked above the true one
+        acc.add([xp.sum(xp.astype(above < self.k, index_dtype(xp)))])
         acc.count += n
 
     def _finish(self, acc, host):

@@ -56,6 +56,7 @@ from ._backend import (
     backend_name,
     canonical_device,
     device_of,
+    index_dtype,
     is_sparse,
     quiet_overflow,
     resolve_backend,
@@ -929,8 +930,8 @@ class _BaseMLP(BaseEstimator):
                    "or the size of your dataset.")
             raise ValueError(msg)
         w_val = None
-        tr = xp.asarray(train_idx, dtype=xp.int64, device=device)
-        va = xp.asarray(val_idx, dtype=xp.int64, device=device)
+        tr = xp.asarray(train_idx, dtype=index_dtype(xp), device=device)
+        va = xp.asarray(val_idx, dtype=index_dtype(xp), device=device)
         x_val, y_val = take_rows(x, va, xp), xp.take(y, va, axis=0)
         x, y = take_rows(x, tr, xp), xp.take(y, tr, axis=0)
         if sw_host is not None:
@@ -1248,7 +1249,7 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
                 self._output_activation = "softmax"
                 self._n_output_units = int(self.classes_.shape[0])
                 target = codes.astype(np.int64)
-        t_dtype = xp.int64 if target.dtype == np.int64 else dtype
+        t_dtype = index_dtype(xp) if target.dtype == np.int64 else dtype
         # as scikit-learn: the early-stopping split is stratified for binary targets only
         strata = codes if codes is not None and self.classes_.shape[0] == 2 else None
         return xp.asarray(target, dtype=t_dtype, device=device), strata
@@ -1381,7 +1382,7 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
         p, inp = self._infer(X, "predict")
         xp = self.model_.xp
         if self._multilabel:
-            pred = xp.astype(p > 0.5, xp.int64)
+            pred = xp.astype(p > 0.5, index_dtype(xp))
             if inp.host:
                 return np.asarray(to_numpy(pred)).astype(self._y_dtype, copy=False)
             out = _move(pred, inp.xp, inp.device)
@@ -1390,9 +1391,9 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
         if self._output_activation == "softmax":
             codes = xp.argmax(p, axis=1)
         elif self._one_class():
-            codes = xp.zeros((int(p.shape[0]),), dtype=xp.int64, device=self.model_.device)
+            codes = xp.zeros((int(p.shape[0]),), dtype=index_dtype(xp), device=self.model_.device)
         else:
-            codes = xp.astype(p[:, 0] > 0.5, xp.int64)
+            codes = xp.astype(p[:, 0] > 0.5, index_dtype(xp))
         if inp.host or self.classes_.dtype.kind not in "biuf":
             return self.classes_[np.asarray(to_numpy(codes))]
         codes = _move(codes, inp.xp, inp.device)

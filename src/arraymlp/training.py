@@ -39,7 +39,7 @@ from typing import Any, Callable, Sequence
 
 import numpy
 
-from ._backend import Generator, quiet_overflow, slice_rows, take_rows, to_numpy
+from ._backend import Generator, index_dtype, quiet_overflow, slice_rows, take_rows, to_numpy
 from .callbacks import Callback, DivergenceError, EarlyStopping, History
 from .fusion import plan_for
 from .losses import LOSSES, Loss, check_targets, count_not_binary, get_loss
@@ -596,7 +596,7 @@ def _run_epoch(run: _Run, epoch: int, epoch_lr: float) -> tuple[float, int]:
     host_order = None
     if run.shuffle and run.host_weight is not None:  # the weight sums need the order on the host
         host_order = model.rng.host.permutation(_n(run.x))  # the draw of rng.permutation
-        order = xp.asarray(host_order, dtype=xp.int64, device=model.device)
+        order = xp.asarray(host_order, dtype=index_dtype(xp), device=model.device)
     else:
         order = model.rng.permutation(_n(run.x)) if run.shuffle else None
     if (dp is None and not _per_batch_options(run)
@@ -1136,4 +1136,7 @@ def predict(model, x):
     if task == "regression":
         return out
     labels = out > 0.5
-    return labels if dtype == "bool" else xp.astype(labels, getattr(xp, dtype))
+    if dtype == "bool":
+        return labels
+    # integer labels in the namespace's index dtype (int64; int32 on JAX's 32-bit mode)
+    return xp.astype(labels, index_dtype(xp) if dtype == "int64" else getattr(xp, dtype))

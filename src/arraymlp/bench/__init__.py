@@ -57,7 +57,7 @@ from .candidates import tf32 as tf32
 from .candidates import train_step as train_step
 from .machine import environment
 from .memory import measure_memory
-from .report import crossover_batch, format_table, plot_throughput
+from .report import SPREAD_LIMIT, crossover_batch, format_table, plot_throughput, ratio_legend, spread_warnings
 from .runner import SWITCH_TIME as SWITCH_TIME
 from .runner import _runtime as _runtime
 from .runner import main, run
@@ -67,6 +67,7 @@ from .workloads import TARGETS, WORKLOADS, Target, Workload, available_targets
 from .workloads import _host_data as _host_data
 
 __all__ = [
+    "SPREAD_LIMIT",
     "TARGETS",
     "WORKLOADS",
     "KERNELS",
@@ -89,6 +90,8 @@ __all__ = [
     "make_torch",
     "measure_memory",
     "plot_throughput",
+    "ratio_legend",
     "run",
+    "spread_warnings",
     "summarize",
 ]

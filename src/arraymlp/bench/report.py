@@ -8,13 +8,17 @@ JSON with the encoder's fallback for NumPy scalars.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import numpy
 
 from .workloads import TARGETS
 
-__all__ = ["crossover_batch", "format_table", "plot_throughput"]
+__all__ = ["SPREAD_LIMIT", "crossover_batch", "format_table", "plot_throughput", "ratio_legend", "spread_warnings"]
+
+#: Relative spread (interquartile range / median) above which a case's ratios are flagged.
+SPREAD_LIMIT = 0.2
 
 
 def _fmt_time(s: float) -> str:
@@ -32,17 +36,77 @@ def _fmt_rate(r: float) -> str:
     return f"{r:.3g}"
 
 
-def format_table(cases: Sequence[dict[str, Any]]) -> str:
-    """The terminal table of a run: one block per case, one row per candidate.
-
-    Columns: median time, spread (interquartile range, first to third quartile),
-    throughput (samples/s), and the ratio of the median to the candidate's GEMM floor
-    (``x floor``) and to each peer (``x torch[cpu]``, ``x sklearn`` ...).
+def ratio_legend(cases: Sequence[dict[str, Any]]) -> list[str]:
+    """What the ratio columns of :func:`format_table` mean, one line per column present.
 
     Parameters
     ----------
     cases : sequence of dict
         As returned by :func:`run_case`.
+
+    Returns
+    -------
+    list of str
+        Empty when no case has a candidate.
+    """
+    peers: list[str] = []
+    for case in cases:
+        for r in case["candidates"]:
+            if r["role"] == "peer" and r["name"] not in peers:
+                peers.append(r["name"])
+    if not any(case["candidates"] for case in cases):
+        return []
+    out = ["ratio columns: the row's median time divided by another's, in the same case; "
+           "below 1 is faster, above 1 slower",
+           "  x floor: / the row's GEMM floor (the step's matrix products alone, in the row's own library)"]
+    out += [f"  x {name}: / the median of {name} doing the same work" for name in peers]
+    return out
+
+
+def spread_warnings(cases: Sequence[dict[str, Any]], limit: float = SPREAD_LIMIT) -> list[str]:
+    """One warning per candidate whose relative spread exceeds ``limit``.
+
+    The relative spread is ``(q3 - q1) / median``; above ``limit`` the ratios of that
+    case depend on which rounds the machine was busy in.
+
+    Parameters
+    ----------
+    cases : sequence of dict
+        As returned by :func:`run_case`.
+    limit : float
+        Largest relative spread taken as reliable.
+
+    Returns
+    -------
+    list of str
+    """
+    out = []
+    for case in cases:
+        for r in case["candidates"]:
+            median = r["median"]
+            rel = (r["q3"] - r["q1"]) / median if median > 0 else math.inf
+            if rel > limit:
+                out.append(f"warning: {case['workload']} batch {case['batch']} {case['dtype']}: {r['name']} spread "
+                           f"(IQR / median) {rel:.2f} > {limit:.2f}, so this case's ratios are unreliable; "
+                           "rerun with --threads 1 or on a quieter machine")
+    return out
+
+
+def format_table(cases: Sequence[dict[str, Any]], *, spread_limit: float = SPREAD_LIMIT) -> str:
+    """The terminal table of a run: one block per case, one row per candidate.
+
+    Columns: median time, spread (interquartile range, first to third quartile),
+    throughput (samples/s), and the ratio of the median to the candidate's GEMM floor
+    (``x floor``) and to each peer (``x torch[cpu]``, ``x sklearn`` ...): time ratios,
+    below 1 is faster. The table ends with a legend of those columns and a warning for
+    each candidate whose spread exceeds ``spread_limit`` times its median.
+
+    Parameters
+    ----------
+    cases : sequence of dict
+        As returned by :func:`run_case`.
+    spread_limit : float
+        See :func:`spread_warnings`.
 
     Returns
     -------
@@ -71,6 +135,8 @@ def format_table(cases: Sequence[dict[str, Any]]) -> str:
                 cells.append(f"{ratio[ref]:>{w}.3f}" if ref in ratio else f"{'-':>{w}}")
             lines.append("  " + "  ".join(cells))
         lines.append("")
+    lines += ratio_legend(cases)
+    lines += spread_warnings(cases, spread_limit)
     return "\n".join(lines)
 
 

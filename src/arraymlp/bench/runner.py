@@ -198,6 +198,9 @@ def run(workloads: Sequence[Workload], targets: Sequence[Target], *, repeat: int
         ``environment``, ``settings``, ``cases`` (see :func:`run_case`), ``crossover``,
         ``memory`` (or None) and ``notes`` (skips and errors).
     """
+    from ..kernels import _jit
+
+    _jit.kernels()  # steady-state timings: the compiled kernels load now, not partway through a case
     notes: list[str] = []
     cases = []
     groups = _gpu_device_group(targets)

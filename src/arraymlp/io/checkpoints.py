@@ -329,6 +329,9 @@ class Checkpoint(Callback):
     bit-identical (on NumPy) to an uninterrupted one. ``fit`` runs checkpoints after
     the other callbacks of each epoch, so what they save is the epoch's final state.
 
+    By default a directory holds the last three checkpoints; with ``monitor=`` the
+    best one (by the monitored value) is kept as well, however old.
+
     Parameters
     ----------
     path : str or path-like
@@ -338,14 +341,24 @@ class Checkpoint(Callback):
     every : int
         Save after every ``every``-th epoch (counted from the start of training, so
         resumed runs keep the same rhythm).
-    keep : int, optional
+    keep : int or None
         Keep only the last ``keep`` checkpoints of the directory (those with the
-        highest epoch numbers up to the one just written); ``None`` keeps them all.
+        highest epoch numbers up to the one just written), plus the best one when
+        ``monitor`` is given; ``None`` keeps them all. Ignored for a single file.
+    monitor : str, optional
+        A value of the epoch's logs (``"val_loss"``, ``"loss"``, ``"val_metric"``, or
+        any other key ``fit`` logs) whose best checkpoint is never deleted; its path is
+        :attr:`best_path`.
+    mode : {"auto", "min", "max"}
+        Whether lower or higher ``monitor`` values are better; ``"auto"`` takes higher
+        for ``"val_metric"`` and names with ``accuracy`` or ``r2`` in them, lower otherwise.
 
     Attributes
     ----------
     saved : list of Path
-        Files written by this callback, in order.
+        Files written by this callback, in order (some may have been deleted since).
+    best_path : Path or None
+        The checkpoint with the best monitored value so far (``None`` without ``monitor``).
 
     Examples
     --------
@@ -364,32 +377,81 @@ class Checkpoint(Callback):
 
     saves_callbacks = True  # fit runs it last and gives it run_callbacks; data-parallel fit, on the root only
 
-    def __init__(self, path: str | os.PathLike, every: int = 1, keep: int | None = None):
+    def __init__(self, path: str | os.PathLike, every: int = 1, keep: int | None = 3, *,
+                 monitor: str | None = None, mode: str = "auto"):
         if not _is_int(every) or every < 1:
             msg = f"every must be a positive int, got {every!r}"
             raise ValueError(msg)
         if keep is not None and (not _is_int(keep) or keep < 1):
             msg = f"keep must be a positive int or None, got {keep!r}"
             raise ValueError(msg)
+        if monitor is not None and not isinstance(monitor, str):
+            msg = f"monitor must be the name of a logged value (such as 'val_loss') or None, got {monitor!r}"
+            raise TypeError(msg)
+        if mode not in ("auto", "min", "max"):
+            msg = f"mode must be 'auto', 'min' or 'max', got {mode!r}"
+            raise ValueError(msg)
         self.path = Path(os.fspath(path))
         self.single_file = self.path.suffix == ".safetensors"
-        if self.single_file and keep not in (None, 1):
-            msg = f"keep={keep} needs a directory; {os.fspath(self.path)} names a single file, rewritten at each save"
+        if self.single_file and monitor is not None:
+            msg = (f"monitor={monitor!r} keeps the best checkpoint beside the latest, which needs a directory; "
+                   f"{os.fspath(self.path)} names a single file, rewritten at each save")
             raise ValueError(msg)
-        self.every, self.keep = every, keep
+        self.every, self.keep, self.monitor = every, keep, monitor
+        if mode == "auto" and monitor is not None:
+            higher = monitor == "val_metric" or "accuracy" in monitor or "r2" in monitor
+            mode = "max" if higher else "min"
+        self.mode = mode
         self.run_callbacks: Sequence[Callback] = ()  # set by fit: the run's callbacks, whose state is saved
         self.saved: list[Path] = []
+        self.best: float | None = None
+        self.best_epoch: int | None = None  # number of completed epochs of the best checkpoint
         self._history: History | None = None
+
+    @property
+    def best_path(self) -> Path | None:
+        """The best checkpoint's file (``None`` before the first save or without ``monitor``)."""
+        if self.best_epoch is None or self.single_file:
+            return None
+        return self.path / f"epoch-{self.best_epoch:05d}.safetensors"
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """The best monitored value and its epoch (``None`` without ``monitor``)."""
+        if self.monitor is None:
+            return None
+        return {"monitor": self.monitor, "best": self.best, "best_epoch": self.best_epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the best value and epoch of a resumed run monitoring the same value."""
+        if state.get("monitor") == self.monitor:
+            best = state["best"]
+            self.best = None if best is None else float(best)
+            self.best_epoch = None if state["best_epoch"] is None else int(state["best_epoch"])
 
     def on_train_begin(self, model, history):
         """Remember the run's history, saved with each checkpoint."""
         self._history = history
+
+    def _track_best(self, logs: dict[str, Any], done: int) -> None:
+        value = logs.get(self.monitor)
+        if value is None:
+            msg = (f"Checkpoint monitors {self.monitor!r} but training logs no such value "
+                   f"(logged: {sorted(k for k, v in logs.items() if v is not None)}); "
+                   "pass validation data for val_* values, or another monitor=")
+            raise ValueError(msg)
+        value = float(value)
+        if value != value:  # NaN is never the best
+            return
+        if self.best is None or (value < self.best if self.mode == "min" else value > self.best):
+            self.best, self.best_epoch = value, done
 
     def on_epoch_end(self, model, logs):
         """Save a checkpoint when the number of completed epochs is a multiple of ``every``."""
         done = logs["epoch"] + 1
         if done % self.every:
             return None
+        if self.monitor is not None:
+            self._track_best(logs, done)
         if self.single_file:
             target = self.path
         else:
@@ -404,7 +466,9 @@ class Checkpoint(Callback):
 
     def _prune(self, upto: int) -> None:
         found = sorted((n, p) for n, p in self._scan(self.path) if n <= upto)
-        for _, p in found[:-self.keep]:
+        for n, p in found[:-self.keep]:
+            if n == self.best_epoch:
+                continue
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
 
@@ -425,4 +489,5 @@ class Checkpoint(Callback):
         return max(found)[1] if found else None
 
     def __repr__(self) -> str:
-        return f"Checkpoint({os.fspath(self.path)!r}, every={self.every}, keep={self.keep})"
+        extra = "" if self.monitor is None else f", monitor={self.monitor!r}, mode={self.mode!r}"
+        return f"Checkpoint({os.fspath(self.path)!r}, every={self.every}, keep={self.keep}{extra})"

@@ -29,6 +29,7 @@ import math
 from typing import Any, Callable
 
 from array_api_compat import device as _device
+from array_api_compat import is_numpy_array as _is_numpy_array
 from array_api_compat import to_device
 
 from .._backend import device_of, get_namespace, is_float16, is_writeable
@@ -655,7 +656,7 @@ def all_finite(a, xp, rows: int | None = None) -> bool:
 
 # ------------------------------------------------------------ label cross-entropy
 def _onehot(labels, n, k, xp, like):
-    return xp.reshape(labels, (n, 1)) == xp.arange(k, dtype=xp.int64, device=device_of(like))
+    return xp.reshape(labels, (n, 1)) == xp.arange(k, dtype=labels.dtype, device=device_of(like))
 
 
 def pick_labels(z, labels, xp):
@@ -750,6 +751,8 @@ def dropout_forward(x, p, *, rng, training=True, xp=None):
         u, threshold = rng.random(tuple(x.shape), x.dtype), p
     if _device(u) != _device(x):  # a generator made for another (e.g. the default) device
         u = to_device(u, _device(x))
+    if bits is not None and not _is_numpy_array(u):  # in the bits' dtype: JAX reads a bare int as int32
+        threshold = xp.asarray(threshold, dtype=u.dtype, device=_device(u))
     mask = xp.where(u >= threshold, xp.asarray(1.0 / (1.0 - p), dtype=x.dtype, device=x.device),
                     xp.asarray(0.0, dtype=x.dtype, device=x.device))
     return x * mask, mask
