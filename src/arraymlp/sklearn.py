@@ -50,6 +50,7 @@ from sklearn.utils.metaestimators import available_if
 from sklearn.utils.multiclass import check_classification_targets, type_of_target, unique_labels
 from sklearn.utils.validation import check_array, check_consistent_length, check_is_fitted, validate_data
 
+from . import ensemble as _ensemble
 from . import functional as F
 from ._backend import (
     as_csr,
@@ -244,7 +245,13 @@ def _build_model(config: dict, *, seed: int, backend: str, device: Any) -> MLP:
     sigmoid hidden activation and ``f = 6`` otherwise, from the model's host stream.
 
     ``config`` holds ``sizes``, ``activation``, ``output_activation``, ``dropout`` and
-    ``dtype``."""
+    ``dtype``, and ``members`` (K) for an ensemble: member ``i`` is then the model of
+    seed ``arraymlp.ensemble.member_seeds(seed, K)[i]``, and the K are stacked."""
+    k = int(config.get("members", 1))
+    if k > 1:
+        plain = {key: v for key, v in config.items() if key != "members"}
+        members = [_build_model(plain, seed=s, backend=backend, device=device) for s in _ensemble.member_seeds(seed, k)]
+        return MLP.stack(members)
     # "zeros" skips drawing weights that are replaced below
     model = MLP(config["sizes"], activation=config["activation"], output_activation=config["output_activation"],
                 dropout=config["dropout"], init="zeros", dtype=config["dtype"], backend=backend, device=device,
@@ -388,6 +395,12 @@ _PARAMETERS_DOC = """
         integer and non-float NumPy inputs, as in scikit-learn).
     dropout : float, default=0.0
         Dropout probability after each hidden activation, in [0, 1); training only.
+    n_members : int, default=1
+        Members of a deep ensemble trained at once (``arraymlp.MLP(..., ensemble=K)``):
+        member ``i`` starts from seed ``arraymlp.ensemble.member_seeds(seed, K)[i]``
+        (``seed`` drawn from ``random_state``), all members see the same batches, and the
+        predictions combine them (probabilities or outputs averaged). 1 is one
+        perceptron, exactly as before; see docs/sklearn.md for what differs with more.
 """
 
 _ATTRIBUTES_DOC = """
@@ -410,9 +423,14 @@ _ATTRIBUTES_DOC = """
         Training samples seen, over all epochs.
     coefs_ : list of arrays
         Weight matrices, ``coefs_[i]`` of shape (n_units_i, n_units_i+1), on the model's
-        backend and device.
+        backend and device; with ``n_members=K > 1``, the stacked (K, n_units_i,
+        n_units_i+1) arrays of the members (``coefs_[i][k]`` is member k's).
     intercepts_ : list of arrays
-        Bias vectors, ``intercepts_[i]`` of shape (n_units_i+1,).
+        Bias vectors, ``intercepts_[i]`` of shape (n_units_i+1,); with ``n_members=K > 1``,
+        the stacked (K, 1, n_units_i+1) arrays (``intercepts_[i][k, 0]`` is member k's).
+    member_loss_ : ndarray of shape (n_members,)
+        Only with ``n_members > 1``: each member's training loss in the last epoch
+        (``loss_`` is their mean).
     n_features_in_ : int
         Number of features seen in :meth:`fit`.
     feature_names_in_ : ndarray of shape (n_features,)
@@ -485,6 +503,11 @@ def _check_parameter_values(est) -> None:
         raise ValueError(msg)
     if est.backend is not None:
         resolve_backend(est.backend)
+    if est.n_members > 1 and (est.solver == "lbfgs" or est.early_stopping):
+        what = "solver='lbfgs'" if est.solver == "lbfgs" else "early_stopping=True"
+        msg = (f"n_members={est.n_members!r} trains the members with the mini-batch ensemble fit, which does not "
+               f"support {what}; use n_members=1, or a stochastic solver without early stopping")
+        raise ValueError(msg)
 
 
 def _stochastic(est) -> bool:
@@ -530,6 +553,7 @@ class _BaseMLP(BaseEstimator):
         "device": "no_validation",  # a name or a device object of the backend, checked on use
         "dtype": [None, StrOptions(set(_DTYPES))],
         "dropout": [_Interval(Real, 0, 1, closed="left")],
+        "n_members": [_Interval(Integral, 1, None, closed="left")],
     }
 
     def __init__(
@@ -562,6 +586,7 @@ class _BaseMLP(BaseEstimator):
         device=None,
         dtype=None,
         dropout=0.0,
+        n_members=1,
     ):
         self.hidden_layer_sizes = hidden_layer_sizes
         self.activation = activation
@@ -590,6 +615,7 @@ class _BaseMLP(BaseEstimator):
         self.device = device
         self.dtype = dtype
         self.dropout = dropout
+        self.n_members = n_members
 
     # ------------------------------------------------------------------ hyper-parameters
     def _hidden_sizes(self) -> list[int]:
@@ -746,6 +772,10 @@ class _BaseMLP(BaseEstimator):
         rs = check_random_state(self.random_state)
         if first:
             self._initialize(int(inp.x.shape[1]), xp, device, int(rs.randint(np.iinfo(np.int32).max)))
+        elif (self.model_.ensemble or 1) != int(self.n_members):
+            msg = (f"n_members={self.n_members!r} but the fitted model has {self.model_.ensemble or 1} members; "
+                   "refit without warm_start to change n_members")
+            raise ValueError(msg)
         elif int(self.model_.n_outputs) != self._n_output_units:
             msg = (f"y has {self._n_output_units} outputs but the fitted model has {self.model_.n_outputs}; "
                    "refit without warm_start to change the targets")
@@ -768,6 +798,8 @@ class _BaseMLP(BaseEstimator):
             "dropout": float(self.dropout),
             "dtype": self._dtype_name,
         }
+        if int(self.n_members) > 1:
+            self._model_config["members"] = int(self.n_members)
         self.model_ = _build_model(self._model_config, seed=seed, backend=backend_name(xp), device=device)
         self.n_outputs_ = self._n_output_units
         self.n_layers_ = len(sizes)
@@ -788,6 +820,9 @@ class _BaseMLP(BaseEstimator):
     def _train(self, x, y, sw_host, strata, xp, device, dtype, *, incremental: bool, split_seed: int) -> None:
         if self.solver == "lbfgs":
             self._train_lbfgs(x, y, sw_host, xp, device, dtype)
+            return
+        if self.model_.ensemble is not None:
+            self._train_members(x, y, sw_host, xp, device, dtype, incremental=incremental)
             return
         model = self.model_
         lossfn = self._loss_row()
@@ -835,6 +870,53 @@ class _BaseMLP(BaseEstimator):
         if early and self._best_params is not None:
             model.params = self._best_params
         self._best_params = None
+
+    def _train_members(self, x, y, sw_host, xp, device, dtype, *, incremental: bool) -> None:
+        """The epochs of an ensemble (``n_members > 1``), one :func:`arraymlp.ensemble.partial_fit`
+        each, so that the rate schedules and the ``tol`` test run between epochs as for one
+        member. The differences from one member's training: the L2 coefficient is
+        ``alpha / batch_size`` for every batch (not over each batch's own size or weight
+        sum), and ``loss_`` and the ``tol`` test use the members' mean loss."""
+        n = int(x.shape[0])
+        w_dev = None if sw_host is None else xp.asarray(sw_host, dtype=dtype, device=device)
+        batch = min(200, n) if self.batch_size == "auto" else max(1, min(int(self.batch_size), n))
+        alpha = float(self.alpha)
+        l2 = alpha / batch if alpha > 0 and self.solver != "adamw" else 0.0
+        epochs = 1 if incremental else int(self.max_iter)
+        self.n_iter_ = 0
+        for _ in range(epochs):
+            try:
+                history = _ensemble.partial_fit(self.model_, x, y, loss=self._loss_row(), optimizer=self._optimizer,
+                                        lr=self._lr, batch_size=batch, shuffle=bool(self.shuffle), l2=l2,
+                                        sample_weight=w_dev)
+            except DivergenceError as exc:
+                msg = ("Solver produced non-finite parameter weights. The input data may contain large values and "
+                       f"need to be preprocessed. ({exc})")
+                raise DivergenceError(msg, epoch=self.n_iter_, step=exc.step,
+                                      params_finite=exc.params_finite) from exc
+            self.member_loss_ = np.asarray(history.loss[-1], dtype=np.float64)
+            self.n_iter_ += 1
+            self.t_ += n
+            self.loss_ = float(np.mean(self.member_loss_))
+            self.loss_curve_.append(self.loss_)
+            if self.verbose:
+                print(f"Iteration {self.n_iter_}, loss = {self.loss_:.8f}", flush=True)
+            self._update_no_improvement(False, None, None, None, xp)
+            if self.solver == "sgd" and self.learning_rate == "invscaling":
+                self._lr = float(self.learning_rate_init) / (self.t_ + 1) ** float(self.power_t)
+            if self._no_improvement_count > self.n_iter_no_change:
+                if self._should_stop(False):
+                    break
+                self._no_improvement_count = 0
+            if incremental:
+                break
+            if self.n_iter_ == self.max_iter:
+                warnings.warn(
+                    f"Stochastic Optimizer: Maximum iterations ({self.max_iter}) reached and the "
+                    "optimization hasn't converged yet.",
+                    ConvergenceWarning,
+                    stacklevel=3,
+                )
 
     @contextlib.contextmanager
     def _on_divergence(self, early: bool, n: int):
@@ -1000,7 +1082,14 @@ class _BaseMLP(BaseEstimator):
     def _forward_all(self, x, xp, *, logits: bool = False):
         """Outputs (probabilities for classifiers, or logits) of a validated batch, in chunks."""
         model = self.model_
+        if model.ensemble is not None:  # the members' outputs, combined
+            return self._combine_members(self._forward_chunks(x, xp, None), xp, logits=logits)
         upto = len(model.layers) - 1 if logits and model.output_activation is not None else None
+        return self._forward_chunks(x, xp, upto)
+
+    def _forward_chunks(self, x, xp, upto):
+        model = self.model_
+        axis = 0 if model.ensemble is None else 1
         n = int(x.shape[0])
         if n <= _PREDICT_CHUNK:
             return model.forward(x, training=False, xp=xp, upto=upto, keep=False)[0]
@@ -1008,7 +1097,11 @@ class _BaseMLP(BaseEstimator):
         for i in range(0, n, _PREDICT_CHUNK):
             chunk = slice_rows(x, i, min(i + _PREDICT_CHUNK, n))
             outs.append(model.forward(chunk, training=False, xp=xp, upto=upto, keep=False)[0])
-        return outs[0] if len(outs) == 1 else xp.concat(outs, axis=0)
+        return outs[0] if len(outs) == 1 else xp.concat(outs, axis=axis)
+
+    def _combine_members(self, out, xp, *, logits: bool):
+        """The members' outputs (K, n, m) as one model's: their mean (the regressor's)."""
+        return xp.mean(out, axis=0)
 
     def _infer(self, X, method: str, *, logits: bool = False):
         """Validate ``X``, run the model, and return ``(outputs, input)``; outputs stay on the
@@ -1309,6 +1402,18 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
             return float(xp.mean(correct))
         return float(xp.sum(w * correct) / xp.sum(w))
 
+    def _combine_members(self, out, xp, *, logits: bool):
+        """The members' probabilities (K, n, m) averaged; with ``logits``, the logits of
+        that average (``log p`` for softmax, ``log p - log(1 - p)`` for sigmoid units), so
+        that every prediction method reads the same averaged probabilities."""
+        p = xp.mean(out, axis=0)
+        if not logits:
+            return p
+        with quiet_overflow(xp):  # a probability of exactly 0 or 1 gives an infinite logit
+            if self._output_activation == "softmax":
+                return xp.log(p)
+            return xp.log(p) - xp.log1p(-p)
+
     # ------------------------------------------------------------------ prediction
     def _one_class(self) -> bool:
         return not self._multilabel and self.classes_.shape[0] == 1
@@ -1496,6 +1601,13 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
 
     def _out_activation_name(self) -> str:
         return "exp" if self.loss == "poisson" else super()._out_activation_name()
+
+    def _combine_members(self, out, xp, *, logits: bool):
+        """The members' outputs (K, n, m) averaged; with ``loss="poisson"`` their rates are
+        averaged (the log of the mean rate is returned, as the outputs are log-rates)."""
+        if self.loss == "poisson":
+            return xp.log(xp.mean(xp.exp(out), axis=0))
+        return xp.mean(out, axis=0)
 
     def _rates(self, out):
         """Predictions from the model's outputs: the outputs, or ``exp`` of them (the
