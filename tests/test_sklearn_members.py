@@ -120,8 +120,10 @@ def test_partial_fit_pickle_and_shapes():
     ref = _fit(MLPClassifier(hidden_layer_sizes=(6,), n_members=3, random_state=0, batch_size=50, max_iter=2,
                              n_iter_no_change=100), X, y)
     ens.partial_fit(X, y)
-    for a, b in zip(ens.coefs_, ref.coefs_):
+    copy.partial_fit(X, y)  # the pickle kept the members' Adam moments and step count
+    for a, b, c in zip(ens.coefs_, ref.coefs_, copy.coefs_):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+        np.testing.assert_array_equal(c, a)
     ens.coefs_[-1] = np.zeros((3, 6, 3))  # the stacked arrays are assignable
     ens.intercepts_[-1] = np.zeros((3, 1, 3))
     np.testing.assert_allclose(ens.predict_proba(X[:2]), np.full((2, 3), 1 / 3), rtol=1e-12)

@@ -1193,6 +1193,11 @@ class _BaseMLP(BaseEstimator):
         state = super().__getstate__()
         state = dict(state)
         if state.get("model_") is not None:
+            rule = getattr(state["model_"], "ensemble_optimizer_", None)
+            if rule is not None and rule.state is not None:  # the members' optimiser state
+                state["_members_optimizer"] = {"t": rule.t, "state": [
+                    {key: {slot: to_numpy(a) for slot, a in st.items()} for key, st in layer.items()}
+                    for layer in rule.state]}
             state["model_"] = _model_state(state["model_"], state["_model_config"])
         if state.get("_optimizer") is not None:
             state["_optimizer"] = _optimizer_state(state["_optimizer"])
@@ -1205,6 +1210,17 @@ class _BaseMLP(BaseEstimator):
             state["model_"] = _model_from_state(state["model_"])
         if isinstance(state.get("_optimizer"), dict):
             state["_optimizer"] = _optimizer_from_state(state["_optimizer"])
+        members = state.pop("_members_optimizer", None)
+        if members is not None:  # the members' optimiser state, so that partial_fit goes on from it
+            model = state["model_"]
+            xp, like = model.xp, model.params[0]["W"]
+            rule = _ensemble._MemberUpdate(state["_optimizer"], model.ensemble, xp, like, lr=None, momentum=None,
+                                           weight_decay=None, betas=None)
+            rule.t = members["t"]
+            rule.state = [{key: {slot: xp.asarray(np.array(a, copy=True), device=model.device)
+                                 for slot, a in st.items()} for key, st in layer.items()}
+                          for layer in members["state"]]
+            model.ensemble_optimizer_ = rule
         super().__setstate__(state)
 
     def __sklearn_tags__(self):
