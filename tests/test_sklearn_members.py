@@ -151,3 +151,26 @@ def test_warm_start_with_another_member_count_is_refused():
     est.set_params(n_members=3)
     with pytest.raises(ValueError, match="n_members=3 but the fitted model has 2 members"):
         est.fit(X, y)
+
+
+@pytest.mark.parametrize("Estimator", [MLPClassifier, MLPRegressor])
+def test_members_on_every_backend(backend, Estimator):
+    """An ensemble estimator trains on X's backend and device and gives the NumPy fit's
+    predictions there (float64), with and without sample weights."""
+    backend.skip_without_float64()
+    X_np, y_np = _iris()
+    sw = np.linspace(0.5, 2.0, X_np.shape[0])
+    params = {"hidden_layer_sizes": (6,), "n_members": 3, "max_iter": 4, "batch_size": 40, "random_state": 0,
+              "learning_rate_init": 0.01}
+    ref = Estimator(**params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        ref.fit(X_np, y_np, sample_weight=sw)
+        est = Estimator(**params).fit(backend.asarray(X_np), backend.asarray(y_np), sample_weight=backend.asarray(sw))
+    assert backend.same_place(est.coefs_[0]) and tuple(est.coefs_[0].shape) == (3, 4, 6)
+    X = backend.asarray(X_np)
+    out = est.predict_proba(X) if Estimator is MLPClassifier else est.predict(X)
+    want = ref.predict_proba(X_np) if Estimator is MLPClassifier else ref.predict(X_np)
+    assert backend.same_place(out)
+    np.testing.assert_allclose(backend.to_numpy(out), want, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(est.member_loss_, ref.member_loss_, rtol=1e-9)
