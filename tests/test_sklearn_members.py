@@ -17,6 +17,7 @@ from sklearn.exceptions import ConvergenceWarning
 
 from arraymlp.ensemble import member_seeds
 from arraymlp.sklearn import MLPClassifier, MLPRegressor, _build_model
+from arraymlp.training import DivergenceError
 
 
 def _iris():
@@ -174,3 +175,40 @@ def test_members_on_every_backend(backend, Estimator):
     assert backend.same_place(out)
     np.testing.assert_allclose(backend.to_numpy(out), want, rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(est.member_loss_, ref.member_loss_, rtol=1e-9)
+
+
+def test_divergence_names_the_epoch_and_members():
+    """A member whose loss stops being finite ends the fit loudly (the ensemble fit does
+    not train on through non-finite losses as one member does); the epoch counts the
+    estimator's epochs."""
+    X, y = _iris()
+    y_big = y * 1e200  # squared errors overflow at the first step
+    est = MLPRegressor(hidden_layer_sizes=(4,), n_members=2, solver="sgd", learning_rate_init=1e-3, max_iter=5,
+                       random_state=0)
+    with pytest.raises(DivergenceError, match=r"The training loss became non-finite\. .*Training diverged at "
+                                              r"epoch 1, step 1: the loss of members \[0, 1\] is not finite"):
+        est.fit(X, y_big)
+
+
+def test_sparse_X_is_refused_and_the_tag_says_so():
+    sparse = pytest.importorskip("scipy.sparse")
+    X, y = _iris()
+    est = MLPClassifier(n_members=2)
+    assert est.__sklearn_tags__().input_tags.sparse is False
+    assert MLPClassifier().__sklearn_tags__().input_tags.sparse is True
+    with pytest.raises(TypeError, match=r"n_members=2 does not take sparse X yet .* X\.toarray\(\)"):
+        est.fit(sparse.csr_matrix(X), y)
+
+
+@pytest.mark.parametrize("Estimator", [MLPClassifier, MLPRegressor])
+def test_scikit_learn_checks_with_members(Estimator):
+    """scikit-learn's estimator checks with n_members=3: all pass but the sample-weight
+    equivalence, which the fixed L2 coefficient alpha / batch_size breaks (documented)."""
+    from sklearn.utils.estimator_checks import check_estimator
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        results = check_estimator(Estimator(n_members=3), on_fail=None)
+    failed = {r["check_name"] for r in results if r["status"] == "failed"}
+    assert failed == {"check_sample_weight_equivalence_on_dense_data"}
+    assert sum(r["status"] == "passed" for r in results) > 40

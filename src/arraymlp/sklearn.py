@@ -32,6 +32,7 @@ import contextlib
 import inspect
 import math
 import numbers
+import re
 import types
 import warnings
 from numbers import Integral, Real
@@ -760,6 +761,10 @@ class _BaseMLP(BaseEstimator):
             msg = f"{type(self).__name__} requires y to be passed, but the target y is None."
             raise ValueError(msg)
         inp = self._check_X(X, reset=first)
+        if int(self.n_members) > 1 and _is_sparse(inp.x):
+            msg = (f"n_members={self.n_members!r} does not take sparse X yet (the members' stacked products need "
+                   "a dense X); densify it with X.toarray(), or use n_members=1")
+            raise TypeError(msg)
         n = int(inp.x.shape[0])
         xp, device = self._placement(inp, first)
         self._dtype_name = self._training_dtype(inp, xp, first)
@@ -886,12 +891,20 @@ class _BaseMLP(BaseEstimator):
         self.n_iter_ = 0
         for _ in range(epochs):
             try:
-                history = _ensemble.partial_fit(self.model_, x, y, loss=self._loss_row(), optimizer=self._optimizer,
-                                        lr=self._lr, batch_size=batch, shuffle=bool(self.shuffle), l2=l2,
-                                        sample_weight=w_dev)
+                with quiet_overflow(xp):  # overflows are reported below, as a DivergenceError
+                    history = _ensemble.partial_fit(self.model_, x, y, loss=self._loss_row(),
+                                                    optimizer=self._optimizer,
+                                                    lr=self._lr, batch_size=batch, shuffle=bool(self.shuffle),
+                                                    l2=l2, sample_weight=w_dev)
             except DivergenceError as exc:
-                msg = ("Solver produced non-finite parameter weights. The input data may contain large values and "
-                       f"need to be preprocessed. ({exc})")
+                found = re.search(r"members (\[[^\]]*\])", str(exc))
+                who = f"members {found.group(1)}" if found else "some members"
+                first = ("The training loss became non-finite" if exc.params_finite else
+                         "Solver produced non-finite parameter weights")
+                msg = (f"{first}. The input data may contain large values and need to be preprocessed. (Training "
+                       f"diverged at epoch {self.n_iter_ + 1}, step {exc.step + 1}: the loss of {who} is not "
+                       "finite. Standardise the inputs with sklearn.preprocessing.StandardScaler or lower "
+                       "learning_rate_init.)")
                 raise DivergenceError(msg, epoch=self.n_iter_, step=exc.step,
                                       params_finite=exc.params_finite) from exc
             self.member_loss_ = np.asarray(history.loss[-1], dtype=np.float64)
@@ -1227,7 +1240,7 @@ class _BaseMLP(BaseEstimator):
         tags = super().__sklearn_tags__()
         tags.target_tags.multi_output = True
         tags.array_api_support = True
-        tags.input_tags.sparse = True
+        tags.input_tags.sparse = int(self.n_members) == 1  # an ensemble's fit takes dense X only
         return tags
 
 
