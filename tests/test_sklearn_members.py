@@ -212,3 +212,12 @@ def test_scikit_learn_checks_with_members(Estimator):
     failed = {r["check_name"] for r in results if r["status"] == "failed"}
     assert failed == {"check_sample_weight_equivalence_on_dense_data"}
     assert sum(r["status"] == "passed" for r in results) > 40
+
+
+@pytest.mark.parametrize("Estimator", [MLPClassifier, MLPRegressor])
+def test_sample_weight_equivalence_without_l2(Estimator):
+    """Without the L2 term (whose coefficient is fixed per fit), weights of 2 are the same
+    as repeated rows, as scikit-learn's check demands."""
+    from sklearn.utils.estimator_checks import check_sample_weight_equivalence_on_dense_data
+
+    check_sample_weight_equivalence_on_dense_data(Estimator.__name__, Estimator(n_members=3, alpha=0.0))
