@@ -220,4 +220,6 @@ def test_sample_weight_equivalence_without_l2(Estimator):
     as repeated rows, as scikit-learn's check demands."""
     from sklearn.utils.estimator_checks import check_sample_weight_equivalence_on_dense_data
 
-    check_sample_weight_equivalence_on_dense_data(Estimator.__name__, Estimator(n_members=3, alpha=0.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        check_sample_weight_equivalence_on_dense_data(Estimator.__name__, Estimator(n_members=3, alpha=0.0))
