@@ -128,6 +128,7 @@ class _Accumulator:
     def __init__(self, metric: "Metric", xp, dtype, device):
         self.metric, self.xp, self.dtype, self.device = metric, xp, dtype, device
         self.acc = _sum_dtype(xp, dtype, device)
+        self.kernels = kernels_for(xp)  # looked up once per epoch, not per batch
         self.sums: list[Any] | None = None
         self.count = 0
         self.extra: Any = None
@@ -259,14 +260,13 @@ class _AccuracyMetric(Metric):
         xp = acc.xp
         if acc.sums is None:
             acc.sums = [xp.zeros((1,), dtype=index_dtype(xp), device=acc.device)]
-        ks = kernels_for(xp)
         y = pair.y
         if pair.task == "multiclass" and y.ndim == 1:  # labels (n,) against the outputs' arg-max
             out = pair.out
             if out.ndim != 2 or out.shape[0] != y.shape[0]:
                 msg = f"accuracy: outputs of shape {_shape(out)} do not match labels of shape {_shape(y)}"
                 raise ValueError(msg)
-            acc.sums[0] = ks.add_argmax_hits(acc.sums[0], out, y, xp)
+            acc.sums[0] = acc.kernels.add_argmax_hits(acc.sums[0], out, y, xp)
             acc.count += y.shape[0]
             return
         t, p = pair.true_labels(), pair.predictions()

@@ -188,8 +188,9 @@ def add_argmax_hits(total, x, labels) -> bool:
     one pass with no temporary; False (``total`` untouched) where the kernel does not
     apply. ``total`` is a writeable int64 array of shape (1,)."""
     if (_kernels is None or type(total) is not numpy.ndarray or type(labels) is not numpy.ndarray
-            or total.dtype != _INT64 or labels.dtype != _INT64 or not _plain(x)
-            or total.shape != (1,) or labels.shape != (x.shape[0],) or not x.shape[1] or not total.flags.writeable):
+            or type(x) is not numpy.ndarray or total.dtype != _INT64 or labels.dtype != _INT64
+            or x.dtype not in _DTYPES or x.ndim != 2 or total.shape != (1,) or labels.shape != (x.shape[0],)
+            or not x.shape[1] or not x.flags.c_contiguous or not total.flags.writeable):
         return False
     k = _ready("hits", x.size)
     if k is None:
