@@ -199,7 +199,8 @@ def test_training_and_distributed_imports(graph):
                                           "arraymlp.optim", "arraymlp.io.checkpoints", "arraymlp.distributed",
                                           "arraymlp.functional", "arraymlp.fusion", "arraymlp.precision",
                                           "arraymlp.metrics"}
-    assert graph["arraymlp.metrics"] == {"arraymlp._backend"}  # metrics know arrays, not models
+    # metrics know arrays and their kernels, not models
+    assert graph["arraymlp.metrics"] == {"arraymlp._backend", "arraymlp.kernels"}
     assert "arraymlp.model" not in reaches(graph, "arraymlp.training")
     assert not {"arraymlp.io", "arraymlp.io.checkpoints", "arraymlp.training"} & graph["arraymlp.distributed"]
     assert "arraymlp.callbacks" in graph["arraymlp.distributed"]

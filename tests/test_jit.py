@@ -165,6 +165,36 @@ def test_kernels_decline_what_they_cannot_take():
     assert _jit.cross_entropy_labels(h[:0], np.arange(0)) is None  # no rows
 
 
+@needs_numba
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_argmax_hits_count_numpys_argmax(dtype):
+    """Ties (the first highest entry wins), NaN (the first NaN wins, as NumPy's argmax),
+    infinities and signed zeros: the compiled count is NumPy's, added to the total."""
+    r = np.random.default_rng(11)
+    x = r.choice(SPECIALS, size=(500, 7)).astype(dtype)
+    x[:3] = [0.0, -0.0, 0.0, -0.0, 0.0, 0.0, 0.0]  # all tied
+    labels = r.integers(0, 7, size=500)
+    labels[::3] = np.argmax(x[::3], axis=1)
+    total = np.array([5])
+    assert _jit.add_argmax_hits(total, x, labels) is True
+    assert int(total[0]) == 5 + int(np.count_nonzero(np.argmax(x, axis=1) == labels))
+
+
+@needs_numba
+def test_argmax_hits_decline_what_they_cannot_take():
+    x = np.random.default_rng(12).standard_normal((4, 3))
+    labels = np.array([0, 1, 2, 0])
+    ro = np.array([0])
+    ro.flags.writeable = False
+    for total, xx, lab in [(np.array([0], dtype=np.int32), x, labels), (np.array(0), x, labels),
+                           (ro, x, labels), (np.array([0]), x, labels.astype(np.int32)),
+                           (np.array([0]), x, labels[:3]), (np.array([0]), x.astype(np.float16), labels),
+                           (np.array([0]), x[:, ::2], labels), (np.array([0]), x[:, :0], labels)]:
+        before = np.array(total, copy=True)
+        assert _jit.add_argmax_hits(total, xx, lab) is False
+        np.testing.assert_array_equal(total, before)
+
+
 # ----------------------------------------------------------------------------- switches
 def test_switches_turn_the_kernels_off(monkeypatch):
     saved = _jit._kernels
@@ -308,7 +338,7 @@ def test_kernels_that_cannot_load_fall_back_with_one_warning(monkeypatch, jit_of
 
 
 @needs_numba
-@pytest.mark.parametrize("kernel", ["bias_relu", "relu_backward", "cross_entropy_labels"])
+@pytest.mark.parametrize("kernel", ["bias_relu", "relu_backward", "cross_entropy_labels", "add_argmax_hits"])
 def test_a_kernel_that_fails_to_compile_falls_back(kernel):
     saved = _jit._kernels
 
@@ -327,6 +357,10 @@ def test_a_kernel_that_fails_to_compile_falls_back(kernel):
                 assert _jit.bias_relu(h, np.zeros(4)) is False
             elif kernel == "relu_backward":
                 assert _jit.relu_backward(h, before) is False
+            elif kernel == "add_argmax_hits":
+                total = np.array([0])
+                assert _jit.add_argmax_hits(total, h, np.array([0, 1, 2])) is False
+                assert total[0] == 0
             else:
                 assert _jit.cross_entropy_labels(h, np.array([0, 1, 2])) is None
         np.testing.assert_array_equal(h, before)

@@ -39,8 +39,18 @@ def _state(seed):
     return np.abs(_r(P, seed))  # second moments and sums of squares are non-negative
 
 
+def _hits_case():
+    """Scores with ties (rounded values) and a NaN row, and labels that hit about half
+    the rows: the count of ``argmax(scores) == labels`` added to a running count of 7."""
+    scores = np.round(_r((N, M), 53))
+    scores[5, 3] = np.nan
+    labels = np.where(np.arange(N) % 2 == 0, np.argmax(scores, axis=1), _labels())
+    return np.array([7]), scores, labels
+
+
 # name -> (host arguments, keyword arguments, indices of the arguments handed over)
 CASES = {
+    "add_argmax_hits": (_hits_case, {}, (0,)),
     "adagrad_update": (lambda: (_r(P, 40), _r(P, 41), _state(42), 0.05, 1e-10, 0.1), {"work": _work}, (0, 2)),
     "adam_update": (lambda: (_r((N, M), 40), _r((N, M), 41), _r((N, M), 42), np.abs(_r((N, M), 43)),
                              np.abs(_r((N, M), 44)), 0.01, 0.9, 0.999, 1e-8, 0.05, True, 3), {"work": _work},

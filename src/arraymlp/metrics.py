@@ -44,6 +44,7 @@ from typing import Any, Callable
 import numpy
 
 from ._backend import device_of, get_namespace, has_float64, index_dtype, is_float16, memo, to_numpy
+from .kernels import kernels_for
 
 __all__ = [
     "METRICS",
@@ -89,6 +90,8 @@ class _Pair:
     (0 for logits, 0.5 for probabilities); ``rates`` marks log-rate outputs (Poisson).
     """
 
+    __slots__ = ("y", "out", "task", "xp", "threshold", "rates")  # one a step: cheap to make
+
     def __init__(self, y, out, task: str, xp, *, threshold: float = 0.0, rates: bool = False):
         self.y, self.out, self.task, self.xp = y, out, task, xp
         self.threshold, self.rates = threshold, rates
@@ -125,6 +128,7 @@ class _Accumulator:
     def __init__(self, metric: "Metric", xp, dtype, device):
         self.metric, self.xp, self.dtype, self.device = metric, xp, dtype, device
         self.acc = _sum_dtype(xp, dtype, device)
+        self.kernels = kernels_for(xp)  # looked up once per epoch, not per batch
         self.sums: list[Any] | None = None
         self.count = 0
         self.extra: Any = None
@@ -231,6 +235,8 @@ class Metric:
 class _Direct:
     """A :class:`_Pair` for arrays given directly (``metric(y_true, y_pred)``)."""
 
+    task = None  # the predictions are given: no arg-max to take
+
     def __init__(self, y_true, y_pred, xp):
         self.y, self.pred, self.xp = y_true, y_pred, xp
 
@@ -249,7 +255,20 @@ class _AccuracyMetric(Metric):
     tasks = _CLASSIFICATION
 
     def _update(self, acc, pair):
+        # the count of right answers: one integer array of shape (1,), made at the first
+        # batch and added to in place (a kernel), so that a step allocates nothing for it
         xp = acc.xp
+        if acc.sums is None:
+            acc.sums = [xp.zeros((1,), dtype=index_dtype(xp), device=acc.device)]
+        y = pair.y
+        if pair.task == "multiclass" and y.ndim == 1:  # labels (n,) against the outputs' arg-max
+            out = pair.out
+            if out.ndim != 2 or out.shape[0] != y.shape[0]:
+                msg = f"accuracy: outputs of shape {_shape(out)} do not match labels of shape {_shape(y)}"
+                raise ValueError(msg)
+            acc.sums[0] = acc.kernels.add_argmax_hits(acc.sums[0], out, y, xp)
+            acc.count += y.shape[0]
+            return
         t, p = pair.true_labels(), pair.predictions()
         if t.shape != p.shape:  # never broadcast a (n, 1) against a (n,)
             msg = f"accuracy: predictions of shape {_shape(p)} do not match targets of shape {_shape(t)}"
@@ -257,11 +276,11 @@ class _AccuracyMetric(Metric):
         if t.dtype != p.dtype:
             p = xp.astype(p, t.dtype)
         right = xp.sum(xp.astype(t == p, index_dtype(xp)))
-        acc.sums = [right] if acc.sums is None else [acc.sums[0] + right]
+        acc.sums[0] = acc.sums[0] + right
         acc.count += math.prod(t.shape)
 
     def _finish(self, acc, host):
-        return host[0] / acc.count
+        return host[0][0] / acc.count
 
 
 class _TopKAccuracy(Metric):

@@ -39,6 +39,7 @@ __all__ = ["KERNELS", "KernelSet", "kernels_for", "reference_kernels", "referenc
 KERNELS = (
     "adagrad_update",
     "adam_update",
+    "add_argmax_hits",
     "add_bias",
     "all_finite",
     "axpy",

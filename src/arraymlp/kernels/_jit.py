@@ -58,9 +58,10 @@ _INT64 = numpy.dtype(numpy.int64)
 LOAD_COST = 0.5
 #: Estimated NumPy time of one call a kernel could replace, in seconds: a fixed part and
 #: a part per element (ReLU kernels: about 2 us + 1.3 ns per float32 element on one
-#: core; the cross-entropy's dozen NumPy calls about ten times that).
-_CALL_COST = {"relu": 2e-6, "ce": 2e-5}
-_ELEMENT_COST = {"relu": 1.3e-9, "ce": 1.5e-8}
+#: core; the cross-entropy's dozen NumPy calls about ten times that; the accuracy count's
+#: arg-max, comparison and count about 4 us).
+_CALL_COST = {"relu": 2e-6, "ce": 2e-5, "hits": 4e-6}
+_ELEMENT_COST = {"relu": 1.3e-9, "ce": 1.5e-8, "hits": 1e-9}
 #: The cross-entropy kernel takes rows of at most this many classes.
 CE_MAX_CLASSES = 32
 _spent = 0.0  # estimated NumPy time of the calls the kernels could have taken so far
@@ -180,6 +181,26 @@ def cross_entropy_labels(x, labels):
         _fall_back(exc)
         return None
     return (total, g) if ok else None
+
+
+def add_argmax_hits(total, x, labels) -> bool:
+    """``total[0] +=`` the rows of ``x`` (n, k) whose arg-max is their int64 label, in
+    one pass with no temporary; False (``total`` untouched) where the kernel does not
+    apply. ``total`` is a writeable int64 array of shape (1,)."""
+    if (_kernels is None or type(total) is not numpy.ndarray or type(labels) is not numpy.ndarray
+            or type(x) is not numpy.ndarray or total.dtype != _INT64 or labels.dtype != _INT64
+            or x.dtype not in _DTYPES or x.ndim != 2 or total.shape != (1,) or labels.shape != (x.shape[0],)
+            or not x.shape[1] or not x.flags.c_contiguous or not total.flags.writeable):
+        return False
+    k = _ready("hits", x.size)
+    if k is None:
+        return False
+    try:
+        k.add_argmax_hits(total, x, labels)
+    except Exception as exc:
+        _fall_back(exc)
+        return False
+    return True
 
 
 def member_adam(p, g, m, v, b1, b2, step, eps) -> bool:

@@ -74,6 +74,29 @@ def cross_entropy_labels(x, labels, g, scale):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True, nogil=True)
+def add_argmax_hits(total, x, labels):  # pragma: no cover - compiled
+    """``total[0] += `` the number of rows ``i`` of ``x`` (n, k) whose arg-max is
+    ``labels[i]``; the arg-max as NumPy's: the first highest entry, or the first NaN."""
+    n, k = x.shape
+    hits = 0
+    for i in range(n):
+        best = 0
+        m = x[i, 0]
+        if m == m:
+            for j in range(1, k):
+                v = x[i, j]
+                if v != v:
+                    best = j
+                    break
+                if v > m:
+                    m = v
+                    best = j
+        if best == labels[i]:
+            hits += 1
+    total[0] += hits
+
+
+@numba.njit(cache=True, nogil=True)
 def member_adam(p, g, m, v, b1, b2, step, eps):  # pragma: no cover - compiled
     """Adam's step of stacked members in one pass: ``p``, ``g``, ``m``, ``v`` (K, N); the
     per-member ``b1``, ``b2``, ``step``, ``eps`` (K,) in the arrays' dtype. The arithmetic is

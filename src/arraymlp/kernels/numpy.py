@@ -123,6 +123,19 @@ def cross_entropy_labels_mean(x, labels, xp, *, cross_entropy_labels=R.cross_ent
                                        batch_sum=batch_sum)
 
 
+def add_argmax_hits(total, scores, labels, xp):
+    """One compiled pass with no temporary where Numba is installed (float32/float64
+    scores, int64 labels and count); else ``argmax`` and ``count_nonzero`` added into a
+    writeable count, which spares the reference's cast, its sum and their wrappers."""
+    if _jit.add_argmax_hits(total, scores, labels):
+        return total
+    if (type(total) is numpy.ndarray and total.flags.writeable and type(scores) is numpy.ndarray
+            and type(labels) is numpy.ndarray and labels.dtype == numpy.int64 and scores.ndim == 2):
+        total += numpy.count_nonzero(scores.argmax(axis=1) == labels)
+        return total
+    return R.add_argmax_hits(total, scores, labels, xp)
+
+
 def member_adam_update(p, g, m, v, scratch, b1, b2, step, eps, xp):
     """One compiled pass over the stacked parameter where Numba is installed, with the
     reference's operations in the arrays' dtype: the reference makes about fifteen passes,
@@ -137,6 +150,7 @@ OVERRIDES = {
     **C.INDEXING_OVERRIDES,
     **C.OPTIMIZER_OVERRIDES,
     **C.SPARSE_OVERRIDES,
+    "add_argmax_hits": add_argmax_hits,
     "all_finite": all_finite,
     "bias_grad": bias_grad,
     "dense_relu_forward": dense_relu_forward,

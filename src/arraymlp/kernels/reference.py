@@ -725,6 +725,22 @@ def cross_entropy_labels_mean(x, labels, xp, *, cross_entropy_labels=cross_entro
     return total, g * (1.0 / n)
 
 
+# ------------------------------------------------------------------------ metrics
+def add_argmax_hits(total, scores, labels, xp):
+    """``total + sum_i [argmax(scores[i]) == labels[i]]``: the rows of ``scores`` (n, k)
+    whose first highest score is at their label (n,), added to the count ``total``
+    (shape (1,), an integer dtype), in place where it is writeable. The training
+    accuracy's count of one batch; nothing is read to the host."""
+    pred = xp.argmax(scores, axis=1)
+    if pred.dtype != labels.dtype:
+        pred = xp.astype(pred, labels.dtype)
+    hits = xp.sum(xp.astype(pred == labels, total.dtype))
+    if is_writeable(total):
+        total += hits
+        return total
+    return total + hits
+
+
 # ---------------------------------------------------------------------------- dropout
 @fill
 def dropout_forward(x, p, *, rng, training=True, xp=None):

@@ -1,6 +1,7 @@
 """The torch set: torch's in-place methods (``relu_``, ``tanh_``, ``mul_``), ``addmm_``
 for the plain SGD step of a dense layer, integer-array indexing for the label
-cross-entropy, and the optimiser's product into a work buffer."""
+cross-entropy, the optimiser's product into a work buffer, and the training accuracy's
+count added in place."""
 
 from __future__ import annotations
 
@@ -35,8 +36,18 @@ def dense_sgd_update(x, dy, W, b, lr, l2, xp):
     return R.dense_sgd_update(x, dy, W, b, lr, l2, xp)
 
 
+def add_argmax_hits(total, scores, labels, xp):
+    """``argmax``, the comparison and its count added in place by torch's own methods
+    (their dtypes match the reference's: int64 labels and count), without the cast and
+    the wrapped ``sum`` of the reference."""
+    if is_writeable(total) and total.dtype == labels.dtype == xp.int64 and scores.ndim == 2:
+        return total.add_((scores.argmax(dim=1) == labels).sum())
+    return R.add_argmax_hits(total, scores, labels, xp)
+
+
 OVERRIDES = {
     **C.INDEXING_OVERRIDES,
+    "add_argmax_hits": add_argmax_hits,
     **C.OPTIMIZER_OVERRIDES,
     "relu_forward_inplace": relu_forward_inplace,
     "relu_backward_inplace": relu_backward_inplace,
