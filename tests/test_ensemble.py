@@ -292,6 +292,37 @@ def test_a_diverging_member_is_named():
         ens.fit(x, y, optimizer="sgd", lr=[1e-6, 10.0, 1e-6], epochs=20, batch_size=8, progress=False)
 
 
+def test_divergence_found_at_the_epoch_read_leaves_the_last_finite_step(backend):
+    """The members' losses are read once per epoch; a non-finite one is found then, the
+    epoch's steps are replayed up to the step before it, and the error names the member,
+    epoch and step. Oracle: plain models trained alone, member by member."""
+    x_np = np.random.default_rng(0).normal(size=(32, 5)) * 10.0
+    y_np = np.random.default_rng(1).normal(size=(32, 3)) * 10.0
+    x, y = backend.asarray(x_np), backend.asarray(y_np)
+    ens = am.MLP([5, 8, 3], ensemble=3, seed=0, dtype="float64", **backend.model_kwargs())
+    start = [ens.member(i) for i in range(3)]
+    lrs = [1e-4, 0.5, 1e-4]
+    opts = dict(optimizer="sgd", batch_size=8, shuffle=False, progress=False)
+    with pytest.raises(am.DivergenceError, match=r"members \[1\] became non-finite") as info:
+        ens.fit(x, y, lr=lrs, epochs=20, **opts)
+    err = info.value
+    # the plain model with member 1's rate diverges at the same step and keeps the same parameters
+    with pytest.raises(am.DivergenceError) as plain_info:
+        start[1].fit(x, y, lr=lrs[1], epochs=20, **opts)
+    assert (err.epoch, err.step) == (plain_info.value.epoch, plain_info.value.step)
+    assert f"epoch {err.epoch + 1}, step {err.step + 1}" in str(err)
+    assert err.step % 4 != 0  # inside an epoch: the replay ran steps
+    assert err.params_finite
+    _close(_np_params(ens.member(1)), _np_params(start[1]))
+    # the other members stopped after the last finite step: err.step steps of plain SGD
+    done, left = divmod(err.step, 4)
+    for i in (0, 2):
+        m = start[i]
+        m.fit(x, y, lr=lrs[i], epochs=done, **opts)
+        m.partial_fit(x[:8 * left, ...], y[:8 * left, ...], lr=lrs[i], batch_size=8, shuffle=False)
+        _close(_np_params(ens.member(i)), _np_params(m))
+
+
 def test_float16_adam_needs_an_eps_float16_holds():
     ens = am.MLP([5, 4, 3], ensemble=2, seed=0, dtype="float16", backend="numpy")
     x, y = np.zeros((4, 5), dtype=np.float16), np.zeros((4, 3), dtype=np.float16)

@@ -834,8 +834,9 @@ def _has_l2(l2) -> bool:
     return not (isinstance(l2, float) and l2 == 0.0)
 
 
-def _step(run: _Run, xb, yb, wb, epoch: int):
-    """One training step of every member; each member's loss on the batch, (K,) on the host."""
+def _step(run: _Run, xb, yb, wb):
+    """One training step of every member; each member's loss on the batch, (K,), left on
+    the device (nothing is read back to the host)."""
     model, xp, l2 = run.model, run.xp, run.l2
     upto = len(model.layers) - 1 if run.fused else None
     out, caches = model.forward(xb, training=True, xp=xp, upto=upto, plan=run.plan)
@@ -843,15 +844,6 @@ def _step(run: _Run, xb, yb, wb, epoch: int):
     del out
     if _has_l2(l2):
         values = values + _penalty(model, l2, xp)
-    host = to_numpy(values).astype(float)
-    if not numpy.all(numpy.isfinite(host)):
-        bad = numpy.flatnonzero(~numpy.isfinite(host)).tolist()
-        finite = all(bool(xp.all(xp.isfinite(a))) for p in model.params for a in p.values())
-        kept = ("the parameters are those of the last finite step" if finite else
-                f"the update of step {run.step} already made some parameters non-finite")
-        msg = (f"the training loss of members {bad} became non-finite at epoch {epoch + 1}, "
-               f"step {run.step + 1}; {kept}. Lower those members' learning rates or scale the inputs.")
-        raise DivergenceError(msg, epoch=epoch, step=run.step, params_finite=finite)
     grads = model._backprop(caches, dout, xp=xp, inplace=True, plan=run.plan)
     # the previous step's arrays are let go only now, after this step's of the same sizes
     # exist: freed first, they would shrink the heap, and the next step's would be
@@ -864,25 +856,105 @@ def _step(run: _Run, xb, yb, wb, epoch: int):
                 g["W"] = g["W"] + l2 * p["W"]
     run.rule.step(model.params, grads, run.active)
     run.step += 1
-    return host
+    return values
+
+
+#: Per-step losses (K,) are kept on the device and stacked into one (steps, K) array
+#: every this many steps, so that a long epoch holds few arrays.
+_STACK_EVERY = 256
+
+#: A long epoch reads its losses every this many steps (one transfer), checks them and
+#: copies the parameters and optimiser state again: a divergence is found, and replayed,
+#: within this many steps (as the plain fit does).
+_CHECK_EVERY = 1000
+
+
+def _batch(run: _Run, order, k: int, batch_size: int):
+    x, y, w, xp = run.x, run.y, run.w, run.xp
+    n = int(x.shape[0])
+    start, end = k * batch_size, min((k + 1) * batch_size, n)
+    if order is None:
+        return x[start:end, ...], y[start:end, ...], None if w is None else w[:, start:end]
+    idx = order[start:end]
+    return xp.take(x, idx, axis=0), xp.take(y, idx, axis=0), None if w is None else xp.take(w, idx, axis=1)
+
+
+def _snapshot(run: _Run) -> tuple:
+    """Copies, on the device, of what an epoch's steps change: the stacked parameters, the
+    members' optimiser state and step count, the step counter and the generator's state."""
+    xp, rule = run.xp, run.rule
+
+    def copy(d):
+        return {key: xp.asarray(a, copy=True) for key, a in d.items() if key != "_scratch"}
+
+    params = [copy(p) for p in run.model.params]
+    state = None if rule.state is None else [{key: copy(st) for key, st in layer.items()} for layer in rule.state]
+    rng = None if run.model.rng is None else run.model.rng.get_state()
+    return params, state, rule.t, run.step, rng
+
+
+def _restore(run: _Run, snapshot: tuple) -> None:
+    params, state, t, step, rng = snapshot
+    run.model.params = [dict(p) for p in params]
+    run.rule.state = None if state is None else [{key: dict(st) for key, st in layer.items()} for layer in state]
+    run.rule.t, run.step = t, step
+    if rng is not None:
+        run.model.rng.set_state(rng)
+
+
+def _divergence(run: _Run, row, epoch: int) -> DivergenceError:
+    """The error for a step whose losses ``row`` (K host floats) are not all finite; the
+    parameters are those before that step (one host read, to say whether they are finite)."""
+    xp = run.xp
+    bad = numpy.flatnonzero(~numpy.isfinite(row)).tolist()
+    finite = all(bool(xp.all(xp.isfinite(a))) for p in run.model.params for a in p.values())
+    kept = ("the parameters are those of the last finite step" if finite else
+            f"the update of step {run.step} already made some parameters non-finite")
+    msg = (f"the training loss of members {bad} became non-finite at epoch {epoch + 1}, "
+           f"step {run.step + 1}; {kept}. Lower those members' learning rates or scale the inputs.")
+    return DivergenceError(msg, epoch=epoch, step=run.step, params_finite=finite)
 
 
 def _run_epoch(run: _Run, epoch: int, batch_size: int, shuffle: bool):
-    """The epoch's batches; each member's mean training loss, (K,)."""
-    x, y, w, xp = run.x, run.y, run.w, run.xp
-    n = int(x.shape[0])
+    """The epoch's batches; each member's mean training loss, (K,) on the host.
+
+    No step reads anything back to the host: each step's losses (K,) stay on the device
+    and are read together, in one transfer, at the end of the epoch (every
+    :data:`_CHECK_EVERY` steps in a longer one). A step with a non-finite loss is found
+    then: the steps since the last read are replayed from a copy of the parameters,
+    optimiser state and generator state taken there, up to the step before it, so that
+    :class:`DivergenceError` leaves the parameters of the last finite step and names the
+    members whose loss was not finite, as a check after every step would."""
+    xp = run.xp
+    n = int(run.x.shape[0])
+    n_steps = -(-n // batch_size)
     order = run.model.rng.permutation(n) if shuffle else None
+    sizes = numpy.minimum(numpy.arange(1, n_steps + 1) * batch_size, n) - numpy.arange(n_steps) * batch_size
     totals = numpy.zeros(run.model.ensemble)
-    for start in range(0, n, batch_size):
-        end = min(start + batch_size, n)
-        if order is None:
-            xb, yb = x[start:end, ...], y[start:end, ...]
-            wb = None if w is None else w[:, start:end]
-        else:
-            idx = order[start:end]
-            xb, yb = xp.take(x, idx, axis=0), xp.take(y, idx, axis=0)
-            wb = None if w is None else xp.take(w, idx, axis=1)
-        totals += _step(run, xb, yb, wb, epoch) * (end - start)
+    snapshot, first = _snapshot(run), 0  # the state before step ``first`` of the epoch
+    chunks, pending = [], []
+    for k in range(n_steps):
+        pending.append(_step(run, *_batch(run, order, k, batch_size)))
+        if len(pending) == _STACK_EVERY:
+            chunks.append(xp.stack(pending))
+            pending = []
+        if k + 1 - first < _CHECK_EVERY and k + 1 < n_steps:
+            continue
+        if pending:
+            chunks.append(xp.stack(pending))
+        losses = to_numpy(chunks[0] if len(chunks) == 1 else xp.concat(chunks)).astype(float)  # the read
+        chunks, pending = [], []
+        ok = numpy.isfinite(losses).all(axis=1)
+        if not ok.all():
+            i = int(numpy.argmin(ok))
+            _restore(run, snapshot)
+            for j in range(first, first + i):
+                _step(run, *_batch(run, order, j, batch_size))
+            raise _divergence(run, losses[i], epoch)
+        totals += sizes[first:k + 1] @ losses
+        first = k + 1
+        if first < n_steps:
+            snapshot = _snapshot(run)
     return totals / n
 
 
@@ -988,7 +1060,7 @@ def make_step(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "a
                              weight_decay=None, betas=None)
     run.fused = model._fused(lossfn)
     run.plan = plan_for(model, run.xp)
-    return lambda: _step(run, run.x, run.y, None, 0)
+    return lambda: to_numpy(_step(run, run.x, run.y, None)).astype(float)
 
 
 def _keep_best(params, best, improved, xp, like):
