@@ -323,6 +323,39 @@ def test_divergence_found_at_the_epoch_read_leaves_the_last_finite_step(backend)
         _close(_np_params(ens.member(i)), _np_params(m))
 
 
+def test_training_functions_called_directly_hand_an_ensemble_to_its_loop(backend):
+    """arraymlp.training.fit(ensemble, ...) (not model.fit) trains the members as
+    model.fit does, never as one plain model; what an ensemble does not support raises."""
+    from arraymlp import training
+
+    x, y, _, _ = _data(backend)
+    opts = dict(loss="cross_entropy", optimizer="adam", lr=[0.01, 0.02, 0.03], epochs=3, batch_size=8, seed=3,
+                progress=False)
+    direct = am.MLP([5, 6, 3], ensemble=3, seed=1, dtype="float64", **backend.model_kwargs())
+    method = am.MLP([5, 6, 3], ensemble=3, seed=1, dtype="float64", **backend.model_kwargs())
+    plain = method.member(2)
+    h_direct = training.fit(direct, x, y, **opts)
+    h_method = method.fit(x, y, **opts)
+    assert isinstance(h_direct, am.ensemble.EnsembleHistory)
+    np.testing.assert_array_equal(np.stack(h_direct.loss), np.stack(h_method.loss))
+    _close(_np_params(direct), _np_params(method), tol=0.0)
+    # and member 2 is the plain model trained alone with its rate
+    plain.fit(x, y, **{**opts, "lr": 0.03})
+    _close(_np_params(direct.member(2)), _np_params(plain))
+    training.partial_fit(direct, x, y, batch_size=8)
+    method.partial_fit(x, y, batch_size=8)
+    _close(_np_params(direct), _np_params(method), tol=0.0)
+    for fn in ("predict", "predict_proba"):
+        np.testing.assert_array_equal(backend.to_numpy(getattr(training, fn)(direct, x)),
+                                      backend.to_numpy(getattr(method, fn)(x)))
+    with pytest.raises(NotImplementedError, match="evaluate of an ensemble is not supported"):
+        training.evaluate(direct, x, y)
+    with pytest.raises(NotImplementedError, match="fit of an ensemble does not support metrics"):
+        training.fit(direct, x, y, metrics=["accuracy"], progress=False)
+    with pytest.raises(NotImplementedError, match="partial_fit of an ensemble does not support precision"):
+        training.partial_fit(direct, x, y, precision="float16")
+
+
 def test_float16_adam_needs_an_eps_float16_holds():
     ens = am.MLP([5, 4, 3], ensemble=2, seed=0, dtype="float16", backend="numpy")
     x, y = np.zeros((4, 5), dtype=np.float16), np.zeros((4, 3), dtype=np.float16)
