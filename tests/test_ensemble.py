@@ -181,6 +181,94 @@ def test_early_stopping_freezes_each_member_on_its_own(backend):
         assert hist.stopped_epoch[i] == (ran - 1 if h.stopped_early else -1)
 
 
+class _Recorder(am.Callback):
+    """Records what each hook is given."""
+
+    def __init__(self, batches=False, stop_after_epoch=None):
+        self.calls, self.epochs, self.batches = [], [], []
+        self.stop_after_epoch = stop_after_epoch
+        if batches:
+            self.on_batch_end = self._on_batch_end
+
+    def on_train_begin(self, model, history):
+        self.calls.append("begin")
+
+    def on_epoch_begin(self, model, epoch):
+        self.calls.append(("epoch", epoch))
+
+    def _on_batch_end(self, model, logs):
+        self.batches.append((logs["epoch"], logs["step"], np.array(logs["loss"], copy=True)))
+
+    def on_epoch_end(self, model, logs):
+        self.epochs.append({k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in logs.items()})
+        return logs["epoch"] == self.stop_after_epoch
+
+    def on_train_end(self, model, history):
+        self.calls.append("end")
+
+
+def test_callbacks_see_each_members_values(backend):
+    """on_epoch_end gets the members' losses (K,) and on_batch_end each step's; the
+    step losses of member i are those a plain model trained alone logs."""
+    x, y, _, _ = _data(backend, n=36)
+    xv, yv, _, _ = _data(backend, n=12, seed=4)
+    lrs = [0.05, 0.1, 0.2]
+    ens = am.MLP([5, 6, 3], ensemble=3, seed=2, dtype="float64", **backend.model_kwargs())
+    starts = [ens.member(i) for i in range(3)]
+    rec = _Recorder(batches=True)
+    opts = dict(loss="cross_entropy", optimizer="sgd", epochs=3, batch_size=10, seed=7, progress=False,
+                validation_data=(xv, yv))
+    hist = ens.fit(x, y, lr=lrs, callbacks=[rec], **opts)
+    assert rec.calls == ["begin", ("epoch", 0), ("epoch", 1), ("epoch", 2), "end"]
+    assert [e["epoch"] for e in rec.epochs] == [0, 1, 2] and [e["step"] for e in rec.epochs] == [4, 8, 12]
+    for e, logs in enumerate(rec.epochs):
+        np.testing.assert_array_equal(logs["loss"], hist.loss[e])
+        np.testing.assert_array_equal(logs["val_loss"], hist.val_loss[e])
+        np.testing.assert_array_equal(logs["active"], [True] * 3)
+        assert logs["lr"] == lrs
+    assert [(e, s) for e, s, _ in rec.batches] == [(e, 4 * e + j + 1) for e in range(3) for j in range(4)]
+    sizes = np.array([10, 10, 10, 6])
+    for e in range(3):  # the epoch's loss is the steps' losses weighted by the batch sizes
+        steps = np.stack([v for ep, _, v in rec.batches if ep == e])
+        np.testing.assert_allclose(sizes @ steps / 36, hist.loss[e], rtol=1e-12)
+    for i in range(3):
+        plain = _Recorder(batches=True)
+        starts[i].fit(x, y, lr=lrs[i], callbacks=[plain], **opts)
+        np.testing.assert_allclose([v[i] for _, _, v in rec.batches], [v for _, _, v in plain.batches],
+                                   rtol=1e-10)
+        _close(_np_params(ens.member(i)), _np_params(starts[i]))
+
+
+def test_a_callback_stops_every_member_and_early_stopping_may_come_among_callbacks(backend):
+    x, y, _, _ = _data(backend, n=30, labels=False)
+    xv, yv, _, _ = _data(backend, n=12, labels=False, seed=9)
+    ens = am.MLP([5, 6, 3], ensemble=2, seed=1, dtype="float64", **backend.model_kwargs())
+    rec = _Recorder(stop_after_epoch=1)
+    hist = ens.fit(x, y, optimizer="sgd", lr=0.05, epochs=5, batch_size=10, callbacks=[rec], progress=False)
+    assert len(hist.loss) == 2 and hist.stopped_early and rec.calls[-1] == "end"
+    assert ens.steps_ == 6
+    # an EarlyStopping among the callbacks is the members' early stopping
+    a = am.MLP([5, 6, 3], ensemble=4, seed=3, dtype="float64", **backend.model_kwargs())
+    b = a.copy()
+    opts = dict(optimizer="sgd", lr=[0.5, 1e-4, 0.05, 0.2], epochs=10, batch_size=10, validation_data=(xv, yv),
+                seed=0, progress=False)
+    ha = a.fit(x, y, early_stopping=am.EarlyStopping("val_loss", patience=1), **opts)
+    hb = b.fit(x, y, callbacks=[am.EarlyStopping("val_loss", patience=1)], **opts)
+    np.testing.assert_array_equal(ha.stopped_epoch, hb.stopped_epoch)
+    _close(_np_params(a), _np_params(b), tol=0.0)
+    with pytest.raises(ValueError, match="an ensemble takes one EarlyStopping"):
+        b.fit(x, y, early_stopping=2, callbacks=[am.EarlyStopping("val_loss", patience=1)], **opts)
+
+
+def test_checkpoints_of_an_ensemble_raise(tmp_path):
+    ens = am.MLP([5, 4, 3], ensemble=2, seed=0, backend="numpy")
+    x, y = np.zeros((8, 5)), np.zeros((8, 3))
+    with pytest.raises(NotImplementedError, match="Checkpoint callbacks are not supported for an ensemble"):
+        ens.fit(x, y, callbacks=[am.Checkpoint(tmp_path / "run")], epochs=1, progress=False)
+    with pytest.raises(NotImplementedError, match="does not support resume_from"):
+        ens.fit(x, y, resume_from=tmp_path / "run", epochs=1, progress=False)
+
+
 # ------------------------------------------------------------------------- prediction
 def test_predictions_average_the_members(backend):
     x, y, _, _ = _data(backend, n=20)

@@ -170,6 +170,8 @@ ENSEMBLE_CASES = {
     "dropout": dict(optimizer=lambda: Adam(lr=1e-3), loss="cross_entropy", dropout=0.3),
     "validation-early-stopping": dict(optimizer=lambda: Adam(lr=1e-3), loss="cross_entropy", validation=True,
                                       fit=dict(early_stopping=am.EarlyStopping("val_loss", patience=5))),
+    # a callback that watches epochs only: the steps still read nothing
+    "epoch-callback": dict(optimizer=lambda: Adam(lr=1e-3), loss="mse", fit=dict(callbacks=[am.Callback()])),
 }
 
 

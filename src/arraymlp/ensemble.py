@@ -51,7 +51,7 @@ from ._backend import (
     quiet_overflow,
     to_numpy,
 )
-from .callbacks import DivergenceError, EarlyStopping, History
+from .callbacks import Callback, DivergenceError, EarlyStopping, History
 from .fusion import plan_for
 from .kernels import kernels_for
 from .losses import LOSSES, get_loss
@@ -699,6 +699,15 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
         ``ReduceOnPlateau`` stepped with its own member's monitored loss); instead of
         ``lr``.
 
+    callbacks : sequence of Callback
+        Their hooks are called as in :func:`arraymlp.fit`, with per-member values:
+        ``on_epoch_end``'s ``logs["loss"]``, ``"val_loss"`` and ``"val_metric"`` are
+        arrays (K,), ``logs["lr"]`` the epoch's rate(s) and ``logs["active"]`` says which
+        members still train (K bools); ``on_batch_end``'s ``logs["loss"]`` is the step's
+        losses (K,). A hook returning True stops every member. An :class:`EarlyStopping`
+        among them acts per member, as ``early_stopping=`` does. A callback that
+        overrides ``on_batch_end`` makes every step read its losses (one host read each).
+
     Returns
     -------
     EnsembleHistory
@@ -706,14 +715,15 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
 
     Notes
     -----
-    Callbacks, checkpoints and data-parallel training are not supported for ensembles
-    yet; passing them raises ``NotImplementedError``.
+    Checkpoints (:class:`arraymlp.Checkpoint`, ``resume_from=``), data-parallel training,
+    metrics and mixed precision are not supported for ensembles yet; passing them raises
+    ``NotImplementedError``.
     """
     unsupported = {k: v for k, v in unsupported.items() if v is not None}
-    if callbacks or unsupported:
-        what = sorted(unsupported) + (["callbacks"] if callbacks else [])
-        msg = f"fit of an ensemble does not support {', '.join(what)} yet"
+    if unsupported:
+        msg = f"fit of an ensemble does not support {', '.join(sorted(unsupported))} yet"
         raise NotImplementedError(msg)
+    callbacks, early_stopping = _ensemble_callbacks(callbacks, early_stopping)
     schedules = _check_schedules(schedule, lr, model.ensemble)
     _check_run(epochs, batch_size, validation_split)
     lossfn = get_loss(loss)
@@ -735,40 +745,89 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
         model.rng = Generator(seed, xp, model.device)
     history = run.history = EnsembleHistory(metric_name="accuracy" if lossfn.task != "regression" else "r2")
     history.stopped_epoch = numpy.full(k, -1)
+    run.callbacks = callbacks
+    run.batch_callbacks = [cb for cb in callbacks if _overrides_batch_end(cb)]
     run.fused = model._fused(lossfn)
     run.plan = plan_for(model, xp)
     run.active_host = numpy.ones(k, dtype=bool)
     run.best, run.best_epoch = numpy.full(k, numpy.inf), numpy.full(k, -1)
     run.wait = numpy.zeros(k, dtype=int)
-    with quiet_overflow(xp):
-        for epoch in range(epochs):
-            t0 = time.perf_counter()
-            epoch_lr = opt.lr if lr is None else lr
-            if schedules is not None:  # this epoch's rates, member by member
-                epoch_lr = [float(s(epoch)) for s in schedules]
-                run.rule.lr = _per_member("lr", epoch_lr, k, xp, like)
-            epoch_loss = _run_epoch(run, epoch, batch_size, shuffle)
-            history.loss.append(epoch_loss)
-            history.lr.append(epoch_lr)
-            logs = {"loss": epoch_loss, "val_loss": None, "val_metric": None}
-            if run.val is not None:
-                logs["val_loss"], logs["val_metric"] = _evaluate(model, run.val[0], run.val[1], lossfn, xp,
-                                                                 run.fused)
-                history.val_loss.append(logs["val_loss"])
-                history.val_metric.append(logs["val_metric"])
-            history.time.append(time.perf_counter() - t0)
-            if schedules is not None:
-                _step_schedules(schedules, logs)
-            if verbose:
-                print(f"epoch {epoch + 1:>4}  loss {numpy.array2string(epoch_loss, precision=4)}", flush=True)
-            if run.stopper is not None and _stop_members(run, epoch, logs):
-                history.stopped_early = True
-                break
-    if run.stopper is not None and run.stopper.restore_best_weights and run.best_params is not None:
-        model.params = run.best_params
-        history.best_epochs = run.best_epoch
-    model.steps_ = getattr(model, "steps_", 0) + run.step
+    try:
+        with quiet_overflow(xp):
+            for cb in callbacks:
+                cb.on_train_begin(model, history)
+            for epoch in range(epochs):
+                t0 = time.perf_counter()
+                if any([bool(cb.on_epoch_begin(model, epoch)) for cb in callbacks]):
+                    history.stopped_early = True
+                    break
+                epoch_lr = opt.lr if lr is None else lr
+                if schedules is not None:  # this epoch's rates, member by member
+                    epoch_lr = [float(s(epoch)) for s in schedules]
+                    run.rule.lr = _per_member("lr", epoch_lr, k, xp, like)
+                epoch_loss, stop = _run_epoch(run, epoch, batch_size, shuffle)
+                if _end_epoch(run, epoch, epoch_lr, epoch_loss, t0, schedules, verbose) or stop:
+                    history.stopped_early = True
+                    break
+        if run.stopper is not None and run.stopper.restore_best_weights and run.best_params is not None:
+            model.params = run.best_params
+            history.best_epochs = run.best_epoch
+    finally:
+        model.steps_ = getattr(model, "steps_", 0) + run.step
+        for cb in callbacks:
+            cb.on_train_end(model, history)
     return history
+
+
+def _end_epoch(run: _Run, epoch: int, epoch_lr, epoch_loss, t0: float, schedules, verbose: bool) -> bool:
+    """Validation, history, the schedules' step, early stopping and ``on_epoch_end``;
+    whether to stop every member."""
+    model, history, xp = run.model, run.history, run.xp
+    history.loss.append(epoch_loss)
+    history.lr.append(epoch_lr)
+    logs = {"epoch": epoch, "step": run.step, "loss": epoch_loss, "lr": epoch_lr, "val_loss": None,
+            "val_metric": None}
+    if run.val is not None:
+        logs["val_loss"], logs["val_metric"] = _evaluate(model, run.val[0], run.val[1], run.lossfn, xp, run.fused)
+        history.val_loss.append(logs["val_loss"])
+        history.val_metric.append(logs["val_metric"])
+    logs["time"] = time.perf_counter() - t0
+    history.time.append(logs["time"])
+    if schedules is not None:
+        _step_schedules(schedules, logs)
+    if verbose:
+        print(f"epoch {epoch + 1:>4}  loss {numpy.array2string(epoch_loss, precision=4)}", flush=True)
+    stop = run.stopper is not None and _stop_members(run, epoch, logs)
+    logs["active"] = run.active_host.copy()
+    return any([bool(cb.on_epoch_end(model, logs)) for cb in run.callbacks]) or stop
+
+
+def _overrides_batch_end(cb) -> bool:
+    hook = getattr(cb, "on_batch_end", None)
+    return hook is not None and getattr(hook, "__func__", None) is not Callback.on_batch_end
+
+
+def _ensemble_callbacks(callbacks, early_stopping):
+    """The user's callbacks, less an :class:`EarlyStopping` among them, which becomes the
+    members' early stopping; checkpoints are refused."""
+    callbacks = list(callbacks)
+    for cb in callbacks:
+        if getattr(cb, "saves_callbacks", False):
+            msg = (f"{type(cb).__name__} callbacks are not supported for an ensemble yet: save the fitted model "
+                   f"with arraymlp.io.save, or train and checkpoint model.member(i) alone")
+            raise NotImplementedError(msg)
+        if not isinstance(cb, Callback) and not callable(getattr(cb, "on_epoch_end", None)):
+            msg = f"callbacks must be Callback instances, got {cb!r}"
+            raise TypeError(msg)
+    stoppers = [cb for cb in callbacks if isinstance(cb, EarlyStopping)]
+    if stoppers:
+        if early_stopping is not None or len(stoppers) > 1:
+            msg = ("an ensemble takes one EarlyStopping (per member), given either as early_stopping= or among "
+                   f"callbacks; got early_stopping={early_stopping!r} and {len(stoppers)} in callbacks")
+            raise ValueError(msg)
+        early_stopping = stoppers[0]
+        callbacks = [cb for cb in callbacks if cb is not early_stopping]
+    return callbacks, early_stopping
 
 
 @dataclasses.dataclass
@@ -797,6 +856,8 @@ class _Run:
     best_params: Any = None
     step: int = 0
     held: Any = None
+    callbacks: Any = ()
+    batch_callbacks: Any = ()
 
 
 def _prepare(model, x, y, lossfn, sample_weight, validation_data, validation_split) -> _Run:
@@ -916,7 +977,8 @@ def _divergence(run: _Run, row, epoch: int) -> DivergenceError:
 
 
 def _run_epoch(run: _Run, epoch: int, batch_size: int, shuffle: bool):
-    """The epoch's batches; each member's mean training loss, (K,) on the host.
+    """The epoch's batches: each member's mean training loss, (K,) on the host, and
+    whether an ``on_batch_end`` hook asked to stop.
 
     No step reads anything back to the host: each step's losses (K,) stay on the device
     and are read together, in one transfer, at the end of the epoch (every
@@ -924,8 +986,10 @@ def _run_epoch(run: _Run, epoch: int, batch_size: int, shuffle: bool):
     then: the steps since the last read are replayed from a copy of the parameters,
     optimiser state and generator state taken there, up to the step before it, so that
     :class:`DivergenceError` leaves the parameters of the last finite step and names the
-    members whose loss was not finite, as a check after every step would."""
+    members whose loss was not finite, as a check after every step would. A callback
+    that overrides ``on_batch_end`` needs each step's losses: then every step is read."""
     xp = run.xp
+    check_every = 1 if run.batch_callbacks else _CHECK_EVERY
     n = int(run.x.shape[0])
     n_steps = -(-n // batch_size)
     order = run.model.rng.permutation(n) if shuffle else None
@@ -938,7 +1002,7 @@ def _run_epoch(run: _Run, epoch: int, batch_size: int, shuffle: bool):
         if len(pending) == _STACK_EVERY:
             chunks.append(xp.stack(pending))
             pending = []
-        if k + 1 - first < _CHECK_EVERY and k + 1 < n_steps:
+        if k + 1 - first < check_every and k + 1 < n_steps:
             continue
         if pending:
             chunks.append(xp.stack(pending))
@@ -953,9 +1017,13 @@ def _run_epoch(run: _Run, epoch: int, batch_size: int, shuffle: bool):
             raise _divergence(run, losses[i], epoch)
         totals += sizes[first:k + 1] @ losses
         first = k + 1
+        if run.batch_callbacks:  # check_every 1: one row, this step's
+            logs = {"epoch": epoch, "step": run.step, "loss": losses[-1]}
+            if any([bool(cb.on_batch_end(run.model, logs)) for cb in run.batch_callbacks]):
+                return totals / int(sizes[:first].sum()), True
         if first < n_steps:
             snapshot = _snapshot(run)
-    return totals / n
+    return totals / n, False
 
 
 def _stop_members(run: _Run, epoch: int, logs) -> bool:
