@@ -260,13 +260,52 @@ def test_a_callback_stops_every_member_and_early_stopping_may_come_among_callbac
         b.fit(x, y, early_stopping=2, callbacks=[am.EarlyStopping("val_loss", patience=1)], **opts)
 
 
-def test_checkpoints_of_an_ensemble_raise(tmp_path):
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_a_checkpointed_ensemble_resumes_exactly(backend, tmp_path, optimizer):
+    """Stopped after 2 of 4 epochs and resumed from its checkpoint, an ensemble (shuffled
+    batches, dropout, per-member settings) ends exactly where the uninterrupted run ends."""
+    x, y, _, _ = _data(backend, n=30)
+    xv, yv, _, _ = _data(backend, n=10, seed=4)
+    extra = dict(betas=([0.9, 0.8, 0.95], 0.999)) if optimizer == "adam" else dict(momentum=[0.0, 0.5, 0.9])
+    opts = dict(loss="cross_entropy", optimizer=optimizer, lr=[0.01, 0.02, 0.05], l2=[0.0, 1e-3, 1e-2],
+                batch_size=8, seed=5, progress=False, validation_data=(xv, yv), **extra)
+
+    def build():
+        return am.MLP([5, 6, 3], dropout=0.2, ensemble=3, seed=1, dtype="float64", **backend.model_kwargs())
+
+    whole = build()
+    h_whole = whole.fit(x, y, epochs=4, **opts)
+    first = build()
+    first.fit(x, y, epochs=2, callbacks=[am.Checkpoint(tmp_path / "run", every=1)], **opts)
+    resumed = build()
+    rec = _Recorder()
+    # the checkpoint's per-member settings replace the ones given again
+    h = resumed.fit(x, y, epochs=4, resume_from=tmp_path / "run", callbacks=[rec],
+                    **{**opts, "lr": 0.5, "l2": opts["l2"]})
+    assert [e["epoch"] for e in rec.epochs] == [2, 3] and resumed.steps_ == whole.steps_ == 16
+    _close(_np_params(resumed), _np_params(whole), tol=0.0)
+    for a, b in zip(h.loss + h.val_loss, h_whole.loss + h_whole.val_loss):
+        np.testing.assert_array_equal(a, b)
+    assert h.lr == h_whole.lr == [[0.01, 0.02, 0.05]] * 4 and len(h.loss) == 4
+    with pytest.raises(ValueError, match="holds an ensemble of 3 members, but the model being restored is an "
+                                         "ensemble of 2"):
+        am.MLP([5, 6, 3], dropout=0.2, ensemble=2, seed=1, dtype="float64", **backend.model_kwargs()).fit(
+            x, y, epochs=4, resume_from=tmp_path / "run", **{**opts, "lr": 0.1, "l2": 0.0, **(
+                dict(betas=(0.9, 0.999)) if optimizer == "adam" else dict(momentum=0.5))})
+    with pytest.raises(ValueError, match="holds an ensemble of 3 members, but the model being restored is a plain"):
+        am.MLP([5, 6, 3], dropout=0.2, seed=1, dtype="float64", **backend.model_kwargs()).fit(
+            x, y, loss="cross_entropy", optimizer=optimizer, epochs=4, resume_from=tmp_path / "run", progress=False)
+
+
+def test_checkpoints_beside_per_member_stopping_raise(tmp_path):
     ens = am.MLP([5, 4, 3], ensemble=2, seed=0, backend="numpy")
     x, y = np.zeros((8, 5)), np.zeros((8, 3))
-    with pytest.raises(NotImplementedError, match="Checkpoint callbacks are not supported for an ensemble"):
-        ens.fit(x, y, callbacks=[am.Checkpoint(tmp_path / "run")], epochs=1, progress=False)
-    with pytest.raises(NotImplementedError, match="does not support resume_from"):
-        ens.fit(x, y, resume_from=tmp_path / "run", epochs=1, progress=False)
+    with pytest.raises(NotImplementedError, match="do not save per-member early stopping"):
+        ens.fit(x, y, callbacks=[am.Checkpoint(tmp_path / "run")], early_stopping=2, epochs=1, progress=False)
+    with pytest.raises(NotImplementedError, match="do not save per-member early stopping"):
+        ens.fit(x, y, resume_from=tmp_path / "run", schedule=[am.schedules.ReduceOnPlateau(0.1),
+                                                              am.schedules.ReduceOnPlateau(0.1)],
+                epochs=1, progress=False)
 
 
 # ------------------------------------------------------------------------- prediction

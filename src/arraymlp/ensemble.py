@@ -323,7 +323,7 @@ class _MemberUpdate:
     """
 
     def __init__(self, opt: Optimizer, k: int, xp, like, *, lr, momentum, weight_decay, betas):
-        self.opt, self.k, self.xp = opt, k, xp
+        self.opt, self.k, self.xp, self.like = opt, k, xp, like
         if type(opt) not in (SGD, Adam, RMSprop, Adagrad) and opt.name not in ("adamw",):
             msg = (f"ensembles train with the library's optimisers (sgd, adam, adamw, rmsprop, adagrad), "
                    f"got {type(opt).__name__}")
@@ -353,6 +353,49 @@ class _MemberUpdate:
             self.b2 = _per_member("betas[1]", b[1], k, xp, like, high=1.0, high_open=True)
         self.state: list[dict[str, dict[str, Any]]] | None = None
         self.t = 0
+
+    _HYPER = ("lr", "wd", "momentum", "b1", "b2")
+
+    @property
+    def name(self) -> str:
+        return self.opt.name
+
+    def state_dict(self) -> dict[str, Any]:
+        """A checkpoint of the rule, as :meth:`arraymlp.optim.Optimizer.state_dict` gives
+        one: the per-member hyper-parameters (a float, or K floats), the step count and
+        copies of the stacked moments."""
+        xp = self.xp
+        hyper = {}
+        for key in self._HYPER:
+            v = getattr(self, key, None)
+            if v is not None:
+                hyper[key] = float(v) if isinstance(v, float) else [float(a) for a in to_numpy(v).reshape(-1)]
+        state = None
+        if self.state is not None:
+            state = [{key: {slot: xp.asarray(a, copy=True) for slot, a in st.items() if slot != "_scratch"}
+                      for key, st in layer.items()} for layer in self.state]
+        return {"optimizer": self.name, "hyperparameters": hyper, "step": self.t, "state": state}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        """Back to a :meth:`state_dict` (its arrays may be NumPy host arrays)."""
+        from .io.layout import _to_xp
+
+        if sd.get("optimizer") != self.name:
+            msg = f"state_dict is for optimizer {sd.get('optimizer')!r}, not {self.name!r}"
+            raise ValueError(msg)
+        like = self.like
+        for key, v in sd["hyperparameters"].items():
+            if key not in self._HYPER or getattr(self, key, None) is None:
+                msg = f"state_dict has hyper-parameter {key!r}, which the {self.name} rule of an ensemble has not"
+                raise ValueError(msg)
+            setattr(self, key, _per_member(key, v, self.k, self.xp, like, high=None))
+        self.t = int(sd["step"])
+        self.state = None if sd["state"] is None else [
+            {key: {slot: _to_xp(numpy.asarray(to_numpy(a)), self.xp, like.dtype, like.device)
+                   for slot, a in st.items()} for key, st in layer.items()} for layer in sd["state"]]
+
+    def reset(self) -> None:
+        self.state, self.t = None, 0
 
     @staticmethod
     def _on(v) -> bool:
@@ -667,7 +710,7 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
         batch_size: int = 32, shuffle: bool = True, validation_data: tuple | None = None,
         validation_split: float = 0.0, early_stopping: EarlyStopping | int | None = None,
         sample_weight: Any = None, seed: int | None = None, schedule: Any = None, callbacks: Sequence = (),
-        progress: bool = True, verbose: bool = False, _reuse_optimizer: bool = False,
+        progress: bool = True, verbose: bool = False, resume_from: Any = None, _reuse_optimizer: bool = False,
         **unsupported) -> EnsembleHistory:
     """Train every member of an ensemble on the same batches (``model.fit`` of a model
     built with ``ensemble=K``).
@@ -707,6 +750,13 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
         losses (K,). A hook returning True stops every member. An :class:`EarlyStopping`
         among them acts per member, as ``early_stopping=`` does. A callback that
         overrides ``on_batch_end`` makes every step read its losses (one host read each).
+        An :class:`arraymlp.Checkpoint` saves the members' parameters, optimiser state
+        (with the per-member hyper-parameters), generator state and history.
+    resume_from : str or path-like, optional
+        A checkpoint of this ensemble (or a directory of them): training continues
+        after its epoch exactly as the uninterrupted run would, the checkpoint's
+        per-member optimiser settings replacing the given ones. Not with early stopping
+        or a ``ReduceOnPlateau`` schedule, whose per-member state is not saved.
 
     Returns
     -------
@@ -715,9 +765,9 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
 
     Notes
     -----
-    Checkpoints (:class:`arraymlp.Checkpoint`, ``resume_from=``), data-parallel training,
-    metrics and mixed precision are not supported for ensembles yet; passing them raises
-    ``NotImplementedError``.
+    Data-parallel training, metrics and mixed precision are not supported for ensembles
+    yet; passing them raises ``NotImplementedError``, as do checkpoints combined with
+    early stopping or a ``ReduceOnPlateau`` schedule.
     """
     unsupported = {k: v for k, v in unsupported.items() if v is not None}
     if unsupported:
@@ -745,6 +795,10 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
         model.rng = Generator(seed, xp, model.device)
     history = run.history = EnsembleHistory(metric_name="accuracy" if lossfn.task != "regression" else "r2")
     history.stopped_epoch = numpy.full(k, -1)
+    start_epoch = _resume(run, resume_from, callbacks, schedules)
+    if resume_from is not None and schedule is None:  # the checkpoint's rates replace lr=
+        r = run.rule.lr
+        lr = r if isinstance(r, float) else [float(v) for v in to_numpy(r).reshape(-1)]
     run.callbacks = callbacks
     run.batch_callbacks = [cb for cb in callbacks if _overrides_batch_end(cb)]
     run.fused = model._fused(lossfn)
@@ -756,7 +810,7 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
         with quiet_overflow(xp):
             for cb in callbacks:
                 cb.on_train_begin(model, history)
-            for epoch in range(epochs):
+            for epoch in range(start_epoch, epochs):
                 t0 = time.perf_counter()
                 if any([bool(cb.on_epoch_begin(model, epoch)) for cb in callbacks]):
                     history.stopped_early = True
@@ -773,10 +827,30 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
             model.params = run.best_params
             history.best_epochs = run.best_epoch
     finally:
-        model.steps_ = getattr(model, "steps_", 0) + run.step
+        model.steps_ = run.step
         for cb in callbacks:
             cb.on_train_end(model, history)
     return history
+
+
+def _resume(run: _Run, resume_from, callbacks, schedules) -> int:
+    """A checkpoint's state restored (``resume_from``); the epoch to start with. Refuses
+    checkpoints beside state they do not save (per-member early stopping, ReduceOnPlateau)."""
+    model = run.model
+    checkpoints = resume_from is not None or any(getattr(cb, "saves_callbacks", False) for cb in callbacks)
+    if checkpoints and (run.stopper is not None or any(callable(getattr(s, "step", None))
+                                                       for s in schedules or ())):
+        msg = ("checkpoints of an ensemble do not save per-member early stopping or ReduceOnPlateau state yet: "
+               "drop early_stopping= (or the ReduceOnPlateau schedule), or the Checkpoint and resume_from=")
+        raise NotImplementedError(msg)
+    start_epoch = 0
+    if resume_from is not None:
+        from .io.checkpoints import restore_checkpoint
+
+        start_epoch = restore_checkpoint(resume_from, model, optimizer=run.rule, history=run.history,
+                                         callbacks=callbacks)
+    run.step = getattr(model, "steps_", 0)
+    return start_epoch
 
 
 def _end_epoch(run: _Run, epoch: int, epoch_lr, epoch_loss, t0: float, schedules, verbose: bool) -> bool:
@@ -812,10 +886,6 @@ def _ensemble_callbacks(callbacks, early_stopping):
     members' early stopping; checkpoints are refused."""
     callbacks = list(callbacks)
     for cb in callbacks:
-        if getattr(cb, "saves_callbacks", False):
-            msg = (f"{type(cb).__name__} callbacks are not supported for an ensemble yet: save the fitted model "
-                   f"with arraymlp.io.save, or train and checkpoint model.member(i) alone")
-            raise NotImplementedError(msg)
         if not isinstance(cb, Callback) and not callable(getattr(cb, "on_epoch_end", None)):
             msg = f"callbacks must be Callback instances, got {cb!r}"
             raise TypeError(msg)
@@ -827,6 +897,11 @@ def _ensemble_callbacks(callbacks, early_stopping):
             raise ValueError(msg)
         early_stopping = stoppers[0]
         callbacks = [cb for cb in callbacks if cb is not early_stopping]
+    # checkpoints run after the other callbacks of an epoch and save their states
+    saving = [cb for cb in callbacks if getattr(cb, "saves_callbacks", False)]
+    callbacks = [cb for cb in callbacks if cb not in saving] + saving
+    for cb in saving:
+        cb.run_callbacks = callbacks
     return callbacks, early_stopping
 
 
