@@ -300,6 +300,8 @@ def test_a_checkpointed_ensemble_resumes_exactly(backend, tmp_path, optimizer):
 def test_checkpoints_beside_per_member_stopping_raise(tmp_path):
     ens = am.MLP([5, 4, 3], ensemble=2, seed=0, backend="numpy")
     x, y = np.zeros((8, 5)), np.zeros((8, 3))
+    with pytest.raises(NotImplementedError, match="an ensemble logs one per member"):
+        ens.fit(x, y, callbacks=[am.Checkpoint(tmp_path / "best", monitor="loss")], epochs=1, progress=False)
     with pytest.raises(NotImplementedError, match="do not save per-member early stopping"):
         ens.fit(x, y, callbacks=[am.Checkpoint(tmp_path / "run")], early_stopping=2, epochs=1, progress=False)
     with pytest.raises(NotImplementedError, match="do not save per-member early stopping"):

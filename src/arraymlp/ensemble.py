@@ -899,6 +899,11 @@ def _ensemble_callbacks(callbacks, early_stopping):
         callbacks = [cb for cb in callbacks if cb is not early_stopping]
     # checkpoints run after the other callbacks of an epoch and save their states
     saving = [cb for cb in callbacks if getattr(cb, "saves_callbacks", False)]
+    for cb in saving:
+        if getattr(cb, "monitor", None) is not None:
+            msg = (f"{type(cb).__name__}(monitor={cb.monitor!r}) keeps the best epoch of one value, but an "
+                   "ensemble logs one per member; checkpoint without monitor=")
+            raise NotImplementedError(msg)
     callbacks = [cb for cb in callbacks if cb not in saving] + saving
     for cb in saving:
         cb.run_callbacks = callbacks

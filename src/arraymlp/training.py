@@ -827,7 +827,10 @@ def fit(model, x, y, *, loss: str | Loss | None = None, optimizer: str | Optimiz
     apply; ``epochs`` caps the iterations, and the optimiser's ``tol``, ``max_iter`` and
     ``max_fun`` may stop it earlier: ``model.optimizer_.status`` says why it stopped).
 
-    ``model.fit(x, y, ...)`` is this function with the model as its first argument.
+    ``model.fit(x, y, ...)`` is this function with the model as its first argument. A
+    model built with ``ensemble=K`` is trained by :func:`arraymlp.ensemble.fit`, which
+    this function hands it to (as :func:`partial_fit`, :func:`predict` and
+    :func:`predict_proba` do; :func:`evaluate` refuses one).
 
     Parameters
     ----------
