@@ -297,17 +297,42 @@ def test_a_checkpointed_ensemble_resumes_exactly(backend, tmp_path, optimizer):
             x, y, loss="cross_entropy", optimizer=optimizer, epochs=4, resume_from=tmp_path / "run", progress=False)
 
 
-def test_checkpoints_beside_per_member_stopping_raise(tmp_path):
+@pytest.mark.parametrize("split", [2, 4])
+def test_a_checkpoint_keeps_per_member_early_stopping_and_plateau_schedules(backend, tmp_path, split):
+    """Members stopping at different epochs, each with its own ReduceOnPlateau: resumed
+    from the checkpoint of epoch ``split``, the run ends exactly as the uninterrupted one."""
+    x, y, _, _ = _data(backend, n=40, labels=False)
+    xv, yv, _, _ = _data(backend, n=20, labels=False, seed=9)
+
+    def build():
+        return am.MLP([5, 8, 3], ensemble=4, seed=3, dtype="float64", **backend.model_kwargs())
+
+    def opts():
+        return dict(optimizer="sgd", epochs=10, batch_size=10, validation_data=(xv, yv), seed=0, progress=False,
+                    early_stopping=am.EarlyStopping("val_loss", patience=1),
+                    schedule=[am.schedules.ReduceOnPlateau(lr, factor=0.5, patience=0)
+                              for lr in (0.5, 1e-4, 0.05, 0.2)])
+
+    whole = build()
+    h_whole = whole.fit(x, y, **opts())
+    assert len(set(h_whole.stopped_epoch.tolist())) > 1  # the members stop at different epochs
+    first = build()
+    first.fit(x, y, callbacks=[am.Checkpoint(tmp_path / "run", every=split, keep=None)], **opts())
+    resumed = build()
+    h = resumed.fit(x, y, resume_from=tmp_path / "run" / f"epoch-{split:05d}.safetensors", **opts())
+    _close(_np_params(resumed), _np_params(whole), tol=0.0)
+    np.testing.assert_array_equal(h.stopped_epoch, h_whole.stopped_epoch)
+    np.testing.assert_array_equal(h.best_epochs, h_whole.best_epochs)
+    assert h.lr == h_whole.lr
+    for a, b in zip(h.val_loss, h_whole.val_loss, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_checkpoint_monitoring_one_value_is_refused_for_an_ensemble(tmp_path):
     ens = am.MLP([5, 4, 3], ensemble=2, seed=0, backend="numpy")
     x, y = np.zeros((8, 5)), np.zeros((8, 3))
     with pytest.raises(NotImplementedError, match="an ensemble logs one per member"):
         ens.fit(x, y, callbacks=[am.Checkpoint(tmp_path / "best", monitor="loss")], epochs=1, progress=False)
-    with pytest.raises(NotImplementedError, match="do not save per-member early stopping"):
-        ens.fit(x, y, callbacks=[am.Checkpoint(tmp_path / "run")], early_stopping=2, epochs=1, progress=False)
-    with pytest.raises(NotImplementedError, match="do not save per-member early stopping"):
-        ens.fit(x, y, resume_from=tmp_path / "run", schedule=[am.schedules.ReduceOnPlateau(0.1),
-                                                              am.schedules.ReduceOnPlateau(0.1)],
-                epochs=1, progress=False)
 
 
 # ------------------------------------------------------------------------- prediction

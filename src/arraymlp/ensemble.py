@@ -755,8 +755,9 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
     resume_from : str or path-like, optional
         A checkpoint of this ensemble (or a directory of them): training continues
         after its epoch exactly as the uninterrupted run would, the checkpoint's
-        per-member optimiser settings replacing the given ones. Not with early stopping
-        or a ``ReduceOnPlateau`` schedule, whose per-member state is not saved.
+        per-member optimiser settings replacing the given ones. The members' early
+        stopping counters and best parameters, and their schedules' states, are saved
+        and restored too (they travel as one more callback state).
 
     Returns
     -------
@@ -766,8 +767,8 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
     Notes
     -----
     Data-parallel training, metrics and mixed precision are not supported for ensembles
-    yet; passing them raises ``NotImplementedError``, as do checkpoints combined with
-    early stopping or a ``ReduceOnPlateau`` schedule.
+    yet; passing them raises ``NotImplementedError``, as does a ``Checkpoint`` with
+    ``monitor=`` (an ensemble logs one value per member).
     """
     unsupported = {k: v for k, v in unsupported.items() if v is not None}
     if unsupported:
@@ -795,6 +796,9 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
         model.rng = Generator(seed, xp, model.device)
     history = run.history = EnsembleHistory(metric_name="accuracy" if lossfn.task != "regression" else "r2")
     history.stopped_epoch = numpy.full(k, -1)
+    run.active_host = numpy.ones(k, dtype=bool)
+    run.best, run.best_epoch = numpy.full(k, numpy.inf), numpy.full(k, -1)
+    run.wait = numpy.zeros(k, dtype=int)
     start_epoch = _resume(run, resume_from, callbacks, schedules)
     if resume_from is not None and schedule is None:  # the checkpoint's rates replace lr=
         r = run.rule.lr
@@ -803,9 +807,6 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
     run.batch_callbacks = [cb for cb in callbacks if _overrides_batch_end(cb)]
     run.fused = model._fused(lossfn)
     run.plan = plan_for(model, xp)
-    run.active_host = numpy.ones(k, dtype=bool)
-    run.best, run.best_epoch = numpy.full(k, numpy.inf), numpy.full(k, -1)
-    run.wait = numpy.zeros(k, dtype=int)
     try:
         with quiet_overflow(xp):
             for cb in callbacks:
@@ -834,15 +835,20 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
 
 
 def _resume(run: _Run, resume_from, callbacks, schedules) -> int:
-    """A checkpoint's state restored (``resume_from``); the epoch to start with. Refuses
-    checkpoints beside state they do not save (per-member early stopping, ReduceOnPlateau)."""
+    """A checkpoint's state restored (``resume_from``); the epoch to start with. With
+    per-member early stopping or stateful schedules, a ``_MembersState`` joins the
+    callbacks, so that checkpoints save that state and ``resume_from`` restores it."""
     model = run.model
     checkpoints = resume_from is not None or any(getattr(cb, "saves_callbacks", False) for cb in callbacks)
-    if checkpoints and (run.stopper is not None or any(callable(getattr(s, "step", None))
-                                                       for s in schedules or ())):
-        msg = ("checkpoints of an ensemble do not save per-member early stopping or ReduceOnPlateau state yet: "
-               "drop early_stopping= (or the ReduceOnPlateau schedule), or the Checkpoint and resume_from=")
-        raise NotImplementedError(msg)
+    if checkpoints and (run.stopper is not None or any(callable(getattr(s, "step", None)) for s in schedules or ())):
+        # the members' early-stopping counters and schedules' states travel as one more
+        # callback state, just before the checkpoints (which save the states before them)
+        state = _MembersState(run, schedules)
+        at = next(i for i, cb in enumerate(callbacks + [None]) if cb is None or getattr(cb, "saves_callbacks", False))
+        callbacks.insert(at, state)
+        for cb in callbacks:
+            if getattr(cb, "saves_callbacks", False):
+                cb.run_callbacks = callbacks
     start_epoch = 0
     if resume_from is not None:
         from .io.checkpoints import restore_checkpoint
@@ -851,6 +857,52 @@ def _resume(run: _Run, resume_from, callbacks, schedules) -> int:
                                          callbacks=callbacks)
     run.step = getattr(model, "steps_", 0)
     return start_epoch
+
+
+class _MembersState(Callback):
+    """What a checkpoint of an ensemble saves beside the optimiser: each member's
+    early-stopping counters (best value, its epoch, epochs waited, whether it still
+    trains, the epoch it stopped) and best parameters, and each member's schedule state
+    (a ``ReduceOnPlateau``'s counters). :func:`fit` adds it to the run's callbacks when
+    a checkpoint is saved or resumed; it has no hooks."""
+
+    def __init__(self, run, schedules):
+        self.run, self.schedules = run, schedules
+
+    def state_dict(self) -> dict[str, Any]:
+        run = self.run
+
+        def floats(a):
+            return [None if math.isinf(v) else float(v) for v in numpy.asarray(a, dtype=float)]
+
+        state = {"best": floats(run.best), "best_epoch": [int(v) for v in run.best_epoch],
+                 "wait": [int(v) for v in run.wait], "active": [bool(v) for v in run.active_host],
+                 "stopped_epoch": [int(v) for v in run.history.stopped_epoch],
+                 "schedules": [s.state_dict() if callable(getattr(s, "state_dict", None)) else {}
+                               for s in self.schedules or ()]}
+        if run.best_params is not None:
+            state["best_params"] = run.best_params
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        run, k = self.run, self.run.model.ensemble
+        lists = ("best", "best_epoch", "wait", "active", "stopped_epoch")
+        if any(not isinstance(state.get(key), list) or len(state[key]) != k for key in lists):
+            msg = f"the members' state must hold {k} values in each of {lists}"
+            raise ValueError(msg)
+        run.best = numpy.array([numpy.inf if v is None else float(v) for v in state["best"]])
+        run.best_epoch = numpy.array(state["best_epoch"], dtype=int)
+        run.wait = numpy.array(state["wait"], dtype=int)
+        run.active_host = numpy.array(state["active"], dtype=bool)
+        run.history.stopped_epoch = numpy.array(state["stopped_epoch"], dtype=int)
+        like = run.like
+        run.active = 1.0 if run.active_host.all() else run.xp.reshape(
+            run.xp.asarray(run.active_host.astype(float), dtype=like.dtype, device=like.device), (k, 1, 1))
+        run.best_params = state.get("best_params")
+        saved = state.get("schedules", [])
+        for s, st in zip(self.schedules or (), saved):
+            if st and callable(getattr(s, "load_state_dict", None)):
+                s.load_state_dict(st)
 
 
 def _end_epoch(run: _Run, epoch: int, epoch_lr, epoch_loss, t0: float, schedules, verbose: bool) -> bool:
