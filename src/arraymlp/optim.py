@@ -44,6 +44,7 @@ import array_api_compat
 
 from ._backend import device_of, get_namespace, is_float16, is_writeable, to_backend, to_numpy
 from .kernels import kernels_for
+from .kernels.reference import _iadd, _imul, _isub
 
 __all__ = [
     "OPTIMIZERS",
@@ -923,30 +924,6 @@ def _largest(arrays: list, xp):
     return xp.max(xp.stack([xp.max(xp.abs(xp.reshape(a, (-1,)))) for a in arrays]))
 
 
-def _add(x, y):
-    """``x + y``, into ``x`` where it is writeable (an array L-BFGS made)."""
-    if is_writeable(x):
-        x += y
-        return x
-    return x + y
-
-
-def _sub(x, y):
-    """``x - y``, into ``x`` where it is writeable (an array L-BFGS made)."""
-    if is_writeable(x):
-        x -= y
-        return x
-    return x - y
-
-
-def _mul(x, c):
-    """``x * c``, into ``x`` where it is writeable (an array L-BFGS made)."""
-    if is_writeable(x):
-        x *= c
-        return x
-    return x * c
-
-
 def _host_floats(values, xp) -> list[float]:
     """0-d arrays read to the host in one transfer."""
     return [float(v) for v in to_numpy(xp.stack(values))]
@@ -1243,7 +1220,7 @@ class LBFGS(Optimizer):
             s = [best.t * di for di in d]
             y = [gn - go for gn, go in zip(best.g, g)]
             for i, si in enumerate(s):
-                x[i] = _add(x[i], si)
+                x[i] = _iadd(x[i], si)
             ratio, gmax = self._remember(history, s, y, best.g, eps, xp)
             gamma = ratio or gamma
             f_old, f, g = f, best.f, best.g
@@ -1309,14 +1286,14 @@ class LBFGS(Optimizer):
         for s, y, rho in reversed(history):
             a = rho * _vdot(s, q, xp)
             for i, yi in enumerate(y):
-                q[i] = _sub(q[i], a * yi)
+                q[i] = _isub(q[i], a * yi)
             alphas.append(a)
         if history and gamma != 1.0:
-            q = [_mul(qi, gamma) for qi in q]
+            q = [_imul(qi, gamma) for qi in q]
         for (s, y, rho), a in zip(history, reversed(alphas)):
             b = rho * _vdot(y, q, xp)
             for i, si in enumerate(s):
-                q[i] = _add(q[i], (a - b) * si)
+                q[i] = _iadd(q[i], (a - b) * si)
         return q
 
     def _line_search(self, fun, params, x, d, f0, gtd0, t, dmax, eps, xp):

@@ -74,8 +74,9 @@ def batch_sum(a, xp, dtype=None):
 def _rows(n, xp, like):
     """``xp.arange(n)`` where ``like`` lives, kept for the next batch of the same size
     (keyed by the array's own ``device`` attribute: array-api-compat's ``device()``
-    costs more than the lookup)."""
-    return memo(_ROWS, (xp, n, getattr(like, "device", None)),
+    costs more than the lookup; a CuPy device is unhashable, so its ``id`` is the key)."""
+    device = getattr(like, "device", None)
+    return memo(_ROWS, (xp, n, getattr(device, "id", device)),
                 lambda: xp.arange(n, device=device_of(like)), limit=8)
 
 

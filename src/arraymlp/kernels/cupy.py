@@ -11,7 +11,7 @@
   step of a parameter array, moments included, in one kernel.
 - ``dense_sgd_update``: the weight gradient accumulated into ``W`` by one cuBLAS gemm
   (``W = beta W + alpha x.T @ dy``, ``alpha = -lr``, ``beta = 1 - lr l2``).
-- ``pick_labels``, ``subtract_onehot``: integer-array indexing with the row index kept
+- ``pick_labels``, ``subtract_onehot``: the shared integer-array indexing (``_common``), its row index kept
   per device id (a ``cupy.cuda.Device`` is unhashable, so a cache keyed by it misses).
 - A cupyx.scipy.sparse input of the first dense layer is multiplied by cupyx's sparse
   product (``dense_forward``, ``dense_backward``, ``dense_relu_forward``,
@@ -30,13 +30,12 @@ from __future__ import annotations
 
 import math
 
-from .._backend import is_sparse, is_writeable, memo
+from .._backend import is_sparse, is_writeable
 from . import _common as C
 from . import reference as R
 
 _OPTIONS = ("--fmad=false",)
 _BUILT: dict = {}  # kernel key -> compiled kernel object (CuPy compiles it once per device)
-_ROWS: dict = {}
 _CE_MAX_CLASSES = 4096  # one thread per row loops over the classes: beyond this, the reference
 
 
@@ -182,23 +181,6 @@ def cross_entropy_labels_mean(x, labels, xp, *, cross_entropy_labels=R.cross_ent
                                        batch_sum=batch_sum)
 
 
-def _rows(n, xp, like):
-    """``arange(n)`` on ``like``'s device, kept per (length, device id)."""
-    device = like.device
-    return memo(_ROWS, (n, device.id), lambda: xp.arange(n, device=device), limit=8)
-
-
-def pick_labels(z, labels, xp):
-    return z[_rows(z.shape[0], xp, z), labels]
-
-
-def subtract_onehot(g, labels, xp):
-    if is_writeable(g):
-        g[_rows(g.shape[0], xp, g), labels] -= 1.0
-        return g
-    return R.subtract_onehot(g, labels, xp)
-
-
 # ----------------------------------------------------------------- SGD with cuBLAS
 def _blas_ready(a) -> bool:
     return a.ndim == 2 and (a.flags.c_contiguous or a.flags.f_contiguous)
@@ -301,11 +283,11 @@ OVERRIDES = {
     "cross_entropy_labels_mean": cross_entropy_labels_mean,
     "dense_relu_forward": dense_relu_forward,
     "dense_sgd_update": dense_sgd_update,
-    "pick_labels": pick_labels,
+    "pick_labels": C.pick_labels,
     "relu_backward_inplace": relu_backward_inplace,
     "rmsprop_update": rmsprop_update,
     "sgd_momentum_update": sgd_momentum_update,
     "sigmoid_backward_inplace": sigmoid_backward_inplace,
-    "subtract_onehot": subtract_onehot,
+    "subtract_onehot": C.subtract_onehot,
     "tanh_backward_inplace": tanh_backward_inplace,
 }

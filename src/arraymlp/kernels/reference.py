@@ -580,9 +580,9 @@ def member_adam_update(p, g, m, v, scratch, b1, b2, step, eps, xp):
     ``scratch`` is an array of ``p``'s shape the kernel may overwrite (a fresh temporary of
     this size costs page faults on every step where the allocator hands it back), or None.
     Returns ``(p, m, v)``."""
-    tmp = g * g if scratch is None or not is_writeable(scratch) else _times(_put(scratch, g), g)
-    v = _plus(_times(v, b2), _times(tmp, 1.0 - b2))
-    m = _plus(_times(_minus(m, g), b1), g)
+    tmp = g * g if scratch is None or not is_writeable(scratch) else _imul(_put(scratch, g), g)
+    v = _iadd(_imul(v, b2), _imul(tmp, 1.0 - b2))
+    m = _iadd(_imul(_isub(m, g), b1), g)
     if is_writeable(tmp):
         tmp = _put(tmp, v)
         tmp **= 0.5
@@ -590,29 +590,40 @@ def member_adam_update(p, g, m, v, scratch, b1, b2, step, eps, xp):
         tmp **= -1.0
         tmp *= m
         tmp *= step
-        return _minus(p, tmp), m, v
-    return _minus(p, step * (m / (xp.sqrt(v) + eps))), m, v
+        return _isub(p, tmp), m, v
+    return _isub(p, step * (m / (xp.sqrt(v) + eps))), m, v
 
 
-def _times(a, c):
+def _imul(a, c):
+    """``a * c``, into ``a`` where it is writeable (an array the library made)."""
     if is_writeable(a):
         a *= c
         return a
     return a * c
 
 
-def _plus(a, c):
+def _iadd(a, c):
+    """``a + c``, into ``a`` where it is writeable."""
     if is_writeable(a):
         a += c
         return a
     return a + c
 
 
-def _minus(a, c):
+def _isub(a, c):
+    """``a - c``, into ``a`` where it is writeable."""
     if is_writeable(a):
         a -= c
         return a
     return a - c
+
+
+def _idiv(a, c):
+    """``a / c``, into ``a`` where it is writeable."""
+    if is_writeable(a):
+        a /= c
+        return a
+    return a / c
 
 
 def _put(a, c):
@@ -847,27 +858,6 @@ def layer_norm_backward(cache, gamma, dy, *, xp=None):
 # returned. The gradient is only read. ``work(n, p, xp)`` may lend scratch space (the
 # optimiser's work buffer); the reference does not need it. A backend may replace each
 # with one kernel per parameter array.
-def _imul(x, c):
-    if is_writeable(x):
-        x *= c
-        return x
-    return x * c
-
-
-def _iadd(x, y):
-    if is_writeable(x):
-        x += y
-        return x
-    return x + y
-
-
-def _isub(x, y):
-    if is_writeable(x):
-        x -= y
-        return x
-    return x - y
-
-
 def sgd_momentum_update(p, g, buf, lr, momentum, dampening, nesterov, wd, first, xp, work=None, *, axpy=axpy):
     """Momentum SGD: ``g' = g + wd p``; ``buf = g'`` on the first step, else
     ``buf = momentum buf + (1 - dampening) g'``; ``p -= lr (g' + momentum buf)`` with
