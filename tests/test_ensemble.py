@@ -181,6 +181,160 @@ def test_early_stopping_freezes_each_member_on_its_own(backend):
         assert hist.stopped_epoch[i] == (ran - 1 if h.stopped_early else -1)
 
 
+class _Recorder(am.Callback):
+    """Records what each hook is given."""
+
+    def __init__(self, batches=False, stop_after_epoch=None):
+        self.calls, self.epochs, self.batches = [], [], []
+        self.stop_after_epoch = stop_after_epoch
+        if batches:
+            self.on_batch_end = self._on_batch_end
+
+    def on_train_begin(self, model, history):
+        self.calls.append("begin")
+
+    def on_epoch_begin(self, model, epoch):
+        self.calls.append(("epoch", epoch))
+
+    def _on_batch_end(self, model, logs):
+        self.batches.append((logs["epoch"], logs["step"], np.array(logs["loss"], copy=True)))
+
+    def on_epoch_end(self, model, logs):
+        self.epochs.append({k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in logs.items()})
+        return logs["epoch"] == self.stop_after_epoch
+
+    def on_train_end(self, model, history):
+        self.calls.append("end")
+
+
+def test_callbacks_see_each_members_values(backend):
+    """on_epoch_end gets the members' losses (K,) and on_batch_end each step's; the
+    step losses of member i are those a plain model trained alone logs."""
+    x, y, _, _ = _data(backend, n=36)
+    xv, yv, _, _ = _data(backend, n=12, seed=4)
+    lrs = [0.05, 0.1, 0.2]
+    ens = am.MLP([5, 6, 3], ensemble=3, seed=2, dtype="float64", **backend.model_kwargs())
+    starts = [ens.member(i) for i in range(3)]
+    rec = _Recorder(batches=True)
+    opts = dict(loss="cross_entropy", optimizer="sgd", epochs=3, batch_size=10, seed=7, progress=False,
+                validation_data=(xv, yv))
+    hist = ens.fit(x, y, lr=lrs, callbacks=[rec], **opts)
+    assert rec.calls == ["begin", ("epoch", 0), ("epoch", 1), ("epoch", 2), "end"]
+    assert [e["epoch"] for e in rec.epochs] == [0, 1, 2] and [e["step"] for e in rec.epochs] == [4, 8, 12]
+    for e, logs in enumerate(rec.epochs):
+        np.testing.assert_array_equal(logs["loss"], hist.loss[e])
+        np.testing.assert_array_equal(logs["val_loss"], hist.val_loss[e])
+        np.testing.assert_array_equal(logs["active"], [True] * 3)
+        assert logs["lr"] == lrs
+    assert [(e, s) for e, s, _ in rec.batches] == [(e, 4 * e + j + 1) for e in range(3) for j in range(4)]
+    sizes = np.array([10, 10, 10, 6])
+    for e in range(3):  # the epoch's loss is the steps' losses weighted by the batch sizes
+        steps = np.stack([v for ep, _, v in rec.batches if ep == e])
+        np.testing.assert_allclose(sizes @ steps / 36, hist.loss[e], rtol=1e-12)
+    for i in range(3):
+        plain = _Recorder(batches=True)
+        starts[i].fit(x, y, lr=lrs[i], callbacks=[plain], **opts)
+        np.testing.assert_allclose([v[i] for _, _, v in rec.batches], [v for _, _, v in plain.batches],
+                                   rtol=1e-10)
+        _close(_np_params(ens.member(i)), _np_params(starts[i]))
+
+
+def test_a_callback_stops_every_member_and_early_stopping_may_come_among_callbacks(backend):
+    x, y, _, _ = _data(backend, n=30, labels=False)
+    xv, yv, _, _ = _data(backend, n=12, labels=False, seed=9)
+    ens = am.MLP([5, 6, 3], ensemble=2, seed=1, dtype="float64", **backend.model_kwargs())
+    rec = _Recorder(stop_after_epoch=1)
+    hist = ens.fit(x, y, optimizer="sgd", lr=0.05, epochs=5, batch_size=10, callbacks=[rec], progress=False)
+    assert len(hist.loss) == 2 and hist.stopped_early and rec.calls[-1] == "end"
+    assert ens.steps_ == 6
+    # an EarlyStopping among the callbacks is the members' early stopping
+    a = am.MLP([5, 6, 3], ensemble=4, seed=3, dtype="float64", **backend.model_kwargs())
+    b = a.copy()
+    opts = dict(optimizer="sgd", lr=[0.5, 1e-4, 0.05, 0.2], epochs=10, batch_size=10, validation_data=(xv, yv),
+                seed=0, progress=False)
+    ha = a.fit(x, y, early_stopping=am.EarlyStopping("val_loss", patience=1), **opts)
+    hb = b.fit(x, y, callbacks=[am.EarlyStopping("val_loss", patience=1)], **opts)
+    np.testing.assert_array_equal(ha.stopped_epoch, hb.stopped_epoch)
+    _close(_np_params(a), _np_params(b), tol=0.0)
+    with pytest.raises(ValueError, match="an ensemble takes one EarlyStopping"):
+        b.fit(x, y, early_stopping=2, callbacks=[am.EarlyStopping("val_loss", patience=1)], **opts)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_a_checkpointed_ensemble_resumes_exactly(backend, tmp_path, optimizer):
+    """Stopped after 2 of 4 epochs and resumed from its checkpoint, an ensemble (shuffled
+    batches, dropout, per-member settings) ends exactly where the uninterrupted run ends."""
+    x, y, _, _ = _data(backend, n=30)
+    xv, yv, _, _ = _data(backend, n=10, seed=4)
+    extra = dict(betas=([0.9, 0.8, 0.95], 0.999)) if optimizer == "adam" else dict(momentum=[0.0, 0.5, 0.9])
+    opts = dict(loss="cross_entropy", optimizer=optimizer, lr=[0.01, 0.02, 0.05], l2=[0.0, 1e-3, 1e-2],
+                batch_size=8, seed=5, progress=False, validation_data=(xv, yv), **extra)
+
+    def build():
+        return am.MLP([5, 6, 3], dropout=0.2, ensemble=3, seed=1, dtype="float64", **backend.model_kwargs())
+
+    whole = build()
+    h_whole = whole.fit(x, y, epochs=4, **opts)
+    first = build()
+    first.fit(x, y, epochs=2, callbacks=[am.Checkpoint(tmp_path / "run", every=1)], **opts)
+    resumed = build()
+    rec = _Recorder()
+    # the checkpoint's per-member settings replace the ones given again
+    h = resumed.fit(x, y, epochs=4, resume_from=tmp_path / "run", callbacks=[rec],
+                    **{**opts, "lr": 0.5, "l2": opts["l2"]})
+    assert [e["epoch"] for e in rec.epochs] == [2, 3] and resumed.steps_ == whole.steps_ == 16
+    _close(_np_params(resumed), _np_params(whole), tol=0.0)
+    for a, b in zip(h.loss + h.val_loss, h_whole.loss + h_whole.val_loss):
+        np.testing.assert_array_equal(a, b)
+    assert h.lr == h_whole.lr == [[0.01, 0.02, 0.05]] * 4 and len(h.loss) == 4
+    with pytest.raises(ValueError, match="holds an ensemble of 3 members, but the model being restored is an "
+                                         "ensemble of 2"):
+        am.MLP([5, 6, 3], dropout=0.2, ensemble=2, seed=1, dtype="float64", **backend.model_kwargs()).fit(
+            x, y, epochs=4, resume_from=tmp_path / "run", **{**opts, "lr": 0.1, "l2": 0.0, **(
+                dict(betas=(0.9, 0.999)) if optimizer == "adam" else dict(momentum=0.5))})
+    with pytest.raises(ValueError, match="holds an ensemble of 3 members, but the model being restored is a plain"):
+        am.MLP([5, 6, 3], dropout=0.2, seed=1, dtype="float64", **backend.model_kwargs()).fit(
+            x, y, loss="cross_entropy", optimizer=optimizer, epochs=4, resume_from=tmp_path / "run", progress=False)
+
+
+@pytest.mark.parametrize("split", [2, 4])
+def test_a_checkpoint_keeps_per_member_early_stopping_and_plateau_schedules(backend, tmp_path, split):
+    """Members stopping at different epochs, each with its own ReduceOnPlateau: resumed
+    from the checkpoint of epoch ``split``, the run ends exactly as the uninterrupted one."""
+    x, y, _, _ = _data(backend, n=40, labels=False)
+    xv, yv, _, _ = _data(backend, n=20, labels=False, seed=9)
+
+    def build():
+        return am.MLP([5, 8, 3], ensemble=4, seed=3, dtype="float64", **backend.model_kwargs())
+
+    def opts():
+        return dict(optimizer="sgd", epochs=10, batch_size=10, validation_data=(xv, yv), seed=0, progress=False,
+                    early_stopping=am.EarlyStopping("val_loss", patience=1),
+                    schedule=[am.schedules.ReduceOnPlateau(lr, factor=0.5, patience=0)
+                              for lr in (0.5, 1e-4, 0.05, 0.2)])
+
+    whole = build()
+    h_whole = whole.fit(x, y, **opts())
+    assert len(set(h_whole.stopped_epoch.tolist())) > 1  # the members stop at different epochs
+    first = build()
+    first.fit(x, y, callbacks=[am.Checkpoint(tmp_path / "run", every=split, keep=None)], **opts())
+    resumed = build()
+    h = resumed.fit(x, y, resume_from=tmp_path / "run" / f"epoch-{split:05d}.safetensors", **opts())
+    _close(_np_params(resumed), _np_params(whole), tol=0.0)
+    np.testing.assert_array_equal(h.stopped_epoch, h_whole.stopped_epoch)
+    np.testing.assert_array_equal(h.best_epochs, h_whole.best_epochs)
+    assert h.lr == h_whole.lr
+    for a, b in zip(h.val_loss, h_whole.val_loss, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_checkpoint_monitoring_one_value_is_refused_for_an_ensemble(tmp_path):
+    ens = am.MLP([5, 4, 3], ensemble=2, seed=0, backend="numpy")
+    x, y = np.zeros((8, 5)), np.zeros((8, 3))
+    with pytest.raises(NotImplementedError, match="an ensemble logs one per member"):
+        ens.fit(x, y, callbacks=[am.Checkpoint(tmp_path / "best", monitor="loss")], epochs=1, progress=False)
+
+
 # ------------------------------------------------------------------------- prediction
 def test_predictions_average_the_members(backend):
     x, y, _, _ = _data(backend, n=20)
@@ -290,6 +444,70 @@ def test_a_diverging_member_is_named():
     ens = am.MLP([5, 8, 3], ensemble=3, seed=0, dtype="float64", backend="numpy")
     with pytest.raises(am.DivergenceError, match=r"members \[1\] became non-finite"):
         ens.fit(x, y, optimizer="sgd", lr=[1e-6, 10.0, 1e-6], epochs=20, batch_size=8, progress=False)
+
+
+def test_divergence_found_at_the_epoch_read_leaves_the_last_finite_step(backend):
+    """The members' losses are read once per epoch; a non-finite one is found then, the
+    epoch's steps are replayed up to the step before it, and the error names the member,
+    epoch and step. Oracle: plain models trained alone, member by member."""
+    x_np = np.random.default_rng(0).normal(size=(32, 5)) * 10.0
+    y_np = np.random.default_rng(1).normal(size=(32, 3)) * 10.0
+    x, y = backend.asarray(x_np), backend.asarray(y_np)
+    ens = am.MLP([5, 8, 3], ensemble=3, seed=0, dtype="float64", **backend.model_kwargs())
+    start = [ens.member(i) for i in range(3)]
+    lrs = [1e-4, 0.5, 1e-4]
+    opts = dict(optimizer="sgd", batch_size=8, shuffle=False, progress=False)
+    with pytest.raises(am.DivergenceError, match=r"members \[1\] became non-finite") as info:
+        ens.fit(x, y, lr=lrs, epochs=20, **opts)
+    err = info.value
+    # the plain model with member 1's rate diverges at the same step and keeps the same parameters
+    with pytest.raises(am.DivergenceError) as plain_info:
+        start[1].fit(x, y, lr=lrs[1], epochs=20, **opts)
+    assert (err.epoch, err.step) == (plain_info.value.epoch, plain_info.value.step)
+    assert f"epoch {err.epoch + 1}, step {err.step + 1}" in str(err)
+    assert err.step % 4 != 0  # inside an epoch: the replay ran steps
+    assert err.params_finite
+    _close(_np_params(ens.member(1)), _np_params(start[1]))
+    # the other members stopped after the last finite step: err.step steps of plain SGD
+    done, left = divmod(err.step, 4)
+    for i in (0, 2):
+        m = start[i]
+        m.fit(x, y, lr=lrs[i], epochs=done, **opts)
+        m.partial_fit(x[:8 * left, ...], y[:8 * left, ...], lr=lrs[i], batch_size=8, shuffle=False)
+        _close(_np_params(ens.member(i)), _np_params(m))
+
+
+def test_training_functions_called_directly_hand_an_ensemble_to_its_loop(backend):
+    """arraymlp.training.fit(ensemble, ...) (not model.fit) trains the members as
+    model.fit does, never as one plain model; what an ensemble does not support raises."""
+    from arraymlp import training
+
+    x, y, _, _ = _data(backend)
+    opts = dict(loss="cross_entropy", optimizer="adam", lr=[0.01, 0.02, 0.03], epochs=3, batch_size=8, seed=3,
+                progress=False)
+    direct = am.MLP([5, 6, 3], ensemble=3, seed=1, dtype="float64", **backend.model_kwargs())
+    method = am.MLP([5, 6, 3], ensemble=3, seed=1, dtype="float64", **backend.model_kwargs())
+    plain = method.member(2)
+    h_direct = training.fit(direct, x, y, **opts)
+    h_method = method.fit(x, y, **opts)
+    assert isinstance(h_direct, am.ensemble.EnsembleHistory)
+    np.testing.assert_array_equal(np.stack(h_direct.loss), np.stack(h_method.loss))
+    _close(_np_params(direct), _np_params(method), tol=0.0)
+    # and member 2 is the plain model trained alone with its rate
+    plain.fit(x, y, **{**opts, "lr": 0.03})
+    _close(_np_params(direct.member(2)), _np_params(plain))
+    training.partial_fit(direct, x, y, batch_size=8)
+    method.partial_fit(x, y, batch_size=8)
+    _close(_np_params(direct), _np_params(method), tol=0.0)
+    for fn in ("predict", "predict_proba"):
+        np.testing.assert_array_equal(backend.to_numpy(getattr(training, fn)(direct, x)),
+                                      backend.to_numpy(getattr(method, fn)(x)))
+    with pytest.raises(NotImplementedError, match="evaluate of an ensemble is not supported"):
+        training.evaluate(direct, x, y)
+    with pytest.raises(NotImplementedError, match="fit of an ensemble does not support metrics"):
+        training.fit(direct, x, y, metrics=["accuracy"], progress=False)
+    with pytest.raises(NotImplementedError, match="partial_fit of an ensemble does not support precision"):
+        training.partial_fit(direct, x, y, precision="float16")
 
 
 def test_float16_adam_needs_an_eps_float16_holds():

@@ -157,3 +157,63 @@ def test_a_long_epoch_reads_its_losses_every_check_every_steps(monkeypatch):
     long, _ = _count_fit(monkeypatch, case, 8)
     assert (long.total - short.total) / (2 * (8 - 4)) == 0.5
     assert set(long.counts) - set(short.counts) == set()
+
+
+# ----------------------------------------------------------------------------- ensembles
+ENSEMBLE_CASES = {
+    "sgd": dict(optimizer=lambda: SGD(lr=0.05), loss="mse"),
+    "sgd-momentum-per-member-lr-l2": dict(optimizer=lambda: SGD(lr=0.05, momentum=0.9), loss="mse",
+                                          fit=dict(lr=[0.01, 0.02, 0.05], l2=[0.0, 1e-3, 1e-2])),
+    "adam": dict(optimizer=lambda: Adam(lr=1e-3), loss="cross_entropy"),
+    "adam-clip": dict(optimizer=lambda: Adam(lr=1e-3, clip_norm=0.1, clip_value=0.05), loss="huber"),
+    "per-member-sample-weight": dict(optimizer=lambda: Adam(lr=1e-3), loss="cross_entropy", weights=True),
+    "dropout": dict(optimizer=lambda: Adam(lr=1e-3), loss="cross_entropy", dropout=0.3),
+    "validation-early-stopping": dict(optimizer=lambda: Adam(lr=1e-3), loss="cross_entropy", validation=True,
+                                      fit=dict(early_stopping=am.EarlyStopping("val_loss", patience=5))),
+    # a callback that watches epochs only: the steps still read nothing
+    "epoch-callback": dict(optimizer=lambda: Adam(lr=1e-3), loss="mse", fit=dict(callbacks=[am.Callback()])),
+}
+
+
+def _count_ensemble_fit(monkeypatch, case, steps_per_epoch, *, epochs=2, batch=8, k=3):
+    rng = np.random.default_rng(0)
+    x, y = _data(steps_per_epoch * batch, case["loss"], rng)
+    xv, yv = _data(12, case["loss"], rng)
+    w = rng.uniform(0.5, 2.0, size=(k, x.shape[0]))
+    w[1, ::3] = 0.0  # a member leaving rows out, as a cross-validation fold does
+    xp = array_api_strict
+    model = am.MLP([5, 16, 3], dropout=case.get("dropout", 0.0), dtype="float64", seed=0, ensemble=k,
+                   backend="array_api_strict")
+    kwargs = dict(loss=case["loss"], optimizer=case["optimizer"](), epochs=epochs, batch_size=batch,
+                  progress=False, seed=1, **case.get("fit", {}))
+    if case.get("weights"):
+        kwargs["sample_weight"] = xp.asarray(w)
+    if case.get("validation"):
+        kwargs["validation_data"] = (xp.asarray(xv), xp.asarray(yv))
+    xs, ys = xp.asarray(x), xp.asarray(y)
+    with monkeypatch.context() as m:
+        reads = HostReads(m)
+        history = model.fit(xs, ys, **kwargs)
+    return reads, history
+
+
+@pytest.mark.parametrize("name", list(ENSEMBLE_CASES))
+def test_no_host_read_per_ensemble_training_step(monkeypatch, name):
+    case = ENSEMBLE_CASES[name]
+    short, h_short = _count_ensemble_fit(monkeypatch, case, 4)
+    long, h_long = _count_ensemble_fit(monkeypatch, case, 8)
+    # every member's loss of every epoch was still read, once, at its end
+    assert len(h_short.loss) == len(h_long.loss) == 2
+    assert all(v.shape == (3,) and np.all(np.isfinite(v)) for v in h_long.loss)
+    per_step = (long.total - short.total) / (2 * (8 - 4))
+    assert per_step == 0, (dict(short.counts), dict(long.counts))
+
+
+def test_a_long_ensemble_epoch_reads_its_losses_every_check_every_steps(monkeypatch):
+    """With the check every 2 steps, an ensemble epoch of 8 steps reads its members'
+    losses 4 times and one of 4 steps twice: half a read per step."""
+    monkeypatch.setattr(am.ensemble, "_CHECK_EVERY", 2)
+    case = ENSEMBLE_CASES["adam"]
+    short, _ = _count_ensemble_fit(monkeypatch, case, 4)
+    long, _ = _count_ensemble_fit(monkeypatch, case, 8)
+    assert (long.total - short.total) / (2 * (8 - 4)) == 0.5

@@ -51,7 +51,7 @@ from ._backend import (
     quiet_overflow,
     to_numpy,
 )
-from .callbacks import DivergenceError, EarlyStopping, History
+from .callbacks import Callback, DivergenceError, EarlyStopping, History
 from .fusion import plan_for
 from .kernels import kernels_for
 from .losses import LOSSES, get_loss
@@ -323,7 +323,7 @@ class _MemberUpdate:
     """
 
     def __init__(self, opt: Optimizer, k: int, xp, like, *, lr, momentum, weight_decay, betas):
-        self.opt, self.k, self.xp = opt, k, xp
+        self.opt, self.k, self.xp, self.like = opt, k, xp, like
         if type(opt) not in (SGD, Adam, RMSprop, Adagrad) and opt.name not in ("adamw",):
             msg = (f"ensembles train with the library's optimisers (sgd, adam, adamw, rmsprop, adagrad), "
                    f"got {type(opt).__name__}")
@@ -353,6 +353,49 @@ class _MemberUpdate:
             self.b2 = _per_member("betas[1]", b[1], k, xp, like, high=1.0, high_open=True)
         self.state: list[dict[str, dict[str, Any]]] | None = None
         self.t = 0
+
+    _HYPER = ("lr", "wd", "momentum", "b1", "b2")
+
+    @property
+    def name(self) -> str:
+        return self.opt.name
+
+    def state_dict(self) -> dict[str, Any]:
+        """A checkpoint of the rule, as :meth:`arraymlp.optim.Optimizer.state_dict` gives
+        one: the per-member hyper-parameters (a float, or K floats), the step count and
+        copies of the stacked moments."""
+        xp = self.xp
+        hyper = {}
+        for key in self._HYPER:
+            v = getattr(self, key, None)
+            if v is not None:
+                hyper[key] = float(v) if isinstance(v, float) else [float(a) for a in to_numpy(v).reshape(-1)]
+        state = None
+        if self.state is not None:
+            state = [{key: {slot: xp.asarray(a, copy=True) for slot, a in st.items() if slot != "_scratch"}
+                      for key, st in layer.items()} for layer in self.state]
+        return {"optimizer": self.name, "hyperparameters": hyper, "step": self.t, "state": state}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        """Back to a :meth:`state_dict` (its arrays may be NumPy host arrays)."""
+        from .io.layout import _to_xp
+
+        if sd.get("optimizer") != self.name:
+            msg = f"state_dict is for optimizer {sd.get('optimizer')!r}, not {self.name!r}"
+            raise ValueError(msg)
+        like = self.like
+        for key, v in sd["hyperparameters"].items():
+            if key not in self._HYPER or getattr(self, key, None) is None:
+                msg = f"state_dict has hyper-parameter {key!r}, which the {self.name} rule of an ensemble has not"
+                raise ValueError(msg)
+            setattr(self, key, _per_member(key, v, self.k, self.xp, like, high=None))
+        self.t = int(sd["step"])
+        self.state = None if sd["state"] is None else [
+            {key: {slot: _to_xp(numpy.asarray(to_numpy(a)), self.xp, like.dtype, like.device)
+                   for slot, a in st.items()} for key, st in layer.items()} for layer in sd["state"]]
+
+    def reset(self) -> None:
+        self.state, self.t = None, 0
 
     @staticmethod
     def _on(v) -> bool:
@@ -667,7 +710,7 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
         batch_size: int = 32, shuffle: bool = True, validation_data: tuple | None = None,
         validation_split: float = 0.0, early_stopping: EarlyStopping | int | None = None,
         sample_weight: Any = None, seed: int | None = None, schedule: Any = None, callbacks: Sequence = (),
-        progress: bool = True, verbose: bool = False, _reuse_optimizer: bool = False,
+        progress: bool = True, verbose: bool = False, resume_from: Any = None, _reuse_optimizer: bool = False,
         **unsupported) -> EnsembleHistory:
     """Train every member of an ensemble on the same batches (``model.fit`` of a model
     built with ``ensemble=K``).
@@ -699,6 +742,23 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
         ``ReduceOnPlateau`` stepped with its own member's monitored loss); instead of
         ``lr``.
 
+    callbacks : sequence of Callback
+        Their hooks are called as in :func:`arraymlp.fit`, with per-member values:
+        ``on_epoch_end``'s ``logs["loss"]``, ``"val_loss"`` and ``"val_metric"`` are
+        arrays (K,), ``logs["lr"]`` the epoch's rate(s) and ``logs["active"]`` says which
+        members still train (K bools); ``on_batch_end``'s ``logs["loss"]`` is the step's
+        losses (K,). A hook returning True stops every member. An :class:`EarlyStopping`
+        among them acts per member, as ``early_stopping=`` does. A callback that
+        overrides ``on_batch_end`` makes every step read its losses (one host read each).
+        An :class:`arraymlp.Checkpoint` saves the members' parameters, optimiser state
+        (with the per-member hyper-parameters), generator state and history.
+    resume_from : str or path-like, optional
+        A checkpoint of this ensemble (or a directory of them): training continues
+        after its epoch exactly as the uninterrupted run would, the checkpoint's
+        per-member optimiser settings replacing the given ones. The members' early
+        stopping counters and best parameters, and their schedules' states, are saved
+        and restored too (they travel as one more callback state).
+
     Returns
     -------
     EnsembleHistory
@@ -706,14 +766,15 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
 
     Notes
     -----
-    Callbacks, checkpoints and data-parallel training are not supported for ensembles
-    yet; passing them raises ``NotImplementedError``.
+    Data-parallel training, metrics and mixed precision are not supported for ensembles
+    yet; passing them raises ``NotImplementedError``, as does a ``Checkpoint`` with
+    ``monitor=`` (an ensemble logs one value per member).
     """
     unsupported = {k: v for k, v in unsupported.items() if v is not None}
-    if callbacks or unsupported:
-        what = sorted(unsupported) + (["callbacks"] if callbacks else [])
-        msg = f"fit of an ensemble does not support {', '.join(what)} yet"
+    if unsupported:
+        msg = f"fit of an ensemble does not support {', '.join(sorted(unsupported))} yet"
         raise NotImplementedError(msg)
+    callbacks, early_stopping = _ensemble_callbacks(callbacks, early_stopping)
     schedules = _check_schedules(schedule, lr, model.ensemble)
     _check_run(epochs, batch_size, validation_split)
     lossfn = get_loss(loss)
@@ -735,40 +796,170 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
         model.rng = Generator(seed, xp, model.device)
     history = run.history = EnsembleHistory(metric_name="accuracy" if lossfn.task != "regression" else "r2")
     history.stopped_epoch = numpy.full(k, -1)
-    run.fused = model._fused(lossfn)
-    run.plan = plan_for(model, xp)
     run.active_host = numpy.ones(k, dtype=bool)
     run.best, run.best_epoch = numpy.full(k, numpy.inf), numpy.full(k, -1)
     run.wait = numpy.zeros(k, dtype=int)
-    with quiet_overflow(xp):
-        for epoch in range(epochs):
-            t0 = time.perf_counter()
-            epoch_lr = opt.lr if lr is None else lr
-            if schedules is not None:  # this epoch's rates, member by member
-                epoch_lr = [float(s(epoch)) for s in schedules]
-                run.rule.lr = _per_member("lr", epoch_lr, k, xp, like)
-            epoch_loss = _run_epoch(run, epoch, batch_size, shuffle)
-            history.loss.append(epoch_loss)
-            history.lr.append(epoch_lr)
-            logs = {"loss": epoch_loss, "val_loss": None, "val_metric": None}
-            if run.val is not None:
-                logs["val_loss"], logs["val_metric"] = _evaluate(model, run.val[0], run.val[1], lossfn, xp,
-                                                                 run.fused)
-                history.val_loss.append(logs["val_loss"])
-                history.val_metric.append(logs["val_metric"])
-            history.time.append(time.perf_counter() - t0)
-            if schedules is not None:
-                _step_schedules(schedules, logs)
-            if verbose:
-                print(f"epoch {epoch + 1:>4}  loss {numpy.array2string(epoch_loss, precision=4)}", flush=True)
-            if run.stopper is not None and _stop_members(run, epoch, logs):
-                history.stopped_early = True
-                break
-    if run.stopper is not None and run.stopper.restore_best_weights and run.best_params is not None:
-        model.params = run.best_params
-        history.best_epochs = run.best_epoch
-    model.steps_ = getattr(model, "steps_", 0) + run.step
+    start_epoch = _resume(run, resume_from, callbacks, schedules)
+    if resume_from is not None and schedule is None:  # the checkpoint's rates replace lr=
+        r = run.rule.lr
+        lr = r if isinstance(r, float) else [float(v) for v in to_numpy(r).reshape(-1)]
+    run.callbacks = callbacks
+    run.batch_callbacks = [cb for cb in callbacks if _overrides_batch_end(cb)]
+    run.fused = model._fused(lossfn)
+    run.plan = plan_for(model, xp)
+    try:
+        with quiet_overflow(xp):
+            for cb in callbacks:
+                cb.on_train_begin(model, history)
+            for epoch in range(start_epoch, epochs):
+                t0 = time.perf_counter()
+                if any([bool(cb.on_epoch_begin(model, epoch)) for cb in callbacks]):
+                    history.stopped_early = True
+                    break
+                epoch_lr = opt.lr if lr is None else lr
+                if schedules is not None:  # this epoch's rates, member by member
+                    epoch_lr = [float(s(epoch)) for s in schedules]
+                    run.rule.lr = _per_member("lr", epoch_lr, k, xp, like)
+                epoch_loss, stop = _run_epoch(run, epoch, batch_size, shuffle)
+                if _end_epoch(run, epoch, epoch_lr, epoch_loss, t0, schedules, verbose) or stop:
+                    history.stopped_early = True
+                    break
+        if run.stopper is not None and run.stopper.restore_best_weights and run.best_params is not None:
+            model.params = run.best_params
+            history.best_epochs = run.best_epoch
+    finally:
+        model.steps_ = run.step
+        for cb in callbacks:
+            cb.on_train_end(model, history)
     return history
+
+
+def _resume(run: _Run, resume_from, callbacks, schedules) -> int:
+    """A checkpoint's state restored (``resume_from``); the epoch to start with. With
+    per-member early stopping or stateful schedules, a ``_MembersState`` joins the
+    callbacks, so that checkpoints save that state and ``resume_from`` restores it."""
+    model = run.model
+    checkpoints = resume_from is not None or any(getattr(cb, "saves_callbacks", False) for cb in callbacks)
+    if checkpoints and (run.stopper is not None or any(callable(getattr(s, "step", None)) for s in schedules or ())):
+        # the members' early-stopping counters and schedules' states travel as one more
+        # callback state, just before the checkpoints (which save the states before them)
+        state = _MembersState(run, schedules)
+        at = next(i for i, cb in enumerate(callbacks + [None]) if cb is None or getattr(cb, "saves_callbacks", False))
+        callbacks.insert(at, state)
+        for cb in callbacks:
+            if getattr(cb, "saves_callbacks", False):
+                cb.run_callbacks = callbacks
+    start_epoch = 0
+    if resume_from is not None:
+        from .io.checkpoints import restore_checkpoint
+
+        start_epoch = restore_checkpoint(resume_from, model, optimizer=run.rule, history=run.history,
+                                         callbacks=callbacks)
+    run.step = getattr(model, "steps_", 0)
+    return start_epoch
+
+
+class _MembersState(Callback):
+    """What a checkpoint of an ensemble saves beside the optimiser: each member's
+    early-stopping counters (best value, its epoch, epochs waited, whether it still
+    trains, the epoch it stopped) and best parameters, and each member's schedule state
+    (a ``ReduceOnPlateau``'s counters). :func:`fit` adds it to the run's callbacks when
+    a checkpoint is saved or resumed; it has no hooks."""
+
+    def __init__(self, run, schedules):
+        self.run, self.schedules = run, schedules
+
+    def state_dict(self) -> dict[str, Any]:
+        run = self.run
+
+        def floats(a):
+            return [None if math.isinf(v) else float(v) for v in numpy.asarray(a, dtype=float)]
+
+        state = {"best": floats(run.best), "best_epoch": [int(v) for v in run.best_epoch],
+                 "wait": [int(v) for v in run.wait], "active": [bool(v) for v in run.active_host],
+                 "stopped_epoch": [int(v) for v in run.history.stopped_epoch],
+                 "schedules": [s.state_dict() if callable(getattr(s, "state_dict", None)) else {}
+                               for s in self.schedules or ()]}
+        if run.best_params is not None:
+            state["best_params"] = run.best_params
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        run, k = self.run, self.run.model.ensemble
+        lists = ("best", "best_epoch", "wait", "active", "stopped_epoch")
+        if any(not isinstance(state.get(key), list) or len(state[key]) != k for key in lists):
+            msg = f"the members' state must hold {k} values in each of {lists}"
+            raise ValueError(msg)
+        run.best = numpy.array([numpy.inf if v is None else float(v) for v in state["best"]])
+        run.best_epoch = numpy.array(state["best_epoch"], dtype=int)
+        run.wait = numpy.array(state["wait"], dtype=int)
+        run.active_host = numpy.array(state["active"], dtype=bool)
+        run.history.stopped_epoch = numpy.array(state["stopped_epoch"], dtype=int)
+        like = run.like
+        run.active = 1.0 if run.active_host.all() else run.xp.reshape(
+            run.xp.asarray(run.active_host.astype(float), dtype=like.dtype, device=like.device), (k, 1, 1))
+        run.best_params = state.get("best_params")
+        saved = state.get("schedules", [])
+        for s, st in zip(self.schedules or (), saved):
+            if st and callable(getattr(s, "load_state_dict", None)):
+                s.load_state_dict(st)
+
+
+def _end_epoch(run: _Run, epoch: int, epoch_lr, epoch_loss, t0: float, schedules, verbose: bool) -> bool:
+    """Validation, history, the schedules' step, early stopping and ``on_epoch_end``;
+    whether to stop every member."""
+    model, history, xp = run.model, run.history, run.xp
+    history.loss.append(epoch_loss)
+    history.lr.append(epoch_lr)
+    logs = {"epoch": epoch, "step": run.step, "loss": epoch_loss, "lr": epoch_lr, "val_loss": None,
+            "val_metric": None}
+    if run.val is not None:
+        logs["val_loss"], logs["val_metric"] = _evaluate(model, run.val[0], run.val[1], run.lossfn, xp, run.fused)
+        history.val_loss.append(logs["val_loss"])
+        history.val_metric.append(logs["val_metric"])
+    logs["time"] = time.perf_counter() - t0
+    history.time.append(logs["time"])
+    if schedules is not None:
+        _step_schedules(schedules, logs)
+    if verbose:
+        print(f"epoch {epoch + 1:>4}  loss {numpy.array2string(epoch_loss, precision=4)}", flush=True)
+    stop = run.stopper is not None and _stop_members(run, epoch, logs)
+    logs["active"] = run.active_host.copy()
+    return any([bool(cb.on_epoch_end(model, logs)) for cb in run.callbacks]) or stop
+
+
+def _overrides_batch_end(cb) -> bool:
+    hook = getattr(cb, "on_batch_end", None)
+    return hook is not None and getattr(hook, "__func__", None) is not Callback.on_batch_end
+
+
+def _ensemble_callbacks(callbacks, early_stopping):
+    """The user's callbacks, less an :class:`EarlyStopping` among them, which becomes the
+    members' early stopping; checkpoints are refused."""
+    callbacks = list(callbacks)
+    for cb in callbacks:
+        if not isinstance(cb, Callback) and not callable(getattr(cb, "on_epoch_end", None)):
+            msg = f"callbacks must be Callback instances, got {cb!r}"
+            raise TypeError(msg)
+    stoppers = [cb for cb in callbacks if isinstance(cb, EarlyStopping)]
+    if stoppers:
+        if early_stopping is not None or len(stoppers) > 1:
+            msg = ("an ensemble takes one EarlyStopping (per member), given either as early_stopping= or among "
+                   f"callbacks; got early_stopping={early_stopping!r} and {len(stoppers)} in callbacks")
+            raise ValueError(msg)
+        early_stopping = stoppers[0]
+        callbacks = [cb for cb in callbacks if cb is not early_stopping]
+    # checkpoints run after the other callbacks of an epoch and save their states
+    saving = [cb for cb in callbacks if getattr(cb, "saves_callbacks", False)]
+    for cb in saving:
+        if getattr(cb, "monitor", None) is not None:
+            msg = (f"{type(cb).__name__}(monitor={cb.monitor!r}) keeps the best epoch of one value, but an "
+                   "ensemble logs one per member; checkpoint without monitor=")
+            raise NotImplementedError(msg)
+    callbacks = [cb for cb in callbacks if cb not in saving] + saving
+    for cb in saving:
+        cb.run_callbacks = callbacks
+    return callbacks, early_stopping
 
 
 @dataclasses.dataclass
@@ -797,6 +988,8 @@ class _Run:
     best_params: Any = None
     step: int = 0
     held: Any = None
+    callbacks: Any = ()
+    batch_callbacks: Any = ()
 
 
 def _prepare(model, x, y, lossfn, sample_weight, validation_data, validation_split) -> _Run:
@@ -834,8 +1027,9 @@ def _has_l2(l2) -> bool:
     return not (isinstance(l2, float) and l2 == 0.0)
 
 
-def _step(run: _Run, xb, yb, wb, epoch: int):
-    """One training step of every member; each member's loss on the batch, (K,) on the host."""
+def _step(run: _Run, xb, yb, wb):
+    """One training step of every member; each member's loss on the batch, (K,), left on
+    the device (nothing is read back to the host)."""
     model, xp, l2 = run.model, run.xp, run.l2
     upto = len(model.layers) - 1 if run.fused else None
     out, caches = model.forward(xb, training=True, xp=xp, upto=upto, plan=run.plan)
@@ -843,15 +1037,6 @@ def _step(run: _Run, xb, yb, wb, epoch: int):
     del out
     if _has_l2(l2):
         values = values + _penalty(model, l2, xp)
-    host = to_numpy(values).astype(float)
-    if not numpy.all(numpy.isfinite(host)):
-        bad = numpy.flatnonzero(~numpy.isfinite(host)).tolist()
-        finite = all(bool(xp.all(xp.isfinite(a))) for p in model.params for a in p.values())
-        kept = ("the parameters are those of the last finite step" if finite else
-                f"the update of step {run.step} already made some parameters non-finite")
-        msg = (f"the training loss of members {bad} became non-finite at epoch {epoch + 1}, "
-               f"step {run.step + 1}; {kept}. Lower those members' learning rates or scale the inputs.")
-        raise DivergenceError(msg, epoch=epoch, step=run.step, params_finite=finite)
     grads = model._backprop(caches, dout, xp=xp, inplace=True, plan=run.plan)
     # the previous step's arrays are let go only now, after this step's of the same sizes
     # exist: freed first, they would shrink the heap, and the next step's would be
@@ -864,26 +1049,113 @@ def _step(run: _Run, xb, yb, wb, epoch: int):
                 g["W"] = g["W"] + l2 * p["W"]
     run.rule.step(model.params, grads, run.active)
     run.step += 1
-    return host
+    return values
+
+
+#: Per-step losses (K,) are kept on the device and stacked into one (steps, K) array
+#: every this many steps, so that a long epoch holds few arrays.
+_STACK_EVERY = 256
+
+#: A long epoch reads its losses every this many steps (one transfer), checks them and
+#: copies the parameters and optimiser state again: a divergence is found, and replayed,
+#: within this many steps (as the plain fit does).
+_CHECK_EVERY = 1000
+
+
+def _batch(run: _Run, order, k: int, batch_size: int):
+    x, y, w, xp = run.x, run.y, run.w, run.xp
+    n = int(x.shape[0])
+    start, end = k * batch_size, min((k + 1) * batch_size, n)
+    if order is None:
+        return x[start:end, ...], y[start:end, ...], None if w is None else w[:, start:end]
+    idx = order[start:end]
+    return xp.take(x, idx, axis=0), xp.take(y, idx, axis=0), None if w is None else xp.take(w, idx, axis=1)
+
+
+def _snapshot(run: _Run) -> tuple:
+    """Copies, on the device, of what an epoch's steps change: the stacked parameters, the
+    members' optimiser state and step count, the step counter and the generator's state."""
+    xp, rule = run.xp, run.rule
+
+    def copy(d):
+        return {key: xp.asarray(a, copy=True) for key, a in d.items() if key != "_scratch"}
+
+    params = [copy(p) for p in run.model.params]
+    state = None if rule.state is None else [{key: copy(st) for key, st in layer.items()} for layer in rule.state]
+    rng = None if run.model.rng is None else run.model.rng.get_state()
+    return params, state, rule.t, run.step, rng
+
+
+def _restore(run: _Run, snapshot: tuple) -> None:
+    params, state, t, step, rng = snapshot
+    run.model.params = [dict(p) for p in params]
+    run.rule.state = None if state is None else [{key: dict(st) for key, st in layer.items()} for layer in state]
+    run.rule.t, run.step = t, step
+    if rng is not None:
+        run.model.rng.set_state(rng)
+
+
+def _divergence(run: _Run, row, epoch: int) -> DivergenceError:
+    """The error for a step whose losses ``row`` (K host floats) are not all finite; the
+    parameters are those before that step (one host read, to say whether they are finite)."""
+    xp = run.xp
+    bad = numpy.flatnonzero(~numpy.isfinite(row)).tolist()
+    finite = all(bool(xp.all(xp.isfinite(a))) for p in run.model.params for a in p.values())
+    kept = ("the parameters are those of the last finite step" if finite else
+            f"the update of step {run.step} already made some parameters non-finite")
+    msg = (f"the training loss of members {bad} became non-finite at epoch {epoch + 1}, "
+           f"step {run.step + 1}; {kept}. Lower those members' learning rates or scale the inputs.")
+    return DivergenceError(msg, epoch=epoch, step=run.step, params_finite=finite)
 
 
 def _run_epoch(run: _Run, epoch: int, batch_size: int, shuffle: bool):
-    """The epoch's batches; each member's mean training loss, (K,)."""
-    x, y, w, xp = run.x, run.y, run.w, run.xp
-    n = int(x.shape[0])
+    """The epoch's batches: each member's mean training loss, (K,) on the host, and
+    whether an ``on_batch_end`` hook asked to stop.
+
+    No step reads anything back to the host: each step's losses (K,) stay on the device
+    and are read together, in one transfer, at the end of the epoch (every
+    :data:`_CHECK_EVERY` steps in a longer one). A step with a non-finite loss is found
+    then: the steps since the last read are replayed from a copy of the parameters,
+    optimiser state and generator state taken there, up to the step before it, so that
+    :class:`DivergenceError` leaves the parameters of the last finite step and names the
+    members whose loss was not finite, as a check after every step would. A callback
+    that overrides ``on_batch_end`` needs each step's losses: then every step is read."""
+    xp = run.xp
+    check_every = 1 if run.batch_callbacks else _CHECK_EVERY
+    n = int(run.x.shape[0])
+    n_steps = -(-n // batch_size)
     order = run.model.rng.permutation(n) if shuffle else None
+    sizes = numpy.minimum(numpy.arange(1, n_steps + 1) * batch_size, n) - numpy.arange(n_steps) * batch_size
     totals = numpy.zeros(run.model.ensemble)
-    for start in range(0, n, batch_size):
-        end = min(start + batch_size, n)
-        if order is None:
-            xb, yb = x[start:end, ...], y[start:end, ...]
-            wb = None if w is None else w[:, start:end]
-        else:
-            idx = order[start:end]
-            xb, yb = xp.take(x, idx, axis=0), xp.take(y, idx, axis=0)
-            wb = None if w is None else xp.take(w, idx, axis=1)
-        totals += _step(run, xb, yb, wb, epoch) * (end - start)
-    return totals / n
+    snapshot, first = _snapshot(run), 0  # the state before step ``first`` of the epoch
+    chunks, pending = [], []
+    for k in range(n_steps):
+        pending.append(_step(run, *_batch(run, order, k, batch_size)))
+        if len(pending) == _STACK_EVERY:
+            chunks.append(xp.stack(pending))
+            pending = []
+        if k + 1 - first < check_every and k + 1 < n_steps:
+            continue
+        if pending:
+            chunks.append(xp.stack(pending))
+        losses = to_numpy(chunks[0] if len(chunks) == 1 else xp.concat(chunks)).astype(float)  # the read
+        chunks, pending = [], []
+        ok = numpy.isfinite(losses).all(axis=1)
+        if not ok.all():
+            i = int(numpy.argmin(ok))
+            _restore(run, snapshot)
+            for j in range(first, first + i):
+                _step(run, *_batch(run, order, j, batch_size))
+            raise _divergence(run, losses[i], epoch)
+        totals += sizes[first:k + 1] @ losses
+        first = k + 1
+        if run.batch_callbacks:  # check_every 1: one row, this step's
+            logs = {"epoch": epoch, "step": run.step, "loss": losses[-1]}
+            if any([bool(cb.on_batch_end(run.model, logs)) for cb in run.batch_callbacks]):
+                return totals / int(sizes[:first].sum()), True
+        if first < n_steps:
+            snapshot = _snapshot(run)
+    return totals / n, False
 
 
 def _stop_members(run: _Run, epoch: int, logs) -> bool:
@@ -988,7 +1260,7 @@ def make_step(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "a
                              weight_decay=None, betas=None)
     run.fused = model._fused(lossfn)
     run.plan = plan_for(model, run.xp)
-    return lambda: _step(run, run.x, run.y, None, 0)
+    return lambda: to_numpy(_step(run, run.x, run.y, None)).astype(float)
 
 
 def _keep_best(params, best, improved, xp, like):

@@ -807,6 +807,12 @@ def _run_full_batch(run: _Run, epochs: int) -> None:
         iterations.close()
 
 
+def _is_ensemble(model) -> bool:
+    """Whether ``model`` holds K stacked members (``ensemble=K``): its training and
+    prediction are :mod:`arraymlp.ensemble`'s, which these functions hand it to."""
+    return getattr(model, "ensemble", None) is not None
+
+
 def fit(model, x, y, *, loss: str | Loss | None = None, optimizer: str | Optimizer = "adam",
         lr: float | None = None, schedule: Any = None, epochs: int = 10, batch_size: int = 32,
         shuffle: bool = True, validation_data: tuple | None = None, validation_split: float = 0.0,
@@ -821,7 +827,10 @@ def fit(model, x, y, *, loss: str | Loss | None = None, optimizer: str | Optimiz
     apply; ``epochs`` caps the iterations, and the optimiser's ``tol``, ``max_iter`` and
     ``max_fun`` may stop it earlier: ``model.optimizer_.status`` says why it stopped).
 
-    ``model.fit(x, y, ...)`` is this function with the model as its first argument.
+    ``model.fit(x, y, ...)`` is this function with the model as its first argument. A
+    model built with ``ensemble=K`` is trained by :func:`arraymlp.ensemble.fit`, which
+    this function hands it to (as :func:`partial_fit`, :func:`predict` and
+    :func:`predict_proba` do; :func:`evaluate` refuses one).
 
     Parameters
     ----------
@@ -912,6 +921,12 @@ def fit(model, x, y, *, loss: str | Loss | None = None, optimizer: str | Optimiz
     True
     """
     options = {k: v for k, v in locals().items() if k not in ("model", "x", "y")}
+    if _is_ensemble(model):  # K members at once: the ensemble's loop (its loss defaults to "mse")
+        from . import ensemble
+
+        if options["loss"] is None:
+            del options["loss"]
+        return ensemble.fit(model, x, y, **options)
     return _train(model, x, y, reuse_optimizer=False, **options)
 
 
@@ -1003,6 +1018,15 @@ def partial_fit(model, x, y, *, loss: str | Loss | None = None, optimizer: str |
     >>> model.loss_, model.optimizer_.step_count, losses[2] < losses[0]
     ('mse', 3, True)
     """
+    if _is_ensemble(model):
+        from . import ensemble
+
+        unsupported = [name for name, v in (("metrics", metrics), ("precision", precision)) if v is not None]
+        if unsupported:
+            msg = f"partial_fit of an ensemble does not support {', '.join(unsupported)} yet"
+            raise NotImplementedError(msg)
+        return ensemble.partial_fit(model, x, y, loss=loss, optimizer=optimizer, lr=lr, batch_size=batch_size,
+                                    shuffle=shuffle, l2=l2, sample_weight=sample_weight)
     if loss is None:
         loss = getattr(model, "loss_", None)
     defaults = {k: p.default for k, p in inspect.signature(fit).parameters.items()
@@ -1051,6 +1075,10 @@ def evaluate(model, x, y, *, loss: str | Loss | None = None, metrics: Sequence[A
     >>> bool(np.isclose(scores["loss"], -np.mean(np.log(proba[[0, 1, 2], y]))))
     True
     """
+    if _is_ensemble(model):
+        msg = ("evaluate of an ensemble is not supported yet: model.loss(x, y, loss=..., reduce=None) gives each "
+               "member's loss, and model.member(i).evaluate(x, y) one member's metrics")
+        raise NotImplementedError(msg)
     x, xp = model._check_x(x)
     y = model._check_target(y, xp)
     if _n(y) != _n(x):
@@ -1078,10 +1106,15 @@ def predict_proba(model, x):
     for 0/1 outputs (so (n, 1) for a binary classifier: the probability of 1).
 
     Uses the model's own softmax/sigmoid output when it has one, and applies it to the
-    logits of a model trained with a classification loss otherwise.
+    logits of a model trained with a classification loss otherwise. For an ensemble,
+    the members' averaged probabilities (:func:`arraymlp.ensemble.predict_proba`).
     """
     from .functional import sigmoid, softmax
 
+    if _is_ensemble(model):
+        from . import ensemble
+
+        return ensemble.predict_proba(model, x)
     out = model(x)
     xp = model.xp
     task = getattr(model, "task_", None)
@@ -1124,8 +1157,14 @@ def predict(model, x):
 
     So ``(model.predict(x) == y).mean()`` is the accuracy, never a broadcast of (n, 1)
     against (n,). A model that was not fitted (or read from an older file) answers
-    by its output activation, in shape (n, n_outputs) (int64 labels).
+    by its output activation, in shape (n, n_outputs) (int64 labels). For an ensemble,
+    the prediction of the members' averaged probabilities or outputs
+    (:func:`arraymlp.ensemble.predict`).
     """
+    if _is_ensemble(model):
+        from . import ensemble
+
+        return ensemble.predict(model, x)
     task, one_d, dtype = _prediction_form(model)
     xp = model.xp
     if task == "multiclass":

@@ -98,6 +98,12 @@ def _callback_entries(callbacks: Sequence[Any], n_layers: int, tensors: dict, dt
     return cb_entries
 
 
+def _history_value(v: Any) -> Any:
+    """A history entry for JSON: a float, or a list of floats (an ensemble's one value per
+    member, or its per-member rates)."""
+    return float(v) if numpy.ndim(v) == 0 else numpy.asarray(v, dtype=float).tolist()
+
+
 def save_checkpoint(path: str | os.PathLike, model: Any, *, optimizer: Optimizer | None = None,
                     schedule: Any = None, epoch: int = 0, steps: int | None = None,
                     history: History | None = None, callbacks: Sequence[Any] = ()) -> None:
@@ -131,6 +137,8 @@ def save_checkpoint(path: str | os.PathLike, model: Any, *, optimizer: Optimizer
     """
     if optimizer is None:
         optimizer = getattr(model, "optimizer_", None)
+        if getattr(model, "ensemble", None) is not None:  # the members' update rule, per-member settings
+            optimizer = getattr(model, "ensemble_optimizer_", None)
     if schedule is None:
         schedule = getattr(model, "schedule_", None)
     metadata, tensors = _model_payload(model, "checkpoint")
@@ -140,7 +148,8 @@ def save_checkpoint(path: str | os.PathLike, model: Any, *, optimizer: Optimizer
         steps = getattr(model, "steps_", 0)
     hist = None
     if history is not None:
-        hist = {k: [float(v) for v in getattr(history, k)] for k in ("loss", "val_loss", "val_metric", "lr", "time")}
+        hist = {k: [_history_value(v) for v in getattr(history, k)]
+                for k in ("loss", "val_loss", "val_metric", "lr", "time")}
         hist["metric_name"] = history.metric_name
         hist["metrics"] = {k: [float(v) for v in series] for k, series in history.metrics.items()}
     cb_entries = _callback_entries(callbacks, len(model.layers), tensors, dtype)
@@ -253,6 +262,12 @@ def restore_checkpoint(path: str | os.PathLike, model: Any, *, optimizer: Optimi
         msg = "the model has no parameters yet; build it (backend= or a first call) before restoring a checkpoint"
         raise ValueError(msg)
     _check_fits(f, model)
+    k_saved, k_model = f.model_cfg.get("ensemble"), getattr(model, "ensemble", None)
+    if k_saved != k_model:
+        what = {None: "a plain model"}
+        msg = (f"checkpoint {f.path} holds {what.get(k_saved, f'an ensemble of {k_saved} members')}, but the model "
+               f"being restored is {what.get(k_model, f'an ensemble of {k_model} members')}")
+        raise ValueError(msg)
     info = _checkpoint_dict(f, None)
     opt = info["optimizer"]
     if optimizer is not None and opt is not None and opt["optimizer"] != optimizer.name:
@@ -288,7 +303,9 @@ def restore_checkpoint(path: str | os.PathLike, model: Any, *, optimizer: Optimi
     hist = info["history"]
     if history is not None and hist is not None:
         for k in ("loss", "val_loss", "val_metric", "lr", "time"):
-            setattr(history, k, list(hist.get(k, [])))
+            # an ensemble's per-member values come back as the arrays (K,) its history holds
+            setattr(history, k, [numpy.asarray(v) if isinstance(v, list) and k != "lr" else v
+                                 for v in hist.get(k, [])])
         history.metric_name = hist.get("metric_name", history.metric_name) or history.metric_name
         for k, series in hist.get("metrics", {}).items():
             history.metrics[k] = [float(v) for v in series]

@@ -152,7 +152,7 @@ def _check_built(model: Any, doing: str) -> None:
 
 def _model_payload(model: Any, kind: str) -> tuple[dict[str, str], dict[str, numpy.ndarray]]:
     _check_built(model, "saving")
-    if getattr(model, "ensemble", None) is not None and kind != "model":
+    if getattr(model, "ensemble", None) is not None and kind not in ("model", "checkpoint"):
         msg = f"an ensemble is saved with arraymlp.save; {kind}s of ensembles are not supported yet"
         raise NotImplementedError(msg)
     cfg = _model_config(model)
@@ -292,8 +292,18 @@ def _nonneg_int(path: str, value: Any, what: str) -> int:
     return value
 
 
-def _parse_optimizer_entry(path: str, opt: Any, layers: list[L.Layer], expected: dict[str, tuple[int, ...]]) -> None:
-    """Validate the checkpoint's optimizer entry; record the optimiser tensors it expects."""
+def _member_values_ok(v: Any, k: int) -> bool:
+    """Whether ``v`` is a number, or a list of ``k`` numbers (an ensemble's per-member value)."""
+    def num(e):
+        return isinstance(e, (int, float)) and not isinstance(e, bool)
+
+    return num(v) or (isinstance(v, list) and len(v) == k and all(num(e) for e in v))
+
+
+def _parse_optimizer_entry(path: str, opt: Any, layers: list[L.Layer], expected: dict[str, tuple[int, ...]],
+                           k: int | None = None) -> None:
+    """Validate the checkpoint's optimizer entry; record the optimiser tensors it expects
+    (stacked, for an ensemble of ``k`` members, whose hyper-parameters are per member)."""
     if not isinstance(opt, dict) or set(opt) != {"optimizer", "hyperparameters", "step", "state"}:
         raise ModelFileError(path, "the checkpoint's optimizer entry is malformed")
     name, hyper = opt["optimizer"], opt["hyperparameters"]
@@ -301,10 +311,14 @@ def _parse_optimizer_entry(path: str, opt: Any, layers: list[L.Layer], expected:
         raise ModelFileError(path, f"unknown optimizer {name!r}; known optimizers: {', '.join(OPTIMIZERS)}")
     if not isinstance(hyper, dict):
         raise ModelFileError(path, "the checkpoint's optimizer hyperparameters are not an object")
-    try:
-        OPTIMIZERS[name](**hyper)
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise ModelFileError(path, f"invalid {name} hyperparameters: {exc}") from None
+    if k is not None:
+        if not all(key in ("lr", "wd", "momentum", "b1", "b2") and _member_values_ok(v, k) for key, v in hyper.items()):
+            raise ModelFileError(path, f"invalid per-member {name} hyperparameters {hyper!r}")
+    else:
+        try:
+            OPTIMIZERS[name](**hyper)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise ModelFileError(path, f"invalid {name} hyperparameters: {exc}") from None
     _nonneg_int(path, opt["step"], "optimizer step")
     skeleton = opt["state"]
     if skeleton is None:
@@ -312,7 +326,7 @@ def _parse_optimizer_entry(path: str, opt: Any, layers: list[L.Layer], expected:
     if not isinstance(skeleton, list) or len(skeleton) != len(layers):
         raise ModelFileError(path, "the checkpoint's optimizer state does not have one entry per layer")
     for i, (entry, layer) in enumerate(zip(skeleton, layers)):
-        shapes = _param_shapes(layer)
+        shapes = _param_shapes(layer, k)
         if not isinstance(entry, dict) or set(entry) != set(shapes):
             raise ModelFileError(
                 path, f"the optimizer state of layer {i} does not match its parameters {sorted(shapes)}")
@@ -334,7 +348,7 @@ def _check_rng_entry(path: str, rng: Any) -> None:
 
 
 def _parse_callback_entries(path: str, entries: Any, layers: list[L.Layer],
-                            expected: dict[str, tuple[int, ...]]) -> None:
+                            expected: dict[str, tuple[int, ...]], k: int | None = None) -> None:
     """Validate the checkpoint's callback states; record the per-layer arrays they expect."""
     if not isinstance(entries, list):
         raise ModelFileError(path, "the checkpoint's callbacks entry is not a list")
@@ -347,7 +361,7 @@ def _parse_callback_entries(path: str, entries: Any, layers: list[L.Layer],
             if not isinstance(skeleton, list) or len(skeleton) != len(layers):
                 raise ModelFileError(path, f"the arrays {name!r} of callback {j} do not have one entry per layer")
             for i, (keys, layer) in enumerate(zip(skeleton, layers)):
-                shapes = _param_shapes(layer)
+                shapes = _param_shapes(layer, k)
                 if not isinstance(keys, list) or set(keys) != set(shapes) or len(keys) != len(shapes):
                     raise ModelFileError(
                         path, f"the arrays {name!r} of callback {j}, layer {i} do not match its parameters")
@@ -355,11 +369,13 @@ def _parse_callback_entries(path: str, entries: Any, layers: list[L.Layer],
                     expected[f"callbacks.{j}.{name}.{i}.{key}"] = shapes[key]
 
 
-def _check_history_entry(path: str, hist: Any) -> None:
-    """Validate the checkpoint's training history."""
+def _check_history_entry(path: str, hist: Any, members: int | None = None) -> None:
+    """Validate the checkpoint's training history (an ensemble's entries may be lists of
+    one value per member)."""
     ok = isinstance(hist, dict) and isinstance(hist.get("metric_name", ""), str) and all(
-        isinstance(hist.get(k, []), list) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                 for v in hist.get(k, []))
+        isinstance(hist.get(k, []), list) and all(
+            (isinstance(v, (int, float)) and not isinstance(v, bool))
+            or (members is not None and _member_values_ok(v, members)) for v in hist.get(k, []))
         for k in ("loss", "val_loss", "val_metric", "lr", "time"))
     metrics = hist.get("metrics", {}) if isinstance(hist, dict) else None  # absent from older checkpoints
     ok = ok and isinstance(metrics, dict) and all(
@@ -370,7 +386,7 @@ def _check_history_entry(path: str, hist: Any) -> None:
         raise ModelFileError(path, "the checkpoint's history is malformed")
 
 
-def _parse_checkpoint(path: str, metadata: dict[str, str], layers: list[L.Layer]):
+def _parse_checkpoint(path: str, metadata: dict[str, str], layers: list[L.Layer], k: int | None = None):
     """Validate the checkpoint entry; return it and the optimiser tensors it expects."""
     ck = _json_field(path, metadata, "checkpoint")
     _nonneg_int(path, ck.get("epoch"), "epoch")
@@ -378,17 +394,17 @@ def _parse_checkpoint(path: str, metadata: dict[str, str], layers: list[L.Layer]
     expected: dict[str, tuple[int, ...]] = {}
     opt = ck.get("optimizer")
     if opt is not None:
-        _parse_optimizer_entry(path, opt, layers, expected)
+        _parse_optimizer_entry(path, opt, layers, expected, k)
     rng = ck.get("rng")
     if rng is not None:
         _check_rng_entry(path, rng)
-    _parse_callback_entries(path, ck.get("callbacks", []), layers, expected)
+    _parse_callback_entries(path, ck.get("callbacks", []), layers, expected, k)
     sched = ck.get("schedule")
     if sched is not None and not isinstance(sched, dict):
         raise ModelFileError(path, "the checkpoint's schedule state is not an object")
     hist = ck.get("history")
     if hist is not None:
-        _check_history_entry(path, hist)
+        _check_history_entry(path, hist, k)
     return ck, expected
 
 
@@ -412,7 +428,7 @@ def _read(path: Any) -> _File:
     expected = _expected_tensors(layers, model_cfg["ensemble"])
     checkpoint = None
     if kind == "checkpoint":
-        checkpoint, opt_expected = _parse_checkpoint(shown, metadata, layers)
+        checkpoint, opt_expected = _parse_checkpoint(shown, metadata, layers, model_cfg["ensemble"])
         expected.update(opt_expected)
     missing = sorted(set(expected) - set(index))
     if missing:
