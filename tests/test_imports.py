@@ -198,7 +198,9 @@ def test_training_and_distributed_imports(graph):
     assert graph["arraymlp.training"] == {"arraymlp._backend", "arraymlp.callbacks", "arraymlp.losses",
                                           "arraymlp.optim", "arraymlp.io.checkpoints", "arraymlp.distributed",
                                           "arraymlp.functional", "arraymlp.fusion", "arraymlp.precision",
-                                          "arraymlp.metrics"}
+                                          "arraymlp.metrics", "arraymlp.ensemble"}
+    # an ensemble model is handed to the ensemble's own loop, which does not import training back
+    assert "arraymlp.training" not in reaches(graph, "arraymlp.ensemble")
     # metrics know arrays and their kernels, not models
     assert graph["arraymlp.metrics"] == {"arraymlp._backend", "arraymlp.kernels"}
     assert "arraymlp.model" not in reaches(graph, "arraymlp.training")
