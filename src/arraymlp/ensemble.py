@@ -54,6 +54,7 @@ from ._backend import (
 from .callbacks import Callback, DivergenceError, EarlyStopping, History
 from .fusion import plan_for
 from .kernels import kernels_for
+from .kernels.reference import _iadd, _idiv, _imul, _isub
 from .losses import LOSSES, get_loss
 from .optim import SGD, Adagrad, Adam, Optimizer, RMSprop, get_optimizer
 
@@ -513,44 +514,12 @@ class _MemberUpdate:
         return _isub(p, clr * (g / (xp.sqrt(s) + o.eps)))
 
 
-def _imul(a, c):
-    """``a * c``, into ``a`` where it is writeable (an array of the library's own)."""
-    if is_writeable(a):
-        a *= c
-        return a
-    return a * c
-
-
-def _iadd(a, c):
-    """``a + c``, into ``a`` where it is writeable."""
-    if is_writeable(a):
-        a += c
-        return a
-    return a + c
-
-
-def _idiv(a, c):
-    """``a / c``, into ``a`` where it is writeable."""
-    if is_writeable(a):
-        a /= c
-        return a
-    return a / c
-
-
 def _assign(a, c):
     """``c``'s values, into ``a`` where it is writeable (``a`` is then reused)."""
     if is_writeable(a):
         a[...] = c
         return a
     return c
-
-
-def _isub(a, c):
-    """``a - c``, into ``a`` where it is writeable."""
-    if is_writeable(a):
-        a -= c
-        return a
-    return a - c
 
 
 # -------------------------------------------------------------------------- history
