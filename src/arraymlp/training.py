@@ -37,8 +37,6 @@ import sys
 import time
 from typing import Any, Callable, Sequence
 
-import numpy
-
 from ._backend import Generator, index_dtype, quiet_overflow, slice_rows, take_rows, to_numpy
 from .callbacks import Callback, DivergenceError, EarlyStopping, History
 from .fusion import plan_for
@@ -337,7 +335,7 @@ def _binary_targets(y, xp, lossfn, model, what: str):
     stay as they are for the table's binary cross-entropy (each batch is cast as it
     comes) and are cast to the model's dtype for a custom loss."""
     if int(count_not_binary(y, xp)):
-        values = numpy.unique(numpy.asarray(to_numpy(y)))
+        values = to_numpy(xp.unique_values(y))  # the error's message only
         bad = [v for v in values.tolist() if v not in (0, 1)][:5]
         msg = (
             f"{what} must hold the labels 0 and 1 for a binary classification loss "
