@@ -849,27 +849,8 @@ class _BaseMLP(BaseEstimator):
             for _ in range(epochs):
                 total, _ = _run_epoch(run, self.n_iter_, self._lr)
                 self.n_iter_ += 1
-                self.t_ += n
-                self.loss_ = total / n
-                self.loss_curve_.append(self.loss_)
-                if self.verbose:
-                    print(f"Iteration {self.n_iter_}, loss = {self.loss_:.8f}", flush=True)
-                self._update_no_improvement(early, x_val, y_val, w_val, xp)
-                if self.solver == "sgd" and self.learning_rate == "invscaling":
-                    self._lr = float(self.learning_rate_init) / (self.t_ + 1) ** float(self.power_t)
-                if self._no_improvement_count > self.n_iter_no_change:
-                    if self._should_stop(early):
-                        break
-                    self._no_improvement_count = 0
-                if incremental:
+                if self._end_iteration(n, total / n, incremental, early, (x_val, y_val, w_val), xp):
                     break
-                if self.n_iter_ == self.max_iter:
-                    warnings.warn(
-                        f"Stochastic Optimizer: Maximum iterations ({self.max_iter}) reached and the "
-                        "optimization hasn't converged yet.",
-                        ConvergenceWarning,
-                        stacklevel=3,
-                    )
             if not _params_finite(model.params, xp):  # the last step's update overflowed
                 raise _Diverged(self.n_iter_ - 1, None)
         if early and self._best_params is not None:
@@ -909,27 +890,35 @@ class _BaseMLP(BaseEstimator):
                                       params_finite=exc.params_finite) from exc
             self.member_loss_ = np.asarray(history.loss[-1], dtype=np.float64)
             self.n_iter_ += 1
-            self.t_ += n
-            self.loss_ = float(np.mean(self.member_loss_))
-            self.loss_curve_.append(self.loss_)
-            if self.verbose:
-                print(f"Iteration {self.n_iter_}, loss = {self.loss_:.8f}", flush=True)
-            self._update_no_improvement(False, None, None, None, xp)
-            if self.solver == "sgd" and self.learning_rate == "invscaling":
-                self._lr = float(self.learning_rate_init) / (self.t_ + 1) ** float(self.power_t)
-            if self._no_improvement_count > self.n_iter_no_change:
-                if self._should_stop(False):
-                    break
-                self._no_improvement_count = 0
-            if incremental:
+            if self._end_iteration(n, float(np.mean(self.member_loss_)), incremental, False, (None, None, None), xp):
                 break
-            if self.n_iter_ == self.max_iter:
-                warnings.warn(
-                    f"Stochastic Optimizer: Maximum iterations ({self.max_iter}) reached and the "
-                    "optimization hasn't converged yet.",
-                    ConvergenceWarning,
-                    stacklevel=3,
-                )
+
+    def _end_iteration(self, n: int, loss: float, incremental: bool, early: bool, val: tuple, xp) -> bool:
+        """scikit-learn's bookkeeping after an epoch of ``n`` samples with training loss
+        ``loss``: the curve, verbose line, no-improvement count, invscaling rate and the
+        max_iter warning; whether the epochs end here."""
+        self.t_ += n
+        self.loss_ = loss
+        self.loss_curve_.append(loss)
+        if self.verbose:
+            print(f"Iteration {self.n_iter_}, loss = {self.loss_:.8f}", flush=True)
+        self._update_no_improvement(early, *val, xp)
+        if self.solver == "sgd" and self.learning_rate == "invscaling":
+            self._lr = float(self.learning_rate_init) / (self.t_ + 1) ** float(self.power_t)
+        if self._no_improvement_count > self.n_iter_no_change:
+            if self._should_stop(early):
+                return True
+            self._no_improvement_count = 0
+        if incremental:
+            return True
+        if self.n_iter_ == self.max_iter:
+            warnings.warn(
+                f"Stochastic Optimizer: Maximum iterations ({self.max_iter}) reached and the "
+                "optimization hasn't converged yet.",
+                ConvergenceWarning,
+                stacklevel=4,
+            )
+        return False
 
     @contextlib.contextmanager
     def _on_divergence(self, early: bool, n: int):
