@@ -400,6 +400,31 @@ def to_numpy(x: Any) -> numpy.ndarray:
         return numpy.asarray(x)
 
 
+class StepValues:
+    """Values of successive training steps (0-d or 1-d arrays) kept on their device,
+    stacked into one array every ``every`` values (so a long epoch holds few arrays),
+    and brought to the host in one transfer by :meth:`read`."""
+
+    def __init__(self, xp: types.ModuleType, every: int):
+        self.xp, self.every = xp, every
+        self._chunks: list = []
+        self._pending: list = []
+
+    def append(self, value: Any) -> None:
+        self._pending.append(value)
+        if len(self._pending) == self.every:
+            self._chunks.append(self.xp.stack(self._pending))
+            self._pending = []
+
+    def read(self) -> numpy.ndarray:
+        """The values appended since the last read, as float64 on the host (the one
+        transfer); the store is then empty."""
+        if self._pending:
+            self._chunks.append(self.xp.stack(self._pending))
+        chunks, self._chunks, self._pending = self._chunks, [], []
+        return to_numpy(chunks[0] if len(chunks) == 1 else self.xp.concat(chunks)).astype(numpy.float64)
+
+
 def to_backend(x: Any, backend: Any, *, device: Any = None) -> Any:
     """Move an array to another backend (and device), zero-copy where DLPack allows.
 

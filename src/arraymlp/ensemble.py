@@ -42,6 +42,7 @@ import numpy
 from . import layers as L
 from ._backend import (
     Generator,
+    StepValues,
     check_same_backend,
     check_same_device,
     device_of,
@@ -1097,18 +1098,12 @@ def _run_epoch(run: _Run, epoch: int, batch_size: int, shuffle: bool):
     sizes = numpy.minimum(numpy.arange(1, n_steps + 1) * batch_size, n) - numpy.arange(n_steps) * batch_size
     totals = numpy.zeros(run.model.ensemble)
     snapshot, first = _snapshot(run), 0  # the state before step ``first`` of the epoch
-    chunks, pending = [], []
+    values = StepValues(xp, _STACK_EVERY)
     for k in range(n_steps):
-        pending.append(_step(run, *_batch(run, order, k, batch_size)))
-        if len(pending) == _STACK_EVERY:
-            chunks.append(xp.stack(pending))
-            pending = []
+        values.append(_step(run, *_batch(run, order, k, batch_size)))
         if k + 1 - first < check_every and k + 1 < n_steps:
             continue
-        if pending:
-            chunks.append(xp.stack(pending))
-        losses = to_numpy(chunks[0] if len(chunks) == 1 else xp.concat(chunks)).astype(float)  # the read
-        chunks, pending = [], []
+        losses = values.read()  # the read
         ok = numpy.isfinite(losses).all(axis=1)
         if not ok.all():
             i = int(numpy.argmin(ok))

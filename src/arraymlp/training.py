@@ -37,7 +37,7 @@ import sys
 import time
 from typing import Any, Callable, Sequence
 
-from ._backend import Generator, index_dtype, quiet_overflow, slice_rows, take_rows, to_numpy
+from ._backend import Generator, StepValues, index_dtype, quiet_overflow, slice_rows, take_rows, to_numpy
 from .callbacks import Callback, DivergenceError, EarlyStopping, History
 from .fusion import plan_for
 from .losses import LOSSES, Loss, check_targets, count_not_binary, get_loss
@@ -660,19 +660,13 @@ def _run_epoch_on_device(run: _Run, epoch: int, epoch_lr: float, order) -> tuple
     xp = run.xp
     n_steps = -(-_n(run.x) // run.batch_size)
     snapshot, first = _snapshot(run), 0  # the state before step ``first`` of the epoch
-    total, chunks, pending = 0.0, [], []
+    total, values = 0.0, StepValues(xp, _STACK_EVERY)
     for k in range(n_steps):
         value, _ = _step(run, order, k * run.batch_size, epoch_lr)
-        pending.append(value)
-        if len(pending) == _STACK_EVERY:
-            chunks.append(xp.stack(pending))
-            pending = []
+        values.append(value)
         if k + 1 - first < _CHECK_EVERY and k + 1 < n_steps:
             continue
-        if pending:
-            chunks.append(xp.stack(pending))
-        losses = to_numpy(chunks[0] if len(chunks) == 1 else xp.concat(chunks)).astype("float64")  # the read
-        chunks, pending = [], []
+        losses = values.read()  # the read
         for i, value in enumerate(losses.tolist()):
             if not math.isfinite(value):
                 _replay(run, snapshot, order, first, first + i, epoch_lr)
