@@ -68,10 +68,6 @@ CASES = {
     "dense_sgd_update": (lambda: (_r((9, BIG[0]), 18), _r((9, BIG[1]), 19), _r(BIG, 20), _r((BIG[1],), 21),
                                   0.05, 0.3), {}, (2, 3)),
     "identity_forward_inplace": (lambda: (_r((N, M), 22),), {}, (0,)),
-    "member_adam_update": (lambda: (_r((4, 33, 64), 38), _r((4, 33, 64), 39), _r((4, 33, 64), 40) * 0.1,
-                                    _r((4, 33, 64), 41) ** 2, np.empty((4, 33, 64)),
-                                    np.array([0.9, 0.8, 0.9, 0.5]).reshape(4, 1, 1), 0.999,
-                                    np.array([1e-3, 2e-3, 1e-2, 0.0]).reshape(4, 1, 1), 1e-8), {}, (0, 2, 3, 4)),
     "pick_labels": (lambda: (_r((N, M), 23), _labels()), {}, ()),
     "relu_backward_inplace": (lambda: (_r((N, M), 24), _r((N, M), 25)), {}, (0,)),
     "relu_forward_inplace": (lambda: (_r((N, M), 26),), {}, (0,)),
@@ -269,6 +265,124 @@ def test_optimizer_updates_of_a_set_are_the_reference_bit_for_bit(backend, case,
         if rv is not None:
             np.testing.assert_array_equal(backend.to_numpy(gv), backend.to_numpy(rv), err_msg=name)
     np.testing.assert_array_equal(backend.to_numpy(got_args[1]), host[1], err_msg=f"{name} changed the gradient")
+
+
+K3 = (4, 64, 90)  # an ensemble's stacked parameter: 4 members, large enough for compiled paths
+
+
+def _members(values, dtype):
+    """Per-member hyper-parameters (K, 1, 1) in the parameters' dtype, as host arrays."""
+    return np.asarray(values, dtype=dtype).reshape(-1, 1, 1)
+
+
+def _member_variants(dtype):
+    """Every branch of the updates with per-member (K, 1, 1) hyper-parameters (one member
+    at rate 0, as a frozen one is): (kernel, host arguments, handed over, indices of the
+    per-member arguments)."""
+    p, g, a, s = (lambda: _r(K3, 80)), (lambda: _r(K3, 81)), (lambda: _r(K3, 82) * 0.1), (lambda: _state_of(K3, 83))
+    lr = _members([0.01, 0.05, 0.0, 0.2], dtype)
+    mom = _members([0.9, 0.5, 0.0, 0.99], dtype)
+    wds = _members([0.1, 0.0, 0.3, 0.01], dtype)
+    b1, b2 = _members([0.9, 0.8, 0.5, 0.0], dtype), _members([0.999, 0.99, 0.9, 0.5], dtype)
+    out = []
+    for first in (True, False):
+        for nesterov in (False, True):
+            for wd in (0.0, wds):
+                out.append(("sgd_momentum_update", (p(), g(), a(), lr, mom, 0.0, nesterov, wd, first), (0, 2)))
+    for amsgrad in (False, True):
+        for wd, decoupled in ((0.0, False), (wds, False), (wds, True)):
+            out.append(("adam_update", (p(), g(), a(), s(), s() * 0.5 if amsgrad else None, lr, b1, b2, 1e-8, wd,
+                                        decoupled, 4), (0, 2, 3, 4)))
+    for centered in (False, True):
+        for momentum in (0.0, mom):
+            out.append(("rmsprop_update", (p(), g(), s() + 1.0, a() if centered else None,
+                                           None if isinstance(momentum, float) else a(), lr, 0.99, 1e-8, momentum,
+                                           wds), (0, 2, 3, 4)))
+    out.append(("adagrad_update", (p(), g(), s(), lr, 1e-10, wds), (0, 2)))
+    out.append(("axpy", (p(), -lr, g()), (0,)))
+    return out
+
+
+def _state_of(shape, seed):
+    return np.abs(_r(shape, seed))
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("case", range(len(_member_variants(np.float64))))
+def test_optimizer_updates_take_per_member_hyperparameters(backend, case, dtype):
+    """The updates with an ensemble's per-member hyper-parameters, arrays (K, 1, 1) in the
+    parameters' dtype against stacked parameters (K, ...): the namespace's set (NumPy's
+    compiled Adam included) gives the reference's values bit for bit, and member ``i``'s
+    slice equals the kernel run on that member alone with its values as Python floats,
+    the plain optimiser's call (to rounding in float32, where a plain model's constants
+    such as ``1 - b1`` are computed in float64 and rounded once)."""
+    from arraymlp.kernels import _jit
+
+    if dtype == np.float64:
+        backend.skip_without_float64()
+    _jit.set_enabled(True)  # the compiled Adam loads at its next call where Numba is installed
+    xp = backend.xp
+    name, host, handed = _member_variants(dtype)[case]
+    host = [a.astype(dtype) if isinstance(a, np.ndarray) else a for a in host]
+    per_member = [i for i, a in enumerate(host) if isinstance(a, np.ndarray) and a.shape == (K3[0], 1, 1)]
+
+    def args(values):
+        return [a if not isinstance(a, np.ndarray) else
+                xp.asarray(backend.asarray(a), copy=True) if i in handed or i in per_member else backend.asarray(a)
+                for i, a in enumerate(values)]
+
+    got = getattr(kernels_for(xp), name)(*args(host), xp, _work)
+    ref = getattr(K.REFERENCE, name)(*args(host), xp)
+    got, ref = (got,) if name == "axpy" else got, (ref,) if name == "axpy" else ref
+    for gv, rv in zip(got, ref):
+        assert (gv is None) == (rv is None)
+        if rv is not None:
+            np.testing.assert_array_equal(backend.to_numpy(gv), backend.to_numpy(rv), err_msg=name)
+    tol = 1e-13 if dtype == np.float64 else 2e-6
+    for i in range(K3[0]):  # member i alone, its hyper-parameters as floats
+        alone = [float(a[i, 0, 0]) if j in per_member else (a[i].copy() if isinstance(a, np.ndarray) else a)
+                 for j, a in enumerate(host)]
+        one = getattr(kernels_for(xp), name)(*args(alone), xp, _work)
+        one = (one,) if name == "axpy" else one
+        for gv, ov in zip(got, one):
+            if ov is not None:
+                np.testing.assert_allclose(backend.to_numpy(gv)[i], backend.to_numpy(ov), rtol=tol, atol=tol,
+                                           err_msg=f"{name}, member {i}")
+
+
+def test_compiled_adam_is_the_ufunc_path_bit_for_bit(monkeypatch):
+    """NumPy's compiled Adam (one pass) against its ufunc path, every branch, float32 and
+    float64, plain parameters and per-member hyper-parameters: the same bits."""
+    from arraymlp.kernels import _common as C
+    from arraymlp.kernels import _jit
+    from arraymlp.kernels import numpy as NK
+
+    if _jit.kernels() is None:
+        pytest.skip("Numba is not installed or the compiled kernels are off")
+    _jit.set_enabled(True)
+    monkeypatch.setattr(_jit, "ADAM_MIN", 1)  # every size of the cases
+    for dtype in (np.float32, np.float64):
+        for variant in _member_variants(dtype) + [v for v in _update_variants()]:
+            name, host, *_ = variant if isinstance(variant[1], list | tuple) else (variant[0], variant[1](), None)
+            if name != "adam_update":
+                continue
+            host = [a.astype(dtype) if isinstance(a, np.ndarray) else a for a in host]
+            p, g, m, v, vmax = (None if a is None else a.copy() for a in host[:5])
+            p2, m2, v2, vmax2 = (None if a is None else a.copy() for a in (p, m, v, vmax))
+            assert _jit.adam(p, g, m, v, vmax, lambda h=host: _constants(h), host[9] is not None and
+                             R.is_on(host[9]) and not host[10], host[10] and R.is_on(host[9]))
+            C.adam_update(p2, g, m2, v2, vmax2, *host[5:], np, _work)
+            for a, b in zip((p, m, v, vmax), (p2, m2, v2, vmax2)):
+                if b is not None:
+                    assert a.tobytes() == b.tobytes(), (dtype, host[5:])
+    assert NK.adam_update is kernels_for(np).adam_update or K.reference_forced()
+
+
+def _constants(host):
+    lr, b1, b2, eps, wd, decoupled, t = host[5:]
+    coupled = R.is_on(wd) and not decoupled
+    return (b1, 1.0 - b1, b2, 1.0 - b2, R.hyper_sqrt(1.0 - b2**t, np), eps, lr / (1.0 - b1**t),
+            wd if coupled else 0.0, 1.0 - lr * wd if decoupled and R.is_on(wd) else 1.0)
 
 
 def test_adam_update_reference_against_the_formula():

@@ -55,7 +55,7 @@ from ._backend import (
 from .callbacks import Callback, DivergenceError, EarlyStopping, History
 from .fusion import plan_for
 from .kernels import kernels_for
-from .kernels.reference import _iadd, _idiv, _imul, _isub
+from .kernels.reference import _idiv, _imul, _isub
 from .losses import LOSSES, get_loss
 from .optim import SGD, Adagrad, Adam, Optimizer, RMSprop, get_optimizer
 
@@ -318,10 +318,12 @@ def _penalty(model, l2, xp):
 class _MemberUpdate:
     """The update rule of a plain optimiser with per-member hyper-parameters.
 
-    The rules are those of :mod:`arraymlp.optim` (the same operations in the same order);
-    a hyper-parameter is a float, or an array of shape (K, 1, 1) that broadcasts over the
-    stacked parameters. Clipping acts per member (``clip_norm`` over a member's own
-    gradients).
+    The update of each stacked parameter is the plain optimiser's kernel of the set
+    (:mod:`arraymlp.kernels`: ``sgd_momentum_update``, ``axpy``, ``adam_update``,
+    ``rmsprop_update``, ``adagrad_update``), called with the per-member hyper-parameters:
+    a float where the members share it (the plain model's operations exactly), or an
+    array of shape (K, 1, 1) that broadcasts over the stacked parameters. Clipping acts
+    per member (``clip_norm`` over a member's own gradients).
     """
 
     def __init__(self, opt: Optimizer, k: int, xp, like, *, lr, momentum, weight_decay, betas):
@@ -355,6 +357,7 @@ class _MemberUpdate:
             self.b2 = _per_member("betas[1]", b[1], k, xp, like, high=1.0, high_open=True)
         self.state: list[dict[str, dict[str, Any]]] | None = None
         self.t = 0
+        self._scratch = None
 
     _HYPER = ("lr", "wd", "momentum", "b1", "b2")
 
@@ -374,7 +377,7 @@ class _MemberUpdate:
                 hyper[key] = float(v) if isinstance(v, float) else [float(a) for a in to_numpy(v).reshape(-1)]
         state = None
         if self.state is not None:
-            state = [{key: {slot: xp.asarray(a, copy=True) for slot, a in st.items() if slot != "_scratch"}
+            state = [{key: {slot: xp.asarray(a, copy=True) for slot, a in st.items()}
                       for key, st in layer.items()} for layer in self.state]
         return {"optimizer": self.name, "hyperparameters": hyper, "step": self.t, "state": state}
 
@@ -407,6 +410,14 @@ class _MemberUpdate:
     def _zeros(self, p):
         return self.xp.zeros_like(p)
 
+    def _work(self, n, p, xp):
+        """A flat scratch array of ``n`` elements in ``p``'s dtype and place, for the
+        kernels' products (one buffer, grown on demand; not state)."""
+        s = self._scratch
+        if s is None or s.shape[0] < n or type(s) is not type(p) or s.dtype != p.dtype or s.device != p.device:
+            s = self._scratch = xp.empty((n,), dtype=p.dtype, device=device_of(p))
+        return s[:n]
+
     def _init(self, p):
         o = self.opt
         eps = getattr(o, "eps", None)
@@ -433,14 +444,15 @@ class _MemberUpdate:
     def _clip(self, grads):
         xp, o = self.xp, self.opt
         if o.clip_value is not None:
-            grads = [{k: xp.clip(g, min=-o.clip_value, max=o.clip_value) for k, g in layer.items()}
+            # minimum/maximum, not clip: array-api-compat's clip reads boolean masks back
+            grads = [{k: xp.minimum(xp.maximum(g, -o.clip_value), o.clip_value) for k, g in layer.items()}
                      for layer in grads]
         if o.clip_norm is not None:
             sq = 0.0
             for layer in grads:
                 for g in layer.values():
                     sq = sq + xp.sum(g * g, axis=tuple(range(1, g.ndim)))
-            coef = xp.clip(o.clip_norm / (xp.sqrt(sq) + 1e-6), max=1.0)
+            coef = xp.minimum(o.clip_norm / (xp.sqrt(sq) + 1e-6), 1.0)
             coef = xp.reshape(coef, (-1, 1, 1))
             grads = [{k: g * coef for k, g in layer.items()} for layer in grads]
         return grads
@@ -461,58 +473,38 @@ class _MemberUpdate:
         return params
 
     def _update(self, p, g, st, lr, wd, xp):
-        o, t = self.opt, self.t
-        if self._on(wd):
-            if getattr(o, "_decoupled", False):
-                p = _imul(p, 1.0 - lr * wd)
-            else:
-                g = g + wd * p
+        """The plain optimiser's kernel of the set, with the per-member hyper-parameters
+        as they are (floats, or (K, 1, 1) arrays that broadcast over the stacked ``p``)."""
+        o, t, ks = self.opt, self.t, kernels_for(xp)
         if isinstance(o, SGD):
-            mom = self.momentum
-            if self._on(mom):
-                buf = st["momentum_buffer"]
-                if t == 1:
-                    buf = _iadd(buf, g)
-                else:
-                    buf = _iadd(_imul(buf, mom), (1.0 - o.dampening) * g)
-                st["momentum_buffer"] = buf
-                g = g + mom * buf if o.nesterov else buf
-            return _iadd(p, (-lr) * g)
-        if isinstance(o, Adam):
-            b1, b2 = self.b1, self.b2
-            c = (1.0 - b2**t) ** 0.5
-            # step_size m / (sqrt(v) / c + eps) as (step_size c) m / (sqrt(v) + eps c)
-            step = lr / (1.0 - b1**t) * c
-            if not o.amsgrad:  # one kernel of the set: one compiled pass on NumPy
-                ks = kernels_for(xp)
-                scratch = None
-                if "member_adam_update" not in ks.overrides:  # the reference's work space, kept
-                    scratch = st.get("_scratch")
-                    if scratch is None:
-                        scratch = st["_scratch"] = xp.empty_like(p)
-                p, st["exp_avg"], st["exp_avg_sq"] = ks.member_adam_update(
-                    p, g, st["exp_avg"], st["exp_avg_sq"], scratch, b1, b2, step, o.eps * c, xp)
+            if self._on(self.momentum):
+                p, st["momentum_buffer"] = ks.sgd_momentum_update(
+                    p, g, st["momentum_buffer"], lr, self.momentum, o.dampening, o.nesterov, wd, t == 1, xp,
+                    self._work)
                 return p
-            v = st["exp_avg_sq"] = _iadd(_imul(st["exp_avg_sq"], b2), (1.0 - b2) * (g * g))
-            m = st["exp_avg"] = _iadd(_imul(_isub(st["exp_avg"], g), b1), g)
-            v = st["max_exp_avg_sq"] = xp.maximum(st["max_exp_avg_sq"], v)
-            return _isub(p, step * (m / (xp.sqrt(v) + o.eps * c)))
+            if self._on(wd):
+                g = g + wd * p
+            return ks.axpy(p, -lr, g, xp, self._work)
+        if isinstance(o, Adam):
+            p, st["exp_avg"], st["exp_avg_sq"], vmax = ks.adam_update(
+                p, g, st["exp_avg"], st["exp_avg_sq"], st.get("max_exp_avg_sq") if o.amsgrad else None,
+                lr, self.b1, self.b2, o.eps, wd, o._decoupled, t, xp, self._work)
+            if o.amsgrad:
+                st["max_exp_avg_sq"] = vmax
+            return p
         if isinstance(o, RMSprop):
-            a = o.alpha
-            v = st["square_avg"] = _iadd(_imul(st["square_avg"], a), (1.0 - a) * (g * g))
+            on = self._on(self.momentum)
+            p, st["square_avg"], gbar, buf = ks.rmsprop_update(
+                p, g, st["square_avg"], st.get("grad_avg") if o.centered else None,
+                st.get("momentum_buffer") if on else None, lr, o.alpha, o.eps, self.momentum, wd, xp, self._work)
             if o.centered:
-                gbar = st["grad_avg"] = _iadd(_imul(st["grad_avg"], a), (1.0 - a) * g)
-                avg = xp.sqrt(v - gbar * gbar) + o.eps
-            else:
-                avg = xp.sqrt(v) + o.eps
-            mom = self.momentum
-            if self._on(mom):
-                buf = st["momentum_buffer"] = _iadd(_imul(st["momentum_buffer"], mom), g / avg)
-                return _isub(p, lr * buf)
-            return _isub(p, lr * (g / avg))
+                st["grad_avg"] = gbar
+            if on:
+                st["momentum_buffer"] = buf
+            return p
         clr = lr / (1.0 + (t - 1) * o.lr_decay)
-        s = st["sum"] = _iadd(st["sum"], g * g)
-        return _isub(p, clr * (g / (xp.sqrt(s) + o.eps)))
+        p, st["sum"] = ks.adagrad_update(p, g, st["sum"], clr, o.eps, wd, xp, self._work)
+        return p
 
 
 def _assign(a, c):
@@ -1048,7 +1040,7 @@ def _snapshot(run: _Run) -> tuple:
     xp, rule = run.xp, run.rule
 
     def copy(d):
-        return {key: xp.asarray(a, copy=True) for key, a in d.items() if key != "_scratch"}
+        return {key: xp.asarray(a, copy=True) for key, a in d.items()}
 
     params = [copy(p) for p in run.model.params]
     state = None if rule.state is None else [{key: copy(st) for key, st in layer.items()} for layer in rule.state]

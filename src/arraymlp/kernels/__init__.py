@@ -52,7 +52,6 @@ KERNELS = (
     "dense_relu_forward",
     "dense_sgd_update",
     "identity_forward_inplace",
-    "member_adam_update",
     "pick_labels",
     "relu_backward_inplace",
     "relu_forward_inplace",

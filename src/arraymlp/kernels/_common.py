@@ -180,6 +180,8 @@ INDEXING_OVERRIDES = {
 # ``out=``: bit for bit the reference's values without the temporaries. They apply when
 # the parameter and its state may be written and the gradient has the parameter's dtype
 # (a gradient of another dtype would round differently in a buffer of the parameter's).
+# Hyper-parameters are numbers or arrays broadcasting against ``p`` (an ensemble's
+# per-member values), as in the reference.
 def _buffers(work, k, p, xp):
     """``k`` scratch arrays of ``p``'s shape, from one loan of the work buffer."""
     n = math.prod(p.shape)
@@ -201,9 +203,9 @@ def _coupled(g, p, wd, w, xp):
 def adam_update(p, g, m, v, vmax, lr, b1, b2, eps, wd, decoupled, t, xp, work=None):
     if not _out_applies(p, g, (m, v, vmax), work):
         return R.adam_update(p, g, m, v, vmax, lr, b1, b2, eps, wd, decoupled, t, xp, work)
-    coupled = wd != 0 and not decoupled
+    coupled = R.is_on(wd) and not decoupled
     w, *rest = _buffers(work, 2 if coupled else 1, p, xp)
-    if wd != 0:
+    if R.is_on(wd):
         if decoupled:
             p *= 1.0 - lr * wd
         else:
@@ -216,7 +218,7 @@ def adam_update(p, g, m, v, vmax, lr, b1, b2, eps, wd, decoupled, t, xp, work=No
     v += w
     second = v if vmax is None else xp.maximum(vmax, v, out=vmax)
     xp.sqrt(second, out=w)
-    w /= math.sqrt(1.0 - b2**t)
+    w /= R.hyper_sqrt(1.0 - b2**t, xp)
     w += eps
     xp.divide(m, w, out=w)
     w *= lr / (1.0 - b1**t)
@@ -228,7 +230,7 @@ def rmsprop_update(p, g, square_avg, grad_avg, buf, lr, alpha, eps, momentum, wd
     if not _out_applies(p, g, (square_avg, grad_avg, buf), work):
         return R.rmsprop_update(p, g, square_avg, grad_avg, buf, lr, alpha, eps, momentum, wd, xp, work)
     w, w2 = _buffers(work, 2, p, xp)
-    if wd != 0:
+    if R.is_on(wd):
         g = _coupled(g, p, wd, w2, xp)
     square_avg *= alpha
     xp.multiply(g, g, out=w)
@@ -258,7 +260,7 @@ def adagrad_update(p, g, s, lr, eps, wd, xp, work=None):
     if not _out_applies(p, g, (s,), work):
         return R.adagrad_update(p, g, s, lr, eps, wd, xp, work)
     w, w2 = _buffers(work, 2, p, xp)
-    if wd != 0:
+    if R.is_on(wd):
         g = _coupled(g, p, wd, w2, xp)
     s += xp.multiply(g, g, out=w)
     xp.sqrt(s, out=w)

@@ -59,9 +59,10 @@ LOAD_COST = 0.5
 #: Estimated NumPy time of one call a kernel could replace, in seconds: a fixed part and
 #: a part per element (ReLU kernels: about 2 us + 1.3 ns per float32 element on one
 #: core; the cross-entropy's dozen NumPy calls about ten times that; the accuracy count's
-#: arg-max, comparison and count about 4 us).
-_CALL_COST = {"relu": 2e-6, "ce": 2e-5, "hits": 4e-6}
-_ELEMENT_COST = {"relu": 1.3e-9, "ce": 1.5e-8, "hits": 1e-9}
+#: arg-max, comparison and count about 4 us; Adam's dozen passes over a parameter
+#: about 15 us + 3 ns per float32 element).
+_CALL_COST = {"relu": 2e-6, "ce": 2e-5, "hits": 4e-6, "adam": 1.5e-5}
+_ELEMENT_COST = {"relu": 1.3e-9, "ce": 1.5e-8, "hits": 1e-9, "adam": 3e-9}
 #: The cross-entropy kernel takes rows of at most this many classes.
 CE_MAX_CLASSES = 32
 _spent = 0.0  # estimated NumPy time of the calls the kernels could have taken so far
@@ -203,34 +204,64 @@ def add_argmax_hits(total, x, labels) -> bool:
     return True
 
 
-def member_adam(p, g, m, v, b1, b2, step, eps) -> bool:
-    """Adam's step of an ensemble's stacked parameter in one pass, in place (see
-    :func:`arraymlp.kernels.reference.member_adam_update`); False (nothing written) where
-    the kernel does not apply. ``p``, ``g``, ``m``, ``v``: C-contiguous writeable NumPy
-    arrays of one float dtype and shape (K, ...); the rest floats or (K, 1, 1) arrays."""
-    kern = kernels()
-    if kern is None or p.ndim < 2 or p.dtype not in _DTYPES:
+#: Adam's compiled pass takes parameters of at least this many elements: below, its
+#: call (checks, constants, dispatch: about 15 us) costs more than the dozen ufunc
+#: passes it replaces.
+ADAM_MIN = 16384
+
+
+def _constants(hyper, k: int, p):
+    """The (9, K) table of the step's constants in ``p``'s dtype: each a number (rounded
+    once to that dtype, as NumPy rounds a Python scalar in an operation with the array)
+    or an array in that dtype of one value per member, shape (K, 1, ..., 1) against ``p``
+    (K, ...), or of one value; None for anything else."""
+    if k == 1 and all(isinstance(h, (int, float)) for h in hyper):
+        return numpy.array(hyper, dtype=p.dtype).reshape(len(hyper), 1)
+    table = numpy.empty((len(hyper), k), dtype=p.dtype)
+    for row, h in zip(table, hyper):
+        if isinstance(h, (int, float)):
+            row[...] = h
+        elif (type(h) is numpy.ndarray and h.dtype == p.dtype and h.ndim <= p.ndim
+              and (h.size == 1 or h.shape == (k,) + (1,) * (p.ndim - 1))):
+            row[...] = h.reshape(h.size)
+        else:
+            return None
+    return table
+
+
+def adam(p, g, m, v, vmax, constants, coupled: bool, decoupled: bool) -> bool:
+    """Adam's step of one parameter array in one pass, in place (the operations of
+    :func:`arraymlp.kernels._common.adam_update`, bit for bit); False (nothing written)
+    where the kernel does not apply. ``p``, ``g``, ``m``, ``v`` (and ``vmax`` unless None):
+    C-contiguous NumPy arrays of one float dtype and shape, distinct, all but ``g``
+    writeable. ``constants()`` gives the step's ``(b1, 1 - b1, b2, 1 - b2, sqrt(1 - b2**t),
+    eps, lr / (1 - b1**t), wd, 1 - lr wd)`` (called only once the arrays qualify), each a
+    number, or an array of K per-member values of shape (K, 1, ...) against an
+    ensemble's stacked ``p`` (K, ...)."""
+    if _kernels is None or type(p) is not numpy.ndarray or p.size < ADAM_MIN or p.dtype not in _DTYPES:
         return False
-    for a in (p, g, m, v):
+    arrays = (p, g, m, v) if vmax is None else (p, g, m, v, vmax)
+    for a in arrays:
         if type(a) is not numpy.ndarray or a.dtype != p.dtype or a.shape != p.shape or not a.flags.c_contiguous:
             return False
-    if not (p.flags.writeable and m.flags.writeable and v.flags.writeable):
+    if not all(a.flags.writeable for a in arrays if a is not g):
         return False
-    # distinct buffers (the loop reads g, m, v after writing p, m, v element by element)
-    if (numpy.may_share_memory(p, g) or numpy.may_share_memory(p, m) or numpy.may_share_memory(p, v)
-            or numpy.may_share_memory(m, v) or numpy.may_share_memory(m, g) or numpy.may_share_memory(v, g)):
+    # distinct buffers: the loop reads each element of g, m, v after writing p, m, v
+    if any(numpy.may_share_memory(a, b) for i, a in enumerate(arrays) for b in arrays[i + 1:]):
         return False
-    k = p.shape[0]
-    per = []
-    for h in (b1, b2, step, eps):
-        if type(h) is numpy.ndarray and h.size == k:
-            per.append(numpy.ascontiguousarray(h.reshape(k), dtype=p.dtype))
-        elif isinstance(h, float):
-            per.append(numpy.full(k, h, dtype=p.dtype))
-        else:
-            return False
+    kern = _ready("adam", p.size)
+    if kern is None:
+        return False
+    hyper = constants()
+    k = p.shape[0] if any(type(h) is numpy.ndarray for h in hyper) else 1
+    table = _constants(hyper, k, p)
+    if table is None:
+        return False
+    rows = (k, p.size // k)
     try:
-        kern.member_adam(p.reshape(k, -1), g.reshape(k, -1), m.reshape(k, -1), v.reshape(k, -1), *per)
+        kern.adam(p.reshape(rows), g.reshape(rows), m.reshape(rows), v.reshape(rows),
+                  (v if vmax is None else vmax).reshape(rows), table, bool(coupled), bool(decoupled),
+                  vmax is not None)
     except Exception as exc:
         _fall_back(exc)
         return False

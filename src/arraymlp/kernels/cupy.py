@@ -28,8 +28,6 @@ loads without it.
 
 from __future__ import annotations
 
-import math
-
 from .._backend import is_sparse, is_writeable
 from . import _common as C
 from . import reference as R
@@ -210,7 +208,7 @@ def sgd_momentum_update(p, g, buf, lr, momentum, dampening, nesterov, wd, first,
     """The momentum SGD step of one array in one kernel (``p`` and ``buf`` in place)."""
     if _floats(p, g, buf) and is_writeable(p) and is_writeable(buf):
         body = ["T gg = g;"]
-        if wd != 0:
+        if R.is_on(wd):
             body.append("gg = g + wd * p;")
         body.append("buf = buf + gg;" if first else "buf = buf * mom + omd * gg;")
         body.append("p = p + neglr * (gg + mom * buf);" if nesterov else "p = p + neglr * buf;")
@@ -226,7 +224,7 @@ def adam_update(p, g, m, v, vmax, lr, b1, b2, eps, wd, decoupled, t, xp, work=No
     arrays = (p, g, m, v) if vmax is None else (p, g, m, v, vmax)
     if _floats(*arrays) and all(is_writeable(a) for a in arrays if a is not g):
         body = ["T gg = g;"]
-        if wd != 0:
+        if R.is_on(wd):
             body.append("p = p * decay;" if decoupled else "gg = g + wd * p;")
         body += ["m = m * b1 + omb1 * gg;", "v = v * b2 + omb2 * (gg * gg);"]
         if vmax is None:
@@ -238,7 +236,8 @@ def adam_update(p, g, m, v, vmax, lr, b1, b2, eps, wd, decoupled, t, xp, work=No
             outs = "T p, T m, T v, T vmax"
         k = _elementwise("adam", "T g, T b1, T omb1, T b2, T omb2, T step, T bc2, T eps, T wd, T decay", outs,
                          "\n".join(body))
-        scalars = (b1, 1.0 - b1, b2, 1.0 - b2, lr / (1.0 - b1**t), math.sqrt(1.0 - b2**t), eps, wd, 1.0 - lr * wd)
+        scalars = (b1, 1.0 - b1, b2, 1.0 - b2, lr / (1.0 - b1**t), R.hyper_sqrt(1.0 - b2**t, xp), eps, wd,
+                   1.0 - lr * wd)
         if vmax is None:
             _launch(k, p, g, *scalars, p, m, v)
         else:
@@ -252,7 +251,7 @@ def rmsprop_update(p, g, v, gbar, buf, lr, alpha, eps, momentum, wd, xp, work=No
     arrays = tuple(a for a in (p, g, v, gbar, buf) if a is not None)
     if _floats(*arrays) and all(is_writeable(a) for a in arrays if a is not g):
         body = ["T gg = g;"]
-        if wd != 0:
+        if R.is_on(wd):
             body.append("gg = g + wd * p;")
         body.append("v = v * alpha + oma * (gg * gg);")
         outs = ["T p", "T v"]

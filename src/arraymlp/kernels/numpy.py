@@ -136,13 +136,23 @@ def add_argmax_hits(total, scores, labels, xp):
     return R.add_argmax_hits(total, scores, labels, xp)
 
 
-def member_adam_update(p, g, m, v, scratch, b1, b2, step, eps, xp):
-    """One compiled pass over the stacked parameter where Numba is installed, with the
-    reference's operations in the arrays' dtype: the reference makes about fifteen passes,
-    and an ensemble's Adam step is bound by memory."""
-    if _jit.member_adam(p, g, m, v, b1, b2, step, eps):
-        return p, m, v
-    return R.member_adam_update(p, g, m, v, scratch, b1, b2, step, eps, xp)
+def adam_update(p, g, m, v, vmax, lr, b1, b2, eps, wd, decoupled, t, xp, work=None):
+    """One compiled pass over the parameter where Numba is loaded (:func:`._jit.adam`),
+    with the ufunc path's operations in its order and dtype, so the same values bit for
+    bit; otherwise the ufunc path into the work buffer (``_common``). The step's
+    constants are computed as that path computes them, from numbers in Python or from
+    an ensemble's per-member arrays in their dtype."""
+    if type(p) is numpy.ndarray and p.size >= _jit.ADAM_MIN:  # (smaller: the call costs more than it saves)
+        decay = decoupled and R.is_on(wd)
+        coupled = R.is_on(wd) and not decoupled
+
+        def constants():
+            return (b1, 1.0 - b1, b2, 1.0 - b2, R.hyper_sqrt(1.0 - b2**t, xp), eps, lr / (1.0 - b1**t),
+                    wd if coupled else 0.0, 1.0 - lr * wd if decay else 1.0)
+
+        if _jit.adam(p, g, m, v, vmax, constants, coupled, decay):
+            return p, m, v, vmax
+    return C.adam_update(p, g, m, v, vmax, lr, b1, b2, eps, wd, decoupled, t, xp, work)
 
 
 OVERRIDES = {
@@ -150,6 +160,7 @@ OVERRIDES = {
     **C.INDEXING_OVERRIDES,
     **C.OPTIMIZER_OVERRIDES,
     **C.SPARSE_OVERRIDES,
+    "adam_update": adam_update,
     "add_argmax_hits": add_argmax_hits,
     "all_finite": all_finite,
     "bias_grad": bias_grad,
@@ -160,5 +171,4 @@ OVERRIDES = {
     "row_max": row_max,
     "row_sum": row_sum,
     "cross_entropy_labels_mean": cross_entropy_labels_mean,
-    "member_adam_update": member_adam_update,
 }

@@ -9,7 +9,7 @@ Conventions:
   passed down; a kernel never looks it up per operation.
 - A kernel never mutates its inputs, except the arguments its name or docstring says
   are handed over (``*_inplace`` kernels, :func:`sgd_apply`, :func:`axpy`,
-  :func:`dense_sgd_update`, the optimiser updates ``*_update``, :func:`member_adam_update`).
+  :func:`dense_sgd_update`, the optimiser updates ``*_update``).
   Those are updated in place only where the namespace allows it
   (:func:`arraymlp._backend.is_writeable`), and the result is returned either way.
 - A composite kernel takes the primitives it is built from as keyword arguments with
@@ -569,31 +569,6 @@ def axpy(p, a, g, xp, work=None):
     return p + a * g
 
 
-def member_adam_update(p, g, m, v, scratch, b1, b2, step, eps, xp):
-    """Adam's step of an ensemble's stacked parameter, in place where writeable:
-    ``v <- b2 v + (1 - b2) g^2``, ``m <- b1 (m - g) + g`` (which is ``b1 m + (1 - b1) g``),
-    ``p <- p - step * m / (sqrt(v) + eps)``.
-
-    ``p``, ``g``, ``m``, ``v`` have one shape, (K, ...); ``b1``, ``b2``, ``step`` and ``eps``
-    are floats or arrays of shape (K, 1, 1), one value per member (the bias corrections are
-    folded into ``step`` and ``eps`` by the caller). ``p``, ``m`` and ``v`` are handed over;
-    ``scratch`` is an array of ``p``'s shape the kernel may overwrite (a fresh temporary of
-    this size costs page faults on every step where the allocator hands it back), or None.
-    Returns ``(p, m, v)``."""
-    tmp = g * g if scratch is None or not is_writeable(scratch) else _imul(_put(scratch, g), g)
-    v = _iadd(_imul(v, b2), _imul(tmp, 1.0 - b2))
-    m = _iadd(_imul(_isub(m, g), b1), g)
-    if is_writeable(tmp):
-        tmp = _put(tmp, v)
-        tmp **= 0.5
-        tmp += eps
-        tmp **= -1.0
-        tmp *= m
-        tmp *= step
-        return _isub(p, tmp), m, v
-    return _isub(p, step * (m / (xp.sqrt(v) + eps))), m, v
-
-
 def _imul(a, c):
     """``a * c``, into ``a`` where it is writeable (an array the library made)."""
     if is_writeable(a):
@@ -624,11 +599,6 @@ def _idiv(a, c):
         a /= c
         return a
     return a / c
-
-
-def _put(a, c):
-    a[...] = c
-    return a
 
 
 # ----------------------------------------------------------------------- finiteness
@@ -874,11 +844,58 @@ def layer_norm_backward(cache, gamma, dy, *, xp=None):
 # returned. The gradient is only read. ``work(n, p, xp)`` may lend scratch space (the
 # optimiser's work buffer); the reference does not need it. A backend may replace each
 # with one kernel per parameter array.
+#
+# A hyper-parameter (``lr``, ``momentum``, ``wd``, ``b1``, ``b2``, ``eps``, ...) is a
+# Python number or an array of ``p``'s dtype and place that broadcasts against ``p``:
+# an ensemble's per-member values have shape (K, 1, 1) against its stacked parameters
+# (K, n_in, n_out). A Python number takes exactly the operations it always took (its
+# derived constants, ``1 - b1`` or ``sqrt(1 - b2**t)``, are computed in Python and
+# rounded once to the array's dtype, as the namespace rounds a Python scalar); an
+# array takes the same operations, elementwise in its dtype. An array hyper-parameter
+# counts as non-zero (its branch is taken; a member whose value is 0 gets the
+# branch's identity, ``g + 0 * p``).
+def is_on(h) -> bool:
+    """Whether hyper-parameter ``h`` switches its term on.
+
+    Parameters
+    ----------
+    h : number or array
+        A Python number, or per-member values (an array, never read back to the host).
+
+    Returns
+    -------
+    bool
+        ``h != 0`` for a number; True for any array.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from arraymlp.kernels.reference import is_on
+    >>> is_on(0.0), is_on(0.1), is_on(np.zeros((3, 1, 1)))
+    (False, True, True)
+    """
+    return h != 0 if isinstance(h, (int, float)) else True
+
+
+def hyper_sqrt(h, xp):
+    """``sqrt(h)`` of a hyper-parameter: :func:`math.sqrt` of a Python number (rounded
+    once when it meets an array), ``xp.sqrt`` of an array of per-member values.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from arraymlp.kernels.reference import hyper_sqrt
+    >>> hyper_sqrt(0.25, np), hyper_sqrt(np.array([[[4.0]], [[9.0]]]), np).ravel()
+    (0.5, array([2., 3.]))
+    """
+    return math.sqrt(h) if isinstance(h, (int, float)) else xp.sqrt(h)
+
+
 def sgd_momentum_update(p, g, buf, lr, momentum, dampening, nesterov, wd, first, xp, work=None, *, axpy=axpy):
     """Momentum SGD: ``g' = g + wd p``; ``buf = g'`` on the first step, else
     ``buf = momentum buf + (1 - dampening) g'``; ``p -= lr (g' + momentum buf)`` with
     Nesterov, ``p -= lr buf`` without. ``buf`` starts at zero. Returns ``(p, buf)``."""
-    if wd != 0:
+    if is_on(wd):
         g = g + wd * p
     if first:
         buf = _iadd(buf, g)  # a copy of g: the buffer starts at zero
@@ -894,7 +911,7 @@ def adam_update(p, g, m, v, vmax, lr, b1, b2, eps, wd, decoupled, t, xp, work=No
     ``v = b2 v + (1-b2) g'^2``, ``vmax = max(vmax, v)`` (AMSGrad, when ``vmax`` is not
     None) and ``p -= lr/(1-b1^t) m / (sqrt(v or vmax)/sqrt(1-b2^t) + eps)``.
     Returns ``(p, m, v, vmax)``."""
-    if wd != 0:
+    if is_on(wd):
         if decoupled:
             p = _imul(p, 1.0 - lr * wd)
         else:
@@ -910,7 +927,7 @@ def adam_update(p, g, m, v, vmax, lr, b1, b2, eps, wd, decoupled, t, xp, work=No
             vmax = top
         den = vmax
     step_size = lr / (1.0 - b1**t)
-    denom = xp.sqrt(den) / math.sqrt(1.0 - b2**t) + eps
+    denom = xp.sqrt(den) / hyper_sqrt(1.0 - b2**t, xp) + eps
     return _isub(p, step_size * (m / denom)), m, v, vmax
 
 
@@ -919,7 +936,7 @@ def rmsprop_update(p, g, v, gbar, buf, lr, alpha, eps, momentum, wd, xp, work=No
     not None): ``gbar = alpha gbar + (1-alpha) g'`` and ``d = sqrt(v - gbar^2) + eps``,
     else ``d = sqrt(v) + eps``; with a momentum buffer ``buf = momentum buf + g'/d`` and
     ``p -= lr buf``, else ``p -= lr g'/d``. Returns ``(p, v, gbar, buf)``."""
-    if wd != 0:
+    if is_on(wd):
         g = g + wd * p
     v = _iadd(_imul(v, alpha), (1.0 - alpha) * (g * g))
     if gbar is not None:
@@ -937,7 +954,7 @@ def adagrad_update(p, g, s, lr, eps, wd, xp, work=None):
     """Adagrad with this step's rate ``lr`` (decay applied by the caller):
     ``g += wd * p``; ``s += g * g``; ``p -= lr * g / (sqrt(s) + eps)``. ``p`` and ``s``
     are handed over; returns ``(p, s)``."""
-    if wd != 0:
+    if is_on(wd):
         g = g + wd * p
     s = _iadd(s, g * g)
     return _isub(p, lr * (g / (xp.sqrt(s) + eps))), s
