@@ -502,10 +502,10 @@ def test_training_functions_called_directly_hand_an_ensemble_to_its_loop(backend
     for fn in ("predict", "predict_proba"):
         np.testing.assert_array_equal(backend.to_numpy(getattr(training, fn)(direct, x)),
                                       backend.to_numpy(getattr(method, fn)(x)))
-    with pytest.raises(NotImplementedError, match="evaluate of an ensemble is not supported"):
-        training.evaluate(direct, x, y)
-    with pytest.raises(NotImplementedError, match="fit of an ensemble does not support metrics"):
-        training.fit(direct, x, y, metrics=["accuracy"], progress=False)
+    ev_direct, ev_method = training.evaluate(direct, x, y), method.evaluate(x, y)
+    assert ev_direct.keys() == ev_method.keys() == {"loss", "accuracy", "ensemble_loss", "ensemble_accuracy"}
+    for key in ev_direct:
+        np.testing.assert_array_equal(ev_direct[key], ev_method[key])
     with pytest.raises(NotImplementedError, match="partial_fit of an ensemble does not support precision"):
         training.partial_fit(direct, x, y, precision="float16")
 
@@ -632,3 +632,102 @@ def test_layers_of_unknown_behaviour_are_refused():
     ens = am.Sequential([am.Dense(2, 3), am.Tanh(), am.Dropout(0.1), am.LayerNorm(3), am.Dense(3, 1)], ensemble=2,
                         backend="numpy", seed=0)
     assert ens(np.zeros((4, 2), dtype=np.float32)).shape == (2, 4, 1)
+
+
+# ------------------------------------------------------------------------- metrics
+METRIC_CASES = {
+    "multiclass": dict(loss="cross_entropy", out="softmax", n_out=3, labels=True,
+                       metrics=lambda: ["accuracy", am.metrics.top_k_accuracy(2),
+                                        lambda yt, yp, *, xp: xp.mean(xp.astype(yt == yp, xp.float64))]),
+    "multilabel": dict(loss="binary_cross_entropy", out="sigmoid", n_out=2, labels=False, metrics=lambda: ["accuracy"]),
+    "regression": dict(loss="mse", out="identity", n_out=2, labels=False, metrics=lambda: ["mae", "r2"]),
+}
+
+
+def _metric_data(backend, case, n=48, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 5))
+    if case["labels"]:
+        y = rng.integers(0, case["n_out"], size=n)
+    elif case["loss"] == "binary_cross_entropy":
+        y = (rng.normal(size=(n, case["n_out"])) > 0).astype(np.float64)
+    else:
+        y = rng.normal(size=(n, case["n_out"]))
+    return backend.asarray(x), backend.asarray(y), x, y
+
+
+@pytest.mark.parametrize("name", list(METRIC_CASES))
+def test_metrics_are_each_members_own(backend, name):
+    """Training and validation metrics of every member, (K,) per epoch, equal those of
+    the plain model trained alone with that member's rate and initial parameters."""
+    case = METRIC_CASES[name]
+    x, y, _, _ = _metric_data(backend, case)
+    xv, yv, _, _ = _metric_data(backend, case, n=20, seed=1)
+    ens = am.MLP([5, 6, case["n_out"]], output_activation=case["out"], ensemble=3, seed=2, dtype="float64",
+                 **backend.model_kwargs())
+    start = [ens.member(i) for i in range(3)]
+    lrs = [0.01, 0.05, 0.2]
+    opts = dict(loss=case["loss"], optimizer="sgd", epochs=3, batch_size=16, seed=4, progress=False,
+                validation_data=(xv, yv))
+    h = ens.fit(x, y, lr=lrs, metrics=case["metrics"](), **opts)
+    names = [k for k in h.metrics]
+    assert names and all(len(h.metrics[k]) == 3 and h.metrics[k][0].shape == (3,) for k in names)
+    for i in range(3):
+        plain = start[i].fit(x, y, lr=lrs[i], metrics=case["metrics"](), **opts)
+        assert sorted(plain.metrics) == sorted(names)
+        for k in names:
+            np.testing.assert_allclose([v[i] for v in h.metrics[k]], plain.metrics[k], rtol=1e-10, atol=1e-12,
+                                       err_msg=f"member {i}, {k}")
+        np.testing.assert_allclose([v[i] for v in h.val_metric], plain.val_metric, rtol=1e-10, atol=1e-12)
+
+
+def test_default_metrics_follow_the_plain_fit(backend):
+    x, y, _, _ = _data(backend)
+    ens = am.MLP([5, 6, 3], ensemble=2, seed=0, dtype="float64", **backend.model_kwargs())
+    h = ens.fit(x, y, loss="cross_entropy", epochs=2, batch_size=8, progress=False, validation_split=0.25)
+    assert sorted(h.metrics) == ["accuracy", "val_accuracy"] and h.metric_name == "accuracy"
+    np.testing.assert_array_equal(np.stack(h["val_accuracy"]), np.stack(h.val_metric))
+    xr, yr, _, _ = _data(backend, labels=False)
+    h = ens.fit(xr, yr, loss="mse", epochs=1, batch_size=8, progress=False, validation_split=0.25)
+    assert sorted(h.metrics) == ["val_r2"]
+
+
+@pytest.mark.parametrize("name", list(METRIC_CASES))
+def test_evaluate_gives_each_member_and_the_ensembles_prediction(backend, name):
+    """``evaluate`` of an ensemble: per-member values equal each member's own
+    ``evaluate``; ``ensemble_*`` are the values of the averaged prediction, computed
+    here in NumPy from ``predict_proba`` / ``predict`` (and scikit-learn for R^2)."""
+    from sklearn.metrics import mean_absolute_error, r2_score
+
+    case = METRIC_CASES[name]
+    x, y, _, y_np = _metric_data(backend, case)
+    ens = am.MLP([5, 6, case["n_out"]], output_activation=case["out"], ensemble=3, seed=2, dtype="float64",
+                 **backend.model_kwargs())
+    ens.fit(x, y, loss=case["loss"], lr=[0.01, 0.05, 0.2], optimizer="sgd", epochs=3, batch_size=16,
+            progress=False)
+    metrics = [m for m in case["metrics"]() if isinstance(m, str) or isinstance(m, am.metrics.Metric)]
+    got = ens.evaluate(x, y, metrics=metrics, batch_size=20)  # three batches
+    names = ["loss"] + [am.metrics.get_metric(m).name for m in metrics]
+    assert set(got) == set(names) | {"ensemble_" + k for k in names}
+    for i in range(3):
+        own = ens.member(i).evaluate(x, y, loss=case["loss"], metrics=metrics)
+        for k in names:
+            assert got[k].shape == (3,)
+            np.testing.assert_allclose(got[k][i], own[k], rtol=1e-10, atol=1e-12, err_msg=f"member {i}, {k}")
+    if case["loss"] == "cross_entropy":
+        p = backend.to_numpy(ens.predict_proba(x))
+        pred = backend.to_numpy(ens.predict(x))
+        np.testing.assert_allclose(got["ensemble_loss"], -np.mean(np.log(p[np.arange(len(y_np)), y_np])), rtol=1e-10)
+        assert got["ensemble_accuracy"] == np.mean(pred == y_np)
+        top2 = np.argsort(-p, axis=1)[:, :2]
+        assert got["ensemble_top_2_accuracy"] == np.mean((top2 == y_np[:, None]).any(axis=1))
+    elif case["loss"] == "binary_cross_entropy":
+        p = backend.to_numpy(ens.predict_proba(x))
+        bce = -np.mean(y_np * np.log(p) + (1 - y_np) * np.log(1 - p))
+        np.testing.assert_allclose(got["ensemble_loss"], bce, rtol=1e-10)
+        assert got["ensemble_accuracy"] == np.mean((p > 0.5) == y_np)
+    else:
+        pred = backend.to_numpy(ens.predict(x))
+        np.testing.assert_allclose(got["ensemble_loss"], np.mean((pred - y_np) ** 2), rtol=1e-10)
+        np.testing.assert_allclose(got["ensemble_mae"], mean_absolute_error(y_np, pred), rtol=1e-10)
+        np.testing.assert_allclose(got["ensemble_r2"], r2_score(y_np, pred), rtol=1e-10)

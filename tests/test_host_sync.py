@@ -172,6 +172,12 @@ ENSEMBLE_CASES = {
                                       fit=dict(early_stopping=am.EarlyStopping("val_loss", patience=5))),
     # a callback that watches epochs only: the steps still read nothing
     "epoch-callback": dict(optimizer=lambda: Adam(lr=1e-3), loss="mse", fit=dict(callbacks=[am.Callback()])),
+    # each member's metrics are sums on the device (a leading member axis), read once at the epoch's end
+    "metrics-classification": dict(optimizer=lambda: Adam(lr=1e-3), loss="cross_entropy", validation=True,
+                                   fit=dict(metrics=["accuracy", am.metrics.top_k_accuracy(2),
+                                                     lambda y, p, *, xp: xp.mean(xp.astype(y == p, xp.float64))])),
+    "metrics-regression": dict(optimizer=lambda: SGD(lr=0.05), loss="mse", validation=True, weights=True,
+                               fit=dict(metrics=["mae", "r2"], lr=[0.01, 0.02, 0.05])),
 }
 
 
@@ -205,6 +211,9 @@ def test_no_host_read_per_ensemble_training_step(monkeypatch, name):
     # every member's loss of every epoch was still read, once, at its end
     assert len(h_short.loss) == len(h_long.loss) == 2
     assert all(v.shape == (3,) and np.all(np.isfinite(v)) for v in h_long.loss)
+    for name in case.get("fit", {}).get("metrics", ()):  # and each member's metrics
+        key = getattr(name, "__name__", getattr(name, "name", name))
+        assert all(v.shape == (3,) and np.all(np.isfinite(v)) for v in h_long[key] + h_long["val_" + key])
     per_step = (long.total - short.total) / (2 * (8 - 4))
     assert per_step == 0, (dict(short.counts), dict(long.counts))
 

@@ -57,10 +57,11 @@ from .fusion import plan_for
 from .kernels import kernels_for
 from .kernels.reference import _idiv, _imul, _isub
 from .losses import LOSSES, get_loss
+from .metrics import Metric, _MembersPair, _Pair, get_metrics, read_results
 from .optim import SGD, Adagrad, Adam, Optimizer, RMSprop, get_optimizer
 
-__all__ = ["EnsembleHistory", "check_layers", "check_members", "cross_val_scores", "fit", "make_step", "member_seeds",
-           "partial_fit", "predict", "predict_proba"]
+__all__ = ["EnsembleHistory", "check_layers", "check_members", "cross_val_scores", "evaluate", "fit", "make_step",
+           "member_seeds", "partial_fit", "predict", "predict_proba"]
 
 
 # ------------------------------------------------------------------------ members
@@ -536,7 +537,7 @@ class EnsembleHistory(History):
 # ----------------------------------------------------------------------------- fit
 def partial_fit(model, x, y, *, loss: str | None = None, optimizer: str | Optimizer | None = None, lr: Any = None,
                 batch_size: int = 32, shuffle: bool = True, l2: Any = 0.0,
-                sample_weight: Any = None) -> EnsembleHistory:
+                sample_weight: Any = None, metrics: Sequence[Any] | None = None) -> EnsembleHistory:
     """One epoch of every member over ``(x, y)``, keeping the members' optimiser state of
     earlier calls (``model.partial_fit`` of an ensemble).
 
@@ -551,7 +552,7 @@ def partial_fit(model, x, y, *, loss: str | None = None, optimizer: str | Optimi
             msg = "partial_fit needs loss= on its first call"
             raise ValueError(msg)
     return fit(model, x, y, loss=loss, optimizer=optimizer, lr=lr, epochs=1, batch_size=batch_size, shuffle=shuffle,
-               progress=False, l2=l2, sample_weight=sample_weight, _reuse_optimizer=True)
+               progress=False, l2=l2, sample_weight=sample_weight, metrics=metrics, _reuse_optimizer=True)
 
 
 def _rule(model, run, optimizer, lr, momentum, weight_decay, betas, reuse: bool) -> _MemberUpdate:
@@ -625,17 +626,155 @@ def _early_stopping(early_stopping, validation: bool):
     return early_stopping
 
 
-def _evaluate(model, x, y, lossfn, xp, fused, batch_size=4096):
-    """Each member's validation loss and metric (accuracy or R^2): two arrays (K,)."""
-    n = int(x.shape[0])
+class _MeanLoss(Metric):
+    """The members' losses averaged over batches, weighted by the batches' sizes."""
+
+    name = "loss"
+
+    def _finish_members(self, acc, host):
+        return host[0] / acc.count
+
+
+def _add_loss(acc, values, rows: int) -> None:
+    acc.add([acc.xp.astype(values, acc.acc) * float(rows)])
+    acc.count += rows
+
+
+def _pair_kind(model, lossfn, fused: bool) -> dict:
+    """The keyword arguments of a batch's metric pair: 0/1 outputs split at 0 for logits
+    and 0.5 for probabilities; Poisson outputs are log-rates (metrics read the rates)."""
+    return {"threshold": 0.5 if model.output_activation == "sigmoid" and not fused else 0.0,
+            "rates": lossfn.name == "poisson_nll"}
+
+
+def _combined(model, out, lossfn, fused: bool, xp):
+    """The ensemble's own prediction of a batch, as one model's output (n, m) for its
+    loss and metrics: for classification the logits of the members' averaged
+    probabilities (``log P`` for one class per sample, ``log P - log(1 - P)`` for 0/1
+    outputs), whose softmax or sigmoid is the average ``predict_proba`` gives; for
+    regression the members' averaged outputs, as ``predict`` gives."""
+    from .functional import sigmoid, softmax
+
+    task = lossfn.task
+    if task == "regression":
+        return xp.mean(out, axis=0)
+    if fused or model.output_activation not in ("softmax", "sigmoid"):
+        out = softmax(out, xp=xp) if task == "multiclass" else sigmoid(out, xp=xp)
+    p = xp.mean(out, axis=0)
+    return xp.log(p) if task == "multiclass" else xp.log(p) - xp.log1p(-p)
+
+
+def _scores(model, x, y, lossfn, xp, fused: bool, metrics, *, combined: bool = False, batch_size: int = 4096):
+    """Each member's loss and metrics on ``(x, y)`` in inference mode, in batches, the sums
+    kept on the device and read once: ``(losses (K,), {name: (K,)})``, and with
+    ``combined`` also the ensemble's own (its averaged prediction, :func:`_combined`):
+    ``(loss, {name: value})`` as floats."""
+    n, k = int(x.shape[0]), model.ensemble
     upto = len(model.layers) - 1 if fused else None
-    outs = []
+    kind = _pair_kind(model, lossfn, fused)
+    dtype, device = model.dtype, model.device
+    loss_acc = _MeanLoss().start_members(xp, dtype, device, k)
+    accs = [m.start_members(xp, dtype, device, k) for m in metrics]
+    ens_loss = _MeanLoss().start_members(xp, dtype, device, 1) if combined else None
+    ens_accs = [m.start(xp, dtype, device) for m in metrics] if combined else []
     for i in range(0, n, batch_size):
-        outs.append(model.forward(x[i:min(i + batch_size, n), ...], training=False, xp=xp, upto=upto,
-                                  keep=False)[0])
-    out = outs[0] if len(outs) == 1 else xp.concat(outs, axis=1)
-    losses = _losses(model, lossfn, out, y, None, xp)[0]
-    return to_numpy(losses).astype(float), member_metric(model, out, y, lossfn, xp, logits=fused)
+        end = min(i + batch_size, n)
+        xb, yb = x[i:end, ...], y[i:end, ...]
+        out = model.forward(xb, training=False, xp=xp, upto=upto, keep=False)[0]
+        pair = _MembersPair(yb, out, lossfn.task, xp, **kind)
+        for acc in accs:
+            acc.update(pair)
+        if combined:
+            c = _combined(model, out, lossfn, fused, xp)
+            one = _Pair(yb, c, lossfn.task, xp, threshold=0.0 if lossfn.task != "regression" else kind["threshold"],
+                        rates=kind["rates"])
+            for acc in ens_accs:
+                acc.update(one)
+            _add_loss(ens_loss, _losses(model, lossfn, xp.expand_dims(c, axis=0), yb, None, xp)[0], end - i)
+        _add_loss(loss_acc, _losses(model, lossfn, out, yb, None, xp)[0], end - i)
+        del out, pair
+    values = read_results([loss_acc, *accs, *([ens_loss, *ens_accs] if combined else [])], xp)  # one read
+    members = (values[0], {m.name: v for m, v in zip(metrics, values[1:1 + len(metrics)])})
+    if not combined:
+        return members
+    rest = values[1 + len(metrics):]
+    return members, (float(rest[0][0]), {m.name: float(v) for m, v in zip(metrics, rest[1:])})
+
+
+def _default_metrics(metrics, lossfn, model):
+    """``metrics=`` resolved as the plain fit resolves it: the training metrics (default
+    accuracy for classification, none for regression) and the validation ones (those,
+    plus ``val_metric``'s accuracy or R^2)."""
+    main_name = "accuracy" if lossfn.task != "regression" else "r2"
+    if metrics is None:
+        metrics = ["accuracy"] if lossfn.task != "regression" else []
+    metrics = get_metrics(metrics, lossfn.task, model.n_outputs)
+    val_metrics = list(metrics)
+    if all(m.name != main_name for m in val_metrics):
+        val_metrics.append(get_metrics([main_name], lossfn.task, model.n_outputs)[0])
+    return metrics, val_metrics, main_name
+
+
+def evaluate(model, x, y, *, loss: str | None = None, metrics: Sequence[Any] | None = None,
+             batch_size: int = 4096) -> dict[str, Any]:
+    """The loss and metrics of every member of an ensemble, and of the ensemble's own
+    averaged prediction, on ``(x, y)`` in inference mode (``model.evaluate`` of an
+    ensemble).
+
+    Parameters
+    ----------
+    model : Sequential built with ``ensemble=K``
+    x : array, shape (n, n_features)
+    y : array, shape (n, n_outputs), (n,), or integer labels (n,)
+    loss : str, optional
+        Default: the loss of the last fit, else "mse".
+    metrics : sequence of str, Metric or callable, optional
+        As for :func:`arraymlp.evaluate`; default accuracy for a classification loss,
+        R^2 for a regression one.
+    batch_size : int
+        Rows per forward pass (memory only).
+
+    Returns
+    -------
+    dict
+        ``"loss"`` and each metric's name: NumPy arrays (K,), member ``i``'s value at
+        ``[i]`` (what ``model.member(i).evaluate(x, y)`` gives). ``"ensemble_loss"`` and
+        ``"ensemble_<name>"``: floats, the values of the ensemble's prediction, the
+        members' probabilities averaged for classification (so ``ensemble_accuracy`` is
+        the accuracy of ``model.predict(x)``, the score scikit-learn reports) and their
+        outputs averaged for regression. The sums stay on the device and are read once.
+
+    Examples
+    --------
+    >>> import numpy as np, arraymlp as am
+    >>> rng = np.random.default_rng(0)
+    >>> x = rng.normal(size=(90, 3)); y = (x[:, 0] > 0).astype(np.int64)
+    >>> model = am.MLP([3, 8, 2], ensemble=3, backend="numpy", dtype="float64", seed=0)
+    >>> _ = model.fit(x, y, loss="cross_entropy", lr=0.05, epochs=20, progress=False)
+    >>> scores = model.evaluate(x, y)
+    >>> sorted(scores), scores["accuracy"].shape
+    (['accuracy', 'ensemble_accuracy', 'ensemble_loss', 'loss'], (3,))
+    >>> bool(scores["ensemble_accuracy"] == np.mean(model.predict(x) == y))
+    True
+    """
+    lossfn = get_loss(loss if loss is not None else (getattr(model, "loss_", None) or "mse"))
+    x, xp = model._check_x(x)
+    y = model._check_target(y, xp)
+    if int(y.shape[0]) != int(x.shape[0]):
+        msg = f"x has {int(x.shape[0])} samples but y has {int(y.shape[0])}"
+        raise ValueError(msg)
+    if not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool) or batch_size < 1:
+        msg = f"batch_size must be a positive int, got {batch_size!r}"
+        raise ValueError(msg)
+    lossfn.fn(xp.zeros((int(x.shape[0]), model.n_outputs), dtype=model.dtype, device=model.device), y, xp=xp)
+    if metrics is None:
+        metrics = ["accuracy" if lossfn.task != "regression" else "r2"]
+    metrics = get_metrics(metrics, lossfn.task, model.n_outputs)
+    with quiet_overflow(xp):
+        (losses, values), (ens_loss, ens_values) = _scores(model, x, y, lossfn, xp, model._fused(lossfn), metrics,
+                                                           combined=True, batch_size=int(batch_size))
+    return {"loss": losses, **values, "ensemble_loss": ens_loss,
+            **{f"ensemble_{name}": v for name, v in ens_values.items()}}
 
 
 def member_metric(model, out, y, lossfn, xp, *, logits: bool) -> numpy.ndarray:
@@ -672,8 +811,8 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
         batch_size: int = 32, shuffle: bool = True, validation_data: tuple | None = None,
         validation_split: float = 0.0, early_stopping: EarlyStopping | int | None = None,
         sample_weight: Any = None, seed: int | None = None, schedule: Any = None, callbacks: Sequence = (),
-        progress: bool = True, verbose: bool = False, resume_from: Any = None, _reuse_optimizer: bool = False,
-        **unsupported) -> EnsembleHistory:
+        metrics: Sequence[Any] | None = None, progress: bool = True, verbose: bool = False, resume_from: Any = None,
+        _reuse_optimizer: bool = False, **unsupported) -> EnsembleHistory:
     """Train every member of an ensemble on the same batches (``model.fit`` of a model
     built with ``ensemble=K``).
 
@@ -726,10 +865,17 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
     EnsembleHistory
         Per-epoch arrays of shape (K,).
 
+    metrics : sequence of str, Metric or callable, optional
+        As for :func:`arraymlp.fit` (default accuracy for a classification loss, none for
+        a regression one), each member's: ``history.metrics[name]`` (training batches,
+        before each step's update) and ``history.metrics["val_" + name]`` hold one
+        array (K,) per epoch, summed on the device and read once per epoch. Unweighted,
+        as in the plain fit.
+
     Notes
     -----
-    Data-parallel training, metrics and mixed precision are not supported for ensembles
-    yet; passing them raises ``NotImplementedError``, as does a ``Checkpoint`` with
+    Data-parallel training and mixed precision are not supported for ensembles yet;
+    passing them raises ``NotImplementedError``, as does a ``Checkpoint`` with
     ``monitor=`` (an ensemble logs one value per member).
     """
     unsupported = {k: v for k, v in unsupported.items() if v is not None}
@@ -756,8 +902,7 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
     model.schedule_ = None
     if seed is not None:
         model.rng = Generator(seed, xp, model.device)
-    history = run.history = EnsembleHistory(metric_name="accuracy" if lossfn.task != "regression" else "r2")
-    history.stopped_epoch = numpy.full(k, -1)
+    history = _start_history(run, metrics)
     run.active_host = numpy.ones(k, dtype=bool)
     run.best, run.best_epoch = numpy.full(k, numpy.inf), numpy.full(k, -1)
     run.wait = numpy.zeros(k, dtype=int)
@@ -793,6 +938,22 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
         model.steps_ = run.step
         for cb in callbacks:
             cb.on_train_end(model, history)
+    return history
+
+
+def _start_history(run: _Run, metrics) -> EnsembleHistory:
+    """The run's metrics resolved (:func:`_default_metrics`) and its history begun, with a
+    series for each training and validation metric."""
+    model, lossfn = run.model, run.lossfn
+    run.metrics, run.val_metrics, main_metric = _default_metrics(metrics, lossfn, model)
+    run.pair_kind = _pair_kind(model, lossfn, model._fused(lossfn))
+    history = run.history = EnsembleHistory(metric_name=main_metric)
+    for m in run.metrics:
+        history.metrics[m.name] = []
+    if run.val is not None:
+        for m in run.val_metrics:
+            history.metrics["val_" + m.name] = []
+    history.stopped_epoch = numpy.full(model.ensemble, -1)
     return history
 
 
@@ -875,10 +1036,18 @@ def _end_epoch(run: _Run, epoch: int, epoch_lr, epoch_loss, t0: float, schedules
     history.lr.append(epoch_lr)
     logs = {"epoch": epoch, "step": run.step, "loss": epoch_loss, "lr": epoch_lr, "val_loss": None,
             "val_metric": None}
+    if run.accs:  # the training metrics' sums, read once, now
+        for acc, value in zip(run.accs, read_results(run.accs, xp)):
+            logs[acc.metric.name] = value
     if run.val is not None:
-        logs["val_loss"], logs["val_metric"] = _evaluate(model, run.val[0], run.val[1], run.lossfn, xp, run.fused)
+        logs["val_loss"], val = _scores(model, run.val[0], run.val[1], run.lossfn, xp, run.fused, run.val_metrics)
+        logs["val_metric"] = val[history.metric_name]
+        for name, value in val.items():
+            logs["val_" + name] = value
         history.val_loss.append(logs["val_loss"])
         history.val_metric.append(logs["val_metric"])
+    for name, series in history.metrics.items():
+        series.append(logs[name])
     logs["time"] = time.perf_counter() - t0
     history.time.append(logs["time"])
     if schedules is not None:
@@ -952,6 +1121,10 @@ class _Run:
     held: Any = None
     callbacks: Any = ()
     batch_callbacks: Any = ()
+    metrics: Any = ()  # recorded on the training batches, each (K,)
+    val_metrics: Any = ()  # and on the validation data
+    accs: Any = ()  # the epoch's member accumulators of the training metrics
+    pair_kind: Any = None  # the keyword arguments of a batch's metric pair
 
 
 def _prepare(model, x, y, lossfn, sample_weight, validation_data, validation_split) -> _Run:
@@ -995,6 +1168,10 @@ def _step(run: _Run, xb, yb, wb):
     model, xp, l2 = run.model, run.xp, run.l2
     upto = len(model.layers) - 1 if run.fused else None
     out, caches = model.forward(xb, training=True, xp=xp, upto=upto, plan=run.plan)
+    if run.accs:  # the batch joins the epoch's metric sums, on the device (before the loss reuses out)
+        pair = _MembersPair(yb, out, run.lossfn.task, xp, **run.pair_kind)
+        for acc in run.accs:
+            acc.update(pair)
     values, dout = _losses(model, run.lossfn, out, yb, wb, xp)
     del out
     if _has_l2(l2):
@@ -1089,6 +1266,7 @@ def _run_epoch(run: _Run, epoch: int, batch_size: int, shuffle: bool):
     order = run.model.rng.permutation(n) if shuffle else None
     sizes = numpy.minimum(numpy.arange(1, n_steps + 1) * batch_size, n) - numpy.arange(n_steps) * batch_size
     totals = numpy.zeros(run.model.ensemble)
+    run.accs = [m.start_members(xp, run.model.dtype, run.model.device, run.model.ensemble) for m in run.metrics]
     snapshot, first = _snapshot(run), 0  # the state before step ``first`` of the epoch
     values = StepValues(xp, _STACK_EVERY)
     for k in range(n_steps):
@@ -1100,6 +1278,7 @@ def _run_epoch(run: _Run, epoch: int, batch_size: int, shuffle: bool):
         if not ok.all():
             i = int(numpy.argmin(ok))
             _restore(run, snapshot)
+            run.accs = []  # a replay adds nothing to the metrics
             for j in range(first, first + i):
                 _step(run, *_batch(run, order, j, batch_size))
             raise _divergence(run, losses[i], epoch)

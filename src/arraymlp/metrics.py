@@ -148,6 +148,58 @@ class _Accumulator:
         self.sums = values if self.sums is None else [a + b for a, b in zip(self.sums, values)]
 
 
+class _MembersPair(_Pair):
+    """A :class:`_Pair` of an ensemble's batch: ``out`` of shape (K, n, m), one output per
+    member, against the members' shared targets ``y``; :meth:`predictions` has a leading
+    member axis, (K,) + the shape of :meth:`true_labels`."""
+
+    __slots__ = ()
+
+    def predictions(self):
+        xp, out, y = self.xp, self.out, self.y
+        k = int(out.shape[0])
+        if self.task == "multiclass":
+            return xp.argmax(out, axis=-1)
+        if self.task == "multilabel":
+            pred = xp.reshape(out > self.threshold, (k, *_shape(y)))
+            return pred if y.dtype == xp.bool else xp.astype(pred, y.dtype)
+        values = xp.exp(out) if self.rates else out
+        return xp.reshape(values, (k, *_shape(y)))
+
+    def member(self, i: int) -> _Pair:
+        """Member ``i``'s own pair (its outputs (n, m))."""
+        return _Pair(self.y, self.out[i, ...], self.task, self.xp, threshold=self.threshold, rates=self.rates)
+
+
+class _MembersAccumulator(_Accumulator):
+    """The running sums of one metric for each of an ensemble's K members: arrays with a
+    leading member axis, read once; the result is a NumPy array (K,)."""
+
+    def __init__(self, metric: "Metric", xp, dtype, device, k: int):
+        super().__init__(metric, xp, dtype, device)
+        self.k = k
+        self.members: list[_Accumulator] | None = None  # one plain accumulator per member, where used
+
+    def update(self, pair: _MembersPair) -> None:
+        self.metric._update_members(self, pair)
+
+    def arrays(self) -> list[Any]:
+        if self.members is None:
+            return super().arrays()
+        # the members' sums, stacked when read (a leading member axis)
+        return [self.xp.stack(parts) for parts in zip(*(m.arrays() for m in self.members))]
+
+    def result(self, host: list[numpy.ndarray]) -> numpy.ndarray:
+        if self.count == 0:
+            return numpy.full(self.k, math.nan)
+        return numpy.asarray(self.metric._finish_members(self, host), dtype=numpy.float64).reshape(self.k)
+
+
+def _other_axes(a) -> tuple[int, ...]:
+    """Every axis of ``a`` but the first (the member axis)."""
+    return tuple(range(1, a.ndim))
+
+
 class Metric:
     """A named metric accumulated over batches (see the module notes).
 
@@ -186,6 +238,10 @@ class Metric:
 
     def start(self, xp, dtype, device) -> _Accumulator:
         return _Accumulator(self, xp, dtype, device)
+
+    def start_members(self, xp, dtype, device, k: int) -> _MembersAccumulator:
+        """The accumulator of an ensemble's K members: each member's value, (K,)."""
+        return _MembersAccumulator(self, xp, dtype, device, k)
 
     def __call__(self, y_true, y_pred, *, xp=None):
         """The metric over whole arrays, as a 0-d array.
@@ -230,6 +286,19 @@ class Metric:
 
     def _finish(self, acc: _Accumulator, host: list[numpy.ndarray]) -> float:
         raise NotImplementedError
+
+    # an ensemble's: the same sums with a leading member axis (K, ...). The default runs
+    # the metric once per member (a metric of one's own); the library's metrics do all
+    # members in one pass.
+    def _update_members(self, acc: _MembersAccumulator, pair: _MembersPair) -> None:
+        if acc.members is None:
+            acc.members = [_Accumulator(self, acc.xp, acc.dtype, acc.device) for _ in range(acc.k)]
+        for i, member in enumerate(acc.members):
+            member.update(pair.member(i))
+        acc.count = acc.members[0].count
+
+    def _finish_members(self, acc: _MembersAccumulator, host: list[numpy.ndarray]) -> numpy.ndarray:
+        return numpy.array([member.result([h[i] for h in host]) for i, member in enumerate(acc.members)])
 
 
 class _Direct:
@@ -282,6 +351,20 @@ class _AccuracyMetric(Metric):
     def _finish(self, acc, host):
         return host[0][0] / acc.count
 
+    def _update_members(self, acc, pair):
+        xp = acc.xp
+        t, p = pair.true_labels(), pair.predictions()  # (n, ...) and (K, n, ...)
+        if _shape(p)[1:] != _shape(t):
+            msg = f"accuracy: predictions of shape {_shape(p)[1:]} do not match targets of shape {_shape(t)}"
+            raise ValueError(msg)
+        if t.dtype != p.dtype:
+            p = xp.astype(p, t.dtype)
+        acc.add([xp.sum(xp.astype(p == t, index_dtype(xp)), axis=_other_axes(p))])
+        acc.count += math.prod(_shape(t))
+
+    def _finish_members(self, acc, host):
+        return host[0] / acc.count
+
 
 class _TopKAccuracy(Metric):
     tasks = ("multiclass",)
@@ -320,6 +403,21 @@ class _TopKAccuracy(Metric):
     def _finish(self, acc, host):
         return host[0] / acc.count
 
+    def _update_members(self, acc, pair):
+        xp = acc.xp
+        scores, labels = pair.scores(), pair.true_labels()  # (K, n, c) and (n,)
+        _, n, c = _shape(scores)
+        classes = xp.arange(c, dtype=index_dtype(xp), device=acc.device)
+        onehot = xp.reshape(xp.astype(labels, index_dtype(xp)), (n, 1)) == classes
+        zero = xp.zeros((), dtype=scores.dtype, device=acc.device)
+        true_score = xp.sum(xp.where(onehot, scores, zero), axis=-1, keepdims=True)
+        above = xp.sum(xp.astype(scores > true_score, index_dtype(xp)), axis=-1)  # (K, n)
+        acc.add([xp.sum(xp.astype(above < self.k, index_dtype(xp)), axis=-1)])
+        acc.count += n
+
+    def _finish_members(self, acc, host):
+        return host[0] / acc.count
+
     def __repr__(self) -> str:
         return f"top_k_accuracy({self.k})"
 
@@ -341,6 +439,16 @@ class _MAE(Metric):
         acc.count += math.prod(_shape(d))
 
     def _finish(self, acc, host):
+        return host[0] / acc.count
+
+    def _update_members(self, acc, pair):
+        xp = acc.xp
+        y, p = pair.true_labels(), pair.predictions()
+        d = xp.astype(y, acc.acc) - xp.astype(p, acc.acc)  # (K, n, ...)
+        acc.add([xp.sum(xp.abs(d), axis=_other_axes(d))])
+        acc.count += math.prod(_shape(y))
+
+    def _finish_members(self, acc, host):
         return host[0] / acc.count
 
 
@@ -369,6 +477,25 @@ class _R2(Metric):
         tot = s2 - s1 * s1 / acc.count
         scores = numpy.where(tot > 0, 1.0 - res / numpy.where(tot > 0, tot, 1.0), numpy.where(res == 0, 1.0, 0.0))
         return float(numpy.mean(scores))
+
+    def _update_members(self, acc, pair):
+        xp = acc.xp
+        y, p = pair.true_labels(), pair.predictions()
+        k, n = _shape(p)[0], _shape(y)[0]
+        y = _as_2d(xp.astype(y, acc.acc), xp)
+        p = xp.reshape(xp.astype(p, acc.acc), (k, n, -1))
+        if acc.extra is None:
+            acc.extra = y[0:1, ...]
+        c = y - acc.extra
+        r = y - p
+        acc.add([xp.sum(c, axis=0), xp.sum(c * c, axis=0), xp.sum(r * r, axis=1)])  # (m,), (m,), (K, m)
+        acc.count += n
+
+    def _finish_members(self, acc, host):
+        s1, s2, res = (numpy.asarray(h, dtype=numpy.float64) for h in host)
+        tot = s2 - s1 * s1 / acc.count  # (m,), against each member's residuals (K, m)
+        scores = numpy.where(tot > 0, 1.0 - res / numpy.where(tot > 0, tot, 1.0), numpy.where(res == 0, 1.0, 0.0))
+        return numpy.mean(scores, axis=1)
 
 
 class _CallableMetric(Metric):

@@ -1013,12 +1013,11 @@ def partial_fit(model, x, y, *, loss: str | Loss | None = None, optimizer: str |
     if _is_ensemble(model):
         from . import ensemble
 
-        unsupported = [name for name, v in (("metrics", metrics), ("precision", precision)) if v is not None]
-        if unsupported:
-            msg = f"partial_fit of an ensemble does not support {', '.join(unsupported)} yet"
+        if precision is not None:
+            msg = "partial_fit of an ensemble does not support precision yet"
             raise NotImplementedError(msg)
         return ensemble.partial_fit(model, x, y, loss=loss, optimizer=optimizer, lr=lr, batch_size=batch_size,
-                                    shuffle=shuffle, l2=l2, sample_weight=sample_weight)
+                                    shuffle=shuffle, l2=l2, sample_weight=sample_weight, metrics=metrics)
     if loss is None:
         loss = getattr(model, "loss_", None)
     defaults = {k: p.default for k, p in inspect.signature(fit).parameters.items()
@@ -1067,10 +1066,10 @@ def evaluate(model, x, y, *, loss: str | Loss | None = None, metrics: Sequence[A
     >>> bool(np.isclose(scores["loss"], -np.mean(np.log(proba[[0, 1, 2], y]))))
     True
     """
-    if _is_ensemble(model):
-        msg = ("evaluate of an ensemble is not supported yet: model.loss(x, y, loss=..., reduce=None) gives each "
-               "member's loss, and model.member(i).evaluate(x, y) one member's metrics")
-        raise NotImplementedError(msg)
+    if _is_ensemble(model):  # each member's values (K,), and the averaged prediction's under "ensemble_..."
+        from . import ensemble
+
+        return ensemble.evaluate(model, x, y, loss=loss, metrics=metrics, batch_size=batch_size)
     x, xp = model._check_x(x)
     y = model._check_target(y, xp)
     if _n(y) != _n(x):

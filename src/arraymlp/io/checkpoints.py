@@ -151,7 +151,7 @@ def save_checkpoint(path: str | os.PathLike, model: Any, *, optimizer: Optimizer
         hist = {k: [_history_value(v) for v in getattr(history, k)]
                 for k in ("loss", "val_loss", "val_metric", "lr", "time")}
         hist["metric_name"] = history.metric_name
-        hist["metrics"] = {k: [float(v) for v in series] for k, series in history.metrics.items()}
+        hist["metrics"] = {k: [_history_value(v) for v in series] for k, series in history.metrics.items()}
     cb_entries = _callback_entries(callbacks, len(model.layers), tensors, dtype)
     ck = {
         "callbacks": cb_entries,
@@ -307,8 +307,8 @@ def restore_checkpoint(path: str | os.PathLike, model: Any, *, optimizer: Optimi
             setattr(history, k, [numpy.asarray(v) if isinstance(v, list) and k != "lr" else v
                                  for v in hist.get(k, [])])
         history.metric_name = hist.get("metric_name", history.metric_name) or history.metric_name
-        for k, series in hist.get("metrics", {}).items():
-            history.metrics[k] = [float(v) for v in series]
+        for k, series in hist.get("metrics", {}).items():  # an ensemble's: arrays (K,)
+            history.metrics[k] = [numpy.asarray(v) if isinstance(v, list) else float(v) for v in series]
     _restore_callbacks(f, model, callbacks)
     for key, value in f.model_cfg["fitted"].items():
         setattr(model, key, value)

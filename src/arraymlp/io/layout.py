@@ -380,7 +380,8 @@ def _check_history_entry(path: str, hist: Any, members: int | None = None) -> No
     metrics = hist.get("metrics", {}) if isinstance(hist, dict) else None  # absent from older checkpoints
     ok = ok and isinstance(metrics, dict) and all(
         isinstance(k, str) and isinstance(v, list)
-        and all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in v)
+        and all((isinstance(e, (int, float)) and not isinstance(e, bool))
+                or (members is not None and _member_values_ok(e, members)) for e in v)
         for k, v in metrics.items())
     if not ok:
         raise ModelFileError(path, "the checkpoint's history is malformed")
