@@ -506,8 +506,10 @@ def test_training_functions_called_directly_hand_an_ensemble_to_its_loop(backend
     assert ev_direct.keys() == ev_method.keys() == {"loss", "accuracy", "ensemble_loss", "ensemble_accuracy"}
     for key in ev_direct:
         np.testing.assert_array_equal(ev_direct[key], ev_method[key])
-    with pytest.raises(NotImplementedError, match="partial_fit of an ensemble does not support precision"):
+    with pytest.raises(ValueError, match="keeps float32 master weights"):  # a float64 ensemble, as a plain model
         training.partial_fit(direct, x, y, precision="float16")
+    with pytest.raises(NotImplementedError, match="does not support comm"):
+        training.fit(direct, x, y, comm=object(), progress=False)
 
 
 def test_float16_adam_needs_an_eps_float16_holds():
@@ -731,3 +733,73 @@ def test_evaluate_gives_each_member_and_the_ensembles_prediction(backend, name):
         np.testing.assert_allclose(got["ensemble_loss"], np.mean((pred - y_np) ** 2), rtol=1e-10)
         np.testing.assert_allclose(got["ensemble_mae"], mean_absolute_error(y_np, pred), rtol=1e-10)
         np.testing.assert_allclose(got["ensemble_r2"], r2_score(y_np, pred), rtol=1e-10)
+
+
+# --------------------------------------------------------------- mixed precision
+def _need_dtype(backend, dtype):
+    if getattr(backend.xp, dtype, None) is None:
+        pytest.skip(f"the {backend.name} namespace has no {dtype}")
+
+
+def _amp(dtype):
+    # float16: a huge first scale and a short growth interval, so that steps overflow,
+    # are skipped and the scales move (members at different steps)
+    return am.MixedPrecision("float16", init_scale=2.0**20, growth_interval=3) if dtype == "float16" else dtype
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_mixed_precision_members_are_their_plain_models(backend, dtype):
+    """precision= of an ensemble: float32 master weights, one loss scale per member.
+    With shared hyper-parameters every member equals, bit for bit, its plain model
+    trained alone with the same precision (float16: its loss scale and skipped steps
+    too, though members skip different steps); with per-member rates (float32 arrays,
+    whose constants round once more) within a few float32 ulps."""
+    _need_dtype(backend, dtype)
+    rng = np.random.default_rng(0)
+    x, y = backend.asarray(rng.normal(size=(64, 5)).astype(np.float32)), backend.asarray(rng.integers(0, 3, size=64))
+    for lr in (0.05, [0.01, 0.05, 0.1]):
+        ens = am.MLP([5, 8, 3], ensemble=3, seed=0, dtype="float32", **backend.model_kwargs())
+        start = [ens.member(i) for i in range(3)]
+        opts = dict(loss="cross_entropy", optimizer="adam", epochs=3, batch_size=16, seed=1, progress=False)
+        amp = _amp(dtype)
+        h = ens.fit(x, y, lr=lr, precision=amp, **opts)
+        assert all(p.dtype == ens.params[0]["W"].dtype for layer in ens.params for p in layer.values())
+        skips = set()
+        for i in range(3):
+            plain_amp = _amp(dtype)
+            hp = start[i].fit(x, y, lr=lr if isinstance(lr, float) else lr[i], precision=plain_amp, **opts)
+            tol = 0.0 if isinstance(lr, float) else 1e-6
+            _close(_np_params(ens.member(i)), _np_params(start[i]), tol=tol)
+            np.testing.assert_allclose([v[i] for v in h.loss], hp.loss, rtol=tol, atol=tol)
+            if dtype == "float16":
+                assert backend.to_numpy(amp.scale).shape == (3,)
+                assert float(backend.to_numpy(amp.scale)[i]) == float(plain_amp.scale)
+                assert int(backend.to_numpy(amp.skipped)[i]) == int(plain_amp.skipped)
+                skips.add(int(plain_amp.skipped))
+        if dtype == "float16":
+            assert min(skips) > 0 and len(skips) > 1  # steps were skipped, not the same number per member
+
+
+def test_a_member_whose_gradients_overflow_skips_alone(backend):
+    """float16 with a scale that overflows only member 1's gradients (its outputs are far
+    larger): member 1 keeps its parameters and halves its scale; the others step."""
+    _need_dtype(backend, "float16")
+    rng = np.random.default_rng(0)
+    x = backend.asarray(rng.normal(size=(16, 3)).astype(np.float32))
+    t = backend.asarray(rng.normal(size=(16, 2)).astype(np.float32))
+    ens = am.MLP([3, 2], ensemble=3, seed=0, dtype="float32", **backend.model_kwargs())
+    ens(x)
+    W = backend.to_numpy(ens.params[0]["W"]).copy()
+    W[1] *= 3000.0  # member 1's loss gradient times the scale overflows float16 (the others' do not)
+    xp = backend.xp
+    ens.params[0]["W"] = xp.asarray(backend.asarray(W), copy=True)
+    before = [{k: v.copy() for k, v in p.items()} for p in _np_params(ens)]  # copies: updated in place
+    amp = am.MixedPrecision("float16", init_scale=1024.0)
+    ens.fit(x, t, loss="mse", optimizer="sgd", lr=0.01, epochs=1, batch_size=16, progress=False, precision=amp)
+    after = _np_params(ens)
+    np.testing.assert_array_equal(after[0]["W"][1], before[0]["W"][1])
+    np.testing.assert_array_equal(after[0]["b"][1], before[0]["b"][1])
+    assert not np.array_equal(after[0]["W"][0], before[0]["W"][0])
+    assert not np.array_equal(after[0]["W"][2], before[0]["W"][2])
+    np.testing.assert_array_equal(backend.to_numpy(amp.scale), [1024.0, 512.0, 1024.0])
+    np.testing.assert_array_equal(backend.to_numpy(amp.skipped), [0, 1, 0])

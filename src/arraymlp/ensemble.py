@@ -47,6 +47,7 @@ from ._backend import (
     check_same_device,
     device_of,
     get_namespace,
+    index_dtype,
     is_float16,
     is_writeable,
     quiet_overflow,
@@ -59,6 +60,8 @@ from .kernels.reference import _idiv, _imul, _isub
 from .losses import LOSSES, get_loss
 from .metrics import Metric, _MembersPair, _Pair, get_metrics, read_results
 from .optim import SGD, Adagrad, Adam, Optimizer, RMSprop, get_optimizer
+from .precision import _keep_if_not, resolve_precision
+from .precision import _snapshot as _amp_snapshot
 
 __all__ = ["EnsembleHistory", "check_layers", "check_members", "cross_val_scores", "evaluate", "fit", "make_step",
            "member_seeds", "partial_fit", "predict", "predict_proba"]
@@ -232,8 +235,9 @@ def _targets(lossfn, y, n_out: int, xp, dtype):
     """Targets as an array that broadcasts against the outputs (K, n, n_out)."""
     if lossfn.name == "cross_entropy":
         if xp.isdtype(y.dtype, "integral"):
-            labels = xp.reshape(xp.astype(y, xp.int64), (-1, 1))
-            return xp.astype(labels == xp.arange(n_out, dtype=xp.int64, device=y.device), dtype)
+            idx = index_dtype(xp)  # int32 on JAX's 32-bit mode, which has no int64
+            labels = xp.reshape(xp.astype(y, idx), (-1, 1))
+            return xp.astype(labels == xp.arange(n_out, dtype=idx, device=y.device), dtype)
         return xp.astype(y, dtype)
     y = xp.astype(y, dtype)
     return xp.reshape(y, (-1, n_out)) if y.ndim == 1 else y
@@ -411,6 +415,11 @@ class _MemberUpdate:
     def _zeros(self, p):
         return self.xp.zeros_like(p)
 
+    def build_state(self, params) -> None:
+        """The members' optimiser state (moments, buffers), made at the first step."""
+        if self.state is None:
+            self.state = [{key: self._init(p) for key, p in layer.items()} for layer in params]
+
     def _work(self, n, p, xp):
         """A flat scratch array of ``n`` elements in ``p``'s dtype and place, for the
         kernels' products (one buffer, grown on demand; not state)."""
@@ -463,8 +472,7 @@ class _MemberUpdate:
         array of 0 and 1) scales each member's rate, so that a stopped member stays."""
         xp, o = self.xp, self.opt
         grads = self._clip(grads)
-        if self.state is None:
-            self.state = [{key: self._init(p) for key, p in layer.items()} for layer in params]
+        self.build_state(params)
         self.t += 1
         lr = self.lr * active
         for layer, glayer, slayer in zip(params, grads, self.state):
@@ -537,7 +545,8 @@ class EnsembleHistory(History):
 # ----------------------------------------------------------------------------- fit
 def partial_fit(model, x, y, *, loss: str | None = None, optimizer: str | Optimizer | None = None, lr: Any = None,
                 batch_size: int = 32, shuffle: bool = True, l2: Any = 0.0,
-                sample_weight: Any = None, metrics: Sequence[Any] | None = None) -> EnsembleHistory:
+                sample_weight: Any = None, metrics: Sequence[Any] | None = None,
+                precision: Any = None) -> EnsembleHistory:
     """One epoch of every member over ``(x, y)``, keeping the members' optimiser state of
     earlier calls (``model.partial_fit`` of an ensemble).
 
@@ -552,7 +561,8 @@ def partial_fit(model, x, y, *, loss: str | None = None, optimizer: str | Optimi
             msg = "partial_fit needs loss= on its first call"
             raise ValueError(msg)
     return fit(model, x, y, loss=loss, optimizer=optimizer, lr=lr, epochs=1, batch_size=batch_size, shuffle=shuffle,
-               progress=False, l2=l2, sample_weight=sample_weight, metrics=metrics, _reuse_optimizer=True)
+               progress=False, l2=l2, sample_weight=sample_weight, metrics=metrics, precision=precision,
+               _reuse_optimizer=True)
 
 
 def _rule(model, run, optimizer, lr, momentum, weight_decay, betas, reuse: bool) -> _MemberUpdate:
@@ -811,8 +821,8 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
         batch_size: int = 32, shuffle: bool = True, validation_data: tuple | None = None,
         validation_split: float = 0.0, early_stopping: EarlyStopping | int | None = None,
         sample_weight: Any = None, seed: int | None = None, schedule: Any = None, callbacks: Sequence = (),
-        metrics: Sequence[Any] | None = None, progress: bool = True, verbose: bool = False, resume_from: Any = None,
-        _reuse_optimizer: bool = False, **unsupported) -> EnsembleHistory:
+        metrics: Sequence[Any] | None = None, precision: Any = None, progress: bool = True, verbose: bool = False,
+        resume_from: Any = None, _reuse_optimizer: bool = False, **unsupported) -> EnsembleHistory:
     """Train every member of an ensemble on the same batches (``model.fit`` of a model
     built with ``ensemble=K``).
 
@@ -872,11 +882,18 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
         array (K,) per epoch, summed on the device and read once per epoch. Unweighted,
         as in the plain fit.
 
+    precision : {None, "float16", "bfloat16"} or MixedPrecision, optional
+        Mixed precision as for :func:`arraymlp.fit` (float32 master weights, the
+        stacked ones), with one loss scale per member for float16: a member whose
+        scaled gradients overflow skips its own step and halves its own scale
+        (``MixedPrecision.scale`` is then an array (K,)), so that each member does what
+        its plain model would.
+
     Notes
     -----
-    Data-parallel training and mixed precision are not supported for ensembles yet;
-    passing them raises ``NotImplementedError``, as does a ``Checkpoint`` with
-    ``monitor=`` (an ensemble logs one value per member).
+    Data-parallel training is not supported for ensembles yet; passing ``comm`` raises
+    ``NotImplementedError``, as does a ``Checkpoint`` with ``monitor=`` (an ensemble
+    logs one value per member).
     """
     unsupported = {k: v for k, v in unsupported.items() if v is not None}
     if unsupported:
@@ -891,6 +908,7 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
     run.rule = _rule(model, run, optimizer, lr, momentum, weight_decay, betas, _reuse_optimizer)
     opt = run.rule.opt
     run.l2 = _per_member("l2", l2, k, xp, like)
+    run.amp = resolve_precision(precision, model, xp)
     run.stopper = _early_stopping(early_stopping, run.val is not None)
     if run.stopper is not None and run.stopper.monitor.startswith("val") and run.val is None:
         msg = f"EarlyStopping monitors {run.stopper.monitor!r} but training has no validation data"
@@ -1125,6 +1143,7 @@ class _Run:
     val_metrics: Any = ()  # and on the validation data
     accs: Any = ()  # the epoch's member accumulators of the training metrics
     pair_kind: Any = None  # the keyword arguments of a batch's metric pair
+    amp: Any = None  # MixedPrecision (per-member loss scales), or None
 
 
 def _prepare(model, x, y, lossfn, sample_weight, validation_data, validation_split) -> _Run:
@@ -1165,6 +1184,8 @@ def _has_l2(l2) -> bool:
 def _step(run: _Run, xb, yb, wb):
     """One training step of every member; each member's loss on the batch, (K,), left on
     the device (nothing is read back to the host)."""
+    if run.amp is not None:
+        return _amp_step(run, xb, yb, wb)
     model, xp, l2 = run.model, run.xp, run.l2
     upto = len(model.layers) - 1 if run.fused else None
     out, caches = model.forward(xb, training=True, xp=xp, upto=upto, plan=run.plan)
@@ -1187,6 +1208,66 @@ def _step(run: _Run, xb, yb, wb):
             if isinstance(layer, L.Dense):
                 g["W"] = g["W"] + l2 * p["W"]
     run.rule.step(model.params, grads, run.active)
+    run.step += 1
+    return values
+
+
+def _amp_step(run: _Run, xb, yb, wb):
+    """A mixed-precision step of every member (:mod:`arraymlp.precision`): forward and
+    backward in the compute dtype over casts of the float32 master weights, the loss in
+    float32, each member's loss gradient multiplied by its own loss scale and its
+    gradients divided by it; a member whose gradients are not all finite keeps its
+    parameters and moments (``xp.where`` on the device) and halves its scale, the others
+    step. Each member thus does what its plain model's mixed-precision step does."""
+    model, xp, l2, amp = run.model, run.xp, run.l2, run.amp
+    k = model.ensemble
+    amp._state(xp, device_of(xb), k)
+    cdt = getattr(xp, amp.dtype_name)
+    master, master_dtype = model.params, model.dtype
+    model.params, model.dtype = [{key: xp.astype(v, cdt) for key, v in p.items()} for p in master], cdt
+    try:
+        out, caches = model.forward(xp.astype(xb, cdt), training=True, xp=xp,
+                                    upto=len(model.layers) - 1 if run.fused else None)
+        out = xp.astype(out, xp.float32)
+        if run.accs:
+            pair = _MembersPair(yb, out, run.lossfn.task, xp, **run.pair_kind)
+            for acc in run.accs:
+                acc.update(pair)
+        values, dout = _losses(model, run.lossfn, out, yb, wb, xp)
+        if amp.dynamic:
+            dout = dout * xp.reshape(amp.scale, (k, 1, 1))
+        grads = model._backprop(caches, xp.astype(dout, cdt), xp=xp, inplace=True)
+    finally:
+        model.params, model.dtype = master, master_dtype
+    del caches, out, dout
+    if _has_l2(l2):
+        values = values + _penalty(model, l2, xp)
+    inv = xp.reshape(1.0 / amp.scale, (k, 1, 1)) if amp.dynamic else None
+    grads32 = []
+    for layer, p, g in zip(model.layers, master, grads):
+        d = {}
+        for key, gk in g.items():
+            gk = xp.astype(gk, p[key].dtype)
+            if inv is not None:
+                gk = gk * inv
+            if _has_l2(l2) and key == "W" and isinstance(layer, L.Dense):
+                gk = gk + l2 * p[key]
+            d[key] = gk
+        grads32.append(d)
+    if not amp.dynamic:
+        run.rule.step(model.params, grads32, run.active)
+    else:
+        # each member's: a NaN or infinite entry makes that member's sum non-finite
+        ok = None
+        for d in grads32:
+            for gk in d.values():
+                fin = xp.isfinite(xp.sum(gk, axis=tuple(range(1, gk.ndim))))
+                ok = fin if ok is None else ok & fin
+        run.rule.build_state(model.params)  # before the snapshot, so that a skipped first step keeps it
+        before = _amp_snapshot(model.params, run.rule.state, xp)
+        run.rule.step(model.params, grads32, run.active)
+        _keep_if_not(xp.reshape(ok, (k, 1, 1)), before, model.params, run.rule.state, xp)
+        amp.update_scale(ok, xp)
     run.step += 1
     return values
 
@@ -1222,11 +1303,14 @@ def _snapshot(run: _Run) -> tuple:
     params = [copy(p) for p in run.model.params]
     state = None if rule.state is None else [{key: copy(st) for key, st in layer.items()} for layer in rule.state]
     rng = None if run.model.rng is None else run.model.rng.get_state()
-    return params, state, rule.t, run.step, rng
+    amp = None if run.amp is None else run.amp.get_state()
+    return params, state, rule.t, run.step, rng, amp
 
 
 def _restore(run: _Run, snapshot: tuple) -> None:
-    params, state, t, step, rng = snapshot
+    params, state, t, step, rng, amp = snapshot
+    if amp is not None:
+        run.amp.set_state(amp)
     run.model.params = [dict(p) for p in params]
     run.rule.state = None if state is None else [{key: dict(st) for key, st in layer.items()} for layer in state]
     run.rule.t, run.step = t, step
@@ -1456,7 +1540,7 @@ def predict(model, x, *, reduce: str | None = "mean"):
     p = predict_proba(model, x, reduce=reduce)
     if task == "multiclass":
         return xp.argmax(p, axis=-1)
-    return xp.astype(p > 0.5, xp.int64)
+    return xp.astype(p > 0.5, index_dtype(xp))
 
 
 # ------------------------------------------------------------------- cross-validation

@@ -24,6 +24,13 @@ step), so Adam's bias correction after a skip uses a step count one higher than
 PyTorch's ``GradScaler`` would. bfloat16 has float32's exponent range and needs no
 scaling: its scale stays 1.
 
+Ensembles (``MLP(..., ensemble=K)``) keep one loss scale per member: ``scale``,
+``good_steps`` and ``skipped`` are arrays (K,), a member whose scaled gradients
+overflow skips its own step (its parameters and moments keep their values) and halves
+its own scale, and the other members step on. Each member's scale thus evolves as the
+plain model's would, trained alone, and a member stays the plain model it would be
+(see the ensembles page).
+
 Where mixed precision pays: on GPUs with tensor cores (V100 and later for float16,
 A100 and later for bfloat16), matrix products in half precision run several times
 faster than float32's. On a CPU the same code runs (NumPy and torch have float16, torch
@@ -118,13 +125,15 @@ class MixedPrecision:
                 f"growth_interval={self.growth_interval})")
 
     # -------------------------------------------------------------------- state
-    def _state(self, xp, device) -> None:
-        """The scale and counters as 0-d arrays on the device (made once per place)."""
-        if self.scale is not None and self._where == (xp, device):
+    def _state(self, xp, device, members: int | None = None) -> None:
+        """The scale and counters as 0-d arrays on the device, or arrays (K,) of an
+        ensemble's ``members`` (made once per place and shape)."""
+        shape = () if members is None else (members,)
+        if self.scale is not None and self._where == (xp, device) and tuple(self.scale.shape) == shape:
             return
-        self.scale = xp.asarray(self.init_scale, dtype=xp.float32, device=device)
-        self.good_steps = xp.asarray(0, dtype=xp.int32, device=device)
-        self.skipped = xp.asarray(0, dtype=xp.int32, device=device)
+        self.scale = xp.full(shape, self.init_scale, dtype=xp.float32, device=device)
+        self.good_steps = xp.zeros(shape, dtype=xp.int32, device=device)
+        self.skipped = xp.zeros(shape, dtype=xp.int32, device=device)
         self._where = (xp, device)
 
     def get_state(self) -> tuple:
@@ -142,9 +151,10 @@ class MixedPrecision:
         self.scale, self.good_steps, self.skipped, self._where = state
 
     def update_scale(self, ok, xp) -> None:
-        """After a step whose gradients were all finite (``ok``, a 0-d boolean array) or
-        not: count it, double ``S`` after ``growth_interval`` good steps, halve it (not
-        below ``min_scale``) and count a skip otherwise. Device arithmetic only."""
+        """After a step whose gradients were all finite (``ok``, a 0-d boolean array, or
+        one per member (K,) for an ensemble's per-member scales) or not: count it,
+        double ``S`` after ``growth_interval`` good steps, halve it (not below
+        ``min_scale``) and count a skip otherwise. Device arithmetic only."""
         one = xp.asarray(1, dtype=xp.int32, device=device_of(self.good_steps))
         zero = xp.zeros_like(self.good_steps)
         good = self.good_steps + one

@@ -1013,11 +1013,9 @@ def partial_fit(model, x, y, *, loss: str | Loss | None = None, optimizer: str |
     if _is_ensemble(model):
         from . import ensemble
 
-        if precision is not None:
-            msg = "partial_fit of an ensemble does not support precision yet"
-            raise NotImplementedError(msg)
         return ensemble.partial_fit(model, x, y, loss=loss, optimizer=optimizer, lr=lr, batch_size=batch_size,
-                                    shuffle=shuffle, l2=l2, sample_weight=sample_weight, metrics=metrics)
+                                    shuffle=shuffle, l2=l2, sample_weight=sample_weight, metrics=metrics,
+                                    precision=precision)
     if loss is None:
         loss = getattr(model, "loss_", None)
     defaults = {k: p.default for k, p in inspect.signature(fit).parameters.items()
