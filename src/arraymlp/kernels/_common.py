@@ -203,9 +203,10 @@ def _coupled(g, p, wd, w, xp):
 def adam_update(p, g, m, v, vmax, lr, b1, b2, eps, wd, decoupled, t, xp, work=None):
     if not _out_applies(p, g, (m, v, vmax), work):
         return R.adam_update(p, g, m, v, vmax, lr, b1, b2, eps, wd, decoupled, t, xp, work)
-    coupled = R.is_on(wd) and not decoupled
+    on = R.is_on(wd)
+    coupled = on and not decoupled
     w, *rest = _buffers(work, 2 if coupled else 1, p, xp)
-    if R.is_on(wd):
+    if on:
         if decoupled:
             p *= 1.0 - lr * wd
         else:
