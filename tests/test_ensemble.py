@@ -287,6 +287,11 @@ def test_a_checkpointed_ensemble_resumes_exactly(backend, tmp_path, optimizer):
     for a, b in zip(h.loss + h.val_loss, h_whole.loss + h_whole.val_loss):
         np.testing.assert_array_equal(a, b)
     assert h.lr == h_whole.lr == [[0.01, 0.02, 0.05]] * 4 and len(h.loss) == 4
+    # the members' metric series (training and validation accuracy, (K,) per epoch) survive the checkpoint
+    assert sorted(h.metrics) == sorted(h_whole.metrics) == ["accuracy", "val_accuracy"]
+    for name in h.metrics:
+        assert len(h.metrics[name]) == 4
+        np.testing.assert_array_equal(np.stack(h.metrics[name]), np.stack(h_whole.metrics[name]))
     with pytest.raises(ValueError, match="holds an ensemble of 3 members, but the model being restored is an "
                                          "ensemble of 2"):
         am.MLP([5, 6, 3], dropout=0.2, ensemble=2, seed=1, dtype="float64", **backend.model_kwargs()).fit(
