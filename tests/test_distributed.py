@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from arraymlp.distributed import RootOnly, has_batch_hook, shard_bounds
@@ -221,3 +222,38 @@ def test_stops_are_collective(tmp_path):
     # verbose progress from the root only: one line per epoch, not one per rank
     assert len(re.findall(r"^epoch +1 ", proc.stdout, flags=re.M)) == 1, proc.stdout
     assert len(re.findall(r"^epoch +2 ", proc.stdout, flags=re.M)) == 1, proc.stdout
+
+
+@needs_mpi
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_ensemble_data_parallel_equals_single_process(ranks, tmp_path):
+    """An ensemble (K=3) trained data-parallel equals its single-process fit on the full
+    data: per-member rates and momenta, per-member (K, n) and shared (n,) sample weights,
+    per-member L2, empty shards, per-member early stopping (the same members stop at the
+    same epochs on every rank) and a checkpoint written by the root only."""
+    backends = [b for b in _backends() if b != "cupy"] + (["cupy"] if "cupy" in _backends() else [])
+    proc, _ = mpirun(ranks, "ensemble_equivalence.py", str(tmp_path), *backends)
+    assert proc.returncode == 0, _explain(proc)
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 6 * len(backends), _explain(proc)
+    for row in rows:
+        assert row["ranks"] == ranks, "mpiexec and mpi4py use different MPI libraries"
+        assert row["ok"] and row["ranks_agree"], row
+        tol = 1e-10 if "float32" not in row["case"] else 1e-5
+        assert row["max_abs_diff"] <= tol, row
+        assert all(s == row["stopped_single"] for s in row["stopped_epoch"]), row
+        if row["case"] == "adam-early-stopping":
+            # members stop at different epochs: one stops early, the others train on
+            stops = row["stopped_single"]
+            assert len(row["loss"]) == 12 and min(stops) == -1 and max(stops) >= 0, row
+            losses = np.array(row["val_loss"])
+            best = [int(np.argmin(losses[:, k])) for k in range(3)]
+            assert row["best_epochs"] == best, row
+        else:
+            assert len(row["loss"]) == 3 and len(row["loss"][0]) == 3
+    for backend in backends:
+        saved = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(f"{backend}-"))
+        # the root (rank 0) writes the data-parallel run's checkpoints; no other rank does
+        assert saved == [f"{backend}-dp-0", f"{backend}-single-0"]
+        assert sorted(p.name for p in (tmp_path / f"{backend}-dp-0").iterdir()) == [
+            f"epoch-0000{e}.safetensors" for e in (1, 2, 3)]

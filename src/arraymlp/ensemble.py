@@ -630,6 +630,9 @@ def _early_stopping(early_stopping, validation: bool):
         raise TypeError(msg)
     if isinstance(early_stopping, int):
         return EarlyStopping("val_loss" if validation else "loss", patience=early_stopping)
+    if early_stopping.monitor.startswith("val") and not validation:
+        msg = f"EarlyStopping monitors {early_stopping.monitor!r} but training has no validation data"
+        raise ValueError(msg)
     return early_stopping
 
 
@@ -680,8 +683,8 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
         batch_size: int = 32, shuffle: bool = True, validation_data: tuple | None = None,
         validation_split: float = 0.0, early_stopping: EarlyStopping | int | None = None,
         sample_weight: Any = None, seed: int | None = None, schedule: Any = None, callbacks: Sequence = (),
-        progress: bool = True, verbose: bool = False, resume_from: Any = None, _reuse_optimizer: bool = False,
-        **unsupported) -> EnsembleHistory:
+        progress: bool = True, verbose: bool = False, resume_from: Any = None, comm: Any = None,
+        _reuse_optimizer: bool = False, **unsupported) -> EnsembleHistory:
     """Train every member of an ensemble on the same batches (``model.fit`` of a model
     built with ``ensemble=K``).
 
@@ -728,6 +731,15 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
         per-member optimiser settings replacing the given ones. The members' early
         stopping counters and best parameters, and their schedules' states, are saved
         and restored too (they travel as one more callback state).
+    comm : mpi4py communicator or arraymlp.distributed.DataParallel, optional
+        Data-parallel training, as for :func:`arraymlp.fit`: every rank holds all K
+        members and the same data, and computes the members' losses and gradients on
+        its shard of each global batch; one ``Allreduce`` per step sums the stacked
+        gradients of all members, each member's weighted by its own weight of the shard
+        (its row of ``sample_weight``), so that member ``k`` gets the gradient of its own
+        weighted mean loss over the global batch. Validation runs on the root rank and
+        is broadcast, so every rank takes the same per-member early-stopping decisions;
+        checkpoints are written by the root.
 
     Returns
     -------
@@ -736,9 +748,9 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
 
     Notes
     -----
-    Data-parallel training, metrics and mixed precision are not supported for ensembles
-    yet; passing them raises ``NotImplementedError``, as does a ``Checkpoint`` with
-    ``monitor=`` (an ensemble logs one value per member).
+    Training metrics and mixed precision are not supported for ensembles yet; passing
+    them raises ``NotImplementedError``, as does a ``Checkpoint`` with ``monitor=`` (an
+    ensemble logs one value per member).
     """
     unsupported = {k: v for k, v in unsupported.items() if v is not None}
     if unsupported:
@@ -754,9 +766,6 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
     opt = run.rule.opt
     run.l2 = _per_member("l2", l2, k, xp, like)
     run.stopper = _early_stopping(early_stopping, run.val is not None)
-    if run.stopper is not None and run.stopper.monitor.startswith("val") and run.val is None:
-        msg = f"EarlyStopping monitors {run.stopper.monitor!r} but training has no validation data"
-        raise ValueError(msg)
     model.task_ = lossfn.task
     model.loss_ = lossfn.name if LOSSES.get(lossfn.name) is lossfn else lossfn
     model.optimizer_ = None  # the members' optimiser state: ensemble_optimizer_
@@ -770,6 +779,7 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
     run.best, run.best_epoch = numpy.full(k, numpy.inf), numpy.full(k, -1)
     run.wait = numpy.zeros(k, dtype=int)
     start_epoch = _resume(run, resume_from, callbacks, schedules)
+    verbose = _data_parallel(run, comm, callbacks, verbose)
     if resume_from is not None and schedule is None:  # the checkpoint's rates replace lr=
         r = run.rule.lr
         lr = r if isinstance(r, float) else [float(v) for v in to_numpy(r).reshape(-1)]
@@ -783,7 +793,7 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
                 cb.on_train_begin(model, history)
             for epoch in range(start_epoch, epochs):
                 t0 = time.perf_counter()
-                if any([bool(cb.on_epoch_begin(model, epoch)) for cb in callbacks]):
+                if _agree(run, any([bool(cb.on_epoch_begin(model, epoch)) for cb in callbacks])):
                     history.stopped_early = True
                     break
                 epoch_lr = opt.lr if lr is None else lr
@@ -802,6 +812,18 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
         for cb in callbacks:
             cb.on_train_end(model, history)
     return history
+
+
+def _data_parallel(run: _Run, comm, callbacks, verbose: bool) -> bool:
+    """``comm=`` set up, after resuming: the root's parameters and generator state are
+    broadcast, checkpoints become root-only; whether this rank prints (``verbose``)."""
+    if comm is None:
+        return verbose
+    from .distributed import DataParallel
+
+    run.dp = comm if isinstance(comm, DataParallel) else DataParallel(comm)
+    run.dp.begin(run.model, run.x, callbacks)
+    return verbose and run.dp.is_root
 
 
 def _resume(run: _Run, resume_from, callbacks, schedules) -> int:
@@ -884,7 +906,10 @@ def _end_epoch(run: _Run, epoch: int, epoch_lr, epoch_loss, t0: float, schedules
     logs = {"epoch": epoch, "step": run.step, "loss": epoch_loss, "lr": epoch_lr, "val_loss": None,
             "val_metric": None}
     if run.val is not None:
-        logs["val_loss"], logs["val_metric"] = _evaluate(model, run.val[0], run.val[1], run.lossfn, xp, run.fused)
+        args = (model, run.val[0], run.val[1], run.lossfn, xp, run.fused)
+        # under data parallelism the root evaluates and broadcasts: every rank then
+        # takes the same early-stopping decisions
+        logs["val_loss"], logs["val_metric"] = _evaluate(*args) if run.dp is None else run.dp.on_root(_evaluate, *args)
         history.val_loss.append(logs["val_loss"])
         history.val_metric.append(logs["val_metric"])
     logs["time"] = time.perf_counter() - t0
@@ -895,7 +920,13 @@ def _end_epoch(run: _Run, epoch: int, epoch_lr, epoch_loss, t0: float, schedules
         print(f"epoch {epoch + 1:>4}  loss {numpy.array2string(epoch_loss, precision=4)}", flush=True)
     stop = run.stopper is not None and _stop_members(run, epoch, logs)
     logs["active"] = run.active_host.copy()
-    return any([bool(cb.on_epoch_end(model, logs)) for cb in run.callbacks]) or stop
+    return _agree(run, any([bool(cb.on_epoch_end(model, logs)) for cb in run.callbacks])) or stop
+
+
+def _agree(run: _Run, stop: bool) -> bool:
+    """A callback's stop, decided collectively under data parallelism (a stop on any
+    rank stops every rank)."""
+    return bool(stop) if run.dp is None else run.dp.agree(stop)
 
 
 def _overrides_batch_end(cb) -> bool:
@@ -960,6 +991,7 @@ class _Run:
     held: Any = None
     callbacks: Any = ()
     batch_callbacks: Any = ()
+    dp: Any = None
 
 
 def _prepare(model, x, y, lossfn, sample_weight, validation_data, validation_split) -> _Run:
@@ -997,22 +1029,49 @@ def _has_l2(l2) -> bool:
     return not (isinstance(l2, float) and l2 == 0.0)
 
 
-def _step(run: _Run, xb, yb, wb):
-    """One training step of every member; each member's loss on the batch, (K,), left on
-    the device (nothing is read back to the host)."""
-    model, xp, l2 = run.model, run.xp, run.l2
+def _member_grads(run: _Run, xb, yb, wb):
+    """Each member's loss on the batch (K,) and the gradients, without the L2 term."""
+    model, xp = run.model, run.xp
     upto = len(model.layers) - 1 if run.fused else None
     out, caches = model.forward(xb, training=True, xp=xp, upto=upto, plan=run.plan)
     values, dout = _losses(model, run.lossfn, out, yb, wb, xp)
     del out
-    if _has_l2(l2):
-        values = values + _penalty(model, l2, xp)
     grads = model._backprop(caches, dout, xp=xp, inplace=True, plan=run.plan)
     # the previous step's arrays are let go only now, after this step's of the same sizes
     # exist: freed first, they would shrink the heap, and the next step's would be
     # faulted in again page by page (a large share of a small ensemble's step)
     run.held = (caches, grads)
-    del caches, dout
+    return values, grads
+
+
+def _shard_grads(run: _Run, xb, yb, wb):
+    """This rank's shard's losses, gradients and weight per member (K,), for
+    :meth:`arraymlp.distributed.DataParallel.member_loss_and_grads`; None when the
+    shard is empty."""
+    n = int(xb.shape[0])
+    if n == 0:
+        return None
+    values, grads = _member_grads(run, xb, yb, wb)
+    xp, like = run.xp, run.like
+    if wb is None:
+        weights = xp.full((run.model.ensemble,), float(n), dtype=like.dtype, device=like.device)
+    else:
+        weights = xp.sum(wb, axis=1)
+    return values, grads, weights
+
+
+def _step(run: _Run, xb, yb, wb):
+    """One training step of every member; each member's loss on the batch, (K,), left on
+    the device (nothing is read back to the host). Under data parallelism ``(xb, yb,
+    wb)`` is this rank's shard and one ``Allreduce`` gives every member's gradient of
+    the global batch."""
+    model, xp, l2 = run.model, run.xp, run.l2
+    if run.dp is None:
+        values, grads = _member_grads(run, xb, yb, wb)
+    else:
+        values, grads, _ = run.dp.member_loss_and_grads(model, lambda: _shard_grads(run, xb, yb, wb))
+    if _has_l2(l2):
+        values = values + _penalty(model, l2, xp)
     if _has_l2(l2):
         for layer, p, g in zip(model.layers, model.params, grads):
             if isinstance(layer, L.Dense):
@@ -1033,9 +1092,12 @@ _CHECK_EVERY = 1000
 
 
 def _batch(run: _Run, order, k: int, batch_size: int):
+    """Batch ``k`` of the epoch's order (this rank's shard of it under data parallelism)."""
     x, y, w, xp = run.x, run.y, run.w, run.xp
     n = int(x.shape[0])
     start, end = k * batch_size, min((k + 1) * batch_size, n)
+    if run.dp is not None:
+        start, end = run.dp.shard(start, end)
     if order is None:
         return x[start:end, ...], y[start:end, ...], None if w is None else w[:, start:end]
     idx = order[start:end]
@@ -1115,7 +1177,8 @@ def _run_epoch(run: _Run, epoch: int, batch_size: int, shuffle: bool):
         first = k + 1
         if run.batch_callbacks:  # check_every 1: one row, this step's
             logs = {"epoch": epoch, "step": run.step, "loss": losses[-1]}
-            if any([bool(cb.on_batch_end(run.model, logs)) for cb in run.batch_callbacks]):
+            stop = any([bool(cb.on_batch_end(run.model, logs)) for cb in run.batch_callbacks])
+            if stop if run.dp is None else run.dp.agree_batch(stop):
                 return totals / int(sizes[:first].sum()), True
         if first < n_steps:
             snapshot = _snapshot(run)
