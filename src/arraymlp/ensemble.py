@@ -724,7 +724,9 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
         among them acts per member, as ``early_stopping=`` does. A callback that
         overrides ``on_batch_end`` makes every step read its losses (one host read each).
         An :class:`arraymlp.Checkpoint` saves the members' parameters, optimiser state
-        (with the per-member hyper-parameters), generator state and history.
+        (with the per-member hyper-parameters), generator state and history; with
+        ``monitor=`` it keeps each member's best parameters in one model file
+        (``reduce=None``) or the checkpoint of the members' best mean (``reduce="mean"``).
     resume_from : str or path-like, optional
         A checkpoint of this ensemble (or a directory of them): training continues
         after its epoch exactly as the uninterrupted run would, the checkpoint's
@@ -749,8 +751,7 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
     Notes
     -----
     Training metrics and mixed precision are not supported for ensembles yet; passing
-    them raises ``NotImplementedError``, as does a ``Checkpoint`` with ``monitor=`` (an
-    ensemble logs one value per member).
+    them raises ``NotImplementedError``.
     """
     unsupported = {k: v for k, v in unsupported.items() if v is not None}
     if unsupported:
@@ -936,7 +937,7 @@ def _overrides_batch_end(cb) -> bool:
 
 def _ensemble_callbacks(callbacks, early_stopping):
     """The user's callbacks, less an :class:`EarlyStopping` among them, which becomes the
-    members' early stopping; checkpoints are refused."""
+    members' early stopping; checkpoints last."""
     callbacks = list(callbacks)
     for cb in callbacks:
         if not isinstance(cb, Callback) and not callable(getattr(cb, "on_epoch_end", None)):
@@ -952,11 +953,6 @@ def _ensemble_callbacks(callbacks, early_stopping):
         callbacks = [cb for cb in callbacks if cb is not early_stopping]
     # checkpoints run after the other callbacks of an epoch and save their states
     saving = [cb for cb in callbacks if getattr(cb, "saves_callbacks", False)]
-    for cb in saving:
-        if getattr(cb, "monitor", None) is not None:
-            msg = (f"{type(cb).__name__}(monitor={cb.monitor!r}) keeps the best epoch of one value, but an "
-                   "ensemble logs one per member; checkpoint without monitor=")
-            raise NotImplementedError(msg)
     callbacks = [cb for cb in callbacks if cb not in saving] + saving
     for cb in saving:
         cb.run_callbacks = callbacks
