@@ -460,8 +460,6 @@ def test_save_and_load_round_trip(backend, tmp_path):
     back = am.load(path)
     assert back.ensemble == 3 and back.member_seeds == ens.member_seeds
     np.testing.assert_array_equal(am.to_numpy(back(x_np)), backend.to_numpy(ens(x)))
-    with pytest.raises(NotImplementedError, match="ONNX export of an ensemble"):
-        am.export_onnx(ens, tmp_path / "e.onnx")
 
 
 def test_loss_and_grads_are_each_members_own(backend):

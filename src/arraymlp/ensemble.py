@@ -47,6 +47,7 @@ from ._backend import (
     check_same_device,
     device_of,
     get_namespace,
+    index_dtype,
     is_float16,
     is_writeable,
     quiet_overflow,
@@ -231,8 +232,9 @@ def _targets(lossfn, y, n_out: int, xp, dtype):
     """Targets as an array that broadcasts against the outputs (K, n, n_out)."""
     if lossfn.name == "cross_entropy":
         if xp.isdtype(y.dtype, "integral"):
-            labels = xp.reshape(xp.astype(y, xp.int64), (-1, 1))
-            return xp.astype(labels == xp.arange(n_out, dtype=xp.int64, device=y.device), dtype)
+            ix = index_dtype(xp)  # int32 on JAX's 32-bit mode, where int64 is truncated with a warning
+            labels = xp.reshape(xp.astype(y, ix), (-1, 1))
+            return xp.astype(labels == xp.arange(n_out, dtype=ix, device=y.device), dtype)
         return xp.astype(y, dtype)
     y = xp.astype(y, dtype)
     return xp.reshape(y, (-1, n_out)) if y.ndim == 1 else y
