@@ -637,6 +637,13 @@ class RootOnly(Callback):
     def run_callbacks(self, callbacks) -> None:
         self.callback.run_callbacks = callbacks
 
+    @property
+    def state_name(self) -> str:
+        """The wrapped callback's name for its saved state: a checkpoint written by a
+        wrapped callback resumes into the bare one (``resume_from`` restores the
+        callbacks before data-parallel training wraps them) and back."""
+        return getattr(self.callback, "state_name", None) or type(self.callback).__name__
+
     def state_dict(self):
         state_dict = getattr(self.callback, "state_dict", None)
         return state_dict() if state_dict is not None else None

@@ -77,6 +77,13 @@ def _optimizer_entry(optimizer: Optimizer, tensors: dict, dtype) -> dict[str, An
             "step": int(sd["step"]), "state": skeleton}
 
 
+def _state_name(cb) -> str:
+    """The name a callback's state is saved and found under: its class's, or that of the
+    callback it wraps (``state_name``, as :class:`arraymlp.distributed.RootOnly` gives it),
+    so that a state saved by a wrapped callback restores into the bare one and back."""
+    return getattr(cb, "state_name", None) or type(cb).__name__
+
+
 def _callback_entries(callbacks: Sequence[Any], n_layers: int, tensors: dict, dtype) -> list[dict[str, Any]]:
     """The entries of the callbacks with a state; per-layer arrays go into ``tensors``."""
     cb_entries = []
@@ -94,7 +101,7 @@ def _callback_entries(callbacks: Sequence[Any], n_layers: int, tensors: dict, dt
                         tensors[f"callbacks.{j}.{name}.{i}.{key}"] = _host(a, dtype)
             else:
                 plain[name] = value
-        cb_entries.append({"class": type(cb).__name__, "state": plain, "arrays": arrays})
+        cb_entries.append({"class": _state_name(cb), "state": plain, "arrays": arrays})
     return cb_entries
 
 
@@ -322,7 +329,7 @@ def _restore_callbacks(f: _File, model: Any, callbacks: Sequence[Any]) -> None:
     for cb in callbacks:
         if cb.state_dict() is None:
             continue
-        match = next((k for k, (_, e) in enumerate(saved) if e["class"] == type(cb).__name__), None)
+        match = next((k for k, (_, e) in enumerate(saved) if e["class"] == _state_name(cb)), None)
         if match is None:
             continue
         j, entry = saved.pop(match)
