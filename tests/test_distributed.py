@@ -310,3 +310,16 @@ def test_an_ensembles_stops_are_collective(tmp_path):
     assert ck0["same_best"] and ck0["best_epoch"] == ck0["best_epoch_whole"]
     assert len(set(ck0["best_epoch"])) > 1  # the members are best at different epochs
     assert ("done", 0) in results and ("done", 1) in results
+
+
+@needs_mpi
+def test_an_ensemble_reads_no_more_per_step_than_a_plain_model():
+    """Host reads per data-parallel step, counted on array_api_strict (with per-member
+    sample weights): the staging of the reduced buffer and its error flag, no more than
+    the plain model's step reads; the members' losses stay on the device."""
+    proc, _ = mpirun(2, "host_reads.py")
+    assert proc.returncode == 0, _explain(proc)
+    (row,) = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert row["ranks"] == 2
+    assert row["ensemble"] <= row["plain"], row
+    assert row["ensemble"] <= 2, row
