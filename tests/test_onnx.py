@@ -221,3 +221,14 @@ def test_ensemble_regressor_and_output_activations(tmp_path, opset):
 def test_members_output_needs_an_ensemble(tmp_path):
     with pytest.raises(ValueError, match="members=True exports each member's output of an ensemble"):
         am.export_onnx(am.MLP([2, 3], backend="numpy"), tmp_path / "m.onnx", members=True)
+
+
+def test_float16_ensemble_export(tmp_path):
+    model = am.MLP([4, 8, 3], activation="gelu", layer_norm=True, output_activation="softmax", ensemble=3,
+                   dtype="float16", seed=0, backend="numpy")
+    x = np.random.default_rng(1).normal(size=(16, 4)).astype(np.float16)
+    proto = am.export_onnx(model, tmp_path / "e.onnx", members=True)
+    out, members = _run_members(tmp_path / "e.onnx", x)
+    assert out.dtype == np.float16 and proto.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    np.testing.assert_allclose(out, model.predict_proba(x), rtol=0, atol=2e-3)
+    np.testing.assert_allclose(members, model.predict_proba(x, reduce=None), rtol=0, atol=2e-3)
