@@ -235,7 +235,7 @@ def test_ensemble_data_parallel_equals_single_process(ranks, tmp_path):
     proc, _ = mpirun(ranks, "ensemble_equivalence.py", str(tmp_path), *backends)
     assert proc.returncode == 0, _explain(proc)
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert len(rows) == 6 * len(backends), _explain(proc)
+    assert len(rows) == 7 * len(backends), _explain(proc)
     for row in rows:
         assert row["ranks"] == ranks, "mpiexec and mpi4py use different MPI libraries"
         assert row["ok"] and row["ranks_agree"], row

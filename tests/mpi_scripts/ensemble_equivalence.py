@@ -32,6 +32,9 @@ CASES = [
      {"lr": [0.05, 0.1, 0.02], "momentum": [0.9, 0.5, 0.0]}),
     ("adam-member-weights-l2", "float64", am.Adam(lr=1e-2), 50,
      {"sample_weight": "members", "l2": [1e-3, 0.0, 1e-2]}),
+    # no shuffling: the first global batches hold no weight of member 2 (its L2 term only)
+    ("sgd-member-folds-no-shuffle", "float64", am.SGD(lr=0.05, momentum=0.5), 50,
+     {"sample_weight": "members", "shuffle": False, "l2": [0.0, 1e-3, 1e-2]}),
     ("sgd-empty-shards-shared-weights", "float64", am.SGD(lr=0.05), 1, {"n": 9, "sample_weight": "shared"}),
     ("adam-early-stopping", "float64", am.Adam(lr=1e-2), 40,
      {"lr": [0.2, 0.01, 0.05], "early_stopping": True, "epochs": 12}),
