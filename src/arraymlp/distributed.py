@@ -507,9 +507,9 @@ class DataParallel:
             result = compute()
             if result is not None:
                 losses, grads, weights = result
-                wk = xp.astype(weights, dtype)
+                wk = xp.astype(weights, dtype, copy=False)
                 col = xp.reshape(wk, (k, 1, 1))
-                parts = [xp.reshape(xp.astype(grads[i][key], dtype) * col, (-1,)) for i, key in keys]
+                parts = [xp.reshape(xp.astype(grads[i][key], dtype, copy=False) * col, (-1,)) for i, key in keys]
                 flat = xp.concat([*parts, xp.astype(losses, dtype) * wk, wk,
                                   xp.zeros((1,), dtype=dtype, device=device)])
         except Exception as exc:  # reported to every rank below, then re-raised here
@@ -537,7 +537,7 @@ class DataParallel:
         grads = [{} for _ in model.params]
         offset = 0
         for (i, key), shape, size in zip(keys, shapes, sizes):
-            g = xp.reshape(flat[offset:offset + size], shape) * col
+            g = _scale(xp.reshape(flat[offset:offset + size], shape), col)  # in place in the reduced buffer
             grads[i][key] = g if dtype == model.dtype else xp.astype(g, model.dtype)
             offset += size
         if dtype != model.dtype:
