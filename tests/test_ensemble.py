@@ -331,12 +331,12 @@ def test_a_checkpoint_keeps_per_member_early_stopping_and_plateau_schedules(back
 class _Record(am.Callback):
     """Each epoch's parameters (NumPy copies) and monitored values, as logged."""
 
-    def __init__(self):
-        self.params, self.values = [], []
+    def __init__(self, monitor="val_loss"):
+        self.params, self.values, self.monitor = [], [], monitor
 
     def on_epoch_end(self, model, logs):
         self.params.append([{k: np.array(v, copy=True) for k, v in p.items()} for p in _np_params(model)])
-        self.values.append(np.array(logs["val_loss"], dtype=float))
+        self.values.append(np.array(logs[self.monitor], dtype=float))
 
 
 def _monitored_run(backend, callbacks, epochs=8, resume_from=None):
@@ -349,20 +349,22 @@ def _monitored_run(backend, callbacks, epochs=8, resume_from=None):
     return model
 
 
-def test_a_checkpoint_monitor_keeps_each_members_best(backend, tmp_path):
+@pytest.mark.parametrize("monitor", ["val_loss", "val_metric"])
+def test_a_checkpoint_monitor_keeps_each_members_best(backend, tmp_path, monitor):
     """Checkpoint(monitor=) on an ensemble: best.safetensors is the ensemble whose member
-    i holds member i's parameters at the epoch of its lowest val_loss, as a run that
-    records every epoch's parameters finds them."""
-    record = _Record()
+    i holds member i's parameters at the epoch of its best value (the lowest val_loss,
+    the highest val_metric: R^2 here), as a run that records every epoch's parameters
+    finds them."""
+    record = _Record(monitor)
     _monitored_run(backend, [record])
     values = np.stack(record.values)  # (epochs, K)
-    best = values.argmin(axis=0)
+    best = values.argmin(axis=0) if monitor == "val_loss" else values.argmax(axis=0)
     assert len(set(best.tolist())) > 1, values  # the members are best at different epochs
 
-    ckpt = am.Checkpoint(tmp_path / "run", monitor="val_loss", keep=2)
+    ckpt = am.Checkpoint(tmp_path / "run", monitor=monitor, keep=2)
     _monitored_run(backend, [ckpt])
     np.testing.assert_array_equal(ckpt.best_epoch, best + 1)  # completed epochs
-    np.testing.assert_array_equal(ckpt.best, values.min(axis=0))
+    np.testing.assert_array_equal(ckpt.best, values[best, np.arange(4)])
     assert ckpt.best_path == tmp_path / "run" / "best.safetensors"
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
         "best.safetensors", "epoch-00007.safetensors", "epoch-00008.safetensors"]
