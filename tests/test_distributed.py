@@ -309,6 +309,8 @@ def test_an_ensembles_stops_are_collective(tmp_path):
     assert ck0["same_as_whole"] and ck1["same_as_whole"] and ck0["agree"] and ck1["agree"]
     assert ck0["same_best"] and ck0["best_epoch"] == ck0["best_epoch_whole"]
     assert len(set(ck0["best_epoch"])) > 1  # the members are best at different epochs
+    # per-member early stopping resumed too: members stop after the resume, alike on every rank
+    assert ck0["stopped_epoch"] == ck1["stopped_epoch"] and max(ck0["stopped_epoch"]) >= 3
     assert ("done", 0) in results and ("done", 1) in results
 
 

@@ -10,8 +10,8 @@ per scenario to ``OUTDIR/rank<r>.jsonl``:
 - ``rank_error``: the gradients fail on rank 1 only; rank 1 raises its own error, the
   others a ``RuntimeError``, at the same step;
 - ``checkpoint``: a ``Checkpoint(monitor="val_loss")`` (each member's best) writes on
-  the root only; every rank resumes from it, and the resumed run ends as the
-  uninterrupted one, with the same members' bests.
+  the root only; every rank resumes from it, with per-member early stopping, and the
+  resumed run ends as the uninterrupted one, with the same members' bests and stops.
 """
 
 from __future__ import annotations
@@ -120,7 +120,8 @@ except Exception as exc:  # noqa: BLE001 - the type is what is reported
 xv, yv = data(64)
 xv = xv[::-1].copy()
 settings = dict(loss="cross_entropy", optimizer="sgd", lr=[0.5, 0.05, 1.0], momentum=0.9, batch_size=32,
-                validation_data=(xv, yv[::-1].copy()), seed=3, progress=False, comm=dp)
+                validation_data=(xv, yv[::-1].copy()), seed=3, progress=False, comm=dp,
+                early_stopping=am.EarlyStopping("val_loss", patience=1, restore_best_weights=False))
 base = os.path.dirname(OUT)
 whole_ck = am.Checkpoint(os.path.join(base, "whole"), monitor="val_loss")
 whole = model()
@@ -135,7 +136,8 @@ h = again.fit(x, y, epochs=6, callbacks=[again_ck], resume_from=os.path.join(bas
 comm.Barrier()
 same = all(np.array_equal(a, b) for a, b in zip(params(again), params(whole)))
 row = {"saved": [os.path.basename(p) for p in part_ck.saved] + [os.path.basename(p) for p in again_ck.saved],
-       "epochs": h.epochs, "same_as_whole": bool(same), "agree": dp.parameters_agree(again)}
+       "epochs": h.epochs, "same_as_whole": bool(same), "agree": dp.parameters_agree(again),
+       "stopped_epoch": h.stopped_epoch.tolist()}
 if comm.rank == 0:
     best_whole = params(am.load(whole_ck.best_path))
     best_again = params(am.load(again_ck.best_path))
