@@ -112,10 +112,23 @@ def axpy(p, a, g, xp, work=None):
 # O(nnz * n_out) and giving a dense array of the set's library. The reference kernels
 # read ``x @ W`` and ``x.T @ dy`` too; these say so explicitly and keep the results plain
 # arrays. The CuPy side (cupyx.scipy.sparse) is written the same way and is untested
-# without a CUDA device.
+# without a CUDA device. An ensemble's stacked operand (K, n_in, n_out) is laid out with
+# its members side by side, (n_in, K * n_out), so that the K products are one sparse
+# product: the sparse matrix's rows are walked once, not K times.
 def sparse_product(x, W, xp):
     """``x @ W`` for a sparse ``x`` (n, n_in) and a dense ``W`` (n_in, n_out): a dense
-    array (n, n_out) of ``W``'s library."""
+    array (n, n_out) of ``W``'s library.
+
+    A stacked ``W`` (K, n_in, n_out) (an ensemble's weights, or its output gradients
+    (K, n, n_out) in ``x.T @ dy``) gives the K members' products, (K, n, n_out), from one
+    sparse product with ``W`` moved to (n_in, K * n_out): ``y[k] = x @ W[k]``, C-ordered.
+    """
+    if W.ndim == 3:
+        k, n_in, m = (int(d) for d in W.shape)
+        side = xp.reshape(xp.permute_dims(W, (1, 0, 2)), (n_in, k * m))  # column block k is W[k]
+        y = sparse_product(x, side, xp)
+        # back to the member axis first; a C-ordered copy, as the dense kernels produce
+        return xp.permute_dims(xp.reshape(y, (int(y.shape[0]), k, m)), (1, 0, 2)).copy()
     y = x @ W
     return y if type(y) is type(W) else xp.asarray(y)  # never a numpy.matrix
 
@@ -134,7 +147,8 @@ def dense_backward(x, W, dy, has_bias, need_dx, xp, *, bias_grad=R.bias_grad):
     if is_sparse(x):
         dW = sparse_product(x.T, dy, xp)
         db = bias_grad(dy, xp) if has_bias else None
-        dx = dy @ W.T if need_dx else None  # dense: the gradient of a sparse input is not
+        # dense: the gradient of a sparse input is not (the transpose is of the last two axes)
+        dx = dy @ xp.matrix_transpose(W) if need_dx else None
         return dx, dW, db
     return R.dense_backward(x, W, dy, has_bias, need_dx, xp, bias_grad=bias_grad)
 
