@@ -232,6 +232,7 @@ def test_partial_fit_pickle_and_shapes():
     X, y = _iris()
     ens = MLPClassifier(hidden_layer_sizes=(6,), n_members=3, random_state=0, batch_size=50)
     ens.partial_fit(X, y, classes=np.unique(y))
+    assert ens.n_iter_.tolist() == [1, 1, 1]  # as scikit-learn: 1 per partial_fit, here per member
     assert [c.shape for c in ens.coefs_] == [(3, 4, 6), (3, 6, 3)]
     assert [b.shape for b in ens.intercepts_] == [(3, 1, 6), (3, 1, 3)]
     copy = pickle.loads(pickle.dumps(ens))
@@ -255,6 +256,14 @@ def test_n_members_is_validated(bad):
     msg = r"'n_members' parameter of MLPRegressor must be an int in the range \[1, inf\)"
     with pytest.raises(ValueError, match=msg):
         MLPRegressor(n_members=bad).fit(X, y)
+
+
+def test_max_iter_warning_names_the_members_still_training():
+    X, y = _iris()
+    est = MLPClassifier(hidden_layer_sizes=(4,), n_members=2, max_iter=2, random_state=0)
+    with pytest.warns(ConvergenceWarning, match=r"Maximum iterations \(2\) reached .*\(members \[0, 1\]\)"):
+        est.fit(X, y)
+    assert est.n_iter_.tolist() == [2, 2] and len(est.member_loss_curve_) == 2
 
 
 def test_lbfgs_is_refused():
