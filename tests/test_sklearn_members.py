@@ -113,6 +113,26 @@ def test_early_stopping_member_is_the_one_member_estimator(monkeypatch, Estimato
         assert one.n_iter_ < 60  # it stopped early
 
 
+def test_early_stopping_with_warm_start_member_is_the_one_member_estimator(monkeypatch):
+    """A second fit with warm_start goes on from each member's parameters, keeps its best
+    score of the first fit, and restores only the members that beat it in this fit, as
+    the one-member estimator does."""
+    X, y = _iris()
+    params = {"hidden_layer_sizes": (5,), "n_members": 3, "early_stopping": True, "n_iter_no_change": 2,
+              "batch_size": 32, "max_iter": 4, "learning_rate_init": 0.05, "random_state": 0}
+    ens = _fit(MLPClassifier(**params), X, y)
+    ones = [_one_member(monkeypatch, ens, i, X, y) for i in range(3)]
+    ens = _fit(ens.set_params(warm_start=True, max_iter=30), X, y)
+    for i, one in enumerate(ones):
+        one = _fit(one.set_params(warm_start=True, max_iter=30), X, y)
+        for a, b in zip(ens.coefs_ + ens.intercepts_, one.coefs_ + one.intercepts_):
+            np.testing.assert_allclose(a[i].reshape(b.shape), b, rtol=1e-10, atol=1e-12)
+        assert ens.n_iter_[i] == one.n_iter_
+        assert ens.best_validation_score_[i] == pytest.approx(one.best_validation_score_, rel=1e-12)
+        scores = np.asarray(ens.validation_scores_)[:, i]  # both fits' epochs, NaN where it had stopped
+        np.testing.assert_allclose(scores[~np.isnan(scores)], one.validation_scores_, rtol=1e-10)
+
+
 def test_early_stopping_members_stop_at_different_epochs(monkeypatch):
     """The members' stops are their own (here at different epochs), and the fit ends
     with the last one's."""

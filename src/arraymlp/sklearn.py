@@ -898,6 +898,7 @@ class _BaseMLP(BaseEstimator):
         self.n_iter_ = np.zeros(k, dtype=np.int64)  # as scikit-learn: the epochs of this call, per member
         active = np.ones(k, dtype=bool)
         self._best_params = None
+        self._best_kept = np.zeros(k, dtype=bool)  # the members whose best parameters this fit has kept
         # NumPy would warn on overflows that the divergence error reports
         with quiet_overflow(xp), self._members_diverging():
             for epoch in range(epochs):
@@ -920,9 +921,8 @@ class _BaseMLP(BaseEstimator):
                         ConvergenceWarning,
                         stacklevel=4,
                     )
-        if early and self._best_params is not None:  # each member back to its best epoch
-            has_best = np.isfinite(self.best_validation_score_)
-            self.model_.params = _ensemble._keep_best(self.model_.params, self._best_params, ~has_best, xp,
+        if early and self._best_params is not None:  # each member back to its best epoch of this fit
+            self.model_.params = _ensemble._keep_best(self.model_.params, self._best_params, ~self._best_kept, xp,
                                                       self.model_.params[0]["W"])
         self._best_params = None
 
@@ -1002,6 +1002,7 @@ class _BaseMLP(BaseEstimator):
                 self.best_validation_score_ = np.where(improved, scores, best)
                 self._best_params = _ensemble._keep_best(self.model_.params, self._best_params, improved, xp,
                                                          self.model_.params[0]["W"])
+                self._best_kept |= improved
         else:
             with np.errstate(invalid="ignore"):
                 worse = trained & (losses > self.best_loss_ - self.tol)  # scikit-learn's test
@@ -1339,6 +1340,7 @@ class _BaseMLP(BaseEstimator):
         if state.get("_optimizer") is not None:
             state["_optimizer"] = _optimizer_state(state["_optimizer"])
         state.pop("_best_params", None)
+        state.pop("_best_kept", None)
         return state
 
     def __setstate__(self, state):
