@@ -51,6 +51,8 @@ from ._backend import (
     is_float16,
     is_writeable,
     quiet_overflow,
+    slice_rows,
+    take_rows,
     to_numpy,
 )
 from .callbacks import Callback, DivergenceError, EarlyStopping, History
@@ -235,9 +237,9 @@ def _targets(lossfn, y, n_out: int, xp, dtype):
     """Targets as an array that broadcasts against the outputs (K, n, n_out)."""
     if lossfn.name == "cross_entropy":
         if xp.isdtype(y.dtype, "integral"):
-            idx = index_dtype(xp)  # int32 on JAX's 32-bit mode, which has no int64
-            labels = xp.reshape(xp.astype(y, idx), (-1, 1))
-            return xp.astype(labels == xp.arange(n_out, dtype=idx, device=y.device), dtype)
+            ix = index_dtype(xp)  # int32 on JAX's 32-bit mode, where int64 is truncated with a warning
+            labels = xp.reshape(xp.astype(y, ix), (-1, 1))
+            return xp.astype(labels == xp.arange(n_out, dtype=ix, device=y.device), dtype)
         return xp.astype(y, dtype)
     y = xp.astype(y, dtype)
     return xp.reshape(y, (-1, n_out)) if y.ndim == 1 else y
@@ -545,8 +547,8 @@ class EnsembleHistory(History):
 # ----------------------------------------------------------------------------- fit
 def partial_fit(model, x, y, *, loss: str | None = None, optimizer: str | Optimizer | None = None, lr: Any = None,
                 batch_size: int = 32, shuffle: bool = True, l2: Any = 0.0,
-                sample_weight: Any = None, metrics: Sequence[Any] | None = None,
-                precision: Any = None) -> EnsembleHistory:
+                sample_weight: Any = None, metrics: Sequence[Any] | None = None, precision: Any = None,
+                _active: Any = None, _l2_per_batch: bool = False, _host_weight: Any = None) -> EnsembleHistory:
     """One epoch of every member over ``(x, y)``, keeping the members' optimiser state of
     earlier calls (``model.partial_fit`` of an ensemble).
 
@@ -554,6 +556,14 @@ def partial_fit(model, x, y, *, loss: str | None = None, optimizer: str | Optimi
     or labels (n,), ``sample_weight`` (K, n) or (n,)); ``loss`` defaults to the last fit's,
     and ``lr`` (one or K values) is the only hyper-parameter that may change between calls.
     ``copy``, ``to`` and ``member`` start their model's optimiser afresh.
+
+    Three private options serve the scikit-learn estimators (``n_members=K``), whose
+    epochs are one call each: ``_active`` (K bools) trains only the members marked True
+    (the others are frozen: their parameters do not change); ``_l2_per_batch`` divides
+    ``l2`` by each batch's size, or weight sum, as scikit-learn scales its penalty;
+    ``_host_weight``, the (n,) sample weights as a float64 host array, gives those
+    weight sums without a device read, and a batch whose weights are all zero is then
+    skipped (no step), as the one-member estimator skips it.
     """
     if loss is None:
         loss = getattr(model, "loss_", None)
@@ -562,7 +572,7 @@ def partial_fit(model, x, y, *, loss: str | None = None, optimizer: str | Optimi
             raise ValueError(msg)
     return fit(model, x, y, loss=loss, optimizer=optimizer, lr=lr, epochs=1, batch_size=batch_size, shuffle=shuffle,
                progress=False, l2=l2, sample_weight=sample_weight, metrics=metrics, precision=precision,
-               _reuse_optimizer=True)
+               _reuse_optimizer=True, _active=_active, _l2_per_batch=_l2_per_batch, _host_weight=_host_weight)
 
 
 def _rule(model, run, optimizer, lr, momentum, weight_decay, betas, reuse: bool) -> _MemberUpdate:
@@ -633,6 +643,9 @@ def _early_stopping(early_stopping, validation: bool):
         raise TypeError(msg)
     if isinstance(early_stopping, int):
         return EarlyStopping("val_loss" if validation else "loss", patience=early_stopping)
+    if early_stopping.monitor.startswith("val") and not validation:
+        msg = f"EarlyStopping monitors {early_stopping.monitor!r} but training has no validation data"
+        raise ValueError(msg)
     return early_stopping
 
 
@@ -689,7 +702,7 @@ def _scores(model, x, y, lossfn, xp, fused: bool, metrics, *, combined: bool = F
     ens_accs = [m.start(xp, dtype, device) for m in metrics] if combined else []
     for i in range(0, n, batch_size):
         end = min(i + batch_size, n)
-        xb, yb = x[i:end, ...], y[i:end, ...]
+        xb, yb = slice_rows(x, i, end), y[i:end, ...]  # (a sparse x: the sparse library's rows)
         out = model.forward(xb, training=False, xp=xp, upto=upto, keep=False)[0]
         pair = _MembersPair(yb, out, lossfn.task, xp, **kind)
         for acc in accs:
@@ -822,7 +835,8 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
         validation_split: float = 0.0, early_stopping: EarlyStopping | int | None = None,
         sample_weight: Any = None, seed: int | None = None, schedule: Any = None, callbacks: Sequence = (),
         metrics: Sequence[Any] | None = None, precision: Any = None, progress: bool = True, verbose: bool = False,
-        resume_from: Any = None, _reuse_optimizer: bool = False, **unsupported) -> EnsembleHistory:
+        resume_from: Any = None, comm: Any = None, _reuse_optimizer: bool = False, _active: Any = None,
+        _l2_per_batch: bool = False, _host_weight: Any = None, **unsupported) -> EnsembleHistory:
     """Train every member of an ensemble on the same batches (``model.fit`` of a model
     built with ``ensemble=K``).
 
@@ -862,13 +876,24 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
         among them acts per member, as ``early_stopping=`` does. A callback that
         overrides ``on_batch_end`` makes every step read its losses (one host read each).
         An :class:`arraymlp.Checkpoint` saves the members' parameters, optimiser state
-        (with the per-member hyper-parameters), generator state and history.
+        (with the per-member hyper-parameters), generator state and history; with
+        ``monitor=`` it keeps each member's best parameters in one model file
+        (``reduce=None``) or the checkpoint of the members' best mean (``reduce="mean"``).
     resume_from : str or path-like, optional
         A checkpoint of this ensemble (or a directory of them): training continues
         after its epoch exactly as the uninterrupted run would, the checkpoint's
         per-member optimiser settings replacing the given ones. The members' early
         stopping counters and best parameters, and their schedules' states, are saved
         and restored too (they travel as one more callback state).
+    comm : mpi4py communicator or arraymlp.distributed.DataParallel, optional
+        Data-parallel training, as for :func:`arraymlp.fit`: every rank holds all K
+        members and the same data, and computes the members' losses and gradients on
+        its shard of each global batch; one ``Allreduce`` per step sums the stacked
+        gradients of all members, each member's weighted by its own weight of the shard
+        (its row of ``sample_weight``), so that member ``k`` gets the gradient of its own
+        weighted mean loss over the global batch. Validation runs on the root rank and
+        is broadcast, so every rank takes the same per-member early-stopping decisions;
+        checkpoints are written by the root.
 
     Returns
     -------
@@ -891,9 +916,9 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
 
     Notes
     -----
-    Data-parallel training is not supported for ensembles yet; passing ``comm`` raises
-    ``NotImplementedError``, as does a ``Checkpoint`` with ``monitor=`` (an ensemble
-    logs one value per member).
+    Mixed precision is not supported together with ``comm`` (as for a plain model), and
+    under ``comm`` no training metrics are recorded (as for a plain model; validation
+    metrics are).
     """
     unsupported = {k: v for k, v in unsupported.items() if v is not None}
     if unsupported:
@@ -908,11 +933,8 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
     run.rule = _rule(model, run, optimizer, lr, momentum, weight_decay, betas, _reuse_optimizer)
     opt = run.rule.opt
     run.l2 = _per_member("l2", l2, k, xp, like)
-    run.amp = resolve_precision(precision, model, xp)
+    run.amp = resolve_precision(precision, model, xp, data_parallel=comm is not None)
     run.stopper = _early_stopping(early_stopping, run.val is not None)
-    if run.stopper is not None and run.stopper.monitor.startswith("val") and run.val is None:
-        msg = f"EarlyStopping monitors {run.stopper.monitor!r} but training has no validation data"
-        raise ValueError(msg)
     model.task_ = lossfn.task
     model.loss_ = lossfn.name if LOSSES.get(lossfn.name) is lossfn else lossfn
     model.optimizer_ = None  # the members' optimiser state: ensemble_optimizer_
@@ -920,11 +942,12 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
     model.schedule_ = None
     if seed is not None:
         model.rng = Generator(seed, xp, model.device)
-    history = _start_history(run, metrics)
-    run.active_host = numpy.ones(k, dtype=bool)
+    history = _start_history(run, metrics, data_parallel=comm is not None)
+    _estimator_options(run, _active, _l2_per_batch, _host_weight)
     run.best, run.best_epoch = numpy.full(k, numpy.inf), numpy.full(k, -1)
     run.wait = numpy.zeros(k, dtype=int)
     start_epoch = _resume(run, resume_from, callbacks, schedules)
+    verbose = _data_parallel(run, comm, callbacks, verbose)
     if resume_from is not None and schedule is None:  # the checkpoint's rates replace lr=
         r = run.rule.lr
         lr = r if isinstance(r, float) else [float(v) for v in to_numpy(r).reshape(-1)]
@@ -938,7 +961,7 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
                 cb.on_train_begin(model, history)
             for epoch in range(start_epoch, epochs):
                 t0 = time.perf_counter()
-                if any([bool(cb.on_epoch_begin(model, epoch)) for cb in callbacks]):
+                if _agree(run, any([bool(cb.on_epoch_begin(model, epoch)) for cb in callbacks])):
                     history.stopped_early = True
                     break
                 epoch_lr = opt.lr if lr is None else lr
@@ -959,11 +982,14 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
     return history
 
 
-def _start_history(run: _Run, metrics) -> EnsembleHistory:
+def _start_history(run: _Run, metrics, *, data_parallel: bool = False) -> EnsembleHistory:
     """The run's metrics resolved (:func:`_default_metrics`) and its history begun, with a
-    series for each training and validation metric."""
+    series for each training and validation metric (no training metrics under data
+    parallelism, as in the plain fit: a rank sees only its shard of each batch)."""
     model, lossfn = run.model, run.lossfn
     run.metrics, run.val_metrics, main_metric = _default_metrics(metrics, lossfn, model)
+    if data_parallel:
+        run.metrics = []
     run.pair_kind = _pair_kind(model, lossfn, model._fused(lossfn))
     history = run.history = EnsembleHistory(metric_name=main_metric)
     for m in run.metrics:
@@ -973,6 +999,36 @@ def _start_history(run: _Run, metrics) -> EnsembleHistory:
             history.metrics["val_" + m.name] = []
     history.stopped_epoch = numpy.full(model.ensemble, -1)
     return history
+
+
+def _data_parallel(run: _Run, comm, callbacks, verbose: bool) -> bool:
+    """``comm=`` set up, after resuming: the root's parameters and generator state are
+    broadcast, checkpoints become root-only; whether this rank prints (``verbose``)."""
+    if comm is None:
+        return verbose
+    from .distributed import DataParallel
+
+    run.dp = comm if isinstance(comm, DataParallel) else DataParallel(comm)
+    run.dp.begin(run.model, run.x, callbacks)
+    return verbose and run.dp.is_root
+
+
+def _estimator_options(run: _Run, active, l2_per_batch: bool, host_weight) -> None:
+    """Which members train (all, or those of the scikit-learn estimators' ``_active``;
+    the others are frozen), and those estimators' per-batch L2 rule and host weights."""
+    k, xp, like = run.model.ensemble, run.xp, run.like
+    run.active_host = numpy.ones(k, dtype=bool)
+    if active is not None:
+        run.active_host = numpy.asarray(active, dtype=bool).reshape(k).copy()
+        if not run.active_host.all():
+            run.active = xp.reshape(xp.asarray(run.active_host.astype(float), dtype=like.dtype, device=like.device),
+                                    (k, 1, 1))
+    run.l2_per_batch = bool(l2_per_batch)
+    if host_weight is not None:
+        run.host_weight = numpy.asarray(host_weight, dtype=numpy.float64).reshape(-1)
+        if run.host_weight.shape[0] != int(run.x.shape[0]):
+            msg = f"_host_weight has {run.host_weight.shape[0]} values but x has {int(run.x.shape[0])} rows"
+            raise ValueError(msg)
 
 
 def _resume(run: _Run, resume_from, callbacks, schedules) -> int:
@@ -1058,7 +1114,10 @@ def _end_epoch(run: _Run, epoch: int, epoch_lr, epoch_loss, t0: float, schedules
         for acc, value in zip(run.accs, read_results(run.accs, xp)):
             logs[acc.metric.name] = value
     if run.val is not None:
-        logs["val_loss"], val = _scores(model, run.val[0], run.val[1], run.lossfn, xp, run.fused, run.val_metrics)
+        args = (model, run.val[0], run.val[1], run.lossfn, xp, run.fused, run.val_metrics)
+        # under data parallelism the root evaluates and broadcasts: every rank then
+        # takes the same early-stopping decisions
+        logs["val_loss"], val = _scores(*args) if run.dp is None else run.dp.on_root(_scores, *args)
         logs["val_metric"] = val[history.metric_name]
         for name, value in val.items():
             logs["val_" + name] = value
@@ -1074,7 +1133,13 @@ def _end_epoch(run: _Run, epoch: int, epoch_lr, epoch_loss, t0: float, schedules
         print(f"epoch {epoch + 1:>4}  loss {numpy.array2string(epoch_loss, precision=4)}", flush=True)
     stop = run.stopper is not None and _stop_members(run, epoch, logs)
     logs["active"] = run.active_host.copy()
-    return any([bool(cb.on_epoch_end(model, logs)) for cb in run.callbacks]) or stop
+    return _agree(run, any([bool(cb.on_epoch_end(model, logs)) for cb in run.callbacks])) or stop
+
+
+def _agree(run: _Run, stop: bool) -> bool:
+    """A callback's stop, decided collectively under data parallelism (a stop on any
+    rank stops every rank)."""
+    return bool(stop) if run.dp is None else run.dp.agree(stop)
 
 
 def _overrides_batch_end(cb) -> bool:
@@ -1084,7 +1149,7 @@ def _overrides_batch_end(cb) -> bool:
 
 def _ensemble_callbacks(callbacks, early_stopping):
     """The user's callbacks, less an :class:`EarlyStopping` among them, which becomes the
-    members' early stopping; checkpoints are refused."""
+    members' early stopping; checkpoints last."""
     callbacks = list(callbacks)
     for cb in callbacks:
         if not isinstance(cb, Callback) and not callable(getattr(cb, "on_epoch_end", None)):
@@ -1100,11 +1165,6 @@ def _ensemble_callbacks(callbacks, early_stopping):
         callbacks = [cb for cb in callbacks if cb is not early_stopping]
     # checkpoints run after the other callbacks of an epoch and save their states
     saving = [cb for cb in callbacks if getattr(cb, "saves_callbacks", False)]
-    for cb in saving:
-        if getattr(cb, "monitor", None) is not None:
-            msg = (f"{type(cb).__name__}(monitor={cb.monitor!r}) keeps the best epoch of one value, but an "
-                   "ensemble logs one per member; checkpoint without monitor=")
-            raise NotImplementedError(msg)
     callbacks = [cb for cb in callbacks if cb not in saving] + saving
     for cb in saving:
         cb.run_callbacks = callbacks
@@ -1144,6 +1204,9 @@ class _Run:
     accs: Any = ()  # the epoch's member accumulators of the training metrics
     pair_kind: Any = None  # the keyword arguments of a batch's metric pair
     amp: Any = None  # MixedPrecision (per-member loss scales), or None
+    dp: Any = None
+    l2_per_batch: bool = False  # l2 over each batch's size or weight sum (scikit-learn's rule)
+    host_weight: Any = None  # (n,) float64 host weights: the batches' weight sums, zero-weight batches skipped
 
 
 def _prepare(model, x, y, lossfn, sample_weight, validation_data, validation_split) -> _Run:
@@ -1181,12 +1244,9 @@ def _has_l2(l2) -> bool:
     return not (isinstance(l2, float) and l2 == 0.0)
 
 
-def _step(run: _Run, xb, yb, wb):
-    """One training step of every member; each member's loss on the batch, (K,), left on
-    the device (nothing is read back to the host)."""
-    if run.amp is not None:
-        return _amp_step(run, xb, yb, wb)
-    model, xp, l2 = run.model, run.xp, run.l2
+def _member_grads(run: _Run, xb, yb, wb):
+    """Each member's loss on the batch (K,) and the gradients, without the L2 term."""
+    model, xp = run.model, run.xp
     upto = len(model.layers) - 1 if run.fused else None
     out, caches = model.forward(xb, training=True, xp=xp, upto=upto, plan=run.plan)
     if run.accs:  # the batch joins the epoch's metric sums, on the device (before the loss reuses out)
@@ -1195,14 +1255,45 @@ def _step(run: _Run, xb, yb, wb):
             acc.update(pair)
     values, dout = _losses(model, run.lossfn, out, yb, wb, xp)
     del out
-    if _has_l2(l2):
-        values = values + _penalty(model, l2, xp)
     grads = model._backprop(caches, dout, xp=xp, inplace=True, plan=run.plan)
     # the previous step's arrays are let go only now, after this step's of the same sizes
     # exist: freed first, they would shrink the heap, and the next step's would be
     # faulted in again page by page (a large share of a small ensemble's step)
     run.held = (caches, grads)
-    del caches, dout
+    return values, grads
+
+
+def _shard_grads(run: _Run, xb, yb, wb):
+    """This rank's shard's losses, gradients and weight per member (K,), for
+    :meth:`arraymlp.distributed.DataParallel.member_loss_and_grads`; None when the
+    shard is empty."""
+    n = int(xb.shape[0])
+    if n == 0:
+        return None
+    values, grads = _member_grads(run, xb, yb, wb)
+    xp, like = run.xp, run.like
+    if wb is None:
+        weights = xp.full((run.model.ensemble,), float(n), dtype=like.dtype, device=like.device)
+    else:
+        weights = xp.sum(wb, axis=1)
+    return values, grads, weights
+
+
+def _step(run: _Run, xb, yb, wb, l2=None):
+    """One training step of every member; each member's loss on the batch, (K,), left on
+    the device (nothing is read back to the host). ``l2``: the batch's coefficient
+    (default ``run.l2``). Under data parallelism ``(xb, yb, wb)`` is this rank's shard
+    and one ``Allreduce`` gives every member's gradient of the global batch."""
+    model, xp = run.model, run.xp
+    l2 = run.l2 if l2 is None else l2
+    if run.amp is not None:  # (never under data parallelism: refused)
+        return _amp_step(run, xb, yb, wb, l2)
+    if run.dp is None:
+        values, grads = _member_grads(run, xb, yb, wb)
+    else:
+        values, grads, _ = run.dp.member_loss_and_grads(model, lambda: _shard_grads(run, xb, yb, wb))
+    if _has_l2(l2):
+        values = values + _penalty(model, l2, xp)
     if _has_l2(l2):
         for layer, p, g in zip(model.layers, model.params, grads):
             if isinstance(layer, L.Dense):
@@ -1212,14 +1303,14 @@ def _step(run: _Run, xb, yb, wb):
     return values
 
 
-def _amp_step(run: _Run, xb, yb, wb):
+def _amp_step(run: _Run, xb, yb, wb, l2):
     """A mixed-precision step of every member (:mod:`arraymlp.precision`): forward and
     backward in the compute dtype over casts of the float32 master weights, the loss in
     float32, each member's loss gradient multiplied by its own loss scale and its
     gradients divided by it; a member whose gradients are not all finite keeps its
     parameters and moments (``xp.where`` on the device) and halves its scale, the others
     step. Each member thus does what its plain model's mixed-precision step does."""
-    model, xp, l2, amp = run.model, run.xp, run.l2, run.amp
+    model, xp, amp = run.model, run.xp, run.amp
     k = model.ensemble
     amp._state(xp, device_of(xb), k)
     cdt = getattr(xp, amp.dtype_name)
@@ -1283,13 +1374,16 @@ _CHECK_EVERY = 1000
 
 
 def _batch(run: _Run, order, k: int, batch_size: int):
+    """Batch ``k`` of the epoch's order (this rank's shard of it under data parallelism)."""
     x, y, w, xp = run.x, run.y, run.w, run.xp
     n = int(x.shape[0])
     start, end = k * batch_size, min((k + 1) * batch_size, n)
+    if run.dp is not None:
+        start, end = run.dp.shard(start, end)
     if order is None:
-        return x[start:end, ...], y[start:end, ...], None if w is None else w[:, start:end]
+        return slice_rows(x, start, end), y[start:end, ...], None if w is None else w[:, start:end]
     idx = order[start:end]
-    return xp.take(x, idx, axis=0), xp.take(y, idx, axis=0), None if w is None else xp.take(w, idx, axis=1)
+    return take_rows(x, idx, xp), xp.take(y, idx, axis=0), None if w is None else xp.take(w, idx, axis=1)
 
 
 def _snapshot(run: _Run) -> tuple:
@@ -1331,6 +1425,22 @@ def _divergence(run: _Run, row, epoch: int) -> DivergenceError:
     return DivergenceError(msg, epoch=epoch, step=run.step, params_finite=finite)
 
 
+def _batch_l2(run: _Run, host_order, k: int, batch_size: int):
+    """The L2 coefficient of batch ``k``: ``run.l2``, or with ``run.l2_per_batch`` that
+    over the batch's size (its weight sum, with host weights), as the one-member
+    estimator computes it; None for a batch to skip (host weights all zero)."""
+    if not run.l2_per_batch and run.host_weight is None:
+        return run.l2
+    start, end = k * batch_size, min((k + 1) * batch_size, int(run.x.shape[0]))
+    size = float(end - start)
+    if run.host_weight is not None:
+        rows = slice(start, end) if host_order is None else host_order[start:end]
+        size = float(run.host_weight[rows].sum())
+        if size <= 0.0:
+            return None
+    return run.l2 / size if run.l2_per_batch else run.l2
+
+
 def _run_epoch(run: _Run, epoch: int, batch_size: int, shuffle: bool):
     """The epoch's batches: each member's mean training loss, (K,) on the host, and
     whether an ``on_batch_end`` hook asked to stop.
@@ -1342,20 +1452,31 @@ def _run_epoch(run: _Run, epoch: int, batch_size: int, shuffle: bool):
     optimiser state and generator state taken there, up to the step before it, so that
     :class:`DivergenceError` leaves the parameters of the last finite step and names the
     members whose loss was not finite, as a check after every step would. A callback
-    that overrides ``on_batch_end`` needs each step's losses: then every step is read."""
+    that overrides ``on_batch_end`` needs each step's losses: then every step is read.
+
+    With host weights (``run.host_weight``) the order is drawn on the host (the draw of
+    ``rng.permutation``), so that the batches' weight sums need no device read; a batch
+    whose weights are all zero takes no step and adds nothing to the epoch's loss."""
     xp = run.xp
     check_every = 1 if run.batch_callbacks else _CHECK_EVERY
     n = int(run.x.shape[0])
     n_steps = -(-n // batch_size)
-    order = run.model.rng.permutation(n) if shuffle else None
-    sizes = numpy.minimum(numpy.arange(1, n_steps + 1) * batch_size, n) - numpy.arange(n_steps) * batch_size
+    host_order = None
+    if shuffle and run.host_weight is not None:
+        host_order = run.model.rng.host.permutation(n)
+        order = xp.asarray(host_order, dtype=index_dtype(xp), device=run.model.device)
+    else:
+        order = run.model.rng.permutation(n) if shuffle else None
+    l2s = [_batch_l2(run, host_order, k, batch_size) for k in range(n_steps)]
+    taken = [k for k in range(n_steps) if l2s[k] is not None]  # the batches that take a step
+    sizes = (numpy.minimum(numpy.arange(1, n_steps + 1) * batch_size, n) - numpy.arange(n_steps) * batch_size)[taken]
     totals = numpy.zeros(run.model.ensemble)
     run.accs = [m.start_members(xp, run.model.dtype, run.model.device, run.model.ensemble) for m in run.metrics]
-    snapshot, first = _snapshot(run), 0  # the state before step ``first`` of the epoch
+    snapshot, first = _snapshot(run), 0  # the state before the ``first``-th step taken this epoch
     values = StepValues(xp, _STACK_EVERY)
-    for k in range(n_steps):
-        values.append(_step(run, *_batch(run, order, k, batch_size)))
-        if k + 1 - first < check_every and k + 1 < n_steps:
+    for j, k in enumerate(taken):
+        values.append(_step(run, *_batch(run, order, k, batch_size), l2=l2s[k]))
+        if j + 1 - first < check_every and j + 1 < len(taken):
             continue
         losses = values.read()  # the read
         ok = numpy.isfinite(losses).all(axis=1)
@@ -1363,16 +1484,17 @@ def _run_epoch(run: _Run, epoch: int, batch_size: int, shuffle: bool):
             i = int(numpy.argmin(ok))
             _restore(run, snapshot)
             run.accs = []  # a replay adds nothing to the metrics
-            for j in range(first, first + i):
-                _step(run, *_batch(run, order, j, batch_size))
+            for jj in range(first, first + i):
+                _step(run, *_batch(run, order, taken[jj], batch_size), l2=l2s[taken[jj]])
             raise _divergence(run, losses[i], epoch)
-        totals += sizes[first:k + 1] @ losses
-        first = k + 1
+        totals += sizes[first:j + 1] @ losses
+        first = j + 1
         if run.batch_callbacks:  # check_every 1: one row, this step's
             logs = {"epoch": epoch, "step": run.step, "loss": losses[-1]}
-            if any([bool(cb.on_batch_end(run.model, logs)) for cb in run.batch_callbacks]):
+            stop = any([bool(cb.on_batch_end(run.model, logs)) for cb in run.batch_callbacks])
+            if stop if run.dp is None else run.dp.agree_batch(stop):
                 return totals / int(sizes[:first].sum()), True
-        if first < n_steps:
+        if first < len(taken):
             snapshot = _snapshot(run)
     return totals / n, False
 

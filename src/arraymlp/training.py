@@ -821,8 +821,8 @@ def fit(model, x, y, *, loss: str | Loss | None = None, optimizer: str | Optimiz
 
     ``model.fit(x, y, ...)`` is this function with the model as its first argument. A
     model built with ``ensemble=K`` is trained by :func:`arraymlp.ensemble.fit`, which
-    this function hands it to (as :func:`partial_fit`, :func:`predict` and
-    :func:`predict_proba` do; :func:`evaluate` refuses one).
+    this function hands it to (as :func:`partial_fit`, :func:`predict`,
+    :func:`predict_proba` and :func:`evaluate` do).
 
     Parameters
     ----------
