@@ -905,7 +905,7 @@ class _BaseMLP(BaseEstimator):
                 history = _ensemble.partial_fit(
                     self.model_, x, y, loss=self._loss_row(), optimizer=self._optimizer, lr=self._member_lr(),
                     batch_size=batch, shuffle=bool(self.shuffle), l2=alpha if coupled else 0.0,
-                    sample_weight=w_dev, _active=active, _l2_per_batch=coupled, _host_weight=sw_host)
+                    sample_weight=w_dev, metrics=[], _active=active, _l2_per_batch=coupled, _host_weight=sw_host)
                 self.n_iter_ += active
                 stop = self._end_member_iteration(n, np.asarray(history.loss[-1], dtype=np.float64), active,
                                                   early, val, xp)
