@@ -113,6 +113,52 @@ def test_weighted_least_squares_matches_scipy(backend, rng):
     np.testing.assert_allclose(got["b"], theta[d * k:], atol=1e-7)
 
 
+def relu_network(theta, x, y, l2, sizes):
+    """Mean cross-entropy of softmax(relu(x @ W0 + b0) @ W1 + b1) plus l2/2 (||W0||^2 + ||W1||^2),
+    and its gradient, over the flat vector [W0, b0, W1, b1] (NumPy)."""
+    (d, h, k), parts, at = sizes, [], 0
+    for shape in ((d, h), (h,), (h, k), (k,)):
+        size = int(np.prod(shape))
+        parts.append(theta[at:at + size].reshape(shape))
+        at += size
+    W0, b0, W1, b1 = parts
+    a = np.maximum(x @ W0 + b0, 0.0)
+    z = a @ W1 + b1
+    z = z - z.max(axis=1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    onehot = np.eye(k)[y]
+    n = x.shape[0]
+    f = -(onehot * logp).sum() / n + 0.5 * l2 * ((W0**2).sum() + (W1**2).sum())
+    dz = (np.exp(logp) - onehot) / n
+    da = (dz @ W1.T) * (a > 0)
+    grads = [x.T @ da + l2 * W0, da.sum(axis=0), a.T @ dz + l2 * W1, dz.sum(axis=0)]
+    return f, np.concatenate([g.ravel() for g in grads])
+
+
+def test_iterates_follow_scipy_lbfgsb_on_a_network(backend):
+    """From the same start, the default LBFGS takes scipy's L-BFGS-B iterates (the
+    optimiser scikit-learn's solver="lbfgs" calls) on a ReLU network: the same number of
+    iterations and evaluations, the objective after each iteration (``fit``'s history) and
+    the final parameters equal up to rounding."""
+    n, sizes, l2 = 90, (4, 10, 3), 0.1  # a problem that converges in ~100 iterations
+    x = np.random.default_rng(1).normal(size=(n, sizes[0]))
+    y = (x[:, 0] * x[:, 1] > 0).astype(int) + (x[:, 2] > 0.5).astype(int)
+    model = am.MLP(list(sizes), output_activation="softmax", dtype="float64", seed=3, **backend.model_kwargs())
+    theta0 = np.concatenate([a.ravel() for p in host_params(model) for a in p.values()])
+    path = []
+    res = optimize.minimize(relu_network, theta0, args=(x, y, l2, sizes), jac=True, method="L-BFGS-B",
+                            options={"gtol": 1e-5, "maxiter": 500, "maxfun": 15000},
+                            callback=lambda intermediate_result: path.append(float(intermediate_result.fun)))
+    assert res.status == 0 and 50 < res.nit < 500  # a real run, stopped by its tolerance
+    opt = LBFGS(tol=1e-5)
+    hist = quiet_fit(model, backend.asarray(x), backend.asarray(y), loss="cross_entropy", optimizer=opt,
+                     epochs=500, l2=l2, metrics=[])
+    assert (opt.n_iter, opt.n_fun) == (res.nit, res.nfev)
+    np.testing.assert_allclose(hist.loss, path, rtol=1e-8)
+    got = np.concatenate([a.ravel() for p in host_params(model) for a in p.values()])
+    np.testing.assert_allclose(got, res.x, rtol=1e-5, atol=1e-7)
+
+
 def test_minimize_on_a_quadratic_reaches_the_solution(backend):
     """On a strictly convex quadratic L-BFGS lands at A^-1 b to rounding within a few iterations."""
     xp = backend.xp
@@ -191,7 +237,8 @@ def test_first_iterations_match_torch_lbfgs(backend, rng):
         return model._loss_and_grads(xd, yd, lossfn, xp=model.xp, l2=l2)
 
     got = []
-    for _ in LBFGS(tol=1e-14, ftol=0.0).iterate(fun, model.params):
+    # torch's search: Nocedal & Wright's strong-Wolfe zoom, c1 = 1e-4, first step min(1, 1/||g||_1)
+    for _ in LBFGS(tol=1e-14, ftol=0.0, line_search="strong_wolfe", c1=1e-4, max_ls=25).iterate(fun, model.params):
         got.append([p for p in host_params(model) if p])
         if len(got) == n_iter:
             break
