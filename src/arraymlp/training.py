@@ -764,15 +764,38 @@ def _check_full_batch(run: _Run, comm, resume_from) -> None:
 def _run_full_batch(run: _Run, epochs: int) -> None:
     """The optimiser owns the iteration: one "epoch" per L-BFGS iteration over the whole data set.
 
-    Each iteration records its loss (at the new point, L2 term included) in the history
-    and runs the callbacks' epoch hooks (and ``on_batch_end`` once); training ends after
-    ``epochs`` iterations, when a callback asks, or when the optimiser's own stopping rules
-    hold (``model.optimizer_.status`` says which).
+    Each iteration records its loss (at the new point, L2 term included) and the training
+    metrics (on all of ``(x, y)`` at the new point: from the outputs of the evaluation that
+    reached it, or one more forward pass when the line search settled on an earlier trial)
+    in the history, and runs the callbacks' epoch hooks (and ``on_batch_end`` once);
+    training ends after ``epochs`` iterations, when a callback asks, or when the
+    optimiser's own stopping rules hold (``model.optimizer_.status`` says which).
     """
     model, xp, opt = run.model, run.xp, run.opt
+    # for the metrics: evaluations so far, and the outputs kept with the evaluation they came from
+    last = {"count": 0, "n": 0, "out": None}
+
+    def keep(out):
+        last["count"] += 1
+        last["n"], last["out"] = last["count"], out
+
+    hook = keep if run.metrics else None
 
     def fun(params):
-        return model._loss_and_grads(run.x, run.y, run.lossfn, xp=xp, sample_weight=run.sample_weight, l2=run.l2)
+        return model._loss_and_grads(run.x, run.y, run.lossfn, xp=xp, sample_weight=run.sample_weight, l2=run.l2,
+                                     on_outputs=hook)
+
+    def add_metrics(info) -> None:
+        run.accs = [m.start(xp, model.dtype, model.device) for m in run.metrics]
+        if last["n"] != info.evaluation:  # the point reached is not the latest evaluation's
+
+            def replace(out):
+                last["n"], last["out"] = -1, out
+
+            model._loss_and_dout(run.x, run.y, run.lossfn, xp=xp, on_outputs=replace)
+        pair = run.pair(run.y, last["out"], xp)
+        for acc in run.accs:
+            acc.update(pair)
 
     iterations = opt.iterate(fun, model.params)
     try:
@@ -790,6 +813,8 @@ def _run_full_batch(run: _Run, epochs: int) -> None:
                 raise DivergenceError(msg, epoch=epoch, step=run.step,
                                       params_finite=_params_finite(model.params, xp)) from exc
             run.step += 1
+            if run.metrics:
+                add_metrics(info)
             logs = {"epoch": epoch, "step": run.step, "loss": info.loss}
             for cb in run.callbacks:
                 run.stop = bool(cb.on_batch_end(model, logs)) or run.stop
@@ -863,8 +888,9 @@ def fit(model, x, y, *, loss: str | Loss | None = None, optimizer: str | Optimiz
         callables ``fn(y_true, y_pred, *, xp) -> 0-d array``. Default: ``["accuracy"]``
         for a classification loss, none for a regression one; ``[]`` records none.
         Accumulated on the device and read once per epoch (see :mod:`arraymlp.metrics`);
-        training metrics are not recorded under ``comm`` nor with ``optimizer="lbfgs"``
-        (whose iterations have no batches to count them on); validation metrics are.
+        training metrics are not recorded under ``comm`` (validation metrics are). With
+        ``optimizer="lbfgs"`` they are taken once per iteration, on the whole training set
+        at the point the iteration reached.
     early_stopping : EarlyStopping or int, optional
         An int is the patience of ``EarlyStopping("val_loss")`` (``"loss"`` without validation).
     callbacks : sequence of Callback
@@ -940,10 +966,10 @@ def _train(model, x, y, *, reuse_optimizer, loss, optimizer, lr, schedule, epoch
     amp = resolve_precision(precision, model, xp, data_parallel=comm is not None)
     opt = _set_up_model(model, lossfn, form, optimizer, lr, schedule, seed, xp, reuse_optimizer)
     callbacks = _arrange_callbacks(callbacks, early_stopping, validation=val is not None)
-    full_batch = isinstance(opt, LBFGS)  # the optimiser owns the iteration; training metrics come from validation
+    full_batch = isinstance(opt, LBFGS)  # the optimiser owns the iteration
     run = _Run(model=model, x=x, y=y, sample_weight=sample_weight, val=val, lossfn=lossfn, xp=xp, opt=opt,
                schedule=schedule, callbacks=callbacks, batch_size=batch_size, shuffle=shuffle, l2=l2,
-               metrics=metrics if comm is None and not full_batch else [], val_metrics=val_metrics, amp=amp)
+               metrics=metrics if comm is None else [], val_metrics=val_metrics, amp=amp)
     if full_batch:
         _check_full_batch(run, comm, resume_from)
     _start_run(run, epochs, resume_from, comm, progress, verbose)
