@@ -693,8 +693,8 @@ def test_scikit_learn_estimator_checks_with_lbfgs(estimator, check):
 def test_host_reads_are_one_per_evaluation_and_two_per_iteration(monkeypatch, rng):
     """Counted on array_api_strict: each objective evaluation reads its value with the slope
     (or, at the start, the largest gradient entry) in one transfer, and each iteration reads
-    twice more (the direction's slope, size and, first, the gradient's 1-norm; the new pair's
-    curvature with the new gradient's largest entry). ``fit``'s full-batch loop adds a fixed
+    twice more (the direction's slope, size and, first, its 2-norm; the new pair's y.y with
+    the new gradient's largest entry). ``fit``'s full-batch loop adds a fixed
     number of reads (its checks of the data), whatever the iterations."""
     import array_api_strict
 
