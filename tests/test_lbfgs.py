@@ -214,6 +214,26 @@ def test_fit_records_the_loss_and_training_metrics_of_each_iteration(backend, re
     np.testing.assert_allclose(hist.metrics["top_2_accuracy"], top2, rtol=1e-12)
 
 
+def test_more_thuente_steps_on_a_quadratic_and_a_degenerate_interval():
+    """The safeguarded step of a trial past the minimiser of f(t) = (t - 2)^2 (a higher
+    value: case 1) is the cubic's minimiser, here the quadratic's, t = 2; a degenerate
+    trial (on the bracket's far end, where case 4 would divide by the zero distance) gives
+    NaN, which the search replaces, where Python would raise."""
+    import math
+
+    from arraymlp.optim import _next_trial
+
+    def f(t):
+        return (t - 2.0) ** 2, 2.0 * (t - 2.0)
+
+    lo = (0.0, *f(0.0))
+    _, hi, t_next, bracketed = _next_trial(lo, lo, 5.0, *f(5.0), 1e-3 * lo[2], False, 0.0, 25.0, on_psi=False)
+    assert bracketed and hi[0] == 5.0 and t_next == pytest.approx(2.0, rel=1e-12)
+    *_, t_next, _ = _next_trial((0.0, 1.0, -1.0), (2.0, 1.5, 0.5), 2.0, 0.9, -2.0, -1e-3, True, 0.0, 2.0,
+                                on_psi=False)
+    assert math.isnan(t_next)
+
+
 def test_minimize_on_a_quadratic_reaches_the_solution(backend):
     """On a strictly convex quadratic L-BFGS lands at A^-1 b to rounding within a few iterations."""
     xp = backend.xp

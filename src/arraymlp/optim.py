@@ -1044,6 +1044,25 @@ def _safeguarded_step(lo, hi, t, ft, gt, bracketed, t_min, t_max):
     return lo, hi, t_next, bracketed
 
 
+def _next_trial(lo, hi, t, f, g, gtest, bracketed, t_min, t_max, *, on_psi):
+    """:func:`_safeguarded_step` on ``f`` or, with ``on_psi`` (Moré and Thuente's first
+    stage: a lower value without sufficient decrease yet), on ``psi(t) = f(t) - t gtest``
+    (constant dropped), its points mapped back after. Degenerate points (a zero-width
+    interval, all slopes zero) give a NaN step, which the caller's safeguards replace, as
+    in compiled implementations."""
+    def shift(p, k):
+        return p[0], p[1] + k * p[0] * gtest, p[2] + k * gtest
+
+    try:
+        if not on_psi:
+            return _safeguarded_step(lo, hi, t, f, g, bracketed, t_min, t_max)
+        lo_m, hi_m, t_next, bracketed = _safeguarded_step(shift(lo, -1), shift(hi, -1), t, f - t * gtest,
+                                                          g - gtest, bracketed, t_min, t_max)
+        return shift(lo_m, 1), shift(hi_m, 1), t_next, bracketed
+    except ZeroDivisionError:
+        return lo, hi, math.nan, bracketed
+
+
 class _Trial:
     """One point of the line search: step ``t``, value ``f``, slope ``gtd`` along the
     direction, and the gradient arrays there."""
@@ -1471,15 +1490,8 @@ class LBFGS(Optimizer):
                 return cur  # no progress possible within the bracket
             if t == _MAX_STEP and f <= ftest and gtd <= gtest:
                 return cur
-            if stage == 1 and lo[1] >= f > ftest:  # on psi: a lower value, but not yet sufficient decrease
-                def shift(p, k):
-                    return p[0], p[1] + k * p[0] * gtest, p[2] + k * gtest
-
-                lo, hi, t_next, bracketed = _safeguarded_step(shift(lo, -1), shift(hi, -1), t, f - t * gtest,
-                                                              gtd - gtest, bracketed, t_min, t_max)
-                lo, hi = shift(lo, 1), shift(hi, 1)
-            else:
-                lo, hi, t_next, bracketed = _safeguarded_step(lo, hi, t, f, gtd, bracketed, t_min, t_max)
+            lo, hi, t_next, bracketed = _next_trial(lo, hi, t, f, gtd, gtest, bracketed, t_min, t_max,
+                                                    on_psi=stage == 1 and lo[1] >= f > ftest)
             if bracketed:
                 if abs(hi[0] - lo[0]) >= 0.66 * width1:
                     t_next = lo[0] + 0.5 * (hi[0] - lo[0])
