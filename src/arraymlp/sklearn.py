@@ -364,7 +364,8 @@ _PARAMETERS_DOC = """
         Draw a new sample order every epoch.
     random_state : int, RandomState instance or None, default=None
         Seeds weight initialisation, shuffling, dropout and the ``early_stopping`` split.
-        An int gives identical results on every fit.
+        An int gives identical results on every fit. With ``solver="lbfgs"`` the initial
+        weights are the ones scikit-learn's MLP draws for the same ``random_state``.
     tol : float, default=1e-4
         Training stops when the training loss (or, with ``early_stopping``, the
         validation score) has not improved by at least ``tol`` for ``n_iter_no_change``
