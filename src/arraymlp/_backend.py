@@ -400,6 +400,28 @@ def to_numpy(x: Any) -> numpy.ndarray:
         return numpy.asarray(x)
 
 
+def host_namespace() -> types.ModuleType:
+    """The namespace of host (NumPy) data: where data staged for another device is checked."""
+    return resolve_backend("numpy")
+
+
+def host_array(x: Any) -> numpy.ndarray | None:
+    """``x`` as a NumPy array when it is dense and lives in host memory (a NumPy array,
+    or another library's array on its CPU device, viewed without a copy where DLPack
+    allows), else None (a GPU array, a sparse matrix, a non-array)."""
+    if isinstance(x, numpy.ndarray):
+        return x
+    if is_sparse(x):
+        return None
+    try:
+        device = device_of(x)
+    except (TypeError, AttributeError):
+        return None
+    if "cpu" not in str(device).lower():
+        return None
+    return to_numpy(x)
+
+
 class StepValues:
     """Values of successive training steps (0-d or 1-d arrays) kept on their device,
     stacked into one array every ``every`` values (so a long epoch holds few arrays),

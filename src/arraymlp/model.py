@@ -27,6 +27,7 @@ from ._backend import (
     device_of,
     dtype_name,
     get_namespace,
+    host_namespace,
     is_sparse,
     is_writeable,
     resolve_backend,
@@ -388,18 +389,23 @@ class Sequential:
         return new
 
     # ------------------------------------------------------------------ validation
-    def _check_x(self, x: Any, *, check_finite: bool = True, what: str = "x"):
+    def _check_x(self, x: Any, *, check_finite: bool = True, what: str = "x", host: bool = False):
         """Validate an input batch and return ``(x, xp)`` in the model's dtype (a sparse
-        matrix in compressed-row form)."""
+        matrix in compressed-row form). ``host``: ``x`` is a NumPy array that training
+        stages to the model's device batch by batch; it is checked, and cast to the
+        model's dtype, on the host (``xp`` is then the host namespace)."""
         sparse = is_sparse(x)
-        xp = sparse_namespace(x) if sparse else get_namespace(x)
-        device = sparse_device(x) if sparse else device_of(x)
-        if self.params is None:
-            self._build(xp, device)
+        if host:
+            xp, dtype = host_namespace(), resolve_dtype(host_namespace(), self._dtype_name)
         else:
-            check_same_backend(self.xp, xp, what)
-            check_same_device(self.device, device, what)
-        xp = self.xp
+            xp = sparse_namespace(x) if sparse else get_namespace(x)
+            device = sparse_device(x) if sparse else device_of(x)
+            if self.params is None:
+                self._build(xp, device)
+            else:
+                check_same_backend(self.xp, xp, what)
+                check_same_device(self.device, device, what)
+            xp, dtype = self.xp, self.dtype
         if sparse and not (self.layers and isinstance(self.layers[0], L.Dense)):
             first = type(self.layers[0]).__name__ if self.layers else "no layer"
             msg = (f"{what} is a sparse matrix, which only a first Dense layer can take; this model starts "
@@ -424,23 +430,28 @@ class Sequential:
             )
             raise TypeError(msg)
         if sparse:  # compressed rows, batches are row slices; only the stored values are read
-            x = as_csr(x, self.dtype)
+            x = as_csr(x, dtype)
             values = x.data
         else:
-            if x.dtype != self.dtype:
-                x = xp.astype(x, self.dtype)
+            if x.dtype != dtype:
+                x = xp.astype(x, dtype)
             values = x
         if check_finite and not kernels_for(xp).all_finite(values, xp):
             msg = f"{what} contains NaN or infinite values"
             raise ValueError(msg)
         return x, xp
 
-    def _check_target(self, y: Any, xp, what: str = "y"):
-        check_same_backend(self.xp, get_namespace(y), what)
-        check_same_device(self.device, device_of(y), what)
+    def _check_target(self, y: Any, xp, what: str = "y", host: bool = False):
+        """Validate targets (or weights) of ``xp``; ``host`` as for :meth:`_check_x`."""
+        if host:
+            dtype = resolve_dtype(xp, self._dtype_name)
+        else:
+            check_same_backend(self.xp, get_namespace(y), what)
+            check_same_device(self.device, device_of(y), what)
+            dtype = self.dtype
         if xp.isdtype(y.dtype, "real floating"):
-            if y.dtype != self.dtype:
-                y = xp.astype(y, self.dtype)
+            if y.dtype != dtype:
+                y = xp.astype(y, dtype)
             # once, here: the training step's loss does not read the values again
             if not kernels_for(xp).all_finite(y, xp):
                 msg = f"{what} contains NaN or infinite values"
