@@ -335,7 +335,8 @@ class Sequential:
     def to(self, backend: Any, device: Any = None) -> "Sequential":
         """Move the parameters (and generator) to another backend/device, in place.
 
-        The last ``fit``'s optimiser state (``optimizer_``) follows at its next step, so
+        The last ``fit``'s optimiser state (``optimizer_``) and mixed-precision loss scale
+        (``precision_``) follow at the next step, so
         ``partial_fit`` continues on the new backend. Returns ``self``, so
         ``model = model.to("cupy")`` reads naturally.
         """
@@ -386,6 +387,8 @@ class Sequential:
             _replace_optimizer_state(opt, new.optimizer_)
         if getattr(self, "schedule_", None) is not None:
             new.schedule_ = copy.deepcopy(self.schedule_)
+        if getattr(self, "precision_", None) is not None:  # and its own loss scale, continued
+            new.precision_ = self.precision_.copy()
         return new
 
     # ------------------------------------------------------------------ validation

@@ -512,7 +512,7 @@ def _start_run(run: _Run, epochs: int, resume_from, comm, progress: bool, verbos
         from .io.checkpoints import restore_checkpoint
 
         run.start_epoch = restore_checkpoint(resume_from, model, optimizer=run.opt, schedule=run.schedule,
-                                             history=run.history, callbacks=callbacks)
+                                             history=run.history, callbacks=callbacks, precision=run.amp)
     if comm is not None:
         from .distributed import DataParallel
 
@@ -1025,7 +1025,9 @@ def _train(model, x, y, *, reuse_optimizer, loss, optimizer, lr, schedule, epoch
     main = get_metrics(["accuracy" if lossfn.task != "regression" else "r2"], lossfn.task, model.n_outputs)[0]
     if all(m.name != main.name for m in val_metrics):  # History.val_metric's
         val_metrics.append(main)
-    amp = resolve_precision(precision, model, xp, data_parallel=comm is not None)
+    amp = resolve_precision(precision, model, xp, data_parallel=comm is not None,
+                            previous=getattr(model, "precision_", None) if reuse_optimizer else None)
+    model.precision_ = amp  # checkpoints save its loss scale; copy() and to() carry it on
     opt = _set_up_model(model, lossfn, form, optimizer, lr, schedule, seed, xp, reuse_optimizer)
     callbacks = _arrange_callbacks(callbacks, early_stopping, validation=val is not None)
     full_batch = isinstance(opt, LBFGS)  # the optimiser owns the iteration; training metrics come from validation
@@ -1084,8 +1086,10 @@ def partial_fit(model, x, y, *, loss: str | Loss | None = None, optimizer: str |
     metrics : sequence of str, Metric or callable, optional
         As for :func:`fit`.
     precision : {None, "float16", "bfloat16"} or MixedPrecision, optional
-        As for :func:`fit`; pass the same :class:`arraymlp.MixedPrecision` to every
-        call to keep its loss scale.
+        As for :func:`fit`. The loss scale carries over from call to call: a dtype
+        name continues the model's ``precision_`` (that of its last call) when it
+        computes in that dtype; passing one :class:`arraymlp.MixedPrecision` to every
+        call does the same.
 
     Returns
     -------

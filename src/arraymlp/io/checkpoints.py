@@ -106,7 +106,8 @@ def _history_value(v: Any) -> Any:
 
 def save_checkpoint(path: str | os.PathLike, model: Any, *, optimizer: Optimizer | None = None,
                     schedule: Any = None, epoch: int = 0, steps: int | None = None,
-                    history: History | None = None, callbacks: Sequence[Any] = ()) -> None:
+                    history: History | None = None, callbacks: Sequence[Any] = (),
+                    precision: Any = None) -> None:
     """Save everything needed to continue training ``model`` bit-identically.
 
     The file is a model file (it loads with :func:`load`) whose metadata also holds a
@@ -134,7 +135,12 @@ def save_checkpoint(path: str | os.PathLike, model: Any, *, optimizer: Optimizer
         Per-epoch record so far, restored into the resumed run's history.
     callbacks : sequence of Callback
         The run's callbacks; those whose ``state_dict()`` is not None are saved.
+    precision : MixedPrecision, optional
+        Default: the one of the model's last ``fit`` (``model.precision_``), if any; its
+        configuration and loss-scale state (scale, good steps, skips) are saved.
     """
+    if precision is None:
+        precision = getattr(model, "precision_", None)
     if optimizer is None:
         optimizer = getattr(model, "optimizer_", None)
         if getattr(model, "ensemble", None) is not None:  # the members' update rule, per-member settings
@@ -161,6 +167,7 @@ def save_checkpoint(path: str | os.PathLike, model: Any, *, optimizer: Optimizer
         "schedule": _schedule_state(schedule),
         "rng": _rng_state(model),
         "history": hist,
+        "precision": None if precision is None else precision.state_dict(),
     }
     metadata["checkpoint"] = json.dumps(ck, sort_keys=True)
     _write_file(path, metadata, tensors)
@@ -218,7 +225,8 @@ def _check_fits(f, model: Any) -> None:
 
 
 def restore_checkpoint(path: str | os.PathLike, model: Any, *, optimizer: Optimizer | None = None,
-                       schedule: Any = None, history: History | None = None, callbacks: Sequence[Any] = ()) -> int:
+                       schedule: Any = None, history: History | None = None, callbacks: Sequence[Any] = (),
+                       precision: Any = None) -> int:
     """Put a checkpoint's training state into a built model and its optimiser.
 
     This is what ``fit(..., resume_from=path)`` calls; a hand-written training loop
@@ -240,6 +248,10 @@ def restore_checkpoint(path: str | os.PathLike, model: Any, *, optimizer: Optimi
     callbacks : sequence of Callback
         Callbacks with a state (``state_dict()`` not None) get the saved state of
         the same class, in order; saved states without such a callback are ignored.
+    precision : MixedPrecision, optional
+        Gets the saved mixed-precision configuration and loss scale (a checkpoint of a
+        run without mixed precision leaves it as it is); it must compute in the saved
+        dtype.
 
     Returns
     -------
@@ -309,10 +321,25 @@ def restore_checkpoint(path: str | os.PathLike, model: Any, *, optimizer: Optimi
         history.metric_name = hist.get("metric_name", history.metric_name) or history.metric_name
         for k, series in hist.get("metrics", {}).items():
             history.metrics[k] = [float(v) for v in series]
+    _restore_precision(f, precision)
     _restore_callbacks(f, model, callbacks)
     for key, value in f.model_cfg["fitted"].items():
         setattr(model, key, value)
     return info["epoch"]
+
+
+def _restore_precision(f: _File, precision: Any) -> None:
+    """Give a MixedPrecision the saved loss scale and configuration, if the run had one."""
+    saved = f.checkpoint.get("precision")
+    if precision is None or saved is None:
+        return
+    try:
+        precision.load_state_dict(saved)
+    except ValueError as exc:
+        msg = f"checkpoint {f.path}: {exc}"
+        raise ValueError(msg) from None
+    except (KeyError, TypeError) as exc:
+        raise ModelFileError(f.path, f"the mixed-precision state is invalid: {exc}") from None
 
 
 def _restore_callbacks(f: _File, model: Any, callbacks: Sequence[Any]) -> None:
