@@ -131,7 +131,8 @@ def test_the_dry_run_has_every_section(dry):
     assert report["device"] == "dry-run-cpu" and report["targets"] == ["numpy"]
     assert not report["errors"], report["errors"]
     assert list(report["sections"]) == list(report["seconds"]) == [
-        "env", "pytest", "host_syncs", "launches", "tf32_error", "gemm_floor_device", "bench", "amp", "ensemble"]
+        "env", "pytest", "agreement", "host_syncs", "launches", "tf32_error", "gemm_floor_device", "bench", "amp",
+        "ensemble"]
     assert report["sections"]["launches"] == {"skipped": "kernel launches are counted on CUDA only"}
     on_disk = json.loads((out / "dry-run-cpu-gpu-check.json").read_text())
     assert on_disk["sections"].keys() == report["sections"].keys() and on_disk["figures"] == report["figures"]
@@ -147,12 +148,16 @@ def test_the_dry_runs_tests_and_host_syncs(dry):
     sec = dry[0]["sections"]
     c = sec["pytest"]["counts"]
     assert c["tests"] > 0 and c["skipped"] == c["tests"] and c["failed"] == c["errors"] == 0
+    assert any("EVERY ROW SKIPPED" in line for line in dry[0]["figures"])  # loud, on a GPU machine
+    agree = sec["agreement"]  # NumPy against itself; strict's second device, staged and not
+    assert agree["loss vs numpy [numpy]"] == 0 and agree["staged vs on-device, max |param diff| [numpy]"] == 0
+    assert len(agree["numpy_loss"]) == 3 and agree["numpy_loss"][2] < agree["numpy_loss"][0]
     syncs = sec["host_syncs"]
     assert set(syncs) == {"W1 sgd arraymlp[numpy]", "W1 adam arraymlp[numpy]",
                           "W1 adam, host data staged arraymlp[numpy]", "target"}
     for key, row in syncs.items():
         if key != "target":
-            assert row["per_step"] == 0 and row["syncs"][8] == row["syncs"][16] > 0, key
+            assert row["per_step"] == 0 and row["sites"] == [] and row["syncs"][8] == row["syncs"][16] > 0, key
 
 
 def test_the_dry_runs_tf32_floor_and_bench(check, dry):
@@ -202,7 +207,8 @@ def test_the_dry_runs_amp_and_ensembles(check, dry):
         assert rows[k] == pytest.approx(int(k) * 64 / sec_per_step)
     assert ens["crossover_K"] == {"numpy": bench.crossover_batch(rows, rows)}
     lines = dry[0]["figures"]
-    for prefix in ("versions: python", "tests -k 'cupy or cuda':", "host syncs per step, W1 adam, host data staged",
+    for prefix in ("versions: python", "tests -k 'cupy or cuda':", "agreement, staged vs on-device",
+                   "host syncs per step, W1 adam, host data staged",
                    "TF32 relative error, 256^3 product, host emulation", "GEMM floor by events, W4 float32",
                    "W4 b256 float32 arraymlp[numpy]:", "digits accuracy [numpy]:",
                    "ensemble K=8 vs 8 sequential fits [numpy]:", "ensemble step, K from which numpy"):

@@ -13,10 +13,17 @@ each), ``<device>-bench.json``, ``<device>-W5.png``, ``<device>-ensemble.png``,
 ``env`` (5 s)
     Versions (Python, NumPy, CuPy, torch and its CUDA, array-api-compat/strict), the
     device, the TF32 switches as found.
-``pytest`` (120 s)
+``pytest`` (110 s)
     ``pytest -k "cupy or cuda" tests`` with TF32 off, JUnit XML; on running out of time
     pytest is interrupted (SIGINT) so that the JUnit file still holds what ran. The
     counts (passed, failed, errors, skipped) and the failing test ids are in the report.
+    A library that warns on import (which the suite's warnings-as-errors would turn into
+    "no GPU" and skipped rows) is named, and its warnings left as warnings.
+``agreement`` (10 s)
+    The same training (64-128-10, Adam, dropout, 3 epochs, float32, one seed) on NumPy
+    and on each GPU target: the relative difference of the epoch losses; and on each GPU
+    target, NumPy data staged from the host against the same data on the device: the
+    largest parameter difference (0 expected: the same kernels on the same batches).
 ``host_syncs`` (15 s)
     Host synchronisations per training step of ``fit`` (784-512-512-10, batch 256, SGD
     and Adam, data on the device; Adam with NumPy data staged from the host), as the
@@ -79,11 +86,11 @@ from typing import Any, Callable
 ROOT = Path(__file__).resolve().parents[2]
 # in this order: the test rows first (their JUnit file is the check's first product, and
 # they compile the CuPy kernels the later sections time), the quick probes, the benchmarks
-SECTIONS = ("env", "pytest", "host_syncs", "launches", "tf32_error", "gemm_floor_device", "bench", "amp",
-            "ensemble")
+SECTIONS = ("env", "pytest", "agreement", "host_syncs", "launches", "tf32_error", "gemm_floor_device", "bench",
+            "amp", "ensemble")
 # the most each section may use of the budget (less when less is left); they add up to it
-CAPS = {"env": 5, "pytest": 120, "host_syncs": 15, "launches": 15, "tf32_error": 5, "gemm_floor_device": 15,
-        "bench": 80, "amp": 30, "ensemble": 35}
+CAPS = {"env": 5, "pytest": 110, "agreement": 10, "host_syncs": 15, "launches": 15, "tf32_error": 5,
+        "gemm_floor_device": 15, "bench": 80, "amp": 30, "ensemble": 35}
 BUDGET = float(sum(CAPS.values()))  # 320 s
 LAUNCH_TARGETS = {"sgd": 22, "adam": 30}  # kernels per W1 step (issue 16)
 ENSEMBLE_TARGET = 30.0  # K = 64 ensemble fit over 64 sequential fits on a GPU (issue 18)
@@ -226,6 +233,17 @@ def section_env(ctx: Context) -> dict:
     return out
 
 
+def _call_site() -> str:
+    """``file:line`` of the innermost frame inside the arraymlp package, for a sync's report."""
+    import arraymlp
+
+    pkg = os.path.dirname(os.path.abspath(arraymlp.__file__))
+    for fr in reversed(traceback.extract_stack()[:-2]):
+        if os.path.abspath(fr.filename).startswith(pkg + os.sep):
+            return f"{os.path.relpath(fr.filename, pkg)}:{fr.lineno}"
+    return "(outside arraymlp)"
+
+
 def _count_syncs(target: str):
     """A context counting the host synchronisations of ``target`` into a list's length."""
     seen: list = []
@@ -235,7 +253,7 @@ def _count_syncs(target: str):
         orig = sd._declare_synchronize
 
         def counting():
-            seen.append(1)
+            seen.append(_call_site())  # where in arraymlp it came from
             return orig()
 
         @contextlib.contextmanager
@@ -264,6 +282,45 @@ def _count_syncs(target: str):
                 seen.extend(w for w in rec if "synchroniz" in str(w.message).lower())
 
     return tctx()
+
+
+def section_agreement(ctx: Context) -> dict:
+    """The GPU targets train as NumPy does (to float32 rounding), and host data staged
+    to the device trains as data already there (bit for bit)."""
+    import numpy
+
+    import arraymlp as am
+    from arraymlp import bench
+
+    rng = numpy.random.default_rng(1)
+    n = 1024 if ctx.dry else 4096
+    xh = rng.standard_normal((n, 64)).astype(numpy.float32)
+    yh = numpy.argmax(xh @ rng.standard_normal((64, 10)), axis=1)
+    kwargs = dict(loss="cross_entropy", optimizer="adam", lr=1e-3, epochs=3, batch_size=256, seed=0, progress=False)
+
+    def train(backend, device, staged):
+        m = am.MLP([64, 128, 10], output_activation="softmax", dropout=0.1, backend=backend, device=device, seed=0)
+        x, y = (xh, yh) if staged else (am.to_backend(a, backend, device=m.device) for a in (xh, yh))
+        h = m.fit(x, y, **kwargs)
+        return h.loss, [{k: am.to_numpy(v) for k, v in p.items()} for p in m.params]
+
+    base, _ = train("numpy", None, False)
+    out = ctx.partial
+    out["numpy_loss"] = base
+    for target in ctx.targets:
+        tgt = bench.TARGETS[target]
+        loss, params = train(tgt.backend, tgt.device, False)
+        out[f"loss vs numpy [{target}]"] = max(abs(a - b) / abs(b) for a, b in zip(loss, base))
+        if ctx.dry:  # NumPy data for a NumPy model is not staged: array-api-strict's second device stands in
+            import array_api_strict
+
+            _, params = train("array_api_strict", array_api_strict.Device("device1"), False)
+            _, params_s = train("array_api_strict", array_api_strict.Device("device1"), True)
+        else:
+            _, params_s = train(tgt.backend, tgt.device, True)
+        out[f"staged vs on-device, max |param diff| [{target}]"] = max(
+            float(numpy.max(numpy.abs(p[k] - q[k]))) for p, q in zip(params, params_s) for k in p)
+    return out
 
 
 @contextlib.contextmanager
@@ -330,7 +387,9 @@ def section_host_syncs(ctx: Context) -> dict:
                     m.fit(x, y, loss="cross_entropy", optimizer=case.split(",")[0], epochs=1, batch_size=256,
                           progress=False)
                 counts[steps] = len(seen)
-            out[f"W1 {case} arraymlp[{target}]"] = {"syncs": counts, "per_step": (counts[16] - counts[8]) / 8}
+                sites = sorted({str(s) for s in seen if isinstance(s, str)})
+            out[f"W1 {case} arraymlp[{target}]"] = {"syncs": counts, "per_step": (counts[16] - counts[8]) / 8,
+                                                    "sites": sites[:20]}
     out["target"] = "0 per step"
     return out
 
@@ -827,11 +886,22 @@ def section_pytest(ctx: Context) -> dict:
     env.pop("CUPY_TF32", None)
     where = ["tests/test_staging.py"] if ctx.dry else ["tests"]
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "cupy or cuda", "-rfE",
-           f"--junitxml={junit}", *where]
+           "--continue-on-collection-errors", "-o", "junit_family=xunit2", f"--junitxml={junit}"]
+    warned = {}
+    for mod, code in (("cupy", "import cupy; cupy.cuda.runtime.getDeviceCount()"),
+                      ("torch", "import torch; torch.cuda.is_available()")):
+        # the suite turns warnings into errors, and conftest reads a failing GPU probe as "no
+        # GPU": a library that warns on import would skip its rows and look green
+        plain = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+        strict = subprocess.run([sys.executable, "-W", "error", "-c", code], capture_output=True, text=True, env=env)
+        if plain.returncode == 0 and strict.returncode != 0:
+            warned[mod] = (strict.stderr.strip().splitlines() or ["?"])[-1][:300]
+            cmd += ["-W", f"default::Warning:{mod}"]
+    cmd += where
     seconds = max(5.0, min(CAPS["pytest"], ctx.left()) - 25)  # interrupted, and its file written, before the alarm
     rc, output = _run_interruptible(cmd, seconds, env)
     return {"rc": rc, "interrupted": rc == 124, "junit": str(junit), "counts": junit_counts(junit),
-            "tail": output[-4000:]}
+            "warns_on_import": warned, "tail": output[-4000:]}
 
 
 FUNCTIONS = {name: globals()[f"section_{name}"] for name in SECTIONS}
@@ -915,12 +985,13 @@ def _fig_env_and_tests(sec: dict) -> list[str]:
     c = sec.get("pytest", {}).get("counts", {})
     if "tests" in c:
         lines.append(f"tests -k 'cupy or cuda': {c['passed']} passed, {c['failed']} failed, {c['errors']} errors, "
-                     f"{c['skipped']} skipped{' (interrupted)' if sec['pytest'].get('interrupted') else ''}")
+                     f"{c['skipped']} skipped{' (interrupted)' if sec['pytest'].get('interrupted') else ''}"
+                     f"{' (EVERY ROW SKIPPED: no GPU seen?)' if c['tests'] and c['skipped'] == c['tests'] else ''}")
     return lines
 
 
 def _fig_probes(sec: dict) -> list[str]:
-    lines = []
+    lines = [f"agreement, {key}: {_g(v)}" for key, v in sec.get("agreement", {}).items() if isinstance(v, float)]
     for key, row in sec.get("host_syncs", {}).items():
         if isinstance(row, dict) and "per_step" in row:
             lines.append(f"host syncs per step, {key}: {_g(row['per_step'])} (target 0; per epoch of 8 and 16 "
