@@ -5,6 +5,7 @@ place, independent of the reused host buffers, and the host data is never writte
 from __future__ import annotations
 
 import math
+import sys
 
 import array_api_strict
 import numpy as np
@@ -233,3 +234,69 @@ def test_host_data_refusals():
         model.fit(x, array_api_strict.asarray(y, device=dev1), epochs=1, progress=False)
     with pytest.raises(ValueError, match="comm= .* needs x on the model's device"):
         model.fit(x, y, epochs=1, progress=False, comm=object())
+
+
+class _FakeCupy:
+    """A stand-in ``cupy`` recording the stream protocol of :class:`_CupyCopies`: which
+    stream records, waits and copies, in order (arrays are NumPy arrays)."""
+
+    def __init__(self):
+        self.log = []
+        fake = self
+        import contextlib
+        import types
+
+        class Event:
+            def __init__(self, stream):
+                self.stream = stream
+
+            def synchronize(self):
+                fake.log.append(("host waits", self.stream.name))
+
+        class Stream:
+            def __init__(self, name="side", non_blocking=False):
+                self.name = name
+
+            def record(self):
+                fake.log.append(("record", self.name))
+                return Event(self)
+
+            def wait_event(self, event):
+                fake.log.append(("wait", self.name, event.stream.name))
+
+        class Array(np.ndarray):
+            def set(self, host, stream=None):
+                fake.log.append(("copy", stream.name))
+                self[...] = host
+
+        self.compute = Stream("compute")
+        cuda = types.SimpleNamespace(Stream=Stream, Device=lambda i: contextlib.nullcontext(),
+                                     get_current_stream=lambda: self.compute,
+                                     alloc_pinned_memory=lambda n: bytearray(n))
+        self.module = types.SimpleNamespace(cuda=cuda, empty=lambda shape, dtype: np.empty(shape, dtype).view(Array))
+
+
+def test_cupy_copies_wait_for_the_compute_queue_and_are_waited_for(monkeypatch):
+    """On CuPy each batch's copy runs on a side stream after the compute stream's queue
+    as it was when the batch was staged (its memory may have been freed by kernels still
+    queued there), and the compute stream waits for the copy by an event before using
+    the batch: device-side waits only, the host waiting only to refill a buffer two
+    batches later."""
+    from arraymlp._backend import _CupyCopies
+
+    fake = _FakeCupy()
+    monkeypatch.setitem(sys.modules, "cupy", fake.module)
+    x, y = np.arange(12.0).reshape(6, 2), np.arange(6)
+    batches = DeviceBatches([x, y], np, None, batch_size=2)
+    batches.copies = _CupyCopies(np, 0)
+    got = []
+    for xb, yb in batches.epoch(np.array([5, 4, 3, 2, 1, 0])):
+        fake.log.append(("compute uses", int(yb[0])))
+        got.append((xb[:, 0].tolist(), yb.tolist()))
+    assert got == [([10.0, 8.0], [5, 4]), ([6.0, 4.0], [3, 2]), ([2.0, 0.0], [1, 0])]
+    one_copy = [("record", "compute"), ("wait", "side", "compute"), ("copy", "side")]
+    stage = one_copy * 2 + [("record", "side")]  # x and y, then the event marking both copied
+    use = [("wait", "compute", "side")]
+    assert fake.log == (stage + stage + use + [("compute uses", 5)]  # batch 1 staged while batch 0 is used
+                        + [("host waits", "side")] + stage + use + [("compute uses", 3)]  # slot 0 again
+                        + use + [("compute uses", 1)])

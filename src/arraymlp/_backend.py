@@ -556,7 +556,12 @@ class _CupyCopies(_PlainCopies):
     def send(self, host):
         cupy = self._cupy
         with cupy.cuda.Device(getattr(self.device, "id", self.device)):
+            # ``out`` comes from the compute stream's pool, which may hand back memory that
+            # kernels already queued there still read (freed in Python, not yet on the
+            # device): the side stream's copy waits for the compute stream's queue as it
+            # is now (a device-side wait). The copy then runs beside the next batch's work.
             out = cupy.empty(host.shape, dtype=host.dtype)
+            self.stream.wait_event(cupy.cuda.get_current_stream().record())
             out.set(host, stream=self.stream)  # asynchronous from pinned memory
             return out
 
