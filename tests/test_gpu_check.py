@@ -39,7 +39,7 @@ def dry(check, tmp_path_factory):
 
 def test_arguments(check, tmp_path):
     a = check.parse_args([])
-    assert a.budget == check.BUDGET == sum(check.CAPS.values()) == 320 and not a.dry
+    assert a.budget == check.BUDGET == sum(check.CAPS.values()) == 340 and not a.dry
     assert Path(a.out) == ROOT / "benchmarks" / "results"
     a = check.parse_args(["--out", str(tmp_path), "--skip", "pytest", "--only", "env", "--budget", "60", "--dry"])
     assert (a.skip, a.only, a.budget, a.dry) == (["pytest"], ["env"], 60.0, True)
