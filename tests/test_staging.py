@@ -300,3 +300,25 @@ def test_cupy_copies_wait_for_the_compute_queue_and_are_waited_for(monkeypatch):
     assert fake.log == (stage + stage + use + [("compute uses", 5)]  # batch 1 staged while batch 0 is used
                         + [("host waits", "side")] + stage + use + [("compute uses", 3)]  # slot 0 again
                         + use + [("compute uses", 1)])
+
+
+def test_partial_fit_and_mixed_places_stage_what_is_on_the_host(backend):
+    """partial_fit stages host data as fit does; training data on the device with host
+    validation data (and the reverse) stages only the host side. All end as the run on
+    data moved first, bit for bit (float64)."""
+    backend.skip_without_float64()
+    x, y, w, xv, yv = _classification()
+    put = backend.asarray
+    runs = []
+    for xs, vs in (((put(x), put(y)), (put(xv), put(yv))), ((x, y), (put(xv), put(yv))),
+                   ((put(x), put(y)), (xv, yv))):
+        model = am.MLP([4, 8, 3], dtype="float64", seed=1, dropout=0.2, **backend.model_kwargs())
+        model.partial_fit(xs[0], xs[1], loss="cross_entropy", batch_size=8)
+        h = model.fit(*xs, validation_data=vs, epochs=2, batch_size=8, progress=False, seed=0)
+        model.partial_fit(*xs, batch_size=8)
+        runs.append((h.loss, h.val_loss, _host_params(model)))
+    for loss, val_loss, params in runs[1:]:
+        assert (loss, val_loss) == runs[0][:2]
+        for p, q in zip(params, runs[0][2]):
+            for k in p:
+                np.testing.assert_array_equal(p[k], q[k])
