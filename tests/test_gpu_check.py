@@ -39,7 +39,7 @@ def dry(check, tmp_path_factory):
 
 def test_arguments(check, tmp_path):
     a = check.parse_args([])
-    assert a.budget == check.BUDGET == sum(check.CAPS.values()) == 340 and not a.dry
+    assert a.budget == check.BUDGET == sum(check.CAPS.values()) == 345 and not a.dry
     assert Path(a.out) == ROOT / "benchmarks" / "results"
     a = check.parse_args(["--out", str(tmp_path), "--skip", "pytest", "--only", "env", "--budget", "60", "--dry"])
     assert (a.skip, a.only, a.budget, a.dry) == (["pytest"], ["env"], 60.0, True)
@@ -161,6 +161,7 @@ def test_the_dry_runs_tests_and_host_syncs(dry):
     agree = sec["agreement"]  # NumPy against itself; strict's second device, staged and not
     assert agree["loss vs numpy [numpy]"] == 0 and agree["staged vs on-device, max |param diff| [numpy]"] == 0
     assert len(agree["numpy_loss"]) == 3 and agree["numpy_loss"][2] < agree["numpy_loss"][0]
+    assert agree["fit time, staged over on-device [numpy]"] > 0
     syncs = sec["host_syncs"]
     assert set(syncs) == {"W1 sgd arraymlp[numpy]", "W1 adam arraymlp[numpy]",
                           "W1 adam, host data staged arraymlp[numpy]", "target"}
