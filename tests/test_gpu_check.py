@@ -99,6 +99,30 @@ def test_an_overlong_command_is_interrupted_not_killed(check, tmp_path):
     assert rc == 124 and done.read_text() == "ok" and time.perf_counter() - t0 < 20
 
 
+def test_a_section_alarm_leaves_no_child_running(check, tmp_path, monkeypatch):
+    """A child that outlives its section (here it ignores SIGINT and the section's cap
+    is shorter than the child's time) is killed when the section's alarm fires: nothing
+    keeps running beside the next section's timings."""
+    import os
+
+    pid_file = tmp_path / "pid"
+    code = ("import os, signal, time, pathlib\n"
+            "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+            f"pathlib.Path({str(pid_file)!r}).write_text(str(os.getpid()))\n"
+            "time.sleep(60)\n")
+
+    def section(ctx):
+        assert 0 < ctx.section_left() <= 6
+        check._run_interruptible([sys.executable, "-c", code], 30.0, env={})
+
+    monkeypatch.setitem(check.CAPS, "child", 6)
+    report = check.run(check.parse_args(["--out", str(tmp_path), "--dry", "--budget", "60"]), {"child": section})
+    assert "SectionTimeout" in report["errors"].get("child", ""), report
+    pid = int(pid_file.read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
 def test_junit_counts(check, tmp_path):
     xml = tmp_path / "j.xml"
     xml.write_text('<testsuites><testsuite tests="5" failures="1" errors="1" skipped="2">'

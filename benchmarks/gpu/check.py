@@ -135,8 +135,14 @@ class Context:
     peer_device: str = "cuda"  # torch eager's device
     partial: dict = dataclasses.field(default_factory=dict)  # what the running section has measured so far
 
+    section_end: float = float("inf")  # when the running section's alarm fires (perf_counter)
+
     def left(self) -> float:
         return self.budget - (time.perf_counter() - self.start)
+
+    def section_left(self) -> float:
+        """Seconds until the running section's cap."""
+        return self.section_end - time.perf_counter()
 
     def path(self, suffix: str) -> Path:
         return self.out / f"{self.device}-{suffix}"
@@ -883,7 +889,6 @@ def _run_interruptible(cmd: list, seconds: float, env: dict) -> tuple[int, str]:
     rc 124 when it was interrupted."""
     with tempfile.TemporaryFile("w+") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
-        rc = None
         try:
             rc = proc.wait(timeout=seconds)
         except subprocess.TimeoutExpired:
@@ -894,6 +899,10 @@ def _run_interruptible(cmd: list, seconds: float, env: dict) -> tuple[int, str]:
                 proc.kill()
                 proc.wait()
             rc = 124
+        finally:
+            if proc.poll() is None:  # the section's own alarm (or Ctrl-C) came first: no orphan
+                proc.kill()
+                proc.wait()
         log.seek(0)
         return rc, log.read()
 
@@ -934,7 +943,8 @@ def section_pytest(ctx: Context) -> dict:
             warned[mod] = (strict.stderr.strip().splitlines() or ["?"])[-1][:300]
             cmd += ["-W", f"default::Warning:{mod}"]
     cmd += where
-    seconds = max(5.0, min(CAPS["pytest"], ctx.left()) - 25)  # interrupted, and its file written, before the alarm
+    # interrupted, and its JUnit file written, before the section's alarm
+    seconds = max(5.0, ctx.section_left() - 25)
     rc, output = _run_interruptible(cmd, seconds, env)
     return {"rc": rc, "interrupted": rc == 124, "junit": str(junit), "counts": junit_counts(junit),
             "warns_on_import": warned, "tail": output[-4000:]}
@@ -988,7 +998,7 @@ def run(args: argparse.Namespace, functions: dict | None = None) -> dict:
             report["skipped"][name] = f"budget spent ({ctx.left():.0f} s left)"
             continue
         t0 = time.perf_counter()
-        ctx.partial = {}
+        ctx.partial, ctx.section_end = {}, t0 + cap
         try:
             with _time_limit(cap):
                 report["sections"][name] = functions[name](ctx)
