@@ -322,3 +322,16 @@ def test_partial_fit_and_mixed_places_stage_what_is_on_the_host(backend):
         for p, q in zip(params, runs[0][2]):
             for k in p:
                 np.testing.assert_array_equal(p[k], q[k])
+
+
+def test_evaluate_stages_host_data(backend):
+    """evaluate on host data gives the loss and metrics of evaluate on the data moved to
+    the model's device (blocks of batch_size rows, staged)."""
+    backend.skip_without_float64()
+    x, y, w, xv, yv = _classification()
+    model = am.MLP([4, 8, 3], dtype="float64", seed=1, **backend.model_kwargs())
+    model.fit(backend.asarray(x), backend.asarray(y), epochs=2, batch_size=8, progress=False, seed=0)
+    metrics = ["accuracy", am.metrics.top_k_accuracy(2)]
+    on_host = model.evaluate(xv, yv, metrics=metrics, batch_size=5)
+    moved = model.evaluate(backend.asarray(xv), backend.asarray(yv), metrics=metrics, batch_size=5)
+    assert on_host == moved and set(on_host) == {"loss", "accuracy", "top_2_accuracy"}

@@ -1134,6 +1134,8 @@ def evaluate(model, x, y, *, loss: str | Loss | None = None, metrics: Sequence[A
     ----------
     model : Sequential
     x : array, shape (n, n_features)
+        On the model's device, or host data (as for :func:`fit`), staged to the device
+        block by block.
     y : array, shape (n, n_outputs), (n,), or labels (n,)
         Targets as for :func:`fit`.
     loss : str or Loss, optional
@@ -1166,8 +1168,12 @@ def evaluate(model, x, y, *, loss: str | Loss | None = None, metrics: Sequence[A
         msg = ("evaluate of an ensemble is not supported yet: model.loss(x, y, loss=..., reduce=None) gives each "
                "member's loss, and model.member(i).evaluate(x, y) one member's metrics")
         raise NotImplementedError(msg)
-    x, xp = model._check_x(x)
-    y = model._check_target(y, xp)
+    host = _is_host_data(model, x)  # staged to the model's device block by block, as fit does
+    if host:
+        x, y = _on_host(x, "x"), _on_host(y, "y")
+    x, dxp = model._check_x(x, host=host)
+    y = model._check_target(y, dxp, host=host)
+    dtype, device = (model.dtype, model.device) if not host else (resolve_dtype(dxp, model.dtype_name), device_of(x))
     if _n(y) != _n(x):
         msg = f"x has {_n(x)} samples but y has {_n(y)}"
         raise ValueError(msg)
@@ -1176,15 +1182,17 @@ def evaluate(model, x, y, *, loss: str | Loss | None = None, metrics: Sequence[A
         raise ValueError(msg)
     if loss is None:
         loss = getattr(model, "loss_", None)
-    lossfn = _resolve_loss(model, loss, y, xp, False)
+    lossfn = _resolve_loss(model, loss, y, dxp, False)
     if lossfn.task == "multilabel":
-        y = _binary_targets(y, xp, lossfn, model.dtype, "y")
-    check_targets(lossfn, model.n_outputs, y, dtype=model.dtype, device=model.device, xp=xp)
+        y = _binary_targets(y, dxp, lossfn, dtype, "y")
+    check_targets(lossfn, model.n_outputs, y, dtype=dtype, device=device, xp=dxp)
     if metrics is None:
         metrics = ["accuracy" if lossfn.task != "regression" else "r2"]
     metrics = get_metrics(metrics, lossfn.task, model.n_outputs)
+    xp = model.xp
     with quiet_overflow(xp):
-        value, values = _evaluate(model, x, y, lossfn, lossfn.task, xp, batch_size=int(batch_size), metrics=metrics)
+        value, values = _evaluate(model, x, y, lossfn, lossfn.task, xp, batch_size=int(batch_size), metrics=metrics,
+                                  host=host)
     return {"loss": value, **values}
 
 
