@@ -2,7 +2,9 @@
 
 ``fit(model, x, y, ...)`` (also ``model.fit``) trains on the arrays' own namespace and
 device: batches are index-gathered from the data where it lives, one batch at a time,
-so an epoch never copies the whole data set. A scipy.sparse ``x`` (or cupyx.scipy.sparse
+so an epoch never copies the whole data set. Host data (NumPy) for a model already on
+another device (a GPU) is checked on the host and staged: each batch is gathered on the
+host and copied one batch ahead (:mod:`arraymlp._staging`). A scipy.sparse ``x`` (or cupyx.scipy.sparse
 on CuPy) is taken in compressed-row form: a batch is a row slice of it, and only the first
 dense layer sees it, through its kernels' sparse products. Each step is ``loss_and_grads`` followed by
 the optimiser's update, and reads nothing back to the host: the steps' losses stay on
