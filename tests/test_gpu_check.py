@@ -248,3 +248,13 @@ def test_the_dry_runs_amp_and_ensembles(check, dry):
                    "ensemble K=8 vs 8 sequential fits [numpy]:", "ensemble step, K from which numpy"):
         assert any(line.startswith(prefix) for line in lines), prefix
     assert check.summary(dry[0]).splitlines()[: len(lines)] == lines
+
+
+def test_digits_without_scikit_learn(check, monkeypatch):
+    """A machine without scikit-learn gets a stand-in of digits' shape, named as such."""
+    name, Xtr, ytr, Xte, yte = check._digits()
+    assert name == "digits" and Xtr.shape == (1400, 64) and Xte.shape == (397, 64)
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # import fails
+    name, Xtr, ytr, Xte, yte = check._digits()
+    assert name.startswith("digits-shaped stand-in") and Xtr.shape == (1400, 64) and yte.shape == (397,)
+    assert Xtr.dtype == np.float32 and len(np.unique(ytr)) > 5
