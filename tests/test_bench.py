@@ -180,7 +180,13 @@ def test_interleaved_rounds_alternate_candidates():
 
 def test_interleaved_groups_runtimes_and_settles_after_a_switch():
     stamps = {"a": [], "b": [], "c": []}
-    fns = {k: (lambda k=k: stamps[k].append(time.perf_counter())) for k in stamps}
+    order = []  # every call in sequence: rounds are read from it, not from time gaps (load-proof)
+
+    def record(k):
+        order.append(k)
+        stamps[k].append(time.perf_counter())
+
+    fns = {k: (lambda k=k: record(k)) for k in stamps}
     groups = {"a": "numpy", "b": "torch-cpu", "c": "numpy"}
     bench.interleaved(fns, repeat=3, warmup=1, min_time=0.0, settle=0, groups=groups, switch_time=0.02)
     # a and c share a runtime: c follows a with no settling; b and, in the later rounds,
@@ -189,11 +195,20 @@ def test_interleaved_groups_runtimes_and_settles_after_a_switch():
     for k in ("a", "b"):
         calls = stamps[k][2:]  # after warm-up and calibration
         assert len(calls) > 3
-    b = stamps["b"][2:]
-    starts = [0] + [i + 1 for i in range(len(b) - 1) if b[i + 1] - b[i] > 0.01]  # gaps: a and c ran between
-    assert len(starts) == 3
-    for i, j in zip(starts, starts[1:] + [len(b)]):
-        assert b[j - 1] - b[i] >= 0.02  # the settling calls of one round span the switch time
+    # b's calls after warm-up and calibration, split into its runs of consecutive calls
+    runs, start = [], None
+    seen = 0
+    for k in order + [None]:
+        if k == "b":
+            seen += 1
+            if seen > 2 and start is None:
+                start = seen - 1
+        elif start is not None:
+            runs.append((start, seen))
+            start = None
+    assert len(runs) == 3
+    for i, j in runs:
+        assert stamps["b"][j - 1] - stamps["b"][i] >= 0.02  # the settling calls of one round span the switch time
 
 
 def test_candidates_are_grouped_by_threading_runtime():
