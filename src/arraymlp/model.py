@@ -33,6 +33,7 @@ from ._backend import (
     resolve_dtype,
     sparse_device,
     sparse_namespace,
+    sparse_values,
     to_backend,
 )
 from .fusion import _params_distinct, plan_for
@@ -397,6 +398,12 @@ class Sequential:
         if self.params is None:
             self._build(xp, device)
         else:
+            if sparse and xp is not self.xp:
+                msg = (f"{what} is a sparse matrix of {backend_name(xp)}'s kind (scipy.sparse goes with numpy, "
+                       f"a sparse torch tensor with torch, cupyx.scipy.sparse with cupy), but the model's "
+                       f"parameters are {backend_name(self.xp)} arrays; move the model with "
+                       f"model.to({backend_name(xp)!r}), or give it a sparse matrix of its own backend's kind")
+                raise TypeError(msg)
             check_same_backend(self.xp, xp, what)
             check_same_device(self.device, device, what)
         xp = self.xp
@@ -425,7 +432,7 @@ class Sequential:
             raise TypeError(msg)
         if sparse:  # compressed rows, batches are row slices; only the stored values are read
             x = as_csr(x, self.dtype)
-            values = x.data
+            values = sparse_values(x)
         else:
             if x.dtype != self.dtype:
                 x = xp.astype(x, self.dtype)

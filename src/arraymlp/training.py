@@ -828,8 +828,9 @@ def fit(model, x, y, *, loss: str | Loss | None = None, optimizer: str | Optimiz
     ----------
     model : Sequential
     x : array, shape (n, n_features)
-        Or a scipy.sparse matrix or array of that shape (CSR, CSC, COO), for a model on
-        NumPy whose first layer is Dense; it is never densified.
+        Or a sparse matrix of that shape whose first layer is Dense: scipy.sparse (CSR,
+        CSC, COO) for a model on NumPy, a sparse torch tensor (CSR, CSC, COO) for one on
+        torch, cupyx.scipy.sparse for one on CuPy; it is never densified.
     y : array
         Targets: shape (n, n_outputs) or (n,) for one output; integer class labels (n,)
         (or one-hot floats (n, k)) for ``cross_entropy``; labels 0/1 (int, bool or
