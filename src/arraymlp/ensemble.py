@@ -630,6 +630,10 @@ def _early_stopping(early_stopping, validation: bool):
         raise TypeError(msg)
     if isinstance(early_stopping, int):
         return EarlyStopping("val_loss" if validation else "loss", patience=early_stopping)
+    if early_stopping.monitor not in ("loss", "val_loss", "val_metric"):
+        msg = (f"EarlyStopping(monitor={early_stopping.monitor!r}): an ensemble logs 'loss', 'val_loss' and "
+               "'val_metric' (the validation accuracy, or R^2 for a regressor) per member; monitor one of those")
+        raise ValueError(msg)
     return early_stopping
 
 
@@ -1125,8 +1129,7 @@ def _run_epoch(run: _Run, epoch: int, batch_size: int, shuffle: bool):
 def _stop_members(run: _Run, epoch: int, logs) -> bool:
     """Per-member early stopping after an epoch; whether every member has stopped."""
     stopper, xp, like, k = run.stopper, run.xp, run.like, run.model.ensemble
-    score = logs[stopper.monitor]
-    score = -score if stopper.monitor == "val_metric" else score
+    score = stopper.sign * logs[stopper.monitor]
     improved = run.active_host & (score < run.best - stopper.min_delta)
     run.best = numpy.where(improved, score, run.best)
     run.best_epoch = numpy.where(improved, epoch, run.best_epoch)
