@@ -715,7 +715,20 @@ class Sequential:
                 total = total + xp.sum(xp.vecdot(W, W))
         return 0.5 * l2 * total
 
-    def loss_and_grads(self, x, y, *, loss: str = "mse", sample_weight=None, l2: float = 0.0,
+    def _own_loss(self, loss, y, *, last_fit: bool = True):
+        """``loss`` when given; else the loss of the last fit (``loss_``, when
+        ``last_fit``); else the one ``fit`` infers from the output activation and ``y``
+        (:func:`arraymlp.training.infer_loss`, which raises when that is ambiguous)."""
+        if loss is not None:
+            return loss
+        own = getattr(self, "loss_", None) if last_fit else None
+        if own is not None:
+            return own
+        from .training import infer_loss
+
+        return infer_loss(self, y)[0]
+
+    def loss_and_grads(self, x, y, *, loss: str | None = None, sample_weight=None, l2: float = 0.0,
                        training: bool = True):
         """Loss of a batch and its gradient with respect to every parameter.
 
@@ -729,8 +742,11 @@ class Sequential:
         y : array
             Targets: shape (n, n_outputs) (or (n,) for a single output), or integer
             labels of shape (n,) for ``"cross_entropy"``.
-        loss : str
-            A key of :data:`arraymlp.losses.LOSSES`.
+        loss : str or Loss, optional
+            A key of :data:`arraymlp.losses.LOSSES`. Default: the model's own loss,
+            that of its last fit (``loss_``), else the one ``fit`` would infer
+            (:func:`arraymlp.training.infer_loss`: cross-entropy for a softmax output,
+            and so on), never a squared error the model was not trained on.
         sample_weight : array of shape (n,), optional
         l2 : float
             L2 penalty ``l2/2 * sum(W**2)`` over the weight matrices (not the biases),
@@ -746,6 +762,7 @@ class Sequential:
         For an ensemble, the sum of the members' losses and so each member's own
         gradient (see :func:`arraymlp.ensemble.loss_and_grads`).
         """
+        loss = self._own_loss(loss, y)
         if self.ensemble is not None:
             return E.loss_and_grads(self, x, y, loss=loss, sample_weight=sample_weight, l2=l2, training=training)
         loss = get_loss(loss)
@@ -756,11 +773,24 @@ class Sequential:
         return self._loss_and_grads(x, y, loss, xp=xp, sample_weight=sample_weight, l2=l2, training=training,
                                     check=True)
 
-    def loss(self, x, y, *, loss: str = "mse", sample_weight=None, l2: float = 0.0, training: bool = False):
+    def loss(self, x, y, *, loss: str | None = None, sample_weight=None, l2: float = 0.0, training: bool = False):
         """Loss of a batch only (no gradients), a 0-d array; same arguments as
         :meth:`loss_and_grads`: ``x`` of shape (n, n_features), ``y`` of shape
-        (n, n_outputs) or labels (n,), ``sample_weight`` of shape (n,). For an ensemble
-        the sum of the members' losses (see :func:`arraymlp.ensemble.loss`)."""
+        (n, n_outputs) or labels (n,), ``sample_weight`` of shape (n,); ``loss``
+        defaults to the model's own (that of its last fit, else the one ``fit`` would
+        infer). For an ensemble the sum of the members' losses (see
+        :func:`arraymlp.ensemble.loss`).
+
+        Examples
+        --------
+        >>> import numpy as np, arraymlp as am
+        >>> x, y = np.eye(3), np.array([0, 1, 2])
+        >>> model = am.MLP([3, 3], output_activation="softmax", backend="numpy", dtype="float64", seed=0)
+        >>> p = model.predict_proba(x)
+        >>> bool(np.isclose(model.loss(x, y), -np.mean(np.log(p[[0, 1, 2], y]))))  # cross-entropy, inferred
+        True
+        """
+        loss = self._own_loss(loss, y)
         if self.ensemble is not None:
             return E.loss(self, x, y, loss=loss, sample_weight=sample_weight, l2=l2, training=training)
         lossfn = get_loss(loss)
