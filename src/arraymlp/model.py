@@ -645,18 +645,21 @@ class Sequential:
         return fa is not None and fa != "identity" and self.output_activation == fa
 
     def _loss_and_grads(self, x, y, loss, *, xp, sample_weight=None, l2=0.0, training=True, check=False, plan=None,
-                        on_outputs=None):
+                        on_outputs=None, hits=None):
         """Unchecked core of :meth:`loss_and_grads` (inputs already validated).
 
         ``check=False`` also spares the table's losses their reading of the targets'
         values (label range, finiteness), which the caller validated up front (as
         ``fit`` does for its whole ``y``); custom losses always check. ``on_outputs``,
         when given, is called with the last layer's output (the logits when the output
-        activation is fused) before backpropagation starts (``fit``'s metrics).
+        activation is fused) before backpropagation starts (``fit``'s metrics); ``hits``
+        goes to the table's cross-entropy, which adds the batch's right answers to it
+        (``fit``'s accuracy counted by the loss's own pass: see
+        :func:`arraymlp.losses.cross_entropy`).
         """
         value, dout, caches, owned = self._loss_and_dout(x, y, loss, xp=xp, sample_weight=sample_weight, l2=l2,
                                                          training=training, check=check, plan=plan,
-                                                         on_outputs=on_outputs)
+                                                         on_outputs=on_outputs, hits=hits)
         grads = self._backprop(caches, dout, xp=xp, inplace=owned, plan=plan)
         if l2:
             for layer, p, g in zip(self.layers, self.params, grads):
@@ -669,7 +672,7 @@ class Sequential:
         return value, grads
 
     def _loss_and_dout(self, x, y, loss, *, xp, sample_weight=None, l2=0.0, training=True, check=False, plan=None,
-                       on_outputs=None):
+                       on_outputs=None, hits=None):
         """Forward and loss of a batch: ``(value, d_out, caches, owned)``, where ``d_out``
         is the loss gradient at the last layer run and ``owned`` says whether the layers
         may overwrite it (the table's losses return a new array). ``value`` includes the
@@ -679,7 +682,9 @@ class Sequential:
         out, caches = self.forward(x, training=training, xp=xp, upto=len(self.layers) - 1 if fused else None,
                                    plan=plan)
         builtin = LOSSES.get(loss.name) is loss
-        if builtin and not check:
+        if hits is not None:  # the table's cross-entropy, which counts the accuracy's hits as it goes
+            value, dout = loss.fn(out, y, xp=xp, sample_weight=sample_weight, check=check, hits=hits)
+        elif builtin and not check:
             value, dout = loss.fn(out, y, xp=xp, sample_weight=sample_weight, check=False)
         else:
             value, dout = loss.fn(out, y, xp=xp, sample_weight=sample_weight)
