@@ -430,3 +430,77 @@ def test_non_canonical_csr_is_copied_before_a_product_that_sorts_in_place():
     # without the copy the product itself rewrites the caller's matrix (what the copy prevents)
     x @ np.ones((30, 2))
     assert x.has_canonical_format and not np.array_equal(x.indices, before[1])
+
+
+# ---------------------------------------------------------------------- ensembles (K members)
+@pytest.mark.parametrize("shape, density", [((60, 25), 0.15), ((40, 600), 0.01), ((8, 30), 0.0)],
+                         ids=["most-features", "wide", "no-entries"])
+def test_sparse_kernels_with_stacked_members_match_dense(backend, rng, shape, density):
+    """An ensemble's stacked weights (K, n_in, n_out), biases (K, 1, n_out) and output
+    gradients (K, n, n_out) with a sparse x: dense_forward, dense_relu_forward,
+    dense_backward and dense_sgd_update equal the reference kernels on the densified x,
+    and member k's products equal x @ W[k] and x.T @ dy[k] computed one by one in NumPy;
+    for a batch that touches most features, a wide one that touches few (its weight
+    gradient is one sparse product over the touched rows) and one with no entries."""
+    n, d = shape
+    m = _sparse(n=n, d=d, density=density)
+    xs = _sparse_on(backend, m)
+    if xs is None:
+        model = am.MLP([d, 4, 2], **backend.model_kwargs(), seed=0, ensemble=3)
+        with pytest.raises(TypeError, match="numpy"):
+            model(m)
+        return
+    xp = backend.xp
+    K = 3
+    dense_np = m.toarray()
+    dense = backend.asarray(dense_np)
+    W_np, b_np, dy_np = rng.normal(size=(K, d, 7)), rng.normal(size=(K, 1, 7)), rng.normal(size=(K, n, 7))
+    W, b, dy = backend.asarray(W_np), backend.asarray(b_np), backend.asarray(dy_np)
+    ks = kernels_for(xp)
+    close = np.testing.assert_allclose
+    y = backend.to_numpy(ks.dense_forward(xs, W, b, xp))
+    assert y.shape == (K, n, 7)
+    close(y, backend.to_numpy(REFERENCE.dense_forward(dense, W, b, xp)), rtol=1e-13, atol=1e-13)
+    close(y, np.stack([dense_np @ W_np[k] + b_np[k] for k in range(K)]), rtol=1e-12, atol=1e-12)
+    close(backend.to_numpy(ks.dense_relu_forward(xs, W, b, xp)), np.maximum(y, 0.0), rtol=1e-13, atol=1e-13)
+    dx, dW, db = ks.dense_backward(xs, W, dy, True, False, xp)
+    assert dx is None and tuple(dW.shape) == (K, d, 7) and tuple(db.shape) == (K, 1, 7)
+    _, dW_ref, db_ref = REFERENCE.dense_backward(dense, W, dy, True, False, xp)
+    dW_np = np.stack([dense_np.T @ dy_np[k] for k in range(K)])
+    close(backend.to_numpy(dW), backend.to_numpy(dW_ref), rtol=1e-13, atol=1e-13)
+    close(backend.to_numpy(dW), dW_np, rtol=1e-12, atol=1e-12)
+    close(backend.to_numpy(db), backend.to_numpy(db_ref), rtol=1e-13, atol=1e-13)
+    W1, b1 = ks.dense_sgd_update(xs, dy, backend.asarray(W_np), backend.asarray(b_np), 0.1, 0.01, xp)
+    close(backend.to_numpy(W1), W_np - 0.1 * (dW_np + 0.01 * W_np), rtol=1e-12, atol=1e-12)
+    close(backend.to_numpy(b1), b_np - 0.1 * dy_np.sum(axis=1, keepdims=True), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_ensemble_fit_on_sparse_equals_dense(optimizer, no_densify):
+    """An ensemble (K = 3) fitted on a CSR input (shuffled batches, per-member sample
+    weights and rates, a validation split with per-member early stopping) gives the
+    losses, parameters and predictions of the same fit on the densified matrix; the input
+    is neither densified nor changed."""
+    x = _sparse(n=200, d=30, kind="csr_matrix")
+    before = (x.data.copy(), x.indices.copy(), x.indptr.copy())
+    coo = x.tocoo()
+    dense = np.zeros(x.shape)
+    dense[coo.row, coo.col] = coo.data
+    y = np.random.default_rng(0).integers(0, 3, 200)
+    w = np.random.default_rng(1).uniform(0.0, 2.0, size=(3, 200))
+    kw = dict(loss="cross_entropy", optimizer=optimizer, lr=[0.05, 0.02, 0.1], epochs=6, batch_size=32,
+              progress=False, seed=1, validation_split=0.2, early_stopping=1, sample_weight=w, l2=0.01)
+    a = am.MLP([30, 8, 3], backend="numpy", dtype="float64", seed=0, ensemble=3)
+    b = am.MLP([30, 8, 3], backend="numpy", dtype="float64", seed=0, ensemble=3)
+    ha, hb = a.fit(x, y, **kw), b.fit(dense, y, **kw)
+    np.testing.assert_allclose(np.asarray(ha.loss), np.asarray(hb.loss), rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(ha.val_loss), np.asarray(hb.val_loss), rtol=1e-12)
+    np.testing.assert_array_equal(ha.stopped_epoch, hb.stopped_epoch)
+    for pa, pb in zip(a.params, b.params):
+        for k in pa:
+            np.testing.assert_allclose(pa[k], pb[k], rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(a(x), b(dense), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(a.predict_proba(x, reduce=None), b.predict_proba(dense, reduce=None), rtol=1e-12,
+                               atol=1e-15)
+    for got, want in zip((x.data, x.indices, x.indptr), before):
+        np.testing.assert_array_equal(got, want)

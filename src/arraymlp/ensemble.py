@@ -47,9 +47,12 @@ from ._backend import (
     check_same_device,
     device_of,
     get_namespace,
+    index_dtype,
     is_float16,
     is_writeable,
     quiet_overflow,
+    slice_rows,
+    take_rows,
     to_numpy,
 )
 from .callbacks import Callback, DivergenceError, EarlyStopping, History
@@ -544,7 +547,8 @@ class EnsembleHistory(History):
 # ----------------------------------------------------------------------------- fit
 def partial_fit(model, x, y, *, loss: str | None = None, optimizer: str | Optimizer | None = None, lr: Any = None,
                 batch_size: int = 32, shuffle: bool = True, l2: Any = 0.0,
-                sample_weight: Any = None) -> EnsembleHistory:
+                sample_weight: Any = None, _active: Any = None, _l2_per_batch: bool = False,
+                _host_weight: Any = None) -> EnsembleHistory:
     """One epoch of every member over ``(x, y)``, keeping the members' optimiser state of
     earlier calls (``model.partial_fit`` of an ensemble).
 
@@ -552,6 +556,14 @@ def partial_fit(model, x, y, *, loss: str | None = None, optimizer: str | Optimi
     or labels (n,), ``sample_weight`` (K, n) or (n,)); ``loss`` defaults to the last fit's,
     and ``lr`` (one or K values) is the only hyper-parameter that may change between calls.
     ``copy``, ``to`` and ``member`` start their model's optimiser afresh.
+
+    Three private options serve the scikit-learn estimators (``n_members=K``), whose
+    epochs are one call each: ``_active`` (K bools) trains only the members marked True
+    (the others are frozen: their parameters do not change); ``_l2_per_batch`` divides
+    ``l2`` by each batch's size, or weight sum, as scikit-learn scales its penalty;
+    ``_host_weight``, the (n,) sample weights as a float64 host array, gives those
+    weight sums without a device read, and a batch whose weights are all zero is then
+    skipped (no step), as the one-member estimator skips it.
     """
     if loss is None:
         loss = getattr(model, "loss_", None)
@@ -559,7 +571,8 @@ def partial_fit(model, x, y, *, loss: str | None = None, optimizer: str | Optimi
             msg = "partial_fit needs loss= on its first call"
             raise ValueError(msg)
     return fit(model, x, y, loss=loss, optimizer=optimizer, lr=lr, epochs=1, batch_size=batch_size, shuffle=shuffle,
-               progress=False, l2=l2, sample_weight=sample_weight, _reuse_optimizer=True)
+               progress=False, l2=l2, sample_weight=sample_weight, _reuse_optimizer=True, _active=_active,
+               _l2_per_batch=_l2_per_batch, _host_weight=_host_weight)
 
 
 def _rule(model, run, optimizer, lr, momentum, weight_decay, betas, reuse: bool) -> _MemberUpdate:
@@ -643,7 +656,7 @@ def _evaluate(model, x, y, lossfn, xp, fused, batch_size=4096):
     upto = len(model.layers) - 1 if fused else None
     outs = []
     for i in range(0, n, batch_size):
-        outs.append(model.forward(x[i:min(i + batch_size, n), ...], training=False, xp=xp, upto=upto,
+        outs.append(model.forward(slice_rows(x, i, min(i + batch_size, n)), training=False, xp=xp, upto=upto,
                                   keep=False)[0])
     out = outs[0] if len(outs) == 1 else xp.concat(outs, axis=1)
     losses = _losses(model, lossfn, out, y, None, xp)[0]
@@ -685,7 +698,7 @@ def fit(model, x, y, *, loss: str | Loss | None = None, optimizer: str | Optimiz
         validation_split: float = 0.0, early_stopping: EarlyStopping | int | None = None,
         sample_weight: Any = None, seed: int | None = None, schedule: Any = None, callbacks: Sequence = (),
         progress: bool = True, verbose: bool = False, resume_from: Any = None, _reuse_optimizer: bool = False,
-        **unsupported) -> EnsembleHistory:
+        _active: Any = None, _l2_per_batch: bool = False, _host_weight: Any = None, **unsupported) -> EnsembleHistory:
     """Train every member of an ensemble on the same batches (``model.fit`` of a model
     built with ``ensemble=K``).
 
@@ -771,7 +784,7 @@ def fit(model, x, y, *, loss: str | Loss | None = None, optimizer: str | Optimiz
         model.rng = Generator(seed, xp, model.device)
     history = run.history = EnsembleHistory(metric_name="accuracy" if lossfn.task != "regression" else "r2")
     history.stopped_epoch = numpy.full(k, -1)
-    run.active_host = numpy.ones(k, dtype=bool)
+    _estimator_options(run, _active, _l2_per_batch, _host_weight)
     run.best, run.best_epoch = numpy.full(k, numpy.inf), numpy.full(k, -1)
     run.wait = numpy.zeros(k, dtype=int)
     start_epoch = _resume(run, resume_from, callbacks, schedules)
@@ -807,6 +820,24 @@ def fit(model, x, y, *, loss: str | Loss | None = None, optimizer: str | Optimiz
         for cb in callbacks:
             cb.on_train_end(model, history)
     return history
+
+
+def _estimator_options(run: _Run, active, l2_per_batch: bool, host_weight) -> None:
+    """Which members train (all, or those of the scikit-learn estimators' ``_active``;
+    the others are frozen), and those estimators' per-batch L2 rule and host weights."""
+    k, xp, like = run.model.ensemble, run.xp, run.like
+    run.active_host = numpy.ones(k, dtype=bool)
+    if active is not None:
+        run.active_host = numpy.asarray(active, dtype=bool).reshape(k).copy()
+        if not run.active_host.all():
+            run.active = xp.reshape(xp.asarray(run.active_host.astype(float), dtype=like.dtype, device=like.device),
+                                    (k, 1, 1))
+    run.l2_per_batch = bool(l2_per_batch)
+    if host_weight is not None:
+        run.host_weight = numpy.asarray(host_weight, dtype=numpy.float64).reshape(-1)
+        if run.host_weight.shape[0] != int(run.x.shape[0]):
+            msg = f"_host_weight has {run.host_weight.shape[0]} values but x has {int(run.x.shape[0])} rows"
+            raise ValueError(msg)
 
 
 def _resume(run: _Run, resume_from, callbacks, schedules) -> int:
@@ -965,6 +996,8 @@ class _Run:
     held: Any = None
     callbacks: Any = ()
     batch_callbacks: Any = ()
+    l2_per_batch: bool = False  # l2 over each batch's size or weight sum (scikit-learn's rule)
+    host_weight: Any = None  # (n,) float64 host weights: the batches' weight sums, zero-weight batches skipped
 
 
 def _prepare(model, x, y, lossfn, sample_weight, validation_data, validation_split) -> _Run:
@@ -1002,10 +1035,12 @@ def _has_l2(l2) -> bool:
     return not (isinstance(l2, float) and l2 == 0.0)
 
 
-def _step(run: _Run, xb, yb, wb):
+def _step(run: _Run, xb, yb, wb, l2=None):
     """One training step of every member; each member's loss on the batch, (K,), left on
-    the device (nothing is read back to the host)."""
-    model, xp, l2 = run.model, run.xp, run.l2
+    the device (nothing is read back to the host). ``l2``: the batch's coefficient
+    (default ``run.l2``)."""
+    model, xp = run.model, run.xp
+    l2 = run.l2 if l2 is None else l2
     upto = len(model.layers) - 1 if run.fused else None
     out, caches = model.forward(xb, training=True, xp=xp, upto=upto, plan=run.plan)
     values, dout = _losses(model, run.lossfn, out, yb, wb, xp)
@@ -1042,9 +1077,9 @@ def _batch(run: _Run, order, k: int, batch_size: int):
     n = int(x.shape[0])
     start, end = k * batch_size, min((k + 1) * batch_size, n)
     if order is None:
-        return x[start:end, ...], y[start:end, ...], None if w is None else w[:, start:end]
+        return slice_rows(x, start, end), y[start:end, ...], None if w is None else w[:, start:end]
     idx = order[start:end]
-    return xp.take(x, idx, axis=0), xp.take(y, idx, axis=0), None if w is None else xp.take(w, idx, axis=1)
+    return take_rows(x, idx, xp), xp.take(y, idx, axis=0), None if w is None else xp.take(w, idx, axis=1)
 
 
 def _snapshot(run: _Run) -> tuple:
@@ -1083,6 +1118,22 @@ def _divergence(run: _Run, row, epoch: int) -> DivergenceError:
     return DivergenceError(msg, epoch=epoch, step=run.step, params_finite=finite)
 
 
+def _batch_l2(run: _Run, host_order, k: int, batch_size: int):
+    """The L2 coefficient of batch ``k``: ``run.l2``, or with ``run.l2_per_batch`` that
+    over the batch's size (its weight sum, with host weights), as the one-member
+    estimator computes it; None for a batch to skip (host weights all zero)."""
+    if not run.l2_per_batch and run.host_weight is None:
+        return run.l2
+    start, end = k * batch_size, min((k + 1) * batch_size, int(run.x.shape[0]))
+    size = float(end - start)
+    if run.host_weight is not None:
+        rows = slice(start, end) if host_order is None else host_order[start:end]
+        size = float(run.host_weight[rows].sum())
+        if size <= 0.0:
+            return None
+    return run.l2 / size if run.l2_per_batch else run.l2
+
+
 def _run_epoch(run: _Run, epoch: int, batch_size: int, shuffle: bool):
     """The epoch's batches: each member's mean training loss, (K,) on the host, and
     whether an ``on_batch_end`` hook asked to stop.
@@ -1094,35 +1145,46 @@ def _run_epoch(run: _Run, epoch: int, batch_size: int, shuffle: bool):
     optimiser state and generator state taken there, up to the step before it, so that
     :class:`DivergenceError` leaves the parameters of the last finite step and names the
     members whose loss was not finite, as a check after every step would. A callback
-    that overrides ``on_batch_end`` needs each step's losses: then every step is read."""
+    that overrides ``on_batch_end`` needs each step's losses: then every step is read.
+
+    With host weights (``run.host_weight``) the order is drawn on the host (the draw of
+    ``rng.permutation``), so that the batches' weight sums need no device read; a batch
+    whose weights are all zero takes no step and adds nothing to the epoch's loss."""
     xp = run.xp
     check_every = 1 if run.batch_callbacks else _CHECK_EVERY
     n = int(run.x.shape[0])
     n_steps = -(-n // batch_size)
-    order = run.model.rng.permutation(n) if shuffle else None
-    sizes = numpy.minimum(numpy.arange(1, n_steps + 1) * batch_size, n) - numpy.arange(n_steps) * batch_size
+    host_order = None
+    if shuffle and run.host_weight is not None:
+        host_order = run.model.rng.host.permutation(n)
+        order = xp.asarray(host_order, dtype=index_dtype(xp), device=run.model.device)
+    else:
+        order = run.model.rng.permutation(n) if shuffle else None
+    l2s = [_batch_l2(run, host_order, k, batch_size) for k in range(n_steps)]
+    taken = [k for k in range(n_steps) if l2s[k] is not None]  # the batches that take a step
+    sizes = (numpy.minimum(numpy.arange(1, n_steps + 1) * batch_size, n) - numpy.arange(n_steps) * batch_size)[taken]
     totals = numpy.zeros(run.model.ensemble)
-    snapshot, first = _snapshot(run), 0  # the state before step ``first`` of the epoch
+    snapshot, first = _snapshot(run), 0  # the state before the ``first``-th step taken this epoch
     values = StepValues(xp, _STACK_EVERY)
-    for k in range(n_steps):
-        values.append(_step(run, *_batch(run, order, k, batch_size)))
-        if k + 1 - first < check_every and k + 1 < n_steps:
+    for j, k in enumerate(taken):
+        values.append(_step(run, *_batch(run, order, k, batch_size), l2=l2s[k]))
+        if j + 1 - first < check_every and j + 1 < len(taken):
             continue
         losses = values.read()  # the read
         ok = numpy.isfinite(losses).all(axis=1)
         if not ok.all():
             i = int(numpy.argmin(ok))
             _restore(run, snapshot)
-            for j in range(first, first + i):
-                _step(run, *_batch(run, order, j, batch_size))
+            for jj in range(first, first + i):
+                _step(run, *_batch(run, order, taken[jj], batch_size), l2=l2s[taken[jj]])
             raise _divergence(run, losses[i], epoch)
-        totals += sizes[first:k + 1] @ losses
-        first = k + 1
+        totals += sizes[first:j + 1] @ losses
+        first = j + 1
         if run.batch_callbacks:  # check_every 1: one row, this step's
             logs = {"epoch": epoch, "step": run.step, "loss": losses[-1]}
             if any([bool(cb.on_batch_end(run.model, logs)) for cb in run.batch_callbacks]):
                 return totals / int(sizes[:first].sum()), True
-        if first < n_steps:
+        if first < len(taken):
             snapshot = _snapshot(run)
     return totals / n, False
 

@@ -115,11 +115,51 @@ def axpy(p, a, g, xp, work=None):
 # arrays (torch's sparse tensors have no strided ``.T``: the transpose is
 # :func:`sparse_transpose`). The CuPy side (cupyx.scipy.sparse) is written the same way
 # and is untested without a CUDA device.
+#
+# An ensemble's stacked operand has a member axis, (K, n_in, n_out). When a batch touches
+# at most half the features (a wide sparse matrix, such as a TF-IDF one), the weight
+# gradient ``x.T @ dy`` is one sparse product: the output gradients laid side by side,
+# (n, K * n_out), only the touched feature rows computed, then scattered into the zero
+# rows of the (K, n_in, n_out) gradient; the sparse entries are walked once, not K times.
+# Otherwise, and always for the forward ``x @ W``, it is K sparse products, one per member:
+# laying W side by side would copy the touched rows of all K weight matrices at each
+# step, as much memory traffic as the product itself, and measured slower than the K
+# products on the CPU (docs/sklearn.md gives the figures).
 def sparse_product(x, W, xp):
     """``x @ W`` for a sparse ``x`` (n, n_in) and a dense ``W`` (n_in, n_out): a dense
-    array (n, n_out) of ``W``'s library."""
+    array (n, n_out) of ``W``'s library.
+
+    A stacked ``W`` (K, n_in, n_out) (an ensemble's weights, or its output gradients
+    (K, n, n_out) in ``x.T @ dy``) gives the K members' products, (K, n, n_out),
+    ``y[k] = x @ W[k]`` (:func:`_stacked_product`).
+    """
+    if W.ndim == 3:
+        return _stacked_product(x, W, xp)
     y = x @ W
     return y if type(y) is type(W) else xp.asarray(y)  # never a numpy.matrix
+
+
+def _stacked_product(x, W, xp):
+    """``x @ W[k]`` for every k, (K, a, m), of a sparse ``x`` (a, b) and ``W`` (K, b, m).
+
+    A CSC ``x`` (the transpose of a CSR batch, in ``x.T @ dy``) that stores entries in
+    at most half of its rows is one sparse product over those rows (``x.indices``):
+    ``W`` side by side, (b, K * m), the result's other rows zero. Any other ``x`` is K
+    sparse products."""
+    k, m = int(W.shape[0]), int(W.shape[2])
+    # the stored rows, sorted (a scipy or cupyx CSC matrix; a torch tensor takes K products)
+    used = xp.unique_values(x.indices) if getattr(x, "format", None) == "csc" else None
+    n_rows = int(x.shape[0])
+    if used is None or 2 * int(used.shape[0]) > n_rows:
+        return xp.stack([sparse_product(x, W[i, ...], xp) for i in range(k)])
+    u = int(used.shape[0])
+    side = xp.reshape(xp.permute_dims(W, (1, 0, 2)), (int(W.shape[1]), k * m))  # column block i is W[i]
+    # the stored rows renumbered 0..u-1: a (u, a') matrix, its product (u, K * m)
+    compact = type(x)((x.data, xp.searchsorted(used, x.indices), x.indptr), shape=(u, int(x.shape[1])))
+    y = sparse_product(compact, side, xp)
+    out = xp.zeros((k, n_rows, m), dtype=y.dtype)
+    out[:, used, :] = xp.permute_dims(xp.reshape(y, (u, k, m)), (1, 0, 2))
+    return out
 
 
 def dense_forward(x, W, b, xp, *, add_bias=R.add_bias):
@@ -136,7 +176,8 @@ def dense_backward(x, W, dy, has_bias, need_dx, xp, *, bias_grad=R.bias_grad):
     if is_sparse(x):
         dW = sparse_product(sparse_transpose(x), dy, xp)
         db = bias_grad(dy, xp) if has_bias else None
-        dx = dy @ W.T if need_dx else None  # dense: the gradient of a sparse input is not
+        # dense: the gradient of a sparse input is not (the transpose is of the last two axes)
+        dx = dy @ xp.matrix_transpose(W) if need_dx else None
         return dx, dW, db
     return R.dense_backward(x, W, dy, has_bias, need_dx, xp, bias_grad=bias_grad)
 
