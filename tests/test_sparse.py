@@ -504,3 +504,30 @@ def test_ensemble_fit_on_sparse_equals_dense(optimizer, no_densify):
                                atol=1e-15)
     for got, want in zip((x.data, x.indices, x.indptr), before):
         np.testing.assert_array_equal(got, want)
+
+
+def test_torch_sparse_ensemble_fit_equals_dense(no_torch_densify):
+    """An ensemble (K = 3) on torch fitted on a CSR tensor (shuffled batches, per-member
+    rates, a validation split with per-member early stopping) gives the losses,
+    parameters and members' probabilities of the fit on the dense tensor; the tensor is
+    neither densified nor changed."""
+    torch = _torch()
+    m = _sparse(n=200, d=30)
+    x = _torch_csr(m)
+    before = _parts(x)
+    dense = torch.asarray(m.toarray())
+    y = torch.asarray(np.random.default_rng(0).integers(0, 3, 200))
+    kw = dict(loss="cross_entropy", optimizer="adam", lr=[0.05, 0.02, 0.1], epochs=4, batch_size=32,
+              progress=False, seed=1, validation_split=0.2, early_stopping=1)
+    a = am.MLP([30, 8, 3], backend="torch", dtype="float64", seed=0, ensemble=3)
+    b = am.MLP([30, 8, 3], backend="torch", dtype="float64", seed=0, ensemble=3)
+    ha, hb = a.fit(x, y, **kw), b.fit(dense, y, **kw)
+    np.testing.assert_allclose(np.asarray(ha.loss), np.asarray(hb.loss), rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(ha.val_loss), np.asarray(hb.val_loss), rtol=1e-12)
+    for pa, pb in zip(a.params, b.params):
+        for k in pa:
+            np.testing.assert_allclose(pa[k].numpy(), pb[k].numpy(), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(a.predict_proba(x, reduce=None).numpy(), b.predict_proba(dense, reduce=None).numpy(),
+                               rtol=1e-12, atol=1e-15)
+    for got, want in zip(_parts(x), before):
+        assert torch.equal(got, want)

@@ -1018,8 +1018,8 @@ def _prepare(model, x, y, lossfn, sample_weight, validation_data, validation_spl
         if n_val >= n:
             msg = f"validation_split={validation_split} of {n} samples leaves none to train on"
             raise ValueError(msg)
-        validation_data = (x[n - n_val:, ...], y[n - n_val:, ...])
-        x, y, n = x[:n - n_val, ...], y[:n - n_val, ...], n - n_val
+        validation_data = (slice_rows(x, n - n_val, n), y[n - n_val:, ...])  # a CSR matrix's rows too
+        x, y, n = slice_rows(x, 0, n - n_val), y[:n - n_val, ...], n - n_val
         w = None if w is None else w[:, :n]
     val = None
     if validation_data is not None:
