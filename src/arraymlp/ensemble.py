@@ -234,8 +234,9 @@ def _targets(lossfn, y, n_out: int, xp, dtype):
     """Targets as an array that broadcasts against the outputs (K, n, n_out)."""
     if lossfn.name == "cross_entropy":
         if xp.isdtype(y.dtype, "integral"):
-            labels = xp.reshape(xp.astype(y, xp.int64), (-1, 1))
-            return xp.astype(labels == xp.arange(n_out, dtype=xp.int64, device=y.device), dtype)
+            ix = index_dtype(xp)  # int32 on JAX's 32-bit mode, where int64 is truncated with a warning
+            labels = xp.reshape(xp.astype(y, ix), (-1, 1))
+            return xp.astype(labels == xp.arange(n_out, dtype=ix, device=y.device), dtype)
         return xp.astype(y, dtype)
     y = xp.astype(y, dtype)
     return xp.reshape(y, (-1, n_out)) if y.ndim == 1 else y
@@ -647,6 +648,9 @@ def _early_stopping(early_stopping, validation: bool):
         msg = (f"EarlyStopping(monitor={early_stopping.monitor!r}): an ensemble logs 'loss', 'val_loss' and "
                "'val_metric' (the validation accuracy, or R^2 for a regressor) per member; monitor one of those")
         raise ValueError(msg)
+    if early_stopping.monitor.startswith("val") and not validation:
+        msg = f"EarlyStopping monitors {early_stopping.monitor!r} but training has no validation data"
+        raise ValueError(msg)
     return early_stopping
 
 
@@ -697,8 +701,9 @@ def fit(model, x, y, *, loss: str | Loss | None = None, optimizer: str | Optimiz
         batch_size: int = 32, shuffle: bool = True, validation_data: tuple | None = None,
         validation_split: float = 0.0, early_stopping: EarlyStopping | int | None = None,
         sample_weight: Any = None, seed: int | None = None, schedule: Any = None, callbacks: Sequence = (),
-        progress: bool = True, verbose: bool = False, resume_from: Any = None, _reuse_optimizer: bool = False,
-        _active: Any = None, _l2_per_batch: bool = False, _host_weight: Any = None, **unsupported) -> EnsembleHistory:
+        progress: bool = True, verbose: bool = False, resume_from: Any = None, comm: Any = None,
+        _reuse_optimizer: bool = False, _active: Any = None, _l2_per_batch: bool = False, _host_weight: Any = None,
+        **unsupported) -> EnsembleHistory:
     """Train every member of an ensemble on the same batches (``model.fit`` of a model
     built with ``ensemble=K``).
 
@@ -739,13 +744,24 @@ def fit(model, x, y, *, loss: str | Loss | None = None, optimizer: str | Optimiz
         among them acts per member, as ``early_stopping=`` does. A callback that
         overrides ``on_batch_end`` makes every step read its losses (one host read each).
         An :class:`arraymlp.Checkpoint` saves the members' parameters, optimiser state
-        (with the per-member hyper-parameters), generator state and history.
+        (with the per-member hyper-parameters), generator state and history; with
+        ``monitor=`` it keeps each member's best parameters in one model file
+        (``reduce=None``) or the checkpoint of the members' best mean (``reduce="mean"``).
     resume_from : str or path-like, optional
         A checkpoint of this ensemble (or a directory of them): training continues
         after its epoch exactly as the uninterrupted run would, the checkpoint's
         per-member optimiser settings replacing the given ones. The members' early
         stopping counters and best parameters, and their schedules' states, are saved
         and restored too (they travel as one more callback state).
+    comm : mpi4py communicator or arraymlp.distributed.DataParallel, optional
+        Data-parallel training, as for :func:`arraymlp.fit`: every rank holds all K
+        members and the same data, and computes the members' losses and gradients on
+        its shard of each global batch; one ``Allreduce`` per step sums the stacked
+        gradients of all members, each member's weighted by its own weight of the shard
+        (its row of ``sample_weight``), so that member ``k`` gets the gradient of its own
+        weighted mean loss over the global batch. Validation runs on the root rank and
+        is broadcast, so every rank takes the same per-member early-stopping decisions;
+        checkpoints are written by the root.
 
     Returns
     -------
@@ -754,9 +770,8 @@ def fit(model, x, y, *, loss: str | Loss | None = None, optimizer: str | Optimiz
 
     Notes
     -----
-    Data-parallel training, metrics and mixed precision are not supported for ensembles
-    yet; passing them raises ``NotImplementedError``, as does a ``Checkpoint`` with
-    ``monitor=`` (an ensemble logs one value per member).
+    Training metrics and mixed precision are not supported for ensembles yet; passing
+    them raises ``NotImplementedError``.
     """
     unsupported = {k: v for k, v in unsupported.items() if v is not None}
     if unsupported:
@@ -772,9 +787,6 @@ def fit(model, x, y, *, loss: str | Loss | None = None, optimizer: str | Optimiz
     opt = run.rule.opt
     run.l2 = _per_member("l2", l2, k, xp, like)
     run.stopper = _early_stopping(early_stopping, run.val is not None)
-    if run.stopper is not None and run.stopper.monitor.startswith("val") and run.val is None:
-        msg = f"EarlyStopping monitors {run.stopper.monitor!r} but training has no validation data"
-        raise ValueError(msg)
     model.task_ = lossfn.task
     model.loss_ = lossfn.name if LOSSES.get(lossfn.name) is lossfn else lossfn
     model.optimizer_ = None  # the members' optimiser state: ensemble_optimizer_
@@ -788,6 +800,7 @@ def fit(model, x, y, *, loss: str | Loss | None = None, optimizer: str | Optimiz
     run.best, run.best_epoch = numpy.full(k, numpy.inf), numpy.full(k, -1)
     run.wait = numpy.zeros(k, dtype=int)
     start_epoch = _resume(run, resume_from, callbacks, schedules)
+    verbose = _data_parallel(run, comm, callbacks, verbose)
     if resume_from is not None and schedule is None:  # the checkpoint's rates replace lr=
         r = run.rule.lr
         lr = r if isinstance(r, float) else [float(v) for v in to_numpy(r).reshape(-1)]
@@ -801,7 +814,7 @@ def fit(model, x, y, *, loss: str | Loss | None = None, optimizer: str | Optimiz
                 cb.on_train_begin(model, history)
             for epoch in range(start_epoch, epochs):
                 t0 = time.perf_counter()
-                if any([bool(cb.on_epoch_begin(model, epoch)) for cb in callbacks]):
+                if _agree(run, any([bool(cb.on_epoch_begin(model, epoch)) for cb in callbacks])):
                     history.stopped_early = True
                     break
                 epoch_lr = opt.lr if lr is None else lr
@@ -820,6 +833,18 @@ def fit(model, x, y, *, loss: str | Loss | None = None, optimizer: str | Optimiz
         for cb in callbacks:
             cb.on_train_end(model, history)
     return history
+
+
+def _data_parallel(run: _Run, comm, callbacks, verbose: bool) -> bool:
+    """``comm=`` set up, after resuming: the root's parameters and generator state are
+    broadcast, checkpoints become root-only; whether this rank prints (``verbose``)."""
+    if comm is None:
+        return verbose
+    from .distributed import DataParallel
+
+    run.dp = comm if isinstance(comm, DataParallel) else DataParallel(comm)
+    run.dp.begin(run.model, run.x, callbacks)
+    return verbose and run.dp.is_root
 
 
 def _estimator_options(run: _Run, active, l2_per_batch: bool, host_weight) -> None:
@@ -920,7 +945,10 @@ def _end_epoch(run: _Run, epoch: int, epoch_lr, epoch_loss, t0: float, schedules
     logs = {"epoch": epoch, "step": run.step, "loss": epoch_loss, "lr": epoch_lr, "val_loss": None,
             "val_metric": None}
     if run.val is not None:
-        logs["val_loss"], logs["val_metric"] = _evaluate(model, run.val[0], run.val[1], run.lossfn, xp, run.fused)
+        args = (model, run.val[0], run.val[1], run.lossfn, xp, run.fused)
+        # under data parallelism the root evaluates and broadcasts: every rank then
+        # takes the same early-stopping decisions
+        logs["val_loss"], logs["val_metric"] = _evaluate(*args) if run.dp is None else run.dp.on_root(_evaluate, *args)
         history.val_loss.append(logs["val_loss"])
         history.val_metric.append(logs["val_metric"])
     logs["time"] = time.perf_counter() - t0
@@ -931,7 +959,13 @@ def _end_epoch(run: _Run, epoch: int, epoch_lr, epoch_loss, t0: float, schedules
         print(f"epoch {epoch + 1:>4}  loss {numpy.array2string(epoch_loss, precision=4)}", flush=True)
     stop = run.stopper is not None and _stop_members(run, epoch, logs)
     logs["active"] = run.active_host.copy()
-    return any([bool(cb.on_epoch_end(model, logs)) for cb in run.callbacks]) or stop
+    return _agree(run, any([bool(cb.on_epoch_end(model, logs)) for cb in run.callbacks])) or stop
+
+
+def _agree(run: _Run, stop: bool) -> bool:
+    """A callback's stop, decided collectively under data parallelism (a stop on any
+    rank stops every rank)."""
+    return bool(stop) if run.dp is None else run.dp.agree(stop)
 
 
 def _overrides_batch_end(cb) -> bool:
@@ -941,7 +975,7 @@ def _overrides_batch_end(cb) -> bool:
 
 def _ensemble_callbacks(callbacks, early_stopping):
     """The user's callbacks, less an :class:`EarlyStopping` among them, which becomes the
-    members' early stopping; checkpoints are refused."""
+    members' early stopping; checkpoints last."""
     callbacks = list(callbacks)
     for cb in callbacks:
         if not isinstance(cb, Callback) and not callable(getattr(cb, "on_epoch_end", None)):
@@ -957,11 +991,6 @@ def _ensemble_callbacks(callbacks, early_stopping):
         callbacks = [cb for cb in callbacks if cb is not early_stopping]
     # checkpoints run after the other callbacks of an epoch and save their states
     saving = [cb for cb in callbacks if getattr(cb, "saves_callbacks", False)]
-    for cb in saving:
-        if getattr(cb, "monitor", None) is not None:
-            msg = (f"{type(cb).__name__}(monitor={cb.monitor!r}) keeps the best epoch of one value, but an "
-                   "ensemble logs one per member; checkpoint without monitor=")
-            raise NotImplementedError(msg)
     callbacks = [cb for cb in callbacks if cb not in saving] + saving
     for cb in saving:
         cb.run_callbacks = callbacks
@@ -996,6 +1025,7 @@ class _Run:
     held: Any = None
     callbacks: Any = ()
     batch_callbacks: Any = ()
+    dp: Any = None
     l2_per_batch: bool = False  # l2 over each batch's size or weight sum (scikit-learn's rule)
     host_weight: Any = None  # (n,) float64 host weights: the batches' weight sums, zero-weight batches skipped
 
@@ -1035,24 +1065,50 @@ def _has_l2(l2) -> bool:
     return not (isinstance(l2, float) and l2 == 0.0)
 
 
-def _step(run: _Run, xb, yb, wb, l2=None):
-    """One training step of every member; each member's loss on the batch, (K,), left on
-    the device (nothing is read back to the host). ``l2``: the batch's coefficient
-    (default ``run.l2``)."""
+def _member_grads(run: _Run, xb, yb, wb):
+    """Each member's loss on the batch (K,) and the gradients, without the L2 term."""
     model, xp = run.model, run.xp
-    l2 = run.l2 if l2 is None else l2
     upto = len(model.layers) - 1 if run.fused else None
     out, caches = model.forward(xb, training=True, xp=xp, upto=upto, plan=run.plan)
     values, dout = _losses(model, run.lossfn, out, yb, wb, xp)
     del out
-    if _has_l2(l2):
-        values = values + _penalty(model, l2, xp)
     grads = model._backprop(caches, dout, xp=xp, inplace=True, plan=run.plan)
     # the previous step's arrays are let go only now, after this step's of the same sizes
     # exist: freed first, they would shrink the heap, and the next step's would be
     # faulted in again page by page (a large share of a small ensemble's step)
     run.held = (caches, grads)
-    del caches, dout
+    return values, grads
+
+
+def _shard_grads(run: _Run, xb, yb, wb):
+    """This rank's shard's losses, gradients and weight per member (K,), for
+    :meth:`arraymlp.distributed.DataParallel.member_loss_and_grads`; None when the
+    shard is empty."""
+    n = int(xb.shape[0])
+    if n == 0:
+        return None
+    values, grads = _member_grads(run, xb, yb, wb)
+    xp, like = run.xp, run.like
+    if wb is None:
+        weights = xp.full((run.model.ensemble,), float(n), dtype=like.dtype, device=like.device)
+    else:
+        weights = xp.sum(wb, axis=1)
+    return values, grads, weights
+
+
+def _step(run: _Run, xb, yb, wb, l2=None):
+    """One training step of every member; each member's loss on the batch, (K,), left on
+    the device (nothing is read back to the host). ``l2``: the batch's coefficient
+    (default ``run.l2``). Under data parallelism ``(xb, yb, wb)`` is this rank's shard
+    and one ``Allreduce`` gives every member's gradient of the global batch."""
+    model, xp = run.model, run.xp
+    l2 = run.l2 if l2 is None else l2
+    if run.dp is None:
+        values, grads = _member_grads(run, xb, yb, wb)
+    else:
+        values, grads, _ = run.dp.member_loss_and_grads(model, lambda: _shard_grads(run, xb, yb, wb))
+    if _has_l2(l2):
+        values = values + _penalty(model, l2, xp)
     if _has_l2(l2):
         for layer, p, g in zip(model.layers, model.params, grads):
             if isinstance(layer, L.Dense):
@@ -1073,9 +1129,12 @@ _CHECK_EVERY = 1000
 
 
 def _batch(run: _Run, order, k: int, batch_size: int):
+    """Batch ``k`` of the epoch's order (this rank's shard of it under data parallelism)."""
     x, y, w, xp = run.x, run.y, run.w, run.xp
     n = int(x.shape[0])
     start, end = k * batch_size, min((k + 1) * batch_size, n)
+    if run.dp is not None:
+        start, end = run.dp.shard(start, end)
     if order is None:
         return slice_rows(x, start, end), y[start:end, ...], None if w is None else w[:, start:end]
     idx = order[start:end]
@@ -1182,7 +1241,8 @@ def _run_epoch(run: _Run, epoch: int, batch_size: int, shuffle: bool):
         first = j + 1
         if run.batch_callbacks:  # check_every 1: one row, this step's
             logs = {"epoch": epoch, "step": run.step, "loss": losses[-1]}
-            if any([bool(cb.on_batch_end(run.model, logs)) for cb in run.batch_callbacks]):
+            stop = any([bool(cb.on_batch_end(run.model, logs)) for cb in run.batch_callbacks])
+            if stop if run.dp is None else run.dp.agree_batch(stop):
                 return totals / int(sizes[:first].sum()), True
         if first < len(taken):
             snapshot = _snapshot(run)

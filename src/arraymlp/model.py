@@ -579,9 +579,6 @@ class Sequential:
             (K, n, n_outputs) for an ensemble of K members. A lazy Dask array, computed
             block by block, when ``x`` is a Dask array.
         """
-        if is_dask_array(x) and self.ensemble is not None:
-            msg = "an ensemble does not take Dask arrays yet; compute the array first"
-            raise TypeError(msg)
         if is_dask_array(x):
             from ._dask import map_model
 
@@ -612,13 +609,14 @@ class Sequential:
         For an ensemble, the prediction of the members' averaged probabilities (outputs,
         for a regressor); ``reduce=None`` gives each member's, with a leading axis of K
         (see :func:`arraymlp.ensemble.predict`). A plain model takes only ``"mean"``."""
-        if self.ensemble is not None:
-            return E.predict(self, x, reduce=reduce)
-        E._check_reduce(reduce)
         if is_dask_array(x):
             from ._dask import map_model
 
-            return map_model(self, x, "predict")
+            E._check_reduce(reduce)
+            return map_model(self, x, "predict", reduce=reduce)
+        if self.ensemble is not None:
+            return E.predict(self, x, reduce=reduce)
+        E._check_reduce(reduce)
         from .training import predict
 
         return predict(self, x)
@@ -629,13 +627,14 @@ class Sequential:
         :func:`arraymlp.training.predict_proba` (lazy, block by block, for a Dask array).
         For an ensemble, the members' averaged probabilities, or each member's
         (K, n, n_classes) with ``reduce=None``."""
-        if self.ensemble is not None:
-            return E.predict_proba(self, x, reduce=reduce)
-        E._check_reduce(reduce)
         if is_dask_array(x):
             from ._dask import map_model
 
-            return map_model(self, x, "predict_proba")
+            E._check_reduce(reduce)
+            return map_model(self, x, "predict_proba", reduce=reduce)
+        if self.ensemble is not None:
+            return E.predict_proba(self, x, reduce=reduce)
+        E._check_reduce(reduce)
         from .training import predict_proba
 
         return predict_proba(self, x)

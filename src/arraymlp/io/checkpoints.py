@@ -77,6 +77,13 @@ def _optimizer_entry(optimizer: Optimizer, tensors: dict, dtype) -> dict[str, An
             "step": int(sd["step"]), "state": skeleton}
 
 
+def _state_name(cb) -> str:
+    """The name a callback's state is saved and found under: its class's, or that of the
+    callback it wraps (``state_name``, as :class:`arraymlp.distributed.RootOnly` gives it),
+    so that a state saved by a wrapped callback restores into the bare one and back."""
+    return getattr(cb, "state_name", None) or type(cb).__name__
+
+
 def _callback_entries(callbacks: Sequence[Any], n_layers: int, tensors: dict, dtype) -> list[dict[str, Any]]:
     """The entries of the callbacks with a state; per-layer arrays go into ``tensors``."""
     cb_entries = []
@@ -94,7 +101,7 @@ def _callback_entries(callbacks: Sequence[Any], n_layers: int, tensors: dict, dt
                         tensors[f"callbacks.{j}.{name}.{i}.{key}"] = _host(a, dtype)
             else:
                 plain[name] = value
-        cb_entries.append({"class": type(cb).__name__, "state": plain, "arrays": arrays})
+        cb_entries.append({"class": _state_name(cb), "state": plain, "arrays": arrays})
     return cb_entries
 
 
@@ -322,7 +329,7 @@ def _restore_callbacks(f: _File, model: Any, callbacks: Sequence[Any]) -> None:
     for cb in callbacks:
         if cb.state_dict() is None:
             continue
-        match = next((k for k, (_, e) in enumerate(saved) if e["class"] == type(cb).__name__), None)
+        match = next((k for k, (_, e) in enumerate(saved) if e["class"] == _state_name(cb)), None)
         if match is None:
             continue
         j, entry = saved.pop(match)
@@ -349,6 +356,17 @@ class Checkpoint(Callback):
     By default a directory holds the last three checkpoints; with ``monitor=`` the
     best one (by the monitored value) is kept as well, however old.
 
+    For an ensemble (``ensemble=K``), whose logs hold one value per member, ``monitor=``
+    keeps each member's best by default (``reduce=None``): the directory's
+    ``best.safetensors`` (:attr:`best_path`) is a model file, loaded with
+    :func:`arraymlp.load`, of the ensemble whose member ``i`` has member ``i``'s
+    parameters at the epoch of its own best monitored value, the ensemble a deep
+    ensemble with per-member model selection is made of. It is rewritten after each
+    save in which some member improved, and the members' best parameters travel in
+    the checkpoints, so a resumed run goes on tracking them. ``reduce="mean"`` instead
+    monitors the members' mean value and keeps the checkpoint of the epoch where it
+    was best, as for a plain model.
+
     Parameters
     ----------
     path : str or path-like
@@ -371,13 +389,23 @@ class Checkpoint(Callback):
         the name as :class:`arraymlp.EarlyStopping` does (:func:`arraymlp.callbacks.monitor_mode`:
         min for losses and errors, max for accuracies, R^2 and ``"val_metric"``; any
         other name needs ``mode=``).
+    reduce : {None, "mean"}
+        For an ensemble: ``None`` keeps each member's best (``best.safetensors``),
+        ``"mean"`` the epoch with the best mean over the members. A plain model has one
+        value; both give its best.
 
     Attributes
     ----------
     saved : list of Path
         Files written by this callback, in order (some may have been deleted since).
     best_path : Path or None
-        The checkpoint with the best monitored value so far (``None`` without ``monitor``).
+        The checkpoint with the best monitored value so far (``None`` without ``monitor``);
+        for an ensemble with ``reduce=None``, the ``best.safetensors`` model file of the
+        members' bests.
+    best, best_epoch : float and int, or NumPy arrays (K,)
+        The best monitored value so far and the number of completed epochs it came
+        after; per member (arrays of shape (K,), -1 for a member with no finite value
+        yet) for an ensemble with ``reduce=None``.
 
     Examples
     --------
@@ -397,7 +425,7 @@ class Checkpoint(Callback):
     saves_callbacks = True  # fit runs it last and gives it run_callbacks; data-parallel fit, on the root only
 
     def __init__(self, path: str | os.PathLike, every: int = 1, keep: int | None = 3, *,
-                 monitor: str | None = None, mode: str = "auto"):
+                 monitor: str | None = None, mode: str = "auto", reduce: str | None = None):
         if not _is_int(every) or every < 1:
             msg = f"every must be a positive int, got {every!r}"
             raise ValueError(msg)
@@ -409,6 +437,10 @@ class Checkpoint(Callback):
             raise ValueError(msg)
         if monitor is not None:
             mode = monitor_mode(monitor, mode)
+        if reduce not in (None, "mean"):
+            msg = (f"reduce must be None (an ensemble's members each keep their best) or 'mean' (the best mean "
+                   f"over the members), got {reduce!r}")
+            raise ValueError(msg)
         self.path = Path(os.fspath(path))
         self.single_file = self.path.suffix == ".safetensors"
         if self.single_file and monitor is not None:
@@ -417,53 +449,124 @@ class Checkpoint(Callback):
             raise ValueError(msg)
         self.every, self.keep, self.monitor = every, keep, monitor
         self.mode = mode
+        self.reduce = reduce
         self.run_callbacks: Sequence[Callback] = ()  # set by fit: the run's callbacks, whose state is saved
         self.saved: list[Path] = []
-        self.best: float | None = None
-        self.best_epoch: int | None = None  # number of completed epochs of the best checkpoint
+        self.best: Any = None
+        self.best_epoch: Any = None  # number of completed epochs of the best checkpoint
         self._history: History | None = None
+        self._members = False  # tracking each member of an ensemble (reduce=None)
+        self._best_params: list[dict[str, Any]] | None = None  # the members' bests, stacked
 
     @property
     def best_path(self) -> Path | None:
         """The best checkpoint's file (``None`` before the first save or without ``monitor``)."""
         if self.best_epoch is None or self.single_file:
             return None
+        if self._members:
+            return self.path / "best.safetensors"
         return self.path / f"epoch-{self.best_epoch:05d}.safetensors"
 
     def state_dict(self) -> dict[str, Any] | None:
-        """The best monitored value and its epoch (``None`` without ``monitor``)."""
+        """The best monitored value and its epoch (``None`` without ``monitor``); per
+        member, with the members' best parameters, for an ensemble with ``reduce=None``."""
         if self.monitor is None:
             return None
-        return {"monitor": self.monitor, "best": self.best, "best_epoch": self.best_epoch}
+        if not self._members:
+            state = {"monitor": self.monitor, "best": self.best, "best_epoch": self.best_epoch}
+            if self.reduce is not None:
+                state["reduce"] = self.reduce
+            return state
+        state = {"monitor": self.monitor, "members": True, "best": None, "best_epoch": None}
+        if self.best is not None:
+            state["best"] = [float(v) if numpy.isfinite(v) else None for v in self.best]
+            state["best_epoch"] = [int(v) for v in self.best_epoch]
+            state["best_params"] = self._best_params
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the best value and epoch of a resumed run monitoring the same value."""
-        if state.get("monitor") == self.monitor:
-            best = state["best"]
-            self.best = None if best is None else float(best)
-            self.best_epoch = None if state["best_epoch"] is None else int(state["best_epoch"])
+        """Restore the best value and epoch of a resumed run monitoring the same value
+        (per member, with their best parameters, for an ensemble with ``reduce=None``)."""
+        if state.get("monitor") != self.monitor or state.get("reduce") != self.reduce:
+            return
+        best = state["best"]
+        if state.get("members"):
+            self._members = True
+            if best is None:
+                return
+            worst = numpy.inf if self.mode == "min" else -numpy.inf
+            self.best = numpy.array([worst if v is None else float(v) for v in best])
+            self.best_epoch = numpy.array(state["best_epoch"], dtype=int)
+            self._best_params = state.get("best_params")
+            return
+        self.best = None if best is None else float(best)
+        self.best_epoch = None if state["best_epoch"] is None else int(state["best_epoch"])
 
     def on_train_begin(self, model, history):
         """Remember the run's history, saved with each checkpoint."""
         self._history = history
 
-    def _track_best(self, logs: dict[str, Any], done: int) -> None:
+    def _track_best(self, model, logs: dict[str, Any], done: int) -> bool:
+        """Record the epoch's monitored value; whether it (or, per member, some member's)
+        is a new best."""
         value = logs.get(self.monitor)
         if value is None:
             raise missing_value("Checkpoint", self.monitor, logs)
+        k = getattr(model, "ensemble", None)
+        if k is not None and numpy.ndim(value) != 0:
+            if self.reduce is None:
+                return self._track_members(model, numpy.asarray(value, dtype=float).reshape(-1), done)
+            value = numpy.mean(numpy.asarray(value, dtype=float))
         value = float(value)
         if value != value:  # NaN is never the best
             return
         if self.best is None or (value < self.best if self.mode == "min" else value > self.best):
             self.best, self.best_epoch = value, done
+            return True
+        return False
+
+    def _track_members(self, model, values, done: int) -> bool:
+        """Each member's best value, epoch and parameters (stacked, on the model's device)."""
+        k = int(model.ensemble)
+        if values.shape != (k,):
+            msg = f"Checkpoint monitors {self.monitor!r}, which holds {values.size} values for an ensemble of {k}"
+            raise ValueError(msg)
+        self._members = True
+        if self.best is None:
+            self.best = numpy.full(k, numpy.inf if self.mode == "min" else -numpy.inf)
+            self.best_epoch = numpy.full(k, -1)
+        better = values < self.best if self.mode == "min" else values > self.best
+        improved = numpy.isfinite(values) & better  # NaN is never the best
+        if not improved.any():
+            return False
+        self.best = numpy.where(improved, values, self.best)
+        self.best_epoch = numpy.where(improved, done, self.best_epoch)
+        xp = model.xp
+        if self._best_params is None or improved.all():
+            self._best_params = [{key: xp.asarray(a, copy=True) for key, a in p.items()} for p in model.params]
+        else:
+            like = model.params[0][next(iter(model.params[0]))]
+            mask = xp.reshape(xp.asarray(improved, device=like.device), (k, 1, 1))
+            self._best_params = [{key: xp.where(mask, a, self._best_params[i][key]) for key, a in p.items()}
+                                 for i, p in enumerate(model.params)]
+        return True
+
+    def _save_members_best(self, model) -> None:
+        """``best.safetensors``: the model file of the ensemble of the members' bests."""
+        current = model.params
+        model.params = self._best_params
+        try:
+            metadata, tensors = _model_payload(model, "model")
+        finally:
+            model.params = current
+        _write_file(self.path / "best.safetensors", metadata, tensors)
 
     def on_epoch_end(self, model, logs):
         """Save a checkpoint when the number of completed epochs is a multiple of ``every``."""
         done = logs["epoch"] + 1
         if done % self.every:
             return None
-        if self.monitor is not None:
-            self._track_best(logs, done)
+        improved = self.monitor is not None and self._track_best(model, logs, done)
         if self.single_file:
             target = self.path
         else:
@@ -472,6 +575,8 @@ class Checkpoint(Callback):
         save_checkpoint(target, model, epoch=done, steps=logs["step"], history=self._history,
                         callbacks=self.run_callbacks)
         self.saved.append(target)
+        if improved and self._members:
+            self._save_members_best(model)
         if not self.single_file and self.keep is not None:
             self._prune(done)
         return None
@@ -479,7 +584,7 @@ class Checkpoint(Callback):
     def _prune(self, upto: int) -> None:
         found = sorted((n, p) for n, p in self._scan(self.path) if n <= upto)
         for n, p in found[:-self.keep]:
-            if n == self.best_epoch:
+            if not self._members and n == self.best_epoch:
                 continue
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
@@ -502,4 +607,6 @@ class Checkpoint(Callback):
 
     def __repr__(self) -> str:
         extra = "" if self.monitor is None else f", monitor={self.monitor!r}, mode={self.mode!r}"
+        if self.reduce is not None:
+            extra += f", reduce={self.reduce!r}"
         return f"Checkpoint({os.fspath(self.path)!r}, every={self.every}, keep={self.keep}{extra})"
