@@ -58,7 +58,7 @@ from ._staging import DeviceBatches, StagedEpochs
 from .callbacks import Callback, DivergenceError, EarlyStopping, History
 from .fusion import plan_for
 from .losses import LOSSES, Loss, check_targets, count_not_binary, get_loss
-from .metrics import Metric, _Accumulator, _Pair, get_metrics, read_results
+from .metrics import Metric, _Accumulator, _AccuracyMetric, _Pair, get_metrics, read_results
 from .optim import LBFGS, Optimizer, get_optimizer
 from .precision import resolve_precision
 
@@ -119,7 +119,7 @@ class _Progress:
 
 
 def _loss_then_update(model, opt, lossfn, xb, yb, wb, *, xp, l2=0.0, dp=None, amp=None, fuse=True,
-                      on_outputs=None):
+                      on_outputs=None, hits=None):
     """First half of a training step: the batch's loss, and a function taking the update.
 
     Returns ``(value, update)``: ``value`` is the loss (an array), ``update(lr)`` makes
@@ -132,14 +132,15 @@ def _loss_then_update(model, opt, lossfn, xb, yb, wb, *, xp, l2=0.0, dp=None, am
     can leave the layers above it stepped and the others not. With ``amp`` (a
     :class:`arraymlp.MixedPrecision`) the step runs in its compute dtype. ``fuse=False``
     always gathers the gradients and calls ``opt.step``. ``on_outputs(out)`` is called
-    with the batch's output before backpropagation (not under data parallelism).
+    with the batch's output before backpropagation (not under data parallelism); ``hits``
+    (the training accuracy's count, see :func:`_loss_counts_hits`) goes to the loss.
     """
     if amp is not None:
         return amp.loss_then_update(model, opt, lossfn, xb, yb, wb, xp=xp, l2=l2, on_outputs=on_outputs)
     plan = plan_for(model, xp, opt if dp is None and fuse else None)
     if plan.sgd:
         value, dout, caches, owned = model._loss_and_dout(xb, yb, lossfn, xp=xp, sample_weight=wb, l2=l2, plan=plan,
-                                                          on_outputs=on_outputs)
+                                                          on_outputs=on_outputs, hits=hits)
 
         def update(lr):
             lr = opt._begin_fused_step(model.params, xp, lr)
@@ -148,7 +149,7 @@ def _loss_then_update(model, opt, lossfn, xb, yb, wb, *, xp, l2=0.0, dp=None, am
         return value, update
     if dp is None:
         value, grads = model._loss_and_grads(xb, yb, lossfn, xp=xp, sample_weight=wb, l2=l2, plan=plan,
-                                             on_outputs=on_outputs)
+                                             on_outputs=on_outputs, hits=hits)
     else:
         value, grads = dp.loss_and_grads(model, xb, yb, lossfn, xp=xp, sample_weight=wb, l2=l2)
 
@@ -286,6 +287,7 @@ class _Run:
     step: int = 0
     stop: bool = False
     accs: list = dataclasses.field(default_factory=list)  # the epoch's metric accumulators
+    hits_acc: Any = None  # the accumulator among accs that the loss counts into (_loss_counts_hits)
     pair: Any = None  # makes a batch's metrics input from its targets and outputs (_pair_maker)
     amp: Any = None  # MixedPrecision, or None
     l2_rule: Callable[[float, float], float] | None = None
@@ -572,19 +574,48 @@ def _batch(run: _Run, order, start: int):
     return _take(x, idx, xp), _take(y, idx, xp), _take(sample_weight, idx, xp), end - start
 
 
-def _metrics_hook(run: _Run, yb):
-    """``on_outputs(out)`` adding a batch (targets ``yb``) to the epoch's metric sums,
-    on the device (nothing read), or None without metrics."""
-    if not run.accs:
+def _loss_counts_hits(run: _Run):
+    """The epoch's accuracy accumulator that the loss itself counts into, or None.
+
+    Where the loss is the table's cross-entropy against integer labels (n,) without
+    sample weights, mixed precision or data parallelism, the default accuracy's count
+    of right answers (the arg-max of the logits against the labels) is added by the
+    cross-entropy's own kernel, which scans each row for its maximum anyway
+    (:func:`arraymlp.kernels.reference.cross_entropy_labels_mean_hits`): the same count
+    as the metric's own kernel, without a pass and a hook of its own."""
+    if (run.amp is not None or run.dp is not None or run.sample_weight is not None
+            or run.lossfn is not LOSSES["cross_entropy"] or run.y.ndim != 1):
+        return None
+    for acc in run.accs:
+        if type(acc.metric) is _AccuracyMetric:
+            return acc
+    return None
+
+
+def _metrics_hook(run: _Run, yb, skip=None):
+    """``on_outputs(out)`` adding a batch (targets ``yb``) to the epoch's metric sums
+    (all but ``skip``), on the device (nothing read), or None without such metrics."""
+    accs = run.accs if skip is None else [acc for acc in run.accs if acc is not skip]
+    if not accs:
         return None
     make, xp = run.pair, run.xp
 
     def on_outputs(out):
         pair = make(yb, out, xp)
-        for acc in run.accs:
+        for acc in accs:
             acc.update(pair)
 
     return on_outputs
+
+
+def _step_metrics(run: _Run, yb):
+    """``(on_outputs, hits)`` for a training step on targets ``yb``: the hook of the
+    metrics the loss does not count (:func:`_metrics_hook`), and the count the loss
+    adds the batch's right answers to (:func:`_loss_counts_hits`), or None."""
+    acc = run.hits_acc
+    if acc is None:
+        return _metrics_hook(run, yb), None
+    return _metrics_hook(run, yb, skip=acc), acc.metric.counted_by_loss(acc, int(yb.shape[0]))
 
 
 def _per_batch_options(run: _Run) -> bool:
@@ -614,9 +645,9 @@ def _step(run: _Run, order, start: int, epoch_lr: float, *, metrics: bool = True
     """One training step on the batch at ``start``: its loss (an array, not read) and
     rows; the batch joins the epoch's metrics unless ``metrics`` is false (a replay)."""
     xb, yb, wb, rows = _batch(run, order, start)
+    hook, hits = _step_metrics(run, yb) if metrics else (None, None)
     value, update = _loss_then_update(run.model, run.opt, run.lossfn, xb, yb, wb, xp=run.xp, l2=run.l2,
-                                      dp=run.dp, amp=run.amp,
-                                      on_outputs=_metrics_hook(run, yb) if metrics else None)
+                                      dp=run.dp, amp=run.amp, on_outputs=hook, hits=hits)
     update(epoch_lr)
     run.step += 1
     if getattr(value, "ndim", None) != 0:  # a custom loss's Python float, or a one-element array
@@ -653,6 +684,7 @@ def _run_epoch(run: _Run, epoch: int, epoch_lr: float) -> tuple[float, int]:
     """
     model, dp, xp = run.model, run.dp, run.xp
     run.accs = [m.start(xp, model.dtype, model.device) for m in run.metrics] if dp is None else []
+    run.hits_acc = _loss_counts_hits(run)
     host_order = None
     if run.staged is not None:  # host data: the host gathers the batches, in the order drawn there
         host_order = model.rng.host.permutation(_n(run.x)) if run.shuffle else None  # rng.permutation's draw
@@ -672,8 +704,9 @@ def _run_epoch(run: _Run, epoch: int, epoch_lr: float) -> tuple[float, int]:
         if l2 is None:
             continue  # a batch of zero-weight samples carries no gradient: no step
         xb, yb, wb, nb = _batch(run, order, start)
+        hook, hits = _step_metrics(run, yb)
         value, update = _loss_then_update(model, run.opt, run.lossfn, xb, yb, wb, xp=xp, l2=l2, dp=dp,
-                                          amp=run.amp, fuse=run.fuse, on_outputs=_metrics_hook(run, yb))
+                                          amp=run.amp, fuse=run.fuse, on_outputs=hook, hits=hits)
         value = float(value)
         if not math.isfinite(value):
             error = (run.on_divergence or _divergence)(run, value, epoch, start // run.batch_size)
@@ -911,9 +944,10 @@ def fit(model, x, y, *, loss: str | Loss | None = None, optimizer: str | Optimiz
     ----------
     model : Sequential
     x : array, shape (n, n_features)
-        Or a scipy.sparse matrix or array of that shape (CSR, CSC, COO), for a model on
-        NumPy whose first layer is Dense; it is never densified. Host data (a NumPy
-        array, or an array on a CPU device) for a model already on another device (a
+        Or a sparse matrix of that shape whose first layer is Dense: scipy.sparse (CSR,
+        CSC, COO) for a model on NumPy, a sparse torch tensor (CSR, CSC, COO) for one on
+        torch, cupyx.scipy.sparse for one on CuPy; it is never densified. Host data (a
+        NumPy array, or an array on a CPU device) for a model already on another device (a
         GPU) is checked on the host and staged batch by batch: each batch is gathered
         on the host and copied one batch ahead (pinned memory and a side stream on a
         GPU), never the whole data at once; ``y``, ``sample_weight`` then come on the

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import numpy
 
 from .._backend import Generator, backend_name
-from ..callbacks import Callback, History
+from ..callbacks import Callback, History, missing_value, monitor_mode
 from ..optim import Optimizer
 from .container import ModelFileError, _is_int, _write_file
 from .layout import (
@@ -412,8 +412,10 @@ class Checkpoint(Callback):
         any other key ``fit`` logs) whose best checkpoint is never deleted; its path is
         :attr:`best_path`.
     mode : {"auto", "min", "max"}
-        Whether lower or higher ``monitor`` values are better; ``"auto"`` takes higher
-        for ``"val_metric"`` and names with ``accuracy`` or ``r2`` in them, lower otherwise.
+        Whether lower or higher ``monitor`` values are better; ``"auto"`` infers it from
+        the name as :class:`arraymlp.EarlyStopping` does (:func:`arraymlp.callbacks.monitor_mode`:
+        min for losses and errors, max for accuracies, R^2 and ``"val_metric"``; any
+        other name needs ``mode=``).
     reduce : {None, "mean"}
         For an ensemble: ``None`` keeps each member's best (``best.safetensors``),
         ``"mean"`` the epoch with the best mean over the members. A plain model has one
@@ -457,12 +459,11 @@ class Checkpoint(Callback):
         if keep is not None and (not _is_int(keep) or keep < 1):
             msg = f"keep must be a positive int or None, got {keep!r}"
             raise ValueError(msg)
-        if monitor is not None and not isinstance(monitor, str):
-            msg = f"monitor must be the name of a logged value (such as 'val_loss') or None, got {monitor!r}"
-            raise TypeError(msg)
         if mode not in ("auto", "min", "max"):
             msg = f"mode must be 'auto', 'min' or 'max', got {mode!r}"
             raise ValueError(msg)
+        if monitor is not None:
+            mode = monitor_mode(monitor, mode)
         if reduce not in (None, "mean"):
             msg = (f"reduce must be None (an ensemble's members each keep their best) or 'mean' (the best mean "
                    f"over the members), got {reduce!r}")
@@ -474,9 +475,6 @@ class Checkpoint(Callback):
                    f"{os.fspath(self.path)} names a single file, rewritten at each save")
             raise ValueError(msg)
         self.every, self.keep, self.monitor = every, keep, monitor
-        if mode == "auto" and monitor is not None:
-            higher = monitor == "val_metric" or "accuracy" in monitor or "r2" in monitor
-            mode = "max" if higher else "min"
         self.mode = mode
         self.reduce = reduce
         self.run_callbacks: Sequence[Callback] = ()  # set by fit: the run's callbacks, whose state is saved
@@ -540,10 +538,7 @@ class Checkpoint(Callback):
         is a new best."""
         value = logs.get(self.monitor)
         if value is None:
-            msg = (f"Checkpoint monitors {self.monitor!r} but training logs no such value "
-                   f"(logged: {sorted(k for k, v in logs.items() if v is not None)}); "
-                   "pass validation data for val_* values, or another monitor=")
-            raise ValueError(msg)
+            raise missing_value("Checkpoint", self.monitor, logs)
         k = getattr(model, "ensemble", None)
         if k is not None and numpy.ndim(value) != 0:
             if self.reduce is None:
