@@ -258,6 +258,9 @@ def test_a_callback_stops_every_member_and_early_stopping_may_come_among_callbac
     _close(_np_params(a), _np_params(b), tol=0.0)
     with pytest.raises(ValueError, match="an ensemble takes one EarlyStopping"):
         b.fit(x, y, early_stopping=2, callbacks=[am.EarlyStopping("val_loss", patience=1)], **opts)
+    with pytest.raises(ValueError, match=r"EarlyStopping\(monitor='val_accuracy'\): an ensemble logs 'loss', "
+                                         r"'val_loss' and 'val_metric'"):
+        b.fit(x, y, early_stopping=am.EarlyStopping("val_accuracy"), **opts)
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])

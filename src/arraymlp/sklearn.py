@@ -65,6 +65,7 @@ from ._backend import (
     slice_rows,
     sparse_device,
     sparse_namespace,
+    sparse_values,
     take_rows,
     to_backend,
     to_numpy,
@@ -166,7 +167,7 @@ def _is_device_array(x: Any) -> bool:
 
 
 def _is_sparse(x: Any) -> bool:
-    """A scipy.sparse (or cupyx.scipy.sparse) matrix or array."""
+    """A scipy.sparse (or cupyx.scipy.sparse) matrix or array, or a sparse torch tensor."""
     return is_sparse(x)
 
 
@@ -720,12 +721,12 @@ class _BaseMLP(BaseEstimator):
         if _is_sparse(inp.x):
             if xp is not inp.xp:
                 msg = (f"a sparse X computes on {backend_name(inp.xp)} (scipy.sparse on NumPy, "
-                       f"cupyx.scipy.sparse on CuPy), but the model is on {backend_name(xp)}; leave backend= "
-                       "unset, or densify X (X.toarray())")
+                       f"cupyx.scipy.sparse on CuPy, a sparse tensor on torch), but the model is on "
+                       f"{backend_name(xp)}; leave backend= unset, or densify X")
                 raise TypeError(msg)
             with quiet_overflow(xp):  # values beyond the dtype's range are reported just below
                 x = as_csr(inp.x, dtype)
-            _check_finite(x.data, xp, "X")
+            _check_finite(sparse_values(x), xp, "X")
             return x
         x = _move(inp.x, xp, device)
         if x.dtype != dtype:
