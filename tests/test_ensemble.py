@@ -258,6 +258,9 @@ def test_a_callback_stops_every_member_and_early_stopping_may_come_among_callbac
     _close(_np_params(a), _np_params(b), tol=0.0)
     with pytest.raises(ValueError, match="an ensemble takes one EarlyStopping"):
         b.fit(x, y, early_stopping=2, callbacks=[am.EarlyStopping("val_loss", patience=1)], **opts)
+    with pytest.raises(ValueError, match=r"EarlyStopping\(monitor='val_accuracy'\): an ensemble logs 'loss', "
+                                         r"'val_loss' and 'val_metric'"):
+        b.fit(x, y, early_stopping=am.EarlyStopping("val_accuracy"), **opts)
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])
@@ -823,13 +826,18 @@ def _amp(dtype):
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_mixed_precision_members_are_their_plain_models(backend, dtype):
+def test_mixed_precision_members_are_their_plain_models(backend, dtype, monkeypatch):
     """precision= of an ensemble: float32 master weights, one loss scale per member.
-    With shared hyper-parameters every member equals, bit for bit, its plain model
-    trained alone with the same precision (float16: its loss scale and skipped steps
-    too, though members skip different steps); with per-member rates (float32 arrays,
-    whose constants round once more) within a few float32 ulps."""
+    With shared hyper-parameters every member's parameters equal, bit for bit, its plain
+    model's trained alone with the same precision (float16: its loss scale and skipped
+    steps too, though members skip different steps); with per-member rates (float32
+    arrays, whose constants round once more) within a few float32 ulps."""
+    from arraymlp.kernels import _jit
+
     _need_dtype(backend, dtype)
+    # NumPy's compiled cross-entropy (once loaded) adds a plain model's exponentials in
+    # float64, the ensemble's loss in float32: off here, so both take the same operations
+    monkeypatch.setattr(_jit, "_kernels", None)
     rng = np.random.default_rng(0)
     x, y = backend.asarray(rng.normal(size=(64, 5)).astype(np.float32)), backend.asarray(rng.integers(0, 3, size=64))
     for lr in (0.05, [0.01, 0.05, 0.1]):
@@ -878,3 +886,26 @@ def test_a_member_whose_gradients_overflow_skips_alone(backend):
     assert not np.array_equal(after[0]["W"][2], before[0]["W"][2])
     np.testing.assert_array_equal(backend.to_numpy(amp.scale), [1024.0, 512.0, 1024.0])
     np.testing.assert_array_equal(backend.to_numpy(amp.skipped), [0, 1, 0])
+
+
+def test_a_mixed_precision_ensemble_resumes_with_its_members_scales(backend, tmp_path):
+    """A float16 ensemble stopped after 2 of 4 epochs and resumed from its checkpoint ends
+    where the uninterrupted run ends: parameters and each member's loss scale and skips."""
+    _need_dtype(backend, "float16")
+    rng = np.random.default_rng(0)
+    x, y = backend.asarray(rng.normal(size=(64, 5)).astype(np.float32)), backend.asarray(rng.integers(0, 3, size=64))
+    opts = dict(loss="cross_entropy", optimizer="adam", lr=[0.01, 0.05, 0.1], batch_size=16, seed=1, progress=False)
+
+    def build():
+        return am.MLP([5, 8, 3], ensemble=3, seed=0, dtype="float32", **backend.model_kwargs())
+
+    whole, a = build(), _amp("float16")
+    whole.fit(x, y, epochs=4, precision=a, **opts)
+    build().fit(x, y, epochs=2, precision=_amp("float16"), callbacks=[am.Checkpoint(tmp_path / "run", every=1)],
+                **opts)
+    resumed, c = build(), _amp("float16")
+    resumed.fit(x, y, epochs=4, precision=c, resume_from=tmp_path / "run", **opts)
+    _close(_np_params(resumed), _np_params(whole), tol=0.0)
+    for got, want in ((c.scale, a.scale), (c.skipped, a.skipped), (c.good_steps, a.good_steps)):
+        np.testing.assert_array_equal(backend.to_numpy(got), backend.to_numpy(want))
+    assert int(backend.to_numpy(a.skipped).sum()) > 0

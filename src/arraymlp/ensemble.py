@@ -59,7 +59,7 @@ from .callbacks import Callback, DivergenceError, EarlyStopping, History
 from .fusion import plan_for
 from .kernels import kernels_for
 from .kernels.reference import _idiv, _imul, _isub
-from .losses import LOSSES, get_loss
+from .losses import LOSSES, Loss, get_loss
 from .metrics import Metric, _MembersPair, _Pair, get_metrics, read_results
 from .optim import SGD, Adagrad, Adam, Optimizer, RMSprop, get_optimizer
 from .precision import _keep_if_not, resolve_precision
@@ -643,6 +643,10 @@ def _early_stopping(early_stopping, validation: bool):
         raise TypeError(msg)
     if isinstance(early_stopping, int):
         return EarlyStopping("val_loss" if validation else "loss", patience=early_stopping)
+    if early_stopping.monitor not in ("loss", "val_loss", "val_metric"):
+        msg = (f"EarlyStopping(monitor={early_stopping.monitor!r}): an ensemble logs 'loss', 'val_loss' and "
+               "'val_metric' (the validation accuracy, or R^2 for a regressor) per member; monitor one of those")
+        raise ValueError(msg)
     if early_stopping.monitor.startswith("val") and not validation:
         msg = f"EarlyStopping monitors {early_stopping.monitor!r} but training has no validation data"
         raise ValueError(msg)
@@ -829,7 +833,7 @@ def _losses(model, lossfn, out, y, w, xp):
     return _custom_member_losses(lossfn, out, y, w, xp)
 
 
-def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", lr: Any = None,
+def fit(model, x, y, *, loss: str | Loss | None = None, optimizer: str | Optimizer = "adam", lr: Any = None,
         momentum: Any = None, weight_decay: Any = None, betas: Any = None, l2: Any = 0.0, epochs: int = 10,
         batch_size: int = 32, shuffle: bool = True, validation_data: tuple | None = None,
         validation_split: float = 0.0, early_stopping: EarlyStopping | int | None = None,
@@ -846,8 +850,9 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
     x : array, shape (n, n_features)
     y : array, shape (n, n_outputs), (n,), or integer labels (n,) for cross-entropy
     loss, optimizer, epochs, batch_size, shuffle, validation_data, validation_split, seed
-        As for :func:`arraymlp.fit`. ``optimizer`` gives the update rule and the
-        hyper-parameters the members share.
+        As for :func:`arraymlp.fit` (an omitted ``loss`` is inferred as it infers it:
+        cross-entropy for a softmax output, and so on). ``optimizer`` gives the update
+        rule and the hyper-parameters the members share.
     lr, momentum, weight_decay : float or sequence of K floats, optional
         Per-member values (one value: every member's); ``None`` keeps the optimiser's.
     betas : (beta1, beta2), optional
@@ -927,13 +932,15 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
     callbacks, early_stopping = _ensemble_callbacks(callbacks, early_stopping)
     schedules = _check_schedules(schedule, lr, model.ensemble)
     _check_run(epochs, batch_size, validation_split)
-    lossfn = get_loss(loss)
+    lossfn = get_loss(model._own_loss(loss, y, last_fit=False))
     run = _prepare(model, x, y, lossfn, sample_weight, validation_data, validation_split)
     k, xp, like = model.ensemble, run.xp, run.like
     run.rule = _rule(model, run, optimizer, lr, momentum, weight_decay, betas, _reuse_optimizer)
     opt = run.rule.opt
     run.l2 = _per_member("l2", l2, k, xp, like)
-    run.amp = resolve_precision(precision, model, xp, data_parallel=comm is not None)
+    run.amp = resolve_precision(precision, model, xp, data_parallel=comm is not None,
+                                previous=getattr(model, "precision_", None) if _reuse_optimizer else None)
+    model.precision_ = run.amp  # checkpoints save its per-member loss scales
     run.stopper = _early_stopping(early_stopping, run.val is not None)
     model.task_ = lossfn.task
     model.loss_ = lossfn.name if LOSSES.get(lossfn.name) is lossfn else lossfn
@@ -1051,7 +1058,7 @@ def _resume(run: _Run, resume_from, callbacks, schedules) -> int:
         from .io.checkpoints import restore_checkpoint
 
         start_epoch = restore_checkpoint(resume_from, model, optimizer=run.rule, history=run.history,
-                                         callbacks=callbacks)
+                                         callbacks=callbacks, precision=run.amp)
     run.step = getattr(model, "steps_", 0)
     return start_epoch
 
@@ -1227,8 +1234,8 @@ def _prepare(model, x, y, lossfn, sample_weight, validation_data, validation_spl
         if n_val >= n:
             msg = f"validation_split={validation_split} of {n} samples leaves none to train on"
             raise ValueError(msg)
-        validation_data = (x[n - n_val:, ...], y[n - n_val:, ...])
-        x, y, n = x[:n - n_val, ...], y[:n - n_val, ...], n - n_val
+        validation_data = (slice_rows(x, n - n_val, n), y[n - n_val:, ...])  # a CSR matrix's rows too
+        x, y, n = slice_rows(x, 0, n - n_val), y[:n - n_val, ...], n - n_val
         w = None if w is None else w[:, :n]
     val = None
     if validation_data is not None:
@@ -1502,8 +1509,7 @@ def _run_epoch(run: _Run, epoch: int, batch_size: int, shuffle: bool):
 def _stop_members(run: _Run, epoch: int, logs) -> bool:
     """Per-member early stopping after an epoch; whether every member has stopped."""
     stopper, xp, like, k = run.stopper, run.xp, run.like, run.model.ensemble
-    score = logs[stopper.monitor]
-    score = -score if stopper.monitor == "val_metric" else score
+    score = stopper.sign * logs[stopper.monitor]
     improved = run.active_host & (score < run.best - stopper.min_delta)
     run.best = numpy.where(improved, score, run.best)
     run.best_epoch = numpy.where(improved, epoch, run.best_epoch)
@@ -1544,7 +1550,8 @@ def _members_loss(model, x, y, loss, sample_weight, l2, training, backward):
     return values, grads
 
 
-def loss_and_grads(model, x, y, *, loss: str = "mse", sample_weight=None, l2: Any = 0.0, training: bool = True):
+def loss_and_grads(model, x, y, *, loss: str | None = None, sample_weight=None, l2: Any = 0.0,
+                   training: bool = True):
     """An ensemble's ``model.loss_and_grads``: the sum of the members' losses and its
     gradient, which is each member's own gradient in its slice of the stacked parameters.
 
@@ -1562,17 +1569,20 @@ def loss_and_grads(model, x, y, *, loss: str = "mse", sample_weight=None, l2: An
         ``sum_k L_k``.
     grads : list of dict of arrays, mirroring the stacked ``params``
     """
+    loss = model._own_loss(loss, y)  # the ensemble's fitted loss, else the one fit would infer
     values, grads = _members_loss(model, x, y, loss, sample_weight, l2, training, True)
     return model.xp.sum(values), grads
 
 
-def loss(model, x, y, *, loss: str = "mse", sample_weight=None, l2: Any = 0.0, training: bool = False,
+def loss(model, x, y, *, loss: str | None = None, sample_weight=None, l2: Any = 0.0, training: bool = False,
          reduce: str | None = "sum"):
     """An ensemble's ``model.loss``: the sum of the members' losses (0-d), or each
-    member's, shape (K,), with ``reduce=None``."""
+    member's, shape (K,), with ``reduce=None``; ``loss`` defaults to the ensemble's own
+    (that of its last fit, else the one ``fit`` would infer)."""
     if reduce not in ("sum", None):
         msg = f"reduce must be 'sum' or None (one loss per member), got {reduce!r}"
         raise ValueError(msg)
+    loss = model._own_loss(loss, y)
     values, _ = _members_loss(model, x, y, loss, sample_weight, l2, training, False)
     return values if reduce is None else model.xp.sum(values)
 

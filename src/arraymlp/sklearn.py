@@ -65,6 +65,7 @@ from ._backend import (
     slice_rows,
     sparse_device,
     sparse_namespace,
+    sparse_values,
     take_rows,
     to_backend,
     to_numpy,
@@ -166,7 +167,7 @@ def _is_device_array(x: Any) -> bool:
 
 
 def _is_sparse(x: Any) -> bool:
-    """A scipy.sparse (or cupyx.scipy.sparse) matrix or array."""
+    """A scipy.sparse (or cupyx.scipy.sparse) matrix or array, or a sparse torch tensor."""
     return is_sparse(x)
 
 
@@ -240,10 +241,25 @@ class _Diverged(Exception):
 
 
 # ------------------------------------------------------------------------------ pickling
-def _build_model(config: dict, *, seed: int, backend: str, device: Any) -> MLP:
-    """An MLP initialised as scikit-learn initialises its perceptrons: every weight and bias
-    drawn from ``U(-a, a)``, ``a = sqrt(f / (fan_in + fan_out))`` with ``f = 2`` for a
-    sigmoid hidden activation and ``f = 6`` otherwise, from the model's host stream.
+def _init_bounds(config: dict) -> list[tuple[int, int, float]]:
+    """``(fan_in, fan_out, a)`` per layer of scikit-learn's initialisation:
+    ``a = sqrt(f / (fan_in + fan_out))``, ``f = 2`` for a sigmoid hidden activation, else 6."""
+    factor = 2.0 if config["activation"] == "sigmoid" else 6.0
+    sizes = config["sizes"]
+    return [(i, o, math.sqrt(factor / (i + o))) for i, o in zip(sizes[:-1], sizes[1:])]
+
+
+def _draw_initial_weights(config: dict, rs) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Host float64 ``(W, b)`` per layer, drawn from ``rs`` (a ``numpy.random.RandomState``)
+    in scikit-learn's order and rule: ``W ~ U(-a, a)`` of shape ``(fan_in, fan_out)``, then
+    ``b ~ U(-a, a)`` of shape ``(fan_out,)``, layer by layer."""
+    return [(rs.uniform(-a, a, (i, o)), rs.uniform(-a, a, o)) for i, o, a in _init_bounds(config)]
+
+
+def _build_model(config: dict, *, seed: int, backend: str, device: Any, init: list | None = None) -> MLP:
+    """An MLP initialised as scikit-learn initialises its perceptrons (:func:`_init_bounds`):
+    from ``init`` (host ``(W, b)`` per layer, :func:`_draw_initial_weights`) when given,
+    else drawn by the same rule from the model's host stream.
 
     ``config`` holds ``sizes``, ``activation``, ``output_activation``, ``dropout`` and
     ``dtype``, and ``members`` (K) for an ensemble: member ``i`` is then the model of
@@ -257,12 +273,13 @@ def _build_model(config: dict, *, seed: int, backend: str, device: Any) -> MLP:
     model = MLP(config["sizes"], activation=config["activation"], output_activation=config["output_activation"],
                 dropout=config["dropout"], init="zeros", dtype=config["dtype"], backend=backend, device=device,
                 seed=seed)
-    factor = 2.0 if config["activation"] == "sigmoid" else 6.0
-    for layer, p in zip(model.layers, model.params):
-        if isinstance(layer, Dense):
-            bound = math.sqrt(factor / (layer.n_in + layer.n_out))
-            p["W"] = model.rng.uniform((layer.n_in, layer.n_out), bound, model.dtype)
-            p["b"] = model.rng.uniform((layer.n_out,), bound, model.dtype)
+    dense = [p for layer, p in zip(model.layers, model.params) if isinstance(layer, Dense)]
+    for j, (p, (n_in, n_out, bound)) in enumerate(zip(dense, _init_bounds(config))):
+        if init is None:
+            p["W"] = model.rng.uniform((n_in, n_out), bound, model.dtype)
+            p["b"] = model.rng.uniform((n_out,), bound, model.dtype)
+        else:
+            p["W"], p["b"] = (model.xp.asarray(a, dtype=model.dtype, device=model.device) for a in init[j])
     return model
 
 
@@ -348,7 +365,8 @@ _PARAMETERS_DOC = """
         Draw a new sample order every epoch.
     random_state : int, RandomState instance or None, default=None
         Seeds weight initialisation, shuffling, dropout and the ``early_stopping`` split.
-        An int gives identical results on every fit.
+        An int gives identical results on every fit. With ``solver="lbfgs"`` the initial
+        weights are the ones scikit-learn's MLP draws for the same ``random_state``.
     tol : float, default=1e-4
         Training stops when the training loss (or, with ``early_stopping``, the
         validation score) has not improved by at least ``tol`` for ``n_iter_no_change``
@@ -703,12 +721,12 @@ class _BaseMLP(BaseEstimator):
         if _is_sparse(inp.x):
             if xp is not inp.xp:
                 msg = (f"a sparse X computes on {backend_name(inp.xp)} (scipy.sparse on NumPy, "
-                       f"cupyx.scipy.sparse on CuPy), but the model is on {backend_name(xp)}; leave backend= "
-                       "unset, or densify X (X.toarray())")
+                       f"cupyx.scipy.sparse on CuPy, a sparse tensor on torch), but the model is on "
+                       f"{backend_name(xp)}; leave backend= unset, or densify X")
                 raise TypeError(msg)
             with quiet_overflow(xp):  # values beyond the dtype's range are reported just below
                 x = as_csr(inp.x, dtype)
-            _check_finite(x.data, xp, "X")
+            _check_finite(sparse_values(x), xp, "X")
             return x
         x = _move(inp.x, xp, device)
         if x.dtype != dtype:
@@ -783,7 +801,7 @@ class _BaseMLP(BaseEstimator):
 
         rs = check_random_state(self.random_state)
         if first:
-            self._initialize(int(inp.x.shape[1]), xp, device, int(rs.randint(np.iinfo(np.int32).max)))
+            self._initialize(int(inp.x.shape[1]), xp, device, rs)
         elif (self.model_.ensemble or 1) != int(self.n_members):
             msg = (f"n_members={self.n_members!r} but the fitted model has {self.model_.ensemble or 1} members; "
                    "refit without warm_start to change n_members")
@@ -800,7 +818,10 @@ class _BaseMLP(BaseEstimator):
         self._train(x_dev, y_dev, sw_host, strata, xp, device, dtype, incremental=incremental, split_seed=split_seed)
         return self
 
-    def _initialize(self, n_features: int, xp, device, seed: int) -> None:
+    def _initialize(self, n_features: int, xp, device, rs) -> None:
+        """The model, with the seed of its own stream (batches, dropout) drawn from ``rs``;
+        with ``solver="lbfgs"`` its weights are drawn from ``rs`` before, as scikit-learn
+        draws them."""
         out_act = self._output_activation
         sizes = [n_features, *self._hidden_sizes(), self._n_output_units]
         self._model_config = {
@@ -817,7 +838,12 @@ class _BaseMLP(BaseEstimator):
         else:
             self.__dict__.pop("member_loss_", None)
             self.__dict__.pop("member_loss_curve_", None)
-        self.model_ = _build_model(self._model_config, seed=seed, backend=backend_name(xp), device=device)
+        # lbfgs (one model): the weights drawn first, as scikit-learn draws them, so that the same
+        # random_state gives scikit-learn's fit; the mini-batch solvers draw from the model's stream
+        same_as_sklearn = self.solver == "lbfgs" and int(self.n_members) == 1
+        start = {"init": _draw_initial_weights(self._model_config, rs)} if same_as_sklearn else {}
+        self.model_ = _build_model(self._model_config, seed=int(rs.randint(np.iinfo(np.int32).max)),
+                                   backend=backend_name(xp), device=device, **start)
         self.n_outputs_ = self._n_output_units
         self.n_layers_ = len(sizes)
         self.out_activation_ = self._out_activation_name()

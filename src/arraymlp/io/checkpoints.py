@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import numpy
 
 from .._backend import Generator, backend_name
-from ..callbacks import Callback, History
+from ..callbacks import Callback, History, missing_value, monitor_mode
 from ..optim import Optimizer
 from .container import ModelFileError, _is_int, _write_file
 from .layout import (
@@ -113,7 +113,8 @@ def _history_value(v: Any) -> Any:
 
 def save_checkpoint(path: str | os.PathLike, model: Any, *, optimizer: Optimizer | None = None,
                     schedule: Any = None, epoch: int = 0, steps: int | None = None,
-                    history: History | None = None, callbacks: Sequence[Any] = ()) -> None:
+                    history: History | None = None, callbacks: Sequence[Any] = (),
+                    precision: Any = None) -> None:
     """Save everything needed to continue training ``model`` bit-identically.
 
     The file is a model file (it loads with :func:`load`) whose metadata also holds a
@@ -141,7 +142,12 @@ def save_checkpoint(path: str | os.PathLike, model: Any, *, optimizer: Optimizer
         Per-epoch record so far, restored into the resumed run's history.
     callbacks : sequence of Callback
         The run's callbacks; those whose ``state_dict()`` is not None are saved.
+    precision : MixedPrecision, optional
+        Default: the one of the model's last ``fit`` (``model.precision_``), if any; its
+        configuration and loss-scale state (scale, good steps, skips) are saved.
     """
+    if precision is None:
+        precision = getattr(model, "precision_", None)
     if optimizer is None:
         optimizer = getattr(model, "optimizer_", None)
         if getattr(model, "ensemble", None) is not None:  # the members' update rule, per-member settings
@@ -168,6 +174,7 @@ def save_checkpoint(path: str | os.PathLike, model: Any, *, optimizer: Optimizer
         "schedule": _schedule_state(schedule),
         "rng": _rng_state(model),
         "history": hist,
+        "precision": None if precision is None else precision.state_dict(),
     }
     metadata["checkpoint"] = json.dumps(ck, sort_keys=True)
     _write_file(path, metadata, tensors)
@@ -225,7 +232,8 @@ def _check_fits(f, model: Any) -> None:
 
 
 def restore_checkpoint(path: str | os.PathLike, model: Any, *, optimizer: Optimizer | None = None,
-                       schedule: Any = None, history: History | None = None, callbacks: Sequence[Any] = ()) -> int:
+                       schedule: Any = None, history: History | None = None, callbacks: Sequence[Any] = (),
+                       precision: Any = None) -> int:
     """Put a checkpoint's training state into a built model and its optimiser.
 
     This is what ``fit(..., resume_from=path)`` calls; a hand-written training loop
@@ -247,6 +255,10 @@ def restore_checkpoint(path: str | os.PathLike, model: Any, *, optimizer: Optimi
     callbacks : sequence of Callback
         Callbacks with a state (``state_dict()`` not None) get the saved state of
         the same class, in order; saved states without such a callback are ignored.
+    precision : MixedPrecision, optional
+        Gets the saved mixed-precision configuration and loss scale (a checkpoint of a
+        run without mixed precision leaves it as it is); it must compute in the saved
+        dtype.
 
     Returns
     -------
@@ -316,10 +328,25 @@ def restore_checkpoint(path: str | os.PathLike, model: Any, *, optimizer: Optimi
         history.metric_name = hist.get("metric_name", history.metric_name) or history.metric_name
         for k, series in hist.get("metrics", {}).items():  # an ensemble's: arrays (K,)
             history.metrics[k] = [numpy.asarray(v) if isinstance(v, list) else float(v) for v in series]
+    _restore_precision(f, precision)
     _restore_callbacks(f, model, callbacks)
     for key, value in f.model_cfg["fitted"].items():
         setattr(model, key, value)
     return info["epoch"]
+
+
+def _restore_precision(f: _File, precision: Any) -> None:
+    """Give a MixedPrecision the saved loss scale and configuration, if the run had one."""
+    saved = f.checkpoint.get("precision")
+    if precision is None or saved is None:
+        return
+    try:
+        precision.load_state_dict(saved)
+    except ValueError as exc:
+        msg = f"checkpoint {f.path}: {exc}"
+        raise ValueError(msg) from None
+    except (KeyError, TypeError) as exc:
+        raise ModelFileError(f.path, f"the mixed-precision state is invalid: {exc}") from None
 
 
 def _restore_callbacks(f: _File, model: Any, callbacks: Sequence[Any]) -> None:
@@ -385,8 +412,10 @@ class Checkpoint(Callback):
         any other key ``fit`` logs) whose best checkpoint is never deleted; its path is
         :attr:`best_path`.
     mode : {"auto", "min", "max"}
-        Whether lower or higher ``monitor`` values are better; ``"auto"`` takes higher
-        for ``"val_metric"`` and names with ``accuracy`` or ``r2`` in them, lower otherwise.
+        Whether lower or higher ``monitor`` values are better; ``"auto"`` infers it from
+        the name as :class:`arraymlp.EarlyStopping` does (:func:`arraymlp.callbacks.monitor_mode`:
+        min for losses and errors, max for accuracies, R^2 and ``"val_metric"``; any
+        other name needs ``mode=``).
     reduce : {None, "mean"}
         For an ensemble: ``None`` keeps each member's best (``best.safetensors``),
         ``"mean"`` the epoch with the best mean over the members. A plain model has one
@@ -430,12 +459,11 @@ class Checkpoint(Callback):
         if keep is not None and (not _is_int(keep) or keep < 1):
             msg = f"keep must be a positive int or None, got {keep!r}"
             raise ValueError(msg)
-        if monitor is not None and not isinstance(monitor, str):
-            msg = f"monitor must be the name of a logged value (such as 'val_loss') or None, got {monitor!r}"
-            raise TypeError(msg)
         if mode not in ("auto", "min", "max"):
             msg = f"mode must be 'auto', 'min' or 'max', got {mode!r}"
             raise ValueError(msg)
+        if monitor is not None:
+            mode = monitor_mode(monitor, mode)
         if reduce not in (None, "mean"):
             msg = (f"reduce must be None (an ensemble's members each keep their best) or 'mean' (the best mean "
                    f"over the members), got {reduce!r}")
@@ -447,9 +475,6 @@ class Checkpoint(Callback):
                    f"{os.fspath(self.path)} names a single file, rewritten at each save")
             raise ValueError(msg)
         self.every, self.keep, self.monitor = every, keep, monitor
-        if mode == "auto" and monitor is not None:
-            higher = monitor == "val_metric" or "accuracy" in monitor or "r2" in monitor
-            mode = "max" if higher else "min"
         self.mode = mode
         self.reduce = reduce
         self.run_callbacks: Sequence[Callback] = ()  # set by fit: the run's callbacks, whose state is saved
@@ -513,10 +538,7 @@ class Checkpoint(Callback):
         is a new best."""
         value = logs.get(self.monitor)
         if value is None:
-            msg = (f"Checkpoint monitors {self.monitor!r} but training logs no such value "
-                   f"(logged: {sorted(k for k, v in logs.items() if v is not None)}); "
-                   "pass validation data for val_* values, or another monitor=")
-            raise ValueError(msg)
+            raise missing_value("Checkpoint", self.monitor, logs)
         k = getattr(model, "ensemble", None)
         if k is not None and numpy.ndim(value) != 0:
             if self.reduce is None:
