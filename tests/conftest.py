@@ -1,7 +1,14 @@
 """The backend fixture: every kernel, layer, model, optimiser and training test runs
 on each row (numpy, read-only numpy inputs, array_api_strict on two devices, torch on
 the CPU, JAX on the CPU in its default 32-bit mode, and CuPy / torch-CUDA rows that
-skip without a GPU)."""
+skip without a GPU).
+
+A module that sets ``JAX_X64 = True`` also gets a ``jax-x64`` row: JAX with its 64-bit
+mode switched on for that one test only (``jax.enable_x64``, a thread-local setting
+that is restored when the test ends, so no other row sees it). There the float64 tests
+run at their float64 tolerances; its float32 and float16 cases are left out (deselected),
+since the ``jax`` row runs those as JAX's users do.
+"""
 
 from __future__ import annotations
 
@@ -31,6 +38,8 @@ class Backend:
     # on a row without float64 (JAX in 32-bit mode), float64 test data: "skip" the test,
     # or "float32" (a module with FLOAT64_DATA = "float32" has tests that hold in float32)
     float64_data: str = "skip"
+    # JAX with its 64-bit mode on for the test's duration (the jax-x64 row)
+    x64: bool = False
 
     @property
     def xp(self):
@@ -129,6 +138,11 @@ def _rows():
             marks=pytest.mark.skipif(not _has("jax"), reason="jax is not installed"),
         ),
         pytest.param(
+            Backend("jax-x64", "jax", x64=True),
+            id="jax-x64",
+            marks=pytest.mark.skipif(not _has("jax"), reason="jax is not installed"),
+        ),
+        pytest.param(
             Backend("cupy", "cupy"),
             id="cupy",
             marks=pytest.mark.skipif(not _gpu(), reason="no CUDA GPU with CuPy"),
@@ -162,14 +176,58 @@ def pytest_runtest_call(item):
         raise
 
 
+_NARROW_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _x64_row_runs(item) -> bool:
+    """Whether ``item`` on the jax-x64 row is kept: its module opted in
+    (``JAX_X64 = True``) and no parameter asks for a dtype narrower than float64
+    (the 32-bit ``jax`` row runs those)."""
+    if not getattr(item.module, "JAX_X64", False):
+        return False
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    return not any(isinstance(v, str) and v in _NARROW_DTYPES for v in params.values())
+
+
+def pytest_collection_modifyitems(config, items):
+    """Leave the jax-x64 row out where it would only repeat the jax row (see the module
+    docstring)."""
+    keep, drop = [], []
+    for item in items:
+        row = getattr(getattr(item, "callspec", None), "params", {}).get("backend")
+        (drop if isinstance(row, Backend) and row.x64 and not _x64_row_runs(item) else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
 @pytest.fixture(params=BACKEND_ROWS)
 def backend(request) -> Backend:
     """A backend row; see :class:`Backend`. A test module that sets
     ``FLOAT64_DATA = "float32"`` gets its float64 test data as float32 on a row
-    without float64 (its tolerances fit float32); elsewhere such a test skips there."""
+    without float64 (its tolerances fit float32); elsewhere such a test skips there.
+    On the jax-x64 row, JAX's 64-bit mode is on from here to the test's end."""
     row = request.param
     mode = getattr(request.module, "FLOAT64_DATA", None)
-    return dataclasses.replace(row, float64_data=mode) if mode else row
+    row = dataclasses.replace(row, float64_data=mode) if mode else row
+    if not row.x64:
+        yield row
+        return
+    with _jax_x64_mode():
+        yield row
+
+
+def _jax_x64_mode():
+    """JAX's 64-bit mode for a block: ``jax.enable_x64(True)`` where JAX has it (0.6 on),
+    ``jax.experimental.enable_x64()`` before."""
+    import jax
+
+    state = getattr(jax, "enable_x64", None)
+    if state is not None:
+        return state(True)
+    from jax.experimental import enable_x64
+
+    return enable_x64(True)
 
 
 @pytest.fixture

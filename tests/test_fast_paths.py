@@ -16,6 +16,9 @@ from arraymlp.kernels import kernels_for, reference_kernels
 from arraymlp.kernels import reference as R
 from arraymlp.optim import SGD
 
+# the float64 cases also run on JAX with its 64-bit mode on (the jax-x64 row)
+JAX_X64 = True
+
 INPLACE_ROWS = [name for name, act in F.ACTIVATIONS.items()
                 if act.forward_inplace is not None or act.backward_inplace is not None]
 

@@ -16,6 +16,9 @@ import pytest
 from arraymlp import functional as F
 from arraymlp._backend import Generator
 
+# the float64 cases also run on JAX with its 64-bit mode on (the jax-x64 row)
+JAX_X64 = True
+
 DTYPES = ["float32", "float64"]
 ACT_NAMES = sorted(F.ACTIVATIONS)
 EXPECTED_ACTIVATIONS = {

@@ -11,6 +11,9 @@ import arraymlp as am
 from arraymlp.fusion import plan_for
 from arraymlp.kernels import kernels_for, reference_kernels
 
+# the float64 cases also run on JAX with its 64-bit mode on (the jax-x64 row)
+JAX_X64 = True
+
 OPTIMIZERS = {
     "sgd": lambda: am.SGD(lr=0.1),
     "momentum": lambda: am.SGD(lr=0.1, momentum=0.9),
