@@ -56,6 +56,14 @@ class Backend:
         """``want``, or ``"float32"`` where the row has no float64."""
         return want if want != "float64" or self.has_float64 else "float32"
 
+    def tol(self, tol64: float, dtype: str = "float64") -> float:
+        """A tolerance for results computed from float64 test data: ``tol64`` where the
+        row computes in float64, else the same number of units of roundoff (eps) of the
+        dtype it computes in (float32 on JAX's 32-bit mode: ``tol64 * 2**29``). Only for
+        tolerances that are a count of roundoffs, not for truncation errors."""
+        got = self.float_dtype(dtype)
+        return tol64 if got == dtype else tol64 * float(np.finfo(got).eps / np.finfo(dtype).eps)
+
     def skip_without_float64(self) -> None:
         """Skip the calling test on a row without float64 (JAX in 32-bit mode)."""
         if not self.has_float64:
@@ -179,6 +187,18 @@ def pytest_runtest_call(item):
 _NARROW_DTYPES = ("float32", "float16", "bfloat16")
 
 
+def _dtype_param(v) -> str | None:
+    """The dtype a test parameter names (``"float32"``, ``np.float64``, ...), or None."""
+    if isinstance(v, str):
+        return v if v in (*_NARROW_DTYPES, "float64") else None
+    if isinstance(v, (type, np.dtype)):
+        try:
+            return np.dtype(v).name
+        except TypeError:
+            return None
+    return None
+
+
 def _x64_row_runs(item) -> bool:
     """Whether ``item`` on the jax-x64 row is kept: its module opted in
     (``JAX_X64 = True``) and no parameter asks for a dtype narrower than float64
@@ -186,7 +206,7 @@ def _x64_row_runs(item) -> bool:
     if not getattr(item.module, "JAX_X64", False):
         return False
     params = getattr(getattr(item, "callspec", None), "params", {})
-    return not any(isinstance(v, str) and v in _NARROW_DTYPES for v in params.values())
+    return not any(_dtype_param(v) in _NARROW_DTYPES for v in params.values())
 
 
 def pytest_collection_modifyitems(config, items):
@@ -210,6 +230,10 @@ def backend(request) -> Backend:
     row = request.param
     mode = getattr(request.module, "FLOAT64_DATA", None)
     row = dataclasses.replace(row, float64_data=mode) if mode else row
+    params = getattr(getattr(request.node, "callspec", None), "params", {})
+    if any(_dtype_param(v) == "float64" for v in params.values()) and not row.has_float64:
+        pytest.skip(f"the float64 case: the {row.id} row runs the float32 one"
+                    + (", the jax-x64 row this one" if getattr(request.module, "JAX_X64", False) else ""))
     if not row.x64:
         yield row
         return
