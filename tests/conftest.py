@@ -5,15 +5,17 @@ skip without a GPU).
 
 A module that sets ``JAX_X64 = True`` also gets a ``jax-x64`` row: JAX with its 64-bit
 mode switched on for that one test only (``jax.enable_x64``, a thread-local setting
-that is restored when the test ends, so no other row sees it). There the float64 tests
-run at their float64 tolerances; its float32 and float16 cases are left out (deselected),
-since the ``jax`` row runs those as JAX's users do.
+that is restored when the test ends, so no other row sees it). It runs what the 32-bit
+``jax`` row could not, at the tests' float64 tolerances: its float32 and float16 cases
+are left out (deselected), and a test that ran on the ``jax`` row earlier in the session
+is skipped here (where the ``jax`` row did not run, as under ``-k jax-x64``, it runs).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import re
 from typing import Any
 
 import numpy as np
@@ -170,6 +172,33 @@ BACKEND_ROWS = _rows()
 _NO_FLOAT64 = "runs in its default 32-bit mode, where float64 arrays are float32"
 
 
+#: nodeid of a test on the 32-bit jax row -> whether it ran there (was not skipped)
+_RAN_ON_JAX32: dict[str, bool] = {}
+
+
+def _row_of(item) -> Backend | None:
+    row = getattr(getattr(item, "callspec", None), "params", {}).get("backend")
+    return row if isinstance(row, Backend) else None
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Remember, for the jax-x64 row, which tests the 32-bit jax row ran."""
+    report = yield
+    row = _row_of(item)
+    if row is not None and row.name == "jax" and not row.x64:
+        if report.skipped:
+            _RAN_ON_JAX32[item.nodeid] = False
+        elif report.when == "call":
+            _RAN_ON_JAX32[item.nodeid] = True
+    return report
+
+
+def _jax32_twin(nodeid: str) -> str:
+    """The nodeid of the same test on the 32-bit jax row."""
+    return re.sub(r"(?<=[\[-])jax-x64(?=[\]-])", "jax", nodeid)
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item):
     """A test that asks a row without float64 (JAX in 32-bit mode) for a float64 model
@@ -231,12 +260,14 @@ def backend(request) -> Backend:
     mode = getattr(request.module, "FLOAT64_DATA", None)
     row = dataclasses.replace(row, float64_data=mode) if mode else row
     params = getattr(getattr(request.node, "callspec", None), "params", {})
-    if any(_dtype_param(v) == "float64" for v in params.values()) and not row.has_float64:
+    if any(_dtype_param(v) == "float64" for v in params.values()) and not row.x64 and not row.has_float64:
         pytest.skip(f"the float64 case: the {row.id} row runs the float32 one"
                     + (", the jax-x64 row this one" if getattr(request.module, "JAX_X64", False) else ""))
     if not row.x64:
         yield row
         return
+    if _RAN_ON_JAX32.get(_jax32_twin(request.node.nodeid)):
+        pytest.skip("ran on the jax row (32-bit mode); this row runs what needs float64")
     with _jax_x64_mode():
         yield row
 
