@@ -245,3 +245,53 @@ def test_lazy_predict_of_a_binary_model_has_the_eager_form():
     got = lazy.compute()
     assert got.shape == (50,) and got.dtype == np.bool_
     np.testing.assert_array_equal(got, model.predict(x))
+
+
+# ----------------------------------------------------------------------------- ensembles
+def test_an_ensembles_lazy_results_equal_its_in_memory_ones():
+    """model(x) is (K, n, m), chunked by rows behind one member chunk; predict and
+    predict_proba average the members within each block (or keep them, reduce=None)."""
+    k = 4
+    rng = np.random.default_rng(0)
+    model = am.MLP([N_FEATURES, 16, 3], ensemble=k, backend="numpy", seed=0)
+    xt = rng.normal(size=(64, N_FEATURES)).astype(np.float32)
+    model.fit(xt, rng.integers(0, 3, size=64), loss="cross_entropy", lr=[1e-3, 1e-2, 3e-2, 1e-1], epochs=2,
+              progress=False)  # logits: the probabilities are the softmax's
+    x = _rows(5_000, 1_000)
+    with dask.config.set(scheduler="threads"):
+        xs = x.compute()
+        out, proba, members = model(x), model.predict_proba(x), model.predict_proba(x, reduce=None)
+        pred, labels = model.predict(x), model.predict(x, reduce=None)
+        assert out.shape == members.shape == (k, 5_000, 3) and out.chunks == ((k,), (1_000,) * 5, (3,))
+        assert proba.shape == (5_000, 3) and proba.chunks == ((1_000,) * 5, (3,))
+        assert pred.shape == (5_000,) and pred.dtype == np.int64 and labels.shape == (k, 5_000)
+        np.testing.assert_allclose(out.compute(), model(xs), rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(proba.compute(), model.predict_proba(xs), rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(members.compute(), model.predict_proba(xs, reduce=None), rtol=1e-6, atol=1e-7)
+        np.testing.assert_array_equal(pred.compute(), model.predict(xs))
+        np.testing.assert_array_equal(labels.compute(), model.predict(xs, reduce=None))
+        # the members' mean, computed here from the members' own plain models
+        mean = np.mean([model.member(i).predict_proba(xs) for i in range(k)], axis=0)
+        np.testing.assert_allclose(proba.compute(), mean, rtol=1e-5, atol=1e-6)
+
+
+def test_an_ensemble_regressor_and_empty_blocks():
+    k = 3
+    model = am.MLP([N_FEATURES, 8, 2], ensemble=k, dtype="float64", backend="numpy", seed=1)
+    x = _rows(40, 10, dtype=np.float64)
+    x = x[x[:, 0] > 0.7]  # blocks of unknown length, some of them empty
+    with dask.config.set(scheduler="sync"):
+        xs = x.compute()
+        pred, per = model.predict(x), model.predict(x, reduce=None)
+        n = xs.shape[0]
+        assert 0 < n < 40 and pred.dtype == np.float64
+        assert pred.compute().shape == (n, 2) and per.compute().shape == (k, n, 2)
+        empty = x[x[:, 0] > 2.0]  # every block empty
+        assert model(empty).compute().shape == (k, 0, 2) and model.predict(empty).compute().shape == (0, 2)
+        np.testing.assert_allclose(pred.compute(), np.mean([model.member(i)(xs) for i in range(k)], axis=0),
+                                   rtol=1e-13)
+        np.testing.assert_allclose(per.compute(), model(xs), rtol=1e-13)
+        with pytest.raises(ValueError, match="predict_proba needs a classifier"):
+            model.predict_proba(x)
+        with pytest.raises(ValueError, match="reduce must be 'mean'"):
+            model.predict(x, reduce="max")

@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from arraymlp.distributed import RootOnly, has_batch_hook, shard_bounds
@@ -221,3 +222,106 @@ def test_stops_are_collective(tmp_path):
     # verbose progress from the root only: one line per epoch, not one per rank
     assert len(re.findall(r"^epoch +1 ", proc.stdout, flags=re.M)) == 1, proc.stdout
     assert len(re.findall(r"^epoch +2 ", proc.stdout, flags=re.M)) == 1, proc.stdout
+
+
+@needs_mpi
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_ensemble_data_parallel_equals_single_process(ranks, tmp_path):
+    """An ensemble (K=3) trained data-parallel equals its single-process fit on the full
+    data: per-member rates and momenta, per-member (K, n) and shared (n,) sample weights,
+    per-member L2, empty shards, per-member early stopping (the same members stop at the
+    same epochs on every rank) and a checkpoint written by the root only."""
+    backends = [b for b in _backends() if b != "cupy"] + (["cupy"] if "cupy" in _backends() else [])
+    proc, _ = mpirun(ranks, "ensemble_equivalence.py", str(tmp_path), *backends)
+    assert proc.returncode == 0, _explain(proc)
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 7 * len(backends), _explain(proc)
+    for row in rows:
+        assert row["ranks"] == ranks, "mpiexec and mpi4py use different MPI libraries"
+        assert row["ok"] and row["ranks_agree"], row
+        tol = 1e-10 if "float32" not in row["case"] else 1e-5
+        assert row["max_abs_diff"] <= tol, row
+        assert all(s == row["stopped_single"] for s in row["stopped_epoch"]), row
+        if row["case"] == "adam-early-stopping":
+            # members stop at different epochs: one stops early, the others train on
+            stops = row["stopped_single"]
+            assert len(row["loss"]) == 12 and min(stops) == -1 and max(stops) >= 0, row
+            losses = np.array(row["val_loss"])
+            best = [int(np.argmin(losses[:, k])) for k in range(3)]
+            assert row["best_epochs"] == best, row
+        else:
+            assert len(row["loss"]) == 3 and len(row["loss"][0]) == 3
+    for backend in backends:
+        saved = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(f"{backend}-"))
+        # the root (rank 0) writes the data-parallel run's checkpoints; no other rank does
+        assert saved == [f"{backend}-dp-0", f"{backend}-single-0"]
+        assert sorted(p.name for p in (tmp_path / f"{backend}-dp-0").iterdir()) == [
+            f"epoch-0000{e}.safetensors" for e in (1, 2, 3)]
+
+
+def test_a_wrapped_checkpoints_state_resumes_into_the_bare_one(tmp_path):
+    """Data-parallel fit wraps checkpoints in RootOnly, but resume_from restores the
+    callbacks before wrapping them: the state is saved under the wrapped callback's own
+    name, so a monitored checkpoint's best survives the resume (it was silently lost)."""
+    import numpy as np
+
+    import arraymlp as am
+    from arraymlp import io as amio
+
+    x = np.random.default_rng(0).normal(size=(16, 3))
+    ck = am.Checkpoint(tmp_path / "ck", monitor="loss")
+    am.MLP([3, 4, 1], seed=0, backend="numpy").fit(x, x[:, :1], loss="mse", epochs=3, progress=False,
+                                                   callbacks=[RootOnly(ck, _Comm(0))])
+    f = amio._read(tmp_path / "ck" / "epoch-00003.safetensors")
+    assert [e["class"] for e in f.checkpoint["callbacks"]] == ["Checkpoint"]
+    bare = am.Checkpoint(tmp_path / "ck", monitor="loss")
+    amio.restore_checkpoint(tmp_path / "ck", am.MLP([3, 4, 1], seed=0, backend="numpy"), callbacks=[bare])
+    assert (bare.best, bare.best_epoch) == (ck.best, ck.best_epoch) and bare.best_epoch is not None
+
+
+@needs_mpi
+def test_an_ensembles_stops_are_collective(tmp_path):
+    """Data-parallel ensembles: a divergence on one rank's shard, a stop asked by a
+    callback on one rank (after an epoch, after a batch) and an error on one rank stop
+    every rank at the same point; a Checkpoint keeping each member's best, written by
+    the root, resumes on every rank into the uninterrupted run's parameters and bests."""
+    proc, _ = mpirun(2, "ensemble_stops.py", str(tmp_path))
+    assert proc.returncode == 0, _explain(proc)
+    results = {}
+    for rank in (0, 1):
+        for line in (tmp_path / f"rank{rank}.jsonl").read_text().splitlines():
+            row = json.loads(line)
+            results[row.pop("scenario"), row.pop("rank")] = row
+    div = [results["divergence", r] for r in (0, 1)]
+    # rank 1's half of the third batch overflows: two finite steps, their parameters kept
+    assert all(d["raised"] and d["epoch"] == 0 and d["step"] == 2 and d["steps_"] == 2 for d in div), div
+    assert all(d["agree"] and d["last_finite"] and "members [0, 1, 2]" in d["message"] for d in div), div
+    cb = [results["callback", r] for r in (0, 1)]
+    assert cb[0] == cb[1] == {"epochs": 3, "stopped_early": True, "agree": True}
+    bcb = [results["batch_callback", r] for r in (0, 1)]
+    assert bcb[0] == bcb[1] == {"epochs": 2, "steps": 6, "agree": True}  # 4 batches an epoch
+    err0, err1 = results["rank_error", 0], results["rank_error", 1]
+    assert err1["raised"] == "ValueError" and "rank 1 cannot compute" in err1["message"]
+    assert err0["raised"] == "RuntimeError" and "1 other rank(s) failed" in err0["message"]
+    assert err0["steps_"] == err1["steps_"] == 2
+    ck0, ck1 = results["checkpoint", 0], results["checkpoint", 1]
+    assert ck0["saved"] == [f"epoch-0000{e}.safetensors" for e in range(1, 7)] and ck1["saved"] == []
+    assert ck0["same_as_whole"] and ck1["same_as_whole"] and ck0["agree"] and ck1["agree"]
+    assert ck0["same_best"] and ck0["best_epoch"] == ck0["best_epoch_whole"]
+    assert len(set(ck0["best_epoch"])) > 1  # the members are best at different epochs
+    # per-member early stopping resumed too: members stop after the resume, alike on every rank
+    assert ck0["stopped_epoch"] == ck1["stopped_epoch"] and max(ck0["stopped_epoch"]) >= 3
+    assert ("done", 0) in results and ("done", 1) in results
+
+
+@needs_mpi
+def test_an_ensemble_reads_no_more_per_step_than_a_plain_model():
+    """Host reads per data-parallel step, counted on array_api_strict (with per-member
+    sample weights): the staging of the reduced buffer and its error flag, no more than
+    the plain model's step reads; the members' losses stay on the device."""
+    proc, _ = mpirun(2, "host_reads.py")
+    assert proc.returncode == 0, _explain(proc)
+    (row,) = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert row["ranks"] == 2
+    assert row["ensemble"] <= row["plain"], row
+    assert row["ensemble"] <= 2, row

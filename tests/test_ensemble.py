@@ -258,6 +258,9 @@ def test_a_callback_stops_every_member_and_early_stopping_may_come_among_callbac
     _close(_np_params(a), _np_params(b), tol=0.0)
     with pytest.raises(ValueError, match="an ensemble takes one EarlyStopping"):
         b.fit(x, y, early_stopping=2, callbacks=[am.EarlyStopping("val_loss", patience=1)], **opts)
+    with pytest.raises(ValueError, match=r"EarlyStopping\(monitor='val_accuracy'\): an ensemble logs 'loss', "
+                                         r"'val_loss' and 'val_metric'"):
+        b.fit(x, y, early_stopping=am.EarlyStopping("val_accuracy"), **opts)
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])
@@ -328,11 +331,85 @@ def test_a_checkpoint_keeps_per_member_early_stopping_and_plateau_schedules(back
         np.testing.assert_array_equal(a, b)
 
 
-def test_a_checkpoint_monitoring_one_value_is_refused_for_an_ensemble(tmp_path):
-    ens = am.MLP([5, 4, 3], ensemble=2, seed=0, backend="numpy")
-    x, y = np.zeros((8, 5)), np.zeros((8, 3))
-    with pytest.raises(NotImplementedError, match="an ensemble logs one per member"):
-        ens.fit(x, y, callbacks=[am.Checkpoint(tmp_path / "best", monitor="loss")], epochs=1, progress=False)
+class _Record(am.Callback):
+    """Each epoch's parameters (NumPy copies) and monitored values, as logged."""
+
+    def __init__(self, monitor="val_loss"):
+        self.params, self.values, self.monitor = [], [], monitor
+
+    def on_epoch_end(self, model, logs):
+        self.params.append([{k: np.array(v, copy=True) for k, v in p.items()} for p in _np_params(model)])
+        self.values.append(np.array(logs[self.monitor], dtype=float))
+
+
+def _monitored_run(backend, callbacks, epochs=8, resume_from=None):
+    x, y, _, _ = _data(backend, n=40, labels=False)
+    xv, yv, _, _ = _data(backend, n=20, labels=False, seed=9)
+    model = am.MLP([5, 8, 3], ensemble=4, seed=3, dtype="float64", **backend.model_kwargs())
+    # the large rates overshoot: the members reach their best validation loss at different epochs
+    model.fit(x, y, optimizer="sgd", lr=[0.4, 0.01, 0.2, 0.1], momentum=0.9, epochs=epochs, batch_size=10,
+              validation_data=(xv, yv), seed=0, progress=False, callbacks=callbacks, resume_from=resume_from)
+    return model
+
+
+@pytest.mark.parametrize("monitor", ["val_loss", "val_metric"])
+def test_a_checkpoint_monitor_keeps_each_members_best(backend, tmp_path, monitor):
+    """Checkpoint(monitor=) on an ensemble: best.safetensors is the ensemble whose member
+    i holds member i's parameters at the epoch of its best value (the lowest val_loss,
+    the highest val_metric: R^2 here), as a run that records every epoch's parameters
+    finds them."""
+    record = _Record(monitor)
+    _monitored_run(backend, [record])
+    values = np.stack(record.values)  # (epochs, K)
+    best = values.argmin(axis=0) if monitor == "val_loss" else values.argmax(axis=0)
+    assert len(set(best.tolist())) > 1, values  # the members are best at different epochs
+
+    ckpt = am.Checkpoint(tmp_path / "run", monitor=monitor, keep=2)
+    _monitored_run(backend, [ckpt])
+    np.testing.assert_array_equal(ckpt.best_epoch, best + 1)  # completed epochs
+    np.testing.assert_array_equal(ckpt.best, values[best, np.arange(4)])
+    assert ckpt.best_path == tmp_path / "run" / "best.safetensors"
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
+        "best.safetensors", "epoch-00007.safetensors", "epoch-00008.safetensors"]
+    restored = am.load(ckpt.best_path)
+    assert restored.ensemble == 4
+    got = _np_params(restored)
+    for i, e in enumerate(best):
+        for layer, kept in zip(got, record.params[e]):
+            for key in kept:
+                np.testing.assert_array_equal(layer[key][i], kept[key][i])
+
+
+def test_a_checkpoint_monitoring_the_members_mean_keeps_that_epoch(backend, tmp_path):
+    record = _Record()
+    _monitored_run(backend, [record])
+    mean = np.stack(record.values).mean(axis=1)
+    e = int(mean.argmin())
+    ckpt = am.Checkpoint(tmp_path / "run", monitor="val_loss", keep=1, reduce="mean")
+    _monitored_run(backend, [ckpt])
+    assert ckpt.best_epoch == e + 1 and ckpt.best == pytest.approx(mean[e], rel=1e-15)
+    assert ckpt.best_path == tmp_path / "run" / f"epoch-{e + 1:05d}.safetensors" and ckpt.best_path.exists()
+    _close(_np_params(am.load(ckpt.best_path)), record.params[e], tol=0.0)
+
+
+@pytest.mark.parametrize("split", [2, 5])
+def test_the_members_best_survives_a_resume(backend, tmp_path, split):
+    """Resumed from the checkpoint of epoch ``split``, per-member tracking goes on as in
+    the uninterrupted run: the same best epochs and the same best.safetensors."""
+    whole = am.Checkpoint(tmp_path / "whole", monitor="val_loss")
+    _monitored_run(backend, [whole])
+    first = am.Checkpoint(tmp_path / "part", monitor="val_loss", keep=None)
+    _monitored_run(backend, [first], epochs=split)
+    again = am.Checkpoint(tmp_path / "part", monitor="val_loss", keep=None)
+    _monitored_run(backend, [again], resume_from=tmp_path / "part" / f"epoch-{split:05d}.safetensors")
+    np.testing.assert_array_equal(again.best_epoch, whole.best_epoch)
+    np.testing.assert_array_equal(again.best, whole.best)
+    _close(_np_params(am.load(again.best_path)), _np_params(am.load(whole.best_path)), tol=0.0)
+
+
+def test_checkpoint_reduce_is_checked():
+    with pytest.raises(ValueError, match="reduce must be None"):
+        am.Checkpoint("run", monitor="val_loss", reduce="max")
 
 
 # ------------------------------------------------------------------------- prediction
@@ -388,8 +465,6 @@ def test_save_and_load_round_trip(backend, tmp_path):
     back = am.load(path)
     assert back.ensemble == 3 and back.member_seeds == ens.member_seeds
     np.testing.assert_array_equal(am.to_numpy(back(x_np)), backend.to_numpy(ens(x)))
-    with pytest.raises(NotImplementedError, match="ONNX export of an ensemble"):
-        am.export_onnx(ens, tmp_path / "e.onnx")
 
 
 def test_loss_and_grads_are_each_members_own(backend):

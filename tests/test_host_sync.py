@@ -95,24 +95,27 @@ CASES = {
 }
 
 
-def _count_fit(monkeypatch, case, steps_per_epoch, *, epochs=2, batch=8):
+def _count_fit(monkeypatch, case, steps_per_epoch, *, epochs=2, batch=8, staged=False):
+    """``staged``: the model on array_api_strict's second device and the data NumPy
+    arrays on the host, staged to it batch by batch."""
     rng = np.random.default_rng(0)
     x, y = _data(steps_per_epoch * batch, case["loss"], rng)
     xv, yv = _data(12, case["loss"], rng)
     w = rng.uniform(0.5, 2.0, size=x.shape[0])
-    xp = array_api_strict
+    put = (lambda a: a) if staged else array_api_strict.asarray  # staged: the data stays NumPy
     out = 3
+    device = array_api_strict.Device("device1") if staged else None
     model = am.MLP([5, 16, out], dropout=case.get("dropout", 0.0), dtype="float64", seed=0,
-                   backend="array_api_strict")
+                   backend="array_api_strict", device=device)
     kwargs = dict(loss=case["loss"], optimizer=case["optimizer"](), epochs=epochs, batch_size=batch,
                   progress=False, seed=1, l2=case.get("l2", 0.0))
     if case.get("weights"):
-        kwargs["sample_weight"] = xp.asarray(w)
+        kwargs["sample_weight"] = put(w)
     if case.get("validation"):
-        kwargs["validation_data"] = (xp.asarray(xv), xp.asarray(yv))
+        kwargs["validation_data"] = (put(xv), put(yv))
     if "metrics" in case:
         kwargs["metrics"] = case["metrics"]
-    xs, ys = xp.asarray(x), xp.asarray(y)
+    xs, ys = put(x), put(y)
     with monkeypatch.context() as m:
         reads = HostReads(m)
         history = model.fit(xs, ys, **kwargs)
@@ -125,6 +128,18 @@ def test_no_host_read_per_training_step(monkeypatch, name):
     short, h_short = _count_fit(monkeypatch, case, 4)
     long, h_long = _count_fit(monkeypatch, case, 8)
     # the loss of every epoch was still read, once, at its end
+    assert len(h_short.loss) == len(h_long.loss) == 2 and all(np.isfinite(h_long.loss))
+    per_step = (long.total - short.total) / (2 * (8 - 4))
+    assert per_step == 0, (dict(short.counts), dict(long.counts))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_no_host_read_per_step_with_host_data_staged(monkeypatch, name):
+    """Host (NumPy) data for a model on another device: the batches are gathered on the
+    host and copied over; the device side of a step still reads nothing back."""
+    case = CASES[name]
+    short, h_short = _count_fit(monkeypatch, case, 4, staged=True)
+    long, h_long = _count_fit(monkeypatch, case, 8, staged=True)
     assert len(h_short.loss) == len(h_long.loss) == 2 and all(np.isfinite(h_long.loss))
     per_step = (long.total - short.total) / (2 * (8 - 4))
     assert per_step == 0, (dict(short.counts), dict(long.counts))

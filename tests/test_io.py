@@ -727,8 +727,29 @@ def test_checkpoint_monitor_auto_mode_and_missing_value(tmp_path):
     assert am.Checkpoint(tmp_path, monitor="val_metric").mode == "max"
     assert am.Checkpoint(tmp_path, monitor="val_accuracy").mode == "max"
     x, y = _data()
-    with pytest.raises(ValueError, match="monitors 'val_loss' but training logs no such value"):
+    with pytest.raises(ValueError, match="monitors 'val_loss', which training does not log; logged: accuracy, loss, "
+                                         "lr. pass validation data"):
         _classifier().fit(x, y, epochs=1, callbacks=[am.Checkpoint(tmp_path, monitor="val_loss")], **_fit_kwargs())
+
+    with pytest.raises(ValueError, match="monitor='score': cannot tell whether higher or lower values are better"):
+        am.Checkpoint(tmp_path, monitor="score")
+
+
+def test_checkpoint_keeps_the_epoch_of_the_best_validation_accuracy(tmp_path):
+    """Checkpoint(monitor="val_accuracy") infers mode max, as EarlyStopping does: its best
+    checkpoint is the first epoch of the highest validation accuracy the history logged,
+    and that file holds the parameters of that epoch."""
+    x, y = _data(n=60)
+    ck = am.Checkpoint(tmp_path / "run", keep=1, monitor="val_accuracy")
+    assert ck.mode == "max"
+    model = _classifier(dropout=0.0)
+    h = model.fit(x[:40], y[:40], epochs=12, validation_data=(x[40:], y[40:]), callbacks=[ck],
+                  **_fit_kwargs(lr=0.05))
+    acc = h["val_accuracy"]
+    best = int(np.argmax(acc)) + 1  # the first of the highest (completed epochs)
+    assert ck.best_epoch == best and ck.best == max(acc)
+    restored = amio.load_checkpoint(ck.best_path)["model"]
+    assert restored.evaluate(x[40:], y[40:], loss="cross_entropy")["accuracy"] == max(acc)
 
 
 def test_resume_errors(tmp_path):

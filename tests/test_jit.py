@@ -6,6 +6,7 @@ kernels on and off (only NumPy rows take them); declined inputs leave arrays unt
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import subprocess
 import sys
@@ -401,7 +402,7 @@ def test_cross_entropy_kernel_keeps_long_float32_rows_accurate():
     # NumPy's vectorised exp is faster on rows this long: the library declines the kernel there
     assert x.shape[1] > _jit.CE_MAX_CLASSES and _jit.cross_entropy_labels(x, labels) is None
     g = np.empty_like(x)
-    ok, total = _jit.kernels().cross_entropy_labels(x, labels, g, np.float32(1 / 4))
+    ok, total = _jit.kernels().cross_entropy_labels(x, labels, g, np.float32(1 / 4), np.zeros(1, np.int64))
     assert ok
     xd = x.astype(np.float64)
     m = xd.max(axis=1, keepdims=True)
@@ -412,3 +413,37 @@ def test_cross_entropy_kernel_keeps_long_float32_rows_accurate():
     g_exact[np.arange(4), labels] -= 1
     g_exact /= 4
     np.testing.assert_allclose(g, g_exact, rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_cross_entropy_kernel_counts_the_accuracy_hits(dtype):
+    """With a count, the compiled cross-entropy adds the rows whose arg-max (NumPy's: the
+    first highest entry, or the first NaN) is their label, and its loss and gradient are
+    bit for bit those of the call without a count; a count it cannot write (int32, read-
+    only, two entries) makes it decline, leaving the count as it was."""
+    _jit.kernels()
+    r = np.random.default_rng(4)
+    x = np.round(r.standard_normal((400, 7)) * 2).astype(dtype)  # many ties
+    x[3, 2] = x[4, 0] = np.nan
+    x[5, 4], x[6, :] = np.nan, np.nan
+    x[7, 1], x[8, 3] = np.inf, -np.inf
+    x[9, :] = np.inf
+    x[10, 5] = -0.0
+    labels = np.where(np.arange(400) % 3 == 0, np.argmax(x, axis=1), r.integers(0, 7, 400)).astype(np.int64)
+    want = 11 + int(np.count_nonzero(np.argmax(x, axis=1) == labels))
+    hits = np.array([11])
+    with np.errstate(invalid="ignore"):
+        total, g = _jit.cross_entropy_labels(x, labels, hits)
+        total0, g0 = _jit.cross_entropy_labels(x, labels)
+    assert int(hits[0]) == want
+    assert (total == total0 or (math.isnan(total) and math.isnan(total0)))
+    np.testing.assert_array_equal(g, g0)
+    for bad in (np.array([11], dtype=np.int32), np.array([11, 0]), np.array([11])):
+        if bad.shape == (1,) and bad.dtype == np.int64:
+            bad.flags.writeable = False
+        assert _jit.cross_entropy_labels(x, labels, bad) is None
+        assert int(bad[0]) == 11
+    bad_labels = labels.copy()
+    bad_labels[-1] = 7  # out of range: declined, nothing counted
+    hits = np.array([0])
+    assert _jit.cross_entropy_labels(x, bad_labels, hits) is None and int(hits[0]) == 0

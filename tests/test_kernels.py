@@ -51,6 +51,14 @@ def _hits_case():
     return np.array([7]), scores, labels
 
 
+def _ce_hits_case():
+    """Logits with ties (rounded values), labels that are the arg-max of about half the
+    rows, and a running count of 7 (the NaN cases of the count are test_jit's)."""
+    scores = np.round(_r((N, M), 54) * 2)
+    labels = np.where(np.arange(N) % 2 == 0, np.argmax(scores, axis=1), _labels())
+    return scores, labels, np.array([7])
+
+
 # name -> (host arguments, keyword arguments, indices of the arguments handed over)
 CASES = {
     "add_argmax_hits": (_hits_case, {}, (0,)),
@@ -65,6 +73,7 @@ CASES = {
     "bias_grad": (lambda: (_r((N, 64), 6),), {}, ()),
     "cross_entropy_labels": (lambda: (_r((N, M), 7) * 3, _labels()), {}, ()),
     "cross_entropy_labels_mean": (lambda: (_r((N, M), 8) * 3, _labels()), {}, ()),
+    "cross_entropy_labels_mean_hits": (lambda: _ce_hits_case(), {}, (2,)),
     "dense_backward": (lambda: (_r((N, 33), 9), _r((33, 64), 10), _r((N, 64), 11), True, True), {}, ()),
     "dense_forward": (lambda: (_r((N, 33), 12), _r((33, 64), 13), _r((64,), 14)), {}, ()),
     "dense_relu_forward": (lambda: (_r((N, 33), 15), _r((33, 64), 16), _r((64,), 17)), {}, ()),

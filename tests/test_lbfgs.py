@@ -9,6 +9,7 @@ scikit-learn's own lbfgs MLP runs on NumPy.
 
 from __future__ import annotations
 
+import inspect
 import warnings
 
 import numpy as np
@@ -113,6 +114,126 @@ def test_weighted_least_squares_matches_scipy(backend, rng):
     np.testing.assert_allclose(got["b"], theta[d * k:], atol=1e-7)
 
 
+def relu_network(theta, x, y, l2, sizes):
+    """Mean cross-entropy of softmax(relu(x @ W0 + b0) @ W1 + b1) plus l2/2 (||W0||^2 + ||W1||^2),
+    and its gradient, over the flat vector [W0, b0, W1, b1] (NumPy)."""
+    (d, h, k), parts, at = sizes, [], 0
+    for shape in ((d, h), (h,), (h, k), (k,)):
+        size = int(np.prod(shape))
+        parts.append(theta[at:at + size].reshape(shape))
+        at += size
+    W0, b0, W1, b1 = parts
+    a = np.maximum(x @ W0 + b0, 0.0)
+    z = a @ W1 + b1
+    z = z - z.max(axis=1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    onehot = np.eye(k)[y]
+    n = x.shape[0]
+    f = -(onehot * logp).sum() / n + 0.5 * l2 * ((W0**2).sum() + (W1**2).sum())
+    dz = (np.exp(logp) - onehot) / n
+    da = (dz @ W1.T) * (a > 0)
+    grads = [x.T @ da + l2 * W0, da.sum(axis=0), a.T @ dz + l2 * W1, dz.sum(axis=0)]
+    return f, np.concatenate([g.ravel() for g in grads])
+
+
+def relu_network_logits(theta, x, sizes):
+    """The logits relu(x @ W0 + b0) @ W1 + b1 of the flat vector [W0, b0, W1, b1] (NumPy)."""
+    d, h, k = sizes
+    W0 = theta[: d * h].reshape(d, h)
+    b0 = theta[d * h: d * h + h]
+    W1 = theta[d * h + h: d * h + h + h * k].reshape(h, k)
+    b1 = theta[d * h + h + h * k:]
+    return np.maximum(x @ W0 + b0, 0.0) @ W1 + b1
+
+
+def test_iterates_follow_scipy_lbfgsb_on_a_network(backend):
+    """From the same start, the default LBFGS takes scipy's L-BFGS-B iterates (the
+    optimiser scikit-learn's solver="lbfgs" calls) on a ReLU network: the same number of
+    iterations and evaluations, the objective after each iteration (``fit``'s history) and
+    the final parameters equal up to rounding."""
+    n, sizes, l2 = 90, (4, 10, 3), 0.1  # a problem that converges in ~100 iterations
+    x = np.random.default_rng(1).normal(size=(n, sizes[0]))
+    y = (x[:, 0] * x[:, 1] > 0).astype(int) + (x[:, 2] > 0.5).astype(int)
+    model = am.MLP(list(sizes), output_activation="softmax", dtype="float64", seed=3, **backend.model_kwargs())
+    theta0 = np.concatenate([a.ravel() for p in host_params(model) for a in p.values()])
+    path, hits = [], []
+
+    def record(intermediate_result):
+        path.append(float(intermediate_result.fun))
+        hits.append(float(np.mean(relu_network_logits(intermediate_result.x, x, sizes).argmax(axis=1) == y)))
+
+    res = optimize.minimize(relu_network, theta0, args=(x, y, l2, sizes), jac=True, method="L-BFGS-B",
+                            options={"gtol": 1e-5, "maxiter": 500, "maxfun": 15000}, callback=record)
+    assert res.status == 0 and 50 < res.nit < 500  # a real run, stopped by its tolerance
+    opt = LBFGS(tol=1e-5)
+    hist = quiet_fit(model, backend.asarray(x), backend.asarray(y), loss="cross_entropy", optimizer=opt,
+                     epochs=500, l2=l2, metrics=["accuracy"])
+    assert (opt.n_iter, opt.n_fun) == (res.nit, res.nfev)
+    # the history: the objective and the training accuracy after each iteration, scipy's
+    np.testing.assert_allclose(hist.loss, path, rtol=1e-8)
+    np.testing.assert_allclose(hist.metrics["accuracy"], hits, rtol=1e-12)
+    got = np.concatenate([a.ravel() for p in host_params(model) for a in p.values()])
+    np.testing.assert_allclose(got, res.x, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("refresh", [False, True], ids=["from-the-evaluation", "forward-again"])
+def test_fit_records_the_loss_and_training_metrics_of_each_iteration(backend, refresh):
+    """``fit(optimizer="lbfgs")``'s history holds, per iteration, the objective and the
+    training metrics at the point reached, as NumPy computes them from the parameters seen
+    at each epoch's end. They come from the outputs of the evaluation that reached the
+    point, or (``refresh``: an iteration reporting an earlier trial, as a line search cut
+    short by ``max_fun`` may) from one more forward pass."""
+    n, sizes, l2 = 70, (4, 10, 3), 0.01
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(n, sizes[0]))
+    y = (x[:, 0] * x[:, 1] > 0).astype(int) + (x[:, 2] > 0.5).astype(int)
+    model = am.MLP(list(sizes), output_activation="softmax", dtype="float64", seed=1, **backend.model_kwargs())
+    seen = []
+
+    class Keep(am.callbacks.Callback):
+        def on_epoch_end(self, model, logs):
+            seen.append(np.concatenate([a.ravel() for p in host_params(model) for a in p.values()]))
+
+    opt = LBFGS()
+    if refresh:
+        plain = opt.iterate
+
+        def iterate(fun, params):
+            for info in plain(fun, params):
+                info.evaluation = 0  # as if the point reached were an earlier trial's
+                yield info
+
+        opt.iterate = iterate
+    hist = quiet_fit(model, backend.asarray(x), backend.asarray(y), loss="cross_entropy", optimizer=opt,
+                     epochs=12, l2=l2, metrics=["accuracy", am.metrics.top_k_accuracy(2)], callbacks=[Keep()])
+    assert len(seen) == len(hist.loss) == 12
+    logits = [relu_network_logits(theta, x, sizes) for theta in seen]
+    np.testing.assert_allclose(hist.loss, [relu_network(theta, x, y, l2, sizes)[0] for theta in seen], rtol=1e-10)
+    np.testing.assert_array_equal(hist.metrics["accuracy"], [np.mean(z.argmax(axis=1) == y) for z in logits])
+    top2 = [np.mean((np.argsort(-z, axis=1)[:, :2] == y[:, None]).any(axis=1)) for z in logits]
+    np.testing.assert_allclose(hist.metrics["top_2_accuracy"], top2, rtol=1e-12)
+
+
+def test_more_thuente_steps_on_a_quadratic_and_a_degenerate_interval():
+    """The safeguarded step of a trial past the minimiser of f(t) = (t - 2)^2 (a higher
+    value: case 1) is the cubic's minimiser, here the quadratic's, t = 2; a degenerate
+    trial (on the bracket's far end, where case 4 would divide by the zero distance) gives
+    NaN, which the search replaces, where Python would raise."""
+    import math
+
+    from arraymlp.optim import _next_trial
+
+    def f(t):
+        return (t - 2.0) ** 2, 2.0 * (t - 2.0)
+
+    lo = (0.0, *f(0.0))
+    _, hi, t_next, bracketed = _next_trial(lo, lo, 5.0, *f(5.0), 1e-3 * lo[2], False, 0.0, 25.0, on_psi=False)
+    assert bracketed and hi[0] == 5.0 and t_next == pytest.approx(2.0, rel=1e-12)
+    *_, t_next, _ = _next_trial((0.0, 1.0, -1.0), (2.0, 1.5, 0.5), 2.0, 0.9, -2.0, -1e-3, True, 0.0, 2.0,
+                                on_psi=False)
+    assert math.isnan(t_next)
+
+
 def test_minimize_on_a_quadratic_reaches_the_solution(backend):
     """On a strictly convex quadratic L-BFGS lands at A^-1 b to rounding within a few iterations."""
     xp = backend.xp
@@ -191,7 +312,8 @@ def test_first_iterations_match_torch_lbfgs(backend, rng):
         return model._loss_and_grads(xd, yd, lossfn, xp=model.xp, l2=l2)
 
     got = []
-    for _ in LBFGS(tol=1e-14, ftol=0.0).iterate(fun, model.params):
+    # torch's search: Nocedal & Wright's strong-Wolfe zoom, c1 = 1e-4, first step min(1, 1/||g||_1)
+    for _ in LBFGS(tol=1e-14, ftol=0.0, line_search="strong_wolfe", c1=1e-4, max_ls=25).iterate(fun, model.params):
         got.append([p for p in host_params(model) if p])
         if len(got) == n_iter:
             break
@@ -323,6 +445,7 @@ def test_state_dict_round_trip_and_registry():
 
 
 def test_model_with_lbfgs_optimizer_saves_and_loads(tmp_path, rng):
+    pytest.importorskip("safetensors")
     x, y = rng.normal(size=(20, 2)), rng.normal(size=(20, 1))
     model = am.MLP([2, 4, 1], dtype="float64", seed=0)
     quiet_fit(model, x, y, optimizer="lbfgs", epochs=5)
@@ -458,27 +581,88 @@ def test_estimator_lbfgs_parameters_and_partial_fit():
         MLPClassifier(solver="lbfgs", dropout=0.2).fit(X, y)
 
 
-@pytest.mark.parametrize("name", ["iris", "digits"])
-def test_estimator_accuracy_matches_scikit_learn_lbfgs(name):
+def _scaled_split(name: str, seed: int):
+    """A held-out quarter (stratified for the classes) split off with ``seed``, the inputs
+    standardised on the training part (and diabetes' target, as benchmarks/lbfgs_vs_sklearn.py)."""
     from sklearn import datasets
     from sklearn.model_selection import train_test_split
-    from sklearn.neural_network import MLPClassifier as SkMLPClassifier
     from sklearn.preprocessing import StandardScaler
 
-    from arraymlp.sklearn import MLPClassifier
-
     X, y = getattr(datasets, f"load_{name}")(return_X_y=True)
+    strata = None if name == "diabetes" else y
+    Xtr, Xte, ytr, yte = train_test_split(X, y, test_size=0.25, random_state=seed, stratify=strata)
+    sc = StandardScaler().fit(Xtr)
+    if strata is None:
+        mean, std = ytr.mean(), ytr.std()
+        ytr, yte = (ytr - mean) / std, (yte - mean) / std
+    return sc.transform(Xtr), sc.transform(Xte), ytr, yte
+
+
+@pytest.mark.parametrize("name", ["digits", "iris", "diabetes"])
+def test_estimator_scores_at_least_scikit_learn_lbfgs(name):
+    """Issue 17's acceptance: on digits, iris and diabetes (StandardScaler, hidden (100,),
+    seeds 0-4, scikit-learn's defaults otherwise) the mean held-out score is at least
+    scikit-learn's lbfgs MLP's. Both start from the same weights (the same draws from
+    ``random_state``) and take L-BFGS-B's iterates, so the classifiers reach the same
+    iterations, loss and score on every seed. Diabetes runs to max_iter=200 on an
+    ill-conditioned net, where the two paths, equal for the first ~90 iterations, are
+    separated by rounding (two-loop recursion against L-BFGS-B's compact matrices), much as
+    scikit-learn's own run is when one initial weight moves by one ulp (its mean R^2 then
+    moves from -0.3904 to -0.3945); there the mean is asserted within 0.01."""
+    from sklearn import neural_network
+
+    import arraymlp.sklearn as ours_module
+
+    kind = "MLPRegressor" if name == "diabetes" else "MLPClassifier"
     ours, theirs = [], []
-    for seed in range(3):
-        Xtr, Xte, ytr, yte = train_test_split(X, y, test_size=0.3, random_state=seed, stratify=y)
-        sc = StandardScaler().fit(Xtr)
-        Xtr, Xte = sc.transform(Xtr), sc.transform(Xte)
-        kw = dict(hidden_layer_sizes=(50,), solver="lbfgs", max_iter=200, random_state=seed)
+    for seed in range(5):
+        Xtr, Xte, ytr, yte = _scaled_split(name, seed)
+        kw = dict(hidden_layer_sizes=(100,), solver="lbfgs", random_state=seed)
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # both may stop at max_iter
-            ours.append(MLPClassifier(dtype="float64", **kw).fit(Xtr, ytr).score(Xte, yte))
-            theirs.append(SkMLPClassifier(**kw).fit(Xtr, ytr).score(Xte, yte))
-    assert np.mean(ours) >= np.mean(theirs) - 0.02, (ours, theirs)
+            warnings.simplefilter("ignore")  # diabetes stops at max_iter, in both
+            a = getattr(ours_module, kind)(dtype="float64", **kw).fit(Xtr, ytr)
+            b = getattr(neural_network, kind)(**kw).fit(Xtr, ytr)
+        ours.append(a.score(Xte, yte))
+        theirs.append(b.score(Xte, yte))
+        assert a.n_iter_ == b.n_iter_, (seed, a.n_iter_, b.n_iter_)
+        if name != "diabetes":
+            assert a.loss_ == pytest.approx(b.loss_, rel=1e-6), seed
+            assert ours[-1] == theirs[-1], seed
+    if name == "diabetes":
+        assert np.mean(ours) >= np.mean(theirs) - 0.01, (ours, theirs)
+    else:
+        assert np.mean(ours) >= np.mean(theirs), (ours, theirs)
+
+
+@pytest.mark.parametrize("name", ["iris", "diabetes"])
+def test_estimator_loss_curve_is_the_objective_after_each_iteration(name, monkeypatch):
+    """``loss_curve_`` with ``solver="lbfgs"`` holds the objective after each iteration
+    (``n_iter_`` values, the last ``loss_``). scikit-learn's lbfgs MLP keeps no curve;
+    the values to match are those its scipy L-BFGS-B run reports to a callback, from the
+    same start (scipy's minimize wrapped to add that callback)."""
+    from sklearn import neural_network
+
+    import arraymlp.sklearn as ours_module
+
+    path = []
+    minimize = optimize.minimize
+
+    def with_callback(*args, **kwargs):
+        kwargs["callback"] = lambda intermediate_result: path.append(float(intermediate_result.fun))
+        return minimize(*args, **kwargs)
+
+    monkeypatch.setattr(optimize, "minimize", with_callback)
+    Xtr, _, ytr, _ = _scaled_split(name, 0)
+    kind = "MLPRegressor" if name == "diabetes" else "MLPClassifier"
+    kw = dict(hidden_layer_sizes=(20,), solver="lbfgs", max_iter=40, random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # max_iter is reached
+        ours = getattr(ours_module, kind)(dtype="float64", **kw).fit(Xtr, ytr)
+        theirs = getattr(neural_network, kind)(**kw).fit(Xtr, ytr)
+    assert not hasattr(theirs, "loss_curve_")
+    assert len(ours.loss_curve_) == ours.n_iter_ == len(path) == theirs.n_iter_
+    assert ours.loss_curve_[-1] == ours.loss_
+    np.testing.assert_allclose(ours.loss_curve_, path, rtol=1e-8)
 
 
 def _lbfgs_estimators():
@@ -496,11 +680,32 @@ _ROUNDING = {"check_classifiers_train":
              "predict_proba is delivered in float32, predict_log_proba from float64 logits"}
 
 
+# scikit-learn 1.7 added xfail_strict=; before it (the lowest-versions CI step) an expected
+# failure is strict (pyproject), and this one passes on some BLAS kernels and values, so
+# there the check is skipped with its reason instead.
+_NON_STRICT_XFAIL = "xfail_strict" in inspect.signature(parametrize_with_checks).parameters
+# Before 1.9, scikit-learn's array-API dispatch sets array_api_strict's flags to the 2023.12
+# standard for the whole process (1.9: 2025.12), where the kernels' Python-scalar operands
+# (2024.12) are refused, and its check expects classes_ in X's namespace.
+_ARRAY_API_CHECK = tuple(int(p) for p in pytest.importorskip("sklearn").__version__.split(".")[:2]) >= (1, 9)
+
+
+def _rounding_reasons(estimator) -> dict:
+    return _ROUNDING if hasattr(estimator, "predict_proba") else {}
+
+
 @parametrize_with_checks(_lbfgs_estimators(),
-                         expected_failed_checks=lambda est: _ROUNDING if hasattr(est, "predict_proba") else {},
-                         xfail_strict=False)
+                         expected_failed_checks=lambda est: _rounding_reasons(est) if _NON_STRICT_XFAIL else {},
+                         **({"xfail_strict": False} if _NON_STRICT_XFAIL else {}))
 @pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
 def test_scikit_learn_estimator_checks_with_lbfgs(estimator, check):
+    name = getattr(check, "func", check).__name__
+    reason = _rounding_reasons(estimator).get(name)
+    if reason is not None and not _NON_STRICT_XFAIL:
+        pytest.skip(reason)
+    if name == "check_array_api_input" and not _ARRAY_API_CHECK:
+        pytest.skip("scikit-learn before 1.9 pins array_api_strict to the 2023.12 standard process-wide (the "
+                    "kernels use 2024.12's Python-scalar operands) and expects classes_ in X's namespace")
     check(estimator)
 
 
@@ -508,8 +713,8 @@ def test_scikit_learn_estimator_checks_with_lbfgs(estimator, check):
 def test_host_reads_are_one_per_evaluation_and_two_per_iteration(monkeypatch, rng):
     """Counted on array_api_strict: each objective evaluation reads its value with the slope
     (or, at the start, the largest gradient entry) in one transfer, and each iteration reads
-    twice more (the direction's slope, size and, first, the gradient's 1-norm; the new pair's
-    curvature with the new gradient's largest entry). ``fit``'s full-batch loop adds a fixed
+    twice more (the direction's slope, size and, first, its 2-norm; the new pair's y.y with
+    the new gradient's largest entry). ``fit``'s full-batch loop adds a fixed
     number of reads (its checks of the data), whatever the iterations."""
     import array_api_strict
 

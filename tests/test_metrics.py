@@ -190,6 +190,39 @@ def test_history_records_accuracy_per_epoch(backend):
     assert len(set(h["accuracy"])) > 1  # it moved: the values are the epochs' own
 
 
+
+@pytest.mark.parametrize("case", ["labels", "one-hot", "weighted", "batch-callback", "adam"])
+def test_training_accuracy_counted_by_the_loss_equals_sklearn(backend, monkeypatch, case):
+    """With a zero learning rate every batch sees the same parameters, so the training
+    accuracy over uneven batches equals scikit-learn's on the whole data, whether the
+    cross-entropy's own pass counts it (labels, with plain SGD or Adam, and in the loop
+    that reads each step's loss) or the metric's hook does (one-hot targets, sample
+    weights); the loss counts it exactly in the label cases."""
+    from arraymlp.kernels import kernels_for
+
+    x_np, y_np = _multiclass_data(n=47)
+    model = am.MLP([4, 8, 6], output_activation="softmax", dtype="float64", seed=0, **backend.model_kwargs())
+    x = backend.asarray(x_np)
+    ks = kernels_for(backend.xp)
+    counted = []
+    real = ks.cross_entropy_labels_mean_hits
+    monkeypatch.setattr(ks, "cross_entropy_labels_mean_hits", lambda *a: counted.append(1) or real(*a))
+    kw = dict(optimizer=am.Adam(lr=0.0) if case == "adam" else SGD(lr=0.0), epochs=2, batch_size=6, progress=False)
+    y = backend.asarray(np.eye(6)[y_np] if case == "one-hot" else y_np)
+    if case == "weighted":
+        kw["sample_weight"] = backend.asarray(np.ones(47))
+    if case == "batch-callback":
+        class Watch(am.Callback):
+            def on_batch_end(self, model, logs):
+                return False
+
+        kw["callbacks"] = [Watch()]
+    h = model.fit(x, y, **kw)
+    want = skm.accuracy_score(y_np, backend.to_numpy(model.predict(x)))
+    assert h["accuracy"] == [want, want]
+    assert len(counted) == (0 if case in ("one-hot", "weighted") else 16)  # 8 batches an epoch
+
+
 def test_history_metrics_accumulate_over_uneven_batches(backend):
     """With a zero learning rate every batch sees the same parameters, so the epoch's
     accumulated metrics equal scikit-learn's on the whole data (7 batches, the last short)."""

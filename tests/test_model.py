@@ -498,3 +498,62 @@ def test_fit_signature_has_no_private_parameters():
     import inspect
 
     assert not [p for p in inspect.signature(am.MLP([2, 1]).fit).parameters if p.startswith("_")]
+
+
+# ----------------------------------------------------------------- the default loss
+def test_loss_defaults_to_the_models_own_loss(backend):
+    """model.loss and loss_and_grads without loss= use the loss of the last fit (else the
+    one fit infers), never a squared error the model was not trained on: the values are
+    the cross-entropy and binary cross-entropy computed in NumPy from the probabilities,
+    for class labels and one-hot targets alike."""
+    backend.skip_without_float64()
+    rng = np.random.default_rng(0)
+    x_np = rng.normal(size=(30, 4))
+    labels = rng.integers(0, 3, 30)
+    x = backend.asarray(x_np)
+    kw = dict(epochs=2, lr=0.1, progress=False)
+
+    clf = am.MLP([4, 8, 3], output_activation="softmax", dtype="float64", seed=0, **backend.model_kwargs())
+    p = backend.to_numpy(clf.predict_proba(x))
+    ce = -np.mean(np.log(p[np.arange(30), labels]))  # before any fit: inferred from the softmax output
+    assert float(clf.loss(x, backend.asarray(labels))) == pytest.approx(ce, rel=1e-12)
+    clf.fit(x, backend.asarray(labels), loss="cross_entropy", **kw)
+    p = backend.to_numpy(clf.predict_proba(x))
+    ce = -np.mean(np.log(p[np.arange(30), labels]))
+    for y in (backend.asarray(labels), backend.asarray(np.eye(3)[labels])):
+        assert float(clf.loss(x, y)) == pytest.approx(ce, rel=1e-12)
+        value, grads = clf.loss_and_grads(x, y)
+        want, want_grads = clf.loss_and_grads(x, y, loss="cross_entropy")
+        assert float(value) == pytest.approx(ce, rel=1e-12)
+        for g, w in zip(grads, want_grads):
+            for k in g:
+                np.testing.assert_array_equal(backend.to_numpy(g[k]), backend.to_numpy(w[k]))
+    mse = np.mean((p - np.eye(3)[labels]) ** 2)  # what the old default reported
+    assert float(clf.loss(x, backend.asarray(np.eye(3)[labels]), loss="mse")) == pytest.approx(mse, rel=1e-12)
+
+    binary = (labels > 0).astype(np.float64)
+    bin_clf = am.MLP([4, 8, 1], output_activation="sigmoid", dtype="float64", seed=0, **backend.model_kwargs())
+    bin_clf.fit(x, backend.asarray(binary), **kw)
+    q = backend.to_numpy(bin_clf.predict_proba(x))[:, 0]
+    bce = -np.mean(binary * np.log(q) + (1 - binary) * np.log(1 - q))
+    assert float(bin_clf.loss(x, backend.asarray(binary))) == pytest.approx(bce, rel=1e-10)
+
+    reg = am.MLP([4, 8, 2], dtype="float64", seed=0, **backend.model_kwargs())
+    t = rng.normal(size=(30, 2))
+    out = backend.to_numpy(reg(x))
+    assert float(reg.loss(x, backend.asarray(t))) == pytest.approx(np.mean((out - t) ** 2), rel=1e-12)
+    with pytest.raises(ValueError, match="cannot tell which loss to use.*pass loss="):
+        reg.loss(x, backend.asarray(labels[:, None]))
+
+    ens = am.MLP([4, 8, 3], output_activation="softmax", ensemble=2, dtype="float64", seed=0, **backend.model_kwargs())
+    ens.fit(x, backend.asarray(labels), **kw)
+    members = backend.to_numpy(ens.predict_proba(x, reduce=None))
+    onehot = backend.asarray(np.eye(3)[labels])
+    want = sum(-np.mean(np.log(m[np.arange(30), labels])) for m in members)
+    assert float(ens.loss(x, onehot)) == pytest.approx(want, rel=1e-12)
+    assert float(ens.loss_and_grads(x, onehot)[0]) == pytest.approx(want, rel=1e-12)
+    # an ensemble's fit infers its loss as fit does (a softmax output with one-hot targets: cross-entropy)
+    ens2 = am.MLP([4, 8, 3], output_activation="softmax", ensemble=2, dtype="float64", seed=0,
+                  **backend.model_kwargs())
+    ens2.fit(x, onehot, **kw)
+    assert ens2.loss_ == "cross_entropy"

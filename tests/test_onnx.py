@@ -143,3 +143,92 @@ def test_export_errors(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnx", None)
     with pytest.raises(ImportError, match=r"pip install arraymlp\[onnx\]"):
         am.export_onnx(model, tmp_path / "m.onnx")
+
+
+# ----------------------------------------------------------------------------- ensembles
+def _run_members(path, x):
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(["output", "members"], {"input": x})
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_ensemble_classifier_every_backend(backend, tmp_path, dtype):
+    """One graph for K members: "output" is predict_proba (the members' probabilities
+    averaged; a model trained on logits gets its softmax), "members" predict_proba with
+    reduce=None, on every backend the ensemble was trained on."""
+    np_dtype = np.dtype(dtype)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 6))
+    y = rng.integers(0, 4, size=60)
+    model = am.MLP([6, 12, 4], activation="silu", layer_norm=True, dropout=0.1, ensemble=3, seed=0, dtype=dtype,
+                   **backend.model_kwargs())
+    model.fit(backend.asarray(x, np_dtype), backend.asarray(y, np.int64), loss="cross_entropy",
+              lr=[1e-3, 1e-2, 3e-2], epochs=2, progress=False)
+    path = tmp_path / "ensemble.onnx"
+    proto = am.export_onnx(model, path, members=True)
+    xd = x.astype(np_dtype)
+    out, members = _run_members(path, xd)
+    tol = 1e-12 if dtype == "float64" else 1e-5
+    want = backend.to_numpy(model.predict_proba(backend.asarray(xd)))
+    per = backend.to_numpy(model.predict_proba(backend.asarray(xd), reduce=None))
+    assert out.dtype == np_dtype and out.shape == (60, 4) and members.shape == (3, 60, 4)
+    np.testing.assert_allclose(out, want, rtol=tol, atol=tol)
+    np.testing.assert_allclose(members, per, rtol=tol, atol=tol)
+    np.testing.assert_allclose(out.sum(axis=1), 1.0, rtol=tol)
+    # dense: MatMul over the member axis + Add; LayerNorm with the members' gamma/beta;
+    # silu; dropout is nothing; the logits' softmax; the mean over the members
+    assert _ops(proto) == ["MatMul", "Add", "LayerNormalization", "Mul", "Add", "Sigmoid", "Mul", "MatMul", "Add",
+                           "Softmax", "ReduceMean"]
+    dims = proto.graph.output[1].type.tensor_type.shape.dim
+    assert [dims[0].dim_value, dims[1].dim_param, dims[2].dim_value] == [3, "batch", 4]
+
+
+@pytest.mark.parametrize("opset", [17, 18, 20])
+def test_ensemble_regressor_and_output_activations(tmp_path, opset):
+    """A regressor's "output" is predict (the members' outputs averaged) and "members"
+    model(x); a softmax output layer is averaged as it is; a multilabel model trained on
+    logits gets its sigmoid; a dense layer without bias is a bare MatMul."""
+    x = _inputs(5, np.float64, n=40)
+    reg = am.Sequential([am.Dense(5, 8, bias=False), am.LayerNorm(8, eps=1e-3), am.Activation("tanh"),
+                         am.Dense(8, 2)], ensemble=4, dtype="float64", seed=1, backend="numpy")
+    reg.params[1]["gamma"] = np.linspace(0.5, 2.0, 4 * 8).reshape(4, 1, 8)
+    path = tmp_path / "reg.onnx"
+    proto = am.export_onnx(reg, path, opset=opset, members=True)
+    out, members = _run_members(path, x)
+    # onnxruntime's LayerNormalization on the inputs of +-25 differs by 1e-11 from the
+    # library's, as much as in each member's own (plain) export
+    np.testing.assert_allclose(out, reg.predict(x), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(members, reg(x), rtol=1e-10, atol=1e-10)
+    for i in range(4):
+        am.export_onnx(reg.member(i), tmp_path / "member.onnx", opset=opset)
+        np.testing.assert_allclose(members[i], _run(tmp_path / "member.onnx", x), rtol=1e-13, atol=1e-13)
+    assert _ops(proto)[0] == "MatMul" and _ops(proto)[1] == "LayerNormalization"
+    assert "Softmax" not in _ops(proto) and "Sigmoid" not in _ops(proto)
+
+    soft = am.MLP([5, 6, 3], output_activation="softmax", ensemble=2, dtype="float64", seed=2, backend="numpy")
+    proto = am.export_onnx(soft, path, opset=opset)
+    assert _ops(proto).count("Softmax") == 1 and [o.name for o in proto.graph.output] == ["output"]
+    np.testing.assert_allclose(_run(path, x), soft.predict_proba(x), rtol=1e-12, atol=1e-12)
+
+    multi = am.MLP([5, 6, 3], ensemble=3, dtype="float64", seed=3, backend="numpy")
+    labels = (x[:, :3] > 0).astype(np.float64)
+    multi.fit(x, labels, loss="binary_cross_entropy", epochs=1, progress=False)
+    proto = am.export_onnx(multi, path, opset=opset)
+    assert _ops(proto)[-2:] == ["Sigmoid", "ReduceMean"]
+    np.testing.assert_allclose(_run(path, x), multi.predict_proba(x), rtol=1e-12, atol=1e-12)
+
+
+def test_members_output_needs_an_ensemble(tmp_path):
+    with pytest.raises(ValueError, match="members=True exports each member's output of an ensemble"):
+        am.export_onnx(am.MLP([2, 3], backend="numpy"), tmp_path / "m.onnx", members=True)
+
+
+def test_float16_ensemble_export(tmp_path):
+    model = am.MLP([4, 8, 3], activation="gelu", layer_norm=True, output_activation="softmax", ensemble=3,
+                   dtype="float16", seed=0, backend="numpy")
+    x = np.random.default_rng(1).normal(size=(16, 4)).astype(np.float16)
+    proto = am.export_onnx(model, tmp_path / "e.onnx", members=True)
+    out, members = _run_members(tmp_path / "e.onnx", x)
+    assert out.dtype == np.float16 and proto.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    np.testing.assert_allclose(out, model.predict_proba(x), rtol=0, atol=2e-3)
+    np.testing.assert_allclose(members, model.predict_proba(x, reduce=None), rtol=0, atol=2e-3)

@@ -219,3 +219,93 @@ def test_the_device_resident_loop_and_the_per_step_loop_agree_under_mixed_precis
         out.append((model.params[0]["W"].copy(), float(amp.scale), int(amp.skipped)))
     np.testing.assert_array_equal(out[0][0], out[1][0])
     assert out[0][1:] == out[1][1:] and out[0][2] >= 1
+
+
+def _overflowing_data():
+    """Targets large enough that a scale of 2**20 overflows float16 now and then, so the
+    scale halves, skips are counted and growth (every 3 good steps) doubles it again."""
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((64, 5)).astype(np.float32)
+    y = (x @ rng.standard_normal((5, 2)) * 50.0).astype(np.float32)
+    return x, y
+
+
+def _amp():
+    return am.MixedPrecision("float16", init_scale=2.0**20, growth_interval=3)
+
+
+@pytest.mark.parametrize("given", ["instance", "name"])
+def test_a_resumed_float16_run_ends_as_the_uninterrupted_one(backend, tmp_path, given):
+    """Checkpoints keep the loss scale, its good-step count and the skip count (and the
+    scaling's configuration): a run resumed after epoch 2 of 4 ends with the parameters
+    and loss-scale state of the uninterrupted run, bit for bit. A resume that passes
+    only the dtype name takes the saved configuration."""
+    _need(backend, "float16")
+    x, y = _overflowing_data()
+    xs, ys = backend.asarray(x), backend.asarray(y)
+    kwargs = dict(loss="mse", optimizer="adam", lr=1e-2, batch_size=16, progress=False, seed=0)
+    full = am.MLP([5, 8, 2], seed=0, **backend.model_kwargs())
+    amp = _amp()
+    full.fit(xs, ys, epochs=4, precision=amp, callbacks=[am.Checkpoint(tmp_path, keep=None)], **kwargs)
+    want = amp.state_dict()
+    assert want["skipped"] >= 1 and want["scale"] != 2.0**20  # the scale moved during the run
+
+    resumed = am.MLP([5, 8, 2], seed=0, **backend.model_kwargs())
+    amp2 = _amp() if given == "instance" else "float16"
+    resumed.fit(xs, ys, epochs=4, precision=amp2, resume_from=tmp_path / "epoch-00002.safetensors", **kwargs)
+    assert resumed.precision_.state_dict() == want
+    for p, q in zip(full.params, resumed.params):
+        for k in p:
+            np.testing.assert_array_equal(backend.to_numpy(p[k]), backend.to_numpy(q[k]))
+
+
+def test_a_resume_without_the_saved_state_differs(tmp_path, monkeypatch):
+    """The check above is not vacuous: a run resumed with its loss scale back at
+    init_scale (the state dropped from the checkpoint) ends elsewhere."""
+    x, y = _overflowing_data()
+    kwargs = dict(loss="mse", optimizer="adam", lr=1e-2, batch_size=16, progress=False, seed=0)
+    full = am.MLP([5, 8, 2], seed=0)
+    full.fit(x, y, epochs=4, precision=_amp(), callbacks=[am.Checkpoint(tmp_path, keep=None)], **kwargs)
+    resumed = am.MLP([5, 8, 2], seed=0)
+    original = am.io.checkpoints.restore_checkpoint
+
+    def forgetful(*args, precision=None, **kw):
+        return original(*args, **kw)
+
+    monkeypatch.setattr(am.io.checkpoints, "restore_checkpoint", forgetful)
+    resumed.fit(x, y, epochs=4, precision=_amp(), resume_from=tmp_path / "epoch-00002.safetensors", **kwargs)
+    assert not np.array_equal(full.params[0]["W"], resumed.params[0]["W"])
+
+
+def test_copy_and_to_continue_the_loss_scale(backend):
+    """``copy()`` gives the copy its own MixedPrecision with the same scale and counters;
+    ``to()`` keeps it and moves it at the next step. partial_fit with the dtype name
+    continues it: growth_interval=2 doubles the scale at the second call's step, as one
+    uninterrupted sequence of calls does."""
+    _need(backend, "float16")
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((8, 3)).astype(np.float32)
+    y = np.arange(8) % 2
+    model = am.MLP([3, 2], seed=0)
+    amp = am.MixedPrecision("float16", init_scale=8.0, growth_interval=2)
+    model.partial_fit(x, y, loss="cross_entropy", optimizer="sgd", batch_size=8, precision=amp)
+    assert (float(amp.scale), int(amp.good_steps)) == (8.0, 1)
+    twin = model.copy()
+    assert twin.precision_ is not amp and twin.precision_.state_dict() == amp.state_dict()
+    moved = model.copy().to(backend.name, backend.device)
+    for m in (twin, moved):
+        xs, ys = (x, y) if m is twin else (backend.asarray(x), backend.asarray(y))
+        m.partial_fit(xs, ys, batch_size=8, precision="float16")
+        assert m.precision_.state_dict()["scale"] == 16.0 and m.precision_.state_dict()["good_steps"] == 0
+    assert (float(amp.scale), int(amp.good_steps)) == (8.0, 1)  # the original is untouched by its copies
+
+
+def test_a_checkpoint_of_another_compute_dtype_is_refused(tmp_path):
+    pytest.importorskip("torch")
+    x, y = _overflowing_data()
+    model = am.MLP([5, 8, 2], seed=0, backend="torch")
+    model.fit(x, y, loss="mse", epochs=1, progress=False, precision="bfloat16",
+              callbacks=[am.Checkpoint(tmp_path, keep=None)])
+    with pytest.raises(ValueError, match="dtype 'bfloat16'.*precision='bfloat16'"):
+        am.MLP([5, 8, 2], seed=0, backend="torch").fit(x, y, loss="mse", epochs=2, progress=False,
+                                                        precision="float16", resume_from=tmp_path)

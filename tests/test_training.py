@@ -375,6 +375,83 @@ def test_early_stopping_int_monitors_training_loss_without_validation(backend):
     assert h.val_loss == []
 
 
+def _accuracy_problem(backend):
+    """Three noisy classes, 80 training and 40 validation rows, and a float64 softmax MLP."""
+    r = np.random.default_rng(3)
+    x = r.normal(size=(120, 4))
+    y = np.argmax(x @ r.normal(size=(4, 3)) + 1.5 * r.normal(size=(120, 3)), axis=1)
+    model = am.MLP([4, 8, 3], output_activation="softmax", dtype="float64", seed=0, **backend.model_kwargs())
+    data = backend.asarray(x[:80]), backend.asarray(y[:80])
+    return model, data, (backend.asarray(x[80:]), backend.asarray(y[80:]))
+
+
+_ACC_KW = dict(loss="cross_entropy", optimizer="adam", lr=0.05, epochs=40, batch_size=16, shuffle=False,
+               metrics=["accuracy"], progress=False)
+
+
+@pytest.mark.parametrize("mode", ["auto", "max", "min"])
+def test_early_stopping_on_val_accuracy(backend, mode):
+    """EarlyStopping("val_accuracy") (mode inferred as max, or given) stops at the epoch the
+    rule gives on the uninterrupted run's validation accuracies, restores the parameters of
+    that run's best epoch, and logs the same values up to the stop."""
+    model, (x, y), val = _accuracy_problem(backend)
+    snaps = Snapshots()
+    full = model.fit(x, y, validation_data=val, callbacks=[snaps], **_ACC_KW)["val_accuracy"]
+    higher = mode != "min"
+    best_epoch, last_epoch = _expected_stop([-v if higher else v for v in full], patience=3, min_delta=0.0)
+    assert last_epoch < len(full) - 1  # the rule does stop this run early
+    if higher:
+        assert best_epoch > 0 and full[best_epoch] == max(full[:last_epoch + 1])
+
+    model, (x, y), val = _accuracy_problem(backend)
+    stop = EarlyStopping("val_accuracy", patience=3, mode=mode)
+    assert stop.mode == ("min" if mode == "min" else "max")
+    h = model.fit(x, y, validation_data=val, early_stopping=stop, **_ACC_KW)
+    assert h.stopped_early and h.epochs == last_epoch + 1 and h.best_epoch == best_epoch
+    assert h["val_accuracy"] == full[:last_epoch + 1]
+    assert_params_equal(host_params(model), snaps.after_epoch[best_epoch])
+    assert model.evaluate(*val)["accuracy"] == full[best_epoch]
+
+
+def test_early_stopping_on_a_training_metric_and_a_custom_one(backend):
+    """A training metric ("accuracy", max) and a custom metric with mode="max" are monitored
+    like the validation ones; a custom name without mode= is refused up front."""
+    model, (x, y), val = _accuracy_problem(backend)
+    kw = {**_ACC_KW, "lr": 0.2}
+
+    def hits(y_true, y_pred, *, xp):
+        return xp.mean(xp.astype(y_true == y_pred, xp.float64))
+
+    full = model.fit(x, y, **{**kw, "metrics": ["accuracy", hits]})
+    for name, stop in (("accuracy", EarlyStopping("accuracy", patience=2)),
+                       ("hits", EarlyStopping("hits", patience=2, mode="max"))):
+        best_epoch, last_epoch = _expected_stop([-v for v in full[name]], patience=2, min_delta=0.0)
+        model, (x, y), val = _accuracy_problem(backend)
+        h = model.fit(x, y, early_stopping=stop, **{**kw, "metrics": ["accuracy", hits]})
+        assert h.epochs == last_epoch + 1 and h.best_epoch == best_epoch
+        assert h.stopped_early == (last_epoch < kw["epochs"] - 1)
+    with pytest.raises(ValueError, match="monitor='hits': cannot tell whether higher or lower values are better; "
+                                         "pass mode='max'"):
+        EarlyStopping("hits")
+
+
+def test_early_stopping_on_a_value_never_logged_names_the_logged_ones():
+    model, (x, y), val = _accuracy_problem(BACKEND_ROWS[0].values[0])  # the numpy row
+    kw = {**_ACC_KW, "epochs": 3}
+    with pytest.raises(ValueError, match=r"EarlyStopping monitors 'val_accuracy', which training does not log; "
+                                         r"logged: accuracy, loss, lr\. pass validation data"):
+        model.fit(x, y, early_stopping=EarlyStopping("val_accuracy"), **kw)
+    with pytest.raises(ValueError, match=r"monitors 'val_top_3_accuracy', which training does not log; logged: "
+                                         r"accuracy, loss, lr, val_accuracy, val_loss, val_metric\. name a metric"):
+        model.fit(x, y, validation_data=val, early_stopping=EarlyStopping("val_top_3_accuracy"), **kw)
+    with pytest.raises(ValueError, match="mode must be 'auto', 'min' or 'max', got 'up'"):
+        EarlyStopping("val_accuracy", mode="up")
+    with pytest.raises(TypeError, match="monitor must be the name of a logged value"):
+        EarlyStopping(3)
+    assert [EarlyStopping(m).mode for m in ("loss", "val_loss", "val_metric", "val_r2", "mae", "val_top_2_accuracy")] \
+        == ["min", "min", "max", "max", "min", "max"]
+
+
 # ---------------------------------------------------------------------------- callbacks
 class Recorder(Callback):
     def __init__(self, stop_at_step=None, stop_at_epoch=None):

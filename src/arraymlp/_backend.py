@@ -174,11 +174,25 @@ def device_of(x: Any) -> Any:
 
 # ----------------------------------------------------------------------- sparse matrices
 # A sparse matrix reaches only the first dense layer's kernels (``x @ W``, ``x.T @ dy``) and
-# the training loop's row selection. Two kinds are known: scipy.sparse on NumPy and
-# cupyx.scipy.sparse on CuPy. Neither library is imported here: a matrix of theirs can only
-# exist once its module is loaded, so ``sys.modules`` answers without an import.
+# the training loop's row selection. Three kinds are known: scipy.sparse on NumPy,
+# cupyx.scipy.sparse on CuPy and torch's sparse layouts (CSR, CSC, COO) on torch. None of
+# those libraries is imported here: a matrix of theirs can only exist once its module is
+# loaded, so ``sys.modules`` answers without an import.
+def _torch_sparse(x: Any) -> bool:
+    """Whether ``x`` is a torch tensor of a sparse layout (CSR, CSC, COO, BSR, BSC)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor) and x.layout is not torch.strided
+
+
 def is_sparse(x: Any) -> bool:
-    """Whether ``x`` is a scipy.sparse or cupyx.scipy.sparse matrix or array."""
+    """Whether ``x`` is a scipy.sparse or cupyx.scipy.sparse matrix or array, or a torch
+    tensor of a sparse layout. (Asked of every first-layer input on the hot path: a NumPy
+    array and a torch tensor are answered first.)"""
+    if type(x) is numpy.ndarray:
+        return False
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(x, torch.Tensor):
+        return x.layout is not torch.strided
     for name in ("scipy.sparse", "cupyx.scipy.sparse"):
         module = sys.modules.get(name)
         if module is not None and module.issparse(x):
@@ -187,36 +201,112 @@ def is_sparse(x: Any) -> bool:
 
 
 def sparse_namespace(x: Any) -> types.ModuleType:
-    """The namespace a sparse matrix computes with: NumPy's for scipy.sparse, CuPy's for
-    cupyx.scipy.sparse (the dense results of ``x @ W`` are arrays of that library)."""
+    """The namespace a sparse matrix computes with: NumPy's for scipy.sparse, torch's for a
+    sparse torch tensor, CuPy's for cupyx.scipy.sparse (the dense results of ``x @ W`` are
+    arrays of that library)."""
     scipy_sparse = sys.modules.get("scipy.sparse")
     if scipy_sparse is not None and scipy_sparse.issparse(x):
         return resolve_backend("numpy")
+    if _torch_sparse(x):
+        return resolve_backend("torch")
     return resolve_backend("cupy")  # untested here: needs a CUDA device
 
 
 def sparse_device(x: Any) -> Any:
-    """Device of a sparse matrix: ``"cpu"`` for scipy.sparse, its data's for CuPy."""
-    return device_of(x.data)
+    """Device of a sparse matrix: ``"cpu"`` for scipy.sparse, the tensor's for torch, its
+    data's for CuPy."""
+    return x.device if _torch_sparse(x) else device_of(x.data)
+
+
+def sparse_values(x: Any) -> Any:
+    """The stored values of a compressed-row matrix (what a finiteness check reads): a
+    dense array of its library, without the zeros."""
+    return x.values() if _torch_sparse(x) else x.data
 
 
 def as_csr(x: Any, dtype: Any) -> Any:
     """``x`` in compressed-row form and ``dtype``: batches are then row slices. CSC and
     COO are converted once; a CSR matrix of that dtype is returned as it is (never
-    written to)."""
+    written to) when its form is canonical (sorted column indices, no duplicates).
+
+    A non-canonical CSR matrix is copied and made canonical here, once: cupyx's sparse
+    product sorts and sums the entries of its operand in place before multiplying (which
+    would rewrite the caller's arrays, and check the form again on every batch, a device
+    synchronisation). A torch tensor is converted by ``to_sparse_csr`` (COO's duplicates
+    are summed) and cast by ``to``, each of which returns the tensor itself when there is
+    nothing to do."""
+    if _torch_sparse(x):
+        torch = sys.modules["torch"]
+        if x.layout not in (torch.sparse_csr, torch.sparse_csc, torch.sparse_coo):
+            msg = (f"a sparse torch tensor of layout {x.layout} is not supported; use CSR, CSC or COO "
+                   "(x.to_sparse_csr())")
+            raise TypeError(msg)
+        if x.layout is not torch.sparse_csr:
+            x = x.to_sparse_csr()
+        return x if x.dtype == dtype else x.to(dtype)
     x = x.tocsr()
+    if not x.has_canonical_format:  # the converted formats come out canonical: only a caller's CSR
+        x = x.copy()
+        x.sum_duplicates()
     return x if x.dtype == dtype else x.astype(dtype)
+
+
+def sparse_transpose(x: Any) -> Any:
+    """``x.T`` of a sparse matrix: a view in the other compressed form (CSR to CSC), no
+    copy. (torch's ``.T`` is a strided view, which sparse tensors do not have.)"""
+    return x.t() if _torch_sparse(x) else x.T
+
+
+def _torch_csr(x: Any, crow: Any, lo: Any, hi: Any, n: int, pos: Any = None) -> Any:
+    """The CSR tensor of ``n`` rows with row offsets ``crow`` whose entries are ``x``'s
+    entries ``lo:hi`` (or those at positions ``pos``)."""
+    torch = sys.modules["torch"]
+    cols, vals = x.col_indices(), x.values()
+    if pos is None:
+        cols, vals = cols[lo:hi], vals[lo:hi]
+    else:
+        cols, vals = cols[pos], vals[pos]
+    return torch.sparse_csr_tensor(crow, cols, vals, size=(n, x.shape[1]), dtype=x.dtype, device=x.device,
+                                   check_invariants=False)
+
+
+def _torch_csr_slice(x: Any, start: int, stop: int) -> Any:
+    """Rows ``start:stop`` of a torch CSR tensor (torch slices no sparse layout): the
+    entries between two row offsets, read to the host in one transfer (a synchronisation
+    per batch on a GPU)."""
+    crow = x.crow_indices()
+    lo, hi = crow[[start, stop]].tolist()
+    return _torch_csr(x, crow[start:stop + 1] - lo, lo, hi, stop - start)
+
+
+def _torch_csr_take(x: Any, idx: Any) -> Any:
+    """Rows ``idx`` (an integer tensor, repeats allowed) of a torch CSR tensor: each
+    row's entries, in ``idx``'s order, gathered by their positions."""
+    torch = sys.modules["torch"]
+    crow = x.crow_indices()
+    idx = idx.to(crow.dtype)
+    first = crow[idx]
+    counts = crow[idx + 1] - first
+    offsets = torch.zeros(idx.shape[0] + 1, dtype=crow.dtype, device=crow.device)
+    torch.cumsum(counts, 0, out=offsets[1:])
+    row = torch.repeat_interleave(torch.arange(idx.shape[0], device=crow.device), counts)
+    pos = first[row] + torch.arange(row.shape[0], dtype=crow.dtype, device=crow.device) - offsets[row]
+    return _torch_csr(x, offsets, None, None, int(idx.shape[0]), pos)
 
 
 def take_rows(x: Any, idx: Any, xp: types.ModuleType) -> Any:
     """Rows ``idx`` (an integer array) of a dense array or a CSR matrix."""
-    return x[idx] if is_sparse(x) else xp.take(x, idx, axis=0)
+    if not is_sparse(x):
+        return xp.take(x, idx, axis=0)
+    return _torch_csr_take(x, idx) if _torch_sparse(x) else x[idx]
 
 
 def slice_rows(x: Any, start: int, stop: int) -> Any:
     """Rows ``start:stop`` of a dense array or a CSR matrix (a view for dense arrays;
     for CSR, a matrix of those rows' entries only)."""
-    return x[start:stop] if is_sparse(x) else x[start:stop, ...]
+    if not is_sparse(x):
+        return x[start:stop, ...]
+    return _torch_csr_slice(x, start, stop) if _torch_sparse(x) else x[start:stop]
 
 
 def resolve_dtype(xp: types.ModuleType, dtype: Any) -> Any:
@@ -412,6 +502,28 @@ def to_numpy(x: Any) -> numpy.ndarray:
         return numpy.asarray(x)
 
 
+def host_namespace() -> types.ModuleType:
+    """The namespace of host (NumPy) data: where data staged for another device is checked."""
+    return resolve_backend("numpy")
+
+
+def host_array(x: Any) -> numpy.ndarray | None:
+    """``x`` as a NumPy array when it is dense and lives in host memory (a NumPy array,
+    or another library's array on its CPU device, viewed without a copy where DLPack
+    allows), else None (a GPU array, a sparse matrix, a non-array)."""
+    if isinstance(x, numpy.ndarray):
+        return x
+    if is_sparse(x):
+        return None
+    try:
+        device = device_of(x)
+    except (TypeError, AttributeError):
+        return None
+    if "cpu" not in str(device).lower():
+        return None
+    return to_numpy(x)
+
+
 class StepValues:
     """Values of successive training steps (0-d or 1-d arrays) kept on their device,
     stacked into one array every ``every`` values (so a long epoch holds few arrays),
@@ -546,7 +658,12 @@ class _CupyCopies(_PlainCopies):
     def send(self, host):
         cupy = self._cupy
         with cupy.cuda.Device(getattr(self.device, "id", self.device)):
+            # ``out`` comes from the compute stream's pool, which may hand back memory that
+            # kernels already queued there still read (freed in Python, not yet on the
+            # device): the side stream's copy waits for the compute stream's queue as it
+            # is now (a device-side wait). The copy then runs beside the next batch's work.
             out = cupy.empty(host.shape, dtype=host.dtype)
+            self.stream.wait_event(cupy.cuda.get_current_stream().record())
             out.set(host, stream=self.stream)  # asynchronous from pinned memory
             return out
 

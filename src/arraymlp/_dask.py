@@ -20,6 +20,11 @@ The blocks' array type must match the model's backend: NumPy blocks for a NumPy 
 CuPy blocks (``x.map_blocks(cupy.asarray)``, or data read by dask-cuda) for a CuPy model.
 A worker rebuilds the model on its own default device, so a CuPy model runs on whichever
 GPU a dask-cuda worker owns.
+
+An ensemble (``ensemble=K``) maps the same way: ``model(x)`` is a lazy (K, n, n_outputs)
+array (the member axis one chunk, the rows chunked like ``x``'s), and ``predict`` and
+``predict_proba`` average the members within each block, as the eager methods do, or
+keep the member axis in front with ``reduce=None``.
 """
 
 from __future__ import annotations
@@ -78,14 +83,18 @@ class _InferenceModel:
         type(self).loads += 1
 
 
-def _apply(block, payload: _InferenceModel, method: str, out_shape: tuple, out_dtype: str):
-    """Run ``method`` of the model on one block of rows."""
+def _apply(block, payload: _InferenceModel, method: str, out_shape: tuple, out_dtype: str, lead: tuple = (),
+           reduce: str | None = "mean"):
+    """Run ``method`` of the model on one block of rows; ``lead`` is an ensemble's
+    member axis, (K,), in front of the rows (``()`` when the members are averaged)."""
     model = payload.model
     if block.shape[0] == 0:
         xp = array_api_compat.array_namespace(block)
-        return xp.empty((0,) + out_shape, dtype=getattr(xp, out_dtype))
+        return xp.empty(lead + (0,) + out_shape, dtype=getattr(xp, out_dtype))
     if method == "__call__":
         return model(block)
+    if model.ensemble is not None:
+        return getattr(model, method)(block, reduce=reduce)
     return getattr(model, method)(block)
 
 
@@ -107,6 +116,34 @@ def _output(model, method: str) -> tuple[tuple, str]:
     if task == "multiclass" or one_d:
         return (), dtype
     return (k,), dtype
+
+
+def _ensemble_output(model, method: str, reduce) -> tuple[tuple, tuple, str]:
+    """An ensemble's ``(lead, per-row shape, dtype name)`` of ``method``: ``lead`` is
+    (K,) for per-member results (``model(x)``, ``reduce=None``), else ()."""
+    from .ensemble import _check_reduce
+
+    _check_reduce(reduce)
+    k, m = model.ensemble, model.n_outputs
+    lead = (k,) if method == "__call__" or reduce is None else ()
+    if method == "__call__":
+        return lead, (m,), model.dtype_name
+    if method == "predict_proba":  # _output checks that the model is a classifier
+        return (lead, *_output(model, "predict_proba"))
+    task = getattr(model, "task_", None)
+    if task is None:
+        task = {"softmax": "multiclass", "sigmoid": "multilabel"}.get(model.output_activation, "regression")
+    if task == "multiclass":  # argmax: the namespace's index dtype
+        return lead, (), _index_dtype_name(model)
+    if task == "multilabel":
+        return lead, (m,), "int64"
+    return lead, (m,), model.dtype_name
+
+
+def _index_dtype_name(model) -> str:
+    from ._backend import dtype_name, index_dtype
+
+    return dtype_name(index_dtype(model.xp))
 
 
 def _current_client():
@@ -150,7 +187,7 @@ def _weights_node(model):
     return delayed(payload, name=key, pure=True, traverse=False), token
 
 
-def map_model(model, x, method: str = "__call__"):
+def map_model(model, x, method: str = "__call__", *, reduce: str | None = "mean"):
     """Lazy ``model.<method>(x)`` over the row blocks of a Dask array.
 
     Parameters
@@ -159,6 +196,9 @@ def map_model(model, x, method: str = "__call__"):
     x : dask.array.Array, shape (n, n_features)
         Floating point; chunked along rows (column chunks are merged).
     method : {"__call__", "predict", "predict_proba"}
+    reduce : {"mean", None}
+        For an ensemble's ``predict`` and ``predict_proba``: average the members, or
+        keep each member's result (a leading axis of K).
 
     Returns
     -------
@@ -166,7 +206,8 @@ def map_model(model, x, method: str = "__call__"):
         Shape ``(n, n_outputs)``; for ``predict`` the shape and dtype the eager
         ``predict`` gives (``(n,)`` int64 labels of a multiclass model, ``(n,)`` for a
         one-output model fitted on targets of shape ``(n,)``); chunked like ``x``'s
-        rows; the blocks are of ``x``'s array type.
+        rows; the blocks are of ``x``'s array type. An ensemble's per-member results
+        have a leading axis of K (one chunk).
     """
     import dask.array as da
     from dask.base import tokenize
@@ -197,14 +238,21 @@ def map_model(model, x, method: str = "__call__"):
             f"(convert it with x.astype('{model.dtype_name}'))"
         )
         raise TypeError(msg)
-    out_shape, dtype = _output(model, method)
+    if model.ensemble is not None:
+        lead, out_shape, dtype = _ensemble_output(model, method, reduce)
+    else:
+        lead, (out_shape, dtype) = (), _output(model, method)
     if len(x.chunks[1]) != 1:
         x = x.rechunk({1: -1})
     weights, token = _weights_node(model)
-    name = f"arraymlp-{method.strip('_')}-{tokenize(token, x.name)}"
-    meta = meta_xp.empty((0,) * (1 + len(out_shape)), dtype=getattr(meta_xp, dtype))
-    kwargs = {"drop_axis": 1} if not out_shape else {"chunks": (x.chunks[0], out_shape)}
+    name = f"arraymlp-{method.strip('_')}-{tokenize(token, x.name, reduce, lead)}"
+    meta = meta_xp.empty((0,) * (len(lead) + 1 + len(out_shape)), dtype=getattr(meta_xp, dtype))
+    kwargs = {"drop_axis": 1} if not out_shape else {}
+    if lead:  # the members' axis, one chunk, in front of the rows
+        kwargs["new_axis"] = 0
+    if out_shape or lead:
+        kwargs["chunks"] = tuple((d,) for d in lead) + (x.chunks[0],) + tuple((d,) for d in out_shape)
     return da.map_blocks(
-        _apply, x, weights, method=method, out_shape=out_shape, out_dtype=dtype, dtype=numpy.dtype(dtype),
-        meta=meta, name=name, **kwargs,
+        _apply, x, weights, method=method, out_shape=out_shape, out_dtype=dtype, lead=lead, reduce=reduce,
+        dtype=numpy.dtype(dtype), meta=meta, name=name, **kwargs,
     )

@@ -20,7 +20,7 @@ import numpy
 
 from ._backend import host_copies
 
-__all__ = ["DeviceBatches"]
+__all__ = ["DeviceBatches", "StagedEpochs"]
 
 
 class DeviceBatches:
@@ -68,6 +68,7 @@ class DeviceBatches:
         self.copies = host_copies(xp, device)
         self._slots = None  # two sets of host buffers, made on first use
         self._events = [None, None]
+        self.sent = 0  # arrays sent to the device so far (one per array and batch)
 
     def _buffers(self, slot: int) -> list:
         if self._slots is None:
@@ -94,8 +95,28 @@ class DeviceBatches:
             else:
                 view[...] = a[idx]
             out.append(self.copies.send(view))
+            self.sent += 1
         event = self._events[slot] = self.copies.mark(out)
         return out, event
+
+    def one(self, order: Any, lo: int, hi: int) -> tuple:
+        """Rows ``[lo, hi)`` of ``order`` (or in order) as one batch of device arrays,
+        from fresh host buffers, the host waiting for their copy: for a batch needed out
+        of turn (a replay after divergence), never in a steady-state epoch."""
+        idx = numpy.arange(lo, hi) if order is None else numpy.asarray(order)[lo:hi]
+        out = []
+        for a, d in zip(self.arrays, self.dtypes):
+            if a is None:
+                out.append(None)
+                continue
+            buf = self.copies.host_buffer((hi - lo, *a.shape[1:]), d)
+            buf[...] = a[idx]
+            out.append(self.copies.send(buf))
+            self.sent += 1
+        event = self.copies.mark(out)
+        self.copies.use(event)
+        self.copies.reusable(event)
+        return tuple(out)
 
     def epoch(self, order: Any = None) -> Iterator[tuple]:
         """The epoch's batches as tuples of device arrays, in the order of ``order``
@@ -113,3 +134,49 @@ class DeviceBatches:
                 ahead = self._stage((i + 1) % 2, nlo, min(nlo + self.batch_size, self.n), order)
             self.copies.use(event)
             yield tuple(arrays)
+
+
+class StagedEpochs:
+    """The training loop's view of :class:`DeviceBatches`: one epoch at a time, each
+    batch asked for by its first row.
+
+    :meth:`begin` starts an epoch in an order; :meth:`batch` ``(start)`` gives the batch
+    of rows ``[start, start + batch_size)`` of it. Asked in turn (the steady state), it
+    is the batch staged while the previous one computed; a batch skipped by the loop
+    (a zero-weight batch) is passed over; one asked for again (the replay after a
+    divergence) is gathered and copied anew by :meth:`DeviceBatches.one`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from arraymlp._staging import StagedEpochs
+    >>> staged = StagedEpochs([np.arange(5.0)[:, None]], np, None, batch_size=2)
+    >>> staged.begin(np.array([4, 3, 2, 1, 0]))
+    >>> [staged.batch(s)[0][:, 0].tolist() for s in (0, 2, 0, 4)]
+    [[4.0, 3.0], [2.0, 1.0], [4.0, 3.0], [0.0]]
+    """
+
+    def __init__(self, arrays: Sequence[Any], xp, device, batch_size: int, dtypes: Sequence[Any] | None = None):
+        self.batches = DeviceBatches(arrays, xp, device, batch_size, dtypes)
+        self.batch_size = self.batches.batch_size
+        self._order = None
+        self._it: Iterator[tuple] | None = None
+        self._next = 0  # the index of the batch the iterator gives next
+
+    def begin(self, order: Any = None) -> None:
+        """Start an epoch in ``order`` (host integer indices, or None: the rows in order)."""
+        if self._it is not None:
+            self._it.close()  # the previous epoch's staged batch, if any, is dropped
+        self._order = None if order is None else numpy.asarray(order)
+        self._it, self._next = self.batches.epoch(self._order), 0
+
+    def batch(self, start: int) -> tuple:
+        """The epoch's batch whose first row is ``start`` (a multiple of the batch size)."""
+        k = start // self.batch_size
+        if self._it is None or k < self._next:
+            return self.batches.one(self._order, start, min(start + self.batch_size, self.batches.n))
+        while self._next < k:
+            next(self._it)
+            self._next += 1
+        self._next += 1
+        return next(self._it)

@@ -13,7 +13,7 @@ import dataclasses
 import math
 from typing import Any
 
-__all__ = ["Callback", "DivergenceError", "EarlyStopping", "History"]
+__all__ = ["Callback", "DivergenceError", "EarlyStopping", "History", "monitor_mode"]
 
 
 class DivergenceError(FloatingPointError, ValueError):
@@ -178,23 +178,93 @@ class Callback:
         raise TypeError(msg)
 
 
+def monitor_mode(monitor: str, mode: str = "auto", *, who: str = "monitor") -> str:
+    """Whether a logged value is better lower (``"min"``) or higher (``"max"``).
+
+    ``mode="min"`` or ``"max"`` is returned as given. ``"auto"`` reads the name, with
+    or without its ``val_`` prefix: losses and errors (``"loss"``, ``"val_loss"``, names
+    ending in ``loss`` or ``error``, ``"mae"``, ``"mse"``) are ``"min"``; accuracies
+    (any name containing ``accuracy``), ``"r2"`` and ``"val_metric"`` are ``"max"``.
+    Any other name raises a ``ValueError`` asking for ``mode=``: guessing the direction
+    of a custom metric would silently keep its worst epoch.
+
+    Parameters
+    ----------
+    monitor : str
+        A key of the epoch's logs (``"val_loss"``, ``"val_accuracy"``, ...).
+    mode : {"auto", "min", "max"}
+    who : str
+        The caller's name, for the messages.
+
+    Returns
+    -------
+    str
+        ``"min"`` or ``"max"``.
+
+    Examples
+    --------
+    >>> import arraymlp as am
+    >>> [am.callbacks.monitor_mode(name) for name in ("val_loss", "val_accuracy", "val_top_3_accuracy", "mae")]
+    ['min', 'max', 'max', 'min']
+    >>> am.callbacks.monitor_mode("val_f1", "max")
+    'max'
+    """
+    if not isinstance(monitor, str):
+        msg = f"{who} must be the name of a logged value (such as 'val_loss' or 'val_accuracy'), got {monitor!r}"
+        raise TypeError(msg)
+    if mode not in ("auto", "min", "max"):
+        msg = f"mode must be 'auto', 'min' or 'max', got {mode!r}"
+        raise ValueError(msg)
+    if mode != "auto":
+        return mode
+    base = monitor[4:] if monitor.startswith("val_") else monitor
+    if base.endswith(("loss", "error")) or base in ("mae", "mse"):
+        return "min"
+    if "accuracy" in base or base == "r2" or monitor == "val_metric":
+        return "max"
+    msg = (f"{who}={monitor!r}: cannot tell whether higher or lower values are better; pass mode='max' "
+           "(a score, such as an accuracy) or mode='min' (a loss or an error)")
+    raise ValueError(msg)
+
+
 class EarlyStopping(Callback):
     """Stop when the monitored value has not improved for ``patience`` epochs.
 
     Parameters
     ----------
-    monitor : {"val_loss", "loss", "val_metric"}
+    monitor : str
+        A value ``fit`` logs at the end of each epoch: ``"val_loss"`` (default),
+        ``"loss"``, ``"val_metric"``, or a metric's name with or without ``val_``
+        (``"val_accuracy"``, ``"accuracy"``, ``"val_r2"``, ``"val_top_3_accuracy"``,
+        a custom metric's name): those of ``fit``'s ``metrics=``, the ``val_`` ones
+        with validation data.
     patience : int
         Epochs without an improvement of more than ``min_delta`` before stopping.
     min_delta : float
+        How much better than the best so far a value must be to count as an improvement.
     restore_best_weights : bool
         Put back the parameters of the best epoch when training ends.
+    mode : {"auto", "min", "max"}
+        Whether lower or higher values are better; ``"auto"`` infers it from the name
+        (:func:`monitor_mode`: min for losses and errors, max for accuracies, R^2 and
+        ``"val_metric"``, an error for other names).
+
+    Attributes
+    ----------
+    best : float
+        The best value so far, negated when ``mode`` is ``"max"`` (lower is always
+        better inside); ``math.inf`` before the first epoch.
+    best_epoch : int or None
+    wait : int
+        Epochs since the best one.
 
     Notes
     -----
     Its state (best value and epoch, epochs waited and the best parameters) is part
     of a :class:`arraymlp.Checkpoint`, so a resumed run stops where the uninterrupted
-    one would have and restores the same parameters.
+    one would have and restores the same parameters. A value that is never logged (for
+    example ``"val_accuracy"`` without validation data) is a ``ValueError`` at the end
+    of the first epoch that names the values that were logged.
 
     Examples
     --------
@@ -208,22 +278,27 @@ class EarlyStopping(Callback):
     >>> history = model.fit(np.zeros((4, 2)), np.ones((4, 1)), epochs=50, early_stopping=stop, progress=False)
     >>> history.epochs, history.stopped_early, history.best_epoch
     (4, True, 0)
-    >>> am.EarlyStopping("accuracy")
+    >>> am.EarlyStopping("val_accuracy").mode, am.EarlyStopping("val_loss").mode
+    ('max', 'min')
+    >>> am.EarlyStopping("val_f1")
     Traceback (most recent call last):
     ...
-    ValueError: monitor must be 'val_loss', 'loss' or 'val_metric', got 'accuracy'
+    ValueError: monitor='val_f1': cannot tell whether higher or lower values are better; pass mode='max' ...
     """
 
     def __init__(self, monitor: str = "val_loss", *, patience: int = 10, min_delta: float = 0.0,
-                 restore_best_weights: bool = True):
-        if monitor not in ("val_loss", "loss", "val_metric"):
-            msg = f"monitor must be 'val_loss', 'loss' or 'val_metric', got {monitor!r}"
-            raise ValueError(msg)
+                 restore_best_weights: bool = True, mode: str = "auto"):
+        self.mode = monitor_mode(monitor, mode)
         if patience < 0:
             msg = f"patience must be >= 0, got {patience!r}"
             raise ValueError(msg)
         self.monitor, self.patience, self.min_delta = monitor, int(patience), float(min_delta)
         self.restore_best_weights = restore_best_weights
+
+    @property
+    def sign(self) -> float:
+        """1.0 for ``mode="min"``, -1.0 for ``"max"``: ``sign * value`` is lower when better."""
+        return -1.0 if self.mode == "max" else 1.0
 
     def on_train_begin(self, model, history):
         if not getattr(self, "_resumed", False):
@@ -232,8 +307,9 @@ class EarlyStopping(Callback):
         self.history = history
 
     def state_dict(self) -> dict[str, Any]:
-        """Best value so far (None before the first epoch), its epoch, epochs waited
-        since, and the best parameters when ``restore_best_weights``."""
+        """Best value so far (None before the first epoch; negated for ``mode="max"``),
+        its epoch, epochs waited since, and the best parameters when
+        ``restore_best_weights``."""
         best = getattr(self, "best", math.inf)
         return {"best": None if math.isinf(best) else float(best), "best_epoch": getattr(self, "best_epoch", None),
                 "wait": int(getattr(self, "wait", 0)), "best_params": getattr(self, "best_params", None)}
@@ -259,9 +335,8 @@ class EarlyStopping(Callback):
     def on_epoch_end(self, model, logs):
         value = logs.get(self.monitor)
         if value is None:
-            msg = f"EarlyStopping monitors {self.monitor!r} but training has no such value (no validation data?)"
-            raise ValueError(msg)
-        score = -value if self.monitor == "val_metric" else value
+            raise missing_value("EarlyStopping", self.monitor, logs)
+        score = self.sign * float(value)
         if score < self.best - self.min_delta:
             self.best, self.best_epoch, self.wait = score, logs["epoch"], 0
             if self.restore_best_weights:
@@ -275,3 +350,13 @@ class EarlyStopping(Callback):
         if self.restore_best_weights and self.best_params is not None:
             model.params = self.best_params
             history.best_epoch = self.best_epoch
+
+
+def missing_value(who: str, monitor: str, logs: dict[str, Any]) -> ValueError:
+    """The error for a monitored value the epoch's logs do not hold, naming those they do."""
+    logged = sorted(k for k, v in logs.items() if v is not None and k not in ("epoch", "step", "time"))
+    hint = ("pass validation data (validation_data= or validation_split=) for val_* values"
+            if monitor.startswith("val_") and not any(k.startswith("val_") for k in logged) else
+            "name a metric of fit's metrics= (each is also logged as val_<name> with validation data)")
+    msg = f"{who} monitors {monitor!r}, which training does not log; logged: {', '.join(logged)}. {hint}"
+    return ValueError(msg)

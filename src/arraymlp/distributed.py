@@ -465,6 +465,85 @@ class DataParallel:
             offset += size
         return value, grads
 
+    def member_loss_and_grads(self, model, compute):
+        """Each member's loss and gradients of the global batch, for an ensemble
+        (``ensemble=K``), from this rank's shard.
+
+        ``compute()`` gives this rank's ``(losses, grads, weights)``: the members' mean
+        losses over the shard, shape (K,), their gradients (mirroring the stacked
+        ``model.params``) and the shard's weight for each member, shape (K,) (its row
+        count, or the sum of the member's row of ``sample_weight``); or ``None`` for an
+        empty shard. Per member ``k`` the result is
+
+        ``g_k = sum_r W_rk g_rk / sum_r W_rk``
+
+        (0 where ``sum_r W_rk`` is 0: a global batch in which member ``k`` has no weight).
+        Buffer layout: ``[W_rk g_rk (flattened, in parameter order), W_rk L_rk (K),
+        W_rk (K), err_r]``, one ``Allreduce`` for all the members; the only host read is
+        ``err`` (an exception on any rank is raised on every rank).
+
+        Parameters
+        ----------
+        model : Sequential built with ``ensemble=K``
+        compute : callable
+            ``compute() -> (losses, grads, weights)`` or ``None``.
+
+        Returns
+        -------
+        losses : array, shape (K,)
+            Each member's mean loss over the global batch (on the device, not read).
+        grads : list of dict of arrays
+            Mirroring ``model.params``.
+        weights : array, shape (K,)
+            Each member's total weight in the global batch.
+        """
+        xp, k = model.xp, int(model.ensemble)
+        keys = [(i, key) for i, p in enumerate(model.params) for key in p]
+        shapes = [tuple(model.params[i][key].shape) for i, key in keys]
+        sizes = [int(numpy.prod(s, dtype=numpy.int64)) for s in shapes]
+        dtype, device = _wire_dtype(xp, model.dtype), model.device
+        failure, flat = None, None
+        try:
+            result = compute()
+            if result is not None:
+                losses, grads, weights = result
+                wk = xp.astype(weights, dtype, copy=False)
+                col = xp.reshape(wk, (k, 1, 1))
+                parts = [xp.reshape(xp.astype(grads[i][key], dtype, copy=False) * col, (-1,)) for i, key in keys]
+                flat = xp.concat([*parts, xp.astype(losses, dtype) * wk, wk,
+                                  xp.zeros((1,), dtype=dtype, device=device)])
+        except Exception as exc:  # reported to every rank below, then re-raised here
+            failure = exc
+        if flat is None:
+            flat = xp.zeros((sum(sizes) + 2 * k + 1,), dtype=dtype, device=device)
+            if failure is not None:
+                flat = xp.concat([flat[:-1], xp.ones((1,), dtype=dtype, device=device)])
+
+        t0 = time.perf_counter()
+        flat = self._collective(flat, xp, device)
+        err = float(to_numpy(flat[-1:])[0])
+        self.stats["allreduce_s"] += time.perf_counter() - t0
+        self.stats["steps"] += 1
+        if err > 0:
+            if failure is not None:
+                raise failure
+            msg = f"{int(err)} other rank(s) failed while computing gradients; see their errors"
+            raise RuntimeError(msg)
+        total = sum(sizes)
+        weights = flat[total + k:total + 2 * k]
+        inv = 1.0 / xp.where(weights > 0, weights, xp.ones_like(weights))
+        losses = flat[total:total + k] * inv
+        col = xp.reshape(inv, (k, 1, 1))
+        grads = [{} for _ in model.params]
+        offset = 0
+        for (i, key), shape, size in zip(keys, shapes, sizes):
+            g = _scale(xp.reshape(flat[offset:offset + size], shape), col)  # in place in the reduced buffer
+            grads[i][key] = g if dtype == model.dtype else xp.astype(g, model.dtype)
+            offset += size
+        if dtype != model.dtype:
+            losses, weights = xp.astype(losses, model.dtype), xp.astype(weights, model.dtype)
+        return losses, grads, weights
+
     # ------------------------------------------------------------------ checks
     def parameters_agree(self, model) -> bool:
         """Whether every rank holds bit-identical parameters (a collective, for tests
@@ -557,6 +636,13 @@ class RootOnly(Callback):
     @run_callbacks.setter
     def run_callbacks(self, callbacks) -> None:
         self.callback.run_callbacks = callbacks
+
+    @property
+    def state_name(self) -> str:
+        """The wrapped callback's name for its saved state: a checkpoint written by a
+        wrapped callback resumes into the bare one (``resume_from`` restores the
+        callbacks before data-parallel training wraps them) and back."""
+        return getattr(self.callback, "state_name", None) or type(self.callback).__name__
 
     def state_dict(self):
         state_dict = getattr(self.callback, "state_dict", None)

@@ -47,16 +47,19 @@ from ._backend import (
     check_same_device,
     device_of,
     get_namespace,
+    index_dtype,
     is_float16,
     is_writeable,
     quiet_overflow,
+    slice_rows,
+    take_rows,
     to_numpy,
 )
 from .callbacks import Callback, DivergenceError, EarlyStopping, History
 from .fusion import plan_for
 from .kernels import kernels_for
 from .kernels.reference import _iadd, _idiv, _imul, _isub
-from .losses import LOSSES, get_loss
+from .losses import LOSSES, Loss, get_loss
 from .optim import SGD, Adagrad, Adam, Optimizer, RMSprop, get_optimizer
 
 __all__ = ["EnsembleHistory", "check_layers", "check_members", "cross_val_scores", "fit", "make_step", "member_seeds",
@@ -231,8 +234,9 @@ def _targets(lossfn, y, n_out: int, xp, dtype):
     """Targets as an array that broadcasts against the outputs (K, n, n_out)."""
     if lossfn.name == "cross_entropy":
         if xp.isdtype(y.dtype, "integral"):
-            labels = xp.reshape(xp.astype(y, xp.int64), (-1, 1))
-            return xp.astype(labels == xp.arange(n_out, dtype=xp.int64, device=y.device), dtype)
+            ix = index_dtype(xp)  # int32 on JAX's 32-bit mode, where int64 is truncated with a warning
+            labels = xp.reshape(xp.astype(y, ix), (-1, 1))
+            return xp.astype(labels == xp.arange(n_out, dtype=ix, device=y.device), dtype)
         return xp.astype(y, dtype)
     y = xp.astype(y, dtype)
     return xp.reshape(y, (-1, n_out)) if y.ndim == 1 else y
@@ -544,7 +548,8 @@ class EnsembleHistory(History):
 # ----------------------------------------------------------------------------- fit
 def partial_fit(model, x, y, *, loss: str | None = None, optimizer: str | Optimizer | None = None, lr: Any = None,
                 batch_size: int = 32, shuffle: bool = True, l2: Any = 0.0,
-                sample_weight: Any = None) -> EnsembleHistory:
+                sample_weight: Any = None, _active: Any = None, _l2_per_batch: bool = False,
+                _host_weight: Any = None) -> EnsembleHistory:
     """One epoch of every member over ``(x, y)``, keeping the members' optimiser state of
     earlier calls (``model.partial_fit`` of an ensemble).
 
@@ -552,6 +557,14 @@ def partial_fit(model, x, y, *, loss: str | None = None, optimizer: str | Optimi
     or labels (n,), ``sample_weight`` (K, n) or (n,)); ``loss`` defaults to the last fit's,
     and ``lr`` (one or K values) is the only hyper-parameter that may change between calls.
     ``copy``, ``to`` and ``member`` start their model's optimiser afresh.
+
+    Three private options serve the scikit-learn estimators (``n_members=K``), whose
+    epochs are one call each: ``_active`` (K bools) trains only the members marked True
+    (the others are frozen: their parameters do not change); ``_l2_per_batch`` divides
+    ``l2`` by each batch's size, or weight sum, as scikit-learn scales its penalty;
+    ``_host_weight``, the (n,) sample weights as a float64 host array, gives those
+    weight sums without a device read, and a batch whose weights are all zero is then
+    skipped (no step), as the one-member estimator skips it.
     """
     if loss is None:
         loss = getattr(model, "loss_", None)
@@ -559,7 +572,8 @@ def partial_fit(model, x, y, *, loss: str | None = None, optimizer: str | Optimi
             msg = "partial_fit needs loss= on its first call"
             raise ValueError(msg)
     return fit(model, x, y, loss=loss, optimizer=optimizer, lr=lr, epochs=1, batch_size=batch_size, shuffle=shuffle,
-               progress=False, l2=l2, sample_weight=sample_weight, _reuse_optimizer=True)
+               progress=False, l2=l2, sample_weight=sample_weight, _reuse_optimizer=True, _active=_active,
+               _l2_per_batch=_l2_per_batch, _host_weight=_host_weight)
 
 
 def _rule(model, run, optimizer, lr, momentum, weight_decay, betas, reuse: bool) -> _MemberUpdate:
@@ -630,6 +644,13 @@ def _early_stopping(early_stopping, validation: bool):
         raise TypeError(msg)
     if isinstance(early_stopping, int):
         return EarlyStopping("val_loss" if validation else "loss", patience=early_stopping)
+    if early_stopping.monitor not in ("loss", "val_loss", "val_metric"):
+        msg = (f"EarlyStopping(monitor={early_stopping.monitor!r}): an ensemble logs 'loss', 'val_loss' and "
+               "'val_metric' (the validation accuracy, or R^2 for a regressor) per member; monitor one of those")
+        raise ValueError(msg)
+    if early_stopping.monitor.startswith("val") and not validation:
+        msg = f"EarlyStopping monitors {early_stopping.monitor!r} but training has no validation data"
+        raise ValueError(msg)
     return early_stopping
 
 
@@ -639,7 +660,7 @@ def _evaluate(model, x, y, lossfn, xp, fused, batch_size=4096):
     upto = len(model.layers) - 1 if fused else None
     outs = []
     for i in range(0, n, batch_size):
-        outs.append(model.forward(x[i:min(i + batch_size, n), ...], training=False, xp=xp, upto=upto,
+        outs.append(model.forward(slice_rows(x, i, min(i + batch_size, n)), training=False, xp=xp, upto=upto,
                                   keep=False)[0])
     out = outs[0] if len(outs) == 1 else xp.concat(outs, axis=1)
     losses = _losses(model, lossfn, out, y, None, xp)[0]
@@ -675,12 +696,13 @@ def _losses(model, lossfn, out, y, w, xp):
     return _custom_member_losses(lossfn, out, y, w, xp)
 
 
-def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", lr: Any = None,
+def fit(model, x, y, *, loss: str | Loss | None = None, optimizer: str | Optimizer = "adam", lr: Any = None,
         momentum: Any = None, weight_decay: Any = None, betas: Any = None, l2: Any = 0.0, epochs: int = 10,
         batch_size: int = 32, shuffle: bool = True, validation_data: tuple | None = None,
         validation_split: float = 0.0, early_stopping: EarlyStopping | int | None = None,
         sample_weight: Any = None, seed: int | None = None, schedule: Any = None, callbacks: Sequence = (),
-        progress: bool = True, verbose: bool = False, resume_from: Any = None, _reuse_optimizer: bool = False,
+        progress: bool = True, verbose: bool = False, resume_from: Any = None, comm: Any = None,
+        _reuse_optimizer: bool = False, _active: Any = None, _l2_per_batch: bool = False, _host_weight: Any = None,
         **unsupported) -> EnsembleHistory:
     """Train every member of an ensemble on the same batches (``model.fit`` of a model
     built with ``ensemble=K``).
@@ -691,8 +713,9 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
     x : array, shape (n, n_features)
     y : array, shape (n, n_outputs), (n,), or integer labels (n,) for cross-entropy
     loss, optimizer, epochs, batch_size, shuffle, validation_data, validation_split, seed
-        As for :func:`arraymlp.fit`. ``optimizer`` gives the update rule and the
-        hyper-parameters the members share.
+        As for :func:`arraymlp.fit` (an omitted ``loss`` is inferred as it infers it:
+        cross-entropy for a softmax output, and so on). ``optimizer`` gives the update
+        rule and the hyper-parameters the members share.
     lr, momentum, weight_decay : float or sequence of K floats, optional
         Per-member values (one value: every member's); ``None`` keeps the optimiser's.
     betas : (beta1, beta2), optional
@@ -721,13 +744,24 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
         among them acts per member, as ``early_stopping=`` does. A callback that
         overrides ``on_batch_end`` makes every step read its losses (one host read each).
         An :class:`arraymlp.Checkpoint` saves the members' parameters, optimiser state
-        (with the per-member hyper-parameters), generator state and history.
+        (with the per-member hyper-parameters), generator state and history; with
+        ``monitor=`` it keeps each member's best parameters in one model file
+        (``reduce=None``) or the checkpoint of the members' best mean (``reduce="mean"``).
     resume_from : str or path-like, optional
         A checkpoint of this ensemble (or a directory of them): training continues
         after its epoch exactly as the uninterrupted run would, the checkpoint's
         per-member optimiser settings replacing the given ones. The members' early
         stopping counters and best parameters, and their schedules' states, are saved
         and restored too (they travel as one more callback state).
+    comm : mpi4py communicator or arraymlp.distributed.DataParallel, optional
+        Data-parallel training, as for :func:`arraymlp.fit`: every rank holds all K
+        members and the same data, and computes the members' losses and gradients on
+        its shard of each global batch; one ``Allreduce`` per step sums the stacked
+        gradients of all members, each member's weighted by its own weight of the shard
+        (its row of ``sample_weight``), so that member ``k`` gets the gradient of its own
+        weighted mean loss over the global batch. Validation runs on the root rank and
+        is broadcast, so every rank takes the same per-member early-stopping decisions;
+        checkpoints are written by the root.
 
     Returns
     -------
@@ -736,9 +770,8 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
 
     Notes
     -----
-    Data-parallel training, metrics and mixed precision are not supported for ensembles
-    yet; passing them raises ``NotImplementedError``, as does a ``Checkpoint`` with
-    ``monitor=`` (an ensemble logs one value per member).
+    Training metrics and mixed precision are not supported for ensembles yet; passing
+    them raises ``NotImplementedError``.
     """
     unsupported = {k: v for k, v in unsupported.items() if v is not None}
     if unsupported:
@@ -747,16 +780,13 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
     callbacks, early_stopping = _ensemble_callbacks(callbacks, early_stopping)
     schedules = _check_schedules(schedule, lr, model.ensemble)
     _check_run(epochs, batch_size, validation_split)
-    lossfn = get_loss(loss)
+    lossfn = get_loss(model._own_loss(loss, y, last_fit=False))
     run = _prepare(model, x, y, lossfn, sample_weight, validation_data, validation_split)
     k, xp, like = model.ensemble, run.xp, run.like
     run.rule = _rule(model, run, optimizer, lr, momentum, weight_decay, betas, _reuse_optimizer)
     opt = run.rule.opt
     run.l2 = _per_member("l2", l2, k, xp, like)
     run.stopper = _early_stopping(early_stopping, run.val is not None)
-    if run.stopper is not None and run.stopper.monitor.startswith("val") and run.val is None:
-        msg = f"EarlyStopping monitors {run.stopper.monitor!r} but training has no validation data"
-        raise ValueError(msg)
     model.task_ = lossfn.task
     model.loss_ = lossfn.name if LOSSES.get(lossfn.name) is lossfn else lossfn
     model.optimizer_ = None  # the members' optimiser state: ensemble_optimizer_
@@ -766,10 +796,11 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
         model.rng = Generator(seed, xp, model.device)
     history = run.history = EnsembleHistory(metric_name="accuracy" if lossfn.task != "regression" else "r2")
     history.stopped_epoch = numpy.full(k, -1)
-    run.active_host = numpy.ones(k, dtype=bool)
+    _estimator_options(run, _active, _l2_per_batch, _host_weight)
     run.best, run.best_epoch = numpy.full(k, numpy.inf), numpy.full(k, -1)
     run.wait = numpy.zeros(k, dtype=int)
     start_epoch = _resume(run, resume_from, callbacks, schedules)
+    verbose = _data_parallel(run, comm, callbacks, verbose)
     if resume_from is not None and schedule is None:  # the checkpoint's rates replace lr=
         r = run.rule.lr
         lr = r if isinstance(r, float) else [float(v) for v in to_numpy(r).reshape(-1)]
@@ -783,7 +814,7 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
                 cb.on_train_begin(model, history)
             for epoch in range(start_epoch, epochs):
                 t0 = time.perf_counter()
-                if any([bool(cb.on_epoch_begin(model, epoch)) for cb in callbacks]):
+                if _agree(run, any([bool(cb.on_epoch_begin(model, epoch)) for cb in callbacks])):
                     history.stopped_early = True
                     break
                 epoch_lr = opt.lr if lr is None else lr
@@ -802,6 +833,36 @@ def fit(model, x, y, *, loss: str = "mse", optimizer: str | Optimizer = "adam", 
         for cb in callbacks:
             cb.on_train_end(model, history)
     return history
+
+
+def _data_parallel(run: _Run, comm, callbacks, verbose: bool) -> bool:
+    """``comm=`` set up, after resuming: the root's parameters and generator state are
+    broadcast, checkpoints become root-only; whether this rank prints (``verbose``)."""
+    if comm is None:
+        return verbose
+    from .distributed import DataParallel
+
+    run.dp = comm if isinstance(comm, DataParallel) else DataParallel(comm)
+    run.dp.begin(run.model, run.x, callbacks)
+    return verbose and run.dp.is_root
+
+
+def _estimator_options(run: _Run, active, l2_per_batch: bool, host_weight) -> None:
+    """Which members train (all, or those of the scikit-learn estimators' ``_active``;
+    the others are frozen), and those estimators' per-batch L2 rule and host weights."""
+    k, xp, like = run.model.ensemble, run.xp, run.like
+    run.active_host = numpy.ones(k, dtype=bool)
+    if active is not None:
+        run.active_host = numpy.asarray(active, dtype=bool).reshape(k).copy()
+        if not run.active_host.all():
+            run.active = xp.reshape(xp.asarray(run.active_host.astype(float), dtype=like.dtype, device=like.device),
+                                    (k, 1, 1))
+    run.l2_per_batch = bool(l2_per_batch)
+    if host_weight is not None:
+        run.host_weight = numpy.asarray(host_weight, dtype=numpy.float64).reshape(-1)
+        if run.host_weight.shape[0] != int(run.x.shape[0]):
+            msg = f"_host_weight has {run.host_weight.shape[0]} values but x has {int(run.x.shape[0])} rows"
+            raise ValueError(msg)
 
 
 def _resume(run: _Run, resume_from, callbacks, schedules) -> int:
@@ -884,7 +945,10 @@ def _end_epoch(run: _Run, epoch: int, epoch_lr, epoch_loss, t0: float, schedules
     logs = {"epoch": epoch, "step": run.step, "loss": epoch_loss, "lr": epoch_lr, "val_loss": None,
             "val_metric": None}
     if run.val is not None:
-        logs["val_loss"], logs["val_metric"] = _evaluate(model, run.val[0], run.val[1], run.lossfn, xp, run.fused)
+        args = (model, run.val[0], run.val[1], run.lossfn, xp, run.fused)
+        # under data parallelism the root evaluates and broadcasts: every rank then
+        # takes the same early-stopping decisions
+        logs["val_loss"], logs["val_metric"] = _evaluate(*args) if run.dp is None else run.dp.on_root(_evaluate, *args)
         history.val_loss.append(logs["val_loss"])
         history.val_metric.append(logs["val_metric"])
     logs["time"] = time.perf_counter() - t0
@@ -895,7 +959,13 @@ def _end_epoch(run: _Run, epoch: int, epoch_lr, epoch_loss, t0: float, schedules
         print(f"epoch {epoch + 1:>4}  loss {numpy.array2string(epoch_loss, precision=4)}", flush=True)
     stop = run.stopper is not None and _stop_members(run, epoch, logs)
     logs["active"] = run.active_host.copy()
-    return any([bool(cb.on_epoch_end(model, logs)) for cb in run.callbacks]) or stop
+    return _agree(run, any([bool(cb.on_epoch_end(model, logs)) for cb in run.callbacks])) or stop
+
+
+def _agree(run: _Run, stop: bool) -> bool:
+    """A callback's stop, decided collectively under data parallelism (a stop on any
+    rank stops every rank)."""
+    return bool(stop) if run.dp is None else run.dp.agree(stop)
 
 
 def _overrides_batch_end(cb) -> bool:
@@ -905,7 +975,7 @@ def _overrides_batch_end(cb) -> bool:
 
 def _ensemble_callbacks(callbacks, early_stopping):
     """The user's callbacks, less an :class:`EarlyStopping` among them, which becomes the
-    members' early stopping; checkpoints are refused."""
+    members' early stopping; checkpoints last."""
     callbacks = list(callbacks)
     for cb in callbacks:
         if not isinstance(cb, Callback) and not callable(getattr(cb, "on_epoch_end", None)):
@@ -921,11 +991,6 @@ def _ensemble_callbacks(callbacks, early_stopping):
         callbacks = [cb for cb in callbacks if cb is not early_stopping]
     # checkpoints run after the other callbacks of an epoch and save their states
     saving = [cb for cb in callbacks if getattr(cb, "saves_callbacks", False)]
-    for cb in saving:
-        if getattr(cb, "monitor", None) is not None:
-            msg = (f"{type(cb).__name__}(monitor={cb.monitor!r}) keeps the best epoch of one value, but an "
-                   "ensemble logs one per member; checkpoint without monitor=")
-            raise NotImplementedError(msg)
     callbacks = [cb for cb in callbacks if cb not in saving] + saving
     for cb in saving:
         cb.run_callbacks = callbacks
@@ -960,6 +1025,9 @@ class _Run:
     held: Any = None
     callbacks: Any = ()
     batch_callbacks: Any = ()
+    dp: Any = None
+    l2_per_batch: bool = False  # l2 over each batch's size or weight sum (scikit-learn's rule)
+    host_weight: Any = None  # (n,) float64 host weights: the batches' weight sums, zero-weight batches skipped
 
 
 def _prepare(model, x, y, lossfn, sample_weight, validation_data, validation_split) -> _Run:
@@ -980,8 +1048,8 @@ def _prepare(model, x, y, lossfn, sample_weight, validation_data, validation_spl
         if n_val >= n:
             msg = f"validation_split={validation_split} of {n} samples leaves none to train on"
             raise ValueError(msg)
-        validation_data = (x[n - n_val:, ...], y[n - n_val:, ...])
-        x, y, n = x[:n - n_val, ...], y[:n - n_val, ...], n - n_val
+        validation_data = (slice_rows(x, n - n_val, n), y[n - n_val:, ...])  # a CSR matrix's rows too
+        x, y, n = slice_rows(x, 0, n - n_val), y[:n - n_val, ...], n - n_val
         w = None if w is None else w[:, :n]
     val = None
     if validation_data is not None:
@@ -997,22 +1065,50 @@ def _has_l2(l2) -> bool:
     return not (isinstance(l2, float) and l2 == 0.0)
 
 
-def _step(run: _Run, xb, yb, wb):
-    """One training step of every member; each member's loss on the batch, (K,), left on
-    the device (nothing is read back to the host)."""
-    model, xp, l2 = run.model, run.xp, run.l2
+def _member_grads(run: _Run, xb, yb, wb):
+    """Each member's loss on the batch (K,) and the gradients, without the L2 term."""
+    model, xp = run.model, run.xp
     upto = len(model.layers) - 1 if run.fused else None
     out, caches = model.forward(xb, training=True, xp=xp, upto=upto, plan=run.plan)
     values, dout = _losses(model, run.lossfn, out, yb, wb, xp)
     del out
-    if _has_l2(l2):
-        values = values + _penalty(model, l2, xp)
     grads = model._backprop(caches, dout, xp=xp, inplace=True, plan=run.plan)
     # the previous step's arrays are let go only now, after this step's of the same sizes
     # exist: freed first, they would shrink the heap, and the next step's would be
     # faulted in again page by page (a large share of a small ensemble's step)
     run.held = (caches, grads)
-    del caches, dout
+    return values, grads
+
+
+def _shard_grads(run: _Run, xb, yb, wb):
+    """This rank's shard's losses, gradients and weight per member (K,), for
+    :meth:`arraymlp.distributed.DataParallel.member_loss_and_grads`; None when the
+    shard is empty."""
+    n = int(xb.shape[0])
+    if n == 0:
+        return None
+    values, grads = _member_grads(run, xb, yb, wb)
+    xp, like = run.xp, run.like
+    if wb is None:
+        weights = xp.full((run.model.ensemble,), float(n), dtype=like.dtype, device=like.device)
+    else:
+        weights = xp.sum(wb, axis=1)
+    return values, grads, weights
+
+
+def _step(run: _Run, xb, yb, wb, l2=None):
+    """One training step of every member; each member's loss on the batch, (K,), left on
+    the device (nothing is read back to the host). ``l2``: the batch's coefficient
+    (default ``run.l2``). Under data parallelism ``(xb, yb, wb)`` is this rank's shard
+    and one ``Allreduce`` gives every member's gradient of the global batch."""
+    model, xp = run.model, run.xp
+    l2 = run.l2 if l2 is None else l2
+    if run.dp is None:
+        values, grads = _member_grads(run, xb, yb, wb)
+    else:
+        values, grads, _ = run.dp.member_loss_and_grads(model, lambda: _shard_grads(run, xb, yb, wb))
+    if _has_l2(l2):
+        values = values + _penalty(model, l2, xp)
     if _has_l2(l2):
         for layer, p, g in zip(model.layers, model.params, grads):
             if isinstance(layer, L.Dense):
@@ -1033,13 +1129,16 @@ _CHECK_EVERY = 1000
 
 
 def _batch(run: _Run, order, k: int, batch_size: int):
+    """Batch ``k`` of the epoch's order (this rank's shard of it under data parallelism)."""
     x, y, w, xp = run.x, run.y, run.w, run.xp
     n = int(x.shape[0])
     start, end = k * batch_size, min((k + 1) * batch_size, n)
+    if run.dp is not None:
+        start, end = run.dp.shard(start, end)
     if order is None:
-        return x[start:end, ...], y[start:end, ...], None if w is None else w[:, start:end]
+        return slice_rows(x, start, end), y[start:end, ...], None if w is None else w[:, start:end]
     idx = order[start:end]
-    return xp.take(x, idx, axis=0), xp.take(y, idx, axis=0), None if w is None else xp.take(w, idx, axis=1)
+    return take_rows(x, idx, xp), xp.take(y, idx, axis=0), None if w is None else xp.take(w, idx, axis=1)
 
 
 def _snapshot(run: _Run) -> tuple:
@@ -1078,6 +1177,22 @@ def _divergence(run: _Run, row, epoch: int) -> DivergenceError:
     return DivergenceError(msg, epoch=epoch, step=run.step, params_finite=finite)
 
 
+def _batch_l2(run: _Run, host_order, k: int, batch_size: int):
+    """The L2 coefficient of batch ``k``: ``run.l2``, or with ``run.l2_per_batch`` that
+    over the batch's size (its weight sum, with host weights), as the one-member
+    estimator computes it; None for a batch to skip (host weights all zero)."""
+    if not run.l2_per_batch and run.host_weight is None:
+        return run.l2
+    start, end = k * batch_size, min((k + 1) * batch_size, int(run.x.shape[0]))
+    size = float(end - start)
+    if run.host_weight is not None:
+        rows = slice(start, end) if host_order is None else host_order[start:end]
+        size = float(run.host_weight[rows].sum())
+        if size <= 0.0:
+            return None
+    return run.l2 / size if run.l2_per_batch else run.l2
+
+
 def _run_epoch(run: _Run, epoch: int, batch_size: int, shuffle: bool):
     """The epoch's batches: each member's mean training loss, (K,) on the host, and
     whether an ``on_batch_end`` hook asked to stop.
@@ -1089,35 +1204,47 @@ def _run_epoch(run: _Run, epoch: int, batch_size: int, shuffle: bool):
     optimiser state and generator state taken there, up to the step before it, so that
     :class:`DivergenceError` leaves the parameters of the last finite step and names the
     members whose loss was not finite, as a check after every step would. A callback
-    that overrides ``on_batch_end`` needs each step's losses: then every step is read."""
+    that overrides ``on_batch_end`` needs each step's losses: then every step is read.
+
+    With host weights (``run.host_weight``) the order is drawn on the host (the draw of
+    ``rng.permutation``), so that the batches' weight sums need no device read; a batch
+    whose weights are all zero takes no step and adds nothing to the epoch's loss."""
     xp = run.xp
     check_every = 1 if run.batch_callbacks else _CHECK_EVERY
     n = int(run.x.shape[0])
     n_steps = -(-n // batch_size)
-    order = run.model.rng.permutation(n) if shuffle else None
-    sizes = numpy.minimum(numpy.arange(1, n_steps + 1) * batch_size, n) - numpy.arange(n_steps) * batch_size
+    host_order = None
+    if shuffle and run.host_weight is not None:
+        host_order = run.model.rng.host.permutation(n)
+        order = xp.asarray(host_order, dtype=index_dtype(xp), device=run.model.device)
+    else:
+        order = run.model.rng.permutation(n) if shuffle else None
+    l2s = [_batch_l2(run, host_order, k, batch_size) for k in range(n_steps)]
+    taken = [k for k in range(n_steps) if l2s[k] is not None]  # the batches that take a step
+    sizes = (numpy.minimum(numpy.arange(1, n_steps + 1) * batch_size, n) - numpy.arange(n_steps) * batch_size)[taken]
     totals = numpy.zeros(run.model.ensemble)
-    snapshot, first = _snapshot(run), 0  # the state before step ``first`` of the epoch
+    snapshot, first = _snapshot(run), 0  # the state before the ``first``-th step taken this epoch
     values = StepValues(xp, _STACK_EVERY)
-    for k in range(n_steps):
-        values.append(_step(run, *_batch(run, order, k, batch_size)))
-        if k + 1 - first < check_every and k + 1 < n_steps:
+    for j, k in enumerate(taken):
+        values.append(_step(run, *_batch(run, order, k, batch_size), l2=l2s[k]))
+        if j + 1 - first < check_every and j + 1 < len(taken):
             continue
         losses = values.read()  # the read
         ok = numpy.isfinite(losses).all(axis=1)
         if not ok.all():
             i = int(numpy.argmin(ok))
             _restore(run, snapshot)
-            for j in range(first, first + i):
-                _step(run, *_batch(run, order, j, batch_size))
+            for jj in range(first, first + i):
+                _step(run, *_batch(run, order, taken[jj], batch_size), l2=l2s[taken[jj]])
             raise _divergence(run, losses[i], epoch)
-        totals += sizes[first:k + 1] @ losses
-        first = k + 1
+        totals += sizes[first:j + 1] @ losses
+        first = j + 1
         if run.batch_callbacks:  # check_every 1: one row, this step's
             logs = {"epoch": epoch, "step": run.step, "loss": losses[-1]}
-            if any([bool(cb.on_batch_end(run.model, logs)) for cb in run.batch_callbacks]):
+            stop = any([bool(cb.on_batch_end(run.model, logs)) for cb in run.batch_callbacks])
+            if stop if run.dp is None else run.dp.agree_batch(stop):
                 return totals / int(sizes[:first].sum()), True
-        if first < n_steps:
+        if first < len(taken):
             snapshot = _snapshot(run)
     return totals / n, False
 
@@ -1125,8 +1252,7 @@ def _run_epoch(run: _Run, epoch: int, batch_size: int, shuffle: bool):
 def _stop_members(run: _Run, epoch: int, logs) -> bool:
     """Per-member early stopping after an epoch; whether every member has stopped."""
     stopper, xp, like, k = run.stopper, run.xp, run.like, run.model.ensemble
-    score = logs[stopper.monitor]
-    score = -score if stopper.monitor == "val_metric" else score
+    score = stopper.sign * logs[stopper.monitor]
     improved = run.active_host & (score < run.best - stopper.min_delta)
     run.best = numpy.where(improved, score, run.best)
     run.best_epoch = numpy.where(improved, epoch, run.best_epoch)
@@ -1167,7 +1293,8 @@ def _members_loss(model, x, y, loss, sample_weight, l2, training, backward):
     return values, grads
 
 
-def loss_and_grads(model, x, y, *, loss: str = "mse", sample_weight=None, l2: Any = 0.0, training: bool = True):
+def loss_and_grads(model, x, y, *, loss: str | None = None, sample_weight=None, l2: Any = 0.0,
+                   training: bool = True):
     """An ensemble's ``model.loss_and_grads``: the sum of the members' losses and its
     gradient, which is each member's own gradient in its slice of the stacked parameters.
 
@@ -1185,17 +1312,20 @@ def loss_and_grads(model, x, y, *, loss: str = "mse", sample_weight=None, l2: An
         ``sum_k L_k``.
     grads : list of dict of arrays, mirroring the stacked ``params``
     """
+    loss = model._own_loss(loss, y)  # the ensemble's fitted loss, else the one fit would infer
     values, grads = _members_loss(model, x, y, loss, sample_weight, l2, training, True)
     return model.xp.sum(values), grads
 
 
-def loss(model, x, y, *, loss: str = "mse", sample_weight=None, l2: Any = 0.0, training: bool = False,
+def loss(model, x, y, *, loss: str | None = None, sample_weight=None, l2: Any = 0.0, training: bool = False,
          reduce: str | None = "sum"):
     """An ensemble's ``model.loss``: the sum of the members' losses (0-d), or each
-    member's, shape (K,), with ``reduce=None``."""
+    member's, shape (K,), with ``reduce=None``; ``loss`` defaults to the ensemble's own
+    (that of its last fit, else the one ``fit`` would infer)."""
     if reduce not in ("sum", None):
         msg = f"reduce must be 'sum' or None (one loss per member), got {reduce!r}"
         raise ValueError(msg)
+    loss = model._own_loss(loss, y)
     values, _ = _members_loss(model, x, y, loss, sample_weight, l2, training, False)
     return values if reduce is None else model.xp.sum(values)
 

@@ -554,7 +554,7 @@ def poisson_nll(outputs, targets, *, xp=None, sample_weight=None, check=True):
     return _mean_elementwise("poisson_nll", _poisson_kernel, outputs, targets, xp, sample_weight, check)
 
 
-def cross_entropy(outputs, targets, *, xp=None, sample_weight=None, check=True):
+def cross_entropy(outputs, targets, *, xp=None, sample_weight=None, check=True, hits=None):
     """Softmax cross-entropy from logits,
     ``L = -sum_ij t_ij log_softmax(z)_ij / n``, ``dL/dz = (softmax(z) sum_j t_ij - t) / n``
     (``(softmax(z) - onehot) / n`` for labels).
@@ -571,6 +571,11 @@ def cross_entropy(outputs, targets, *, xp=None, sample_weight=None, check=True):
         ``L = sum_i w_i l_i / sum_i w_i`` with ``l_i = -sum_j t_ij log_softmax(z)_ij``.
     check : bool, default True
         Validate the targets' values (see the module notes).
+    hits : list holding one integer array of shape (1,), optional
+        A training accuracy's count: the rows whose arg-max is their label are added to
+        ``hits[0]`` (the item is replaced where the count cannot be written in place),
+        by the loss's own pass where the kernel set fuses the two. Integer labels and no
+        ``sample_weight`` only (``fit`` asks for it in that case).
 
     Returns
     -------
@@ -587,8 +592,11 @@ def cross_entropy(outputs, targets, *, xp=None, sample_weight=None, check=True):
         n, k = map(int, outputs.shape)
     t, labels = _class_targets(name, outputs, targets, xp, check)
     w, total = _sample_weight(name, sample_weight, outputs, xp, check)
+    if hits is not None and (labels is None or w is not None):
+        msg = "cross_entropy: hits= counts against integer labels without sample_weight only"
+        raise ValueError(msg)
     if labels is not None:
-        return _cross_entropy_labels(outputs, labels, w, total, n, k, xp)
+        return _cross_entropy_labels(outputs, labels, w, total, n, k, xp, hits)
     logp = log_softmax(outputs, xp=xp)
     p = xp.exp(logp)
     tlogp = t * logp
@@ -604,13 +612,16 @@ def cross_entropy(outputs, targets, *, xp=None, sample_weight=None, check=True):
     return _result(loss, outputs, xp), g
 
 
-def _cross_entropy_labels(outputs, labels, w, total, n, k, xp):
+def _cross_entropy_labels(outputs, labels, w, total, n, k, xp, hits=None):
     """The label case of :func:`cross_entropy`, by the kernel set's fused kernels
     (:func:`arraymlp.kernels.reference.cross_entropy_labels`): with ``z = x - max(x)``
     and ``s = sum(exp(z))`` per row, ``l_i = log(s_i) - z_i,y_i`` and
     ``dL/dx = (exp(z) / s - onehot) / n``; only the true class's ``z`` is read and
-    ``log p`` is never formed."""
+    ``log p`` is never formed. ``hits``: see :func:`cross_entropy`."""
     ks = kernels_for(xp)
+    if hits is not None:
+        loss_sum, g, hits[0] = ks.cross_entropy_labels_mean_hits(outputs, labels, hits[0], xp)
+        return _result(loss_sum / n, outputs, xp), g
     if w is None:
         loss_sum, g = ks.cross_entropy_labels_mean(outputs, labels, xp)
         return _result(loss_sum / n, outputs, xp), g

@@ -254,12 +254,23 @@ class _AccuracyMetric(Metric):
     name = "accuracy"
     tasks = _CLASSIFICATION
 
-    def _update(self, acc, pair):
+    def _count(self, acc):
         # the count of right answers: one integer array of shape (1,), made at the first
         # batch and added to in place (a kernel), so that a step allocates nothing for it
-        xp = acc.xp
         if acc.sums is None:
-            acc.sums = [xp.zeros((1,), dtype=index_dtype(xp), device=acc.device)]
+            acc.sums = [acc.xp.zeros((1,), dtype=index_dtype(acc.xp), device=acc.device)]
+        return acc.sums
+
+    def counted_by_loss(self, acc, n: int) -> list:
+        """The count of ``acc`` (a list holding the (1,) integer array) for a batch of
+        ``n`` labels whose right answers the loss adds itself (``cross_entropy``'s
+        ``hits=``): the batch's labels are counted here, its hits there."""
+        acc.count += n
+        return self._count(acc)
+
+    def _update(self, acc, pair):
+        xp = acc.xp
+        self._count(acc)
         y = pair.y
         if pair.task == "multiclass" and y.ndim == 1:  # labels (n,) against the outputs' arg-max
             out = pair.out

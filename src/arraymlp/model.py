@@ -27,12 +27,14 @@ from ._backend import (
     device_of,
     dtype_name,
     get_namespace,
+    host_namespace,
     is_sparse,
     is_writeable,
     resolve_backend,
     resolve_dtype,
     sparse_device,
     sparse_namespace,
+    sparse_values,
     to_backend,
 )
 from .fusion import _params_distinct, plan_for
@@ -334,7 +336,8 @@ class Sequential:
     def to(self, backend: Any, device: Any = None) -> "Sequential":
         """Move the parameters (and generator) to another backend/device, in place.
 
-        The last ``fit``'s optimiser state (``optimizer_``) follows at its next step, so
+        The last ``fit``'s optimiser state (``optimizer_``) and mixed-precision loss scale
+        (``precision_``) follow at the next step, so
         ``partial_fit`` continues on the new backend. Returns ``self``, so
         ``model = model.to("cupy")`` reads naturally.
         """
@@ -385,21 +388,34 @@ class Sequential:
             _replace_optimizer_state(opt, new.optimizer_)
         if getattr(self, "schedule_", None) is not None:
             new.schedule_ = copy.deepcopy(self.schedule_)
+        if getattr(self, "precision_", None) is not None:  # and its own loss scale, continued
+            new.precision_ = self.precision_.copy()
         return new
 
     # ------------------------------------------------------------------ validation
-    def _check_x(self, x: Any, *, check_finite: bool = True, what: str = "x"):
+    def _check_x(self, x: Any, *, check_finite: bool = True, what: str = "x", host: bool = False):
         """Validate an input batch and return ``(x, xp)`` in the model's dtype (a sparse
-        matrix in compressed-row form)."""
+        matrix in compressed-row form). ``host``: ``x`` is a NumPy array that training
+        stages to the model's device batch by batch; it is checked, and cast to the
+        model's dtype, on the host (``xp`` is then the host namespace)."""
         sparse = is_sparse(x)
-        xp = sparse_namespace(x) if sparse else get_namespace(x)
-        device = sparse_device(x) if sparse else device_of(x)
-        if self.params is None:
-            self._build(xp, device)
+        if host:
+            xp, dtype = host_namespace(), resolve_dtype(host_namespace(), self._dtype_name)
         else:
-            check_same_backend(self.xp, xp, what)
-            check_same_device(self.device, device, what)
-        xp = self.xp
+            xp = sparse_namespace(x) if sparse else get_namespace(x)
+            device = sparse_device(x) if sparse else device_of(x)
+            if self.params is None:
+                self._build(xp, device)
+            else:
+                if sparse and xp is not self.xp:
+                    msg = (f"{what} is a sparse matrix of {backend_name(xp)}'s kind (scipy.sparse goes with numpy, "
+                           f"a sparse torch tensor with torch, cupyx.scipy.sparse with cupy), but the model's "
+                           f"parameters are {backend_name(self.xp)} arrays; move the model with "
+                           f"model.to({backend_name(xp)!r}), or give it a sparse matrix of its own backend's kind")
+                    raise TypeError(msg)
+                check_same_backend(self.xp, xp, what)
+                check_same_device(self.device, device, what)
+            xp, dtype = self.xp, self.dtype
         if sparse and not (self.layers and isinstance(self.layers[0], L.Dense)):
             first = type(self.layers[0]).__name__ if self.layers else "no layer"
             msg = (f"{what} is a sparse matrix, which only a first Dense layer can take; this model starts "
@@ -424,23 +440,28 @@ class Sequential:
             )
             raise TypeError(msg)
         if sparse:  # compressed rows, batches are row slices; only the stored values are read
-            x = as_csr(x, self.dtype)
-            values = x.data
+            x = as_csr(x, dtype)
+            values = sparse_values(x)
         else:
-            if x.dtype != self.dtype:
-                x = xp.astype(x, self.dtype)
+            if x.dtype != dtype:
+                x = xp.astype(x, dtype)
             values = x
         if check_finite and not kernels_for(xp).all_finite(values, xp):
             msg = f"{what} contains NaN or infinite values"
             raise ValueError(msg)
         return x, xp
 
-    def _check_target(self, y: Any, xp, what: str = "y"):
-        check_same_backend(self.xp, get_namespace(y), what)
-        check_same_device(self.device, device_of(y), what)
+    def _check_target(self, y: Any, xp, what: str = "y", host: bool = False):
+        """Validate targets (or weights) of ``xp``; ``host`` as for :meth:`_check_x`."""
+        if host:
+            dtype = resolve_dtype(xp, self._dtype_name)
+        else:
+            check_same_backend(self.xp, get_namespace(y), what)
+            check_same_device(self.device, device_of(y), what)
+            dtype = self.dtype
         if xp.isdtype(y.dtype, "real floating"):
-            if y.dtype != self.dtype:
-                y = xp.astype(y, self.dtype)
+            if y.dtype != dtype:
+                y = xp.astype(y, dtype)
             # once, here: the training step's loss does not read the values again
             if not kernels_for(xp).all_finite(y, xp):
                 msg = f"{what} contains NaN or infinite values"
@@ -572,9 +593,6 @@ class Sequential:
             (K, n, n_outputs) for an ensemble of K members. A lazy Dask array, computed
             block by block, when ``x`` is a Dask array.
         """
-        if is_dask_array(x) and self.ensemble is not None:
-            msg = "an ensemble does not take Dask arrays yet; compute the array first"
-            raise TypeError(msg)
         if is_dask_array(x):
             from ._dask import map_model
 
@@ -605,13 +623,14 @@ class Sequential:
         For an ensemble, the prediction of the members' averaged probabilities (outputs,
         for a regressor); ``reduce=None`` gives each member's, with a leading axis of K
         (see :func:`arraymlp.ensemble.predict`). A plain model takes only ``"mean"``."""
-        if self.ensemble is not None:
-            return E.predict(self, x, reduce=reduce)
-        E._check_reduce(reduce)
         if is_dask_array(x):
             from ._dask import map_model
 
-            return map_model(self, x, "predict")
+            E._check_reduce(reduce)
+            return map_model(self, x, "predict", reduce=reduce)
+        if self.ensemble is not None:
+            return E.predict(self, x, reduce=reduce)
+        E._check_reduce(reduce)
         from .training import predict
 
         return predict(self, x)
@@ -622,13 +641,14 @@ class Sequential:
         :func:`arraymlp.training.predict_proba` (lazy, block by block, for a Dask array).
         For an ensemble, the members' averaged probabilities, or each member's
         (K, n, n_classes) with ``reduce=None``."""
-        if self.ensemble is not None:
-            return E.predict_proba(self, x, reduce=reduce)
-        E._check_reduce(reduce)
         if is_dask_array(x):
             from ._dask import map_model
 
-            return map_model(self, x, "predict_proba")
+            E._check_reduce(reduce)
+            return map_model(self, x, "predict_proba", reduce=reduce)
+        if self.ensemble is not None:
+            return E.predict_proba(self, x, reduce=reduce)
+        E._check_reduce(reduce)
         from .training import predict_proba
 
         return predict_proba(self, x)
@@ -638,18 +658,21 @@ class Sequential:
         return fa is not None and fa != "identity" and self.output_activation == fa
 
     def _loss_and_grads(self, x, y, loss, *, xp, sample_weight=None, l2=0.0, training=True, check=False, plan=None,
-                        on_outputs=None):
+                        on_outputs=None, hits=None):
         """Unchecked core of :meth:`loss_and_grads` (inputs already validated).
 
         ``check=False`` also spares the table's losses their reading of the targets'
         values (label range, finiteness), which the caller validated up front (as
         ``fit`` does for its whole ``y``); custom losses always check. ``on_outputs``,
         when given, is called with the last layer's output (the logits when the output
-        activation is fused) before backpropagation starts (``fit``'s metrics).
+        activation is fused) before backpropagation starts (``fit``'s metrics); ``hits``
+        goes to the table's cross-entropy, which adds the batch's right answers to it
+        (``fit``'s accuracy counted by the loss's own pass: see
+        :func:`arraymlp.losses.cross_entropy`).
         """
         value, dout, caches, owned = self._loss_and_dout(x, y, loss, xp=xp, sample_weight=sample_weight, l2=l2,
                                                          training=training, check=check, plan=plan,
-                                                         on_outputs=on_outputs)
+                                                         on_outputs=on_outputs, hits=hits)
         grads = self._backprop(caches, dout, xp=xp, inplace=owned, plan=plan)
         if l2:
             for layer, p, g in zip(self.layers, self.params, grads):
@@ -662,7 +685,7 @@ class Sequential:
         return value, grads
 
     def _loss_and_dout(self, x, y, loss, *, xp, sample_weight=None, l2=0.0, training=True, check=False, plan=None,
-                       on_outputs=None):
+                       on_outputs=None, hits=None):
         """Forward and loss of a batch: ``(value, d_out, caches, owned)``, where ``d_out``
         is the loss gradient at the last layer run and ``owned`` says whether the layers
         may overwrite it (the table's losses return a new array). ``value`` includes the
@@ -672,7 +695,9 @@ class Sequential:
         out, caches = self.forward(x, training=training, xp=xp, upto=len(self.layers) - 1 if fused else None,
                                    plan=plan)
         builtin = LOSSES.get(loss.name) is loss
-        if builtin and not check:
+        if hits is not None:  # the table's cross-entropy, which counts the accuracy's hits as it goes
+            value, dout = loss.fn(out, y, xp=xp, sample_weight=sample_weight, check=check, hits=hits)
+        elif builtin and not check:
             value, dout = loss.fn(out, y, xp=xp, sample_weight=sample_weight, check=False)
         else:
             value, dout = loss.fn(out, y, xp=xp, sample_weight=sample_weight)
@@ -708,7 +733,20 @@ class Sequential:
                 total = total + xp.sum(xp.vecdot(W, W))
         return 0.5 * l2 * total
 
-    def loss_and_grads(self, x, y, *, loss: str = "mse", sample_weight=None, l2: float = 0.0,
+    def _own_loss(self, loss, y, *, last_fit: bool = True):
+        """``loss`` when given; else the loss of the last fit (``loss_``, when
+        ``last_fit``); else the one ``fit`` infers from the output activation and ``y``
+        (:func:`arraymlp.training.infer_loss`, which raises when that is ambiguous)."""
+        if loss is not None:
+            return loss
+        own = getattr(self, "loss_", None) if last_fit else None
+        if own is not None:
+            return own
+        from .training import infer_loss
+
+        return infer_loss(self, y)[0]
+
+    def loss_and_grads(self, x, y, *, loss: str | None = None, sample_weight=None, l2: float = 0.0,
                        training: bool = True):
         """Loss of a batch and its gradient with respect to every parameter.
 
@@ -722,8 +760,11 @@ class Sequential:
         y : array
             Targets: shape (n, n_outputs) (or (n,) for a single output), or integer
             labels of shape (n,) for ``"cross_entropy"``.
-        loss : str
-            A key of :data:`arraymlp.losses.LOSSES`.
+        loss : str or Loss, optional
+            A key of :data:`arraymlp.losses.LOSSES`. Default: the model's own loss,
+            that of its last fit (``loss_``), else the one ``fit`` would infer
+            (:func:`arraymlp.training.infer_loss`: cross-entropy for a softmax output,
+            and so on), never a squared error the model was not trained on.
         sample_weight : array of shape (n,), optional
         l2 : float
             L2 penalty ``l2/2 * sum(W**2)`` over the weight matrices (not the biases),
@@ -739,6 +780,7 @@ class Sequential:
         For an ensemble, the sum of the members' losses and so each member's own
         gradient (see :func:`arraymlp.ensemble.loss_and_grads`).
         """
+        loss = self._own_loss(loss, y)
         if self.ensemble is not None:
             return E.loss_and_grads(self, x, y, loss=loss, sample_weight=sample_weight, l2=l2, training=training)
         loss = get_loss(loss)
@@ -749,11 +791,24 @@ class Sequential:
         return self._loss_and_grads(x, y, loss, xp=xp, sample_weight=sample_weight, l2=l2, training=training,
                                     check=True)
 
-    def loss(self, x, y, *, loss: str = "mse", sample_weight=None, l2: float = 0.0, training: bool = False):
+    def loss(self, x, y, *, loss: str | None = None, sample_weight=None, l2: float = 0.0, training: bool = False):
         """Loss of a batch only (no gradients), a 0-d array; same arguments as
         :meth:`loss_and_grads`: ``x`` of shape (n, n_features), ``y`` of shape
-        (n, n_outputs) or labels (n,), ``sample_weight`` of shape (n,). For an ensemble
-        the sum of the members' losses (see :func:`arraymlp.ensemble.loss`)."""
+        (n, n_outputs) or labels (n,), ``sample_weight`` of shape (n,); ``loss``
+        defaults to the model's own (that of its last fit, else the one ``fit`` would
+        infer). For an ensemble the sum of the members' losses (see
+        :func:`arraymlp.ensemble.loss`).
+
+        Examples
+        --------
+        >>> import numpy as np, arraymlp as am
+        >>> x, y = np.eye(3), np.array([0, 1, 2])
+        >>> model = am.MLP([3, 3], output_activation="softmax", backend="numpy", dtype="float64", seed=0)
+        >>> p = model.predict_proba(x)
+        >>> bool(np.isclose(model.loss(x, y), -np.mean(np.log(p[[0, 1, 2], y]))))  # cross-entropy, inferred
+        True
+        """
+        loss = self._own_loss(loss, y)
         if self.ensemble is not None:
             return E.loss(self, x, y, loss=loss, sample_weight=sample_weight, l2=l2, training=training)
         lossfn = get_loss(loss)

@@ -909,6 +909,11 @@ class Adagrad(Optimizer):
 #: scipy's default ``factr=1e7`` times float64's machine epsilon: the relative change
 #: of the objective below which L-BFGS stops.
 _LBFGS_FTOL = 1e7 * 2.220446049250313e-16
+#: The longest step a line search tries (L-BFGS-B's bound without constraints).
+_MAX_STEP = 1e10
+#: Moré and Thuente's relative width below which a bracket counts as closed (L-BFGS-B's).
+_MT_XTOL = 0.1
+_LINE_SEARCHES = ("more_thuente", "strong_wolfe")
 
 
 def _flat(params) -> list:
@@ -965,28 +970,134 @@ def _interpolate(t1, f1, g1, t2, f2, g2, lo, hi) -> float:
     return min(max(t, lo), hi)
 
 
+def _sqrt(v: float) -> float:
+    """``sqrt(v)``, NaN for ``v < 0`` (rounding can push a discriminant just below 0;
+    the caller's safeguards then take over, as in compiled implementations)."""
+    return math.sqrt(v) if v >= 0.0 else math.nan
+
+
+def _cubic_terms(ta, fa, ga, tb, fb, gb, *, clip=False):
+    """``(theta, gamma)`` of the cubic through ``(ta, fa)``, ``(tb, fb)`` with slopes
+    ``ga``, ``gb``: ``theta = 3 (fa - fb) / (tb - ta) + ga + gb`` and ``gamma =
+    sqrt(theta^2 - ga gb)`` (scaled against overflow; ``clip``: 0 for a negative
+    discriminant), from which its minimiser follows."""
+    theta = 3.0 * (fa - fb) / (tb - ta) + ga + gb
+    s = max(abs(theta), abs(ga), abs(gb))
+    disc = (theta / s) ** 2 - (ga / s) * (gb / s)
+    return theta, s * _sqrt(max(0.0, disc) if clip else disc)
+
+
+def _safeguarded_step(lo, hi, t, ft, gt, bracketed, t_min, t_max):
+    """One step of Moré and Thuente's interval update (their Section 4, the four cases).
+
+    ``lo = (t_l, f_l, g_l)`` is the best step so far, ``hi = (t_u, f_u, g_u)`` the other
+    end of the interval, ``(t, ft, gt)`` the new trial; ``t_min, t_max`` bound the new
+    step when no minimiser is bracketed yet. Returns ``(lo, hi, t_next, bracketed)``.
+    Steps come from the cubic through the two points with their slopes, the secant of
+    the slopes (``t + g_t / (g_t - g_l) (t_l - t)``) or the quadratic through
+    ``f_l, g_l, f_t``, chosen and safeguarded as in the paper.
+    """
+    tl, fl, gl = lo
+    tu, fu, gu = hi
+    same_sign = gl == 0.0 or gt * math.copysign(1.0, gl) >= 0.0
+
+    if ft > fl:  # case 1: higher value, a minimiser lies between t_l and t
+        theta, gamma = _cubic_terms(tl, fl, gl, t, ft, gt)
+        if t < tl:
+            gamma = -gamma
+        r = ((gamma - gl) + theta) / (((gamma - gl) + gamma) + gt)
+        tc = tl + r * (t - tl)
+        tq = tl + ((gl / ((fl - ft) / (t - tl) + gl)) / 2.0) * (t - tl)
+        t_next = tc if abs(tc - tl) < abs(tq - tl) else tc + (tq - tc) / 2.0
+        bracketed = True
+    elif not same_sign:  # case 2: lower value, slopes of opposite signs
+        theta, gamma = _cubic_terms(tl, fl, gl, t, ft, gt)
+        if t > tl:
+            gamma = -gamma
+        r = ((gamma - gt) + theta) / (((gamma - gt) + gamma) + gl)
+        tc = t + r * (tl - t)
+        ts = t + (gt / (gt - gl)) * (tl - t)
+        t_next = tc if abs(tc - t) > abs(ts - t) else ts
+        bracketed = True
+    elif abs(gt) < abs(gl):  # case 3: lower value, same signs, the slope's size decreases
+        theta, gamma = _cubic_terms(tl, fl, gl, t, ft, gt, clip=True)
+        if t > tl:
+            gamma = -gamma
+        r = ((gamma - gt) + theta) / ((gamma + (gl - gt)) + gamma)
+        if r < 0.0 and gamma != 0.0:
+            tc = t + r * (tl - t)
+        else:
+            tc = t_max if t > tl else t_min
+        ts = t + (gt / (gt - gl)) * (tl - t)
+        if bracketed:
+            t_next = tc if abs(tc - t) < abs(ts - t) else ts
+            far = t + 0.66 * (tu - t)
+            t_next = min(far, t_next) if t > tl else max(far, t_next)
+        else:
+            t_next = tc if abs(tc - t) > abs(ts - t) else ts
+            t_next = max(t_min, min(t_max, t_next))
+    else:  # case 4: lower value, same signs, the slope's size does not decrease
+        if bracketed:
+            theta, gamma = _cubic_terms(t, ft, gt, tu, fu, gu)
+            if t > tu:
+                gamma = -gamma
+            r = ((gamma - gt) + theta) / (((gamma - gt) + gamma) + gu)
+            t_next = t + r * (tu - t)
+        else:
+            t_next = t_max if t > tl else t_min
+    if ft > fl:
+        hi = (t, ft, gt)
+    else:
+        if not same_sign:
+            hi = lo
+        lo = (t, ft, gt)
+    return lo, hi, t_next, bracketed
+
+
+def _next_trial(lo, hi, t, f, g, gtest, bracketed, t_min, t_max, *, on_psi):
+    """:func:`_safeguarded_step` on ``f`` or, with ``on_psi`` (Moré and Thuente's first
+    stage: a lower value without sufficient decrease yet), on ``psi(t) = f(t) - t gtest``
+    (constant dropped), its points mapped back after. Degenerate points (a zero-width
+    interval, all slopes zero) give a NaN step, which the caller's safeguards replace, as
+    in compiled implementations."""
+    def shift(p, k):
+        return p[0], p[1] + k * p[0] * gtest, p[2] + k * gtest
+
+    try:
+        if not on_psi:
+            return _safeguarded_step(lo, hi, t, f, g, bracketed, t_min, t_max)
+        lo_m, hi_m, t_next, bracketed = _safeguarded_step(shift(lo, -1), shift(hi, -1), t, f - t * gtest,
+                                                          g - gtest, bracketed, t_min, t_max)
+        return shift(lo_m, 1), shift(hi_m, 1), t_next, bracketed
+    except ZeroDivisionError:
+        return lo, hi, math.nan, bracketed
+
+
 class _Trial:
     """One point of the line search: step ``t``, value ``f``, slope ``gtd`` along the
     direction, and the gradient arrays there."""
 
-    __slots__ = ("f", "g", "gtd", "t")
+    __slots__ = ("f", "g", "gtd", "n", "t")
 
-    def __init__(self, t, f, gtd, g):
-        self.t, self.f, self.gtd, self.g = t, f, gtd, g
+    def __init__(self, t, f, gtd, g, n=0):
+        self.t, self.f, self.gtd, self.g, self.n = t, f, gtd, g, n
 
 
 class LBFGSIteration:
     """What one iteration of :class:`LBFGS` reached: ``loss`` (a float), ``step`` (the
-    line search's step length), ``n_fun`` (function evaluations so far), ``n_iter``."""
+    line search's step length), ``n_fun`` (function evaluations so far), ``n_iter``, and
+    ``evaluation``: which evaluation (counted from 1, the start's included) was at the
+    point reached (``n_fun`` unless the evaluations ran out mid-search)."""
 
-    __slots__ = ("loss", "n_fun", "n_iter", "step")
+    __slots__ = ("evaluation", "loss", "n_fun", "n_iter", "step")
 
-    def __init__(self, loss: float, step: float, n_fun: int, n_iter: int):
+    def __init__(self, loss: float, step: float, n_fun: int, n_iter: int, evaluation: int | None = None):
         self.loss, self.step, self.n_fun, self.n_iter = loss, step, n_fun, n_iter
+        self.evaluation = n_fun if evaluation is None else evaluation
 
     def __repr__(self) -> str:
         return (f"LBFGSIteration(loss={self.loss!r}, step={self.step!r}, n_fun={self.n_fun}, "
-                f"n_iter={self.n_iter})")
+                f"n_iter={self.n_iter}, evaluation={self.evaluation})")
 
 
 class LBFGS(Optimizer):
@@ -998,12 +1109,26 @@ class LBFGS(Optimizer):
     optimizer="lbfgs")``, which trains on the whole data set with it.
 
     Direction: ``d = -H g`` by the two-loop recursion over the last ``history_size``
-    pairs ``s = x_{k+1} - x_k``, ``y = g_{k+1} - g_k`` (pairs with ``y.s <= eps y.y``
-    are skipped), with ``H_0 = (s.y / y.y) I`` from the latest pair. Step: the strong
-    Wolfe conditions ``f(x + t d) <= f(x) + c1 t g.d`` and ``|g(x + t d).d| <= c2 |g.d|``
-    (Nocedal & Wright, Algorithms 3.5 and 3.6: bracketing by extrapolation, then zoom,
-    both by cubic interpolation with a quadratic and a bisection fallback). The first
-    trial step is ``lr * min(1, 1/||g||_1)`` on the first iteration and ``lr`` after.
+    pairs ``s = x_{k+1} - x_k``, ``y = g_{k+1} - g_k``, with ``H_0 = (s.y / y.y) I`` from
+    the latest pair; a pair whose curvature ``y.s`` is at most ``eps * (-g_k.s)`` is
+    skipped. This is the quasi-Newton step of scipy's L-BFGS-B without bounds (its compact
+    form of the same matrix), and the default line search is L-BFGS-B's too, so that from
+    the same start both take the same iterates up to rounding, as scikit-learn's
+    ``solver="lbfgs"`` does through scipy:
+
+    - ``line_search="more_thuente"``: Moré and Thuente's search with L-BFGS-B's constants
+      (``c1 = 1e-3``, ``c2 = 0.9``, relative bracket width 0.1, at most ``max_ls = 20``
+      evaluations); the first trial step is ``lr / ||g||_2`` on the first iteration (a
+      step of unit length along ``-g``) and ``lr`` after. When the bracket closes or
+      rounding stops progress it takes the last trial, as L-BFGS-B does.
+    - ``line_search="strong_wolfe"``: Nocedal & Wright's Algorithms 3.5 and 3.6
+      (bracketing, then zoom by cubic interpolation with quadratic and bisection
+      fallbacks), the first trial step ``lr * min(1, 1/||g||_1)``, then ``lr``: the search
+      of ``torch.optim.LBFGS(line_search_fn="strong_wolfe")`` (with ``c1=1e-4,
+      max_ls=25``, its constants).
+
+    A line search that ends without an acceptable point drops the history and retries
+    along ``-g``; without history to drop, the run stops.
 
     The parameters are one vector held as the list of the model's arrays: dot products
     are sums over the list, and nothing is concatenated. The state is the current
@@ -1011,22 +1136,23 @@ class LBFGS(Optimizer):
     of the parameters. A line search compares numbers, so each function evaluation
     reads two scalars to the host (the value and the slope, in one transfer), and each
     iteration two more transfers (the direction's slope and size; the new pair's
-    curvature with the new gradient's largest entry); the vector arithmetic stays on
+    ``y.y`` with the new gradient's largest entry); the vector arithmetic stays on
     the device.
 
-    Stopping, as scikit-learn's use of scipy's L-BFGS-B: ``max |g_i| <= tol``
-    (scipy's ``pgtol``); ``(f_k - f_{k+1}) / max(|f_k|, |f_{k+1}|, 1) <= ftol``
-    (scipy's ``factr * eps``); ``max_iter`` iterations; ``max_fun`` evaluations of the
-    objective, never exceeded (a line search cut short takes its best point with
-    sufficient decrease, if any); a line search that finds no lower point. After a
-    run, :attr:`status` and :attr:`message` say which.
+    Stopping, as scikit-learn's use of scipy's L-BFGS-B, tested in its order after each
+    iteration: ``max_iter`` iterations; ``max_fun`` evaluations of the objective (never
+    exceeded: a line search cut short takes its lowest point with sufficient decrease,
+    if any; scipy finishes the iteration and may pass ``maxfun``); ``max |g_i| <= tol``
+    (scipy's ``gtol``/``pgtol``, also tested at the start); ``(f_k - f_{k+1}) /
+    max(|f_k|, |f_{k+1}|, 1) <= ftol`` (scipy's ``ftol = factr * eps``). After a run,
+    :attr:`status` and :attr:`message` say which rule stopped it.
 
     Parameters
     ----------
     lr : float, default 1.0
         Scale of the first trial step of each line search, ``> 0``.
     history_size : int, default 10
-        Pairs ``(s, y)`` kept (``m``).
+        Pairs ``(s, y)`` kept (``m``; scipy's ``maxcor``).
     max_iter : int or None, default None
         Iterations per :meth:`minimize` call; ``None``: no limit of its own.
     max_fun : int, default 15000
@@ -1035,10 +1161,12 @@ class LBFGS(Optimizer):
         Stop when every gradient entry is at most ``tol`` in absolute value.
     ftol : float, default 2.22e-9
         Stop when the relative decrease of the objective is at most ``ftol``.
-    c1, c2 : float, default 1e-4, 0.9
+    c1, c2 : float, default 1e-3, 0.9
         Sufficient-decrease and curvature constants, ``0 < c1 < c2 < 1``.
-    max_ls : int, default 25
-        Evaluations per line search.
+    max_ls : int, default 20
+        Evaluations per line search (scipy's ``maxls``).
+    line_search : {"more_thuente", "strong_wolfe"}, default "more_thuente"
+        L-BFGS-B's search, or torch's (see above).
 
     Attributes
     ----------
@@ -1066,13 +1194,13 @@ class LBFGS(Optimizer):
     >>> opt = LBFGS(tol=1e-10)
     >>> _ = opt.minimize(fun, params)
     >>> np.allclose(params[0]["w"], np.linalg.solve(A, b), atol=1e-10), opt.n_iter, opt.n_fun
-    (True, 5, 6)
-    >>> opt.status, opt.message
-    ('ftol', 'the relative decrease of the objective is at most ftol=2.22e-09')
+    (True, 4, 6)
+    >>> opt.status
+    'gtol'
     """
 
     name = "lbfgs"
-    _hyper = ("history_size", "max_iter", "max_fun", "tol", "ftol", "c1", "c2", "max_ls")
+    _hyper = ("history_size", "max_iter", "max_fun", "tol", "ftol", "c1", "c2", "max_ls", "line_search")
 
     def __init__(
         self,
@@ -1082,9 +1210,10 @@ class LBFGS(Optimizer):
         max_fun: int = 15000,
         tol: float = 1e-5,
         ftol: float = _LBFGS_FTOL,
-        c1: float = 1e-4,
+        c1: float = 1e-3,
         c2: float = 0.9,
-        max_ls: int = 25,
+        max_ls: int = 20,
+        line_search: str = "more_thuente",
     ) -> None:
         super().__init__(lr)
         _number("lr", lr, low=0.0, low_open=True)
@@ -1096,6 +1225,10 @@ class LBFGS(Optimizer):
         self.c1 = _number("c1", c1, low=0.0, high=1.0, low_open=True, high_open=True)
         self.c2 = _number("c2", c2, low=self.c1, high=1.0, low_open=True, high_open=True)
         self.max_ls = _count("max_ls", max_ls)
+        if line_search not in _LINE_SEARCHES:
+            msg = f"line_search must be one of {_LINE_SEARCHES}, got {line_search!r}"
+            raise ValueError(msg)
+        self.line_search = line_search
         self.n_iter = 0
         self.n_fun = 0
         self.status: str | None = None
@@ -1210,28 +1343,41 @@ class LBFGS(Optimizer):
             msg = f"the objective is {f} at the starting point; L-BFGS needs a finite start"
             raise FloatingPointError(msg)
         self.loss = f
+        if gmax <= self.tol:
+            self._stop("gtol", f"the largest gradient entry {gmax:.3g} is at most tol={self.tol:g}")
+            return
         history: list[tuple[list, list, float]] = []  # (s, y, rho)
         gamma = 1.0
-        while not self._stops_before(gmax):
-            d, gtd0, dmax, g_l1 = self._direction(g, history, gamma, xp, l1=self.n_iter == 0)
-            t0 = self.lr * min(1.0, 1.0 / g_l1) if self.n_iter == 0 else self.lr
-            best = self._line_search(fun, params, x, d, f, gtd0, t0, dmax, eps, xp)
-            if best.t == 0.0:
+        more_thuente = self.line_search == "more_thuente"
+        while True:
+            first = self.n_iter == 0
+            norm = (2 if more_thuente else 1) if first else 0
+            d, gtd0, dmax, size = self._direction(g, history, gamma, xp, norm=norm)
+            if more_thuente:  # L-BFGS-B: a first step of unit length, then the quasi-Newton step
+                t0 = self.lr * min(1.0 / size, _MAX_STEP) if first else self.lr
+                best = self._more_thuente(fun, params, x, d, f, gtd0, t0, xp)
+            else:  # torch.optim.LBFGS's choice of the first step
+                t0 = self.lr * min(1.0, 1.0 / size) if first else self.lr
+                best = self._line_search(fun, params, x, d, f, gtd0, t0, dmax, eps, xp)
+            if best is None or best.t == 0.0:
                 self._set(params, x, d, 0.0, xp)
                 if self.status == "max_fun":
+                    self._stop("max_fun", f"maximum function evaluations ({self.max_fun}) reached")
                     return
                 if history:  # as L-BFGS-B: forget the curvature pairs and retry along -g once
                     history.clear()
                     gamma = 1.0
                     continue
-                self._stop("line_search", "the line search found no lower point along the search direction")
+                self._stop("line_search", "the line search found no acceptable point along the search direction")
                 return
             self._set(params, x, d, best.t, xp)
             s = [best.t * di for di in d]
             y = [gn - go for gn, go in zip(best.g, g)]
             for i, si in enumerate(s):
                 x[i] = _iadd(x[i], si)
-            ratio, gmax = self._remember(history, s, y, best.g, eps, xp)
+            # y.s from the two slopes along d, skipped below rounding of the decrease g.s (L-BFGS-B's rule)
+            ys, gts = (best.gtd - gtd0) * best.t, -gtd0 * best.t
+            ratio, gmax = self._remember(history, s, y, ys, gts, best.g, eps, xp)
             gamma = ratio or gamma
             f_old, f, g = f, best.f, best.g
             self.loss = f
@@ -1239,54 +1385,56 @@ class LBFGS(Optimizer):
             self.step_count += 1
             out_of_fun = self.status == "max_fun"
             self.status, self.message = "interrupted", "stopped by the caller"
-            yield LBFGSIteration(f, best.t, self.n_fun, self.n_iter)
-            if out_of_fun:
-                self._stop("max_fun", f"maximum function evaluations ({self.max_fun}) reached")
-                return
-            if (f_old - f) / max(abs(f_old), abs(f), 1.0) <= self.ftol:
-                self._stop("ftol", f"the relative decrease of the objective is at most ftol={self.ftol:.3g}")
+            yield LBFGSIteration(f, best.t, self.n_fun, self.n_iter, best.n)
+            if self._stops_after(f_old, f, gmax, out_of_fun):
                 return
 
     def _stop(self, status: str, message: str) -> None:
         self.status, self.message = status, message
 
-    def _stops_before(self, gmax: float) -> bool:
-        """Whether a rule stops the run before the next iteration (``gmax``: the largest
-        gradient entry at the current point)."""
-        if gmax <= self.tol:
-            self._stop("gtol", f"the largest gradient entry {gmax:.3g} is at most tol={self.tol:g}")
-        elif self.max_iter is not None and self.n_iter >= self.max_iter:
+    def _stops_after(self, f_old: float, f: float, gmax: float, out_of_fun: bool) -> bool:
+        """Whether a rule stops the run after an iteration from ``f_old`` to ``f`` (``gmax``:
+        the new gradient's largest entry), tested in the order of scipy's L-BFGS-B: the
+        limits, then the gradient, then the relative decrease."""
+        if self.max_iter is not None and self.n_iter >= self.max_iter:
             self._stop("max_iter", f"maximum iterations ({self.max_iter}) reached")
-        elif self.n_fun >= self.max_fun:
+        elif out_of_fun or self.n_fun >= self.max_fun:
             self._stop("max_fun", f"maximum function evaluations ({self.max_fun}) reached")
+        elif gmax <= self.tol:
+            self._stop("gtol", f"the largest gradient entry {gmax:.3g} is at most tol={self.tol:g}")
+        elif (f_old - f) / max(abs(f_old), abs(f), 1.0) <= self.ftol:
+            self._stop("ftol", f"the relative decrease of the objective is at most ftol={self.ftol:.3g}")
         else:
             return False
         return True
 
-    def _remember(self, history, s, y, g, eps, xp) -> tuple[float | None, float]:
-        """Keep the pair ``(s, y)`` when its curvature ``y.s`` is positive (beyond
-        rounding). Returns the new ``H_0`` scale ``y.s / y.y`` (None when the pair is
-        skipped) and the largest entry of the new gradient ``g``, read together."""
-        ys, yy, gmax = _host_floats([_vdot(y, s, xp), _vdot(y, y, xp), _largest(g, xp)], xp)
-        if not (ys > eps * yy and yy > 0.0):
+    def _remember(self, history, s, y, ys, gts, g, eps, xp) -> tuple[float | None, float]:
+        """Keep the pair ``(s, y)`` unless its curvature ``ys = y.s`` is at most rounding of
+        ``gts = -g_old.s`` (as L-BFGS-B). Returns the new ``H_0`` scale ``y.s / y.y``
+        (None when the pair is skipped) and the largest entry of the new gradient ``g``,
+        read together."""
+        yy, gmax = _host_floats([_vdot(y, y, xp), _largest(g, xp)], xp)
+        if not (ys > eps * gts and yy > 0.0):
             return None, gmax
         history.append((s, y, 1.0 / ys))
         if len(history) > self.history_size:
             history.pop(0)
         return ys / yy, gmax
 
-    def _direction(self, g, history, gamma, xp, *, l1: bool):
-        """The search direction with its slope, largest entry and (when ``l1``) the
-        gradient's 1-norm, read in one transfer: ``(d, g.d, max|d_i|, ||g||_1 or None)``.
-        ``d = -H g`` by the two-loop recursion, or ``-g`` (the history forgotten) when
-        rounding made that no descent direction."""
+    def _direction(self, g, history, gamma, xp, *, norm: int):
+        """The search direction with its slope, largest entry and (when ``norm`` is 1 or
+        2) the gradient's 1-norm or the direction's 2-norm, read in one transfer:
+        ``(d, g.d, max|d_i|, norm or None)``. ``d = -H g`` by the two-loop recursion, or
+        ``-g`` (the history forgotten) when rounding made that no descent direction."""
         d = self._two_loop(g, history, gamma, xp)
-        norm1 = [sum(xp.sum(xp.abs(gi)) for gi in g)] if l1 else []
-        gtd, dmax, *rest = _host_floats([_vdot(g, d, xp), _largest(d, xp), *norm1], xp)
+        extra = ([sum(xp.sum(xp.abs(gi)) for gi in g)] if norm == 1
+                 else [xp.sqrt(_vdot(d, d, xp))] if norm == 2 else [])
+        gtd, dmax, *rest = _host_floats([_vdot(g, d, xp), _largest(d, xp), *extra], xp)
         if not gtd < 0.0:
             history.clear()
             d = [-gi for gi in g]
-            gtd, dmax = _host_floats([_vdot(g, d, xp), _largest(d, xp)], xp)
+            extra = [xp.sqrt(_vdot(d, d, xp))] if norm == 2 else extra
+            gtd, dmax, *rest = _host_floats([_vdot(g, d, xp), _largest(d, xp), *extra], xp)
         return d, gtd, dmax, rest[0] if rest else None
 
     def _two_loop(self, g, history, gamma, xp):
@@ -1306,6 +1454,69 @@ class LBFGS(Optimizer):
                 q[i] = _iadd(q[i], (a - b) * si)
         return q
 
+    def _more_thuente(self, fun, params, x, d, f0, gtd0, t, xp):
+        """Moré and Thuente's line search along ``d`` from step ``t`` (the search of
+        L-BFGS-B, with its constants ``c1``, ``c2``, ``xtol = 0.1``, steps in
+        ``[0, 1e10]``): a :class:`_Trial` meeting the strong Wolfe conditions, or the last
+        trial when the bracket has closed below ``xtol`` or rounding stops progress (as
+        L-BFGS-B takes it, even above ``f0``; the caller's ``ftol`` rule then stops);
+        ``None`` after ``max_ls`` evaluations without one, or when the evaluations run
+        out first with no trial of sufficient decrease (else that lowest trial).
+
+        Stage 1 works on ``psi(t) = f(t) - f0 - c1 t g0`` while no step has
+        ``psi <= 0`` with a non-negative slope; each new step comes from
+        :func:`_safeguarded_step`, with a bisection when the bracket has not shrunk by a
+        third in two steps. A trial whose value or slope is not finite halves the step
+        towards the best one (an addition: L-BFGS-B has no rule for it) and caps later steps.
+        """
+        c1, c2 = self.c1, self.c2
+        gtest = c1 * gtd0
+        bracketed, stage = False, 1
+        width = _MAX_STEP
+        width1 = 2.0 * width
+        lo = hi = (0.0, f0, gtd0)  # (step, value, slope): the best step, and the bracket's other end
+        t_min, t_max = 0.0, 5.0 * t
+        lowest = None  # the lowest trial with sufficient decrease, for an evaluation cap
+        t_bad = math.inf  # the shortest step found not finite
+        for _ in range(self.max_ls):
+            if self.n_fun >= self.max_fun:
+                self.status = "max_fun"
+                return lowest
+            self._set(params, x, d, t, xp)
+            f, gtd, g = self._evaluate(fun, params, d, xp)
+            if not (math.isfinite(f) and math.isfinite(gtd)):
+                t_bad = min(t_bad, t)
+                t = lo[0] + 0.5 * (t - lo[0])
+                continue
+            cur = _Trial(t, f, gtd, g, self.n_fun)
+            ftest = f0 + t * gtest
+            if f <= ftest and (lowest is None or f < lowest.f):
+                lowest = cur
+            if stage == 1 and f <= ftest and gtd >= 0.0:
+                stage = 2
+            if f <= ftest and abs(gtd) <= -c2 * gtd0:
+                return cur  # the strong Wolfe conditions
+            if bracketed and (t <= t_min or t >= t_max or t_max - t_min <= _MT_XTOL * t_max):
+                return cur  # no progress possible within the bracket
+            if t == _MAX_STEP and f <= ftest and gtd <= gtest:
+                return cur
+            lo, hi, t_next, bracketed = _next_trial(lo, hi, t, f, gtd, gtest, bracketed, t_min, t_max,
+                                                    on_psi=stage == 1 and lo[1] >= f > ftest)
+            if bracketed:
+                if abs(hi[0] - lo[0]) >= 0.66 * width1:
+                    t_next = lo[0] + 0.5 * (hi[0] - lo[0])
+                width1, width = width, abs(hi[0] - lo[0])
+                t_min, t_max = min(lo[0], hi[0]), max(lo[0], hi[0])
+            else:
+                t_min, t_max = t_next + 1.1 * (t_next - lo[0]), t_next + 4.0 * (t_next - lo[0])
+            t_next = min(t_next, _MAX_STEP) if t_next >= 0.0 else 0.0  # NaN counts as 0, as fmax does
+            if bracketed and (t_next <= t_min or t_next >= t_max or t_max - t_min <= _MT_XTOL * t_max):
+                t_next = lo[0]
+            if t_next >= t_bad:
+                t_next = lo[0] + 0.5 * (t_bad - lo[0])
+            t = t_next
+        return None
+
     def _line_search(self, fun, params, x, d, f0, gtd0, t, dmax, eps, xp):
         """A step meeting the strong Wolfe conditions along ``d`` (or, when evaluations
         run out first, the lowest point found with sufficient decrease): a
@@ -1318,7 +1529,7 @@ class LBFGS(Optimizer):
                 return prev
             self._set(params, x, d, t, xp)
             f, gtd, g = self._evaluate(fun, params, d, xp)
-            cur = _Trial(t, f if math.isfinite(f) else math.inf, gtd, g)
+            cur = _Trial(t, f if math.isfinite(f) else math.inf, gtd, g, self.n_fun)
             if cur.f > f0 + c1 * t * gtd0 or (i > 0 and cur.f >= prev.f):
                 return self._zoom(fun, params, x, d, f0, gtd0, prev, cur, dmax, eps, xp, i + 1)
             if abs(cur.gtd) <= -c2 * gtd0:
@@ -1363,7 +1574,7 @@ class LBFGS(Optimizer):
             self._set(params, x, d, t, xp)
             f, gtd, g = self._evaluate(fun, params, d, xp)
             used += 1
-            cur = _Trial(t, f if math.isfinite(f) else math.inf, gtd, g)
+            cur = _Trial(t, f if math.isfinite(f) else math.inf, gtd, g, self.n_fun)
             if cur.f > f0 + c1 * t * gtd0 or cur.f >= lo.f:
                 hi = cur
             else:

@@ -35,7 +35,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import layers as L
-from ._backend import backend_name, device_of, is_writeable
+from ._backend import backend_name, device_of, is_writeable, to_numpy
 from .losses import LOSSES
 
 __all__ = ["MixedPrecision", "resolve_precision"]
@@ -112,6 +112,7 @@ class MixedPrecision:
         self.min_scale = min_scale
         self.scale = self.good_steps = self.skipped = None
         self._where = None  # (namespace, device) of the state
+        self._pending = None  # host values of a loaded state, put on the device at the next step
 
     def __repr__(self) -> str:
         return (f"MixedPrecision({self.dtype_name!r}, dynamic={self.dynamic}, init_scale={self.init_scale:g}, "
@@ -119,13 +120,57 @@ class MixedPrecision:
 
     # -------------------------------------------------------------------- state
     def _state(self, xp, device) -> None:
-        """The scale and counters as 0-d arrays on the device (made once per place)."""
+        """The scale and counters as 0-d arrays on the device: made once per place, from
+        ``init_scale``, from a loaded state, or from the values they had on another
+        place (the model moved: three host reads, once)."""
         if self.scale is not None and self._where == (xp, device):
             return
-        self.scale = xp.asarray(self.init_scale, dtype=xp.float32, device=device)
-        self.good_steps = xp.asarray(0, dtype=xp.int32, device=device)
-        self.skipped = xp.asarray(0, dtype=xp.int32, device=device)
-        self._where = (xp, device)
+        values = self._pending if self.scale is None else self._host_values()
+        scale, good, skipped = values if values is not None else (self.init_scale, 0, 0)
+        self.scale = xp.asarray(scale, dtype=xp.float32, device=device)
+        self.good_steps = xp.asarray(good, dtype=xp.int32, device=device)
+        self.skipped = xp.asarray(skipped, dtype=xp.int32, device=device)
+        self._where, self._pending = (xp, device), None
+
+    def _host_values(self) -> tuple | None:
+        """``(scale, good_steps, skipped)`` as Python numbers (host reads), or None
+        before the first step."""
+        if self.scale is None:
+            return self._pending
+        return (float(to_numpy(self.scale)), int(to_numpy(self.good_steps)), int(to_numpy(self.skipped)))
+
+    def state_dict(self) -> dict:
+        """The configuration and the loss-scale state as JSON-ready values (three host
+        reads): what a checkpoint keeps, so that a resumed float16 run scales, skips and
+        grows exactly as the uninterrupted one. ``scale`` and the counters are None
+        before the first step."""
+        values = self._host_values()
+        scale, good, skipped = values if values is not None else (None, None, None)
+        return {"dtype": self.dtype_name, "dynamic": self.dynamic, "init_scale": self.init_scale,
+                "growth_interval": self.growth_interval, "min_scale": self.min_scale,
+                "scale": scale, "good_steps": good, "skipped": skipped}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Take the configuration and loss-scale state of :meth:`state_dict` (of the same
+        compute dtype); the scale reaches the device at the next step."""
+        if state.get("dtype") != self.dtype_name:
+            msg = (f"the saved mixed-precision state is for dtype {state.get('dtype')!r}, but this run computes in "
+                   f"{self.dtype_name!r}; pass precision={state.get('dtype')!r} to continue it")
+            raise ValueError(msg)
+        self.dynamic = bool(state["dynamic"])
+        self.init_scale, self.min_scale = float(state["init_scale"]), float(state["min_scale"])
+        self.growth_interval = int(state["growth_interval"])
+        self.scale = self.good_steps = self.skipped = self._where = None
+        self._pending = None if state.get("scale") is None else (
+            float(state["scale"]), int(state["good_steps"]), int(state["skipped"]))
+
+    def copy(self) -> "MixedPrecision":
+        """An independent MixedPrecision with this one's configuration and state (for
+        ``model.copy()``: the copy trains on with its own loss scale)."""
+        new = MixedPrecision(self.dtype_name, dynamic=self.dynamic, init_scale=self.init_scale,
+                             growth_interval=self.growth_interval, min_scale=self.min_scale)
+        new.load_state_dict(self.state_dict())
+        return new
 
     def get_state(self) -> tuple:
         """Copies of ``(scale, good_steps, skipped)`` (Nones before the first step), for
@@ -249,11 +294,16 @@ def _keep_if_not(ok, before, params, state, xp) -> None:
             c[k] = kept
 
 
-def resolve_precision(precision: Any, model, xp, *, data_parallel: bool = False) -> MixedPrecision | None:
+def resolve_precision(precision: Any, model, xp, *, data_parallel: bool = False,
+                      previous: MixedPrecision | None = None) -> MixedPrecision | None:
     """``fit``'s ``precision`` argument as a :class:`MixedPrecision` (None: the model's
-    own dtype throughout), checked against the model and namespace."""
+    own dtype throughout), checked against the model and namespace. A dtype name that
+    ``previous`` (the model's ``precision_``, for ``partial_fit``) computes in continues
+    it, loss scale included."""
     if precision is None or (isinstance(precision, str) and precision == model.dtype_name):
         return None
+    if isinstance(precision, str) and isinstance(previous, MixedPrecision) and previous.dtype_name == precision:
+        precision = previous
     if isinstance(precision, str):
         if precision not in _COMPUTE:
             msg = (f"precision must be None, the model's dtype {model.dtype_name!r}, one of "

@@ -65,6 +65,7 @@ from ._backend import (
     slice_rows,
     sparse_device,
     sparse_namespace,
+    sparse_values,
     take_rows,
     to_backend,
     to_numpy,
@@ -166,7 +167,7 @@ def _is_device_array(x: Any) -> bool:
 
 
 def _is_sparse(x: Any) -> bool:
-    """A scipy.sparse (or cupyx.scipy.sparse) matrix or array."""
+    """A scipy.sparse (or cupyx.scipy.sparse) matrix or array, or a sparse torch tensor."""
     return is_sparse(x)
 
 
@@ -240,10 +241,25 @@ class _Diverged(Exception):
 
 
 # ------------------------------------------------------------------------------ pickling
-def _build_model(config: dict, *, seed: int, backend: str, device: Any) -> MLP:
-    """An MLP initialised as scikit-learn initialises its perceptrons: every weight and bias
-    drawn from ``U(-a, a)``, ``a = sqrt(f / (fan_in + fan_out))`` with ``f = 2`` for a
-    sigmoid hidden activation and ``f = 6`` otherwise, from the model's host stream.
+def _init_bounds(config: dict) -> list[tuple[int, int, float]]:
+    """``(fan_in, fan_out, a)`` per layer of scikit-learn's initialisation:
+    ``a = sqrt(f / (fan_in + fan_out))``, ``f = 2`` for a sigmoid hidden activation, else 6."""
+    factor = 2.0 if config["activation"] == "sigmoid" else 6.0
+    sizes = config["sizes"]
+    return [(i, o, math.sqrt(factor / (i + o))) for i, o in zip(sizes[:-1], sizes[1:])]
+
+
+def _draw_initial_weights(config: dict, rs) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Host float64 ``(W, b)`` per layer, drawn from ``rs`` (a ``numpy.random.RandomState``)
+    in scikit-learn's order and rule: ``W ~ U(-a, a)`` of shape ``(fan_in, fan_out)``, then
+    ``b ~ U(-a, a)`` of shape ``(fan_out,)``, layer by layer."""
+    return [(rs.uniform(-a, a, (i, o)), rs.uniform(-a, a, o)) for i, o, a in _init_bounds(config)]
+
+
+def _build_model(config: dict, *, seed: int, backend: str, device: Any, init: list | None = None) -> MLP:
+    """An MLP initialised as scikit-learn initialises its perceptrons (:func:`_init_bounds`):
+    from ``init`` (host ``(W, b)`` per layer, :func:`_draw_initial_weights`) when given,
+    else drawn by the same rule from the model's host stream.
 
     ``config`` holds ``sizes``, ``activation``, ``output_activation``, ``dropout`` and
     ``dtype``, and ``members`` (K) for an ensemble: member ``i`` is then the model of
@@ -257,12 +273,13 @@ def _build_model(config: dict, *, seed: int, backend: str, device: Any) -> MLP:
     model = MLP(config["sizes"], activation=config["activation"], output_activation=config["output_activation"],
                 dropout=config["dropout"], init="zeros", dtype=config["dtype"], backend=backend, device=device,
                 seed=seed)
-    factor = 2.0 if config["activation"] == "sigmoid" else 6.0
-    for layer, p in zip(model.layers, model.params):
-        if isinstance(layer, Dense):
-            bound = math.sqrt(factor / (layer.n_in + layer.n_out))
-            p["W"] = model.rng.uniform((layer.n_in, layer.n_out), bound, model.dtype)
-            p["b"] = model.rng.uniform((layer.n_out,), bound, model.dtype)
+    dense = [p for layer, p in zip(model.layers, model.params) if isinstance(layer, Dense)]
+    for j, (p, (n_in, n_out, bound)) in enumerate(zip(dense, _init_bounds(config))):
+        if init is None:
+            p["W"] = model.rng.uniform((n_in, n_out), bound, model.dtype)
+            p["b"] = model.rng.uniform((n_out,), bound, model.dtype)
+        else:
+            p["W"], p["b"] = (model.xp.asarray(a, dtype=model.dtype, device=model.device) for a in init[j])
     return model
 
 
@@ -348,7 +365,8 @@ _PARAMETERS_DOC = """
         Draw a new sample order every epoch.
     random_state : int, RandomState instance or None, default=None
         Seeds weight initialisation, shuffling, dropout and the ``early_stopping`` split.
-        An int gives identical results on every fit.
+        An int gives identical results on every fit. With ``solver="lbfgs"`` the initial
+        weights are the ones scikit-learn's MLP draws for the same ``random_state``.
     tol : float, default=1e-4
         Training stops when the training loss (or, with ``early_stopping``, the
         validation score) has not improved by at least ``tol`` for ``n_iter_no_change``
@@ -400,26 +418,35 @@ _PARAMETERS_DOC = """
         Members of a deep ensemble trained at once (``arraymlp.MLP(..., ensemble=K)``):
         member ``i`` starts from seed ``arraymlp.ensemble.member_seeds(seed, K)[i]``
         (``seed`` drawn from ``random_state``), all members see the same batches, and the
-        predictions combine them (probabilities or outputs averaged). 1 is one
-        perceptron, exactly as before; see docs/sklearn.md for what differs with more.
+        predictions combine them (probabilities or outputs averaged). Each member
+        follows the stopping rules (``tol``, ``early_stopping``) on its own and is
+        frozen once it stops; the fit ends when all have stopped. 1 is one perceptron,
+        exactly as before; see docs/sklearn.md for what differs with more.
 """
 
 _ATTRIBUTES_DOC = """
     loss_ : float
         Training loss of the last epoch (the objective above, L2 term included); with
-        ``solver="lbfgs"``, the objective at the final parameters.
+        ``solver="lbfgs"``, the objective at the final parameters. With
+        ``n_members > 1``, the mean of ``member_loss_``.
     loss_curve_ : list of float
         Training loss of each epoch (sample-count weighted mean of the batch losses);
-        with ``solver="lbfgs"``, the objective after each iteration.
-    best_loss_ : float or None
-        Lowest training loss so far; ``None`` with ``early_stopping``.
-    validation_scores_ : list of float or None
-        Score on the held-out data after each epoch with ``early_stopping``, else ``None``.
-    best_validation_score_ : float or None
-        Best of ``validation_scores_``; ``None`` without ``early_stopping``.
-    n_iter_ : int
+        with ``solver="lbfgs"``, the objective after each iteration. With
+        ``n_members > 1``, the mean over the members that trained in the epoch.
+    best_loss_ : float, ndarray of shape (n_members,), or None
+        Lowest training loss so far (each member's with ``n_members > 1``); ``None``
+        with ``early_stopping``.
+    validation_scores_ : list or None
+        With ``early_stopping``, the score on the held-out data after each epoch: a
+        float per epoch, or with ``n_members > 1`` an ndarray of shape (n_members,) per
+        epoch (NaN for members that had stopped). ``None`` without ``early_stopping``.
+    best_validation_score_ : float, ndarray of shape (n_members,), or None
+        Best of ``validation_scores_`` (each member's with ``n_members > 1``); ``None``
+        without ``early_stopping``.
+    n_iter_ : int or ndarray of shape (n_members,)
         Epochs (``solver="lbfgs"``: iterations) run by the last call of ``fit`` (1 after
-        each ``partial_fit``), as in scikit-learn.
+        each ``partial_fit``), as in scikit-learn; with ``n_members > 1``, each
+        member's (members stop on their own).
     t_ : int
         Training samples seen, over all epochs.
     coefs_ : list of arrays
@@ -430,8 +457,11 @@ _ATTRIBUTES_DOC = """
         Bias vectors, ``intercepts_[i]`` of shape (n_units_i+1,); with ``n_members=K > 1``,
         the stacked (K, 1, n_units_i+1) arrays (``intercepts_[i][k, 0]`` is member k's).
     member_loss_ : ndarray of shape (n_members,)
-        Only with ``n_members > 1``: each member's training loss in the last epoch
-        (``loss_`` is their mean).
+        Only with ``n_members > 1``: each member's training loss in the last epoch it
+        trained in (``loss_`` is their mean).
+    member_loss_curve_ : list of ndarray of shape (n_members,)
+        Only with ``n_members > 1``: each member's training loss per epoch, NaN after
+        it stopped.
     n_features_in_ : int
         Number of features seen in :meth:`fit`.
     feature_names_in_ : ndarray of shape (n_features,)
@@ -504,10 +534,9 @@ def _check_parameter_values(est) -> None:
         raise ValueError(msg)
     if est.backend is not None:
         resolve_backend(est.backend)
-    if est.n_members > 1 and (est.solver == "lbfgs" or est.early_stopping):
-        what = "solver='lbfgs'" if est.solver == "lbfgs" else "early_stopping=True"
+    if est.n_members > 1 and est.solver == "lbfgs":
         msg = (f"n_members={est.n_members!r} trains the members with the mini-batch ensemble fit, which does not "
-               f"support {what}; use n_members=1, or a stochastic solver without early stopping")
+               "support solver='lbfgs'; use n_members=1, or a stochastic solver")
         raise ValueError(msg)
 
 
@@ -692,12 +721,12 @@ class _BaseMLP(BaseEstimator):
         if _is_sparse(inp.x):
             if xp is not inp.xp:
                 msg = (f"a sparse X computes on {backend_name(inp.xp)} (scipy.sparse on NumPy, "
-                       f"cupyx.scipy.sparse on CuPy), but the model is on {backend_name(xp)}; leave backend= "
-                       "unset, or densify X (X.toarray())")
+                       f"cupyx.scipy.sparse on CuPy, a sparse tensor on torch), but the model is on "
+                       f"{backend_name(xp)}; leave backend= unset, or densify X")
                 raise TypeError(msg)
             with quiet_overflow(xp):  # values beyond the dtype's range are reported just below
                 x = as_csr(inp.x, dtype)
-            _check_finite(x.data, xp, "X")
+            _check_finite(sparse_values(x), xp, "X")
             return x
         x = _move(inp.x, xp, device)
         if x.dtype != dtype:
@@ -761,10 +790,6 @@ class _BaseMLP(BaseEstimator):
             msg = f"{type(self).__name__} requires y to be passed, but the target y is None."
             raise ValueError(msg)
         inp = self._check_X(X, reset=first)
-        if int(self.n_members) > 1 and _is_sparse(inp.x):
-            msg = (f"n_members={self.n_members!r} does not take sparse X yet (the members' stacked products need "
-                   "a dense X); densify it with X.toarray(), or use n_members=1")
-            raise TypeError(msg)
         n = int(inp.x.shape[0])
         xp, device = self._placement(inp, first)
         self._dtype_name = self._training_dtype(inp, xp, first)
@@ -776,7 +801,7 @@ class _BaseMLP(BaseEstimator):
 
         rs = check_random_state(self.random_state)
         if first:
-            self._initialize(int(inp.x.shape[1]), xp, device, int(rs.randint(np.iinfo(np.int32).max)))
+            self._initialize(int(inp.x.shape[1]), xp, device, rs)
         elif (self.model_.ensemble or 1) != int(self.n_members):
             msg = (f"n_members={self.n_members!r} but the fitted model has {self.model_.ensemble or 1} members; "
                    "refit without warm_start to change n_members")
@@ -793,7 +818,10 @@ class _BaseMLP(BaseEstimator):
         self._train(x_dev, y_dev, sw_host, strata, xp, device, dtype, incremental=incremental, split_seed=split_seed)
         return self
 
-    def _initialize(self, n_features: int, xp, device, seed: int) -> None:
+    def _initialize(self, n_features: int, xp, device, rs) -> None:
+        """The model, with the seed of its own stream (batches, dropout) drawn from ``rs``;
+        with ``solver="lbfgs"`` its weights are drawn from ``rs`` before, as scikit-learn
+        draws them."""
         out_act = self._output_activation
         sizes = [n_features, *self._hidden_sizes(), self._n_output_units]
         self._model_config = {
@@ -805,7 +833,17 @@ class _BaseMLP(BaseEstimator):
         }
         if int(self.n_members) > 1:
             self._model_config["members"] = int(self.n_members)
-        self.model_ = _build_model(self._model_config, seed=seed, backend=backend_name(xp), device=device)
+            self.member_loss_ = np.full(int(self.n_members), np.nan)
+            self.member_loss_curve_ = []
+        else:
+            self.__dict__.pop("member_loss_", None)
+            self.__dict__.pop("member_loss_curve_", None)
+        # lbfgs (one model): the weights drawn first, as scikit-learn draws them, so that the same
+        # random_state gives scikit-learn's fit; the mini-batch solvers draw from the model's stream
+        same_as_sklearn = self.solver == "lbfgs" and int(self.n_members) == 1
+        start = {"init": _draw_initial_weights(self._model_config, rs)} if same_as_sklearn else {}
+        self.model_ = _build_model(self._model_config, seed=int(rs.randint(np.iinfo(np.int32).max)),
+                                   backend=backend_name(xp), device=device, **start)
         self.n_outputs_ = self._n_output_units
         self.n_layers_ = len(sizes)
         self.out_activation_ = self._out_activation_name()
@@ -827,7 +865,8 @@ class _BaseMLP(BaseEstimator):
             self._train_lbfgs(x, y, sw_host, xp, device, dtype)
             return
         if self.model_.ensemble is not None:
-            self._train_members(x, y, sw_host, xp, device, dtype, incremental=incremental)
+            self._train_members(x, y, sw_host, strata, xp, device, dtype, incremental=incremental,
+                                split_seed=split_seed)
             return
         model = self.model_
         lossfn = self._loss_row()
@@ -857,41 +896,155 @@ class _BaseMLP(BaseEstimator):
             model.params = self._best_params
         self._best_params = None
 
-    def _train_members(self, x, y, sw_host, xp, device, dtype, *, incremental: bool) -> None:
+    def _train_members(self, x, y, sw_host, strata, xp, device, dtype, *, incremental: bool,
+                       split_seed: int) -> None:
         """The epochs of an ensemble (``n_members > 1``), one :func:`arraymlp.ensemble.partial_fit`
-        each, so that the rate schedules and the ``tol`` test run between epochs as for one
-        member. The differences from one member's training: the L2 coefficient is
-        ``alpha / batch_size`` for every batch (not over each batch's own size or weight
-        sum), and ``loss_`` and the ``tol`` test use the members' mean loss."""
+        each, so that scikit-learn's rules run between epochs as for one member, member by
+        member: each member's ``tol`` test (on its training loss, or with
+        ``early_stopping`` on its validation score), its adaptive rate, its stop. A
+        stopped member is frozen (its parameters no longer change) while the others train
+        on; the fit ends when every member has stopped, or after ``max_iter`` epochs.
+        Every batch's L2 coefficient is ``alpha`` over that batch's size or weight sum,
+        and a batch of zero weights takes no step, as for one member. With
+        ``early_stopping`` each member ends with the parameters of its best validation
+        score."""
+        k = int(self.model_.ensemble)
+        early = bool(self.early_stopping)
+        val = (None, None, None)
+        if early:
+            x, y, sw_host, *val = self._split_validation(x, y, sw_host, strata, xp, device, dtype,
+                                                         n_all=int(x.shape[0]), split_seed=split_seed)
         n = int(x.shape[0])
         w_dev = None if sw_host is None else xp.asarray(sw_host, dtype=dtype, device=device)
         batch = min(200, n) if self.batch_size == "auto" else max(1, min(int(self.batch_size), n))
         alpha = float(self.alpha)
-        l2 = alpha / batch if alpha > 0 and self.solver != "adamw" else 0.0
+        coupled = alpha > 0 and self.solver != "adamw"  # adamw decays the weights itself
         epochs = 1 if incremental else int(self.max_iter)
-        self.n_iter_ = 0
-        for _ in range(epochs):
-            try:
-                with quiet_overflow(xp):  # overflows are reported below, as a DivergenceError
-                    history = _ensemble.partial_fit(self.model_, x, y, loss=self._loss_row(),
-                                                    optimizer=self._optimizer,
-                                                    lr=self._lr, batch_size=batch, shuffle=bool(self.shuffle),
-                                                    l2=l2, sample_weight=w_dev)
-            except DivergenceError as exc:
-                found = re.search(r"members (\[[^\]]*\])", str(exc))
-                who = f"members {found.group(1)}" if found else "some members"
-                first = ("The training loss became non-finite" if exc.params_finite else
-                         "Solver produced non-finite parameter weights")
-                msg = (f"{first}. The input data may contain large values and need to be preprocessed. (Training "
-                       f"diverged at epoch {self.n_iter_ + 1}, step {exc.step + 1}: the loss of {who} is not "
-                       "finite. Standardise the inputs with sklearn.preprocessing.StandardScaler or lower "
-                       "learning_rate_init.)")
-                raise DivergenceError(msg, epoch=self.n_iter_, step=exc.step,
-                                      params_finite=exc.params_finite) from exc
-            self.member_loss_ = np.asarray(history.loss[-1], dtype=np.float64)
-            self.n_iter_ += 1
-            if self._end_iteration(n, float(np.mean(self.member_loss_)), incremental, False, (None, None, None), xp):
-                break
+        self._member_bookkeeping(k, early)
+        self.n_iter_ = np.zeros(k, dtype=np.int64)  # as scikit-learn: the epochs of this call, per member
+        active = np.ones(k, dtype=bool)
+        self._best_params = None
+        self._best_kept = np.zeros(k, dtype=bool)  # the members whose best parameters this fit has kept
+        # NumPy would warn on overflows that the divergence error reports
+        with quiet_overflow(xp), self._members_diverging():
+            for epoch in range(epochs):
+                history = _ensemble.partial_fit(
+                    self.model_, x, y, loss=self._loss_row(), optimizer=self._optimizer, lr=self._member_lr(),
+                    batch_size=batch, shuffle=bool(self.shuffle), l2=alpha if coupled else 0.0,
+                    sample_weight=w_dev, _active=active, _l2_per_batch=coupled, _host_weight=sw_host)
+                self.n_iter_ += active
+                stop = self._end_member_iteration(n, np.asarray(history.loss[-1], dtype=np.float64), active,
+                                                  early, val, xp)
+                if incremental:
+                    break
+                active = active & ~stop
+                if not active.any():
+                    break
+                if epoch + 1 == epochs:
+                    warnings.warn(
+                        f"Stochastic Optimizer: Maximum iterations ({self.max_iter}) reached and the "
+                        f"optimization hasn't converged yet (members {np.flatnonzero(active).tolist()}).",
+                        ConvergenceWarning,
+                        stacklevel=4,
+                    )
+        if early and self._best_params is not None:  # each member back to its best epoch of this fit
+            self.model_.params = _ensemble._keep_best(self.model_.params, self._best_params, ~self._best_kept, xp,
+                                                      self.model_.params[0]["W"])
+        self._best_params = None
+
+    def _member_bookkeeping(self, k: int, early: bool) -> None:
+        """The per-member state, shape (K,), from what the last fit (or ``_initialize``)
+        left: the no-improvement counts, best loss or validation score, each member's rate
+        of the adaptive schedule."""
+        def per_member(v, fill, dtype):
+            v = fill if v is None else v
+            return np.array(np.broadcast_to(np.asarray(v, dtype=dtype), (k,)))
+
+        self._no_improvement_count = per_member(self._no_improvement_count, 0, np.int64)
+        if early:
+            self.best_validation_score_ = per_member(self.best_validation_score_, -np.inf, np.float64)
+            if self.validation_scores_ is None:
+                self.validation_scores_ = []
+        else:
+            self.best_loss_ = per_member(self.best_loss_, np.inf, np.float64)
+        if self.solver == "sgd" and self.learning_rate == "adaptive":
+            self._lr = per_member(self._lr, float(self.learning_rate_init), np.float64)
+        if getattr(self, "member_loss_", None) is None:
+            self.member_loss_ = np.full(k, np.nan)
+        if getattr(self, "member_loss_curve_", None) is None:
+            self.member_loss_curve_ = []
+
+    def _member_lr(self):
+        """The rate of this epoch: one float, or K (the adaptive schedule's, per member)."""
+        return float(self._lr) if np.ndim(self._lr) == 0 else [float(v) for v in self._lr]
+
+    @contextlib.contextmanager
+    def _members_diverging(self):
+        """A member whose loss stops being finite ends the fit with a DivergenceError in
+        scikit-learn's words, naming the estimator's epoch and the members."""
+        try:
+            yield
+        except DivergenceError as exc:
+            found = re.search(r"members (\[[^\]]*\])", str(exc))
+            who = f"members {found.group(1)}" if found else "some members"
+            first = ("The training loss became non-finite" if exc.params_finite else
+                     "Solver produced non-finite parameter weights")
+            epoch = int(np.max(self.n_iter_)) + 1
+            msg = (f"{first}. The input data may contain large values and need to be preprocessed. (Training "
+                   f"diverged at epoch {epoch}, step {exc.step + 1}: the loss of {who} is not "
+                   "finite. Standardise the inputs with sklearn.preprocessing.StandardScaler or lower "
+                   "learning_rate_init.)")
+            raise DivergenceError(msg, epoch=epoch - 1, step=exc.step, params_finite=exc.params_finite) from exc
+
+    def _end_member_iteration(self, n: int, losses, trained, early: bool, val: tuple, xp):
+        """:meth:`_end_iteration` of an ensemble, member by member: ``losses`` (K,) are the
+        members' training losses of the epoch, ``trained`` (K bools) says which members
+        trained in it (a frozen member's entries are NaN). Returns which members stop here
+        (their ``tol`` test failed ``n_iter_no_change`` times and no adaptive rate is left
+        to lower)."""
+        self.t_ += n
+        row = np.where(trained, losses, np.nan)
+        self.member_loss_ = np.where(trained, losses, self.member_loss_)
+        self.member_loss_curve_.append(row)
+        self.loss_ = float(np.mean(self.member_loss_))
+        self.loss_curve_.append(float(np.mean(row[trained])))
+        if self.verbose:
+            print(f"Iteration {int(np.max(self.n_iter_))}, loss = {self.loss_curve_[-1]:.8f} "
+                  f"(members: {np.array2string(row, precision=8)})", flush=True)
+        if early:
+            x_val, y_val, w_val = val
+            out = self._forward_chunks(x_val, xp, None)  # (K, n_val, m): each member's outputs
+            scores = np.array([self._device_score(out[i, ...], y_val, w_val, xp) if trained[i] else np.nan
+                               for i in range(int(out.shape[0]))])
+            self.validation_scores_.append(scores)
+            if self.verbose:
+                print(f"Validation score: {np.array2string(scores, precision=6)}", flush=True)
+            best = self.best_validation_score_
+            with np.errstate(invalid="ignore"):
+                better = trained & (scores >= best + self.tol)  # NaN counts as no improvement
+                improved = trained & (scores > best)
+            self._no_improvement_count = np.where(better, 0, self._no_improvement_count + (trained & ~better))
+            if improved.any():
+                self.best_validation_score_ = np.where(improved, scores, best)
+                self._best_params = _ensemble._keep_best(self.model_.params, self._best_params, improved, xp,
+                                                         self.model_.params[0]["W"])
+                self._best_kept |= improved
+        else:
+            with np.errstate(invalid="ignore"):
+                worse = trained & (losses > self.best_loss_ - self.tol)  # scikit-learn's test
+                lower = trained & (losses < self.best_loss_)
+            self._no_improvement_count = np.where(trained, np.where(worse, self._no_improvement_count + 1, 0),
+                                                  self._no_improvement_count)
+            self.best_loss_ = np.where(lower, losses, self.best_loss_)
+        if self.solver == "sgd" and self.learning_rate == "invscaling":
+            self._lr = float(self.learning_rate_init) / (self.t_ + 1) ** float(self.power_t)
+        stop = np.zeros(trained.shape[0], dtype=bool)
+        for i in np.flatnonzero(trained & (self._no_improvement_count > self.n_iter_no_change)):
+            if self._should_stop(early, member=int(i)):
+                stop[i] = True
+            else:
+                self._no_improvement_count[i] = 0
+        return stop
 
     def _end_iteration(self, n: int, loss: float, incremental: bool, early: bool, val: tuple, xp) -> bool:
         """scikit-learn's bookkeeping after an epoch of ``n`` samples with training loss
@@ -1044,15 +1197,24 @@ class _BaseMLP(BaseEstimator):
             return None
         return _Diverged(epoch, batch)
 
-    def _should_stop(self, early: bool) -> bool:
+    def _should_stop(self, early: bool, member: int | None = None) -> bool:
+        """scikit-learn's reaction to ``n_iter_no_change`` epochs without improvement: the
+        adaptive schedule divides the rate by 5 (and goes on) until it falls to 1e-6;
+        anything else stops. ``member``: that member of an ensemble, with its own rate."""
         what = "Validation score" if early else "Training loss"
-        message = (f"{what} did not improve more than tol={self.tol:f} for "
+        who = "" if member is None else f"Member {member}: "
+        message = (f"{who}{what} did not improve more than tol={self.tol:f} for "
                    f"{self.n_iter_no_change} consecutive epochs.")
         if self.solver == "sgd" and self.learning_rate == "adaptive":
-            if self._lr > _MIN_ADAPTIVE_LR:
-                self._lr /= 5.0
+            lr = self._lr if member is None else self._lr[member]
+            if lr > _MIN_ADAPTIVE_LR:
+                lr /= 5.0
+                if member is None:
+                    self._lr = lr
+                else:
+                    self._lr[member] = lr
                 if self.verbose:
-                    print(f"{message} Setting learning rate to {self._lr:f}", flush=True)
+                    print(f"{message} Setting learning rate to {lr:f}", flush=True)
                 return False
             message += " Learning rate too small. Stopping."
         if self.verbose:
@@ -1204,6 +1366,7 @@ class _BaseMLP(BaseEstimator):
         if state.get("_optimizer") is not None:
             state["_optimizer"] = _optimizer_state(state["_optimizer"])
         state.pop("_best_params", None)
+        state.pop("_best_kept", None)
         return state
 
     def __setstate__(self, state):
@@ -1229,7 +1392,7 @@ class _BaseMLP(BaseEstimator):
         tags = super().__sklearn_tags__()
         tags.target_tags.multi_output = True
         tags.array_api_support = True
-        tags.input_tags.sparse = int(self.n_members) == 1  # an ensemble's fit takes dense X only
+        tags.input_tags.sparse = True
         return tags
 
 

@@ -2,7 +2,9 @@
 
 ``fit(model, x, y, ...)`` (also ``model.fit``) trains on the arrays' own namespace and
 device: batches are index-gathered from the data where it lives, one batch at a time,
-so an epoch never copies the whole data set. A scipy.sparse ``x`` (or cupyx.scipy.sparse
+so an epoch never copies the whole data set. Host data (NumPy) for a model already on
+another device (a GPU) is checked on the host and staged: each batch is gathered on the
+host and copied one batch ahead (:mod:`arraymlp._staging`). A scipy.sparse ``x`` (or cupyx.scipy.sparse
 on CuPy) is taken in compressed-row form: a batch is a row slice of it, and only the first
 dense layer sees it, through its kernels' sparse products. Each step is ``loss_and_grads`` followed by
 the optimiser's update, and reads nothing back to the host: the steps' losses stay on
@@ -37,11 +39,26 @@ import sys
 import time
 from typing import Any, Callable, Sequence
 
-from ._backend import Generator, StepValues, index_dtype, quiet_overflow, slice_rows, take_rows, to_numpy
+from ._backend import (
+    Generator,
+    StepValues,
+    device_of,
+    get_namespace,
+    host_array,
+    index_dtype,
+    is_sparse,
+    quiet_overflow,
+    resolve_dtype,
+    slice_rows,
+    take_rows,
+    to_backend,
+    to_numpy,
+)
+from ._staging import DeviceBatches, StagedEpochs
 from .callbacks import Callback, DivergenceError, EarlyStopping, History
 from .fusion import plan_for
 from .losses import LOSSES, Loss, check_targets, count_not_binary, get_loss
-from .metrics import Metric, _Accumulator, _Pair, get_metrics, read_results
+from .metrics import Metric, _Accumulator, _AccuracyMetric, _Pair, get_metrics, read_results
 from .optim import LBFGS, Optimizer, get_optimizer
 from .precision import resolve_precision
 
@@ -102,7 +119,7 @@ class _Progress:
 
 
 def _loss_then_update(model, opt, lossfn, xb, yb, wb, *, xp, l2=0.0, dp=None, amp=None, fuse=True,
-                      on_outputs=None):
+                      on_outputs=None, hits=None):
     """First half of a training step: the batch's loss, and a function taking the update.
 
     Returns ``(value, update)``: ``value`` is the loss (an array), ``update(lr)`` makes
@@ -115,14 +132,15 @@ def _loss_then_update(model, opt, lossfn, xb, yb, wb, *, xp, l2=0.0, dp=None, am
     can leave the layers above it stepped and the others not. With ``amp`` (a
     :class:`arraymlp.MixedPrecision`) the step runs in its compute dtype. ``fuse=False``
     always gathers the gradients and calls ``opt.step``. ``on_outputs(out)`` is called
-    with the batch's output before backpropagation (not under data parallelism).
+    with the batch's output before backpropagation (not under data parallelism); ``hits``
+    (the training accuracy's count, see :func:`_loss_counts_hits`) goes to the loss.
     """
     if amp is not None:
         return amp.loss_then_update(model, opt, lossfn, xb, yb, wb, xp=xp, l2=l2, on_outputs=on_outputs)
     plan = plan_for(model, xp, opt if dp is None and fuse else None)
     if plan.sgd:
         value, dout, caches, owned = model._loss_and_dout(xb, yb, lossfn, xp=xp, sample_weight=wb, l2=l2, plan=plan,
-                                                          on_outputs=on_outputs)
+                                                          on_outputs=on_outputs, hits=hits)
 
         def update(lr):
             lr = opt._begin_fused_step(model.params, xp, lr)
@@ -131,7 +149,7 @@ def _loss_then_update(model, opt, lossfn, xb, yb, wb, *, xp, l2=0.0, dp=None, am
         return value, update
     if dp is None:
         value, grads = model._loss_and_grads(xb, yb, lossfn, xp=xp, sample_weight=wb, l2=l2, plan=plan,
-                                             on_outputs=on_outputs)
+                                             on_outputs=on_outputs, hits=hits)
     else:
         value, grads = dp.loss_and_grads(model, xb, yb, lossfn, xp=xp, sample_weight=wb, l2=l2)
 
@@ -181,24 +199,29 @@ def _add_mean(acc: _Accumulator, value, n: int) -> None:
     acc.count += n
 
 
-def _evaluate(model, x, y, lossfn, task, xp, batch_size=4096, metrics=()):
+def _evaluate(model, x, y, lossfn, task, xp, batch_size=4096, metrics=(), host=False):
     """Loss and metrics of ``(x, y)`` in inference mode, in batches: ``(loss, {name: value})``.
 
-    The sums stay on the device until the end, read in one go."""
+    The sums stay on the device until the end, read in one go. ``host``: ``(x, y)`` are
+    NumPy arrays, staged to the model's device batch by batch."""
     n = _n(x)
+    if host:
+        blocks = DeviceBatches([x, y], model.xp, model.device, batch_size).epoch()
+    else:
+        # (slice ends within the axis: the standard leaves those past it unspecified)
+        blocks = ((slice_rows(x, i, min(i + batch_size, n)), y[i:min(i + batch_size, n), ...])
+                  for i in range(0, n, batch_size))
     fused = model._fused(lossfn)
     upto = len(model.layers) - 1 if fused else None
     make = _pair_maker(model, lossfn, fused)
     builtin = LOSSES.get(lossfn.name) is lossfn
     total = _mean_accumulator(model, xp)
     accs = [m.start(xp, model.dtype, model.device) for m in metrics]
-    for i in range(0, n, batch_size):
-        end = min(i + batch_size, n)  # the standard leaves slice ends past the axis unspecified
-        xb, yb = slice_rows(x, i, end), y[i:end, ...]
+    for xb, yb in blocks:
         out, _ = model.forward(xb, training=False, xp=xp, upto=upto, keep=False)
         # the targets were checked up front: the table's losses need not read them again
         value, _ = lossfn.fn(out, yb, xp=xp, check=False) if builtin else lossfn.fn(out, yb, xp=xp)
-        _add_mean(total, value, end - i)
+        _add_mean(total, value, _n(xb))
         pair = make(yb, out, xp)
         for acc in accs:
             acc.update(pair)
@@ -264,6 +287,7 @@ class _Run:
     step: int = 0
     stop: bool = False
     accs: list = dataclasses.field(default_factory=list)  # the epoch's metric accumulators
+    hits_acc: Any = None  # the accumulator among accs that the loss counts into (_loss_counts_hits)
     pair: Any = None  # makes a batch's metrics input from its targets and outputs (_pair_maker)
     amp: Any = None  # MixedPrecision, or None
     l2_rule: Callable[[float, float], float] | None = None
@@ -271,6 +295,8 @@ class _Run:
     skip_zero_weight: bool = False
     fuse: bool = True
     on_divergence: Callable[..., Exception] | None = None
+    staged: StagedEpochs | None = None  # host data: its batches, staged to the model's device
+    val_host: bool = False  # the validation data is host data, staged as it is evaluated
 
 
 def _check_arguments(epochs, batch_size, validation_split):
@@ -329,7 +355,7 @@ def infer_loss(model, y, *, xp=None) -> tuple[str, str]:
     raise ValueError(msg)
 
 
-def _binary_targets(y, xp, lossfn, model, what: str):
+def _binary_targets(y, xp, lossfn, dtype, what: str):
     """The 0/1 targets of a binary (or multilabel) classification loss: values other
     than 0 and 1 raise (counted block by block, one read). Integer and boolean labels
     stay as they are for the table's binary cross-entropy (each batch is cast as it
@@ -345,7 +371,7 @@ def _binary_targets(y, xp, lossfn, model, what: str):
         )
         raise ValueError(msg)
     if not xp.isdtype(y.dtype, "real floating") and LOSSES.get(lossfn.name) is not lossfn:
-        y = xp.astype(y, model.dtype)
+        y = xp.astype(y, dtype)
     return y
 
 
@@ -358,25 +384,54 @@ def _resolve_loss(model, loss, y, xp, verbose: bool) -> Loss:
     return get_loss(name)
 
 
+def _is_host_data(model, x) -> bool:
+    """Whether ``x`` is host data (dense, in host memory) for a built model that lives
+    in another namespace or on another device: training then stages its batches."""
+    if model.params is None or is_sparse(x) or host_array(x) is None:
+        return False
+    try:
+        return not (get_namespace(x) is model.xp and device_of(x) == model.device)
+    except TypeError:
+        return False
+
+
+def _on_host(a, what: str):
+    """``a`` (None, or host data) as a NumPy array; an array elsewhere is refused."""
+    if a is None:
+        return None
+    h = host_array(a)
+    if h is None:
+        msg = (f"{what} is on {device_of(a)!r} but x is host data (staged to the model's device batch by batch); "
+               f"pass {what} on the host as well, or move x to the model's device")
+        raise ValueError(msg)
+    return h
+
+
 def _prepare_data(model, x, y, sample_weight, loss, validation_data, validation_split, verbose=False):
     """Check the data, settle the loss and split off the validation set:
-    ``(x, y, sample_weight, val, xp, lossfn, form)``, ``val`` the checked ``(x_val, y_val)`` or ``None``,
-    ``form`` the rank and dtype family (``"bool"``, ``"int"``, ``"float"``) of ``y``."""
-    x, xp = model._check_x(x)
-    y = model._check_target(y, xp)
+    ``(x, y, sample_weight, val, xp, lossfn, form, host)``, ``val`` the checked ``(x_val, y_val)`` or ``None``,
+    ``form`` the rank and dtype family (``"bool"``, ``"int"``, ``"float"``) of ``y``, ``xp`` the
+    model's namespace, ``host`` whether ``(x, y, sample_weight)`` are host data for a model on
+    another device (:func:`_is_host_data`): they are then checked on the host and returned as
+    NumPy arrays, and ``val`` is a ``(x_val, y_val, host)`` triple."""
+    host = _is_host_data(model, x)
+    if host:
+        x, y, sample_weight = _on_host(x, "x"), _on_host(y, "y"), _on_host(sample_weight, "sample_weight")
+    x, dxp = model._check_x(x, host=host)  # dxp: where the data is checked (the host for host data)
+    y = model._check_target(y, dxp, host=host)
+    dtype, device = (model.dtype, model.device) if not host else (resolve_dtype(dxp, model.dtype_name), device_of(x))
     if _n(y) != _n(x):
         msg = f"x has {_n(x)} samples but y has {_n(y)}"
         raise ValueError(msg)
-    lossfn = _resolve_loss(model, loss, y, xp, verbose)
-    form = (y.ndim, _kind(y, xp))  # the shape rank and dtype family predict returns
+    lossfn = _resolve_loss(model, loss, y, dxp, verbose)
+    form = (y.ndim, _kind(y, dxp))  # the shape rank and dtype family predict returns
     if lossfn.task == "multilabel":
-        y = _binary_targets(y, xp, lossfn, model, "y")
+        y = _binary_targets(y, dxp, lossfn, dtype, "y")
     if sample_weight is not None:
-        sample_weight = model._check_target(sample_weight, xp, "sample_weight")
+        sample_weight = model._check_target(sample_weight, dxp, "sample_weight", host=host)
     # Validate the targets (kind, shape, label range) and weights once, up front, block by
     # block (never a temporary the size of the data); the steps then skip those checks.
-    check_targets(lossfn, model.n_outputs, y, dtype=model.dtype, device=model.device, xp=xp,
-                  sample_weight=sample_weight)
+    check_targets(lossfn, model.n_outputs, y, dtype=dtype, device=device, xp=dxp, sample_weight=sample_weight)
 
     if validation_data is None and validation_split > 0.0:
         n_val = max(1, int(round(_n(x) * validation_split)))
@@ -393,17 +448,23 @@ def _prepare_data(model, x, y, sample_weight, loss, validation_data, validation_
     val = None
     if validation_data is not None:
         x_val, y_val = validation_data
-        x_val, _ = model._check_x(x_val, what="validation x")
-        y_val = model._check_target(y_val, xp, "validation y")
+        vhost = _is_host_data(model, x_val)  # staged on its own account: host or on the device
+        if vhost:
+            x_val, y_val = _on_host(x_val, "validation x"), _on_host(y_val, "validation y")
+        x_val, vxp = model._check_x(x_val, what="validation x", host=vhost)
+        y_val = model._check_target(y_val, vxp, "validation y", host=vhost)
+        vdtype, vdevice = (model.dtype, model.device)
+        if vhost:
+            vdtype, vdevice = resolve_dtype(vxp, model.dtype_name), device_of(x_val)
         if _n(y_val) != _n(x_val):
             msg = f"validation x has {_n(x_val)} samples but validation y has {_n(y_val)}"
             raise ValueError(msg)
         if lossfn.task == "multilabel":
-            y_val = _binary_targets(y_val, xp, lossfn, model, "validation y")
+            y_val = _binary_targets(y_val, vxp, lossfn, vdtype, "validation y")
         # the validation targets' kind, shape and labels, up front like y's
-        check_targets(lossfn, model.n_outputs, y_val, dtype=model.dtype, device=model.device, xp=xp)
-        val = (x_val, y_val)
-    return x, y, sample_weight, val, xp, lossfn, form
+        check_targets(lossfn, model.n_outputs, y_val, dtype=vdtype, device=vdevice, xp=vxp)
+        val = (x_val, y_val, vhost)
+    return x, y, sample_weight, val, model.xp, lossfn, form, host
 
 
 def _set_up_model(model, lossfn, form, optimizer, lr, schedule, seed, xp, reuse: bool) -> Optimizer:
@@ -455,7 +516,7 @@ def _start_run(run: _Run, epochs: int, resume_from, comm, progress: bool, verbos
         from .io.checkpoints import restore_checkpoint
 
         run.start_epoch = restore_checkpoint(resume_from, model, optimizer=run.opt, schedule=run.schedule,
-                                             history=run.history, callbacks=callbacks)
+                                             history=run.history, callbacks=callbacks, precision=run.amp)
     if comm is not None:
         from .distributed import DataParallel
 
@@ -501,6 +562,9 @@ def _batch(run: _Run, order, start: int):
     rank's shard of it under data parallelism): ``(xb, yb, wb, rows)``."""
     x, y, sample_weight, xp, dp = run.x, run.y, run.sample_weight, run.xp, run.dp
     end = min(start + run.batch_size, _n(x))
+    if run.staged is not None:  # host data: the batch staged while the one before computed
+        xb, yb, wb = run.staged.batch(start)
+        return xb, yb, wb, end - start
     lo, hi = (start, end) if dp is None else dp.shard(start, end)
     if order is None:
         sl = slice(lo, hi)
@@ -510,19 +574,48 @@ def _batch(run: _Run, order, start: int):
     return _take(x, idx, xp), _take(y, idx, xp), _take(sample_weight, idx, xp), end - start
 
 
-def _metrics_hook(run: _Run, yb):
-    """``on_outputs(out)`` adding a batch (targets ``yb``) to the epoch's metric sums,
-    on the device (nothing read), or None without metrics."""
-    if not run.accs:
+def _loss_counts_hits(run: _Run):
+    """The epoch's accuracy accumulator that the loss itself counts into, or None.
+
+    Where the loss is the table's cross-entropy against integer labels (n,) without
+    sample weights, mixed precision or data parallelism, the default accuracy's count
+    of right answers (the arg-max of the logits against the labels) is added by the
+    cross-entropy's own kernel, which scans each row for its maximum anyway
+    (:func:`arraymlp.kernels.reference.cross_entropy_labels_mean_hits`): the same count
+    as the metric's own kernel, without a pass and a hook of its own."""
+    if (run.amp is not None or run.dp is not None or run.sample_weight is not None
+            or run.lossfn is not LOSSES["cross_entropy"] or run.y.ndim != 1):
+        return None
+    for acc in run.accs:
+        if type(acc.metric) is _AccuracyMetric:
+            return acc
+    return None
+
+
+def _metrics_hook(run: _Run, yb, skip=None):
+    """``on_outputs(out)`` adding a batch (targets ``yb``) to the epoch's metric sums
+    (all but ``skip``), on the device (nothing read), or None without such metrics."""
+    accs = run.accs if skip is None else [acc for acc in run.accs if acc is not skip]
+    if not accs:
         return None
     make, xp = run.pair, run.xp
 
     def on_outputs(out):
         pair = make(yb, out, xp)
-        for acc in run.accs:
+        for acc in accs:
             acc.update(pair)
 
     return on_outputs
+
+
+def _step_metrics(run: _Run, yb):
+    """``(on_outputs, hits)`` for a training step on targets ``yb``: the hook of the
+    metrics the loss does not count (:func:`_metrics_hook`), and the count the loss
+    adds the batch's right answers to (:func:`_loss_counts_hits`), or None."""
+    acc = run.hits_acc
+    if acc is None:
+        return _metrics_hook(run, yb), None
+    return _metrics_hook(run, yb, skip=acc), acc.metric.counted_by_loss(acc, int(yb.shape[0]))
 
 
 def _per_batch_options(run: _Run) -> bool:
@@ -552,9 +645,9 @@ def _step(run: _Run, order, start: int, epoch_lr: float, *, metrics: bool = True
     """One training step on the batch at ``start``: its loss (an array, not read) and
     rows; the batch joins the epoch's metrics unless ``metrics`` is false (a replay)."""
     xb, yb, wb, rows = _batch(run, order, start)
+    hook, hits = _step_metrics(run, yb) if metrics else (None, None)
     value, update = _loss_then_update(run.model, run.opt, run.lossfn, xb, yb, wb, xp=run.xp, l2=run.l2,
-                                      dp=run.dp, amp=run.amp,
-                                      on_outputs=_metrics_hook(run, yb) if metrics else None)
+                                      dp=run.dp, amp=run.amp, on_outputs=hook, hits=hits)
     update(epoch_lr)
     run.step += 1
     if getattr(value, "ndim", None) != 0:  # a custom loss's Python float, or a one-element array
@@ -591,8 +684,13 @@ def _run_epoch(run: _Run, epoch: int, epoch_lr: float) -> tuple[float, int]:
     """
     model, dp, xp = run.model, run.dp, run.xp
     run.accs = [m.start(xp, model.dtype, model.device) for m in run.metrics] if dp is None else []
+    run.hits_acc = _loss_counts_hits(run)
     host_order = None
-    if run.shuffle and run.host_weight is not None:  # the weight sums need the order on the host
+    if run.staged is not None:  # host data: the host gathers the batches, in the order drawn there
+        host_order = model.rng.host.permutation(_n(run.x)) if run.shuffle else None  # rng.permutation's draw
+        run.staged.begin(host_order)
+        order = None
+    elif run.shuffle and run.host_weight is not None:  # the weight sums need the order on the host
         host_order = model.rng.host.permutation(_n(run.x))  # the draw of rng.permutation
         order = xp.asarray(host_order, dtype=index_dtype(xp), device=model.device)
     else:
@@ -606,8 +704,9 @@ def _run_epoch(run: _Run, epoch: int, epoch_lr: float) -> tuple[float, int]:
         if l2 is None:
             continue  # a batch of zero-weight samples carries no gradient: no step
         xb, yb, wb, nb = _batch(run, order, start)
+        hook, hits = _step_metrics(run, yb)
         value, update = _loss_then_update(model, run.opt, run.lossfn, xb, yb, wb, xp=xp, l2=l2, dp=dp,
-                                          amp=run.amp, fuse=run.fuse, on_outputs=_metrics_hook(run, yb))
+                                          amp=run.amp, fuse=run.fuse, on_outputs=hook, hits=hits)
         value = float(value)
         if not math.isfinite(value):
             error = (run.on_divergence or _divergence)(run, value, epoch, start // run.batch_size)
@@ -699,7 +798,7 @@ def _finish_epoch(run: _Run, epoch: int, epoch_lr: float, t0: float, total: floa
         task = run.lossfn.task
         args = (model, x_val, y_val, run.lossfn, task, run.xp)
         if dp is None:
-            val_loss, val = _evaluate(*args, metrics=run.val_metrics)
+            val_loss, val = _evaluate(*args, metrics=run.val_metrics, host=run.val_host)
         else:
             val_loss, val = dp.on_root(_evaluate, *args, metrics=run.val_metrics)
         logs["val_loss"], logs["val_metric"] = val_loss, val[history.metric_name]
@@ -737,6 +836,23 @@ def _finish(run: _Run, quiet: contextlib.ExitStack) -> None:
         cb.on_train_end(run.model, run.history)
 
 
+def _stage(run: _Run, comm, full_batch: bool) -> None:
+    """Host data for a model on another device: the batches are gathered on the host and
+    copied one batch ahead (:class:`arraymlp._staging.StagedEpochs`: pinned buffers and a
+    side stream on a GPU), never the whole data at once; a full-batch optimiser, which
+    needs all of it every iteration, has it copied to the device once instead."""
+    model = run.model
+    if comm is not None:
+        msg = ("comm= (data parallelism) needs x on the model's device; host data is staged batch by batch only "
+               "without comm. Move x, y (and sample_weight) to the model's device first")
+        raise ValueError(msg)
+    if full_batch:
+        run.x, run.y, run.sample_weight = (None if a is None else to_backend(a, model.xp, device=model.device)
+                                           for a in (run.x, run.y, run.sample_weight))
+        return
+    run.staged = StagedEpochs([run.x, run.y, run.sample_weight], model.xp, model.device, run.batch_size)
+
+
 def _check_full_batch(run: _Run, comm, resume_from) -> None:
     """What a full-batch optimiser cannot combine with, refused by name."""
     if run.schedule is not None:
@@ -764,15 +880,38 @@ def _check_full_batch(run: _Run, comm, resume_from) -> None:
 def _run_full_batch(run: _Run, epochs: int) -> None:
     """The optimiser owns the iteration: one "epoch" per L-BFGS iteration over the whole data set.
 
-    Each iteration records its loss (at the new point, L2 term included) in the history
-    and runs the callbacks' epoch hooks (and ``on_batch_end`` once); training ends after
-    ``epochs`` iterations, when a callback asks, or when the optimiser's own stopping rules
-    hold (``model.optimizer_.status`` says which).
+    Each iteration records its loss (at the new point, L2 term included) and the training
+    metrics (on all of ``(x, y)`` at the new point: from the outputs of the evaluation that
+    reached it, or one more forward pass when the line search settled on an earlier trial)
+    in the history, and runs the callbacks' epoch hooks (and ``on_batch_end`` once);
+    training ends after ``epochs`` iterations, when a callback asks, or when the
+    optimiser's own stopping rules hold (``model.optimizer_.status`` says which).
     """
     model, xp, opt = run.model, run.xp, run.opt
+    # for the metrics: evaluations so far, and the outputs kept with the evaluation they came from
+    last = {"count": 0, "n": 0, "out": None}
+
+    def keep(out):
+        last["count"] += 1
+        last["n"], last["out"] = last["count"], out
+
+    hook = keep if run.metrics else None
 
     def fun(params):
-        return model._loss_and_grads(run.x, run.y, run.lossfn, xp=xp, sample_weight=run.sample_weight, l2=run.l2)
+        return model._loss_and_grads(run.x, run.y, run.lossfn, xp=xp, sample_weight=run.sample_weight, l2=run.l2,
+                                     on_outputs=hook)
+
+    def add_metrics(info) -> None:
+        run.accs = [m.start(xp, model.dtype, model.device) for m in run.metrics]
+        if last["n"] != info.evaluation:  # the point reached is not the latest evaluation's
+
+            def replace(out):
+                last["n"], last["out"] = -1, out
+
+            model._loss_and_dout(run.x, run.y, run.lossfn, xp=xp, on_outputs=replace)
+        pair = run.pair(run.y, last["out"], xp)
+        for acc in run.accs:
+            acc.update(pair)
 
     iterations = opt.iterate(fun, model.params)
     try:
@@ -790,6 +929,8 @@ def _run_full_batch(run: _Run, epochs: int) -> None:
                 raise DivergenceError(msg, epoch=epoch, step=run.step,
                                       params_finite=_params_finite(model.params, xp)) from exc
             run.step += 1
+            if run.metrics:
+                add_metrics(info)
             logs = {"epoch": epoch, "step": run.step, "loss": info.loss}
             for cb in run.callbacks:
                 run.stop = bool(cb.on_batch_end(model, logs)) or run.stop
@@ -828,8 +969,14 @@ def fit(model, x, y, *, loss: str | Loss | None = None, optimizer: str | Optimiz
     ----------
     model : Sequential
     x : array, shape (n, n_features)
-        Or a scipy.sparse matrix or array of that shape (CSR, CSC, COO), for a model on
-        NumPy whose first layer is Dense; it is never densified.
+        Or a sparse matrix of that shape whose first layer is Dense: scipy.sparse (CSR,
+        CSC, COO) for a model on NumPy, a sparse torch tensor (CSR, CSC, COO) for one on
+        torch, cupyx.scipy.sparse for one on CuPy; it is never densified. Host data (a
+        NumPy array, or an array on a CPU device) for a model already on another device (a
+        GPU) is checked on the host and staged batch by batch: each batch is gathered
+        on the host and copied one batch ahead (pinned memory and a side stream on a
+        GPU), never the whole data at once; ``y``, ``sample_weight`` then come on the
+        host too. The result equals training on the data moved to the device first.
     y : array
         Targets: shape (n, n_outputs) or (n,) for one output; integer class labels (n,)
         (or one-hot floats (n, k)) for ``cross_entropy``; labels 0/1 (int, bool or
@@ -863,8 +1010,9 @@ def fit(model, x, y, *, loss: str | Loss | None = None, optimizer: str | Optimiz
         callables ``fn(y_true, y_pred, *, xp) -> 0-d array``. Default: ``["accuracy"]``
         for a classification loss, none for a regression one; ``[]`` records none.
         Accumulated on the device and read once per epoch (see :mod:`arraymlp.metrics`);
-        training metrics are not recorded under ``comm`` nor with ``optimizer="lbfgs"``
-        (whose iterations have no batches to count them on); validation metrics are.
+        training metrics are not recorded under ``comm`` (validation metrics are). With
+        ``optimizer="lbfgs"`` they are taken once per iteration, on the whole training set
+        at the point the iteration reached.
     early_stopping : EarlyStopping or int, optional
         An int is the patience of ``EarlyStopping("val_loss")`` (``"loss"`` without validation).
     callbacks : sequence of Callback
@@ -928,8 +1076,10 @@ def _train(model, x, y, *, reuse_optimizer, loss, optimizer, lr, schedule, epoch
     """:func:`fit`, with ``reuse_optimizer`` for :func:`partial_fit` (every option
     required: a parameter of ``fit`` this does not take fails at once)."""
     epochs, batch_size = _check_arguments(epochs, batch_size, validation_split)
-    x, y, sample_weight, val, xp, lossfn, form = _prepare_data(model, x, y, sample_weight, loss, validation_data,
-                                                               validation_split, verbose)
+    x, y, sample_weight, val, xp, lossfn, form, host = _prepare_data(model, x, y, sample_weight, loss,
+                                                                     validation_data, validation_split, verbose)
+    val_host = val is not None and val[2]
+    val = None if val is None else val[:2]
     if metrics is None:
         metrics = ["accuracy"] if lossfn.task != "regression" else []
     metrics = get_metrics(metrics, lossfn.task, model.n_outputs)
@@ -937,13 +1087,18 @@ def _train(model, x, y, *, reuse_optimizer, loss, optimizer, lr, schedule, epoch
     main = get_metrics(["accuracy" if lossfn.task != "regression" else "r2"], lossfn.task, model.n_outputs)[0]
     if all(m.name != main.name for m in val_metrics):  # History.val_metric's
         val_metrics.append(main)
-    amp = resolve_precision(precision, model, xp, data_parallel=comm is not None)
+    amp = resolve_precision(precision, model, xp, data_parallel=comm is not None,
+                            previous=getattr(model, "precision_", None) if reuse_optimizer else None)
+    model.precision_ = amp  # checkpoints save its loss scale; copy() and to() carry it on
     opt = _set_up_model(model, lossfn, form, optimizer, lr, schedule, seed, xp, reuse_optimizer)
     callbacks = _arrange_callbacks(callbacks, early_stopping, validation=val is not None)
-    full_batch = isinstance(opt, LBFGS)  # the optimiser owns the iteration; training metrics come from validation
+    full_batch = isinstance(opt, LBFGS)  # the optimiser owns the iteration
     run = _Run(model=model, x=x, y=y, sample_weight=sample_weight, val=val, lossfn=lossfn, xp=xp, opt=opt,
                schedule=schedule, callbacks=callbacks, batch_size=batch_size, shuffle=shuffle, l2=l2,
-               metrics=metrics if comm is None and not full_batch else [], val_metrics=val_metrics, amp=amp)
+               metrics=metrics if comm is None else [], val_metrics=val_metrics, amp=amp,
+               val_host=val_host)
+    if host:
+        _stage(run, comm, full_batch)
     if full_batch:
         _check_full_batch(run, comm, resume_from)
     _start_run(run, epochs, resume_from, comm, progress, verbose)
@@ -993,8 +1148,10 @@ def partial_fit(model, x, y, *, loss: str | Loss | None = None, optimizer: str |
     metrics : sequence of str, Metric or callable, optional
         As for :func:`fit`.
     precision : {None, "float16", "bfloat16"} or MixedPrecision, optional
-        As for :func:`fit`; pass the same :class:`arraymlp.MixedPrecision` to every
-        call to keep its loss scale.
+        As for :func:`fit`. The loss scale carries over from call to call: a dtype
+        name continues the model's ``precision_`` (that of its last call) when it
+        computes in that dtype; passing one :class:`arraymlp.MixedPrecision` to every
+        call does the same.
 
     Returns
     -------
@@ -1039,6 +1196,8 @@ def evaluate(model, x, y, *, loss: str | Loss | None = None, metrics: Sequence[A
     ----------
     model : Sequential
     x : array, shape (n, n_features)
+        On the model's device, or host data (as for :func:`fit`), staged to the device
+        block by block.
     y : array, shape (n, n_outputs), (n,), or labels (n,)
         Targets as for :func:`fit`.
     loss : str or Loss, optional
@@ -1071,8 +1230,12 @@ def evaluate(model, x, y, *, loss: str | Loss | None = None, metrics: Sequence[A
         msg = ("evaluate of an ensemble is not supported yet: model.loss(x, y, loss=..., reduce=None) gives each "
                "member's loss, and model.member(i).evaluate(x, y) one member's metrics")
         raise NotImplementedError(msg)
-    x, xp = model._check_x(x)
-    y = model._check_target(y, xp)
+    host = _is_host_data(model, x)  # staged to the model's device block by block, as fit does
+    if host:
+        x, y = _on_host(x, "x"), _on_host(y, "y")
+    x, dxp = model._check_x(x, host=host)
+    y = model._check_target(y, dxp, host=host)
+    dtype, device = (model.dtype, model.device) if not host else (resolve_dtype(dxp, model.dtype_name), device_of(x))
     if _n(y) != _n(x):
         msg = f"x has {_n(x)} samples but y has {_n(y)}"
         raise ValueError(msg)
@@ -1081,15 +1244,17 @@ def evaluate(model, x, y, *, loss: str | Loss | None = None, metrics: Sequence[A
         raise ValueError(msg)
     if loss is None:
         loss = getattr(model, "loss_", None)
-    lossfn = _resolve_loss(model, loss, y, xp, False)
+    lossfn = _resolve_loss(model, loss, y, dxp, False)
     if lossfn.task == "multilabel":
-        y = _binary_targets(y, xp, lossfn, model, "y")
-    check_targets(lossfn, model.n_outputs, y, dtype=model.dtype, device=model.device, xp=xp)
+        y = _binary_targets(y, dxp, lossfn, dtype, "y")
+    check_targets(lossfn, model.n_outputs, y, dtype=dtype, device=device, xp=dxp)
     if metrics is None:
         metrics = ["accuracy" if lossfn.task != "regression" else "r2"]
     metrics = get_metrics(metrics, lossfn.task, model.n_outputs)
+    xp = model.xp
     with quiet_overflow(xp):
-        value, values = _evaluate(model, x, y, lossfn, lossfn.task, xp, batch_size=int(batch_size), metrics=metrics)
+        value, values = _evaluate(model, x, y, lossfn, lossfn.task, xp, batch_size=int(batch_size), metrics=metrics,
+                                  host=host)
     return {"loss": value, **values}
 
 

@@ -120,12 +120,14 @@ def _output_activation(loss: str) -> str | None:
     return "softmax" if loss == "cross_entropy" else None
 
 
-def train_step(model, optimizer, lossfn, x, y, *, xp, sync: Callable[[], None] = lambda: None) -> float:
+def train_step(model, optimizer, lossfn, x, y, *, xp, sync: Callable[[], None] = lambda: None) -> Any:
     """One training step as :func:`arraymlp.training.fit` takes it on a batch.
 
-    Forward, fused loss, one host read of the loss value, then backward and the
-    optimiser's update (for plain SGD, fused into the backward pass, as ``fit``
-    does); ``sync`` waits for the device at the end.
+    Forward, fused loss, backward and the optimiser's update (for plain SGD, fused into
+    the backward pass, as ``fit`` does), with nothing read back to the host: the loss
+    stays a 0-d array on the device, as in ``fit``'s steps (which read an epoch's losses
+    together at its end). ``sync`` waits for the device at the end, so a timed call
+    holds the step's device time.
 
     Parameters
     ----------
@@ -139,11 +141,10 @@ def train_step(model, optimizer, lossfn, x, y, *, xp, sync: Callable[[], None] =
 
     Returns
     -------
-    float
-        The batch loss.
+    array, shape ()
+        The batch loss, on the device (not read).
     """
     value, update = _loss_then_update(model, optimizer, lossfn, x, y, None, xp=xp)
-    value = float(value)
     update(optimizer.lr)
     sync()
     return value

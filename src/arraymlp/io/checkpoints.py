@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import numpy
 
 from .._backend import Generator, backend_name
-from ..callbacks import Callback, History
+from ..callbacks import Callback, History, missing_value, monitor_mode
 from ..optim import Optimizer
 from .container import ModelFileError, _is_int, _write_file
 from .layout import (
@@ -77,6 +77,13 @@ def _optimizer_entry(optimizer: Optimizer, tensors: dict, dtype) -> dict[str, An
             "step": int(sd["step"]), "state": skeleton}
 
 
+def _state_name(cb) -> str:
+    """The name a callback's state is saved and found under: its class's, or that of the
+    callback it wraps (``state_name``, as :class:`arraymlp.distributed.RootOnly` gives it),
+    so that a state saved by a wrapped callback restores into the bare one and back."""
+    return getattr(cb, "state_name", None) or type(cb).__name__
+
+
 def _callback_entries(callbacks: Sequence[Any], n_layers: int, tensors: dict, dtype) -> list[dict[str, Any]]:
     """The entries of the callbacks with a state; per-layer arrays go into ``tensors``."""
     cb_entries = []
@@ -94,7 +101,7 @@ def _callback_entries(callbacks: Sequence[Any], n_layers: int, tensors: dict, dt
                         tensors[f"callbacks.{j}.{name}.{i}.{key}"] = _host(a, dtype)
             else:
                 plain[name] = value
-        cb_entries.append({"class": type(cb).__name__, "state": plain, "arrays": arrays})
+        cb_entries.append({"class": _state_name(cb), "state": plain, "arrays": arrays})
     return cb_entries
 
 
@@ -106,7 +113,8 @@ def _history_value(v: Any) -> Any:
 
 def save_checkpoint(path: str | os.PathLike, model: Any, *, optimizer: Optimizer | None = None,
                     schedule: Any = None, epoch: int = 0, steps: int | None = None,
-                    history: History | None = None, callbacks: Sequence[Any] = ()) -> None:
+                    history: History | None = None, callbacks: Sequence[Any] = (),
+                    precision: Any = None) -> None:
     """Save everything needed to continue training ``model`` bit-identically.
 
     The file is a model file (it loads with :func:`load`) whose metadata also holds a
@@ -134,7 +142,12 @@ def save_checkpoint(path: str | os.PathLike, model: Any, *, optimizer: Optimizer
         Per-epoch record so far, restored into the resumed run's history.
     callbacks : sequence of Callback
         The run's callbacks; those whose ``state_dict()`` is not None are saved.
+    precision : MixedPrecision, optional
+        Default: the one of the model's last ``fit`` (``model.precision_``), if any; its
+        configuration and loss-scale state (scale, good steps, skips) are saved.
     """
+    if precision is None:
+        precision = getattr(model, "precision_", None)
     if optimizer is None:
         optimizer = getattr(model, "optimizer_", None)
         if getattr(model, "ensemble", None) is not None:  # the members' update rule, per-member settings
@@ -161,6 +174,7 @@ def save_checkpoint(path: str | os.PathLike, model: Any, *, optimizer: Optimizer
         "schedule": _schedule_state(schedule),
         "rng": _rng_state(model),
         "history": hist,
+        "precision": None if precision is None else precision.state_dict(),
     }
     metadata["checkpoint"] = json.dumps(ck, sort_keys=True)
     _write_file(path, metadata, tensors)
@@ -218,7 +232,8 @@ def _check_fits(f, model: Any) -> None:
 
 
 def restore_checkpoint(path: str | os.PathLike, model: Any, *, optimizer: Optimizer | None = None,
-                       schedule: Any = None, history: History | None = None, callbacks: Sequence[Any] = ()) -> int:
+                       schedule: Any = None, history: History | None = None, callbacks: Sequence[Any] = (),
+                       precision: Any = None) -> int:
     """Put a checkpoint's training state into a built model and its optimiser.
 
     This is what ``fit(..., resume_from=path)`` calls; a hand-written training loop
@@ -240,6 +255,10 @@ def restore_checkpoint(path: str | os.PathLike, model: Any, *, optimizer: Optimi
     callbacks : sequence of Callback
         Callbacks with a state (``state_dict()`` not None) get the saved state of
         the same class, in order; saved states without such a callback are ignored.
+    precision : MixedPrecision, optional
+        Gets the saved mixed-precision configuration and loss scale (a checkpoint of a
+        run without mixed precision leaves it as it is); it must compute in the saved
+        dtype.
 
     Returns
     -------
@@ -309,10 +328,25 @@ def restore_checkpoint(path: str | os.PathLike, model: Any, *, optimizer: Optimi
         history.metric_name = hist.get("metric_name", history.metric_name) or history.metric_name
         for k, series in hist.get("metrics", {}).items():
             history.metrics[k] = [float(v) for v in series]
+    _restore_precision(f, precision)
     _restore_callbacks(f, model, callbacks)
     for key, value in f.model_cfg["fitted"].items():
         setattr(model, key, value)
     return info["epoch"]
+
+
+def _restore_precision(f: _File, precision: Any) -> None:
+    """Give a MixedPrecision the saved loss scale and configuration, if the run had one."""
+    saved = f.checkpoint.get("precision")
+    if precision is None or saved is None:
+        return
+    try:
+        precision.load_state_dict(saved)
+    except ValueError as exc:
+        msg = f"checkpoint {f.path}: {exc}"
+        raise ValueError(msg) from None
+    except (KeyError, TypeError) as exc:
+        raise ModelFileError(f.path, f"the mixed-precision state is invalid: {exc}") from None
 
 
 def _restore_callbacks(f: _File, model: Any, callbacks: Sequence[Any]) -> None:
@@ -322,7 +356,7 @@ def _restore_callbacks(f: _File, model: Any, callbacks: Sequence[Any]) -> None:
     for cb in callbacks:
         if cb.state_dict() is None:
             continue
-        match = next((k for k, (_, e) in enumerate(saved) if e["class"] == type(cb).__name__), None)
+        match = next((k for k, (_, e) in enumerate(saved) if e["class"] == _state_name(cb)), None)
         if match is None:
             continue
         j, entry = saved.pop(match)
@@ -349,6 +383,17 @@ class Checkpoint(Callback):
     By default a directory holds the last three checkpoints; with ``monitor=`` the
     best one (by the monitored value) is kept as well, however old.
 
+    For an ensemble (``ensemble=K``), whose logs hold one value per member, ``monitor=``
+    keeps each member's best by default (``reduce=None``): the directory's
+    ``best.safetensors`` (:attr:`best_path`) is a model file, loaded with
+    :func:`arraymlp.load`, of the ensemble whose member ``i`` has member ``i``'s
+    parameters at the epoch of its own best monitored value, the ensemble a deep
+    ensemble with per-member model selection is made of. It is rewritten after each
+    save in which some member improved, and the members' best parameters travel in
+    the checkpoints, so a resumed run goes on tracking them. ``reduce="mean"`` instead
+    monitors the members' mean value and keeps the checkpoint of the epoch where it
+    was best, as for a plain model.
+
     Parameters
     ----------
     path : str or path-like
@@ -367,15 +412,27 @@ class Checkpoint(Callback):
         any other key ``fit`` logs) whose best checkpoint is never deleted; its path is
         :attr:`best_path`.
     mode : {"auto", "min", "max"}
-        Whether lower or higher ``monitor`` values are better; ``"auto"`` takes higher
-        for ``"val_metric"`` and names with ``accuracy`` or ``r2`` in them, lower otherwise.
+        Whether lower or higher ``monitor`` values are better; ``"auto"`` infers it from
+        the name as :class:`arraymlp.EarlyStopping` does (:func:`arraymlp.callbacks.monitor_mode`:
+        min for losses and errors, max for accuracies, R^2 and ``"val_metric"``; any
+        other name needs ``mode=``).
+    reduce : {None, "mean"}
+        For an ensemble: ``None`` keeps each member's best (``best.safetensors``),
+        ``"mean"`` the epoch with the best mean over the members. A plain model has one
+        value; both give its best.
 
     Attributes
     ----------
     saved : list of Path
         Files written by this callback, in order (some may have been deleted since).
     best_path : Path or None
-        The checkpoint with the best monitored value so far (``None`` without ``monitor``).
+        The checkpoint with the best monitored value so far (``None`` without ``monitor``);
+        for an ensemble with ``reduce=None``, the ``best.safetensors`` model file of the
+        members' bests.
+    best, best_epoch : float and int, or NumPy arrays (K,)
+        The best monitored value so far and the number of completed epochs it came
+        after; per member (arrays of shape (K,), -1 for a member with no finite value
+        yet) for an ensemble with ``reduce=None``.
 
     Examples
     --------
@@ -395,18 +452,21 @@ class Checkpoint(Callback):
     saves_callbacks = True  # fit runs it last and gives it run_callbacks; data-parallel fit, on the root only
 
     def __init__(self, path: str | os.PathLike, every: int = 1, keep: int | None = 3, *,
-                 monitor: str | None = None, mode: str = "auto"):
+                 monitor: str | None = None, mode: str = "auto", reduce: str | None = None):
         if not _is_int(every) or every < 1:
             msg = f"every must be a positive int, got {every!r}"
             raise ValueError(msg)
         if keep is not None and (not _is_int(keep) or keep < 1):
             msg = f"keep must be a positive int or None, got {keep!r}"
             raise ValueError(msg)
-        if monitor is not None and not isinstance(monitor, str):
-            msg = f"monitor must be the name of a logged value (such as 'val_loss') or None, got {monitor!r}"
-            raise TypeError(msg)
         if mode not in ("auto", "min", "max"):
             msg = f"mode must be 'auto', 'min' or 'max', got {mode!r}"
+            raise ValueError(msg)
+        if monitor is not None:
+            mode = monitor_mode(monitor, mode)
+        if reduce not in (None, "mean"):
+            msg = (f"reduce must be None (an ensemble's members each keep their best) or 'mean' (the best mean "
+                   f"over the members), got {reduce!r}")
             raise ValueError(msg)
         self.path = Path(os.fspath(path))
         self.single_file = self.path.suffix == ".safetensors"
@@ -415,60 +475,125 @@ class Checkpoint(Callback):
                    f"{os.fspath(self.path)} names a single file, rewritten at each save")
             raise ValueError(msg)
         self.every, self.keep, self.monitor = every, keep, monitor
-        if mode == "auto" and monitor is not None:
-            higher = monitor == "val_metric" or "accuracy" in monitor or "r2" in monitor
-            mode = "max" if higher else "min"
         self.mode = mode
+        self.reduce = reduce
         self.run_callbacks: Sequence[Callback] = ()  # set by fit: the run's callbacks, whose state is saved
         self.saved: list[Path] = []
-        self.best: float | None = None
-        self.best_epoch: int | None = None  # number of completed epochs of the best checkpoint
+        self.best: Any = None
+        self.best_epoch: Any = None  # number of completed epochs of the best checkpoint
         self._history: History | None = None
+        self._members = False  # tracking each member of an ensemble (reduce=None)
+        self._best_params: list[dict[str, Any]] | None = None  # the members' bests, stacked
 
     @property
     def best_path(self) -> Path | None:
         """The best checkpoint's file (``None`` before the first save or without ``monitor``)."""
         if self.best_epoch is None or self.single_file:
             return None
+        if self._members:
+            return self.path / "best.safetensors"
         return self.path / f"epoch-{self.best_epoch:05d}.safetensors"
 
     def state_dict(self) -> dict[str, Any] | None:
-        """The best monitored value and its epoch (``None`` without ``monitor``)."""
+        """The best monitored value and its epoch (``None`` without ``monitor``); per
+        member, with the members' best parameters, for an ensemble with ``reduce=None``."""
         if self.monitor is None:
             return None
-        return {"monitor": self.monitor, "best": self.best, "best_epoch": self.best_epoch}
+        if not self._members:
+            state = {"monitor": self.monitor, "best": self.best, "best_epoch": self.best_epoch}
+            if self.reduce is not None:
+                state["reduce"] = self.reduce
+            return state
+        state = {"monitor": self.monitor, "members": True, "best": None, "best_epoch": None}
+        if self.best is not None:
+            state["best"] = [float(v) if numpy.isfinite(v) else None for v in self.best]
+            state["best_epoch"] = [int(v) for v in self.best_epoch]
+            state["best_params"] = self._best_params
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the best value and epoch of a resumed run monitoring the same value."""
-        if state.get("monitor") == self.monitor:
-            best = state["best"]
-            self.best = None if best is None else float(best)
-            self.best_epoch = None if state["best_epoch"] is None else int(state["best_epoch"])
+        """Restore the best value and epoch of a resumed run monitoring the same value
+        (per member, with their best parameters, for an ensemble with ``reduce=None``)."""
+        if state.get("monitor") != self.monitor or state.get("reduce") != self.reduce:
+            return
+        best = state["best"]
+        if state.get("members"):
+            self._members = True
+            if best is None:
+                return
+            worst = numpy.inf if self.mode == "min" else -numpy.inf
+            self.best = numpy.array([worst if v is None else float(v) for v in best])
+            self.best_epoch = numpy.array(state["best_epoch"], dtype=int)
+            self._best_params = state.get("best_params")
+            return
+        self.best = None if best is None else float(best)
+        self.best_epoch = None if state["best_epoch"] is None else int(state["best_epoch"])
 
     def on_train_begin(self, model, history):
         """Remember the run's history, saved with each checkpoint."""
         self._history = history
 
-    def _track_best(self, logs: dict[str, Any], done: int) -> None:
+    def _track_best(self, model, logs: dict[str, Any], done: int) -> bool:
+        """Record the epoch's monitored value; whether it (or, per member, some member's)
+        is a new best."""
         value = logs.get(self.monitor)
         if value is None:
-            msg = (f"Checkpoint monitors {self.monitor!r} but training logs no such value "
-                   f"(logged: {sorted(k for k, v in logs.items() if v is not None)}); "
-                   "pass validation data for val_* values, or another monitor=")
-            raise ValueError(msg)
+            raise missing_value("Checkpoint", self.monitor, logs)
+        k = getattr(model, "ensemble", None)
+        if k is not None and numpy.ndim(value) != 0:
+            if self.reduce is None:
+                return self._track_members(model, numpy.asarray(value, dtype=float).reshape(-1), done)
+            value = numpy.mean(numpy.asarray(value, dtype=float))
         value = float(value)
         if value != value:  # NaN is never the best
             return
         if self.best is None or (value < self.best if self.mode == "min" else value > self.best):
             self.best, self.best_epoch = value, done
+            return True
+        return False
+
+    def _track_members(self, model, values, done: int) -> bool:
+        """Each member's best value, epoch and parameters (stacked, on the model's device)."""
+        k = int(model.ensemble)
+        if values.shape != (k,):
+            msg = f"Checkpoint monitors {self.monitor!r}, which holds {values.size} values for an ensemble of {k}"
+            raise ValueError(msg)
+        self._members = True
+        if self.best is None:
+            self.best = numpy.full(k, numpy.inf if self.mode == "min" else -numpy.inf)
+            self.best_epoch = numpy.full(k, -1)
+        better = values < self.best if self.mode == "min" else values > self.best
+        improved = numpy.isfinite(values) & better  # NaN is never the best
+        if not improved.any():
+            return False
+        self.best = numpy.where(improved, values, self.best)
+        self.best_epoch = numpy.where(improved, done, self.best_epoch)
+        xp = model.xp
+        if self._best_params is None or improved.all():
+            self._best_params = [{key: xp.asarray(a, copy=True) for key, a in p.items()} for p in model.params]
+        else:
+            like = model.params[0][next(iter(model.params[0]))]
+            mask = xp.reshape(xp.asarray(improved, device=like.device), (k, 1, 1))
+            self._best_params = [{key: xp.where(mask, a, self._best_params[i][key]) for key, a in p.items()}
+                                 for i, p in enumerate(model.params)]
+        return True
+
+    def _save_members_best(self, model) -> None:
+        """``best.safetensors``: the model file of the ensemble of the members' bests."""
+        current = model.params
+        model.params = self._best_params
+        try:
+            metadata, tensors = _model_payload(model, "model")
+        finally:
+            model.params = current
+        _write_file(self.path / "best.safetensors", metadata, tensors)
 
     def on_epoch_end(self, model, logs):
         """Save a checkpoint when the number of completed epochs is a multiple of ``every``."""
         done = logs["epoch"] + 1
         if done % self.every:
             return None
-        if self.monitor is not None:
-            self._track_best(logs, done)
+        improved = self.monitor is not None and self._track_best(model, logs, done)
         if self.single_file:
             target = self.path
         else:
@@ -477,6 +602,8 @@ class Checkpoint(Callback):
         save_checkpoint(target, model, epoch=done, steps=logs["step"], history=self._history,
                         callbacks=self.run_callbacks)
         self.saved.append(target)
+        if improved and self._members:
+            self._save_members_best(model)
         if not self.single_file and self.keep is not None:
             self._prune(done)
         return None
@@ -484,7 +611,7 @@ class Checkpoint(Callback):
     def _prune(self, upto: int) -> None:
         found = sorted((n, p) for n, p in self._scan(self.path) if n <= upto)
         for n, p in found[:-self.keep]:
-            if n == self.best_epoch:
+            if not self._members and n == self.best_epoch:
                 continue
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
@@ -507,4 +634,6 @@ class Checkpoint(Callback):
 
     def __repr__(self) -> str:
         extra = "" if self.monitor is None else f", monitor={self.monitor!r}, mode={self.mode!r}"
+        if self.reduce is not None:
+            extra += f", reduce={self.reduce!r}"
         return f"Checkpoint({os.fspath(self.path)!r}, every={self.every}, keep={self.keep}{extra})"

@@ -30,7 +30,7 @@ def _require_onnx():
     return onnx, helper, numpy_helper
 
 
-def export_onnx(model: Any, path: str | os.PathLike, *, opset: int = 17):
+def export_onnx(model: Any, path: str | os.PathLike, *, opset: int = 17, members: bool = False):
     """Export a model's inference graph as an ONNX file.
 
     The graph has one input ``"input"`` of shape ``("batch", n_features)`` and one
@@ -42,6 +42,17 @@ def export_onnx(model: Any, path: str | os.PathLike, *, opset: int = 17):
     the last axis); SiLU is ``x * Sigmoid(x)`` and GELU its tanh form (the ``Gelu``
     operator with ``approximate="tanh"`` from opset 20, elementary operators below).
 
+    An ensemble (``ensemble=K``) is one graph over its stacked parameters: each dense
+    layer is a ``MatMul`` of the activations with ``W`` of shape (K, n_in, n_out),
+    which broadcasts over the leading member axis (the input (batch, n_features)
+    becomes (K, batch, n_out)), and an ``Add`` of ``b`` (K, 1, n_out); a LayerNorm
+    normalises with ``LayerNormalization`` and scales and shifts by the members'
+    ``gamma`` and ``beta`` (K, 1, d). ``"output"`` (batch, n_outputs) is what
+    ``predict_proba`` gives for a classifier, the mean of the members' probabilities
+    (a softmax or sigmoid is added for a model trained on logits), and what
+    ``predict`` gives for a regressor, the mean of the members' outputs
+    (``ReduceMean`` over the member axis).
+
     Parameters
     ----------
     model : Sequential or MLP
@@ -50,6 +61,10 @@ def export_onnx(model: Any, path: str | os.PathLike, *, opset: int = 17):
         Target ``.onnx`` file, written atomically.
     opset : int
         ONNX operator-set version, at least 17.
+    members : bool
+        For an ensemble, a second output ``"members"`` of shape (K, batch, n_outputs):
+        each member's probabilities (classifier) or outputs (regressor), as
+        ``predict_proba(x, reduce=None)`` or ``model(x)`` give them.
 
     Returns
     -------
@@ -80,9 +95,10 @@ def export_onnx(model: Any, path: str | os.PathLike, *, opset: int = 17):
         msg = f"opset must be an int >= 17 (LayerNormalization needs 17), got {opset!r}"
         raise ValueError(msg)
     _check_built(model, "exporting")
-    if getattr(model, "ensemble", None) is not None:
-        msg = "ONNX export of an ensemble is not supported yet; export its members (model.member(i))"
-        raise NotImplementedError(msg)
+    k = getattr(model, "ensemble", None)
+    if members and k is None:
+        msg = "members=True exports each member's output of an ensemble; this model is not one (ensemble=None)"
+        raise ValueError(msg)
     np_dtype = numpy.dtype(model.dtype_name)
     elem = {"float16": onnx.TensorProto.FLOAT16, "float32": onnx.TensorProto.FLOAT,
             "float64": onnx.TensorProto.DOUBLE}[model.dtype_name]
@@ -103,9 +119,11 @@ def export_onnx(model: Any, path: str | os.PathLike, *, opset: int = 17):
     for i, (layer, p) in enumerate(zip(model.layers, model.params)):
         if isinstance(layer, L.Dropout):
             continue
-        out = "output" if i == last else f"layer{i}"
+        out = "output" if i == last and k is None else f"layer{i}"
         pre = f"layer{i}"
-        if isinstance(layer, L.Dense):
+        if k is not None and isinstance(layer, (L.Dense, L.LayerNorm)):
+            cur = _stacked_layer(layer, p, cur, out, pre, node, tensor)
+        elif isinstance(layer, L.Dense):
             W = tensor(f"{pre}.W", to_numpy(p["W"]))
             if layer.bias:
                 cur = node("Gemm", [cur, W, tensor(f"{pre}.b", to_numpy(p["b"]))], out)
@@ -121,10 +139,15 @@ def export_onnx(model: Any, path: str | os.PathLike, *, opset: int = 17):
                    "only Dense, Activation, Dropout and LayerNorm are supported")
             raise TypeError(msg)
     n_in, n_out = model.n_features_in, model.n_outputs
+    outputs = [helper.make_tensor_value_info("output", elem, ["batch", n_out])]
+    if k is not None:
+        _average_members(model, cur, members, node, opset, inits, numpy_helper)
+        if members:
+            outputs.append(helper.make_tensor_value_info("members", elem, [k, "batch", n_out]))
     graph = helper.make_graph(
         nodes, "arraymlp",
         [helper.make_tensor_value_info("input", elem, ["batch", n_in])],
-        [helper.make_tensor_value_info("output", elem, ["batch", n_out])],
+        outputs,
         initializer=inits,
     )
     opsets = [helper.make_opsetid("", opset)]
@@ -138,6 +161,46 @@ def export_onnx(model: Any, path: str | os.PathLike, *, opset: int = 17):
     onnx.checker.check_model(proto)
     _write_atomic(Path(os.fspath(path)), proto.SerializeToString())
     return proto
+
+
+def _stacked_layer(layer, p, x: str, out: str, pre: str, node, tensor) -> str:
+    """An ensemble's Dense or LayerNorm layer over the member axis: ``x`` is (batch, n_in)
+    for the first layer, (K, batch, n_in) after it."""
+    if isinstance(layer, L.Dense):  # (K, n_in, n_out): MatMul broadcasts over the members
+        W = tensor(f"{pre}.W", to_numpy(p["W"]))
+        if not layer.bias:
+            return node("MatMul", [x, W], out)
+        xw = node("MatMul", [x, W], f"{pre}.xW")
+        return node("Add", [xw, tensor(f"{pre}.b", to_numpy(p["b"]))], out)
+    # LayerNormalization's scale has the normalised shape (d,): normalise with a scale of
+    # ones, then each member's gamma and beta, (K, 1, d)
+    d = int(p["gamma"].shape[-1])
+    normed = node("LayerNormalization", [x, tensor(f"{pre}.ones", numpy.ones(d))], f"{pre}.normed", axis=-1,
+                  epsilon=layer.eps)
+    scaled = node("Mul", [normed, tensor(f"{pre}.gamma", to_numpy(p["gamma"]))], f"{pre}.scaled")
+    return node("Add", [scaled, tensor(f"{pre}.beta", to_numpy(p["beta"]))], out)
+
+
+def _average_members(model, x: str, members: bool, node, opset: int, inits: list, numpy_helper) -> None:
+    """The nodes from the members' last outputs ``x`` (K, batch, m) to ``"output"``:
+    their probabilities (a classifier trained on logits gets its softmax or sigmoid)
+    averaged, or their outputs averaged (a regressor), as ``predict_proba`` and
+    ``predict`` average them; with ``members``, the per-member values are the output
+    ``"members"``."""
+    task = getattr(model, "task_", None)
+    act = model.output_activation
+    per = "members" if members else "members.values"
+    if act not in ("softmax", "sigmoid") and task == "multiclass":
+        x = node("Softmax", [x], per, axis=-1)
+    elif act not in ("softmax", "sigmoid") and task == "multilabel":
+        x = node("Sigmoid", [x], per)
+    elif members:
+        x = node("Identity", [x], per)
+    if opset >= 18:  # ReduceMean takes its axes as an input from opset 18
+        inits.append(numpy_helper.from_array(numpy.array([0], dtype=numpy.int64), "members.axis"))
+        node("ReduceMean", [x, "members.axis"], "output", keepdims=0)
+    else:
+        node("ReduceMean", [x], "output", axes=[0], keepdims=0)
 
 
 def _onnx_activation(name: str, x: str, out: str, pre: str, node, tensor, opset: int, exact: bool = False) -> str:

@@ -47,6 +47,7 @@ KERNELS = (
     "bias_grad",
     "cross_entropy_labels",
     "cross_entropy_labels_mean",
+    "cross_entropy_labels_mean_hits",
     "dense_backward",
     "dense_forward",
     "dense_relu_forward",

@@ -4,8 +4,9 @@
   tanh, the bias gradient and row reductions by method, the batch sum.
 - NumPy, CuPy and torch (integer-array indexing, ``out=``): picking and subtracting the
   true class of a label cross-entropy, the optimiser's product into a work buffer.
-- NumPy and CuPy (sparse matrices): the dense layer's products with a scipy.sparse
-  (NumPy) or cupyx.scipy.sparse (CuPy) input, the first layer's.
+- NumPy, CuPy and torch (sparse matrices): the dense layer's products with a
+  scipy.sparse (NumPy), cupyx.scipy.sparse (CuPy) or sparse torch tensor (torch) input,
+  the first layer's.
 
 Every function here has the signature and values of its reference kernel.
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import math
 
-from .._backend import device_of, is_sparse, is_writeable, memo
+from .._backend import device_of, is_sparse, is_writeable, memo, sparse_transpose
 from . import reference as R
 
 #: Size from which :func:`axpy` computes its product into the optimiser's work buffer
@@ -106,18 +107,59 @@ def axpy(p, a, g, xp, work=None):
     return p
 
 
-# ------------------------------------------------------------- NumPy and CuPy (sparse)
+# ------------------------------------------------------ NumPy, CuPy and torch (sparse)
 # A sparse ``x`` is the first layer's input (nothing else in a network is sparse): its
 # products are the sparse library's own, compressed rows times a dense matrix, costing
 # O(nnz * n_out) and giving a dense array of the set's library. The reference kernels
 # read ``x @ W`` and ``x.T @ dy`` too; these say so explicitly and keep the results plain
-# arrays. The CuPy side (cupyx.scipy.sparse) is written the same way and is untested
-# without a CUDA device.
+# arrays (torch's sparse tensors have no strided ``.T``: the transpose is
+# :func:`sparse_transpose`). The CuPy side (cupyx.scipy.sparse) is written the same way
+# and is untested without a CUDA device.
+#
+# An ensemble's stacked operand has a member axis, (K, n_in, n_out). When a batch touches
+# at most half the features (a wide sparse matrix, such as a TF-IDF one), the weight
+# gradient ``x.T @ dy`` is one sparse product: the output gradients laid side by side,
+# (n, K * n_out), only the touched feature rows computed, then scattered into the zero
+# rows of the (K, n_in, n_out) gradient; the sparse entries are walked once, not K times.
+# Otherwise, and always for the forward ``x @ W``, it is K sparse products, one per member:
+# laying W side by side would copy the touched rows of all K weight matrices at each
+# step, as much memory traffic as the product itself, and measured slower than the K
+# products on the CPU (docs/sklearn.md gives the figures).
 def sparse_product(x, W, xp):
     """``x @ W`` for a sparse ``x`` (n, n_in) and a dense ``W`` (n_in, n_out): a dense
-    array (n, n_out) of ``W``'s library."""
+    array (n, n_out) of ``W``'s library.
+
+    A stacked ``W`` (K, n_in, n_out) (an ensemble's weights, or its output gradients
+    (K, n, n_out) in ``x.T @ dy``) gives the K members' products, (K, n, n_out),
+    ``y[k] = x @ W[k]`` (:func:`_stacked_product`).
+    """
+    if W.ndim == 3:
+        return _stacked_product(x, W, xp)
     y = x @ W
     return y if type(y) is type(W) else xp.asarray(y)  # never a numpy.matrix
+
+
+def _stacked_product(x, W, xp):
+    """``x @ W[k]`` for every k, (K, a, m), of a sparse ``x`` (a, b) and ``W`` (K, b, m).
+
+    A CSC ``x`` (the transpose of a CSR batch, in ``x.T @ dy``) that stores entries in
+    at most half of its rows is one sparse product over those rows (``x.indices``):
+    ``W`` side by side, (b, K * m), the result's other rows zero. Any other ``x`` is K
+    sparse products."""
+    k, m = int(W.shape[0]), int(W.shape[2])
+    # the stored rows, sorted (a scipy or cupyx CSC matrix; a torch tensor takes K products)
+    used = xp.unique_values(x.indices) if getattr(x, "format", None) == "csc" else None
+    n_rows = int(x.shape[0])
+    if used is None or 2 * int(used.shape[0]) > n_rows:
+        return xp.stack([sparse_product(x, W[i, ...], xp) for i in range(k)])
+    u = int(used.shape[0])
+    side = xp.reshape(xp.permute_dims(W, (1, 0, 2)), (int(W.shape[1]), k * m))  # column block i is W[i]
+    # the stored rows renumbered 0..u-1: a (u, a') matrix, its product (u, K * m)
+    compact = type(x)((x.data, xp.searchsorted(used, x.indices), x.indptr), shape=(u, int(x.shape[1])))
+    y = sparse_product(compact, side, xp)
+    out = xp.zeros((k, n_rows, m), dtype=y.dtype)
+    out[:, used, :] = xp.permute_dims(xp.reshape(y, (u, k, m)), (1, 0, 2))
+    return out
 
 
 def dense_forward(x, W, b, xp, *, add_bias=R.add_bias):
@@ -132,9 +174,10 @@ def dense_backward(x, W, dy, has_bias, need_dx, xp, *, bias_grad=R.bias_grad):
     """``(dx, dW, db)``; for a sparse ``x``, ``dW = x.T @ dy`` by the sparse library's
     product (a CSR matrix's transpose is a CSC view: no copy)."""
     if is_sparse(x):
-        dW = sparse_product(x.T, dy, xp)
+        dW = sparse_product(sparse_transpose(x), dy, xp)
         db = bias_grad(dy, xp) if has_bias else None
-        dx = dy @ W.T if need_dx else None  # dense: the gradient of a sparse input is not
+        # dense: the gradient of a sparse input is not (the transpose is of the last two axes)
+        dx = dy @ xp.matrix_transpose(W) if need_dx else None
         return dx, dW, db
     return R.dense_backward(x, W, dy, has_bias, need_dx, xp, bias_grad=bias_grad)
 
@@ -143,7 +186,7 @@ def dense_sgd_update(x, dy, W, b, lr, l2, xp, *, bias_grad=R.bias_grad, sgd_appl
     """The plain SGD step of a dense layer; for a sparse ``x`` the weight gradient is
     the sparse product ``x.T @ dy``, then applied as the reference applies it."""
     if is_sparse(x):
-        W = sgd_apply(W, sparse_product(x.T, dy, xp), lr, l2, xp)
+        W = sgd_apply(W, sparse_product(sparse_transpose(x), dy, xp), lr, l2, xp)
         if b is not None:
             b = sgd_apply(b, bias_grad(dy, xp), lr, 0.0, xp)
         return W, b

@@ -162,21 +162,31 @@ def relu_backward(dy, y) -> bool:
     return True
 
 
-def cross_entropy_labels(x, labels):
+def _count(a) -> bool:
+    """A writeable int64 NumPy array of shape (1,): a count the kernels add to."""
+    return type(a) is numpy.ndarray and a.dtype == _INT64 and a.shape == (1,) and a.flags.writeable
+
+
+def cross_entropy_labels(x, labels, hits=None):
     """Softmax cross-entropy of logits ``x`` (n, k) against int64 labels (n,):
     ``(total, g)``, with ``total`` the float64 sum of the per-row losses and
     ``g = (softmax(x) - onehot) / n`` a new array; None where the kernel does not
-    apply (including a label outside ``[0, k)``, and rows of more than
-    :data:`CE_MAX_CLASSES` classes). ``x`` is only read."""
+    apply (including a label outside ``[0, k)``, rows of more than
+    :data:`CE_MAX_CLASSES` classes, and a ``hits`` that is not a writeable int64 array
+    of shape (1,)). ``x`` is only read. With ``hits``, the rows whose arg-max is their
+    label are added to ``hits[0]`` by the same pass (nothing is added where None is
+    returned)."""
     if (_kernels is None or not _plain(x) or type(labels) is not numpy.ndarray or labels.dtype != _INT64
-            or labels.shape != (x.shape[0],) or x.shape[0] == 0 or not 0 < x.shape[1] <= CE_MAX_CLASSES):
+            or labels.shape != (x.shape[0],) or x.shape[0] == 0 or not 0 < x.shape[1] <= CE_MAX_CLASSES
+            or (hits is not None and not _count(hits))):
         return None
     k = _ready("ce", x.size)
     if k is None:
         return None
     g = numpy.empty_like(x)
     try:
-        ok, total = k.cross_entropy_labels(x, labels, g, x.dtype.type(1.0 / x.shape[0]))
+        ok, total = k.cross_entropy_labels(x, labels, g, x.dtype.type(1.0 / x.shape[0]),
+                                           numpy.zeros(1, _INT64) if hits is None else hits)
     except Exception as exc:
         _fall_back(exc)
         return None

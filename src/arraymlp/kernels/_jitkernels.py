@@ -40,25 +40,35 @@ def relu_backward(dy, y):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True, nogil=True)
-def cross_entropy_labels(x, labels, g, scale):  # pragma: no cover - compiled
+def cross_entropy_labels(x, labels, g, scale, hits):  # pragma: no cover - compiled
     """Softmax cross-entropy of logits ``x`` (n, k) against labels (n,).
 
     Writes ``g = (softmax(x) - onehot) * scale`` and returns ``(ok, total)``: ``total``
     is the sum over rows of ``log(sum(exp(z))) - z[y]`` with ``z = x - max(x)``,
-    added in float64; ``ok`` is False (and ``g`` unfinished) when a label lies
-    outside ``[0, k)``.
+    added in float64; ``ok`` is False (and ``g`` unfinished, ``hits`` untouched) when
+    a label lies outside ``[0, k)``. ``hits[0] +=`` the rows whose arg-max is their
+    label, found by the same scan as the row maximum (the arg-max as NumPy's: the first
+    highest entry, or the first NaN): the training accuracy's count, at no extra pass.
     """
     n, k = x.shape
     total = 0.0
+    right = 0
     for i in range(n):
         c = labels[i]
         if c < 0 or c >= k:
             return False, 0.0
         m = x[i, 0]
+        best = 0
+        nan = m != m
         for j in range(1, k):
             v = x[i, j]
             if v > m or v != v:
+                if not nan:
+                    best = j
+                    nan = v != v
                 m = v
+        if best == c:
+            right += 1
         s = 0.0  # float64: k terms added one by one, where NumPy adds pairwise
         for j in range(k):
             e = math.exp(x[i, j] - m)
@@ -70,6 +80,7 @@ def cross_entropy_labels(x, labels, g, scale):  # pragma: no cover - compiled
         g[i, c] -= 1
         for j in range(k):
             g[i, j] = g[i, j] * scale
+    hits[0] += right
     return True, total
 
 

@@ -123,6 +123,18 @@ def cross_entropy_labels_mean(x, labels, xp, *, cross_entropy_labels=R.cross_ent
                                        batch_sum=batch_sum)
 
 
+def cross_entropy_labels_mean_hits(x, labels, hits, xp, *, cross_entropy_labels_mean=R.cross_entropy_labels_mean,
+                                   add_argmax_hits=R.add_argmax_hits):
+    """The compiled cross-entropy loop counts the right answers as it finds each row's
+    maximum, where Numba is installed (int64 labels and count): the training accuracy
+    at no pass of its own."""
+    fused = _jit.cross_entropy_labels(x, labels, hits)
+    if fused is not None:
+        return (*fused, hits)
+    return R.cross_entropy_labels_mean_hits(x, labels, hits, xp, cross_entropy_labels_mean=cross_entropy_labels_mean,
+                                            add_argmax_hits=add_argmax_hits)
+
+
 def add_argmax_hits(total, scores, labels, xp):
     """One compiled pass with no temporary where Numba is installed (float32/float64
     scores, int64 labels and count); else ``argmax`` and ``count_nonzero`` added into a
@@ -160,5 +172,6 @@ OVERRIDES = {
     "row_max": row_max,
     "row_sum": row_sum,
     "cross_entropy_labels_mean": cross_entropy_labels_mean,
+    "cross_entropy_labels_mean_hits": cross_entropy_labels_mean_hits,
     "member_adam_update": member_adam_update,
 }

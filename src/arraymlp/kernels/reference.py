@@ -741,6 +741,17 @@ def add_argmax_hits(total, scores, labels, xp):
     return total + hits
 
 
+def cross_entropy_labels_mean_hits(x, labels, hits, xp, *, cross_entropy_labels_mean=cross_entropy_labels_mean,
+                                   add_argmax_hits=add_argmax_hits):
+    """:func:`cross_entropy_labels_mean` and :func:`add_argmax_hits` of the same logits
+    and labels in one call: ``(sum_i l_i, g / n, hits)``, ``hits`` (shape (1,), an
+    integer count) with the rows whose arg-max is their label added (in place where it
+    is writeable). The training accuracy counted by the loss's own pass where a kernel
+    set fuses the two (NumPy's compiled loop); the values of the two kernels."""
+    total, g = cross_entropy_labels_mean(x, labels, xp)
+    return total, g, add_argmax_hits(hits, x, labels, xp)
+
+
 # ---------------------------------------------------------------------------- dropout
 @fill
 def dropout_forward(x, p, *, rng, training=True, xp=None):
