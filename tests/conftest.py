@@ -1,12 +1,21 @@
 """The backend fixture: every kernel, layer, model, optimiser and training test runs
 on each row (numpy, read-only numpy inputs, array_api_strict on two devices, torch on
 the CPU, JAX on the CPU in its default 32-bit mode, and CuPy / torch-CUDA rows that
-skip without a GPU)."""
+skip without a GPU).
+
+A module that sets ``JAX_X64 = True`` also gets a ``jax-x64`` row: JAX with its 64-bit
+mode switched on for that one test only (``jax.enable_x64``, a thread-local setting
+that is restored when the test ends, so no other row sees it). It runs what the 32-bit
+``jax`` row could not, at the tests' float64 tolerances: its float32 and float16 cases
+are left out (deselected), and a test that ran on the ``jax`` row earlier in the session
+is skipped here (where the ``jax`` row did not run, as under ``-k jax-x64``, it runs).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import re
 from typing import Any
 
 import numpy as np
@@ -31,6 +40,8 @@ class Backend:
     # on a row without float64 (JAX in 32-bit mode), float64 test data: "skip" the test,
     # or "float32" (a module with FLOAT64_DATA = "float32" has tests that hold in float32)
     float64_data: str = "skip"
+    # JAX with its 64-bit mode on for the test's duration (the jax-x64 row)
+    x64: bool = False
 
     @property
     def xp(self):
@@ -46,6 +57,14 @@ class Backend:
     def float_dtype(self, want: str = "float64") -> str:
         """``want``, or ``"float32"`` where the row has no float64."""
         return want if want != "float64" or self.has_float64 else "float32"
+
+    def tol(self, tol64: float, dtype: str = "float64") -> float:
+        """A tolerance for results computed from float64 test data: ``tol64`` where the
+        row computes in float64, else the same number of units of roundoff (eps) of the
+        dtype it computes in (float32 on JAX's 32-bit mode: ``tol64 * 2**29``). Only for
+        tolerances that are a count of roundoffs, not for truncation errors."""
+        got = self.float_dtype(dtype)
+        return tol64 if got == dtype else tol64 * float(np.finfo(got).eps / np.finfo(dtype).eps)
 
     def skip_without_float64(self) -> None:
         """Skip the calling test on a row without float64 (JAX in 32-bit mode)."""
@@ -129,6 +148,11 @@ def _rows():
             marks=pytest.mark.skipif(not _has("jax"), reason="jax is not installed"),
         ),
         pytest.param(
+            Backend("jax-x64", "jax", x64=True),
+            id="jax-x64",
+            marks=pytest.mark.skipif(not _has("jax"), reason="jax is not installed"),
+        ),
+        pytest.param(
             Backend("cupy", "cupy"),
             id="cupy",
             marks=pytest.mark.skipif(not _gpu(), reason="no CUDA GPU with CuPy"),
@@ -148,6 +172,33 @@ BACKEND_ROWS = _rows()
 _NO_FLOAT64 = "runs in its default 32-bit mode, where float64 arrays are float32"
 
 
+#: nodeid of a test on the 32-bit jax row -> whether it ran there (was not skipped)
+_RAN_ON_JAX32: dict[str, bool] = {}
+
+
+def _row_of(item) -> Backend | None:
+    row = getattr(getattr(item, "callspec", None), "params", {}).get("backend")
+    return row if isinstance(row, Backend) else None
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Remember, for the jax-x64 row, which tests the 32-bit jax row ran."""
+    report = yield
+    row = _row_of(item)
+    if row is not None and row.name == "jax" and not row.x64:
+        if report.skipped:
+            _RAN_ON_JAX32[item.nodeid] = False
+        elif report.when == "call":
+            _RAN_ON_JAX32[item.nodeid] = True
+    return report
+
+
+def _jax32_twin(nodeid: str) -> str:
+    """The nodeid of the same test on the 32-bit jax row."""
+    return re.sub(r"(?<=[\[-])jax-x64(?=[\]-])", "jax", nodeid)
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item):
     """A test that asks a row without float64 (JAX in 32-bit mode) for a float64 model
@@ -162,14 +213,76 @@ def pytest_runtest_call(item):
         raise
 
 
+_NARROW_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _dtype_param(v) -> str | None:
+    """The dtype a test parameter names (``"float32"``, ``np.float64``, ...), or None."""
+    if isinstance(v, str):
+        return v if v in (*_NARROW_DTYPES, "float64") else None
+    if isinstance(v, (type, np.dtype)):
+        try:
+            return np.dtype(v).name
+        except TypeError:
+            return None
+    return None
+
+
+def _x64_row_runs(item) -> bool:
+    """Whether ``item`` on the jax-x64 row is kept: its module opted in
+    (``JAX_X64 = True``) and no parameter asks for a dtype narrower than float64
+    (the 32-bit ``jax`` row runs those)."""
+    if not getattr(item.module, "JAX_X64", False):
+        return False
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    return not any(_dtype_param(v) in _NARROW_DTYPES for v in params.values())
+
+
+def pytest_collection_modifyitems(config, items):
+    """Leave the jax-x64 row out where it would only repeat the jax row (see the module
+    docstring)."""
+    keep, drop = [], []
+    for item in items:
+        row = getattr(getattr(item, "callspec", None), "params", {}).get("backend")
+        (drop if isinstance(row, Backend) and row.x64 and not _x64_row_runs(item) else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
 @pytest.fixture(params=BACKEND_ROWS)
 def backend(request) -> Backend:
     """A backend row; see :class:`Backend`. A test module that sets
     ``FLOAT64_DATA = "float32"`` gets its float64 test data as float32 on a row
-    without float64 (its tolerances fit float32); elsewhere such a test skips there."""
+    without float64 (its tolerances fit float32); elsewhere such a test skips there.
+    On the jax-x64 row, JAX's 64-bit mode is on from here to the test's end."""
     row = request.param
     mode = getattr(request.module, "FLOAT64_DATA", None)
-    return dataclasses.replace(row, float64_data=mode) if mode else row
+    row = dataclasses.replace(row, float64_data=mode) if mode else row
+    params = getattr(getattr(request.node, "callspec", None), "params", {})
+    if any(_dtype_param(v) == "float64" for v in params.values()) and not row.x64 and not row.has_float64:
+        pytest.skip(f"the float64 case: the {row.id} row runs the float32 one"
+                    + (", the jax-x64 row this one" if getattr(request.module, "JAX_X64", False) else ""))
+    if not row.x64:
+        yield row
+        return
+    if _RAN_ON_JAX32.get(_jax32_twin(request.node.nodeid)):
+        pytest.skip("ran on the jax row (32-bit mode); this row runs what needs float64")
+    with _jax_x64_mode():
+        yield row
+
+
+def _jax_x64_mode():
+    """JAX's 64-bit mode for a block: ``jax.enable_x64(True)`` where JAX has it (0.6 on),
+    ``jax.experimental.enable_x64()`` before."""
+    import jax
+
+    state = getattr(jax, "enable_x64", None)
+    if state is not None:
+        return state(True)
+    from jax.experimental import enable_x64
+
+    return enable_x64(True)
 
 
 @pytest.fixture

@@ -1,3 +1,4 @@
+import contextlib
 import json
 import math
 
@@ -6,6 +7,9 @@ import pytest
 
 import arraymlp as am
 from arraymlp._backend import Generator, backend_name, canonical_device, get_namespace, resolve_backend, to_numpy
+
+# every backend test also runs on JAX with its 64-bit mode on (the jax-x64 row)
+JAX_X64 = True
 
 
 @pytest.mark.parametrize("name", ["numpy", "array_api_strict"])
@@ -128,6 +132,27 @@ def test_counter_bits_match_python_integers_on_every_backend(backend, counter):
     assert backend.same_place(got)
     got = backend.to_numpy(got).astype(np.uint64)
     np.testing.assert_array_equal(got.reshape(-1), _reference_bits(3 * 41, key, counter))
+
+
+def test_dtype_answers_follow_jax_64_bit_switch_flipped_between_calls():
+    """Index dtypes and metric accumulators are remembered per namespace and per JAX
+    mode: after a call in 64-bit mode, 32-bit calls do not reuse int64 (whose counter
+    bits would overflow int32) nor float64 sums, and the other way round."""
+    jax = pytest.importorskip("jax")
+    from arraymlp._backend import counter_bits, index_dtype
+    from arraymlp.metrics import _sum_dtype
+    from conftest import _jax_x64_mode
+
+    xp = resolve_backend("jax")
+    key, counter = 0xDEADBEEF12345678, 5
+    want = _reference_bits(40, key, counter)
+    for x64 in (True, False, True, False):
+        with _jax_x64_mode() if x64 else contextlib.nullcontext():
+            assert jax.config.jax_enable_x64 is x64
+            assert index_dtype(xp) == (xp.int64 if x64 else xp.int32)
+            assert _sum_dtype(xp, xp.float32, None) == (xp.float64 if x64 else xp.float32)
+            got = np.asarray(counter_bits((40,), key, counter, xp)).astype(np.uint64)
+            np.testing.assert_array_equal(got, want)
 
 
 def test_wrapping_int64_mix_matches_the_overflow_free_one():

@@ -16,6 +16,11 @@ from arraymlp.kernels import kernels_for, reference_kernels
 from arraymlp.kernels import reference as R
 from arraymlp.optim import SGD
 
+# the float64 cases also run on JAX with its 64-bit mode on (the jax-x64 row)
+JAX_X64 = True
+# on the 32-bit jax row, the float64-only tests run on float32 data, at float32 tolerances
+FLOAT64_DATA = "float32"
+
 INPLACE_ROWS = [name for name, act in F.ACTIVATIONS.items()
                 if act.forward_inplace is not None or act.backward_inplace is not None]
 
@@ -107,12 +112,12 @@ def test_handover_is_read_from_the_class_that_runs():
 
 def test_model_with_in_place_layers_matches_one_without(backend):
     xp = backend.xp
-    kwargs = dict(dtype="float64", seed=4, **backend.model_kwargs())
+    kwargs = dict(dtype=backend.float_dtype(), seed=4, **backend.model_kwargs())
     a = am.MLP([6, 9, 7, 4], activation="relu", output_activation="softmax", **kwargs)
     b = am.Sequential([am.Dense(6, 9, init="he_uniform"), ReluNoInplace(), am.Dense(9, 7, init="he_uniform"),
                        ReluNoInplace(), am.Dense(7, 4, init="glorot_uniform"), am.Softmax()], **kwargs)
     b.params = [{k: xp.asarray(v, copy=True) for k, v in p.items()} for p in a.params]
-    x_np = _data(backend, (11, 6), dtype=np.float64)
+    x_np = _data(backend, (11, 6), dtype=backend.float_dtype())
     y = backend.asarray(np.arange(11) % 4)
     x = backend.asarray(x_np)
     la, ga = a.loss_and_grads(x, y, loss="cross_entropy")
@@ -131,10 +136,10 @@ def test_model_with_in_place_layers_matches_one_without(backend):
 
 
 def test_backward_does_not_overwrite_a_gradient_it_was_not_handed(backend):
-    model = am.MLP([4, 5, 3], dtype="float64", seed=0, **backend.model_kwargs())
-    x = backend.asarray(_data(backend, (6, 4), dtype=np.float64))
+    model = am.MLP([4, 5, 3], dtype=backend.float_dtype(), seed=0, **backend.model_kwargs())
+    x = backend.asarray(_data(backend, (6, 4), dtype=backend.float_dtype()))
     out, caches = model.forward(x, training=True)
-    dy_np = _data(backend, (6, 3), seed=3, dtype=np.float64)
+    dy_np = _data(backend, (6, 3), seed=3, dtype=backend.float_dtype())
     dy = backend.asarray(dy_np)
     model.backward(caches, dy)
     np.testing.assert_array_equal(backend.to_numpy(dy), dy_np)
@@ -162,9 +167,9 @@ def test_sgd_update_is_exactly_p_minus_lr_g_at_every_size(backend, n):
 
 
 def test_sgd_momentum_buffer_matches_the_standard_update(backend):
-    n = 40_000
-    p_np = _data(backend, (n,), dtype=np.float64)
-    gs = [_data(backend, (n,), seed=s, dtype=np.float64) for s in range(1, 4)]
+    n, dtype = 40_000, backend.float_dtype()  # float32 on JAX's 32-bit mode
+    p_np = _data(backend, (n,), dtype=dtype)
+    gs = [_data(backend, (n,), seed=s, dtype=dtype) for s in range(1, 4)]
     params = [{"b": _fresh(backend, p_np)}]
     opt = SGD(lr=0.1, momentum=0.9, dampening=0.25)
     buf = None
@@ -179,25 +184,27 @@ def test_sgd_momentum_buffer_matches_the_standard_update(backend):
 @pytest.mark.parametrize("weighted", [False, True])
 def test_cross_entropy_fast_path_matches_the_standard_path(backend, weighted):
     xp = backend.xp
-    o_np = _data(backend, (9, 5), dtype=np.float64) * 3
-    o_np[2, 1] = -1e300  # a logit far below the others, not the label
+    dtype = backend.float_dtype()  # float32 on JAX's 32-bit mode
+    o_np = _data(backend, (9, 5), dtype=dtype) * 3
+    o_np[2, 1] = -1e300 if dtype == "float64" else -3e38  # a logit far below the others, not the label
     y = backend.asarray(np.array([0, 1, 2, 3, 4, 0, 1, 2, 3]))
-    w = backend.asarray(np.linspace(0.5, 2.0, 9)) if weighted else None
+    w = backend.asarray(np.linspace(0.5, 2.0, 9).astype(dtype)) if weighted else None
     o = backend.asarray(o_np)
     fast = LS.cross_entropy(o, y, xp=xp, sample_weight=w)
     with reference_kernels():
         std = LS.cross_entropy(o, y, xp=xp, sample_weight=w)
     # the float-target path, the original formulation, as a third opinion
-    onehot = backend.asarray(np.eye(5)[[0, 1, 2, 3, 4, 0, 1, 2, 3]])
+    onehot = backend.asarray(np.eye(5, dtype=dtype)[[0, 1, 2, 3, 4, 0, 1, 2, 3]])
     ref = LS.cross_entropy(o, onehot, xp=xp, sample_weight=w)
     for a in (fast, std):
-        assert float(a[0]) == pytest.approx(float(ref[0]), rel=1e-14)
-        np.testing.assert_allclose(backend.to_numpy(a[1]), backend.to_numpy(ref[1]), rtol=1e-13, atol=1e-16)
+        assert float(a[0]) == pytest.approx(float(ref[0]), rel=backend.tol(1e-14))
+        np.testing.assert_allclose(backend.to_numpy(a[1]), backend.to_numpy(ref[1]),
+                                   rtol=backend.tol(1e-13), atol=backend.tol(1e-16))
     np.testing.assert_array_equal(backend.to_numpy(o), o_np)
 
 
 def test_cross_entropy_labels_ignore_a_masked_logit(backend):
-    o_np = _data(backend, (3, 4), dtype=np.float64)
+    o_np = _data(backend, (3, 4), dtype=backend.float_dtype())
     o_np[1, 2] = -np.inf
     loss, g = LS.cross_entropy(backend.asarray(o_np), backend.asarray(np.array([0, 1, 3])), xp=backend.xp)
     assert np.isfinite(float(loss))
@@ -208,11 +215,11 @@ def test_cross_entropy_labels_ignore_a_masked_logit(backend):
 @pytest.mark.parametrize("loss", sorted(LS.LOSSES))
 def test_unchecked_losses_give_the_checked_values(backend, loss):
     xp = backend.xp
-    o = backend.asarray(_data(backend, (6, 3), dtype=np.float64))
+    o = backend.asarray(_data(backend, (6, 3), dtype=backend.float_dtype()))
     if loss == "cross_entropy":
         t = backend.asarray(np.array([0, 2, 1, 1, 0, 2]))
     else:
-        t = backend.asarray(np.abs(_data(backend, (6, 3), seed=5, dtype=np.float64)))
+        t = backend.asarray(np.abs(_data(backend, (6, 3), seed=5, dtype=backend.float_dtype())))
     a = LS.LOSSES[loss](o, t, xp=xp)
     b = LS.LOSSES[loss](o, t, xp=xp, check=False)
     assert float(a[0]) == float(b[0])
@@ -220,16 +227,16 @@ def test_unchecked_losses_give_the_checked_values(backend, loss):
 
 
 def test_training_step_validates_targets_once_up_front(backend):
-    model = am.MLP([3, 4, 2], dtype="float64", seed=0, **backend.model_kwargs())
-    x = backend.asarray(_data(backend, (8, 3), dtype=np.float64))
-    y_np = _data(backend, (8, 2), seed=1, dtype=np.float64)
+    model = am.MLP([3, 4, 2], dtype=backend.float_dtype(), seed=0, **backend.model_kwargs())
+    x = backend.asarray(_data(backend, (8, 3), dtype=backend.float_dtype()))
+    y_np = _data(backend, (8, 2), seed=1, dtype=backend.float_dtype())
     y_np[5, 1] = np.nan
     with pytest.raises(ValueError, match="y contains NaN or infinite values"):
         model.fit(x, backend.asarray(y_np), epochs=1, progress=False)
     with pytest.raises(ValueError, match="NaN"):
         model.loss_and_grads(x, backend.asarray(y_np))
     labels = backend.asarray(np.array([0, 1, 2, 0, 1, 0, 1, 0]))
-    clf = am.MLP([3, 4, 2], output_activation="softmax", dtype="float64", seed=0, **backend.model_kwargs())
+    clf = am.MLP([3, 4, 2], output_activation="softmax", dtype=backend.float_dtype(), seed=0, **backend.model_kwargs())
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 2\)"):
         clf.fit(x, labels, loss="cross_entropy", epochs=1, progress=False)
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 2\)"):
@@ -363,7 +370,7 @@ class _DoubledDense(L.Dense):
 def _stack(backend):
     layers = [L.Dense(5, 7), L.LayerNorm(7), L.ReLU(), _DoubledDense(7, 6), L.Tanh(), L.Dense(6, 3, bias=False),
               L.Softmax()]
-    return am.Sequential(layers, dtype="float64", seed=3, **backend.model_kwargs())
+    return am.Sequential(layers, dtype=backend.float_dtype(), seed=3, **backend.model_kwargs())
 
 
 @pytest.mark.parametrize("l2", [0.0, 1e-2])
@@ -437,7 +444,7 @@ def test_fused_sgd_step_checks_again_for_another_model(backend):
     opt = SGD(lr=0.1)
     _stack(backend).fit(x, y, loss="cross_entropy", optimizer=opt, epochs=2, batch_size=2, progress=False)
     assert opt.step_count == 4
-    other = am.MLP([5, 4, 3], dtype="float64", seed=1, **backend.model_kwargs())
+    other = am.MLP([5, 4, 3], dtype=backend.float_dtype(), seed=1, **backend.model_kwargs())
     before = [{k: backend.to_numpy(v).copy() for k, v in p.items()} for p in other.params]
     with pytest.raises(ValueError, match="different structure"):
         other.partial_fit(x, y, loss="cross_entropy", optimizer=opt, batch_size=4)
@@ -531,8 +538,8 @@ def test_fused_sgd_step_leaves_a_layers_own_gradients_alone(backend):
     x, y = backend.asarray(r.standard_normal((8, 5))), backend.asarray(r.integers(0, 3, 8))
 
     def build():
-        return am.Sequential([_SharedGradScale(), L.Dense(5, 3), L.Softmax()], dtype="float64", seed=4,
-                             **backend.model_kwargs())
+        return am.Sequential([_SharedGradScale(), L.Dense(5, 3), L.Softmax()], dtype=backend.float_dtype(),
+                             seed=4, **backend.model_kwargs())
 
     fused, manual = build(), build()
     fused.fit(x, y, loss="cross_entropy", optimizer=SGD(lr=0.1), epochs=1, batch_size=8, shuffle=False,
@@ -541,7 +548,8 @@ def test_fused_sgd_step_leaves_a_layers_own_gradients_alone(backend):
     _manual_sgd(manual, x, y, 0.1, 1, l2=0.01)
     _assert_same_params(backend, fused, manual)
     np.testing.assert_allclose(backend.to_numpy(fused.params[0]["a"]) - 0.5,
-                               backend.to_numpy(fused.params[0]["b"]) - 0.25, rtol=1e-12, atol=1e-15)
+                               backend.to_numpy(fused.params[0]["b"]) - 0.25,
+                               rtol=backend.tol(1e-12), atol=backend.tol(1e-15))
     np.testing.assert_array_equal(backend.to_numpy(fused.layers[0].returned), g)
 
 
@@ -581,10 +589,12 @@ def test_fused_sgd_step_checks_a_model_grown_in_place(backend):
     """The state check runs every step: layers appended to the same lists are refused."""
     r = np.random.default_rng(6)
     x, y = backend.asarray(r.standard_normal((4, 5))), backend.asarray(r.integers(0, 3, 4))
-    model = am.MLP([5, 4, 3], dtype="float64", seed=1, output_activation="softmax", **backend.model_kwargs())
+    model = am.MLP([5, 4, 3], dtype=backend.float_dtype(), seed=1, output_activation="softmax",
+                   **backend.model_kwargs())
     opt = SGD(lr=0.1)
     model.fit(x, y, loss="cross_entropy", optimizer=opt, epochs=1, batch_size=4, progress=False)
-    extra = am.MLP([3, 3, 3], dtype="float64", seed=2, output_activation="softmax", **backend.model_kwargs())
+    extra = am.MLP([3, 3, 3], dtype=backend.float_dtype(), seed=2, output_activation="softmax",
+                   **backend.model_kwargs())
     model.layers[-1:] = extra.layers  # the same list objects, more layers
     model.params[-1:] = extra.params
     with pytest.raises(ValueError, match="different structure"):
@@ -599,7 +609,7 @@ def test_tied_weights_are_not_fused(backend):
 
     def build():
         m = am.Sequential([L.Dense(4, 4), L.Tanh(), L.Dense(4, 4), L.Tanh(), L.Dense(4, 4), L.Softmax()],
-                          dtype="float64", seed=5, **backend.model_kwargs())
+                          dtype=backend.float_dtype(), seed=5, **backend.model_kwargs())
         m.params[2]["W"] = m.params[4]["W"] = m.params[0]["W"]
         return m
 
@@ -611,7 +621,8 @@ def test_tied_weights_are_not_fused(backend):
     W = backend.to_numpy(manual.params[0]["W"])
     expected = W - 0.1 * sum(backend.to_numpy(grads[i]["W"]) for i in (0, 2, 4))
     # SGD.step applies each layer's gradient to the one shared array in turn
-    np.testing.assert_allclose(backend.to_numpy(fused.params[0]["W"]), expected, rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(backend.to_numpy(fused.params[0]["W"]), expected,
+                               rtol=backend.tol(1e-12), atol=backend.tol(1e-13))
 
 
 # ----------------------------------------------------------------------------- finiteness

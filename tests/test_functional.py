@@ -16,6 +16,11 @@ import pytest
 from arraymlp import functional as F
 from arraymlp._backend import Generator
 
+# the float64 cases also run on JAX with its 64-bit mode on (the jax-x64 row)
+JAX_X64 = True
+# on the 32-bit jax row, the float64-only tests run on float32 data, at float32 tolerances
+FLOAT64_DATA = "float32"
+
 DTYPES = ["float32", "float64"]
 ACT_NAMES = sorted(F.ACTIVATIONS)
 EXPECTED_ACTIVATIONS = {
@@ -204,25 +209,27 @@ def test_activation_forward_values(backend, name, dtype):
 @pytest.mark.parametrize("name", ["sigmoid", "tanh", "relu", "gelu", "elu", "softplus", "silu", "leaky_relu"])
 def test_activation_module_functions_match_table(backend, name):
     """The public functions ``F.relu`` etc. are the table's forwards, and accept ``xp=None``."""
-    x_np = _inputs((3, 5), seed=2)
-    x = backend.asarray(x_np, np.float64)
+    dtype = backend.float_dtype()  # float32 on JAX's 32-bit mode
+    x_np = _inputs((3, 5), seed=2).astype(dtype)
+    x = backend.asarray(x_np)
     y = getattr(F, name)(x)
-    _check_place(backend, y, "float64")
-    np.testing.assert_allclose(backend.to_numpy(y), ref_forward(name, x_np), **TOL["float64"])
+    _check_place(backend, y, dtype)
+    np.testing.assert_allclose(backend.to_numpy(y), ref_forward(name, x_np.astype(np.float64)), **TOL[dtype])
 
 
 @pytest.mark.parametrize("name", ["softmax", "log_softmax"])
 def test_softmax_rows(backend, name):
     """Rows are independent; softmax rows sum to one; 3-D inputs reduce over the last axis."""
-    x_np = _inputs((2, 3, 4), seed=3)
-    x = backend.asarray(x_np, np.float64)
+    dtype = backend.float_dtype()  # float32 on JAX's 32-bit mode
+    x_np = _inputs((2, 3, 4), seed=3).astype(dtype)
+    x = backend.asarray(x_np)
     y = backend.to_numpy(F.activation_forward(name, x)[0])
-    np.testing.assert_allclose(y, ref_forward(name, x_np), **TOL["float64"])
-    probs = y if name == "softmax" else np.exp(y)
-    np.testing.assert_allclose(probs.sum(axis=-1), 1.0, rtol=0, atol=1e-14)
+    np.testing.assert_allclose(y, ref_forward(name, x_np.astype(np.float64)), **TOL[dtype])
+    probs = y.astype(np.float64) if name == "softmax" else np.exp(y.astype(np.float64))
+    np.testing.assert_allclose(probs.sum(axis=-1), 1.0, rtol=0, atol=backend.tol(1e-14))
     # shifting a row by a constant changes nothing (softmax) or shifts nothing (log_softmax)
     y_shift = backend.to_numpy(F.activation_forward(name, backend.asarray(x_np + 7.0))[0])
-    np.testing.assert_allclose(y_shift, y, rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(y_shift, y, rtol=backend.tol(1e-12), atol=backend.tol(1e-13))
 
 
 # -------------------------------------------------------------- activation backward
@@ -248,6 +255,7 @@ def test_activation_backward_closed_form(backend, name, dtype):
 
 @pytest.mark.parametrize("name", ACT_NAMES)
 def test_activation_backward_finite_differences(backend, name):
+    backend.skip_without_float64()  # central differences in float64 (the jax-x64 row runs them)
     x_np = _inputs((3, 5), seed=6)
     rng = np.random.default_rng(7)
     dy_np = rng.normal(size=x_np.shape)
@@ -407,16 +415,18 @@ def test_table_row_saves_the_array_backward_reads(backend, name):
     assert F.get_activation(name) is act
     assert F.get_activation(act) is act
 
-    x_np = _inputs((3, 4), seed=12)
-    dy_np = np.random.default_rng(13).normal(size=x_np.shape)
-    x, dy = backend.asarray(x_np, np.float64), backend.asarray(dy_np, np.float64)
+    dtype = backend.float_dtype()  # float32 on JAX's 32-bit mode
+    x_np = _inputs((3, 4), seed=12).astype(dtype)
+    dy_np = np.random.default_rng(13).normal(size=x_np.shape).astype(dtype)
+    x, dy = backend.asarray(x_np), backend.asarray(dy_np)
     y, saved = F.activation_forward(name, x)
     expected_saved = x if act.saves == "input" else y
     assert saved is expected_saved
 
     # the backward rule, fed exactly the array the row names, gives the right gradient
     dx = act.backward(dy, expected_saved, backend.xp)
-    np.testing.assert_allclose(backend.to_numpy(dx), ref_vjp(name, x_np, dy_np), **TOL["float64"])
+    ref = ref_vjp(name, x_np.astype(np.float64), dy_np.astype(np.float64))
+    np.testing.assert_allclose(backend.to_numpy(dx), ref, **TOL[dtype])
 
 
 def test_get_activation_none_is_identity(backend):
@@ -500,31 +510,34 @@ def test_dense_bias_gradient_single_output_is_summed_over_batch(backend):
     """Regression: with n_out == 1 and a batch of n > 1 the bias gradient is the sum of
     dy over the batch, of shape (1,), not (n,), (n, 1) or a scalar."""
     rng = np.random.default_rng(22)
-    n = 7
-    x_np, W_np, dy_np = rng.normal(size=(n, 3)), rng.normal(size=(3, 1)), rng.normal(size=(n, 1))
-    _, dW, db = F.dense_backward(*(backend.asarray(a, np.float64) for a in (x_np, W_np, dy_np)))
+    n, dtype = 7, backend.float_dtype()  # float32 on JAX's 32-bit mode
+    x_np, W_np, dy_np = (rng.normal(size=s).astype(dtype) for s in ((n, 3), (3, 1), (n, 1)))
+    _, dW, db = F.dense_backward(*(backend.asarray(a) for a in (x_np, W_np, dy_np)))
     assert tuple(db.shape) == (1,)
     assert tuple(dW.shape) == (3, 1)
-    np.testing.assert_allclose(backend.to_numpy(db), [dy_np.sum()], **TOL["float64"])
+    np.testing.assert_allclose(backend.to_numpy(db), [dy_np.astype(np.float64).sum()], **TOL[dtype])
 
 
 def test_dense_backward_optional_outputs(backend):
     rng = np.random.default_rng(23)
-    x_np, W_np, dy_np = rng.normal(size=(4, 3)), rng.normal(size=(3, 2)), rng.normal(size=(4, 2))
-    x, W, dy = (backend.asarray(a, np.float64) for a in (x_np, W_np, dy_np))
+    dtype = backend.float_dtype()  # float32 on JAX's 32-bit mode
+    x_np, W_np, dy_np = (rng.normal(size=s).astype(dtype) for s in ((4, 3), (3, 2), (4, 2)))
+    x, W, dy = (backend.asarray(a) for a in (x_np, W_np, dy_np))
+    x_np, W_np, dy_np = (a.astype(np.float64) for a in (x_np, W_np, dy_np))  # the references in float64
 
     dx, dW, db = F.dense_backward(x, W, dy, need_dx=False)
     assert dx is None
-    np.testing.assert_allclose(backend.to_numpy(dW), x_np.T @ dy_np, **TOL["float64"])
-    np.testing.assert_allclose(backend.to_numpy(db), dy_np.sum(axis=0), **TOL["float64"])
+    np.testing.assert_allclose(backend.to_numpy(dW), x_np.T @ dy_np, **TOL[dtype])
+    np.testing.assert_allclose(backend.to_numpy(db), dy_np.sum(axis=0), **TOL[dtype])
 
     dx, dW, db = F.dense_backward(x, W, dy, has_bias=False)
     assert db is None
-    np.testing.assert_allclose(backend.to_numpy(dx), dy_np @ W_np.T, **TOL["float64"])
-    np.testing.assert_allclose(backend.to_numpy(dW), x_np.T @ dy_np, **TOL["float64"])
+    np.testing.assert_allclose(backend.to_numpy(dx), dy_np @ W_np.T, **TOL[dtype])
+    np.testing.assert_allclose(backend.to_numpy(dW), x_np.T @ dy_np, **TOL[dtype])
 
 
 def test_dense_finite_differences(backend):
+    backend.skip_without_float64()  # central differences in float64 (the jax-x64 row runs them)
     rng = np.random.default_rng(24)
     x_np, W_np, b_np = rng.normal(size=(4, 3)), rng.normal(size=(3, 2)), rng.normal(size=(2,))
     dy_np = rng.normal(size=(4, 2))
@@ -640,8 +653,8 @@ def test_dropout_backward_multiplies_by_mask(backend, dtype):
 def test_dropout_mask_follows_input_device(backend):
     """The mask is drawn on the input's device even when the generator was made
     without one (its default device)."""
-    x_np = np.random.default_rng(34).normal(size=(8, 9))
-    x = backend.asarray(x_np, np.float64)
+    x_np = np.random.default_rng(34).normal(size=(8, 9)).astype(backend.float_dtype())  # float32 on JAX's 32-bit mode
+    x = backend.asarray(x_np)
     y, mask = F.dropout_forward(x, 0.5, rng=Generator(4, backend.xp))
     assert _same_place(backend, y) and _same_place(backend, mask)
     np.testing.assert_array_equal(backend.to_numpy(y), x_np * backend.to_numpy(mask))
@@ -707,6 +720,7 @@ def test_layer_norm_backward_shapes_and_purity(backend, dtype):
 
 
 def test_layer_norm_finite_differences(backend):
+    backend.skip_without_float64()  # central differences in float64 (the jax-x64 row runs them)
     x_np, g_np, b_np, dy_np = _ln_inputs("float64", seed=41)
 
     def loss(xa, ga, ba):
@@ -765,7 +779,7 @@ def test_logsumexp_of_infinite_rows(backend):
     with np.errstate(divide="ignore"):  # log(0) of the all -inf row, as NumPy's log warns
         got = backend.to_numpy(F.logsumexp(x))
     np.testing.assert_array_equal(got[:2, 0], [-np.inf, np.inf])
-    assert got[2, 0] == pytest.approx(np.log(3.0), rel=1e-15)
+    assert got[2, 0] == pytest.approx(np.log(3.0), rel=backend.tol(1e-15))  # float32 on JAX's 32-bit mode
 
 
 def test_tanh_backward_in_place_on_0d_arrays(backend):

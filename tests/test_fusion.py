@@ -11,6 +11,11 @@ import arraymlp as am
 from arraymlp.fusion import plan_for
 from arraymlp.kernels import kernels_for, reference_kernels
 
+# the float64 cases also run on JAX with its 64-bit mode on (the jax-x64 row)
+JAX_X64 = True
+# on the 32-bit jax row, the float64-only tests run on float32 data, at float32 tolerances
+FLOAT64_DATA = "float32"
+
 OPTIMIZERS = {
     "sgd": lambda: am.SGD(lr=0.1),
     "momentum": lambda: am.SGD(lr=0.1, momentum=0.9),
@@ -24,7 +29,8 @@ def _data(backend, n=24):
 
 
 def _model(backend):
-    return am.MLP([5, 8, 8, 3], output_activation="softmax", dtype="float64", seed=2, **backend.model_kwargs())
+    return am.MLP([5, 8, 8, 3], output_activation="softmax", dtype=backend.float_dtype(), seed=2,
+                  **backend.model_kwargs())
 
 
 def _hook(layer, method, seen):
@@ -55,7 +61,8 @@ def test_instance_hooks_run_under_every_optimizer(backend, opt, method, referenc
     assert seen.count(("Activation", method)) == 3
     for p, q in zip(hooked.params, plain.params):
         for k in p:
-            np.testing.assert_allclose(backend.to_numpy(p[k]), backend.to_numpy(q[k]), rtol=1e-12, atol=1e-14)
+            np.testing.assert_allclose(backend.to_numpy(p[k]), backend.to_numpy(q[k]),
+                                       rtol=backend.tol(1e-12), atol=backend.tol(1e-14))
 
 
 def test_a_hook_set_after_the_first_fit_is_called(backend):
@@ -103,7 +110,7 @@ def test_a_subclass_that_replaces_forward_is_not_fused(backend):
             LoggingDense.calls += 1
             return super().forward(params, x, training=training, rng=rng, xp=xp)
 
-    model = am.Sequential([LoggingDense(5, 8), am.ReLU(), am.Dense(8, 3)], dtype="float64", seed=0,
+    model = am.Sequential([LoggingDense(5, 8), am.ReLU(), am.Dense(8, 3)], dtype=backend.float_dtype(), seed=0,
                           **backend.model_kwargs())
     x, _ = _data(backend)
     plan = plan_for(model, model.xp)
@@ -189,8 +196,8 @@ def test_a_layer_outside_arraymlps_class_is_watched_by_looking(backend):
             return {"type": "Passthrough"}
 
     other = Passthrough()
-    model = am.Sequential([am.Dense(5, 8), am.ReLU(), am.Activation("identity"), am.Dense(8, 3)], dtype="float64",
-                          seed=0, **backend.model_kwargs())
+    model = am.Sequential([am.Dense(5, 8), am.ReLU(), am.Activation("identity"), am.Dense(8, 3)],
+                          dtype=backend.float_dtype(), seed=0, **backend.model_kwargs())
     model.layers[2] = other  # the constructor takes arraymlp layers only; the list takes anything
     xp = model.xp
     sgd = am.SGD(lr=0.1)

@@ -16,6 +16,9 @@ from arraymlp.kernels import reference as R
 # on a row without float64 (JAX in 32-bit mode) float64 test data comes as float32
 FLOAT64_DATA = "float32"
 
+# the float64 cases also run on JAX with its 64-bit mode on (the jax-x64 row)
+JAX_X64 = True
+
 N, M = 300, 10  # many short rows: the NumPy row reductions take their transposed path
 BIG = (160, 130)  # weights large enough for the BLAS accumulate
 

@@ -16,6 +16,9 @@ from arraymlp.losses import LOSSES, Loss, get_loss, huber
 # on a row without float64 (JAX in 32-bit mode) float64 test data comes as float32
 FLOAT64_DATA = "float32"
 
+# the float64 cases also run on JAX with its 64-bit mode on (the jax-x64 row)
+JAX_X64 = True
+
 # ----------------------------------------------------------------------- the cases
 N, K = 6, 4
 DTYPES = ["float32", "float64"]

@@ -7,11 +7,17 @@ import math
 
 import numpy as np
 import pytest
+from array_api_compat import is_writeable_array
 
 import arraymlp.kernels._common as kernel_common
 import arraymlp.kernels.reference as kernel_reference
 from arraymlp.optim import SGD, Adagrad, Adam, AdamW, RMSprop, get_optimizer
 from arraymlp.schedules import CosineAnnealing, LinearWarmup
+
+# the float64 cases also run on JAX with its 64-bit mode on (the jax-x64 row)
+JAX_X64 = True
+# on the 32-bit jax row, the float64-only tests run on float32 data, at float32 tolerances
+FLOAT64_DATA = "float32"
 
 # Two dense layers with an activation (no parameters) between them.
 SHAPES = [{"W": (3, 4), "b": (4,)}, {}, {"W": (4, 2), "b": (2,)}]
@@ -48,6 +54,14 @@ def grad_fn(params_np, k):
     return out
 
 
+def rounded(backend, arrays_np):
+    """``arrays_np`` (a list of dicts) in the dtype the row computes float64 data in:
+    unchanged, or float32 on JAX's 32-bit mode, so that references start from the
+    values the row holds."""
+    dtype = backend.float_dtype()
+    return [{k: v.astype(dtype) for k, v in layer.items()} for layer in arrays_np]
+
+
 def make_params(backend, params_np):
     """Parameters as the library would hold them: writeable, on the row's namespace and device."""
     # copies: array_api_strict may wrap NumPy memory without copying
@@ -76,7 +90,7 @@ def run_ours(backend, opt, params_np, n_steps, lrs=None, start=0):
     params = make_params(backend, params_np)
     traj = []
     for k in range(start, start + n_steps):
-        gnp = grad_fn(to_np(backend, params), k)
+        gnp = rounded(backend, grad_fn(to_np(backend, params), k))
         grads = make_grads(backend, gnp)
         params = opt.step(params, grads, lr=None if lrs is None else lrs[k])
         for layer, ref in zip(grads, gnp):  # gradients are never mutated
@@ -212,12 +226,12 @@ def test_scheduled_lr_matches_torch(backend, case):
 
 # ----------------------------------------------------------------------------- reference-free
 def test_sgd_plain_is_exactly_p_minus_lr_g(backend):
-    p0 = initial_params()
+    p0 = rounded(backend, initial_params())  # float32 on JAX's 32-bit mode: exact there too
     params = make_params(backend, p0)
     opt = SGD(lr=0.1)
     want = [{k: v.copy() for k, v in layer.items()} for layer in p0]
     for k in range(3):
-        gnp = grad_fn(want, k)
+        gnp = rounded(backend, grad_fn(want, k))
         params = opt.step(params, make_grads(backend, gnp))
         want = [{key: v - 0.1 * g[key] for key, v in layer.items()} for layer, g in zip(want, gnp)]
         for layer, ref in zip(params, want):
@@ -226,7 +240,7 @@ def test_sgd_plain_is_exactly_p_minus_lr_g(backend):
 
 
 def test_step_lr_override_is_for_one_step_only(backend):
-    p0 = initial_params()
+    p0 = rounded(backend, initial_params())  # float32 on JAX's 32-bit mode
     g0 = [{k: np.ones_like(v) for k, v in layer.items()} for layer in p0]
     opt = SGD(lr=0.1)
     params = make_params(backend, p0)
@@ -241,7 +255,7 @@ def test_step_lr_override_is_for_one_step_only(backend):
 def test_weight_decay_applies_to_W_only_unless_decay_bias(backend, decay_bias):
     shapes = [{"W": (3, 4), "b": (4,)}, {"gamma": (4,), "beta": (4,)}]
     rng = np.random.default_rng(3)
-    p0 = [{k: rng.normal(size=s) for k, s in layer.items()} for layer in shapes]
+    p0 = rounded(backend, [{k: rng.normal(size=s) for k, s in layer.items()} for layer in shapes])
     zeros = [{k: np.zeros_like(v) for k, v in layer.items()} for layer in p0]
     for opt, factor in [
         (SGD(lr=0.5, weight_decay=0.1, decay_bias=decay_bias), 1 - 0.5 * 0.1),
@@ -251,13 +265,13 @@ def test_weight_decay_applies_to_W_only_unless_decay_bias(backend, decay_bias):
         for layer, ref in zip(params, p0):
             for key, v in layer.items():
                 decayed = key == "W" or decay_bias
-                want = ref[key] * factor if decayed else ref[key]
-                np.testing.assert_allclose(backend.to_numpy(v), want, rtol=1e-14, atol=0)
+                want = ref[key].astype(np.float64) * factor if decayed else ref[key]
+                np.testing.assert_allclose(backend.to_numpy(v), want, rtol=backend.tol(1e-14), atol=0)
 
 
 def test_clip_norm_and_value_bound_the_update(backend):
-    p0 = initial_params()
-    g = grad_fn(p0, 0)
+    p0 = rounded(backend, initial_params())  # float32 on JAX's 32-bit mode
+    g = rounded(backend, grad_fn(p0, 0))
     norm = math.sqrt(sum(float(np.sum(v * v)) for layer in g for v in layer.values()))
     assert norm > 2.0
     params = SGD(lr=1.0, clip_norm=2.0).step(make_params(backend, p0), make_grads(backend, g))
@@ -265,7 +279,8 @@ def test_clip_norm_and_value_bound_the_update(backend):
     for layer, ref, gl in zip(params, p0, g):
         for key, v in layer.items():
             np.testing.assert_allclose(
-                backend.to_numpy(v), ref[key] - coef * gl[key], rtol=1e-12, atol=1e-12
+                backend.to_numpy(v), ref[key] - coef * gl[key].astype(np.float64),
+                rtol=backend.tol(1e-12), atol=backend.tol(1e-12),
             )
     params = SGD(lr=1.0, clip_value=0.25).step(make_params(backend, p0), make_grads(backend, g))
     for layer, ref, gl in zip(params, p0, g):
@@ -287,23 +302,77 @@ def test_clip_norm_of_float16_gradients(backend):
     np.testing.assert_allclose(got.astype(np.float64), -10.0 / (math.sqrt(1e5) + 1e-6), rtol=1e-3)
 
 
+def _tied_reference(case, W0, gs, n_steps):
+    """What in-place updates do to one array held by ``len(gs)`` slots: each slot's
+    update in turn, each slot with its own state (plain NumPy float64)."""
+    p = W0.copy()
+    bufs = [np.zeros_like(W0) for _ in gs]
+    m, v = [np.zeros_like(W0) for _ in gs], [np.zeros_like(W0) for _ in gs]
+    for t in range(1, n_steps + 1):
+        for i, g in enumerate(gs):
+            if case == "sgd":
+                p = p - 0.05 * g
+            elif case == "sgd-momentum":
+                bufs[i] = g if t == 1 else 0.9 * bufs[i] + g
+                p = p - 0.05 * bufs[i]
+            else:  # adam, betas (0.9, 0.999), eps 1e-8
+                m[i] = 0.9 * m[i] + 0.1 * g
+                v[i] = 0.999 * v[i] + 0.001 * g * g
+                mhat, vhat = m[i] / (1 - 0.9**t), v[i] / (1 - 0.999**t)
+                p = p - 0.05 * mhat / (np.sqrt(vhat) + 1e-8)
+    return p
+
+
+@pytest.mark.parametrize("case", ["sgd", "sgd-momentum", "adam"])
+def test_tied_weights_take_every_slots_update_and_stay_tied(backend, case, update_mode):
+    """One weight array held by two layers (tied weights) takes both layers' updates in
+    turn, as an in-place update does, and both layers hold one array afterwards: also
+    where updates make new arrays (JAX, or any row with the functional form forced),
+    which would otherwise untie them silently."""
+    cls, kwargs = CASES[case]
+    dtype = backend.float_dtype()  # float32 on JAX's 32-bit mode
+    r = np.random.default_rng(4)
+    W0, b0 = r.normal(size=(3, 2)).astype(dtype), r.normal(size=2).astype(dtype)
+    gs = [r.normal(size=(3, 2)).astype(dtype) for _ in range(2)]
+    params = make_params(backend, [{"W": W0, "b": b0}, {"W": W0}])
+    params[1]["W"] = params[0]["W"]
+    grads = make_grads(backend, [{"W": gs[0], "b": np.zeros_like(b0)}, {"W": gs[1]}])
+    opt = cls(**kwargs)
+    for _ in range(3):
+        params = opt.step(params, grads)
+    assert params[0]["W"] is params[1]["W"]
+    want = _tied_reference(case, W0.astype(np.float64), [g.astype(np.float64) for g in gs], 3)
+    eps = np.finfo(dtype).eps  # a few roundings a step, on values of order one
+    np.testing.assert_allclose(backend.to_numpy(params[0]["W"]), want, rtol=0, atol=200 * eps)
+    assert np.max(np.abs(want - W0)) > 0.1  # both slots' updates moved it
+
+
 # ----------------------------------------------------------------------------- in place / functional
 @pytest.mark.parametrize(
     "case", ["sgd-momentum", "adam-amsgrad", "rmsprop-centered-momentum-wd", "adagrad"]
 )
 def test_updates_in_place_and_never_touch_grads(backend, case):
+    """Writeable parameters are updated in place; JAX's immutable ones are replaced
+    in the caller's dicts (the trajectory tests check their values). Gradients are
+    never written, and the state lives where the parameters do."""
     cls, kwargs = CASES[case]
     p0 = initial_params()
     params = make_params(backend, p0)
+    in_place = is_writeable_array(params[0]["W"])
+    assert in_place or backend.name == "jax"
     ids = [{k: id(v) for k, v in layer.items()} for layer in params]
-    gnp = grad_fn(p0, 0)
+    gnp = rounded(backend, grad_fn(p0, 0))  # float32 on JAX's 32-bit mode
     grads = make_grads(backend, gnp)
     opt = cls(**kwargs)
     for _ in range(3):  # the same gradient arrays, reused: state must not alias them
         out = opt.step(params, grads)
     assert out is params
     for layer, idl in zip(params, ids):
-        assert {k: id(v) for k, v in layer.items()} == idl
+        assert set(layer) == set(idl)
+        if in_place:
+            assert {k: id(v) for k, v in layer.items()} == idl
+        for v in layer.values():
+            assert backend.same_place(v)
     for layer, ref in zip(grads, gnp):
         for key, g in layer.items():
             np.testing.assert_array_equal(backend.to_numpy(g), ref[key])

@@ -352,11 +352,23 @@ def memo(cache: dict, key: Any, make: Any, limit: int = 32) -> Any:
 _INDEX_DTYPES: dict = {}
 
 
+def dtype_mode(xp: types.ModuleType) -> Any:
+    """What a namespace's dtype answers depend on besides the namespace: JAX's 64-bit
+    switch, which may be flipped between calls (``jax.config.update``) or set for a
+    block (``jax.enable_x64``); ``None`` for every other namespace. Part of the key of
+    every remembered dtype answer, so that none outlives the mode it was made in."""
+    if not xp.__name__.startswith("jax"):
+        return None
+    return bool(sys.modules["jax"].config.jax_enable_x64)
+
+
 def index_dtype(xp: types.ModuleType) -> Any:
     """The namespace's default integer dtype for indices and class labels (int64 on
     NumPy, torch and array-api-strict; int32 on JAX unless its 64-bit mode is on, where
-    asking for int64 would be truncated with a warning). Remembered per namespace."""
-    return memo(_INDEX_DTYPES, xp, lambda: xp.__array_namespace_info__().default_dtypes()["indexing"])
+    asking for int64 would be truncated with a warning). Remembered per namespace (and
+    per JAX mode: :func:`dtype_mode`)."""
+    return memo(_INDEX_DTYPES, (xp, dtype_mode(xp)),
+                lambda: xp.__array_namespace_info__().default_dtypes()["indexing"])
 
 
 def has_float64(xp: types.ModuleType, device: Any = None) -> bool:

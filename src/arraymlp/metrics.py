@@ -43,7 +43,7 @@ from typing import Any, Callable
 
 import numpy
 
-from ._backend import device_of, get_namespace, has_float64, index_dtype, is_float16, memo, to_numpy
+from ._backend import device_of, dtype_mode, get_namespace, has_float64, index_dtype, is_float16, memo, to_numpy
 from .kernels import kernels_for
 
 __all__ = [
@@ -79,7 +79,7 @@ def _sum_dtype(xp, dtype, device):
             pass
         return xp.float32 if is_float16(dtype, xp) else dtype
 
-    return memo(_ACC, (xp, dtype, str(device)), pick)
+    return memo(_ACC, (xp, dtype, str(device), dtype_mode(xp)), pick)
 
 
 class _Pair:

@@ -342,10 +342,20 @@ class Optimizer:
         else:
             self._check_state(params, xp)
         self.step_count += 1
+        # One array held by several slots (tied weights) takes each slot's update in turn,
+        # as an in-place update does; where the update makes a new array (JAX), the next
+        # slot starts from it and every slot ends holding the last one, so ties hold.
+        latest: dict[int, tuple[Any, Any]] = {}  # id(array before the step) -> (it, its update)
         for layer, glayer, slayer in zip(params, grads, self.state):
             for key, p in layer.items():
                 wd = self.weight_decay if (key == "W" or self.decay_bias) else 0.0
-                layer[key] = self._update(p, glayer[key], slayer[key], lr=lr, wd=wd, xp=xp)
+                seen = latest.get(id(p))
+                new = self._update(p if seen is None else seen[1], glayer[key], slayer[key], lr=lr, wd=wd, xp=xp)
+                latest[id(p)] = (p, new)  # holding p keeps its id from being reused
+        if any(new is not p for p, new in latest.values()):  # written back: not updated in place
+            for layer in params:
+                for key, p in layer.items():
+                    layer[key] = latest[id(p)][1]
         return params
 
     def _fusable(self) -> bool:
