@@ -62,7 +62,7 @@ from .kernels.reference import _idiv, _imul, _isub
 from .losses import LOSSES, Loss, get_loss
 from .metrics import Metric, _MembersPair, _Pair, get_metrics, read_results
 from .optim import SGD, Adagrad, Adam, Optimizer, RMSprop, get_optimizer
-from .precision import _keep_if_not, resolve_precision
+from .precision import _keep_if_not, master_grads, resolve_precision
 from .precision import _snapshot as _amp_snapshot
 
 __all__ = ["EnsembleHistory", "check_layers", "check_members", "cross_val_scores", "evaluate", "fit", "make_step",
@@ -1341,17 +1341,7 @@ def _amp_step(run: _Run, xb, yb, wb, l2):
     if _has_l2(l2):
         values = values + _penalty(model, l2, xp)
     inv = xp.reshape(1.0 / amp.scale, (k, 1, 1)) if amp.dynamic else None
-    grads32 = []
-    for layer, p, g in zip(model.layers, master, grads):
-        d = {}
-        for key, gk in g.items():
-            gk = xp.astype(gk, p[key].dtype)
-            if inv is not None:
-                gk = gk * inv
-            if _has_l2(l2) and key == "W" and isinstance(layer, L.Dense):
-                gk = gk + l2 * p[key]
-            d[key] = gk
-        grads32.append(d)
+    grads32 = master_grads(model.layers, master, grads, inv, l2 if _has_l2(l2) else None, xp)
     if not amp.dynamic:
         run.rule.step(model.params, grads32, run.active)
     else:

@@ -253,18 +253,8 @@ class MixedPrecision:
         del caches, out
         if l2:
             value = value + model._l2_penalty(l2, xp)
-        inv = (1.0 / self.scale) if self.dynamic else None
-        grads32 = []
-        for layer, p, g in zip(model.layers, master, grads):
-            d = {}
-            for k, gk in g.items():
-                gk = xp.astype(gk, p[k].dtype)
-                if inv is not None:
-                    gk = gk * inv
-                if l2 and k == "W" and isinstance(layer, L.Dense):
-                    gk = gk + l2 * p[k]
-                d[k] = gk
-            grads32.append(d)
+        grads32 = master_grads(model.layers, master, grads, (1.0 / self.scale) if self.dynamic else None,
+                               l2 if l2 else None, xp)
 
         def update(lr):
             if not self.dynamic:
@@ -284,6 +274,24 @@ class MixedPrecision:
             self.update_scale(ok, xp)
 
         return value, update
+
+
+def master_grads(layers, master, grads, inv, l2, xp) -> list[dict]:
+    """The compute-dtype gradients ``grads`` as the master weights' dtype, unscaled by
+    ``inv`` (``None``: no loss scale; a number, or an ensemble's (K, 1, 1) array) and with
+    the L2 term ``l2 * W`` of each Dense weight added (``None``: no L2 term)."""
+    out = []
+    for layer, p, g in zip(layers, master, grads):
+        d = {}
+        for k, gk in g.items():
+            gk = xp.astype(gk, p[k].dtype)
+            if inv is not None:
+                gk = gk * inv
+            if l2 is not None and k == "W" and isinstance(layer, L.Dense):
+                gk = gk + l2 * p[k]
+            d[k] = gk
+        out.append(d)
+    return out
 
 
 def _host(a, cast):
