@@ -192,6 +192,21 @@ def test_sparse_float32_model_and_errors():
         seq(x)
 
 
+def test_sparse_input_is_refused_by_name_while_the_reference_kernels_are_forced(monkeypatch):
+    """The reference kernels are the standard's dense operations: with them forced, a sparse
+    input is refused up front (naming the setting), not failed deep inside a product."""
+    import arraymlp.kernels as K
+
+    x, y = _sparse(), np.arange(60) % 2
+    model = am.MLP([25, 4, 2], backend="numpy", seed=0)
+    dense = model(x.toarray())
+    monkeypatch.setattr(K, "_forced", True)
+    for call in (lambda: model(x), lambda: model.fit(x, y, epochs=1, progress=False)):
+        with pytest.raises(TypeError, match="ARRAYMLP_KERNELS=reference"):
+            call()
+    np.testing.assert_array_equal(model(x.toarray()), dense)  # dense input: the same answer
+
+
 # ------------------------------------------------------------- sparse torch tensors
 def _torch():
     return pytest.importorskip("torch")

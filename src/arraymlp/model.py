@@ -421,6 +421,11 @@ class Sequential:
             msg = (f"{what} is a sparse matrix, which only a first Dense layer can take; this model starts "
                    f"with {first}. Densify it (x.toarray()) or start the model with a Dense layer")
             raise TypeError(msg)
+        if sparse and kernels_for(xp).name == "reference":
+            msg = (f"{what} is a sparse matrix, whose products only {backend_name(xp)}'s own kernel set computes, "
+                   "but the reference kernels are forced (ARRAYMLP_KERNELS=reference), and they take dense "
+                   "arrays only; unset ARRAYMLP_KERNELS or densify the input")
+            raise TypeError(msg)
         if x.ndim != 2:
             hint = ""
             if x.ndim == 1:
