@@ -94,11 +94,30 @@ def test_an_overlong_command_is_interrupted_not_killed(check, tmp_path):
     code = ("import time, pathlib\n"
             "try:\n    time.sleep(60)\n"
             f"except KeyboardInterrupt:\n    pathlib.Path({str(done)!r}).write_text('ok')\n")
-    # the interrupt must find the child past its start-up (a loaded machine can take
-    # seconds to start an interpreter): -I -S skips site imports, and the cap leaves room
+    # the interrupt must find the child past its start-up: -I -S skips site imports, and
+    # the cap leaves a loaded machine room. Run from a shell's background job (SIGINT
+    # ignored there, and inherited) too: the child gets SIGINT's default back.
     t0 = time.perf_counter()
-    rc, _ = check._run_interruptible([sys.executable, "-I", "-S", "-c", code], 6.0, env={})
-    assert rc == 124 and done.read_text() == "ok" and time.perf_counter() - t0 < 26
+    rc, _ = check._run_interruptible([sys.executable, "-I", "-S", "-c", code], 4.0, env={})
+    assert rc == 124 and done.read_text() == "ok" and time.perf_counter() - t0 < 24
+
+
+def test_an_interrupt_reaches_a_child_of_a_process_that_ignores_sigint(check, tmp_path):
+    """A background job of a shell starts with SIGINT ignored; its children inherit that,
+    and Python then never raises KeyboardInterrupt: the check's pytest would be killed 20 s
+    later without its JUnit file. The child gets SIGINT's default disposition back."""
+    import signal
+
+    done = tmp_path / "written-on-interrupt"
+    code = ("import time, pathlib\n"
+            "try:\n    time.sleep(60)\n"
+            f"except KeyboardInterrupt:\n    pathlib.Path({str(done)!r}).write_text('ok')\n")
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        rc, _ = check._run_interruptible([sys.executable, "-I", "-S", "-c", code], 4.0, env={})
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert rc == 124 and done.read_text() == "ok"
 
 
 def test_a_section_alarm_leaves_no_child_running(check, tmp_path, monkeypatch):

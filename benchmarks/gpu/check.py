@@ -900,12 +900,19 @@ def section_ensemble(ctx: Context) -> dict:
     return out
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _run_interruptible(cmd: list, seconds: float, env: dict) -> tuple[int, str]:
     """Run ``cmd`` for at most ``seconds``; past that, interrupt it (SIGINT, as Ctrl-C:
     pytest then still writes its JUnit file), and kill it 20 s later. ``(rc, output)``,
     rc 124 when it was interrupted."""
     with tempfile.TemporaryFile("w+") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+        # SIGINT back to its default in the child: a shell starts background jobs with it
+        # ignored, and a Python started so never turns it into KeyboardInterrupt
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
+                                preexec_fn=_default_sigint)
         try:
             rc = proc.wait(timeout=seconds)
         except subprocess.TimeoutExpired:
