@@ -900,8 +900,20 @@ def section_ensemble(ctx: Context) -> dict:
     return out
 
 
-def _default_sigint() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+def _spawn(cmd: list, **kwargs) -> subprocess.Popen:
+    """``subprocess.Popen`` whose child can be interrupted. A shell starts background jobs
+    with SIGINT ignored; a child inherits an ignored signal through exec, and a Python
+    started so never raises KeyboardInterrupt. A handled signal is reset to its default
+    by exec instead, so SIGINT is handled while the child starts. (A ``preexec_fn`` would
+    force a fork of this possibly multithreaded process.)"""
+    ignored = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    if ignored:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return subprocess.Popen(cmd, **kwargs)
+    finally:
+        if ignored:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _run_interruptible(cmd: list, seconds: float, env: dict) -> tuple[int, str]:
@@ -909,10 +921,7 @@ def _run_interruptible(cmd: list, seconds: float, env: dict) -> tuple[int, str]:
     pytest then still writes its JUnit file), and kill it 20 s later. ``(rc, output)``,
     rc 124 when it was interrupted."""
     with tempfile.TemporaryFile("w+") as log:
-        # SIGINT back to its default in the child: a shell starts background jobs with it
-        # ignored, and a Python started so never turns it into KeyboardInterrupt
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
-                                preexec_fn=_default_sigint)
+        proc = _spawn(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
         try:
             rc = proc.wait(timeout=seconds)
         except subprocess.TimeoutExpired:
