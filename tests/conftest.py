@@ -9,6 +9,9 @@ that is restored when the test ends, so no other row sees it). It runs what the 
 ``jax`` row could not, at the tests' float64 tolerances: its float32 and float16 cases
 are left out (deselected), and a test that ran on the ``jax`` row earlier in the session
 is skipped here (where the ``jax`` row did not run, as under ``-k jax-x64``, it runs).
+That needs the two rows in one process, the jax row first: under pytest-xdist, use
+``--dist loadfile`` (the README's command), which runs each module in one worker in
+collection order.
 """
 
 from __future__ import annotations
