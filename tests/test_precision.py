@@ -309,3 +309,53 @@ def test_a_checkpoint_of_another_compute_dtype_is_refused(tmp_path):
     with pytest.raises(ValueError, match="dtype 'bfloat16'.*precision='bfloat16'"):
         am.MLP([5, 8, 2], seed=0, backend="torch").fit(x, y, loss="mse", epochs=2, progress=False,
                                                         precision="float16", resume_from=tmp_path)
+
+
+def _nan_after(calls_before_nan):
+    """An mse whose value is NaN at one call (counting the calls fit makes)."""
+    calls = [0]
+
+    def fn(outputs, targets, *, xp=None, sample_weight=None, check=True):
+        calls[0] += 1
+        value, g = am.LOSSES["mse"].fn(outputs, targets, xp=xp, sample_weight=sample_weight, check=check)
+        return (value * float("nan") if calls[0] == calls_before_nan else value), g
+
+    return am.losses.Loss("nan_once", fn, "identity", "same_shape")
+
+
+def test_a_divergence_replay_right_after_a_resume_keeps_the_resumed_loss_scale(backend, tmp_path, monkeypatch):
+    """A run resumed from a checkpoint holds the saved loss scale as a pending value
+    until its first step. A non-finite loss found at the first read replays the steps
+    from the snapshot taken before that first step: the replay must scale (and skip)
+    with the resumed scale, as the first pass did, not with ``init_scale``. The
+    parameters left by DivergenceError are then those of the per-step loop, which checks
+    each loss before its update and never replays."""
+    _need(backend, "float16")
+    monkeypatch.setattr(am.training, "_CHECK_EVERY", 3)
+    x, y = _overflowing_data()
+    xs, ys = backend.asarray(x), backend.asarray(y * 0.01)  # 2**20 overflows; the scale settles at 2**14
+    kwargs = dict(optimizer="adam", lr=1e-2, batch_size=16, progress=False, seed=0)
+
+    def amp():
+        return am.MixedPrecision("float16", init_scale=2.0**20, growth_interval=1000)
+
+    first = am.MLP([5, 8, 2], seed=0, **backend.model_kwargs())
+    first.fit(xs, ys, loss="mse", epochs=2, precision=amp(), callbacks=[am.Checkpoint(tmp_path)], **kwargs)
+    saved = first.precision_.state_dict()
+    assert saved["scale"] == 2.0**14 and saved["skipped"] == 6  # settled: its steps no longer overflow
+
+    class Watch(Callback):
+        def on_batch_end(self, model, logs):
+            return None
+
+    out = []
+    for watch in (False, True):
+        model = am.MLP([5, 8, 2], seed=0, **backend.model_kwargs())
+        # the up-front target check calls the loss once; the NaN comes at the third step
+        with pytest.raises(am.DivergenceError, match="step 11 "):
+            model.fit(xs, ys, loss=_nan_after(1 + 3), epochs=4, precision=amp(), resume_from=tmp_path,
+                      callbacks=[Watch()] if watch else [], **kwargs)
+        out.append([backend.to_numpy(a) for p in model.params for a in p.values()])
+        assert model.precision_.state_dict()["skipped"] == 6  # the replayed steps did not overflow
+    for a, b in zip(*out):
+        np.testing.assert_array_equal(a, b)

@@ -190,18 +190,19 @@ class MixedPrecision:
         return new
 
     def get_state(self) -> tuple:
-        """Copies of ``(scale, good_steps, skipped)`` (Nones before the first step), for
-        :meth:`set_state`: no host read."""
+        """Copies of ``(scale, good_steps, skipped)`` (Nones before the first step, with
+        the loaded values still to be placed, if any), for :meth:`set_state`: no host read."""
         if self.scale is None:
-            return (None, None, None, None)
+            return (None, None, None, None, self._pending)
         xp = self._where[0]
         return (xp.asarray(self.scale, copy=True), xp.asarray(self.good_steps, copy=True),
-                xp.asarray(self.skipped, copy=True), self._where)
+                xp.asarray(self.skipped, copy=True), self._where, None)
 
     def set_state(self, state: tuple) -> None:
         """Back to a state of :meth:`get_state` (a replayed stretch of steps then scales
-        its gradients as it did the first time)."""
-        self.scale, self.good_steps, self.skipped, self._where = state
+        its gradients as it did the first time: a state taken before the first step of a
+        resumed run or a copy keeps the loaded scale pending, not ``init_scale``)."""
+        self.scale, self.good_steps, self.skipped, self._where, self._pending = state
 
     def update_scale(self, ok, xp) -> None:
         """After a step whose gradients were all finite (``ok``, a 0-d boolean array, or
