@@ -754,6 +754,26 @@ def test_partial_fit_keeps_optimizer_state(backend):
     assert params_differ(host_params(a), host_params(c))
 
 
+def test_partial_fit_naming_the_same_optimizer_keeps_its_state(backend):
+    """A loop that names its optimiser on every call (``partial_fit(..., optimizer="adam")``)
+    continues the same Adam, moments and step count included, as one that names it
+    only once does; naming another kind starts that one afresh."""
+    x_np, y_np = regression_data(n=20)
+    x, y = backend.asarray(x_np), backend.asarray(y_np)
+    a = am.MLP([3, 6, 2], dtype="float64", seed=5, **backend.model_kwargs())
+    b = a.copy()
+    for i in range(3):
+        a.partial_fit(x, y, loss="mse", optimizer="adam", batch_size=8, shuffle=False)
+        b.partial_fit(x, y, loss="mse", optimizer="adam" if i == 0 else None, batch_size=8, shuffle=False)
+    assert a.optimizer_.step_count == b.optimizer_.step_count == 9
+    assert_params_equal(host_params(a), host_params(b))
+    first = a.optimizer_
+    a.partial_fit(x, y, optimizer="Adam", lr=1e-2, batch_size=8, shuffle=False)  # any case, a new rate
+    assert a.optimizer_ is first and first.step_count == 12 and first.lr == 1e-2
+    a.partial_fit(x, y, optimizer="sgd", batch_size=8, shuffle=False)
+    assert isinstance(a.optimizer_, SGD) and a.optimizer_.step_count == 3
+
+
 def test_partial_fit_infers_its_first_loss_or_asks_for_one(backend):
     """Without loss= the first partial_fit infers it as fit does (the identity output
     and float targets: mse, the same step as loss="mse"); an ambiguous model asks."""

@@ -59,7 +59,7 @@ from .callbacks import Callback, DivergenceError, EarlyStopping, History
 from .fusion import plan_for
 from .losses import LOSSES, Loss, check_targets, count_not_binary, get_loss
 from .metrics import Metric, _Accumulator, _AccuracyMetric, _Pair, get_metrics, read_results
-from .optim import LBFGS, Optimizer, get_optimizer
+from .optim import LBFGS, OPTIMIZERS, Optimizer, get_optimizer
 from .precision import resolve_precision
 
 __all__ = [
@@ -230,9 +230,17 @@ def _evaluate(model, x, y, lossfn, task, xp, batch_size=4096, metrics=(), host=F
     return values[0], {m.name: v for m, v in zip(metrics, values[1:])}
 
 
+def _names_kind_of(optimizer, existing) -> bool:
+    """Whether ``optimizer`` is a name (any case) of ``existing``'s own kind."""
+    return isinstance(optimizer, str) and OPTIMIZERS.get(optimizer.lower()) is type(existing)
+
+
 def _resolve_optimizer(model, optimizer, lr, reuse: bool) -> Optimizer:
+    """The run's optimiser. ``reuse`` (partial_fit): the model's last one, its state kept,
+    when ``optimizer`` is None, that instance, or a name of its kind."""
     existing = getattr(model, "optimizer_", None)
-    if reuse and existing is not None and (optimizer is None or optimizer is existing):
+    if reuse and existing is not None and (optimizer is None or optimizer is existing
+                                           or _names_kind_of(optimizer, existing)):
         if lr is not None:  # partial_fit(lr=...): the new base rate, the state kept
             existing.lr = lr
         return existing
@@ -1138,7 +1146,9 @@ def partial_fit(model, x, y, *, loss: str | Loss | None = None, optimizer: str |
     loss : str or Loss, optional
         Default: the loss of the last fit, else inferred as :func:`fit` does.
     optimizer : str or Optimizer, optional
-        Default: the optimiser of the last fit, with its state (Adam otherwise).
+        Default: the optimiser of the last fit, with its state (Adam otherwise). A name
+        of that optimiser's kind (``"adam"`` for an Adam) keeps it too, state and
+        hyper-parameters; another name or instance starts that one afresh.
     lr : float, optional
         A new base learning rate for the kept optimiser.
     batch_size : int
