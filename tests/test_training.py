@@ -1058,6 +1058,31 @@ def test_bad_validation_settings_fail_before_training(backend):
     assert_params_equal(host_params(model), before)
 
 
+def test_bad_l2_and_validation_arguments_are_refused_by_name(backend):
+    """A negative L2 coefficient would reward large weights (the loss goes below zero)
+    without a word; NaN would stop training as a "divergence". Both are refused up front,
+    as are a validation split that is not a number and validation data that is not a
+    pair (a weighted triple would otherwise fail in an unpacking); partial_fit too."""
+    x_np, y_np = regression_data(n=20)
+    x, y = backend.asarray(x_np), backend.asarray(y_np)
+    model = am.MLP([3, 4, 2], seed=0, **backend.model_kwargs())
+    before = host_params(model)
+    for bad in (-1e-3, float("nan"), float("inf"), "0.1", None, True):
+        with pytest.raises((ValueError, TypeError), match=r"l2 must be a finite non-negative number, got "):
+            model.fit(x, y, l2=bad, progress=False)
+        with pytest.raises((ValueError, TypeError), match=r"l2 must be a finite non-negative number, got "):
+            model.partial_fit(x, y, loss="mse", l2=bad)
+    for bad in (None, "0.2", True):
+        with pytest.raises(TypeError, match=r"validation_split must be a number in \[0, 1\), got "):
+            model.fit(x, y, validation_split=bad, progress=False)
+    w = backend.asarray(np.ones(5))
+    for bad in ((x[:5, ...], y[:5, ...], w), [x[:5, ...]], x[:5, ...]):
+        with pytest.raises((ValueError, TypeError), match=r"validation_data must be a pair \(x_val, y_val\)"):
+            model.fit(x, y, validation_data=bad, progress=False)
+    assert_params_equal(host_params(model), before)
+    assert getattr(model, "optimizer_", None) is None  # refused before anything was set up
+
+
 def test_stop_at_epoch_begin_runs_no_batch_of_that_epoch(backend):
     class StopAtTwo(Callback):
         def on_epoch_begin(self, model, epoch):

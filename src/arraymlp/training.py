@@ -307,6 +307,29 @@ class _Run:
     val_host: bool = False  # the validation data is host data, staged as it is evaluated
 
 
+def _check_l2(l2) -> float:
+    """``l2`` as a float: finite and non-negative (a negative coefficient would reward
+    large weights, and NaN would only show as a diverging loss)."""
+    ok = isinstance(l2, numbers.Real) and not isinstance(l2, bool) and math.isfinite(l2) and l2 >= 0
+    if not ok:
+        msg = f"l2 must be a finite non-negative number, got {l2!r}"
+        raise (ValueError if isinstance(l2, numbers.Real) and not isinstance(l2, bool) else TypeError)(msg)
+    return float(l2)
+
+
+def _check_validation(validation_data, validation_split) -> None:
+    """``validation_split`` a number in [0, 1); ``validation_data`` None or a pair."""
+    if not isinstance(validation_split, numbers.Real) or isinstance(validation_split, bool):
+        msg = f"validation_split must be a number in [0, 1), got {validation_split!r}"
+        raise TypeError(msg)
+    if validation_data is not None and not (isinstance(validation_data, (tuple, list)) and len(validation_data) == 2):
+        what = (f"a {type(validation_data).__name__} of {len(validation_data)}"
+                if isinstance(validation_data, (tuple, list)) else type(validation_data).__name__)
+        msg = (f"validation_data must be a pair (x_val, y_val), got {what}; validation is unweighted, "
+               "so there are no validation sample weights to pass")
+        raise ValueError(msg)
+
+
 def _check_arguments(epochs, batch_size, validation_split):
     """The run's sizes checked: ``(epochs, batch_size)``."""
     if not isinstance(epochs, numbers.Integral) or isinstance(epochs, bool) or epochs < 1:
@@ -1009,7 +1032,8 @@ def fit(model, x, y, *, loss: str | Loss | None = None, optimizer: str | Optimiz
         Draw a new permutation every epoch (from the model's generator).
     validation_data : (x_val, y_val), optional
     validation_split : float
-        Fraction of the last rows of ``(x, y)`` held out for validation.
+        Fraction of the last rows of ``(x, y)`` held out for validation. The validation
+        loss and metrics are unweighted: ``sample_weight`` weighs the training rows only.
     metrics : sequence of str, Metric or callable, optional
         Recorded per epoch in ``History.metrics`` on the training batches (``"accuracy"``)
         and on the validation data (``"val_accuracy"``): names of
@@ -1032,7 +1056,8 @@ def fit(model, x, y, *, loss: str | Loss | None = None, optimizer: str | Optimiz
         Reseed the model's generator (shuffling and dropout) for this run: the same seed
         and data give bit-identical parameters on NumPy.
     l2 : float
-        L2 penalty ``l2/2 * sum(W**2)`` on the weight matrices.
+        L2 penalty ``l2/2 * sum(W**2)`` on the weight matrices (finite, non-negative),
+        added to each batch's mean loss.
     sample_weight : array of shape (n,), optional
     comm : mpi4py communicator or arraymlp.distributed.DataParallel, optional
         Train data-parallel over MPI: every rank calls ``fit`` with the same arguments
@@ -1083,7 +1108,9 @@ def _train(model, x, y, *, reuse_optimizer, loss, optimizer, lr, schedule, epoch
            sample_weight, comm, resume_from, precision) -> History:
     """:func:`fit`, with ``reuse_optimizer`` for :func:`partial_fit` (every option
     required: a parameter of ``fit`` this does not take fails at once)."""
+    _check_validation(validation_data, validation_split)
     epochs, batch_size = _check_arguments(epochs, batch_size, validation_split)
+    l2 = _check_l2(l2)
     x, y, sample_weight, val, xp, lossfn, form, host = _prepare_data(model, x, y, sample_weight, loss,
                                                                      validation_data, validation_split, verbose)
     val_host = val is not None and val[2]
