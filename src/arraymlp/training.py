@@ -533,7 +533,31 @@ def _arrange_callbacks(callbacks, early_stopping, *, validation: bool) -> list:
     return callbacks
 
 
-def _start_run(run: _Run, epochs: int, resume_from, comm, progress: bool, verbose: bool) -> None:
+def _resume(run: _Run, resume_from, lr, given: Optimizer | None) -> None:
+    """Restore the checkpoint ``resume_from`` into the run. ``lr`` (fit's ``lr=``) is
+    the new base rate of the restored optimiser; ``given``, an optimiser instance passed
+    to fit, must have the saved settings (the checkpoint's would silently replace them)."""
+    from .io.checkpoints import restore_checkpoint
+
+    # a given instance is compared with the saved settings before it takes the saved state
+    target = run.opt if given is None else type(given)(**given.hyperparameters())
+    run.start_epoch = restore_checkpoint(resume_from, run.model, optimizer=target, schedule=run.schedule,
+                                         history=run.history, callbacks=run.callbacks, precision=run.amp)
+    if given is not None:
+        saved, mine = target.hyperparameters(), given.hyperparameters()
+        if saved != mine:
+            diff = ", ".join(f"{k}: {v!r} saved, {mine.get(k)!r} given" for k, v in saved.items() if v != mine.get(k))
+            msg = (f"the checkpoint was saved with {target!r} but training was given {given!r} ({diff}); pass an "
+                   f"optimiser with the saved settings, or its name (optimizer={target.name!r}) to take them, and "
+                   "lr= for a new learning rate")
+            raise ValueError(msg)
+        given.load_state_dict(target.state_dict())
+    if lr is not None:  # the new base rate, the saved moments and step count kept
+        run.opt.lr = lr
+
+
+def _start_run(run: _Run, epochs: int, resume_from, comm, progress: bool, verbose: bool, *, lr=None,
+               given: Optimizer | None = None) -> None:
     """History, resumption, data parallelism, ``on_train_begin`` and the progress bar."""
     model, callbacks = run.model, run.callbacks
     run.history = History(metric_name="accuracy" if run.lossfn.task != "regression" else "r2")
@@ -544,10 +568,7 @@ def _start_run(run: _Run, epochs: int, resume_from, comm, progress: bool, verbos
         for m in run.val_metrics:
             run.history.metrics["val_" + m.name] = []
     if resume_from is not None:
-        from .io.checkpoints import restore_checkpoint
-
-        run.start_epoch = restore_checkpoint(resume_from, model, optimizer=run.opt, schedule=run.schedule,
-                                             history=run.history, callbacks=callbacks, precision=run.amp)
+        _resume(run, resume_from, lr, given)
     if comm is not None:
         from .distributed import DataParallel
 
@@ -1066,9 +1087,12 @@ def fit(model, x, y, *, loss: str | Loss | None = None, optimizer: str | Optimiz
     resume_from : str or path-like, optional
         A checkpoint file written by :class:`arraymlp.Checkpoint` (or a directory of
         them: the latest is used). Training continues after the checkpoint's last
-        epoch up to ``epochs`` in total, with its parameters, optimiser state, step
-        counter, schedule state, random-generator state and history, so an
-        interrupted run ends bit-identical (on NumPy) to an uninterrupted one.
+        epoch up to ``epochs`` in total, with its parameters, optimiser state and
+        settings, step counter, schedule state, random-generator state, loss scale and
+        history, so an interrupted run ends bit-identical (on NumPy) to an
+        uninterrupted one. ``lr=`` sets a new base rate for the restored optimiser; an
+        optimiser instance must have the saved settings (its name takes them), and a
+        checkpoint of a mixed-precision run needs ``precision=`` of its dtype.
     precision : {None, "float16", "bfloat16"} or MixedPrecision, optional
         Mixed precision: each step computes in float16 (with dynamic loss scaling) or
         bfloat16 over the model's float32 master weights, which the optimiser updates;
@@ -1136,7 +1160,8 @@ def _train(model, x, y, *, reuse_optimizer, loss, optimizer, lr, schedule, epoch
         _stage(run, comm, full_batch)
     if full_batch:
         _check_full_batch(run, comm, resume_from)
-    _start_run(run, epochs, resume_from, comm, progress, verbose)
+    _start_run(run, epochs, resume_from, comm, progress, verbose, lr=lr,
+               given=optimizer if isinstance(optimizer, Optimizer) else None)
     quiet = contextlib.ExitStack()
     quiet.enter_context(quiet_overflow(xp))
     try:
