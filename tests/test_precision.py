@@ -267,14 +267,31 @@ def test_a_resume_without_the_saved_state_differs(tmp_path, monkeypatch):
     full = am.MLP([5, 8, 2], seed=0)
     full.fit(x, y, epochs=4, precision=_amp(), callbacks=[am.Checkpoint(tmp_path, keep=None)], **kwargs)
     resumed = am.MLP([5, 8, 2], seed=0)
-    original = am.io.checkpoints.restore_checkpoint
-
-    def forgetful(*args, precision=None, **kw):
-        return original(*args, **kw)
-
-    monkeypatch.setattr(am.io.checkpoints, "restore_checkpoint", forgetful)
+    monkeypatch.setattr(am.io.checkpoints, "_restore_precision", lambda f, precision: None)
     resumed.fit(x, y, epochs=4, precision=_amp(), resume_from=tmp_path / "epoch-00002.safetensors", **kwargs)
     assert not np.array_equal(full.params[0]["W"], resumed.params[0]["W"])
+
+
+def test_a_mixed_precision_checkpoint_resumed_without_precision_is_refused(tmp_path):
+    """Resuming a float16 run's checkpoint without precision= would train on in float32
+    and drop the saved loss scale without a word; it is refused, naming the argument,
+    before the model or the optimiser is touched. A checkpoint of a float32 run may
+    start mixed precision (its loss scale from init_scale)."""
+    x, y = _overflowing_data()
+    kwargs = dict(loss="mse", optimizer="adam", lr=1e-2, batch_size=16, progress=False, seed=0)
+    am.MLP([5, 8, 2], seed=0).fit(x, y, epochs=1, precision=_amp(), callbacks=[am.Checkpoint(tmp_path / "amp")],
+                                  **kwargs)
+    model = am.MLP([5, 8, 2], seed=3, backend="numpy")
+    before = [a.copy() for p in model.params for a in p.values()]
+    with pytest.raises(ValueError, match=r"mixed precision \(float16\).*pass precision='float16'"):
+        model.fit(x, y, epochs=2, resume_from=tmp_path / "amp", **kwargs)
+    for a, b in zip(before, [a for p in model.params for a in p.values()]):
+        np.testing.assert_array_equal(a, b)
+    assert model.optimizer_.state is None and model.rng.counter == 0
+    am.MLP([5, 8, 2], seed=0).fit(x, y, epochs=1, callbacks=[am.Checkpoint(tmp_path / "plain")], **kwargs)
+    resumed = am.MLP([5, 8, 2], seed=0)
+    resumed.fit(x, y, epochs=2, precision=_amp(), resume_from=tmp_path / "plain", **kwargs)
+    assert resumed.precision_.state_dict()["init_scale"] == 2.0**20
 
 
 def test_copy_and_to_continue_the_loss_scale(backend):
