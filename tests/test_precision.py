@@ -8,6 +8,7 @@ import pytest
 
 import arraymlp as am
 from arraymlp import Callback
+from arraymlp._backend import device_of
 
 DTYPES = ("float16", "bfloat16")
 
@@ -315,6 +316,41 @@ def test_copy_and_to_continue_the_loss_scale(backend):
         m.partial_fit(xs, ys, batch_size=8, precision="float16")
         assert m.precision_.state_dict()["scale"] == 16.0 and m.precision_.state_dict()["good_steps"] == 0
     assert (float(amp.scale), int(amp.good_steps)) == (8.0, 1)  # the original is untouched by its copies
+
+
+def test_a_skipped_first_step_after_to_keeps_the_moved_optimizer_state(backend, monkeypatch):
+    """After ``to()`` the optimiser's saved moments are placed on the new device at the
+    next step. A float16 step that overflows there is skipped: the moments it puts back
+    must be the placed ones (a copy taken before the placement is a host array, which a
+    GPU's ``where`` cannot mix with device arrays). The moved model then trains on as
+    the unmoved one does, to rounding, with the same loss-scale history."""
+    _need(backend, "float16")
+    x, y = _overflowing_data()
+    kwargs = dict(loss="mse", optimizer="adam", lr=1e-2, batch_size=16, shuffle=False)
+    model = am.MLP([5, 8, 2], seed=0)
+    model.partial_fit(x, y * 0.01, precision=am.MixedPrecision("float16", init_scale=2.0**14), **kwargs)
+    assert model.precision_.state_dict()["skipped"] == 0
+    stay, moved = model.copy(), model.copy().to(backend.name, backend.device)
+    stay.precision_ = moved.precision_ = None  # both start again at 2**20: the first step overflows
+    original, placed = am.precision._snapshot, []
+
+    def snapshot(params, state, xp):  # what a skip would put back: on the parameters' device
+        like = params[0]["W"]
+        placed.extend(type(c[k]) is type(like) and device_of(c[k]) == device_of(like)
+                      for c, k in am.precision._arrays(params, state))
+        return original(params, state, xp)
+
+    monkeypatch.setattr(am.precision, "_snapshot", snapshot)
+    runs = []
+    for m, put in ((stay, lambda a: a), (moved, backend.asarray)):
+        amp = am.MixedPrecision("float16", init_scale=2.0**20, growth_interval=1000)
+        m.partial_fit(put(x), put(y * 0.01), precision=amp, **kwargs)
+        runs.append(([backend.to_numpy(a) for p in m.params for a in p.values()], amp.state_dict()))
+    assert placed and all(placed)
+    assert runs[0][1] == runs[1][1] and runs[0][1]["skipped"] >= 1
+    for a, b in zip(runs[0][0], runs[1][0]):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+    assert all(backend.same_place(a) for st in moved.optimizer_.state for d in st.values() for a in d.values())
 
 
 def test_a_checkpoint_of_another_compute_dtype_is_refused(tmp_path):

@@ -269,6 +269,8 @@ class MixedPrecision:
                     ok = ok & xp.isfinite(xp.sum(gk))
             if opt.state is None:  # built now, so that a skipped first step keeps it
                 opt.state = [{k: opt._init_state(p, xp) for k, p in layer.items()} for layer in model.params]
+            elif opt._needs_placement:  # a loaded or moved state, placed now: a skip puts back the placed arrays
+                opt._check_state(model.params, xp)
             before = _snapshot(model.params, opt.state, xp)
             model.params = opt.step(model.params, grads32, lr=lr)
             _keep_if_not(ok, before, model.params, opt.state, xp)
