@@ -646,6 +646,29 @@ def test_divergence_reports_finite_parameters(backend):
     assert "those of the last finite step" in str(info.value)
 
 
+@pytest.mark.parametrize("watch", [False, True])
+def test_divergence_keeps_the_last_finite_step_despite_early_stopping(backend, watch):
+    """EarlyStopping (restore_best_weights) puts the best epoch's parameters back when
+    training ends; a run that ends with DivergenceError keeps those of its last finite
+    step instead, as the error says. Read per step (a batch watcher) or at the epoch's
+    end (a replay), the same parameters."""
+    x_np, y_np = regression_data(n=40)
+    x, y = backend.asarray(x_np), backend.asarray(y_np)
+    watcher = _Watcher()
+    model = am.MLP([3, 8, 2], dtype="float64", seed=1, **backend.model_kwargs())
+    stopper = EarlyStopping("loss", patience=10)
+    with pytest.raises(DivergenceError, match="those of the last finite step") as info:
+        # call 1 checks the targets; the NaN comes at step 13, in the third epoch (5 steps each)
+        model.fit(x, y, loss=_nan_at_call(14), optimizer=Adam(lr=1e-2), epochs=5, batch_size=8, progress=False,
+                  early_stopping=stopper, callbacks=[watcher] if watch else [], seed=3)
+    assert info.value.step == 12 and stopper.best_epoch == 1
+    reference = am.MLP([3, 8, 2], dtype="float64", seed=1, **backend.model_kwargs())
+    with pytest.raises(DivergenceError):
+        reference.fit(x, y, loss=_nan_at_call(14), optimizer=Adam(lr=1e-2), epochs=5, batch_size=8,
+                      progress=False, callbacks=[_Watcher()], seed=3)  # no early stopping at all
+    assert_params_equal(host_params(model), host_params(reference))
+
+
 def _nan_at_call(k):
     """A custom mse whose ``k``-th call (counting from 1) returns a NaN loss: the
     parameters stay finite, the step is known."""

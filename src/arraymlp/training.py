@@ -1176,6 +1176,10 @@ def _train(model, x, y, *, reuse_optimizer, loss, optimizer, lr, schedule, epoch
             total, seen = _run_epoch(run, epoch, epoch_lr)
             if _finish_epoch(run, epoch, epoch_lr, t0, total, seen):
                 break
+    except DivergenceError:
+        # the error leaves the last finite step's parameters: early stopping does not put others back
+        run.history._diverged = True
+        raise
     finally:
         _finish(run, quiet)
     return run.history
