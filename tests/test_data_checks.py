@@ -194,3 +194,17 @@ def test_values_beyond_a_float16_models_range_are_named_as_such(backend, where):
                                          r"65504\): scale them, or build the model with dtype='float32'"):
         model.fit(put(data["x"]), put(data["y"]), sample_weight=put(data["sample_weight"]), loss="mse", epochs=1,
                   validation_data=(put(data["validation x"]), put(data["validation y"])), progress=False)
+
+
+@pytest.mark.parametrize("labels", ["int", "bool", "float"])
+def test_binary_labels_of_the_wrong_shape_are_named_with_the_data_shapes(backend, labels):
+    """0/1 labels of shape (n,) for a model of 2 sigmoid outputs: the message gives the
+    labels' and the outputs' shapes over all n rows (not those of the one row the shape
+    is checked on), whatever the labels' dtype."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(N, F)), rng.integers(0, 2, size=N)
+    y = {"int": y, "bool": y.astype(bool), "float": y.astype(np.float64)}[labels]
+    model = am.MLP([F, 5, 2], output_activation="sigmoid", seed=0, **backend.model_kwargs())
+    with pytest.raises(ValueError, match=rf"binary_cross_entropy: targets shape \({N},\) does not match outputs "
+                                         rf"shape \({N}, 2\)"):
+        model.fit(backend.asarray(x), backend.asarray(y), epochs=1, progress=False)
