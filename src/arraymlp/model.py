@@ -379,13 +379,15 @@ class Sequential:
     def copy(self, *, dtype: str | None = None, backend: Any = None, device: Any = None) -> "Sequential":
         """An independent copy, optionally in another dtype or on another backend.
 
-        The copy has its own optimiser (``optimizer_``, with a copy of the state) and
-        schedule: training one does not move the other.
+        The copy has its own layers (a shallow copy of each: setting an attribute of
+        one, such as a dropout rate, leaves the other's alone), optimiser
+        (``optimizer_``, with a copy of the state), schedule and loss scale: training
+        one does not move the other.
         """
         new = object.__new__(type(self))
         new.__dict__.update(self.__dict__)
         new.__dict__.pop("ensemble_optimizer_", None)  # an ensemble's copy starts its optimiser afresh
-        new.layers = list(self.layers)
+        new.layers = [copy.copy(layer) for layer in self.layers]  # its own: a change to one leaves the other's
         new._dtype_name = dtype_name(dtype) if dtype is not None else self._dtype_name
         if self.params is None:
             new.params = None
