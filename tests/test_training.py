@@ -144,6 +144,52 @@ def test_one_epoch_equals_hand_written_sgd_loop(backend):
     assert backend.same_place(model.params[0]["W"])
 
 
+def _numpy_fit(params, x, y, w, *, lr, momentum, l2, batch, epochs):
+    """fit's mini-batch loop written out in NumPy float64 for a tanh-identity MLP and a
+    weighted mse: ``L_b = sum_i w_i mean_j (o_ij - t_ij)^2 / sum_i w_i + l2/2 sum |W|^2``
+    per batch, rows in order, the last batch shorter; SGD with PyTorch's momentum
+    (``buf = g`` at the first step, then ``buf = m buf + g``; ``p -= lr buf``)."""
+    W1, b1, W2, b2 = (np.array(a, dtype=np.float64) for a in params)
+    bufs, losses = None, []
+    for _ in range(epochs):
+        total = 0.0
+        for s in range(0, len(x), batch):
+            xb, yb, wb = x[s:s + batch], y[s:s + batch], w[s:s + batch]
+            h = np.tanh(xb @ W1 + b1)
+            o = h @ W2 + b2
+            per_row = np.mean((o - yb) ** 2, axis=1)
+            value = np.sum(wb * per_row) / np.sum(wb) + l2 / 2 * (np.sum(W1**2) + np.sum(W2**2))
+            total += value * len(xb)
+            do = 2 * (o - yb) / yb.shape[1] * (wb / np.sum(wb))[:, None]
+            gW2, gb2 = h.T @ do + l2 * W2, do.sum(0)
+            dz = (do @ W2.T) * (1 - h**2)
+            gW1, gb1 = xb.T @ dz + l2 * W1, dz.sum(0)
+            grads = [gW1, gb1, gW2, gb2]
+            bufs = grads if bufs is None or momentum == 0 else [momentum * b + g for b, g in zip(bufs, grads)]
+            W1, b1, W2, b2 = (p - lr * b for p, b in zip((W1, b1, W2, b2), bufs))
+        losses.append(total / len(x))
+    return [W1, b1, W2, b2], losses
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])  # 0: the update fused into backpropagation
+def test_weighted_l2_momentum_short_last_batch_against_numpy(backend, momentum):
+    """Sample weights, L2, momentum and a last batch of 2 rows out of 10, two epochs in
+    order: the parameters and the epoch losses of an independent NumPy float64 loop."""
+    backend.skip_without_float64()
+    r = np.random.default_rng(4)
+    x_np, y_np, w_np = r.normal(size=(10, 3)), r.normal(size=(10, 2)), r.uniform(0.1, 2.0, size=10)
+    model = am.MLP([3, 5, 2], activation="tanh", dtype="float64", seed=2, **backend.model_kwargs())
+    start = [np.array(backend.to_numpy(model.params[i][k])) for i, k in ((0, "W"), (0, "b"), (2, "W"), (2, "b"))]
+    h = model.fit(backend.asarray(x_np), backend.asarray(y_np), sample_weight=backend.asarray(w_np), loss="mse",
+                  optimizer=SGD(lr=0.1, momentum=momentum), l2=0.01, epochs=2, batch_size=4, shuffle=False,
+                  progress=False)
+    want, losses = _numpy_fit(start, x_np, y_np, w_np, lr=0.1, momentum=momentum, l2=0.01, batch=4, epochs=2)
+    got = [backend.to_numpy(model.params[i][k]) for i, k in ((0, "W"), (0, "b"), (2, "W"), (2, "b"))]
+    for g, e in zip(got, want):
+        np.testing.assert_allclose(g, e, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(h.loss, losses, rtol=1e-12)
+
+
 # --------------------------------------------------------------------------- shuffling
 def _batch_orders(backend, epochs=3, n=16, seed=7):
     """Which sample each batch of size 1 held, epoch by epoch, read back from the
