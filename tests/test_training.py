@@ -1130,8 +1130,9 @@ def test_bad_validation_settings_fail_before_training(backend):
 def test_bad_l2_and_validation_arguments_are_refused_by_name(backend):
     """A negative L2 coefficient would reward large weights (the loss goes below zero)
     without a word; NaN would stop training as a "divergence". Both are refused up front,
-    as are a validation split that is not a number and validation data that is not a
-    pair (a weighted triple would otherwise fail in an unpacking); partial_fit too."""
+    as are a validation split that is not a number, validation data that is not a pair
+    (a weighted triple would otherwise fail in an unpacking) and both at once (the split
+    would be ignored); partial_fit too."""
     x_np, y_np = regression_data(n=20)
     x, y = backend.asarray(x_np), backend.asarray(y_np)
     model = am.MLP([3, 4, 2], seed=0, **backend.model_kwargs())
@@ -1144,6 +1145,8 @@ def test_bad_l2_and_validation_arguments_are_refused_by_name(backend):
     for bad in (None, "0.2", True):
         with pytest.raises(TypeError, match=r"validation_split must be a number in \[0, 1\), got "):
             model.fit(x, y, validation_split=bad, progress=False)
+    with pytest.raises(ValueError, match=r"validation_data and validation_split=0.2 were both given; pass one"):
+        model.fit(x, y, validation_data=(x[:5, ...], y[:5, ...]), validation_split=0.2, progress=False)
     w = backend.asarray(np.ones(5))
     for bad in ((x[:5, ...], y[:5, ...], w), [x[:5, ...]], x[:5, ...]):
         with pytest.raises((ValueError, TypeError), match=r"validation_data must be a pair \(x_val, y_val\)"):

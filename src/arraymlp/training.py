@@ -328,6 +328,10 @@ def _check_validation(validation_data, validation_split) -> None:
         msg = (f"validation_data must be a pair (x_val, y_val), got {what}; validation is unweighted, "
                "so there are no validation sample weights to pass")
         raise ValueError(msg)
+    if validation_data is not None and validation_split > 0:  # one would be ignored
+        msg = (f"validation_data and validation_split={validation_split!r} were both given; pass one: "
+               "validation_data is used as it is, validation_split holds out the last rows of (x, y)")
+        raise ValueError(msg)
 
 
 def _check_arguments(epochs, batch_size, validation_split):
@@ -1052,6 +1056,7 @@ def fit(model, x, y, *, loss: str | Loss | None = None, optimizer: str | Optimiz
     shuffle : bool
         Draw a new permutation every epoch (from the model's generator).
     validation_data : (x_val, y_val), optional
+        Not together with ``validation_split``.
     validation_split : float
         Fraction of the last rows of ``(x, y)`` held out for validation. The validation
         loss and metrics are unweighted: ``sample_weight`` weighs the training rows only.
