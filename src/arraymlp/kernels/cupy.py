@@ -186,12 +186,13 @@ def _blas_ready(a) -> bool:
 
 def dense_sgd_update(x, dy, W, b, lr, l2, xp, *, bias_grad=R.bias_grad, sgd_apply=R.sgd_apply):
     """``W = (1 - lr l2) W - lr x.T @ dy`` by one cuBLAS gemm into ``W`` (float32/float64,
-    one dtype, ``W`` C-contiguous, ``x`` and ``dy`` contiguous): no gradient array. A
-    cupyx.scipy.sparse ``x`` takes the sparse product instead."""
+    one dtype, ``W``, ``x`` and ``dy`` each C- or F-contiguous: ``cupy.cublas.gemm`` then
+    writes ``W`` in place and copies nothing): no gradient array. A cupyx.scipy.sparse
+    ``x`` takes the sparse product instead."""
     if is_sparse(x):
         return C.dense_sgd_update(x, dy, W, b, lr, l2, xp, bias_grad=bias_grad, sgd_apply=sgd_apply)
-    if (W.dtype.char in "fd" and x.dtype == dy.dtype == W.dtype and W.ndim == 2 and W.flags.c_contiguous
-            and is_writeable(W) and _blas_ready(x) and _blas_ready(dy) and x.shape[0] == dy.shape[0]
+    if (W.dtype.char in "fd" and x.dtype == dy.dtype == W.dtype and _blas_ready(W) and is_writeable(W)
+            and _blas_ready(x) and _blas_ready(dy) and x.shape[0] == dy.shape[0]
             and W.shape == (x.shape[1], dy.shape[1])):
         import cupy.cublas
 
