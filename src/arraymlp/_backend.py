@@ -646,7 +646,11 @@ class _CupyCopies(_PlainCopies):
 
         super().__init__(xp, device)
         self._cupy = cupy
-        with cupy.cuda.Device(getattr(device, "id", device)):
+        # the model's device id, fixed now (None: the current one). CuPy keeps a current
+        # stream per device, and an event must be recorded on its own device: every
+        # stream call below runs with this device current.
+        self._id = cupy.cuda.Device(getattr(device, "id", device)).id
+        with cupy.cuda.Device(self._id):
             self.stream = cupy.cuda.Stream(non_blocking=True)
 
     def host_buffer(self, shape, dtype):
@@ -657,7 +661,7 @@ class _CupyCopies(_PlainCopies):
 
     def send(self, host):
         cupy = self._cupy
-        with cupy.cuda.Device(getattr(self.device, "id", self.device)):
+        with cupy.cuda.Device(self._id):
             # ``out`` comes from the compute stream's pool, which may hand back memory that
             # kernels already queued there still read (freed in Python, not yet on the
             # device): the side stream's copy waits for the compute stream's queue as it
@@ -668,7 +672,8 @@ class _CupyCopies(_PlainCopies):
             return out
 
     def mark(self, arrays):
-        return self.stream.record()
+        with self._cupy.cuda.Device(self._id):
+            return self.stream.record()
 
     def reusable(self, event):
         if event is not None:
@@ -676,7 +681,8 @@ class _CupyCopies(_PlainCopies):
 
     def use(self, event):
         if event is not None:
-            self._cupy.cuda.get_current_stream().wait_event(event)
+            with self._cupy.cuda.Device(self._id):  # the compute stream of the model's device
+                self._cupy.cuda.get_current_stream().wait_event(event)
 
 
 class _TorchCudaCopies(_PlainCopies):
