@@ -165,6 +165,28 @@ def test_launch_counts_are_judged_against_the_issues_targets(check):
     assert "kernel launches per step, W1 sgd torch eager: 19" in lines
 
 
+def test_profile_counts_kernels_copies_and_host_waits(check):
+    """A CUDA profile of 2 steps: device kernels and copies counted by the device's
+    events, host waits by the runtime and driver calls that block (the launches and
+    asynchronous copies do not), the profile's own closing synchronisation left out."""
+    step = [("arraymlp_adam", "DeviceType.CUDA"), ("sm90_xmma_gemm_f32f32", "DeviceType.CUDA"),
+            ("cuLaunchKernel", "DeviceType.CPU"), ("cudaLaunchKernel", "DeviceType.CPU"),
+            ("cudaMemcpyAsync", "DeviceType.CPU"), ("Memcpy HtoD (Pinned -> Device)", "DeviceType.CUDA"),
+            ("cudaStreamWaitEvent", "DeviceType.CPU"), ("cudaEventRecord", "DeviceType.CPU")]
+    reads = [("Memcpy DtoH (Device -> Pageable)", "DeviceType.CUDA"), ("cudaStreamSynchronize", "DeviceType.CPU"),
+             ("cuEventSynchronize", "DeviceType.CPU"), ("cudaMemcpy", "DeviceType.CPU"),
+             ("cuMemcpyDtoH_v2", "DeviceType.CPU")]
+    closing = [("cudaDeviceSynchronize", "DeviceType.CPU")]
+    got = check.profile_counts(step * 2 + closing, 2)
+    assert got == {"kernels_per_step": 2.0, "memcpy_memset_per_step": 1.0, "pageable_copies_per_step": 0.0,
+                   "host_waits_per_step": 0.0}
+    got = check.profile_counts(step * 2 + reads + closing, 2)
+    assert got == {"kernels_per_step": 2.0, "memcpy_memset_per_step": 1.5, "pageable_copies_per_step": 0.5,
+                   "host_waits_per_step": 2.0}
+    lines = check.figures({"sections": {"launches": {"W1 sgd arraymlp[cupy]": got}}})
+    assert "host waits per step (CUDA profile), W1 sgd arraymlp[cupy]: 2 (target 0); pageable copies: 0.5" in lines
+
+
 def test_a_run_where_every_gpu_row_skipped_is_flagged(check):
     """On a GPU machine, every row skipped means the suite did not see the GPU."""
     sec = {"pytest": {"counts": {"tests": 7, "passed": 0, "failed": 0, "errors": 0, "skipped": 7}}}

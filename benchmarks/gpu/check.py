@@ -538,9 +538,39 @@ def section_gemm_floor_device(ctx: Context) -> dict:
     return out
 
 
+#: CUDA runtime and driver calls that return only once the device has caught up (an
+#: explicit wait, or a synchronous copy): each one a host synchronisation, whoever made it
+HOST_WAIT_CALLS = re.compile(r"^cu(da)?(Device|Ctx|Stream|Event)Synchronize$|^cudaMemcpy(2D|3D)?$"
+                            r"|^cuMemcpy(DtoH|HtoD|DtoD|2D|3D)?(_v2)?$")
+
+
+def profile_counts(events, steps: int, closing: int = 1) -> dict:
+    """Per step, from a CUDA profile's events ``(name, device type)``: kernels and
+    copies/fills on the device, copies from or to pageable host memory (the driver stages
+    them synchronously), and host waits (:data:`HOST_WAIT_CALLS`: runtime and driver
+    calls are events of the CPU), less the ``closing`` waits of the profile itself.
+    Independent of CuPy's own synchronisation hook, which sees ``get()`` and
+    ``Device.synchronize`` only (not ``Stream.synchronize``, ``Event.synchronize`` or a
+    pageable copy)."""
+    kernels = copies = pageable = waits = 0
+    for name, device in events:
+        if "CUDA" in device:
+            low = name.lower()
+            if "memcpy" in low or "memset" in low:
+                copies += 1
+                pageable += "pageable" in low
+            else:
+                kernels += 1
+        elif HOST_WAIT_CALLS.match(name):
+            waits += 1
+    return {"kernels_per_step": kernels / steps, "memcpy_memset_per_step": copies / steps,
+            "pageable_copies_per_step": pageable / steps, "host_waits_per_step": max(waits - closing, 0) / steps}
+
+
 def _profiled_kernels(fn: Callable[[], Any], steps: int) -> dict:
-    """Kernel launches and memory copies per call of ``fn`` (CUPTI via torch.profiler:
-    it sees every CUDA kernel of the process, CuPy's included)."""
+    """Kernel launches, memory copies and host waits per call of ``fn`` (CUPTI via
+    torch.profiler: it sees every CUDA kernel and runtime/driver call of the process,
+    CuPy's included); the profile closes with one ``torch.cuda.synchronize``."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -550,17 +580,7 @@ def _profiled_kernels(fn: Callable[[], Any], steps: int) -> dict:
         for _ in range(steps):
             fn()
         torch.cuda.synchronize()
-    kernels = copies = 0
-    for e in prof.events():
-        dev_type = str(getattr(e, "device_type", ""))
-        if "CUDA" not in dev_type:
-            continue
-        nm = e.name.lower()
-        if "memcpy" in nm or "memset" in nm:
-            copies += 1
-        else:
-            kernels += 1
-    return {"kernels_per_step": kernels / steps, "memcpy_memset_per_step": copies / steps}
+    return profile_counts([(e.name, str(getattr(e, "device_type", ""))) for e in prof.events()], steps)
 
 
 def section_launches(ctx: Context) -> dict:
@@ -1081,6 +1101,9 @@ def _fig_probes(sec: dict) -> list[str]:
             ok = la.get("within_target", {}).get(key)
             mark = "" if ok is None else f" (target <= {LAUNCH_TARGETS[key.split()[1]]}: {'met' if ok else 'MISSED'})"
             lines.append(f"kernel launches per step, {key}: {_g(row['kernels_per_step'])}{mark}")
+            if "host_waits_per_step" in row:
+                lines.append(f"host waits per step (CUDA profile), {key}: {_g(row['host_waits_per_step'])} "
+                             f"(target 0); pageable copies: {_g(row['pageable_copies_per_step'])}")
     tf = sec.get("tf32_error", {})
     for key, row in tf.items():
         if isinstance(row, dict) and "rel_err_tf32" in row:
