@@ -549,6 +549,17 @@ class StepValues:
         return to_numpy(chunks[0] if len(chunks) == 1 else self.xp.concat(chunks)).astype(numpy.float64)
 
 
+def _for_torch_dlpack(x: Any) -> Any:
+    """``x`` as torch's DLPack import takes it: without negative strides (torch rejects
+    them; it aborts). A CuPy array with a negative stride is copied on its device, and
+    one without is passed as it is (no copy to the host, no synchronisation); a host
+    array is looked at through NumPy."""
+    if array_api_compat.is_cupy_array(x):
+        return x.copy() if any(st < 0 for st in x.strides) else x
+    h = to_numpy(x)
+    return numpy.ascontiguousarray(h) if any(st < 0 for st in h.strides) else x
+
+
 def to_backend(x: Any, backend: Any, *, device: Any = None) -> Any:
     """Move an array to another backend (and device), zero-copy where DLPack allows.
 
@@ -591,9 +602,7 @@ def to_backend(x: Any, backend: Any, *, device: Any = None) -> Any:
     if array_api_compat.is_torch_array(x):
         x = x.detach().resolve_conj().resolve_neg()  # DLPack cannot express torch's lazy sign bits
     if backend_name(xp) == "torch" and not array_api_compat.is_torch_array(x):
-        h = to_numpy(x)
-        if any(st < 0 for st in h.strides):  # torch's DLPack import rejects negative strides (it aborts)
-            x = numpy.ascontiguousarray(h)
+        x = _for_torch_dlpack(x)
     try:
         if isinstance(x, numpy.ndarray) and backend_name(xp) == "array_api_strict":
             # zero-copy as well; NumPy before 2.3 marks a DLPack import read-only, which
