@@ -5,8 +5,9 @@ CUDA sources of :mod:`arraymlp.kernels.cupy` are compiled as C++ by the host com
 (with ``-ffp-contract=off``, as the kernels are built with ``--fmad=false``) behind a
 stand-in ``cupy`` module, and each override runs on NumPy arrays against the reference
 kernel: the element loop of an ``ElementwiseKernel`` body, a grid of the cross-entropy's
-``RawKernel``, and the arguments of the cuBLAS gemm. What the host cannot check (CuPy's
-own typing of scalars, the launch itself) is left to the GPU run.
+``RawKernel``, and the arguments of the cuBLAS gemm. tests/test_cupy_nvrtc.py compiles
+the same sources with CUDA's own compiler (and, where CuPy imports, checks CuPy's typing
+of each launch); the launch itself is left to the GPU run.
 """
 
 from __future__ import annotations

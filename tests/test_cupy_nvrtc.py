@@ -13,7 +13,9 @@ Two views of each ``ElementwiseKernel``: the body inside a plain element loop (t
 needs only ``libnvrtc``), and, where CuPy imports (it does without a GPU), the exact
 source CuPy generates for the call, with its ``CArray``/``CIndexer`` parameters and its
 headers. The PTX is checked too: the kernel is there under its name, and the element
-kernels hold no fused multiply-add (``--fmad=false``: the reference's roundings).
+kernels hold no fused multiply-add (``--fmad=false``: the reference's roundings). Where
+CuPy imports, its typing of every launch (the dtype ``T`` takes, Python numbers cast to
+it) is checked as well.
 """
 
 from __future__ import annotations
@@ -394,3 +396,29 @@ def test_reduced_dimensions_are_cupys():
     assert _reduced([p, lr], p.shape) == (2, [True, False])  # per-member values over (K, n*m)
     assert _reduced([np.zeros(5), np.zeros(5)], (5,)) == (1, [True, True])
     assert _reduced([np.zeros((4, 3)), np.zeros((4, 3))], (4, 3)) == (1, [True, True])
+
+
+def test_cupy_types_every_launch_in_the_parameters_dtype(built):
+    """CuPy's own typing of each launch the set makes (``ElementwiseKernel``'s type
+    decision, reachable without a device): ``T`` is the parameters' dtype, the arrays
+    (per-member hyper-parameters included) agree with it, and a Python number is cast to
+    it (a float64 number into a float32 kernel is a float32 there, as in NumPy's
+    ``p - lr * g`` on float32 arrays). A float64 array into a float32 kernel is refused
+    by CuPy: the check is live."""
+    cupy = _cupy_generation()[0]
+    for dtype, kernels in built.items():
+        for k in kernels:
+            if k.kind != "elementwise":
+                continue
+            ek = cupy.ElementwiseKernel(*k.spec, options=k.options)
+            n_in = len(_params(k.spec[0]))
+            for args in k.calls:
+                ins = tuple(a.dtype if isinstance(a, np.ndarray) else None for a in args[:n_in])
+                outs = tuple(a.dtype for a in args[n_in:])
+                in_types, out_types, _ = ek._decide_params_type(ins, outs)
+                assert {np.dtype(t) for t in in_types + out_types} == {np.dtype(dtype)}, (k.spec[3], ins)
+    ek = cupy.ElementwiseKernel("T g, T lr", "T p", "p = p - lr * g;", "arraymlp_probe")
+    f32, f64 = np.dtype(np.float32), np.dtype(np.float64)
+    assert ek._decide_params_type((f32, None), (f32,))[0] == (f32, f32)
+    with pytest.raises(TypeError, match="mismatched"):
+        ek._decide_params_type((f32, f64), (f32,))
