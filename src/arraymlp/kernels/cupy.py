@@ -22,8 +22,10 @@ Each override checks that it applies (CuPy arrays of float32 or float64 of one d
 the layout it needs) and otherwise calls the kernel it replaces. Kernels are compiled
 with ``--fmad=false``, so that no multiply-add is contracted: the values are those of
 the reference's separate operations (the row sums of the cross-entropy run in another
-order). CuPy is imported when a kernel is first built, never at import: this module
-loads without it.
+order). CuPy compiles every kernel, its own included, with ``-ftz=true``: float32
+subnormal values are flushed to zero in these kernels as in the reference's CuPy
+operations. CuPy is imported when a kernel is first built, never at import: this module
+loads without it. tests/test_cupy_nvrtc.py compiles every source here with NVRTC.
 """
 
 from __future__ import annotations
