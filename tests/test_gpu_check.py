@@ -165,6 +165,16 @@ def test_launch_counts_are_judged_against_the_issues_targets(check):
     assert "kernel launches per step, W1 sgd torch eager: 19" in lines
 
 
+def test_the_gpu_run_leaves_the_host_side_kernel_checks_out(check):
+    """The host-side checks of the CuPy set match ``-k "cupy or cuda"`` but would spend
+    about a minute of the GPU run's test budget compiling on the host: ignored there."""
+    targets = check.pytest_targets(False)
+    assert targets[-1] == "tests" and len(targets) == 1 + len(check.HOST_ONLY_TESTS) == 3
+    for opt, path in zip(targets, check.HOST_ONLY_TESTS):
+        assert opt == f"--ignore={path}" and (ROOT / path).is_file() and "cupy" in path
+    assert check.pytest_targets(True) == ["tests/test_staging.py"]
+
+
 def test_profile_counts_kernels_copies_and_host_waits(check):
     """A CUDA profile of 2 steps: device kernels and copies counted by the device's
     events, host waits by the runtime and driver calls that block (the launches and
