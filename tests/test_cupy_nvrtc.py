@@ -307,27 +307,35 @@ def _cupy_generation():
 
 
 def _reduced(arrays, shape):
-    """CuPy's view of broadcast operands after it drops unit axes and merges the axes
-    every operand walks contiguously: ``(ndim, [c_contiguous per array])``."""
+    """CuPy 14's dimension reduction of a launch (``_reduce_dims``): ``(ndim, [c-contiguous
+    per array])`` as its kernel sees them. All operands C-contiguous: one dimension. A
+    broadcast operand (a stride 0) in two dimensions: kept as they are. Otherwise unit
+    axes are skipped and an axis merges into the one before it where every
+    non-contiguous operand walks them as one; the views keep their operands' flags."""
+    shape = tuple(shape)
     views = [np.broadcast_to(a, shape) for a in arrays]
-    axes = [i for i, s in enumerate(shape) if s != 1]
-    dims = [[shape[i], [v.strides[i] for v in views]] for i in axes]
-    merged = []
-    for size, strides in dims:
-        if merged and all(prev == s * size for prev, s in zip(merged[-1][1], strides)):
-            merged[-1][0] *= size
-            merged[-1][1] = strides
-        else:
-            merged.append([size, list(strides)])
-    ndim = max(len(merged), 1)
-    contiguous = []
-    for j, v in enumerate(views):
-        want, ok = v.itemsize, True
-        for size, strides in reversed(merged):
-            ok = ok and (size == 1 or strides[j] == want)
-            want *= size
-        contiguous.append(ok)
-    return ndim, contiguous
+    contiguous = [a.shape == shape and a.flags.c_contiguous for a in arrays]
+    ndim = len(shape)
+    if ndim <= 1:
+        return ndim, contiguous
+    if all(contiguous):
+        return 1, contiguous
+    if ndim == 2:
+        return 2, contiguous
+    strided = [v for v, c in zip(views, contiguous) if not c]
+    size, axes, last = list(shape), [], -1
+    for ax in range(ndim):
+        if size[ax] == 1:
+            continue
+        if last >= 0:
+            if any(v.strides[ax] * size[ax] != v.strides[last] for v in strided):
+                axes.append(last)
+            else:
+                size[ax] *= size[last]
+        last = ax
+    if last >= 0:
+        axes.append(last)
+    return (ndim if len(axes) == ndim else len(axes)), contiguous
 
 
 def _cupy_source(gen, k: _Kernel, args: tuple) -> str:
@@ -396,6 +404,12 @@ def test_reduced_dimensions_are_cupys():
     assert _reduced([p, lr], p.shape) == (2, [True, False])  # per-member values over (K, n*m)
     assert _reduced([np.zeros(5), np.zeros(5)], (5,)) == (1, [True, True])
     assert _reduced([np.zeros((4, 3)), np.zeros((4, 3))], (4, 3)) == (1, [True, True])
+    p, lr = np.zeros((2, 1, 3)), np.zeros((2, 1, 1))  # an ensemble's bias: the unit axis dropped
+    assert _reduced([p, lr], p.shape) == (2, [True, False])
+    p, b = np.zeros((2, 4, 3)), np.zeros((1, 1, 3))  # one row over (K, n) rows: those merge
+    assert _reduced([p, b], p.shape) == (2, [True, False])
+    p, m = np.zeros((2, 4, 3)), np.zeros((2, 1, 3))  # nothing merges: three dimensions
+    assert _reduced([p, m], p.shape) == (3, [True, False])
 
 
 def test_cupy_types_every_launch_in_the_parameters_dtype(built):
