@@ -72,6 +72,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib
 import json
 import os
 import re
@@ -99,8 +100,9 @@ ENSEMBLE_TARGET = 30.0  # K = 64 ensemble fit over 64 sequential fits on a GPU (
 ENSEMBLE_KS = (1, 4, 16, 64, 256)
 
 
-class SectionTimeout(Exception):
-    """A section ran past its share of the budget."""
+class SectionTimeout(BaseException):
+    """A section ran past its share of the budget. Not an :class:`Exception`, so that a
+    section's (or arraymlp's) ``except Exception`` cannot swallow it and run on."""
 
 
 @contextlib.contextmanager
@@ -1043,16 +1045,38 @@ def _gpu_targets(dry: bool) -> tuple[str, list]:
     return device_slug(name), targets
 
 
+#: Imported once before the first section, outside every section's alarm: an import that
+#: an alarm interrupts halfway leaves the library half-registered (torch then fails in
+#: every later section, with "partially initialized module" or "duplicate registrations",
+#: and the process may crash at exit).
+PRELOAD = ("cupy", "torch", "torch.profiler")
+
+
+def preload(names=PRELOAD) -> dict:
+    """Import ``names`` where they import (an absent one is left to the sections to
+    report): ``{name: seconds}``."""
+    seconds = {}
+    for name in names:
+        t0 = time.perf_counter()
+        try:
+            importlib.import_module(name)
+        except Exception:  # absent, or unusable here: the sections that need it say so
+            continue
+        seconds[name] = round(time.perf_counter() - t0, 2)
+    return seconds
+
+
 def run(args: argparse.Namespace, functions: dict | None = None) -> dict:
     """Run the sections and write ``<device>-gpu-check.json``; returns the report."""
     functions = FUNCTIONS if functions is None else functions
+    preloaded = preload()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     ctx = Context(out=out, budget=args.budget, dry=args.dry)
     ctx.device, ctx.targets = _gpu_targets(args.dry)
     ctx.peer_device = "cpu" if args.dry else "cuda"
     report: dict = {"device": ctx.device, "targets": ctx.targets, "budget_s": args.budget, "sections": {},
-                    "errors": {}, "skipped": {}, "seconds": {}}
+                    "errors": {}, "skipped": {}, "seconds": {}, "preload_s": preloaded}
     wanted = [s for s in functions if (not args.only or s in args.only) and s not in args.skip]
     path = ctx.path("gpu-check.json")
     for name in wanted:
@@ -1068,7 +1092,7 @@ def run(args: argparse.Namespace, functions: dict | None = None) -> dict:
         try:
             with _time_limit(cap):
                 report["sections"][name] = functions[name](ctx)
-        except Exception as exc:  # one failing section must not stop the others
+        except (Exception, SectionTimeout) as exc:  # one failing section must not stop the others
             report["errors"][name] = f"{type(exc).__name__}: {exc}\n" + traceback.format_exc()[-3000:]
             if ctx.partial:  # what it measured before it failed
                 report["sections"][name] = {**ctx.partial, "incomplete": True}
