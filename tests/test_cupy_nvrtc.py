@@ -206,6 +206,15 @@ def test_every_kernel_of_the_set_is_recorded(built):
         assert len(raw) == 1 and raw[0].spec[1] == f"arraymlp_ce_labels_{'float' if dtype == 'float32' else 'double'}"
         assert all(k.calls for k in kernels), "a kernel built but never launched"
         assert all(k.options == ("--fmad=false",) for k in kernels)
+        for k in kernels:  # what CuPy's ElementwiseKernel.__call__ requires of its arguments
+            if k.kind != "elementwise":
+                continue
+            n_in, n_out = len(_params(k.spec[0])), len(_params(k.spec[1]))
+            for args in k.calls:
+                assert len(args) == n_in + n_out, k.spec[3]  # inputs then every output
+                outs = args[n_in:]
+                shape = np.broadcast_shapes(*(a.shape for a in args if isinstance(a, np.ndarray)))
+                assert all(isinstance(o, np.ndarray) and o.shape == shape for o in outs), k.spec[3]
 
 
 # ---------------------------------------------------------------- the sources, two ways
