@@ -40,6 +40,19 @@ class HostReads:
             original = getattr(array_api_strict, name, None)
             if original is not None:
                 monkeypatch.setattr(array_api_strict, name, self._counting(name, original))
+        monkeypatch.setattr(array_api_strict, "asarray", self._number_counting(array_api_strict.asarray))
+
+    def _number_counting(self, original):
+        """``asarray`` of a Python number: a copy from the host that torch makes
+        synchronously on a GPU (``xp.full`` fills on the device instead)."""
+        counts = self.counts
+
+        def wrapper(obj, *args, **kwargs):
+            if isinstance(obj, (bool, int, float, complex)):
+                counts["asarray(number)"] += 1
+            return original(obj, *args, **kwargs)
+
+        return wrapper
 
     def _counting(self, name, original):
         counts = self.counts
@@ -241,3 +254,19 @@ def test_a_long_ensemble_epoch_reads_its_losses_every_check_every_steps(monkeypa
     short, _ = _count_ensemble_fit(monkeypatch, case, 4)
     long, _ = _count_ensemble_fit(monkeypatch, case, 8)
     assert (long.total - short.total) / (2 * (8 - 4)) == 0.5
+
+
+def test_the_loss_scale_update_reads_and_copies_nothing(monkeypatch):
+    """The dynamic loss scale's update after a step (mixed precision): device arithmetic
+    only, its constants filled on the device, with the values of the rule (a good step
+    counted; an overflow halves the scale, not below ``min_scale``, and is counted)."""
+    xp = array_api_strict
+    amp = am.MixedPrecision("float16", init_scale=4.0, growth_interval=3, min_scale=2.0)
+    amp._state(xp, None)
+    steps = [xp.asarray(True), xp.asarray(False), xp.asarray(False)]
+    with monkeypatch.context() as m:
+        reads = HostReads(m)
+        for ok in steps:
+            amp.update_scale(ok, xp)
+    assert reads.total == 0, dict(reads.counts)
+    assert (float(amp.scale), int(amp.good_steps), int(amp.skipped)) == (2.0, 0, 2)

@@ -759,10 +759,12 @@ def dropout_forward(x, p, *, rng, training=True, xp=None):
         u, threshold = rng.random(tuple(x.shape), x.dtype), p
     if _device(u) != _device(x):  # a generator made for another (e.g. the default) device
         u = to_device(u, _device(x))
+    # 0-d constants filled on the device (``full``): ``asarray`` of a Python number is a copy
+    # from the host, which torch makes synchronously on a GPU
     if bits is not None and not _is_numpy_array(u):  # in the bits' dtype: JAX reads a bare int as int32
-        threshold = xp.asarray(threshold, dtype=u.dtype, device=_device(u))
-    mask = xp.where(u >= threshold, xp.asarray(1.0 / (1.0 - p), dtype=x.dtype, device=x.device),
-                    xp.asarray(0.0, dtype=x.dtype, device=x.device))
+        threshold = xp.full((), threshold, dtype=u.dtype, device=_device(u))
+    mask = xp.where(u >= threshold, xp.full((), 1.0 / (1.0 - p), dtype=x.dtype, device=x.device),
+                    xp.zeros((), dtype=x.dtype, device=x.device))
     return x * mask, mask
 
 
