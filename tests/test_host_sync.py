@@ -270,3 +270,41 @@ def test_the_loss_scale_update_reads_and_copies_nothing(monkeypatch):
             amp.update_scale(ok, xp)
     assert reads.total == 0, dict(reads.counts)
     assert (float(amp.scale), int(amp.good_steps), int(amp.skipped)) == (2.0, 0, 2)
+
+
+def test_no_number_is_copied_from_the_host_by_torch_wrappers(monkeypatch):
+    """array-api-compat's torch ``maximum``/``minimum`` turn a Python number into a tensor
+    with ``torch.asarray``: on a GPU a copy from the host that waits for the stream, at
+    every call. The activations and losses of a training step that bound values (ReLU,
+    ELU and its derivative, softplus, Huber's gradient, binary cross-entropy) pass 0-d
+    arrays instead, with the values of the plain formulas (NumPy, float64)."""
+    torch = pytest.importorskip("torch")
+    from arraymlp import losses
+    from arraymlp._backend import resolve_backend
+    from arraymlp.kernels import reference as R
+
+    xp = resolve_backend("torch")
+    xn = np.array([-3.0, -0.75, -0.0, 0.0, 0.25, 1.5, 4.0])
+    tn = np.array([0.0, 1.0, 1.0, 0.0, 1.0, 0.0, 1.0])
+    x, t, dy = torch.asarray(xn), torch.asarray(tn), torch.ones(7, dtype=torch.float64)
+    numbers = []
+    original = torch.asarray
+
+    def counting(obj, *args, **kwargs):
+        if isinstance(obj, (bool, int, float, complex)):
+            numbers.append(obj)
+        return original(obj, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "asarray", counting)
+    got = {"relu": R.relu(x, xp=xp), "elu": R.elu(x, xp=xp), "softplus": R.softplus(x, xp=xp),
+           "elu'": R._elu_bw(dy, x, xp), "huber'": losses._huber_kernel(x, t, xp, 0.5)[1],
+           "bce": losses._bce_kernel(x, t, xp)[0]}
+    assert numbers == []
+    xp.maximum(x, 0.0)  # the wrapper's conversion is what is counted
+    assert numbers == [0.0]
+    softplus = np.maximum(xn, 0) + np.log1p(np.exp(-np.abs(xn)))
+    want = {"relu": np.maximum(xn, 0), "elu": np.where(xn > 0, xn, R.ELU_ALPHA * np.expm1(np.minimum(xn, 0))),
+            "softplus": softplus, "elu'": np.where(xn > 0, 1.0, R.ELU_ALPHA * np.exp(np.minimum(xn, 0))),
+            "huber'": np.clip(xn - tn, -0.5, 0.5), "bce": softplus - xn * tn}
+    for name, value in got.items():
+        np.testing.assert_allclose(value.numpy(), want[name], rtol=1e-15, atol=1e-15, err_msg=name)
