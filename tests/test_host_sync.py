@@ -308,3 +308,48 @@ def test_no_number_is_copied_from_the_host_by_torch_wrappers(monkeypatch):
             "huber'": np.clip(xn - tn, -0.5, 0.5), "bce": softplus - xn * tn}
     for name, value in got.items():
         np.testing.assert_allclose(value.numpy(), want[name], rtol=1e-15, atol=1e-15, err_msg=name)
+
+
+def _count_torch_numbers(monkeypatch, case, steps_per_epoch, *, batch=8):
+    """Tensors made from Python numbers (``torch.asarray``/``torch.tensor``: a copy from
+    the host, synchronous on a GPU) while ``fit`` runs on torch."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    x, y = _data(steps_per_epoch * batch, case["loss"], rng)
+    xv, yv = _data(12, case["loss"], rng)
+    w = rng.uniform(0.5, 2.0, size=x.shape[0])
+    model = am.MLP([5, 16, 3], dropout=case.get("dropout", 0.0), dtype="float64", seed=0, backend="torch")
+    kwargs = dict(loss=case["loss"], optimizer=case["optimizer"](), epochs=2, batch_size=batch, progress=False,
+                  seed=1, l2=case.get("l2", 0.0))
+    if case.get("weights"):
+        kwargs["sample_weight"] = torch.asarray(w)
+    if case.get("validation"):
+        kwargs["validation_data"] = (torch.asarray(xv), torch.asarray(yv))
+    if "metrics" in case:
+        kwargs["metrics"] = case["metrics"]
+    xs, ys = torch.asarray(x), torch.asarray(y)
+    numbers = collections.Counter()
+
+    def counting(name, original):
+        def wrapper(obj, *args, **kw):
+            if isinstance(obj, (bool, int, float, complex, list, tuple)):
+                numbers[name] += 1
+            return original(obj, *args, **kw)
+        return wrapper
+
+    with monkeypatch.context() as m:
+        for name in ("asarray", "tensor"):
+            m.setattr(torch, name, counting(name, getattr(torch, name)))
+        history = model.fit(xs, ys, **kwargs)
+    assert len(history.loss) == 2 and all(np.isfinite(history.loss))
+    return sum(numbers.values()), dict(numbers)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_no_number_is_copied_from_the_host_per_step_on_torch(monkeypatch, name):
+    """On torch, a tensor made from a Python number is a copy from the host that waits
+    for a GPU (array-api-compat's ``maximum``/``minimum`` make one for a number
+    argument): none per training step, for every case of the host-read test."""
+    short, short_by = _count_torch_numbers(monkeypatch, CASES[name], 4)
+    long, long_by = _count_torch_numbers(monkeypatch, CASES[name], 8)
+    assert long - short == 0, (short_by, long_by)

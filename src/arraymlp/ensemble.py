@@ -58,7 +58,7 @@ from ._backend import (
 from .callbacks import Callback, DivergenceError, EarlyStopping, History
 from .fusion import plan_for
 from .kernels import kernels_for
-from .kernels.reference import _idiv, _imul, _isub
+from .kernels.reference import _idiv, _imul, _isub, constant_like
 from .losses import LOSSES, Loss, get_loss
 from .metrics import Metric, _MembersPair, _Pair, get_metrics, read_results
 from .optim import SGD, Adagrad, Adam, Optimizer, RMSprop, get_optimizer
@@ -457,14 +457,17 @@ class _MemberUpdate:
         xp, o = self.xp, self.opt
         if o.clip_value is not None:
             # minimum/maximum, not clip: array-api-compat's clip reads boolean masks back
-            grads = [{k: xp.minimum(xp.maximum(g, -o.clip_value), o.clip_value) for k, g in layer.items()}
+            # the bounds as 0-d arrays: a number is copied from the host on torch CUDA
+            grads = [{k: xp.minimum(xp.maximum(g, constant_like(-o.clip_value, g, xp)),
+                                    constant_like(o.clip_value, g, xp)) for k, g in layer.items()}
                      for layer in grads]
         if o.clip_norm is not None:
             sq = 0.0
             for layer in grads:
                 for g in layer.values():
                     sq = sq + xp.sum(g * g, axis=tuple(range(1, g.ndim)))
-            coef = xp.minimum(o.clip_norm / (xp.sqrt(sq) + 1e-6), 1.0)
+            coef = o.clip_norm / (xp.sqrt(sq) + 1e-6)
+            coef = xp.minimum(coef, constant_like(1.0, coef, xp))
             coef = xp.reshape(coef, (-1, 1, 1))
             grads = [{k: g * coef for k, g in layer.items()} for layer in grads]
         return grads
