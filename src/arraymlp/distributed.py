@@ -308,12 +308,13 @@ class DataParallel:
         return value
 
     # ------------------------------------------------------------------ fit hooks
-    def begin(self, model, x, callbacks=()) -> None:
+    def begin(self, model, x, callbacks=(), *, call: dict | None = None, what: str = "fit") -> None:
         """Check that every rank has the same data, broadcast the root's parameters and
         shuffling state, give each rank its own stream for dropout masks, and make
         :class:`arraymlp.Checkpoint` callbacks (in the list ``callbacks``) root-only.
 
-        Called by :func:`arraymlp.training.fit` before the first step.
+        Called by :func:`arraymlp.training.fit` and ``partial_fit`` (at every call)
+        before the first step.
 
         Parameters
         ----------
@@ -325,13 +326,26 @@ class DataParallel:
             ``fit``'s callbacks; checkpoints (:class:`arraymlp.Checkpoint`, and any
             callback whose ``saves_callbacks`` is true) are replaced, in place, by
             :class:`RootOnly` wrappers.
+        call : dict, optional
+            What else every rank must pass alike (the other arrays' shapes and dtypes,
+            ``batch_size``, the loss, the optimiser and its step count...), by name;
+            compared in the same ``allgather`` as ``x``'s shape.
+        what : str
+            The function called, for the error message.
+
+        Raises
+        ------
+        ValueError
+            On every rank, naming what differs and its value on each rank.
         """
-        shape = tuple(int(s) for s in x.shape)
-        shapes = self.comm.allgather(shape)
-        if len(set(shapes)) != 1:
+        mine = {"x shape": tuple(int(s) for s in x.shape), **(call or {})}
+        calls = self.comm.allgather(mine)
+        differ = [name for name in mine if any(c.get(name) != mine[name] for c in calls)]
+        if differ or any(set(c) != set(mine) for c in calls):
+            name = differ[0] if differ else "arguments"
             msg = (
-                "every rank must call fit with the same data; got x of shapes "
-                + ", ".join(f"{s} on rank {r}" for r, s in enumerate(shapes))
+                f"every rank must call {what} with the same data and arguments; {name} differs: "
+                + ", ".join(f"{c.get(name)!r} on rank {r}" for r, c in enumerate(calls))
             )
             raise ValueError(msg)
         self.broadcast_parameters(model)
@@ -381,7 +395,8 @@ class DataParallel:
         ``on_batch_end``, whose answer could then differ between ranks)."""
         return self.agree(stop) if self._sync_batches else bool(stop)
 
-    def loss_and_grads(self, model, x, y, lossfn, *, xp, sample_weight=None, l2: float = 0.0):
+    def loss_and_grads(self, model, x, y, lossfn, *, xp, sample_weight=None, l2: float = 0.0, on_outputs=None,
+                       hits=None):
         """Loss and gradients of the global batch from this rank's shard ``(x, y)``.
 
         Buffer layout: ``[W_r g_r (flattened, in parameter order), W_r L_r, W_r, err_r]``
@@ -401,6 +416,12 @@ class DataParallel:
             The shard's weights; the shard then weighs ``sum(sample_weight)``.
         l2 : float
             L2 penalty on the weight matrices, as in :func:`arraymlp.training.fit`.
+        on_outputs : callable, optional
+            Called with the shard's outputs (the training metrics' sums, on the device),
+            also for a shard whose weights are all zero (the metrics are unweighted).
+        hits : list, optional
+            The accuracy's count that the table's cross-entropy adds the shard's right
+            answers to.
 
         Returns
         -------
@@ -423,13 +444,17 @@ class DataParallel:
                 active = n > 0 and bool(xp.any(sample_weight != 0))
                 weight = float(xp.sum(xp.astype(sample_weight, model.dtype))) if active else 0.0
             if active:
-                value, grads = model._loss_and_grads(x, y, lossfn, xp=xp, sample_weight=sample_weight, l2=l2)
+                value, grads = model._loss_and_grads(x, y, lossfn, xp=xp, sample_weight=sample_weight, l2=l2,
+                                                     on_outputs=on_outputs, hits=hits)
                 parts = [xp.reshape(xp.astype(grads[i][k], dtype), (-1,)) for i, k in keys]
                 tail = xp.stack([xp.astype(xp.asarray(value), dtype),
                                  xp.ones((), dtype=dtype, device=model.device),
                                  xp.zeros((), dtype=dtype, device=model.device)])
                 flat = xp.concat([*parts, tail])
                 flat = _scale(flat, weight)
+            elif n > 0 and on_outputs is not None:  # no gradient, but rows the metrics count
+                upto = len(model.layers) - 1 if model._fused(lossfn) else None
+                on_outputs(model.forward(x, training=True, xp=xp, upto=upto, keep=False)[0])
         except Exception as exc:  # reported to every rank below, then re-raised here
             failure = exc
         if failure is not None or not active:
