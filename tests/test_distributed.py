@@ -155,19 +155,36 @@ def _backends() -> list[str]:
 
 
 @needs_mpi
-@pytest.mark.parametrize("ranks", [1, 2])
+@pytest.mark.parametrize("ranks", [2, 3])
 def test_data_parallel_equals_single_process(ranks):
+    """A plain model trained data-parallel (fit, or partial_fit calls in sequence) ends
+    with the parameters and the history (loss and training metrics, same keys) of its
+    single-process training: uneven shards, empty shards, sample weights, a shard whose
+    weights are all zero, R^2 about targets away from 0; partial_fit also keeps the
+    optimiser's step count and the generator's state equal to the single process's on
+    every rank; ranks passing different arguments all raise, naming the argument."""
     backends = _backends()
     proc, _ = mpirun(ranks, "equivalence.py", *backends)
     assert proc.returncode == 0, _explain(proc)
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert len(rows) == 4 * len(backends), _explain(proc)
+    (disagreement,) = [row for row in rows if row["case"] == "disagreement"]
+    assert disagreement["ok"] and len(disagreement["results"]) == ranks, disagreement
+    rows = [row for row in rows if row is not disagreement]
+    assert len(rows) == 7 * len(backends), _explain(proc)
     for row in rows:
         assert row["ranks"] == ranks, "mpiexec and mpi4py use different MPI libraries"
-        assert row["ok"] and row["ranks_agree"], row
-        tol = 1e-12 if "float32" not in row["case"] else 1e-5
-        assert row["max_abs_diff"] <= tol, row
-        assert len(row["loss"]) == 3
+        assert row["ok"] and row["ranks_agree"] and row["same_keys"], row
+        float64 = "float32" not in row["case"]
+        assert row["max_abs_diff"] <= (1e-12 if float64 else 1e-5), row
+        assert row["loss_diff"] <= (1e-12 if float64 else 1e-6), row
+        assert row["metric_diff"] <= (1e-12 if float64 else 1e-6), row
+        assert row["metrics"] == (["mae", "r2"] if "regression" in row["case"] else ["accuracy", "top_2_accuracy"])
+        if row["case"].startswith("partial-fit"):
+            assert [len(h) for h in row["loss"]] == [1, 1, 1], row  # one epoch a call
+            assert row["steps"] == sum(-(-(b - a) // (32 if "adam" in row["case"] else 16))
+                                       for a, b in ((0, 230), (230, 231), (231, 500))), row
+        else:
+            assert [len(h) for h in row["loss"]] == [3], row
 
 
 @needs_mpi
@@ -230,17 +247,22 @@ def test_ensemble_data_parallel_equals_single_process(ranks, tmp_path):
     """An ensemble (K=3) trained data-parallel equals its single-process fit on the full
     data: per-member rates and momenta, per-member (K, n) and shared (n,) sample weights,
     per-member L2, empty shards, per-member early stopping (the same members stop at the
-    same epochs on every rank) and a checkpoint written by the root only."""
+    same epochs on every rank) and a checkpoint written by the root only; its history
+    holds the same training metrics, each member's value that of the single-process fit
+    (regression's R^2 and MAE too); partial_fit calls in sequence equal the same calls in
+    one process (parameters, history, optimiser step count, generator state)."""
     backends = [b for b in _backends() if b != "cupy"] + (["cupy"] if "cupy" in _backends() else [])
     proc, _ = mpirun(ranks, "ensemble_equivalence.py", str(tmp_path), *backends)
     assert proc.returncode == 0, _explain(proc)
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert len(rows) == 7 * len(backends), _explain(proc)
+    assert len(rows) == 9 * len(backends), _explain(proc)
     for row in rows:
         assert row["ranks"] == ranks, "mpiexec and mpi4py use different MPI libraries"
-        assert row["ok"] and row["ranks_agree"], row
+        assert row["ok"] and row["ranks_agree"] and row["same_keys"], row
         tol = 1e-10 if "float32" not in row["case"] else 1e-5
         assert row["max_abs_diff"] <= tol, row
+        assert row["metric_diff"] <= (1e-12 if "float32" not in row["case"] else 1e-6), row
+        assert "accuracy" in row["metrics"] or row["metrics"] == ["mae", "r2"], row
         assert all(s == row["stopped_single"] for s in row["stopped_epoch"]), row
         if row["case"] == "adam-early-stopping":
             # members stop at different epochs: one stops early, the others train on
