@@ -15,7 +15,7 @@ mean loss, whatever the shard sizes (the last batch of an epoch, a global batch 
 divisible by the number of ranks, an empty shard). The loss and ``W_r`` travel in the
 same buffer, so a step costs one collective.
 
-Use it through :meth:`arraymlp.Sequential.fit`::
+Use it through :meth:`arraymlp.Sequential.fit` (or ``partial_fit``, one epoch a call)::
 
     from mpi4py import MPI
     model.fit(x, y, loss="cross_entropy", batch_size=512, comm=MPI.COMM_WORLD)
@@ -23,8 +23,13 @@ Use it through :meth:`arraymlp.Sequential.fit`::
 or with a :class:`DataParallel` object when its options or timings are wanted. What
 ``fit`` does with it:
 
+- the ranks' arguments are compared (one ``allgather`` of the data's shapes and dtypes
+  and the options), and a difference raises a ``ValueError`` on every rank;
 - the parameters (and the generator that shuffles) are broadcast from the root rank
   before the first step, so every rank starts from, and keeps, the same state;
+- the training metrics are summed by each rank over its shards' rows, on the device,
+  and the sums added over the ranks once per epoch (one ``allgather``), so every rank's
+  history is the single-process one;
 - progress bars and ``verbose`` lines are shown by the root rank only, and
   :class:`arraymlp.Checkpoint` callbacks write on the root only; other callbacks run on
   every rank (so that :class:`~arraymlp.training.EarlyStopping` restores the same

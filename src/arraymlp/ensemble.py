@@ -1136,7 +1136,9 @@ def _end_epoch(run: _Run, epoch: int, epoch_lr, epoch_loss, t0: float, schedules
     logs = {"epoch": epoch, "step": run.step, "loss": epoch_loss, "lr": epoch_lr, "val_loss": None,
             "val_metric": None}
     if run.accs:  # the training metrics' sums, read once, now (and added over the ranks: one collective)
-        for acc, value in zip(run.accs, read_results(run.accs, xp, None if run.dp is None else run.dp.comm.allgather)):
+        values = read_results(run.accs, xp) if run.dp is None else read_results(run.accs, xp,
+                                                                                gather=run.dp.comm.allgather)
+        for acc, value in zip(run.accs, values):
             logs[acc.metric.name] = value
     if run.val is not None:
         args = (model, run.val[0], run.val[1], run.lossfn, xp, run.fused, run.val_metrics)

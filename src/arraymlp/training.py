@@ -813,7 +813,9 @@ def _finish_epoch(run: _Run, epoch: int, epoch_lr: float, t0: float, total: floa
     logs = {"epoch": epoch, "step": run.step, "loss": total / max(seen, 1), "lr": epoch_lr,
             "val_loss": None, "val_metric": None}
     if run.accs:  # the training metrics' sums, read once, now (and added over the ranks: one collective)
-        for acc, value in zip(run.accs, read_results(run.accs, run.xp, None if dp is None else dp.comm.allgather)):
+        values = read_results(run.accs, run.xp) if dp is None else read_results(run.accs, run.xp,
+                                                                                gather=dp.comm.allgather)
+        for acc, value in zip(run.accs, values):
             logs[acc.metric.name] = value
     if run.val is not None:
         x_val, y_val = run.val
