@@ -200,8 +200,10 @@ def _on_host(a: Any) -> bool:
 class DataParallel:
     """Data-parallel training over an MPI communicator.
 
-    Pass it (or the communicator itself) as ``comm=`` to :meth:`arraymlp.Sequential.fit`.
-    Every rank must call ``fit`` with the same arguments and the same data.
+    Pass it (or the communicator itself) as ``comm=`` to :meth:`arraymlp.Sequential.fit`
+    or :meth:`arraymlp.Sequential.partial_fit`. Every rank must call them with the same
+    arguments and the same data (checked at each call: the data's shapes and dtypes and
+    the options, not the values).
 
     Parameters
     ----------

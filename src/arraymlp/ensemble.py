@@ -957,9 +957,9 @@ def fit(model, x, y, *, loss: str | Loss | None = None, optimizer: str | Optimiz
     run.best, run.best_epoch = numpy.full(k, numpy.inf), numpy.full(k, -1)
     run.wait = numpy.zeros(k, dtype=int)
     start_epoch = _resume(run, resume_from, callbacks, schedules)
-    call = {"lr": _plain(lr), "momentum": _plain(momentum), "weight_decay": _plain(weight_decay),
-            "betas": _plain(betas), "l2": _plain(l2), "epochs": epochs, "batch_size": batch_size, "shuffle": shuffle,
-            "optimizer steps": run.rule.t}
+    call = None if comm is None else {
+        "lr": _plain(lr), "momentum": _plain(momentum), "weight_decay": _plain(weight_decay), "betas": _plain(betas),
+        "l2": _plain(l2), "epochs": epochs, "batch_size": batch_size, "shuffle": shuffle, "optimizer steps": run.rule.t}
     verbose = _data_parallel(run, comm, callbacks, verbose, call, "partial_fit" if _reuse_optimizer else "fit")
     if resume_from is not None and schedule is None:  # the checkpoint's rates replace lr=
         r = run.rule.lr
@@ -1035,7 +1035,9 @@ def _plain(value):
     """A per-member option as host floats (to compare across ranks), None kept."""
     if value is None or isinstance(value, (int, float)):
         return value
-    return numpy.asarray(to_numpy(value) if hasattr(value, "shape") else value, dtype=float).tolist()
+    if hasattr(value, "shape"):
+        return numpy.asarray(to_numpy(value), dtype=float).tolist()
+    return [_plain(v) for v in value]
 
 
 def _estimator_options(run: _Run, active, l2_per_batch: bool, host_weight) -> None:

@@ -516,7 +516,8 @@ def _call(run: _Run, epochs: int) -> dict:
             "validation data": None if run.val is None else tuple(_described(a) for a in run.val),
             "epochs": epochs, "batch_size": run.batch_size, "shuffle": run.shuffle, "l2": run.l2,
             "loss": run.lossfn.name, "metrics": [m.name for m in run.metrics],
-            "optimizer": type(run.opt).__name__, "lr": run.opt.lr, "optimizer steps": run.opt.step_count}
+            "optimizer": type(run.opt).__name__, "lr": getattr(run.opt, "lr", None),
+            "optimizer steps": getattr(run.opt, "step_count", None)}
 
 
 def _start_run(run: _Run, epochs: int, resume_from, comm, progress: bool, verbose: bool,
