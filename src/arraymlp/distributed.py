@@ -346,7 +346,9 @@ class DataParallel:
             On every rank, naming what differs and its value on each rank.
         """
         mine = {"x shape": tuple(int(s) for s in x.shape), **(call or {})}
-        calls = self.comm.allgather(mine)
+        # the root's generator state travels in the same collective
+        gathered = self.comm.allgather((mine, model.rng.get_state() if self.is_root else None))
+        calls, state = [c for c, _ in gathered], gathered[self.root][1]
         differ = [name for name in mine if any(c.get(name) != mine[name] for c in calls)]
         if differ or any(set(c) != set(mine) for c in calls):
             name = differ[0] if differ else "arguments"
@@ -356,7 +358,6 @@ class DataParallel:
             )
             raise ValueError(msg)
         self.broadcast_parameters(model)
-        state = self.comm.bcast(model.rng.get_state() if self.is_root else None, root=self.root)
         model.rng.set_state(state)
         if not self.is_root:
             # Same permutation everywhere, but independent dropout masks per rank: a key of
