@@ -350,3 +350,93 @@ def test_an_ensemble_reads_no_more_per_step_than_a_plain_model():
     assert row["ranks"] == 2
     assert row["ensemble"] <= row["plain"], row
     assert row["ensemble"] <= 2 and row["plain"] <= 4, row
+
+
+# ----------------------------------------------------------------------------- metrics over ranks
+class _Gathered(Exception):
+    pass
+
+
+def _sums_over_ranks(make_accs, shards, update, anchor):
+    """Each simulated rank's accumulators over its shards (anchored on the first row of
+    the data, as fit anchors them), and the values ``read_results`` gives every rank
+    once the ranks' sums are gathered."""
+    from arraymlp.metrics import read_results
+
+    ranks, payloads = [], []
+    for shard in shards:
+        accs = make_accs()
+        for acc in accs:
+            acc.metric._anchor(acc, anchor)
+        for part in shard:
+            update(accs, part)
+        ranks.append(accs)
+
+    def capture(payload):
+        payloads.append(payload)
+        raise _Gathered
+
+    for accs in ranks:
+        with pytest.raises(_Gathered):
+            read_results(accs, accs[0].xp, gather=capture)
+    return [read_results(accs, accs[0].xp, gather=lambda _: payloads) for accs in ranks]
+
+
+@pytest.mark.parametrize("task", ["classification", "regression"])
+@pytest.mark.parametrize("members", [None, 3])
+def test_metric_sums_added_over_ranks_are_the_whole_datas(backend, task, members):
+    """The training metrics' sums of three ranks (one of which saw no rows at all),
+    added as a data-parallel epoch adds them, give each rank the values of one
+    accumulator over all the rows: accuracy, top-2 accuracy, MAE, R^2 of targets far
+    from 0 (its sums about the data's first row on every rank) and a callable metric
+    (run member by member for an ensemble)."""
+    import arraymlp as am
+    from arraymlp.metrics import _MembersPair, _Pair, get_metrics, read_results
+
+    backend.skip_without_float64()
+    xp, device = backend.xp, backend.device
+    rng = np.random.default_rng(5)
+    n, k = 23, members or 1
+    if task == "classification":
+        y_np = rng.integers(0, 4, size=n)
+        names, kind = ["accuracy", am.metrics.top_k_accuracy(2)], "multiclass"
+        out_np = rng.normal(size=(k, n, 4))
+    else:
+        y_np = rng.normal(size=(n, 2)) * 0.1 + np.array([1e3, -50.0])
+        names, kind = ["mae", "r2"], "regression"
+        out_np = y_np + rng.normal(size=(k, n, 2))
+
+    def own(y_true, y_pred, *, xp):  # a metric of one's own: a mean over the samples
+        if task == "classification":
+            return xp.mean(xp.astype(y_true != y_pred, xp.float64))
+        return xp.mean(xp.abs(xp.astype(y_true, xp.float64) - xp.astype(y_pred, xp.float64)))
+
+    metrics = get_metrics([*names, own], kind, int(out_np.shape[-1]))
+    y = backend.asarray(y_np)
+    out = backend.asarray(out_np if members else out_np[0])
+
+    def make_accs():
+        if members:
+            return [m.start_members(xp, xp.float64, device, members) for m in metrics]
+        return [m.start(xp, xp.float64, device) for m in metrics]
+
+    def update(accs, rows):
+        lo, hi = rows
+        if lo == hi:  # an empty shard computes nothing
+            return
+        pair = (_MembersPair(y[lo:hi, ...], out[:, lo:hi, ...], kind, xp) if members
+                else _Pair(y[lo:hi, ...], out[lo:hi, ...], kind, xp))
+        for acc in accs:
+            acc.update(pair)
+
+    # batches of 2 rows over 3 ranks (a short last batch): rank 2's shards are all empty
+    shards = [[shard_bounds(start, min(start + 2, n), r, 3) for start in range(0, n, 2)] for r in range(3)]
+    assert all(lo == hi for lo, hi in shards[2])
+    got = _sums_over_ranks(make_accs, shards, update, y[0:1, ...])
+    whole = make_accs()
+    update(whole, (0, n))
+    want = read_results(whole, xp)
+    for values in got:  # every rank: the same values, the whole data's
+        for m, a, b in zip(metrics, values, want):
+            np.testing.assert_allclose(np.asarray(a, dtype=float), np.asarray(b, dtype=float), rtol=1e-12,
+                                       atol=1e-12, err_msg=m.name)
