@@ -34,6 +34,13 @@ metric that is a mean over samples.
 Training metrics are computed on each training batch's forward pass, before that
 step's update (with dropout active), as Keras does; validation and ``evaluate`` use
 inference mode.
+
+In data-parallel training (``fit(..., comm=)``) each rank accumulates the rows of its
+shards, and when the epoch ends the ranks' sums and counts are added (one collective),
+so every rank gets the values a single process gets over the whole batches: the
+library's metrics keep sums that add up (R^2's are taken about the epoch's first
+target row on every rank); a callable's per-shard values are weighted by the shards'
+row counts, which is exact for a mean over samples.
 """
 
 from __future__ import annotations
