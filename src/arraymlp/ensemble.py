@@ -1011,7 +1011,7 @@ def _start_history(run: _Run, metrics) -> EnsembleHistory:
     return history
 
 
-def _data_parallel(run: _Run, comm, callbacks, verbose: bool, call: dict, what: str) -> bool:
+def _data_parallel(run: _Run, comm, callbacks, verbose: bool, call: dict | None, what: str) -> bool:
     """``comm=`` set up, after resuming: the ranks' arguments compared (``call``, with the
     data's shapes and dtypes), the root's parameters and generator state broadcast,
     checkpoints made root-only; whether this rank prints (``verbose``)."""

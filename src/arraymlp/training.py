@@ -133,8 +133,8 @@ def _loss_then_update(model, opt, lossfn, xb, yb, wb, *, xp, l2=0.0, dp=None, am
     :class:`arraymlp.MixedPrecision`) the step runs in its compute dtype. ``fuse=False``
     always gathers the gradients and calls ``opt.step``. ``on_outputs(out)`` is called
     with the batch's output before backpropagation (this rank's shard's, under data
-    parallelism); ``hits``
-    (the training accuracy's count, see :func:`_loss_counts_hits`) goes to the loss.
+    parallelism); ``hits`` (the training accuracy's count, see :func:`_loss_counts_hits`)
+    goes to the loss.
     """
     if amp is not None:
         return amp.loss_then_update(model, opt, lossfn, xb, yb, wb, xp=xp, l2=l2, on_outputs=on_outputs)
