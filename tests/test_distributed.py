@@ -440,3 +440,61 @@ def test_metric_sums_added_over_ranks_are_the_whole_datas(backend, task, members
         for m, a, b in zip(metrics, values, want):
             np.testing.assert_allclose(np.asarray(a, dtype=float), np.asarray(b, dtype=float), rtol=1e-12,
                                        atol=1e-12, err_msg=m.name)
+
+
+# ----------------------------------------------------------------------------- the ranks' arguments
+class _TwoRanks:
+    """A communicator of two ranks seen from rank 0, in one process: ``allgather``
+    answers with this rank's payload and rank 1's, which ``other`` makes from it."""
+
+    def __init__(self, other):
+        self.other = other
+
+    def Get_rank(self):
+        return 0
+
+    def Get_size(self):
+        return 2
+
+    def allgather(self, payload):
+        return [payload, self.other(payload)]
+
+
+def _rank1(**changes):
+    """Rank 1's payload of DataParallel.begin: this rank's arguments with ``changes``."""
+    return lambda payload: ({**payload[0], **changes}, None)
+
+
+@pytest.mark.parametrize("members", [None, 3])
+def test_ranks_passing_different_arguments_are_named(backend, members):
+    """Before any step, fit and partial_fit compare what the ranks pass (one allgather)
+    and raise on every rank naming what differs and its value on each rank: the batch
+    size, the sample weights' shape, the optimiser's step count of a rank that made one
+    partial_fit call fewer, the data's dtype."""
+    pytest.importorskip("mpi4py")
+    import arraymlp as am
+    from arraymlp.distributed import DataParallel
+
+    rng = np.random.default_rng(0)
+    x, y = backend.asarray(rng.normal(size=(20, 3))), backend.asarray(rng.integers(0, 2, size=20))
+    model = am.MLP([3, 4, 2], output_activation="softmax", dtype="float64", seed=0, ensemble=members,
+                   **backend.model_kwargs())
+    fit = {"loss": "cross_entropy", "progress": False, "epochs": 1, "batch_size": 8}
+
+    def dp(**changes):
+        return DataParallel(_TwoRanks(_rank1(**changes)), abort_on_error=False)
+
+    with pytest.raises(ValueError, match=r"call fit with the same data and arguments; batch_size differs: "
+                                         r"8 on rank 0, 16 on rank 1"):
+        model.fit(x, y, comm=dp(batch_size=16), **fit)
+    w = backend.asarray(np.ones((members, 20) if members else 20))
+    shape = (members, 20) if members else (20,)
+    with pytest.raises(ValueError, match=re.escape(f"sample_weight differs: ({shape}, 'float64') on rank 0, "
+                                                   "None on rank 1")):
+        model.fit(x, y, sample_weight=w, comm=dp(sample_weight=None), **fit)
+    with pytest.raises(ValueError, match="x dtype differs"):
+        model.fit(x, y, comm=dp(**{"x dtype": "float32"}), **fit)
+    model.partial_fit(x, y, loss="cross_entropy", batch_size=8)  # on this rank only: 3 steps
+    with pytest.raises(ValueError, match=r"call partial_fit with the same data and arguments; optimizer steps "
+                                         r"differs: 3 on rank 0, 0 on rank 1"):
+        model.partial_fit(x, y, batch_size=8, comm=dp(**{"optimizer steps": 0}))

@@ -46,6 +46,7 @@ from ._backend import (
     check_same_backend,
     check_same_device,
     device_of,
+    dtype_name,
     get_namespace,
     index_dtype,
     is_float16,
@@ -1020,9 +1021,9 @@ def _data_parallel(run: _Run, comm, callbacks, verbose: bool, call: dict | None,
     from .distributed import DataParallel
 
     def described(a):
-        return None if a is None else (tuple(int(s) for s in a.shape), str(a.dtype))
+        return None if a is None else (tuple(int(s) for s in a.shape), dtype_name(a.dtype))
 
-    call = {"x dtype": str(run.x.dtype), "y": described(run.y), "sample_weight": described(run.w),
+    call = {"x dtype": dtype_name(run.x.dtype), "y": described(run.y), "sample_weight": described(run.w),
             "validation data": None if run.val is None else tuple(described(a) for a in run.val),
             "loss": run.lossfn.name, "metrics": [m.name for m in run.metrics],
             "optimizer": type(run.rule.opt).__name__, **call}

@@ -43,6 +43,7 @@ from ._backend import (
     Generator,
     StepValues,
     device_of,
+    dtype_name,
     get_namespace,
     host_array,
     index_dtype,
@@ -506,13 +507,13 @@ def _arrange_callbacks(callbacks, early_stopping, *, validation: bool) -> list:
 
 def _described(a):
     """An array's shape and dtype (None for None), to compare across ranks."""
-    return None if a is None else (tuple(int(s) for s in a.shape), str(a.dtype))
+    return None if a is None else (tuple(int(s) for s in a.shape), dtype_name(a.dtype))
 
 
 def _call(run: _Run, epochs: int) -> dict:
     """What every rank must pass alike to train data-parallel, beside ``x``'s shape
     (:meth:`arraymlp.distributed.DataParallel.begin` compares it across the ranks)."""
-    return {"x dtype": str(run.x.dtype), "y": _described(run.y), "sample_weight": _described(run.sample_weight),
+    return {"x dtype": dtype_name(run.x.dtype), "y": _described(run.y), "sample_weight": _described(run.sample_weight),
             "validation data": None if run.val is None else tuple(_described(a) for a in run.val),
             "epochs": epochs, "batch_size": run.batch_size, "shuffle": run.shuffle, "l2": run.l2,
             "loss": run.lossfn.name, "metrics": [m.name for m in run.metrics],
