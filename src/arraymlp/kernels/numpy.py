@@ -153,18 +153,39 @@ def adam_update(p, g, m, v, vmax, lr, b1, b2, eps, wd, decoupled, t, xp, work=No
     with the ufunc path's operations in its order and dtype, so the same values bit for
     bit; otherwise the ufunc path into the work buffer (``_common``). The step's
     constants are computed as that path computes them, from numbers in Python or from
-    an ensemble's per-member arrays in their dtype."""
-    if type(p) is numpy.ndarray and p.size >= _jit.ADAM_MIN:  # (smaller: the call costs more than it saves)
-        decay = decoupled and R.is_on(wd)
-        coupled = R.is_on(wd) and not decoupled
+    an ensemble's per-member arrays in their dtype. With hyper-parameters that are
+    Python floats (a plain model's optimiser) the pass runs at every size, its checks
+    being cheap (:func:`._jit.adam_numbers`); per-member arrays take it from
+    :data:`._jit.ADAM_MIN` elements."""
+    if type(p) is numpy.ndarray:
+        if _numbers(lr, b1, b2, eps, wd) and type(t) is int:
+            on = wd != 0
+            coupled = on and not decoupled
+            decay = on and bool(decoupled)
+            if _jit.adam_numbers(p, g, m, v, vmax, (b1, 1.0 - b1, b2, 1.0 - b2, math.sqrt(1.0 - b2**t), eps,
+                                                    lr / (1.0 - b1**t), wd if coupled else 0.0,
+                                                    1.0 - lr * wd if decay else 1.0), coupled, decay):
+                return p, m, v, vmax
+        elif p.size >= _jit.ADAM_MIN:  # (smaller: the call costs more than it saves)
+            decay = decoupled and R.is_on(wd)
+            coupled = R.is_on(wd) and not decoupled
 
-        def constants():
-            return (b1, 1.0 - b1, b2, 1.0 - b2, R.hyper_sqrt(1.0 - b2**t, xp), eps, lr / (1.0 - b1**t),
-                    wd if coupled else 0.0, 1.0 - lr * wd if decay else 1.0)
+            def constants():
+                return (b1, 1.0 - b1, b2, 1.0 - b2, R.hyper_sqrt(1.0 - b2**t, xp), eps, lr / (1.0 - b1**t),
+                        wd if coupled else 0.0, 1.0 - lr * wd if decay else 1.0)
 
-        if _jit.adam(p, g, m, v, vmax, constants, coupled, decay):
-            return p, m, v, vmax
+            if _jit.adam(p, g, m, v, vmax, constants, coupled, decay):
+                return p, m, v, vmax
     return C.adam_update(p, g, m, v, vmax, lr, b1, b2, eps, wd, decoupled, t, xp, work)
+
+
+def _numbers(*hyper) -> bool:
+    """Whether every hyper-parameter is a Python float or int (not a NumPy scalar, which
+    NumPy would not round to the array's dtype first)."""
+    for h in hyper:
+        if type(h) is not float and type(h) is not int:
+            return False
+    return True
 
 
 OVERRIDES = {
