@@ -97,6 +97,18 @@ def dense_sgd_update(x, dy, W, b, lr, l2, xp, *, bias_grad=R.bias_grad, sgd_appl
     return W, b
 
 
+def dense_backward(x, W, dy, has_bias, need_dx, xp, *, bias_grad=R.bias_grad):
+    """Two-dimensional NumPy arrays multiply by their ``.T`` views (the standard
+    ``matrix_transpose`` is a Python-level wrapper call per product: two of the three
+    products of every layer's backward pass); the same products, so the same values.
+    Anything else (a sparse input, an ensemble's stacked arrays) as the shared kernel."""
+    if type(x) is numpy.ndarray and x.ndim == 2 and type(W) is numpy.ndarray and W.ndim == 2:
+        dW = x.T @ dy
+        db = bias_grad(dy, xp) if has_bias else None
+        return (dy @ W.T if need_dx else None), dW, db
+    return C.dense_backward(x, W, dy, has_bias, need_dx, xp, bias_grad=bias_grad)
+
+
 def row_max(x, xp):
     """Many short rows are reduced from a transposed copy, column by column: NumPy
     reduces a short last axis row by row, at tens of nanoseconds a row."""
@@ -197,6 +209,7 @@ OVERRIDES = {
     "add_argmax_hits": add_argmax_hits,
     "all_finite": all_finite,
     "bias_grad": bias_grad,
+    "dense_backward": dense_backward,
     "dense_relu_forward": dense_relu_forward,
     "dense_sgd_update": dense_sgd_update,
     "relu_forward_inplace": relu_forward_inplace,
