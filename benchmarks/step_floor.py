@@ -9,6 +9,12 @@ each and their ratios, with the load average before and after.
     python benchmarks/step_floor.py                          # W1, W2, W5 at 256, S; numpy, torch
     python benchmarks/step_floor.py --workload W1 --backend numpy --optimizer adam --dtype float32
     python benchmarks/step_floor.py --json out.json          # every sample, to compare two versions
+    python benchmarks/step_floor.py --compare a1.json,a2.json b1.json,b2.json   # B against A
+
+``--compare`` reads the JSON files of two versions (several runs each, alternated in
+time), and prints for every case B's time over A's (the minimum over all runs of each,
+and the median of the runs' medians) and each version's step over its floor (the
+same). Nothing is timed then.
 
 ``S`` is the small plain network of the ensemble workload (64-32-10, batch 64). The
 work runs with one thread per pool (``--threads``) unless told otherwise: steadier on
@@ -85,6 +91,32 @@ def run(workloads, backends, optimizers, dtypes, *, repeat: int, min_time: float
     return rows
 
 
+def compare(a_files: list[str], b_files: list[str]) -> None:
+    """Print B against A, case by case, from the JSON files of their runs."""
+    def load(files):
+        out: dict = {}
+        for path in files:
+            with open(path) as f:
+                for row in json.load(f)["rows"]:
+                    out.setdefault((row["workload"], row["dtype"], row["name"]), []).append(row)
+        return out
+
+    a, b = load(a_files), load(b_files)
+    print(f"{'case':32s} {'B/A min':>8s} {'B/A med':>8s}   {'A x floor (min, med)':>20s}   "
+          f"{'B x floor (min, med)':>20s}")
+    for key, rows_a in a.items():
+        rows_b = b.get(key)
+        if not rows_b or key[2].startswith("floor"):
+            continue
+        def stats(rows):
+            return (min(r["min"] for r in rows), float(numpy.median([r["median"] for r in rows])),
+                    min(r["min_ratio"] for r in rows), float(numpy.median([r["median_ratio"] for r in rows])))
+        amin, amed, afl, afm = stats(rows_a)
+        bmin, bmed, bfl, bfm = stats(rows_b)
+        print(f"{' '.join(key):32s} {bmin / amin:8.3f} {bmed / amed:8.3f}   {afl:9.3f} {afm:9.3f}   "
+              f"{bfl:9.3f} {bfm:9.3f}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workload", default="W1,W2,W5,S")
@@ -95,7 +127,12 @@ def main(argv=None) -> int:
     ap.add_argument("--min-time", type=float, default=0.02)
     ap.add_argument("--threads", type=int, default=1, help="threads per pool (0: each library's default)")
     ap.add_argument("--json", help="write every sample as JSON")
+    ap.add_argument("--compare", nargs=2, metavar=("A", "B"),
+                    help="comma-separated JSON files of version A's runs and of version B's")
     args = ap.parse_args(argv)
+    if args.compare:
+        compare(args.compare[0].split(","), args.compare[1].split(","))
+        return 0
     from arraymlp.bench import limit_threads
     from arraymlp.kernels import _jit
 
