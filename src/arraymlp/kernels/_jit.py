@@ -239,11 +239,12 @@ def _constants(hyper, k: int, p):
     return table
 
 
-def _adam_arrays(p, g, m, v, vmax):
+def _adam_arrays(p, g, m, v, vmax, disjoint: bool = False):
     """The arrays of an Adam step, ``(p, g, m, v[, vmax])``, where the compiled pass may
     take them (see :func:`adam`), else None. Arrays that own their memory and are
     distinct objects cannot overlap, which spares the pairwise memory test (about
-    0.3 us a pair) in the usual case: state the optimiser made, a fresh gradient."""
+    0.3 us a pair) in the usual case: state the optimiser made, a fresh gradient; so
+    does ``disjoint``, the caller's word that it has compared the memory ranges."""
     dt = p.dtype
     if dt not in _DTYPES:
         return None
@@ -259,7 +260,7 @@ def _adam_arrays(p, g, m, v, vmax):
             return None
         owners = owners and f.owndata
     # distinct buffers: the loop reads each element of g, m, v after writing p, m, v
-    if owners and len({id(a) for a in arrays}) == len(arrays):
+    if disjoint or (owners and len({id(a) for a in arrays}) == len(arrays)):
         return arrays
     if any(numpy.may_share_memory(a, b) for i, a in enumerate(arrays) for b in arrays[i + 1:]):
         return None
@@ -309,18 +310,20 @@ def adam_numbers(p, g, m, v, vmax, constants: tuple, coupled: bool, decoupled: b
     return True
 
 
-def adam_around_sqrt(p, g, m, v, vmax, w, constants: tuple, coupled: bool, decoupled: bool, sqrt) -> bool:
+def adam_around_sqrt(p, g, m, v, vmax, w, constants: tuple, coupled: bool, decoupled: bool, sqrt,
+                     disjoint: bool = False) -> bool:
     """:func:`adam_numbers` in two compiled passes around ``sqrt()``, the caller's square
     root of ``v`` (or ``vmax``) into ``w``: for a library whose square root rounds
     otherwise than IEEE's (torch's vectorised one), so that the values stay that
     library's own, bit for bit. ``w`` is a scratch array of ``p``'s dtype and shape,
-    sharing memory with none of the others; False (nothing written) where the passes do
-    not apply."""
+    sharing memory with none of the others (``disjoint``: the caller has checked that no
+    two of the arrays share memory); False (nothing written) where the passes do not
+    apply."""
     if _kernels is None or type(p) is not numpy.ndarray or type(w) is not numpy.ndarray:
         return False
-    arrays = _adam_arrays(p, g, m, v, vmax)
+    arrays = _adam_arrays(p, g, m, v, vmax, disjoint)
     if (arrays is None or w.dtype != p.dtype or w.shape != p.shape or not w.flags.c_contiguous
-            or not w.flags.writeable or any(numpy.may_share_memory(w, a) for a in arrays)):
+            or not w.flags.writeable or (not disjoint and any(numpy.may_share_memory(w, a) for a in arrays))):
         return False
     kern = _ready("adam", p.size)
     if kern is None:

@@ -58,6 +58,20 @@ def add_argmax_hits(total, scores, labels, xp):
     return R.add_argmax_hits(total, scores, labels, xp)
 
 
+def _disjoint(ts) -> bool:
+    """Whether the tensors are contiguous and no two share memory, from their address
+    ranges (faster than NumPy's overlap test of each pair of their views); False
+    proves nothing."""
+    spans = []
+    for t in ts:
+        if not t.is_contiguous():
+            return False
+        start = t.data_ptr()
+        spans.append((start, start + t.nbytes))
+    spans.sort()
+    return all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+
+
 def adam_update(p, g, m, v, vmax, lr, b1, b2, eps, wd, decoupled, t, xp, work=None):
     """CPU tensors outside autograd, with hyper-parameters that are Python numbers, take
     two compiled passes over NumPy views of their memory (``Tensor.numpy()``, no copy)
@@ -72,6 +86,7 @@ def adam_update(p, g, m, v, vmax, lr, b1, b2, eps, wd, decoupled, t, xp, work=No
         ts = (p, g, m, v) if vmax is None else (p, g, m, v, vmax)
         if all(type(a) is torch.Tensor and a.device.type == "cpu" and not a.requires_grad for a in ts):
             w = C._buffers(work, 1, p, xp)[0]
+            disjoint = _disjoint((*ts, w))
             try:
                 arrays = [a.numpy() for a in ts]
                 wn = w.numpy()
@@ -86,7 +101,7 @@ def adam_update(p, g, m, v, vmax, lr, b1, b2, eps, wd, decoupled, t, xp, work=No
                         arrays[0], arrays[1], arrays[2], arrays[3], None if vmax is None else arrays[4], wn,
                         (b1, 1.0 - b1, b2, 1.0 - b2, math.sqrt(1.0 - b2**t), eps, lr / (1.0 - b1**t),
                          wd if coupled else 0.0, 1.0 - lr * wd if decay else 1.0), coupled, decay,
-                        lambda: torch.sqrt(second, out=w)):
+                        lambda: torch.sqrt(second, out=w), disjoint):
                     return p, m, v, vmax
     return C.adam_update(p, g, m, v, vmax, lr, b1, b2, eps, wd, decoupled, t, xp, work)
 
