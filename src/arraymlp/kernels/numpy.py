@@ -87,6 +87,21 @@ def dense_sgd_update(x, dy, W, b, lr, l2, xp, *, bias_grad=R.bias_grad, sgd_appl
     if not (W.ndim == 2 and x.ndim == 2 and math.prod(W.shape) >= _BLAS_ACC_MIN
             and _blas.gemm_acc(W, x, dy, -lr, 1.0 - lr * l2)):
         # the reference's step (inlined: a call less per layer)
+        if type(x) is numpy.ndarray and x.ndim == 2 and type(W) is numpy.ndarray and W.flags.writeable:
+            g = x.T @ dy  # a fresh array: sgd_apply's operations on it, in its order
+            if l2:
+                g += l2 * W
+            g *= -lr
+            W += g
+            if b is not None:
+                db = bias_grad(dy, xp)
+                if (type(b) is numpy.ndarray and b.flags.writeable and type(db) is numpy.ndarray
+                        and db.flags.writeable):
+                    db *= -lr
+                    b += db
+                else:
+                    b = sgd_apply(b, db, lr, 0.0, xp)
+            return W, b
         if is_sparse(x):
             g = C.sparse_product(x.T, dy, xp)
         else:
