@@ -214,9 +214,11 @@ def add_argmax_hits(total, x, labels) -> bool:
     return True
 
 
-#: Adam's compiled pass takes parameters of at least this many elements: below, its
-#: call (checks, constants, dispatch: about 15 us) costs more than the dozen ufunc
-#: passes it replaces.
+#: Adam's compiled pass takes per-member (array) hyper-parameters for parameters of at
+#: least this many elements: below, its call (checks, a table of the members' constants,
+#: dispatch: about 15 us) costs more than the dozen ufunc passes it replaces. With
+#: hyper-parameters that are Python numbers it runs at every size
+#: (:func:`adam_numbers`, whose checks cost a few microseconds).
 ADAM_MIN = 16384
 
 
