@@ -331,7 +331,7 @@ class Optimizer:
         if not arrays:
             return params
         garrays = [a for layer in grads for a in layer.values()]
-        types = {type(a) for a in arrays} | {type(a) for a in garrays}
+        types = set(map(type, arrays)).union(map(type, garrays))
         if len(types) == 1:  # one array type, one namespace
             kind = types.pop()
             xp = _NAMESPACE_OF_TYPE.get(kind)
@@ -345,6 +345,15 @@ class Optimizer:
         else:
             self._check_state(params, xp)
         self.step_count += 1
+        update, wd_all, decay_bias = self._update, self.weight_decay, self.decay_bias
+        if len(set(map(id, arrays))) == len(arrays):  # no array in two slots: each updated once
+            for layer, glayer, slayer in zip(params, grads, self.state):
+                for key, p in layer.items():
+                    new = update(p, glayer[key], slayer[key], lr=lr, wd=wd_all if (key == "W" or decay_bias) else 0.0,
+                                 xp=xp)
+                    if new is not p:  # not updated in place: written back
+                        layer[key] = new
+            return params
         # One array held by several slots (tied weights) takes each slot's update in turn,
         # as an in-place update does; where the update makes a new array (JAX), the next
         # slot starts from it and every slot ends holding the last one, so ties hold.
@@ -477,8 +486,9 @@ class Optimizer:
             return  # no state arrays (plain SGD): no shapes to compare
         for slayer, layer in zip(state, params):
             for key, p in layer.items():
+                shape = p.shape
                 for a in slayer[key].values():
-                    if tuple(a.shape) != tuple(p.shape):
+                    if a.shape != shape and tuple(a.shape) != tuple(shape):
                         msg = (
                             f"the optimizer's state for {key!r} has shape {tuple(a.shape)} but the "
                             f"parameter has shape {tuple(p.shape)}; "
