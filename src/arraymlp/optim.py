@@ -1355,10 +1355,10 @@ class LBFGS(Optimizer):
             d, gtd0, dmax, size = self._direction(g, history, gamma, xp, norm=norm)
             if more_thuente:  # L-BFGS-B: a first step of unit length, then the quasi-Newton step
                 t0 = self.lr * min(1.0 / size, _MAX_STEP) if first else self.lr
-                best = self._more_thuente(fun, params, x, d, f, gtd0, t0, xp)
+                best = self._search(fun, params, x, d, self._more_thuente(self, f, gtd0, t0), xp)
             else:  # torch.optim.LBFGS's choice of the first step
                 t0 = self.lr * min(1.0, 1.0 / size) if first else self.lr
-                best = self._line_search(fun, params, x, d, f, gtd0, t0, dmax, eps, xp)
+                best = self._search(fun, params, x, d, self._line_search(self, f, gtd0, t0, dmax, eps), xp)
             if best is None or best.t == 0.0:
                 self._set(params, x, d, 0.0, xp)
                 if self.status == "max_fun":
@@ -1454,7 +1454,19 @@ class LBFGS(Optimizer):
                 q[i] = _iadd(q[i], (a - b) * si)
         return q
 
-    def _more_thuente(self, fun, params, x, d, f0, gtd0, t, xp):
+    def _search(self, fun, params, x, d, steps, xp):
+        """Drive a line search's ``steps`` (a generator from :meth:`_more_thuente` or
+        :meth:`_line_search`: it yields trial steps and is sent ``(f, g.d, g)`` at each)
+        along ``d`` from ``x``, one evaluation at a time; return its result."""
+        try:
+            t = next(steps)
+            while True:
+                self._set(params, x, d, t, xp)
+                t = steps.send(self._evaluate(fun, params, d, xp))
+        except StopIteration as done:
+            return done.value
+
+    def _more_thuente(self, run, f0, gtd0, t):
         """Moré and Thuente's line search along ``d`` from step ``t`` (the search of
         L-BFGS-B, with its constants ``c1``, ``c2``, ``xtol = 0.1``, steps in
         ``[0, 1e10]``): a :class:`_Trial` meeting the strong Wolfe conditions, or the last
@@ -1462,6 +1474,12 @@ class LBFGS(Optimizer):
         L-BFGS-B takes it, even above ``f0``; the caller's ``ftol`` rule then stops);
         ``None`` after ``max_ls`` evaluations without one, or when the evaluations run
         out first with no trial of sufficient decrease (else that lowest trial).
+
+        A generator, so that one run (:meth:`iterate`) or many side by side
+        (:meth:`iterate_members`) drive it: it yields each trial step and is sent the
+        trial's ``(f, g.d, g)``; ``run`` holds the evaluation count ``n_fun`` (already
+        counting the trial when it is sent) and gets ``status = "max_fun"`` when the
+        evaluations run out.
 
         Stage 1 works on ``psi(t) = f(t) - f0 - c1 t g0`` while no step has
         ``psi <= 0`` with a non-negative slope; each new step comes from
@@ -1479,16 +1497,15 @@ class LBFGS(Optimizer):
         lowest = None  # the lowest trial with sufficient decrease, for an evaluation cap
         t_bad = math.inf  # the shortest step found not finite
         for _ in range(self.max_ls):
-            if self.n_fun >= self.max_fun:
-                self.status = "max_fun"
+            if run.n_fun >= self.max_fun:
+                run.status = "max_fun"
                 return lowest
-            self._set(params, x, d, t, xp)
-            f, gtd, g = self._evaluate(fun, params, d, xp)
+            f, gtd, g = yield t
             if not (math.isfinite(f) and math.isfinite(gtd)):
                 t_bad = min(t_bad, t)
                 t = lo[0] + 0.5 * (t - lo[0])
                 continue
-            cur = _Trial(t, f, gtd, g, self.n_fun)
+            cur = _Trial(t, f, gtd, g, run.n_fun)
             ftest = f0 + t * gtest
             if f <= ftest and (lowest is None or f < lowest.f):
                 lowest = cur
@@ -1517,32 +1534,32 @@ class LBFGS(Optimizer):
             t = t_next
         return None
 
-    def _line_search(self, fun, params, x, d, f0, gtd0, t, dmax, eps, xp):
+    def _line_search(self, run, f0, gtd0, t, dmax, eps):
         """A step meeting the strong Wolfe conditions along ``d`` (or, when evaluations
         run out first, the lowest point found with sufficient decrease): a
-        :class:`_Trial`, or ``None`` when no point below ``f0`` was found."""
+        :class:`_Trial`, or ``None`` when no point below ``f0`` was found. A generator,
+        driven as :meth:`_more_thuente` is."""
         c1, c2 = self.c1, self.c2
         prev = _Trial(0.0, f0, gtd0, None)
         for i in range(self.max_ls):
-            if self.n_fun >= self.max_fun:
-                self.status = "max_fun"
+            if run.n_fun >= self.max_fun:
+                run.status = "max_fun"
                 return prev
-            self._set(params, x, d, t, xp)
-            f, gtd, g = self._evaluate(fun, params, d, xp)
-            cur = _Trial(t, f if math.isfinite(f) else math.inf, gtd, g, self.n_fun)
+            f, gtd, g = yield t
+            cur = _Trial(t, f if math.isfinite(f) else math.inf, gtd, g, run.n_fun)
             if cur.f > f0 + c1 * t * gtd0 or (i > 0 and cur.f >= prev.f):
-                return self._zoom(fun, params, x, d, f0, gtd0, prev, cur, dmax, eps, xp, i + 1)
+                return (yield from self._zoom(run, f0, gtd0, prev, cur, dmax, eps, i + 1))
             if abs(cur.gtd) <= -c2 * gtd0:
                 return cur
             if cur.gtd >= 0.0:
-                return self._zoom(fun, params, x, d, f0, gtd0, cur, prev, dmax, eps, xp, i + 1)
+                return (yield from self._zoom(run, f0, gtd0, cur, prev, dmax, eps, i + 1))
             # extrapolate: beyond t by at least 1% of the last stride, at most 10 t
             lo, hi = t + 0.01 * (t - prev.t), 10.0 * t
             t_next = _interpolate(prev.t, prev.f, prev.gtd, t, cur.f, cur.gtd, lo, hi)
             prev, t = cur, t_next
         return prev
 
-    def _zoom(self, fun, params, x, d, f0, gtd0, lo, hi, dmax, eps, xp, used):
+    def _zoom(self, run, f0, gtd0, lo, hi, dmax, eps, used):
         """Nocedal & Wright's zoom between ``lo`` (sufficient decrease, the lower value)
         and ``hi``; return the Wolfe point, or ``lo`` when evaluations run out or the
         interval is narrow: below rounding, or (once ``lo`` is a step) at most a tenth of
@@ -1556,8 +1573,8 @@ class LBFGS(Optimizer):
             a, b = min(lo.t, hi.t), max(lo.t, hi.t)
             if (b - a) * dmax < xtol or (lo.t > 0.0 and b - a <= 0.1 * b):
                 break
-            if self.n_fun >= self.max_fun:
-                self.status = "max_fun"
+            if run.n_fun >= self.max_fun:
+                run.status = "max_fun"
                 break
             t = _interpolate(lo.t, lo.f, lo.gtd, hi.t, hi.f, hi.gtd, a, b)
             # keep the trial off the ends of the interval: at once when it sits on one,
@@ -1571,10 +1588,9 @@ class LBFGS(Optimizer):
                     stalled = True
             else:
                 stalled = False
-            self._set(params, x, d, t, xp)
-            f, gtd, g = self._evaluate(fun, params, d, xp)
+            f, gtd, g = yield t
             used += 1
-            cur = _Trial(t, f if math.isfinite(f) else math.inf, gtd, g, self.n_fun)
+            cur = _Trial(t, f if math.isfinite(f) else math.inf, gtd, g, run.n_fun)
             if cur.f > f0 + c1 * t * gtd0 or cur.f >= lo.f:
                 hi = cur
             else:
