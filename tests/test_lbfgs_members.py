@@ -17,6 +17,8 @@ import arraymlp as am
 from arraymlp.ensemble import member_seeds
 from arraymlp.optim import LBFGS
 
+JAX_X64 = True  # a jax-x64 row runs the float64 comparisons on JAX too
+
 
 @pytest.fixture(autouse=True)
 def _one_thread():
