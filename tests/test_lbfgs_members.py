@@ -80,12 +80,17 @@ def _member_fun(fun, i):
     return one
 
 
+@pytest.mark.parametrize("two_loop", ["stacked", "per_member"])
 @pytest.mark.parametrize("line_search", ["more_thuente", "strong_wolfe"])
-def test_each_member_is_the_plain_run(backend, rng, line_search):
+def test_each_member_is_the_plain_run(backend, rng, line_search, two_loop, monkeypatch):
     """Five softmax regressions with their own weights, L2 and starts: each member's
     iterations, evaluations, status, loss and parameters are those of
-    :meth:`LBFGS.iterate` on that member alone."""
+    :meth:`LBFGS.iterate` on that member alone, with the two-loop recursion over the
+    stacked histories or member by member."""
+    from arraymlp import optim
+
     backend.skip_without_float64()
+    monkeypatch.setattr(optim._Members, "per_member_two_loop", two_loop == "per_member")
     xp, dev = backend.xp, backend.device
     k, n, d, c = 5, 40, 3, 3
     xh = rng.normal(size=(n, d))

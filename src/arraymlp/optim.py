@@ -1846,6 +1846,11 @@ class _Members:
     (``rho`` (K, m) on the host, 0 where a member has no pair). Each request kind of the
     members' runs is served for all of them at once, by masks over the member axis."""
 
+    #: Whether the two-loop recursion runs member by member (the plain recursion on each
+    #: member's slices) instead of once over the stacked histories; both give each
+    #: member's direction, and benchmarks/lbfgs_members_vs_sequential.py times the two.
+    per_member_two_loop = False
+
     def __init__(self, opt, arrays, xp, k: int) -> None:
         self.opt, self.xp, self.k, self.m = opt, xp, k, opt.history_size
         self.dtype, self.device = arrays[0].dtype, device_of(arrays[0])
@@ -1936,7 +1941,7 @@ class _Members:
         those members forget their pairs and take ``-g``)."""
         xp, who = self.xp, sorted(requests)
         mask = self._mask(who)
-        d = self._two_loop()
+        d = self._two_loop_each(who) if self.per_member_two_loop else self._two_loop()
         self.D = [xp.where(self._per(mask, di), di, old) for di, old in zip(d, self.D)]
         gtd, dmax, n1, n2 = self._measure(requests)
         bad = [i for i in who if not gtd[i] < 0.0]
@@ -1984,6 +1989,21 @@ class _Members:
                 q[n] = _iadd(q[n], self._per(c, q[n]) * si[j, ...])
         return q
 
+    def _two_loop_each(self, who) -> list:
+        """:meth:`_two_loop` member by member: the plain recursion on each requesting
+        member's slices (its own pairs, oldest first), the rows stacked again (the others'
+        rows are their current directions)."""
+        xp, rows, asked = self.xp, [], set(who)
+        for i in range(self.k):
+            if i not in asked:
+                rows.append([di[i, ...] for di in self.D])
+                continue
+            pairs = [] if self.S is None else [
+                ([si[j, i, ...] for si in self.S], [yi[j, i, ...] for yi in self.Y], float(self.rho[i, j]))
+                for j in range(self.m - int(self.pairs[i]), self.m)]
+            rows.append(self.opt._two_loop([gi[i, ...] for gi in self.G], pairs, float(self.gamma[i]), xp))
+        return [xp.stack([row[n] for row in rows]) for n in range(len(self.D))]
+
     def accept(self, requests: dict) -> dict:
         """The members' accepted trials (member -> :class:`_Trial`, its ``g`` the stacked
         gradients of its round): ``s = t d``, ``y = g_new - g``, ``x += s``, ``g = g_new``;
@@ -2016,11 +2036,11 @@ class _Members:
         if self.S is None:
             self.S = [xp.zeros((self.m, *x.shape), dtype=self.dtype, device=self.device) for x in self.X]
             self.Y = [xp.zeros((self.m, *x.shape), dtype=self.dtype, device=self.device) for x in self.X]
-        mask = self._mask(who)
+        mask = None if len(who) == self.k else self._mask(who)
 
         def push(hist, new):
             shifted = xp.concat([hist[1:, ...], xp.expand_dims(new, axis=0)], axis=0)
-            return xp.where(self._per(mask, hist, lead=1), shifted, hist)
+            return shifted if mask is None else xp.where(self._per(mask, hist, lead=1), shifted, hist)
 
         self.S = [push(h, n) for h, n in zip(self.S, self.new_s)]
         self.Y = [push(h, n) for h, n in zip(self.Y, self.new_y)]
