@@ -6,7 +6,8 @@ solver="lbfgs", max_iter=200)`` from :mod:`arraymlp.sklearn`: one estimator with
 ``random_state`` whose fit member ``i`` reproduces (``member_seeds(seed, K)[i]``, see
 docs/sklearn.md), so both sides do the same K runs (the same iterations and evaluations).
 The ensemble side is timed with the two-loop recursion over the stacked histories (the
-default) and member by member. After a warm-up the sides alternate, in a rotating order,
+default) and member by member, and the recursion is also timed alone (full histories).
+After a warm-up the sides alternate, in a rotating order,
 ``--repeat`` times; the sequential side times ``--sample`` of its K fits per round and
 scales to K. Printed: each side's times, and the ratios sequential / ensemble of the
 minima and of the medians. BLAS runs on ``--threads`` threads (default 1: the figure is
@@ -79,6 +80,33 @@ def sequential_seconds(x, y, *, k: int, sample: int, max_iter: int) -> tuple[flo
     return (time.perf_counter() - t0) * k / sample, evaluations
 
 
+def two_loop_seconds(*, k: int, history: int = 10, repeat: int = 50, seed: int = 0) -> dict[str, float]:
+    """The two-loop recursion alone, for ``k`` members of the benchmark's network (64-100-10)
+    with full histories: the fastest of ``repeat`` interleaved calls of the stacked recursion
+    and of the per-member one, each giving all ``k`` directions."""
+    import numpy as np
+
+    from arraymlp.optim import LBFGS, _Members
+
+    rng = np.random.default_rng(seed)
+    shapes = [(64, 100), (1, 100), (100, 10), (1, 10)]
+    arrays = [rng.standard_normal((k, *s)) for s in shapes]
+    st = _Members(LBFGS(history_size=history), arrays, np, k)
+    st.G = [rng.standard_normal(a.shape) for a in arrays]
+    st.S = [rng.standard_normal((history, *a.shape)) * 1e-2 for a in arrays]
+    st.Y = [rng.standard_normal((history, *a.shape)) * 1e-2 for a in arrays]
+    st.rho[:] = rng.uniform(0.5, 2.0, size=(k, history))
+    st.gamma[:] = rng.uniform(0.5, 2.0, size=k)
+    st.pairs[:] = history
+    best = {"stacked": np.inf, "per_member": np.inf}
+    for r in range(repeat):
+        for name in (("stacked", "per_member") if r % 2 == 0 else ("per_member", "stacked")):
+            t0 = time.perf_counter()
+            st._two_loop() if name == "stacked" else st._two_loop_each(range(k))
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return best
+
+
 def _threads(n: int | None):
     if n is None:
         return contextlib.nullcontext()
@@ -97,6 +125,11 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     x, y = _data()
     k, sample = args.members, min(args.sample, args.members)
+    with _threads(args.threads or None):
+        alone = two_loop_seconds(k=k)
+    print(f"  two-loop recursion alone, K={k}, full histories of 10 pairs: stacked {alone['stacked'] * 1e3:.2f} ms, "
+          f"per member {alone['per_member'] * 1e3:.2f} ms (min of 50 interleaved; per member / stacked "
+          f"{alone['per_member'] / alone['stacked']:.2f}x)")
     times: dict[str, list[float]] = {"stacked": [], "per_member": [], "sequential": []}
     info = {}
     with _threads(args.threads or None):

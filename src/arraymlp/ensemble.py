@@ -930,7 +930,7 @@ def fit(model, x, y, *, loss: str | Loss | None = None, optimizer: str | Optimiz
         msg = f"fit of an ensemble does not support {', '.join(sorted(unsupported))} yet"
         raise NotImplementedError(msg)
     if _is_lbfgs(model, optimizer, _reuse_optimizer):  # K full-batch runs side by side
-        return fit_lbfgs(model, x, y, loss=loss, optimizer=optimizer or model.optimizer_, lr=lr, l2=l2, epochs=epochs,
+        return _fit_lbfgs(model, x, y, loss=loss, optimizer=optimizer or model.optimizer_, lr=lr, l2=l2, epochs=epochs,
                          sample_weight=sample_weight, metrics=metrics, callbacks=callbacks,
                          validation_split=validation_split,
                          refused={"momentum": momentum, "weight_decay": weight_decay, "betas": betas,
@@ -1769,7 +1769,7 @@ def _is_lbfgs(model, optimizer, reuse: bool) -> bool:
     return optimizer == "lbfgs" or isinstance(optimizer, LBFGS)
 
 
-def lbfgs_objective(model, x, y, lossfn, w, l2, xp, *, on_outputs=None):
+def _lbfgs_objective(model, x, y, lossfn, w, l2, xp, *, on_outputs=None):
     """The members' full-batch objectives for :meth:`arraymlp.optim.LBFGS.iterate_members`:
     ``fun(params) -> (losses (K,), grads)``, one batched forward and backward pass over
     all of ``(x, y)`` at the parameters the model holds (``params`` is
@@ -1795,7 +1795,7 @@ def lbfgs_objective(model, x, y, lossfn, w, l2, xp, *, on_outputs=None):
     return fun
 
 
-def fit_lbfgs(model, x, y, *, loss=None, optimizer="lbfgs", lr=None, l2=0.0, epochs=10, sample_weight=None,
+def _fit_lbfgs(model, x, y, *, loss=None, optimizer="lbfgs", lr=None, l2=0.0, epochs=10, sample_weight=None,
               metrics=None, callbacks=(), validation_split=0.0, refused=None) -> EnsembleHistory:
     """:func:`fit` with ``optimizer="lbfgs"``: K independent full-batch L-BFGS runs side by
     side (:meth:`arraymlp.optim.LBFGS.iterate_members`), member ``i`` exactly the run of
@@ -1841,7 +1841,7 @@ def fit_lbfgs(model, x, y, *, loss=None, optimizer="lbfgs", lr=None, l2=0.0, epo
     def keep(out):  # the evaluation's metric sums, on the device, before the loss reuses out
         latest["accs"] = _metric_sums(run, y=run.y, out=out, kind=kind)
 
-    fun = lbfgs_objective(model, run.x, run.y, lossfn, run.w, l2, xp, on_outputs=keep if run.metrics else None)
+    fun = _lbfgs_objective(model, run.x, run.y, lossfn, run.w, l2, xp, on_outputs=keep if run.metrics else None)
     t0 = time.perf_counter()
     with quiet_overflow(xp):
         try:

@@ -1278,8 +1278,24 @@ class LBFGS(Optimizer):
 
     # -- K independent runs side by side ----------------------------------------------
     def minimize_members(self, fun, params, *, limit: int | None = None):
-        """Minimise K objectives at once over stacked parameters (updated in place); return
-        ``params``. See :meth:`iterate_members`."""
+        """K independent L-BFGS runs over stacked parameters (updated in place), each
+        member's until its own stopping rule holds; return ``params``.
+
+        Parameters
+        ----------
+        fun : callable
+            ``fun(params) -> (losses, grads)``: the members' losses, shape (K,), and the
+            gradients of their sum, mirroring ``params``.
+        params : list of dict of arrays
+            Every array of shape (K, ...): member ``k``'s parameters are the slices ``[k]``.
+        limit : int, optional
+            Iterations per member (status ``"interrupted"`` when it is reached).
+
+        Returns
+        -------
+        list of dict of arrays
+            ``params``, each member at its last accepted point. See :meth:`iterate_members`.
+        """
         for _ in self.iterate_members(fun, params, limit=limit):
             pass
         return params
@@ -1319,10 +1335,11 @@ class LBFGS(Optimizer):
             The members that finished an iteration in the round, with what it reached
             (the parameter dicts hold those members' new points when it is yielded).
 
-        Attributes set
-        --------------
-        ``n_iter``, ``n_fun`` (int arrays (K,)), ``loss`` (float array (K,)), ``status``
-        and ``message`` (lists of K strings): each member's, as :meth:`iterate` sets them.
+        Notes
+        -----
+        Afterwards (and at each yield) ``n_iter``, ``n_fun`` (int arrays (K,)), ``loss``
+        (float array (K,)), ``status`` and ``message`` (lists of K strings) hold each
+        member's, as :meth:`iterate` sets them for one run.
 
         Examples
         --------

@@ -1180,7 +1180,7 @@ class _BaseMLP(BaseEstimator):
         for the members that had stopped)."""
         model, opt, lossfn, k = self.model_, self._optimizer, self._objective_row(), int(self.model_.ensemble)
         w = None if w_dev is None else xp.broadcast_to(xp.reshape(w_dev, (1, -1)), (k, int(w_dev.shape[0])))
-        fun = _ensemble.lbfgs_objective(model, x, y, lossfn, w, l2, xp)
+        fun = _ensemble._lbfgs_objective(model, x, y, lossfn, w, l2, xp)
         self._member_bookkeeping(k, False)
         curve: list = []
         with quiet_overflow(xp):
