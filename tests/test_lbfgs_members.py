@@ -384,3 +384,22 @@ def test_estimator_lbfgs_members_warn_naming_members():
     X, y = _iris()
     with pytest.warns(ConvergenceWarning, match=r"members \[0, 1, 2\]"):
         MLPClassifier(hidden_layer_sizes=(6,), solver="lbfgs", n_members=3, max_iter=3, random_state=0).fit(X, y)
+
+
+@pytest.mark.parametrize("estimator", ["MLPClassifier", "MLPRegressor"])
+def test_scikit_learn_checks_with_lbfgs_members(estimator):
+    """scikit-learn's estimator checks with solver="lbfgs", n_members=3, all of them. As for
+    one member (tests/test_lbfgs.py), check_classifiers_train may fail only on rounding:
+    predict_proba is delivered in float32 (the check's input dtype), where a probability
+    of 1 - 1e-8 is 1.0, while predict_log_proba comes from the float64 logits."""
+    from sklearn.utils.estimator_checks import check_estimator
+
+    import arraymlp.sklearn as sk
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        est = getattr(sk, estimator)(solver="lbfgs", n_members=3, dtype="float64", max_iter=50)
+        results = check_estimator(est, on_fail=None)
+    failed = {r["check_name"] for r in results if r["status"] == "failed"}
+    assert failed <= ({"check_classifiers_train"} if estimator == "MLPClassifier" else set())
+    assert sum(r["status"] == "passed" for r in results) > 40
