@@ -435,7 +435,9 @@ _PARAMETERS_DOC = """
         (``seed`` drawn from ``random_state``), all members see the same batches, and the
         predictions combine them (probabilities or outputs averaged). Each member
         follows the stopping rules (``tol``, ``early_stopping``) on its own and is
-        frozen once it stops; the fit ends when all have stopped. 1 is one perceptron,
+        frozen once it stops; the fit ends when all have stopped. With ``solver="lbfgs"``
+        the members are K L-BFGS runs side by side, member ``i`` exactly the one-member
+        estimator of ``random_state=member_seeds(seed, K)[i]``. 1 is one perceptron,
         exactly as before; see docs/sklearn.md for what differs with more.
 """
 
