@@ -852,7 +852,9 @@ def fit(model, x, y, *, loss: str | Loss | None = None, optimizer: str | Optimiz
     loss, optimizer, epochs, batch_size, shuffle, validation_data, validation_split, seed
         As for :func:`arraymlp.fit` (an omitted ``loss`` is inferred as it infers it:
         cross-entropy for a softmax output, and so on). ``optimizer`` gives the update
-        rule and the hyper-parameters the members share.
+        rule and the hyper-parameters the members share; ``"lbfgs"`` (or an
+        :class:`arraymlp.optim.LBFGS`) trains the members as K full-batch L-BFGS runs side
+        by side instead (:func:`_fit_lbfgs`: ``epochs`` caps each member's iterations).
     lr, momentum, weight_decay : float or sequence of K floats, optional
         Per-member values (one value: every member's); ``None`` keeps the optimiser's.
     betas : (beta1, beta2), optional
