@@ -1777,7 +1777,12 @@ def _lbfgs_objective(model, x, y, lossfn, w, l2, xp, *, on_outputs=None):
     all of ``(x, y)`` at the parameters the model holds (``params`` is
     ``model.params``). Member ``k``'s loss is its weighted mean loss (row ``k`` of ``w``,
     (K, n), or None) plus ``l2[k]/2 * sum(W**2)``, its gradient the slice ``k`` of the
-    stacked gradients. ``on_outputs(out)`` sees the outputs (K, n, m) before the loss."""
+    stacked gradients. ``on_outputs(out)`` sees the outputs (K, n, m) before the loss.
+    A row that is the table's under another object (the estimators' cross-entropy) is
+    taken as the table's, whose members' losses are one batched pass with no host read."""
+    table = LOSSES.get(lossfn.name)
+    if table is not None and table.fn is lossfn.fn and table.fused_activation == lossfn.fused_activation:
+        lossfn = table
     upto = len(model.layers) - 1 if model._fused(lossfn) else None
 
     def fun(params):
