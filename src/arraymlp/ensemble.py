@@ -32,6 +32,7 @@ Member ``i`` then follows the trajectory of a plain model trained alone with mem
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 import time
@@ -938,14 +939,6 @@ def fit(model, x, y, *, loss: str | Loss | None = None, optimizer: str | Optimiz
     if unsupported:
         msg = f"fit of an ensemble does not support {', '.join(sorted(unsupported))} yet"
         raise NotImplementedError(msg)
-    if _is_lbfgs(model, optimizer, _reuse_optimizer):  # K full-batch runs side by side
-        return _fit_lbfgs(model, x, y, loss=loss, optimizer=optimizer or model.optimizer_, lr=lr, l2=l2, epochs=epochs,
-                         sample_weight=sample_weight, metrics=metrics, callbacks=callbacks,
-                         validation_split=validation_split,
-                         refused={"momentum": momentum, "weight_decay": weight_decay, "betas": betas,
-                                  "validation_data": validation_data, "early_stopping": early_stopping,
-                                  "schedule": schedule, "precision": precision, "resume_from": resume_from,
-                                  "comm": comm, "_active": _active})
     callbacks, early_stopping = _ensemble_callbacks(callbacks, early_stopping)
     schedules = _check_schedules(schedule, lr, model.ensemble)
     _check_run(epochs, batch_size, validation_split)
@@ -1834,7 +1827,9 @@ def _lbfgs_objective(model, x, y, lossfn, w, l2, xp, *, on_outputs=None):
 
 
 def _fit_lbfgs(model, x, y, *, loss=None, optimizer="lbfgs", lr=None, l2=0.0, epochs=10, sample_weight=None,
-              metrics=None, callbacks=(), validation_split=0.0, refused=None) -> EnsembleHistory:
+               metrics=None, callbacks=(), validation_split=0.0, batch_size=32, shuffle=True, seed=None,
+               progress=True, verbose=False, _reuse_optimizer=False, _l2_per_batch=False, _host_weight=None,
+               **refused) -> EnsembleHistory:
     """:func:`fit` with ``optimizer="lbfgs"``: K independent full-batch L-BFGS runs side by
     side (:meth:`arraymlp.optim.LBFGS.iterate_members`), member ``i`` exactly the run of
     the plain model's L-BFGS fit from member ``i``'s parameters, with its own line search,
@@ -1846,9 +1841,10 @@ def _fit_lbfgs(model, x, y, *, loss=None, optimizer="lbfgs", lr=None, l2=0.0, ep
     each member's iterations. ``model.optimizer_`` holds each member's ``n_iter``,
     ``n_fun``, ``loss``, ``status`` and ``message``. Validation data, early stopping,
     callbacks, schedules, checkpoints, mixed precision and data parallelism are refused:
-    the members reach their iterations at different rounds.
+    the members reach their iterations at different rounds. ``batch_size``, ``shuffle``
+    and ``seed`` do not apply (each evaluation is over all the data).
     """
-    given = sorted(name.lstrip("_") for name, v in (refused or {}).items() if v is not None)
+    given = sorted(name.lstrip("_") for name, v in refused.items() if v is not None)
     given += ["callbacks"] * bool(list(callbacks)) + ["validation_split"] * bool(validation_split)
     if given:
         msg = (f"optimizer='lbfgs' trains the members as K full-batch runs that reach their iterations at "
@@ -1932,3 +1928,21 @@ def _record_lbfgs(run, done, latest, kind, elapsed: float) -> None:
         got = values["latest" if it.evaluation == it.n_fun else "points"]
         for m, v in zip(run.metrics, got):
             history.metrics[m.name][it.n_iter - 1][i] = float(numpy.asarray(v).reshape(-1)[i])
+
+
+def _with_lbfgs(fit_members):
+    """:func:`fit` with its L-BFGS branch: ``optimizer="lbfgs"`` (or an LBFGS, or, in
+    ``partial_fit``, the last fit's) goes to :func:`_fit_lbfgs`, any other to the
+    mini-batch loop."""
+
+    @functools.wraps(fit_members)
+    def fit(model, x, y, **options):
+        if _is_lbfgs(model, options.get("optimizer", "adam"), options.get("_reuse_optimizer", False)):
+            options["optimizer"] = options.get("optimizer") or model.optimizer_
+            return _fit_lbfgs(model, x, y, **options)
+        return fit_members(model, x, y, **options)
+
+    return fit
+
+
+fit = _with_lbfgs(fit)  # partial_fit, training.fit and model.fit all reach it through this name
