@@ -32,6 +32,7 @@ Member ``i`` then follows the trajectory of a plain model trained alone with mem
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 import time
@@ -46,6 +47,7 @@ from ._backend import (
     check_same_backend,
     check_same_device,
     device_of,
+    dtype_name,
     get_namespace,
     index_dtype,
     is_float16,
@@ -58,10 +60,10 @@ from ._backend import (
 from .callbacks import Callback, DivergenceError, EarlyStopping, History
 from .fusion import plan_for
 from .kernels import kernels_for
-from .kernels.reference import _idiv, _imul, _isub
+from .kernels.reference import _idiv, _imul, _isub, constant_like
 from .losses import LOSSES, Loss, get_loss
 from .metrics import Metric, _MembersPair, _Pair, get_metrics, read_results
-from .optim import SGD, Adagrad, Adam, Optimizer, RMSprop, get_optimizer
+from .optim import LBFGS, SGD, Adagrad, Adam, Optimizer, RMSprop, get_optimizer
 from .precision import _keep_if_not, master_grads, resolve_precision
 from .precision import _snapshot as _amp_snapshot
 
@@ -457,14 +459,17 @@ class _MemberUpdate:
         xp, o = self.xp, self.opt
         if o.clip_value is not None:
             # minimum/maximum, not clip: array-api-compat's clip reads boolean masks back
-            grads = [{k: xp.minimum(xp.maximum(g, -o.clip_value), o.clip_value) for k, g in layer.items()}
+            # the bounds as 0-d arrays: a number is copied from the host on torch CUDA
+            grads = [{k: xp.minimum(xp.maximum(g, constant_like(-o.clip_value, g, xp)),
+                                    constant_like(o.clip_value, g, xp)) for k, g in layer.items()}
                      for layer in grads]
         if o.clip_norm is not None:
             sq = 0.0
             for layer in grads:
                 for g in layer.values():
                     sq = sq + xp.sum(g * g, axis=tuple(range(1, g.ndim)))
-            coef = xp.minimum(o.clip_norm / (xp.sqrt(sq) + 1e-6), 1.0)
+            coef = o.clip_norm / (xp.sqrt(sq) + 1e-6)
+            coef = xp.minimum(coef, constant_like(1.0, coef, xp))
             coef = xp.reshape(coef, (-1, 1, 1))
             grads = [{k: g * coef for k, g in layer.items()} for layer in grads]
         return grads
@@ -548,14 +553,16 @@ class EnsembleHistory(History):
 def partial_fit(model, x, y, *, loss: str | None = None, optimizer: str | Optimizer | None = None, lr: Any = None,
                 batch_size: int = 32, shuffle: bool = True, l2: Any = 0.0,
                 sample_weight: Any = None, metrics: Sequence[Any] | None = None, precision: Any = None,
-                _active: Any = None, _l2_per_batch: bool = False, _host_weight: Any = None) -> EnsembleHistory:
+                comm: Any = None, _active: Any = None, _l2_per_batch: bool = False,
+                _host_weight: Any = None) -> EnsembleHistory:
     """One epoch of every member over ``(x, y)``, keeping the members' optimiser state of
     earlier calls (``model.partial_fit`` of an ensemble).
 
     Parameters are as for :func:`fit` (``x`` (n, n_features), ``y`` (n, n_outputs), (n,)
     or labels (n,), ``sample_weight`` (K, n) or (n,)); ``loss`` defaults to the last fit's,
     and ``lr`` (one or K values) is the only hyper-parameter that may change between calls.
-    ``copy``, ``to`` and ``member`` start their model's optimiser afresh.
+    ``copy``, ``to`` and ``member`` start their model's optimiser afresh. ``comm`` makes
+    the epoch data-parallel, as :func:`arraymlp.partial_fit`'s does.
 
     Three private options serve the scikit-learn estimators (``n_members=K``), whose
     epochs are one call each: ``_active`` (K bools) trains only the members marked True
@@ -571,7 +578,7 @@ def partial_fit(model, x, y, *, loss: str | None = None, optimizer: str | Optimi
             msg = "partial_fit needs loss= on its first call"
             raise ValueError(msg)
     return fit(model, x, y, loss=loss, optimizer=optimizer, lr=lr, epochs=1, batch_size=batch_size, shuffle=shuffle,
-               progress=False, l2=l2, sample_weight=sample_weight, metrics=metrics, precision=precision,
+               progress=False, l2=l2, sample_weight=sample_weight, metrics=metrics, precision=precision, comm=comm,
                _reuse_optimizer=True, _active=_active, _l2_per_batch=_l2_per_batch, _host_weight=_host_weight)
 
 
@@ -852,7 +859,9 @@ def fit(model, x, y, *, loss: str | Loss | None = None, optimizer: str | Optimiz
     loss, optimizer, epochs, batch_size, shuffle, validation_data, validation_split, seed
         As for :func:`arraymlp.fit` (an omitted ``loss`` is inferred as it infers it:
         cross-entropy for a softmax output, and so on). ``optimizer`` gives the update
-        rule and the hyper-parameters the members share.
+        rule and the hyper-parameters the members share; ``"lbfgs"`` (or an
+        :class:`arraymlp.optim.LBFGS`) trains the members as K full-batch L-BFGS runs side
+        by side instead (:func:`_fit_lbfgs`: ``epochs`` caps each member's iterations).
     lr, momentum, weight_decay : float or sequence of K floats, optional
         Per-member values (one value: every member's); ``None`` keeps the optimiser's.
     betas : (beta1, beta2), optional
@@ -921,9 +930,10 @@ def fit(model, x, y, *, loss: str | Loss | None = None, optimizer: str | Optimiz
 
     Notes
     -----
-    Mixed precision is not supported together with ``comm`` (as for a plain model), and
-    under ``comm`` no training metrics are recorded (as for a plain model; validation
-    metrics are).
+    Mixed precision is not supported together with ``comm`` (as for a plain model). Under
+    ``comm`` each rank sums the training metrics over its shards' rows on the device, and
+    the sums are added over the ranks once per epoch, so every rank records the values
+    of the single-process fit.
     """
     unsupported = {k: v for k, v in unsupported.items() if v is not None}
     if unsupported:
@@ -949,12 +959,15 @@ def fit(model, x, y, *, loss: str | Loss | None = None, optimizer: str | Optimiz
     model.schedule_ = None
     if seed is not None:
         model.rng = Generator(seed, xp, model.device)
-    history = _start_history(run, metrics, data_parallel=comm is not None)
+    history = _start_history(run, metrics)
     _estimator_options(run, _active, _l2_per_batch, _host_weight)
     run.best, run.best_epoch = numpy.full(k, numpy.inf), numpy.full(k, -1)
     run.wait = numpy.zeros(k, dtype=int)
     start_epoch = _resume(run, resume_from, callbacks, schedules)
-    verbose = _data_parallel(run, comm, callbacks, verbose)
+    call = None if comm is None else {
+        "lr": _plain(lr), "momentum": _plain(momentum), "weight_decay": _plain(weight_decay), "betas": _plain(betas),
+        "l2": _plain(l2), "epochs": epochs, "batch_size": batch_size, "shuffle": shuffle, "optimizer steps": run.rule.t}
+    verbose = _data_parallel(run, comm, callbacks, verbose, call, "partial_fit" if _reuse_optimizer else "fit")
     if resume_from is not None and schedule is None:  # the checkpoint's rates replace lr=
         r = run.rule.lr
         lr = r if isinstance(r, float) else [float(v) for v in to_numpy(r).reshape(-1)]
@@ -989,14 +1002,11 @@ def fit(model, x, y, *, loss: str | Loss | None = None, optimizer: str | Optimiz
     return history
 
 
-def _start_history(run: _Run, metrics, *, data_parallel: bool = False) -> EnsembleHistory:
+def _start_history(run: _Run, metrics) -> EnsembleHistory:
     """The run's metrics resolved (:func:`_default_metrics`) and its history begun, with a
-    series for each training and validation metric (no training metrics under data
-    parallelism, as in the plain fit: a rank sees only its shard of each batch)."""
+    series for each training and validation metric."""
     model, lossfn = run.model, run.lossfn
     run.metrics, run.val_metrics, main_metric = _default_metrics(metrics, lossfn, model)
-    if data_parallel:
-        run.metrics = []
     run.pair_kind = _pair_kind(model, lossfn, model._fused(lossfn))
     history = run.history = EnsembleHistory(metric_name=main_metric)
     for m in run.metrics:
@@ -1008,16 +1018,33 @@ def _start_history(run: _Run, metrics, *, data_parallel: bool = False) -> Ensemb
     return history
 
 
-def _data_parallel(run: _Run, comm, callbacks, verbose: bool) -> bool:
-    """``comm=`` set up, after resuming: the root's parameters and generator state are
-    broadcast, checkpoints become root-only; whether this rank prints (``verbose``)."""
+def _data_parallel(run: _Run, comm, callbacks, verbose: bool, call: dict | None, what: str) -> bool:
+    """``comm=`` set up, after resuming: the ranks' arguments compared (``call``, with the
+    data's shapes and dtypes), the root's parameters and generator state broadcast,
+    checkpoints made root-only; whether this rank prints (``verbose``)."""
     if comm is None:
         return verbose
     from .distributed import DataParallel
 
+    def described(a):
+        return None if a is None else (tuple(int(s) for s in a.shape), dtype_name(a.dtype))
+
+    call = {"x dtype": dtype_name(run.x.dtype), "y": described(run.y), "sample_weight": described(run.w),
+            "validation data": None if run.val is None else tuple(described(a) for a in run.val),
+            "loss": run.lossfn.name, "metrics": [m.name for m in run.metrics],
+            "optimizer": type(run.rule.opt).__name__, **call}
     run.dp = comm if isinstance(comm, DataParallel) else DataParallel(comm)
-    run.dp.begin(run.model, run.x, callbacks)
+    run.dp.begin(run.model, run.x, callbacks, call=call, what=what)
     return verbose and run.dp.is_root
+
+
+def _plain(value):
+    """A per-member option as host floats (to compare across ranks), None kept."""
+    if value is None or isinstance(value, (int, float)):
+        return value
+    if hasattr(value, "shape"):
+        return numpy.asarray(to_numpy(value), dtype=float).tolist()
+    return [_plain(v) for v in value]
 
 
 def _estimator_options(run: _Run, active, l2_per_batch: bool, host_weight) -> None:
@@ -1117,8 +1144,10 @@ def _end_epoch(run: _Run, epoch: int, epoch_lr, epoch_loss, t0: float, schedules
     history.lr.append(epoch_lr)
     logs = {"epoch": epoch, "step": run.step, "loss": epoch_loss, "lr": epoch_lr, "val_loss": None,
             "val_metric": None}
-    if run.accs:  # the training metrics' sums, read once, now
-        for acc, value in zip(run.accs, read_results(run.accs, xp)):
+    if run.accs:  # the training metrics' sums, read once, now (and added over the ranks: one collective)
+        values = read_results(run.accs, xp) if run.dp is None else read_results(run.accs, xp,
+                                                                                gather=run.dp.comm.allgather)
+        for acc, value in zip(run.accs, values):
             logs[acc.metric.name] = value
     if run.val is not None:
         args = (model, run.val[0], run.val[1], run.lossfn, xp, run.fused, run.val_metrics)
@@ -1469,6 +1498,11 @@ def _run_epoch(run: _Run, epoch: int, batch_size: int, shuffle: bool):
     sizes = (numpy.minimum(numpy.arange(1, n_steps + 1) * batch_size, n) - numpy.arange(n_steps) * batch_size)[taken]
     totals = numpy.zeros(run.model.ensemble)
     run.accs = [m.start_members(xp, run.model.dtype, run.model.device, run.model.ensemble) for m in run.metrics]
+    if run.dp is not None and run.accs and taken:  # every rank's sums about the epoch's first row: they add up
+        row = taken[0] * batch_size
+        first = run.y[row:row + 1, ...] if order is None else xp.take(run.y, order[row:row + 1], axis=0)
+        for acc in run.accs:
+            acc.metric._anchor(acc, first)
     snapshot, first = _snapshot(run), 0  # the state before the ``first``-th step taken this epoch
     values = StepValues(xp, _STACK_EVERY)
     for j, k in enumerate(taken):
@@ -1751,3 +1785,164 @@ def cross_val_scores(model, x, y, *, cv: Any = 5, cv_seed: int | None = 0, **fit
         oi = xp.take(out[i:i + 1, ...], idx, axis=1)
         scores[i] = member_metric(model, oi, xp.take(yc, idx, axis=0), lossfn, xp, logits=fused)[0]
     return scores
+
+
+# ------------------------------------------------------------------------- L-BFGS
+def _is_lbfgs(model, optimizer, reuse: bool) -> bool:
+    """Whether the fit is L-BFGS's: asked for, or (``partial_fit``) the last fit's."""
+    if optimizer is None:
+        return reuse and isinstance(getattr(model, "optimizer_", None), LBFGS)
+    return optimizer == "lbfgs" or isinstance(optimizer, LBFGS)
+
+
+def _lbfgs_objective(model, x, y, lossfn, w, l2, xp, *, on_outputs=None):
+    """The members' full-batch objectives for :meth:`arraymlp.optim.LBFGS.iterate_members`:
+    ``fun(params) -> (losses (K,), grads)``, one batched forward and backward pass over
+    all of ``(x, y)`` at the parameters the model holds (``params`` is
+    ``model.params``). Member ``k``'s loss is its weighted mean loss (row ``k`` of ``w``,
+    (K, n), or None) plus ``l2[k]/2 * sum(W**2)``, its gradient the slice ``k`` of the
+    stacked gradients. ``on_outputs(out)`` sees the outputs (K, n, m) before the loss.
+    A row that is the table's under another object (the estimators' cross-entropy) is
+    taken as the table's, whose members' losses are one batched pass with no host read."""
+    table = LOSSES.get(lossfn.name)
+    if table is not None and table.fn is lossfn.fn and table.fused_activation == lossfn.fused_activation:
+        lossfn = table
+    upto = len(model.layers) - 1 if model._fused(lossfn) else None
+
+    def fun(params):
+        out, caches = model.forward(x, training=True, xp=xp, upto=upto)
+        if on_outputs is not None:
+            on_outputs(out)
+        values, dout = _losses(model, lossfn, out, y, w, xp)
+        del out
+        grads = model._backprop(caches, dout, xp=xp, inplace=True)
+        if _has_l2(l2):
+            values = values + _penalty(model, l2, xp)
+            for layer, p, g in zip(model.layers, model.params, grads):
+                if isinstance(layer, L.Dense):
+                    g["W"] = g["W"] + l2 * p["W"]
+        return values, grads
+
+    return fun
+
+
+def _fit_lbfgs(model, x, y, *, loss=None, optimizer="lbfgs", lr=None, l2=0.0, epochs=10, sample_weight=None,
+               metrics=None, callbacks=(), validation_split=0.0, batch_size=32, shuffle=True, seed=None,
+               progress=True, verbose=False, _reuse_optimizer=False, _l2_per_batch=False, _host_weight=None,
+               **refused) -> EnsembleHistory:
+    """:func:`fit` with ``optimizer="lbfgs"``: K independent full-batch L-BFGS runs side by
+    side (:meth:`arraymlp.optim.LBFGS.iterate_members`), member ``i`` exactly the run of
+    the plain model's L-BFGS fit from member ``i``'s parameters, with its own line search,
+    history, counts and stopping rule; every round evaluates all members at their own
+    trial points in one batched pass.
+
+    Row ``j`` of the history (``loss``, ``metrics[name]``, shape (K,)) holds each member's
+    values after its own iteration ``j + 1`` (NaN once it has stopped); ``epochs`` caps
+    each member's iterations. ``model.optimizer_`` holds each member's ``n_iter``,
+    ``n_fun``, ``loss``, ``status`` and ``message``. Validation data, early stopping,
+    callbacks, schedules, checkpoints, mixed precision and data parallelism are refused:
+    the members reach their iterations at different rounds. ``batch_size``, ``shuffle``
+    and ``seed`` do not apply (each evaluation is over all the data).
+    """
+    given = sorted(name.lstrip("_") for name, v in refused.items() if v is not None)
+    given += ["callbacks"] * bool(list(callbacks)) + ["validation_split"] * bool(validation_split)
+    if given:
+        msg = (f"optimizer='lbfgs' trains the members as K full-batch runs that reach their iterations at "
+               f"different times; it does not take {', '.join(given)}. Fit without them, or train the members "
+               "one by one (model.member(i)) with the plain L-BFGS fit")
+        raise ValueError(msg)
+    _check_run(epochs, 1, 0.0)
+    rates = [float(layer.p) for layer in model.layers if isinstance(layer, L.Dropout)]
+    if any(rates):
+        msg = (f"optimizer='lbfgs' needs a deterministic objective, but the model has dropout (p={max(rates)}), "
+               "which draws a new mask at each evaluation; remove the dropout or use a mini-batch optimiser")
+        raise ValueError(msg)
+    if lr is not None and not isinstance(lr, numbers.Real):
+        msg = f"lr (the scale of L-BFGS' first trial step) must be one number for every member, got {lr!r}"
+        raise TypeError(msg)
+    opt = get_optimizer(optimizer, **({} if lr is None else {"lr": lr}))
+    lossfn = get_loss(model._own_loss(loss, y, last_fit=False))
+    run = _prepare(model, x, y, lossfn, sample_weight, None, 0.0)
+    k, xp = model.ensemble, run.xp
+    l2 = _per_member("l2", l2, k, xp, run.like)
+    model.task_ = lossfn.task
+    model.loss_ = lossfn.name if LOSSES.get(lossfn.name) is lossfn else lossfn
+    model.optimizer_, model.ensemble_optimizer_, model.schedule_ = opt, None, None
+    history = _start_history(run, metrics)
+    kind = _pair_kind(model, lossfn, model._fused(lossfn))
+    latest: dict[str, Any] = {}
+
+    def keep(out):  # the evaluation's metric sums, on the device, before the loss reuses out
+        latest["accs"] = _metric_sums(run, y=run.y, out=out, kind=kind)
+
+    fun = _lbfgs_objective(model, run.x, run.y, lossfn, run.w, l2, xp, on_outputs=keep if run.metrics else None)
+    t0 = time.perf_counter()
+    with quiet_overflow(xp):
+        try:
+            for done in opt.iterate_members(fun, model.params, limit=epochs):
+                _record_lbfgs(run, done, latest, kind, time.perf_counter() - t0)
+        except FloatingPointError as exc:
+            msg = f"{exc}. Scale the inputs, or check the initial parameters."
+            finite = all(bool(xp.all(xp.isfinite(a))) for p in model.params for a in p.values())
+            raise DivergenceError(msg, epoch=0, step=0, params_finite=finite) from exc
+    stopped = [s != "interrupted" for s in opt.status]
+    history.stopped_epoch = numpy.where(stopped, numpy.maximum(opt.n_iter - 1, 0), -1)
+    model.steps_ = getattr(model, "steps_", 0) + len(history.loss)
+    return history
+
+
+def _metric_sums(run, *, y, out, kind) -> list:
+    accs = [m.start_members(run.xp, run.model.dtype, run.model.device, run.model.ensemble) for m in run.metrics]
+    pair = _MembersPair(y, out, run.lossfn.task, run.xp, **kind)
+    for acc in accs:
+        acc.update(pair)
+    return accs
+
+
+def _record_lbfgs(run, done, latest, kind, elapsed: float) -> None:
+    """The members' iterations finished in a round, into the history's rows: row ``j``
+    holds each member's values after its iteration ``j + 1`` (NaN where it has none).
+    The metrics come from the round's evaluation, or, for a member whose line search
+    settled on an earlier trial, from one more forward pass at the members' points."""
+    history, k = run.history, run.model.ensemble
+    for i, it in done:
+        j = it.n_iter - 1
+        while len(history.loss) <= j:
+            history.loss.append(numpy.full(k, numpy.nan))
+            history.lr.append(run.model.optimizer_.lr)
+            history.time.append(elapsed)
+            for series in history.metrics.values():
+                series.append(numpy.full(k, numpy.nan))
+        history.loss[j][i] = it.loss
+        history.time[j] = elapsed
+    if not run.metrics:
+        return
+    values = {}
+    if any(it.evaluation == it.n_fun for _, it in done):
+        values["latest"] = read_results(latest["accs"], run.xp)
+    if any(it.evaluation != it.n_fun for _, it in done):  # the parameters hold the members' points now
+        upto = len(run.model.layers) - 1 if run.model._fused(run.lossfn) else None
+        out = run.model.forward(run.x, training=False, xp=run.xp, upto=upto, keep=False)[0]
+        values["points"] = read_results(_metric_sums(run, y=run.y, out=out, kind=kind), run.xp)
+    for i, it in done:
+        got = values["latest" if it.evaluation == it.n_fun else "points"]
+        for m, v in zip(run.metrics, got):
+            history.metrics[m.name][it.n_iter - 1][i] = float(numpy.asarray(v).reshape(-1)[i])
+
+
+def _with_lbfgs(fit_members):
+    """:func:`fit` with its L-BFGS branch: ``optimizer="lbfgs"`` (or an LBFGS, or, in
+    ``partial_fit``, the last fit's) goes to :func:`_fit_lbfgs`, any other to the
+    mini-batch loop."""
+
+    @functools.wraps(fit_members)
+    def fit(model, x, y, **options):
+        if _is_lbfgs(model, options.get("optimizer", "adam"), options.get("_reuse_optimizer", False)):
+            options["optimizer"] = options.get("optimizer") or model.optimizer_
+            return _fit_lbfgs(model, x, y, **options)
+        return fit_members(model, x, y, **options)
+
+    return fit
+
+
+fit = _with_lbfgs(fit)  # partial_fit, training.fit and model.fit all reach it through this name

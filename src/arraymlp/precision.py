@@ -190,30 +190,33 @@ class MixedPrecision:
         return new
 
     def get_state(self) -> tuple:
-        """Copies of ``(scale, good_steps, skipped)`` (Nones before the first step), for
-        :meth:`set_state`: no host read."""
+        """Copies of ``(scale, good_steps, skipped)`` (Nones before the first step, with
+        the loaded values still to be placed, if any), for :meth:`set_state`: no host read."""
         if self.scale is None:
-            return (None, None, None, None)
+            return (None, None, None, None, self._pending)
         xp = self._where[0]
         return (xp.asarray(self.scale, copy=True), xp.asarray(self.good_steps, copy=True),
-                xp.asarray(self.skipped, copy=True), self._where)
+                xp.asarray(self.skipped, copy=True), self._where, None)
 
     def set_state(self, state: tuple) -> None:
         """Back to a state of :meth:`get_state` (a replayed stretch of steps then scales
-        its gradients as it did the first time)."""
-        self.scale, self.good_steps, self.skipped, self._where = state
+        its gradients as it did the first time: a state taken before the first step of a
+        resumed run or a copy keeps the loaded scale pending, not ``init_scale``)."""
+        self.scale, self.good_steps, self.skipped, self._where, self._pending = state
 
     def update_scale(self, ok, xp) -> None:
         """After a step whose gradients were all finite (``ok``, a 0-d boolean array, or
         one per member (K,) for an ensemble's per-member scales) or not: count it,
         double ``S`` after ``growth_interval`` good steps, halve it (not below
         ``min_scale``) and count a skip otherwise. Device arithmetic only."""
-        one = xp.asarray(1, dtype=xp.int32, device=device_of(self.good_steps))
+        # constants filled on the device: asarray of a number would copy it from the host (torch
+        # does that synchronously on a GPU)
+        one = xp.ones((), dtype=xp.int32, device=device_of(self.good_steps))
         zero = xp.zeros_like(self.good_steps)
         good = self.good_steps + one
         grow = good >= self.growth_interval
-        halved = xp.maximum(self.scale * 0.5, xp.asarray(self.min_scale, dtype=xp.float32,
-                                                           device=device_of(self.scale)))
+        halved = xp.maximum(self.scale * 0.5, xp.full((), self.min_scale, dtype=xp.float32,
+                                                      device=device_of(self.scale)))
         self.scale = xp.where(ok, xp.where(grow, self.scale * 2.0, self.scale), halved)
         self.good_steps = xp.where(ok, xp.where(grow, zero, good), zero)
         self.skipped = self.skipped + xp.where(ok, zero, one)
@@ -268,6 +271,8 @@ class MixedPrecision:
                     ok = ok & xp.isfinite(xp.sum(gk))
             if opt.state is None:  # built now, so that a skipped first step keeps it
                 opt.state = [{k: opt._init_state(p, xp) for k, p in layer.items()} for layer in model.params]
+            elif opt._needs_placement:  # a loaded or moved state, placed now: a skip puts back the placed arrays
+                opt._check_state(model.params, xp)
             before = _snapshot(model.params, opt.state, xp)
             model.params = opt.step(model.params, grads32, lr=lr)
             _keep_if_not(ok, before, model.params, opt.state, xp)

@@ -43,6 +43,7 @@ from ._backend import (
     Generator,
     StepValues,
     device_of,
+    dtype_name,
     get_namespace,
     host_array,
     index_dtype,
@@ -59,7 +60,7 @@ from .callbacks import Callback, DivergenceError, EarlyStopping, History
 from .fusion import plan_for
 from .losses import LOSSES, Loss, check_targets, count_not_binary, get_loss
 from .metrics import Metric, _Accumulator, _AccuracyMetric, _Pair, get_metrics, read_results
-from .optim import LBFGS, Optimizer, get_optimizer
+from .optim import LBFGS, OPTIMIZERS, Optimizer, get_optimizer
 from .precision import resolve_precision
 
 __all__ = [
@@ -132,8 +133,9 @@ def _loss_then_update(model, opt, lossfn, xb, yb, wb, *, xp, l2=0.0, dp=None, am
     can leave the layers above it stepped and the others not. With ``amp`` (a
     :class:`arraymlp.MixedPrecision`) the step runs in its compute dtype. ``fuse=False``
     always gathers the gradients and calls ``opt.step``. ``on_outputs(out)`` is called
-    with the batch's output before backpropagation (not under data parallelism); ``hits``
-    (the training accuracy's count, see :func:`_loss_counts_hits`) goes to the loss.
+    with the batch's output before backpropagation (this rank's shard's, under data
+    parallelism); ``hits`` (the training accuracy's count, see :func:`_loss_counts_hits`)
+    goes to the loss.
     """
     if amp is not None:
         return amp.loss_then_update(model, opt, lossfn, xb, yb, wb, xp=xp, l2=l2, on_outputs=on_outputs)
@@ -151,7 +153,8 @@ def _loss_then_update(model, opt, lossfn, xb, yb, wb, *, xp, l2=0.0, dp=None, am
         value, grads = model._loss_and_grads(xb, yb, lossfn, xp=xp, sample_weight=wb, l2=l2, plan=plan,
                                              on_outputs=on_outputs, hits=hits)
     else:
-        value, grads = dp.loss_and_grads(model, xb, yb, lossfn, xp=xp, sample_weight=wb, l2=l2)
+        value, grads = dp.loss_and_grads(model, xb, yb, lossfn, xp=xp, sample_weight=wb, l2=l2,
+                                         on_outputs=on_outputs, hits=hits)
 
     def update(lr):
         model.params = opt.step(model.params, grads, lr=lr)
@@ -230,9 +233,17 @@ def _evaluate(model, x, y, lossfn, task, xp, batch_size=4096, metrics=(), host=F
     return values[0], {m.name: v for m, v in zip(metrics, values[1:])}
 
 
+def _names_kind_of(optimizer, existing) -> bool:
+    """Whether ``optimizer`` is a name (any case) of ``existing``'s own kind."""
+    return isinstance(optimizer, str) and OPTIMIZERS.get(optimizer.lower()) is type(existing)
+
+
 def _resolve_optimizer(model, optimizer, lr, reuse: bool) -> Optimizer:
+    """The run's optimiser. ``reuse`` (partial_fit): the model's last one, its state kept,
+    when ``optimizer`` is None, that instance, or a name of its kind."""
     existing = getattr(model, "optimizer_", None)
-    if reuse and existing is not None and (optimizer is None or optimizer is existing):
+    if reuse and existing is not None and (optimizer is None or optimizer is existing
+                                           or _names_kind_of(optimizer, existing)):
         if lr is not None:  # partial_fit(lr=...): the new base rate, the state kept
             existing.lr = lr
         return existing
@@ -297,6 +308,33 @@ class _Run:
     on_divergence: Callable[..., Exception] | None = None
     staged: StagedEpochs | None = None  # host data: its batches, staged to the model's device
     val_host: bool = False  # the validation data is host data, staged as it is evaluated
+
+
+def _check_l2(l2) -> float:
+    """``l2`` as a float: finite and non-negative (a negative coefficient would reward
+    large weights, and NaN would only show as a diverging loss)."""
+    ok = isinstance(l2, numbers.Real) and not isinstance(l2, bool) and math.isfinite(l2) and l2 >= 0
+    if not ok:
+        msg = f"l2 must be a finite non-negative number, got {l2!r}"
+        raise (ValueError if isinstance(l2, numbers.Real) and not isinstance(l2, bool) else TypeError)(msg)
+    return float(l2)
+
+
+def _check_validation(validation_data, validation_split) -> None:
+    """``validation_split`` a number in [0, 1); ``validation_data`` None or a pair."""
+    if not isinstance(validation_split, numbers.Real) or isinstance(validation_split, bool):
+        msg = f"validation_split must be a number in [0, 1), got {validation_split!r}"
+        raise TypeError(msg)
+    if validation_data is not None and not (isinstance(validation_data, (tuple, list)) and len(validation_data) == 2):
+        what = (f"a {type(validation_data).__name__} of {len(validation_data)}"
+                if isinstance(validation_data, (tuple, list)) else type(validation_data).__name__)
+        msg = (f"validation_data must be a pair (x_val, y_val), got {what}; validation is unweighted, "
+               "so there are no validation sample weights to pass")
+        raise ValueError(msg)
+    if validation_data is not None and validation_split > 0:  # one would be ignored
+        msg = (f"validation_data and validation_split={validation_split!r} were both given; pass one: "
+               "validation_data is used as it is, validation_split holds out the last rows of (x, y)")
+        raise ValueError(msg)
 
 
 def _check_arguments(epochs, batch_size, validation_split):
@@ -502,7 +540,47 @@ def _arrange_callbacks(callbacks, early_stopping, *, validation: bool) -> list:
     return callbacks
 
 
-def _start_run(run: _Run, epochs: int, resume_from, comm, progress: bool, verbose: bool) -> None:
+def _resume(run: _Run, resume_from, lr, given: Optimizer | None) -> None:
+    """Restore the checkpoint ``resume_from`` into the run. ``lr`` (fit's ``lr=``) is
+    the new base rate of the restored optimiser; ``given``, an optimiser instance passed
+    to fit, must have the saved settings (the checkpoint's would silently replace them)."""
+    from .io.checkpoints import restore_checkpoint
+
+    # a given instance is compared with the saved settings before it takes the saved state
+    target = run.opt if given is None else type(given)(**given.hyperparameters())
+    run.start_epoch = restore_checkpoint(resume_from, run.model, optimizer=target, schedule=run.schedule,
+                                         history=run.history, callbacks=run.callbacks, precision=run.amp)
+    if given is not None:
+        saved, mine = target.hyperparameters(), given.hyperparameters()
+        if saved != mine:
+            diff = ", ".join(f"{k}: {v!r} saved, {mine.get(k)!r} given" for k, v in saved.items() if v != mine.get(k))
+            msg = (f"the checkpoint was saved with {target!r} but training was given {given!r} ({diff}); pass an "
+                   f"optimiser with the saved settings, or its name (optimizer={target.name!r}) to take them, and "
+                   "lr= for a new learning rate")
+            raise ValueError(msg)
+        given.load_state_dict(target.state_dict())
+    if lr is not None:  # the new base rate, the saved moments and step count kept
+        run.opt.lr = lr
+
+
+def _described(a):
+    """An array's shape and dtype (None for None), to compare across ranks."""
+    return None if a is None else (tuple(int(s) for s in a.shape), dtype_name(a.dtype))
+
+
+def _call(run: _Run, epochs: int) -> dict:
+    """What every rank must pass alike to train data-parallel, beside ``x``'s shape
+    (:meth:`arraymlp.distributed.DataParallel.begin` compares it across the ranks)."""
+    return {"x dtype": dtype_name(run.x.dtype), "y": _described(run.y), "sample_weight": _described(run.sample_weight),
+            "validation data": None if run.val is None else tuple(_described(a) for a in run.val),
+            "epochs": epochs, "batch_size": run.batch_size, "shuffle": run.shuffle, "l2": run.l2,
+            "loss": run.lossfn.name, "metrics": [m.name for m in run.metrics],
+            "optimizer": type(run.opt).__name__, "lr": getattr(run.opt, "lr", None),
+            "optimizer steps": getattr(run.opt, "step_count", None)}
+
+
+def _start_run(run: _Run, epochs: int, resume_from, comm, progress: bool, verbose: bool,
+               what: str = "fit", *, lr=None, given: Optimizer | None = None) -> None:
     """History, resumption, data parallelism, ``on_train_begin`` and the progress bar."""
     model, callbacks = run.model, run.callbacks
     run.history = History(metric_name="accuracy" if run.lossfn.task != "regression" else "r2")
@@ -513,15 +591,12 @@ def _start_run(run: _Run, epochs: int, resume_from, comm, progress: bool, verbos
         for m in run.val_metrics:
             run.history.metrics["val_" + m.name] = []
     if resume_from is not None:
-        from .io.checkpoints import restore_checkpoint
-
-        run.start_epoch = restore_checkpoint(resume_from, model, optimizer=run.opt, schedule=run.schedule,
-                                             history=run.history, callbacks=callbacks, precision=run.amp)
+        _resume(run, resume_from, lr, given)
     if comm is not None:
         from .distributed import DataParallel
 
         run.dp = comm if isinstance(comm, DataParallel) else DataParallel(comm)
-        run.dp.begin(model, run.x, callbacks)
+        run.dp.begin(model, run.x, callbacks, call=_call(run, epochs), what=what)
         progress, verbose = progress and run.dp.is_root, verbose and run.dp.is_root
     for cb in callbacks:
         cb.on_train_begin(model, run.history)
@@ -578,12 +653,12 @@ def _loss_counts_hits(run: _Run):
     """The epoch's accuracy accumulator that the loss itself counts into, or None.
 
     Where the loss is the table's cross-entropy against integer labels (n,) without
-    sample weights, mixed precision or data parallelism, the default accuracy's count
+    sample weights or mixed precision, the default accuracy's count
     of right answers (the arg-max of the logits against the labels) is added by the
     cross-entropy's own kernel, which scans each row for its maximum anyway
     (:func:`arraymlp.kernels.reference.cross_entropy_labels_mean_hits`): the same count
     as the metric's own kernel, without a pass and a hook of its own."""
-    if (run.amp is not None or run.dp is not None or run.sample_weight is not None
+    if (run.amp is not None or run.sample_weight is not None
             or run.lossfn is not LOSSES["cross_entropy"] or run.y.ndim != 1):
         return None
     for acc in run.accs:
@@ -683,7 +758,7 @@ def _run_epoch(run: _Run, epoch: int, epoch_lr: float) -> tuple[float, int]:
     (:func:`_run_epoch_on_device`).
     """
     model, dp, xp = run.model, run.dp, run.xp
-    run.accs = [m.start(xp, model.dtype, model.device) for m in run.metrics] if dp is None else []
+    run.accs = [m.start(xp, model.dtype, model.device) for m in run.metrics]
     run.hits_acc = _loss_counts_hits(run)
     host_order = None
     if run.staged is not None:  # host data: the host gathers the batches, in the order drawn there
@@ -695,6 +770,10 @@ def _run_epoch(run: _Run, epoch: int, epoch_lr: float) -> tuple[float, int]:
         order = xp.asarray(host_order, dtype=index_dtype(xp), device=model.device)
     else:
         order = model.rng.permutation(_n(run.x)) if run.shuffle else None
+    if dp is not None and run.accs:  # every rank's sums about the epoch's first row: they add up
+        first = run.y[0:1, ...] if order is None else _take(run.y, order[0:1], xp)
+        for acc in run.accs:
+            acc.metric._anchor(acc, first)
     if (dp is None and not _per_batch_options(run)
             and not any(_overrides_batch_end(cb) for cb in run.callbacks)):
         return _run_epoch_on_device(run, epoch, epoch_lr, order)
@@ -790,8 +869,10 @@ def _finish_epoch(run: _Run, epoch: int, epoch_lr: float, t0: float, total: floa
     model, history, schedule, dp = run.model, run.history, run.schedule, run.dp
     logs = {"epoch": epoch, "step": run.step, "loss": total / max(seen, 1), "lr": epoch_lr,
             "val_loss": None, "val_metric": None}
-    if run.accs:  # the training metrics' sums, read once, now
-        for acc, value in zip(run.accs, read_results(run.accs, run.xp)):
+    if run.accs:  # the training metrics' sums, read once, now (and added over the ranks: one collective)
+        values = read_results(run.accs, run.xp) if dp is None else read_results(run.accs, run.xp,
+                                                                                gather=dp.comm.allgather)
+        for acc, value in zip(run.accs, values):
             logs[acc.metric.name] = value
     if run.val is not None:
         x_val, y_val = run.val
@@ -1000,8 +1081,10 @@ def fit(model, x, y, *, loss: str | Loss | None = None, optimizer: str | Optimiz
     shuffle : bool
         Draw a new permutation every epoch (from the model's generator).
     validation_data : (x_val, y_val), optional
+        Not together with ``validation_split``.
     validation_split : float
-        Fraction of the last rows of ``(x, y)`` held out for validation.
+        Fraction of the last rows of ``(x, y)`` held out for validation. The validation
+        loss and metrics are unweighted: ``sample_weight`` weighs the training rows only.
     metrics : sequence of str, Metric or callable, optional
         Recorded per epoch in ``History.metrics`` on the training batches (``"accuracy"``)
         and on the validation data (``"val_accuracy"``): names of
@@ -1010,7 +1093,8 @@ def fit(model, x, y, *, loss: str | Loss | None = None, optimizer: str | Optimiz
         callables ``fn(y_true, y_pred, *, xp) -> 0-d array``. Default: ``["accuracy"]``
         for a classification loss, none for a regression one; ``[]`` records none.
         Accumulated on the device and read once per epoch (see :mod:`arraymlp.metrics`);
-        training metrics are not recorded under ``comm`` (validation metrics are). With
+        under ``comm`` each rank sums its shards' rows and the sums are added over the
+        ranks once per epoch, so every rank records the single-process values. With
         ``optimizer="lbfgs"`` they are taken once per iteration, on the whole training set
         at the point the iteration reached.
     early_stopping : EarlyStopping or int, optional
@@ -1024,7 +1108,8 @@ def fit(model, x, y, *, loss: str | Loss | None = None, optimizer: str | Optimiz
         Reseed the model's generator (shuffling and dropout) for this run: the same seed
         and data give bit-identical parameters on NumPy.
     l2 : float
-        L2 penalty ``l2/2 * sum(W**2)`` on the weight matrices.
+        L2 penalty ``l2/2 * sum(W**2)`` on the weight matrices (finite, non-negative),
+        added to each batch's mean loss.
     sample_weight : array of shape (n,), optional
     comm : mpi4py communicator or arraymlp.distributed.DataParallel, optional
         Train data-parallel over MPI: every rank calls ``fit`` with the same arguments
@@ -1033,9 +1118,12 @@ def fit(model, x, y, *, loss: str | Loss | None = None, optimizer: str | Optimiz
     resume_from : str or path-like, optional
         A checkpoint file written by :class:`arraymlp.Checkpoint` (or a directory of
         them: the latest is used). Training continues after the checkpoint's last
-        epoch up to ``epochs`` in total, with its parameters, optimiser state, step
-        counter, schedule state, random-generator state and history, so an
-        interrupted run ends bit-identical (on NumPy) to an uninterrupted one.
+        epoch up to ``epochs`` in total, with its parameters, optimiser state and
+        settings, step counter, schedule state, random-generator state, loss scale and
+        history, so an interrupted run ends bit-identical (on NumPy) to an
+        uninterrupted one. ``lr=`` sets a new base rate for the restored optimiser; an
+        optimiser instance must have the saved settings (its name takes them), and a
+        checkpoint of a mixed-precision run needs ``precision=`` of its dtype.
     precision : {None, "float16", "bfloat16"} or MixedPrecision, optional
         Mixed precision: each step computes in float16 (with dynamic loss scaling) or
         bfloat16 over the model's float32 master weights, which the optimiser updates;
@@ -1075,7 +1163,9 @@ def _train(model, x, y, *, reuse_optimizer, loss, optimizer, lr, schedule, epoch
            sample_weight, comm, resume_from, precision) -> History:
     """:func:`fit`, with ``reuse_optimizer`` for :func:`partial_fit` (every option
     required: a parameter of ``fit`` this does not take fails at once)."""
+    _check_validation(validation_data, validation_split)
     epochs, batch_size = _check_arguments(epochs, batch_size, validation_split)
+    l2 = _check_l2(l2)
     x, y, sample_weight, val, xp, lossfn, form, host = _prepare_data(model, x, y, sample_weight, loss,
                                                                      validation_data, validation_split, verbose)
     val_host = val is not None and val[2]
@@ -1095,13 +1185,14 @@ def _train(model, x, y, *, reuse_optimizer, loss, optimizer, lr, schedule, epoch
     full_batch = isinstance(opt, LBFGS)  # the optimiser owns the iteration
     run = _Run(model=model, x=x, y=y, sample_weight=sample_weight, val=val, lossfn=lossfn, xp=xp, opt=opt,
                schedule=schedule, callbacks=callbacks, batch_size=batch_size, shuffle=shuffle, l2=l2,
-               metrics=metrics if comm is None else [], val_metrics=val_metrics, amp=amp,
+               metrics=metrics, val_metrics=val_metrics, amp=amp,
                val_host=val_host)
     if host:
         _stage(run, comm, full_batch)
     if full_batch:
         _check_full_batch(run, comm, resume_from)
-    _start_run(run, epochs, resume_from, comm, progress, verbose)
+    _start_run(run, epochs, resume_from, comm, progress, verbose, "partial_fit" if reuse_optimizer else "fit",
+               lr=lr, given=optimizer if isinstance(optimizer, Optimizer) else None)
     quiet = contextlib.ExitStack()
     quiet.enter_context(quiet_overflow(xp))
     try:
@@ -1116,6 +1207,10 @@ def _train(model, x, y, *, reuse_optimizer, loss, optimizer, lr, schedule, epoch
             total, seen = _run_epoch(run, epoch, epoch_lr)
             if _finish_epoch(run, epoch, epoch_lr, t0, total, seen):
                 break
+    except DivergenceError:
+        # the error leaves the last finite step's parameters: early stopping does not put others back
+        run.history._diverged = True
+        raise
     finally:
         _finish(run, quiet)
     return run.history
@@ -1124,7 +1219,7 @@ def _train(model, x, y, *, reuse_optimizer, loss, optimizer, lr, schedule, epoch
 def partial_fit(model, x, y, *, loss: str | Loss | None = None, optimizer: str | Optimizer | None = None,
                 lr: float | None = None, batch_size: int = 32, shuffle: bool = True, l2: float = 0.0,
                 sample_weight: Any = None, metrics: Sequence[Any] | None = None,
-                precision: Any = None) -> History:
+                precision: Any = None, comm: Any = None) -> History:
     """One pass over ``(x, y)``, keeping the optimiser state of earlier calls.
 
     ``model.partial_fit(x, y, ...)`` is this function with the model as its first argument.
@@ -1138,7 +1233,9 @@ def partial_fit(model, x, y, *, loss: str | Loss | None = None, optimizer: str |
     loss : str or Loss, optional
         Default: the loss of the last fit, else inferred as :func:`fit` does.
     optimizer : str or Optimizer, optional
-        Default: the optimiser of the last fit, with its state (Adam otherwise).
+        Default: the optimiser of the last fit, with its state (Adam otherwise). A name
+        of that optimiser's kind (``"adam"`` for an Adam) keeps it too, state and
+        hyper-parameters; another name or instance starts that one afresh.
     lr : float, optional
         A new base learning rate for the kept optimiser.
     batch_size : int
@@ -1152,6 +1249,14 @@ def partial_fit(model, x, y, *, loss: str | Loss | None = None, optimizer: str |
         name continues the model's ``precision_`` (that of its last call) when it
         computes in that dtype; passing one :class:`arraymlp.MixedPrecision` to every
         call does the same.
+    comm : mpi4py communicator or arraymlp.distributed.DataParallel, optional
+        The pass data-parallel over MPI, as :func:`fit`'s ``comm``: every rank makes the
+        same calls in the same order with the same arguments and data (each call's may
+        differ from the last), and each call checks that (one small ``allgather``:
+        shapes, dtypes, options, the optimiser's step count), then broadcasts the root's
+        parameters and generator state. The ranks' optimiser states stay equal because
+        every rank applies the same updates; a sequence of calls gives the parameters,
+        optimiser state and generator counters of the same calls in one process.
 
     Returns
     -------
@@ -1172,14 +1277,14 @@ def partial_fit(model, x, y, *, loss: str | Loss | None = None, optimizer: str |
 
         return ensemble.partial_fit(model, x, y, loss=loss, optimizer=optimizer, lr=lr, batch_size=batch_size,
                                     shuffle=shuffle, l2=l2, sample_weight=sample_weight, metrics=metrics,
-                                    precision=precision)
+                                    precision=precision, comm=comm)
     if loss is None:
         loss = getattr(model, "loss_", None)
     defaults = {k: p.default for k, p in inspect.signature(fit).parameters.items()
                 if p.default is not inspect.Parameter.empty}
     options = {**defaults, "loss": loss, "optimizer": optimizer, "lr": lr, "epochs": 1, "batch_size": batch_size,
                "shuffle": shuffle, "progress": False, "l2": l2, "sample_weight": sample_weight, "metrics": metrics,
-               "precision": precision}
+               "precision": precision, "comm": comm}
     return _train(model, x, y, reuse_optimizer=True, **options)
 
 
