@@ -42,6 +42,7 @@ import numpy
 from . import layers as L
 from ._backend import (
     Generator,
+    MemberGenerators,
     StepValues,
     check_same_backend,
     check_same_device,
@@ -66,7 +67,7 @@ from .precision import _keep_if_not, master_grads, resolve_precision
 from .precision import _snapshot as _amp_snapshot
 
 __all__ = ["EnsembleHistory", "check_layers", "check_members", "cross_val_scores", "evaluate", "fit", "make_step",
-           "member_seeds", "partial_fit", "predict", "predict_proba"]
+           "member_seeds", "MemberGenerators", "partial_fit", "predict", "predict_proba"]
 
 
 # ------------------------------------------------------------------------ members
@@ -155,13 +156,31 @@ def member_params(params: list[dict[str, Any]], i: int, xp) -> list[dict[str, An
     return out
 
 
-def init_members(layers, seeds: Sequence[int], xp, device, dtype) -> list[dict[str, Any]]:
-    """Stacked initial parameters: member ``i`` drawn as a plain model of seed ``seeds[i]``."""
-    members = []
+def init_members(layers, seeds: Sequence[int], xp, device, dtype) -> tuple[list[dict[str, Any]], list[Generator]]:
+    """Stacked initial parameters, member ``i`` drawn as a plain model of seed
+    ``seeds[i]``, and the members' generators after those draws (where a plain model's
+    generator is after its initialisation)."""
+    members, gens = [], []
     for s in seeds:
         rng = Generator(s, xp, device)
         members.append([layer.init_params(rng=rng, dtype=dtype) for layer in layers])
-    return stack_params(members, xp)
+        gens.append(rng)
+    return stack_params(members, xp), gens
+
+
+def _member_generators(model, seed, xp) -> MemberGenerators:
+    """The ensemble's generators for a fit: with ``seed``, fresh ones, the shared
+    ``Generator(seed)`` (the batch order a plain model fitted with ``seed=seed`` draws) and
+    member ``i``'s ``Generator(member_seeds(seed, K)[i])`` (what a plain model fitted with
+    ``seed=member_seeds(seed, K)[i]`` draws); else the model's own (one without members'
+    streams gets fresh ones of the members' seeds)."""
+    k, device = model.ensemble, model.device
+    if seed is not None:
+        return MemberGenerators(Generator(seed, xp, device), [Generator(s, xp, device) for s in member_seeds(seed, k)])
+    rng = model.rng
+    if isinstance(rng, MemberGenerators) and len(rng.members) == k:
+        return rng
+    return MemberGenerators(rng, [Generator(s, xp, device) for s in model.member_seeds])
 
 
 # ------------------------------------------------------------------- per-member values
@@ -947,8 +966,7 @@ def fit(model, x, y, *, loss: str | Loss | None = None, optimizer: str | Optimiz
     model.optimizer_ = None  # the members' optimiser state: ensemble_optimizer_
     model.ensemble_optimizer_ = run.rule
     model.schedule_ = None
-    if seed is not None:
-        model.rng = Generator(seed, xp, model.device)
+    model.rng = _member_generators(model, seed, xp)
     history = _start_history(run, metrics, data_parallel=comm is not None)
     _estimator_options(run, _active, _l2_per_batch, _host_weight)
     run.best, run.best_epoch = numpy.full(k, numpy.inf), numpy.full(k, -1)
@@ -984,6 +1002,7 @@ def fit(model, x, y, *, loss: str | Loss | None = None, optimizer: str | Optimiz
             history.best_epochs = run.best_epoch
     finally:
         model.steps_ = run.step
+        model.rng.active = None
         for cb in callbacks:
             cb.on_train_end(model, history)
     return history
@@ -1059,6 +1078,7 @@ def _resume(run: _Run, resume_from, callbacks, schedules) -> int:
 
         start_epoch = restore_checkpoint(resume_from, model, optimizer=run.rule, history=run.history,
                                          callbacks=callbacks, precision=run.amp)
+        model.rng = _member_generators(model, None, run.xp)  # (one written without the members' streams)
     run.step = getattr(model, "steps_", 0)
     return start_epoch
 
@@ -1455,6 +1475,8 @@ def _run_epoch(run: _Run, epoch: int, batch_size: int, shuffle: bool):
     ``rng.permutation``), so that the batches' weight sums need no device read; a batch
     whose weights are all zero takes no step and adds nothing to the epoch's loss."""
     xp = run.xp
+    # a frozen member's streams stay where they are, as its plain model's would
+    run.model.rng.active = None if run.active_host.all() else run.active_host.copy()
     check_every = 1 if run.batch_callbacks else _CHECK_EVERY
     n = int(run.x.shape[0])
     n_steps = -(-n // batch_size)

@@ -19,6 +19,7 @@ from . import ensemble as E
 from . import layers as L
 from ._backend import (
     Generator,
+    MemberGenerators,
     as_csr,
     backend_name,
     canonical_device,
@@ -189,7 +190,8 @@ class Sequential:
         self.dtype = resolve_dtype(xp, self._dtype_name)
         self.rng = Generator(self.seed, xp, self.device)
         if self.ensemble is not None:
-            self.params = E.init_members(self.layers, self.member_seeds, xp, self.device, self.dtype)
+            self.params, members = E.init_members(self.layers, self.member_seeds, xp, self.device, self.dtype)
+            self.rng = MemberGenerators(self.rng, members)
             return
         self.params = [layer.init_params(rng=self.rng, dtype=self.dtype) for layer in self.layers]
 
@@ -206,7 +208,9 @@ class Sequential:
         -------
         Sequential (or MLP)
             A plain model of the same class, layers, dtype, backend and device, with
-            ``seed`` the member's seed and a fresh generator of that seed.
+            ``seed`` the member's seed and a copy of the member's generator (its
+            dropout and shuffling streams where they are: those of a plain model of
+            that seed that drew what the member drew).
 
         Examples
         --------
@@ -233,7 +237,8 @@ class Sequential:
             new.__dict__.pop(attr, None)
         if self.params is not None:
             new.params = E.member_params(self.params, i, self.xp)
-            new.rng = Generator(new.seed, self.xp, self.device)
+            members = getattr(self.rng, "members", None)  # the member's own streams, where they are
+            new.rng = members[i].moved(self.xp, self.device) if members else Generator(new.seed, self.xp, self.device)
         return new
 
     @classmethod
@@ -294,7 +299,8 @@ class Sequential:
         new.ensemble = len(models)
         new.member_seeds = [m.seed for m in models]
         new.params = E.stack_params([m.params for m in models], first.xp)
-        new.rng = first.rng.moved(first.xp, first.device)
+        new.rng = MemberGenerators(first.rng.moved(first.xp, first.device),
+                                   [m.rng.moved(first.xp, first.device) for m in models])
         return new
 
     @property

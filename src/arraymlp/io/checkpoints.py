@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import numpy
 
-from .._backend import Generator, backend_name
+from .._backend import backend_name, generator_from_state
 from ..callbacks import Callback, History, missing_value, monitor_mode
 from ..optim import Optimizer
 from .container import ModelFileError, _is_int, _write_file
@@ -307,9 +307,8 @@ def restore_checkpoint(path: str | os.PathLike, model: Any, *, optimizer: Optimi
             optimizer.reset()
     rng = info["rng"]
     if rng is not None:
-        gen = Generator(rng["entropy"], xp, model.device)
         try:  # both streams carry over to any backend: the per-step one is counter-based
-            gen.set_state(rng["state"])
+            gen = generator_from_state(rng["entropy"], rng["state"], xp, model.device)  # an ensemble's: per member
         except (KeyError, TypeError, ValueError, RuntimeError, OverflowError) as exc:
             raise ModelFileError(f.path, f"the random-generator state is invalid: {exc}") from None
         model.rng = gen

@@ -1,0 +1,126 @@
+"""Each member's own random streams and optimiser state (arraymlp.ensemble).
+
+The oracle is a plain model: member ``i`` of ``MLP(..., ensemble=K, seed=s)`` fitted with
+``seed=t`` draws its dropout masks (and, with ``shuffle="members"``, its batch order) as
+the plain ``MLP(..., seed=member_seeds(s, K)[i])`` fitted with
+``seed=member_seeds(t, K)[i]`` draws them, and a frozen member's optimiser stands still
+as a plain model's does once its fit has stopped."""
+
+import numpy as np
+import pytest
+
+import arraymlp as am
+from arraymlp._backend import counter_bits, member_counter_bits
+from arraymlp.ensemble import MemberGenerators, member_seeds
+
+K = 3
+
+
+def _data(backend, n=30, n_in=5, n_out=3, labels=True, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, n_in))
+    y = rng.integers(0, n_out, size=n) if labels else rng.normal(size=(n, n_out))
+    return backend.asarray(x), backend.asarray(y)
+
+
+def _np_params(model):
+    return [{k: am.to_numpy(v) for k, v in p.items()} for p in model.params]
+
+
+def _equal(a, b, tol=0.0):
+    """Parameter lists equal: bit for bit (``tol=0``), or to ``tol``."""
+    for pa, pb in zip(a, b, strict=True):
+        assert pa.keys() == pb.keys()
+        for k in pa:
+            if tol == 0.0:
+                np.testing.assert_array_equal(pa[k], pb[k])
+            else:
+                np.testing.assert_allclose(pa[k], pb[k], rtol=tol, atol=tol)
+
+
+def _net(backend, *, input_dropout=True, seed=7):
+    """5 -> (input dropout) -> 8 tanh -> dropout -> 3: masks on a shared input (drawn
+    (K, n, 5) for the members) and on the members' activations (K, n, 8)."""
+    layers = ([am.Dropout(0.2)] if input_dropout else []) + [am.Dense(5, 8), am.Tanh(), am.Dropout(0.3),
+                                                             am.Dense(8, 3)]
+    return lambda ensemble=None, s=seed: am.Sequential(layers, ensemble=ensemble, seed=s, dtype="float64",
+                                                        **backend.model_kwargs())
+
+
+# ------------------------------------------------------------------- the draws
+def test_member_counter_bits_are_each_streams_own(backend):
+    """Row k of one draw for K streams is counter_bits of stream k, bit for bit."""
+    keys, counters = [5, 2**64 - 1, 12345678901234567], [0, 3, 2**40]
+    both = backend.to_numpy(member_counter_bits((4, 6), keys, counters, backend.xp, backend.device))
+    assert both.shape == (3, 4, 6)
+    for k in range(3):
+        np.testing.assert_array_equal(both[k], backend.to_numpy(counter_bits((4, 6), keys[k], counters[k],
+                                                                             backend.xp, backend.device)))
+    assert len({both[k].tobytes() for k in range(3)}) == 3
+
+
+def test_a_frozen_members_stream_stands_still(backend):
+    gens = MemberGenerators(am.Generator(0, backend.xp, backend.device),
+                            [am.Generator(s, backend.xp, backend.device) for s in (1, 2)])
+    gens.active = np.array([True, False])
+    gens.bits((2, 3, 4))
+    assert [m.counter for m in gens.members] == [1, 0]
+    state = gens.get_state()
+    moved = gens.moved(backend.xp, backend.device)
+    assert moved.get_state() == state and [m.counter for m in moved.members] == [1, 0]
+
+
+# ------------------------------------------------------------------- dropout
+@pytest.mark.parametrize("input_dropout", [True, False], ids=["input+hidden", "hidden"])
+@pytest.mark.parametrize("rates", ["shared", "per-member"])
+def test_member_i_draws_the_dropout_masks_of_its_plain_model(backend, input_dropout, rates):
+    """With dropout (on the input and on hidden activations) and Adam, member i equals
+    the plain model of member i's seed fitted with seed member_seeds(t, K)[i]: bit for bit
+    in float64 where the members share their rate (on NumPy and array-api-strict; torch's
+    batched products sum in another order than its plain ones, without dropout too), to
+    1e-10 with per-member rates, as without dropout; without fit's
+    seed, the plain model of member i's seed that continues its own generator
+    (``member(i)`` before the fit). A mask drawn wrong would differ by O(1)."""
+    x, y = _data(backend)
+    build = _net(backend, input_dropout=input_dropout)
+    lrs = [0.03] * K if rates == "shared" else [0.01, 0.03, 0.05]
+    tol = 0.0 if rates == "shared" and backend.name in ("numpy", "array_api_strict") else 1e-10
+    lr = 0.03 if rates == "shared" else lrs
+    ens = build(K)
+    starts = [ens.member(i) for i in range(K)]
+    hist = ens.fit(x, y, loss="cross_entropy", lr=lr, epochs=3, batch_size=8, shuffle=False, seed=4,
+                   progress=False)
+    fit_seeds = member_seeds(4, K)
+    for i in range(K):
+        plain = build(None, member_seeds(7, K)[i])
+        _equal(_np_params(plain), _np_params(starts[i]))
+        h = plain.fit(x, y, loss="cross_entropy", optimizer=am.Adam(lr=lrs[i]), epochs=3, batch_size=8,
+                      shuffle=False, seed=fit_seeds[i], progress=False)
+        _equal(_np_params(ens.member(i)), _np_params(plain), tol)
+        np.testing.assert_allclose([e[i] for e in hist.loss], h.loss, rtol=1e-12)  # (summed in another order)
+    # no seed= in fit: each member goes on with its own generator, as its plain model does
+    ens2 = build(K)
+    starts = [ens2.member(i) for i in range(K)]
+    ens2.fit(x, y, loss="cross_entropy", lr=lr, epochs=2, batch_size=8, shuffle=False, progress=False)
+    for i in range(K):
+        starts[i].fit(x, y, loss="cross_entropy", optimizer=am.Adam(lr=lrs[i]), epochs=2, batch_size=8,
+                      shuffle=False, progress=False)
+        _equal(_np_params(ens2.member(i)), _np_params(starts[i]), tol)
+        fresh = build(None, member_seeds(7, K)[i])
+        fresh.fit(x, y, loss="cross_entropy", optimizer=am.Adam(lr=lrs[i]), epochs=2, batch_size=8,
+                  shuffle=False, progress=False)
+        _equal(_np_params(fresh), _np_params(starts[i]))
+        # member(i) carries the member's streams on, where its plain model's are
+        assert ens2.member(i).rng.get_state() == starts[i].rng.get_state()
+
+
+def test_the_members_masks_differ(backend):
+    """Members of equal parameters (stacked copies of one model) get different masks:
+    their dropout noise is not one draw shared."""
+    x, y = _data(backend)
+    one = _net(backend)()
+    ens = am.Sequential.stack([one.copy() for _ in range(K)])
+    ens.rng = MemberGenerators(one.rng, [am.Generator(s, backend.xp, backend.device) for s in (1, 2, 3)])
+    ens.fit(x, y, loss="cross_entropy", lr=0.05, epochs=1, batch_size=10, shuffle=False, progress=False)
+    w = am.to_numpy(ens.params[1]["W"])  # (after the input dropout)
+    assert not np.array_equal(w[0], w[1]) and not np.array_equal(w[1], w[2])
