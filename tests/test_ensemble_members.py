@@ -124,3 +124,44 @@ def test_the_members_masks_differ(backend):
     ens.fit(x, y, loss="cross_entropy", lr=0.05, epochs=1, batch_size=10, shuffle=False, progress=False)
     w = am.to_numpy(ens.params[1]["W"])  # (after the input dropout)
     assert not np.array_equal(w[0], w[1]) and not np.array_equal(w[1], w[2])
+
+
+# ------------------------------------------------------------------- frozen members
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_a_frozen_member_goes_on_as_its_stopped_plain_model(backend, optimizer):
+    """Members stop at different epochs (per-member early stopping), then two partial_fit
+    calls train all of them again: each member ends where its plain model ends, stopped
+    by the same early stopping and then given the same two partial_fit calls. A frozen
+    member's moments, step count (Adam's bias correction, the first momentum step) and
+    dropout stream stood still while it was frozen, as the stopped plain model's did."""
+    x, y = _data(backend, n=40, labels=False)
+    xv, yv = _data(backend, n=20, labels=False, seed=9)
+    lrs = [0.3, 1e-4, 0.05] if optimizer == "adam" else [0.5, 1e-4, 0.05]
+    extra = {"momentum": 0.9} if optimizer == "sgd" else {}
+    build = _net(backend, input_dropout=False, seed=3)
+    tol = 0.0 if backend.name in ("numpy", "array_api_strict") else 1e-10
+
+    def opt(i):
+        return am.Adam(lr=lrs[i]) if optimizer == "adam" else am.SGD(lr=lrs[i], momentum=0.9)
+
+    common = dict(loss="mse", epochs=12, batch_size=10, shuffle=False, validation_data=(xv, yv), progress=False)
+    ens = build(K)
+    starts = [ens.member(i) for i in range(K)]
+    hist = ens.fit(x, y, optimizer=optimizer, lr=lrs, early_stopping=am.EarlyStopping("val_loss", patience=1),
+                   seed=2, **common, **extra)
+    stopped = hist.stopped_epoch
+    assert (stopped >= 0).any() and len(set(stopped.tolist())) > 1  # stopped, at different epochs
+    for _ in range(2):
+        ens.partial_fit(x, y, lr=lrs, batch_size=10, shuffle=False)
+    steps = []
+    for i in range(K):
+        plain = starts[i]
+        h = plain.fit(x, y, optimizer=opt(i), early_stopping=am.EarlyStopping("val_loss", patience=1),
+                      seed=member_seeds(2, K)[i], **common)
+        assert hist.stopped_epoch[i] == (len(h.loss) - 1 if h.stopped_early else -1)
+        for _ in range(2):
+            plain.partial_fit(x, y, lr=lrs[i], batch_size=10, shuffle=False)
+        _equal(_np_params(ens.member(i)), _np_params(plain), tol)
+        steps.append(plain.optimizer_.step_count)
+    np.testing.assert_array_equal(ens.ensemble_optimizer_.t, steps)
+    assert len(set(steps)) > 1

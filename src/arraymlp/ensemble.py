@@ -382,10 +382,26 @@ class _MemberUpdate:
             self.b1 = _per_member("betas[0]", b[0], k, xp, like, high=1.0, high_open=True)
             self.b2 = _per_member("betas[1]", b[1], k, xp, like, high=1.0, high_open=True)
         self.state: list[dict[str, dict[str, Any]]] | None = None
-        self.t = 0
+        #: each member's step count (its Adam bias correction, Adagrad decay, first
+        #: momentum step): a frozen member's stands still, as a stopped plain model's does
+        self.steps = numpy.zeros(k, dtype=numpy.int64)
         self._scratch = None
 
     _HYPER = ("lr", "wd", "momentum", "b1", "b2")
+
+    @property
+    def t(self):
+        """The members' step count: an int where they agree, else an int array (K,)."""
+        s = self.steps
+        return int(s[0]) if (s == s[0]).all() else s.copy()
+
+    @t.setter
+    def t(self, value) -> None:
+        steps = numpy.asarray(value, dtype=numpy.int64).reshape(-1)
+        if steps.shape[0] not in (1, self.k) or (steps < 0).any():
+            msg = f"the members' step count must be one int >= 0 or {self.k} of them, got {value!r}"
+            raise ValueError(msg)
+        self.steps = numpy.broadcast_to(steps, (self.k,)).copy()
 
     @property
     def name(self) -> str:
@@ -405,7 +421,9 @@ class _MemberUpdate:
         if self.state is not None:
             state = [{key: {slot: xp.asarray(a, copy=True) for slot, a in st.items()}
                       for key, st in layer.items()} for layer in self.state]
-        return {"optimizer": self.name, "hyperparameters": hyper, "step": self.t, "state": state}
+        t = self.t
+        return {"optimizer": self.name, "hyperparameters": hyper, "step": t if isinstance(t, int) else t.tolist(),
+                "state": state}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         """Back to a :meth:`state_dict` (its arrays may be NumPy host arrays)."""
@@ -420,7 +438,7 @@ class _MemberUpdate:
                 msg = f"state_dict has hyper-parameter {key!r}, which the {self.name} rule of an ensemble has not"
                 raise ValueError(msg)
             setattr(self, key, _per_member(key, v, self.k, self.xp, like, high=None))
-        self.t = int(sd["step"])
+        self.t = sd["step"]  # an int, or one per member
         self.state = None if sd["state"] is None else [
             {key: {slot: _to_xp(numpy.asarray(to_numpy(a)), self.xp, like.dtype, like.device)
                    for slot, a in st.items()} for key, st in layer.items()} for layer in sd["state"]]
@@ -488,24 +506,43 @@ class _MemberUpdate:
             grads = [{k: g * coef for k, g in layer.items()} for layer in grads]
         return grads
 
-    def step(self, params, grads, active):
-        """Update ``params`` in place of its dicts; ``active`` (a float or (K, 1, 1)
-        array of 0 and 1) scales each member's rate, so that a stopped member stays."""
-        xp, o = self.xp, self.opt
+    def step(self, params, grads, active=None):
+        """Update ``params`` in place of its dicts. ``active`` (host bools (K,), None: all)
+        marks the members that train: a frozen member's parameters, moments and step
+        count stay as they are (put back by ``xp.where`` on the device, no host read).
+        Members that train with different step counts (one frozen for a while, then
+        trained again) are updated group by group, each with its own count, so that
+        each member's update is its plain model's."""
+        xp = self.xp
         grads = self._clip(grads)
         self.build_state(params)
-        self.t += 1
-        lr = self.lr * active
+        on = numpy.ones(self.k, dtype=bool) if active is None else numpy.asarray(active, dtype=bool).reshape(self.k)
+        counts = numpy.unique(self.steps[on])
+        if on.all() and counts.size == 1:  # the usual step: one update of every member
+            self._apply(params, grads, int(counts[0]) + 1)
+            self.steps += 1
+            return params
+        for t in counts.tolist():
+            group = on & (self.steps == t)
+            before = _amp_snapshot(params, self.state, xp)
+            self._apply(params, grads, t + 1)
+            mask = xp.reshape(xp.asarray(group, device=device_of(self.like)), (self.k, 1, 1))
+            _keep_if_not(mask, before, params, self.state, xp)
+            self.steps[group] += 1
+        return params
+
+    def _apply(self, params, grads, t: int) -> None:
+        o, xp = self.opt, self.xp
         for layer, glayer, slayer in zip(params, grads, self.state):
             for key, p in layer.items():
                 wd = self.wd if (key == "W" or o.decay_bias) else 0.0
-                layer[key] = self._update(p, glayer[key], slayer[key], lr, wd, xp)
-        return params
+                layer[key] = self._update(p, glayer[key], slayer[key], self.lr, wd, t, xp)
 
-    def _update(self, p, g, st, lr, wd, xp):
-        """The plain optimiser's kernel of the set, with the per-member hyper-parameters
-        as they are (floats, or (K, 1, 1) arrays that broadcast over the stacked ``p``)."""
-        o, t, ks = self.opt, self.t, kernels_for(xp)
+    def _update(self, p, g, st, lr, wd, t, xp):
+        """The plain optimiser's kernel of the set at step ``t``, with the per-member
+        hyper-parameters as they are (floats, or (K, 1, 1) arrays that broadcast over the
+        stacked ``p``)."""
+        o, ks = self.opt, kernels_for(xp)
         if isinstance(o, SGD):
             if self._on(self.momentum):
                 p, st["momentum_buffer"] = ks.sgd_momentum_update(
@@ -1042,13 +1079,10 @@ def _data_parallel(run: _Run, comm, callbacks, verbose: bool) -> bool:
 def _estimator_options(run: _Run, active, l2_per_batch: bool, host_weight) -> None:
     """Which members train (all, or those of the scikit-learn estimators' ``_active``;
     the others are frozen), and those estimators' per-batch L2 rule and host weights."""
-    k, xp, like = run.model.ensemble, run.xp, run.like
+    k = run.model.ensemble
     run.active_host = numpy.ones(k, dtype=bool)
     if active is not None:
         run.active_host = numpy.asarray(active, dtype=bool).reshape(k).copy()
-        if not run.active_host.all():
-            run.active = xp.reshape(xp.asarray(run.active_host.astype(float), dtype=like.dtype, device=like.device),
-                                    (k, 1, 1))
     run.l2_per_batch = bool(l2_per_batch)
     if host_weight is not None:
         run.host_weight = numpy.asarray(host_weight, dtype=numpy.float64).reshape(-1)
@@ -1119,9 +1153,6 @@ class _MembersState(Callback):
         run.wait = numpy.array(state["wait"], dtype=int)
         run.active_host = numpy.array(state["active"], dtype=bool)
         run.history.stopped_epoch = numpy.array(state["stopped_epoch"], dtype=int)
-        like = run.like
-        run.active = 1.0 if run.active_host.all() else run.xp.reshape(
-            run.xp.asarray(run.active_host.astype(float), dtype=like.dtype, device=like.device), (k, 1, 1))
         run.best_params = state.get("best_params")
         saved = state.get("schedules", [])
         for s, st in zip(self.schedules or (), saved):
@@ -1216,8 +1247,7 @@ class _Run:
     history: Any = None
     fused: bool = False
     plan: Any = None
-    active: Any = 1.0
-    active_host: Any = None
+    active_host: Any = None  # (K,) host bools: the members that train (the others are frozen)
     best: Any = None
     best_epoch: Any = None
     wait: Any = None
@@ -1325,7 +1355,7 @@ def _step(run: _Run, xb, yb, wb, l2=None):
         for layer, p, g in zip(model.layers, model.params, grads):
             if isinstance(layer, L.Dense):
                 g["W"] = g["W"] + l2 * p["W"]
-    run.rule.step(model.params, grads, run.active)
+    run.rule.step(model.params, grads, run.active_host)
     run.step += 1
     return values
 
@@ -1363,7 +1393,7 @@ def _amp_step(run: _Run, xb, yb, wb, l2):
     inv = xp.reshape(1.0 / amp.scale, (k, 1, 1)) if amp.dynamic else None
     grads32 = master_grads(model.layers, master, grads, inv, l2 if _has_l2(l2) else None, xp)
     if not amp.dynamic:
-        run.rule.step(model.params, grads32, run.active)
+        run.rule.step(model.params, grads32, run.active_host)
     else:
         # each member's: a NaN or infinite entry makes that member's sum non-finite
         ok = None
@@ -1373,7 +1403,7 @@ def _amp_step(run: _Run, xb, yb, wb, l2):
                 ok = fin if ok is None else ok & fin
         run.rule.build_state(model.params)  # before the snapshot, so that a skipped first step keeps it
         before = _amp_snapshot(model.params, run.rule.state, xp)
-        run.rule.step(model.params, grads32, run.active)
+        run.rule.step(model.params, grads32, run.active_host)
         _keep_if_not(xp.reshape(ok, (k, 1, 1)), before, model.params, run.rule.state, xp)
         amp.update_scale(ok, xp)
     run.step += 1
@@ -1415,7 +1445,7 @@ def _snapshot(run: _Run) -> tuple:
     state = None if rule.state is None else [{key: copy(st) for key, st in layer.items()} for layer in rule.state]
     rng = None if run.model.rng is None else run.model.rng.get_state()
     amp = None if run.amp is None else run.amp.get_state()
-    return params, state, rule.t, run.step, rng, amp
+    return params, state, rule.steps.copy(), run.step, rng, amp
 
 
 def _restore(run: _Run, snapshot: tuple) -> None:
@@ -1424,7 +1454,7 @@ def _restore(run: _Run, snapshot: tuple) -> None:
         run.amp.set_state(amp)
     run.model.params = [dict(p) for p in params]
     run.rule.state = None if state is None else [{key: dict(st) for key, st in layer.items()} for layer in state]
-    run.rule.t, run.step = t, step
+    run.rule.steps, run.step = t.copy(), step
     if rng is not None:
         run.model.rng.set_state(rng)
 
@@ -1520,7 +1550,7 @@ def _run_epoch(run: _Run, epoch: int, batch_size: int, shuffle: bool):
 
 def _stop_members(run: _Run, epoch: int, logs) -> bool:
     """Per-member early stopping after an epoch; whether every member has stopped."""
-    stopper, xp, like, k = run.stopper, run.xp, run.like, run.model.ensemble
+    stopper, xp, like = run.stopper, run.xp, run.like
     score = stopper.sign * logs[stopper.monitor]
     improved = run.active_host & (score < run.best - stopper.min_delta)
     run.best = numpy.where(improved, score, run.best)
@@ -1532,8 +1562,6 @@ def _stop_members(run: _Run, epoch: int, logs) -> bool:
     if stop.any():
         run.history.stopped_epoch = numpy.where(stop, epoch, run.history.stopped_epoch)
         run.active_host = run.active_host & ~stop
-        run.active = xp.reshape(xp.asarray(run.active_host.astype(float), dtype=like.dtype, device=like.device),
-                                (k, 1, 1))
     return not run.active_host.any()
 
 

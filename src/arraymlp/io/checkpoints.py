@@ -74,7 +74,8 @@ def _optimizer_entry(optimizer: Optimizer, tensors: dict, dtype) -> dict[str, An
                     tensors[f"optimizer.{i}.{key}.{slot}"] = _host(a, dtype)
             skeleton.append(entry)
     return {"optimizer": sd["optimizer"], "hyperparameters": sd["hyperparameters"],
-            "step": int(sd["step"]), "state": skeleton}
+            "step": [int(v) for v in sd["step"]] if isinstance(sd["step"], list) else int(sd["step"]),
+            "state": skeleton}
 
 
 def _state_name(cb) -> str:
