@@ -165,3 +165,45 @@ def test_a_frozen_member_goes_on_as_its_stopped_plain_model(backend, optimizer):
         steps.append(plain.optimizer_.step_count)
     np.testing.assert_array_equal(ens.ensemble_optimizer_.t, steps)
     assert len(set(steps)) > 1
+
+
+def test_a_frozen_members_schedule_and_loss_scale_stand_still(backend, monkeypatch):
+    """Per-member ReduceOnPlateau schedules and float16 loss scales under per-member early
+    stopping: after the fit, member i's schedule state and loss scale (and skip count)
+    are those of its plain model stopped by the same early stopping; a frozen member's
+    do not go on moving with the epochs and steps it no longer trains in."""
+    from arraymlp.kernels import _jit
+
+    if backend.name not in ("numpy", "torch"):
+        pytest.skip("float16 compute is checked bit for bit on NumPy and torch (as in test_ensemble)")
+    monkeypatch.setattr(_jit, "_kernels", None)  # (the ensemble's loss and the plain one's: the same operations)
+    rng = np.random.default_rng(0)
+    x = backend.asarray(rng.normal(size=(48, 5)).astype(np.float32))
+    y = backend.asarray(rng.normal(size=(48, 3)).astype(np.float32))
+    xv = backend.asarray(rng.normal(size=(16, 5)).astype(np.float32))
+    yv = backend.asarray(rng.normal(size=(16, 3)).astype(np.float32))
+    lrs = [0.3, 1e-4, 0.05]
+
+    def amp():
+        return am.MixedPrecision("float16", init_scale=2.0**14, growth_interval=2)
+
+    def plateau(lr):
+        return am.schedules.ReduceOnPlateau(lr, factor=0.5, patience=0)
+
+    common = dict(loss="mse", optimizer="adam", epochs=10, batch_size=16, validation_data=(xv, yv), progress=False)
+    ens = am.MLP([5, 8, 3], ensemble=K, seed=5, **backend.model_kwargs())
+    starts = [ens.member(i) for i in range(K)]
+    scales, schedules = amp(), [plateau(lr) for lr in lrs]
+    h = ens.fit(x, y, schedule=schedules, precision=scales, early_stopping=am.EarlyStopping("val_loss", patience=1),
+                seed=1, **common)
+    assert len(set(h.stopped_epoch.tolist())) > 1
+    for i in range(K):
+        own, sched = amp(), plateau(lrs[i])
+        starts[i].fit(x, y, schedule=sched, precision=own, early_stopping=am.EarlyStopping("val_loss", patience=1),
+                      seed=1, **common)  # (no dropout: the shared batch order is all fit's seed draws)
+        _equal(_np_params(ens.member(i)), _np_params(starts[i]), 1e-6)  # (per-member rates: float32 arrays)
+        got, want = schedules[i].state_dict(), sched.state_dict()
+        assert got.pop("best") == pytest.approx(want.pop("best"), rel=1e-6) and got == want
+        assert float(backend.to_numpy(scales.scale)[i]) == float(own.scale)
+        assert int(backend.to_numpy(scales.good_steps)[i]) == int(own.good_steps)
+        assert int(backend.to_numpy(scales.skipped)[i]) == int(own.skipped)

@@ -648,11 +648,13 @@ def _rule(model, run, optimizer, lr, momentum, weight_decay, betas, reuse: bool)
                          momentum=momentum, weight_decay=weight_decay, betas=betas)
 
 
-def _step_schedules(schedules, logs) -> None:
-    """A ReduceOnPlateau records its member's monitored loss (validation loss, else training)."""
+def _step_schedules(schedules, logs, active) -> None:
+    """A ReduceOnPlateau records its member's monitored loss (validation loss, else
+    training), while the member trains (``active``, host bools (K,)): a frozen member's
+    stands still, as a stopped plain model's does."""
     monitored = logs["val_loss"] if logs["val_loss"] is not None else logs["loss"]
     for i, s in enumerate(schedules):
-        if callable(getattr(s, "step", None)):
+        if active[i] and callable(getattr(s, "step", None)):
             s.step(float(monitored[i]))
 
 
@@ -1186,7 +1188,7 @@ def _end_epoch(run: _Run, epoch: int, epoch_lr, epoch_loss, t0: float, schedules
     logs["time"] = time.perf_counter() - t0
     history.time.append(logs["time"])
     if schedules is not None:
-        _step_schedules(schedules, logs)
+        _step_schedules(schedules, logs, run.active_host)
     if verbose:
         print(f"epoch {epoch + 1:>4}  loss {numpy.array2string(epoch_loss, precision=4)}", flush=True)
     stop = run.stopper is not None and _stop_members(run, epoch, logs)
@@ -1405,7 +1407,12 @@ def _amp_step(run: _Run, xb, yb, wb, l2):
         before = _amp_snapshot(model.params, run.rule.state, xp)
         run.rule.step(model.params, grads32, run.active_host)
         _keep_if_not(xp.reshape(ok, (k, 1, 1)), before, model.params, run.rule.state, xp)
+        kept = (amp.scale, amp.good_steps, amp.skipped)
         amp.update_scale(ok, xp)
+        if not run.active_host.all():  # a frozen member's loss scale and counts stand still too
+            on = xp.asarray(run.active_host, device=device_of(amp.scale))
+            amp.scale, amp.good_steps, amp.skipped = (xp.where(on, new, old) for new, old in
+                                                      zip((amp.scale, amp.good_steps, amp.skipped), kept))
     run.step += 1
     return values
 
