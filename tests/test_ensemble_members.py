@@ -207,3 +207,30 @@ def test_a_frozen_members_schedule_and_loss_scale_stand_still(backend, monkeypat
         assert float(backend.to_numpy(scales.scale)[i]) == float(own.scale)
         assert int(backend.to_numpy(scales.good_steps)[i]) == int(own.good_steps)
         assert int(backend.to_numpy(scales.skipped)[i]) == int(own.skipped)
+
+
+def test_copy_and_to_carry_each_members_optimiser_on(backend):
+    """An ensemble trained on NumPy with one member frozen for a while (different step
+    counts), then moved with ``to`` (or copied with ``copy(backend=...)``) to this row
+    and given a partial_fit: each member equals its plain model moved and trained alike,
+    as a plain model's ``to`` and ``copy`` carry its optimiser on."""
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(24, 5)), rng.normal(size=(24, 3))
+    ens = am.MLP([5, 6, 3], ensemble=2, seed=0, dtype="float64", backend="numpy")
+    plains = [ens.member(i) for i in range(2)]
+    ens.partial_fit(x, y, loss="mse", optimizer=am.Adam(lr=0.01), batch_size=8, shuffle=False)
+    ens.partial_fit(x, y, batch_size=8, shuffle=False, _active=[True, False])  # member 1 frozen for an epoch
+    for i, p in enumerate(plains):
+        p.partial_fit(x, y, loss="mse", optimizer=am.Adam(lr=0.01), batch_size=8, shuffle=False)
+        if i == 0:
+            p.partial_fit(x, y, batch_size=8, shuffle=False)
+    np.testing.assert_array_equal(ens.ensemble_optimizer_.t, [6, 3])
+    xb, yb = backend.asarray(x), backend.asarray(y)
+    tol = 0.0 if backend.name in ("numpy", "array_api_strict") else 1e-12
+    for move in ("to", "copy"):
+        moved = ens.copy().to(backend.name, backend.device) if move == "to" else ens.copy(**backend.model_kwargs())
+        moved.partial_fit(xb, yb, batch_size=8, shuffle=False)
+        for i, p in enumerate(plains):
+            q = p.copy().to(backend.name, backend.device) if move == "to" else p.copy(**backend.model_kwargs())
+            q.partial_fit(xb, yb, batch_size=8, shuffle=False)
+            _equal(_np_params(moved.member(i)), _np_params(q), tol)

@@ -574,6 +574,18 @@ class _MemberUpdate:
         return p
 
 
+def moved_rule(rule: _MemberUpdate, params, xp) -> _MemberUpdate:
+    """A copy of the members' update rule (per-member settings, step counts and moments)
+    for ``params`` (an ensemble's stacked parameters, on any backend, device and dtype):
+    ``copy`` and ``to`` of an ensemble carry its optimiser on, as a plain model's do."""
+    like = next(a for p in params for a in p.values())
+    opt = rule.opt
+    new = _MemberUpdate(type(opt)(**opt.hyperparameters()), rule.k, xp, like, lr=None, momentum=None,
+                        weight_decay=None, betas=None)
+    new.load_state_dict(rule.state_dict())
+    return new
+
+
 def _assign(a, c):
     """``c``'s values, into ``a`` where it is writeable (``a`` is then reused)."""
     if is_writeable(a):

@@ -357,7 +357,8 @@ class Sequential:
         self.dtype = resolve_dtype(xp, self._dtype_name)
         self.rng = self.rng.moved(xp, device) if self.rng is not None else Generator(self.seed, xp, device)
         _replace_optimizer_state(getattr(self, "optimizer_", None), getattr(self, "optimizer_", None))
-        self.__dict__.pop("ensemble_optimizer_", None)  # an ensemble's optimiser starts afresh where it moved
+        if getattr(self, "ensemble_optimizer_", None) is not None:  # an ensemble's members' optimiser moves too
+            self.ensemble_optimizer_ = E.moved_rule(self.ensemble_optimizer_, self.params, xp)
         return self
 
     def copy(self, *, dtype: str | None = None, backend: Any = None, device: Any = None) -> "Sequential":
@@ -368,7 +369,7 @@ class Sequential:
         """
         new = object.__new__(type(self))
         new.__dict__.update(self.__dict__)
-        new.__dict__.pop("ensemble_optimizer_", None)  # an ensemble's copy starts its optimiser afresh
+        new.__dict__.pop("ensemble_optimizer_", None)  # (a copy of an ensemble's members' optimiser: below)
         new.layers = list(self.layers)
         new._dtype_name = dtype_name(dtype) if dtype is not None else self._dtype_name
         if self.params is None:
@@ -392,6 +393,8 @@ class Sequential:
         if opt is not None:  # the copy trains on with its own optimiser and schedule
             new.optimizer_ = type(opt)(**opt.hyperparameters())
             _replace_optimizer_state(opt, new.optimizer_)
+        if getattr(self, "ensemble_optimizer_", None) is not None:  # an ensemble's: each member's state, copied
+            new.ensemble_optimizer_ = E.moved_rule(self.ensemble_optimizer_, new.params, xp)
         if getattr(self, "schedule_", None) is not None:
             new.schedule_ = copy.deepcopy(self.schedule_)
         if getattr(self, "precision_", None) is not None:  # and its own loss scale, continued
