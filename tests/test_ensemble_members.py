@@ -234,3 +234,52 @@ def test_copy_and_to_carry_each_members_optimiser_on(backend):
             q = p.copy().to(backend.name, backend.device) if move == "to" else p.copy(**backend.model_kwargs())
             q.partial_fit(xb, yb, batch_size=8, shuffle=False)
             _equal(_np_params(moved.member(i)), _np_params(q), tol)
+
+
+# ------------------------------------------------------------------- per-member order
+@pytest.mark.parametrize("case", ["labels", "regression", "regression-1d", "custom-loss"])
+def test_shuffle_members_gives_member_i_its_plain_models_batches(backend, case):
+    """``shuffle="members"`` with dropout, per-member sample weights and rates, a short
+    last batch and metrics: member i (parameters, losses, training metrics) equals the
+    plain model of member i's seed fitted with seed member_seeds(t, K)[i] and shuffling
+    on; without fit's seed, the plain model going on with its own generator."""
+    n = 29  # batches of 8: a short last one
+    rng = np.random.default_rng(4)
+    x_np = rng.normal(size=(n, 5))
+    out = 1 if case == "regression-1d" else 3
+    y_np = {"labels": rng.integers(0, 3, size=n), "regression": rng.normal(size=(n, 3)),
+            "regression-1d": rng.normal(size=n), "custom-loss": rng.normal(size=(n, 3))}[case]
+    w = rng.uniform(0.2, 2.0, size=(K, n))
+    x, y = backend.asarray(x_np), backend.asarray(y_np)
+    custom = am.losses.Loss("my_mse", am.losses.LOSSES["mse"].fn, None, "same_shape")  # (once per member)
+    loss = {"labels": "cross_entropy", "custom-loss": custom}.get(case, "mse")
+    metrics = ["accuracy", am.metrics.top_k_accuracy(2)] if case == "labels" else ["mae", "r2"]
+    lrs = [0.01, 0.03, 0.05]
+    tol = 1e-10
+    ens = am.MLP([5, 8, out], dropout=0.25, ensemble=K, seed=7, dtype="float64", **backend.model_kwargs())
+    starts = [ens.member(i) for i in range(K)]
+    fresh = [ens.member(i) for i in range(K)]
+    common = dict(loss=loss, epochs=3, batch_size=8, metrics=metrics, progress=False)
+    hist = ens.fit(x, y, lr=lrs, sample_weight=backend.asarray(w), shuffle="members", seed=4, **common)
+    for i in range(K):
+        h = starts[i].fit(x, y, optimizer=am.Adam(lr=lrs[i]), sample_weight=backend.asarray(w[i]), shuffle=True,
+                          seed=member_seeds(4, K)[i], **common)
+        _equal(_np_params(ens.member(i)), _np_params(starts[i]), tol)
+        np.testing.assert_allclose([e[i] for e in hist.loss], h.loss, rtol=1e-10)
+        for name in h.metrics:
+            np.testing.assert_allclose([e[i] for e in hist.metrics[name]], h.metrics[name], rtol=1e-10, atol=1e-12)
+    # no seed=: each member shuffles with its own generator, as its plain model does
+    ens2 = am.MLP([5, 8, out], dropout=0.25, ensemble=K, seed=7, dtype="float64", **backend.model_kwargs())
+    ens2.fit(x, y, lr=lrs, sample_weight=backend.asarray(w), shuffle="members", **common)
+    for i in range(K):
+        fresh[i].fit(x, y, optimizer=am.Adam(lr=lrs[i]), sample_weight=backend.asarray(w[i]), **common)
+        _equal(_np_params(ens2.member(i)), _np_params(fresh[i]), tol)
+
+
+def test_shuffle_is_checked(backend):
+    x, y = _data(backend, n=12)
+    ens = am.MLP([5, 4, 3], ensemble=2, seed=0, **backend.model_kwargs())
+    with pytest.raises(ValueError, match="shuffle must be True, False or 'members'"):
+        ens.fit(x, y, loss="cross_entropy", shuffle="rows", progress=False)
+    with pytest.raises(TypeError, match="shuffle must be True, False or 'members'"):
+        ens.fit(x, y, loss="cross_entropy", shuffle=None, progress=False)

@@ -50,6 +50,7 @@ from ._backend import (
     get_namespace,
     index_dtype,
     is_float16,
+    is_sparse,
     is_writeable,
     quiet_overflow,
     slice_rows,
@@ -252,16 +253,19 @@ def _elementwise_kernels():
             "binary_cross_entropy": _losses._bce_kernel, "poisson_nll": _losses._poisson_kernel}
 
 
-def _targets(lossfn, y, n_out: int, xp, dtype):
-    """Targets as an array that broadcasts against the outputs (K, n, n_out)."""
+def _targets(lossfn, y, n_out: int, xp, dtype, members: bool = False):
+    """Targets as an array that broadcasts against the outputs (K, n, n_out); with
+    ``members``, ``y`` holds each member's own rows, a leading axis of K."""
     if lossfn.name == "cross_entropy":
         if xp.isdtype(y.dtype, "integral"):
             ix = index_dtype(xp)  # int32 on JAX's 32-bit mode, where int64 is truncated with a warning
-            labels = xp.reshape(xp.astype(y, ix), (-1, 1))
+            labels = xp.reshape(xp.astype(y, ix), (*y.shape, 1))
             return xp.astype(labels == xp.arange(n_out, dtype=ix, device=y.device), dtype)
         return xp.astype(y, dtype)
     y = xp.astype(y, dtype)
-    return xp.reshape(y, (-1, n_out)) if y.ndim == 1 else y
+    if y.ndim == (2 if members else 1):
+        return xp.reshape(y, (*y.shape, 1)) if n_out == 1 else xp.reshape(y, (*y.shape[:-1], -1, n_out))
+    return y
 
 
 def member_losses(lossfn, out, t, w, xp):
@@ -272,7 +276,7 @@ def member_losses(lossfn, out, t, w, xp):
     lossfn : Loss
         A row of :data:`arraymlp.losses.LOSSES` (the fused ones take logits).
     out : array, shape (K, n, m)
-    t : array, shape (n, m)
+    t : array, shape (n, m), or (K, n, m) (each member's own rows)
         Targets from :func:`_targets` (one-hot for labels).
     w : array of shape (K, n), or None
         Each member's sample weights; a batch in which a member's weights are all zero
@@ -298,7 +302,7 @@ def member_losses(lossfn, out, t, w, xp):
         tsum = xp.sum(t, axis=-1)  # (n,)
         z = _imul(z, t)  # t * z: z is not read again
         per_sample = tsum * xp.log(s)[..., 0] - per_row(ks.row_sum, z)[..., 0]  # (K, n)
-        g = _isub(_imul(_idiv(e, s), xp.reshape(tsum, (n, 1))), t)  # softmax * sum(t) - t, into e
+        g = _isub(_imul(_idiv(e, s), xp.expand_dims(tsum, axis=-1)), t)  # softmax * sum(t) - t, into e
         scale_m = 1.0
     else:
         e, g = _elementwise_kernels()[lossfn.name](out, t, xp)
@@ -314,8 +318,9 @@ def member_losses(lossfn, out, t, w, xp):
     return losses, _imul(g, c[:, :, None])
 
 
-def _custom_member_losses(lossfn, out, y, w, xp):
-    """A loss outside the table: its function once per member (correct, not fast)."""
+def _custom_member_losses(lossfn, out, y, w, xp, members: bool = False):
+    """A loss outside the table: its function once per member (correct, not fast);
+    ``members``: ``y`` has each member's own rows (a leading axis of K)."""
     values, grads = [], []
     for i in range(out.shape[0]):
         wi = None if w is None else w[i, ...]
@@ -323,7 +328,7 @@ def _custom_member_losses(lossfn, out, y, w, xp):
             values.append(xp.zeros((), dtype=out.dtype, device=out.device))
             grads.append(xp.zeros_like(out[i, ...]))
             continue
-        v, g = lossfn.fn(out[i, ...], y, xp=xp, sample_weight=wi)
+        v, g = lossfn.fn(out[i, ...], y[i, ...] if members else y, xp=xp, sample_weight=wi)
         values.append(v)
         grads.append(g)
     return xp.stack(values), xp.stack(grads)
@@ -614,7 +619,7 @@ class EnsembleHistory(History):
 
 # ----------------------------------------------------------------------------- fit
 def partial_fit(model, x, y, *, loss: str | None = None, optimizer: str | Optimizer | None = None, lr: Any = None,
-                batch_size: int = 32, shuffle: bool = True, l2: Any = 0.0,
+                batch_size: int = 32, shuffle: bool | str = True, l2: Any = 0.0,
                 sample_weight: Any = None, metrics: Sequence[Any] | None = None, precision: Any = None,
                 _active: Any = None, _l2_per_batch: bool = False, _host_weight: Any = None) -> EnsembleHistory:
     """One epoch of every member over ``(x, y)``, keeping the members' optimiser state of
@@ -692,6 +697,24 @@ def _check_schedules(schedule, lr, k: int):
         msg = f"a ReduceOnPlateau follows one loss: give {k} of them, one per member"
         raise ValueError(msg)
     return schedules
+
+
+def _check_shuffle(shuffle, run, comm, estimator: bool) -> bool:
+    """``shuffle=`` checked; whether each member draws its own order (``"members"``)."""
+    if isinstance(shuffle, str):
+        if shuffle != "members":
+            msg = f"shuffle must be True, False or 'members' (each member in its own order), got {shuffle!r}"
+            raise ValueError(msg)
+        reason = ("data-parallel training (comm=)" if comm is not None else "a sparse x" if is_sparse(run.x)
+                  else "the scikit-learn estimators' per-batch rules" if estimator else None)
+        if reason is not None:
+            msg = f"shuffle='members' is not supported with {reason}; use shuffle=True (one order for every member)"
+            raise ValueError(msg)
+        return True
+    if not isinstance(shuffle, (bool, numpy.bool_)):
+        msg = f"shuffle must be True, False or 'members' (each member in its own order), got {shuffle!r}"
+        raise TypeError(msg)
+    return False
 
 
 def _check_run(epochs, batch_size, validation_split):
@@ -897,15 +920,38 @@ def member_metric(model, out, y, lossfn, xp, *, logits: bool) -> numpy.ndarray:
     return scores.mean(axis=1)
 
 
-def _losses(model, lossfn, out, y, w, xp):
+def _losses(model, lossfn, out, y, w, xp, members: bool = False):
     if LOSSES.get(lossfn.name) is lossfn:
-        return member_losses(lossfn, out, _targets(lossfn, y, int(out.shape[-1]), xp, out.dtype), w, xp)
-    return _custom_member_losses(lossfn, out, y, w, xp)
+        return member_losses(lossfn, out, _targets(lossfn, y, int(out.shape[-1]), xp, out.dtype, members), w, xp)
+    return _custom_member_losses(lossfn, out, y, w, xp, members)
+
+
+class _RowsPair(_MembersPair):
+    """A batch of ``shuffle="members"``: ``y`` holds each member's own rows, (K, n, ...);
+    member ``i``'s pair is its rows against its outputs."""
+
+    __slots__ = ()
+
+    def member(self, i: int) -> _Pair:
+        return _Pair(self.y[i, ...], self.out[i, ...], self.task, self.xp, threshold=self.threshold, rates=self.rates)
+
+
+def _update_metrics(run, yb, out, xp) -> None:
+    """The batch joins the epoch's metric sums, on the device. With each member's own
+    rows, member by member (the metric's plain sums, stacked when read)."""
+    if run.members_order:
+        pair = _RowsPair(yb, out, run.lossfn.task, xp, **run.pair_kind)
+        for acc in run.accs:
+            Metric._update_members(acc.metric, acc, pair)
+        return
+    pair = _MembersPair(yb, out, run.lossfn.task, xp, **run.pair_kind)
+    for acc in run.accs:
+        acc.update(pair)
 
 
 def fit(model, x, y, *, loss: str | Loss | None = None, optimizer: str | Optimizer = "adam", lr: Any = None,
         momentum: Any = None, weight_decay: Any = None, betas: Any = None, l2: Any = 0.0, epochs: int = 10,
-        batch_size: int = 32, shuffle: bool = True, validation_data: tuple | None = None,
+        batch_size: int = 32, shuffle: bool | str = True, validation_data: tuple | None = None,
         validation_split: float = 0.0, early_stopping: EarlyStopping | int | None = None,
         sample_weight: Any = None, seed: int | None = None, schedule: Any = None, callbacks: Sequence = (),
         metrics: Sequence[Any] | None = None, precision: Any = None, progress: bool = True, verbose: bool = False,
@@ -919,10 +965,22 @@ def fit(model, x, y, *, loss: str | Loss | None = None, optimizer: str | Optimiz
     model : Sequential built with ``ensemble=K``
     x : array, shape (n, n_features)
     y : array, shape (n, n_outputs), (n,), or integer labels (n,) for cross-entropy
-    loss, optimizer, epochs, batch_size, shuffle, validation_data, validation_split, seed
+    loss, optimizer, epochs, batch_size, validation_data, validation_split, seed
         As for :func:`arraymlp.fit` (an omitted ``loss`` is inferred as it infers it:
         cross-entropy for a softmax output, and so on). ``optimizer`` gives the update
-        rule and the hyper-parameters the members share.
+        rule and the hyper-parameters the members share. ``seed`` gives the shared
+        generator ``Generator(seed)`` and member ``i`` the generator
+        ``Generator(member_seeds(seed, K)[i])`` (its dropout masks and, with
+        ``shuffle="members"``, its batch order): what a plain model fitted with
+        ``seed=member_seeds(seed, K)[i]`` draws. Without it each member goes on with its
+        own generator, as a plain model of its seed does.
+    shuffle : bool or "members"
+        True (default): every member trains on the same batches, in the order of the
+        shared generator (as a plain model fitted with ``seed`` draws it); False: in the
+        order of the rows; ``"members"``: each member in its own order, drawn from its
+        own generator (each epoch's first layer then reads (K, batch, n_features) rows
+        gathered for the members), so that member ``i`` sees the batches of its plain
+        model. Not with ``comm=`` nor a sparse ``x``.
     lr, momentum, weight_decay : float or sequence of K floats, optional
         Per-member values (one value: every member's); ``None`` keeps the optimiser's.
     betas : (beta1, beta2), optional
@@ -1005,6 +1063,7 @@ def fit(model, x, y, *, loss: str | Loss | None = None, optimizer: str | Optimiz
     lossfn = get_loss(model._own_loss(loss, y, last_fit=False))
     run = _prepare(model, x, y, lossfn, sample_weight, validation_data, validation_split)
     k, xp, like = model.ensemble, run.xp, run.like
+    run.members_order = _check_shuffle(shuffle, run, comm, _l2_per_batch or _host_weight is not None)
     run.rule = _rule(model, run, optimizer, lr, momentum, weight_decay, betas, _reuse_optimizer)
     opt = run.rule.opt
     run.l2 = _per_member("l2", l2, k, xp, like)
@@ -1278,6 +1337,7 @@ class _Run:
     dp: Any = None
     l2_per_batch: bool = False  # l2 over each batch's size or weight sum (scikit-learn's rule)
     host_weight: Any = None  # (n,) float64 host weights: the batches' weight sums, zero-weight batches skipped
+    members_order: bool = False  # shuffle="members": each member's batches its own rows, (K, batch, ...)
 
 
 def _prepare(model, x, y, lossfn, sample_weight, validation_data, validation_split) -> _Run:
@@ -1320,11 +1380,9 @@ def _member_grads(run: _Run, xb, yb, wb):
     model, xp = run.model, run.xp
     upto = len(model.layers) - 1 if run.fused else None
     out, caches = model.forward(xb, training=True, xp=xp, upto=upto, plan=run.plan)
-    if run.accs:  # the batch joins the epoch's metric sums, on the device (before the loss reuses out)
-        pair = _MembersPair(yb, out, run.lossfn.task, xp, **run.pair_kind)
-        for acc in run.accs:
-            acc.update(pair)
-    values, dout = _losses(model, run.lossfn, out, yb, wb, xp)
+    if run.accs:  # (before the loss reuses out)
+        _update_metrics(run, yb, out, xp)
+    values, dout = _losses(model, run.lossfn, out, yb, wb, xp, run.members_order)
     del out
     grads = model._backprop(caches, dout, xp=xp, inplace=True, plan=run.plan)
     # the previous step's arrays are let go only now, after this step's of the same sizes
@@ -1392,10 +1450,8 @@ def _amp_step(run: _Run, xb, yb, wb, l2):
                                     upto=len(model.layers) - 1 if run.fused else None)
         out = xp.astype(out, xp.float32)
         if run.accs:
-            pair = _MembersPair(yb, out, run.lossfn.task, xp, **run.pair_kind)
-            for acc in run.accs:
-                acc.update(pair)
-        values, dout = _losses(model, run.lossfn, out, yb, wb, xp)
+            _update_metrics(run, yb, out, xp)
+        values, dout = _losses(model, run.lossfn, out, yb, wb, xp, run.members_order)
         if amp.dynamic:
             dout = dout * xp.reshape(amp.scale, (k, 1, 1))
         grads = model._backprop(caches, xp.astype(dout, cdt), xp=xp, inplace=True)
@@ -1448,6 +1504,15 @@ def _batch(run: _Run, order, k: int, batch_size: int):
         start, end = run.dp.shard(start, end)
     if order is None:
         return slice_rows(x, start, end), y[start:end, ...], None if w is None else w[:, start:end]
+    if run.members_order:  # each member's own rows: order (K, n) and its offsets into the flat weights
+        rows, flat = order
+        km, b = int(rows.shape[0]), end - start
+        idx = xp.reshape(rows[:, start:end], (-1,))
+        xb = xp.reshape(xp.take(x, idx, axis=0), (km, b, *x.shape[1:]))
+        yb = xp.reshape(xp.take(y, idx, axis=0), (km, b, *y.shape[1:]))
+        wb = None if w is None else xp.reshape(xp.take(xp.reshape(w, (-1,)), xp.reshape(flat[:, start:end], (-1,)),
+                                                       axis=0), (km, b))
+        return xb, yb, wb
     idx = order[start:end]
     return take_rows(x, idx, xp), xp.take(y, idx, axis=0), None if w is None else xp.take(w, idx, axis=1)
 
@@ -1491,6 +1556,20 @@ def _divergence(run: _Run, row, epoch: int) -> DivergenceError:
     return DivergenceError(msg, epoch=epoch, step=run.step, params_finite=finite)
 
 
+def _member_orders(run: _Run, n: int):
+    """Each member's order of the epoch, drawn on the host from its own generator as a
+    plain model's ``rng.permutation(n)`` draws it (a frozen member draws nothing and
+    keeps the rows' order), copied to the device once: ``(rows, flat)``, both (K, n),
+    ``flat`` the rows' positions in the members' flattened (K * n) sample weights."""
+    rng, k = run.model.rng, run.model.ensemble
+    rows = numpy.empty((k, n), dtype=numpy.int64)
+    for i, member in enumerate(rng.members):
+        rows[i] = member.host.permutation(n) if run.active_host[i] else numpy.arange(n)
+    xp, device, ix = run.xp, run.model.device, index_dtype(run.xp)
+    flat = rows + (numpy.arange(k, dtype=numpy.int64) * n)[:, None]
+    return xp.asarray(rows, dtype=ix, device=device), xp.asarray(flat, dtype=ix, device=device)
+
+
 def _batch_l2(run: _Run, host_order, k: int, batch_size: int):
     """The L2 coefficient of batch ``k``: ``run.l2``, or with ``run.l2_per_batch`` that
     over the batch's size (its weight sum, with host weights), as the one-member
@@ -1530,7 +1609,9 @@ def _run_epoch(run: _Run, epoch: int, batch_size: int, shuffle: bool):
     n = int(run.x.shape[0])
     n_steps = -(-n // batch_size)
     host_order = None
-    if shuffle and run.host_weight is not None:
+    if shuffle and run.members_order:
+        order = _member_orders(run, n)
+    elif shuffle and run.host_weight is not None:
         host_order = run.model.rng.host.permutation(n)
         order = xp.asarray(host_order, dtype=index_dtype(xp), device=run.model.device)
     else:
