@@ -283,3 +283,40 @@ def test_shuffle_is_checked(backend):
         ens.fit(x, y, loss="cross_entropy", shuffle="rows", progress=False)
     with pytest.raises(TypeError, match="shuffle must be True, False or 'members'"):
         ens.fit(x, y, loss="cross_entropy", shuffle=None, progress=False)
+
+
+# ------------------------------------------------------------------- scikit-learn
+@pytest.mark.parametrize("Estimator", ["MLPClassifier", "MLPRegressor"])
+def test_an_estimators_member_draws_the_masks_of_its_one_member_estimator(monkeypatch, Estimator):
+    """``n_members=3, dropout=0.3`` (rows in order): member i equals a one-member
+    estimator whose model starts as member i with member i's generator, that is the
+    one-member estimator of seed ``member_seeds(seed, 3)[i]``, masks included."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+
+    import arraymlp.sklearn as sk
+
+    Est = getattr(sk, Estimator)
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(60, 4))
+    y = (X[:, 0] > 0).astype(int) if Estimator == "MLPClassifier" else X[:, 0] - X[:, 1]
+    params = dict(hidden_layer_sizes=(6,), dropout=0.3, shuffle=False, batch_size=16, max_iter=4,
+                  learning_rate_init=0.02, random_state=0)
+
+    def fit(est):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            return est.fit(X, y)
+
+    ens = fit(Est(n_members=K, **params))
+    original = sk._build_model
+    for i in range(K):
+        def build(config, *, seed, backend, device, i=i):
+            return original(config, seed=member_seeds(seed, K)[i], backend=backend, device=device)
+
+        with monkeypatch.context() as m:
+            m.setattr(sk, "_build_model", build)
+            one = fit(Est(n_members=1, **params))
+        for layer in range(len(one.coefs_)):
+            np.testing.assert_allclose(ens.coefs_[layer][i], one.coefs_[layer], rtol=1e-10, atol=1e-12)
