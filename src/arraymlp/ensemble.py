@@ -14,10 +14,18 @@ Member ``i`` of ``MLP(sizes, ..., ensemble=K, seed=s)`` starts with exactly the 
 of ``MLP(sizes, ..., seed=member_seeds(s, K)[i])``: its seed is the ``i``-th child of
 ``numpy.random.SeedSequence(s)`` (:func:`member_seeds`). A child does not depend on ``K``,
 so a larger ensemble of the same seed starts with the smaller one's members; two
-ensembles of different seeds share none. The ensemble's own generator (shuffling,
-dropout) is ``Generator(s)``, the one a plain model of seed ``s`` has, so that a plain
-model trained with ``fit(..., seed=t)`` sees the batches the ensemble sees with the same
-``seed=t``.
+ensembles of different seeds share none.
+
+Random streams
+--------------
+``model.rng`` of an ensemble is a :class:`MemberGenerators`: a shared generator,
+``Generator(s)``, which draws the batch order the members share (so that a plain model
+trained with ``fit(..., seed=t)`` sees the batches the ensemble sees with the same
+``seed=t``), and member ``i``'s own generator, the one the plain model of member ``i``'s
+seed holds after its initialisation, which draws member ``i``'s dropout masks and, with
+``fit(..., shuffle="members")``, its batch order. ``fit(..., seed=t)`` starts them
+afresh: ``Generator(t)`` and ``Generator(member_seeds(t, K)[i])``. A frozen member's
+streams do not advance.
 
 Training
 --------
@@ -26,7 +34,9 @@ mean over the batch, weighted by its row of ``sample_weight``), its own gradient
 own optimiser hyper-parameters where they are given as K values; the update is the plain
 optimiser's rule with those hyper-parameters broadcast as arrays of shape (K, 1, 1).
 Member ``i`` then follows the trajectory of a plain model trained alone with member
-``i``'s settings and initial parameters, to rounding.
+``i``'s settings and initial parameters, to rounding. A member frozen by per-member early
+stopping keeps its parameters, moments and step count (each member has its own,
+``_MemberUpdate.steps``), as a stopped plain model keeps them.
 """
 
 from __future__ import annotations
