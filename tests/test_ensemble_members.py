@@ -320,3 +320,30 @@ def test_an_estimators_member_draws_the_masks_of_its_one_member_estimator(monkey
             one = fit(Est(n_members=1, **params))
         for layer in range(len(one.coefs_)):
             np.testing.assert_allclose(ens.coefs_[layer][i], one.coefs_[layer], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("split", [3, 6])
+def test_a_resumed_run_keeps_frozen_members_and_each_members_streams(backend, tmp_path, split):
+    """Adam, dropout, shuffle="members" and per-member early stopping (members frozen at
+    different epochs, so different step counts): resumed from the checkpoint of epoch
+    ``split``, the run ends bit for bit where the uninterrupted one ends (each member's
+    generator, step count and frozen state travel in the checkpoint)."""
+    x, y = _data(backend, n=40, labels=False)
+    xv, yv = _data(backend, n=20, labels=False, seed=9)
+    build = _net(backend, input_dropout=False, seed=3)
+
+    def fit(model, **kw):
+        return model.fit(x, y, loss="mse", optimizer="adam", lr=[0.3, 1e-4, 0.05], epochs=10, batch_size=10,
+                         shuffle="members", validation_data=(xv, yv), seed=2, progress=False,
+                         early_stopping=am.EarlyStopping("val_loss", patience=1), **kw)
+
+    whole = build(K)
+    h_whole = fit(whole)
+    assert len(set(h_whole.stopped_epoch.tolist())) > 1
+    fit(build(K), callbacks=[am.Checkpoint(tmp_path / "run", every=split, keep=None)])
+    resumed = build(K)
+    h = fit(resumed, resume_from=tmp_path / "run" / f"epoch-{split:05d}.safetensors")
+    _equal(_np_params(resumed), _np_params(whole))
+    np.testing.assert_array_equal(h.stopped_epoch, h_whole.stopped_epoch)
+    np.testing.assert_array_equal(resumed.ensemble_optimizer_.t, whole.ensemble_optimizer_.t)
+    assert resumed.rng.get_state() == whole.rng.get_state()
