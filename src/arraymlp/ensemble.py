@@ -72,7 +72,7 @@ from .fusion import plan_for
 from .kernels import kernels_for
 from .kernels.reference import _idiv, _imul, _isub
 from .losses import LOSSES, Loss, get_loss
-from .metrics import Metric, _MembersPair, _Pair, get_metrics, read_results
+from .metrics import Metric, _MembersPair, _Pair, accuracy, get_metrics, read_results
 from .optim import SGD, Adagrad, Adam, Optimizer, RMSprop, get_optimizer
 from .precision import _keep_if_not, master_grads, resolve_precision
 from .precision import _snapshot as _amp_snapshot
@@ -951,8 +951,14 @@ def _update_metrics(run, yb, out, xp) -> None:
     rows, member by member (the metric's plain sums, stacked when read)."""
     if run.members_order:
         pair = _RowsPair(yb, out, run.lossfn.task, xp, **run.pair_kind)
+        labels = run.lossfn.task == "multiclass" and yb.ndim == 2 and xp.isdtype(yb.dtype, "integral")
         for acc in run.accs:
-            Metric._update_members(acc.metric, acc, pair)
+            if labels and type(acc.metric) is type(accuracy):  # all members at once: hits (K,)
+                pred = xp.argmax(out, axis=-1)
+                acc.add([xp.sum(xp.astype(pred == xp.astype(yb, pred.dtype), index_dtype(xp)), axis=-1)])
+                acc.count += int(yb.shape[1])
+            else:
+                Metric._update_members(acc.metric, acc, pair)
         return
     pair = _MembersPair(yb, out, run.lossfn.task, xp, **run.pair_kind)
     for acc in run.accs:
