@@ -283,6 +283,19 @@ def test_shuffle_is_checked(backend):
         ens.fit(x, y, loss="cross_entropy", shuffle="rows", progress=False)
     with pytest.raises(TypeError, match="shuffle must be True, False or 'members'"):
         ens.fit(x, y, loss="cross_entropy", shuffle=None, progress=False)
+    with pytest.raises(ValueError, match=r"shuffle='members' is not supported with data-parallel training \(comm=\)"):
+        ens.fit(x, y, loss="cross_entropy", shuffle="members", comm=object(), progress=False)
+    with pytest.raises(ValueError, match="shuffle='members' is not supported with the scikit-learn estimators'"):
+        ens.partial_fit(x, y, loss="cross_entropy", shuffle="members", _l2_per_batch=True)
+
+
+def test_shuffle_members_refuses_a_sparse_x():
+    sparse = pytest.importorskip("scipy.sparse")
+    rng = np.random.default_rng(0)
+    x = sparse.random(12, 5, density=0.5, format="csr", random_state=0)
+    ens = am.MLP([5, 4, 3], ensemble=2, seed=0, backend="numpy")
+    with pytest.raises(ValueError, match="shuffle='members' is not supported with a sparse x"):
+        ens.fit(x, rng.integers(0, 3, size=12), loss="cross_entropy", shuffle="members", progress=False)
 
 
 # ------------------------------------------------------------------- scikit-learn
