@@ -247,6 +247,31 @@ def test_to_backend_odd_numpy_arrays(backend, make):
         np.testing.assert_array_equal(a, want)
 
 
+def test_a_cupy_array_goes_to_torch_without_a_host_copy(monkeypatch):
+    """A CuPy array for torch: handed to torch's DLPack import as it is when its strides
+    are positive, copied on its own device when one is negative (torch rejects those);
+    never read back to the host (a synchronisation and a copy of the whole array). A
+    stand-in ``cupy.ndarray`` (over NumPy memory) whose ``get`` fails stands for CuPy."""
+    import sys
+    import types
+
+    from arraymlp._backend import _for_torch_dlpack
+
+    class FakeCupyArray(np.ndarray):
+        def get(self):
+            raise AssertionError("read back to the host")
+
+    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(ndarray=FakeCupyArray))
+    plain = np.arange(6.0).reshape(2, 3).view(FakeCupyArray)
+    assert _for_torch_dlpack(plain) is plain
+    reversed_ = np.arange(6.0)[::-1].view(FakeCupyArray)
+    got = _for_torch_dlpack(reversed_)
+    assert type(got) is FakeCupyArray and min(got.strides) > 0
+    np.testing.assert_array_equal(np.asarray(got), [5.0, 4.0, 3.0, 2.0, 1.0, 0.0])
+    host = np.arange(4.0)[::-2]  # host arrays are still taken through NumPy
+    np.testing.assert_array_equal(_for_torch_dlpack(host), [3.0, 1.0])
+
+
 def test_torch_lazy_negation_is_resolved():
     torch = pytest.importorskip("torch")
     im = torch.tensor([1 + 2j, 3 + 4j]).conj().imag  # a view with torch's negative bit set

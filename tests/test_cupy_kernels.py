@@ -5,8 +5,9 @@ CUDA sources of :mod:`arraymlp.kernels.cupy` are compiled as C++ by the host com
 (with ``-ffp-contract=off``, as the kernels are built with ``--fmad=false``) behind a
 stand-in ``cupy`` module, and each override runs on NumPy arrays against the reference
 kernel: the element loop of an ``ElementwiseKernel`` body, a grid of the cross-entropy's
-``RawKernel``, and the arguments of the cuBLAS gemm. What the host cannot check (CuPy's
-own typing of scalars, the launch itself) is left to the GPU run.
+``RawKernel``, and the arguments of the cuBLAS gemm. tests/test_cupy_nvrtc.py compiles
+the same sources with CUDA's own compiler (and, where CuPy imports, checks CuPy's typing
+of each launch); the launch itself is left to the GPU run.
 """
 
 from __future__ import annotations
@@ -126,12 +127,27 @@ class _Raw:
 GEMMS = []
 
 
+def _order(a) -> str:
+    return "C" if a.flags.c_contiguous else "F" if a.flags.f_contiguous else "strided"
+
+
 def _gemm(transa, transb, a, b, out=None, alpha=1.0, beta=0.0):
-    """cuBLAS's ``out = alpha op(a) @ op(b) + beta out`` (``cupy.cublas.gemm``), in float64."""
-    GEMMS.append((transa, transb, a.shape, b.shape, out.shape))
-    assert a.dtype == b.dtype == out.dtype
-    opa = a.T if transa == "T" else a
-    opb = b.T if transb == "T" else b
+    """``cupy.cublas.gemm``'s contract (CuPy 14): ``out = alpha op(a) @ op(b) + beta out``,
+    computed here in float64. What CuPy asserts is asserted (2-D operands of one dtype
+    among float32, float64, complex64, complex128; ``out`` of shape (m, n) and that dtype;
+    ``trans`` of "N", "T" or "H"), and the layouts are recorded: CuPy writes ``out`` in
+    place without a copy only when ``out``, ``a`` and ``b`` are each C- or F-contiguous
+    (otherwise it computes into an F-ordered copy and copies back)."""
+    assert transa in ("N", "T", "H") and transb in ("N", "T", "H")
+    assert a.ndim == b.ndim == 2 and a.dtype == b.dtype and a.dtype.char in "fdFD"
+    m, k = a.shape if transa == "N" else a.shape[::-1]
+    n = b.shape[1] if transb == "N" else b.shape[0]
+    assert (b.shape[0] if transb == "N" else b.shape[1]) == k
+    assert out is not None and out.ndim == 2 and out.shape == (m, n) and out.dtype == a.dtype
+    assert isinstance(alpha, (float, np.floating)) and isinstance(beta, (float, np.floating))  # host scalars
+    GEMMS.append((transa, transb, a.shape, b.shape, out.shape, _order(out), _order(a), _order(b)))
+    opa = a.T if transa != "N" else a
+    opb = b.T if transb != "N" else b
     out[...] = alpha * (opa.astype(np.float64) @ opb.astype(np.float64)) + beta * out
     return out
 
@@ -231,8 +247,32 @@ def test_dense_sgd_update_is_one_gemm_into_W(host_cupy, dtype):
     W0 = W.copy()
     gotW, gotb = host_cupy.dense_sgd_update(x, dy, W, b.copy(), 0.05, 0.3, np)
     refW, refb = R.dense_sgd_update(x, dy, W0.copy(), b.copy(), 0.05, 0.3, np)
-    assert gotW is W and GEMMS == [("T", "N", (9, 16), (9, 12), (16, 12))]
+    assert gotW is W and GEMMS == [("T", "N", (9, 16), (9, 12), (16, 12), "C", "C", "C")]
     _same((gotW, gotb), (refW, refb), dtype, exact=False)
+
+
+@pytest.mark.parametrize("layout", ["F-ordered W", "F-ordered x and dy", "one output column"])
+def test_dense_sgd_update_gemm_takes_every_layout_cublas_writes_in_place(host_cupy, layout):
+    """An F-ordered ``W`` (a transposed copy, a loaded file), F-ordered operands, and a
+    (n_in, 1) ``W`` (both C- and F-contiguous) are written in place by the gemm, with
+    the reference's values; a strided ``W`` (a view) takes the reference."""
+    n_out = 1 if layout == "one output column" else 12
+    x, dy, W, b = _r((9, 16), 6), _r((9, n_out), 7), _r((16, n_out), 8), _r((n_out,), 9)
+    if layout == "F-ordered W":
+        W = np.asfortranarray(W)
+    elif layout == "F-ordered x and dy":
+        x, dy = np.asfortranarray(x), np.asfortranarray(dy)
+    refW, refb = R.dense_sgd_update(x, dy, W.copy(), b.copy(), 0.05, 0.3, np)
+    gotW, gotb = host_cupy.dense_sgd_update(x, dy, W, b.copy(), 0.05, 0.3, np)
+    assert gotW is W and len(GEMMS) == 1 and "strided" not in GEMMS[0]
+    _same((gotW, gotb), (refW, refb), np.float64, exact=False)
+    GEMMS.clear()
+    big = _r((16, 2 * n_out), 10)
+    view = big[:, ::2]  # strided: the reference, not a gemm into a copy
+    refW, _ = R.dense_sgd_update(x, dy, view.copy(), None, 0.05, 0.3, np)
+    gotW, _ = host_cupy.dense_sgd_update(x, dy, view, None, 0.05, 0.3, np)
+    assert not GEMMS
+    _same((gotW,), (refW,), np.float64)
 
 
 _SGD = [dict(nesterov=False, first=True, wd=0.0), dict(nesterov=False, first=False, wd=0.01),

@@ -155,19 +155,36 @@ def _backends() -> list[str]:
 
 
 @needs_mpi
-@pytest.mark.parametrize("ranks", [1, 2])
+@pytest.mark.parametrize("ranks", [2, 3])
 def test_data_parallel_equals_single_process(ranks):
+    """A plain model trained data-parallel (fit, or partial_fit calls in sequence) ends
+    with the parameters and the history (loss and training metrics, same keys) of its
+    single-process training: uneven shards, empty shards, sample weights, a shard whose
+    weights are all zero, R^2 about targets away from 0; partial_fit also keeps the
+    optimiser's step count and the generator's state equal to the single process's on
+    every rank; ranks passing different arguments all raise, naming the argument."""
     backends = _backends()
     proc, _ = mpirun(ranks, "equivalence.py", *backends)
     assert proc.returncode == 0, _explain(proc)
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert len(rows) == 4 * len(backends), _explain(proc)
+    (disagreement,) = [row for row in rows if row["case"] == "disagreement"]
+    assert disagreement["ok"] and len(disagreement["results"]) == ranks, disagreement
+    rows = [row for row in rows if row is not disagreement]
+    assert len(rows) == 7 * len(backends), _explain(proc)
     for row in rows:
         assert row["ranks"] == ranks, "mpiexec and mpi4py use different MPI libraries"
-        assert row["ok"] and row["ranks_agree"], row
-        tol = 1e-12 if "float32" not in row["case"] else 1e-5
-        assert row["max_abs_diff"] <= tol, row
-        assert len(row["loss"]) == 3
+        assert row["ok"] and row["ranks_agree"] and row["same_keys"], row
+        float64 = "float32" not in row["case"]
+        assert row["max_abs_diff"] <= (1e-12 if float64 else 1e-5), row
+        assert row["loss_diff"] <= (1e-12 if float64 else 1e-6), row
+        assert row["metric_diff"] <= (1e-12 if float64 else 1e-6), row
+        assert row["metrics"] == (["mae", "r2"] if "regression" in row["case"] else ["accuracy", "top_2_accuracy"])
+        if row["case"].startswith("partial-fit"):
+            assert [len(h) for h in row["loss"]] == [1, 1, 1], row  # one epoch a call
+            assert row["steps"] == sum(-(-(b - a) // (32 if "adam" in row["case"] else 16))
+                                       for a, b in ((0, 230), (230, 231), (231, 500))), row
+        else:
+            assert [len(h) for h in row["loss"]] == [3], row
 
 
 @needs_mpi
@@ -230,17 +247,22 @@ def test_ensemble_data_parallel_equals_single_process(ranks, tmp_path):
     """An ensemble (K=3) trained data-parallel equals its single-process fit on the full
     data: per-member rates and momenta, per-member (K, n) and shared (n,) sample weights,
     per-member L2, empty shards, per-member early stopping (the same members stop at the
-    same epochs on every rank) and a checkpoint written by the root only."""
+    same epochs on every rank) and a checkpoint written by the root only; its history
+    holds the same training metrics, each member's value that of the single-process fit
+    (regression's R^2 and MAE too); partial_fit calls in sequence equal the same calls in
+    one process (parameters, history, optimiser step count, generator state)."""
     backends = [b for b in _backends() if b != "cupy"] + (["cupy"] if "cupy" in _backends() else [])
     proc, _ = mpirun(ranks, "ensemble_equivalence.py", str(tmp_path), *backends)
     assert proc.returncode == 0, _explain(proc)
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert len(rows) == 7 * len(backends), _explain(proc)
+    assert len(rows) == 9 * len(backends), _explain(proc)
     for row in rows:
         assert row["ranks"] == ranks, "mpiexec and mpi4py use different MPI libraries"
-        assert row["ok"] and row["ranks_agree"], row
+        assert row["ok"] and row["ranks_agree"] and row["same_keys"], row
         tol = 1e-10 if "float32" not in row["case"] else 1e-5
         assert row["max_abs_diff"] <= tol, row
+        assert row["metric_diff"] <= (1e-12 if "float32" not in row["case"] else 1e-6), row
+        assert "accuracy" in row["metrics"] or row["metrics"] == ["mae", "r2"], row
         assert all(s == row["stopped_single"] for s in row["stopped_epoch"]), row
         if row["case"] == "adam-early-stopping":
             # members stop at different epochs: one stops early, the others train on
@@ -316,12 +338,163 @@ def test_an_ensembles_stops_are_collective(tmp_path):
 
 @needs_mpi
 def test_an_ensemble_reads_no_more_per_step_than_a_plain_model():
-    """Host reads per data-parallel step, counted on array_api_strict (with per-member
-    sample weights): the staging of the reduced buffer and its error flag, no more than
-    the plain model's step reads; the members' losses stay on the device."""
+    """Host reads per data-parallel step, counted on array_api_strict (with sample
+    weights, per-member for the ensemble, and the default training accuracy, whose sums
+    are added over the ranks once per epoch): the ensemble's are the staging of the
+    reduced buffer and its error flag, no more than the plain model's step reads (the
+    shard's weight sum and whether it has any, the staging and the loss); the members'
+    losses and the metrics' sums stay on the device."""
     proc, _ = mpirun(2, "host_reads.py")
     assert proc.returncode == 0, _explain(proc)
     (row,) = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert row["ranks"] == 2
     assert row["ensemble"] <= row["plain"], row
-    assert row["ensemble"] <= 2, row
+    assert row["ensemble"] <= 2 and row["plain"] <= 4, row
+
+
+# ----------------------------------------------------------------------------- metrics over ranks
+class _Gathered(Exception):
+    pass
+
+
+def _sums_over_ranks(make_accs, shards, update, anchor):
+    """Each simulated rank's accumulators over its shards (anchored on the first row of
+    the data, as fit anchors them), and the values ``read_results`` gives every rank
+    once the ranks' sums are gathered."""
+    from arraymlp.metrics import read_results
+
+    ranks, payloads = [], []
+    for shard in shards:
+        accs = make_accs()
+        for acc in accs:
+            acc.metric._anchor(acc, anchor)
+        for part in shard:
+            update(accs, part)
+        ranks.append(accs)
+
+    def capture(payload):
+        payloads.append(payload)
+        raise _Gathered
+
+    for accs in ranks:
+        with pytest.raises(_Gathered):
+            read_results(accs, accs[0].xp, gather=capture)
+    return [read_results(accs, accs[0].xp, gather=lambda _: payloads) for accs in ranks]
+
+
+@pytest.mark.parametrize("task", ["classification", "regression"])
+@pytest.mark.parametrize("members", [None, 3])
+def test_metric_sums_added_over_ranks_are_the_whole_datas(backend, task, members):
+    """The training metrics' sums of three ranks (one of which saw no rows at all),
+    added as a data-parallel epoch adds them, give each rank the values of one
+    accumulator over all the rows: accuracy, top-2 accuracy, MAE, R^2 of targets far
+    from 0 (its sums about the data's first row on every rank) and a callable metric
+    (run member by member for an ensemble)."""
+    import arraymlp as am
+    from arraymlp.metrics import _MembersPair, _Pair, get_metrics, read_results
+
+    backend.skip_without_float64()
+    xp, device = backend.xp, backend.device
+    rng = np.random.default_rng(5)
+    n, k = 23, members or 1
+    if task == "classification":
+        y_np = rng.integers(0, 4, size=n)
+        names, kind = ["accuracy", am.metrics.top_k_accuracy(2)], "multiclass"
+        out_np = rng.normal(size=(k, n, 4))
+    else:
+        y_np = rng.normal(size=(n, 2)) * 0.1 + np.array([1e3, -50.0])
+        names, kind = ["mae", "r2"], "regression"
+        out_np = y_np + rng.normal(size=(k, n, 2))
+
+    def own(y_true, y_pred, *, xp):  # a metric of one's own: a mean over the samples
+        if task == "classification":
+            return xp.mean(xp.astype(y_true != y_pred, xp.float64))
+        return xp.mean(xp.abs(xp.astype(y_true, xp.float64) - xp.astype(y_pred, xp.float64)))
+
+    metrics = get_metrics([*names, own], kind, int(out_np.shape[-1]))
+    y = backend.asarray(y_np)
+    out = backend.asarray(out_np if members else out_np[0])
+
+    def make_accs():
+        if members:
+            return [m.start_members(xp, xp.float64, device, members) for m in metrics]
+        return [m.start(xp, xp.float64, device) for m in metrics]
+
+    def update(accs, rows):
+        lo, hi = rows
+        if lo == hi:  # an empty shard computes nothing
+            return
+        pair = (_MembersPair(y[lo:hi, ...], out[:, lo:hi, ...], kind, xp) if members
+                else _Pair(y[lo:hi, ...], out[lo:hi, ...], kind, xp))
+        for acc in accs:
+            acc.update(pair)
+
+    # batches of 2 rows over 3 ranks (a short last batch): rank 2's shards are all empty
+    shards = [[shard_bounds(start, min(start + 2, n), r, 3) for start in range(0, n, 2)] for r in range(3)]
+    assert all(lo == hi for lo, hi in shards[2])
+    got = _sums_over_ranks(make_accs, shards, update, y[0:1, ...])
+    whole = make_accs()
+    update(whole, (0, n))
+    want = read_results(whole, xp)
+    for values in got:  # every rank: the same values, the whole data's
+        for m, a, b in zip(metrics, values, want):
+            np.testing.assert_allclose(np.asarray(a, dtype=float), np.asarray(b, dtype=float), rtol=1e-12,
+                                       atol=1e-12, err_msg=m.name)
+
+
+# ----------------------------------------------------------------------------- the ranks' arguments
+class _TwoRanks:
+    """A communicator of two ranks seen from rank 0, in one process: ``allgather``
+    answers with this rank's payload and rank 1's, which ``other`` makes from it."""
+
+    def __init__(self, other):
+        self.other = other
+
+    def Get_rank(self):
+        return 0
+
+    def Get_size(self):
+        return 2
+
+    def allgather(self, payload):
+        return [payload, self.other(payload)]
+
+
+def _rank1(**changes):
+    """Rank 1's payload of DataParallel.begin: this rank's arguments with ``changes``."""
+    return lambda payload: ({**payload[0], **changes}, None)
+
+
+@pytest.mark.parametrize("members", [None, 3])
+def test_ranks_passing_different_arguments_are_named(backend, members):
+    """Before any step, fit and partial_fit compare what the ranks pass (one allgather)
+    and raise on every rank naming what differs and its value on each rank: the batch
+    size, the sample weights' shape, the optimiser's step count of a rank that made one
+    partial_fit call fewer, the data's dtype."""
+    pytest.importorskip("mpi4py")
+    import arraymlp as am
+    from arraymlp.distributed import DataParallel
+
+    rng = np.random.default_rng(0)
+    x, y = backend.asarray(rng.normal(size=(20, 3))), backend.asarray(rng.integers(0, 2, size=20))
+    model = am.MLP([3, 4, 2], output_activation="softmax", dtype="float64", seed=0, ensemble=members,
+                   **backend.model_kwargs())
+    fit = {"loss": "cross_entropy", "progress": False, "epochs": 1, "batch_size": 8}
+
+    def dp(**changes):
+        return DataParallel(_TwoRanks(_rank1(**changes)), abort_on_error=False)
+
+    with pytest.raises(ValueError, match=r"call fit with the same data and arguments; batch_size differs: "
+                                         r"8 on rank 0, 16 on rank 1"):
+        model.fit(x, y, comm=dp(batch_size=16), **fit)
+    w = backend.asarray(np.ones((members, 20) if members else 20))
+    shape = (members, 20) if members else (20,)
+    with pytest.raises(ValueError, match=re.escape(f"sample_weight differs: ({shape}, 'float64') on rank 0, "
+                                                   "None on rank 1")):
+        model.fit(x, y, sample_weight=w, comm=dp(sample_weight=None), **fit)
+    with pytest.raises(ValueError, match="x dtype differs"):
+        model.fit(x, y, comm=dp(**{"x dtype": "float32"}), **fit)
+    model.partial_fit(x, y, loss="cross_entropy", batch_size=8)  # on this rank only: 3 steps
+    with pytest.raises(ValueError, match=r"call partial_fit with the same data and arguments; optimizer steps "
+                                         r"differs: 3 on rank 0, 0 on rank 1"):
+        model.partial_fit(x, y, batch_size=8, comm=dp(**{"optimizer steps": 0}))

@@ -5,6 +5,7 @@ has every section's structure with values checked against independent computatio
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import sys
@@ -65,7 +66,8 @@ def test_a_failing_or_overlong_section_is_recorded_and_the_others_run(check, tmp
     def slow(ctx):
         ran.append("slow")
         ctx.partial["first"] = 2.5  # measured before it ran out of time
-        time.sleep(30)
+        with contextlib.suppress(Exception):  # a section's broad except cannot swallow its timeout
+            time.sleep(30)
 
     monkeypatch.setitem(check.CAPS, "slow", 6)
     args = check.parse_args(["--out", str(tmp_path), "--dry", "--budget", "100"])
@@ -165,6 +167,38 @@ def test_launch_counts_are_judged_against_the_issues_targets(check):
     assert "kernel launches per step, W1 sgd torch eager: 19" in lines
 
 
+def test_the_gpu_run_leaves_the_host_side_kernel_checks_out(check):
+    """The host-side checks of the CuPy set match ``-k "cupy or cuda"`` but would spend
+    about a minute of the GPU run's test budget compiling on the host: ignored there."""
+    targets = check.pytest_targets(False)
+    assert targets[-1] == "tests" and len(targets) == 1 + len(check.HOST_ONLY_TESTS) == 3
+    for opt, path in zip(targets, check.HOST_ONLY_TESTS):
+        assert opt == f"--ignore={path}" and (ROOT / path).is_file() and "cupy" in path
+    assert check.pytest_targets(True) == ["tests/test_staging.py"]
+
+
+def test_profile_counts_kernels_copies_and_host_waits(check):
+    """A CUDA profile of 2 steps: device kernels and copies counted by the device's
+    events, host waits by the runtime and driver calls that block (the launches and
+    asynchronous copies do not), the profile's own closing synchronisation left out."""
+    step = [("arraymlp_adam", "DeviceType.CUDA"), ("sm90_xmma_gemm_f32f32", "DeviceType.CUDA"),
+            ("cuLaunchKernel", "DeviceType.CPU"), ("cudaLaunchKernel", "DeviceType.CPU"),
+            ("cudaMemcpyAsync", "DeviceType.CPU"), ("Memcpy HtoD (Pinned -> Device)", "DeviceType.CUDA"),
+            ("cudaStreamWaitEvent", "DeviceType.CPU"), ("cudaEventRecord", "DeviceType.CPU")]
+    reads = [("Memcpy DtoH (Device -> Pageable)", "DeviceType.CUDA"), ("cudaStreamSynchronize", "DeviceType.CPU"),
+             ("cuEventSynchronize", "DeviceType.CPU"), ("cudaMemcpy", "DeviceType.CPU"),
+             ("cuMemcpyDtoH_v2", "DeviceType.CPU")]
+    closing = [("cudaDeviceSynchronize", "DeviceType.CPU")]
+    got = check.profile_counts(step * 2 + closing, 2)
+    assert got == {"kernels_per_step": 2.0, "memcpy_memset_per_step": 1.0, "pageable_copies_per_step": 0.0,
+                   "host_waits_per_step": 0.0}
+    got = check.profile_counts(step * 2 + reads + closing, 2)
+    assert got == {"kernels_per_step": 2.0, "memcpy_memset_per_step": 1.5, "pageable_copies_per_step": 0.5,
+                   "host_waits_per_step": 2.0}
+    lines = check.figures({"sections": {"launches": {"W1 sgd arraymlp[cupy]": got}}})
+    assert "host waits per step (CUDA profile), W1 sgd arraymlp[cupy]: 2 (target 0); pageable copies: 0.5" in lines
+
+
 def test_a_run_where_every_gpu_row_skipped_is_flagged(check):
     """On a GPU machine, every row skipped means the suite did not see the GPU."""
     sec = {"pytest": {"counts": {"tests": 7, "passed": 0, "failed": 0, "errors": 0, "skipped": 7}}}
@@ -193,6 +227,17 @@ def test_the_dry_run_has_every_section(dry):
     for name in ("bench.json", "W5.png", "ensemble.png", "junit.xml"):
         assert (out / f"dry-run-cpu-{name}").stat().st_size > 0, name
     assert report["total_s"] < report["budget_s"]
+
+
+def test_heavy_libraries_are_imported_before_any_section_alarm(check, dry):
+    """torch and CuPy are imported before the first section, where no alarm can cut an
+    import halfway (a half-imported torch fails in every later section); an absent
+    module is left to the sections to report."""
+    got = check.preload(("json", "no_such_module_of_arraymlp"))
+    assert list(got) == ["json"] and got["json"] >= 0
+    report, _ = dry
+    want = [m for m in check.PRELOAD if importlib.util.find_spec(m.split(".")[0]) is not None]
+    assert list(report["preload_s"]) == want and "torch" in check.PRELOAD
 
 
 def test_the_dry_runs_tests_and_host_syncs(dry):

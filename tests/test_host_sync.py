@@ -40,6 +40,19 @@ class HostReads:
             original = getattr(array_api_strict, name, None)
             if original is not None:
                 monkeypatch.setattr(array_api_strict, name, self._counting(name, original))
+        monkeypatch.setattr(array_api_strict, "asarray", self._number_counting(array_api_strict.asarray))
+
+    def _number_counting(self, original):
+        """``asarray`` of a Python number: a copy from the host that torch makes
+        synchronously on a GPU (``xp.full`` fills on the device instead)."""
+        counts = self.counts
+
+        def wrapper(obj, *args, **kwargs):
+            if isinstance(obj, (bool, int, float, complex)):
+                counts["asarray(number)"] += 1
+            return original(obj, *args, **kwargs)
+
+        return wrapper
 
     def _counting(self, name, original):
         counts = self.counts
@@ -251,3 +264,102 @@ def test_a_long_ensemble_epoch_reads_its_losses_every_check_every_steps(monkeypa
     short, _ = _count_ensemble_fit(monkeypatch, case, 4)
     long, _ = _count_ensemble_fit(monkeypatch, case, 8)
     assert (long.total - short.total) / (2 * (8 - 4)) == 0.5
+
+
+def test_the_loss_scale_update_reads_and_copies_nothing(monkeypatch):
+    """The dynamic loss scale's update after a step (mixed precision): device arithmetic
+    only, its constants filled on the device, with the values of the rule (a good step
+    counted; an overflow halves the scale, not below ``min_scale``, and is counted)."""
+    xp = array_api_strict
+    amp = am.MixedPrecision("float16", init_scale=4.0, growth_interval=3, min_scale=2.0)
+    amp._state(xp, None)
+    steps = [xp.asarray(True), xp.asarray(False), xp.asarray(False)]
+    with monkeypatch.context() as m:
+        reads = HostReads(m)
+        for ok in steps:
+            amp.update_scale(ok, xp)
+    assert reads.total == 0, dict(reads.counts)
+    assert (float(amp.scale), int(amp.good_steps), int(amp.skipped)) == (2.0, 0, 2)
+
+
+def test_no_number_is_copied_from_the_host_by_torch_wrappers(monkeypatch):
+    """array-api-compat's torch ``maximum``/``minimum`` turn a Python number into a tensor
+    with ``torch.asarray``: on a GPU a copy from the host that waits for the stream, at
+    every call. The activations and losses of a training step that bound values (ReLU,
+    ELU and its derivative, softplus, Huber's gradient, binary cross-entropy) pass 0-d
+    arrays instead, with the values of the plain formulas (NumPy, float64)."""
+    torch = pytest.importorskip("torch")
+    from arraymlp import losses
+    from arraymlp._backend import resolve_backend
+    from arraymlp.kernels import reference as R
+
+    xp = resolve_backend("torch")
+    xn = np.array([-3.0, -0.75, -0.0, 0.0, 0.25, 1.5, 4.0])
+    tn = np.array([0.0, 1.0, 1.0, 0.0, 1.0, 0.0, 1.0])
+    x, t, dy = torch.asarray(xn), torch.asarray(tn), torch.ones(7, dtype=torch.float64)
+    numbers = []
+    original = torch.asarray
+
+    def counting(obj, *args, **kwargs):
+        if isinstance(obj, (bool, int, float, complex)):
+            numbers.append(obj)
+        return original(obj, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "asarray", counting)
+    got = {"relu": R.relu(x, xp=xp), "elu": R.elu(x, xp=xp), "softplus": R.softplus(x, xp=xp),
+           "elu'": R._elu_bw(dy, x, xp), "huber'": losses._huber_kernel(x, t, xp, 0.5)[1],
+           "bce": losses._bce_kernel(x, t, xp)[0]}
+    assert numbers == []
+    xp.maximum(x, 0.0)  # the wrapper's conversion is what is counted
+    assert numbers == [0.0]
+    softplus = np.maximum(xn, 0) + np.log1p(np.exp(-np.abs(xn)))
+    want = {"relu": np.maximum(xn, 0), "elu": np.where(xn > 0, xn, R.ELU_ALPHA * np.expm1(np.minimum(xn, 0))),
+            "softplus": softplus, "elu'": np.where(xn > 0, 1.0, R.ELU_ALPHA * np.exp(np.minimum(xn, 0))),
+            "huber'": np.clip(xn - tn, -0.5, 0.5), "bce": softplus - xn * tn}
+    for name, value in got.items():
+        np.testing.assert_allclose(value.numpy(), want[name], rtol=1e-15, atol=1e-15, err_msg=name)
+
+
+def _count_torch_numbers(monkeypatch, case, steps_per_epoch, *, batch=8):
+    """Tensors made from Python numbers (``torch.asarray``/``torch.tensor``: a copy from
+    the host, synchronous on a GPU) while ``fit`` runs on torch."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    x, y = _data(steps_per_epoch * batch, case["loss"], rng)
+    xv, yv = _data(12, case["loss"], rng)
+    w = rng.uniform(0.5, 2.0, size=x.shape[0])
+    model = am.MLP([5, 16, 3], dropout=case.get("dropout", 0.0), dtype="float64", seed=0, backend="torch")
+    kwargs = dict(loss=case["loss"], optimizer=case["optimizer"](), epochs=2, batch_size=batch, progress=False,
+                  seed=1, l2=case.get("l2", 0.0))
+    if case.get("weights"):
+        kwargs["sample_weight"] = torch.asarray(w)
+    if case.get("validation"):
+        kwargs["validation_data"] = (torch.asarray(xv), torch.asarray(yv))
+    if "metrics" in case:
+        kwargs["metrics"] = case["metrics"]
+    xs, ys = torch.asarray(x), torch.asarray(y)
+    numbers = collections.Counter()
+
+    def counting(name, original):
+        def wrapper(obj, *args, **kw):
+            if isinstance(obj, (bool, int, float, complex, list, tuple)):
+                numbers[name] += 1
+            return original(obj, *args, **kw)
+        return wrapper
+
+    with monkeypatch.context() as m:
+        for name in ("asarray", "tensor"):
+            m.setattr(torch, name, counting(name, getattr(torch, name)))
+        history = model.fit(xs, ys, **kwargs)
+    assert len(history.loss) == 2 and all(np.isfinite(history.loss))
+    return sum(numbers.values()), dict(numbers)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_no_number_is_copied_from_the_host_per_step_on_torch(monkeypatch, name):
+    """On torch, a tensor made from a Python number is a copy from the host that waits
+    for a GPU (array-api-compat's ``maximum``/``minimum`` make one for a number
+    argument): none per training step, for every case of the host-read test."""
+    short, short_by = _count_torch_numbers(monkeypatch, CASES[name], 4)
+    long, long_by = _count_torch_numbers(monkeypatch, CASES[name], 8)
+    assert long - short == 0, (short_by, long_by)

@@ -238,13 +238,28 @@ def test_host_data_refusals():
 
 class _FakeCupy:
     """A stand-in ``cupy`` recording the stream protocol of :class:`_CupyCopies`: which
-    stream records, waits and copies, in order (arrays are NumPy arrays)."""
+    stream records, waits and copies, in order (arrays are NumPy arrays). As in CuPy,
+    each device has its own current stream (the compute streams ``compute`` on device 0
+    and ``compute@1`` on device 1), ``Device`` makes a device current for a ``with``
+    block, and an event recorded on a stream of another device than the current one (on
+    which ``record`` creates it) fails as CUDA's ``cudaEventRecord`` does."""
 
     def __init__(self):
         self.log = []
+        self.current = 0
         fake = self
-        import contextlib
         import types
+
+        class Device:
+            def __init__(self, i=None):
+                self.id = fake.current if i is None else i
+
+            def __enter__(self):
+                self.prev, fake.current = fake.current, self.id
+                return self
+
+            def __exit__(self, *exc):
+                fake.current = self.prev
 
         class Event:
             def __init__(self, stream):
@@ -255,9 +270,12 @@ class _FakeCupy:
 
         class Stream:
             def __init__(self, name="side", non_blocking=False):
-                self.name = name
+                self.name, self.device = name, fake.current
 
             def record(self):
+                if self.device != fake.current:
+                    msg = "cudaErrorInvalidResourceHandle: the event's device is not the stream's"
+                    raise RuntimeError(msg)
                 fake.log.append(("record", self.name))
                 return Event(self)
 
@@ -269,9 +287,12 @@ class _FakeCupy:
                 fake.log.append(("copy", stream.name))
                 self[...] = host
 
-        self.compute = Stream("compute")
-        cuda = types.SimpleNamespace(Stream=Stream, Device=lambda i: contextlib.nullcontext(),
-                                     get_current_stream=lambda: self.compute,
+        self.compute = {}
+        for i, name in ((0, "compute"), (1, "compute@1")):
+            with Device(i):
+                self.compute[i] = Stream(name)
+        cuda = types.SimpleNamespace(Stream=Stream, Device=Device,
+                                     get_current_stream=lambda: self.compute[self.current],
                                      alloc_pinned_memory=lambda n: bytearray(n))
         self.module = types.SimpleNamespace(cuda=cuda, empty=lambda shape, dtype: np.empty(shape, dtype).view(Array))
 
@@ -300,6 +321,29 @@ def test_cupy_copies_wait_for_the_compute_queue_and_are_waited_for(monkeypatch):
     assert fake.log == (stage + stage + use + [("compute uses", 5)]  # batch 1 staged while batch 0 is used
                         + [("host waits", "side")] + stage + use + [("compute uses", 3)]  # slot 0 again
                         + use + [("compute uses", 1)])
+
+
+def test_cupy_copies_for_a_model_on_another_device_than_the_current_one(monkeypatch):
+    """A model on device 1 while device 0 is current: the copies order after, and are
+    waited for by, device 1's compute stream (CuPy's current stream is per device), and
+    their events are recorded with device 1 current. Waiting on device 0's stream would
+    let the kernels read a batch before its copy landed."""
+    from arraymlp._backend import _CupyCopies
+
+    fake = _FakeCupy()
+    monkeypatch.setitem(sys.modules, "cupy", fake.module)
+    x = np.arange(8.0).reshape(4, 2)
+    batches = DeviceBatches([x], np, None, batch_size=2)
+    batches.copies = _CupyCopies(np, fake.module.cuda.Device(1))
+    got = []
+    for (xb,) in batches.epoch():
+        assert fake.current == 0  # the caller's current device is left as it was
+        got.append(xb[:, 0].tolist())
+    assert got == [[0.0, 2.0], [4.0, 6.0]]
+    waits = [e for e in fake.log if e[0] == "wait"]
+    assert waits == [("wait", "side", "compute@1")] * 2 + [("wait", "compute@1", "side")] * 2
+    assert batches.one(None, 2, 4)[0][:, 0].tolist() == [4.0, 6.0]
+    assert fake.log[-2:] == [("wait", "compute@1", "side"), ("host waits", "side")]
 
 
 def test_partial_fit_and_mixed_places_stage_what_is_on_the_host(backend):

@@ -72,6 +72,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib
 import json
 import os
 import re
@@ -99,8 +100,9 @@ ENSEMBLE_TARGET = 30.0  # K = 64 ensemble fit over 64 sequential fits on a GPU (
 ENSEMBLE_KS = (1, 4, 16, 64, 256)
 
 
-class SectionTimeout(Exception):
-    """A section ran past its share of the budget."""
+class SectionTimeout(BaseException):
+    """A section ran past its share of the budget. Not an :class:`Exception`, so that a
+    section's (or arraymlp's) ``except Exception`` cannot swallow it and run on."""
 
 
 @contextlib.contextmanager
@@ -538,9 +540,39 @@ def section_gemm_floor_device(ctx: Context) -> dict:
     return out
 
 
+#: CUDA runtime and driver calls that return only once the device has caught up (an
+#: explicit wait, or a synchronous copy): each one a host synchronisation, whoever made it
+HOST_WAIT_CALLS = re.compile(r"^cu(da)?(Device|Ctx|Stream|Event)Synchronize$|^cudaMemcpy(2D|3D)?$"
+                            r"|^cuMemcpy(DtoH|HtoD|DtoD|2D|3D)?(_v2)?$")
+
+
+def profile_counts(events, steps: int, closing: int = 1) -> dict:
+    """Per step, from a CUDA profile's events ``(name, device type)``: kernels and
+    copies/fills on the device, copies from or to pageable host memory (the driver stages
+    them synchronously), and host waits (:data:`HOST_WAIT_CALLS`: runtime and driver
+    calls are events of the CPU), less the ``closing`` waits of the profile itself.
+    Independent of CuPy's own synchronisation hook, which sees ``get()`` and
+    ``Device.synchronize`` only (not ``Stream.synchronize``, ``Event.synchronize`` or a
+    pageable copy)."""
+    kernels = copies = pageable = waits = 0
+    for name, device in events:
+        if "CUDA" in device:
+            low = name.lower()
+            if "memcpy" in low or "memset" in low:
+                copies += 1
+                pageable += "pageable" in low
+            else:
+                kernels += 1
+        elif HOST_WAIT_CALLS.match(name):
+            waits += 1
+    return {"kernels_per_step": kernels / steps, "memcpy_memset_per_step": copies / steps,
+            "pageable_copies_per_step": pageable / steps, "host_waits_per_step": max(waits - closing, 0) / steps}
+
+
 def _profiled_kernels(fn: Callable[[], Any], steps: int) -> dict:
-    """Kernel launches and memory copies per call of ``fn`` (CUPTI via torch.profiler:
-    it sees every CUDA kernel of the process, CuPy's included)."""
+    """Kernel launches, memory copies and host waits per call of ``fn`` (CUPTI via
+    torch.profiler: it sees every CUDA kernel and runtime/driver call of the process,
+    CuPy's included); the profile closes with one ``torch.cuda.synchronize``."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -550,17 +582,7 @@ def _profiled_kernels(fn: Callable[[], Any], steps: int) -> dict:
         for _ in range(steps):
             fn()
         torch.cuda.synchronize()
-    kernels = copies = 0
-    for e in prof.events():
-        dev_type = str(getattr(e, "device_type", ""))
-        if "CUDA" not in dev_type:
-            continue
-        nm = e.name.lower()
-        if "memcpy" in nm or "memset" in nm:
-            copies += 1
-        else:
-            kernels += 1
-    return {"kernels_per_step": kernels / steps, "memcpy_memset_per_step": copies / steps}
+    return profile_counts([(e.name, str(getattr(e, "device_type", ""))) for e in prof.events()], steps)
 
 
 def section_launches(ctx: Context) -> dict:
@@ -956,13 +978,26 @@ def junit_counts(path: Path) -> dict:
             "failed": c["failures"], "errors": c["errors"], "skipped": c["skipped"], "failing": bad[:30]}
 
 
+#: Host-side checks of the CuPy set (its CUDA sources compiled by g++ and by NVRTC, about
+#: a minute): their names match "cupy", but on a GPU the kernels run for real in the
+#: parity table, so the GPU run leaves them out.
+HOST_ONLY_TESTS = ("tests/test_cupy_kernels.py", "tests/test_cupy_nvrtc.py")
+
+
+def pytest_targets(dry: bool) -> list[str]:
+    """The paths (and ``--ignore`` options) the pytest section hands pytest."""
+    if dry:
+        return ["tests/test_staging.py"]
+    return [*(f"--ignore={t}" for t in HOST_ONLY_TESTS), "tests"]
+
+
 def section_pytest(ctx: Context) -> dict:
     """The test suite's CuPy and torch-CUDA rows (a dry run: those of one file, which
     skip here), TF32 off, into ``<device>-junit.xml``."""
     junit = ctx.path("junit.xml")
     env = {**os.environ, "NVIDIA_TF32_OVERRIDE": "0"}
     env.pop("CUPY_TF32", None)
-    where = ["tests/test_staging.py"] if ctx.dry else ["tests"]
+    where = pytest_targets(ctx.dry)
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "cupy or cuda", "-rfE",
            "--durations=15", "--continue-on-collection-errors", "-o", "junit_family=xunit2", f"--junitxml={junit}"]
     warned = {}
@@ -1010,16 +1045,38 @@ def _gpu_targets(dry: bool) -> tuple[str, list]:
     return device_slug(name), targets
 
 
+#: Imported once before the first section, outside every section's alarm: an import that
+#: an alarm interrupts halfway leaves the library half-registered (torch then fails in
+#: every later section, with "partially initialized module" or "duplicate registrations",
+#: and the process may crash at exit).
+PRELOAD = ("cupy", "torch", "torch.profiler")
+
+
+def preload(names=PRELOAD) -> dict:
+    """Import ``names`` where they import (an absent one is left to the sections to
+    report): ``{name: seconds}``."""
+    seconds = {}
+    for name in names:
+        t0 = time.perf_counter()
+        try:
+            importlib.import_module(name)
+        except Exception:  # absent, or unusable here: the sections that need it say so
+            continue
+        seconds[name] = round(time.perf_counter() - t0, 2)
+    return seconds
+
+
 def run(args: argparse.Namespace, functions: dict | None = None) -> dict:
     """Run the sections and write ``<device>-gpu-check.json``; returns the report."""
     functions = FUNCTIONS if functions is None else functions
+    preloaded = preload()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     ctx = Context(out=out, budget=args.budget, dry=args.dry)
     ctx.device, ctx.targets = _gpu_targets(args.dry)
     ctx.peer_device = "cpu" if args.dry else "cuda"
     report: dict = {"device": ctx.device, "targets": ctx.targets, "budget_s": args.budget, "sections": {},
-                    "errors": {}, "skipped": {}, "seconds": {}}
+                    "errors": {}, "skipped": {}, "seconds": {}, "preload_s": preloaded}
     wanted = [s for s in functions if (not args.only or s in args.only) and s not in args.skip]
     path = ctx.path("gpu-check.json")
     for name in wanted:
@@ -1035,7 +1092,7 @@ def run(args: argparse.Namespace, functions: dict | None = None) -> dict:
         try:
             with _time_limit(cap):
                 report["sections"][name] = functions[name](ctx)
-        except Exception as exc:  # one failing section must not stop the others
+        except (Exception, SectionTimeout) as exc:  # one failing section must not stop the others
             report["errors"][name] = f"{type(exc).__name__}: {exc}\n" + traceback.format_exc()[-3000:]
             if ctx.partial:  # what it measured before it failed
                 report["sections"][name] = {**ctx.partial, "incomplete": True}
@@ -1081,6 +1138,9 @@ def _fig_probes(sec: dict) -> list[str]:
             ok = la.get("within_target", {}).get(key)
             mark = "" if ok is None else f" (target <= {LAUNCH_TARGETS[key.split()[1]]}: {'met' if ok else 'MISSED'})"
             lines.append(f"kernel launches per step, {key}: {_g(row['kernels_per_step'])}{mark}")
+            if "host_waits_per_step" in row:
+                lines.append(f"host waits per step (CUDA profile), {key}: {_g(row['host_waits_per_step'])} "
+                             f"(target 0); pageable copies: {_g(row['pageable_copies_per_step'])}")
     tf = sec.get("tf32_error", {})
     for key, row in tf.items():
         if isinstance(row, dict) and "rel_err_tf32" in row:

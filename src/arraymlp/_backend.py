@@ -551,6 +551,17 @@ class StepValues:
         return to_numpy(chunks[0] if len(chunks) == 1 else self.xp.concat(chunks)).astype(numpy.float64)
 
 
+def _for_torch_dlpack(x: Any) -> Any:
+    """``x`` as torch's DLPack import takes it: without negative strides (torch rejects
+    them; it aborts). A CuPy array with a negative stride is copied on its device, and
+    one without is passed as it is (no copy to the host, no synchronisation); a host
+    array is looked at through NumPy."""
+    if array_api_compat.is_cupy_array(x):
+        return x.copy() if any(st < 0 for st in x.strides) else x
+    h = to_numpy(x)
+    return numpy.ascontiguousarray(h) if any(st < 0 for st in h.strides) else x
+
+
 def to_backend(x: Any, backend: Any, *, device: Any = None) -> Any:
     """Move an array to another backend (and device), zero-copy where DLPack allows.
 
@@ -593,9 +604,7 @@ def to_backend(x: Any, backend: Any, *, device: Any = None) -> Any:
     if array_api_compat.is_torch_array(x):
         x = x.detach().resolve_conj().resolve_neg()  # DLPack cannot express torch's lazy sign bits
     if backend_name(xp) == "torch" and not array_api_compat.is_torch_array(x):
-        h = to_numpy(x)
-        if any(st < 0 for st in h.strides):  # torch's DLPack import rejects negative strides (it aborts)
-            x = numpy.ascontiguousarray(h)
+        x = _for_torch_dlpack(x)
     try:
         if isinstance(x, numpy.ndarray) and backend_name(xp) == "array_api_strict":
             # zero-copy as well; NumPy before 2.3 marks a DLPack import read-only, which
@@ -648,7 +657,11 @@ class _CupyCopies(_PlainCopies):
 
         super().__init__(xp, device)
         self._cupy = cupy
-        with cupy.cuda.Device(getattr(device, "id", device)):
+        # the model's device id, fixed now (None: the current one). CuPy keeps a current
+        # stream per device, and an event must be recorded on its own device: every
+        # stream call below runs with this device current.
+        self._id = cupy.cuda.Device(getattr(device, "id", device)).id
+        with cupy.cuda.Device(self._id):
             self.stream = cupy.cuda.Stream(non_blocking=True)
 
     def host_buffer(self, shape, dtype):
@@ -659,7 +672,7 @@ class _CupyCopies(_PlainCopies):
 
     def send(self, host):
         cupy = self._cupy
-        with cupy.cuda.Device(getattr(self.device, "id", self.device)):
+        with cupy.cuda.Device(self._id):
             # ``out`` comes from the compute stream's pool, which may hand back memory that
             # kernels already queued there still read (freed in Python, not yet on the
             # device): the side stream's copy waits for the compute stream's queue as it
@@ -670,7 +683,8 @@ class _CupyCopies(_PlainCopies):
             return out
 
     def mark(self, arrays):
-        return self.stream.record()
+        with self._cupy.cuda.Device(self._id):
+            return self.stream.record()
 
     def reusable(self, event):
         if event is not None:
@@ -678,7 +692,8 @@ class _CupyCopies(_PlainCopies):
 
     def use(self, event):
         if event is not None:
-            self._cupy.cuda.get_current_stream().wait_event(event)
+            with self._cupy.cuda.Device(self._id):  # the compute stream of the model's device
+                self._cupy.cuda.get_current_stream().wait_event(event)
 
 
 class _TorchCudaCopies(_PlainCopies):

@@ -15,7 +15,7 @@ mean loss, whatever the shard sizes (the last batch of an epoch, a global batch 
 divisible by the number of ranks, an empty shard). The loss and ``W_r`` travel in the
 same buffer, so a step costs one collective.
 
-Use it through :meth:`arraymlp.Sequential.fit`::
+Use it through :meth:`arraymlp.Sequential.fit` (or ``partial_fit``, one epoch a call)::
 
     from mpi4py import MPI
     model.fit(x, y, loss="cross_entropy", batch_size=512, comm=MPI.COMM_WORLD)
@@ -23,8 +23,13 @@ Use it through :meth:`arraymlp.Sequential.fit`::
 or with a :class:`DataParallel` object when its options or timings are wanted. What
 ``fit`` does with it:
 
+- the ranks' arguments are compared (one ``allgather`` of the data's shapes and dtypes
+  and the options), and a difference raises a ``ValueError`` on every rank;
 - the parameters (and the generator that shuffles) are broadcast from the root rank
   before the first step, so every rank starts from, and keeps, the same state;
+- the training metrics are summed by each rank over its shards' rows, on the device,
+  and the sums added over the ranks once per epoch (one ``allgather``), so every rank's
+  history is the single-process one;
 - progress bars and ``verbose`` lines are shown by the root rank only, and
   :class:`arraymlp.Checkpoint` callbacks write on the root only; other callbacks run on
   every rank (so that :class:`~arraymlp.training.EarlyStopping` restores the same
@@ -195,8 +200,10 @@ def _on_host(a: Any) -> bool:
 class DataParallel:
     """Data-parallel training over an MPI communicator.
 
-    Pass it (or the communicator itself) as ``comm=`` to :meth:`arraymlp.Sequential.fit`.
-    Every rank must call ``fit`` with the same arguments and the same data.
+    Pass it (or the communicator itself) as ``comm=`` to :meth:`arraymlp.Sequential.fit`
+    or :meth:`arraymlp.Sequential.partial_fit`. Every rank must call them with the same
+    arguments and the same data (checked at each call: the data's shapes and dtypes and
+    the options, not the values).
 
     Parameters
     ----------
@@ -308,12 +315,13 @@ class DataParallel:
         return value
 
     # ------------------------------------------------------------------ fit hooks
-    def begin(self, model, x, callbacks=()) -> None:
+    def begin(self, model, x, callbacks=(), *, call: dict | None = None, what: str = "fit") -> None:
         """Check that every rank has the same data, broadcast the root's parameters and
         shuffling state, give each rank its own stream for dropout masks, and make
         :class:`arraymlp.Checkpoint` callbacks (in the list ``callbacks``) root-only.
 
-        Called by :func:`arraymlp.training.fit` before the first step.
+        Called by :func:`arraymlp.training.fit` and ``partial_fit`` (at every call)
+        before the first step.
 
         Parameters
         ----------
@@ -325,17 +333,31 @@ class DataParallel:
             ``fit``'s callbacks; checkpoints (:class:`arraymlp.Checkpoint`, and any
             callback whose ``saves_callbacks`` is true) are replaced, in place, by
             :class:`RootOnly` wrappers.
+        call : dict, optional
+            What else every rank must pass alike (the other arrays' shapes and dtypes,
+            ``batch_size``, the loss, the optimiser and its step count...), by name;
+            compared in the same ``allgather`` as ``x``'s shape.
+        what : str
+            The function called, for the error message.
+
+        Raises
+        ------
+        ValueError
+            On every rank, naming what differs and its value on each rank.
         """
-        shape = tuple(int(s) for s in x.shape)
-        shapes = self.comm.allgather(shape)
-        if len(set(shapes)) != 1:
+        mine = {"x shape": tuple(int(s) for s in x.shape), **(call or {})}
+        # the root's generator state travels in the same collective
+        gathered = self.comm.allgather((mine, model.rng.get_state() if self.is_root else None))
+        calls, state = [c for c, _ in gathered], gathered[self.root][1]
+        differ = [name for name in mine if any(c.get(name) != mine[name] for c in calls)]
+        if differ or any(set(c) != set(mine) for c in calls):
+            name = differ[0] if differ else "arguments"
             msg = (
-                "every rank must call fit with the same data; got x of shapes "
-                + ", ".join(f"{s} on rank {r}" for r, s in enumerate(shapes))
+                f"every rank must call {what} with the same data and arguments; {name} differs: "
+                + ", ".join(f"{c.get(name)!r} on rank {r}" for r, c in enumerate(calls))
             )
             raise ValueError(msg)
         self.broadcast_parameters(model)
-        state = self.comm.bcast(model.rng.get_state() if self.is_root else None, root=self.root)
         model.rng.set_state(state)
         if not self.is_root:
             # Same permutation everywhere, but independent dropout masks per rank: a key of
@@ -382,7 +404,8 @@ class DataParallel:
         ``on_batch_end``, whose answer could then differ between ranks)."""
         return self.agree(stop) if self._sync_batches else bool(stop)
 
-    def loss_and_grads(self, model, x, y, lossfn, *, xp, sample_weight=None, l2: float = 0.0):
+    def loss_and_grads(self, model, x, y, lossfn, *, xp, sample_weight=None, l2: float = 0.0, on_outputs=None,
+                       hits=None):
         """Loss and gradients of the global batch from this rank's shard ``(x, y)``.
 
         Buffer layout: ``[W_r g_r (flattened, in parameter order), W_r L_r, W_r, err_r]``
@@ -402,6 +425,12 @@ class DataParallel:
             The shard's weights; the shard then weighs ``sum(sample_weight)``.
         l2 : float
             L2 penalty on the weight matrices, as in :func:`arraymlp.training.fit`.
+        on_outputs : callable, optional
+            Called with the shard's outputs (the training metrics' sums, on the device),
+            also for a shard whose weights are all zero (the metrics are unweighted).
+        hits : list, optional
+            The accuracy's count that the table's cross-entropy adds the shard's right
+            answers to.
 
         Returns
         -------
@@ -424,13 +453,17 @@ class DataParallel:
                 active = n > 0 and bool(xp.any(sample_weight != 0))
                 weight = float(xp.sum(xp.astype(sample_weight, model.dtype))) if active else 0.0
             if active:
-                value, grads = model._loss_and_grads(x, y, lossfn, xp=xp, sample_weight=sample_weight, l2=l2)
+                value, grads = model._loss_and_grads(x, y, lossfn, xp=xp, sample_weight=sample_weight, l2=l2,
+                                                     on_outputs=on_outputs, hits=hits)
                 parts = [xp.reshape(xp.astype(grads[i][k], dtype), (-1,)) for i, k in keys]
                 tail = xp.stack([xp.astype(xp.asarray(value), dtype),
                                  xp.ones((), dtype=dtype, device=model.device),
                                  xp.zeros((), dtype=dtype, device=model.device)])
                 flat = xp.concat([*parts, tail])
                 flat = _scale(flat, weight)
+            elif n > 0 and on_outputs is not None:  # no gradient, but rows the metrics count
+                upto = len(model.layers) - 1 if model._fused(lossfn) else None
+                on_outputs(model.forward(x, training=True, xp=xp, upto=upto, keep=False)[0])
         except Exception as exc:  # reported to every rank below, then re-raised here
             failure = exc
         if failure is not None or not active:

@@ -57,6 +57,7 @@ from ._backend import (
     check_same_backend,
     check_same_device,
     device_of,
+    dtype_name,
     get_namespace,
     index_dtype,
     is_float16,
@@ -70,7 +71,7 @@ from ._backend import (
 from .callbacks import Callback, DivergenceError, EarlyStopping, History
 from .fusion import plan_for
 from .kernels import kernels_for
-from .kernels.reference import _idiv, _imul, _isub
+from .kernels.reference import _idiv, _imul, _isub, constant_like
 from .losses import LOSSES, Loss, get_loss
 from .metrics import Metric, _MembersPair, _Pair, accuracy, get_metrics, read_results
 from .optim import SGD, Adagrad, Adam, Optimizer, RMSprop, get_optimizer
@@ -509,14 +510,17 @@ class _MemberUpdate:
         xp, o = self.xp, self.opt
         if o.clip_value is not None:
             # minimum/maximum, not clip: array-api-compat's clip reads boolean masks back
-            grads = [{k: xp.minimum(xp.maximum(g, -o.clip_value), o.clip_value) for k, g in layer.items()}
+            # the bounds as 0-d arrays: a number is copied from the host on torch CUDA
+            grads = [{k: xp.minimum(xp.maximum(g, constant_like(-o.clip_value, g, xp)),
+                                    constant_like(o.clip_value, g, xp)) for k, g in layer.items()}
                      for layer in grads]
         if o.clip_norm is not None:
             sq = 0.0
             for layer in grads:
                 for g in layer.values():
                     sq = sq + xp.sum(g * g, axis=tuple(range(1, g.ndim)))
-            coef = xp.minimum(o.clip_norm / (xp.sqrt(sq) + 1e-6), 1.0)
+            coef = o.clip_norm / (xp.sqrt(sq) + 1e-6)
+            coef = xp.minimum(coef, constant_like(1.0, coef, xp))
             coef = xp.reshape(coef, (-1, 1, 1))
             grads = [{k: g * coef for k, g in layer.items()} for layer in grads]
         return grads
@@ -631,14 +635,16 @@ class EnsembleHistory(History):
 def partial_fit(model, x, y, *, loss: str | None = None, optimizer: str | Optimizer | None = None, lr: Any = None,
                 batch_size: int = 32, shuffle: bool | str = True, l2: Any = 0.0,
                 sample_weight: Any = None, metrics: Sequence[Any] | None = None, precision: Any = None,
-                _active: Any = None, _l2_per_batch: bool = False, _host_weight: Any = None) -> EnsembleHistory:
+                comm: Any = None, _active: Any = None, _l2_per_batch: bool = False,
+                _host_weight: Any = None) -> EnsembleHistory:
     """One epoch of every member over ``(x, y)``, keeping the members' optimiser state of
     earlier calls (``model.partial_fit`` of an ensemble).
 
     Parameters are as for :func:`fit` (``x`` (n, n_features), ``y`` (n, n_outputs), (n,)
     or labels (n,), ``sample_weight`` (K, n) or (n,)); ``loss`` defaults to the last fit's,
     and ``lr`` (one or K values) is the only hyper-parameter that may change between calls.
-    ``copy``, ``to`` and ``member`` start their model's optimiser afresh.
+    ``copy``, ``to`` and ``member`` start their model's optimiser afresh. ``comm`` makes
+    the epoch data-parallel, as :func:`arraymlp.partial_fit`'s does.
 
     Three private options serve the scikit-learn estimators (``n_members=K``), whose
     epochs are one call each: ``_active`` (K bools) trains only the members marked True
@@ -654,7 +660,7 @@ def partial_fit(model, x, y, *, loss: str | None = None, optimizer: str | Optimi
             msg = "partial_fit needs loss= on its first call"
             raise ValueError(msg)
     return fit(model, x, y, loss=loss, optimizer=optimizer, lr=lr, epochs=1, batch_size=batch_size, shuffle=shuffle,
-               progress=False, l2=l2, sample_weight=sample_weight, metrics=metrics, precision=precision,
+               progress=False, l2=l2, sample_weight=sample_weight, metrics=metrics, precision=precision, comm=comm,
                _reuse_optimizer=True, _active=_active, _l2_per_batch=_l2_per_batch, _host_weight=_host_weight)
 
 
@@ -707,6 +713,13 @@ def _check_schedules(schedule, lr, k: int):
         msg = f"a ReduceOnPlateau follows one loss: give {k} of them, one per member"
         raise ValueError(msg)
     return schedules
+
+
+def _random_streams(run, seed, shuffle, comm, estimator: bool) -> None:
+    """The fit's generators (:func:`_member_generators`) and whether each member draws
+    its own order (``shuffle="members"``, checked)."""
+    run.members_order = _check_shuffle(shuffle, run, comm, estimator)
+    run.model.rng = _member_generators(run.model, seed, run.xp)
 
 
 def _check_shuffle(shuffle, run, comm, estimator: bool) -> bool:
@@ -1065,9 +1078,10 @@ def fit(model, x, y, *, loss: str | Loss | None = None, optimizer: str | Optimiz
 
     Notes
     -----
-    Mixed precision is not supported together with ``comm`` (as for a plain model), and
-    under ``comm`` no training metrics are recorded (as for a plain model; validation
-    metrics are).
+    Mixed precision is not supported together with ``comm`` (as for a plain model). Under
+    ``comm`` each rank sums the training metrics over its shards' rows on the device, and
+    the sums are added over the ranks once per epoch, so every rank records the values
+    of the single-process fit.
     """
     unsupported = {k: v for k, v in unsupported.items() if v is not None}
     if unsupported:
@@ -1079,7 +1093,7 @@ def fit(model, x, y, *, loss: str | Loss | None = None, optimizer: str | Optimiz
     lossfn = get_loss(model._own_loss(loss, y, last_fit=False))
     run = _prepare(model, x, y, lossfn, sample_weight, validation_data, validation_split)
     k, xp, like = model.ensemble, run.xp, run.like
-    run.members_order = _check_shuffle(shuffle, run, comm, _l2_per_batch or _host_weight is not None)
+    _random_streams(run, seed, shuffle, comm, _l2_per_batch or _host_weight is not None)
     run.rule = _rule(model, run, optimizer, lr, momentum, weight_decay, betas, _reuse_optimizer)
     opt = run.rule.opt
     run.l2 = _per_member("l2", l2, k, xp, like)
@@ -1092,13 +1106,16 @@ def fit(model, x, y, *, loss: str | Loss | None = None, optimizer: str | Optimiz
     model.optimizer_ = None  # the members' optimiser state: ensemble_optimizer_
     model.ensemble_optimizer_ = run.rule
     model.schedule_ = None
-    model.rng = _member_generators(model, seed, xp)
-    history = _start_history(run, metrics, data_parallel=comm is not None)
+    history = _start_history(run, metrics)
     _estimator_options(run, _active, _l2_per_batch, _host_weight)
     run.best, run.best_epoch = numpy.full(k, numpy.inf), numpy.full(k, -1)
     run.wait = numpy.zeros(k, dtype=int)
     start_epoch = _resume(run, resume_from, callbacks, schedules)
-    verbose = _data_parallel(run, comm, callbacks, verbose)
+    call = None if comm is None else {
+        "lr": _plain(lr), "momentum": _plain(momentum), "weight_decay": _plain(weight_decay), "betas": _plain(betas),
+        "l2": _plain(l2), "epochs": epochs, "batch_size": batch_size, "shuffle": shuffle,
+        "optimizer steps": run.rule.steps.tolist()}
+    verbose = _data_parallel(run, comm, callbacks, verbose, call, "partial_fit" if _reuse_optimizer else "fit")
     if resume_from is not None and schedule is None:  # the checkpoint's rates replace lr=
         r = run.rule.lr
         lr = r if isinstance(r, float) else [float(v) for v in to_numpy(r).reshape(-1)]
@@ -1134,14 +1151,11 @@ def fit(model, x, y, *, loss: str | Loss | None = None, optimizer: str | Optimiz
     return history
 
 
-def _start_history(run: _Run, metrics, *, data_parallel: bool = False) -> EnsembleHistory:
+def _start_history(run: _Run, metrics) -> EnsembleHistory:
     """The run's metrics resolved (:func:`_default_metrics`) and its history begun, with a
-    series for each training and validation metric (no training metrics under data
-    parallelism, as in the plain fit: a rank sees only its shard of each batch)."""
+    series for each training and validation metric."""
     model, lossfn = run.model, run.lossfn
     run.metrics, run.val_metrics, main_metric = _default_metrics(metrics, lossfn, model)
-    if data_parallel:
-        run.metrics = []
     run.pair_kind = _pair_kind(model, lossfn, model._fused(lossfn))
     history = run.history = EnsembleHistory(metric_name=main_metric)
     for m in run.metrics:
@@ -1153,16 +1167,33 @@ def _start_history(run: _Run, metrics, *, data_parallel: bool = False) -> Ensemb
     return history
 
 
-def _data_parallel(run: _Run, comm, callbacks, verbose: bool) -> bool:
-    """``comm=`` set up, after resuming: the root's parameters and generator state are
-    broadcast, checkpoints become root-only; whether this rank prints (``verbose``)."""
+def _data_parallel(run: _Run, comm, callbacks, verbose: bool, call: dict | None, what: str) -> bool:
+    """``comm=`` set up, after resuming: the ranks' arguments compared (``call``, with the
+    data's shapes and dtypes), the root's parameters and generator state broadcast,
+    checkpoints made root-only; whether this rank prints (``verbose``)."""
     if comm is None:
         return verbose
     from .distributed import DataParallel
 
+    def described(a):
+        return None if a is None else (tuple(int(s) for s in a.shape), dtype_name(a.dtype))
+
+    call = {"x dtype": dtype_name(run.x.dtype), "y": described(run.y), "sample_weight": described(run.w),
+            "validation data": None if run.val is None else tuple(described(a) for a in run.val),
+            "loss": run.lossfn.name, "metrics": [m.name for m in run.metrics],
+            "optimizer": type(run.rule.opt).__name__, **call}
     run.dp = comm if isinstance(comm, DataParallel) else DataParallel(comm)
-    run.dp.begin(run.model, run.x, callbacks)
+    run.dp.begin(run.model, run.x, callbacks, call=call, what=what)
     return verbose and run.dp.is_root
+
+
+def _plain(value):
+    """A per-member option as host floats (to compare across ranks), None kept."""
+    if value is None or isinstance(value, (int, float)):
+        return value
+    if hasattr(value, "shape"):
+        return numpy.asarray(to_numpy(value), dtype=float).tolist()
+    return [_plain(v) for v in value]
 
 
 def _estimator_options(run: _Run, active, l2_per_batch: bool, host_weight) -> None:
@@ -1257,8 +1288,10 @@ def _end_epoch(run: _Run, epoch: int, epoch_lr, epoch_loss, t0: float, schedules
     history.lr.append(epoch_lr)
     logs = {"epoch": epoch, "step": run.step, "loss": epoch_loss, "lr": epoch_lr, "val_loss": None,
             "val_metric": None}
-    if run.accs:  # the training metrics' sums, read once, now
-        for acc, value in zip(run.accs, read_results(run.accs, xp)):
+    if run.accs:  # the training metrics' sums, read once, now (and added over the ranks: one collective)
+        values = read_results(run.accs, xp) if run.dp is None else read_results(run.accs, xp,
+                                                                                gather=run.dp.comm.allgather)
+        for acc, value in zip(run.accs, values):
             logs[acc.metric.name] = value
     if run.val is not None:
         args = (model, run.val[0], run.val[1], run.lossfn, xp, run.fused, run.val_metrics)
@@ -1637,6 +1670,11 @@ def _run_epoch(run: _Run, epoch: int, batch_size: int, shuffle: bool):
     sizes = (numpy.minimum(numpy.arange(1, n_steps + 1) * batch_size, n) - numpy.arange(n_steps) * batch_size)[taken]
     totals = numpy.zeros(run.model.ensemble)
     run.accs = [m.start_members(xp, run.model.dtype, run.model.device, run.model.ensemble) for m in run.metrics]
+    if run.dp is not None and run.accs and taken:  # every rank's sums about the epoch's first row: they add up
+        row = taken[0] * batch_size
+        first = run.y[row:row + 1, ...] if order is None else xp.take(run.y, order[row:row + 1], axis=0)
+        for acc in run.accs:
+            acc.metric._anchor(acc, first)
     snapshot, first = _snapshot(run), 0  # the state before the ``first``-th step taken this epoch
     values = StepValues(xp, _STACK_EVERY)
     for j, k in enumerate(taken):

@@ -55,7 +55,7 @@ from typing import Any, Callable
 from ._backend import asarray_like, device_of, get_namespace, index_dtype, is_float16, is_writeable, memo
 from .functional import log_softmax
 from .kernels import kernels_for
-from .kernels.reference import block_rows, row_blocks
+from .kernels.reference import block_rows, constant_like, row_blocks
 
 __all__ = [
     "LOSSES",
@@ -397,14 +397,15 @@ def _huber_kernel(o, t, xp, delta=HUBER_DELTA):
     a = xp.abs(d)
     e = xp.where(a < delta, 0.5 * (d * d), delta * (a - 0.5 * delta))
     # minimum/maximum, not clip: array-api-compat's clip indexes with boolean masks,
-    # which reads the mask back to the host on a GPU
-    return e, xp.minimum(xp.maximum(d, -delta), delta)
+    # which reads the mask back to the host on a GPU; the bounds as 0-d arrays
+    # (constant_like: a number would be copied from the host at every call on torch)
+    return e, xp.minimum(xp.maximum(d, constant_like(-delta, d, xp)), constant_like(delta, d, xp))
 
 
 def _bce_kernel(x, t, xp):
     # z = exp(-|x|) never overflows; it serves both the softplus term and the sigmoid.
     z = xp.exp(-xp.abs(x))
-    e = xp.maximum(x, 0.0) - x * t + xp.log1p(z)
+    e = xp.maximum(x, constant_like(0.0, x, xp)) - x * t + xp.log1p(z)
     r = 1.0 / (1.0 + z)
     sig = xp.where(x >= 0, r, z * r)
     return e, sig - t

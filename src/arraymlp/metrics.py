@@ -34,6 +34,13 @@ metric that is a mean over samples.
 Training metrics are computed on each training batch's forward pass, before that
 step's update (with dropout active), as Keras does; validation and ``evaluate`` use
 inference mode.
+
+In data-parallel training (``fit(..., comm=)``) each rank accumulates the rows of its
+shards, and when the epoch ends the ranks' sums and counts are added (one collective),
+so every rank gets the values a single process gets over the whole batches: the
+library's metrics keep sums that add up (R^2's are taken about the epoch's first
+target row on every rank); a callable's per-shard values are weighted by the shards'
+row counts, which is exact for a mean over samples.
 """
 
 from __future__ import annotations
@@ -284,6 +291,13 @@ class Metric:
     def _update(self, acc: _Accumulator, pair) -> None:
         raise NotImplementedError
 
+    def _anchor(self, acc: _Accumulator, y) -> None:
+        """Fix, before the first batch, any reference point the sums are taken about,
+        from ``y`` (the targets' first row of the data the metric will see, shape (1,
+        ...)): under data parallelism every rank then accumulates sums that add up over
+        the ranks. A no-op for metrics whose sums need no reference point."""
+        return None
+
     def _finish(self, acc: _Accumulator, host: list[numpy.ndarray]) -> float:
         raise NotImplementedError
 
@@ -471,6 +485,9 @@ class _R2(Metric):
     name = "r2"
     tasks = ("regression",)
 
+    def _anchor(self, acc, y):
+        acc.extra = _as_2d(acc.xp.astype(y, acc.acc), acc.xp)[0:1, ...]
+
     def _update(self, acc, pair):
         xp = acc.xp
         y, p = pair.true_labels(), pair.predictions()
@@ -621,16 +638,21 @@ def get_metrics(specs, task: str, n_outputs: int) -> list[Metric]:
     return out
 
 
-def read_results(accs: list[_Accumulator], xp) -> list[float]:
+def read_results(accs: list[_Accumulator], xp, gather: Callable[[Any], list] | None = None) -> list[float]:
     """Every accumulator's value, reading their sums to the host at once (one transfer
-    for the integer counts, one for the floating sums)."""
+    for the integer counts, one for the floating sums).
+
+    ``gather`` (data parallelism: an mpi4py communicator's ``allgather``) collects every
+    rank's host sums and counts in one collective; each value is then that of the sums
+    added over the ranks (in rank order, so every rank gets the same value), as if one
+    process had seen every rank's rows."""
     ints, floats = [], []
     for acc in accs:
         for a in acc.arrays():
             (ints if xp.isdtype(a.dtype, "integral") else floats).append(a)
     host_ints = _read(ints, xp)
     host_floats = _read(floats, xp)
-    results = []
+    hosts = []
     for acc in accs:
         host = []
         for a in acc.arrays():
@@ -638,8 +660,31 @@ def read_results(accs: list[_Accumulator], xp) -> list[float]:
             size = math.prod(_shape(a))
             host.append(src[:size].reshape(_shape(a)))
             del src[:size]
-        results.append(acc.result(host))
-    return results
+        hosts.append(host)
+    if gather is not None:
+        hosts = _add_ranks(accs, hosts, gather)
+    return [acc.result(host) for acc, host in zip(accs, hosts)]
+
+
+def _add_ranks(accs: list[_Accumulator], hosts: list[list], gather) -> list[list]:
+    """Every rank's host sums of ``accs`` added up (a rank that saw no rows sent none),
+    and the counts with them: one ``gather`` of this rank's ``(sums, count)`` per
+    accumulator."""
+    ranks = gather([(host, acc.count) for acc, host in zip(accs, hosts)])
+    added = []
+    for i, acc in enumerate(accs):
+        parts = [rank[i][0] for rank in ranks if rank[i][0]]
+        total = [numpy.sum(numpy.stack(arrays), axis=0) for arrays in zip(*parts)] if parts else []
+        acc.count = sum(int(rank[i][1]) for rank in ranks)
+        if isinstance(acc, _MembersAccumulator) and total and type(acc.metric)._update_members is \
+                Metric._update_members:
+            # a metric of one's own, run member by member: each member's count is the rows seen
+            if acc.members is None:
+                acc.members = [_Accumulator(acc.metric, acc.xp, acc.dtype, acc.device) for _ in range(acc.k)]
+            for member in acc.members:
+                member.count = acc.count
+        added.append(total)
+    return added
 
 
 def _read(arrays: list[Any], xp) -> list:

@@ -44,7 +44,7 @@ import array_api_compat
 
 from ._backend import device_of, get_namespace, is_float16, is_writeable, to_backend, to_numpy
 from .kernels import kernels_for
-from .kernels.reference import _iadd, _imul, _isub
+from .kernels.reference import _iadd, _imul, _isub, constant_like
 
 __all__ = [
     "OPTIMIZERS",
@@ -196,8 +196,10 @@ def _clip_gradients(grads, xp, clip_value, clip_norm):
         for layer in out:
             for key, g in layer.items():
                 # minimum/maximum rather than clip: array-api-compat's clip indexes with
-                # boolean masks, and each such index reads the mask back from a GPU
-                layer[key] = xp.minimum(xp.maximum(g, -clip_value), clip_value)
+                # boolean masks, and each such index reads the mask back from a GPU; the
+                # bounds as 0-d arrays (a number is copied from the host on torch CUDA)
+                layer[key] = xp.minimum(xp.maximum(g, constant_like(-clip_value, g, xp)),
+                                        constant_like(clip_value, g, xp))
     if clip_norm is not None:
         sq = None
         for layer in out:
@@ -207,7 +209,8 @@ def _clip_gradients(grads, xp, clip_value, clip_norm):
                 s = xp.sum(g * g)
                 sq = s if sq is None else sq + s
         if sq is not None:
-            coef = xp.minimum(clip_norm / (xp.sqrt(sq) + CLIP_NORM_EPS), 1.0)
+            coef = clip_norm / (xp.sqrt(sq) + CLIP_NORM_EPS)
+            coef = xp.minimum(coef, constant_like(1.0, coef, xp))
             for layer in out:
                 for key, g in layer.items():
                     layer[key] = g * (coef if coef.dtype == g.dtype else xp.astype(coef, g.dtype))

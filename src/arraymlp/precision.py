@@ -208,12 +208,14 @@ class MixedPrecision:
         one per member (K,) for an ensemble's per-member scales) or not: count it,
         double ``S`` after ``growth_interval`` good steps, halve it (not below
         ``min_scale``) and count a skip otherwise. Device arithmetic only."""
-        one = xp.asarray(1, dtype=xp.int32, device=device_of(self.good_steps))
+        # constants filled on the device: asarray of a number would copy it from the host (torch
+        # does that synchronously on a GPU)
+        one = xp.ones((), dtype=xp.int32, device=device_of(self.good_steps))
         zero = xp.zeros_like(self.good_steps)
         good = self.good_steps + one
         grow = good >= self.growth_interval
-        halved = xp.maximum(self.scale * 0.5, xp.asarray(self.min_scale, dtype=xp.float32,
-                                                           device=device_of(self.scale)))
+        halved = xp.maximum(self.scale * 0.5, xp.full((), self.min_scale, dtype=xp.float32,
+                                                      device=device_of(self.scale)))
         self.scale = xp.where(ok, xp.where(grow, self.scale * 2.0, self.scale), halved)
         self.good_steps = xp.where(ok, xp.where(grow, zero, good), zero)
         self.skipped = self.skipped + xp.where(ok, zero, one)

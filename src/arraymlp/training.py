@@ -43,6 +43,7 @@ from ._backend import (
     Generator,
     StepValues,
     device_of,
+    dtype_name,
     get_namespace,
     host_array,
     index_dtype,
@@ -132,8 +133,9 @@ def _loss_then_update(model, opt, lossfn, xb, yb, wb, *, xp, l2=0.0, dp=None, am
     can leave the layers above it stepped and the others not. With ``amp`` (a
     :class:`arraymlp.MixedPrecision`) the step runs in its compute dtype. ``fuse=False``
     always gathers the gradients and calls ``opt.step``. ``on_outputs(out)`` is called
-    with the batch's output before backpropagation (not under data parallelism); ``hits``
-    (the training accuracy's count, see :func:`_loss_counts_hits`) goes to the loss.
+    with the batch's output before backpropagation (this rank's shard's, under data
+    parallelism); ``hits`` (the training accuracy's count, see :func:`_loss_counts_hits`)
+    goes to the loss.
     """
     if amp is not None:
         return amp.loss_then_update(model, opt, lossfn, xb, yb, wb, xp=xp, l2=l2, on_outputs=on_outputs)
@@ -151,7 +153,8 @@ def _loss_then_update(model, opt, lossfn, xb, yb, wb, *, xp, l2=0.0, dp=None, am
         value, grads = model._loss_and_grads(xb, yb, lossfn, xp=xp, sample_weight=wb, l2=l2, plan=plan,
                                              on_outputs=on_outputs, hits=hits)
     else:
-        value, grads = dp.loss_and_grads(model, xb, yb, lossfn, xp=xp, sample_weight=wb, l2=l2)
+        value, grads = dp.loss_and_grads(model, xb, yb, lossfn, xp=xp, sample_weight=wb, l2=l2,
+                                         on_outputs=on_outputs, hits=hits)
 
     def update(lr):
         model.params = opt.step(model.params, grads, lr=lr)
@@ -502,7 +505,24 @@ def _arrange_callbacks(callbacks, early_stopping, *, validation: bool) -> list:
     return callbacks
 
 
-def _start_run(run: _Run, epochs: int, resume_from, comm, progress: bool, verbose: bool) -> None:
+def _described(a):
+    """An array's shape and dtype (None for None), to compare across ranks."""
+    return None if a is None else (tuple(int(s) for s in a.shape), dtype_name(a.dtype))
+
+
+def _call(run: _Run, epochs: int) -> dict:
+    """What every rank must pass alike to train data-parallel, beside ``x``'s shape
+    (:meth:`arraymlp.distributed.DataParallel.begin` compares it across the ranks)."""
+    return {"x dtype": dtype_name(run.x.dtype), "y": _described(run.y), "sample_weight": _described(run.sample_weight),
+            "validation data": None if run.val is None else tuple(_described(a) for a in run.val),
+            "epochs": epochs, "batch_size": run.batch_size, "shuffle": run.shuffle, "l2": run.l2,
+            "loss": run.lossfn.name, "metrics": [m.name for m in run.metrics],
+            "optimizer": type(run.opt).__name__, "lr": getattr(run.opt, "lr", None),
+            "optimizer steps": getattr(run.opt, "step_count", None)}
+
+
+def _start_run(run: _Run, epochs: int, resume_from, comm, progress: bool, verbose: bool,
+               what: str = "fit") -> None:
     """History, resumption, data parallelism, ``on_train_begin`` and the progress bar."""
     model, callbacks = run.model, run.callbacks
     run.history = History(metric_name="accuracy" if run.lossfn.task != "regression" else "r2")
@@ -521,7 +541,7 @@ def _start_run(run: _Run, epochs: int, resume_from, comm, progress: bool, verbos
         from .distributed import DataParallel
 
         run.dp = comm if isinstance(comm, DataParallel) else DataParallel(comm)
-        run.dp.begin(model, run.x, callbacks)
+        run.dp.begin(model, run.x, callbacks, call=_call(run, epochs), what=what)
         progress, verbose = progress and run.dp.is_root, verbose and run.dp.is_root
     for cb in callbacks:
         cb.on_train_begin(model, run.history)
@@ -578,12 +598,12 @@ def _loss_counts_hits(run: _Run):
     """The epoch's accuracy accumulator that the loss itself counts into, or None.
 
     Where the loss is the table's cross-entropy against integer labels (n,) without
-    sample weights, mixed precision or data parallelism, the default accuracy's count
+    sample weights or mixed precision, the default accuracy's count
     of right answers (the arg-max of the logits against the labels) is added by the
     cross-entropy's own kernel, which scans each row for its maximum anyway
     (:func:`arraymlp.kernels.reference.cross_entropy_labels_mean_hits`): the same count
     as the metric's own kernel, without a pass and a hook of its own."""
-    if (run.amp is not None or run.dp is not None or run.sample_weight is not None
+    if (run.amp is not None or run.sample_weight is not None
             or run.lossfn is not LOSSES["cross_entropy"] or run.y.ndim != 1):
         return None
     for acc in run.accs:
@@ -683,7 +703,7 @@ def _run_epoch(run: _Run, epoch: int, epoch_lr: float) -> tuple[float, int]:
     (:func:`_run_epoch_on_device`).
     """
     model, dp, xp = run.model, run.dp, run.xp
-    run.accs = [m.start(xp, model.dtype, model.device) for m in run.metrics] if dp is None else []
+    run.accs = [m.start(xp, model.dtype, model.device) for m in run.metrics]
     run.hits_acc = _loss_counts_hits(run)
     host_order = None
     if run.staged is not None:  # host data: the host gathers the batches, in the order drawn there
@@ -695,6 +715,10 @@ def _run_epoch(run: _Run, epoch: int, epoch_lr: float) -> tuple[float, int]:
         order = xp.asarray(host_order, dtype=index_dtype(xp), device=model.device)
     else:
         order = model.rng.permutation(_n(run.x)) if run.shuffle else None
+    if dp is not None and run.accs:  # every rank's sums about the epoch's first row: they add up
+        first = run.y[0:1, ...] if order is None else _take(run.y, order[0:1], xp)
+        for acc in run.accs:
+            acc.metric._anchor(acc, first)
     if (dp is None and not _per_batch_options(run)
             and not any(_overrides_batch_end(cb) for cb in run.callbacks)):
         return _run_epoch_on_device(run, epoch, epoch_lr, order)
@@ -790,8 +814,10 @@ def _finish_epoch(run: _Run, epoch: int, epoch_lr: float, t0: float, total: floa
     model, history, schedule, dp = run.model, run.history, run.schedule, run.dp
     logs = {"epoch": epoch, "step": run.step, "loss": total / max(seen, 1), "lr": epoch_lr,
             "val_loss": None, "val_metric": None}
-    if run.accs:  # the training metrics' sums, read once, now
-        for acc, value in zip(run.accs, read_results(run.accs, run.xp)):
+    if run.accs:  # the training metrics' sums, read once, now (and added over the ranks: one collective)
+        values = read_results(run.accs, run.xp) if dp is None else read_results(run.accs, run.xp,
+                                                                                gather=dp.comm.allgather)
+        for acc, value in zip(run.accs, values):
             logs[acc.metric.name] = value
     if run.val is not None:
         x_val, y_val = run.val
@@ -1010,7 +1036,8 @@ def fit(model, x, y, *, loss: str | Loss | None = None, optimizer: str | Optimiz
         callables ``fn(y_true, y_pred, *, xp) -> 0-d array``. Default: ``["accuracy"]``
         for a classification loss, none for a regression one; ``[]`` records none.
         Accumulated on the device and read once per epoch (see :mod:`arraymlp.metrics`);
-        training metrics are not recorded under ``comm`` (validation metrics are). With
+        under ``comm`` each rank sums its shards' rows and the sums are added over the
+        ranks once per epoch, so every rank records the single-process values. With
         ``optimizer="lbfgs"`` they are taken once per iteration, on the whole training set
         at the point the iteration reached.
     early_stopping : EarlyStopping or int, optional
@@ -1095,13 +1122,13 @@ def _train(model, x, y, *, reuse_optimizer, loss, optimizer, lr, schedule, epoch
     full_batch = isinstance(opt, LBFGS)  # the optimiser owns the iteration
     run = _Run(model=model, x=x, y=y, sample_weight=sample_weight, val=val, lossfn=lossfn, xp=xp, opt=opt,
                schedule=schedule, callbacks=callbacks, batch_size=batch_size, shuffle=shuffle, l2=l2,
-               metrics=metrics if comm is None else [], val_metrics=val_metrics, amp=amp,
+               metrics=metrics, val_metrics=val_metrics, amp=amp,
                val_host=val_host)
     if host:
         _stage(run, comm, full_batch)
     if full_batch:
         _check_full_batch(run, comm, resume_from)
-    _start_run(run, epochs, resume_from, comm, progress, verbose)
+    _start_run(run, epochs, resume_from, comm, progress, verbose, "partial_fit" if reuse_optimizer else "fit")
     quiet = contextlib.ExitStack()
     quiet.enter_context(quiet_overflow(xp))
     try:
@@ -1124,7 +1151,7 @@ def _train(model, x, y, *, reuse_optimizer, loss, optimizer, lr, schedule, epoch
 def partial_fit(model, x, y, *, loss: str | Loss | None = None, optimizer: str | Optimizer | None = None,
                 lr: float | None = None, batch_size: int = 32, shuffle: bool = True, l2: float = 0.0,
                 sample_weight: Any = None, metrics: Sequence[Any] | None = None,
-                precision: Any = None) -> History:
+                precision: Any = None, comm: Any = None) -> History:
     """One pass over ``(x, y)``, keeping the optimiser state of earlier calls.
 
     ``model.partial_fit(x, y, ...)`` is this function with the model as its first argument.
@@ -1152,6 +1179,14 @@ def partial_fit(model, x, y, *, loss: str | Loss | None = None, optimizer: str |
         name continues the model's ``precision_`` (that of its last call) when it
         computes in that dtype; passing one :class:`arraymlp.MixedPrecision` to every
         call does the same.
+    comm : mpi4py communicator or arraymlp.distributed.DataParallel, optional
+        The pass data-parallel over MPI, as :func:`fit`'s ``comm``: every rank makes the
+        same calls in the same order with the same arguments and data (each call's may
+        differ from the last), and each call checks that (one small ``allgather``:
+        shapes, dtypes, options, the optimiser's step count), then broadcasts the root's
+        parameters and generator state. The ranks' optimiser states stay equal because
+        every rank applies the same updates; a sequence of calls gives the parameters,
+        optimiser state and generator counters of the same calls in one process.
 
     Returns
     -------
@@ -1172,14 +1207,14 @@ def partial_fit(model, x, y, *, loss: str | Loss | None = None, optimizer: str |
 
         return ensemble.partial_fit(model, x, y, loss=loss, optimizer=optimizer, lr=lr, batch_size=batch_size,
                                     shuffle=shuffle, l2=l2, sample_weight=sample_weight, metrics=metrics,
-                                    precision=precision)
+                                    precision=precision, comm=comm)
     if loss is None:
         loss = getattr(model, "loss_", None)
     defaults = {k: p.default for k, p in inspect.signature(fit).parameters.items()
                 if p.default is not inspect.Parameter.empty}
     options = {**defaults, "loss": loss, "optimizer": optimizer, "lr": lr, "epochs": 1, "batch_size": batch_size,
                "shuffle": shuffle, "progress": False, "l2": l2, "sample_weight": sample_weight, "metrics": metrics,
-               "precision": precision}
+               "precision": precision, "comm": comm}
     return _train(model, x, y, reuse_optimizer=True, **options)
 
 

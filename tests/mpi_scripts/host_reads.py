@@ -4,7 +4,9 @@ Run as ``mpiexec -n N python tests/mpi_scripts/host_reads.py``. Each rank counts
 host reads of array_api_strict arrays (as ``tests/test_host_sync.py`` counts them)
 during fits of 4 and of 8 steps an epoch; the root prints one JSON line with the
 extra reads per step (the slope) of a plain model's data-parallel fit and of an
-ensemble's. The ensemble must not read more per step than the plain model.
+ensemble's, both recording the default training accuracy (its sums added over the
+ranks once per epoch, not per step). The ensemble must not read more per step than the
+plain model.
 """
 
 from __future__ import annotations

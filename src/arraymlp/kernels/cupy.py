@@ -22,8 +22,10 @@ Each override checks that it applies (CuPy arrays of float32 or float64 of one d
 the layout it needs) and otherwise calls the kernel it replaces. Kernels are compiled
 with ``--fmad=false``, so that no multiply-add is contracted: the values are those of
 the reference's separate operations (the row sums of the cross-entropy run in another
-order). CuPy is imported when a kernel is first built, never at import: this module
-loads without it.
+order). CuPy compiles every kernel, its own included, with ``-ftz=true``: float32
+subnormal values are flushed to zero in these kernels as in the reference's CuPy
+operations. CuPy is imported when a kernel is first built, never at import: this module
+loads without it. tests/test_cupy_nvrtc.py compiles every source here with NVRTC.
 """
 
 from __future__ import annotations
@@ -186,12 +188,13 @@ def _blas_ready(a) -> bool:
 
 def dense_sgd_update(x, dy, W, b, lr, l2, xp, *, bias_grad=R.bias_grad, sgd_apply=R.sgd_apply):
     """``W = (1 - lr l2) W - lr x.T @ dy`` by one cuBLAS gemm into ``W`` (float32/float64,
-    one dtype, ``W`` C-contiguous, ``x`` and ``dy`` contiguous): no gradient array. A
-    cupyx.scipy.sparse ``x`` takes the sparse product instead."""
+    one dtype, ``W``, ``x`` and ``dy`` each C- or F-contiguous: ``cupy.cublas.gemm`` then
+    writes ``W`` in place and copies nothing): no gradient array. A cupyx.scipy.sparse
+    ``x`` takes the sparse product instead."""
     if is_sparse(x):
         return C.dense_sgd_update(x, dy, W, b, lr, l2, xp, bias_grad=bias_grad, sgd_apply=sgd_apply)
-    if (W.dtype.char in "fd" and x.dtype == dy.dtype == W.dtype and W.ndim == 2 and W.flags.c_contiguous
-            and is_writeable(W) and _blas_ready(x) and _blas_ready(dy) and x.shape[0] == dy.shape[0]
+    if (W.dtype.char in "fd" and x.dtype == dy.dtype == W.dtype and _blas_ready(W) and is_writeable(W)
+            and _blas_ready(x) and _blas_ready(dy) and x.shape[0] == dy.shape[0]
             and W.shape == (x.shape[1], dy.shape[1])):
         import cupy.cublas
 

@@ -32,7 +32,7 @@ from array_api_compat import device as _device
 from array_api_compat import is_numpy_array as _is_numpy_array
 from array_api_compat import to_device
 
-from .._backend import device_of, get_namespace, is_float16, is_writeable
+from .._backend import device_of, get_namespace, is_float16, is_writeable, memo
 from .._docs import fill
 
 LEAKY_SLOPE = 0.01
@@ -63,6 +63,30 @@ def identity(x, *, xp=None):
     return x
 
 
+_CONSTANTS: dict = {}
+
+
+def constant_like(value: float, like, xp):
+    """``value`` as a 0-d array of ``like``'s dtype on its device, kept for the next call.
+
+    For ``maximum`` and ``minimum`` against a number: array-api-compat's torch wrappers
+    turn a Python number into a tensor with ``torch.asarray``, a copy from the host that
+    waits for the GPU at every call. A 0-d array of ``like``'s dtype gives the same
+    values (the number would be cast to that dtype).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from arraymlp.kernels.reference import constant_like
+    >>> c = constant_like(0.5, np.ones(3, dtype=np.float32), np)
+    >>> c.shape, c.dtype, float(c)
+    ((), dtype('float32'), 0.5)
+    """
+    device = getattr(like, "device", None)
+    return memo(_CONSTANTS, (xp, like.dtype, getattr(device, "id", device), value),
+                lambda: xp.full((), value, dtype=like.dtype, device=device_of(like)), limit=64)
+
+
 @fill
 def relu(x, *, xp=None):
     """Rectified linear unit, ``y = max(x, 0)``.
@@ -79,7 +103,7 @@ def relu(x, *, xp=None):
         Same dtype and device as ``x``; ``x`` itself is not modified.
     """
     xp = _ns(x, xp)
-    return xp.maximum(x, 0.0)
+    return xp.maximum(x, constant_like(0.0, x, xp))
 
 
 @fill
@@ -118,7 +142,7 @@ def elu(x, *, xp=None):
         Same dtype and device as ``x``; ``x`` itself is not modified.
     """
     xp = _ns(x, xp)
-    return xp.where(x > 0, x, ELU_ALPHA * xp.expm1(xp.minimum(x, 0.0)))
+    return xp.where(x > 0, x, ELU_ALPHA * xp.expm1(xp.minimum(x, constant_like(0.0, x, xp))))
 
 
 @fill
@@ -221,7 +245,7 @@ def softplus(x, *, xp=None):
         Same dtype and device as ``x``; ``x`` itself is not modified.
     """
     xp = _ns(x, xp)
-    return xp.maximum(x, 0.0) + xp.log1p(xp.exp(-xp.abs(x)))
+    return xp.maximum(x, constant_like(0.0, x, xp)) + xp.log1p(xp.exp(-xp.abs(x)))
 
 
 @fill
@@ -309,7 +333,7 @@ def _leaky_bw(dy, y, xp):
 
 
 def _elu_bw(dy, x, xp):
-    return xp.where(x > 0, dy, dy * (ELU_ALPHA * xp.exp(xp.minimum(x, 0.0))))
+    return xp.where(x > 0, dy, dy * (ELU_ALPHA * xp.exp(xp.minimum(x, constant_like(0.0, x, xp)))))
 
 
 def _gelu_bw(dy, x, xp):
@@ -759,10 +783,12 @@ def dropout_forward(x, p, *, rng, training=True, xp=None):
         u, threshold = rng.random(tuple(x.shape), x.dtype), p
     if _device(u) != _device(x):  # a generator made for another (e.g. the default) device
         u = to_device(u, _device(x))
+    # 0-d constants filled on the device (``full``): ``asarray`` of a Python number is a copy
+    # from the host, which torch makes synchronously on a GPU
     if bits is not None and not _is_numpy_array(u):  # in the bits' dtype: JAX reads a bare int as int32
-        threshold = xp.asarray(threshold, dtype=u.dtype, device=_device(u))
-    mask = xp.where(u >= threshold, xp.asarray(1.0 / (1.0 - p), dtype=x.dtype, device=x.device),
-                    xp.asarray(0.0, dtype=x.dtype, device=x.device))
+        threshold = xp.full((), threshold, dtype=u.dtype, device=_device(u))
+    mask = xp.where(u >= threshold, xp.full((), 1.0 / (1.0 - p), dtype=x.dtype, device=x.device),
+                    xp.zeros((), dtype=x.dtype, device=x.device))
     return x * mask, mask
 
 
