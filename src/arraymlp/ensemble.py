@@ -1114,7 +1114,7 @@ def fit(model, x, y, *, loss: str | Loss | None = None, optimizer: str | Optimiz
     call = None if comm is None else {
         "lr": _plain(lr), "momentum": _plain(momentum), "weight_decay": _plain(weight_decay), "betas": _plain(betas),
         "l2": _plain(l2), "epochs": epochs, "batch_size": batch_size, "shuffle": shuffle,
-        "optimizer steps": run.rule.steps.tolist()}
+        "optimizer steps": _plain(run.rule.t)}
     verbose = _data_parallel(run, comm, callbacks, verbose, call, "partial_fit" if _reuse_optimizer else "fit")
     if resume_from is not None and schedule is None:  # the checkpoint's rates replace lr=
         r = run.rule.lr
