@@ -360,3 +360,43 @@ def test_a_resumed_run_keeps_frozen_members_and_each_members_streams(backend, tm
     np.testing.assert_array_equal(h.stopped_epoch, h_whole.stopped_epoch)
     np.testing.assert_array_equal(resumed.ensemble_optimizer_.t, whole.ensemble_optimizer_.t)
     assert resumed.rng.get_state() == whole.rng.get_state()
+
+
+# ------------------------------------------------------------------- data parallelism
+def test_a_data_parallel_rank_draws_its_own_masks_for_each_member(backend):
+    """Under comm=, a rank other than the root takes the root's generator state and then a
+    key of its own for the shared stream and for every member's (derived from the root's
+    key and the rank, at the root's counters): its masks are its own, member by member,
+    and the same again from the same root state (a resumed run draws what it drew)."""
+    pytest.importorskip("mpi4py")
+    from arraymlp.distributed import DataParallel
+
+    x, _ = _data(backend, n=8)
+    root = am.MLP([5, 4, 3], dropout=0.5, ensemble=K, seed=0, dtype="float64", **backend.model_kwargs())
+    root.rng.members[1].bits((2,))  # the root's counters: not all zero
+    state = root.rng.get_state()
+
+    class Rank1:  # rank 1 of 2, in one process: allgather answers with the root's payload and this rank's
+        def Get_rank(self):
+            return 1
+
+        def Get_size(self):
+            return 2
+
+        def allgather(self, payload):
+            return [(payload[0], state), payload]
+
+    def rank1_generators():
+        model = am.MLP([5, 4, 3], dropout=0.5, ensemble=K, seed=9, dtype="float64", **backend.model_kwargs())
+        dp = DataParallel(Rank1(), abort_on_error=False)
+        dp.broadcast_parameters = lambda model: None  # (no parameters travel in one process)
+        dp.begin(model, x, [], call=None, what="fit")
+        return model.rng
+
+    gens = rank1_generators()
+    keys = [gens.key] + [m.key for m in gens.members]
+    root_keys = [root.rng.key] + [m.key for m in root.rng.members]
+    assert len(set(keys)) == K + 1 and not set(keys) & set(root_keys)
+    assert [m.counter for m in gens.members] == [m.counter for m in root.rng.members] == [0, 1, 0]
+    again = rank1_generators()
+    assert again.get_state() == gens.get_state()
