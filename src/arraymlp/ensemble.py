@@ -643,12 +643,14 @@ def partial_fit(model, x, y, *, loss: str | None = None, optimizer: str | Optimi
     Parameters are as for :func:`fit` (``x`` (n, n_features), ``y`` (n, n_outputs), (n,)
     or labels (n,), ``sample_weight`` (K, n) or (n,)); ``loss`` defaults to the last fit's,
     and ``lr`` (one or K values) is the only hyper-parameter that may change between calls.
-    ``copy``, ``to`` and ``member`` start their model's optimiser afresh. ``comm`` makes
+    ``copy`` and ``to`` carry a copy of the members' optimiser on (each member's moments
+    and step count), ``member`` starts afresh. ``comm`` makes
     the epoch data-parallel, as :func:`arraymlp.partial_fit`'s does.
 
     Three private options serve the scikit-learn estimators (``n_members=K``), whose
     epochs are one call each: ``_active`` (K bools) trains only the members marked True
-    (the others are frozen: their parameters do not change); ``_l2_per_batch`` divides
+    (the others are frozen: their parameters, optimiser moments, step counts and random
+    streams do not change); ``_l2_per_batch`` divides
     ``l2`` by each batch's size, or weight sum, as scikit-learn scales its penalty;
     ``_host_weight``, the (n,) sample weights as a float64 host array, gives those
     weight sums without a device read, and a batch whose weights are all zero is then
