@@ -6,8 +6,9 @@ dampening, Nesterov, weight decay and clipping; Adam, AMSGrad, AdamW; RMSprop ce
 and with momentum; Adagrad with its options) takes 25 steps on parameters of three
 sizes (a vector, a small matrix, and a 200 x 200 matrix that takes the work-buffer
 paths), with gradients that depend on the parameters, on NumPy (compiled kernels on
-and off) and torch, in float32 and float64; a short ``fit`` of a small network with
-each optimiser adds the training loop's path. Each run's final parameters are hashed
+and off) and torch (compiled kernels on: its CPU Adam takes them), in float32 and
+float64; a short ``fit`` of a small network with each optimiser adds the training
+loop's path. Each run's final parameters are hashed
 (SHA-256 of their bytes), and the digests are written as JSON.
 
     python benchmarks/optimizer_bits.py --out before.json      # with one version
@@ -96,13 +97,12 @@ def digests() -> dict:
     try:
         import torch  # noqa: F401
 
-        rows.append(("torch", None))
+        rows.append(("torch", True))
     except ImportError:
         pass
     for backend, jit in rows:
-        if jit is not None:
-            _jit.set_enabled(jit)
-        tag = backend if jit is None else f"{backend}-jit{'on' if jit else 'off'}"
+        _jit.set_enabled(jit)
+        tag = backend if backend == "torch" else f"{backend}-jit{'on' if jit else 'off'}"
         for dtype in ("float32", "float64"):
             for case, (cls, kwargs) in _cases().items():
                 out[f"{tag}/{dtype}/step/{case}"] = _steps(cls, kwargs, backend, dtype)

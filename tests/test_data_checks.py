@@ -175,3 +175,36 @@ def test_fit_checks_allocate_a_block_not_the_data(monkeypatch, loss):
         data_bytes = x.nbytes + y.nbytes + w64.nbytes
         assert peaks[n] < 4 * block_bytes < data_bytes / 4, (peaks, data_bytes)
     assert peaks[1 << 18] < 1.5 * peaks[1 << 16] + 65536, peaks
+
+
+@pytest.mark.parametrize("where", ["x", "y", "validation x", "validation y", "sample_weight"])
+def test_values_beyond_a_float16_models_range_are_named_as_such(backend, where):
+    """A float16 model casts float64 data to float16, where 1e5 is infinite: the error
+    says the values are out of float16's range (not "NaN or infinite", which the data
+    is not), names the argument, and the cast does not warn first."""
+    if getattr(backend.xp, "float16", None) is None:
+        pytest.skip(f"the {backend.name} namespace has no float16")
+    rng = np.random.default_rng(0)
+    data = {"x": rng.normal(size=(N, F)), "y": rng.normal(size=(N, K)), "sample_weight": rng.uniform(0.5, 2, N)}
+    data["validation x"], data["validation y"] = data["x"][:10].copy(), data["y"][:10].copy()
+    data[where][-1, ...] = 1e5
+    put = backend.asarray
+    model = am.MLP([F, 5, K], dtype="float16", seed=0, **backend.model_kwargs())
+    with pytest.raises(ValueError, match=rf"^{where} has values beyond the range of float16 \(largest finite "
+                                         r"65504\): scale them, or build the model with dtype='float32'"):
+        model.fit(put(data["x"]), put(data["y"]), sample_weight=put(data["sample_weight"]), loss="mse", epochs=1,
+                  validation_data=(put(data["validation x"]), put(data["validation y"])), progress=False)
+
+
+@pytest.mark.parametrize("labels", ["int", "bool", "float"])
+def test_binary_labels_of_the_wrong_shape_are_named_with_the_data_shapes(backend, labels):
+    """0/1 labels of shape (n,) for a model of 2 sigmoid outputs: the message gives the
+    labels' and the outputs' shapes over all n rows (not those of the one row the shape
+    is checked on), whatever the labels' dtype."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(N, F)), rng.integers(0, 2, size=N)
+    y = {"int": y, "bool": y.astype(bool), "float": y.astype(np.float64)}[labels]
+    model = am.MLP([F, 5, 2], output_activation="sigmoid", seed=0, **backend.model_kwargs())
+    with pytest.raises(ValueError, match=rf"binary_cross_entropy: targets shape \({N},\) does not match outputs "
+                                         rf"shape \({N}, 2\)"):
+        model.fit(backend.asarray(x), backend.asarray(y), epochs=1, progress=False)

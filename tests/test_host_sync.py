@@ -105,14 +105,28 @@ CASES = {
                                             lambda y, p, *, xp: xp.mean(xp.astype(y == p, xp.float64))]),
     "metrics-regression": dict(optimizer=lambda: SGD(lr=0.05), loss="mse", validation=True,
                                metrics=["mae", "r2"]),
+    # what runs once per epoch (a plateau schedule, early stopping keeping the best parameters,
+    # a callback that watches epochs only) adds no read per step
+    "schedule-early-stopping-epoch-callback": dict(
+        optimizer=lambda: Adam(lr=1e-3), loss="cross_entropy", validation=True,
+        fit=lambda: dict(schedule=am.ReduceOnPlateau(1e-3, patience=0), callbacks=[_EpochWatcher()],
+                         early_stopping=am.EarlyStopping("val_loss", patience=50))),
+    # rows in order, a last batch shorter than the others, weights: the same
+    "in-order-last-short-batch": dict(optimizer=lambda: SGD(lr=0.05, momentum=0.9), loss="mse", weights=True,
+                                      extra_rows=3, fit=lambda: dict(shuffle=False)),
 }
+
+
+class _EpochWatcher(am.Callback):
+    def on_epoch_end(self, model, logs):
+        self.last = logs["loss"]
 
 
 def _count_fit(monkeypatch, case, steps_per_epoch, *, epochs=2, batch=8, staged=False):
     """``staged``: the model on array_api_strict's second device and the data NumPy
     arrays on the host, staged to it batch by batch."""
     rng = np.random.default_rng(0)
-    x, y = _data(steps_per_epoch * batch, case["loss"], rng)
+    x, y = _data(steps_per_epoch * batch + case.get("extra_rows", 0), case["loss"], rng)
     xv, yv = _data(12, case["loss"], rng)
     w = rng.uniform(0.5, 2.0, size=x.shape[0])
     put = (lambda a: a) if staged else array_api_strict.asarray  # staged: the data stays NumPy
@@ -128,6 +142,8 @@ def _count_fit(monkeypatch, case, steps_per_epoch, *, epochs=2, batch=8, staged=
         kwargs["validation_data"] = (put(xv), put(yv))
     if "metrics" in case:
         kwargs["metrics"] = case["metrics"]
+    if "fit" in case:
+        kwargs.update(case["fit"]())
     xs, ys = put(x), put(y)
     with monkeypatch.context() as m:
         reads = HostReads(m)

@@ -783,6 +783,45 @@ def test_resume_errors(tmp_path):
     _assert_params_identical(_params_np(done), _params_np(model))
 
 
+def test_resume_takes_a_new_lr_and_refuses_an_optimizer_of_other_settings(backend, tmp_path):
+    """fit(lr=..., resume_from=...) trains on at the given rate (as partial_fit's lr=
+    does), with the saved moments and step count; the same rate as the saved one ends
+    bit-identical to the uninterrupted run. An optimiser instance whose settings differ
+    from the saved ones is refused by name instead of being silently replaced by them."""
+    x, y = _data(n=24)
+    xb, yb = backend.asarray(x), backend.asarray(y, np.int64)
+    kwargs = _fit_kwargs(optimizer="adam")
+    straight = _classifier(backend)
+    straight.fit(xb, yb, epochs=3, lr=0.01, **kwargs)
+    _classifier(backend).fit(xb, yb, epochs=2, lr=0.01, callbacks=[am.Checkpoint(tmp_path)], **kwargs)
+    same = _classifier(backend, seed=7)
+    same.fit(xb, yb, epochs=3, lr=0.01, resume_from=tmp_path, **kwargs)
+    _assert_params_identical(_params_np(same, backend), _params_np(straight, backend))
+
+    faster = _classifier(backend, seed=7)
+    h = faster.fit(xb, yb, epochs=3, lr=0.05, resume_from=tmp_path, **kwargs)
+    assert h.lr == [0.01, 0.01, 0.05] and faster.optimizer_.lr == 0.05
+    assert faster.optimizer_.step_count == straight.optimizer_.step_count  # the saved state, continued
+    # the same as restoring the checkpoint by hand and training one epoch at the new rate
+    by_hand, opt = _classifier(backend, seed=7), am.Adam()
+    amio.restore_checkpoint(tmp_path, by_hand, optimizer=opt)
+    opt.lr = 0.05
+    by_hand.fit(xb, yb, epochs=1, **_fit_kwargs(optimizer=opt))
+    _assert_params_identical(_params_np(faster, backend), _params_np(by_hand, backend))
+    assert not np.array_equal(_params_np(faster, backend)[0]["W"], _params_np(same, backend)[0]["W"])
+
+    bad = am.Adam(lr=0.02)
+    with pytest.raises(ValueError, match=r"saved with Adam\(lr=0.01.*but training was given Adam\(lr=0.02"):
+        _classifier(backend).fit(xb, yb, epochs=3, resume_from=tmp_path, **_fit_kwargs(optimizer=bad))
+    assert (bad.lr, bad.step_count, bad.state) == (0.02, 0, None)  # the refused instance is left as it was
+    with pytest.raises(ValueError, match=r"weight_decay"):
+        _classifier(backend).fit(xb, yb, epochs=3, resume_from=tmp_path,
+                                 **_fit_kwargs(optimizer=am.Adam(lr=0.01, weight_decay=0.1)))
+    ok = _classifier(backend, seed=7)  # an instance with the saved settings resumes exactly
+    ok.fit(xb, yb, epochs=3, resume_from=tmp_path, **_fit_kwargs(optimizer=am.Adam(lr=0.01)))
+    _assert_params_identical(_params_np(ok, backend), _params_np(straight, backend))
+
+
 def test_bad_checkpoint_entries(tmp_path):
     x, y = _data()
     model = _classifier()

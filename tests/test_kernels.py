@@ -390,6 +390,83 @@ def test_compiled_adam_is_the_ufunc_path_bit_for_bit(monkeypatch):
     assert NK.adam_update is kernels_for(np).adam_update or K.reference_forced()
 
 
+ADAM_SIZES = ((3,), (17, 5), P)  # the compiled pass's remainder loop, and a parameter of the cases
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_adam_of_python_numbers_takes_the_compiled_pass_bit_for_bit(backend, dtype, monkeypatch):
+    """Adam with hyper-parameters that are Python numbers, with the compiled kernels
+    loaded: every branch, at sizes from 3 elements up, gives the reference's bits (NumPy
+    takes the compiled pass at every size, torch CPU two compiled passes around its own
+    square root). A gradient that shares memory with the state takes the ufunc path,
+    with its values."""
+    from arraymlp.kernels import _jit
+
+    if dtype == np.float64:
+        backend.skip_without_float64()
+    if _jit.kernels() is None and backend.name in ("numpy", "torch"):
+        pytest.skip("Numba is not installed or the compiled kernels are off")
+    _jit.set_enabled(True)
+    calls = []
+    name = "adam_around_sqrt" if backend.name == "torch" else "adam_numbers"
+    real = getattr(_jit, name)
+    monkeypatch.setattr(_jit, name, lambda *a: calls.append(real(*a)) or calls[-1])
+    xp = backend.xp
+    variants = [v for v in UPDATE_VARIANTS if v[0] == "adam_update"]
+    for shape in ADAM_SIZES:
+        for _, make, handed in variants:
+            host = make()
+            host = [np.resize(a, shape).astype(dtype) if isinstance(a, np.ndarray) else a for a in host]
+
+            def args(host=host, handed=handed):
+                return [a if not isinstance(a, np.ndarray) else
+                        xp.asarray(backend.asarray(a), copy=True) if i in handed else backend.asarray(a)
+                        for i, a in enumerate(host)]
+
+            got = kernels_for(xp).adam_update(*args(), xp, _work)
+            ref = K.REFERENCE.adam_update(*args(), xp)
+            for gv, rv in zip(got, ref):
+                if rv is not None:
+                    np.testing.assert_array_equal(backend.to_numpy(gv), backend.to_numpy(rv), err_msg=str(host[5:]))
+    if backend.name in ("numpy", "torch") and backend.device in (None, "cpu") and not K.reference_forced():
+        assert calls and all(calls), "the compiled passes did not take every case"
+    if backend.name not in ("numpy", "torch") or backend.readonly or K.reference_forced():
+        return
+    # a gradient that is a view of the first moment: the one pass would read what it
+    # wrote, so the work-buffer path runs, as it did before the compiled passes
+    from arraymlp.kernels import _common as C
+
+    def case():
+        p, m, v = (backend.asarray(a.astype(dtype)) for a in (_r(P, 1), _r(P, 2) * 0.1, _state(3)))
+        return p, m[:], m, v
+
+    want = C.adam_update(*case(), None, 0.01, 0.9, 0.999, 1e-8, 0.0, False, 3, xp, _work)
+    calls.clear()
+    got = kernels_for(xp).adam_update(*case(), None, 0.01, 0.9, 0.999, 1e-8, 0.0, False, 3, xp, _work)
+    assert calls == [False]
+    for gv, rv in zip(got, want):
+        if rv is not None:
+            np.testing.assert_array_equal(backend.to_numpy(gv), backend.to_numpy(rv))
+
+
+def test_adam_on_torch_leaves_autograd_tensors_to_torch():
+    """A parameter autograd tracks is never written through a NumPy view: torch's own
+    path runs, and refuses the in-place update of a leaf that requires grad."""
+    torch = pytest.importorskip("torch")
+    import array_api_compat.torch as tx
+
+    from arraymlp.kernels import _jit
+
+    if _jit.kernels() is None or K.reference_forced():
+        pytest.skip("Numba is not installed, the compiled kernels are off, or the reference is forced")
+    _jit.set_enabled(True)
+    p = torch.ones(5, requires_grad=True)
+    g, m, v = torch.full((5,), 0.5), torch.zeros(5), torch.zeros(5)
+    with pytest.raises(RuntimeError):
+        kernels_for(tx).adam_update(p, g, m, v, None, 0.1, 0.9, 0.999, 1e-8, 0.0, False, 1, tx, _work)
+    assert torch.equal(p.detach(), torch.ones(5))
+
+
 def _constants(host):
     lr, b1, b2, eps, wd, decoupled, t = host[5:]
     coupled = R.is_on(wd) and not decoupled

@@ -277,6 +277,28 @@ def test_to_and_copy(backend):
     np.testing.assert_allclose(backend.to_numpy(c32(backend.asarray(xh, dtype=np.float32))), before, rtol=1e-5)
 
 
+def test_a_copy_has_its_own_layers(backend):
+    """A copy is independent down to its layers: switching its dropout off, or replacing
+    a layer's forward on it (which also keeps that layer out of fusion), leaves the
+    original's layers, and so its training, as they were."""
+    rng = np.random.default_rng(0)
+    xh, yh = rng.normal(size=(16, 3)), rng.normal(size=(16, 2))
+    x, y = backend.asarray(xh), backend.asarray(yh)
+    model = am.MLP([3, 4, 2], dropout=0.5, dtype="float64", seed=1, **backend.model_kwargs())
+    twin = model.copy()
+    other = model.copy()
+    other.layers[2].p = 0.0
+    original_forward = other.layers[0].forward
+    other.layers[0].forward = lambda params, x, **kw: original_forward(params, 2.0 * x, **kw)
+    assert model.layers[2].p == 0.5 and "forward" not in vars(model.layers[0])
+    kw = dict(loss="mse", optimizer="sgd", lr=0.1, batch_size=8, epochs=2, progress=False, seed=3)
+    model.fit(x, y, **kw)
+    twin.fit(x, y, **kw)
+    for p, q in zip(model.params, twin.params):
+        for k in p:
+            np.testing.assert_array_equal(backend.to_numpy(p[k]), backend.to_numpy(q[k]))
+
+
 def test_to_and_copy_carry_the_optimizer_state(backend):
     """After fit with Adam, `to` moves the moments with the parameters, and `copy` gets
     its own optimiser: training the copy leaves the original's state alone, and both

@@ -8,6 +8,7 @@ import pytest
 
 import arraymlp as am
 from arraymlp import Callback
+from arraymlp._backend import device_of
 
 DTYPES = ("float16", "bfloat16")
 
@@ -267,14 +268,31 @@ def test_a_resume_without_the_saved_state_differs(tmp_path, monkeypatch):
     full = am.MLP([5, 8, 2], seed=0)
     full.fit(x, y, epochs=4, precision=_amp(), callbacks=[am.Checkpoint(tmp_path, keep=None)], **kwargs)
     resumed = am.MLP([5, 8, 2], seed=0)
-    original = am.io.checkpoints.restore_checkpoint
-
-    def forgetful(*args, precision=None, **kw):
-        return original(*args, **kw)
-
-    monkeypatch.setattr(am.io.checkpoints, "restore_checkpoint", forgetful)
+    monkeypatch.setattr(am.io.checkpoints, "_restore_precision", lambda f, precision: None)
     resumed.fit(x, y, epochs=4, precision=_amp(), resume_from=tmp_path / "epoch-00002.safetensors", **kwargs)
     assert not np.array_equal(full.params[0]["W"], resumed.params[0]["W"])
+
+
+def test_a_mixed_precision_checkpoint_resumed_without_precision_is_refused(tmp_path):
+    """Resuming a float16 run's checkpoint without precision= would train on in float32
+    and drop the saved loss scale without a word; it is refused, naming the argument,
+    before the model or the optimiser is touched. A checkpoint of a float32 run may
+    start mixed precision (its loss scale from init_scale)."""
+    x, y = _overflowing_data()
+    kwargs = dict(loss="mse", optimizer="adam", lr=1e-2, batch_size=16, progress=False, seed=0)
+    am.MLP([5, 8, 2], seed=0).fit(x, y, epochs=1, precision=_amp(), callbacks=[am.Checkpoint(tmp_path / "amp")],
+                                  **kwargs)
+    model = am.MLP([5, 8, 2], seed=3, backend="numpy")
+    before = [a.copy() for p in model.params for a in p.values()]
+    with pytest.raises(ValueError, match=r"mixed precision \(float16\).*pass precision='float16'"):
+        model.fit(x, y, epochs=2, resume_from=tmp_path / "amp", **kwargs)
+    for a, b in zip(before, [a for p in model.params for a in p.values()]):
+        np.testing.assert_array_equal(a, b)
+    assert model.optimizer_.state is None and model.rng.counter == 0
+    am.MLP([5, 8, 2], seed=0).fit(x, y, epochs=1, callbacks=[am.Checkpoint(tmp_path / "plain")], **kwargs)
+    resumed = am.MLP([5, 8, 2], seed=0)
+    resumed.fit(x, y, epochs=2, precision=_amp(), resume_from=tmp_path / "plain", **kwargs)
+    assert resumed.precision_.state_dict()["init_scale"] == 2.0**20
 
 
 def test_copy_and_to_continue_the_loss_scale(backend):
@@ -300,6 +318,41 @@ def test_copy_and_to_continue_the_loss_scale(backend):
     assert (float(amp.scale), int(amp.good_steps)) == (8.0, 1)  # the original is untouched by its copies
 
 
+def test_a_skipped_first_step_after_to_keeps_the_moved_optimizer_state(backend, monkeypatch):
+    """After ``to()`` the optimiser's saved moments are placed on the new device at the
+    next step. A float16 step that overflows there is skipped: the moments it puts back
+    must be the placed ones (a copy taken before the placement is a host array, which a
+    GPU's ``where`` cannot mix with device arrays). The moved model then trains on as
+    the unmoved one does, to rounding, with the same loss-scale history."""
+    _need(backend, "float16")
+    x, y = _overflowing_data()
+    kwargs = dict(loss="mse", optimizer="adam", lr=1e-2, batch_size=16, shuffle=False)
+    model = am.MLP([5, 8, 2], seed=0)
+    model.partial_fit(x, y * 0.01, precision=am.MixedPrecision("float16", init_scale=2.0**14), **kwargs)
+    assert model.precision_.state_dict()["skipped"] == 0
+    stay, moved = model.copy(), model.copy().to(backend.name, backend.device)
+    stay.precision_ = moved.precision_ = None  # both start again at 2**20: the first step overflows
+    original, placed = am.precision._snapshot, []
+
+    def snapshot(params, state, xp):  # what a skip would put back: on the parameters' device
+        like = params[0]["W"]
+        placed.extend(type(c[k]) is type(like) and device_of(c[k]) == device_of(like)
+                      for c, k in am.precision._arrays(params, state))
+        return original(params, state, xp)
+
+    monkeypatch.setattr(am.precision, "_snapshot", snapshot)
+    runs = []
+    for m, put in ((stay, lambda a: a), (moved, backend.asarray)):
+        amp = am.MixedPrecision("float16", init_scale=2.0**20, growth_interval=1000)
+        m.partial_fit(put(x), put(y * 0.01), precision=amp, **kwargs)
+        runs.append(([backend.to_numpy(a) for p in m.params for a in p.values()], amp.state_dict()))
+    assert placed and all(placed)
+    assert runs[0][1] == runs[1][1] and runs[0][1]["skipped"] >= 1
+    for a, b in zip(runs[0][0], runs[1][0]):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+    assert all(backend.same_place(a) for st in moved.optimizer_.state for d in st.values() for a in d.values())
+
+
 def test_a_checkpoint_of_another_compute_dtype_is_refused(tmp_path):
     pytest.importorskip("torch")
     x, y = _overflowing_data()
@@ -309,3 +362,53 @@ def test_a_checkpoint_of_another_compute_dtype_is_refused(tmp_path):
     with pytest.raises(ValueError, match="dtype 'bfloat16'.*precision='bfloat16'"):
         am.MLP([5, 8, 2], seed=0, backend="torch").fit(x, y, loss="mse", epochs=2, progress=False,
                                                         precision="float16", resume_from=tmp_path)
+
+
+def _nan_after(calls_before_nan):
+    """An mse whose value is NaN at one call (counting the calls fit makes)."""
+    calls = [0]
+
+    def fn(outputs, targets, *, xp=None, sample_weight=None, check=True):
+        calls[0] += 1
+        value, g = am.LOSSES["mse"].fn(outputs, targets, xp=xp, sample_weight=sample_weight, check=check)
+        return (value * float("nan") if calls[0] == calls_before_nan else value), g
+
+    return am.losses.Loss("nan_once", fn, "identity", "same_shape")
+
+
+def test_a_divergence_replay_right_after_a_resume_keeps_the_resumed_loss_scale(backend, tmp_path, monkeypatch):
+    """A run resumed from a checkpoint holds the saved loss scale as a pending value
+    until its first step. A non-finite loss found at the first read replays the steps
+    from the snapshot taken before that first step: the replay must scale (and skip)
+    with the resumed scale, as the first pass did, not with ``init_scale``. The
+    parameters left by DivergenceError are then those of the per-step loop, which checks
+    each loss before its update and never replays."""
+    _need(backend, "float16")
+    monkeypatch.setattr(am.training, "_CHECK_EVERY", 3)
+    x, y = _overflowing_data()
+    xs, ys = backend.asarray(x), backend.asarray(y * 0.01)  # 2**20 overflows; the scale settles at 2**14
+    kwargs = dict(optimizer="adam", lr=1e-2, batch_size=16, progress=False, seed=0)
+
+    def amp():
+        return am.MixedPrecision("float16", init_scale=2.0**20, growth_interval=1000)
+
+    first = am.MLP([5, 8, 2], seed=0, **backend.model_kwargs())
+    first.fit(xs, ys, loss="mse", epochs=2, precision=amp(), callbacks=[am.Checkpoint(tmp_path)], **kwargs)
+    saved = first.precision_.state_dict()
+    assert saved["scale"] == 2.0**14 and saved["skipped"] == 6  # settled: its steps no longer overflow
+
+    class Watch(Callback):
+        def on_batch_end(self, model, logs):
+            return None
+
+    out = []
+    for watch in (False, True):
+        model = am.MLP([5, 8, 2], seed=0, **backend.model_kwargs())
+        # the up-front target check calls the loss once; the NaN comes at the third step
+        with pytest.raises(am.DivergenceError, match="step 11 "):
+            model.fit(xs, ys, loss=_nan_after(1 + 3), epochs=4, precision=amp(), resume_from=tmp_path,
+                      callbacks=[Watch()] if watch else [], **kwargs)
+        out.append([backend.to_numpy(a) for p in model.params for a in p.values()])
+        assert model.precision_.state_dict()["skipped"] == 6  # the replayed steps did not overflow
+    for a, b in zip(*out):
+        np.testing.assert_array_equal(a, b)

@@ -286,12 +286,6 @@ def test_max_iter_warning_names_the_members_still_training():
     assert est.n_iter_.tolist() == [2, 2] and len(est.member_loss_curve_) == 2
 
 
-def test_lbfgs_is_refused():
-    X, y = _iris()
-    with pytest.raises(ValueError, match="n_members=2 trains .* does not support solver='lbfgs'"):
-        MLPClassifier(n_members=2, solver="lbfgs").fit(X, y)
-
-
 def test_warm_start_with_another_member_count_is_refused():
     X, y = _iris()
     est = _fit(MLPClassifier(hidden_layer_sizes=(4,), max_iter=2, n_members=2, warm_start=True, random_state=0), X, y)

@@ -323,6 +323,30 @@ def test_cupy_copies_wait_for_the_compute_queue_and_are_waited_for(monkeypatch):
                         + use + [("compute uses", 1)])
 
 
+def test_a_batch_staged_ahead_and_dropped_is_ordered_before_its_memory_returns(monkeypatch):
+    """An epoch broken off (a callback stopping training, the next epoch's begin) drops
+    the batch staged ahead, whose copy may still be running on the side stream. On
+    CuPy its memory came from the compute stream's pool: before it goes back there the
+    compute stream waits for that copy (a device-side wait), so no kernel queued later
+    can be handed memory the copy is still writing."""
+    from arraymlp._backend import _CupyCopies
+    from arraymlp._staging import StagedEpochs
+
+    fake = _FakeCupy()
+    monkeypatch.setitem(sys.modules, "cupy", fake.module)
+    x = np.arange(12.0).reshape(6, 2)
+    staged = StagedEpochs([x], np, None, batch_size=2)
+    staged.batches.copies = _CupyCopies(np, 0)
+    staged.begin()
+    staged.batch(0)  # batch 1 is staged while batch 0 is used
+    use = ("wait", "compute", "side")
+    assert fake.log.count(use) == 1
+    staged.begin()  # a new epoch: batch 1 is dropped unused
+    waits = [i for i, e in enumerate(fake.log) if e == use]
+    copies_of_batch_1 = [i for i, e in enumerate(fake.log) if e == ("record", "side")][1]
+    assert len(waits) == 2 and waits[1] > copies_of_batch_1
+
+
 def test_cupy_copies_for_a_model_on_another_device_than_the_current_one(monkeypatch):
     """A model on device 1 while device 0 is current: the copies order after, and are
     waited for by, device 1's compute stream (CuPy's current stream is per device), and

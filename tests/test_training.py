@@ -144,6 +144,52 @@ def test_one_epoch_equals_hand_written_sgd_loop(backend):
     assert backend.same_place(model.params[0]["W"])
 
 
+def _numpy_fit(params, x, y, w, *, lr, momentum, l2, batch, epochs):
+    """fit's mini-batch loop written out in NumPy float64 for a tanh-identity MLP and a
+    weighted mse: ``L_b = sum_i w_i mean_j (o_ij - t_ij)^2 / sum_i w_i + l2/2 sum |W|^2``
+    per batch, rows in order, the last batch shorter; SGD with PyTorch's momentum
+    (``buf = g`` at the first step, then ``buf = m buf + g``; ``p -= lr buf``)."""
+    W1, b1, W2, b2 = (np.array(a, dtype=np.float64) for a in params)
+    bufs, losses = None, []
+    for _ in range(epochs):
+        total = 0.0
+        for s in range(0, len(x), batch):
+            xb, yb, wb = x[s:s + batch], y[s:s + batch], w[s:s + batch]
+            h = np.tanh(xb @ W1 + b1)
+            o = h @ W2 + b2
+            per_row = np.mean((o - yb) ** 2, axis=1)
+            value = np.sum(wb * per_row) / np.sum(wb) + l2 / 2 * (np.sum(W1**2) + np.sum(W2**2))
+            total += value * len(xb)
+            do = 2 * (o - yb) / yb.shape[1] * (wb / np.sum(wb))[:, None]
+            gW2, gb2 = h.T @ do + l2 * W2, do.sum(0)
+            dz = (do @ W2.T) * (1 - h**2)
+            gW1, gb1 = xb.T @ dz + l2 * W1, dz.sum(0)
+            grads = [gW1, gb1, gW2, gb2]
+            bufs = grads if bufs is None or momentum == 0 else [momentum * b + g for b, g in zip(bufs, grads)]
+            W1, b1, W2, b2 = (p - lr * b for p, b in zip((W1, b1, W2, b2), bufs))
+        losses.append(total / len(x))
+    return [W1, b1, W2, b2], losses
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])  # 0: the update fused into backpropagation
+def test_weighted_l2_momentum_short_last_batch_against_numpy(backend, momentum):
+    """Sample weights, L2, momentum and a last batch of 2 rows out of 10, two epochs in
+    order: the parameters and the epoch losses of an independent NumPy float64 loop."""
+    backend.skip_without_float64()
+    r = np.random.default_rng(4)
+    x_np, y_np, w_np = r.normal(size=(10, 3)), r.normal(size=(10, 2)), r.uniform(0.1, 2.0, size=10)
+    model = am.MLP([3, 5, 2], activation="tanh", dtype="float64", seed=2, **backend.model_kwargs())
+    start = [np.array(backend.to_numpy(model.params[i][k])) for i, k in ((0, "W"), (0, "b"), (2, "W"), (2, "b"))]
+    h = model.fit(backend.asarray(x_np), backend.asarray(y_np), sample_weight=backend.asarray(w_np), loss="mse",
+                  optimizer=SGD(lr=0.1, momentum=momentum), l2=0.01, epochs=2, batch_size=4, shuffle=False,
+                  progress=False)
+    want, losses = _numpy_fit(start, x_np, y_np, w_np, lr=0.1, momentum=momentum, l2=0.01, batch=4, epochs=2)
+    got = [backend.to_numpy(model.params[i][k]) for i, k in ((0, "W"), (0, "b"), (2, "W"), (2, "b"))]
+    for g, e in zip(got, want):
+        np.testing.assert_allclose(g, e, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(h.loss, losses, rtol=1e-12)
+
+
 # --------------------------------------------------------------------------- shuffling
 def _batch_orders(backend, epochs=3, n=16, seed=7):
     """Which sample each batch of size 1 held, epoch by epoch, read back from the
@@ -646,6 +692,29 @@ def test_divergence_reports_finite_parameters(backend):
     assert "those of the last finite step" in str(info.value)
 
 
+@pytest.mark.parametrize("watch", [False, True])
+def test_divergence_keeps_the_last_finite_step_despite_early_stopping(backend, watch):
+    """EarlyStopping (restore_best_weights) puts the best epoch's parameters back when
+    training ends; a run that ends with DivergenceError keeps those of its last finite
+    step instead, as the error says. Read per step (a batch watcher) or at the epoch's
+    end (a replay), the same parameters."""
+    x_np, y_np = regression_data(n=40)
+    x, y = backend.asarray(x_np), backend.asarray(y_np)
+    watcher = _Watcher()
+    model = am.MLP([3, 8, 2], dtype="float64", seed=1, **backend.model_kwargs())
+    stopper = EarlyStopping("loss", patience=10)
+    with pytest.raises(DivergenceError, match="those of the last finite step") as info:
+        # call 1 checks the targets; the NaN comes at step 13, in the third epoch (5 steps each)
+        model.fit(x, y, loss=_nan_at_call(14), optimizer=Adam(lr=1e-2), epochs=5, batch_size=8, progress=False,
+                  early_stopping=stopper, callbacks=[watcher] if watch else [], seed=3)
+    assert info.value.step == 12 and stopper.best_epoch == 1
+    reference = am.MLP([3, 8, 2], dtype="float64", seed=1, **backend.model_kwargs())
+    with pytest.raises(DivergenceError):
+        reference.fit(x, y, loss=_nan_at_call(14), optimizer=Adam(lr=1e-2), epochs=5, batch_size=8,
+                      progress=False, callbacks=[_Watcher()], seed=3)  # no early stopping at all
+    assert_params_equal(host_params(model), host_params(reference))
+
+
 def _nan_at_call(k):
     """A custom mse whose ``k``-th call (counting from 1) returns a NaN loss: the
     parameters stay finite, the step is known."""
@@ -752,6 +821,26 @@ def test_partial_fit_keeps_optimizer_state(backend):
     c.fit(x, y, loss="mse", optimizer="adam", epochs=1, batch_size=8, shuffle=False, progress=False)
     c.fit(x, y, loss="mse", optimizer="adam", epochs=1, batch_size=8, shuffle=False, progress=False)
     assert params_differ(host_params(a), host_params(c))
+
+
+def test_partial_fit_naming_the_same_optimizer_keeps_its_state(backend):
+    """A loop that names its optimiser on every call (``partial_fit(..., optimizer="adam")``)
+    continues the same Adam, moments and step count included, as one that names it
+    only once does; naming another kind starts that one afresh."""
+    x_np, y_np = regression_data(n=20)
+    x, y = backend.asarray(x_np), backend.asarray(y_np)
+    a = am.MLP([3, 6, 2], dtype="float64", seed=5, **backend.model_kwargs())
+    b = a.copy()
+    for i in range(3):
+        a.partial_fit(x, y, loss="mse", optimizer="adam", batch_size=8, shuffle=False)
+        b.partial_fit(x, y, loss="mse", optimizer="adam" if i == 0 else None, batch_size=8, shuffle=False)
+    assert a.optimizer_.step_count == b.optimizer_.step_count == 9
+    assert_params_equal(host_params(a), host_params(b))
+    first = a.optimizer_
+    a.partial_fit(x, y, optimizer="Adam", lr=1e-2, batch_size=8, shuffle=False)  # any case, a new rate
+    assert a.optimizer_ is first and first.step_count == 12 and first.lr == 1e-2
+    a.partial_fit(x, y, optimizer="sgd", batch_size=8, shuffle=False)
+    assert isinstance(a.optimizer_, SGD) and a.optimizer_.step_count == 3
 
 
 def test_partial_fit_infers_its_first_loss_or_asks_for_one(backend):
@@ -1036,6 +1125,34 @@ def test_bad_validation_settings_fail_before_training(backend):
     with pytest.raises(TypeError, match="early_stopping must be an EarlyStopping, an int patience or None"):
         model.fit(x, y, early_stopping=True, progress=False)
     assert_params_equal(host_params(model), before)
+
+
+def test_bad_l2_and_validation_arguments_are_refused_by_name(backend):
+    """A negative L2 coefficient would reward large weights (the loss goes below zero)
+    without a word; NaN would stop training as a "divergence". Both are refused up front,
+    as are a validation split that is not a number, validation data that is not a pair
+    (a weighted triple would otherwise fail in an unpacking) and both at once (the split
+    would be ignored); partial_fit too."""
+    x_np, y_np = regression_data(n=20)
+    x, y = backend.asarray(x_np), backend.asarray(y_np)
+    model = am.MLP([3, 4, 2], seed=0, **backend.model_kwargs())
+    before = host_params(model)
+    for bad in (-1e-3, float("nan"), float("inf"), "0.1", None, True):
+        with pytest.raises((ValueError, TypeError), match=r"l2 must be a finite non-negative number, got "):
+            model.fit(x, y, l2=bad, progress=False)
+        with pytest.raises((ValueError, TypeError), match=r"l2 must be a finite non-negative number, got "):
+            model.partial_fit(x, y, loss="mse", l2=bad)
+    for bad in (None, "0.2", True):
+        with pytest.raises(TypeError, match=r"validation_split must be a number in \[0, 1\), got "):
+            model.fit(x, y, validation_split=bad, progress=False)
+    with pytest.raises(ValueError, match=r"validation_data and validation_split=0.2 were both given; pass one"):
+        model.fit(x, y, validation_data=(x[:5, ...], y[:5, ...]), validation_split=0.2, progress=False)
+    w = backend.asarray(np.ones(5))
+    for bad in ((x[:5, ...], y[:5, ...], w), [x[:5, ...]], x[:5, ...]):
+        with pytest.raises((ValueError, TypeError), match=r"validation_data must be a pair \(x_val, y_val\)"):
+            model.fit(x, y, validation_data=bad, progress=False)
+    assert_params_equal(host_params(model), before)
+    assert getattr(model, "optimizer_", None) is None  # refused before anything was set up
 
 
 def test_stop_at_epoch_begin_runs_no_batch_of_that_epoch(backend):

@@ -127,13 +127,21 @@ class DeviceBatches:
         if not starts:
             return
         ahead = self._stage(0, 0, min(self.batch_size, self.n), order)
-        for i in range(len(starts)):
-            arrays, event = ahead
-            if i + 1 < len(starts):
-                nlo = starts[i + 1]
-                ahead = self._stage((i + 1) % 2, nlo, min(nlo + self.batch_size, self.n), order)
-            self.copies.use(event)
-            yield tuple(arrays)
+        pending = None  # a batch staged and not yet used
+        try:
+            for i in range(len(starts)):
+                arrays, event = ahead
+                pending = None
+                if i + 1 < len(starts):
+                    nlo = starts[i + 1]
+                    ahead = pending = self._stage((i + 1) % 2, nlo, min(nlo + self.batch_size, self.n), order)
+                self.copies.use(event)
+                yield tuple(arrays)
+        finally:
+            # an epoch broken off drops the batch staged ahead: the compute stream waits for
+            # its copy (a device-side wait) before its memory can go back to that stream's pool
+            if pending is not None:
+                self.copies.use(pending[1])
 
 
 class StagedEpochs:

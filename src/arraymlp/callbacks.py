@@ -243,7 +243,8 @@ class EarlyStopping(Callback):
     min_delta : float
         How much better than the best so far a value must be to count as an improvement.
     restore_best_weights : bool
-        Put back the parameters of the best epoch when training ends.
+        Put back the parameters of the best epoch when training ends (not when it ends
+        with a :class:`DivergenceError`, which leaves those of the last finite step).
     mode : {"auto", "min", "max"}
         Whether lower or higher values are better; ``"auto"`` infers it from the name
         (:func:`monitor_mode`: min for losses and errors, max for accuracies, R^2 and
@@ -347,6 +348,8 @@ class EarlyStopping(Callback):
         return self.wait > self.patience
 
     def on_train_end(self, model, history):
+        if getattr(history, "_diverged", False):  # fit's DivergenceError keeps the last finite step's
+            return
         if self.restore_best_weights and self.best_params is not None:
             model.params = self.best_params
             history.best_epoch = self.best_epoch

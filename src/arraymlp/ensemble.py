@@ -42,6 +42,7 @@ stopping keeps its parameters, moments and step count (each member has its own,
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 import time
@@ -74,7 +75,7 @@ from .kernels import kernels_for
 from .kernels.reference import _idiv, _imul, _isub, constant_like
 from .losses import LOSSES, Loss, get_loss
 from .metrics import Metric, _MembersPair, _Pair, accuracy, get_metrics, read_results
-from .optim import SGD, Adagrad, Adam, Optimizer, RMSprop, get_optimizer
+from .optim import LBFGS, SGD, Adagrad, Adam, Optimizer, RMSprop, get_optimizer
 from .precision import _keep_if_not, master_grads, resolve_precision
 from .precision import _snapshot as _amp_snapshot
 
@@ -999,9 +1000,11 @@ def fit(model, x, y, *, loss: str | Loss | None = None, optimizer: str | Optimiz
     loss, optimizer, epochs, batch_size, validation_data, validation_split, seed
         As for :func:`arraymlp.fit` (an omitted ``loss`` is inferred as it infers it:
         cross-entropy for a softmax output, and so on). ``optimizer`` gives the update
-        rule and the hyper-parameters the members share. ``seed`` gives the shared
-        generator ``Generator(seed)`` and member ``i`` the generator
-        ``Generator(member_seeds(seed, K)[i])`` (its dropout masks and, with
+        rule and the hyper-parameters the members share; ``"lbfgs"`` (or an
+        :class:`arraymlp.optim.LBFGS`) trains the members as K full-batch L-BFGS runs side
+        by side instead (:func:`_fit_lbfgs`: ``epochs`` caps each member's iterations).
+        ``seed`` gives the shared generator ``Generator(seed)`` and member ``i`` the
+        generator ``Generator(member_seeds(seed, K)[i])`` (its dropout masks and, with
         ``shuffle="members"``, its batch order): what a plain model fitted with
         ``seed=member_seeds(seed, K)[i]`` draws. Without it each member goes on with its
         own generator, as a plain model of its seed does.
@@ -1957,3 +1960,164 @@ def cross_val_scores(model, x, y, *, cv: Any = 5, cv_seed: int | None = 0, **fit
         oi = xp.take(out[i:i + 1, ...], idx, axis=1)
         scores[i] = member_metric(model, oi, xp.take(yc, idx, axis=0), lossfn, xp, logits=fused)[0]
     return scores
+
+
+# ------------------------------------------------------------------------- L-BFGS
+def _is_lbfgs(model, optimizer, reuse: bool) -> bool:
+    """Whether the fit is L-BFGS's: asked for, or (``partial_fit``) the last fit's."""
+    if optimizer is None:
+        return reuse and isinstance(getattr(model, "optimizer_", None), LBFGS)
+    return optimizer == "lbfgs" or isinstance(optimizer, LBFGS)
+
+
+def _lbfgs_objective(model, x, y, lossfn, w, l2, xp, *, on_outputs=None):
+    """The members' full-batch objectives for :meth:`arraymlp.optim.LBFGS.iterate_members`:
+    ``fun(params) -> (losses (K,), grads)``, one batched forward and backward pass over
+    all of ``(x, y)`` at the parameters the model holds (``params`` is
+    ``model.params``). Member ``k``'s loss is its weighted mean loss (row ``k`` of ``w``,
+    (K, n), or None) plus ``l2[k]/2 * sum(W**2)``, its gradient the slice ``k`` of the
+    stacked gradients. ``on_outputs(out)`` sees the outputs (K, n, m) before the loss.
+    A row that is the table's under another object (the estimators' cross-entropy) is
+    taken as the table's, whose members' losses are one batched pass with no host read."""
+    table = LOSSES.get(lossfn.name)
+    if table is not None and table.fn is lossfn.fn and table.fused_activation == lossfn.fused_activation:
+        lossfn = table
+    upto = len(model.layers) - 1 if model._fused(lossfn) else None
+
+    def fun(params):
+        out, caches = model.forward(x, training=True, xp=xp, upto=upto)
+        if on_outputs is not None:
+            on_outputs(out)
+        values, dout = _losses(model, lossfn, out, y, w, xp)
+        del out
+        grads = model._backprop(caches, dout, xp=xp, inplace=True)
+        if _has_l2(l2):
+            values = values + _penalty(model, l2, xp)
+            for layer, p, g in zip(model.layers, model.params, grads):
+                if isinstance(layer, L.Dense):
+                    g["W"] = g["W"] + l2 * p["W"]
+        return values, grads
+
+    return fun
+
+
+def _fit_lbfgs(model, x, y, *, loss=None, optimizer="lbfgs", lr=None, l2=0.0, epochs=10, sample_weight=None,
+               metrics=None, callbacks=(), validation_split=0.0, batch_size=32, shuffle=True, seed=None,
+               progress=True, verbose=False, _reuse_optimizer=False, _l2_per_batch=False, _host_weight=None,
+               **refused) -> EnsembleHistory:
+    """:func:`fit` with ``optimizer="lbfgs"``: K independent full-batch L-BFGS runs side by
+    side (:meth:`arraymlp.optim.LBFGS.iterate_members`), member ``i`` exactly the run of
+    the plain model's L-BFGS fit from member ``i``'s parameters, with its own line search,
+    history, counts and stopping rule; every round evaluates all members at their own
+    trial points in one batched pass.
+
+    Row ``j`` of the history (``loss``, ``metrics[name]``, shape (K,)) holds each member's
+    values after its own iteration ``j + 1`` (NaN once it has stopped); ``epochs`` caps
+    each member's iterations. ``model.optimizer_`` holds each member's ``n_iter``,
+    ``n_fun``, ``loss``, ``status`` and ``message``. Validation data, early stopping,
+    callbacks, schedules, checkpoints, mixed precision and data parallelism are refused:
+    the members reach their iterations at different rounds. ``batch_size``, ``shuffle``
+    and ``seed`` do not apply (each evaluation is over all the data).
+    """
+    given = sorted(name.lstrip("_") for name, v in refused.items() if v is not None)
+    given += ["callbacks"] * bool(list(callbacks)) + ["validation_split"] * bool(validation_split)
+    if given:
+        msg = (f"optimizer='lbfgs' trains the members as K full-batch runs that reach their iterations at "
+               f"different times; it does not take {', '.join(given)}. Fit without them, or train the members "
+               "one by one (model.member(i)) with the plain L-BFGS fit")
+        raise ValueError(msg)
+    _check_run(epochs, 1, 0.0)
+    rates = [float(layer.p) for layer in model.layers if isinstance(layer, L.Dropout)]
+    if any(rates):
+        msg = (f"optimizer='lbfgs' needs a deterministic objective, but the model has dropout (p={max(rates)}), "
+               "which draws a new mask at each evaluation; remove the dropout or use a mini-batch optimiser")
+        raise ValueError(msg)
+    if lr is not None and not isinstance(lr, numbers.Real):
+        msg = f"lr (the scale of L-BFGS' first trial step) must be one number for every member, got {lr!r}"
+        raise TypeError(msg)
+    opt = get_optimizer(optimizer, **({} if lr is None else {"lr": lr}))
+    lossfn = get_loss(model._own_loss(loss, y, last_fit=False))
+    run = _prepare(model, x, y, lossfn, sample_weight, None, 0.0)
+    k, xp = model.ensemble, run.xp
+    l2 = _per_member("l2", l2, k, xp, run.like)
+    model.task_ = lossfn.task
+    model.loss_ = lossfn.name if LOSSES.get(lossfn.name) is lossfn else lossfn
+    model.optimizer_, model.ensemble_optimizer_, model.schedule_ = opt, None, None
+    history = _start_history(run, metrics)
+    kind = _pair_kind(model, lossfn, model._fused(lossfn))
+    latest: dict[str, Any] = {}
+
+    def keep(out):  # the evaluation's metric sums, on the device, before the loss reuses out
+        latest["accs"] = _metric_sums(run, y=run.y, out=out, kind=kind)
+
+    fun = _lbfgs_objective(model, run.x, run.y, lossfn, run.w, l2, xp, on_outputs=keep if run.metrics else None)
+    t0 = time.perf_counter()
+    with quiet_overflow(xp):
+        try:
+            for done in opt.iterate_members(fun, model.params, limit=epochs):
+                _record_lbfgs(run, done, latest, kind, time.perf_counter() - t0)
+        except FloatingPointError as exc:
+            msg = f"{exc}. Scale the inputs, or check the initial parameters."
+            finite = all(bool(xp.all(xp.isfinite(a))) for p in model.params for a in p.values())
+            raise DivergenceError(msg, epoch=0, step=0, params_finite=finite) from exc
+    stopped = [s != "interrupted" for s in opt.status]
+    history.stopped_epoch = numpy.where(stopped, numpy.maximum(opt.n_iter - 1, 0), -1)
+    model.steps_ = getattr(model, "steps_", 0) + len(history.loss)
+    return history
+
+
+def _metric_sums(run, *, y, out, kind) -> list:
+    accs = [m.start_members(run.xp, run.model.dtype, run.model.device, run.model.ensemble) for m in run.metrics]
+    pair = _MembersPair(y, out, run.lossfn.task, run.xp, **kind)
+    for acc in accs:
+        acc.update(pair)
+    return accs
+
+
+def _record_lbfgs(run, done, latest, kind, elapsed: float) -> None:
+    """The members' iterations finished in a round, into the history's rows: row ``j``
+    holds each member's values after its iteration ``j + 1`` (NaN where it has none).
+    The metrics come from the round's evaluation, or, for a member whose line search
+    settled on an earlier trial, from one more forward pass at the members' points."""
+    history, k = run.history, run.model.ensemble
+    for i, it in done:
+        j = it.n_iter - 1
+        while len(history.loss) <= j:
+            history.loss.append(numpy.full(k, numpy.nan))
+            history.lr.append(run.model.optimizer_.lr)
+            history.time.append(elapsed)
+            for series in history.metrics.values():
+                series.append(numpy.full(k, numpy.nan))
+        history.loss[j][i] = it.loss
+        history.time[j] = elapsed
+    if not run.metrics:
+        return
+    values = {}
+    if any(it.evaluation == it.n_fun for _, it in done):
+        values["latest"] = read_results(latest["accs"], run.xp)
+    if any(it.evaluation != it.n_fun for _, it in done):  # the parameters hold the members' points now
+        upto = len(run.model.layers) - 1 if run.model._fused(run.lossfn) else None
+        out = run.model.forward(run.x, training=False, xp=run.xp, upto=upto, keep=False)[0]
+        values["points"] = read_results(_metric_sums(run, y=run.y, out=out, kind=kind), run.xp)
+    for i, it in done:
+        got = values["latest" if it.evaluation == it.n_fun else "points"]
+        for m, v in zip(run.metrics, got):
+            history.metrics[m.name][it.n_iter - 1][i] = float(numpy.asarray(v).reshape(-1)[i])
+
+
+def _with_lbfgs(fit_members):
+    """:func:`fit` with its L-BFGS branch: ``optimizer="lbfgs"`` (or an LBFGS, or, in
+    ``partial_fit``, the last fit's) goes to :func:`_fit_lbfgs`, any other to the
+    mini-batch loop."""
+
+    @functools.wraps(fit_members)
+    def fit(model, x, y, **options):
+        if _is_lbfgs(model, options.get("optimizer", "adam"), options.get("_reuse_optimizer", False)):
+            options["optimizer"] = options.get("optimizer") or model.optimizer_
+            return _fit_lbfgs(model, x, y, **options)
+        return fit_members(model, x, y, **options)
+
+    return fit
+
+
+fit = _with_lbfgs(fit)  # partial_fit, training.fit and model.fit all reach it through this name

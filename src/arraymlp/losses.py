@@ -746,6 +746,11 @@ def check_targets(loss, n_outputs, targets, *, dtype, device=None, xp=None, samp
     if loss.targets == "same_shape":
         if loss.fn is binary_cross_entropy and not xp.isdtype(targets.dtype, "real floating"):
             # integer or boolean 0/1 labels: the shape on one row, the values block by block
+            # (a wrong shape is named with the whole data's shapes, not that one row's)
+            shape = _shape(targets)
+            if shape != (n, n_outputs) and not (n_outputs == 1 and shape == (n,)):
+                msg = f"{name}: targets shape {shape} does not match outputs shape {(n, n_outputs)}"
+                raise ValueError(msg)
             _same_shape_targets(name, outputs[:1, ...], targets[:1, ...], xp, check=False, binary=True)
             _check_binary_labels(name, targets, xp)
         else:

@@ -31,6 +31,7 @@ from ._backend import (
     host_namespace,
     is_sparse,
     is_writeable,
+    quiet_overflow,
     resolve_backend,
     resolve_dtype,
     sparse_device,
@@ -100,6 +101,27 @@ class _TrainingMethod(Generic[_P, _R]):
     def __get__(self, obj, objtype=None):
         method = self.method or self._build()
         return method if obj is None else types.MethodType(method, obj)
+
+
+def _cast_checked(a, dtype, xp, what: str, *, check_finite: bool = True):
+    """``a`` (dense, floating) cast to ``dtype``, its values checked finite there (one
+    read): a value the cast took past ``dtype``'s range is named as such, not as a NaN
+    or an infinity the caller's data does not hold."""
+    b = a
+    if a.dtype != dtype:
+        with quiet_overflow(xp):  # an overflow is reported below, by name
+            b = xp.astype(a, dtype)
+    if not check_finite or kernels_for(xp).all_finite(b, xp):
+        return b
+    if b is not a and kernels_for(xp).all_finite(a, xp):
+        name = dtype_name(dtype)
+        wider = {"float16": "float32", "float32": "float64"}.get(name)
+        hint = f", or build the model with dtype={wider!r}" if wider else ""
+        msg = (f"{what} has values beyond the range of {name} (largest finite {float(xp.finfo(dtype).max):g}): "
+               f"scale them{hint}")
+        raise ValueError(msg)
+    msg = f"{what} contains NaN or infinite values"
+    raise ValueError(msg)
 
 
 def _replace_optimizer_state(source, target) -> None:
@@ -364,13 +386,15 @@ class Sequential:
     def copy(self, *, dtype: str | None = None, backend: Any = None, device: Any = None) -> "Sequential":
         """An independent copy, optionally in another dtype or on another backend.
 
-        The copy has its own optimiser (``optimizer_``, with a copy of the state) and
-        schedule: training one does not move the other.
+        The copy has its own layers (a shallow copy of each: setting an attribute of
+        one, such as a dropout rate, leaves the other's alone), optimiser
+        (``optimizer_``, with a copy of the state), schedule and loss scale: training
+        one does not move the other.
         """
         new = object.__new__(type(self))
         new.__dict__.update(self.__dict__)
         new.__dict__.pop("ensemble_optimizer_", None)  # (a copy of an ensemble's members' optimiser: below)
-        new.layers = list(self.layers)
+        new.layers = [copy.copy(layer) for layer in self.layers]  # its own: a change to one leaves the other's
         new._dtype_name = dtype_name(dtype) if dtype is not None else self._dtype_name
         if self.params is None:
             new.params = None
@@ -455,15 +479,11 @@ class Sequential:
             raise TypeError(msg)
         if sparse:  # compressed rows, batches are row slices; only the stored values are read
             x = as_csr(x, dtype)
-            values = sparse_values(x)
-        else:
-            if x.dtype != dtype:
-                x = xp.astype(x, dtype)
-            values = x
-        if check_finite and not kernels_for(xp).all_finite(values, xp):
-            msg = f"{what} contains NaN or infinite values"
-            raise ValueError(msg)
-        return x, xp
+            if check_finite and not kernels_for(xp).all_finite(sparse_values(x), xp):
+                msg = f"{what} contains NaN or infinite values"
+                raise ValueError(msg)
+            return x, xp
+        return _cast_checked(x, dtype, xp, what, check_finite=check_finite), xp
 
     def _check_target(self, y: Any, xp, what: str = "y", host: bool = False):
         """Validate targets (or weights) of ``xp``; ``host`` as for :meth:`_check_x`."""
@@ -474,12 +494,8 @@ class Sequential:
             check_same_device(self.device, device_of(y), what)
             dtype = self.dtype
         if xp.isdtype(y.dtype, "real floating"):
-            if y.dtype != dtype:
-                y = xp.astype(y, dtype)
             # once, here: the training step's loss does not read the values again
-            if not kernels_for(xp).all_finite(y, xp):
-                msg = f"{what} contains NaN or infinite values"
-                raise ValueError(msg)
+            y = _cast_checked(y, dtype, xp, what)
         return y
 
     # ------------------------------------------------------------------ passes

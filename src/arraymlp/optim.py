@@ -41,6 +41,7 @@ import operator
 from typing import Any
 
 import array_api_compat
+import numpy
 
 from ._backend import device_of, get_namespace, is_float16, is_writeable, to_backend, to_numpy
 from .kernels import kernels_for
@@ -331,7 +332,7 @@ class Optimizer:
         if not arrays:
             return params
         garrays = [a for layer in grads for a in layer.values()]
-        types = {type(a) for a in arrays} | {type(a) for a in garrays}
+        types = set(map(type, arrays)).union(map(type, garrays))
         if len(types) == 1:  # one array type, one namespace
             kind = types.pop()
             xp = _NAMESPACE_OF_TYPE.get(kind)
@@ -345,6 +346,15 @@ class Optimizer:
         else:
             self._check_state(params, xp)
         self.step_count += 1
+        update, wd_all, decay_bias = self._update, self.weight_decay, self.decay_bias
+        if len(set(map(id, arrays))) == len(arrays):  # no array in two slots: each updated once
+            for layer, glayer, slayer in zip(params, grads, self.state):
+                for key, p in layer.items():
+                    new = update(p, glayer[key], slayer[key], lr=lr, wd=wd_all if (key == "W" or decay_bias) else 0.0,
+                                 xp=xp)
+                    if new is not p:  # not updated in place: written back
+                        layer[key] = new
+            return params
         # One array held by several slots (tied weights) takes each slot's update in turn,
         # as an in-place update does; where the update makes a new array (JAX), the next
         # slot starts from it and every slot ends holding the last one, so ties hold.
@@ -477,8 +487,9 @@ class Optimizer:
             return  # no state arrays (plain SGD): no shapes to compare
         for slayer, layer in zip(state, params):
             for key, p in layer.items():
+                shape = p.shape
                 for a in slayer[key].values():
-                    if tuple(a.shape) != tuple(p.shape):
+                    if a.shape != shape and tuple(a.shape) != tuple(shape):
                         msg = (
                             f"the optimizer's state for {key!r} has shape {tuple(a.shape)} but the "
                             f"parameter has shape {tuple(p.shape)}; "
@@ -1278,6 +1289,233 @@ class LBFGS(Optimizer):
             pass
         return params
 
+    # -- K independent runs side by side ----------------------------------------------
+    def minimize_members(self, fun, params, *, limit: int | None = None):
+        """K independent L-BFGS runs over stacked parameters (updated in place), each
+        member's until its own stopping rule holds; return ``params``.
+
+        Parameters
+        ----------
+        fun : callable
+            ``fun(params) -> (losses, grads)``: the members' losses, shape (K,), and the
+            gradients of their sum, mirroring ``params``.
+        params : list of dict of arrays
+            Every array of shape (K, ...): member ``k``'s parameters are the slices ``[k]``.
+        limit : int, optional
+            Iterations per member (status ``"interrupted"`` when it is reached).
+
+        Returns
+        -------
+        list of dict of arrays
+            ``params``, each member at its last accepted point. See :meth:`iterate_members`.
+        """
+        for _ in self.iterate_members(fun, params, limit=limit):
+            pass
+        return params
+
+    def iterate_members(self, fun, params, *, limit: int | None = None):
+        """K independent L-BFGS runs side by side, one per member of stacked parameters.
+
+        Every array of ``params`` has a leading member axis of length K (an ensemble's
+        parameters), and ``fun(params) -> (losses, grads)`` gives the K members' losses,
+        shape (K,), and the gradients of their sum (so each member's own gradient in its
+        slice), in one batched pass. Member ``i`` runs exactly the algorithm of
+        :meth:`iterate` on its own slice, with its own line search, history, counters
+        (``max_iter``, ``max_fun``) and stopping rules; each round evaluates all K members
+        at their own trial points in one call of ``fun``, and a stopped member keeps its
+        parameters. The runs end when every member has stopped.
+
+        Each round reads at most four times to the host (the K losses with their slopes;
+        for the members that finished a line search, their ``y.y`` and largest gradient
+        entries; for the members starting one, their directions' slopes, largest entries
+        and norms, and once more when a direction is no descent direction). The two-loop
+        recursion runs over all K members' stacked histories at once, each history kept
+        as an array (history_size, K, ...) per parameter with its newest pair last.
+
+        Parameters
+        ----------
+        fun : callable
+            ``fun(params) -> (losses, grads)``: ``losses`` of shape (K,).
+        params : list of dict of arrays
+            Every array of shape (K, ...); left at each member's last accepted point.
+        limit : int, optional
+            Iterations per member, after which it stops with status ``"interrupted"`` (a
+            fit's ``epochs``).
+
+        Yields
+        ------
+        list of (int, LBFGSIteration)
+            The members that finished an iteration in the round, with what it reached
+            (the parameter dicts hold those members' new points when it is yielded).
+
+        Notes
+        -----
+        Afterwards (and at each yield) ``n_iter``, ``n_fun`` (int arrays (K,)), ``loss``
+        (float array (K,)), ``status`` and ``message`` (lists of K strings) hold each
+        member's, as :meth:`iterate` sets them for one run.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from arraymlp.optim import LBFGS
+        >>> A = np.array([[3.0, 1.0], [1.0, 2.0]]); b = np.array([[1.0, -1.0], [2.0, 0.5]])
+        >>> def fun(params):  # member k: w.A.w / 2 - b_k.w
+        ...     w = params[0]["w"]                            # (2, 2): one row per member
+        ...     return np.sum(w @ A * w, axis=1) / 2 - np.sum(b * w, axis=1), [{"w": w @ A - b}]
+        >>> params = [{"w": np.zeros((2, 2))}]
+        >>> opt = LBFGS(tol=1e-10)
+        >>> _ = opt.minimize_members(fun, params)
+        >>> np.allclose(params[0]["w"], np.linalg.solve(A, b.T).T), opt.n_iter.tolist(), opt.status
+        (True, [4, 6], ['gtol', 'ftol'])
+        """
+        _check_structure(params, params)
+        arrays = _flat(params)
+        if not arrays:
+            msg = "LBFGS needs at least one parameter array, got none"
+            raise ValueError(msg)
+        xp = get_namespace(*arrays)
+        if is_float16(arrays[0].dtype, xp):
+            msg = ("LBFGS needs float32 or float64 parameters, got float16: its dot products and curvature "
+                   "pairs lose all precision there; train in float32")
+            raise ValueError(msg)
+        k = int(arrays[0].shape[0]) if arrays[0].ndim else 0
+        if k < 1 or any(a.ndim < 1 or int(a.shape[0]) != k for a in arrays):
+            msg = ("iterate_members needs parameters with a leading member axis of one length K >= 1, got shapes "
+                   f"{[tuple(a.shape) for a in arrays]}")
+            raise ValueError(msg)
+        if limit is not None:
+            limit = _count("limit", limit)
+        st = _Members(self, arrays, xp, k)
+        runs = [_MemberRun() for _ in range(k)]
+        self.n_iter, self.n_fun = numpy.zeros(k, dtype=numpy.int64), numpy.zeros(k, dtype=numpy.int64)
+        self.status, self.message = ["interrupted"] * k, ["stopped by the caller"] * k
+        self.loss = numpy.full(k, numpy.nan)
+        eps = float(xp.finfo(arrays[0].dtype).eps)
+        f, gmax, st.G = st.evaluate(fun, params, None)
+        bad = [i for i in range(k) if not math.isfinite(f[i])]
+        if bad:
+            msg = (f"the objective is not finite at the starting point of members {bad} ({[f[i] for i in bad]}); "
+                   "L-BFGS needs a finite start")
+            raise FloatingPointError(msg)
+        pending: dict[int, tuple] = {}
+        coroutines = []
+        for i, run in enumerate(runs):
+            run.n_fun, run.loss = 1, f[i]
+            coroutines.append(self._member_steps(run, i, st, gmax[i], eps, limit))
+            self._advance(coroutines, pending, i, None)
+        try:
+            while True:
+                done = self._settle(st, coroutines, pending, runs)
+                self._publish(runs)
+                if done:
+                    st.write(params, None)
+                    yield done
+                if not pending:
+                    return
+                f, slopes, grads = st.evaluate(fun, params, {i: cmd[1] for i, cmd in pending.items()})
+                for i in list(pending):
+                    runs[i].n_fun += 1
+                    self._advance(coroutines, pending, i, (f[i], slopes[i], grads))
+        finally:
+            for c in coroutines:
+                c.close()
+            self._publish(runs)
+            st.write(params, None)
+
+    def _publish(self, runs) -> None:
+        """The members' counts, losses and statuses, as this optimiser's attributes."""
+        self.n_iter = numpy.array([r.n_iter for r in runs], dtype=numpy.int64)
+        self.n_fun = numpy.array([r.n_fun for r in runs], dtype=numpy.int64)
+        self.loss = numpy.array([r.loss for r in runs], dtype=numpy.float64)
+        self.status, self.message = [r.status for r in runs], [r.message for r in runs]
+
+    @staticmethod
+    def _advance(coroutines, pending, i, reply) -> None:
+        """Send ``reply`` to member ``i``'s run and note its next request (none once it stops)."""
+        try:
+            pending[i] = coroutines[i].send(reply)
+        except StopIteration:
+            pending.pop(i, None)
+
+    #: The order in which a round serves the members' requests, so that each kind is
+    #: served for all members together: a finished search's pair is stored before the
+    #: next accepted step overwrites the round's pairs, and every new direction of the
+    #: round comes from one two-loop recursion.
+    _ORDER = ("iteration", "forget", "remember", "accept", "direction")
+
+    def _settle(self, st, coroutines, pending, runs) -> list:
+        """Serve the members' requests, kind by kind, until each member waits for an
+        evaluation or has stopped; the iterations finished on the way."""
+        done = []
+        while True:
+            kinds = {cmd[0] for cmd in pending.values()}
+            kind = next((c for c in self._ORDER if c in kinds), None)
+            if kind is None:
+                return done
+            who = sorted(i for i, cmd in pending.items() if cmd[0] == kind)
+            if kind == "iteration":
+                replies = {i: None for i in who}
+                done.extend((i, pending[i][1]) for i in who)
+            elif kind == "forget":
+                st.forget(who)
+                replies = {i: None for i in who}
+            elif kind == "remember":
+                st.remember({i: pending[i][1:] for i in who})
+                replies = {i: None for i in who}
+            elif kind == "accept":
+                replies = st.accept({i: pending[i][1] for i in who})
+            else:
+                replies = st.direction({i: pending[i][1] for i in who})
+            for i in who:
+                self._advance(coroutines, pending, i, replies[i])
+
+    def _member_steps(self, run, i, st, gmax, eps, limit):
+        """Member ``i``'s run: :meth:`iterate`'s loop, step for step, with each piece of
+        vector work asked of the driver (``("direction", norm)``, ``("eval", t)``,
+        ``("accept", trial)``, ``("remember", rho, gamma)``, ``("forget",)``) and each
+        iteration announced (``("iteration", LBFGSIteration)``)."""
+        if gmax <= self.tol:
+            self._stop("gtol", f"the largest gradient entry {gmax:.3g} is at most tol={self.tol:g}", run)
+            return
+        more_thuente = self.line_search == "more_thuente"
+        f = run.loss
+        while True:
+            first = run.n_iter == 0
+            norm = (2 if more_thuente else 1) if first else 0
+            gtd0, dmax, size = yield ("direction", norm)
+            if more_thuente:
+                t0 = self.lr * min(1.0 / size, _MAX_STEP) if first else self.lr
+                steps = self._more_thuente(run, f, gtd0, t0)
+            else:
+                t0 = self.lr * min(1.0, 1.0 / size) if first else self.lr
+                steps = self._line_search(run, f, gtd0, t0, dmax, eps)
+            best = yield from _evaluations(steps)
+            if best is None or best.t == 0.0:
+                if run.status == "max_fun":
+                    self._stop("max_fun", f"maximum function evaluations ({self.max_fun}) reached", run)
+                    return
+                if st.pairs[i]:  # forget the curvature pairs and retry along -g once
+                    yield ("forget",)
+                    continue
+                self._stop("line_search", "the line search found no acceptable point along the search direction",
+                           run)
+                return
+            yy, gmax = yield ("accept", best)
+            ys, gts = (best.gtd - gtd0) * best.t, -gtd0 * best.t
+            if ys > eps * gts and yy > 0.0:
+                yield ("remember", 1.0 / ys, ys / yy)
+            f_old, f = f, best.f
+            run.loss = f
+            run.n_iter += 1
+            out_of_fun = run.status == "max_fun"
+            run.status, run.message = "interrupted", "stopped by the caller"
+            yield ("iteration", LBFGSIteration(f, best.t, run.n_fun, run.n_iter, best.n))
+            if limit is not None and run.n_iter >= limit:
+                return
+            if self._stops_after(f_old, f, gmax, out_of_fun, run):
+                return
+
+
     # -- the iteration --------------------------------------------------------------
     def _set(self, params, x, d, t, xp) -> None:
         """Write ``x + t d`` into the parameter dicts (in place where allowed)."""
@@ -1358,10 +1596,10 @@ class LBFGS(Optimizer):
             d, gtd0, dmax, size = self._direction(g, history, gamma, xp, norm=norm)
             if more_thuente:  # L-BFGS-B: a first step of unit length, then the quasi-Newton step
                 t0 = self.lr * min(1.0 / size, _MAX_STEP) if first else self.lr
-                best = self._more_thuente(fun, params, x, d, f, gtd0, t0, xp)
+                best = self._search(fun, params, x, d, self._more_thuente(self, f, gtd0, t0), xp)
             else:  # torch.optim.LBFGS's choice of the first step
                 t0 = self.lr * min(1.0, 1.0 / size) if first else self.lr
-                best = self._line_search(fun, params, x, d, f, gtd0, t0, dmax, eps, xp)
+                best = self._search(fun, params, x, d, self._line_search(self, f, gtd0, t0, dmax, eps), xp)
             if best is None or best.t == 0.0:
                 self._set(params, x, d, 0.0, xp)
                 if self.status == "max_fun":
@@ -1392,21 +1630,25 @@ class LBFGS(Optimizer):
             if self._stops_after(f_old, f, gmax, out_of_fun):
                 return
 
-    def _stop(self, status: str, message: str) -> None:
-        self.status, self.message = status, message
+    def _stop(self, status: str, message: str, run=None) -> None:
+        run = self if run is None else run
+        run.status, run.message = status, message
 
-    def _stops_after(self, f_old: float, f: float, gmax: float, out_of_fun: bool) -> bool:
+    def _stops_after(self, f_old: float, f: float, gmax: float, out_of_fun: bool, run=None) -> bool:
         """Whether a rule stops the run after an iteration from ``f_old`` to ``f`` (``gmax``:
         the new gradient's largest entry), tested in the order of scipy's L-BFGS-B: the
-        limits, then the gradient, then the relative decrease."""
-        if self.max_iter is not None and self.n_iter >= self.max_iter:
-            self._stop("max_iter", f"maximum iterations ({self.max_iter}) reached")
-        elif out_of_fun or self.n_fun >= self.max_fun:
-            self._stop("max_fun", f"maximum function evaluations ({self.max_fun}) reached")
+        limits, then the gradient, then the relative decrease. ``run`` holds the counts
+        ``n_iter``, ``n_fun`` and gets ``status`` and ``message`` (default: this optimiser;
+        one member's under :meth:`iterate_members`)."""
+        run = self if run is None else run
+        if self.max_iter is not None and run.n_iter >= self.max_iter:
+            self._stop("max_iter", f"maximum iterations ({self.max_iter}) reached", run)
+        elif out_of_fun or run.n_fun >= self.max_fun:
+            self._stop("max_fun", f"maximum function evaluations ({self.max_fun}) reached", run)
         elif gmax <= self.tol:
-            self._stop("gtol", f"the largest gradient entry {gmax:.3g} is at most tol={self.tol:g}")
+            self._stop("gtol", f"the largest gradient entry {gmax:.3g} is at most tol={self.tol:g}", run)
         elif (f_old - f) / max(abs(f_old), abs(f), 1.0) <= self.ftol:
-            self._stop("ftol", f"the relative decrease of the objective is at most ftol={self.ftol:.3g}")
+            self._stop("ftol", f"the relative decrease of the objective is at most ftol={self.ftol:.3g}", run)
         else:
             return False
         return True
@@ -1457,7 +1699,19 @@ class LBFGS(Optimizer):
                 q[i] = _iadd(q[i], (a - b) * si)
         return q
 
-    def _more_thuente(self, fun, params, x, d, f0, gtd0, t, xp):
+    def _search(self, fun, params, x, d, steps, xp):
+        """Drive a line search's ``steps`` (a generator from :meth:`_more_thuente` or
+        :meth:`_line_search`: it yields trial steps and is sent ``(f, g.d, g)`` at each)
+        along ``d`` from ``x``, one evaluation at a time; return its result."""
+        try:
+            t = next(steps)
+            while True:
+                self._set(params, x, d, t, xp)
+                t = steps.send(self._evaluate(fun, params, d, xp))
+        except StopIteration as done:
+            return done.value
+
+    def _more_thuente(self, run, f0, gtd0, t):
         """Moré and Thuente's line search along ``d`` from step ``t`` (the search of
         L-BFGS-B, with its constants ``c1``, ``c2``, ``xtol = 0.1``, steps in
         ``[0, 1e10]``): a :class:`_Trial` meeting the strong Wolfe conditions, or the last
@@ -1465,6 +1719,12 @@ class LBFGS(Optimizer):
         L-BFGS-B takes it, even above ``f0``; the caller's ``ftol`` rule then stops);
         ``None`` after ``max_ls`` evaluations without one, or when the evaluations run
         out first with no trial of sufficient decrease (else that lowest trial).
+
+        A generator, so that one run (:meth:`iterate`) or many side by side
+        (:meth:`iterate_members`) drive it: it yields each trial step and is sent the
+        trial's ``(f, g.d, g)``; ``run`` holds the evaluation count ``n_fun`` (already
+        counting the trial when it is sent) and gets ``status = "max_fun"`` when the
+        evaluations run out.
 
         Stage 1 works on ``psi(t) = f(t) - f0 - c1 t g0`` while no step has
         ``psi <= 0`` with a non-negative slope; each new step comes from
@@ -1482,16 +1742,15 @@ class LBFGS(Optimizer):
         lowest = None  # the lowest trial with sufficient decrease, for an evaluation cap
         t_bad = math.inf  # the shortest step found not finite
         for _ in range(self.max_ls):
-            if self.n_fun >= self.max_fun:
-                self.status = "max_fun"
+            if run.n_fun >= self.max_fun:
+                run.status = "max_fun"
                 return lowest
-            self._set(params, x, d, t, xp)
-            f, gtd, g = self._evaluate(fun, params, d, xp)
+            f, gtd, g = yield t
             if not (math.isfinite(f) and math.isfinite(gtd)):
                 t_bad = min(t_bad, t)
                 t = lo[0] + 0.5 * (t - lo[0])
                 continue
-            cur = _Trial(t, f, gtd, g, self.n_fun)
+            cur = _Trial(t, f, gtd, g, run.n_fun)
             ftest = f0 + t * gtest
             if f <= ftest and (lowest is None or f < lowest.f):
                 lowest = cur
@@ -1520,32 +1779,32 @@ class LBFGS(Optimizer):
             t = t_next
         return None
 
-    def _line_search(self, fun, params, x, d, f0, gtd0, t, dmax, eps, xp):
+    def _line_search(self, run, f0, gtd0, t, dmax, eps):
         """A step meeting the strong Wolfe conditions along ``d`` (or, when evaluations
         run out first, the lowest point found with sufficient decrease): a
-        :class:`_Trial`, or ``None`` when no point below ``f0`` was found."""
+        :class:`_Trial`, or ``None`` when no point below ``f0`` was found. A generator,
+        driven as :meth:`_more_thuente` is."""
         c1, c2 = self.c1, self.c2
         prev = _Trial(0.0, f0, gtd0, None)
         for i in range(self.max_ls):
-            if self.n_fun >= self.max_fun:
-                self.status = "max_fun"
+            if run.n_fun >= self.max_fun:
+                run.status = "max_fun"
                 return prev
-            self._set(params, x, d, t, xp)
-            f, gtd, g = self._evaluate(fun, params, d, xp)
-            cur = _Trial(t, f if math.isfinite(f) else math.inf, gtd, g, self.n_fun)
+            f, gtd, g = yield t
+            cur = _Trial(t, f if math.isfinite(f) else math.inf, gtd, g, run.n_fun)
             if cur.f > f0 + c1 * t * gtd0 or (i > 0 and cur.f >= prev.f):
-                return self._zoom(fun, params, x, d, f0, gtd0, prev, cur, dmax, eps, xp, i + 1)
+                return (yield from self._zoom(run, f0, gtd0, prev, cur, dmax, eps, i + 1))
             if abs(cur.gtd) <= -c2 * gtd0:
                 return cur
             if cur.gtd >= 0.0:
-                return self._zoom(fun, params, x, d, f0, gtd0, cur, prev, dmax, eps, xp, i + 1)
+                return (yield from self._zoom(run, f0, gtd0, cur, prev, dmax, eps, i + 1))
             # extrapolate: beyond t by at least 1% of the last stride, at most 10 t
             lo, hi = t + 0.01 * (t - prev.t), 10.0 * t
             t_next = _interpolate(prev.t, prev.f, prev.gtd, t, cur.f, cur.gtd, lo, hi)
             prev, t = cur, t_next
         return prev
 
-    def _zoom(self, fun, params, x, d, f0, gtd0, lo, hi, dmax, eps, xp, used):
+    def _zoom(self, run, f0, gtd0, lo, hi, dmax, eps, used):
         """Nocedal & Wright's zoom between ``lo`` (sufficient decrease, the lower value)
         and ``hi``; return the Wolfe point, or ``lo`` when evaluations run out or the
         interval is narrow: below rounding, or (once ``lo`` is a step) at most a tenth of
@@ -1559,8 +1818,8 @@ class LBFGS(Optimizer):
             a, b = min(lo.t, hi.t), max(lo.t, hi.t)
             if (b - a) * dmax < xtol or (lo.t > 0.0 and b - a <= 0.1 * b):
                 break
-            if self.n_fun >= self.max_fun:
-                self.status = "max_fun"
+            if run.n_fun >= self.max_fun:
+                run.status = "max_fun"
                 break
             t = _interpolate(lo.t, lo.f, lo.gtd, hi.t, hi.f, hi.gtd, a, b)
             # keep the trial off the ends of the interval: at once when it sits on one,
@@ -1574,10 +1833,9 @@ class LBFGS(Optimizer):
                     stalled = True
             else:
                 stalled = False
-            self._set(params, x, d, t, xp)
-            f, gtd, g = self._evaluate(fun, params, d, xp)
+            f, gtd, g = yield t
             used += 1
-            cur = _Trial(t, f if math.isfinite(f) else math.inf, gtd, g, self.n_fun)
+            cur = _Trial(t, f if math.isfinite(f) else math.inf, gtd, g, run.n_fun)
             if cur.f > f0 + c1 * t * gtd0 or cur.f >= lo.f:
                 hi = cur
             else:
@@ -1587,6 +1845,249 @@ class LBFGS(Optimizer):
                     hi = lo
                 lo = cur
         return lo
+
+
+def _evaluations(steps):
+    """A line search's ``steps`` as requests ``("eval", t)``; its result."""
+    try:
+        t = next(steps)
+        while True:
+            t = steps.send((yield ("eval", t)))
+    except StopIteration as done:
+        return done.value
+
+
+class _MemberRun:
+    """One member's counts and status under :meth:`LBFGS.iterate_members` (what
+    :meth:`LBFGS.iterate` keeps on the optimiser itself)."""
+
+    __slots__ = ("loss", "message", "n_fun", "n_iter", "status")
+
+    def __init__(self) -> None:
+        self.n_iter, self.n_fun, self.loss = 0, 0, math.nan
+        self.status, self.message = "interrupted", "stopped by the caller"
+
+
+class _Members:
+    """The vector state of K runs side by side (:meth:`LBFGS.iterate_members`), every
+    array with the members along its leading axis: the points ``X``, their gradients
+    ``G``, the directions ``D``, the trial steps (host, (K,)), and the histories ``S``,
+    ``Y`` of shape (m, K, ...) per parameter with each member's newest pair last
+    (``rho`` (K, m) on the host, 0 where a member has no pair). Each request kind of the
+    members' runs is served for all of them at once, by masks over the member axis."""
+
+    #: Whether the two-loop recursion runs member by member (the plain recursion on each
+    #: member's slices) instead of once over the stacked histories; both give each
+    #: member's direction, and benchmarks/lbfgs_members_vs_sequential.py times the two.
+    per_member_two_loop = False
+
+    def __init__(self, opt, arrays, xp, k: int) -> None:
+        self.opt, self.xp, self.k, self.m = opt, xp, k, opt.history_size
+        self.dtype, self.device = arrays[0].dtype, device_of(arrays[0])
+        self.X = [xp.asarray(a, copy=True) for a in arrays]
+        self.D = [xp.zeros_like(a) for a in arrays]
+        self.G: list = []
+        self.S: list | None = None
+        self.Y: list | None = None
+        self.rho = numpy.zeros((k, self.m))
+        self.gamma = numpy.ones(k)
+        self.pairs = numpy.zeros(k, dtype=numpy.int64)
+        self.t = numpy.zeros(k)
+        self.new_s: list = []
+        self.new_y: list = []
+
+    # helpers over the member axis
+    def _vec(self, values):
+        return self.xp.asarray(numpy.asarray(values, dtype=numpy.float64), dtype=self.dtype, device=self.device)
+
+    def _mask(self, members) -> Any:
+        m = numpy.zeros(self.k, dtype=bool)
+        m[list(members)] = True
+        return self.xp.asarray(m, device=self.device)
+
+    def _per(self, v, a, lead: int = 0):
+        """A (K,) array shaped to broadcast over ``a`` (with ``lead`` leading axes before K)."""
+        return self.xp.reshape(v, (1,) * lead + (self.k,) + (1,) * (a.ndim - 1 - lead))
+
+    def _dots(self, a: list, b: list):
+        """``a_k . b_k`` for every member ``k``: (K,)."""
+        xp, k = self.xp, self.k
+        total = None
+        for ai, bi in zip(a, b):
+            s = xp.reshape(xp.matmul(xp.reshape(ai, (k, 1, -1)), xp.reshape(bi, (k, -1, 1))), (k,))
+            total = s if total is None else total + s
+        return total
+
+    def _largest(self, a: list):
+        xp, k = self.xp, self.k
+        return xp.max(xp.stack([xp.max(xp.abs(xp.reshape(ai, (k, -1))), axis=1) for ai in a]), axis=0)
+
+    def _read(self, values) -> numpy.ndarray:
+        """(K,) arrays read to the host in one transfer: (len(values), K) floats."""
+        return numpy.asarray(to_numpy(self.xp.stack(values)), dtype=numpy.float64)
+
+    def write(self, params, steps) -> None:
+        """Write ``X + t D`` (each member its own ``t``; ``X`` when ``steps`` is None)."""
+        xp = self.xp
+        tv = None if steps is None else self._vec(steps)
+        i = 0
+        for layer in params:
+            for key, p in layer.items():
+                new = self.X[i] if tv is None else self.X[i] + self._per(tv, self.X[i]) * self.D[i]
+                if is_writeable(p):
+                    p[...] = new
+                else:
+                    layer[key] = xp.asarray(new, copy=True)
+                i += 1
+
+    def evaluate(self, fun, params, trials):
+        """``fun`` at the members' trial points (``trials``: member -> step; the others at
+        their points): the losses and, for the start (``trials`` None), the largest
+        gradient entries, else the slopes along the directions, read in one transfer; and
+        the gradients."""
+        xp = self.xp
+        if trials is not None:
+            self.t[:] = 0.0
+            for i, t in trials.items():
+                self.t[i] = t
+        self.write(params, None if trials is None else self.t)
+        values, grads = fun(params)
+        _check_structure(params, grads)
+        g = _flat(grads)
+        if not array_api_compat.is_array_api_obj(values):
+            values = xp.asarray(values, dtype=self.dtype, device=self.device)
+        values = xp.reshape(xp.astype(values, self.dtype), (-1,))
+        if int(values.shape[0]) != self.k:
+            msg = f"fun must return one loss per member, shape ({self.k},), got shape {tuple(values.shape)}"
+            raise ValueError(msg)
+        other = self._largest(g) if trials is None else self._dots(g, self.D)
+        f, second = self._read([values, other])
+        return list(f), list(second), g
+
+    def direction(self, requests: dict) -> dict:
+        """New directions ``d = -H g`` for the requesting members (member -> norm kind), by
+        one two-loop recursion over every member's history; their slopes, largest entries
+        and norms read in one transfer (twice when some direction is no descent one:
+        those members forget their pairs and take ``-g``)."""
+        xp, who = self.xp, sorted(requests)
+        mask = self._mask(who)
+        d = self._two_loop_each(who) if self.per_member_two_loop else self._two_loop()
+        self.D = [xp.where(self._per(mask, di), di, old) for di, old in zip(d, self.D)]
+        gtd, dmax, n1, n2 = self._measure(requests)
+        bad = [i for i in who if not gtd[i] < 0.0]
+        if bad:
+            self.forget(bad, gamma=False)
+            mb = self._mask(bad)
+            self.D = [xp.where(self._per(mb, gi), -gi, di) for gi, di in zip(self.G, self.D)]
+            gtd, dmax, n1, n2 = self._measure(requests)
+        norms = {0: None, 1: n1, 2: n2}
+        return {i: (gtd[i], dmax[i], None if requests[i] == 0 else norms[requests[i]][i]) for i in who}
+
+    def _measure(self, requests):
+        xp = self.xp
+        kinds = set(requests.values())
+        zero = xp.zeros((self.k,), dtype=self.dtype, device=self.device)
+        n1 = sum(xp.sum(xp.abs(xp.reshape(gi, (self.k, -1))), axis=1) for gi in self.G) if 1 in kinds else zero
+        n2 = xp.sqrt(self._dots(self.D, self.D)) if 2 in kinds else zero
+        gtd, dmax, n1, n2 = self._read([self._dots(self.G, self.D), self._largest(self.D), n1, n2])
+        return gtd, dmax, n1, n2
+
+    def _two_loop(self) -> list:
+        """``-H g`` for every member over its own pairs (the slots where a member has no
+        pair have ``rho = 0`` and change nothing), by the two-loop recursion."""
+        q = [-gi for gi in self.G]
+        if self.S is None or not self.pairs.any():
+            return q
+        used = [j for j in range(self.m) if self.rho[:, j].any()]
+        alphas = {}
+        for j in reversed(used):
+            rho = self._vec(self.rho[:, j])
+            s_j = [si[j, ...] for si in self.S]
+            a = rho * self._dots(s_j, q)
+            for n, yi in enumerate(self.Y):
+                q[n] = _isub(q[n], self._per(a, q[n]) * yi[j, ...])
+            alphas[j] = a
+        gamma = numpy.where((self.pairs > 0) & (self.gamma != 1.0), self.gamma, 1.0)
+        if (gamma != 1.0).any():
+            gv = self._vec(gamma)
+            q = [_imul(qi, self._per(gv, qi)) for qi in q]
+        for j in used:
+            rho = self._vec(self.rho[:, j])
+            b = rho * self._dots([yi[j, ...] for yi in self.Y], q)
+            c = alphas[j] - b
+            for n, si in enumerate(self.S):
+                q[n] = _iadd(q[n], self._per(c, q[n]) * si[j, ...])
+        return q
+
+    def _two_loop_each(self, who) -> list:
+        """:meth:`_two_loop` member by member: the plain recursion on each requesting
+        member's slices (its own pairs, oldest first), the rows stacked again (the others'
+        rows are their current directions)."""
+        xp, rows, asked = self.xp, [], set(who)
+        for i in range(self.k):
+            if i not in asked:
+                rows.append([di[i, ...] for di in self.D])
+                continue
+            pairs = [] if self.S is None else [
+                ([si[j, i, ...] for si in self.S], [yi[j, i, ...] for yi in self.Y], float(self.rho[i, j]))
+                for j in range(self.m - int(self.pairs[i]), self.m)]
+            rows.append(self.opt._two_loop([gi[i, ...] for gi in self.G], pairs, float(self.gamma[i]), xp))
+        return [xp.stack([row[n] for row in rows]) for n in range(len(self.D))]
+
+    def accept(self, requests: dict) -> dict:
+        """The members' accepted trials (member -> :class:`_Trial`, its ``g`` the stacked
+        gradients of its round): ``s = t d``, ``y = g_new - g``, ``x += s``, ``g = g_new``;
+        ``y.y`` and the new gradient's largest entry read for all in one transfer."""
+        xp, who = self.xp, sorted(requests)
+        mask = self._mask(who)
+        t = numpy.zeros(self.k)
+        for i in who:
+            t[i] = requests[i].t
+        tv = self._vec(t)
+        s = [self._per(tv, di) * di for di in self.D]
+        g_new = list(self.G)
+        rounds: dict[int, tuple[list, list[int]]] = {}
+        for i in who:  # most members' trials come from the last round; a few from an earlier one
+            rounds.setdefault(id(requests[i].g), (requests[i].g, []))[1].append(i)
+        for grads, members in rounds.values():
+            mr = self._mask(members)
+            g_new = [xp.where(self._per(mr, gn), gr, gn) for gr, gn in zip(grads, g_new)]
+        y = [gn - go for gn, go in zip(g_new, self.G)]
+        self.X = [xp.where(self._per(mask, xi), xi + si, xi) for xi, si in zip(self.X, s)]
+        self.G = g_new
+        self.new_s, self.new_y = s, y
+        yy, gmax = self._read([self._dots(y, y), self._largest(g_new)])
+        return {i: (yy[i], gmax[i]) for i in who}
+
+    def remember(self, requests: dict) -> None:
+        """Append the round's pairs of the requesting members (member -> (rho, gamma)) to
+        their histories, dropping each one's oldest when full."""
+        xp, who = self.xp, sorted(requests)
+        if self.S is None:
+            self.S = [xp.zeros((self.m, *x.shape), dtype=self.dtype, device=self.device) for x in self.X]
+            self.Y = [xp.zeros((self.m, *x.shape), dtype=self.dtype, device=self.device) for x in self.X]
+        mask = None if len(who) == self.k else self._mask(who)
+
+        def push(hist, new):
+            shifted = xp.concat([hist[1:, ...], xp.expand_dims(new, axis=0)], axis=0)
+            return shifted if mask is None else xp.where(self._per(mask, hist, lead=1), shifted, hist)
+
+        self.S = [push(h, n) for h, n in zip(self.S, self.new_s)]
+        self.Y = [push(h, n) for h, n in zip(self.Y, self.new_y)]
+        for i in who:
+            rho, gamma = requests[i]
+            self.rho[i, :-1] = self.rho[i, 1:].copy()
+            self.rho[i, -1] = rho
+            self.gamma[i] = gamma
+            self.pairs[i] = min(self.pairs[i] + 1, self.m)
+
+    def forget(self, who, *, gamma: bool = True) -> None:
+        """The members ``who`` drop their pairs (and, after a failed search, their scale)."""
+        for i in who:
+            self.rho[i, :] = 0.0
+            self.pairs[i] = 0
+            if gamma:
+                self.gamma[i] = 1.0
 
 
 # ----------------------------------------------------------------------------- registry

@@ -190,18 +190,19 @@ class MixedPrecision:
         return new
 
     def get_state(self) -> tuple:
-        """Copies of ``(scale, good_steps, skipped)`` (Nones before the first step), for
-        :meth:`set_state`: no host read."""
+        """Copies of ``(scale, good_steps, skipped)`` (Nones before the first step, with
+        the loaded values still to be placed, if any), for :meth:`set_state`: no host read."""
         if self.scale is None:
-            return (None, None, None, None)
+            return (None, None, None, None, self._pending)
         xp = self._where[0]
         return (xp.asarray(self.scale, copy=True), xp.asarray(self.good_steps, copy=True),
-                xp.asarray(self.skipped, copy=True), self._where)
+                xp.asarray(self.skipped, copy=True), self._where, None)
 
     def set_state(self, state: tuple) -> None:
         """Back to a state of :meth:`get_state` (a replayed stretch of steps then scales
-        its gradients as it did the first time)."""
-        self.scale, self.good_steps, self.skipped, self._where = state
+        its gradients as it did the first time: a state taken before the first step of a
+        resumed run or a copy keeps the loaded scale pending, not ``init_scale``)."""
+        self.scale, self.good_steps, self.skipped, self._where, self._pending = state
 
     def update_scale(self, ok, xp) -> None:
         """After a step whose gradients were all finite (``ok``, a 0-d boolean array, or
@@ -270,6 +271,8 @@ class MixedPrecision:
                     ok = ok & xp.isfinite(xp.sum(gk))
             if opt.state is None:  # built now, so that a skipped first step keeps it
                 opt.state = [{k: opt._init_state(p, xp) for k, p in layer.items()} for layer in model.params]
+            elif opt._needs_placement:  # a loaded or moved state, placed now: a skip puts back the placed arrays
+                opt._check_state(model.params, xp)
             before = _snapshot(model.params, opt.state, xp)
             model.params = opt.step(model.params, grads32, lr=lr)
             _keep_if_not(ok, before, model.params, opt.state, xp)

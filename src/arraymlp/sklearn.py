@@ -283,6 +283,21 @@ def _build_model(config: dict, *, seed: int, backend: str, device: Any, init: li
     return model
 
 
+def _lbfgs_members(config: dict, seed: int, backend: str, device: Any) -> MLP:
+    """The ensemble of ``solver="lbfgs", n_members=K``: member ``i`` is the model that the
+    one-member estimator builds with ``random_state=member_seeds(seed, K)[i]`` (its weights
+    drawn from that ``RandomState`` first, as scikit-learn draws them, then its own
+    seed), so that member ``i`` trains as that estimator does."""
+    plain = {key: v for key, v in config.items() if key != "members"}
+    members = []
+    for s in _ensemble.member_seeds(seed, int(config["members"])):
+        rs = np.random.RandomState(s)
+        init = _draw_initial_weights(plain, rs)
+        members.append(_build_model(plain, seed=int(rs.randint(np.iinfo(np.int32).max)), backend=backend,
+                                    device=device, init=init))
+    return MLP.stack(members)
+
+
 def _model_state(model: MLP, config: dict) -> dict:
     """A picklable snapshot of a model: its configuration, host copies of the parameters,
     and the generator's state. (arraymlp's own model files never use pickle; this serves
@@ -420,7 +435,9 @@ _PARAMETERS_DOC = """
         (``seed`` drawn from ``random_state``), all members see the same batches, and the
         predictions combine them (probabilities or outputs averaged). Each member
         follows the stopping rules (``tol``, ``early_stopping``) on its own and is
-        frozen once it stops; the fit ends when all have stopped. 1 is one perceptron,
+        frozen once it stops; the fit ends when all have stopped. With ``solver="lbfgs"``
+        the members are K L-BFGS runs side by side, member ``i`` exactly the one-member
+        estimator of ``random_state=member_seeds(seed, K)[i]``. 1 is one perceptron,
         exactly as before; see docs/sklearn.md for what differs with more.
 """
 
@@ -534,10 +551,6 @@ def _check_parameter_values(est) -> None:
         raise ValueError(msg)
     if est.backend is not None:
         resolve_backend(est.backend)
-    if est.n_members > 1 and est.solver == "lbfgs":
-        msg = (f"n_members={est.n_members!r} trains the members with the mini-batch ensemble fit, which does not "
-               "support solver='lbfgs'; use n_members=1, or a stochastic solver")
-        raise ValueError(msg)
 
 
 def _stochastic(est) -> bool:
@@ -842,8 +855,12 @@ class _BaseMLP(BaseEstimator):
         # random_state gives scikit-learn's fit; the mini-batch solvers draw from the model's stream
         same_as_sklearn = self.solver == "lbfgs" and int(self.n_members) == 1
         start = {"init": _draw_initial_weights(self._model_config, rs)} if same_as_sklearn else {}
-        self.model_ = _build_model(self._model_config, seed=int(rs.randint(np.iinfo(np.int32).max)),
-                                   backend=backend_name(xp), device=device, **start)
+        seed = int(rs.randint(np.iinfo(np.int32).max))
+        if self.solver == "lbfgs" and int(self.n_members) > 1:  # member i: the one-member fit of its seed
+            self.model_ = _lbfgs_members(self._model_config, seed, backend_name(xp), device)
+        else:
+            self.model_ = _build_model(self._model_config, seed=seed, backend=backend_name(xp), device=device,
+                                       **start)
         self.n_outputs_ = self._n_output_units
         self.n_layers_ = len(sizes)
         self.out_activation_ = self._out_activation_name()
@@ -1124,6 +1141,9 @@ class _BaseMLP(BaseEstimator):
         model, opt, lossfn = self.model_, self._optimizer, self._objective_row()
         w_dev = None if sw_host is None else xp.asarray(sw_host, dtype=dtype, device=device)
         l2 = float(self.alpha) / (int(x.shape[0]) if sw_host is None else float(sw_host.sum()))
+        if model.ensemble is not None:
+            self._train_lbfgs_members(x, y, w_dev, l2, xp)
+            return
 
         def fun(params):
             return model._loss_and_grads(x, y, lossfn, xp=xp, sample_weight=w_dev, l2=l2)
@@ -1151,6 +1171,47 @@ class _BaseMLP(BaseEstimator):
                 "(or max_fun), or scale the data (sklearn.preprocessing.StandardScaler).",
                 ConvergenceWarning,
                 stacklevel=4,
+            )
+
+    def _train_lbfgs_members(self, x, y, w_dev, l2: float, xp) -> None:
+        """:meth:`_train_lbfgs` of ``n_members=K``: K L-BFGS runs side by side
+        (:meth:`arraymlp.optim.LBFGS.iterate_members`), member ``i`` the run of the
+        one-member estimator from its start, each stopping on its own rule; one batched
+        evaluation of all members per round. ``n_iter_``, ``member_loss_``, ``best_loss_``
+        have one entry per member, ``member_loss_curve_`` one row (K,) per iteration (NaN
+        for the members that had stopped)."""
+        model, opt, lossfn, k = self.model_, self._optimizer, self._objective_row(), int(self.model_.ensemble)
+        w = None if w_dev is None else xp.broadcast_to(xp.reshape(w_dev, (1, -1)), (k, int(w_dev.shape[0])))
+        fun = _ensemble._lbfgs_objective(model, x, y, lossfn, w, l2, xp)
+        self._member_bookkeeping(k, False)
+        curve: list = []
+        with quiet_overflow(xp):
+            try:
+                for done in opt.iterate_members(fun, model.params):
+                    for i, it in done:
+                        while len(curve) < it.n_iter:
+                            curve.append(np.full(k, np.nan))
+                        curve[it.n_iter - 1][i] = it.loss
+            except FloatingPointError as exc:
+                msg = (f"{exc}. Standardise the inputs (sklearn.preprocessing.StandardScaler) or check the "
+                       "initial parameters.")
+                raise DivergenceError(msg, epoch=0, step=0) from exc
+        self.n_iter_ = opt.n_iter.copy()
+        self.member_loss_curve_.extend(curve)
+        self.loss_curve_.extend(float(np.nanmean(row)) for row in curve)
+        self.member_loss_ = opt.loss.copy()
+        self.loss_ = float(np.mean(self.member_loss_))
+        self.best_loss_ = np.minimum(self.best_loss_, opt.loss)
+        if self.verbose:
+            for i, message in enumerate(opt.message):
+                print(f"L-BFGS member {i} stopped after {opt.n_iter[i]} iteration(s): {message}", flush=True)
+        failed = [i for i, status in enumerate(opt.status) if status in ("max_iter", "max_fun", "line_search")]
+        if failed:
+            warnings.warn(
+                f"lbfgs failed to converge (members {failed}): {opt.message[failed[0]]}. Increase max_iter "
+                "(or max_fun), or scale the data (sklearn.preprocessing.StandardScaler).",
+                ConvergenceWarning,
+                stacklevel=5,
             )
 
     def _split_validation(self, x, y, sw_host, strata, xp, device, dtype, *, n_all: int, split_seed: int):

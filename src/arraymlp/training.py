@@ -60,7 +60,7 @@ from .callbacks import Callback, DivergenceError, EarlyStopping, History
 from .fusion import plan_for
 from .losses import LOSSES, Loss, check_targets, count_not_binary, get_loss
 from .metrics import Metric, _Accumulator, _AccuracyMetric, _Pair, get_metrics, read_results
-from .optim import LBFGS, Optimizer, get_optimizer
+from .optim import LBFGS, OPTIMIZERS, Optimizer, get_optimizer
 from .precision import resolve_precision
 
 __all__ = [
@@ -233,9 +233,17 @@ def _evaluate(model, x, y, lossfn, task, xp, batch_size=4096, metrics=(), host=F
     return values[0], {m.name: v for m, v in zip(metrics, values[1:])}
 
 
+def _names_kind_of(optimizer, existing) -> bool:
+    """Whether ``optimizer`` is a name (any case) of ``existing``'s own kind."""
+    return isinstance(optimizer, str) and OPTIMIZERS.get(optimizer.lower()) is type(existing)
+
+
 def _resolve_optimizer(model, optimizer, lr, reuse: bool) -> Optimizer:
+    """The run's optimiser. ``reuse`` (partial_fit): the model's last one, its state kept,
+    when ``optimizer`` is None, that instance, or a name of its kind."""
     existing = getattr(model, "optimizer_", None)
-    if reuse and existing is not None and (optimizer is None or optimizer is existing):
+    if reuse and existing is not None and (optimizer is None or optimizer is existing
+                                           or _names_kind_of(optimizer, existing)):
         if lr is not None:  # partial_fit(lr=...): the new base rate, the state kept
             existing.lr = lr
         return existing
@@ -300,6 +308,33 @@ class _Run:
     on_divergence: Callable[..., Exception] | None = None
     staged: StagedEpochs | None = None  # host data: its batches, staged to the model's device
     val_host: bool = False  # the validation data is host data, staged as it is evaluated
+
+
+def _check_l2(l2) -> float:
+    """``l2`` as a float: finite and non-negative (a negative coefficient would reward
+    large weights, and NaN would only show as a diverging loss)."""
+    ok = isinstance(l2, numbers.Real) and not isinstance(l2, bool) and math.isfinite(l2) and l2 >= 0
+    if not ok:
+        msg = f"l2 must be a finite non-negative number, got {l2!r}"
+        raise (ValueError if isinstance(l2, numbers.Real) and not isinstance(l2, bool) else TypeError)(msg)
+    return float(l2)
+
+
+def _check_validation(validation_data, validation_split) -> None:
+    """``validation_split`` a number in [0, 1); ``validation_data`` None or a pair."""
+    if not isinstance(validation_split, numbers.Real) or isinstance(validation_split, bool):
+        msg = f"validation_split must be a number in [0, 1), got {validation_split!r}"
+        raise TypeError(msg)
+    if validation_data is not None and not (isinstance(validation_data, (tuple, list)) and len(validation_data) == 2):
+        what = (f"a {type(validation_data).__name__} of {len(validation_data)}"
+                if isinstance(validation_data, (tuple, list)) else type(validation_data).__name__)
+        msg = (f"validation_data must be a pair (x_val, y_val), got {what}; validation is unweighted, "
+               "so there are no validation sample weights to pass")
+        raise ValueError(msg)
+    if validation_data is not None and validation_split > 0:  # one would be ignored
+        msg = (f"validation_data and validation_split={validation_split!r} were both given; pass one: "
+               "validation_data is used as it is, validation_split holds out the last rows of (x, y)")
+        raise ValueError(msg)
 
 
 def _check_arguments(epochs, batch_size, validation_split):
@@ -505,6 +540,29 @@ def _arrange_callbacks(callbacks, early_stopping, *, validation: bool) -> list:
     return callbacks
 
 
+def _resume(run: _Run, resume_from, lr, given: Optimizer | None) -> None:
+    """Restore the checkpoint ``resume_from`` into the run. ``lr`` (fit's ``lr=``) is
+    the new base rate of the restored optimiser; ``given``, an optimiser instance passed
+    to fit, must have the saved settings (the checkpoint's would silently replace them)."""
+    from .io.checkpoints import restore_checkpoint
+
+    # a given instance is compared with the saved settings before it takes the saved state
+    target = run.opt if given is None else type(given)(**given.hyperparameters())
+    run.start_epoch = restore_checkpoint(resume_from, run.model, optimizer=target, schedule=run.schedule,
+                                         history=run.history, callbacks=run.callbacks, precision=run.amp)
+    if given is not None:
+        saved, mine = target.hyperparameters(), given.hyperparameters()
+        if saved != mine:
+            diff = ", ".join(f"{k}: {v!r} saved, {mine.get(k)!r} given" for k, v in saved.items() if v != mine.get(k))
+            msg = (f"the checkpoint was saved with {target!r} but training was given {given!r} ({diff}); pass an "
+                   f"optimiser with the saved settings, or its name (optimizer={target.name!r}) to take them, and "
+                   "lr= for a new learning rate")
+            raise ValueError(msg)
+        given.load_state_dict(target.state_dict())
+    if lr is not None:  # the new base rate, the saved moments and step count kept
+        run.opt.lr = lr
+
+
 def _described(a):
     """An array's shape and dtype (None for None), to compare across ranks."""
     return None if a is None else (tuple(int(s) for s in a.shape), dtype_name(a.dtype))
@@ -522,7 +580,7 @@ def _call(run: _Run, epochs: int) -> dict:
 
 
 def _start_run(run: _Run, epochs: int, resume_from, comm, progress: bool, verbose: bool,
-               what: str = "fit") -> None:
+               what: str = "fit", *, lr=None, given: Optimizer | None = None) -> None:
     """History, resumption, data parallelism, ``on_train_begin`` and the progress bar."""
     model, callbacks = run.model, run.callbacks
     run.history = History(metric_name="accuracy" if run.lossfn.task != "regression" else "r2")
@@ -533,10 +591,7 @@ def _start_run(run: _Run, epochs: int, resume_from, comm, progress: bool, verbos
         for m in run.val_metrics:
             run.history.metrics["val_" + m.name] = []
     if resume_from is not None:
-        from .io.checkpoints import restore_checkpoint
-
-        run.start_epoch = restore_checkpoint(resume_from, model, optimizer=run.opt, schedule=run.schedule,
-                                             history=run.history, callbacks=callbacks, precision=run.amp)
+        _resume(run, resume_from, lr, given)
     if comm is not None:
         from .distributed import DataParallel
 
@@ -1026,8 +1081,10 @@ def fit(model, x, y, *, loss: str | Loss | None = None, optimizer: str | Optimiz
     shuffle : bool
         Draw a new permutation every epoch (from the model's generator).
     validation_data : (x_val, y_val), optional
+        Not together with ``validation_split``.
     validation_split : float
-        Fraction of the last rows of ``(x, y)`` held out for validation.
+        Fraction of the last rows of ``(x, y)`` held out for validation. The validation
+        loss and metrics are unweighted: ``sample_weight`` weighs the training rows only.
     metrics : sequence of str, Metric or callable, optional
         Recorded per epoch in ``History.metrics`` on the training batches (``"accuracy"``)
         and on the validation data (``"val_accuracy"``): names of
@@ -1051,7 +1108,8 @@ def fit(model, x, y, *, loss: str | Loss | None = None, optimizer: str | Optimiz
         Reseed the model's generator (shuffling and dropout) for this run: the same seed
         and data give bit-identical parameters on NumPy.
     l2 : float
-        L2 penalty ``l2/2 * sum(W**2)`` on the weight matrices.
+        L2 penalty ``l2/2 * sum(W**2)`` on the weight matrices (finite, non-negative),
+        added to each batch's mean loss.
     sample_weight : array of shape (n,), optional
     comm : mpi4py communicator or arraymlp.distributed.DataParallel, optional
         Train data-parallel over MPI: every rank calls ``fit`` with the same arguments
@@ -1060,9 +1118,12 @@ def fit(model, x, y, *, loss: str | Loss | None = None, optimizer: str | Optimiz
     resume_from : str or path-like, optional
         A checkpoint file written by :class:`arraymlp.Checkpoint` (or a directory of
         them: the latest is used). Training continues after the checkpoint's last
-        epoch up to ``epochs`` in total, with its parameters, optimiser state, step
-        counter, schedule state, random-generator state and history, so an
-        interrupted run ends bit-identical (on NumPy) to an uninterrupted one.
+        epoch up to ``epochs`` in total, with its parameters, optimiser state and
+        settings, step counter, schedule state, random-generator state, loss scale and
+        history, so an interrupted run ends bit-identical (on NumPy) to an
+        uninterrupted one. ``lr=`` sets a new base rate for the restored optimiser; an
+        optimiser instance must have the saved settings (its name takes them), and a
+        checkpoint of a mixed-precision run needs ``precision=`` of its dtype.
     precision : {None, "float16", "bfloat16"} or MixedPrecision, optional
         Mixed precision: each step computes in float16 (with dynamic loss scaling) or
         bfloat16 over the model's float32 master weights, which the optimiser updates;
@@ -1102,7 +1163,9 @@ def _train(model, x, y, *, reuse_optimizer, loss, optimizer, lr, schedule, epoch
            sample_weight, comm, resume_from, precision) -> History:
     """:func:`fit`, with ``reuse_optimizer`` for :func:`partial_fit` (every option
     required: a parameter of ``fit`` this does not take fails at once)."""
+    _check_validation(validation_data, validation_split)
     epochs, batch_size = _check_arguments(epochs, batch_size, validation_split)
+    l2 = _check_l2(l2)
     x, y, sample_weight, val, xp, lossfn, form, host = _prepare_data(model, x, y, sample_weight, loss,
                                                                      validation_data, validation_split, verbose)
     val_host = val is not None and val[2]
@@ -1128,7 +1191,8 @@ def _train(model, x, y, *, reuse_optimizer, loss, optimizer, lr, schedule, epoch
         _stage(run, comm, full_batch)
     if full_batch:
         _check_full_batch(run, comm, resume_from)
-    _start_run(run, epochs, resume_from, comm, progress, verbose, "partial_fit" if reuse_optimizer else "fit")
+    _start_run(run, epochs, resume_from, comm, progress, verbose, "partial_fit" if reuse_optimizer else "fit",
+               lr=lr, given=optimizer if isinstance(optimizer, Optimizer) else None)
     quiet = contextlib.ExitStack()
     quiet.enter_context(quiet_overflow(xp))
     try:
@@ -1143,6 +1207,10 @@ def _train(model, x, y, *, reuse_optimizer, loss, optimizer, lr, schedule, epoch
             total, seen = _run_epoch(run, epoch, epoch_lr)
             if _finish_epoch(run, epoch, epoch_lr, t0, total, seen):
                 break
+    except DivergenceError:
+        # the error leaves the last finite step's parameters: early stopping does not put others back
+        run.history._diverged = True
+        raise
     finally:
         _finish(run, quiet)
     return run.history
@@ -1165,7 +1233,9 @@ def partial_fit(model, x, y, *, loss: str | Loss | None = None, optimizer: str |
     loss : str or Loss, optional
         Default: the loss of the last fit, else inferred as :func:`fit` does.
     optimizer : str or Optimizer, optional
-        Default: the optimiser of the last fit, with its state (Adam otherwise).
+        Default: the optimiser of the last fit, with its state (Adam otherwise). A name
+        of that optimiser's kind (``"adam"`` for an Adam) keeps it too, state and
+        hyper-parameters; another name or instance starts that one afresh.
     lr : float, optional
         A new base learning rate for the kept optimiser.
     batch_size : int

@@ -259,7 +259,7 @@ def restore_checkpoint(path: str | os.PathLike, model: Any, *, optimizer: Optimi
     precision : MixedPrecision, optional
         Gets the saved mixed-precision configuration and loss scale (a checkpoint of a
         run without mixed precision leaves it as it is); it must compute in the saved
-        dtype.
+        dtype, and a checkpoint of a mixed-precision run needs it.
 
     Returns
     -------
@@ -271,8 +271,9 @@ def restore_checkpoint(path: str | os.PathLike, model: Any, *, optimizer: Optimi
     ModelFileError
         For any problem with the file's contents.
     ValueError
-        When the checkpoint does not fit the model (architecture or dtype) or the
-        optimiser (another kind).
+        When the checkpoint does not fit the model (architecture or dtype), the
+        optimiser (another kind) or ``precision`` (none, or another compute dtype, for
+        a mixed-precision run's checkpoint); nothing has been restored then.
     """
     p = _resolve_checkpoint_path(path)
     f = _read(p)
@@ -296,6 +297,7 @@ def restore_checkpoint(path: str | os.PathLike, model: Any, *, optimizer: Optimi
             f"{optimizer.name!r}; pass optimizer={opt['optimizer']!r} to resume"
         )
         raise ValueError(msg)
+    _check_precision(f, precision)
     xp = model.xp
     model.params = [
         {k: _to_xp(f.tensors[f"layers.{i}.{k}"], xp, model.dtype, model.device) for k in _param_shapes(layer)}
@@ -333,6 +335,24 @@ def restore_checkpoint(path: str | os.PathLike, model: Any, *, optimizer: Optimi
     for key, value in f.model_cfg["fitted"].items():
         setattr(model, key, value)
     return info["epoch"]
+
+
+def _check_precision(f: _File, precision: Any) -> None:
+    """Refuse, before anything is restored, a checkpoint of a mixed-precision run without
+    a ``precision`` to continue it, or with one of another compute dtype."""
+    saved = f.checkpoint.get("precision")
+    if saved is None:
+        return
+    dtype = saved.get("dtype") if isinstance(saved, dict) else None
+    if precision is None:
+        msg = (f"checkpoint {f.path} was saved by a run with mixed precision ({dtype}); pass precision={dtype!r} to "
+               f"continue it with its loss scale (to train on in the model's own dtype instead, load the model "
+               f"with arraymlp.io.load_checkpoint and fit it afresh)")
+        raise ValueError(msg)
+    if dtype != precision.dtype_name:
+        msg = (f"checkpoint {f.path}: the saved mixed-precision state is for dtype {dtype!r}, but this run computes "
+               f"in {precision.dtype_name!r}; pass precision={dtype!r} to continue it")
+        raise ValueError(msg)
 
 
 def _restore_precision(f: _File, precision: Any) -> None:

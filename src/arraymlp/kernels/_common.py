@@ -100,7 +100,7 @@ def axpy(p, a, g, xp, work=None):
         return p + a * g
     n = math.prod(p.shape)
     if n >= WORK_MIN and work is not None:
-        s = xp.reshape(work(n, p, xp), p.shape)
+        s = work(n, p, xp).reshape(p.shape)
         xp.multiply(g, a, out=s)
         return xp.add(p, s, out=p)
     p += a * g  # small arrays: a temporary costs less than the bookkeeping
@@ -226,15 +226,23 @@ INDEXING_OVERRIDES = {
 # Hyper-parameters are numbers or arrays broadcasting against ``p`` (an ensemble's
 # per-member values), as in the reference.
 def _buffers(work, k, p, xp):
-    """``k`` scratch arrays of ``p``'s shape, from one loan of the work buffer."""
-    n = math.prod(p.shape)
+    """``k`` scratch arrays of ``p``'s shape, from one loan of the work buffer (reshaped by
+    the array's own method: NumPy's function form adds a Python-level wrapper)."""
+    shape = p.shape
+    n = math.prod(shape)
     flat = work(k * n, p, xp)
-    return [xp.reshape(flat[i * n:(i + 1) * n], p.shape) for i in range(k)]
+    if k == 1:
+        return [flat.reshape(shape)]
+    return [flat[i * n:(i + 1) * n].reshape(shape) for i in range(k)]
 
 
 def _out_applies(p, g, states, work) -> bool:
-    return (work is not None and g.dtype == p.dtype and is_writeable(p)
-            and all(s is None or is_writeable(s) for s in states))
+    if work is None or g.dtype != p.dtype or not is_writeable(p):
+        return False
+    for s in states:
+        if s is not None and not is_writeable(s):
+            return False
+    return True
 
 
 def _coupled(g, p, wd, w, xp):

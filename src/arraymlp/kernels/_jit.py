@@ -214,9 +214,11 @@ def add_argmax_hits(total, x, labels) -> bool:
     return True
 
 
-#: Adam's compiled pass takes parameters of at least this many elements: below, its
-#: call (checks, constants, dispatch: about 15 us) costs more than the dozen ufunc
-#: passes it replaces.
+#: Adam's compiled pass takes per-member (array) hyper-parameters for parameters of at
+#: least this many elements: below, its call (checks, a table of the members' constants,
+#: dispatch: about 15 us) costs more than the dozen ufunc passes it replaces. With
+#: hyper-parameters that are Python numbers it runs at every size
+#: (:func:`adam_numbers`, whose checks cost a few microseconds).
 ADAM_MIN = 16384
 
 
@@ -239,6 +241,118 @@ def _constants(hyper, k: int, p):
     return table
 
 
+def _adam_arrays(p, g, m, v, vmax, disjoint: bool = False):
+    """The arrays of an Adam step, ``(p, g, m, v[, vmax])``, where the compiled pass may
+    take them (see :func:`adam`), else None. Arrays that own their memory and are
+    distinct objects cannot overlap, which spares the pairwise memory test (about
+    0.3 us a pair) in the usual case: state the optimiser made, a fresh gradient; so
+    does ``disjoint``, the caller's word that it has compared the memory ranges."""
+    dt = p.dtype
+    if dt not in _DTYPES:
+        return None
+    shape = p.shape
+    arrays = (p, g, m, v) if vmax is None else (p, g, m, v, vmax)
+    owners = True
+    for a in arrays:
+        # (a dtype of the same kind and byte order is one object: identity first)
+        if type(a) is not numpy.ndarray or (a.dtype is not dt and a.dtype != dt) or a.shape != shape:
+            return None
+        f = a.flags
+        if not f.c_contiguous or not (f.writeable or a is g):
+            return None
+        owners = owners and f.owndata
+    # distinct buffers: the loop reads each element of g, m, v after writing p, m, v
+    if disjoint or (owners and len({id(a) for a in arrays}) == len(arrays)):
+        return arrays
+    if any(numpy.may_share_memory(a, b) for i, a in enumerate(arrays) for b in arrays[i + 1:]):
+        return None
+    return arrays
+
+
+_last_table: tuple = (None, None, None)  # (dtype, constants, their (9, 1) table) of the last call
+
+
+def _table(constants: tuple, dt):
+    """The (9, 1) table of ``constants`` in dtype ``dt``, remembered for the next call of
+    the same step (every parameter of a step has the same constants). Zeros are never
+    remembered: equality does not tell ``-0.0`` from ``0.0``."""
+    global _last_table
+    last_dt, last, table = _last_table
+    if last_dt is dt and last == constants:
+        return table
+    table = numpy.array(constants, dtype=dt).reshape(9, 1)
+    b1, _, b2, _, _, eps, step, _, _ = constants
+    if b1 and b2 and eps and step:
+        _last_table = (dt, constants, table)
+    return table
+
+
+def adam_numbers(p, g, m, v, vmax, constants: tuple, coupled: bool, decoupled: bool) -> bool:
+    """:func:`adam` for hyper-parameters that are Python numbers, at any size: the step's
+    nine constants (as :func:`adam` lists them) come as a tuple of Python numbers, rounded
+    once to ``p``'s dtype, as NumPy rounds a Python scalar in an operation with an array;
+    ``coupled`` and ``decoupled`` are bools. Its checks cost a few microseconds, so the
+    one pass pays for the smallest parameter (measured in docs/benchmarks.md)."""
+    if _kernels is None or type(p) is not numpy.ndarray:
+        return False
+    arrays = _adam_arrays(p, g, m, v, vmax)
+    if arrays is None:
+        return False
+    kern = _ready("adam", p.size)
+    if kern is None:
+        return False
+    rows = (1, p.size)
+    try:
+        kern.adam(p.reshape(rows), g.reshape(rows), m.reshape(rows), v.reshape(rows),
+                  (v if vmax is None else vmax).reshape(rows), _table(constants, p.dtype), coupled, decoupled,
+                  vmax is not None)
+    except Exception as exc:
+        _fall_back(exc)
+        return False
+    return True
+
+
+def adam_around_sqrt(p, g, m, v, vmax, w, constants: tuple, coupled: bool, decoupled: bool, sqrt,
+                     disjoint: bool = False) -> bool:
+    """:func:`adam_numbers` in two compiled passes around ``sqrt()``, the caller's square
+    root of ``v`` (or ``vmax``) into ``w``: for a library whose square root rounds
+    otherwise than IEEE's (torch's vectorised one), so that the values stay that
+    library's own, bit for bit. ``w`` is a scratch array of ``p``'s dtype and shape,
+    sharing memory with none of the others (``disjoint``: the caller has checked that no
+    two of the arrays share memory); False (nothing written) where the passes do not
+    apply."""
+    if _kernels is None or type(p) is not numpy.ndarray or type(w) is not numpy.ndarray:
+        return False
+    arrays = _adam_arrays(p, g, m, v, vmax, disjoint)
+    if (arrays is None or w.dtype != p.dtype or w.shape != p.shape or not w.flags.c_contiguous
+            or not w.flags.writeable or (not disjoint and any(numpy.may_share_memory(w, a) for a in arrays))):
+        return False
+    kern = _ready("adam", p.size)
+    if kern is None:
+        return False
+    if p.dtype not in _split_ready:
+        try:  # both passes compiled before the first writes: the second cannot fail halfway
+            one = numpy.ones((1, 1), dtype=p.dtype)
+            kern.adam_moments(one, one.copy(), one.copy(), one.copy(), one.copy(), numpy.ones((9, 1), p.dtype),
+                              coupled, decoupled, vmax is not None)
+            kern.adam_apply(one, one.copy(), one.copy(), numpy.ones((9, 1), p.dtype))
+        except Exception as exc:
+            _fall_back(exc)
+            return False
+        _split_ready.add(p.dtype)
+    rows = (1, p.size)
+    table = _table(constants, p.dtype)
+    pr, mr = p.reshape(rows), m.reshape(rows)
+    kern.adam_moments(pr, g.reshape(rows), mr, v.reshape(rows), (v if vmax is None else vmax).reshape(rows),
+                      table, coupled, decoupled, vmax is not None)
+    sqrt()
+    kern.adam_apply(pr, mr, w.reshape(rows), table)
+    return True
+
+
+_split_ready: set = set()  # dtypes whose two passes are compiled
+
+
 def adam(p, g, m, v, vmax, constants, coupled: bool, decoupled: bool) -> bool:
     """Adam's step of one parameter array in one pass, in place (the operations of
     :func:`arraymlp.kernels._common.adam_update`, bit for bit); False (nothing written)
@@ -248,16 +362,7 @@ def adam(p, g, m, v, vmax, constants, coupled: bool, decoupled: bool) -> bool:
     eps, lr / (1 - b1**t), wd, 1 - lr wd)`` (called only once the arrays qualify), each a
     number, or an array of K per-member values of shape (K, 1, ...) against an
     ensemble's stacked ``p`` (K, ...)."""
-    if _kernels is None or type(p) is not numpy.ndarray or p.size < ADAM_MIN or p.dtype not in _DTYPES:
-        return False
-    arrays = (p, g, m, v) if vmax is None else (p, g, m, v, vmax)
-    for a in arrays:
-        if type(a) is not numpy.ndarray or a.dtype != p.dtype or a.shape != p.shape or not a.flags.c_contiguous:
-            return False
-    if not all(a.flags.writeable for a in arrays if a is not g):
-        return False
-    # distinct buffers: the loop reads each element of g, m, v after writing p, m, v
-    if any(numpy.may_share_memory(a, b) for i, a in enumerate(arrays) for b in arrays[i + 1:]):
+    if _kernels is None or type(p) is not numpy.ndarray or p.size < ADAM_MIN or _adam_arrays(p, g, m, v, vmax) is None:
         return False
     kern = _ready("adam", p.size)
     if kern is None:

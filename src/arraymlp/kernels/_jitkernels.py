@@ -143,3 +143,39 @@ def adam(p, g, m, v, vmax, h, coupled, decoupled, amsgrad):  # pragma: no cover 
                 vmax[r, i] = top
                 vi = top
             p[r, i] = pi - (mi / (math.sqrt(vi) / bc2 + eps)) * step
+
+
+# Adam in two passes around a square root the caller takes (torch's, whose rounding
+# differs from IEEE's correctly rounded one in places): the operations and order of
+# :func:`adam`, with ``w = sqrt(v or vmax)`` read from the caller's array.
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def adam_moments(p, g, m, v, vmax, h, coupled, decoupled, amsgrad):  # pragma: no cover - compiled
+    """The first pass of :func:`adam`: ``p``'s decoupled decay, ``m``, ``v`` and ``vmax``."""
+    k, n = p.shape
+    for r in range(k):
+        b1, omb1, b2, omb2, wd, decay = h[0, r], h[1, r], h[2, r], h[3, r], h[7, r], h[8, r]
+        for i in range(n):
+            gi = g[r, i]
+            if decoupled:
+                p[r, i] = p[r, i] * decay
+            elif coupled:
+                gi = gi + p[r, i] * wd
+            m[r, i] = m[r, i] * b1 + gi * omb1
+            vi = v[r, i] * b2 + (gi * gi) * omb2
+            v[r, i] = vi
+            if amsgrad:
+                top = vmax[r, i]
+                if vi > top or vi != vi:
+                    top = vi
+                vmax[r, i] = top
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def adam_apply(p, m, w, h):  # pragma: no cover - compiled
+    """The second pass of :func:`adam`: ``p = p - (m / (w / sqrt(1 - b2**t) + eps)) step``,
+    ``w`` holding ``sqrt(v or vmax)``."""
+    k, n = p.shape
+    for r in range(k):
+        bc2, eps, step = h[4, r], h[5, r], h[6, r]
+        for i in range(n):
+            p[r, i] = p[r, i] - (m[r, i] / (w[r, i] / bc2 + eps)) * step

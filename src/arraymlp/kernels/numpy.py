@@ -87,6 +87,21 @@ def dense_sgd_update(x, dy, W, b, lr, l2, xp, *, bias_grad=R.bias_grad, sgd_appl
     if not (W.ndim == 2 and x.ndim == 2 and math.prod(W.shape) >= _BLAS_ACC_MIN
             and _blas.gemm_acc(W, x, dy, -lr, 1.0 - lr * l2)):
         # the reference's step (inlined: a call less per layer)
+        if type(x) is numpy.ndarray and x.ndim == 2 and type(W) is numpy.ndarray and W.flags.writeable:
+            g = x.T @ dy  # a fresh array: sgd_apply's operations on it, in its order
+            if l2:
+                g += l2 * W
+            g *= -lr
+            W += g
+            if b is not None:
+                db = bias_grad(dy, xp)
+                if (type(b) is numpy.ndarray and b.flags.writeable and type(db) is numpy.ndarray
+                        and db.flags.writeable):
+                    db *= -lr
+                    b += db
+                else:
+                    b = sgd_apply(b, db, lr, 0.0, xp)
+            return W, b
         if is_sparse(x):
             g = C.sparse_product(x.T, dy, xp)
         else:
@@ -95,6 +110,18 @@ def dense_sgd_update(x, dy, W, b, lr, l2, xp, *, bias_grad=R.bias_grad, sgd_appl
     if b is not None:
         b = sgd_apply(b, bias_grad(dy, xp), lr, 0.0, xp)
     return W, b
+
+
+def dense_backward(x, W, dy, has_bias, need_dx, xp, *, bias_grad=R.bias_grad):
+    """Two-dimensional NumPy arrays multiply by their ``.T`` views (the standard
+    ``matrix_transpose`` is a Python-level wrapper call per product: two of the three
+    products of every layer's backward pass); the same products, so the same values.
+    Anything else (a sparse input, an ensemble's stacked arrays) as the shared kernel."""
+    if type(x) is numpy.ndarray and x.ndim == 2 and type(W) is numpy.ndarray and W.ndim == 2:
+        dW = x.T @ dy
+        db = bias_grad(dy, xp) if has_bias else None
+        return (dy @ W.T if need_dx else None), dW, db
+    return C.dense_backward(x, W, dy, has_bias, need_dx, xp, bias_grad=bias_grad)
 
 
 def row_max(x, xp):
@@ -153,18 +180,39 @@ def adam_update(p, g, m, v, vmax, lr, b1, b2, eps, wd, decoupled, t, xp, work=No
     with the ufunc path's operations in its order and dtype, so the same values bit for
     bit; otherwise the ufunc path into the work buffer (``_common``). The step's
     constants are computed as that path computes them, from numbers in Python or from
-    an ensemble's per-member arrays in their dtype."""
-    if type(p) is numpy.ndarray and p.size >= _jit.ADAM_MIN:  # (smaller: the call costs more than it saves)
-        decay = decoupled and R.is_on(wd)
-        coupled = R.is_on(wd) and not decoupled
+    an ensemble's per-member arrays in their dtype. With hyper-parameters that are
+    Python floats (a plain model's optimiser) the pass runs at every size, its checks
+    being cheap (:func:`._jit.adam_numbers`); per-member arrays take it from
+    :data:`._jit.ADAM_MIN` elements."""
+    if type(p) is numpy.ndarray:
+        if _numbers(lr, b1, b2, eps, wd) and type(t) is int:
+            on = wd != 0
+            coupled = on and not decoupled
+            decay = on and bool(decoupled)
+            if _jit.adam_numbers(p, g, m, v, vmax, (b1, 1.0 - b1, b2, 1.0 - b2, math.sqrt(1.0 - b2**t), eps,
+                                                    lr / (1.0 - b1**t), wd if coupled else 0.0,
+                                                    1.0 - lr * wd if decay else 1.0), coupled, decay):
+                return p, m, v, vmax
+        elif p.size >= _jit.ADAM_MIN:  # (smaller: the call costs more than it saves)
+            decay = decoupled and R.is_on(wd)
+            coupled = R.is_on(wd) and not decoupled
 
-        def constants():
-            return (b1, 1.0 - b1, b2, 1.0 - b2, R.hyper_sqrt(1.0 - b2**t, xp), eps, lr / (1.0 - b1**t),
-                    wd if coupled else 0.0, 1.0 - lr * wd if decay else 1.0)
+            def constants():
+                return (b1, 1.0 - b1, b2, 1.0 - b2, R.hyper_sqrt(1.0 - b2**t, xp), eps, lr / (1.0 - b1**t),
+                        wd if coupled else 0.0, 1.0 - lr * wd if decay else 1.0)
 
-        if _jit.adam(p, g, m, v, vmax, constants, coupled, decay):
-            return p, m, v, vmax
+            if _jit.adam(p, g, m, v, vmax, constants, coupled, decay):
+                return p, m, v, vmax
     return C.adam_update(p, g, m, v, vmax, lr, b1, b2, eps, wd, decoupled, t, xp, work)
+
+
+def _numbers(*hyper) -> bool:
+    """Whether every hyper-parameter is a Python float or int (not a NumPy scalar, which
+    NumPy would not round to the array's dtype first)."""
+    for h in hyper:
+        if type(h) is not float and type(h) is not int:
+            return False
+    return True
 
 
 OVERRIDES = {
@@ -176,6 +224,7 @@ OVERRIDES = {
     "add_argmax_hits": add_argmax_hits,
     "all_finite": all_finite,
     "bias_grad": bias_grad,
+    "dense_backward": dense_backward,
     "dense_relu_forward": dense_relu_forward,
     "dense_sgd_update": dense_sgd_update,
     "relu_forward_inplace": relu_forward_inplace,
