@@ -41,7 +41,7 @@ ARRAY_PARAMS = {
 #: tables). ``module.*`` covers a whole module. Everything else must document shapes.
 NO_ARRAY_ARGUMENTS = {
     # configuration objects, errors, records and callbacks
-    "Callback", "EarlyStopping", "DivergenceError", "GradcheckError", "GradcheckReport",
+    "Callback", "ensemble.MemberGenerators", "EarlyStopping", "DivergenceError", "GradcheckError", "GradcheckReport",
     "History", "Generator", "functional.Activation", "MixedPrecision", "optim.LBFGSIteration",
     # look-ups by name
     "get_loss", "get_optimizer", "get_schedule", "resolve_backend", "metrics.get_metric",

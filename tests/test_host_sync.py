@@ -222,6 +222,16 @@ ENSEMBLE_CASES = {
                                                      lambda y, p, *, xp: xp.mean(xp.astype(y == p, xp.float64))])),
     "metrics-regression": dict(optimizer=lambda: SGD(lr=0.05), loss="mse", validation=True, weights=True,
                                fit=dict(metrics=["mae", "r2"], lr=[0.01, 0.02, 0.05])),
+    # each member its own batch order: (K, batch, ...) rows gathered on the device
+    "shuffle-members-classification": dict(optimizer=lambda: Adam(lr=1e-3), loss="cross_entropy", weights=True,
+                                           dropout=0.3, validation=True,
+                                           fit=dict(shuffle="members", metrics=["accuracy", lambda y, p, *, xp: xp.mean(
+                                               xp.astype(y == p, xp.float64))])),
+    "shuffle-members-regression": dict(optimizer=lambda: SGD(lr=0.05, momentum=0.9), loss="mse", weights=True,
+                                       validation=True, fit=dict(shuffle="members", metrics=["mae", "r2"])),
+    # a frozen member: its parameters, moments and step count kept by xp.where on the device
+    "frozen-member": dict(optimizer=lambda: Adam(lr=1e-3), loss="cross_entropy", dropout=0.3,
+                          fit=dict(_active=[True, False, True], shuffle="members")),
 }
 
 

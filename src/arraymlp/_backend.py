@@ -12,7 +12,7 @@ import math
 import numbers
 import sys
 import types
-from typing import Any
+from typing import Any, Sequence
 
 import array_api_compat
 import numpy
@@ -20,9 +20,11 @@ import numpy
 __all__ = [
     "BACKENDS",
     "Generator",
+    "MemberGenerators",
     "backend_name",
     "check_same_backend",
     "counter_bits",
+    "member_counter_bits",
     "device_of",
     "get_namespace",
     "resolve_backend",
@@ -844,6 +846,60 @@ def counter_bits(shape: tuple[int, ...], key: int, counter: int, xp: types.Modul
     return xp.reshape(h, shape)
 
 
+def member_counter_bits(shape: tuple[int, ...], keys: Sequence[int], counters: Sequence[int],
+                        xp: types.ModuleType, device: Any = None) -> Any:
+    """:func:`counter_bits` of K streams at once: an array of shape ``(K, *shape)`` whose
+    row ``k`` is ``counter_bits(shape, keys[k], counters[k], xp, device)``, bit for bit.
+
+    The K streams' words ``(s0, s1)`` are computed on the host and enter as a column of
+    K values (a copy to the device, never a read from it), so the draw is one pass over
+    ``K * prod(shape)`` elements whatever K is: an ensemble's members each draw their
+    own dropout masks, those of a plain model of their own seed.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from arraymlp._backend import counter_bits, member_counter_bits
+    >>> both = member_counter_bits((2, 3), [5, 9], [0, 4], np)
+    >>> both.shape, bool(np.array_equal(both[1], counter_bits((2, 3), 9, 4, np)))
+    ((2, 2, 3), True)
+    """
+    keys, counters = [int(v) for v in keys], [int(v) for v in counters]
+    k, n = len(keys), math.prod(shape)
+    if len(counters) != k or k < 1:
+        msg = f"member_counter_bits needs one counter per key, got {k} keys and {len(counters)} counters"
+        raise ValueError(msg)
+    if n > _M32:
+        msg = f"counter_bits draws at most 2**32 - 1 values per call, got shape {shape}"
+        raise ValueError(msg)
+    words = [_splitmix64((key & _M64) ^ _splitmix64(c & _M64)) for key, c in zip(keys, counters)]
+    s0 = numpy.array([w & _M32 for w in words], dtype=numpy.uint32).reshape(k, 1)
+    s1 = numpy.array([w >> 32 for w in words], dtype=numpy.uint32).reshape(k, 1)
+    out_shape = (k, *shape)
+    kind = backend_name(xp)
+    no_int64 = dtype_name(index_dtype(xp)) != "int64"
+    torch_cpu = kind == "torch" and getattr(canonical_device(xp, device), "type", None) == "cpu"
+    if kind == "numpy" or no_int64 or torch_cpu:
+        h = numpy.arange(n, dtype=numpy.uint32)[None, :] + s0  # wraps mod 2**32
+        h = _mix32_numpy(h)
+        h ^= s1
+        h = _mix32_numpy(h).reshape(out_shape)
+        if no_int64:
+            return xp.asarray(h, device=device)
+        return h if kind == "numpy" else xp.asarray(h.astype(numpy.int64))  # torch on the host: no copy
+    c0 = xp.asarray(s0.astype(numpy.int64), device=device)
+    c1 = xp.asarray(s1.astype(numpy.int64), device=device)
+    i = xp.arange(n, dtype=xp.int64, device=device)
+    if kind in ("torch", "cupy"):
+        h = xp.reshape(i, (1, n)) + c0
+        h &= _M32
+        h = _mix32_wrapping(h)
+        h ^= c1
+        return xp.reshape(_mix32_wrapping(h), out_shape)
+    h = _mix32(_mix32((xp.reshape(i, (1, n)) + c0) & _M32) ^ c1)
+    return xp.reshape(h, out_shape)
+
+
 class Generator:
     """One seeded random generator per model.
 
@@ -964,3 +1020,93 @@ class Generator:
                 msg = f"the random stream's {name} must be an integer in [0, 2**64), got {v!r}"
                 raise ValueError(msg)
         self.key, self.counter = int(key), int(counter)
+
+
+class MemberGenerators(Generator):
+    """The random streams of an ensemble of K members: a shared generator and one
+    :class:`Generator` per member.
+
+    The shared streams (this object's own, those of a :class:`Generator`) draw what the
+    members share: the batch order of ``fit(..., shuffle=True)``. Member ``i``'s generator
+    draws member ``i``'s own: its dropout masks (:meth:`bits` gives every member its own
+    draw, one pass over all of them, :func:`member_counter_bits`) and, with
+    ``fit(..., shuffle="members")``, its batch order. Each member's generator is the one a
+    plain model of member ``i``'s seed would hold at the same point, so member ``i``
+    draws what that plain model draws.
+
+    Parameters
+    ----------
+    shared : Generator
+    members : sequence of Generator
+        One per member (K), of the shared generator's namespace and device.
+
+    Attributes
+    ----------
+    active : numpy.ndarray of bool, shape (K,), or None
+        The members whose streams advance (``None``: all). A frozen member (per-member
+        early stopping) still gets masks, but its counter stays, so that when it trains
+        again it draws what its plain model, stopped at the same point, would draw.
+
+    Examples
+    --------
+    >>> import numpy as np, arraymlp as am
+    >>> from arraymlp._backend import MemberGenerators
+    >>> gens = MemberGenerators(am.Generator(0, np), [am.Generator(s, np) for s in (5, 6)])
+    >>> u = gens.bits((2, 4, 3))                    # each member's (4, 3) draw
+    >>> bool(np.array_equal(u[1], am.Generator(6, np).bits((4, 3))))
+    True
+    >>> gens.bits((4, 3)).shape, [m.counter for m in gens.members]   # a shared input: (K, 4, 3)
+    ((2, 4, 3), [2, 2])
+    """
+
+    def __init__(self, shared: Generator, members: Sequence[Generator]):
+        self.seed_sequence, self.host = shared.seed_sequence, shared.host
+        self.xp, self.device = shared.xp, shared.device
+        self.key, self.counter = shared.key, shared.counter
+        self.members = list(members)
+        self.active = None
+
+    def bits(self, shape: tuple[int, ...]) -> Any:
+        """Each member's draw of its own stream, shape ``(K, *per)``: ``per`` is
+        ``shape[1:]`` for an array of the members' activations (K, n, d), else ``shape``
+        (an input every member shares). Each active member's counter advances by one."""
+        shape, k = tuple(shape), len(self.members)
+        per = shape[1:] if len(shape) >= 3 and shape[0] == k else shape
+        out = member_counter_bits(per, [m.key for m in self.members], [m.counter for m in self.members],
+                                  self.xp, self.device)
+        for i, m in enumerate(self.members):
+            if self.active is None or self.active[i]:
+                m.counter += 1
+        return out
+
+    def get_state(self) -> dict:
+        """As :meth:`Generator.get_state`, with ``"members"``: each member's state."""
+        return {**super().get_state(), "members": [m.get_state() for m in self.members]}
+
+    def set_state(self, state: dict) -> None:
+        """Restore a :meth:`get_state` snapshot (one without ``"members"`` leaves the
+        members' streams as they are)."""
+        super().set_state(state)
+        members = state.get("members")
+        if members is None:
+            return
+        if len(members) != len(self.members):
+            msg = f"the random state holds {len(members)} members' streams but the ensemble has {len(self.members)}"
+            raise ValueError(msg)
+        for m, s in zip(self.members, members):
+            m.set_state(s)
+
+    def moved(self, xp: types.ModuleType, device: Any = None) -> "MemberGenerators":
+        """As :meth:`Generator.moved`, every member's streams included."""
+        return MemberGenerators(Generator.moved(self, xp, device), [m.moved(xp, device) for m in self.members])
+
+
+def generator_from_state(entropy: Any, state: dict, xp: types.ModuleType, device: Any = None) -> Generator:
+    """The generator a :meth:`Generator.get_state` snapshot describes: a
+    :class:`MemberGenerators` when it holds members' streams, else a :class:`Generator`."""
+    gen = Generator(entropy, xp, device)
+    members = state.get("members")
+    if members is not None:
+        gen = MemberGenerators(gen, [Generator(entropy, xp, device) for _ in members])
+    gen.set_state(state)
+    return gen

@@ -363,8 +363,9 @@ class DataParallel:
             # Same permutation everywhere, but independent dropout masks per rank: a key of
             # the rank's own, derived from the root's, at the root's counter (so a run
             # resumed from the root's checkpoint draws the masks it drew before).
-            seq = numpy.random.SeedSequence([model.rng.key, self.rank])
-            model.rng.key = int(seq.generate_state(1, dtype=numpy.uint64)[0])
+            for gen in [model.rng, *getattr(model.rng, "members", ())]:  # an ensemble's members' streams too
+                seq = numpy.random.SeedSequence([gen.key, self.rank])
+                gen.key = int(seq.generate_state(1, dtype=numpy.uint64)[0])
         if isinstance(callbacks, list):
             # checkpoints (callbacks that save the run's state) are written by the root only
             callbacks[:] = [RootOnly(cb, self) if _saves_run(cb) else cb for cb in callbacks]

@@ -14,10 +14,18 @@ Member ``i`` of ``MLP(sizes, ..., ensemble=K, seed=s)`` starts with exactly the 
 of ``MLP(sizes, ..., seed=member_seeds(s, K)[i])``: its seed is the ``i``-th child of
 ``numpy.random.SeedSequence(s)`` (:func:`member_seeds`). A child does not depend on ``K``,
 so a larger ensemble of the same seed starts with the smaller one's members; two
-ensembles of different seeds share none. The ensemble's own generator (shuffling,
-dropout) is ``Generator(s)``, the one a plain model of seed ``s`` has, so that a plain
-model trained with ``fit(..., seed=t)`` sees the batches the ensemble sees with the same
-``seed=t``.
+ensembles of different seeds share none.
+
+Random streams
+--------------
+``model.rng`` of an ensemble is a :class:`MemberGenerators`: a shared generator,
+``Generator(s)``, which draws the batch order the members share (so that a plain model
+trained with ``fit(..., seed=t)`` sees the batches the ensemble sees with the same
+``seed=t``), and member ``i``'s own generator, the one the plain model of member ``i``'s
+seed holds after its initialisation, which draws member ``i``'s dropout masks and, with
+``fit(..., shuffle="members")``, its batch order. ``fit(..., seed=t)`` starts them
+afresh: ``Generator(t)`` and ``Generator(member_seeds(t, K)[i])``. A frozen member's
+streams do not advance.
 
 Training
 --------
@@ -26,7 +34,9 @@ mean over the batch, weighted by its row of ``sample_weight``), its own gradient
 own optimiser hyper-parameters where they are given as K values; the update is the plain
 optimiser's rule with those hyper-parameters broadcast as arrays of shape (K, 1, 1).
 Member ``i`` then follows the trajectory of a plain model trained alone with member
-``i``'s settings and initial parameters, to rounding.
+``i``'s settings and initial parameters, to rounding. A member frozen by per-member early
+stopping keeps its parameters, moments and step count (each member has its own,
+``_MemberUpdate.steps``), as a stopped plain model keeps them.
 """
 
 from __future__ import annotations
@@ -43,6 +53,7 @@ import numpy
 from . import layers as L
 from ._backend import (
     Generator,
+    MemberGenerators,
     StepValues,
     check_same_backend,
     check_same_device,
@@ -51,6 +62,7 @@ from ._backend import (
     get_namespace,
     index_dtype,
     is_float16,
+    is_sparse,
     is_writeable,
     quiet_overflow,
     slice_rows,
@@ -62,13 +74,13 @@ from .fusion import plan_for
 from .kernels import kernels_for
 from .kernels.reference import _idiv, _imul, _isub, constant_like
 from .losses import LOSSES, Loss, get_loss
-from .metrics import Metric, _MembersPair, _Pair, get_metrics, read_results
+from .metrics import Metric, _MembersPair, _Pair, accuracy, get_metrics, read_results
 from .optim import LBFGS, SGD, Adagrad, Adam, Optimizer, RMSprop, get_optimizer
 from .precision import _keep_if_not, master_grads, resolve_precision
 from .precision import _snapshot as _amp_snapshot
 
 __all__ = ["EnsembleHistory", "check_layers", "check_members", "cross_val_scores", "evaluate", "fit", "make_step",
-           "member_seeds", "partial_fit", "predict", "predict_proba"]
+           "member_seeds", "MemberGenerators", "partial_fit", "predict", "predict_proba"]
 
 
 # ------------------------------------------------------------------------ members
@@ -157,13 +169,31 @@ def member_params(params: list[dict[str, Any]], i: int, xp) -> list[dict[str, An
     return out
 
 
-def init_members(layers, seeds: Sequence[int], xp, device, dtype) -> list[dict[str, Any]]:
-    """Stacked initial parameters: member ``i`` drawn as a plain model of seed ``seeds[i]``."""
-    members = []
+def init_members(layers, seeds: Sequence[int], xp, device, dtype) -> tuple[list[dict[str, Any]], list[Generator]]:
+    """Stacked initial parameters, member ``i`` drawn as a plain model of seed
+    ``seeds[i]``, and the members' generators after those draws (where a plain model's
+    generator is after its initialisation)."""
+    members, gens = [], []
     for s in seeds:
         rng = Generator(s, xp, device)
         members.append([layer.init_params(rng=rng, dtype=dtype) for layer in layers])
-    return stack_params(members, xp)
+        gens.append(rng)
+    return stack_params(members, xp), gens
+
+
+def _member_generators(model, seed, xp) -> MemberGenerators:
+    """The ensemble's generators for a fit: with ``seed``, fresh ones, the shared
+    ``Generator(seed)`` (the batch order a plain model fitted with ``seed=seed`` draws) and
+    member ``i``'s ``Generator(member_seeds(seed, K)[i])`` (what a plain model fitted with
+    ``seed=member_seeds(seed, K)[i]`` draws); else the model's own (one without members'
+    streams gets fresh ones of the members' seeds)."""
+    k, device = model.ensemble, model.device
+    if seed is not None:
+        return MemberGenerators(Generator(seed, xp, device), [Generator(s, xp, device) for s in member_seeds(seed, k)])
+    rng = model.rng
+    if isinstance(rng, MemberGenerators) and len(rng.members) == k:
+        return rng
+    return MemberGenerators(rng, [Generator(s, xp, device) for s in model.member_seeds])
 
 
 # ------------------------------------------------------------------- per-member values
@@ -235,16 +265,19 @@ def _elementwise_kernels():
             "binary_cross_entropy": _losses._bce_kernel, "poisson_nll": _losses._poisson_kernel}
 
 
-def _targets(lossfn, y, n_out: int, xp, dtype):
-    """Targets as an array that broadcasts against the outputs (K, n, n_out)."""
+def _targets(lossfn, y, n_out: int, xp, dtype, members: bool = False):
+    """Targets as an array that broadcasts against the outputs (K, n, n_out); with
+    ``members``, ``y`` holds each member's own rows, a leading axis of K."""
     if lossfn.name == "cross_entropy":
         if xp.isdtype(y.dtype, "integral"):
             ix = index_dtype(xp)  # int32 on JAX's 32-bit mode, where int64 is truncated with a warning
-            labels = xp.reshape(xp.astype(y, ix), (-1, 1))
+            labels = xp.reshape(xp.astype(y, ix), (*y.shape, 1))
             return xp.astype(labels == xp.arange(n_out, dtype=ix, device=y.device), dtype)
         return xp.astype(y, dtype)
     y = xp.astype(y, dtype)
-    return xp.reshape(y, (-1, n_out)) if y.ndim == 1 else y
+    if y.ndim == (2 if members else 1):
+        return xp.reshape(y, (*y.shape, 1)) if n_out == 1 else xp.reshape(y, (*y.shape[:-1], -1, n_out))
+    return y
 
 
 def member_losses(lossfn, out, t, w, xp):
@@ -255,7 +288,7 @@ def member_losses(lossfn, out, t, w, xp):
     lossfn : Loss
         A row of :data:`arraymlp.losses.LOSSES` (the fused ones take logits).
     out : array, shape (K, n, m)
-    t : array, shape (n, m)
+    t : array, shape (n, m), or (K, n, m) (each member's own rows)
         Targets from :func:`_targets` (one-hot for labels).
     w : array of shape (K, n), or None
         Each member's sample weights; a batch in which a member's weights are all zero
@@ -281,7 +314,7 @@ def member_losses(lossfn, out, t, w, xp):
         tsum = xp.sum(t, axis=-1)  # (n,)
         z = _imul(z, t)  # t * z: z is not read again
         per_sample = tsum * xp.log(s)[..., 0] - per_row(ks.row_sum, z)[..., 0]  # (K, n)
-        g = _isub(_imul(_idiv(e, s), xp.reshape(tsum, (n, 1))), t)  # softmax * sum(t) - t, into e
+        g = _isub(_imul(_idiv(e, s), xp.expand_dims(tsum, axis=-1)), t)  # softmax * sum(t) - t, into e
         scale_m = 1.0
     else:
         e, g = _elementwise_kernels()[lossfn.name](out, t, xp)
@@ -297,8 +330,9 @@ def member_losses(lossfn, out, t, w, xp):
     return losses, _imul(g, c[:, :, None])
 
 
-def _custom_member_losses(lossfn, out, y, w, xp):
-    """A loss outside the table: its function once per member (correct, not fast)."""
+def _custom_member_losses(lossfn, out, y, w, xp, members: bool = False):
+    """A loss outside the table: its function once per member (correct, not fast);
+    ``members``: ``y`` has each member's own rows (a leading axis of K)."""
     values, grads = [], []
     for i in range(out.shape[0]):
         wi = None if w is None else w[i, ...]
@@ -306,7 +340,7 @@ def _custom_member_losses(lossfn, out, y, w, xp):
             values.append(xp.zeros((), dtype=out.dtype, device=out.device))
             grads.append(xp.zeros_like(out[i, ...]))
             continue
-        v, g = lossfn.fn(out[i, ...], y, xp=xp, sample_weight=wi)
+        v, g = lossfn.fn(out[i, ...], y[i, ...] if members else y, xp=xp, sample_weight=wi)
         values.append(v)
         grads.append(g)
     return xp.stack(values), xp.stack(grads)
@@ -365,10 +399,26 @@ class _MemberUpdate:
             self.b1 = _per_member("betas[0]", b[0], k, xp, like, high=1.0, high_open=True)
             self.b2 = _per_member("betas[1]", b[1], k, xp, like, high=1.0, high_open=True)
         self.state: list[dict[str, dict[str, Any]]] | None = None
-        self.t = 0
+        #: each member's step count (its Adam bias correction, Adagrad decay, first
+        #: momentum step): a frozen member's stands still, as a stopped plain model's does
+        self.steps = numpy.zeros(k, dtype=numpy.int64)
         self._scratch = None
 
     _HYPER = ("lr", "wd", "momentum", "b1", "b2")
+
+    @property
+    def t(self):
+        """The members' step count: an int where they agree, else an int array (K,)."""
+        s = self.steps
+        return int(s[0]) if (s == s[0]).all() else s.copy()
+
+    @t.setter
+    def t(self, value) -> None:
+        steps = numpy.asarray(value, dtype=numpy.int64).reshape(-1)
+        if steps.shape[0] not in (1, self.k) or (steps < 0).any():
+            msg = f"the members' step count must be one int >= 0 or {self.k} of them, got {value!r}"
+            raise ValueError(msg)
+        self.steps = numpy.broadcast_to(steps, (self.k,)).copy()
 
     @property
     def name(self) -> str:
@@ -388,7 +438,9 @@ class _MemberUpdate:
         if self.state is not None:
             state = [{key: {slot: xp.asarray(a, copy=True) for slot, a in st.items()}
                       for key, st in layer.items()} for layer in self.state]
-        return {"optimizer": self.name, "hyperparameters": hyper, "step": self.t, "state": state}
+        t = self.t
+        return {"optimizer": self.name, "hyperparameters": hyper, "step": t if isinstance(t, int) else t.tolist(),
+                "state": state}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         """Back to a :meth:`state_dict` (its arrays may be NumPy host arrays)."""
@@ -403,7 +455,7 @@ class _MemberUpdate:
                 msg = f"state_dict has hyper-parameter {key!r}, which the {self.name} rule of an ensemble has not"
                 raise ValueError(msg)
             setattr(self, key, _per_member(key, v, self.k, self.xp, like, high=None))
-        self.t = int(sd["step"])
+        self.t = sd["step"]  # an int, or one per member
         self.state = None if sd["state"] is None else [
             {key: {slot: _to_xp(numpy.asarray(to_numpy(a)), self.xp, like.dtype, like.device)
                    for slot, a in st.items()} for key, st in layer.items()} for layer in sd["state"]]
@@ -474,24 +526,43 @@ class _MemberUpdate:
             grads = [{k: g * coef for k, g in layer.items()} for layer in grads]
         return grads
 
-    def step(self, params, grads, active):
-        """Update ``params`` in place of its dicts; ``active`` (a float or (K, 1, 1)
-        array of 0 and 1) scales each member's rate, so that a stopped member stays."""
-        xp, o = self.xp, self.opt
+    def step(self, params, grads, active=None):
+        """Update ``params`` in place of its dicts. ``active`` (host bools (K,), None: all)
+        marks the members that train: a frozen member's parameters, moments and step
+        count stay as they are (put back by ``xp.where`` on the device, no host read).
+        Members that train with different step counts (one frozen for a while, then
+        trained again) are updated group by group, each with its own count, so that
+        each member's update is its plain model's."""
+        xp = self.xp
         grads = self._clip(grads)
         self.build_state(params)
-        self.t += 1
-        lr = self.lr * active
+        on = numpy.ones(self.k, dtype=bool) if active is None else numpy.asarray(active, dtype=bool).reshape(self.k)
+        counts = numpy.unique(self.steps[on])
+        if on.all() and counts.size == 1:  # the usual step: one update of every member
+            self._apply(params, grads, int(counts[0]) + 1)
+            self.steps += 1
+            return params
+        for t in counts.tolist():
+            group = on & (self.steps == t)
+            before = _amp_snapshot(params, self.state, xp)
+            self._apply(params, grads, t + 1)
+            mask = xp.reshape(xp.asarray(group, device=device_of(self.like)), (self.k, 1, 1))
+            _keep_if_not(mask, before, params, self.state, xp)
+            self.steps[group] += 1
+        return params
+
+    def _apply(self, params, grads, t: int) -> None:
+        o, xp = self.opt, self.xp
         for layer, glayer, slayer in zip(params, grads, self.state):
             for key, p in layer.items():
                 wd = self.wd if (key == "W" or o.decay_bias) else 0.0
-                layer[key] = self._update(p, glayer[key], slayer[key], lr, wd, xp)
-        return params
+                layer[key] = self._update(p, glayer[key], slayer[key], self.lr, wd, t, xp)
 
-    def _update(self, p, g, st, lr, wd, xp):
-        """The plain optimiser's kernel of the set, with the per-member hyper-parameters
-        as they are (floats, or (K, 1, 1) arrays that broadcast over the stacked ``p``)."""
-        o, t, ks = self.opt, self.t, kernels_for(xp)
+    def _update(self, p, g, st, lr, wd, t, xp):
+        """The plain optimiser's kernel of the set at step ``t``, with the per-member
+        hyper-parameters as they are (floats, or (K, 1, 1) arrays that broadcast over the
+        stacked ``p``)."""
+        o, ks = self.opt, kernels_for(xp)
         if isinstance(o, SGD):
             if self._on(self.momentum):
                 p, st["momentum_buffer"] = ks.sgd_momentum_update(
@@ -523,6 +594,18 @@ class _MemberUpdate:
         return p
 
 
+def moved_rule(rule: _MemberUpdate, params, xp) -> _MemberUpdate:
+    """A copy of the members' update rule (per-member settings, step counts and moments)
+    for ``params`` (an ensemble's stacked parameters, on any backend, device and dtype):
+    ``copy`` and ``to`` of an ensemble carry its optimiser on, as a plain model's do."""
+    like = next(a for p in params for a in p.values())
+    opt = rule.opt
+    new = _MemberUpdate(type(opt)(**opt.hyperparameters()), rule.k, xp, like, lr=None, momentum=None,
+                        weight_decay=None, betas=None)
+    new.load_state_dict(rule.state_dict())
+    return new
+
+
 def _assign(a, c):
     """``c``'s values, into ``a`` where it is writeable (``a`` is then reused)."""
     if is_writeable(a):
@@ -551,7 +634,7 @@ class EnsembleHistory(History):
 
 # ----------------------------------------------------------------------------- fit
 def partial_fit(model, x, y, *, loss: str | None = None, optimizer: str | Optimizer | None = None, lr: Any = None,
-                batch_size: int = 32, shuffle: bool = True, l2: Any = 0.0,
+                batch_size: int = 32, shuffle: bool | str = True, l2: Any = 0.0,
                 sample_weight: Any = None, metrics: Sequence[Any] | None = None, precision: Any = None,
                 comm: Any = None, _active: Any = None, _l2_per_batch: bool = False,
                 _host_weight: Any = None) -> EnsembleHistory:
@@ -561,12 +644,14 @@ def partial_fit(model, x, y, *, loss: str | None = None, optimizer: str | Optimi
     Parameters are as for :func:`fit` (``x`` (n, n_features), ``y`` (n, n_outputs), (n,)
     or labels (n,), ``sample_weight`` (K, n) or (n,)); ``loss`` defaults to the last fit's,
     and ``lr`` (one or K values) is the only hyper-parameter that may change between calls.
-    ``copy``, ``to`` and ``member`` start their model's optimiser afresh. ``comm`` makes
+    ``copy`` and ``to`` carry a copy of the members' optimiser on (each member's moments
+    and step count), ``member`` starts afresh. ``comm`` makes
     the epoch data-parallel, as :func:`arraymlp.partial_fit`'s does.
 
     Three private options serve the scikit-learn estimators (``n_members=K``), whose
     epochs are one call each: ``_active`` (K bools) trains only the members marked True
-    (the others are frozen: their parameters do not change); ``_l2_per_batch`` divides
+    (the others are frozen: their parameters, optimiser moments, step counts and random
+    streams do not change); ``_l2_per_batch`` divides
     ``l2`` by each batch's size, or weight sum, as scikit-learn scales its penalty;
     ``_host_weight``, the (n,) sample weights as a float64 host array, gives those
     weight sums without a device read, and a batch whose weights are all zero is then
@@ -599,11 +684,13 @@ def _rule(model, run, optimizer, lr, momentum, weight_decay, betas, reuse: bool)
                          momentum=momentum, weight_decay=weight_decay, betas=betas)
 
 
-def _step_schedules(schedules, logs) -> None:
-    """A ReduceOnPlateau records its member's monitored loss (validation loss, else training)."""
+def _step_schedules(schedules, logs, active) -> None:
+    """A ReduceOnPlateau records its member's monitored loss (validation loss, else
+    training), while the member trains (``active``, host bools (K,)): a frozen member's
+    stands still, as a stopped plain model's does."""
     monitored = logs["val_loss"] if logs["val_loss"] is not None else logs["loss"]
     for i, s in enumerate(schedules):
-        if callable(getattr(s, "step", None)):
+        if active[i] and callable(getattr(s, "step", None)):
             s.step(float(monitored[i]))
 
 
@@ -629,6 +716,31 @@ def _check_schedules(schedule, lr, k: int):
         msg = f"a ReduceOnPlateau follows one loss: give {k} of them, one per member"
         raise ValueError(msg)
     return schedules
+
+
+def _random_streams(run, seed, shuffle, comm, estimator: bool) -> None:
+    """The fit's generators (:func:`_member_generators`) and whether each member draws
+    its own order (``shuffle="members"``, checked)."""
+    run.members_order = _check_shuffle(shuffle, run, comm, estimator)
+    run.model.rng = _member_generators(run.model, seed, run.xp)
+
+
+def _check_shuffle(shuffle, run, comm, estimator: bool) -> bool:
+    """``shuffle=`` checked; whether each member draws its own order (``"members"``)."""
+    if isinstance(shuffle, str):
+        if shuffle != "members":
+            msg = f"shuffle must be True, False or 'members' (each member in its own order), got {shuffle!r}"
+            raise ValueError(msg)
+        reason = ("data-parallel training (comm=)" if comm is not None else "a sparse x" if is_sparse(run.x)
+                  else "the scikit-learn estimators' per-batch rules" if estimator else None)
+        if reason is not None:
+            msg = f"shuffle='members' is not supported with {reason}; use shuffle=True (one order for every member)"
+            raise ValueError(msg)
+        return True
+    if not isinstance(shuffle, (bool, numpy.bool_)):
+        msg = f"shuffle must be True, False or 'members' (each member in its own order), got {shuffle!r}"
+        raise TypeError(msg)
+    return False
 
 
 def _check_run(epochs, batch_size, validation_split):
@@ -834,15 +946,44 @@ def member_metric(model, out, y, lossfn, xp, *, logits: bool) -> numpy.ndarray:
     return scores.mean(axis=1)
 
 
-def _losses(model, lossfn, out, y, w, xp):
+def _losses(model, lossfn, out, y, w, xp, members: bool = False):
     if LOSSES.get(lossfn.name) is lossfn:
-        return member_losses(lossfn, out, _targets(lossfn, y, int(out.shape[-1]), xp, out.dtype), w, xp)
-    return _custom_member_losses(lossfn, out, y, w, xp)
+        return member_losses(lossfn, out, _targets(lossfn, y, int(out.shape[-1]), xp, out.dtype, members), w, xp)
+    return _custom_member_losses(lossfn, out, y, w, xp, members)
+
+
+class _RowsPair(_MembersPair):
+    """A batch of ``shuffle="members"``: ``y`` holds each member's own rows, (K, n, ...);
+    member ``i``'s pair is its rows against its outputs."""
+
+    __slots__ = ()
+
+    def member(self, i: int) -> _Pair:
+        return _Pair(self.y[i, ...], self.out[i, ...], self.task, self.xp, threshold=self.threshold, rates=self.rates)
+
+
+def _update_metrics(run, yb, out, xp) -> None:
+    """The batch joins the epoch's metric sums, on the device. With each member's own
+    rows, member by member (the metric's plain sums, stacked when read)."""
+    if run.members_order:
+        pair = _RowsPair(yb, out, run.lossfn.task, xp, **run.pair_kind)
+        labels = run.lossfn.task == "multiclass" and yb.ndim == 2 and xp.isdtype(yb.dtype, "integral")
+        for acc in run.accs:
+            if labels and type(acc.metric) is type(accuracy):  # all members at once: hits (K,)
+                pred = xp.argmax(out, axis=-1)
+                acc.add([xp.sum(xp.astype(pred == xp.astype(yb, pred.dtype), index_dtype(xp)), axis=-1)])
+                acc.count += int(yb.shape[1])
+            else:
+                Metric._update_members(acc.metric, acc, pair)
+        return
+    pair = _MembersPair(yb, out, run.lossfn.task, xp, **run.pair_kind)
+    for acc in run.accs:
+        acc.update(pair)
 
 
 def fit(model, x, y, *, loss: str | Loss | None = None, optimizer: str | Optimizer = "adam", lr: Any = None,
         momentum: Any = None, weight_decay: Any = None, betas: Any = None, l2: Any = 0.0, epochs: int = 10,
-        batch_size: int = 32, shuffle: bool = True, validation_data: tuple | None = None,
+        batch_size: int = 32, shuffle: bool | str = True, validation_data: tuple | None = None,
         validation_split: float = 0.0, early_stopping: EarlyStopping | int | None = None,
         sample_weight: Any = None, seed: int | None = None, schedule: Any = None, callbacks: Sequence = (),
         metrics: Sequence[Any] | None = None, precision: Any = None, progress: bool = True, verbose: bool = False,
@@ -856,12 +997,24 @@ def fit(model, x, y, *, loss: str | Loss | None = None, optimizer: str | Optimiz
     model : Sequential built with ``ensemble=K``
     x : array, shape (n, n_features)
     y : array, shape (n, n_outputs), (n,), or integer labels (n,) for cross-entropy
-    loss, optimizer, epochs, batch_size, shuffle, validation_data, validation_split, seed
+    loss, optimizer, epochs, batch_size, validation_data, validation_split, seed
         As for :func:`arraymlp.fit` (an omitted ``loss`` is inferred as it infers it:
         cross-entropy for a softmax output, and so on). ``optimizer`` gives the update
         rule and the hyper-parameters the members share; ``"lbfgs"`` (or an
         :class:`arraymlp.optim.LBFGS`) trains the members as K full-batch L-BFGS runs side
         by side instead (:func:`_fit_lbfgs`: ``epochs`` caps each member's iterations).
+        ``seed`` gives the shared generator ``Generator(seed)`` and member ``i`` the
+        generator ``Generator(member_seeds(seed, K)[i])`` (its dropout masks and, with
+        ``shuffle="members"``, its batch order): what a plain model fitted with
+        ``seed=member_seeds(seed, K)[i]`` draws. Without it each member goes on with its
+        own generator, as a plain model of its seed does.
+    shuffle : bool or "members"
+        True (default): every member trains on the same batches, in the order of the
+        shared generator (as a plain model fitted with ``seed`` draws it); False: in the
+        order of the rows; ``"members"``: each member in its own order, drawn from its
+        own generator (each epoch's first layer then reads (K, batch, n_features) rows
+        gathered for the members), so that member ``i`` sees the batches of its plain
+        model. Not with ``comm=`` nor a sparse ``x``.
     lr, momentum, weight_decay : float or sequence of K floats, optional
         Per-member values (one value: every member's); ``None`` keeps the optimiser's.
     betas : (beta1, beta2), optional
@@ -945,6 +1098,7 @@ def fit(model, x, y, *, loss: str | Loss | None = None, optimizer: str | Optimiz
     lossfn = get_loss(model._own_loss(loss, y, last_fit=False))
     run = _prepare(model, x, y, lossfn, sample_weight, validation_data, validation_split)
     k, xp, like = model.ensemble, run.xp, run.like
+    _random_streams(run, seed, shuffle, comm, _l2_per_batch or _host_weight is not None)
     run.rule = _rule(model, run, optimizer, lr, momentum, weight_decay, betas, _reuse_optimizer)
     opt = run.rule.opt
     run.l2 = _per_member("l2", l2, k, xp, like)
@@ -957,8 +1111,6 @@ def fit(model, x, y, *, loss: str | Loss | None = None, optimizer: str | Optimiz
     model.optimizer_ = None  # the members' optimiser state: ensemble_optimizer_
     model.ensemble_optimizer_ = run.rule
     model.schedule_ = None
-    if seed is not None:
-        model.rng = Generator(seed, xp, model.device)
     history = _start_history(run, metrics)
     _estimator_options(run, _active, _l2_per_batch, _host_weight)
     run.best, run.best_epoch = numpy.full(k, numpy.inf), numpy.full(k, -1)
@@ -966,7 +1118,8 @@ def fit(model, x, y, *, loss: str | Loss | None = None, optimizer: str | Optimiz
     start_epoch = _resume(run, resume_from, callbacks, schedules)
     call = None if comm is None else {
         "lr": _plain(lr), "momentum": _plain(momentum), "weight_decay": _plain(weight_decay), "betas": _plain(betas),
-        "l2": _plain(l2), "epochs": epochs, "batch_size": batch_size, "shuffle": shuffle, "optimizer steps": run.rule.t}
+        "l2": _plain(l2), "epochs": epochs, "batch_size": batch_size, "shuffle": shuffle,
+        "optimizer steps": _plain(run.rule.t)}
     verbose = _data_parallel(run, comm, callbacks, verbose, call, "partial_fit" if _reuse_optimizer else "fit")
     if resume_from is not None and schedule is None:  # the checkpoint's rates replace lr=
         r = run.rule.lr
@@ -997,6 +1150,7 @@ def fit(model, x, y, *, loss: str | Loss | None = None, optimizer: str | Optimiz
             history.best_epochs = run.best_epoch
     finally:
         model.steps_ = run.step
+        model.rng.active = None
         for cb in callbacks:
             cb.on_train_end(model, history)
     return history
@@ -1050,13 +1204,10 @@ def _plain(value):
 def _estimator_options(run: _Run, active, l2_per_batch: bool, host_weight) -> None:
     """Which members train (all, or those of the scikit-learn estimators' ``_active``;
     the others are frozen), and those estimators' per-batch L2 rule and host weights."""
-    k, xp, like = run.model.ensemble, run.xp, run.like
+    k = run.model.ensemble
     run.active_host = numpy.ones(k, dtype=bool)
     if active is not None:
         run.active_host = numpy.asarray(active, dtype=bool).reshape(k).copy()
-        if not run.active_host.all():
-            run.active = xp.reshape(xp.asarray(run.active_host.astype(float), dtype=like.dtype, device=like.device),
-                                    (k, 1, 1))
     run.l2_per_batch = bool(l2_per_batch)
     if host_weight is not None:
         run.host_weight = numpy.asarray(host_weight, dtype=numpy.float64).reshape(-1)
@@ -1086,6 +1237,7 @@ def _resume(run: _Run, resume_from, callbacks, schedules) -> int:
 
         start_epoch = restore_checkpoint(resume_from, model, optimizer=run.rule, history=run.history,
                                          callbacks=callbacks, precision=run.amp)
+        model.rng = _member_generators(model, None, run.xp)  # (one written without the members' streams)
     run.step = getattr(model, "steps_", 0)
     return start_epoch
 
@@ -1126,9 +1278,6 @@ class _MembersState(Callback):
         run.wait = numpy.array(state["wait"], dtype=int)
         run.active_host = numpy.array(state["active"], dtype=bool)
         run.history.stopped_epoch = numpy.array(state["stopped_epoch"], dtype=int)
-        like = run.like
-        run.active = 1.0 if run.active_host.all() else run.xp.reshape(
-            run.xp.asarray(run.active_host.astype(float), dtype=like.dtype, device=like.device), (k, 1, 1))
         run.best_params = state.get("best_params")
         saved = state.get("schedules", [])
         for s, st in zip(self.schedules or (), saved):
@@ -1164,7 +1313,7 @@ def _end_epoch(run: _Run, epoch: int, epoch_lr, epoch_loss, t0: float, schedules
     logs["time"] = time.perf_counter() - t0
     history.time.append(logs["time"])
     if schedules is not None:
-        _step_schedules(schedules, logs)
+        _step_schedules(schedules, logs, run.active_host)
     if verbose:
         print(f"epoch {epoch + 1:>4}  loss {numpy.array2string(epoch_loss, precision=4)}", flush=True)
     stop = run.stopper is not None and _stop_members(run, epoch, logs)
@@ -1225,8 +1374,7 @@ class _Run:
     history: Any = None
     fused: bool = False
     plan: Any = None
-    active: Any = 1.0
-    active_host: Any = None
+    active_host: Any = None  # (K,) host bools: the members that train (the others are frozen)
     best: Any = None
     best_epoch: Any = None
     wait: Any = None
@@ -1243,6 +1391,7 @@ class _Run:
     dp: Any = None
     l2_per_batch: bool = False  # l2 over each batch's size or weight sum (scikit-learn's rule)
     host_weight: Any = None  # (n,) float64 host weights: the batches' weight sums, zero-weight batches skipped
+    members_order: bool = False  # shuffle="members": each member's batches its own rows, (K, batch, ...)
 
 
 def _prepare(model, x, y, lossfn, sample_weight, validation_data, validation_split) -> _Run:
@@ -1285,11 +1434,9 @@ def _member_grads(run: _Run, xb, yb, wb):
     model, xp = run.model, run.xp
     upto = len(model.layers) - 1 if run.fused else None
     out, caches = model.forward(xb, training=True, xp=xp, upto=upto, plan=run.plan)
-    if run.accs:  # the batch joins the epoch's metric sums, on the device (before the loss reuses out)
-        pair = _MembersPair(yb, out, run.lossfn.task, xp, **run.pair_kind)
-        for acc in run.accs:
-            acc.update(pair)
-    values, dout = _losses(model, run.lossfn, out, yb, wb, xp)
+    if run.accs:  # (before the loss reuses out)
+        _update_metrics(run, yb, out, xp)
+    values, dout = _losses(model, run.lossfn, out, yb, wb, xp, run.members_order)
     del out
     grads = model._backprop(caches, dout, xp=xp, inplace=True, plan=run.plan)
     # the previous step's arrays are let go only now, after this step's of the same sizes
@@ -1334,7 +1481,7 @@ def _step(run: _Run, xb, yb, wb, l2=None):
         for layer, p, g in zip(model.layers, model.params, grads):
             if isinstance(layer, L.Dense):
                 g["W"] = g["W"] + l2 * p["W"]
-    run.rule.step(model.params, grads, run.active)
+    run.rule.step(model.params, grads, run.active_host)
     run.step += 1
     return values
 
@@ -1357,10 +1504,8 @@ def _amp_step(run: _Run, xb, yb, wb, l2):
                                     upto=len(model.layers) - 1 if run.fused else None)
         out = xp.astype(out, xp.float32)
         if run.accs:
-            pair = _MembersPair(yb, out, run.lossfn.task, xp, **run.pair_kind)
-            for acc in run.accs:
-                acc.update(pair)
-        values, dout = _losses(model, run.lossfn, out, yb, wb, xp)
+            _update_metrics(run, yb, out, xp)
+        values, dout = _losses(model, run.lossfn, out, yb, wb, xp, run.members_order)
         if amp.dynamic:
             dout = dout * xp.reshape(amp.scale, (k, 1, 1))
         grads = model._backprop(caches, xp.astype(dout, cdt), xp=xp, inplace=True)
@@ -1372,7 +1517,7 @@ def _amp_step(run: _Run, xb, yb, wb, l2):
     inv = xp.reshape(1.0 / amp.scale, (k, 1, 1)) if amp.dynamic else None
     grads32 = master_grads(model.layers, master, grads, inv, l2 if _has_l2(l2) else None, xp)
     if not amp.dynamic:
-        run.rule.step(model.params, grads32, run.active)
+        run.rule.step(model.params, grads32, run.active_host)
     else:
         # each member's: a NaN or infinite entry makes that member's sum non-finite
         ok = None
@@ -1382,9 +1527,14 @@ def _amp_step(run: _Run, xb, yb, wb, l2):
                 ok = fin if ok is None else ok & fin
         run.rule.build_state(model.params)  # before the snapshot, so that a skipped first step keeps it
         before = _amp_snapshot(model.params, run.rule.state, xp)
-        run.rule.step(model.params, grads32, run.active)
+        run.rule.step(model.params, grads32, run.active_host)
         _keep_if_not(xp.reshape(ok, (k, 1, 1)), before, model.params, run.rule.state, xp)
+        kept = (amp.scale, amp.good_steps, amp.skipped)
         amp.update_scale(ok, xp)
+        if not run.active_host.all():  # a frozen member's loss scale and counts stand still too
+            on = xp.asarray(run.active_host, device=device_of(amp.scale))
+            amp.scale, amp.good_steps, amp.skipped = (xp.where(on, new, old) for new, old in
+                                                      zip((amp.scale, amp.good_steps, amp.skipped), kept))
     run.step += 1
     return values
 
@@ -1408,6 +1558,15 @@ def _batch(run: _Run, order, k: int, batch_size: int):
         start, end = run.dp.shard(start, end)
     if order is None:
         return slice_rows(x, start, end), y[start:end, ...], None if w is None else w[:, start:end]
+    if run.members_order:  # each member's own rows: order (K, n) and its offsets into the flat weights
+        rows, flat = order
+        km, b = int(rows.shape[0]), end - start
+        idx = xp.reshape(rows[:, start:end], (-1,))
+        xb = xp.reshape(xp.take(x, idx, axis=0), (km, b, *x.shape[1:]))
+        yb = xp.reshape(xp.take(y, idx, axis=0), (km, b, *y.shape[1:]))
+        wb = None if w is None else xp.reshape(xp.take(xp.reshape(w, (-1,)), xp.reshape(flat[:, start:end], (-1,)),
+                                                       axis=0), (km, b))
+        return xb, yb, wb
     idx = order[start:end]
     return take_rows(x, idx, xp), xp.take(y, idx, axis=0), None if w is None else xp.take(w, idx, axis=1)
 
@@ -1424,7 +1583,7 @@ def _snapshot(run: _Run) -> tuple:
     state = None if rule.state is None else [{key: copy(st) for key, st in layer.items()} for layer in rule.state]
     rng = None if run.model.rng is None else run.model.rng.get_state()
     amp = None if run.amp is None else run.amp.get_state()
-    return params, state, rule.t, run.step, rng, amp
+    return params, state, rule.steps.copy(), run.step, rng, amp
 
 
 def _restore(run: _Run, snapshot: tuple) -> None:
@@ -1433,7 +1592,7 @@ def _restore(run: _Run, snapshot: tuple) -> None:
         run.amp.set_state(amp)
     run.model.params = [dict(p) for p in params]
     run.rule.state = None if state is None else [{key: dict(st) for key, st in layer.items()} for layer in state]
-    run.rule.t, run.step = t, step
+    run.rule.steps, run.step = t.copy(), step
     if rng is not None:
         run.model.rng.set_state(rng)
 
@@ -1449,6 +1608,20 @@ def _divergence(run: _Run, row, epoch: int) -> DivergenceError:
     msg = (f"the training loss of members {bad} became non-finite at epoch {epoch + 1}, "
            f"step {run.step + 1}; {kept}. Lower those members' learning rates or scale the inputs.")
     return DivergenceError(msg, epoch=epoch, step=run.step, params_finite=finite)
+
+
+def _member_orders(run: _Run, n: int):
+    """Each member's order of the epoch, drawn on the host from its own generator as a
+    plain model's ``rng.permutation(n)`` draws it (a frozen member draws nothing and
+    keeps the rows' order), copied to the device once: ``(rows, flat)``, both (K, n),
+    ``flat`` the rows' positions in the members' flattened (K * n) sample weights."""
+    rng, k = run.model.rng, run.model.ensemble
+    rows = numpy.empty((k, n), dtype=numpy.int64)
+    for i, member in enumerate(rng.members):
+        rows[i] = member.host.permutation(n) if run.active_host[i] else numpy.arange(n)
+    xp, device, ix = run.xp, run.model.device, index_dtype(run.xp)
+    flat = rows + (numpy.arange(k, dtype=numpy.int64) * n)[:, None]
+    return xp.asarray(rows, dtype=ix, device=device), xp.asarray(flat, dtype=ix, device=device)
 
 
 def _batch_l2(run: _Run, host_order, k: int, batch_size: int):
@@ -1484,11 +1657,15 @@ def _run_epoch(run: _Run, epoch: int, batch_size: int, shuffle: bool):
     ``rng.permutation``), so that the batches' weight sums need no device read; a batch
     whose weights are all zero takes no step and adds nothing to the epoch's loss."""
     xp = run.xp
+    # a frozen member's streams stay where they are, as its plain model's would
+    run.model.rng.active = None if run.active_host.all() else run.active_host.copy()
     check_every = 1 if run.batch_callbacks else _CHECK_EVERY
     n = int(run.x.shape[0])
     n_steps = -(-n // batch_size)
     host_order = None
-    if shuffle and run.host_weight is not None:
+    if shuffle and run.members_order:
+        order = _member_orders(run, n)
+    elif shuffle and run.host_weight is not None:
         host_order = run.model.rng.host.permutation(n)
         order = xp.asarray(host_order, dtype=index_dtype(xp), device=run.model.device)
     else:
@@ -1532,7 +1709,7 @@ def _run_epoch(run: _Run, epoch: int, batch_size: int, shuffle: bool):
 
 def _stop_members(run: _Run, epoch: int, logs) -> bool:
     """Per-member early stopping after an epoch; whether every member has stopped."""
-    stopper, xp, like, k = run.stopper, run.xp, run.like, run.model.ensemble
+    stopper, xp, like = run.stopper, run.xp, run.like
     score = stopper.sign * logs[stopper.monitor]
     improved = run.active_host & (score < run.best - stopper.min_delta)
     run.best = numpy.where(improved, score, run.best)
@@ -1544,8 +1721,6 @@ def _stop_members(run: _Run, epoch: int, logs) -> bool:
     if stop.any():
         run.history.stopped_epoch = numpy.where(stop, epoch, run.history.stopped_epoch)
         run.active_host = run.active_host & ~stop
-        run.active = xp.reshape(xp.asarray(run.active_host.astype(float), dtype=like.dtype, device=like.device),
-                                (k, 1, 1))
     return not run.active_host.any()
 
 

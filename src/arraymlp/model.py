@@ -19,6 +19,7 @@ from . import ensemble as E
 from . import layers as L
 from ._backend import (
     Generator,
+    MemberGenerators,
     as_csr,
     backend_name,
     canonical_device,
@@ -211,7 +212,8 @@ class Sequential:
         self.dtype = resolve_dtype(xp, self._dtype_name)
         self.rng = Generator(self.seed, xp, self.device)
         if self.ensemble is not None:
-            self.params = E.init_members(self.layers, self.member_seeds, xp, self.device, self.dtype)
+            self.params, members = E.init_members(self.layers, self.member_seeds, xp, self.device, self.dtype)
+            self.rng = MemberGenerators(self.rng, members)
             return
         self.params = [layer.init_params(rng=self.rng, dtype=self.dtype) for layer in self.layers]
 
@@ -228,7 +230,9 @@ class Sequential:
         -------
         Sequential (or MLP)
             A plain model of the same class, layers, dtype, backend and device, with
-            ``seed`` the member's seed and a fresh generator of that seed.
+            ``seed`` the member's seed and a copy of the member's generator (its
+            dropout and shuffling streams where they are: those of a plain model of
+            that seed that drew what the member drew).
 
         Examples
         --------
@@ -255,7 +259,8 @@ class Sequential:
             new.__dict__.pop(attr, None)
         if self.params is not None:
             new.params = E.member_params(self.params, i, self.xp)
-            new.rng = Generator(new.seed, self.xp, self.device)
+            members = getattr(self.rng, "members", None)  # the member's own streams, where they are
+            new.rng = members[i].moved(self.xp, self.device) if members else Generator(new.seed, self.xp, self.device)
         return new
 
     @classmethod
@@ -316,7 +321,8 @@ class Sequential:
         new.ensemble = len(models)
         new.member_seeds = [m.seed for m in models]
         new.params = E.stack_params([m.params for m in models], first.xp)
-        new.rng = first.rng.moved(first.xp, first.device)
+        new.rng = MemberGenerators(first.rng.moved(first.xp, first.device),
+                                   [m.rng.moved(first.xp, first.device) for m in models])
         return new
 
     @property
@@ -373,7 +379,8 @@ class Sequential:
         self.dtype = resolve_dtype(xp, self._dtype_name)
         self.rng = self.rng.moved(xp, device) if self.rng is not None else Generator(self.seed, xp, device)
         _replace_optimizer_state(getattr(self, "optimizer_", None), getattr(self, "optimizer_", None))
-        self.__dict__.pop("ensemble_optimizer_", None)  # an ensemble's optimiser starts afresh where it moved
+        if getattr(self, "ensemble_optimizer_", None) is not None:  # an ensemble's members' optimiser moves too
+            self.ensemble_optimizer_ = E.moved_rule(self.ensemble_optimizer_, self.params, xp)
         return self
 
     def copy(self, *, dtype: str | None = None, backend: Any = None, device: Any = None) -> "Sequential":
@@ -386,7 +393,7 @@ class Sequential:
         """
         new = object.__new__(type(self))
         new.__dict__.update(self.__dict__)
-        new.__dict__.pop("ensemble_optimizer_", None)  # an ensemble's copy starts its optimiser afresh
+        new.__dict__.pop("ensemble_optimizer_", None)  # (a copy of an ensemble's members' optimiser: below)
         new.layers = [copy.copy(layer) for layer in self.layers]  # its own: a change to one leaves the other's
         new._dtype_name = dtype_name(dtype) if dtype is not None else self._dtype_name
         if self.params is None:
@@ -410,6 +417,8 @@ class Sequential:
         if opt is not None:  # the copy trains on with its own optimiser and schedule
             new.optimizer_ = type(opt)(**opt.hyperparameters())
             _replace_optimizer_state(opt, new.optimizer_)
+        if getattr(self, "ensemble_optimizer_", None) is not None:  # an ensemble's: each member's state, copied
+            new.ensemble_optimizer_ = E.moved_rule(self.ensemble_optimizer_, new.params, xp)
         if getattr(self, "schedule_", None) is not None:
             new.schedule_ = copy.deepcopy(self.schedule_)
         if getattr(self, "precision_", None) is not None:  # and its own loss scale, continued

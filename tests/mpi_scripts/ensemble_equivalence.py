@@ -123,7 +123,8 @@ def main(out: Path, backends) -> int:
             agree = dp.parameters_agree(par)
             stopped = comm.allgather(hpar.stopped_epoch.tolist())
             # the members' optimiser step count and the generator's state, on every rank
-            states = comm.allgather((par.ensemble_optimizer_.t, par.rng.get_state()["host"]["state"]["state"],
+            states = comm.allgather((np.asarray(par.ensemble_optimizer_.t).tolist(),  # (one count per member)
+                                     par.rng.get_state()["host"]["state"]["state"],
                                      par.rng.counter))
             if comm.rank != 0:
                 continue
@@ -131,7 +132,8 @@ def main(out: Path, backends) -> int:
             rtol, atol = (1e-10, 1e-12) if dtype == "float64" else (2e-4, 2e-6)
             worst = 0.0
             ok = agree and all(s == stopped[0] for s in stopped) and all(s == states[0] for s in states)
-            ok = ok and states[0] == (ref.ensemble_optimizer_.t, ref.rng.get_state()["host"]["state"]["state"],
+            ok = ok and states[0] == (np.asarray(ref.ensemble_optimizer_.t).tolist(),
+                                      ref.rng.get_state()["host"]["state"]["state"],
                                       ref.rng.counter)
             for p_par, p_ref in zip(par.params, ref.params):
                 for k in p_ref:

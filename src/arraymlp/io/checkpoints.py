@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import numpy
 
-from .._backend import Generator, backend_name
+from .._backend import backend_name, generator_from_state
 from ..callbacks import Callback, History, missing_value, monitor_mode
 from ..optim import Optimizer
 from .container import ModelFileError, _is_int, _write_file
@@ -74,7 +74,8 @@ def _optimizer_entry(optimizer: Optimizer, tensors: dict, dtype) -> dict[str, An
                     tensors[f"optimizer.{i}.{key}.{slot}"] = _host(a, dtype)
             skeleton.append(entry)
     return {"optimizer": sd["optimizer"], "hyperparameters": sd["hyperparameters"],
-            "step": int(sd["step"]), "state": skeleton}
+            "step": [int(v) for v in sd["step"]] if isinstance(sd["step"], list) else int(sd["step"]),
+            "state": skeleton}
 
 
 def _state_name(cb) -> str:
@@ -309,9 +310,8 @@ def restore_checkpoint(path: str | os.PathLike, model: Any, *, optimizer: Optimi
             optimizer.reset()
     rng = info["rng"]
     if rng is not None:
-        gen = Generator(rng["entropy"], xp, model.device)
         try:  # both streams carry over to any backend: the per-step one is counter-based
-            gen.set_state(rng["state"])
+            gen = generator_from_state(rng["entropy"], rng["state"], xp, model.device)  # an ensemble's: per member
         except (KeyError, TypeError, ValueError, RuntimeError, OverflowError) as exc:
             raise ModelFileError(f.path, f"the random-generator state is invalid: {exc}") from None
         model.rng = gen

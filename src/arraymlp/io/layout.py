@@ -319,7 +319,9 @@ def _parse_optimizer_entry(path: str, opt: Any, layers: list[L.Layer], expected:
             OPTIMIZERS[name](**hyper)
         except (TypeError, ValueError, OverflowError) as exc:
             raise ModelFileError(path, f"invalid {name} hyperparameters: {exc}") from None
-    _nonneg_int(path, opt["step"], "optimizer step")
+    step = opt["step"]  # an ensemble's members' own counts, or one
+    many = k is not None and isinstance(step, list) and len(step) == k
+    [_nonneg_int(path, v, "optimizer step") for v in (step if many else [step])]
     skeleton = opt["state"]
     if skeleton is None:
         return

@@ -11,7 +11,7 @@ import os
 from typing import Any
 
 from .. import layers as L
-from .._backend import Generator, canonical_device, resolve_backend, resolve_dtype
+from .._backend import Generator, MemberGenerators, canonical_device, resolve_backend, resolve_dtype
 from ..model import MLP, Sequential
 from .checkpoints import _checkpoint_dict, _resolve_checkpoint_path
 from .container import ModelFileError, _write_file
@@ -81,6 +81,8 @@ def _build_model(f: _File, backend: Any, device: Any) -> Sequential:
     ]
     model.xp, model.device, model.dtype = xp, dev, dtype
     model.rng = Generator(cfg["seed"], xp, dev)
+    if model.ensemble is not None:  # and each member's streams, as a plain model of its seed loads them
+        model.rng = MemberGenerators(model.rng, [Generator(s, xp, dev) for s in model.member_seeds])
     for key, value in cfg["fitted"].items():
         setattr(model, key, value)
     return model
