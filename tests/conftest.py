@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import os
 import re
 from typing import Any
 
@@ -241,16 +242,41 @@ def _x64_row_runs(item) -> bool:
     return not any(_dtype_param(v) in _NARROW_DTYPES for v in params.values())
 
 
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto``: one worker per core, at most 8, and at most one per 5 GiB of memory
+    (a worker holding torch, JAX and the suite's data reached about 4.7 GB)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        memory = 0
+    by_memory = max(1, memory // (5 * 2**30)) if memory else cores
+    return max(1, min(cores, 8, by_memory))
+
+
+# The modules that take longest, longest first. Under pytest-xdist (``--dist loadfile``)
+# modules go to the workers in collection order; starting the long ones first keeps one
+# worker from running test_training.py (a third of the suite) alone at the end.
+_LONGEST_FIRST = ("test_training.py", "test_sklearn_members.py", "test_fast_paths.py", "test_sklearn.py",
+                  "test_losses.py", "test_ensemble.py", "test_precision.py", "test_functional.py",
+                  "test_onnx.py", "test_distributed.py")
+
+
+def _module_rank(item) -> int:
+    name = item.path.name
+    return _LONGEST_FIRST.index(name) if name in _LONGEST_FIRST else len(_LONGEST_FIRST)
+
+
 def pytest_collection_modifyitems(config, items):
     """Leave the jax-x64 row out where it would only repeat the jax row (see the module
-    docstring)."""
+    docstring), and start the longest modules first (the order within a module is kept)."""
     keep, drop = [], []
     for item in items:
         row = getattr(getattr(item, "callspec", None), "params", {}).get("backend")
         (drop if isinstance(row, Backend) and row.x64 and not _x64_row_runs(item) else keep).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
-        items[:] = keep
+    items[:] = sorted(keep, key=_module_rank)
 
 
 @pytest.fixture(params=BACKEND_ROWS)
