@@ -696,6 +696,23 @@ def test_partial_fit_keeps_each_members_optimiser(backend):
         _close(_np_params(c.member(i)), _np_params(plain))
 
 
+def test_partial_fit_naming_the_optimisers_kind_keeps_its_state(backend):
+    """optimizer="adam" (any case) on every call keeps the members' Adam, moments and step
+    counts, as leaving it out does; naming another kind starts that one afresh."""
+    x, y, _, _ = _data(backend, n=16)
+    ens = am.MLP([5, 6, 3], ensemble=2, seed=1, dtype="float64", **backend.model_kwargs())
+    named, left_out = ens.copy(), ens.copy()
+    for name in ("adam", "Adam"):
+        named.partial_fit(x, y, loss="cross_entropy", optimizer=name, lr=0.01, batch_size=8, shuffle=False)
+    left_out.partial_fit(x, y, loss="cross_entropy", optimizer="adam", lr=0.01, batch_size=8, shuffle=False)
+    left_out.partial_fit(x, y, batch_size=8, shuffle=False)
+    assert int(np.max(np.asarray(named.ensemble_optimizer_.t))) == 4
+    for i in range(2):
+        _close(_np_params(named.member(i)), _np_params(left_out.member(i)))
+    named.partial_fit(x, y, optimizer="sgd", lr=0.01, batch_size=8, shuffle=False)
+    assert isinstance(named.ensemble_optimizer_.opt, am.SGD)
+
+
 def test_sample_weight_on_another_backend_is_refused():
     ens = am.MLP([2, 3, 1], ensemble=2, seed=0, backend="array_api_strict")
     xs = ens.xp.asarray(np.zeros((4, 2), dtype=np.float32))

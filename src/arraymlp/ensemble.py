@@ -75,7 +75,7 @@ from .kernels import kernels_for
 from .kernels.reference import _idiv, _imul, _isub, constant_like
 from .losses import LOSSES, Loss, get_loss
 from .metrics import Metric, _MembersPair, _Pair, accuracy, get_metrics, read_results
-from .optim import LBFGS, SGD, Adagrad, Adam, Optimizer, RMSprop, get_optimizer
+from .optim import LBFGS, OPTIMIZERS, SGD, Adagrad, Adam, Optimizer, RMSprop, get_optimizer
 from .precision import _keep_if_not, master_grads, resolve_precision
 from .precision import _snapshot as _amp_snapshot
 
@@ -644,6 +644,8 @@ def partial_fit(model, x, y, *, loss: str | None = None, optimizer: str | Optimi
     Parameters are as for :func:`fit` (``x`` (n, n_features), ``y`` (n, n_outputs), (n,)
     or labels (n,), ``sample_weight`` (K, n) or (n,)); ``loss`` defaults to the last fit's,
     and ``lr`` (one or K values) is the only hyper-parameter that may change between calls.
+    ``optimizer`` left out, the kept optimiser itself or a name of its kind (``"adam"`` for
+    an Adam) goes on with its state; another name or instance starts that one afresh.
     ``copy`` and ``to`` carry a copy of the members' optimiser on (each member's moments
     and step count), ``member`` starts afresh. ``comm`` makes
     the epoch data-parallel, as :func:`arraymlp.partial_fit`'s does.
@@ -668,12 +670,13 @@ def partial_fit(model, x, y, *, loss: str | None = None, optimizer: str | Optimi
 
 
 def _rule(model, run, optimizer, lr, momentum, weight_decay, betas, reuse: bool) -> _MemberUpdate:
-    """The members' update rule: the model's last one with its state (``partial_fit``), or
-    a new one."""
+    """The members' update rule: the model's last one with its state (``partial_fit``, when
+    ``optimizer`` is None, that rule's optimiser, or a name of its kind), or a new one."""
     k, xp, like = model.ensemble, run.xp, run.like
     existing = getattr(model, "ensemble_optimizer_", None)
-    if (reuse and existing is not None and (optimizer is None or optimizer is existing.opt)
-            and existing.k == k and existing.xp is xp):
+    same = existing is not None and (optimizer is None or optimizer is existing.opt or (
+        isinstance(optimizer, str) and OPTIMIZERS.get(optimizer.lower()) is type(existing.opt)))
+    if reuse and same and existing.k == k and existing.xp is xp:
         if momentum is not None or weight_decay is not None or betas is not None:
             msg = "partial_fit keeps the optimiser: only lr= may change between calls"
             raise ValueError(msg)
