@@ -935,6 +935,22 @@ def _flat(params) -> list:
     return [a for layer in params for a in layer.values()]
 
 
+def _lbfgs_arrays(params) -> tuple[list, Any]:
+    """``params``' arrays (:func:`_flat`) and namespace, refused when there are none or
+    they are float16."""
+    _check_structure(params, params)
+    arrays = _flat(params)
+    if not arrays:
+        msg = "LBFGS needs at least one parameter array, got none"
+        raise ValueError(msg)
+    xp = get_namespace(*arrays)
+    if is_float16(arrays[0].dtype, xp):
+        msg = ("LBFGS needs float32 or float64 parameters, got float16: its dot products and curvature "
+               "pairs lose all precision there; train in float32")
+        raise ValueError(msg)
+    return arrays, xp
+
+
 def _vdot(a: list, b: list, xp):
     """``sum_i a_i . b_i`` over two lists of arrays of the same shapes: a 0-d array.
 
@@ -1368,16 +1384,7 @@ class LBFGS(Optimizer):
         >>> np.allclose(params[0]["w"], np.linalg.solve(A, b.T).T), opt.n_iter.tolist(), opt.status
         (True, [4, 6], ['gtol', 'ftol'])
         """
-        _check_structure(params, params)
-        arrays = _flat(params)
-        if not arrays:
-            msg = "LBFGS needs at least one parameter array, got none"
-            raise ValueError(msg)
-        xp = get_namespace(*arrays)
-        if is_float16(arrays[0].dtype, xp):
-            msg = ("LBFGS needs float32 or float64 parameters, got float16: its dot products and curvature "
-                   "pairs lose all precision there; train in float32")
-            raise ValueError(msg)
+        arrays, xp = _lbfgs_arrays(params)
         k = int(arrays[0].shape[0]) if arrays[0].ndim else 0
         if k < 1 or any(a.ndim < 1 or int(a.shape[0]) != k for a in arrays):
             msg = ("iterate_members needs parameters with a leading member axis of one length K >= 1, got shapes "
@@ -1565,16 +1572,7 @@ class LBFGS(Optimizer):
         FloatingPointError
             When the objective is not finite at the starting point.
         """
-        _check_structure(params, params)
-        arrays = _flat(params)
-        if not arrays:
-            msg = "LBFGS needs at least one parameter array, got none"
-            raise ValueError(msg)
-        xp = get_namespace(*arrays)
-        if is_float16(arrays[0].dtype, xp):
-            msg = ("LBFGS needs float32 or float64 parameters, got float16: its dot products and curvature "
-                   "pairs lose all precision there; train in float32")
-            raise ValueError(msg)
+        arrays, xp = _lbfgs_arrays(params)
         self.n_iter, self.n_fun, self.status, self.message = 0, 0, "interrupted", "stopped by the caller"
         finfo = xp.finfo(arrays[0].dtype)
         eps = float(finfo.eps)
