@@ -279,6 +279,21 @@ def pytest_collection_modifyitems(config, items):
     items[:] = sorted(keep, key=_module_rank)
 
 
+@pytest.fixture
+def one_blas_thread():
+    """One BLAS / OpenMP thread while a test runs (modules of small problems use it with
+    ``pytestmark = pytest.mark.usefixtures("one_blas_thread")``): threads gain nothing
+    there, and on a busy machine spinning worker threads slow them down by orders of
+    magnitude. Restored afterwards."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        yield
+        return
+    with threadpool_limits(limits=1):
+        yield
+
+
 @pytest.fixture(params=BACKEND_ROWS)
 def backend(request) -> Backend:
     """A backend row; see :class:`Backend`. A test module that sets

@@ -15,17 +15,7 @@ from arraymlp import demo
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One BLAS / OpenMP thread: the demo's batches are small, and threads spinning on a
-    busy machine only slow them down."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        yield
-        return
-    with threadpool_limits(limits=1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_blas_thread")
 
 
 def test_demo_reaches_097_and_writes_png(tmp_path, capsys):

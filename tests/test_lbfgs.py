@@ -25,16 +25,7 @@ parametrize_with_checks = pytest.importorskip("sklearn.utils.estimator_checks").
 optimize = pytest.importorskip("scipy.optimize")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One BLAS thread: these problems are tiny, and threads only contend on a busy machine."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        yield
-        return
-    with threadpool_limits(limits=1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_blas_thread")
 
 
 def host_params(model):

@@ -20,16 +20,7 @@ from arraymlp.optim import LBFGS
 JAX_X64 = True  # a jax-x64 row runs the float64 comparisons on JAX too
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One BLAS thread: these problems are tiny, and threads only contend on a busy machine."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        yield
-        return
-    with threadpool_limits(limits=1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_blas_thread")
 
 
 def _iris():

@@ -28,19 +28,7 @@ FLOAT64_DATA = "float32"
 ACCEPTANCE_ROWS = [row for row in BACKEND_ROWS if row.id in ("numpy", "torch")]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One BLAS / OpenMP thread while a test runs: these problems are far too small to
-    gain from threads, and on a busy machine spinning worker threads slow them down by
-    orders of magnitude (torch on two loaded cores: seconds per epoch instead of tens of
-    milliseconds)."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        yield
-        return
-    with threadpool_limits(limits=1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_blas_thread")
 
 
 # ----------------------------------------------------------------------------- helpers
