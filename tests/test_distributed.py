@@ -498,3 +498,41 @@ def test_ranks_passing_different_arguments_are_named(backend, members):
     with pytest.raises(ValueError, match=r"call partial_fit with the same data and arguments; optimizer steps "
                                          r"differs: 3 on rank 0, 0 on rank 1"):
         model.partial_fit(x, y, batch_size=8, comm=dp(**{"optimizer steps": 0}))
+
+
+def test_synchronize_waits_on_the_arrays_own_device(monkeypatch):
+    """Before MPI touches a CuPy array's memory, the stream waited on is the current one of
+    the array's device (CuPy keeps a current stream per device), not of whichever device
+    is current. A stand-in ``cupy`` records the device current at the wait."""
+    import types
+
+    from arraymlp import distributed
+
+    current = [0]
+    waited = []
+
+    class Device:
+        def __init__(self, i):
+            self.id = i
+
+        def __enter__(self):
+            self.before, current[0] = current[0], self.id
+
+        def __exit__(self, *exc):
+            current[0] = self.before
+
+    class Stream:
+        def __init__(self, device):
+            self.device = device
+
+        def synchronize(self):
+            waited.append(self.device)
+
+    class ndarray:  # CuPy's class name, which array-api-compat checks
+        device = Device(1)
+
+    fake = types.SimpleNamespace(ndarray=ndarray,
+                                 cuda=types.SimpleNamespace(get_current_stream=lambda: Stream(current[0])))
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    distributed._synchronize(ndarray())
+    assert waited == [1] and current == [0]

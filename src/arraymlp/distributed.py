@@ -180,7 +180,8 @@ def _synchronize(a: Any) -> None:
     if array_api_compat.is_cupy_array(a):
         import cupy
 
-        cupy.cuda.get_current_stream().synchronize()
+        with a.device:  # the current stream is per device: the one of a's device
+            cupy.cuda.get_current_stream().synchronize()
     elif array_api_compat.is_torch_array(a) and a.device.type == "cuda":
         import torch
 
