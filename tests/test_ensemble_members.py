@@ -16,6 +16,18 @@ from arraymlp.ensemble import MemberGenerators, member_seeds
 K = 3
 
 
+@pytest.fixture(autouse=True)
+def _numpy_path(monkeypatch):
+    """NumPy's ufunc path for the whole module. The compiled NumPy kernels (kernels._jit)
+    load in a process only once earlier calls have tallied enough work, and their
+    cross-entropy differs from the ufuncs' in the last bit; a plain model's 2-D logits
+    can take them where an ensemble's (K, n, c) ones do not. The bit-for-bit comparisons
+    here would then hold or fail by what ran before in the process."""
+    from arraymlp.kernels import _jit
+
+    monkeypatch.setattr(_jit, "_kernels", None)
+
+
 def _data(backend, n=30, n_in=5, n_out=3, labels=True, seed=0):
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(n, n_in))
@@ -172,11 +184,8 @@ def test_a_frozen_members_schedule_and_loss_scale_stand_still(backend, monkeypat
     stopping: after the fit, member i's schedule state and loss scale (and skip count)
     are those of its plain model stopped by the same early stopping; a frozen member's
     do not go on moving with the epochs and steps it no longer trains in."""
-    from arraymlp.kernels import _jit
-
     if backend.name not in ("numpy", "torch"):
         pytest.skip("float16 compute is checked bit for bit on NumPy and torch (as in test_ensemble)")
-    monkeypatch.setattr(_jit, "_kernels", None)  # (the ensemble's loss and the plain one's: the same operations)
     rng = np.random.default_rng(0)
     x = backend.asarray(rng.normal(size=(48, 5)).astype(np.float32))
     y = backend.asarray(rng.normal(size=(48, 3)).astype(np.float32))
