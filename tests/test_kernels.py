@@ -494,3 +494,17 @@ def test_adam_update_reference_against_the_formula():
     got = R.adam_update(p.copy(), g, m.copy(), v.copy(), vmax.copy(), lr, b1, b2, eps, wd, False, t, np)
     for a, e in zip(got, (p_e, m_e, v_e, vmax_e)):
         np.testing.assert_allclose(a, e, rtol=1e-13, atol=1e-15)
+
+
+def test_constants_are_not_kept_from_a_jax_trace():
+    """ReLU under jax.jit gives max(x, 0) and leaves no traced constant in the cache of
+    0-d constants (a kept tracer would outlive its trace)."""
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+
+    from arraymlp.kernels import reference as ref
+
+    relu = jax.jit(lambda x: ref.relu(x, xp=jnp))
+    x = np.array([-1.5, 0.0, 2.0], dtype=np.float32)
+    np.testing.assert_array_equal(np.asarray(relu(jnp.asarray(x))), np.maximum(x, 0.0))
+    assert not any(isinstance(v, jax.core.Tracer) for v in ref._CONSTANTS.values())

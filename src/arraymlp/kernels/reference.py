@@ -29,6 +29,7 @@ import math
 from typing import Any, Callable
 
 from array_api_compat import device as _device
+from array_api_compat import is_jax_array as _is_jax_array
 from array_api_compat import is_numpy_array as _is_numpy_array
 from array_api_compat import to_device
 
@@ -72,7 +73,8 @@ def constant_like(value: float, like, xp):
     For ``maximum`` and ``minimum`` against a number: array-api-compat's torch wrappers
     turn a Python number into a tensor with ``torch.asarray``, a copy from the host that
     waits for the GPU at every call. A 0-d array of ``like``'s dtype gives the same
-    values (the number would be cast to that dtype).
+    values (the number would be cast to that dtype). On JAX nothing is kept: ``like`` may
+    be traced under ``jax.jit``, and a kept traced value would outlive its trace.
 
     Examples
     --------
@@ -82,6 +84,8 @@ def constant_like(value: float, like, xp):
     >>> c.shape, c.dtype, float(c)
     ((), dtype('float32'), 0.5)
     """
+    if _is_jax_array(like):  # maybe traced under jax.jit: a traced value must not be kept
+        return xp.full((), value, dtype=like.dtype)
     device = getattr(like, "device", None)
     return memo(_CONSTANTS, (xp, like.dtype, getattr(device, "id", device), value),
                 lambda: xp.full((), value, dtype=like.dtype, device=device_of(like)), limit=64)
@@ -783,12 +787,11 @@ def dropout_forward(x, p, *, rng, training=True, xp=None):
         u, threshold = rng.random(tuple(x.shape), x.dtype), p
     if _device(u) != _device(x):  # a generator made for another (e.g. the default) device
         u = to_device(u, _device(x))
-    # 0-d constants filled on the device (``full``): ``asarray`` of a Python number is a copy
-    # from the host, which torch makes synchronously on a GPU
+    # 0-d constants filled on the device and kept (constant_like): ``asarray`` of a Python
+    # number is a copy from the host, which torch makes synchronously on a GPU
     if bits is not None and not _is_numpy_array(u):  # in the bits' dtype: JAX reads a bare int as int32
-        threshold = xp.full((), threshold, dtype=u.dtype, device=_device(u))
-    mask = xp.where(u >= threshold, xp.full((), 1.0 / (1.0 - p), dtype=x.dtype, device=x.device),
-                    xp.zeros((), dtype=x.dtype, device=x.device))
+        threshold = constant_like(threshold, u, xp)
+    mask = xp.where(u >= threshold, constant_like(1.0 / (1.0 - p), x, xp), constant_like(0.0, x, xp))
     return x * mask, mask
 
 
