@@ -197,15 +197,21 @@ def test_a_failing_rank_aborts_the_job():
     assert elapsed < 30.0, f"the job took {elapsed:.1f}s to end"
 
 
+def _scenario_rows(folder, ranks: int) -> dict:
+    """The rows each rank's script wrote to ``rank<i>.jsonl``, keyed by (scenario, rank)."""
+    rows = {}
+    for rank in range(ranks):
+        for line in (folder / f"rank{rank}.jsonl").read_text().splitlines():
+            row = json.loads(line)
+            rows[row.pop("scenario"), row.pop("rank")] = row
+    return rows
+
+
 @needs_mpi
 def test_stops_are_collective(tmp_path):
     proc, _ = mpirun(2, "collective_stop.py", str(tmp_path))
     assert proc.returncode == 0, _explain(proc)
-    results = {}
-    for rank in (0, 1):
-        for line in (tmp_path / f"rank{rank}.jsonl").read_text().splitlines():
-            row = json.loads(line)
-            results[row.pop("scenario"), row.pop("rank")] = row
+    results = _scenario_rows(tmp_path, ranks=2)
 
     div = [results["divergence", r] for r in (0, 1)]
     # the overflowing rows sit in rank 1's shard of the third batch only
@@ -309,11 +315,7 @@ def test_an_ensembles_stops_are_collective(tmp_path):
     the root, resumes on every rank into the uninterrupted run's parameters and bests."""
     proc, _ = mpirun(2, "ensemble_stops.py", str(tmp_path))
     assert proc.returncode == 0, _explain(proc)
-    results = {}
-    for rank in (0, 1):
-        for line in (tmp_path / f"rank{rank}.jsonl").read_text().splitlines():
-            row = json.loads(line)
-            results[row.pop("scenario"), row.pop("rank")] = row
+    results = _scenario_rows(tmp_path, ranks=2)
     div = [results["divergence", r] for r in (0, 1)]
     # rank 1's half of the third batch overflows: two finite steps, their parameters kept
     assert all(d["raised"] and d["epoch"] == 0 and d["step"] == 2 and d["steps_"] == 2 for d in div), div
